@@ -1,0 +1,788 @@
+//! Rollout plans: parsing a TOML file and validating it into a [`Plan`].
+//!
+//! Parsing is staged. [`raw`] mirrors the file with spans; [`validate`] turns it into a `Plan`
+//! whose existence is the proof that every check passed: phase ids are unique, `after` names
+//! known phases, the phase graph is acyclic, modes never weaken along an edge, durations and
+//! percentages are well-formed. Validation keeps going after a problem so that one run of
+//! `plan check` shows everything wrong with a file, each problem at its line and column.
+
+mod diagnostics;
+mod raw;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::ops::Range;
+use std::time::Duration;
+
+use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+pub use diagnostics::{Diagnostic, PlanErrors, Position, position};
+use raw::{RawGate, RawPhase, RawPlan, RawProvider, RawRollbackWhen};
+
+/// How strongly a phase applies the policy. The order matters: a later phase may only keep or
+/// strengthen the mode of the phases it follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Assigned; violations are only reported (Conditional Access report-only).
+    Report,
+    /// Owners of noncompliant devices are told and given a grace period.
+    Notify,
+    /// Noncompliant devices are blocked.
+    Enforce,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Report => "report",
+            Mode::Notify => "notify",
+            Mode::Enforce => "enforce",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The device platform a compliance policy applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    Windows,
+    Ios,
+    Android,
+    Macos,
+}
+
+impl Platform {
+    pub const ALL: [Platform; 4] = [
+        Platform::Windows,
+        Platform::Ios,
+        Platform::Android,
+        Platform::Macos,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Windows => "windows",
+            Platform::Ios => "ios",
+            Platform::Android => "android",
+            Platform::Macos => "macos",
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A share between 0 and 1, written in plans as a percentage such as `"2%"`.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Ratio(f64);
+
+impl Ratio {
+    pub fn from_fraction(fraction: f64) -> Ratio {
+        Ratio(fraction.clamp(0.0, 1.0))
+    }
+
+    pub fn fraction(self) -> f64 {
+        self.0
+    }
+
+    /// Parses `"2%"`, `"0.5%"` or `"100%"`.
+    pub fn parse_percent(text: &str) -> Option<Ratio> {
+        let number = text.trim().strip_suffix('%')?.trim();
+        let value: f64 = number.parse().ok()?;
+        (value.is_finite() && (0.0..=100.0).contains(&value)).then_some(Ratio(value / 100.0))
+    }
+}
+
+impl fmt::Display for Ratio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", format_percent(self.0))
+    }
+}
+
+/// `0.0234` → `2.34%`, trimming needless zeros.
+pub fn format_percent(fraction: f64) -> String {
+    let text = format!("{:.2}", fraction * 100.0);
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("{text}%")
+}
+
+/// What is rolled out: a compliance policy and, optionally, the Conditional Access policy that
+/// requires compliant devices.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyTarget {
+    pub compliance: String,
+    pub platform: Platform,
+    pub conditional_access: Option<String>,
+}
+
+/// Which backend a rollout drives, with its settings.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProviderSettings {
+    Simulator(SimulatorSettings),
+}
+
+impl ProviderSettings {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderSettings::Simulator(_) => "simulator",
+        }
+    }
+}
+
+/// The built-in simulated fleet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimulatorSettings {
+    pub devices: u32,
+    pub seed: u64,
+    /// Time in which half of the notified owners fix a noncompliant device.
+    pub remediation_half_life: Duration,
+}
+
+/// Exit criteria checked before a phase is promoted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gate {
+    pub max_noncompliant: Option<u64>,
+    pub max_noncompliant_ratio: Option<Ratio>,
+    pub min_reporting: Option<Ratio>,
+    /// A device whose last report is older than this counts as stale, never as compliant.
+    pub stale_after: Duration,
+    pub max_errors: Option<u64>,
+    pub approvals: u32,
+    /// How long a failing gate may hold the rollout before it asks for a person.
+    pub max_hold: Duration,
+}
+
+/// Abort criteria watched while a phase runs; tripping one rolls the phase back.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RollbackWhen {
+    pub noncompliant_ratio_above: Option<Ratio>,
+    pub noncompliant_above: Option<u64>,
+    pub errors_above: Option<u64>,
+    pub blocked_ratio_above: Option<Ratio>,
+}
+
+impl RollbackWhen {
+    pub fn is_empty(&self) -> bool {
+        *self == RollbackWhen::default()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Phase {
+    pub id: String,
+    pub description: String,
+    pub mode: Mode,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Indices (into [`Plan::phases`]) of the phases that must be promoted first.
+    pub after: Vec<usize>,
+    pub min_soak: Duration,
+    pub grace: Option<Duration>,
+    pub gate: Gate,
+    pub rollback_when: RollbackWhen,
+}
+
+/// A validated rollout plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub name: String,
+    pub description: String,
+    pub observe_every: Duration,
+    pub separation_of_duties: bool,
+    pub policy: PolicyTarget,
+    pub provider: ProviderSettings,
+    /// In file order.
+    pub phases: Vec<Phase>,
+    /// Phase indices in an order where every phase comes after everything in its `after`.
+    pub order: Vec<usize>,
+    /// Hex SHA-256 of the plan's text: a change mid-rollout is detected by it.
+    pub hash: String,
+}
+
+pub const DEFAULT_OBSERVE_EVERY: Duration = Duration::from_secs(6 * 3600);
+pub const DEFAULT_MIN_SOAK: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(3 * 24 * 3600);
+pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const DEFAULT_REMEDIATION_HALF_LIFE: Duration = Duration::from_secs(2 * 24 * 3600);
+pub const MAX_SIMULATED_DEVICES: i64 = 5_000_000;
+
+impl Plan {
+    pub fn phase_index(&self, id: &str) -> Option<usize> {
+        self.phases.iter().position(|p| p.id == id)
+    }
+
+    /// Every phase that must be promoted before `phase` may start, transitively.
+    pub fn ancestors(&self, phase: usize) -> BTreeSet<usize> {
+        let mut seen = BTreeSet::new();
+        let mut stack = self.phases[phase].after.clone();
+        while let Some(next) = stack.pop() {
+            if seen.insert(next) {
+                stack.extend(self.phases[next].after.iter().copied());
+            }
+        }
+        seen
+    }
+
+    /// The phase graph, for display (`plan show --format dot`).
+    pub fn graph(&self) -> DiGraph<String, ()> {
+        let mut graph = DiGraph::new();
+        let nodes: Vec<NodeIndex> = self
+            .phases
+            .iter()
+            .map(|p| graph.add_node(format!("{} ({})", p.id, p.mode)))
+            .collect();
+        for (idx, phase) in self.phases.iter().enumerate() {
+            for &pred in &phase.after {
+                graph.add_edge(nodes[pred], nodes[idx], ());
+            }
+        }
+        graph
+    }
+}
+
+pub fn hash_source(source: &str) -> String {
+    hex::encode(Sha256::digest(source.as_bytes()))
+}
+
+/// Parses and validates a plan; `file` is only used to name the file in errors.
+pub fn parse(file: &str, source: &str) -> Result<Plan, PlanErrors> {
+    let errors = |diagnostics| PlanErrors {
+        file: file.to_string(),
+        source: source.to_string(),
+        diagnostics,
+    };
+    let raw: RawPlan = toml::from_str(source).map_err(|err| {
+        let span = err.span().unwrap_or(0..0);
+        errors(vec![Diagnostic::new(span, describe_toml_error(err.message()))])
+    })?;
+    let mut checker = Checker {
+        source,
+        diagnostics: Vec::new(),
+    };
+    let plan = checker.plan(raw, hash_source(source));
+    match plan {
+        Some(plan) if checker.diagnostics.is_empty() => Ok(plan),
+        _ => {
+            let mut diagnostics = checker.diagnostics;
+            diagnostics.sort_by_key(|d| (d.span.start, d.span.end));
+            Err(errors(diagnostics))
+        }
+    }
+}
+
+fn describe_toml_error(message: &str) -> String {
+    message.trim().replace('\n', "; ")
+}
+
+/// Collects diagnostics while building a plan; every check reports and carries on.
+struct Checker<'s> {
+    source: &'s str,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.diagnostics.push(Diagnostic::new(span, message));
+    }
+
+    fn plan(&mut self, raw: RawPlan, hash: String) -> Option<Plan> {
+        let rollout_span = raw.rollout.span();
+        let rollout = raw.rollout.into_inner();
+        let name = self.name(&rollout.name);
+        let observe_every = self
+            .duration_or(rollout.observe_every.as_ref(), DEFAULT_OBSERVE_EVERY)
+            .filter(|d| self.positive(d, rollout.observe_every.as_ref()));
+        let policy = raw.policy.into_inner();
+        let compliance = self.non_empty(&policy.compliance, "compliance policy name");
+        let conditional_access = policy
+            .conditional_access
+            .as_ref()
+            .and_then(|ca| self.non_empty(ca, "Conditional Access policy name"));
+        let provider = self.provider(raw.provider);
+        if raw.phase.is_empty() {
+            self.error(rollout_span, "a plan needs at least one [[phase]]");
+        }
+        let phases = self.phases(raw.phase);
+        Some(Plan {
+            name: name?,
+            description: rollout.description,
+            observe_every: observe_every?,
+            separation_of_duties: rollout.separation_of_duties,
+            policy: PolicyTarget {
+                compliance: compliance?,
+                platform: *policy.platform.get_ref(),
+                conditional_access,
+            },
+            provider: provider?,
+            order: phases.as_ref()?.1.clone(),
+            phases: phases?.0,
+            hash,
+        })
+    }
+
+    fn name(&mut self, name: &Spanned<String>) -> Option<String> {
+        let text = name.get_ref();
+        let valid = !text.is_empty()
+            && text.len() <= 64
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !valid {
+            self.error(
+                name.span(),
+                format!(
+                    "invalid rollout name `{text}`: expected 1 to 64 letters, digits, `-`, `_` or `.`"
+                ),
+            );
+            return None;
+        }
+        Some(text.clone())
+    }
+
+    fn non_empty(&mut self, value: &Spanned<String>, what: &str) -> Option<String> {
+        if value.get_ref().trim().is_empty() {
+            self.error(value.span(), format!("the {what} must not be empty"));
+            return None;
+        }
+        Some(value.get_ref().trim().to_string())
+    }
+
+    fn duration(&mut self, value: &Spanned<String>) -> Option<Duration> {
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(duration) => Some(duration),
+            Err(err) => {
+                self.error(
+                    value.span(),
+                    format!(
+                        "invalid duration `{}` ({err}): expected a duration like \"2d\", \"36h\" or \"1h 30m\"",
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration_or(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        default: Duration,
+    ) -> Option<Duration> {
+        value.map_or(Some(default), |v| self.duration(v))
+    }
+
+    fn positive(&mut self, duration: &Duration, value: Option<&Spanned<String>>) -> bool {
+        if duration.is_zero() {
+            if let Some(value) = value {
+                self.error(value.span(), "this duration must be longer than zero");
+            }
+            return false;
+        }
+        true
+    }
+
+    fn ratio(&mut self, value: Option<&Spanned<String>>) -> Result<Option<Ratio>, ()> {
+        let Some(value) = value else { return Ok(None) };
+        match Ratio::parse_percent(value.get_ref()) {
+            Some(ratio) => Ok(Some(ratio)),
+            None => {
+                self.error(
+                    value.span(),
+                    format!(
+                        "invalid percentage `{}`: expected a value from \"0%\" to \"100%\", such as \"2%\" or \"0.5%\"",
+                        value.get_ref()
+                    ),
+                );
+                Err(())
+            }
+        }
+    }
+
+    fn count(&mut self, value: Option<&Spanned<i64>>, max: i64) -> Result<Option<u64>, ()> {
+        let Some(value) = value else { return Ok(None) };
+        let number = *value.get_ref();
+        if !(0..=max).contains(&number) {
+            self.error(
+                value.span(),
+                format!("expected a whole number from 0 to {max}, found {number}"),
+            );
+            return Err(());
+        }
+        Ok(Some(number as u64))
+    }
+
+    fn provider(&mut self, raw: Spanned<RawProvider>) -> Option<ProviderSettings> {
+        let raw = raw.into_inner();
+        match raw.kind.get_ref().as_str() {
+            "simulator" => {
+                let devices = self.count(raw.devices.as_ref(), MAX_SIMULATED_DEVICES).ok()?;
+                if devices == Some(0) {
+                    self.error(
+                        raw.devices.as_ref().map(|d| d.span()).unwrap_or(0..0),
+                        "a simulated fleet needs at least one device",
+                    );
+                    return None;
+                }
+                let seed = self.count(raw.seed.as_ref(), i64::MAX).ok()?;
+                let half_life = self.duration_or(
+                    raw.remediation_half_life.as_ref(),
+                    DEFAULT_REMEDIATION_HALF_LIFE,
+                )?;
+                Some(ProviderSettings::Simulator(SimulatorSettings {
+                    devices: devices.unwrap_or(10_000) as u32,
+                    seed: seed.unwrap_or(1),
+                    remediation_half_life: half_life,
+                }))
+            }
+            other => {
+                self.error(
+                    raw.kind.span(),
+                    format!("unknown provider kind `{other}`: expected \"simulator\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn phases(&mut self, raw: Vec<Spanned<RawPhase>>) -> Option<(Vec<Phase>, Vec<usize>)> {
+        let mut index_of: HashMap<String, usize> = HashMap::new();
+        let mut unique = true;
+        for (idx, phase) in raw.iter().enumerate() {
+            let id = phase.get_ref().id.get_ref();
+            if !valid_phase_id(id) {
+                self.error(
+                    phase.get_ref().id.span(),
+                    format!("invalid phase id `{id}`: expected 1 to 64 letters, digits, `-` or `_`"),
+                );
+                unique = false;
+            } else if let Some(&first) = index_of.get(id) {
+                let first_line = position(self.source, raw[first].get_ref().id.span().start).line;
+                self.error(
+                    phase.get_ref().id.span(),
+                    format!("duplicate phase id `{id}`; it is first defined on line {first_line}"),
+                );
+                unique = false;
+            } else {
+                index_of.insert(id.clone(), idx);
+            }
+        }
+        let known: Vec<&str> = raw.iter().map(|p| p.get_ref().id.get_ref().as_str()).collect();
+        let mut afters = Vec::with_capacity(raw.len());
+        for (idx, phase) in raw.iter().enumerate() {
+            afters.push(self.after(phase.get_ref(), idx, &index_of, &known));
+        }
+        let phases: Vec<Option<Phase>> = raw
+            .iter()
+            .zip(&afters)
+            .map(|(phase, after)| self.phase(phase.get_ref(), after.clone()?))
+            .collect();
+        if !unique || afters.iter().any(Option::is_none) {
+            return None;
+        }
+        let afters: Vec<Vec<usize>> = afters.into_iter().map(Option::unwrap).collect();
+        let order = self.graph(&raw, &afters)?;
+        self.modes_never_weaken(&raw, &afters);
+        let phases: Option<Vec<Phase>> = phases.into_iter().collect();
+        Some((phases?, order))
+    }
+
+    fn after(
+        &mut self,
+        phase: &RawPhase,
+        idx: usize,
+        index_of: &HashMap<String, usize>,
+        known: &[&str],
+    ) -> Option<Vec<usize>> {
+        let Some(after) = &phase.after else {
+            return Some(if idx == 0 { vec![] } else { vec![idx - 1] });
+        };
+        let mut resolved = Vec::new();
+        let mut ok = true;
+        for name in after.get_ref() {
+            match index_of.get(name.get_ref()) {
+                Some(&target) if resolved.contains(&target) => {
+                    self.error(name.span(), format!("`{}` is listed twice in `after`", name));
+                    ok = false;
+                }
+                Some(&target) => resolved.push(target),
+                None => {
+                    self.error(
+                        name.span(),
+                        format!(
+                            "unknown phase `{}` in `after`; the phases are: {}",
+                            name,
+                            known.join(", ")
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(resolved)
+    }
+
+    fn phase(&mut self, raw: &RawPhase, after: Vec<usize>) -> Option<Phase> {
+        let include = self.groups(&raw.include);
+        let exclude: Vec<String> = raw.exclude.iter().map(|g| g.get_ref().clone()).collect();
+        for group in &raw.exclude {
+            if raw.include.get_ref().iter().any(|i| i.get_ref() == group.get_ref()) {
+                self.error(
+                    group.span(),
+                    format!("group `{group}` is both included and excluded"),
+                );
+            } else if group.get_ref().trim().is_empty() {
+                self.error(group.span(), "a group name must not be empty");
+            }
+        }
+        let min_soak = self.duration_or(raw.min_soak.as_ref(), DEFAULT_MIN_SOAK);
+        let grace = self.grace(raw);
+        let gate = self.gate(raw.gate.as_ref().map(|g| g.get_ref()));
+        let rollback_when = self.rollback_when(raw.rollback_when.as_ref().map(|r| r.get_ref()));
+        Some(Phase {
+            id: raw.id.get_ref().clone(),
+            description: raw.description.clone(),
+            mode: *raw.mode.get_ref(),
+            include: include?,
+            exclude,
+            after,
+            min_soak: min_soak?,
+            grace: grace.ok()?,
+            gate: gate?,
+            rollback_when: rollback_when?,
+        })
+    }
+
+    fn groups(&mut self, include: &Spanned<Vec<Spanned<String>>>) -> Option<Vec<String>> {
+        if include.get_ref().is_empty() {
+            self.error(
+                include.span(),
+                "empty scope: `include` needs at least one group",
+            );
+            return None;
+        }
+        let mut seen = BTreeSet::new();
+        let mut ok = true;
+        for group in include.get_ref() {
+            if group.get_ref().trim().is_empty() {
+                self.error(group.span(), "a group name must not be empty");
+                ok = false;
+            } else if !seen.insert(group.get_ref().clone()) {
+                self.error(group.span(), format!("group `{group}` is listed twice"));
+                ok = false;
+            }
+        }
+        ok.then(|| include.get_ref().iter().map(|g| g.get_ref().clone()).collect())
+    }
+
+    fn grace(&mut self, raw: &RawPhase) -> Result<Option<Duration>, ()> {
+        match (raw.mode.get_ref(), &raw.grace) {
+            (Mode::Notify, Some(grace)) => self.duration(grace).map(Some).ok_or(()),
+            (Mode::Notify, None) => {
+                self.error(
+                    raw.mode.span(),
+                    "a notify phase needs a `grace` period, such as grace = \"7d\"",
+                );
+                Err(())
+            }
+            (mode, Some(grace)) => {
+                self.error(
+                    grace.span(),
+                    format!("`grace` only applies to notify phases; this phase is {mode}"),
+                );
+                Err(())
+            }
+            (_, None) => Ok(None),
+        }
+    }
+
+    fn gate(&mut self, raw: Option<&RawGate>) -> Option<Gate> {
+        let default = RawGate::default();
+        let raw = raw.unwrap_or(&default);
+        let max_noncompliant = self.count(raw.max_noncompliant.as_ref(), i64::MAX);
+        let max_noncompliant_ratio = self.ratio(raw.max_noncompliant_ratio.as_ref());
+        let min_reporting = self.ratio(raw.min_reporting.as_ref());
+        let stale_after = self
+            .duration_or(raw.stale_after.as_ref(), DEFAULT_STALE_AFTER)
+            .filter(|d| self.positive(d, raw.stale_after.as_ref()));
+        let max_errors = self.count(raw.max_errors.as_ref(), i64::MAX);
+        let approvals = self.count(raw.approvals.as_ref(), 10);
+        let max_hold = self.duration_or(raw.max_hold.as_ref(), DEFAULT_MAX_HOLD);
+        Some(Gate {
+            max_noncompliant: max_noncompliant.ok()?,
+            max_noncompliant_ratio: max_noncompliant_ratio.ok()?,
+            min_reporting: min_reporting.ok()?,
+            stale_after: stale_after?,
+            max_errors: max_errors.ok()?,
+            approvals: approvals.ok()?.unwrap_or(0) as u32,
+            max_hold: max_hold?,
+        })
+    }
+
+    fn rollback_when(&mut self, raw: Option<&RawRollbackWhen>) -> Option<RollbackWhen> {
+        let default = RawRollbackWhen::default();
+        let raw = raw.unwrap_or(&default);
+        let noncompliant_ratio_above = self.ratio(raw.noncompliant_ratio_above.as_ref());
+        let noncompliant_above = self.count(raw.noncompliant_above.as_ref(), i64::MAX);
+        let errors_above = self.count(raw.errors_above.as_ref(), i64::MAX);
+        let blocked_ratio_above = self.ratio(raw.blocked_ratio_above.as_ref());
+        Some(RollbackWhen {
+            noncompliant_ratio_above: noncompliant_ratio_above.ok()?,
+            noncompliant_above: noncompliant_above.ok()?,
+            errors_above: errors_above.ok()?,
+            blocked_ratio_above: blocked_ratio_above.ok()?,
+        })
+    }
+
+    /// Builds the phase graph; reports cycles and the phases stuck behind them.
+    fn graph(&mut self, raw: &[Spanned<RawPhase>], afters: &[Vec<usize>]) -> Option<Vec<usize>> {
+        let mut graph: DiGraph<usize, ()> = DiGraph::new();
+        let nodes: Vec<NodeIndex> = (0..raw.len()).map(|i| graph.add_node(i)).collect();
+        for (idx, after) in afters.iter().enumerate() {
+            for &pred in after {
+                graph.add_edge(nodes[pred], nodes[idx], ());
+            }
+        }
+        if let Ok(order) = toposort(&graph, None) {
+            return Some(order.into_iter().map(|n| graph[n]).collect());
+        }
+        let id = |i: usize| raw[i].get_ref().id.get_ref().as_str();
+        let mut in_cycle = BTreeSet::new();
+        for component in tarjan_scc(&graph) {
+            let members: BTreeSet<usize> = component.iter().map(|&n| graph[n]).collect();
+            let first = *members.first().expect("components are never empty");
+            let is_cycle = members.len() > 1 || afters[first].contains(&first);
+            if !is_cycle {
+                continue;
+            }
+            let cycle = cycle_path(first, &members, afters);
+            let names: Vec<&str> = cycle.iter().map(|&i| id(i)).collect();
+            let span = raw[first]
+                .get_ref()
+                .after
+                .as_ref()
+                .map_or_else(|| raw[first].get_ref().id.span(), |a| a.span());
+            self.error(
+                span,
+                format!("the phases form a cycle: {}", names.join(" → ")),
+            );
+            in_cycle.extend(members);
+        }
+        for idx in 0..raw.len() {
+            if in_cycle.contains(&idx) {
+                continue;
+            }
+            let blocked_by = ancestors_nearest_first(idx, afters)
+                .into_iter()
+                .find(|a| in_cycle.contains(a));
+            if let Some(blocker) = blocked_by {
+                self.error(
+                    raw[idx].get_ref().id.span(),
+                    format!(
+                        "phase `{}` is unreachable: it waits on `{}`, which is part of a cycle",
+                        id(idx),
+                        id(blocker)
+                    ),
+                );
+            }
+        }
+        None
+    }
+
+    fn modes_never_weaken(&mut self, raw: &[Spanned<RawPhase>], afters: &[Vec<usize>]) {
+        for (idx, after) in afters.iter().enumerate() {
+            let phase = raw[idx].get_ref();
+            for &pred in after {
+                let before = raw[pred].get_ref();
+                if phase.mode.get_ref() < before.mode.get_ref() {
+                    self.error(
+                        phase.mode.span(),
+                        format!(
+                            "mode weakens along an edge: `{}` ({}) runs after `{}` ({}); a later phase must keep or strengthen the mode",
+                            phase.id,
+                            phase.mode.get_ref(),
+                            before.id,
+                            before.mode.get_ref()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn valid_phase_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Transitive `after` of a phase in breadth-first order, so the nearest ancestor comes first.
+fn ancestors_nearest_first(idx: usize, afters: &[Vec<usize>]) -> Vec<usize> {
+    let mut seen = BTreeSet::new();
+    let mut order = Vec::new();
+    let mut queue: std::collections::VecDeque<usize> = afters[idx].iter().copied().collect();
+    while let Some(next) = queue.pop_front() {
+        if seen.insert(next) {
+            order.push(next);
+            queue.extend(afters[next].iter().copied());
+        }
+    }
+    order
+}
+
+/// A path through `members` that returns to `start`, following `after` edges backwards so the
+/// names read in execution order (`a → b → a` means b runs after a, and a after b).
+fn cycle_path(start: usize, members: &BTreeSet<usize>, afters: &[Vec<usize>]) -> Vec<usize> {
+    // Depth-first search over "runs after" edges inside the component.
+    let successors = |n: usize| -> Vec<usize> {
+        (0..afters.len())
+            .filter(|&s| members.contains(&s) && afters[s].contains(&n))
+            .collect()
+    };
+    let mut path = vec![start];
+    let mut visited = BTreeSet::from([start]);
+    fn walk(
+        node: usize,
+        start: usize,
+        path: &mut Vec<usize>,
+        visited: &mut BTreeSet<usize>,
+        successors: &dyn Fn(usize) -> Vec<usize>,
+    ) -> bool {
+        for next in successors(node) {
+            if next == start {
+                path.push(start);
+                return true;
+            }
+            if visited.insert(next) {
+                path.push(next);
+                if walk(next, start, path, visited, successors) {
+                    return true;
+                }
+                path.pop();
+            }
+        }
+        false
+    }
+    walk(start, start, &mut path, &mut visited, &successors);
+    path
+}
+
+#[cfg(test)]
+mod tests;

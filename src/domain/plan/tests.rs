@@ -1,0 +1,246 @@
+use super::*;
+
+const WINDOWS: &str = include_str!("../../../plans/windows-baseline.toml");
+const IOS: &str = include_str!("../../../plans/ios-parallel-pilots.toml");
+const ANDROID: &str = include_str!("../../../plans/android-guarded.toml");
+
+const HEADER: &str = r#"
+[rollout]
+name = "t"
+
+[policy]
+compliance = "Baseline"
+platform = "windows"
+
+[provider]
+kind = "simulator"
+"#;
+
+fn check(body: &str) -> Result<Plan, PlanErrors> {
+    parse("plan.toml", &format!("{HEADER}{body}"))
+}
+
+fn headlines(body: &str) -> Vec<String> {
+    check(body).expect_err("plan should be invalid").headlines()
+}
+
+#[test]
+fn example_plans_are_valid() {
+    for (name, text) in [("windows", WINDOWS), ("ios", IOS), ("android", ANDROID)] {
+        let plan = parse(name, text).unwrap_or_else(|e| panic!("{name}:\n{e}"));
+        assert!(plan.phases.len() >= 4, "{name}");
+    }
+}
+
+#[test]
+fn default_after_is_the_phase_before() {
+    let plan = parse("w", WINDOWS).unwrap();
+    let afters: Vec<Vec<usize>> = plan.phases.iter().map(|p| p.after.clone()).collect();
+    assert_eq!(afters, vec![vec![], vec![0], vec![1], vec![2]]);
+    assert_eq!(plan.order, vec![0, 1, 2, 3]);
+}
+
+#[test]
+fn parallel_pilots_join_before_report_only() {
+    let plan = parse("ios", IOS).unwrap();
+    assert!(plan.phases[1].after.is_empty());
+    assert_eq!(plan.phases[2].after, vec![0, 1]);
+    assert_eq!(plan.ancestors(4), BTreeSet::from([0, 1, 2, 3]));
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_position() {
+    let errors = headlines(
+        r#"
+[[phase]]
+id = "a"
+mode = "report"
+include = ["All Users"]
+min_soke = "2d"
+"#,
+    );
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].starts_with("plan.toml:16:1: unknown field `min_soke`"), "{errors:?}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_line_and_column() {
+    let errors = headlines(
+        r#"
+[[phase]]
+id = "a"
+mode = "enforce"
+include = []
+min_soak = "2 fortnights"
+
+[[phase]]
+id = "b"
+mode = "report"
+include = ["All Users"]
+after = ["a", "zzz"]
+
+[[phase]]
+id = "b"
+mode = "enforce"
+include = ["All Users"]
+
+[phase.gate]
+max_noncompliant_ratio = "120%"
+"#,
+    );
+    let joined = errors.join("\n");
+    assert!(joined.contains("plan.toml:15:11: empty scope"), "{joined}");
+    assert!(joined.contains("plan.toml:16:12: invalid duration `2 fortnights`"), "{joined}");
+    assert!(joined.contains("plan.toml:22:15: unknown phase `zzz`"), "{joined}");
+    assert!(joined.contains("plan.toml:25:6: duplicate phase id `b`; it is first defined on line 19"), "{joined}");
+    assert!(joined.contains("plan.toml:30:26: invalid percentage `120%`"), "{joined}");
+    for line in &errors {
+        let mut parts = line.splitn(4, ':');
+        assert_eq!(parts.next(), Some("plan.toml"));
+        assert!(parts.next().unwrap().parse::<usize>().is_ok(), "{line}");
+        assert!(parts.next().unwrap().parse::<usize>().is_ok(), "{line}");
+    }
+}
+
+#[test]
+fn cycles_are_named_and_phases_behind_them_are_unreachable() {
+    let errors = headlines(
+        r#"
+[[phase]]
+id = "a"
+mode = "report"
+include = ["All Users"]
+after = ["c"]
+
+[[phase]]
+id = "b"
+mode = "report"
+include = ["All Users"]
+
+[[phase]]
+id = "c"
+mode = "report"
+include = ["All Users"]
+
+[[phase]]
+id = "d"
+mode = "report"
+include = ["All Users"]
+"#,
+    );
+    let joined = errors.join("\n");
+    assert!(joined.contains("the phases form a cycle: a → b → c → a"), "{joined}");
+    assert!(joined.contains("phase `d` is unreachable: it waits on `c`"), "{joined}");
+}
+
+#[test]
+fn a_phase_after_itself_is_a_cycle() {
+    let errors = headlines(
+        r#"
+[[phase]]
+id = "a"
+mode = "report"
+include = ["All Users"]
+after = ["a"]
+"#,
+    );
+    assert!(errors[0].contains("cycle: a → a"), "{errors:?}");
+}
+
+#[test]
+fn a_mode_must_not_weaken_along_an_edge() {
+    let errors = headlines(
+        r#"
+[[phase]]
+id = "enforce-first"
+mode = "enforce"
+include = ["Pilot IT"]
+
+[[phase]]
+id = "report-later"
+mode = "report"
+include = ["All Users"]
+"#,
+    );
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("plan.toml:19:8: mode weakens along an edge"), "{errors:?}");
+}
+
+#[test]
+fn notify_phases_need_grace_and_others_must_not_have_it() {
+    let errors = headlines(
+        r#"
+[[phase]]
+id = "r"
+mode = "report"
+include = ["All Users"]
+grace = "3d"
+
+[[phase]]
+id = "n"
+mode = "notify"
+include = ["All Users"]
+"#,
+    );
+    let joined = errors.join("\n");
+    assert!(joined.contains("`grace` only applies to notify phases"), "{joined}");
+    assert!(joined.contains("a notify phase needs a `grace` period"), "{joined}");
+}
+
+#[test]
+fn wrong_types_and_enum_values_name_what_was_expected() {
+    let errors = headlines(
+        r#"
+[[phase]]
+id = "a"
+mode = "block"
+include = ["All Users"]
+"#,
+    );
+    assert!(errors[0].contains("plan.toml:14:8"), "{errors:?}");
+    assert!(errors[0].contains("report") && errors[0].contains("enforce"), "{errors:?}");
+}
+
+#[test]
+fn an_excluded_group_may_not_also_be_included() {
+    let errors = headlines(
+        r#"
+[[phase]]
+id = "a"
+mode = "report"
+include = ["All Users"]
+exclude = ["All Users"]
+"#,
+    );
+    assert!(errors[0].contains("is both included and excluded"), "{errors:?}");
+}
+
+#[test]
+fn a_plan_without_phases_is_invalid() {
+    let errors = headlines("");
+    assert!(errors[0].contains("a plan needs at least one [[phase]]"), "{errors:?}");
+}
+
+#[test]
+fn syntax_errors_have_a_position() {
+    let errors = parse("x.toml", "[rollout\nname = 1").unwrap_err().headlines();
+    assert!(errors[0].starts_with("x.toml:1:"), "{errors:?}");
+}
+
+#[test]
+fn percentages_parse_and_print() {
+    assert_eq!(Ratio::parse_percent("2%").unwrap().fraction(), 0.02);
+    assert_eq!(Ratio::parse_percent(" 0.5 % ").unwrap().fraction(), 0.005);
+    assert!(Ratio::parse_percent("2").is_none());
+    assert!(Ratio::parse_percent("-1%").is_none());
+    assert_eq!(format_percent(0.0234), "2.34%");
+    assert_eq!(format_percent(0.02), "2%");
+}
+
+#[test]
+fn the_hash_changes_with_the_text() {
+    let a = parse("w", WINDOWS).unwrap();
+    let b = parse("w", &WINDOWS.replace("min_soak = \"2d\"", "min_soak = \"3d\"")).unwrap();
+    assert_ne!(a.hash, b.hash);
+    assert_eq!(a.hash.len(), 64);
+}

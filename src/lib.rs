@@ -1,0 +1,4 @@
+//! phasegate drives staged rollouts of device-compliance and access policies as a persisted state
+//! machine. See `docs/ARCHITECTURE.md` for the map.
+
+pub mod domain;
