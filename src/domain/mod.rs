@@ -5,5 +5,10 @@
 //! (`engine`, `store`, `provider`, `cli`) decides what to do with them. This is what lets the state
 //! machine be tested exhaustively and property-tested without a store or a network.
 
+pub mod desired;
+pub mod event;
+pub mod gate;
+pub mod machine;
 pub mod plan;
+pub mod rollout;
 pub mod time;

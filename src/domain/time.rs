@@ -116,7 +116,10 @@ mod tests {
     fn spans_format_for_people() {
         assert_eq!(format_span(Duration::from_secs(0)), "0s");
         assert_eq!(format_span(Duration::from_secs(45 * 60)), "45m");
-        assert_eq!(format_span(Duration::from_secs(3 * 86_400 + 4 * 3600)), "3d 4h");
+        assert_eq!(
+            format_span(Duration::from_secs(3 * 86_400 + 4 * 3600)),
+            "3d 4h"
+        );
     }
 
     #[test]

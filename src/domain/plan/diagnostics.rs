@@ -121,7 +121,10 @@ mod tests {
             diagnostics: vec![Diagnostic::new(start..start + 2, "expected a string")],
         };
         let shown = errors.to_string();
-        assert!(shown.starts_with("p.toml:2:8: expected a string\n"), "{shown}");
+        assert!(
+            shown.starts_with("p.toml:2:8: expected a string\n"),
+            "{shown}"
+        );
         assert!(shown.contains("2 | name = 42\n"), "{shown}");
         assert!(shown.contains("  |        ^^\n"), "{shown}");
     }

@@ -268,7 +268,10 @@ pub fn parse(file: &str, source: &str) -> Result<Plan, PlanErrors> {
     };
     let raw: RawPlan = toml::from_str(source).map_err(|err| {
         let span = err.span().unwrap_or(0..0);
-        errors(vec![Diagnostic::new(span, describe_toml_error(err.message()))])
+        errors(vec![Diagnostic::new(
+            span,
+            describe_toml_error(err.message()),
+        )])
     })?;
     let mut checker = Checker {
         source,
@@ -430,7 +433,9 @@ impl Checker<'_> {
         let raw = raw.into_inner();
         match raw.kind.get_ref().as_str() {
             "simulator" => {
-                let devices = self.count(raw.devices.as_ref(), MAX_SIMULATED_DEVICES).ok()?;
+                let devices = self
+                    .count(raw.devices.as_ref(), MAX_SIMULATED_DEVICES)
+                    .ok()?;
                 if devices == Some(0) {
                     self.error(
                         raw.devices.as_ref().map(|d| d.span()).unwrap_or(0..0),
@@ -467,7 +472,9 @@ impl Checker<'_> {
             if !valid_phase_id(id) {
                 self.error(
                     phase.get_ref().id.span(),
-                    format!("invalid phase id `{id}`: expected 1 to 64 letters, digits, `-` or `_`"),
+                    format!(
+                        "invalid phase id `{id}`: expected 1 to 64 letters, digits, `-` or `_`"
+                    ),
                 );
                 unique = false;
             } else if let Some(&first) = index_of.get(id) {
@@ -481,7 +488,10 @@ impl Checker<'_> {
                 index_of.insert(id.clone(), idx);
             }
         }
-        let known: Vec<&str> = raw.iter().map(|p| p.get_ref().id.get_ref().as_str()).collect();
+        let known: Vec<&str> = raw
+            .iter()
+            .map(|p| p.get_ref().id.get_ref().as_str())
+            .collect();
         let mut afters = Vec::with_capacity(raw.len());
         for (idx, phase) in raw.iter().enumerate() {
             afters.push(self.after(phase.get_ref(), idx, &index_of, &known));
@@ -516,7 +526,10 @@ impl Checker<'_> {
         for name in after.get_ref() {
             match index_of.get(name.get_ref()) {
                 Some(&target) if resolved.contains(&target) => {
-                    self.error(name.span(), format!("`{}` is listed twice in `after`", name));
+                    self.error(
+                        name.span(),
+                        format!("`{}` is listed twice in `after`", name),
+                    );
                     ok = false;
                 }
                 Some(&target) => resolved.push(target),
@@ -540,7 +553,12 @@ impl Checker<'_> {
         let include = self.groups(&raw.include);
         let exclude: Vec<String> = raw.exclude.iter().map(|g| g.get_ref().clone()).collect();
         for group in &raw.exclude {
-            if raw.include.get_ref().iter().any(|i| i.get_ref() == group.get_ref()) {
+            if raw
+                .include
+                .get_ref()
+                .iter()
+                .any(|i| i.get_ref() == group.get_ref())
+            {
                 self.error(
                     group.span(),
                     format!("group `{group}` is both included and excluded"),
@@ -586,7 +604,13 @@ impl Checker<'_> {
                 ok = false;
             }
         }
-        ok.then(|| include.get_ref().iter().map(|g| g.get_ref().clone()).collect())
+        ok.then(|| {
+            include
+                .get_ref()
+                .iter()
+                .map(|g| g.get_ref().clone())
+                .collect()
+        })
     }
 
     fn grace(&mut self, raw: &RawPhase) -> Result<Option<Duration>, ()> {
@@ -682,7 +706,7 @@ impl Checker<'_> {
             );
             in_cycle.extend(members);
         }
-        for idx in 0..raw.len() {
+        for (idx, phase) in raw.iter().enumerate() {
             if in_cycle.contains(&idx) {
                 continue;
             }
@@ -691,7 +715,7 @@ impl Checker<'_> {
                 .find(|a| in_cycle.contains(a));
             if let Some(blocker) = blocked_by {
                 self.error(
-                    raw[idx].get_ref().id.span(),
+                    phase.get_ref().id.span(),
                     format!(
                         "phase `{}` is unreachable: it waits on `{}`, which is part of a cycle",
                         id(idx),

@@ -46,12 +46,6 @@ pub(super) struct RawProvider {
     pub devices: Option<Spanned<i64>>,
     pub seed: Option<Spanned<i64>>,
     pub remediation_half_life: Option<Spanned<String>>,
-    // graph
-    pub tenant: Option<Spanned<String>>,
-    pub client_id: Option<Spanned<String>>,
-    pub client_secret_env: Option<Spanned<String>>,
-    pub graph_url: Option<Spanned<String>>,
-    pub login_url: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

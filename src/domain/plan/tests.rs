@@ -60,7 +60,10 @@ min_soke = "2d"
 "#,
     );
     assert_eq!(errors.len(), 1);
-    assert!(errors[0].starts_with("plan.toml:16:1: unknown field `min_soke`"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("plan.toml:16:1: unknown field `min_soke`"),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -90,10 +93,22 @@ max_noncompliant_ratio = "120%"
     );
     let joined = errors.join("\n");
     assert!(joined.contains("plan.toml:15:11: empty scope"), "{joined}");
-    assert!(joined.contains("plan.toml:16:12: invalid duration `2 fortnights`"), "{joined}");
-    assert!(joined.contains("plan.toml:22:15: unknown phase `zzz`"), "{joined}");
-    assert!(joined.contains("plan.toml:25:6: duplicate phase id `b`; it is first defined on line 19"), "{joined}");
-    assert!(joined.contains("plan.toml:30:26: invalid percentage `120%`"), "{joined}");
+    assert!(
+        joined.contains("plan.toml:16:12: invalid duration `2 fortnights`"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("plan.toml:22:15: unknown phase `zzz`"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("plan.toml:25:6: duplicate phase id `b`; it is first defined on line 19"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("plan.toml:30:26: invalid percentage `120%`"),
+        "{joined}"
+    );
     for line in &errors {
         let mut parts = line.splitn(4, ':');
         assert_eq!(parts.next(), Some("plan.toml"));
@@ -129,8 +144,14 @@ include = ["All Users"]
 "#,
     );
     let joined = errors.join("\n");
-    assert!(joined.contains("the phases form a cycle: a → b → c → a"), "{joined}");
-    assert!(joined.contains("phase `d` is unreachable: it waits on `c`"), "{joined}");
+    assert!(
+        joined.contains("the phases form a cycle: a → b → c → a"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("phase `d` is unreachable: it waits on `c`"),
+        "{joined}"
+    );
 }
 
 #[test]
@@ -163,7 +184,10 @@ include = ["All Users"]
 "#,
     );
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert!(errors[0].contains("plan.toml:19:8: mode weakens along an edge"), "{errors:?}");
+    assert!(
+        errors[0].contains("plan.toml:19:8: mode weakens along an edge"),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -183,8 +207,14 @@ include = ["All Users"]
 "#,
     );
     let joined = errors.join("\n");
-    assert!(joined.contains("`grace` only applies to notify phases"), "{joined}");
-    assert!(joined.contains("a notify phase needs a `grace` period"), "{joined}");
+    assert!(
+        joined.contains("`grace` only applies to notify phases"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("a notify phase needs a `grace` period"),
+        "{joined}"
+    );
 }
 
 #[test]
@@ -198,7 +228,10 @@ include = ["All Users"]
 "#,
     );
     assert!(errors[0].contains("plan.toml:14:8"), "{errors:?}");
-    assert!(errors[0].contains("report") && errors[0].contains("enforce"), "{errors:?}");
+    assert!(
+        errors[0].contains("report") && errors[0].contains("enforce"),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -212,18 +245,26 @@ include = ["All Users"]
 exclude = ["All Users"]
 "#,
     );
-    assert!(errors[0].contains("is both included and excluded"), "{errors:?}");
+    assert!(
+        errors[0].contains("is both included and excluded"),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn a_plan_without_phases_is_invalid() {
     let errors = headlines("");
-    assert!(errors[0].contains("a plan needs at least one [[phase]]"), "{errors:?}");
+    assert!(
+        errors[0].contains("a plan needs at least one [[phase]]"),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn syntax_errors_have_a_position() {
-    let errors = parse("x.toml", "[rollout\nname = 1").unwrap_err().headlines();
+    let errors = parse("x.toml", "[rollout\nname = 1")
+        .unwrap_err()
+        .headlines();
     assert!(errors[0].starts_with("x.toml:1:"), "{errors:?}");
 }
 
@@ -240,7 +281,11 @@ fn percentages_parse_and_print() {
 #[test]
 fn the_hash_changes_with_the_text() {
     let a = parse("w", WINDOWS).unwrap();
-    let b = parse("w", &WINDOWS.replace("min_soak = \"2d\"", "min_soak = \"3d\"")).unwrap();
+    let b = parse(
+        "w",
+        &WINDOWS.replace("min_soak = \"2d\"", "min_soak = \"3d\""),
+    )
+    .unwrap();
     assert_ne!(a.hash, b.hash);
     assert_eq!(a.hash.len(), 64);
 }

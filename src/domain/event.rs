@@ -1,0 +1,189 @@
+//! What can happen to a rollout (events, the machine's input) and what the machine asks the
+//! outside world to do (effects, its output).
+//!
+//! Every event carries a [`Trigger`]: who or what caused it and why. The audit trail is made of
+//! these, so "who promoted this, and on what evidence" always has an answer.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::desired::DesiredState;
+use super::rollout::PhaseObservation;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: EventKind,
+    pub trigger: Trigger,
+}
+
+/// Who or what caused an event, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub source: TriggerSource,
+    /// A person's name for `user`; the component otherwise (`run`, `simulator`, ...).
+    pub actor: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerSource {
+    /// A person, through the CLI.
+    User,
+    /// A gate or abort criterion decided.
+    Gate,
+    /// Time passed: an observation or deadline came due.
+    Schedule,
+    /// The backend answered (an effect finished or failed).
+    Provider,
+    /// phasegate itself, e.g. on noticing a changed plan file.
+    Internal,
+}
+
+impl TriggerSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerSource::User => "user",
+            TriggerSource::Gate => "gate",
+            TriggerSource::Schedule => "schedule",
+            TriggerSource::Provider => "provider",
+            TriggerSource::Internal => "internal",
+        }
+    }
+}
+
+impl Trigger {
+    pub fn user(actor: impl Into<String>, reason: impl Into<String>) -> Trigger {
+        Trigger {
+            source: TriggerSource::User,
+            actor: actor.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn new(source: TriggerSource, actor: &str, reason: impl Into<String>) -> Trigger {
+        Trigger {
+            source,
+            actor: actor.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// A person started the rollout with this plan.
+    Start {
+        plan_hash: String,
+    },
+    /// The provider recorded the tenant's configuration from before the rollout.
+    BaselineCaptured {
+        effect: EffectId,
+    },
+    /// The provider brought the backend to a desired state (or back to the baseline).
+    Reconciled {
+        effect: EffectId,
+        changes: u64,
+    },
+    /// Fresh device counts for running phases.
+    Observed {
+        observations: Vec<PhaseObservation>,
+    },
+    /// Time passed with nothing observed; deadlines may have come due.
+    Tick,
+    ApprovalGranted {
+        phase: String,
+        ticket: Option<String>,
+        comment: Option<String>,
+    },
+    ApprovalRejected {
+        phase: String,
+    },
+    PauseRequested,
+    ResumeRequested,
+    /// Roll back to `to`, or by one phase when `None`.
+    RollbackRequested {
+        to: Option<String>,
+    },
+    AbortRequested,
+    /// An effect failed for good (retries are the shell's business and happen before this).
+    ProviderFailed {
+        effect: Option<EffectId>,
+        error: String,
+    },
+    /// The plan file changed; the machine is handed the new plan with this event.
+    PlanChanged {
+        plan_hash: String,
+    },
+}
+
+impl EventKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Start { .. } => "start",
+            EventKind::BaselineCaptured { .. } => "baseline_captured",
+            EventKind::Reconciled { .. } => "reconciled",
+            EventKind::Observed { .. } => "observed",
+            EventKind::Tick => "tick",
+            EventKind::ApprovalGranted { .. } => "approval_granted",
+            EventKind::ApprovalRejected { .. } => "approval_rejected",
+            EventKind::PauseRequested => "pause_requested",
+            EventKind::ResumeRequested => "resume_requested",
+            EventKind::RollbackRequested { .. } => "rollback_requested",
+            EventKind::AbortRequested => "abort_requested",
+            EventKind::ProviderFailed { .. } => "provider_failed",
+            EventKind::PlanChanged { .. } => "plan_changed",
+        }
+    }
+}
+
+/// Names an effect durably: the sequence number of the event whose transition asked for it, and
+/// its position among that transition's effects. Never random, so a retried effect carries the
+/// same id (and idempotency key) as the first attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EffectId {
+    pub seq: u64,
+    pub index: u32,
+}
+
+impl fmt::Display for EffectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.seq, self.index)
+    }
+}
+
+/// A change the machine wants made to the backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Effect {
+    /// Record the tenant's relevant configuration before the first change.
+    CaptureBaseline,
+    /// Bring the backend to this state, changing only what differs.
+    Reconcile { desired: DesiredState },
+    /// Put back exactly the configuration recorded by `CaptureBaseline`.
+    RestoreBaseline,
+}
+
+impl Effect {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Effect::CaptureBaseline => "capture_baseline",
+            Effect::Reconcile { .. } => "reconcile",
+            Effect::RestoreBaseline => "restore_baseline",
+        }
+    }
+
+    /// Reconcile and restore both set the whole configuration, so a newer one replaces an older.
+    pub fn sets_configuration(&self) -> bool {
+        matches!(self, Effect::Reconcile { .. } | Effect::RestoreBaseline)
+    }
+}
+
+/// An effect committed with its transition and not yet confirmed done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingEffect {
+    pub id: EffectId,
+    pub effect: Effect,
+}

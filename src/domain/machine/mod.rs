@@ -1,0 +1,844 @@
+//! The rollout state machine: `(plan, rollout, event, now) -> (rollout', effects)`.
+//!
+//! [`step`] is the only way a rollout changes. It is pure: no I/O, no clock, no randomness. The
+//! shell commits the returned rollout together with the event in one durable transaction, and only
+//! then carries out the effects (see `engine`). [`agenda`] tells the shell when the machine next
+//! wants to hear from it: which phases to observe now, and when to wake up.
+//!
+//! The rules in brief (the full table is in `docs/state-machine.md`):
+//! - a phase starts when everything in its `after` is promoted, and soaks once the provider
+//!   confirms its configuration;
+//! - after `min_soak`, the gate is judged on an observation taken after the soak ended: pass and
+//!   enough approvals promote, pass without them waits for approval, anything else holds;
+//! - `rollback_when` is checked on every observation of a running phase and rolls back on its own;
+//! - rollback returns to an earlier phase's desired state without running gates; abort restores
+//!   the configuration recorded before the first change;
+//! - automation never leaves a status a person chose (paused, rolled back, rejected).
+
+use std::collections::BTreeSet;
+
+use thiserror::Error;
+
+use super::desired::desired_state;
+use super::event::{Effect, EffectId, Event, EventKind, PendingEffect, Trigger, TriggerSource};
+use super::gate::{self, GateOutcome};
+use super::plan::Plan;
+use super::rollout::{Approval, PhaseObservation, PhaseRecord, PhaseState, Rollout, RolloutStatus};
+use super::time::{Timestamp, format_span};
+
+/// The result of one step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    pub rollout: Rollout,
+    /// Effects this step asked for (also appended to `rollout.pending`).
+    pub effects: Vec<PendingEffect>,
+    /// The decisions taken, in words, for the audit trail.
+    pub notes: Vec<String>,
+}
+
+/// Why an event cannot be applied to a rollout in its current state. Nothing changes.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum Rejection {
+    #[error("rollout `{id}` is {status}; cannot {action} now")]
+    NotNow {
+        id: String,
+        status: RolloutStatus,
+        action: &'static str,
+    },
+    #[error("unknown phase `{0}`")]
+    UnknownPhase(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Applies one event.
+pub fn step(
+    plan: &Plan,
+    rollout: &Rollout,
+    event: &Event,
+    now: Timestamp,
+) -> Result<Transition, Rejection> {
+    let mut machine = Machine {
+        plan,
+        now,
+        trigger: &event.trigger,
+        seq: rollout.last_seq + 1,
+        next: rollout.clone(),
+        effects: Vec::new(),
+        notes: Vec::new(),
+    };
+    machine.handle(&event.kind)?;
+    if machine.next.status.is_progressing() {
+        machine.progress();
+    }
+    assert!(
+        rollout.status.can_transition_to(machine.next.status),
+        "illegal transition {} -> {} on {}",
+        rollout.status,
+        machine.next.status,
+        event.kind.name()
+    );
+    if machine.next != *rollout {
+        machine.next.updated_at = now;
+    }
+    Ok(Transition {
+        rollout: machine.next,
+        effects: machine.effects,
+        notes: machine.notes,
+    })
+}
+
+/// What the shell should do next for a rollout with no pending effects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Agenda {
+    /// Phases to observe now.
+    pub observe: Vec<String>,
+    /// When to come back if nothing else happens (then send [`EventKind::Tick`]).
+    pub wake_at: Option<Timestamp>,
+}
+
+pub fn agenda(plan: &Plan, rollout: &Rollout, now: Timestamp) -> Agenda {
+    let mut agenda = Agenda::default();
+    if !rollout.status.is_progressing() {
+        return agenda;
+    }
+    let wake = |at: Timestamp, agenda: &mut Agenda| {
+        agenda.wake_at = Some(agenda.wake_at.map_or(at, |w| w.min(at)));
+    };
+    for (phase, record) in plan.phases.iter().zip(&rollout.phases) {
+        let Some(applied_at) = record.applied_at.filter(|_| is_watched(record.state)) else {
+            continue;
+        };
+        let soak_end = applied_at.plus(phase.min_soak);
+        let observe_at = match &record.observation {
+            None => applied_at,
+            Some(seen) if seen.at < soak_end => seen.at.plus(plan.observe_every).min(soak_end),
+            Some(seen) => seen.at.plus(plan.observe_every),
+        };
+        if observe_at <= now {
+            agenda.observe.push(record.id.clone());
+        } else {
+            wake(observe_at, &mut agenda);
+        }
+        if let Some(held_since) = record.held_since.filter(|_| !record.hold_expired) {
+            wake(held_since.plus(phase.gate.max_hold), &mut agenda);
+        }
+    }
+    agenda
+}
+
+/// The phase an `approve` without `--phase` means: the one awaiting approval, or else the one
+/// running phase whose gate asks for approvals.
+pub fn default_approval_phase(plan: &Plan, rollout: &Rollout) -> Result<String, Rejection> {
+    let awaiting: Vec<&PhaseRecord> = rollout
+        .phases
+        .iter()
+        .filter(|p| p.state == PhaseState::AwaitingApproval)
+        .collect();
+    if let [only] = awaiting.as_slice() {
+        return Ok(only.id.clone());
+    }
+    let candidates: Vec<&str> = if awaiting.is_empty() {
+        plan.phases
+            .iter()
+            .zip(&rollout.phases)
+            .filter(|(phase, record)| record.state.is_current() && phase.gate.approvals > 0)
+            .map(|(phase, _)| phase.id.as_str())
+            .collect()
+    } else {
+        awaiting.iter().map(|p| p.id.as_str()).collect()
+    };
+    match candidates.as_slice() {
+        [only] => Ok(only.to_string()),
+        [] => Err(Rejection::Invalid(format!(
+            "no running phase of `{}` needs an approval",
+            rollout.id
+        ))),
+        many => Err(Rejection::Invalid(format!(
+            "several phases could be meant ({}); name one with --phase",
+            many.join(", ")
+        ))),
+    }
+}
+
+fn is_watched(state: PhaseState) -> bool {
+    matches!(state, PhaseState::Soaking | PhaseState::AwaitingApproval)
+}
+
+struct Machine<'a> {
+    plan: &'a Plan,
+    now: Timestamp,
+    trigger: &'a Trigger,
+    seq: u64,
+    next: Rollout,
+    effects: Vec<PendingEffect>,
+    notes: Vec<String>,
+}
+
+impl Machine<'_> {
+    fn handle(&mut self, kind: &EventKind) -> Result<(), Rejection> {
+        match kind {
+            EventKind::Start { plan_hash } => self.start(plan_hash),
+            EventKind::BaselineCaptured { effect } => {
+                if self.complete(*effect).is_some() {
+                    self.next.baseline_captured = true;
+                }
+                Ok(())
+            }
+            EventKind::Reconciled { effect, changes } => {
+                self.reconciled(*effect, *changes);
+                Ok(())
+            }
+            EventKind::Observed { observations } => {
+                self.observed(observations);
+                Ok(())
+            }
+            EventKind::Tick => Ok(()),
+            EventKind::ApprovalGranted {
+                phase,
+                ticket,
+                comment,
+            } => self.approve(phase, ticket, comment),
+            EventKind::ApprovalRejected { phase } => self.reject(phase),
+            EventKind::PauseRequested => self.pause(),
+            EventKind::ResumeRequested => self.resume(),
+            EventKind::RollbackRequested { to } => self.rollback_requested(to.as_deref()),
+            EventKind::AbortRequested => self.abort(),
+            EventKind::ProviderFailed { error, .. } => self.provider_failed(error),
+            EventKind::PlanChanged { plan_hash } => self.plan_changed(plan_hash),
+        }
+    }
+
+    fn not_now(&self, action: &'static str) -> Rejection {
+        Rejection::NotNow {
+            id: self.next.id.clone(),
+            status: self.next.status,
+            action,
+        }
+    }
+
+    fn by(&self) -> String {
+        let trigger = self.trigger;
+        if trigger.reason.is_empty() {
+            trigger.actor.clone()
+        } else {
+            format!("{}: {}", trigger.actor, trigger.reason)
+        }
+    }
+
+    /// Commits an effect to be carried out after this transition is durable.
+    fn request(&mut self, effect: Effect) {
+        if effect.sets_configuration() {
+            self.next.pending.retain(|p| !p.effect.sets_configuration());
+        }
+        let pending = PendingEffect {
+            id: EffectId {
+                seq: self.seq,
+                index: self.effects.len() as u32,
+            },
+            effect,
+        };
+        self.next.pending.push(pending.clone());
+        self.effects.push(pending);
+    }
+
+    /// Removes a confirmed effect; `None` if it was not pending (superseded or already done).
+    fn complete(&mut self, id: EffectId) -> Option<Effect> {
+        let position = self.next.pending.iter().position(|p| p.id == id)?;
+        Some(self.next.pending.remove(position).effect)
+    }
+
+    fn record(&mut self, idx: usize) -> &mut PhaseRecord {
+        &mut self.next.phases[idx]
+    }
+
+    fn phase_index(&self, id: &str) -> Result<usize, Rejection> {
+        self.plan
+            .phase_index(id)
+            .ok_or_else(|| Rejection::UnknownPhase(id.to_string()))
+    }
+
+    fn start(&mut self, plan_hash: &str) -> Result<(), Rejection> {
+        if self.next.status != RolloutStatus::Pending {
+            return Err(self.not_now("start"));
+        }
+        if plan_hash != self.next.plan_hash {
+            return Err(Rejection::Invalid(
+                "the plan changed between creating and starting the rollout".into(),
+            ));
+        }
+        self.next.status = RolloutStatus::Running;
+        self.next.reason = format!("started by {}", self.by());
+        self.request(Effect::CaptureBaseline);
+        Ok(())
+    }
+
+    fn reconciled(&mut self, effect: EffectId, changes: u64) {
+        let Some(done) = self.complete(effect) else {
+            return;
+        };
+        if done == Effect::RestoreBaseline {
+            self.next.status = RolloutStatus::Aborted;
+            self.next.reason = format!(
+                "aborted; the configuration from before the rollout is restored ({changes} changes)"
+            );
+            return;
+        }
+        for idx in 0..self.next.phases.len() {
+            if self.next.phases[idx].state == PhaseState::Applying {
+                let now = self.now;
+                let record = self.record(idx);
+                record.state = PhaseState::Soaking;
+                record.applied_at = Some(now);
+                let id = record.id.clone();
+                self.notes
+                    .push(format!("`{id}` applied ({changes} changes); soak started"));
+            }
+        }
+        if self.next.status == RolloutStatus::RollingBack {
+            self.next.status = RolloutStatus::RolledBack;
+            self.next.reason = self.next.reason.replacen("rolling back", "rolled back", 1);
+        } else if self.next.resume_to == Some(RolloutStatus::RollingBack) {
+            // The rollback finished after a failure was recorded: resume lands on its result.
+            self.next.resume_to = Some(RolloutStatus::RolledBack);
+        }
+    }
+
+    fn observed(&mut self, observations: &[PhaseObservation]) {
+        let mut seen = Vec::new();
+        for observation in observations {
+            let Some(idx) = self.plan.phase_index(&observation.phase) else {
+                continue;
+            };
+            let record = self.record(idx);
+            if is_watched(record.state) {
+                record.observation = Some(observation.clone());
+                seen.push(idx);
+            }
+        }
+        if !self.next.status.is_progressing() {
+            return;
+        }
+        for idx in seen {
+            let phase = &self.plan.phases[idx];
+            let Some(observation) = &self.next.phases[idx].observation else {
+                continue;
+            };
+            if let Some(cause) = gate::rollback_trip(&phase.rollback_when, &observation.tally) {
+                let why = format!("rollback_when of `{}` tripped: {cause}", phase.id);
+                self.notes.push(why.clone());
+                let frontier = BTreeSet::from([idx]);
+                self.roll_back(self.one_phase_back(&frontier), &format!("gate: {why}"));
+                return;
+            }
+        }
+    }
+
+    fn approve(
+        &mut self,
+        phase: &str,
+        ticket: &Option<String>,
+        comment: &Option<String>,
+    ) -> Result<(), Rejection> {
+        use RolloutStatus::*;
+        if !matches!(self.next.status, Running | WaitingApproval | Held | Paused) {
+            return Err(self.not_now("approve"));
+        }
+        let idx = self.phase_index(phase)?;
+        let needed = self.plan.phases[idx].gate.approvals;
+        let approver = self.trigger.actor.clone();
+        let record = &self.next.phases[idx];
+        if !is_watched(record.state) {
+            return Err(Rejection::Invalid(format!(
+                "phase `{phase}` is {}; only a running phase can be approved (running: {})",
+                record.state,
+                list_or_none(&self.next.current_phases())
+            )));
+        }
+        if needed == 0 {
+            return Err(Rejection::Invalid(format!(
+                "phase `{phase}` needs no approval"
+            )));
+        }
+        if record.approvals.iter().any(|a| a.by == approver) {
+            return Err(Rejection::Invalid(format!(
+                "{approver} has already approved phase `{phase}`"
+            )));
+        }
+        if self.plan.separation_of_duties && approver == self.next.created_by {
+            return Err(Rejection::Invalid(format!(
+                "separation of duties: {approver} started this rollout and cannot approve it"
+            )));
+        }
+        let approval = Approval {
+            by: approver.clone(),
+            at: self.now,
+            ticket: ticket.clone(),
+            comment: comment.clone(),
+            plan_hash: self.next.plan_hash.clone(),
+        };
+        let record = self.record(idx);
+        record.approvals.push(approval);
+        let have = record.approvals.len();
+        self.notes.push(format!(
+            "{approver} approved `{phase}` ({have} of {needed})"
+        ));
+        Ok(())
+    }
+
+    fn reject(&mut self, phase: &str) -> Result<(), Rejection> {
+        use RolloutStatus::*;
+        if !matches!(self.next.status, Running | WaitingApproval | Held) {
+            return Err(self.not_now("reject"));
+        }
+        let idx = self.phase_index(phase)?;
+        if !is_watched(self.next.phases[idx].state) || self.plan.phases[idx].gate.approvals == 0 {
+            return Err(Rejection::Invalid(format!(
+                "phase `{phase}` is not waiting for an approval"
+            )));
+        }
+        let record = self.record(idx);
+        record.approvals.clear();
+        record.state = PhaseState::Soaking;
+        self.next.status = Rejected;
+        self.next.reason = format!("promotion of `{phase}` rejected by {}", self.by());
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), Rejection> {
+        if !self.next.status.is_progressing() {
+            return Err(self.not_now("pause"));
+        }
+        self.next.resume_to = Some(self.next.status);
+        self.next.status = RolloutStatus::Paused;
+        self.next.reason = format!("paused by {}", self.by());
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), Rejection> {
+        use RolloutStatus::*;
+        match self.next.status {
+            Paused | Failed => {
+                let back = self.next.resume_to.take().unwrap_or(Running);
+                self.next.status = if back.is_progressing() { Running } else { back };
+            }
+            RolledBack | Rejected => self.next.status = Running,
+            Held if self.next.phases.iter().any(|p| p.hold_expired) => {
+                let now = self.now;
+                for record in self.next.phases.iter_mut().filter(|p| p.hold_expired) {
+                    record.hold_expired = false;
+                    record.held_since = Some(now);
+                }
+            }
+            _ => return Err(self.not_now("resume")),
+        }
+        self.next.reason = format!("resumed by {}", self.by());
+        Ok(())
+    }
+
+    fn rollback_requested(&mut self, to: Option<&str>) -> Result<(), Rejection> {
+        use RolloutStatus::*;
+        if matches!(self.next.status, Pending | RollingBack | Aborting | Aborted) {
+            return Err(self.not_now("roll back"));
+        }
+        let targets = match to {
+            Some(id) => {
+                let idx = self.phase_index(id)?;
+                if self.next.phases[idx].state != PhaseState::Promoted {
+                    let promoted: Vec<&str> = self
+                        .next
+                        .phases
+                        .iter()
+                        .filter(|p| p.state == PhaseState::Promoted)
+                        .map(|p| p.id.as_str())
+                        .collect();
+                    return Err(Rejection::Invalid(format!(
+                        "can only roll back to a promoted phase; `{id}` is {} (promoted: {})",
+                        self.next.phases[idx].state,
+                        list_or_none(&promoted)
+                    )));
+                }
+                BTreeSet::from([idx])
+            }
+            None => {
+                let frontier = self.frontier();
+                if frontier.is_empty() {
+                    return Err(Rejection::Invalid(
+                        "nothing to roll back: no phase is applied".into(),
+                    ));
+                }
+                self.one_phase_back(&frontier)
+            }
+        };
+        let by = format!("user {}", self.by());
+        self.roll_back(targets, &by);
+        Ok(())
+    }
+
+    /// Applied phases none of whose successors is applied: where the rollout currently is.
+    fn frontier(&self) -> BTreeSet<usize> {
+        let applied = |idx: usize| self.next.phases[idx].state.is_applied();
+        (0..self.plan.phases.len())
+            .filter(|&idx| applied(idx))
+            .filter(|&idx| {
+                !self
+                    .plan
+                    .phases
+                    .iter()
+                    .enumerate()
+                    .any(|(succ, phase)| phase.after.contains(&idx) && applied(succ))
+            })
+            .collect()
+    }
+
+    /// The phases that become current again when `frontier` is rolled back by one phase.
+    fn one_phase_back(&self, frontier: &BTreeSet<usize>) -> BTreeSet<usize> {
+        frontier
+            .iter()
+            .flat_map(|&idx| self.plan.phases[idx].after.iter().copied())
+            .collect()
+    }
+
+    /// Makes `targets` the current phases again, keeping what they follow, and rolls back the rest.
+    fn roll_back(&mut self, targets: BTreeSet<usize>, cause: &str) {
+        let mut keep = targets.clone();
+        for &idx in &targets {
+            keep.extend(self.plan.ancestors(idx));
+        }
+        for idx in 0..self.next.phases.len() {
+            let record = &mut self.next.phases[idx];
+            if targets.contains(&idx) {
+                record.state = PhaseState::Applying;
+                record.promoted_at = None;
+                record.reset_gate();
+            } else if !keep.contains(&idx) && record.state.is_applied() {
+                record.state = PhaseState::RolledBack;
+                record.promoted_at = None;
+                record.reset_gate();
+            }
+        }
+        let desired = desired_state(self.plan, &self.next);
+        self.request(Effect::Reconcile { desired });
+        let names: Vec<&str> = targets
+            .iter()
+            .map(|&i| self.plan.phases[i].id.as_str())
+            .collect();
+        let destination = if names.is_empty() {
+            "before the first phase".to_string()
+        } else {
+            format!("`{}`", names.join("`, `"))
+        };
+        self.next.status = RolloutStatus::RollingBack;
+        self.next.resume_to = None;
+        self.next.reason = format!("rolling back to {destination} ({cause})");
+    }
+
+    fn abort(&mut self) -> Result<(), Rejection> {
+        use RolloutStatus::*;
+        if matches!(self.next.status, Aborting | Aborted) {
+            return Err(self.not_now("abort"));
+        }
+        let by = self.by();
+        for record in &mut self.next.phases {
+            if record.state.is_applied() {
+                record.state = PhaseState::RolledBack;
+                record.promoted_at = None;
+                record.reset_gate();
+            }
+        }
+        self.next.resume_to = None;
+        if !self.next.baseline_captured {
+            self.next.pending.clear();
+            self.next.status = Aborted;
+            self.next.reason = format!("aborted by {by} before any change was made");
+            return Ok(());
+        }
+        self.next.pending.retain(|p| !p.effect.sets_configuration());
+        self.request(Effect::RestoreBaseline);
+        self.next.status = Aborting;
+        self.next.reason =
+            format!("aborting (by {by}): restoring the configuration from before the rollout");
+        Ok(())
+    }
+
+    fn provider_failed(&mut self, error: &str) -> Result<(), Rejection> {
+        use RolloutStatus::*;
+        match self.next.status {
+            Paused => {
+                self.next.reason = format!("{}; the provider failed: {error}", self.next.reason);
+                Ok(())
+            }
+            Running | WaitingApproval | Held | RollingBack | Aborting => {
+                self.next.resume_to = Some(self.next.status);
+                self.next.status = Failed;
+                self.next.reason = format!("provider error: {error}");
+                Ok(())
+            }
+            _ => Err(self.not_now("record a provider failure")),
+        }
+    }
+
+    fn plan_changed(&mut self, plan_hash: &str) -> Result<(), Rejection> {
+        use RolloutStatus::*;
+        if matches!(self.next.status, Aborting | Aborted) {
+            return Err(self.not_now("change the plan"));
+        }
+        if plan_hash != self.plan.hash {
+            return Err(Rejection::Invalid(
+                "the event does not match the plan it came with".into(),
+            ));
+        }
+        if plan_hash == self.next.plan_hash {
+            return Ok(());
+        }
+        let mut old: Vec<PhaseRecord> = std::mem::take(&mut self.next.phases);
+        for record in &old {
+            if record.state.is_applied() && self.plan.phase_index(&record.id).is_none() {
+                self.next.phases = old.clone();
+                return Err(Rejection::Invalid(format!(
+                    "the new plan drops phase `{}`, which is {}",
+                    record.id, record.state
+                )));
+            }
+        }
+        let phases: Vec<PhaseRecord> = self
+            .plan
+            .phases
+            .iter()
+            .map(|phase| match old.iter().position(|r| r.id == phase.id) {
+                Some(at) => old.swap_remove(at),
+                None => PhaseRecord::new(&phase.id),
+            })
+            .collect();
+        self.next.phases = phases;
+        for (phase, record) in self.plan.phases.iter().zip(&self.next.phases) {
+            if !record.state.is_applied() {
+                continue;
+            }
+            if let Some(&pred) = phase
+                .after
+                .iter()
+                .find(|&&p| self.next.phases[p].state != PhaseState::Promoted)
+            {
+                return Err(Rejection::Invalid(format!(
+                    "in the new plan `{}` runs after `{}`, which is not promoted",
+                    phase.id, self.plan.phases[pred].id
+                )));
+            }
+        }
+        let mut reset = Vec::new();
+        for record in &mut self.next.phases {
+            if record.state.is_current() {
+                record.state = PhaseState::Applying;
+                record.reset_gate();
+                reset.push(record.id.clone());
+            }
+        }
+        self.next.plan_hash = plan_hash.to_string();
+        self.next.plan_name = self.plan.name.clone();
+        if !reset.is_empty() {
+            self.notes.push(format!(
+                "the plan changed: gate of `{}` reset",
+                reset.join("`, `")
+            ));
+        }
+        if self.next.phases.iter().any(|p| p.state.is_applied()) {
+            let desired = desired_state(self.plan, &self.next);
+            self.request(Effect::Reconcile { desired });
+        }
+        if matches!(self.next.status, Held | WaitingApproval) {
+            self.next.status = Running;
+        }
+        Ok(())
+    }
+
+    /// Judges watched phases, promotes, starts the phases that became ready, and settles the
+    /// rollout's status. Idempotent: running it twice on the same state changes nothing.
+    fn progress(&mut self) {
+        for &idx in &self.plan.order {
+            self.judge(idx);
+        }
+        let mut started = Vec::new();
+        for &idx in &self.plan.order {
+            let ready = self.plan.phases[idx]
+                .after
+                .iter()
+                .all(|&p| self.next.phases[p].state == PhaseState::Promoted);
+            let record = self.record(idx);
+            if ready && matches!(record.state, PhaseState::Pending | PhaseState::RolledBack) {
+                record.state = PhaseState::Applying;
+                record.reset_gate();
+                started.push(record.id.clone());
+            }
+        }
+        if !started.is_empty() {
+            self.notes
+                .push(format!("applying `{}`", started.join("`, `")));
+            let desired = desired_state(self.plan, &self.next);
+            self.request(Effect::Reconcile { desired });
+        }
+        self.settle_status();
+    }
+
+    fn judge(&mut self, idx: usize) {
+        let phase = &self.plan.phases[idx];
+        let now = self.now;
+        let observe_every = self.plan.observe_every;
+        let record = &mut self.next.phases[idx];
+        if !is_watched(record.state) {
+            return;
+        }
+        let (Some(applied_at), Some(observation)) = (record.applied_at, &record.observation) else {
+            return;
+        };
+        let verdict = gate::evaluate(&phase.gate, &observation.tally, observation.at);
+        let soak_end = applied_at.plus(phase.min_soak);
+        let decidable = now >= soak_end
+            && observation.at >= soak_end
+            && observation.at.plus(observe_every) >= now;
+        record.verdict = Some(verdict.clone());
+        if !decidable {
+            self.expire_hold(idx);
+            return;
+        }
+        if verdict.outcome == GateOutcome::Pass {
+            record.held_since = None;
+            record.hold_expired = false;
+            let have = record.approvals.len();
+            let needed = phase.gate.approvals as usize;
+            if have >= needed {
+                record.state = PhaseState::Promoted;
+                record.promoted_at = Some(now);
+                let approvers: Vec<&str> = record.approvals.iter().map(|a| a.by.as_str()).collect();
+                let approved = if approvers.is_empty() {
+                    String::new()
+                } else {
+                    format!("; approved by {}", approvers.join(", "))
+                };
+                self.notes.push(format!(
+                    "promoted `{}`: gate passed ({}){approved}",
+                    phase.id, verdict.reasons[0]
+                ));
+            } else {
+                record.state = PhaseState::AwaitingApproval;
+            }
+            return;
+        }
+        record.state = PhaseState::Soaking;
+        if record.held_since.is_none() {
+            record.held_since = Some(now);
+            record.holds += 1;
+            self.notes.push(format!(
+                "gate {} for `{}`: {}",
+                verdict.outcome.as_str(),
+                phase.id,
+                verdict.reasons.join("; ")
+            ));
+        }
+        self.expire_hold(idx);
+    }
+
+    /// Flags a hold that has lasted longer than the gate's `max_hold`.
+    fn expire_hold(&mut self, idx: usize) {
+        let phase = &self.plan.phases[idx];
+        let now = self.now;
+        let record = &mut self.next.phases[idx];
+        let Some(held_since) = record.held_since else {
+            return;
+        };
+        if !record.hold_expired && now >= held_since.plus(phase.gate.max_hold) {
+            record.hold_expired = true;
+            self.notes.push(format!(
+                "`{}` has been held for {}, longer than its max_hold; a person should look",
+                phase.id,
+                format_span(now.since(held_since))
+            ));
+        }
+    }
+
+    fn settle_status(&mut self) {
+        let plan = self.plan;
+        let records = &self.next.phases;
+        if records.iter().all(|p| p.state == PhaseState::Promoted) {
+            self.next.status = RolloutStatus::Completed;
+            self.next.reason = format!("all {} phases promoted", records.len());
+            return;
+        }
+        if let Some(held) = records.iter().find(|p| p.held_since.is_some()) {
+            let reasons = held
+                .verdict
+                .as_ref()
+                .map(|v| v.reasons.join("; "))
+                .unwrap_or_default();
+            let expired = if held.hold_expired {
+                " (held longer than max_hold)"
+            } else {
+                ""
+            };
+            self.next.status = RolloutStatus::Held;
+            self.next.reason = format!("gate holds `{}`: {reasons}{expired}", held.id);
+            return;
+        }
+        if let Some((phase, record)) = plan
+            .phases
+            .iter()
+            .zip(records)
+            .find(|(_, r)| r.state == PhaseState::AwaitingApproval)
+        {
+            let missing = phase.gate.approvals as usize
+                - record.approvals.len().min(phase.gate.approvals as usize);
+            self.next.status = RolloutStatus::WaitingApproval;
+            self.next.reason = format!(
+                "`{}` passed its gate and needs {missing} more approval{}",
+                phase.id,
+                if missing == 1 { "" } else { "s" }
+            );
+            return;
+        }
+        self.next.status = RolloutStatus::Running;
+        let applying: Vec<&str> = records
+            .iter()
+            .filter(|r| r.state == PhaseState::Applying)
+            .map(|r| r.id.as_str())
+            .collect();
+        self.next.reason = if !applying.is_empty() {
+            format!("applying `{}`", applying.join("`, `"))
+        } else {
+            let soaking: Vec<String> = plan
+                .phases
+                .iter()
+                .zip(records)
+                .filter(|(_, r)| r.state == PhaseState::Soaking)
+                .map(|(phase, r)| match r.applied_at {
+                    Some(at) => format!(
+                        "`{}` (gate judged from {})",
+                        phase.id,
+                        at.plus(phase.min_soak)
+                    ),
+                    None => format!("`{}`", phase.id),
+                })
+                .collect();
+            format!("soaking {}", soaking.join(", "))
+        };
+    }
+}
+
+fn list_or_none(items: &[&str]) -> String {
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
+impl Trigger {
+    /// The machine's own decisions, recorded as caused by the gate.
+    pub fn gate(reason: impl Into<String>) -> Trigger {
+        Trigger::new(TriggerSource::Gate, "gate", reason)
+    }
+}
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+pub(super) mod tests;

@@ -1,0 +1,292 @@
+//! Property tests: random event sequences against the state machine's invariants.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::tests::{Harness, PLAN};
+use super::*;
+use crate::domain::desired::{desired_for_phases, desired_state};
+use crate::domain::gate::Tally;
+
+const PARALLEL: &str = include_str!("../../../plans/ios-parallel-pilots.toml");
+
+#[derive(Clone, Debug)]
+enum Op {
+    Advance(u32),
+    ConfirmEffect,
+    FailEffect,
+    Observe {
+        noncompliant: u8,
+        silent: u8,
+        errors: u8,
+    },
+    Tick,
+    Approve {
+        phase: u8,
+        approver: u8,
+    },
+    Reject {
+        phase: u8,
+    },
+    Pause,
+    Resume,
+    Rollback {
+        to: Option<u8>,
+    },
+    Abort,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (1u32..60).prop_map(Op::Advance),
+        6 => Just(Op::ConfirmEffect),
+        1 => Just(Op::FailEffect),
+        6 => (0u8..12, 0u8..15, 0u8..4).prop_map(|(noncompliant, silent, errors)| Op::Observe { noncompliant, silent, errors }),
+        2 => Just(Op::Tick),
+        3 => (0u8..6, 0u8..3).prop_map(|(phase, approver)| Op::Approve { phase, approver }),
+        1 => (0u8..6).prop_map(|phase| Op::Reject { phase }),
+        1 => Just(Op::Pause),
+        2 => Just(Op::Resume),
+        1 => proptest::option::of(0u8..6).prop_map(|to| Op::Rollback { to }),
+        1 => Just(Op::Abort),
+    ]
+}
+
+fn tally(noncompliant: u8, silent: u8, errors: u8) -> Tally {
+    let noncompliant = u64::from(noncompliant);
+    let silent = u64::from(silent);
+    let errors = u64::from(errors);
+    Tally {
+        targeted: 100,
+        compliant: 100 - noncompliant - silent - errors,
+        noncompliant,
+        unknown: silent,
+        errors,
+        blocked: noncompliant,
+        ..Tally::default()
+    }
+}
+
+fn phase_id(h: &Harness, n: u8) -> String {
+    h.plan.phases[n as usize % h.plan.phases.len()].id.clone()
+}
+
+/// Applies an op; `Ok(None)` when the machine rejected it (which must change nothing).
+fn apply(h: &mut Harness, op: &Op) -> Option<Transition> {
+    let provider = || Trigger::new(TriggerSource::Provider, "prop", "");
+    let result = match op {
+        Op::Advance(hours) => {
+            h.advance(Duration::from_secs(u64::from(*hours) * 3600));
+            return None;
+        }
+        Op::ConfirmEffect => {
+            let pending = h.rollout.pending.first()?.clone();
+            let kind = match pending.effect {
+                Effect::CaptureBaseline => EventKind::BaselineCaptured { effect: pending.id },
+                _ => EventKind::Reconciled {
+                    effect: pending.id,
+                    changes: 1,
+                },
+            };
+            h.send(kind, provider())
+        }
+        Op::FailEffect => {
+            let pending = h.rollout.pending.first()?.clone();
+            h.send(
+                EventKind::ProviderFailed {
+                    effect: Some(pending.id),
+                    error: "boom".into(),
+                },
+                provider(),
+            )
+        }
+        Op::Observe {
+            noncompliant,
+            silent,
+            errors,
+        } => {
+            let observations = h
+                .rollout
+                .phases
+                .iter()
+                .filter(|p| matches!(p.state, PhaseState::Soaking | PhaseState::AwaitingApproval))
+                .map(|p| PhaseObservation {
+                    phase: p.id.clone(),
+                    at: h.now,
+                    tally: tally(*noncompliant, *silent, *errors),
+                })
+                .collect();
+            h.send(
+                EventKind::Observed { observations },
+                Trigger::new(TriggerSource::Schedule, "prop", ""),
+            )
+        }
+        Op::Tick => h.send(
+            EventKind::Tick,
+            Trigger::new(TriggerSource::Schedule, "prop", ""),
+        ),
+        Op::Approve { phase, approver } => {
+            let who = ["alice", "bob", "carol"][*approver as usize];
+            let phase = phase_id(h, *phase);
+            h.user(
+                EventKind::ApprovalGranted {
+                    phase,
+                    ticket: None,
+                    comment: None,
+                },
+                who,
+            )
+        }
+        Op::Reject { phase } => {
+            let phase = phase_id(h, *phase);
+            h.user(EventKind::ApprovalRejected { phase }, "bob")
+        }
+        Op::Pause => h.user(EventKind::PauseRequested, "alice"),
+        Op::Resume => h.user(EventKind::ResumeRequested, "alice"),
+        Op::Rollback { to } => {
+            let to = to.map(|n| phase_id(h, n));
+            h.user(EventKind::RollbackRequested { to }, "carol")
+        }
+        Op::Abort => h.user(EventKind::AbortRequested, "alice"),
+    };
+    result.ok()
+}
+
+fn check_step(h: &Harness, before: &Rollout, op: &Op, transition: &Transition) {
+    let after = &h.rollout;
+    // No promotion without a passing gate, a finished soak and enough approvals.
+    for (idx, (old, new)) in before.phases.iter().zip(&after.phases).enumerate() {
+        if old.state != PhaseState::Promoted && new.state == PhaseState::Promoted {
+            let phase = &h.plan.phases[idx];
+            let applied_at = new.applied_at.expect("a promoted phase was applied");
+            let soak_end = applied_at.plus(phase.min_soak);
+            assert!(
+                h.now >= soak_end,
+                "promoted `{}` before its soak ended",
+                phase.id
+            );
+            let seen = new.observation.as_ref().expect("promoted without data");
+            assert!(
+                seen.at >= soak_end,
+                "promoted `{}` on data from during the soak",
+                phase.id
+            );
+            let verdict = new.verdict.as_ref().expect("promoted without a verdict");
+            assert_eq!(
+                verdict.outcome,
+                gate::GateOutcome::Pass,
+                "promoted `{}` on {:?}",
+                phase.id,
+                verdict
+            );
+            assert!(
+                new.approvals.len() >= phase.gate.approvals as usize,
+                "promoted `{}` with {} of {} approvals",
+                phase.id,
+                new.approvals.len(),
+                phase.gate.approvals
+            );
+        }
+    }
+    // A rollback lands exactly on the desired state of the phases it returns to.
+    if after.status == RolloutStatus::RollingBack && before.status != RolloutStatus::RollingBack {
+        let targets: BTreeSet<usize> = after
+            .phases
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.state == PhaseState::Applying)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(
+            desired_state(&h.plan, after),
+            desired_for_phases(&h.plan, &targets)
+        );
+    }
+    // A person's pause is only left by a person's command.
+    if before.status == RolloutStatus::Paused && after.status != RolloutStatus::Paused {
+        assert!(
+            matches!(op, Op::Resume | Op::Rollback { .. } | Op::Abort),
+            "{op:?} left a pause"
+        );
+    }
+    // Effects get fresh, increasing ids.
+    for effect in &transition.effects {
+        assert_eq!(
+            effect.id.seq, after.last_seq,
+            "effect id not from this event"
+        );
+    }
+}
+
+fn run(text: &str, ops: &[Op]) {
+    let mut h = Harness::new(text);
+    h.user(
+        EventKind::Start {
+            plan_hash: h.plan.hash.clone(),
+        },
+        "alice",
+    )
+    .unwrap();
+    for op in ops {
+        let before = h.rollout.clone();
+        match apply(&mut h, op) {
+            Some(transition) => check_step(&h, &before, op, &transition),
+            None => {
+                let mut unchanged = before.clone();
+                unchanged.last_seq = h.rollout.last_seq;
+                assert_eq!(h.rollout.status, unchanged.status);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn linear_plan_keeps_its_invariants(ops in proptest::collection::vec(op(), 1..120)) {
+        run(PLAN, &ops);
+    }
+
+    #[test]
+    fn parallel_plan_keeps_its_invariants(ops in proptest::collection::vec(op(), 1..120)) {
+        run(PARALLEL, &ops);
+    }
+}
+
+/// Drives a rollout to the end with healthy data and approvals: the invariants do not forbid
+/// everything, progress is possible.
+#[test]
+fn a_healthy_rollout_completes() {
+    for text in [PLAN, PARALLEL] {
+        let mut h = Harness::new(text);
+        h.start();
+        for _ in 0..200 {
+            if h.rollout.status == RolloutStatus::Completed {
+                break;
+            }
+            h.advance(Duration::from_secs(6 * 3600));
+            let phases = h
+                .plan
+                .phases
+                .iter()
+                .map(|p| p.id.clone())
+                .collect::<Vec<_>>();
+            h.observe(tally(0, 0, 0));
+            for phase in phases {
+                let _ = h.user(
+                    EventKind::ApprovalGranted {
+                        phase,
+                        ticket: None,
+                        comment: None,
+                    },
+                    "bob",
+                );
+            }
+            h.settle();
+        }
+        assert_eq!(h.rollout.status, RolloutStatus::Completed);
+    }
+}

@@ -1,0 +1,599 @@
+//! Scenario tests of the state machine, driven the way the engine drives it but with every effect
+//! confirmed at once and time moved by hand.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use super::*;
+use crate::domain::desired::{desired_for_phases, desired_state};
+use crate::domain::gate::Tally;
+use crate::domain::plan::{self, Plan};
+
+const DAY: Duration = Duration::from_secs(86_400);
+const HOUR: Duration = Duration::from_secs(3_600);
+
+pub(super) const PLAN: &str = r#"
+[rollout]
+name = "test"
+observe_every = "6h"
+
+[policy]
+compliance = "Baseline"
+platform = "windows"
+
+[provider]
+kind = "simulator"
+
+[[phase]]
+id = "pilot"
+mode = "report"
+include = ["Pilot IT"]
+min_soak = "1d"
+[phase.gate]
+min_reporting = "90%"
+
+[[phase]]
+id = "notify"
+mode = "notify"
+include = ["All Users"]
+grace = "3d"
+min_soak = "1d"
+[phase.gate]
+max_noncompliant_ratio = "2%"
+approvals = 1
+
+[[phase]]
+id = "enforce"
+mode = "enforce"
+include = ["All Users"]
+min_soak = "1d"
+[phase.rollback_when]
+blocked_ratio_above = "5%"
+"#;
+
+pub(super) struct Harness {
+    pub plan: Plan,
+    pub rollout: Rollout,
+    pub now: Timestamp,
+}
+
+pub(super) fn healthy() -> Tally {
+    Tally {
+        targeted: 100,
+        compliant: 99,
+        noncompliant: 1,
+        ..Tally::default()
+    }
+}
+
+pub(super) fn failing(noncompliant: u64) -> Tally {
+    Tally {
+        targeted: 100,
+        compliant: 100 - noncompliant,
+        noncompliant,
+        blocked: noncompliant,
+        ..Tally::default()
+    }
+}
+
+impl Harness {
+    pub fn new(text: &str) -> Harness {
+        let plan = plan::parse("test.toml", text).unwrap();
+        let now = Timestamp::from_millis(1_800_000_000_000);
+        let rollout = Rollout::new("test-1", &plan, "alice", now);
+        Harness { plan, rollout, now }
+    }
+
+    pub fn send(&mut self, kind: EventKind, trigger: Trigger) -> Result<Transition, Rejection> {
+        let event = Event { kind, trigger };
+        let transition = step(&self.plan, &self.rollout, &event, self.now)?;
+        self.rollout = transition.rollout.clone();
+        self.rollout.last_seq += 1;
+        self.rollout.check_invariants(&self.plan).unwrap();
+        Ok(transition)
+    }
+
+    pub fn user(&mut self, kind: EventKind, who: &str) -> Result<Transition, Rejection> {
+        self.send(kind, Trigger::user(who, "because"))
+    }
+
+    /// Confirms every pending effect, as a provider that always succeeds would.
+    pub fn settle(&mut self) {
+        while let Some(pending) = self.rollout.pending.first().cloned() {
+            let kind = match pending.effect {
+                Effect::CaptureBaseline => EventKind::BaselineCaptured { effect: pending.id },
+                _ => EventKind::Reconciled {
+                    effect: pending.id,
+                    changes: 1,
+                },
+            };
+            self.send(kind, Trigger::new(TriggerSource::Provider, "test", ""))
+                .unwrap();
+        }
+    }
+
+    pub fn observe(&mut self, tally: Tally) {
+        let observations = self
+            .rollout
+            .phases
+            .iter()
+            .filter(|p| matches!(p.state, PhaseState::Soaking | PhaseState::AwaitingApproval))
+            .map(|p| PhaseObservation {
+                phase: p.id.clone(),
+                at: self.now,
+                tally,
+            })
+            .collect();
+        self.send(
+            EventKind::Observed { observations },
+            Trigger::new(TriggerSource::Schedule, "test", "observation due"),
+        )
+        .unwrap();
+    }
+
+    pub fn advance(&mut self, by: Duration) {
+        self.now = self.now.plus(by);
+    }
+
+    pub fn state(&self, id: &str) -> PhaseState {
+        self.rollout.phase(id).unwrap().state
+    }
+
+    pub fn start(&mut self) {
+        self.user(
+            EventKind::Start {
+                plan_hash: self.plan.hash.clone(),
+            },
+            "alice",
+        )
+        .unwrap();
+        self.settle();
+    }
+
+    /// Soaks the current phases and observes `tally` once the soak is over.
+    pub fn soak_and_observe(&mut self, tally: Tally) {
+        self.advance(DAY);
+        self.observe(tally);
+        self.settle();
+    }
+}
+
+#[test]
+fn start_captures_the_baseline_then_applies_the_first_phase() {
+    let mut h = Harness::new(PLAN);
+    let t = h
+        .user(
+            EventKind::Start {
+                plan_hash: h.plan.hash.clone(),
+            },
+            "alice",
+        )
+        .unwrap();
+    let names: Vec<&str> = t.effects.iter().map(|e| e.effect.name()).collect();
+    assert_eq!(names, vec!["capture_baseline", "reconcile"]);
+    assert_eq!(h.rollout.status, RolloutStatus::Running);
+    assert_eq!(h.state("pilot"), PhaseState::Applying);
+    h.settle();
+    assert_eq!(h.state("pilot"), PhaseState::Soaking);
+    assert!(h.rollout.baseline_captured);
+}
+
+#[test]
+fn no_promotion_before_the_soak_is_over() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    h.advance(HOUR * 23);
+    h.observe(healthy());
+    assert_eq!(h.state("pilot"), PhaseState::Soaking);
+    assert_eq!(h.rollout.status, RolloutStatus::Running);
+    h.advance(HOUR);
+    h.observe(healthy());
+    assert_eq!(h.state("pilot"), PhaseState::Promoted);
+    assert_eq!(h.state("notify"), PhaseState::Applying);
+}
+
+#[test]
+fn a_passing_gate_waits_for_approval_then_promotes() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    h.soak_and_observe(healthy());
+    h.soak_and_observe(healthy());
+    assert_eq!(h.rollout.status, RolloutStatus::WaitingApproval);
+    assert_eq!(h.state("notify"), PhaseState::AwaitingApproval);
+    let approve = EventKind::ApprovalGranted {
+        phase: "notify".into(),
+        ticket: Some("CHG-1".into()),
+        comment: None,
+    };
+    h.user(approve.clone(), "bob").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+    assert_eq!(h.state("enforce"), PhaseState::Applying);
+    let again = h.user(approve, "bob");
+    assert!(again.is_err(), "a promoted phase cannot be approved again");
+}
+
+#[test]
+fn a_failing_gate_holds_until_it_passes() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    h.soak_and_observe(healthy());
+    h.soak_and_observe(failing(8));
+    assert_eq!(h.rollout.status, RolloutStatus::Held);
+    assert!(
+        h.rollout.reason.contains("noncompliant 8% exceeds 2%"),
+        "{}",
+        h.rollout.reason
+    );
+    h.advance(HOUR * 6);
+    h.observe(failing(5));
+    assert_eq!(h.rollout.status, RolloutStatus::Held);
+    h.advance(HOUR * 6);
+    h.observe(failing(1));
+    assert_eq!(h.rollout.status, RolloutStatus::WaitingApproval);
+    let record = h.rollout.phase("notify").unwrap();
+    assert_eq!(record.holds, 1);
+    assert_eq!(record.held_since, None);
+}
+
+#[test]
+fn a_hold_that_outlasts_max_hold_asks_for_a_person() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    h.soak_and_observe(healthy());
+    h.soak_and_observe(failing(8));
+    h.advance(DAY * 7);
+    let t = h
+        .send(
+            EventKind::Tick,
+            Trigger::new(TriggerSource::Schedule, "test", ""),
+        )
+        .unwrap();
+    assert!(h.rollout.phase("notify").unwrap().hold_expired);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.contains("longer than its max_hold"))
+    );
+    h.user(EventKind::ResumeRequested, "alice").unwrap();
+    assert!(!h.rollout.phase("notify").unwrap().hold_expired);
+}
+
+#[test]
+fn missing_data_never_promotes() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    h.soak_and_observe(Tally {
+        targeted: 10,
+        unknown: 10,
+        ..Tally::default()
+    });
+    assert_eq!(h.state("pilot"), PhaseState::Soaking);
+    assert_eq!(h.rollout.status, RolloutStatus::Held);
+}
+
+#[test]
+fn a_stale_observation_decides_nothing() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    h.advance(DAY);
+    h.observe(healthy());
+    let promoted_before = h.state("pilot");
+    assert_eq!(promoted_before, PhaseState::Promoted);
+    h.settle();
+    h.advance(DAY);
+    h.observe(healthy());
+    h.advance(DAY);
+    // The last observation is a day old: approving records the approval but cannot promote.
+    h.user(
+        EventKind::ApprovalGranted {
+            phase: "notify".into(),
+            ticket: None,
+            comment: None,
+        },
+        "bob",
+    )
+    .unwrap();
+    assert_eq!(h.state("notify"), PhaseState::AwaitingApproval);
+    assert_eq!(agenda(&h.plan, &h.rollout, h.now).observe, vec!["notify"]);
+    h.observe(healthy());
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+}
+
+#[test]
+fn separation_of_duties_refuses_self_approval() {
+    let text = PLAN.replace(
+        "observe_every = \"6h\"",
+        "observe_every = \"6h\"\nseparation_of_duties = true",
+    );
+    let mut h = Harness::new(&text);
+    h.start();
+    h.soak_and_observe(healthy());
+    h.soak_and_observe(healthy());
+    let approve = EventKind::ApprovalGranted {
+        phase: "notify".into(),
+        ticket: None,
+        comment: None,
+    };
+    let refused = h.user(approve.clone(), "alice").unwrap_err();
+    assert!(
+        refused.to_string().contains("separation of duties"),
+        "{refused}"
+    );
+    h.user(approve, "bob").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+}
+
+#[test]
+fn rollback_moves_back_one_phase_to_its_desired_state() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    h.soak_and_observe(healthy());
+    assert_eq!(h.state("notify"), PhaseState::Soaking);
+    h.user(EventKind::RollbackRequested { to: None }, "carol")
+        .unwrap();
+    assert_eq!(h.rollout.status, RolloutStatus::RollingBack);
+    assert_eq!(h.state("notify"), PhaseState::RolledBack);
+    assert_eq!(h.state("pilot"), PhaseState::Applying);
+    let pilot_only = desired_for_phases(&h.plan, &BTreeSet::from([0]));
+    assert_eq!(desired_state(&h.plan, &h.rollout), pilot_only);
+    h.settle();
+    assert_eq!(h.rollout.status, RolloutStatus::RolledBack);
+    assert!(
+        h.rollout.reason.contains("rolled back to `pilot`"),
+        "{}",
+        h.rollout.reason
+    );
+    assert!(h.rollout.reason.contains("carol"), "{}", h.rollout.reason);
+    // Nothing automatic moves it on.
+    h.soak_and_observe(healthy());
+    assert_eq!(h.rollout.status, RolloutStatus::RolledBack);
+    h.user(EventKind::ResumeRequested, "carol").unwrap();
+    h.advance(DAY);
+    h.observe(healthy());
+    assert_eq!(h.state("pilot"), PhaseState::Promoted);
+    assert_eq!(h.state("notify"), PhaseState::Applying);
+}
+
+#[test]
+fn rollback_to_a_phase_that_is_not_promoted_is_refused() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    let err = h
+        .user(
+            EventKind::RollbackRequested {
+                to: Some("enforce".into()),
+            },
+            "carol",
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("can only roll back to a promoted phase"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rollback_when_rolls_back_on_its_own() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    h.soak_and_observe(healthy());
+    h.soak_and_observe(healthy());
+    h.user(
+        EventKind::ApprovalGranted {
+            phase: "notify".into(),
+            ticket: None,
+            comment: None,
+        },
+        "bob",
+    )
+    .unwrap();
+    h.settle();
+    assert_eq!(h.state("enforce"), PhaseState::Soaking);
+    h.advance(HOUR * 6);
+    h.observe(failing(9));
+    assert_eq!(h.rollout.status, RolloutStatus::RollingBack);
+    assert_eq!(h.state("enforce"), PhaseState::RolledBack);
+    assert_eq!(h.state("notify"), PhaseState::Applying);
+    assert!(
+        h.rollout
+            .reason
+            .contains("rollback_when of `enforce` tripped"),
+        "{}",
+        h.rollout.reason
+    );
+    h.settle();
+    assert_eq!(h.rollout.status, RolloutStatus::RolledBack);
+}
+
+#[test]
+fn abort_before_any_change_needs_no_restore() {
+    let mut h = Harness::new(PLAN);
+    h.user(
+        EventKind::Start {
+            plan_hash: h.plan.hash.clone(),
+        },
+        "alice",
+    )
+    .unwrap();
+    h.user(EventKind::AbortRequested, "alice").unwrap();
+    assert_eq!(h.rollout.status, RolloutStatus::Aborted);
+    assert!(h.rollout.pending.is_empty());
+}
+
+#[test]
+fn abort_restores_the_baseline() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    h.soak_and_observe(healthy());
+    let t = h.user(EventKind::AbortRequested, "alice").unwrap();
+    assert_eq!(t.effects[0].effect, Effect::RestoreBaseline);
+    assert_eq!(h.rollout.pending.len(), 1);
+    assert_eq!(h.rollout.status, RolloutStatus::Aborting);
+    h.settle();
+    assert_eq!(h.rollout.status, RolloutStatus::Aborted);
+    assert!(h.user(EventKind::ResumeRequested, "alice").is_err());
+}
+
+#[test]
+fn a_pause_is_never_undone_by_automation() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    h.user(EventKind::PauseRequested, "alice").unwrap();
+    h.soak_and_observe(healthy());
+    h.send(
+        EventKind::Tick,
+        Trigger::new(TriggerSource::Schedule, "t", ""),
+    )
+    .unwrap();
+    assert_eq!(h.rollout.status, RolloutStatus::Paused);
+    assert_eq!(h.state("pilot"), PhaseState::Soaking);
+    h.user(EventKind::ResumeRequested, "alice").unwrap();
+    assert_eq!(h.state("pilot"), PhaseState::Promoted);
+}
+
+#[test]
+fn a_changed_plan_resets_the_current_gate() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    h.soak_and_observe(healthy());
+    h.soak_and_observe(healthy());
+    h.user(
+        EventKind::ApprovalGranted {
+            phase: "notify".into(),
+            ticket: None,
+            comment: None,
+        },
+        "bob",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Approved and promoted; now change the plan while enforce soaks.
+    h.settle();
+    h.plan = plan::parse(
+        "test.toml",
+        &PLAN.replace(
+            "blocked_ratio_above = \"5%\"",
+            "blocked_ratio_above = \"4%\"",
+        ),
+    )
+    .unwrap();
+    let t = h
+        .send(
+            EventKind::PlanChanged {
+                plan_hash: h.plan.hash.clone(),
+            },
+            Trigger::new(TriggerSource::Internal, "run", "plan file changed"),
+        )
+        .unwrap();
+    assert_eq!(h.state("enforce"), PhaseState::Applying);
+    assert!(
+        t.notes[0].contains("gate of `enforce` reset"),
+        "{:?}",
+        t.notes
+    );
+    assert_eq!(h.rollout.plan_hash, h.plan.hash);
+}
+
+#[test]
+fn a_plan_that_drops_an_applied_phase_is_refused() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    let cut = PLAN
+        .split("[[phase]]\nid = \"notify\"")
+        .next()
+        .unwrap()
+        .to_string();
+    let smaller = plan::parse("t", &cut.replace("id = \"pilot\"", "id = \"first\"")).unwrap();
+    h.plan = smaller;
+    let err = h
+        .send(
+            EventKind::PlanChanged {
+                plan_hash: h.plan.hash.clone(),
+            },
+            Trigger::new(TriggerSource::Internal, "run", ""),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("drops phase `pilot`"), "{err}");
+}
+
+#[test]
+fn a_tick_with_nothing_due_changes_nothing() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    let before = h.rollout.clone();
+    let event = Event {
+        kind: EventKind::Tick,
+        trigger: Trigger::new(TriggerSource::Schedule, "t", ""),
+    };
+    let t = step(&h.plan, &h.rollout, &event, h.now).unwrap();
+    assert_eq!(t.rollout, before);
+}
+
+#[test]
+fn the_agenda_observes_after_applying_and_wakes_at_the_soak_end() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    assert_eq!(agenda(&h.plan, &h.rollout, h.now).observe, vec!["pilot"]);
+    h.observe(healthy());
+    let next = agenda(&h.plan, &h.rollout, h.now);
+    assert!(next.observe.is_empty());
+    assert_eq!(next.wake_at, Some(h.now.plus(HOUR * 6)));
+    h.advance(HOUR * 20);
+    h.observe(healthy());
+    assert_eq!(
+        agenda(&h.plan, &h.rollout, h.now).wake_at,
+        Some(h.now.plus(HOUR * 4))
+    );
+}
+
+#[test]
+fn provider_failure_fails_and_resume_retries() {
+    let mut h = Harness::new(PLAN);
+    h.user(
+        EventKind::Start {
+            plan_hash: h.plan.hash.clone(),
+        },
+        "alice",
+    )
+    .unwrap();
+    let effect = h.rollout.pending[0].id;
+    h.send(
+        EventKind::ProviderFailed {
+            effect: Some(effect),
+            error: "503 Service Unavailable".into(),
+        },
+        Trigger::new(TriggerSource::Provider, "simulator", ""),
+    )
+    .unwrap();
+    assert_eq!(h.rollout.status, RolloutStatus::Failed);
+    assert_eq!(h.rollout.pending.len(), 2, "nothing committed is lost");
+    h.user(EventKind::ResumeRequested, "alice").unwrap();
+    assert_eq!(h.rollout.status, RolloutStatus::Running);
+    h.settle();
+    assert_eq!(h.state("pilot"), PhaseState::Soaking);
+}
+
+#[test]
+fn effect_ids_come_from_the_event_sequence() {
+    let mut h = Harness::new(PLAN);
+    let t = h
+        .user(
+            EventKind::Start {
+                plan_hash: h.plan.hash.clone(),
+            },
+            "alice",
+        )
+        .unwrap();
+    let ids: Vec<String> = t.effects.iter().map(|e| e.id.to_string()).collect();
+    assert_eq!(ids, vec!["1.0", "1.1"]);
+}
+
+#[test]
+fn the_transition_table_has_no_way_out_of_aborted() {
+    for next in RolloutStatus::ALL {
+        assert_eq!(
+            RolloutStatus::Aborted.can_transition_to(next),
+            next == RolloutStatus::Aborted
+        );
+    }
+}

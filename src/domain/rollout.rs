@@ -1,0 +1,357 @@
+//! The rollout aggregate: everything the state machine decides on, and nothing else.
+//!
+//! A `Rollout` holds the status of the whole rollout, one [`PhaseRecord`] per plan phase (with the
+//! latest observation, gate verdict, hold and approvals), and the effects committed but not yet
+//! confirmed. All decision inputs live here, persisted with every transition, so a restarted
+//! process re-derives what to do from the record alone.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::event::PendingEffect;
+use super::gate::{GateVerdict, Tally};
+use super::plan::Plan;
+use super::time::Timestamp;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutStatus {
+    /// Created, not started.
+    Pending,
+    /// Applying, soaking or observing phases; automation is in charge.
+    Running,
+    /// A phase passed its gate and needs approvals before promotion.
+    WaitingApproval,
+    /// A phase's gate fails (or lacks data) after its soak; automation keeps watching.
+    Held,
+    /// A person paused it; only a person resumes it.
+    Paused,
+    /// Moving the backend back to an earlier phase's desired state.
+    RollingBack,
+    /// Back at an earlier phase, waiting for a person to resume, roll back further or abort.
+    RolledBack,
+    /// A person rejected a promotion.
+    Rejected,
+    /// Restoring the configuration from before the rollout.
+    Aborting,
+    /// The configuration from before the rollout is back. Final.
+    Aborted,
+    /// Every phase is promoted.
+    Completed,
+    /// The backend failed for good; a person resumes once it is fixed.
+    Failed,
+}
+
+impl RolloutStatus {
+    pub const ALL: [RolloutStatus; 12] = [
+        RolloutStatus::Pending,
+        RolloutStatus::Running,
+        RolloutStatus::WaitingApproval,
+        RolloutStatus::Held,
+        RolloutStatus::Paused,
+        RolloutStatus::RollingBack,
+        RolloutStatus::RolledBack,
+        RolloutStatus::Rejected,
+        RolloutStatus::Aborting,
+        RolloutStatus::Aborted,
+        RolloutStatus::Completed,
+        RolloutStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutStatus::Pending => "pending",
+            RolloutStatus::Running => "running",
+            RolloutStatus::WaitingApproval => "waiting_approval",
+            RolloutStatus::Held => "held",
+            RolloutStatus::Paused => "paused",
+            RolloutStatus::RollingBack => "rolling_back",
+            RolloutStatus::RolledBack => "rolled_back",
+            RolloutStatus::Rejected => "rejected",
+            RolloutStatus::Aborting => "aborting",
+            RolloutStatus::Aborted => "aborted",
+            RolloutStatus::Completed => "completed",
+            RolloutStatus::Failed => "failed",
+        }
+    }
+
+    /// Gates are evaluated and phases promoted only in these statuses.
+    pub fn is_progressing(self) -> bool {
+        matches!(
+            self,
+            RolloutStatus::Running | RolloutStatus::WaitingApproval | RolloutStatus::Held
+        )
+    }
+
+    /// A person has to look at it (CLI exit code 3).
+    pub fn needs_attention(self) -> bool {
+        matches!(
+            self,
+            RolloutStatus::WaitingApproval
+                | RolloutStatus::Held
+                | RolloutStatus::RolledBack
+                | RolloutStatus::Rejected
+                | RolloutStatus::Aborted
+        )
+    }
+
+    /// The transition table. `docs/state-machine.md` draws the same edges; the property tests
+    /// check every step against it.
+    pub fn can_transition_to(self, next: RolloutStatus) -> bool {
+        use RolloutStatus::*;
+        if self == next {
+            return true;
+        }
+        match self {
+            Pending => matches!(next, Running | Aborted),
+            Running | WaitingApproval | Held => matches!(
+                next,
+                Running
+                    | WaitingApproval
+                    | Held
+                    | Completed
+                    | Paused
+                    | RollingBack
+                    | Rejected
+                    | Aborting
+                    | Aborted
+                    | Failed
+            ),
+            Paused => matches!(
+                next,
+                Running | WaitingApproval | Held | Completed | RollingBack | Aborting | Aborted
+            ),
+            RollingBack => matches!(next, RolledBack | Aborting | Aborted | Failed),
+            RolledBack | Rejected => matches!(
+                next,
+                Running | WaitingApproval | Held | Completed | RollingBack | Aborting | Aborted
+            ),
+            Aborting => matches!(next, Aborted | Failed),
+            Aborted => false,
+            Completed => matches!(next, RollingBack | Aborting | Aborted),
+            Failed => matches!(
+                next,
+                Running
+                    | WaitingApproval
+                    | Held
+                    | Completed
+                    | Paused
+                    | RollingBack
+                    | RolledBack
+                    | Aborting
+                    | Aborted
+            ),
+        }
+    }
+}
+
+impl fmt::Display for RolloutStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseState {
+    Pending,
+    /// Its configuration is committed as desired; the provider has not confirmed it yet.
+    Applying,
+    /// Applied; soak time runs and the gate is watched.
+    Soaking,
+    /// The gate passes; approvals are missing.
+    AwaitingApproval,
+    Promoted,
+    RolledBack,
+}
+
+impl PhaseState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseState::Pending => "pending",
+            PhaseState::Applying => "applying",
+            PhaseState::Soaking => "soaking",
+            PhaseState::AwaitingApproval => "awaiting_approval",
+            PhaseState::Promoted => "promoted",
+            PhaseState::RolledBack => "rolled_back",
+        }
+    }
+
+    /// Applied and not yet promoted: the phases a rollout is "in".
+    pub fn is_current(self) -> bool {
+        matches!(
+            self,
+            PhaseState::Applying | PhaseState::Soaking | PhaseState::AwaitingApproval
+        )
+    }
+}
+
+impl fmt::Display for PhaseState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Device counts for one phase at one instant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseObservation {
+    pub phase: String,
+    pub at: Timestamp,
+    pub tally: Tally,
+}
+
+/// A person's sign-off on promoting a phase, bound to the plan it was given for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub by: String,
+    pub at: Timestamp,
+    pub ticket: Option<String>,
+    pub comment: Option<String>,
+    pub plan_hash: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PhaseRecord {
+    pub id: String,
+    pub state: PhaseState,
+    /// When the backend confirmed the phase's configuration: the start of its soak.
+    pub applied_at: Option<Timestamp>,
+    pub promoted_at: Option<Timestamp>,
+    pub observation: Option<PhaseObservation>,
+    pub verdict: Option<GateVerdict>,
+    /// Since when the gate has been failing after the soak.
+    pub held_since: Option<Timestamp>,
+    /// The hold outlasted the gate's `max_hold`; a person should look.
+    pub hold_expired: bool,
+    /// How many times the gate held this phase.
+    pub holds: u32,
+    pub approvals: Vec<Approval>,
+}
+
+impl PhaseRecord {
+    pub fn new(id: &str) -> PhaseRecord {
+        PhaseRecord {
+            id: id.to_string(),
+            state: PhaseState::Pending,
+            applied_at: None,
+            promoted_at: None,
+            observation: None,
+            verdict: None,
+            held_since: None,
+            hold_expired: false,
+            holds: 0,
+            approvals: Vec::new(),
+        }
+    }
+
+    /// Forgets everything a gate decided for the phase's current run.
+    pub fn reset_gate(&mut self) {
+        self.applied_at = None;
+        self.observation = None;
+        self.verdict = None;
+        self.held_since = None;
+        self.hold_expired = false;
+        self.approvals.clear();
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: String,
+    pub plan_name: String,
+    pub plan_hash: String,
+    pub status: RolloutStatus,
+    /// Why the rollout is in its status, in a sentence.
+    pub reason: String,
+    pub created_by: String,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    /// One record per plan phase, in plan order.
+    pub phases: Vec<PhaseRecord>,
+    /// Effects committed with a transition and not yet confirmed, oldest first.
+    pub pending: Vec<PendingEffect>,
+    pub baseline_captured: bool,
+    /// Where `resume` returns to after a pause or a failure.
+    pub resume_to: Option<RolloutStatus>,
+    /// Sequence number of the last event applied.
+    pub last_seq: u64,
+}
+
+impl Rollout {
+    pub fn new(id: &str, plan: &Plan, created_by: &str, now: Timestamp) -> Rollout {
+        Rollout {
+            id: id.to_string(),
+            plan_name: plan.name.clone(),
+            plan_hash: plan.hash.clone(),
+            status: RolloutStatus::Pending,
+            reason: "created".to_string(),
+            created_by: created_by.to_string(),
+            created_at: now,
+            updated_at: now,
+            phases: plan
+                .phases
+                .iter()
+                .map(|p| PhaseRecord::new(&p.id))
+                .collect(),
+            pending: Vec::new(),
+            baseline_captured: false,
+            resume_to: None,
+            last_seq: 0,
+        }
+    }
+
+    pub fn phase(&self, id: &str) -> Option<&PhaseRecord> {
+        self.phases.iter().find(|p| p.id == id)
+    }
+
+    /// Ids of the phases the rollout is in (applied, not promoted).
+    pub fn current_phases(&self) -> Vec<&str> {
+        self.phases
+            .iter()
+            .filter(|p| p.state.is_current())
+            .map(|p| p.id.as_str())
+            .collect()
+    }
+
+    /// Checks what must always hold between the rollout and its plan. Violations are programming
+    /// errors; the store checks before every write and after every read.
+    pub fn check_invariants(&self, plan: &Plan) -> Result<(), String> {
+        if self.phases.len() != plan.phases.len() {
+            return Err(format!(
+                "rollout has {} phases, plan has {}",
+                self.phases.len(),
+                plan.phases.len()
+            ));
+        }
+        for (record, phase) in self.phases.iter().zip(&plan.phases) {
+            if record.id != phase.id {
+                return Err(format!("phase `{}` recorded as `{}`", phase.id, record.id));
+            }
+            if record.state.is_applied() {
+                for &pred in &phase.after {
+                    if self.phases[pred].state != PhaseState::Promoted {
+                        return Err(format!(
+                            "phase `{}` is {} while `{}` before it is {}",
+                            record.id, record.state, plan.phases[pred].id, self.phases[pred].state
+                        ));
+                    }
+                }
+            }
+        }
+        if self.status == RolloutStatus::Completed
+            && self.phases.iter().any(|p| p.state != PhaseState::Promoted)
+        {
+            return Err("completed with phases not promoted".into());
+        }
+        let setters = self
+            .pending
+            .iter()
+            .filter(|p| p.effect.sets_configuration())
+            .count();
+        if setters > 1 {
+            return Err(format!("{setters} configuration effects pending"));
+        }
+        Ok(())
+    }
+}
