@@ -2,3 +2,5 @@
 //! machine. See `docs/ARCHITECTURE.md` for the map.
 
 pub mod domain;
+pub mod provider;
+pub mod store;

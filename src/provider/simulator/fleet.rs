@@ -1,0 +1,525 @@
+//! The simulated fleet: a deterministic model of users, groups and devices, and of how devices
+//! report against a compliance policy over time.
+//!
+//! Everything is derived from the seed by hashing, never by drawing from a stateful generator, so
+//! device `i` has the same traits whatever else changes, and a device's report at time `t` is a
+//! pure function of its traits and the policy's configuration history. That is what makes the
+//! simulator deterministic, resumable after a crash, and fast enough for a million devices.
+//!
+//! The model, per device:
+//! - it belongs to one user; users belong to "All Users", one department, and possibly a pilot
+//!   group; two break-glass accounts each own one admin workstation;
+//! - it checks in every 8 hours at its own offset; a share never reports, a share goes dormant;
+//! - a platform-dependent share fails the policy; once its owner is notified (or blocked), it is
+//!   fixed after an exponentially distributed delay with the configured half-life, except for a
+//!   stubborn share that never is; a few devices report errors or conflicts.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::gate::{DeviceReport, DeviceState};
+use crate::domain::plan::{Mode, Platform};
+use crate::domain::time::Timestamp;
+
+const HOUR_MS: i64 = 3_600_000;
+const CHECKIN_PERIOD_MS: i64 = 8 * HOUR_MS;
+const DORMANCY_WINDOW_MS: i64 = 60 * 24 * HOUR_MS;
+const BREAK_GLASS_ACCOUNTS: u32 = 2;
+
+/// Groups of the simulated directory, in the order of their membership bits.
+pub const GROUPS: [&str; 10] = [
+    "All Users",
+    "Break Glass",
+    "Pilot IT",
+    "Pilot Field",
+    "IT",
+    "Finance",
+    "Sales",
+    "Engineering",
+    "Operations",
+    "Human Resources",
+];
+
+const ALL_USERS: u16 = 1 << 0;
+const BREAK_GLASS: u16 = 1 << 1;
+const PILOT_IT: u16 = 1 << 2;
+const PILOT_FIELD: u16 = 1 << 3;
+const DEPARTMENT_BASE: u32 = 4;
+/// Department shares of users, in per-mille, in `GROUPS` order from "IT".
+const DEPARTMENT_SHARES: [u64; 6] = [60, 120, 250, 220, 250, 100];
+
+const NONCOMPLIANT: u8 = 1 << 0;
+const NEVER_REPORTS: u8 = 1 << 1;
+const ERROR: u8 = 1 << 2;
+const CONFLICT: u8 = 1 << 3;
+const STUBBORN: u8 = 1 << 4;
+
+/// The per-mille of devices that fail a new baseline, by platform.
+fn noncompliant_per_mille(platform: Platform) -> u64 {
+    match platform {
+        Platform::Windows => 100,
+        Platform::Ios => 50,
+        Platform::Android => 120,
+        Platform::Macos => 80,
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Device {
+    user: u32,
+    platform: Platform,
+    flags: u8,
+    checkin_offset_ms: i64,
+    /// Relative to the fleet's epoch; `i64::MAX` if it never goes dormant.
+    dormant_at_ms: i64,
+    /// Time from notification to fix; `u64::MAX` for stubborn devices.
+    remediation_ms: u64,
+}
+
+/// A scope resolved to membership bits: covered if in any `include` and in no `exclude`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Membership {
+    pub include: u16,
+    pub exclude: u16,
+}
+
+impl Membership {
+    fn covers(self, bits: u16) -> bool {
+        bits & self.include != 0 && bits & self.exclude == 0
+    }
+}
+
+/// One assignment of the policy in the simulated tenant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimAssignment {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub mode: Mode,
+    pub grace_secs: Option<u64>,
+}
+
+/// The policy's assignments from `at` until the next entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigEntry {
+    pub at: Timestamp,
+    pub assignments: Vec<SimAssignment>,
+}
+
+pub struct Fleet {
+    epoch: Timestamp,
+    users: Vec<u16>,
+    devices: Vec<Device>,
+}
+
+/// splitmix64: a well-mixed 64-bit hash of the seed and a salt.
+fn mix(seed: u64, salt: u64) -> u64 {
+    let mut z = seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform number in [0, 1) from a hash.
+fn unit(hash: u64) -> f64 {
+    (hash >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn per_mille(hash: u64) -> u64 {
+    hash % 1000
+}
+
+pub fn group_bit(name: &str) -> Option<u16> {
+    GROUPS.iter().position(|g| *g == name).map(|i| 1 << i)
+}
+
+impl Fleet {
+    pub fn new(seed: u64, n_devices: u32, half_life: Duration, epoch: Timestamp) -> Fleet {
+        let n_people = (u64::from(n_devices) * 10 / 14).max(1) as u32;
+        let mut users: Vec<u16> = (0..n_people).map(|u| person_groups(seed, u)).collect();
+        users.extend(
+            (0..BREAK_GLASS_ACCOUNTS).map(|_| ALL_USERS | BREAK_GLASS | 1 << DEPARTMENT_BASE),
+        );
+        let people_devices = n_devices.saturating_sub(BREAK_GLASS_ACCOUNTS).max(1);
+        let devices = (0..n_devices)
+            .map(|i| {
+                if i >= people_devices {
+                    let account = n_people + (i - people_devices);
+                    return device(seed, i, account, Some(Platform::Windows), half_life);
+                }
+                let owner = (u64::from(i) * u64::from(n_people) / u64::from(people_devices)) as u32;
+                device(seed, i, owner, None, half_life)
+            })
+            .collect();
+        Fleet {
+            epoch,
+            users,
+            devices,
+        }
+    }
+
+    pub fn epoch(&self) -> Timestamp {
+        self.epoch
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Devices per platform, for display.
+    pub fn platform_counts(&self) -> [(Platform, usize); 4] {
+        Platform::ALL.map(|p| (p, self.devices.iter().filter(|d| d.platform == p).count()))
+    }
+
+    /// The latest report of every device of `platform` in `scope`, given the policy's history.
+    pub fn observe(
+        &self,
+        platform: Platform,
+        history: &[ResolvedEntry],
+        scope: Membership,
+        now: Timestamp,
+    ) -> Vec<DeviceReport> {
+        let history: Vec<&ResolvedEntry> = history.iter().filter(|e| e.at <= now).collect();
+        self.devices
+            .iter()
+            .filter(|d| d.platform == platform && scope.covers(self.users[d.user as usize]))
+            .map(|d| self.report(d, &history, now))
+            .collect()
+    }
+
+    fn report(&self, device: &Device, history: &[&ResolvedEntry], now: Timestamp) -> DeviceReport {
+        let unknown = DeviceReport {
+            state: DeviceState::Unknown,
+            last_reported: None,
+            blocked: false,
+        };
+        let bits = self.users[device.user as usize];
+        let Some(checked_in) = self.last_checkin(device, now) else {
+            return unknown;
+        };
+        let mut covered_since = None;
+        let mut notified: Option<(Timestamp, u64)> = None;
+        let mut mode_at_checkin = None;
+        let mut mode_now = None;
+        for entry in history {
+            let (mode, grace_ms) = entry.mode_for(bits);
+            mode_now = mode;
+            match mode {
+                Some(mode) => {
+                    covered_since.get_or_insert(entry.at);
+                    if mode >= Mode::Notify && notified.is_none() {
+                        notified = Some((entry.at, grace_ms));
+                    }
+                }
+                None => covered_since = None,
+            }
+            if entry.at <= checked_in {
+                mode_at_checkin = mode;
+            }
+        }
+        let (Some(since), Some(_)) = (covered_since, mode_at_checkin) else {
+            return unknown;
+        };
+        if checked_in < since {
+            return unknown;
+        }
+        let state = if device.flags & ERROR != 0 {
+            DeviceState::Error
+        } else if device.flags & CONFLICT != 0 {
+            DeviceState::Conflict
+        } else if device.flags & NONCOMPLIANT != 0 && !fixed_by(device, notified, checked_in) {
+            let in_grace = notified.is_some_and(|(at, grace_ms)| {
+                checked_in.as_millis() < at.as_millis() + grace_ms as i64
+            });
+            if in_grace {
+                DeviceState::InGrace
+            } else {
+                DeviceState::Noncompliant
+            }
+        } else {
+            DeviceState::Compliant
+        };
+        DeviceReport {
+            state,
+            last_reported: Some(checked_in),
+            // Conditional Access blocks on the device's last known state under today's mode.
+            blocked: state == DeviceState::Noncompliant && mode_now == Some(Mode::Enforce),
+        }
+    }
+
+    /// The device's most recent check-in at or before `now`, if it ever reports.
+    fn last_checkin(&self, device: &Device, now: Timestamp) -> Option<Timestamp> {
+        if device.flags & NEVER_REPORTS != 0 {
+            return None;
+        }
+        let dormant_at = self.epoch.as_millis().saturating_add(device.dormant_at_ms);
+        let until = now.as_millis().min(dormant_at);
+        let since_offset = until - device.checkin_offset_ms;
+        Some(Timestamp::from_millis(
+            until - since_offset.rem_euclid(CHECKIN_PERIOD_MS),
+        ))
+    }
+}
+
+fn fixed_by(device: &Device, notified: Option<(Timestamp, u64)>, at: Timestamp) -> bool {
+    match notified {
+        Some((notified_at, _)) if device.remediation_ms != u64::MAX => {
+            notified_at.as_millis() + device.remediation_ms as i64 <= at.as_millis()
+        }
+        _ => false,
+    }
+}
+
+fn person_groups(seed: u64, user: u32) -> u16 {
+    let hash = mix(seed, 0x5553_4552_0000_0000 | u64::from(user));
+    let mut roll = per_mille(hash);
+    let mut department = DEPARTMENT_SHARES.len() - 1;
+    for (i, share) in DEPARTMENT_SHARES.iter().enumerate() {
+        if roll < *share {
+            department = i;
+            break;
+        }
+        roll -= share;
+    }
+    let mut bits = ALL_USERS | 1 << (DEPARTMENT_BASE + department as u32);
+    let pilot_roll = (hash >> 32) % 1000;
+    match department {
+        0 if pilot_roll < 500 => bits |= PILOT_IT,
+        2 | 4 if pilot_roll < 50 => bits |= PILOT_FIELD,
+        _ => {}
+    }
+    bits
+}
+
+fn device(seed: u64, i: u32, user: u32, platform: Option<Platform>, half_life: Duration) -> Device {
+    let h = |salt: u64| mix(seed, (salt << 40) | u64::from(i));
+    let platform = platform.unwrap_or_else(|| match per_mille(h(1)) {
+        0..500 => Platform::Windows,
+        500..720 => Platform::Ios,
+        720..880 => Platform::Android,
+        _ => Platform::Macos,
+    });
+    let mut flags = 0;
+    if per_mille(h(2)) < noncompliant_per_mille(platform) {
+        flags |= NONCOMPLIANT;
+    }
+    if per_mille(h(3)) < 12 {
+        flags |= NEVER_REPORTS;
+    }
+    let trouble = h(4) % 10_000;
+    if trouble < 40 {
+        flags |= ERROR;
+    } else if trouble < 60 {
+        flags |= CONFLICT;
+    }
+    if per_mille(h(5)) < 120 {
+        flags |= STUBBORN;
+    }
+    let dormant_at_ms = if per_mille(h(6)) < 25 {
+        (unit(h(7)) * DORMANCY_WINDOW_MS as f64) as i64 - DORMANCY_WINDOW_MS / 2
+    } else {
+        i64::MAX
+    };
+    let remediation_ms = if flags & STUBBORN != 0 {
+        u64::MAX
+    } else {
+        // Exponential with the given half-life: P(fixed by t) = 1 - 2^(-t / half_life).
+        let u = unit(h(8)).max(f64::MIN_POSITIVE);
+        (-u.log2() * half_life.as_millis() as f64) as u64
+    };
+    Device {
+        user,
+        platform,
+        flags,
+        checkin_offset_ms: (unit(h(9)) * CHECKIN_PERIOD_MS as f64) as i64,
+        dormant_at_ms,
+        remediation_ms,
+    }
+}
+
+/// A configuration entry with its groups resolved to membership bits.
+#[derive(Clone, Debug)]
+pub struct ResolvedEntry {
+    pub at: Timestamp,
+    pub assignments: Vec<(Membership, Mode, u64)>,
+}
+
+impl ResolvedEntry {
+    /// The strongest mode covering a user with these bits, and the notify grace (ms) that goes
+    /// with it.
+    fn mode_for(&self, bits: u16) -> (Option<Mode>, u64) {
+        let mut mode = None;
+        let mut grace_ms = 0;
+        for (membership, assigned, grace) in &self.assignments {
+            if membership.covers(bits) {
+                mode = mode.max(Some(*assigned));
+                if *assigned == Mode::Notify {
+                    grace_ms = grace_ms.max(*grace);
+                }
+            }
+        }
+        (mode, grace_ms)
+    }
+}
+
+/// Resolves group names to bits; `Err` names the first unknown group.
+pub fn membership(include: &[String], exclude: &[String]) -> Result<Membership, String> {
+    let bits = |names: &[String]| -> Result<u16, String> {
+        names.iter().try_fold(0u16, |acc, name| {
+            group_bit(name)
+                .map(|bit| acc | bit)
+                .ok_or_else(|| name.clone())
+        })
+    };
+    Ok(Membership {
+        include: bits(include)?,
+        exclude: bits(exclude)?,
+    })
+}
+
+pub fn resolve(entry: &ConfigEntry) -> Result<ResolvedEntry, String> {
+    let assignments = entry
+        .assignments
+        .iter()
+        .map(|a| {
+            let scope = membership(&a.include, &a.exclude)?;
+            Ok((scope, a.mode, a.grace_secs.unwrap_or(0) * 1000))
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(ResolvedEntry {
+        at: entry.at,
+        assignments,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::gate::tally;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+    const EPOCH: Timestamp = Timestamp::from_millis(1_767_600_000_000);
+
+    fn everyone(mode: Mode, at: Timestamp) -> ResolvedEntry {
+        let scope = membership(&["All Users".into()], &["Break Glass".into()]).unwrap();
+        ResolvedEntry {
+            at,
+            assignments: vec![(scope, mode, 7 * DAY.as_millis() as u64)],
+        }
+    }
+
+    fn all() -> Membership {
+        membership(&["All Users".into()], &[]).unwrap()
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_fleet() {
+        let a = Fleet::new(7, 5_000, DAY, EPOCH);
+        let b = Fleet::new(7, 5_000, DAY, EPOCH);
+        let c = Fleet::new(8, 5_000, DAY, EPOCH);
+        let history = [everyone(Mode::Report, EPOCH)];
+        let now = EPOCH.plus(DAY * 3);
+        let observe = |f: &Fleet| f.observe(Platform::Windows, &history, all(), now);
+        assert_eq!(observe(&a), observe(&b));
+        assert_ne!(observe(&a), observe(&c));
+    }
+
+    #[test]
+    fn groups_have_plausible_sizes() {
+        let fleet = Fleet::new(7, 100_000, DAY, EPOCH);
+        let count = |bit: u16| fleet.users.iter().filter(|u| *u & bit != 0).count();
+        let people = fleet.users.len();
+        assert_eq!(count(ALL_USERS), people);
+        assert_eq!(count(BREAK_GLASS), 2);
+        let pilot_it = count(PILOT_IT) as f64 / people as f64;
+        assert!((0.02..0.04).contains(&pilot_it), "{pilot_it}");
+        let windows = fleet.platform_counts()[0].1 as f64 / fleet.device_count() as f64;
+        assert!((0.47..0.53).contains(&windows), "{windows}");
+    }
+
+    #[test]
+    fn unassigned_devices_have_not_reported() {
+        let fleet = Fleet::new(7, 2_000, DAY, EPOCH);
+        let reports = fleet.observe(Platform::Windows, &[], all(), EPOCH.plus(DAY));
+        assert!(reports.iter().all(|r| r.last_reported.is_none()));
+    }
+
+    #[test]
+    fn devices_report_within_a_checkin_period_of_assignment() {
+        let fleet = Fleet::new(7, 10_000, DAY, EPOCH);
+        let history = [everyone(Mode::Report, EPOCH)];
+        let soon = tally(
+            &fleet.observe(Platform::Windows, &history, all(), EPOCH.plus(DAY / 24)),
+            DAY * 3,
+            EPOCH.plus(DAY / 24),
+        );
+        let later_at = EPOCH.plus(DAY);
+        let later = tally(
+            &fleet.observe(Platform::Windows, &history, all(), later_at),
+            DAY * 3,
+            later_at,
+        );
+        assert!(soon.reported() < later.reported() / 4, "{soon:?} {later:?}");
+        let coverage = later.coverage().unwrap();
+        assert!((0.95..0.995).contains(&coverage), "{coverage}");
+        let ratio = later.noncompliant_ratio().unwrap();
+        assert!((0.08..0.13).contains(&ratio), "{ratio}");
+    }
+
+    #[test]
+    fn notified_owners_remediate_over_time() {
+        let fleet = Fleet::new(7, 20_000, DAY * 2, EPOCH);
+        let history = [
+            everyone(Mode::Report, EPOCH),
+            everyone(Mode::Notify, EPOCH.plus(DAY * 3)),
+        ];
+        let ratio_at = |days: u32| {
+            let now = EPOCH.plus(DAY * days);
+            let t = tally(
+                &fleet.observe(Platform::Windows, &history, all(), now),
+                DAY * 3,
+                now,
+            );
+            (t.noncompliant_ratio().unwrap(), t)
+        };
+        let (before, _) = ratio_at(3);
+        let (soon, soon_tally) = ratio_at(5);
+        let (late, _) = ratio_at(14);
+        assert!(soon_tally.in_grace > 0, "notified devices are in grace");
+        assert!(before > soon && soon > late, "{before} {soon} {late}");
+        assert!(late < 0.02, "the stubborn share stays: {late}");
+        assert!(late > 0.005, "{late}");
+    }
+
+    #[test]
+    fn enforced_noncompliant_devices_are_blocked_after_grace() {
+        let fleet = Fleet::new(7, 20_000, DAY * 2, EPOCH);
+        let history = [
+            everyone(Mode::Notify, EPOCH),
+            everyone(Mode::Enforce, EPOCH.plus(DAY * 8)),
+        ];
+        let now = EPOCH.plus(DAY * 9);
+        let t = tally(
+            &fleet.observe(Platform::Windows, &history, all(), now),
+            DAY * 3,
+            now,
+        );
+        assert!(t.blocked > 0);
+        assert_eq!(t.blocked, t.noncompliant);
+        assert_eq!(t.in_grace, 0);
+    }
+
+    #[test]
+    fn excluded_break_glass_devices_are_not_targeted() {
+        let fleet = Fleet::new(7, 1_000, DAY, EPOCH);
+        let with = fleet.observe(Platform::Windows, &[], all(), EPOCH).len();
+        let scope = membership(&["All Users".into()], &["Break Glass".into()]).unwrap();
+        let without = fleet.observe(Platform::Windows, &[], scope, EPOCH).len();
+        assert_eq!(with - without, 2);
+    }
+
+    #[test]
+    fn unknown_groups_are_named() {
+        assert_eq!(membership(&["Nope".into()], &[]), Err("Nope".to_string()));
+    }
+}

@@ -1,0 +1,435 @@
+//! The durable store: rollouts, their append-only audit trail, plans and baselines, in sled.
+//!
+//! One transition is one sled transaction over the `rollouts`, `events` and `plans` trees, flushed
+//! before `commit` returns; the engine runs effects only after that. Every value carries a format
+//! version, and every event carries the hash of the one before it, so the trail is tamper-evident.
+//!
+//! Opening applies the two start-up mitigations for sled 0.34.7 (see `docs/reliability.md`): a
+//! new database is built in `sled.creating` and renamed into place, and leftover
+//! `snap.*.generating` files are removed before sled reads its snapshots. A kill at any instant of
+//! start-up therefore never leaves a store that cannot be opened.
+//!
+//! Two locks keep processes apart: `store.lock` is held while the store is open (short commands
+//! wait for it briefly), `driver.lock` is held by `run` for its whole life so that only one
+//! process ever drives rollouts.
+
+mod lock;
+mod records;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use thiserror::Error;
+
+pub use lock::FileLock;
+pub use records::{EventRecord, PlanRecord, StoredRollout};
+
+use crate::domain::rollout::Rollout;
+
+/// The version of every value written; bump it with any change to a persisted shape.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("store {} is in use by another phasegate process{}", store.display(), holder_suffix(holder))]
+    InUse { store: PathBuf, holder: String },
+    #[error("store {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store {}: {message}", path.display())]
+    Database { path: PathBuf, message: String },
+    #[error("store record {key}: {message}")]
+    Corrupt { key: String, message: String },
+    #[error("no rollout `{0}` in the store")]
+    NotFound(String),
+    #[error("a rollout `{0}` already exists")]
+    AlreadyExists(String),
+    #[error(
+        "rollout `{id}` moved on concurrently (expected event {expected}, store is at {found})"
+    )]
+    Conflict {
+        id: String,
+        expected: u64,
+        found: u64,
+    },
+}
+
+fn holder_suffix(holder: &str) -> String {
+    if holder.is_empty() {
+        String::new()
+    } else {
+        format!(" ({holder})")
+    }
+}
+
+/// An open store. Cheap to share by reference; dropping it releases the store lock.
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    rollouts: sled::Tree,
+    events: sled::Tree,
+    plans: sled::Tree,
+    baselines: sled::Tree,
+    meta: sled::Tree,
+    _lock: FileLock,
+}
+
+/// How long a command waits for another process to release the store.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Takes the driver lock of the store at `dir` without waiting: only one `run` at a time.
+pub fn lock_driver(dir: &Path) -> Result<FileLock, StoreError> {
+    ensure_dir(dir)?;
+    lock::acquire(&lock::lock_path(dir, "driver.lock"), dir, Duration::ZERO)
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`, waiting up to `wait` for its lock.
+    pub fn open(dir: &Path, wait: Duration) -> Result<Store, StoreError> {
+        ensure_dir(dir)?;
+        let lock = lock::acquire(&lock::lock_path(dir, "store.lock"), dir, wait)?;
+        let db_dir = dir.join("sled");
+        if !db_dir.exists() {
+            create_database(dir, &db_dir)?;
+        }
+        remove_unfinished_snapshots(&db_dir)?;
+        let db = sled_config(&db_dir).open().map_err(|e| map_sled(dir, e))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| map_sled(dir, e));
+        let store = Store {
+            rollouts: tree("rollouts")?,
+            events: tree("events")?,
+            plans: tree("plans")?,
+            baselines: tree("baselines")?,
+            meta: tree("meta")?,
+            path: dir.to_path_buf(),
+            db,
+            _lock: lock,
+        };
+        store.check_format()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A tree for a provider's own durable state (the simulated tenant lives in one).
+    pub fn provider_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        self.db
+            .open_tree(format!("provider:{name}"))
+            .map_err(|e| self.db_error(e))
+    }
+
+    /// Flushes everything written so far (providers call it after changing their state).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(|e| self.db_error(e))
+    }
+
+    fn db_error(&self, e: sled::Error) -> StoreError {
+        map_sled(&self.path, e)
+    }
+
+    fn check_format(&self) -> Result<(), StoreError> {
+        let key = b"format";
+        match self.meta.get(key).map_err(|e| self.db_error(e))? {
+            None => {
+                self.meta
+                    .insert(key, &FORMAT_VERSION.to_be_bytes())
+                    .map_err(|e| self.db_error(e))?;
+                self.flush()
+            }
+            Some(bytes) => {
+                let found = u32::from_be_bytes(bytes.as_ref().try_into().map_err(|_| {
+                    StoreError::Corrupt {
+                        key: "meta/format".into(),
+                        message: "not a version number".into(),
+                    }
+                })?);
+                if found > FORMAT_VERSION {
+                    return Err(StoreError::Database {
+                        path: self.path.clone(),
+                        message: format!(
+                            "written by a newer phasegate (format {found}; this one reads up to {FORMAT_VERSION})"
+                        ),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The next free id for a rollout of `plan_name`: `<plan_name>-<n>`.
+    pub fn next_rollout_id(&self, plan_name: &str) -> Result<String, StoreError> {
+        let mut n = 1u64;
+        loop {
+            let id = format!("{plan_name}-{n}");
+            if !self
+                .rollouts
+                .contains_key(id.as_bytes())
+                .map_err(|e| self.db_error(e))?
+            {
+                return Ok(id);
+            }
+            n += 1;
+        }
+    }
+
+    pub fn rollout(&self, id: &str) -> Result<StoredRollout, StoreError> {
+        let bytes = self
+            .rollouts
+            .get(id.as_bytes())
+            .map_err(|e| self.db_error(e))?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        records::decode(&format!("rollouts/{id}"), &bytes)
+    }
+
+    pub fn rollouts(&self) -> Result<Vec<StoredRollout>, StoreError> {
+        self.rollouts
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry.map_err(|e| self.db_error(e))?;
+                records::decode(
+                    &format!("rollouts/{}", String::from_utf8_lossy(&key)),
+                    &value,
+                )
+            })
+            .collect()
+    }
+
+    pub fn plan(&self, id: &str, hash: &str) -> Result<PlanRecord, StoreError> {
+        let key = records::plan_key(id, hash);
+        let bytes = self
+            .plans
+            .get(&key)
+            .map_err(|e| self.db_error(e))?
+            .ok_or_else(|| StoreError::Corrupt {
+                key: format!("plans/{id}/{hash}"),
+                message: "the rollout's plan is missing".into(),
+            })?;
+        records::decode(&format!("plans/{id}"), &bytes)
+    }
+
+    pub fn baseline(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let Some(bytes) = self
+            .baselines
+            .get(id.as_bytes())
+            .map_err(|e| self.db_error(e))?
+        else {
+            return Ok(None);
+        };
+        records::decode(&format!("baselines/{id}"), &bytes).map(Some)
+    }
+
+    pub fn events(&self, id: &str) -> Result<Vec<EventRecord>, StoreError> {
+        self.events
+            .scan_prefix(records::event_prefix(id))
+            .map(|entry| {
+                let (key, value) = entry.map_err(|e| self.db_error(e))?;
+                records::decode(&format!("events/{id}/{}", records::seq_of(&key)), &value)
+            })
+            .collect()
+    }
+
+    /// Creates a rollout with its first event and its plan, durably.
+    pub fn create(
+        &self,
+        rollout: &Rollout,
+        event: EventRecord,
+        plan: &PlanRecord,
+    ) -> Result<EventRecord, StoreError> {
+        if self
+            .rollouts
+            .contains_key(rollout.id.as_bytes())
+            .map_err(|e| self.db_error(e))?
+        {
+            return Err(StoreError::AlreadyExists(rollout.id.clone()));
+        }
+        self.commit(
+            &StoredRollout {
+                rollout: Rollout {
+                    last_seq: 0,
+                    ..rollout.clone()
+                },
+                last_hash: String::new(),
+            },
+            rollout,
+            event,
+            Some(plan),
+            None,
+        )
+    }
+
+    /// Appends `event` and replaces the rollout by `next`, atomically and durably. `current` is the
+    /// record the transition was computed from; if the store moved on since, nothing is written.
+    /// `plan` and `baseline` are written in the same transaction when given.
+    pub fn commit(
+        &self,
+        current: &StoredRollout,
+        next: &Rollout,
+        event: EventRecord,
+        plan: Option<&PlanRecord>,
+        baseline: Option<&serde_json::Value>,
+    ) -> Result<EventRecord, StoreError> {
+        let id = next.id.clone();
+        let seq = current.rollout.last_seq + 1;
+        let event = event.sealed(seq, &current.last_hash);
+        let stored = StoredRollout {
+            rollout: Rollout {
+                last_seq: seq,
+                ..next.clone()
+            },
+            last_hash: event.hash.clone(),
+        };
+        let rollout_bytes = records::encode(&stored);
+        let event_bytes = records::encode(&event);
+        let event_key = records::event_key(&id, seq);
+        let plan_entry = plan.map(|p| (records::plan_key(&id, &p.hash), records::encode(p)));
+        let baseline_bytes = baseline.map(records::encode);
+        let result = (&self.rollouts, &self.events, &self.plans, &self.baselines).transaction(
+            |(rollouts, events, plans, baselines)| {
+                let found = match rollouts.get(id.as_bytes())? {
+                    Some(bytes) => records::decode::<StoredRollout>("rollouts", &bytes)
+                        .map(|r| r.rollout.last_seq)
+                        .map_err(ConflictableTransactionError::Abort)?,
+                    None => 0,
+                };
+                if found + 1 != seq {
+                    return Err(ConflictableTransactionError::Abort(StoreError::Conflict {
+                        id: id.clone(),
+                        expected: seq,
+                        found,
+                    }));
+                }
+                rollouts.insert(id.as_bytes(), rollout_bytes.as_slice())?;
+                events.insert(event_key.as_slice(), event_bytes.as_slice())?;
+                if let Some((key, bytes)) = &plan_entry {
+                    plans.insert(key.as_slice(), bytes.as_slice())?;
+                }
+                if let Some(bytes) = &baseline_bytes {
+                    baselines.insert(id.as_bytes(), bytes.as_slice())?;
+                }
+                Ok(())
+            },
+        );
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Abort(err)) => return Err(err),
+            Err(TransactionError::Storage(err)) => return Err(self.db_error(err)),
+        }
+        self.flush()?;
+        Ok(event)
+    }
+
+    /// Checks the audit trail of a rollout: contiguous sequence numbers from 1 and an unbroken
+    /// hash chain ending at the rollout's recorded head. Returns the number of events checked.
+    pub fn verify(&self, id: &str) -> Result<Result<u64, String>, StoreError> {
+        let head = self.rollout(id)?;
+        let events = match self.events(id) {
+            Ok(events) => events,
+            Err(StoreError::Corrupt { key, message }) => {
+                return Ok(Err(format!("{key} cannot be read: {message}")));
+            }
+            Err(err) => return Err(err),
+        };
+        Ok(records::verify_chain(&events, &head))
+    }
+}
+
+fn sled_config(path: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(64 * 1024 * 1024)
+        .flush_every_ms(Some(500))
+}
+
+/// Builds a fresh database beside its final place and renames it in, so a kill during creation
+/// leaves either nothing or a complete database (sled writes its `conf` in place on creation).
+fn create_database(dir: &Path, db_dir: &Path) -> Result<(), StoreError> {
+    let creating = dir.join("sled.creating");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    if creating.exists() {
+        fs::remove_dir_all(&creating).map_err(io(&creating))?;
+    }
+    {
+        let db = sled_config(&creating)
+            .open()
+            .map_err(|e| map_sled(dir, e))?;
+        db.flush().map_err(|e| map_sled(dir, e))?;
+    }
+    sync_dir(&creating)?;
+    fs::rename(&creating, db_dir).map_err(io(db_dir))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// sled 0.34.7 mistakes a half-written `snap.<lsn>.generating` for a snapshot and then refuses
+/// to open forever. Such a file only becomes a snapshot after it is synced and renamed, so a
+/// leftover one is always garbage.
+fn remove_unfinished_snapshots(db_dir: &Path) -> Result<(), StoreError> {
+    let entries = fs::read_dir(db_dir).map_err(|source| StoreError::Io {
+        path: db_dir.to_path_buf(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %entry.path().display(), "removing an unfinished sled snapshot");
+            fs::remove_file(entry.path()).map_err(|source| StoreError::Io {
+                path: entry.path(),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn map_sled(store: &Path, err: sled::Error) -> StoreError {
+    let message = err.to_string();
+    if message.contains("could not acquire lock") {
+        return StoreError::InUse {
+            store: store.to_path_buf(),
+            holder: String::new(),
+        };
+    }
+    StoreError::Database {
+        path: store.to_path_buf(),
+        message,
+    }
+}
+
+pub(crate) fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
+    records::encode(value)
+}
+
+pub(crate) fn decode_json<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    records::decode(key, bytes)
+}
+
+#[cfg(test)]
+mod tests;

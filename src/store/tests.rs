@@ -1,0 +1,170 @@
+use super::*;
+use crate::domain::event::{EventKind, Trigger};
+use crate::domain::plan;
+use crate::domain::rollout::RolloutStatus;
+use crate::domain::time::Timestamp;
+
+const PLAN: &str = include_str!("../../plans/windows-baseline.toml");
+
+fn record(rollout: &Rollout, kind: EventKind) -> EventRecord {
+    EventRecord {
+        seq: 0,
+        at: Timestamp::from_millis(5),
+        recorded_at: Timestamp::from_millis(6),
+        event: crate::domain::event::Event {
+            kind,
+            trigger: Trigger::user("alice", "test"),
+        },
+        previous_status: rollout.status,
+        status: rollout.status,
+        reason: rollout.reason.clone(),
+        notes: vec![],
+        effects: vec![],
+        prev_hash: String::new(),
+        hash: String::new(),
+    }
+}
+
+fn created(store: &Store) -> StoredRollout {
+    let plan = plan::parse("w", PLAN).unwrap();
+    let rollout = Rollout::new("w-1", &plan, "alice", Timestamp::from_millis(1));
+    let plan_record = PlanRecord {
+        path: "plans/w.toml".into(),
+        source: PLAN.into(),
+        hash: plan.hash.clone(),
+    };
+    let event = record(
+        &rollout,
+        EventKind::Start {
+            plan_hash: plan.hash.clone(),
+        },
+    );
+    store.create(&rollout, event, &plan_record).unwrap();
+    store.rollout("w-1").unwrap()
+}
+
+#[test]
+fn a_committed_transition_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let current = created(&store);
+        let mut next = current.rollout.clone();
+        next.status = RolloutStatus::Running;
+        store
+            .commit(&current, &next, record(&next, EventKind::Tick), None, None)
+            .unwrap();
+    }
+    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let stored = store.rollout("w-1").unwrap();
+    assert_eq!(stored.rollout.status, RolloutStatus::Running);
+    assert_eq!(stored.rollout.last_seq, 2);
+    let events = store.events("w-1").unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(store.verify("w-1").unwrap(), Ok(2));
+    assert_eq!(
+        store.plan("w-1", &stored.rollout.plan_hash).unwrap().source,
+        PLAN
+    );
+}
+
+#[test]
+fn a_stale_transition_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let current = created(&store);
+    let next = current.rollout.clone();
+    store
+        .commit(&current, &next, record(&next, EventKind::Tick), None, None)
+        .unwrap();
+    let again = store.commit(&current, &next, record(&next, EventKind::Tick), None, None);
+    assert!(
+        matches!(again, Err(StoreError::Conflict { .. })),
+        "{again:?}"
+    );
+    assert_eq!(store.events("w-1").unwrap().len(), 2);
+}
+
+#[test]
+fn creating_twice_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+    created(&store);
+    let plan = plan::parse("w", PLAN).unwrap();
+    let rollout = Rollout::new("w-1", &plan, "bob", Timestamp::from_millis(1));
+    let plan_record = PlanRecord {
+        path: "p".into(),
+        source: PLAN.into(),
+        hash: plan.hash.clone(),
+    };
+    let err = store
+        .create(&rollout, record(&rollout, EventKind::Tick), &plan_record)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists(_)));
+    assert_eq!(store.next_rollout_id("w").unwrap(), "w-2");
+}
+
+#[test]
+fn an_edited_event_breaks_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let current = created(&store);
+    let next = current.rollout.clone();
+    store
+        .commit(&current, &next, record(&next, EventKind::Tick), None, None)
+        .unwrap();
+    let key = records::event_key("w-1", 1);
+    let mut edited: EventRecord =
+        records::decode("e", &store.events.get(&key).unwrap().unwrap()).unwrap();
+    edited.event.trigger.actor = "mallory".into();
+    store.events.insert(key, records::encode(&edited)).unwrap();
+    let verdict = store.verify("w-1").unwrap();
+    assert!(
+        verdict
+            .unwrap_err()
+            .contains("event 1: content does not match its hash")
+    );
+}
+
+#[test]
+fn a_second_process_gets_a_clear_in_use_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let second = Store::open(dir.path(), Duration::from_millis(50));
+    let message = second.err().expect("second open must fail").to_string();
+    assert!(
+        message.contains("is in use by another phasegate process"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&dir.path().display().to_string()),
+        "{message}"
+    );
+}
+
+#[test]
+fn leftovers_of_a_killed_start_up_are_cleaned() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap());
+    // A half-created database and an unfinished snapshot, as a kill -9 at start-up leaves them.
+    std::fs::create_dir_all(dir.path().join("sled.creating")).unwrap();
+    std::fs::write(dir.path().join("sled.creating/conf"), b"torn").unwrap();
+    std::fs::write(
+        dir.path().join("sled/snap.00000000000000FF.generating"),
+        b"",
+    )
+    .unwrap();
+    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+    assert!(
+        !dir.path()
+            .join("sled/snap.00000000000000FF.generating")
+            .exists()
+    );
+    drop(store);
+    // A store whose creation was interrupted before the rename is rebuilt from scratch.
+    let fresh = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(fresh.path().join("sled.creating")).unwrap();
+    std::fs::write(fresh.path().join("sled.creating/conf"), b"torn").unwrap();
+    Store::open(fresh.path(), DEFAULT_LOCK_WAIT).unwrap();
+    assert!(!fresh.path().join("sled.creating").exists());
+}
