@@ -1,6 +1,8 @@
 //! phasegate drives staged rollouts of device-compliance and access policies as a persisted state
 //! machine. See `docs/ARCHITECTURE.md` for the map.
 
+pub mod cli;
 pub mod domain;
+pub mod engine;
 pub mod provider;
 pub mod store;

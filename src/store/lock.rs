@@ -46,7 +46,7 @@ pub fn acquire(path: &Path, store: &Path, wait: Duration) -> Result<FileLock, St
         }
     }
     let me = format!(
-        "pid {} ({})",
+        "pid {}: {}",
         std::process::id(),
         std::env::args().collect::<Vec<_>>().join(" ")
     );

@@ -291,8 +291,10 @@ impl Machine<'_> {
                 record.state = PhaseState::Soaking;
                 record.applied_at = Some(now);
                 let id = record.id.clone();
-                self.notes
-                    .push(format!("`{id}` applied ({changes} changes); soak started"));
+                self.notes.push(format!(
+                    "`{id}` applied ({changes} change{}); soak started",
+                    if changes == 1 { "" } else { "s" }
+                ));
             }
         }
         if self.next.status == RolloutStatus::RollingBack {
@@ -719,8 +721,15 @@ impl Machine<'_> {
                     "promoted `{}`: gate passed ({}){approved}",
                     phase.id, verdict.reasons[0]
                 ));
-            } else {
+            } else if record.state != PhaseState::AwaitingApproval {
                 record.state = PhaseState::AwaitingApproval;
+                self.notes.push(format!(
+                    "gate passed for `{}` ({}); waiting for {} approval{}",
+                    phase.id,
+                    verdict.reasons[0],
+                    needed - have,
+                    if needed - have == 1 { "" } else { "s" }
+                ));
             }
             return;
         }

@@ -493,22 +493,25 @@ impl Checker<'_> {
             .map(|p| p.get_ref().id.get_ref().as_str())
             .collect();
         let mut afters = Vec::with_capacity(raw.len());
+        let mut resolved = unique;
         for (idx, phase) in raw.iter().enumerate() {
-            afters.push(self.after(phase.get_ref(), idx, &index_of, &known));
+            let (after, ok) = self.after(phase.get_ref(), idx, &index_of, &known);
+            resolved &= ok;
+            afters.push(after);
         }
         let phases: Vec<Option<Phase>> = raw
             .iter()
             .zip(&afters)
-            .map(|(phase, after)| self.phase(phase.get_ref(), after.clone()?))
+            .map(|(phase, after)| self.phase(phase.get_ref(), after.clone()))
             .collect();
-        if !unique || afters.iter().any(Option::is_none) {
+        // The edges that did resolve are still checked, so one run reports every problem.
+        self.modes_never_weaken(&raw, &afters);
+        let order = self.graph(&raw, &afters);
+        if !resolved {
             return None;
         }
-        let afters: Vec<Vec<usize>> = afters.into_iter().map(Option::unwrap).collect();
-        let order = self.graph(&raw, &afters)?;
-        self.modes_never_weaken(&raw, &afters);
         let phases: Option<Vec<Phase>> = phases.into_iter().collect();
-        Some((phases?, order))
+        Some((phases?, order?))
     }
 
     fn after(
@@ -517,9 +520,9 @@ impl Checker<'_> {
         idx: usize,
         index_of: &HashMap<String, usize>,
         known: &[&str],
-    ) -> Option<Vec<usize>> {
+    ) -> (Vec<usize>, bool) {
         let Some(after) = &phase.after else {
-            return Some(if idx == 0 { vec![] } else { vec![idx - 1] });
+            return (if idx == 0 { vec![] } else { vec![idx - 1] }, true);
         };
         let mut resolved = Vec::new();
         let mut ok = true;
@@ -546,7 +549,7 @@ impl Checker<'_> {
                 }
             }
         }
-        ok.then_some(resolved)
+        (resolved, ok)
     }
 
     fn phase(&mut self, raw: &RawPhase, after: Vec<usize>) -> Option<Phase> {
@@ -681,8 +684,8 @@ impl Checker<'_> {
                 graph.add_edge(nodes[pred], nodes[idx], ());
             }
         }
-        if let Ok(order) = toposort(&graph, None) {
-            return Some(order.into_iter().map(|n| graph[n]).collect());
+        if toposort(&graph, None).is_ok() {
+            return Some(file_order_topological(afters));
         }
         let id = |i: usize| raw[i].get_ref().id.get_ref().as_str();
         let mut in_cycle = BTreeSet::new();
@@ -747,6 +750,26 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// A topological order that keeps file order wherever the graph allows (Kahn's algorithm,
+/// always taking the earliest ready phase), so `plan show` reads like the file.
+fn file_order_topological(afters: &[Vec<usize>]) -> Vec<usize> {
+    let mut waiting: Vec<usize> = afters.iter().map(Vec::len).collect();
+    let mut ready: BTreeSet<usize> = (0..afters.len()).filter(|&i| waiting[i] == 0).collect();
+    let mut order = Vec::with_capacity(afters.len());
+    while let Some(next) = ready.pop_first() {
+        order.push(next);
+        for (succ, after) in afters.iter().enumerate() {
+            if after.contains(&next) {
+                waiting[succ] -= 1;
+                if waiting[succ] == 0 {
+                    ready.insert(succ);
+                }
+            }
+        }
+    }
+    order
 }
 
 fn valid_phase_id(id: &str) -> bool {

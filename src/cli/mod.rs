@@ -1,0 +1,322 @@
+//! The command line: parsing (clap), the exit-code contract, and text or JSON output.
+//!
+//! Exit codes are part of the contract with automation: 0 ok, 1 failure, 2 invalid input (bad
+//! plan, unknown rollout, a command the rollout's state does not allow), 3 a rollout needs
+//! attention (waiting for approval, held, rolled back, rejected, aborted), 4 the store is in use.
+//! Logs go to stderr through tracing (`RUST_LOG`); stdout carries only the command's output.
+
+mod commands;
+mod demo;
+mod text;
+pub mod view;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::engine::EngineError;
+use crate::store::StoreError;
+
+/// Exit codes; see the module documentation.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const INVALID: u8 = 2;
+    pub const ATTENTION: u8 = 3;
+    pub const STORE_IN_USE: u8 = 4;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "phasegate",
+    version,
+    about = "Staged, gated, resumable rollouts of device-compliance and access policies",
+    long_about = None
+)]
+pub struct Cli {
+    /// Store directory [default: $PHASEGATE_STORE, else the per-user data directory]
+    #[arg(long, global = true, env = "PHASEGATE_STORE", value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Output format
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check or show rollout plans
+    #[command(subcommand)]
+    Plan(PlanCommand),
+    /// Create a rollout from a plan; prints its id
+    Start {
+        file: PathBuf,
+        /// Rollout id [default: <plan name>-<n>]
+        #[arg(long)]
+        id: Option<String>,
+        /// Who starts it [default: the OS user]
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Drive rollouts until each is completed or needs a person
+    Run {
+        /// Only this rollout [default: every rollout that can move]
+        id: Option<String>,
+        /// One pass over what is due now, without waiting (for cron)
+        #[arg(long)]
+        once: bool,
+    },
+    /// Show one rollout or all
+    Status { id: Option<String> },
+    /// Approve the promotion of a phase
+    Approve {
+        id: String,
+        #[arg(long)]
+        by: Option<String>,
+        /// The phase [default: the one waiting for approval]
+        #[arg(long)]
+        phase: Option<String>,
+        /// Change ticket or request reference
+        #[arg(long)]
+        ticket: Option<String>,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Reject the promotion of a phase
+    Reject {
+        id: String,
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long)]
+        phase: Option<String>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Pause a rollout; only a person resumes it
+    Pause {
+        id: String,
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Resume a paused, rolled back, rejected or failed rollout (or extend an expired hold)
+    Resume {
+        id: String,
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Roll back to an earlier phase (by one phase unless --to is given)
+    Rollback {
+        id: String,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Abort: restore the configuration from before the rollout
+    Abort {
+        id: String,
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// The audit trail of a rollout
+    History {
+        id: String,
+        /// Check the hash chain; exit 1 if it is broken
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Run a complete four-phase rollout over a simulated fleet in a temporary store
+    Demo {
+        #[arg(long, default_value_t = 10_000)]
+        devices: u32,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PlanCommand {
+    /// Validate plans; exit 2 if any is invalid
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show a plan's phases, order and gates
+    Show {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = ShowFormat::Text)]
+        format: ShowFormat,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ShowFormat {
+    Text,
+    Dot,
+}
+
+/// A command's failure, with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn invalid(message: impl Into<String>) -> Failure {
+        Failure {
+            code: exit::INVALID,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<EngineError> for Failure {
+    fn from(err: EngineError) -> Failure {
+        let code = match &err {
+            EngineError::Store(StoreError::InUse { .. }) => exit::STORE_IN_USE,
+            EngineError::Store(StoreError::NotFound(_) | StoreError::AlreadyExists(_))
+            | EngineError::Rejected(_)
+            | EngineError::Plan(_) => exit::INVALID,
+            _ => exit::FAILURE,
+        };
+        Failure {
+            code,
+            message: err.to_string(),
+        }
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(err: StoreError) -> Failure {
+        Failure::from(EngineError::Store(err))
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(err: anyhow::Error) -> Failure {
+        match err.downcast::<StoreError>() {
+            Ok(store) => Failure::from(store),
+            Err(other) => Failure {
+                code: exit::FAILURE,
+                message: format!("{other:#}"),
+            },
+        }
+    }
+}
+
+pub type CommandResult = Result<u8, Failure>;
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a single-threaded runtime always builds");
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("error: {}", failure.message.trim_end());
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+async fn dispatch(cli: Cli) -> CommandResult {
+    let store = cli.store.clone().unwrap_or_else(default_store);
+    let ctx = commands::Context {
+        store,
+        output: cli.output,
+    };
+    match cli.command {
+        Command::Plan(PlanCommand::Check { files }) => commands::plan_check(&ctx, &files),
+        Command::Plan(PlanCommand::Show { file, format }) => {
+            commands::plan_show(&ctx, &file, format == ShowFormat::Dot)
+        }
+        Command::Start { file, id, by } => commands::start(&ctx, &file, id, &by_or_user(by)).await,
+        Command::Run { id, once } => commands::run(&ctx, id.as_deref(), once).await,
+        Command::Status { id } => commands::status(&ctx, id.as_deref()),
+        Command::Approve {
+            id,
+            by,
+            phase,
+            ticket,
+            comment,
+        } => commands::approve(&ctx, &id, &by_or_user(by), phase, ticket, comment).await,
+        Command::Reject {
+            id,
+            by,
+            phase,
+            reason,
+        } => commands::reject(&ctx, &id, &by_or_user(by), phase, &reason).await,
+        Command::Pause { id, by, reason } => {
+            commands::simple(&ctx, &id, commands::Simple::Pause, &by_or_user(by), &reason).await
+        }
+        Command::Resume { id, by, reason } => {
+            commands::simple(
+                &ctx,
+                &id,
+                commands::Simple::Resume,
+                &by_or_user(by),
+                &reason,
+            )
+            .await
+        }
+        Command::Rollback { id, to, by, reason } => {
+            commands::simple(
+                &ctx,
+                &id,
+                commands::Simple::Rollback(to),
+                &by_or_user(by),
+                &reason,
+            )
+            .await
+        }
+        Command::Abort { id, by, reason } => {
+            commands::simple(&ctx, &id, commands::Simple::Abort, &by_or_user(by), &reason).await
+        }
+        Command::History { id, verify } => commands::history(&ctx, &id, verify),
+        Command::Demo { devices, seed } => demo::run(ctx.output, devices, seed).await,
+    }
+}
+
+fn default_store() -> PathBuf {
+    dirs::data_dir()
+        .map(|d| d.join("phasegate"))
+        .unwrap_or_else(|| PathBuf::from(".phasegate"))
+}
+
+fn by_or_user(by: Option<String>) -> String {
+    by.or_else(|| std::env::var("USER").ok())
+        .or_else(|| std::env::var("USERNAME").ok())
+        .filter(|name| !name.trim().is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}

@@ -1,0 +1,322 @@
+//! Text renderings for people: tables for plans and rollouts, the audit trail, Graphviz.
+
+use std::fmt::Write;
+
+use petgraph::dot::{Config, Dot};
+use serde::Serialize;
+
+use super::view::{self, elapsed};
+use crate::domain::plan::{Gate, Plan, RollbackWhen};
+use crate::domain::rollout::Rollout;
+use crate::domain::time::format_span;
+use crate::engine::Loaded;
+use crate::store::EventRecord;
+
+fn gate_summary(gate: &Gate) -> String {
+    let mut parts = Vec::new();
+    if let Some(max) = gate.max_noncompliant_ratio {
+        parts.push(format!("noncompliant ≤ {max}"));
+    }
+    if let Some(max) = gate.max_noncompliant {
+        parts.push(format!("noncompliant ≤ {max} devices"));
+    }
+    if let Some(min) = gate.min_reporting {
+        parts.push(format!("reporting ≥ {min}"));
+    }
+    if let Some(max) = gate.max_errors {
+        parts.push(format!("errors ≤ {max}"));
+    }
+    if gate.approvals > 0 {
+        parts.push(format!(
+            "{} approval{}",
+            gate.approvals,
+            if gate.approvals == 1 { "" } else { "s" }
+        ));
+    }
+    if parts.is_empty() {
+        "data only".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn rollback_summary(rollback: &RollbackWhen) -> String {
+    let mut parts = Vec::new();
+    if let Some(r) = rollback.noncompliant_ratio_above {
+        parts.push(format!("noncompliant > {r}"));
+    }
+    if let Some(n) = rollback.noncompliant_above {
+        parts.push(format!("noncompliant > {n} devices"));
+    }
+    if let Some(n) = rollback.errors_above {
+        parts.push(format!("errors > {n}"));
+    }
+    if let Some(r) = rollback.blocked_ratio_above {
+        parts.push(format!("blocked > {r}"));
+    }
+    parts.join(", ")
+}
+
+pub fn plan_table(plan: &Plan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "plan {} ({} phases)", plan.name, plan.phases.len());
+    if !plan.description.is_empty() {
+        let _ = writeln!(out, "  {}", plan.description);
+    }
+    let _ = writeln!(
+        out,
+        "  policy: {} ({}){}",
+        plan.policy.compliance,
+        plan.policy.platform,
+        plan.policy
+            .conditional_access
+            .as_ref()
+            .map(|ca| format!(", Conditional Access: {ca}"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "  provider: {}, observed every {}",
+        plan.provider.kind(),
+        format_span(plan.observe_every)
+    );
+    let _ = writeln!(out);
+    for (n, &idx) in plan.order.iter().enumerate() {
+        let phase = &plan.phases[idx];
+        let after: Vec<&str> = phase
+            .after
+            .iter()
+            .map(|&i| plan.phases[i].id.as_str())
+            .collect();
+        let _ = writeln!(out, "{}. {} [{}]", n + 1, phase.id, phase.mode);
+        if !phase.description.is_empty() {
+            let _ = writeln!(out, "     {}", phase.description);
+        }
+        let exclude = if phase.exclude.is_empty() {
+            String::new()
+        } else {
+            format!(" except {}", phase.exclude.join(", "))
+        };
+        let _ = writeln!(out, "     scope: {}{exclude}", phase.include.join(", "));
+        if !after.is_empty() {
+            let _ = writeln!(out, "     after: {}", after.join(", "));
+        }
+        let grace = phase
+            .grace
+            .map(|g| format!(", grace {}", format_span(g)))
+            .unwrap_or_default();
+        let _ = writeln!(out, "     soak: {}{grace}", format_span(phase.min_soak));
+        let _ = writeln!(
+            out,
+            "     gate: {} (stale after {}, hold up to {})",
+            gate_summary(&phase.gate),
+            format_span(phase.gate.stale_after),
+            format_span(phase.gate.max_hold)
+        );
+        if !phase.rollback_when.is_empty() {
+            let _ = writeln!(
+                out,
+                "     rollback when: {}",
+                rollback_summary(&phase.rollback_when)
+            );
+        }
+    }
+    out
+}
+
+pub fn plan_dot(plan: &Plan) -> String {
+    let graph = plan.graph();
+    format!("{:?}\n", Dot::with_config(&graph, &[Config::EdgeNoLabel]))
+}
+
+#[derive(Serialize)]
+pub struct PlanJson {
+    name: String,
+    description: String,
+    hash: String,
+    policy: String,
+    platform: String,
+    conditional_access: Option<String>,
+    provider: String,
+    observe_every_secs: u64,
+    order: Vec<String>,
+    phases: Vec<PhaseJson>,
+}
+
+#[derive(Serialize)]
+struct PhaseJson {
+    id: String,
+    mode: String,
+    include: Vec<String>,
+    exclude: Vec<String>,
+    after: Vec<String>,
+    min_soak_secs: u64,
+    grace_secs: Option<u64>,
+    gate: String,
+    rollback_when: String,
+}
+
+pub fn plan_json(plan: &Plan) -> PlanJson {
+    PlanJson {
+        name: plan.name.clone(),
+        description: plan.description.clone(),
+        hash: plan.hash.clone(),
+        policy: plan.policy.compliance.clone(),
+        platform: plan.policy.platform.to_string(),
+        conditional_access: plan.policy.conditional_access.clone(),
+        provider: plan.provider.kind().to_string(),
+        observe_every_secs: plan.observe_every.as_secs(),
+        order: plan
+            .order
+            .iter()
+            .map(|&i| plan.phases[i].id.clone())
+            .collect(),
+        phases: plan
+            .phases
+            .iter()
+            .map(|p| PhaseJson {
+                id: p.id.clone(),
+                mode: p.mode.to_string(),
+                include: p.include.clone(),
+                exclude: p.exclude.clone(),
+                after: p.after.iter().map(|&i| plan.phases[i].id.clone()).collect(),
+                min_soak_secs: p.min_soak.as_secs(),
+                grace_secs: p.grace.map(|g| g.as_secs()),
+                gate: gate_summary(&p.gate),
+                rollback_when: rollback_summary(&p.rollback_when),
+            })
+            .collect(),
+    }
+}
+
+pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}  {}  (plan {}, started by {} at {})",
+        rollout.id, rollout.status, rollout.plan_name, rollout.created_by, rollout.created_at
+    );
+    let _ = writeln!(out, "  {}", rollout.reason);
+    if !rollout.pending.is_empty() {
+        let effects: Vec<String> = rollout
+            .pending
+            .iter()
+            .map(|p| format!("{} {}", p.effect.name(), p.id))
+            .collect();
+        let _ = writeln!(out, "  pending: {}", effects.join(", "));
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<14} {:<8} {:<18} {:>9} {:>9} {:>18} {:>8}  GATE",
+        "PHASE", "MODE", "STATE", "TARGETED", "REPORTED", "NONCOMPLIANT", "BLOCKED"
+    );
+    for (phase, record) in plan.phases.iter().zip(&rollout.phases) {
+        let (targeted, reported, noncompliant, blocked) = match &record.observation {
+            Some(o) => (
+                view::thousands(o.tally.targeted),
+                view::thousands(o.tally.reported()),
+                format!(
+                    "{} ({})",
+                    view::thousands(o.tally.failing()),
+                    o.tally
+                        .noncompliant_ratio()
+                        .map_or("-".to_string(), crate::domain::plan::format_percent)
+                ),
+                view::thousands(o.tally.blocked),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let gate = match &record.verdict {
+            Some(v) if v.outcome == crate::domain::gate::GateOutcome::Pass => "pass".to_string(),
+            Some(v) => format!("{}: {}", v.outcome.as_str(), v.reasons.join("; ")),
+            None => "-".to_string(),
+        };
+        let approvals = if phase.gate.approvals > 0 {
+            format!(
+                "  [approvals {}/{}]",
+                record.approvals.len(),
+                phase.gate.approvals
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "{:<14} {:<8} {:<18} {:>9} {:>9} {:>18} {:>8}  {gate}{approvals}",
+            phase.id,
+            phase.mode.as_str(),
+            record.state.as_str(),
+            targeted,
+            reported,
+            noncompliant,
+            blocked
+        );
+    }
+    out
+}
+
+pub fn rollout_list(loaded: &[Loaded]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<28} {:<18} {:<16} {:<21} REASON",
+        "ROLLOUT", "STATUS", "PHASE", "UPDATED"
+    );
+    for l in loaded {
+        let rollout = &l.stored.rollout;
+        let phase = rollout.current_phases().join(",");
+        let _ = writeln!(
+            out,
+            "{:<28} {:<18} {:<16} {:<21} {}",
+            rollout.id,
+            rollout.status.as_str(),
+            if phase.is_empty() { "-" } else { &phase },
+            rollout.updated_at.rfc3339(),
+            rollout.reason
+        );
+    }
+    out
+}
+
+pub fn history(events: &[EventRecord]) -> String {
+    let mut out = String::new();
+    let start = events.first().map(|e| e.at);
+    for record in events {
+        let since = start.map(|s| elapsed(s, record.at)).unwrap_or_default();
+        let _ = writeln!(out, "{}  {since}", view::event_line(record));
+        if let crate::domain::event::EventKind::ApprovalGranted {
+            phase,
+            ticket,
+            comment,
+        } = &record.event.kind
+        {
+            let ticket = ticket
+                .as_ref()
+                .map(|t| format!(" ticket {t}"))
+                .unwrap_or_default();
+            let comment = comment
+                .as_ref()
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
+            let _ = writeln!(out, "        approves `{phase}`{ticket}{comment}");
+        }
+        if let crate::domain::event::EventKind::Observed { observations } = &record.event.kind {
+            for o in observations {
+                let _ = writeln!(out, "        {}: {}", o.phase, view::tally_line(&o.tally));
+            }
+        }
+        for note in &record.notes {
+            let _ = writeln!(out, "        · {note}");
+        }
+        if !record.effects.is_empty() {
+            let effects: Vec<String> = record
+                .effects
+                .iter()
+                .map(|p| format!("{} {}", p.effect.name(), p.id))
+                .collect();
+            let _ = writeln!(out, "        → {}", effects.join(", "));
+        }
+    }
+    out
+}

@@ -1,0 +1,290 @@
+//! The JSON shapes of `--output json`. They are a contract for scripts and change pipelines, so
+//! they are built here, separately from the domain types, and documented in `docs/cli.md`; add
+//! fields freely, never rename or remove one.
+
+use serde::Serialize;
+
+use crate::domain::gate::{GateVerdict, Tally};
+use crate::domain::plan::{Plan, format_percent};
+use crate::domain::rollout::{PhaseState, Rollout};
+use crate::domain::time::{Timestamp, format_span};
+use crate::store::EventRecord;
+
+#[derive(Serialize)]
+pub struct RolloutView {
+    pub id: String,
+    pub plan: String,
+    pub plan_hash: String,
+    pub status: String,
+    pub reason: String,
+    pub needs_attention: bool,
+    pub current_phase: Option<String>,
+    pub current_phases: Vec<String>,
+    pub created_by: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub events: u64,
+    pub pending_effects: Vec<String>,
+    pub phases: Vec<PhaseView>,
+}
+
+#[derive(Serialize)]
+pub struct PhaseView {
+    pub id: String,
+    pub mode: String,
+    pub state: String,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub after: Vec<String>,
+    pub applied_at: Option<String>,
+    pub soak_until: Option<String>,
+    pub promoted_at: Option<String>,
+    pub holds: u32,
+    pub held_since: Option<String>,
+    pub hold_expired: bool,
+    pub approvals: ApprovalsView,
+    pub observation: Option<ObservationView>,
+    pub gate: Option<GateView>,
+}
+
+#[derive(Serialize)]
+pub struct ApprovalsView {
+    pub required: u32,
+    pub granted: Vec<ApprovalView>,
+}
+
+#[derive(Serialize)]
+pub struct ApprovalView {
+    pub by: String,
+    pub at: String,
+    pub ticket: Option<String>,
+    pub comment: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct ObservationView {
+    pub at: String,
+    pub targeted: u64,
+    pub reported: u64,
+    pub compliant: u64,
+    pub noncompliant: u64,
+    pub in_grace: u64,
+    pub errors: u64,
+    pub conflicts: u64,
+    pub unknown: u64,
+    pub stale: u64,
+    pub blocked: u64,
+}
+
+#[derive(Serialize)]
+pub struct GateView {
+    pub outcome: String,
+    pub reasons: Vec<String>,
+    pub evidence: EvidenceView,
+}
+
+#[derive(Serialize)]
+pub struct EvidenceView {
+    pub observed_at: String,
+    pub noncompliant_ratio: Option<f64>,
+    pub coverage: Option<f64>,
+    pub failing: u64,
+    pub reported: u64,
+    pub targeted: u64,
+    pub errors: u64,
+    pub blocked: u64,
+}
+
+pub fn observation_view(at: Timestamp, tally: &Tally) -> ObservationView {
+    ObservationView {
+        at: at.rfc3339(),
+        targeted: tally.targeted,
+        reported: tally.reported(),
+        compliant: tally.compliant,
+        noncompliant: tally.noncompliant,
+        in_grace: tally.in_grace,
+        errors: tally.errors,
+        conflicts: tally.conflicts,
+        unknown: tally.unknown,
+        stale: tally.stale,
+        blocked: tally.blocked,
+    }
+}
+
+pub fn gate_view(verdict: &GateVerdict) -> GateView {
+    let tally = &verdict.evidence.tally;
+    GateView {
+        outcome: verdict.outcome.as_str().to_string(),
+        reasons: verdict.reasons.clone(),
+        evidence: EvidenceView {
+            observed_at: verdict.evidence.observed_at.rfc3339(),
+            noncompliant_ratio: verdict.evidence.noncompliant_ratio,
+            coverage: verdict.evidence.coverage,
+            failing: tally.failing(),
+            reported: tally.reported(),
+            targeted: tally.targeted,
+            errors: tally.errors,
+            blocked: tally.blocked,
+        },
+    }
+}
+
+pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
+    let current: Vec<String> = rollout
+        .current_phases()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    RolloutView {
+        id: rollout.id.clone(),
+        plan: rollout.plan_name.clone(),
+        plan_hash: rollout.plan_hash.clone(),
+        status: rollout.status.as_str().to_string(),
+        reason: rollout.reason.clone(),
+        needs_attention: rollout.status.needs_attention(),
+        current_phase: current.first().cloned(),
+        current_phases: current,
+        created_by: rollout.created_by.clone(),
+        created_at: rollout.created_at.rfc3339(),
+        updated_at: rollout.updated_at.rfc3339(),
+        events: rollout.last_seq,
+        pending_effects: rollout
+            .pending
+            .iter()
+            .map(|p| format!("{} {}", p.effect.name(), p.id))
+            .collect(),
+        phases: plan
+            .phases
+            .iter()
+            .zip(&rollout.phases)
+            .map(|(phase, record)| PhaseView {
+                id: phase.id.clone(),
+                mode: phase.mode.as_str().to_string(),
+                state: record.state.as_str().to_string(),
+                include: phase.include.clone(),
+                exclude: phase.exclude.clone(),
+                after: phase
+                    .after
+                    .iter()
+                    .map(|&i| plan.phases[i].id.clone())
+                    .collect(),
+                applied_at: record.applied_at.map(Timestamp::rfc3339),
+                soak_until: record
+                    .applied_at
+                    .filter(|_| record.state != PhaseState::Promoted)
+                    .map(|at| at.plus(phase.min_soak).rfc3339()),
+                promoted_at: record.promoted_at.map(Timestamp::rfc3339),
+                holds: record.holds,
+                held_since: record.held_since.map(Timestamp::rfc3339),
+                hold_expired: record.hold_expired,
+                approvals: ApprovalsView {
+                    required: phase.gate.approvals,
+                    granted: record
+                        .approvals
+                        .iter()
+                        .map(|a| ApprovalView {
+                            by: a.by.clone(),
+                            at: a.at.rfc3339(),
+                            ticket: a.ticket.clone(),
+                            comment: a.comment.clone(),
+                        })
+                        .collect(),
+                },
+                observation: record
+                    .observation
+                    .as_ref()
+                    .map(|o| observation_view(o.at, &o.tally)),
+                gate: record.verdict.as_ref().map(gate_view),
+            })
+            .collect(),
+    }
+}
+
+/// One line of a tally for people: `targeted 5,012  reported 4,870  noncompliant 212 (4.35%)  blocked 0`.
+pub fn tally_line(tally: &Tally) -> String {
+    format!(
+        "targeted {}  reported {}  noncompliant {} ({})  blocked {}",
+        thousands(tally.targeted),
+        thousands(tally.reported()),
+        thousands(tally.failing()),
+        tally
+            .noncompliant_ratio()
+            .map_or_else(|| "-".to_string(), format_percent),
+        thousands(tally.blocked)
+    )
+}
+
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `+3d 04:00` since `start`.
+pub fn elapsed(start: Timestamp, at: Timestamp) -> String {
+    let span = at.since(start).as_secs();
+    format!(
+        "+{}d {:02}:{:02}",
+        span / 86_400,
+        (span / 3600) % 24,
+        (span / 60) % 60
+    )
+}
+
+pub fn span(start: Timestamp, end: Timestamp) -> String {
+    format_span(end.since(start))
+}
+
+/// A one-line summary of an audit-trail entry.
+pub fn event_line(record: &EventRecord) -> String {
+    let trigger = &record.event.trigger;
+    let who = if trigger.reason.is_empty() {
+        format!("{} {}", trigger.source.as_str(), trigger.actor)
+    } else {
+        format!(
+            "{} {}: {}",
+            trigger.source.as_str(),
+            trigger.actor,
+            trigger.reason
+        )
+    };
+    let status = if record.previous_status == record.status {
+        record.status.as_str().to_string()
+    } else {
+        format!("{} → {}", record.previous_status, record.status)
+    };
+    format!(
+        "#{:<4} {}  {:<18} {:<30} [{}]",
+        record.seq,
+        record.at.rfc3339(),
+        record.event.kind.name(),
+        who,
+        status
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_grouped_by_thousands() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1234567), "1,234,567");
+    }
+
+    #[test]
+    fn elapsed_time_reads_as_days_and_clock() {
+        let start = Timestamp::from_millis(0);
+        let at = Timestamp::from_millis(((3 * 24 + 4) * 3600 + 30 * 60) * 1000);
+        assert_eq!(elapsed(start, at), "+3d 04:30");
+    }
+}

@@ -1,0 +1,512 @@
+//! The imperative shell around the state machine: load, step, commit, act.
+//!
+//! Every change to a rollout goes through [`Engine::apply`]: the pure machine computes the next
+//! rollout and its effects, the store commits and flushes them with the event, and only then does
+//! [`Engine::drive`] carry out the effects through the provider. Each effect's outcome comes back
+//! as another event. A process killed at any point resumes from the store: committed effects that
+//! were not confirmed are still pending and are carried out again, and since providers reconcile
+//! (read, compare, write the difference) doing one twice changes nothing.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::domain::event::{Effect, Event, EventKind, PendingEffect, Trigger, TriggerSource};
+use crate::domain::gate;
+use crate::domain::machine::{self, Rejection};
+use crate::domain::plan::{self, Plan, PlanErrors};
+use crate::domain::rollout::{PhaseObservation, Rollout, RolloutStatus};
+use crate::domain::time::Timestamp;
+use crate::provider::{PhaseScope, Provider, ProviderError};
+use crate::store::{EventRecord, PlanRecord, Store, StoreError, StoredRollout};
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Provider(#[from] ProviderError),
+    #[error("{0}")]
+    Rejected(#[from] Rejection),
+    #[error("the plan is invalid:\n{0}")]
+    Plan(PlanErrors),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Why [`Engine::drive`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriveOutcome {
+    /// Nothing more happens without a person (or the rollout is finished).
+    Stopped(RolloutStatus),
+    /// Nothing to do before this (wall-clock) time.
+    WaitUntil(Timestamp),
+}
+
+/// How far one call of [`Engine::drive`] goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// Do what is due now, never wait (cron-style `run --once`).
+    Once,
+    /// Keep going; jump virtual time, return only to wait for real time or a person.
+    Continuous,
+}
+
+/// A rollout loaded with the plan it runs.
+pub struct Loaded {
+    pub stored: StoredRollout,
+    pub plan: Plan,
+    pub plan_record: PlanRecord,
+}
+
+/// Receives every committed event (for progress output).
+pub type Observer<'a> = &'a mut dyn FnMut(&Plan, &Rollout, &EventRecord);
+
+pub struct Engine<'s> {
+    pub store: &'s Store,
+    /// Recorded as the actor of automatic events (`run`, `demo`).
+    pub actor: String,
+    pub retry: RetryPolicy,
+}
+
+/// How often and how patiently a failing provider call is retried.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 6,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Capped exponential backoff with deterministic jitter, or what the backend asked for.
+    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>, jitter_seed: u64) -> Duration {
+        if let Some(asked) = retry_after {
+            return asked.min(self.max_delay.max(asked));
+        }
+        let exponential = self
+            .base_delay
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max_delay);
+        let jitter = (jitter_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) % 1000;
+        exponential.mul_f64(0.5 + jitter as f64 / 2000.0)
+    }
+}
+
+pub fn load(store: &Store, id: &str) -> Result<Loaded, EngineError> {
+    let stored = store.rollout(id)?;
+    let plan_record = store.plan(id, &stored.rollout.plan_hash)?;
+    let plan = plan::parse(&plan_record.path, &plan_record.source).map_err(EngineError::Plan)?;
+    stored
+        .rollout
+        .check_invariants(&plan)
+        .map_err(|e| EngineError::Invalid(format!("rollout `{id}` is inconsistent: {e}")))?;
+    Ok(Loaded {
+        stored,
+        plan,
+        plan_record,
+    })
+}
+
+fn wall_clock() -> Timestamp {
+    Timestamp::from_system_time(std::time::SystemTime::now())
+}
+
+impl Engine<'_> {
+    /// Creates and starts a rollout (its effects run on the next `drive`).
+    pub async fn start(
+        &self,
+        plan: &Plan,
+        plan_record: PlanRecord,
+        id: &str,
+        by: &str,
+        provider: &mut dyn Provider,
+    ) -> Result<EventRecord, EngineError> {
+        provider.preflight(plan).await?;
+        let now = provider.now();
+        let rollout = Rollout::new(id, plan, by, now);
+        let event = Event {
+            kind: EventKind::Start {
+                plan_hash: plan.hash.clone(),
+            },
+            trigger: Trigger::user(by, "rollout started"),
+        };
+        let transition = machine::step(plan, &rollout, &event, now)?;
+        let record = event_record(&rollout, &transition, event, now);
+        Ok(self
+            .store
+            .create(&transition.rollout, record, &plan_record)?)
+    }
+
+    /// Applies one event and commits the result; `None` if it changed nothing.
+    pub fn apply(
+        &self,
+        loaded: &mut Loaded,
+        event: Event,
+        now: Timestamp,
+        baseline: Option<&serde_json::Value>,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let transition = machine::step(&loaded.plan, &loaded.stored.rollout, &event, now)?;
+        if transition.rollout == loaded.stored.rollout {
+            return Ok(None);
+        }
+        transition
+            .rollout
+            .check_invariants(&loaded.plan)
+            .map_err(|e| {
+                EngineError::Invalid(format!("refusing an inconsistent transition: {e}"))
+            })?;
+        let plan_record =
+            matches!(event.kind, EventKind::PlanChanged { .. }).then_some(&loaded.plan_record);
+        let record = event_record(&loaded.stored.rollout, &transition, event, now);
+        let record = self.store.commit(
+            &loaded.stored,
+            &transition.rollout,
+            record,
+            plan_record,
+            baseline,
+        )?;
+        loaded.stored = StoredRollout {
+            rollout: Rollout {
+                last_seq: record.seq,
+                ..transition.rollout
+            },
+            last_hash: record.hash.clone(),
+        };
+        Ok(Some(record))
+    }
+
+    /// A person's command on a rollout (approve, pause, rollback, ...).
+    pub fn submit(
+        &self,
+        id: &str,
+        kind: EventKind,
+        by: &str,
+        reason: &str,
+        provider: &dyn Provider,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let mut loaded = load(self.store, id)?;
+        let event = Event {
+            kind,
+            trigger: Trigger::user(by, reason),
+        };
+        self.apply(&mut loaded, event, provider.now(), None)
+    }
+
+    /// Picks up a changed plan file; errors leave the rollout untouched.
+    fn notice_plan_change(
+        &self,
+        loaded: &mut Loaded,
+        provider: &dyn Provider,
+        observer: Observer<'_>,
+    ) -> Result<(), EngineError> {
+        let path = loaded.plan_record.path.clone();
+        let Ok(source) = std::fs::read_to_string(&path) else {
+            tracing::debug!(%path, "plan file not readable; running the stored plan");
+            return Ok(());
+        };
+        let hash = plan::hash_source(&source);
+        if hash == loaded.stored.rollout.plan_hash {
+            return Ok(());
+        }
+        let new_plan = plan::parse(&path, &source).map_err(EngineError::Plan)?;
+        let old = std::mem::replace(&mut loaded.plan, new_plan);
+        let old_record = std::mem::replace(
+            &mut loaded.plan_record,
+            PlanRecord {
+                path: path.clone(),
+                source,
+                hash: hash.clone(),
+            },
+        );
+        let event = Event {
+            kind: EventKind::PlanChanged { plan_hash: hash },
+            trigger: Trigger::new(
+                TriggerSource::Internal,
+                &self.actor,
+                format!("{path} changed"),
+            ),
+        };
+        match self.apply(loaded, event, provider.now(), None) {
+            Ok(record) => {
+                if let Some(record) = record {
+                    observer(&loaded.plan, &loaded.stored.rollout, &record);
+                }
+                Ok(())
+            }
+            Err(err) => {
+                loaded.plan = old;
+                loaded.plan_record = old_record;
+                Err(err)
+            }
+        }
+    }
+
+    /// Drives one rollout as far as `pace` allows.
+    pub async fn drive(
+        &self,
+        id: &str,
+        provider: &mut dyn Provider,
+        pace: Pace,
+        observer: Observer<'_>,
+    ) -> Result<DriveOutcome, EngineError> {
+        let mut loaded = load(self.store, id)?;
+        if !matches!(
+            loaded.stored.rollout.status,
+            RolloutStatus::Completed | RolloutStatus::Aborted
+        ) {
+            self.notice_plan_change(&mut loaded, provider, observer)?;
+        }
+        loop {
+            let rollout = &loaded.stored.rollout;
+            if let Some(pending) = rollout.pending.first().cloned()
+                && rollout.status != RolloutStatus::Failed
+            {
+                let record = self.carry_out(&mut loaded, &pending, provider).await?;
+                if let Some(record) = record {
+                    observer(&loaded.plan, &loaded.stored.rollout, &record);
+                }
+                continue;
+            }
+            let rollout = &loaded.stored.rollout;
+            if should_stop(rollout) {
+                return Ok(DriveOutcome::Stopped(rollout.status));
+            }
+            let now = provider.now();
+            let agenda = machine::agenda(&loaded.plan, rollout, now);
+            if !agenda.observe.is_empty() {
+                let record = self.observe(&mut loaded, &agenda.observe, provider).await?;
+                if let Some(record) = record {
+                    observer(&loaded.plan, &loaded.stored.rollout, &record);
+                }
+                continue;
+            }
+            let Some(wake_at) = agenda.wake_at else {
+                return Ok(DriveOutcome::Stopped(rollout.status));
+            };
+            if pace == Pace::Once || !provider.is_virtual() {
+                return Ok(DriveOutcome::WaitUntil(wake_at));
+            }
+            provider.advance_to(wake_at).await?;
+            let tick = Event {
+                kind: EventKind::Tick,
+                trigger: Trigger::new(TriggerSource::Schedule, &self.actor, "deadline reached"),
+            };
+            if let Some(record) = self.apply(&mut loaded, tick, wake_at, None)? {
+                observer(&loaded.plan, &loaded.stored.rollout, &record);
+            }
+        }
+    }
+
+    /// Carries out one pending effect and records its outcome.
+    async fn carry_out(
+        &self,
+        loaded: &mut Loaded,
+        pending: &PendingEffect,
+        provider: &mut dyn Provider,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let target = loaded.plan.policy.clone();
+        let id = loaded.stored.rollout.id.clone();
+        let baseline = if pending.effect == Effect::RestoreBaseline {
+            Some(self.store.baseline(&id)?.ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "rollout `{id}` has no recorded baseline to restore"
+                ))
+            })?)
+        } else {
+            None
+        };
+        let jitter_seed = pending.id.seq << 8 | u64::from(pending.id.index);
+        let outcome =
+            retrying(
+                self.retry,
+                jitter_seed,
+                pending.effect.name(),
+                async || match &pending.effect {
+                    Effect::CaptureBaseline => provider
+                        .capture_baseline(&target)
+                        .await
+                        .map(|doc| (Some(doc), 0)),
+                    Effect::Reconcile { desired } => provider
+                        .reconcile(&target, desired)
+                        .await
+                        .map(|n| (None, n)),
+                    Effect::RestoreBaseline => provider
+                        .restore(&target, baseline.as_ref().expect("loaded above"))
+                        .await
+                        .map(|n| (None, n)),
+                },
+            )
+            .await;
+        let now = provider.now();
+        let provider_name = provider.describe();
+        let (kind, captured) = match outcome {
+            Ok((captured, changes)) => {
+                let kind = match pending.effect {
+                    Effect::CaptureBaseline => EventKind::BaselineCaptured { effect: pending.id },
+                    _ => EventKind::Reconciled {
+                        effect: pending.id,
+                        changes,
+                    },
+                };
+                (kind, captured)
+            }
+            Err(err) => (
+                EventKind::ProviderFailed {
+                    effect: Some(pending.id),
+                    error: err.message,
+                },
+                None,
+            ),
+        };
+        let event = Event {
+            kind,
+            trigger: Trigger::new(
+                TriggerSource::Provider,
+                &provider_name,
+                format!("effect {} ({})", pending.id, pending.effect.name()),
+            ),
+        };
+        self.apply(loaded, event, now, captured.as_ref())
+    }
+
+    async fn observe(
+        &self,
+        loaded: &mut Loaded,
+        phases: &[String],
+        provider: &mut dyn Provider,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let plan = &loaded.plan;
+        let scopes: Vec<PhaseScope> = phases
+            .iter()
+            .filter_map(|id| plan.phase_index(id))
+            .map(|idx| PhaseScope {
+                phase: plan.phases[idx].id.clone(),
+                include: plan.phases[idx].include.clone(),
+                exclude: plan.phases[idx].exclude.clone(),
+            })
+            .collect();
+        let target = plan.policy.clone();
+        let jitter_seed = loaded.stored.rollout.last_seq;
+        let reports = retrying(self.retry, jitter_seed, "observe", async || {
+            provider.observe(&target, &scopes).await
+        })
+        .await;
+        let now = provider.now();
+        let kind = match reports {
+            Ok(reports) => {
+                let observations = scopes
+                    .iter()
+                    .zip(reports)
+                    .map(|(scope, reports)| {
+                        let idx = plan
+                            .phase_index(&scope.phase)
+                            .expect("scopes come from the plan");
+                        PhaseObservation {
+                            phase: scope.phase.clone(),
+                            at: now,
+                            tally: gate::tally(&reports, plan.phases[idx].gate.stale_after, now),
+                        }
+                    })
+                    .collect();
+                EventKind::Observed { observations }
+            }
+            Err(err) => EventKind::ProviderFailed {
+                effect: None,
+                error: format!("observing {}: {}", phases.join(", "), err.message),
+            },
+        };
+        let event = Event {
+            kind,
+            trigger: Trigger::new(TriggerSource::Schedule, &self.actor, "observation due"),
+        };
+        self.apply(loaded, event, now, None)
+    }
+}
+
+/// The rollout cannot move on without a person, or is done.
+pub fn should_stop(rollout: &Rollout) -> bool {
+    use RolloutStatus::*;
+    match rollout.status {
+        Running | RollingBack | Aborting => false,
+        Held => rollout.phases.iter().any(|p| p.hold_expired),
+        Pending | WaitingApproval | Paused | RolledBack | Rejected | Aborted | Completed
+        | Failed => true,
+    }
+}
+
+async fn retrying<T>(
+    policy: RetryPolicy,
+    jitter_seed: u64,
+    what: &str,
+    mut call: impl AsyncFnMut() -> Result<T, ProviderError>,
+) -> Result<T, ProviderError> {
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Ok(value) => return Ok(value),
+            Err(err) if err.retryable && attempt + 1 < policy.attempts => {
+                let delay =
+                    policy.delay(attempt, err.retry_after, jitter_seed ^ u64::from(attempt));
+                tracing::warn!(what, attempt = attempt + 1, ?delay, error = %err, "provider call failed; retrying");
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+fn event_record(
+    before: &Rollout,
+    transition: &machine::Transition,
+    event: Event,
+    now: Timestamp,
+) -> EventRecord {
+    EventRecord {
+        seq: 0,
+        at: now,
+        recorded_at: wall_clock(),
+        event,
+        previous_status: before.status,
+        status: transition.rollout.status,
+        reason: transition.rollout.reason.clone(),
+        notes: transition.notes.clone(),
+        effects: transition.effects.clone(),
+        prev_hash: String::new(),
+        hash: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_honours_retry_after() {
+        let policy = RetryPolicy::default();
+        let first = policy.delay(0, None, 1);
+        let later = policy.delay(4, None, 1);
+        assert!(first < later);
+        assert!(policy.delay(30, None, 1) <= policy.max_delay);
+        assert_eq!(
+            policy.delay(0, Some(Duration::from_millis(2500)), 1),
+            Duration::from_millis(2500)
+        );
+    }
+
+    #[test]
+    fn jitter_is_deterministic() {
+        let policy = RetryPolicy::default();
+        assert_eq!(policy.delay(2, None, 42), policy.delay(2, None, 42));
+    }
+}
