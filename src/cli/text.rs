@@ -26,6 +26,9 @@ fn gate_summary(gate: &Gate) -> String {
     if let Some(max) = gate.max_errors {
         parts.push(format!("errors ≤ {max}"));
     }
+    if let Some(max) = gate.max_error_ratio {
+        parts.push(format!("errors ≤ {max}"));
+    }
     if gate.approvals > 0 {
         parts.push(format!(
             "{} approval{}",

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::plan::{Gate, Ratio, RollbackWhen, format_percent};
-use super::time::Timestamp;
+use super::time::{Timestamp, format_span};
 
 /// The compliance state a backend reports for one device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -80,6 +80,11 @@ impl Tally {
     pub fn noncompliant_ratio(&self) -> Option<f64> {
         let reported = self.reported();
         (reported > 0).then(|| self.failing() as f64 / reported as f64)
+    }
+
+    pub fn error_ratio(&self) -> Option<f64> {
+        let reported = self.reported();
+        (reported > 0).then(|| self.errors as f64 / reported as f64)
     }
 
     pub fn blocked_ratio(&self) -> Option<f64> {
@@ -177,7 +182,7 @@ pub fn evaluate(gate: &Gate, tally: &Tally, observed_at: Timestamp) -> GateVerdi
             format_percent(coverage),
             tally.reported(),
             tally.targeted,
-            humantime::format_duration(gate.stale_after)
+            format_span(gate.stale_after)
         ));
     }
     if let Some(max) = gate.max_noncompliant
@@ -204,6 +209,17 @@ pub fn evaluate(gate: &Gate, tally: &Tally, observed_at: Timestamp) -> GateVerdi
         failures.push(format!(
             "{} devices report errors, more than {max}",
             tally.errors
+        ));
+    }
+    if let Some(max) = gate.max_error_ratio
+        && let Some(ratio) = tally.error_ratio()
+        && ratio > max.fraction()
+    {
+        failures.push(format!(
+            "errors {} exceed {max} ({} of {} reporting devices)",
+            format_percent(ratio),
+            tally.errors,
+            tally.reported()
         ));
     }
     let (outcome, reasons) = if !failures.is_empty() {
@@ -236,7 +252,7 @@ fn pass_summary(gate: &Gate, tally: &Tally) -> String {
                 .map_or("-".into(), format_percent)
         ));
     }
-    if gate.max_errors.is_some() {
+    if gate.max_errors.is_some() || gate.max_error_ratio.is_some() {
         parts.push(format!("{} errors", tally.errors));
     }
     parts.join(", ")
@@ -303,6 +319,7 @@ mod tests {
             min_reporting: Ratio::parse_percent("90%"),
             stale_after: Duration::from_secs(72 * 3600),
             max_errors: Some(1),
+            max_error_ratio: None,
             approvals: 0,
             max_hold: DEFAULT_MAX_HOLD,
         }
@@ -413,6 +430,7 @@ mod tests {
             max_noncompliant_ratio: None,
             min_reporting: None,
             max_errors: None,
+            max_error_ratio: None,
             ..gate()
         };
         let silent = evaluate(&open, &counts(0, 0, 10), Timestamp::from_millis(0));

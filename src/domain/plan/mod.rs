@@ -162,6 +162,8 @@ pub struct Gate {
     /// A device whose last report is older than this counts as stale, never as compliant.
     pub stale_after: Duration,
     pub max_errors: Option<u64>,
+    /// Errors as a share of the devices that reported.
+    pub max_error_ratio: Option<Ratio>,
     pub approvals: u32,
     /// How long a failing gate may hold the rollout before it asks for a person.
     pub max_hold: Duration,
@@ -647,6 +649,7 @@ impl Checker<'_> {
             .duration_or(raw.stale_after.as_ref(), DEFAULT_STALE_AFTER)
             .filter(|d| self.positive(d, raw.stale_after.as_ref()));
         let max_errors = self.count(raw.max_errors.as_ref(), i64::MAX);
+        let max_error_ratio = self.ratio(raw.max_error_ratio.as_ref());
         let approvals = self.count(raw.approvals.as_ref(), 10);
         let max_hold = self.duration_or(raw.max_hold.as_ref(), DEFAULT_MAX_HOLD);
         Some(Gate {
@@ -655,6 +658,7 @@ impl Checker<'_> {
             min_reporting: min_reporting.ok()?,
             stale_after: stale_after?,
             max_errors: max_errors.ok()?,
+            max_error_ratio: max_error_ratio.ok()?,
             approvals: approvals.ok()?.unwrap_or(0) as u32,
             max_hold: max_hold?,
         })

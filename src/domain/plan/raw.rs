@@ -73,6 +73,7 @@ pub(super) struct RawGate {
     pub min_reporting: Option<Spanned<String>>,
     pub stale_after: Option<Spanned<String>>,
     pub max_errors: Option<Spanned<i64>>,
+    pub max_error_ratio: Option<Spanned<String>>,
     pub approvals: Option<Spanned<i64>>,
     pub max_hold: Option<Spanned<String>>,
 }

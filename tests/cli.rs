@@ -1,0 +1,428 @@
+//! End-to-end tests of the `phasegate` binary: plans, the demo, a rollout driven through
+//! approval and rollback, the audit trail, and store exclusivity. Each test gets its own store.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use phasegate::domain::plan::{self, ProviderSettings};
+use phasegate::provider::simulator::SimProvider;
+use phasegate::store::{DEFAULT_LOCK_WAIT, Store};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_phasegate");
+
+struct Phasegate {
+    store: tempfile::TempDir,
+}
+
+impl Phasegate {
+    fn new() -> Phasegate {
+        Phasegate {
+            store: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("PHASEGATE_STORE", self.store.path())
+            .env_remove("RUST_LOG")
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.run(&all);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: not JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited normally")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn phase<'v>(status: &'v Value, id: &str) -> &'v Value {
+    status["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id)
+        .unwrap_or_else(|| panic!("no phase {id} in {status}"))
+}
+
+#[test]
+fn the_example_plans_are_valid() {
+    let pg = Phasegate::new();
+    let plans: Vec<PathBuf> =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("plans"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+    assert!(plans.len() >= 3);
+    let mut args = vec!["plan", "check"];
+    let names: Vec<String> = plans.iter().map(|p| p.display().to_string()).collect();
+    args.extend(names.iter().map(String::as_str));
+    let out = pg.run(&args);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out).matches(": ok (").count(), plans.len());
+}
+
+#[test]
+fn a_broken_plan_exits_2_and_every_error_has_a_line_and_column() {
+    let pg = Phasegate::new();
+    let file = "tests/fixtures/broken-plan.toml";
+    let out = pg.run(&["plan", "check", file]);
+    assert_eq!(code(&out), 2);
+    let text = stderr(&out);
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(file))
+        .map(|l| &l[file.len()..])
+        .collect();
+    assert_eq!(errors.len(), 6, "{text}");
+    for error in &errors {
+        let mut parts = error.trim_start_matches(':').splitn(3, ':');
+        let line: usize = parts
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("{error}"));
+        let column: usize = parts
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("{error}"));
+        assert!(line > 0 && column > 0);
+    }
+    assert!(
+        text.contains("broken-plan.toml:23:19: unknown phase `pilto`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("broken-plan.toml:22:11: empty scope"),
+        "{text}"
+    );
+    assert!(
+        text.contains("broken-plan.toml:21:8: mode weakens along an edge"),
+        "{text}"
+    );
+    let json = pg.json(&["plan", "check", file]);
+    assert_eq!(json[0]["valid"], false);
+    assert_eq!(json[0]["errors"].as_array().unwrap().len(), 6);
+    assert_eq!(json[0]["errors"][0]["line"], 17);
+}
+
+#[test]
+fn plan_show_draws_the_graph() {
+    let pg = Phasegate::new();
+    let out = pg.run(&[
+        "plan",
+        "show",
+        "plans/ios-parallel-pilots.toml",
+        "--format",
+        "dot",
+    ]);
+    assert_eq!(code(&out), 0);
+    let dot = stdout(&out);
+    assert!(dot.starts_with("digraph"), "{dot}");
+    assert_eq!(
+        dot.matches("-> 2").count(),
+        2,
+        "both pilots join into report-only: {dot}"
+    );
+    let json = pg.json(&["plan", "show", "plans/ios-parallel-pilots.toml"]);
+    assert_eq!(json["order"][0], "pilot-it");
+}
+
+#[test]
+fn the_demo_completes_all_four_phases_with_one_after_a_hold() {
+    let pg = Phasegate::new();
+    let out = pg.run(&[
+        "demo",
+        "--devices",
+        "20000",
+        "--seed",
+        "7",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rollout = &report["rollout"];
+    assert_eq!(rollout["status"], "completed");
+    let phases = rollout["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 4);
+    assert!(phases.iter().all(|p| p["state"] == "promoted"), "{rollout}");
+    let held: Vec<&Value> = phases
+        .iter()
+        .filter(|p| p["holds"].as_u64() > Some(0))
+        .collect();
+    assert_eq!(held.len(), 1, "{rollout}");
+    assert_eq!(held[0]["id"], "notify");
+    let timeline = report["timeline"].as_array().unwrap();
+    assert!(
+        timeline
+            .iter()
+            .any(|m| m["what"].as_str().unwrap().starts_with("gate HOLD"))
+    );
+    assert!(
+        timeline
+            .iter()
+            .any(|m| m["what"].as_str().unwrap().contains("demo-approver"))
+    );
+}
+
+#[test]
+fn a_rollout_stops_for_approval_and_completes_once_approved() {
+    let pg = Phasegate::new();
+    let out = pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    assert_eq!(id, "windows-baseline-1");
+
+    let out = pg.run(&["run"]);
+    assert_eq!(code(&out), 3, "{}{}", stdout(&out), stderr(&out));
+    let status = pg.json(&["status", &id]);
+    assert_eq!(status["status"], "waiting_approval");
+    assert_eq!(status["current_phase"], "notify");
+    assert_eq!(phase(&status, "notify")["state"], "awaiting_approval");
+    assert_eq!(phase(&status, "notify")["gate"]["outcome"], "pass");
+    assert!(phase(&status, "notify")["holds"].as_u64().unwrap() >= 1);
+
+    let out = pg.run(&[
+        "approve",
+        &id,
+        "--by",
+        "bob",
+        "--ticket",
+        "CHG-7",
+        "--comment",
+        "CAB approved",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let status = pg.json(&["status", &id]);
+    assert_eq!(status["status"], "completed");
+    let approvals = &phase(&status, "notify")["approvals"]["granted"];
+    assert_eq!(approvals[0]["by"], "bob");
+    assert_eq!(approvals[0]["ticket"], "CHG-7");
+
+    let out = pg.run(&["history", &id, "--verify"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+#[test]
+fn rollback_moves_a_running_rollout_back_one_phase_and_history_says_who_and_why() {
+    let pg = Phasegate::new();
+    let id = stdout(&pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]))
+        .trim()
+        .to_string();
+    assert_eq!(code(&pg.run(&["run"])), 3);
+
+    let out = pg.run(&[
+        "rollback",
+        &id,
+        "--by",
+        "carol",
+        "--reason",
+        "helpdesk flooded",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let status = pg.json(&["status", &id]);
+    assert_eq!(status["status"], "rolling_back");
+    assert_eq!(status["current_phase"], "report-only");
+    assert_eq!(phase(&status, "notify")["state"], "rolled_back");
+
+    let out = pg.run(&["run", &id]);
+    assert_eq!(
+        code(&out),
+        3,
+        "rolled back needs attention: {}",
+        stdout(&out)
+    );
+    let status = pg.json(&["status", &id]);
+    assert_eq!(status["status"], "rolled_back");
+    assert_eq!(phase(&status, "report-only")["state"], "soaking");
+
+    let history = pg.json(&["history", &id]);
+    let rollback = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"]["kind"]["type"] == "rollback_requested")
+        .expect("the rollback is in the history");
+    assert_eq!(rollback["event"]["trigger"]["source"], "user");
+    assert_eq!(rollback["event"]["trigger"]["actor"], "carol");
+    assert_eq!(rollback["event"]["trigger"]["reason"], "helpdesk flooded");
+    assert!(rollback["at"].is_number() && rollback["recorded_at"].is_number());
+    let text = stdout(&pg.run(&["history", &id]));
+    assert!(text.contains("rollback_requested"), "{text}");
+    assert!(text.contains("user carol: helpdesk flooded"), "{text}");
+
+    // Resuming picks the rollout up again from report-only.
+    assert_eq!(code(&pg.run(&["resume", &id, "--by", "carol"])), 0);
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3);
+    assert_eq!(pg.json(&["status", &id])["status"], "waiting_approval");
+}
+
+#[test]
+fn commands_a_state_does_not_allow_exit_2() {
+    let pg = Phasegate::new();
+    let id = stdout(&pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]))
+        .trim()
+        .to_string();
+    let out = pg.run(&["approve", &id, "--by", "bob", "--phase", "enforce"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("only a running phase can be approved"),
+        "{}",
+        stderr(&out)
+    );
+    let out = pg.run(&["status", "no-such-rollout"]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("no rollout `no-such-rollout`"));
+}
+
+#[test]
+fn abort_restores_the_configuration_from_before_the_rollout() {
+    let pg = Phasegate::new();
+    let id = stdout(&pg.run(&["start", "plans/ios-parallel-pilots.toml", "--by", "alice"]))
+        .trim()
+        .to_string();
+    assert_eq!(code(&pg.run(&["run"])), 3);
+    let out = pg.run(&["abort", &id, "--by", "alice", "--reason", "wrong policy"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(pg.json(&["status", &id])["status"], "aborting");
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3);
+    let status = pg.json(&["status", &id]);
+    assert_eq!(status["status"], "aborted");
+    let phases = status["phases"].as_array().unwrap();
+    assert!(
+        phases
+            .iter()
+            .all(|p| p["state"] == "rolled_back" || p["state"] == "pending")
+    );
+    assert!(
+        phases
+            .iter()
+            .filter(|p| p["state"] == "rolled_back")
+            .count()
+            >= 3
+    );
+
+    // The simulated tenant's policy is back to what it was before the rollout: unassigned.
+    let store = Store::open(pg.store.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let plan = plan::parse(
+        "p",
+        &std::fs::read_to_string("plans/ios-parallel-pilots.toml").unwrap(),
+    )
+    .unwrap();
+    let ProviderSettings::Simulator(settings) = &plan.provider;
+    let tenant = SimProvider::open(settings, &store).unwrap();
+    let history = tenant.history(&plan.policy);
+    assert!(
+        history.len() >= 3,
+        "phases were applied, then restored: {history:?}"
+    );
+    assert!(history.last().unwrap().assignments.is_empty());
+}
+
+#[test]
+fn an_edited_audit_trail_fails_verification() {
+    let pg = Phasegate::new();
+    let id = stdout(&pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]))
+        .trim()
+        .to_string();
+    pg.run(&["run", "--once"]);
+    // Edit the first event in the store's database: who started the rollout.
+    {
+        let db = sled::open(pg.store.path().join("sled")).unwrap();
+        let events = db.open_tree("events").unwrap();
+        let (key, value) = events.iter().next().unwrap().unwrap();
+        let edited = String::from_utf8(value.to_vec())
+            .unwrap()
+            .replace("alice", "mallory");
+        events.insert(key, edited.as_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let out = pg.run(&["history", &id, "--verify"]);
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("event 1: content does not match its hash"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_second_run_on_the_same_store_exits_4() {
+    let pg = Phasegate::new();
+    let plan = std::fs::read_to_string("plans/windows-baseline.toml")
+        .unwrap()
+        .replace("devices = 10000", "devices = 400000");
+    let plan_path = pg.store.path().join("big.toml");
+    std::fs::write(&plan_path, plan).unwrap();
+    let out = pg.run(&["start", plan_path.to_str().unwrap(), "--by", "alice"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let first = pg.spawn(&["run"]);
+    // Wait until the first run holds the driver lock: it writes its pid once it has it.
+    let lock = pg.store.path().join("driver.lock");
+    let pid = first.id().to_string();
+    let held = (0..2000).any(|_| {
+        let holder = std::fs::read_to_string(&lock).unwrap_or_default();
+        if holder.contains(&pid) {
+            return true;
+        }
+        std::thread::yield_now();
+        std::thread::park_timeout(std::time::Duration::from_millis(5));
+        false
+    });
+    assert!(held, "the first run never took the lock");
+    let second = pg.run(&["run"]);
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(code(&second), 4, "{}", stderr(&second));
+    let message = stderr(&second);
+    assert!(
+        message.contains("is in use by another phasegate process"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&pg.store.path().display().to_string()),
+        "{message}"
+    );
+    assert!(message.contains(&pid), "names the holder: {message}");
+    assert_eq!(code(&first), 3, "{}", stderr(&first));
+}
