@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 
 use super::tests::{Harness, PLAN};
 use super::*;
@@ -243,7 +244,12 @@ fn run(text: &str, ops: &[Op]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(400))]
+    // Failing cases are kept beside this file (`proptests.regressions`) and replayed first.
+    #![proptest_config(ProptestConfig {
+        cases: 400,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn linear_plan_keeps_its_invariants(ops in proptest::collection::vec(op(), 1..120)) {
