@@ -426,3 +426,79 @@ fn a_second_run_on_the_same_store_exits_4() {
     assert!(message.contains(&pid), "names the holder: {message}");
     assert_eq!(code(&first), 3, "{}", stderr(&first));
 }
+
+/// The simulated tenant's configuration history for a plan in a store: every change phasegate
+/// made to the policy, with its (simulated) time.
+fn tenant_history(store: &Path, plan_file: &Path) -> Vec<(i64, String)> {
+    let store = Store::open(store, DEFAULT_LOCK_WAIT).unwrap();
+    let plan = plan::parse("p", &std::fs::read_to_string(plan_file).unwrap()).unwrap();
+    let ProviderSettings::Simulator(settings) = &plan.provider;
+    let tenant = SimProvider::open(settings, &store).unwrap();
+    tenant
+        .history(&plan.policy)
+        .iter()
+        .map(|entry| (entry.at.as_millis(), format!("{:?}", entry.assignments)))
+        .collect()
+}
+
+/// Runs `run` / `approve` until the rollout completes; returns how many runs it took.
+fn drive_to_completion(pg: &Phasegate, id: &str) -> usize {
+    for runs in 1..=10 {
+        let out = pg.run(&["run", id]);
+        match code(&out) {
+            0 => return runs,
+            3 => {
+                let approve = pg.run(&["approve", id, "--by", "bob"]);
+                assert_eq!(code(&approve), 0, "{}", stderr(&approve));
+            }
+            other => panic!("run exited {other}: {}", stderr(&out)),
+        }
+    }
+    panic!("the rollout did not complete");
+}
+
+#[test]
+fn a_run_killed_at_any_moment_resumes_without_repeating_or_skipping_a_change() {
+    let plan_text = std::fs::read_to_string("plans/windows-baseline.toml")
+        .unwrap()
+        .replace("devices = 10000", "devices = 200000");
+
+    // The reference: the same rollout, never interrupted.
+    let calm = Phasegate::new();
+    let calm_plan = calm.store.path().join("plan.toml");
+    std::fs::write(&calm_plan, &plan_text).unwrap();
+    let id = stdout(&calm.run(&["start", calm_plan.to_str().unwrap(), "--by", "alice"]))
+        .trim()
+        .to_string();
+    drive_to_completion(&calm, &id);
+    let reference = tenant_history(calm.store.path(), &calm_plan);
+    assert_eq!(reference.len(), 4, "one change per phase: {reference:?}");
+
+    // The same rollout, with `run` killed (SIGKILL) at staggered moments.
+    let rough = Phasegate::new();
+    let rough_plan = rough.store.path().join("plan.toml");
+    std::fs::write(&rough_plan, &plan_text).unwrap();
+    let out = rough.run(&["start", rough_plan.to_str().unwrap(), "--by", "alice"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let mut killed = 0;
+    for delay_ms in [3u64, 15, 40, 80, 120, 160, 220, 300] {
+        let mut child = rough.spawn(&["run", &id]);
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(
+        killed >= 4,
+        "only {killed} runs were still going when killed"
+    );
+    drive_to_completion(&rough, &id);
+
+    let status = rough.json(&["status", &id]);
+    assert_eq!(status["status"], "completed");
+    assert_eq!(code(&rough.run(&["history", &id, "--verify"])), 0);
+    // Every change made exactly once, in plan order, at the same simulated moments.
+    assert_eq!(tenant_history(rough.store.path(), &rough_plan), reference);
+}

@@ -337,7 +337,7 @@ pub enum Simple {
     Abort,
 }
 
-pub async fn approve(
+pub fn approve(
     ctx: &Context,
     id: &str,
     by: &str,
@@ -359,7 +359,7 @@ pub async fn approve(
     })
 }
 
-pub async fn reject(
+pub fn reject(
     ctx: &Context,
     id: &str,
     by: &str,
@@ -375,13 +375,7 @@ pub async fn reject(
     })
 }
 
-pub async fn simple(
-    ctx: &Context,
-    id: &str,
-    what: Simple,
-    by: &str,
-    reason: &str,
-) -> CommandResult {
+pub fn simple(ctx: &Context, id: &str, what: Simple, by: &str, reason: &str) -> CommandResult {
     let kind = match what {
         Simple::Pause => EventKind::PauseRequested,
         Simple::Resume => EventKind::ResumeRequested,

@@ -270,38 +270,32 @@ async fn dispatch(cli: Cli) -> CommandResult {
             phase,
             ticket,
             comment,
-        } => commands::approve(&ctx, &id, &by_or_user(by), phase, ticket, comment).await,
+        } => commands::approve(&ctx, &id, &by_or_user(by), phase, ticket, comment),
         Command::Reject {
             id,
             by,
             phase,
             reason,
-        } => commands::reject(&ctx, &id, &by_or_user(by), phase, &reason).await,
+        } => commands::reject(&ctx, &id, &by_or_user(by), phase, &reason),
         Command::Pause { id, by, reason } => {
-            commands::simple(&ctx, &id, commands::Simple::Pause, &by_or_user(by), &reason).await
+            commands::simple(&ctx, &id, commands::Simple::Pause, &by_or_user(by), &reason)
         }
-        Command::Resume { id, by, reason } => {
-            commands::simple(
-                &ctx,
-                &id,
-                commands::Simple::Resume,
-                &by_or_user(by),
-                &reason,
-            )
-            .await
-        }
-        Command::Rollback { id, to, by, reason } => {
-            commands::simple(
-                &ctx,
-                &id,
-                commands::Simple::Rollback(to),
-                &by_or_user(by),
-                &reason,
-            )
-            .await
-        }
+        Command::Resume { id, by, reason } => commands::simple(
+            &ctx,
+            &id,
+            commands::Simple::Resume,
+            &by_or_user(by),
+            &reason,
+        ),
+        Command::Rollback { id, to, by, reason } => commands::simple(
+            &ctx,
+            &id,
+            commands::Simple::Rollback(to),
+            &by_or_user(by),
+            &reason,
+        ),
         Command::Abort { id, by, reason } => {
-            commands::simple(&ctx, &id, commands::Simple::Abort, &by_or_user(by), &reason).await
+            commands::simple(&ctx, &id, commands::Simple::Abort, &by_or_user(by), &reason)
         }
         Command::History { id, verify } => commands::history(&ctx, &id, verify),
         Command::Demo { devices, seed } => demo::run(ctx.output, devices, seed).await,

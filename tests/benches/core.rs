@@ -50,7 +50,11 @@ fn reports(now: Timestamp) -> Vec<DeviceReport> {
         .map(|i| {
             let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             DeviceReport {
-                state: if h % 10 < 8 { DeviceState::Compliant } else { states[(h >> 8) as usize % 5] },
+                state: if h % 10 < 8 {
+                    DeviceState::Compliant
+                } else {
+                    states[(h >> 8) as usize % 5]
+                },
                 last_reported: (h % 97 != 0).then(|| now.minus(Duration::from_secs(h % 400_000))),
                 blocked: h % 53 == 0,
             }
@@ -123,7 +127,11 @@ fn bench_transition() {
         hash: plan.hash.clone(),
     };
     store
-        .create(&transition.rollout, record(&rollout, &transition.rollout, start), &plan_record)
+        .create(
+            &transition.rollout,
+            record(&rollout, &transition.rollout, start),
+            &plan_record,
+        )
         .unwrap();
     let mut current = store.rollout("bench-1").unwrap();
     let durable = measure(500, || {
@@ -137,7 +145,9 @@ fn bench_transition() {
         };
         let next = machine::step(&plan, &current.rollout, &pause, now).unwrap();
         let event = record(&current.rollout, &next.rollout, pause);
-        store.commit(&current, &next.rollout, event, None, None).unwrap();
+        store
+            .commit(&current, &next.rollout, event, None, None)
+            .unwrap();
         current = store.rollout("bench-1").unwrap();
     });
     let value_len = serde_json::to_vec(&current.rollout).unwrap().len();
