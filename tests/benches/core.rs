@@ -55,8 +55,9 @@ fn reports(now: Timestamp) -> Vec<DeviceReport> {
                 } else {
                     states[(h >> 8) as usize % 5]
                 },
-                last_reported: (h % 97 != 0).then(|| now.minus(Duration::from_secs(h % 400_000))),
-                blocked: h % 53 == 0,
+                last_reported: (!h.is_multiple_of(97))
+                    .then(|| now.minus(Duration::from_secs(h % 400_000))),
+                blocked: h.is_multiple_of(53),
             }
         })
         .collect()
