@@ -39,8 +39,8 @@ pub enum EngineError {
 pub enum DriveOutcome {
     /// Nothing more happens without a person (or the rollout is finished).
     Stopped(RolloutStatus),
-    /// Nothing to do before this (wall-clock) time.
-    WaitUntil(Timestamp),
+    /// Nothing to do for this long (real time).
+    Wait(Duration),
 }
 
 /// How far one call of [`Engine::drive`] goes.
@@ -294,7 +294,7 @@ impl Engine<'_> {
                 return Ok(DriveOutcome::Stopped(rollout.status));
             };
             if pace == Pace::Once || !provider.is_virtual() {
-                return Ok(DriveOutcome::WaitUntil(wake_at));
+                return Ok(DriveOutcome::Wait(provider.real_time_until(wake_at)));
             }
             provider.advance_to(wake_at).await?;
             let tick = Event {
@@ -316,14 +316,12 @@ impl Engine<'_> {
     ) -> Result<Option<EventRecord>, EngineError> {
         let target = loaded.plan.policy.clone();
         let id = loaded.stored.rollout.id.clone();
-        let baseline = if pending.effect == Effect::RestoreBaseline {
-            Some(self.store.baseline(&id)?.ok_or_else(|| {
-                EngineError::Invalid(format!(
-                    "rollout `{id}` has no recorded baseline to restore"
-                ))
-            })?)
-        } else {
+        let baseline = if pending.effect == Effect::CaptureBaseline {
             None
+        } else {
+            Some(self.store.baseline(&id)?.ok_or_else(|| {
+                EngineError::Invalid(format!("rollout `{id}` has no recorded baseline"))
+            })?)
         };
         let jitter_seed = pending.id.seq << 8 | u64::from(pending.id.index);
         let outcome =
@@ -337,7 +335,7 @@ impl Engine<'_> {
                         .await
                         .map(|doc| (Some(doc), 0)),
                     Effect::Reconcile { desired } => provider
-                        .reconcile(&target, desired)
+                        .reconcile(&target, desired, baseline.as_ref().expect("loaded above"))
                         .await
                         .map(|n| (None, n)),
                     Effect::RestoreBaseline => provider
@@ -391,6 +389,7 @@ impl Engine<'_> {
             .filter_map(|id| plan.phase_index(id))
             .map(|idx| PhaseScope {
                 phase: plan.phases[idx].id.clone(),
+                mode: plan.phases[idx].mode,
                 include: plan.phases[idx].include.clone(),
                 exclude: plan.phases[idx].exclude.clone(),
             })
@@ -454,7 +453,7 @@ async fn retrying<T>(
     loop {
         match call().await {
             Ok(value) => return Ok(value),
-            Err(err) if err.retryable && attempt + 1 < policy.attempts => {
+            Err(err) if err.retryable() && attempt + 1 < policy.attempts => {
                 let delay =
                     policy.delay(attempt, err.retry_after, jitter_seed ^ u64::from(attempt));
                 tracing::warn!(what, attempt = attempt + 1, ?delay, error = %err, "provider call failed; retrying");

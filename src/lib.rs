@@ -3,6 +3,8 @@
 
 pub mod cli;
 pub mod domain;
+pub mod emulator;
 pub mod engine;
+pub mod graph;
 pub mod provider;
 pub mod store;

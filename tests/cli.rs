@@ -350,7 +350,9 @@ fn abort_restores_the_configuration_from_before_the_rollout() {
         &std::fs::read_to_string("plans/ios-parallel-pilots.toml").unwrap(),
     )
     .unwrap();
-    let ProviderSettings::Simulator(settings) = &plan.provider;
+    let ProviderSettings::Simulator(settings) = &plan.provider else {
+        panic!("a simulator plan")
+    };
     let tenant = SimProvider::open(settings, &store).unwrap();
     let history = tenant.history(&plan.policy);
     assert!(
@@ -432,7 +434,9 @@ fn a_second_run_on_the_same_store_exits_4() {
 fn tenant_history(store: &Path, plan_file: &Path) -> Vec<(i64, String)> {
     let store = Store::open(store, DEFAULT_LOCK_WAIT).unwrap();
     let plan = plan::parse("p", &std::fs::read_to_string(plan_file).unwrap()).unwrap();
-    let ProviderSettings::Simulator(settings) = &plan.provider;
+    let ProviderSettings::Simulator(settings) = &plan.provider else {
+        panic!("a simulator plan")
+    };
     let tenant = SimProvider::open(settings, &store).unwrap();
     tenant
         .history(&plan.policy)

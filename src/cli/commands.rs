@@ -12,9 +12,9 @@ use crate::domain::event::EventKind;
 use crate::domain::machine;
 use crate::domain::plan::{self, Plan};
 use crate::domain::rollout::{Rollout, RolloutStatus};
-use crate::domain::time::Timestamp;
 use crate::engine::{self, DriveOutcome, Engine, EngineError, Pace, RetryPolicy};
 use crate::provider;
+use crate::provider::ErrorKind;
 use crate::store::{self, DEFAULT_LOCK_WAIT, EventRecord, PlanRecord, Store};
 
 pub struct Context {
@@ -169,7 +169,7 @@ pub async fn start(ctx: &Context, file: &Path, id: Option<String>, by: &str) -> 
         }
         None => store.next_rollout_id(&plan.name)?,
     };
-    let mut provider = provider::connect(&plan.provider, &store)?;
+    let mut provider = provider::connect(&plan.provider, &store).await?;
     let path = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
     let record = PlanRecord {
         path: path.display().to_string(),
@@ -180,7 +180,9 @@ pub async fn start(ctx: &Context, file: &Path, id: Option<String>, by: &str) -> 
         .start(&plan, record, &id, by, provider.as_mut())
         .await
         .map_err(|err| match err {
-            EngineError::Provider(e) => Failure::invalid(format!("{}: {e}", file.display())),
+            EngineError::Provider(e) if e.kind == ErrorKind::NotFound => {
+                Failure::invalid(format!("{}: {e}", file.display()))
+            }
             other => Failure::from(other),
         })?;
     match ctx.output {
@@ -226,7 +228,7 @@ pub async fn run(ctx: &Context, only: Option<&str>, once: bool) -> CommandResult
         let mut failed = false;
         for id in &ids {
             match drive_one(ctx, &store, id, once).await {
-                Ok(DriveOutcome::WaitUntil(at)) => waits.push(at),
+                Ok(DriveOutcome::Wait(wait)) => waits.push(wait),
                 Ok(DriveOutcome::Stopped(_)) => {}
                 Err(failure) if only.is_some() => return Err(failure),
                 Err(failure) => {
@@ -240,8 +242,7 @@ pub async fn run(ctx: &Context, only: Option<&str>, once: bool) -> CommandResult
             return finish_run(ctx, &store, &ids, failed);
         }
         drop(store);
-        let now = Timestamp::from_system_time(std::time::SystemTime::now());
-        let wait = earliest.map_or(POLL, |at| at.since(now)).min(POLL);
+        let wait = earliest.unwrap_or(POLL).min(POLL);
         tracing::info!(?wait, "waiting for the next deadline");
         tokio::time::sleep(wait).await;
     }
@@ -254,7 +255,7 @@ async fn drive_one(
     once: bool,
 ) -> Result<DriveOutcome, Failure> {
     let loaded = engine::load(store, id)?;
-    let mut provider = provider::connect(&loaded.plan.provider, store)?;
+    let mut provider = provider::connect(&loaded.plan.provider, store).await?;
     let pace = if once { Pace::Once } else { Pace::Continuous };
     let text = ctx.output == Output::Text;
     let mut print = |_: &Plan, rollout: &Rollout, record: &EventRecord| {
@@ -337,7 +338,7 @@ pub enum Simple {
     Abort,
 }
 
-pub fn approve(
+pub async fn approve(
     ctx: &Context,
     id: &str,
     by: &str,
@@ -357,9 +358,10 @@ pub fn approve(
             comment,
         })
     })
+    .await
 }
 
-pub fn reject(
+pub async fn reject(
     ctx: &Context,
     id: &str,
     by: &str,
@@ -373,20 +375,27 @@ pub fn reject(
         };
         Ok(EventKind::ApprovalRejected { phase })
     })
+    .await
 }
 
-pub fn simple(ctx: &Context, id: &str, what: Simple, by: &str, reason: &str) -> CommandResult {
+pub async fn simple(
+    ctx: &Context,
+    id: &str,
+    what: Simple,
+    by: &str,
+    reason: &str,
+) -> CommandResult {
     let kind = match what {
         Simple::Pause => EventKind::PauseRequested,
         Simple::Resume => EventKind::ResumeRequested,
         Simple::Rollback(to) => EventKind::RollbackRequested { to },
         Simple::Abort => EventKind::AbortRequested,
     };
-    submit(ctx, id, by, reason, |_| Ok(kind))
+    submit(ctx, id, by, reason, |_| Ok(kind)).await
 }
 
 /// Applies a person's command and shows where the rollout stands.
-fn submit(
+async fn submit(
     ctx: &Context,
     id: &str,
     by: &str,
@@ -396,7 +405,7 @@ fn submit(
     let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
     let loaded = engine::load(&store, id)?;
     let kind = event(&loaded).map_err(EngineError::from)?;
-    let provider = provider::connect(&loaded.plan.provider, &store)?;
+    let provider = provider::connect(&loaded.plan.provider, &store).await?;
     let engine = engine(&store, "cli");
     let record = engine.submit(id, kind, by, reason, provider.as_ref())?;
     let loaded = engine::load(&store, id)?;

@@ -72,7 +72,7 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
     let plan = plan::parse(&plan_path.display().to_string(), &source)
         .map_err(|e| Failure::invalid(e.to_string()))?;
     let store = Store::open(&dir.path().join("store"), DEFAULT_LOCK_WAIT)?;
-    let mut provider = provider::connect(&plan.provider, &store)?;
+    let mut provider = provider::connect(&plan.provider, &store).await?;
     let engine = Engine {
         store: &store,
         actor: "demo".to_string(),

@@ -141,6 +141,48 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Serve a Graph-compatible tenant for rehearsals and tests
+    Emulator {
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value_t = 5_000)]
+        devices: u32,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Share of Graph requests that fail (429s with and without Retry-After, 503s, slow
+        /// answers, connections dropped after a write), from 0 to 1
+        #[arg(long, default_value_t = 0.0)]
+        faults: f64,
+        /// Run the tenant's clock this many times faster than real time [default: the clock
+        /// moves only when the client asks, so rehearsals are instant]
+        #[arg(long)]
+        time_scale: Option<f64>,
+        /// The tenant's domain
+        #[arg(long, default_value = "contoso.onmicrosoft.com")]
+        tenant: String,
+        /// The registered application's client id
+        #[arg(long, default_value = "00001111-aaaa-2222-bbbb-3333cccc4444")]
+        client_id: String,
+        /// The application's client secret
+        #[arg(
+            long,
+            env = "PHASEGATE_EMULATOR_SECRET",
+            default_value = "emulator-secret",
+            hide_env_values = true
+        )]
+        client_secret: String,
+        /// Lifetime of issued access tokens, in tenant time
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        token_lifetime: std::time::Duration,
+        /// Conditional Access requests allowed per second (the service allows 1 per tenant)
+        #[arg(long, default_value_t = 1.0)]
+        ca_rate: f64,
+        /// Make each access token stop working after this many requests (rehearses a token
+        /// that expires or is revoked mid-rollout)
+        #[arg(long)]
+        token_uses: Option<u64>,
+    },
     /// Run a complete four-phase rollout over a simulated fleet in a temporary store
     Demo {
         #[arg(long, default_value_t = 10_000)]
@@ -270,35 +312,81 @@ async fn dispatch(cli: Cli) -> CommandResult {
             phase,
             ticket,
             comment,
-        } => commands::approve(&ctx, &id, &by_or_user(by), phase, ticket, comment),
+        } => commands::approve(&ctx, &id, &by_or_user(by), phase, ticket, comment).await,
         Command::Reject {
             id,
             by,
             phase,
             reason,
-        } => commands::reject(&ctx, &id, &by_or_user(by), phase, &reason),
+        } => commands::reject(&ctx, &id, &by_or_user(by), phase, &reason).await,
         Command::Pause { id, by, reason } => {
-            commands::simple(&ctx, &id, commands::Simple::Pause, &by_or_user(by), &reason)
+            commands::simple(&ctx, &id, commands::Simple::Pause, &by_or_user(by), &reason).await
         }
-        Command::Resume { id, by, reason } => commands::simple(
-            &ctx,
-            &id,
-            commands::Simple::Resume,
-            &by_or_user(by),
-            &reason,
-        ),
-        Command::Rollback { id, to, by, reason } => commands::simple(
-            &ctx,
-            &id,
-            commands::Simple::Rollback(to),
-            &by_or_user(by),
-            &reason,
-        ),
+        Command::Resume { id, by, reason } => {
+            commands::simple(
+                &ctx,
+                &id,
+                commands::Simple::Resume,
+                &by_or_user(by),
+                &reason,
+            )
+            .await
+        }
+        Command::Rollback { id, to, by, reason } => {
+            commands::simple(
+                &ctx,
+                &id,
+                commands::Simple::Rollback(to),
+                &by_or_user(by),
+                &reason,
+            )
+            .await
+        }
         Command::Abort { id, by, reason } => {
-            commands::simple(&ctx, &id, commands::Simple::Abort, &by_or_user(by), &reason)
+            commands::simple(&ctx, &id, commands::Simple::Abort, &by_or_user(by), &reason).await
         }
         Command::History { id, verify } => commands::history(&ctx, &id, verify),
         Command::Demo { devices, seed } => demo::run(ctx.output, devices, seed).await,
+        Command::Emulator {
+            listen,
+            devices,
+            seed,
+            faults,
+            time_scale,
+            tenant,
+            client_id,
+            client_secret,
+            token_lifetime,
+            ca_rate,
+            token_uses,
+        } => {
+            if !(0.0..=1.0).contains(&faults) {
+                return Err(Failure::invalid("--faults must be between 0 and 1"));
+            }
+            if devices == 0 || i64::from(devices) > crate::domain::plan::MAX_SIMULATED_DEVICES {
+                return Err(Failure::invalid("--devices must be between 1 and 5000000"));
+            }
+            let settings = crate::emulator::Settings {
+                devices,
+                seed,
+                faults,
+                time_scale: time_scale.filter(|x| *x > 0.0),
+                tenant_domain: tenant,
+                client_id,
+                client_secret,
+                token_lifetime,
+                token_uses,
+                ca_requests_per_second: ca_rate,
+                remediation_half_life: crate::domain::plan::DEFAULT_REMEDIATION_HALF_LIFE,
+            };
+            crate::emulator::run(listen, settings)
+                .await
+                .map_err(|e| Failure {
+                    code: exit::FAILURE,
+                    message: format!("emulator on {listen}: {e}"),
+                })?;
+            Ok(exit::OK)
+        }
     }
 }
 

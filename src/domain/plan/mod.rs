@@ -128,21 +128,43 @@ pub struct PolicyTarget {
     pub compliance: String,
     pub platform: Platform,
     pub conditional_access: Option<String>,
+    /// The notification message template a notify phase's e-mails use (Graph provider).
+    pub notification_template: Option<String>,
 }
 
 /// Which backend a rollout drives, with its settings.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ProviderSettings {
     Simulator(SimulatorSettings),
+    Graph(GraphSettings),
 }
 
 impl ProviderSettings {
     pub fn kind(&self) -> &'static str {
         match self {
             ProviderSettings::Simulator(_) => "simulator",
+            ProviderSettings::Graph(_) => "graph",
         }
     }
 }
+
+/// A Microsoft 365 tenant through Microsoft Graph (or `phasegate emulator`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GraphSettings {
+    /// Tenant GUID or verified domain.
+    pub tenant: String,
+    pub client_id: String,
+    /// The environment variable holding the client secret; the secret never sits in a plan.
+    pub client_secret_env: String,
+    pub graph_url: String,
+    pub login_url: String,
+    /// Conditional Access requests per second (the service allows 1 per tenant).
+    pub ca_requests_per_second: f64,
+    pub request_timeout: Duration,
+}
+
+pub const DEFAULT_GRAPH_URL: &str = "https://graph.microsoft.com";
+pub const DEFAULT_LOGIN_URL: &str = "https://login.microsoftonline.com";
 
 /// The built-in simulated fleet.
 #[derive(Clone, Debug, PartialEq)]
@@ -318,6 +340,10 @@ impl Checker<'_> {
             .conditional_access
             .as_ref()
             .and_then(|ca| self.non_empty(ca, "Conditional Access policy name"));
+        let notification_template = policy
+            .notification_template
+            .as_ref()
+            .and_then(|t| self.non_empty(t, "notification template name"));
         let provider = self.provider(raw.provider);
         if raw.phase.is_empty() {
             self.error(rollout_span, "a plan needs at least one [[phase]]");
@@ -332,6 +358,7 @@ impl Checker<'_> {
                 compliance: compliance?,
                 platform: *policy.platform.get_ref(),
                 conditional_access,
+                notification_template,
             },
             provider: provider?,
             order: phases.as_ref()?.1.clone(),
@@ -433,37 +460,148 @@ impl Checker<'_> {
 
     fn provider(&mut self, raw: Spanned<RawProvider>) -> Option<ProviderSettings> {
         let raw = raw.into_inner();
-        match raw.kind.get_ref().as_str() {
-            "simulator" => {
-                let devices = self
-                    .count(raw.devices.as_ref(), MAX_SIMULATED_DEVICES)
-                    .ok()?;
-                if devices == Some(0) {
-                    self.error(
-                        raw.devices.as_ref().map(|d| d.span()).unwrap_or(0..0),
-                        "a simulated fleet needs at least one device",
-                    );
-                    return None;
-                }
-                let seed = self.count(raw.seed.as_ref(), i64::MAX).ok()?;
-                let half_life = self.duration_or(
-                    raw.remediation_half_life.as_ref(),
-                    DEFAULT_REMEDIATION_HALF_LIFE,
-                )?;
-                Some(ProviderSettings::Simulator(SimulatorSettings {
-                    devices: devices.unwrap_or(10_000) as u32,
-                    seed: seed.unwrap_or(1),
-                    remediation_half_life: half_life,
-                }))
-            }
+        let kind = raw.kind.get_ref().as_str();
+        let foreign: Vec<(&str, std::ops::Range<usize>)> = match kind {
+            "simulator" => [
+                ("tenant", raw.tenant.as_ref().map(|v| v.span())),
+                ("client_id", raw.client_id.as_ref().map(|v| v.span())),
+                (
+                    "client_secret_env",
+                    raw.client_secret_env.as_ref().map(|v| v.span()),
+                ),
+                ("graph_url", raw.graph_url.as_ref().map(|v| v.span())),
+                ("login_url", raw.login_url.as_ref().map(|v| v.span())),
+                (
+                    "ca_requests_per_second",
+                    raw.ca_requests_per_second.as_ref().map(|v| v.span()),
+                ),
+                (
+                    "request_timeout",
+                    raw.request_timeout.as_ref().map(|v| v.span()),
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(k, s)| s.map(|s| (k, s)))
+            .collect(),
+            "graph" => [
+                ("devices", raw.devices.as_ref().map(|v| v.span())),
+                ("seed", raw.seed.as_ref().map(|v| v.span())),
+                (
+                    "remediation_half_life",
+                    raw.remediation_half_life.as_ref().map(|v| v.span()),
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(k, s)| s.map(|s| (k, s)))
+            .collect(),
+            _ => Vec::new(),
+        };
+        for (key, span) in &foreign {
+            self.error(
+                span.clone(),
+                format!("`{key}` is not a setting of the {kind} provider"),
+            );
+        }
+        let settings = match kind {
+            "simulator" => self.simulator(&raw),
+            "graph" => self.graph_provider(&raw, raw.kind.span()),
             other => {
                 self.error(
                     raw.kind.span(),
-                    format!("unknown provider kind `{other}`: expected \"simulator\""),
+                    format!("unknown provider kind `{other}`: expected \"simulator\" or \"graph\""),
                 );
                 None
             }
+        };
+        if foreign.is_empty() { settings } else { None }
+    }
+
+    fn simulator(&mut self, raw: &RawProvider) -> Option<ProviderSettings> {
+        let devices = self
+            .count(raw.devices.as_ref(), MAX_SIMULATED_DEVICES)
+            .ok()?;
+        if devices == Some(0) {
+            self.error(
+                raw.devices.as_ref().map(|d| d.span()).unwrap_or(0..0),
+                "a simulated fleet needs at least one device",
+            );
+            return None;
         }
+        let seed = self.count(raw.seed.as_ref(), i64::MAX).ok()?;
+        let half_life = self.duration_or(
+            raw.remediation_half_life.as_ref(),
+            DEFAULT_REMEDIATION_HALF_LIFE,
+        )?;
+        Some(ProviderSettings::Simulator(SimulatorSettings {
+            devices: devices.unwrap_or(10_000) as u32,
+            seed: seed.unwrap_or(1),
+            remediation_half_life: half_life,
+        }))
+    }
+
+    fn graph_provider(
+        &mut self,
+        raw: &RawProvider,
+        kind_span: std::ops::Range<usize>,
+    ) -> Option<ProviderSettings> {
+        let mut required = |value: &Option<Spanned<String>>, key: &str| match value {
+            Some(v) if !v.get_ref().trim().is_empty() => Some(v.get_ref().trim().to_string()),
+            Some(v) => {
+                self.error(v.span(), format!("`{key}` must not be empty"));
+                None
+            }
+            None => {
+                self.error(
+                    kind_span.clone(),
+                    format!("the graph provider needs `{key}`"),
+                );
+                None
+            }
+        };
+        let tenant = required(&raw.tenant, "tenant");
+        let client_id = required(&raw.client_id, "client_id");
+        let client_secret_env = required(&raw.client_secret_env, "client_secret_env");
+        let url = |checker: &mut Self, value: &Option<Spanned<String>>, default: &str| match value {
+            None => Some(default.to_string()),
+            Some(v)
+                if v.get_ref().starts_with("https://") || v.get_ref().starts_with("http://") =>
+            {
+                Some(v.get_ref().trim_end_matches('/').to_string())
+            }
+            Some(v) => {
+                checker.error(
+                    v.span(),
+                    format!(
+                        "invalid URL `{}`: expected http:// or https://",
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        };
+        let graph_url = url(self, &raw.graph_url, DEFAULT_GRAPH_URL);
+        let login_url = url(self, &raw.login_url, DEFAULT_LOGIN_URL);
+        let rate = match &raw.ca_requests_per_second {
+            None => Some(1.0),
+            Some(v) if *v.get_ref() > 0.0 && v.get_ref().is_finite() => Some(*v.get_ref()),
+            Some(v) => {
+                self.error(
+                    v.span(),
+                    "expected a number of requests per second above zero",
+                );
+                None
+            }
+        };
+        let timeout = self.duration_or(raw.request_timeout.as_ref(), Duration::from_secs(30));
+        Some(ProviderSettings::Graph(GraphSettings {
+            tenant: tenant?,
+            client_id: client_id?,
+            client_secret_env: client_secret_env?,
+            graph_url: graph_url?,
+            login_url: login_url?,
+            ca_requests_per_second: rate?,
+            request_timeout: timeout?,
+        }))
     }
 
     fn phases(&mut self, raw: Vec<Spanned<RawPhase>>) -> Option<(Vec<Phase>, Vec<usize>)> {

@@ -34,6 +34,7 @@ pub(super) struct RawPolicy {
     pub compliance: Spanned<String>,
     pub platform: Spanned<Platform>,
     pub conditional_access: Option<Spanned<String>>,
+    pub notification_template: Option<Spanned<String>>,
 }
 
 /// Settings of every provider kind in one table; which keys a kind accepts is checked during
@@ -46,6 +47,14 @@ pub(super) struct RawProvider {
     pub devices: Option<Spanned<i64>>,
     pub seed: Option<Spanned<i64>>,
     pub remediation_half_life: Option<Spanned<String>>,
+    // graph
+    pub tenant: Option<Spanned<String>>,
+    pub client_id: Option<Spanned<String>>,
+    pub client_secret_env: Option<Spanned<String>>,
+    pub graph_url: Option<Spanned<String>>,
+    pub login_url: Option<Spanned<String>>,
+    pub ca_requests_per_second: Option<Spanned<f64>>,
+    pub request_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -85,7 +85,7 @@ pub struct Membership {
 }
 
 impl Membership {
-    fn covers(self, bits: u16) -> bool {
+    pub fn covers(self, bits: u16) -> bool {
         bits & self.include != 0 && bits & self.exclude == 0
     }
 }
@@ -183,15 +183,60 @@ impl Fleet {
         self.devices
             .iter()
             .filter(|d| d.platform == platform && scope.covers(self.users[d.user as usize]))
-            .map(|d| self.report(d, &history, now))
+            .map(|d| self.report(d, &history, now).report)
             .collect()
     }
 
-    fn report(&self, device: &Device, history: &[&ResolvedEntry], now: Timestamp) -> DeviceReport {
-        let unknown = DeviceReport {
-            state: DeviceState::Unknown,
-            last_reported: None,
-            blocked: false,
+    /// Every device of `platform` the policy is assigned to now, with its detailed report (the
+    /// emulator's `deviceStatuses`), in device order.
+    pub fn statuses(
+        &self,
+        platform: Platform,
+        history: &[ResolvedEntry],
+        now: Timestamp,
+    ) -> Vec<(usize, DetailedReport)> {
+        let history: Vec<&ResolvedEntry> = history.iter().filter(|e| e.at <= now).collect();
+        let Some(current) = history.last() else {
+            return Vec::new();
+        };
+        self.devices
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| {
+                d.platform == platform && current.mode_for(self.users[d.user as usize]).0.is_some()
+            })
+            .map(|(i, d)| (i, self.report(d, &history, now)))
+            .collect()
+    }
+
+    /// The membership bits of a user (bit `i` for `GROUPS[i]`).
+    pub fn user_groups(&self, user: usize) -> u16 {
+        self.users[user]
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// The owner and platform of a device.
+    pub fn device_owner(&self, device: usize) -> (usize, Platform) {
+        let d = &self.devices[device];
+        (d.user as usize, d.platform)
+    }
+
+    fn report(
+        &self,
+        device: &Device,
+        history: &[&ResolvedEntry],
+        now: Timestamp,
+    ) -> DetailedReport {
+        let unknown = DetailedReport {
+            report: DeviceReport {
+                state: DeviceState::Unknown,
+                last_reported: None,
+                blocked: false,
+            },
+            grace_until: None,
         };
         let bits = self.users[device.user as usize];
         let Some(checked_in) = self.last_checkin(device, now) else {
@@ -223,27 +268,28 @@ impl Fleet {
         if checked_in < since {
             return unknown;
         }
+        let grace_end =
+            notified.map(|(at, grace_ms)| Timestamp::from_millis(at.as_millis() + grace_ms as i64));
+        let failing = device.flags & NONCOMPLIANT != 0 && !fixed_by(device, notified, checked_in);
         let state = if device.flags & ERROR != 0 {
             DeviceState::Error
         } else if device.flags & CONFLICT != 0 {
             DeviceState::Conflict
-        } else if device.flags & NONCOMPLIANT != 0 && !fixed_by(device, notified, checked_in) {
-            let in_grace = notified.is_some_and(|(at, grace_ms)| {
-                checked_in.as_millis() < at.as_millis() + grace_ms as i64
-            });
-            if in_grace {
-                DeviceState::InGrace
-            } else {
-                DeviceState::Noncompliant
-            }
+        } else if failing && grace_end.is_some_and(|end| checked_in < end) {
+            DeviceState::InGrace
+        } else if failing {
+            DeviceState::Noncompliant
         } else {
             DeviceState::Compliant
         };
-        DeviceReport {
-            state,
-            last_reported: Some(checked_in),
-            // Conditional Access blocks on the device's last known state under today's mode.
-            blocked: state == DeviceState::Noncompliant && mode_now == Some(Mode::Enforce),
+        DetailedReport {
+            report: DeviceReport {
+                state,
+                last_reported: Some(checked_in),
+                // Conditional Access blocks on the device's last known state under today's mode.
+                blocked: state == DeviceState::Noncompliant && mode_now == Some(Mode::Enforce),
+            },
+            grace_until: grace_end.filter(|_| state == DeviceState::InGrace),
         }
     }
 
@@ -337,17 +383,30 @@ fn device(seed: u64, i: u32, user: u32, platform: Option<Platform>, half_life: D
     }
 }
 
+/// A device's report with the end of its grace period, when it is in one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DetailedReport {
+    pub report: DeviceReport,
+    pub grace_until: Option<Timestamp>,
+}
+
 /// A configuration entry with its groups resolved to membership bits.
 #[derive(Clone, Debug)]
 pub struct ResolvedEntry {
     pub at: Timestamp,
     pub assignments: Vec<(Membership, Mode, u64)>,
+    /// When set, only users in it are covered at all (the policy's assignment, when modes come
+    /// from elsewhere, such as a Conditional Access policy in the emulator).
+    pub assigned: Option<Membership>,
 }
 
 impl ResolvedEntry {
     /// The strongest mode covering a user with these bits, and the notify grace (ms) that goes
     /// with it.
     fn mode_for(&self, bits: u16) -> (Option<Mode>, u64) {
+        if self.assigned.is_some_and(|m| !m.covers(bits)) {
+            return (None, 0);
+        }
         let mut mode = None;
         let mut grace_ms = 0;
         for (membership, assigned, grace) in &self.assignments {
@@ -389,6 +448,7 @@ pub fn resolve(entry: &ConfigEntry) -> Result<ResolvedEntry, String> {
     Ok(ResolvedEntry {
         at: entry.at,
         assignments,
+        assigned: None,
     })
 }
 
@@ -405,6 +465,7 @@ mod tests {
         ResolvedEntry {
             at,
             assignments: vec![(scope, mode, 7 * DAY.as_millis() as u64)],
+            assigned: None,
         }
     }
 

@@ -132,7 +132,7 @@ fn policy_key(target: &PolicyTarget) -> String {
 }
 
 fn unknown_group(name: String) -> ProviderError {
-    ProviderError::permanent(format!(
+    ProviderError::not_found(format!(
         "group `{name}` does not exist in the simulated tenant; its groups are: {}",
         GROUPS.join(", ")
     ))
@@ -178,6 +178,7 @@ impl Provider for SimProvider {
         &mut self,
         target: &PolicyTarget,
         desired: &DesiredState,
+        _baseline: &serde_json::Value,
     ) -> Result<u64, ProviderError> {
         let wanted = desired
             .assignments

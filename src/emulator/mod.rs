@@ -1,0 +1,151 @@
+//! `phasegate emulator`: a Graph-compatible tenant on a real socket, for rehearsing plans and for
+//! testing the Graph provider end to end.
+//!
+//! It serves the token endpoint and the Graph subset the provider uses, byte-compatible with the
+//! service's documented and observed behaviour (see `docs/graph.md`), plus a few endpoints of its
+//! own under `/_emulator/`: the ledger of accepted writes, the tenant's state, its clock, and token
+//! revocation. Requests are answered one at a time against one tenant; faults are injected by seed.
+
+pub mod faults;
+pub mod tenant;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::Response;
+
+pub use tenant::{Settings, Tenant};
+
+type Shared = Arc<Mutex<Tenant>>;
+
+/// Serves the emulator on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let tenant: Shared = Arc::new(Mutex::new(Tenant::new(settings)));
+    let app = Router::new().fallback(handle).with_state(tenant);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn handle(State(tenant): State<Shared>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body: Bytes = axum::body::to_bytes(body, 64 * 1024 * 1024)
+        .await
+        .unwrap_or_default();
+    let headers: BTreeMap<String, String> = parts
+        .headers
+        .iter()
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_lowercase(), v.to_string()))
+        })
+        .collect();
+    let host = headers
+        .get("host")
+        .cloned()
+        .unwrap_or_else(|| "localhost".into());
+    let raw_query = parts.uri.query().unwrap_or("");
+    let emulated = tenant::Request {
+        method: parts.method.as_str().to_string(),
+        path: tenant::split_url(parts.uri.path()).0,
+        query: tenant::parse_query(raw_query),
+        headers,
+        body: body.to_vec(),
+        base_url: format!("http://{host}"),
+    };
+    let answer = {
+        let mut tenant = tenant
+            .lock()
+            .expect("a handler never panics while holding the tenant");
+        tenant.handle(&emulated)
+    };
+    tracing::debug!(method = %emulated.method, path = %emulated.path, status = answer.status, "emulator");
+    if let Some(delay) = answer.delay {
+        tokio::time::sleep(delay).await;
+    }
+    into_http(answer)
+}
+
+fn into_http(answer: tenant::Response) -> Response {
+    let body = if answer.drop_connection {
+        // A body that fails after the headers makes hyper abort the connection: the client sees
+        // the request fail although it was applied.
+        let stream = futures_util::stream::once(async {
+            Err::<Bytes, std::io::Error>(std::io::Error::other(
+                "connection dropped by fault injection",
+            ))
+        });
+        Body::from_stream(stream)
+    } else {
+        match &answer.body {
+            tenant::Body::Empty => Body::empty(),
+            tenant::Body::Json(value) => {
+                Body::from(serde_json::to_vec(value).expect("json serializes"))
+            }
+        }
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() =
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    if matches!(answer.body, tenant::Body::Json(_)) {
+        headers.insert(
+            "content-type",
+            HeaderValue::from_static("application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"),
+        );
+    }
+    if answer.drop_connection {
+        headers.insert("content-length", HeaderValue::from_static("1024"));
+    }
+    for (name, value) in answer.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+            headers.insert(name, value);
+        }
+    }
+    response
+}
+
+/// Binds, serves and prints where; used by `phasegate emulator`.
+pub async fn run(listen: SocketAddr, settings: Settings) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let local = listener.local_addr()?;
+    println!("phasegate emulator listening on http://{local}");
+    println!("  tenant:     {}", settings.tenant_domain);
+    println!("  client id:  {}", settings.client_id);
+    println!(
+        "  devices:    {} (seed {})",
+        settings.devices, settings.seed
+    );
+    println!(
+        "  clock:      {}",
+        match settings.time_scale {
+            None => "moves when the client asks (instant rehearsals)".to_string(),
+            Some(x) => format!("{x}× real time"),
+        }
+    );
+    if settings.faults > 0.0 {
+        println!(
+            "  faults:     {:.0}% of Graph requests",
+            settings.faults * 100.0
+        );
+    }
+    println!(
+        "  ledger:     http://{local}/_emulator/ledger   state: http://{local}/_emulator/state"
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    serve(listener, settings, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+}
