@@ -119,31 +119,27 @@ fn into_http(answer: tenant::Response) -> Response {
 pub async fn run(listen: SocketAddr, settings: Settings) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let local = listener.local_addr()?;
-    println!("phasegate emulator listening on http://{local}");
-    println!("  tenant:     {}", settings.tenant_domain);
-    println!("  client id:  {}", settings.client_id);
-    println!(
-        "  devices:    {} (seed {})",
-        settings.devices, settings.seed
-    );
-    println!(
-        "  clock:      {}",
-        match settings.time_scale {
-            None => "moves when the client asks (instant rehearsals)".to_string(),
-            Some(x) => format!("{x}× real time"),
-        }
-    );
-    if settings.faults > 0.0 {
-        println!(
-            "  faults:     {:.0}% of Graph requests",
+    let clock = match settings.time_scale {
+        None => "moves when the client asks (instant rehearsals)".to_string(),
+        Some(x) => format!("{x}× real time"),
+    };
+    let faults = if settings.faults > 0.0 {
+        format!(
+            "  faults:     {:.0}% of Graph requests\n",
             settings.faults * 100.0
-        );
-    }
-    println!(
-        "  ledger:     http://{local}/_emulator/ledger   state: http://{local}/_emulator/state"
+        )
+    } else {
+        String::new()
+    };
+    let banner = format!(
+        "phasegate emulator listening on http://{local}\n  tenant:     {}\n  client id:  {}\n  devices:    {} (seed {})\n  clock:      {clock}\n{faults}  ledger:     http://{local}/_emulator/ledger   state: http://{local}/_emulator/state\n",
+        settings.tenant_domain, settings.client_id, settings.devices, settings.seed
     );
+    // Whoever started us may stop reading after the first line; that must not stop the tenant.
     use std::io::Write;
-    let _ = std::io::stdout().flush();
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(banner.as_bytes());
+    let _ = stdout.flush();
     serve(listener, settings, async {
         let _ = tokio::signal::ctrl_c().await;
     })

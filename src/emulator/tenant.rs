@@ -286,7 +286,10 @@ impl Tenant {
             .map(|(platform, name)| {
                 let id = guid(seed, "policy", platform);
                 Policy {
-                    actions: vec![(guid(seed, "action", &id), ActionItem::block(0))],
+                    actions: vec![(
+                        guid(seed, "action", &id),
+                        stored_action(ActionItem::block(0)),
+                    )],
                     id,
                     name: name.to_string(),
                     odata_type: policy_odata_type(*platform),
@@ -1286,7 +1289,7 @@ impl Tenant {
                                 ]
                                 .contains(&action.action_type.as_str()) =>
                             {
-                                actions.push(action)
+                                actions.push(stored_action(action))
                             }
                             Ok(action) => {
                                 return intune_error(
@@ -1688,6 +1691,21 @@ impl Tenant {
         response.delay = (delay > Duration::ZERO).then_some(delay);
         response
     }
+}
+
+/// The service stores "no template" as the nil GUID, whatever the client sent.
+fn stored_action(mut action: ActionItem) -> ActionItem {
+    if action
+        .notification_template_id
+        .as_deref()
+        .is_none_or(str::is_empty)
+    {
+        action.notification_template_id = Some(NIL_GUID.to_string());
+    }
+    action
+        .notification_message_c_c_list
+        .get_or_insert_with(Vec::new);
+    action
 }
 
 fn throttled(now: Timestamp, request_id: &str) -> Response {

@@ -69,6 +69,14 @@ impl GraphProvider {
                     ),
                 )
             })?;
+        GraphProvider::with_secret(settings, secret).await
+    }
+
+    /// Signs in with a secret the caller already has.
+    pub async fn with_secret(
+        settings: GraphSettings,
+        secret: String,
+    ) -> Result<GraphProvider, ProviderError> {
         let client = GraphClient::new(settings, Secret::new(secret))?;
         match client.sign_in().await {
             Ok(()) => {}

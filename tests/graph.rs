@@ -1,0 +1,485 @@
+//! End-to-end tests of the Graph provider against `phasegate emulator` on loopback: the real
+//! binary on both sides of a real socket.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_phasegate");
+const SECRET: &str = "s3cr3t-for-tests-7Qx";
+
+/// A running `phasegate emulator`, stopped when dropped.
+struct Emulator {
+    child: Child,
+    url: String,
+}
+
+impl Emulator {
+    fn start(args: &[&str]) -> Emulator {
+        let mut child = Command::new(BIN)
+            .args([
+                "emulator",
+                "--listen",
+                "127.0.0.1:0",
+                "--client-secret",
+                SECRET,
+            ])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let url = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {first:?}"))
+            .to_string();
+        Emulator { child, url }
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let text = http_get(&format!("{}{path}", self.url));
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// The writes the emulator accepted: (method, path, body digest).
+    fn writes(&self) -> Vec<(String, String, String)> {
+        self.get("/_emulator/ledger")["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["method"].as_str().unwrap().to_string(),
+                    e["path"].as_str().unwrap().to_string(),
+                    e["bodySha256"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// What phasegate manages in the tenant, without timestamps and counters.
+    fn configuration(&self) -> Value {
+        let state = self.get("/_emulator/state");
+        let policies: Vec<Value> = state["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| serde_json::json!({"id": p["id"], "assignments": p["assignments"], "actions": p["actions"]}))
+            .collect();
+        serde_json::json!({"policies": policies, "conditionalAccess": state["conditionalAccess"]})
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a plain socket, so the tests need no HTTP client of their own.
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (_, body) = response.split_once("\r\n\r\n").unwrap();
+    body.to_string()
+}
+
+struct Phasegate {
+    store: tempfile::TempDir,
+    plan: std::path::PathBuf,
+}
+
+impl Phasegate {
+    /// A store and a copy of the Graph example plan pointed at `emulator`.
+    fn new(emulator: &Emulator, ca_rate: f64) -> Phasegate {
+        let store = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/plans/windows-baseline-graph.toml"
+        ))
+        .unwrap()
+        .replace("http://127.0.0.1:8080", &emulator.url)
+        .replace(
+            "login_url = ",
+            &format!("ca_requests_per_second = {ca_rate}\nrequest_timeout = \"5s\"\nlogin_url = "),
+        );
+        let plan = store.path().join("plan.toml");
+        std::fs::write(&plan, text).unwrap();
+        Phasegate { store, plan }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("PHASEGATE_STORE", self.store.path().join("store"))
+            .env("PHASEGATE_GRAPH_SECRET", SECRET)
+            .env_remove("RUST_LOG");
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn status(&self, id: &str) -> Value {
+        let out = self.run(&["status", id, "--output", "json"]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn start(&self) -> String {
+        let out = self.run(&["start", self.plan.to_str().unwrap(), "--by", "alice"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        stdout(&out).trim().to_string()
+    }
+
+    /// Runs, approves when asked, until the rollout completes.
+    fn complete(&self, id: &str) {
+        for _ in 0..5 {
+            let out = self.run(&["run", id]);
+            match code(&out) {
+                0 => return,
+                3 => {
+                    let approve = self.run(&["approve", id, "--by", "bob"]);
+                    assert_eq!(code(&approve), 0, "{}", stderr(&approve));
+                }
+                other => panic!("run exited {other}:\n{}\n{}", stdout(&out), stderr(&out)),
+            }
+        }
+        panic!("the rollout did not complete: {}", self.status(id));
+    }
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited normally")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn short(writes: &[(String, String, String)]) -> Vec<String> {
+    writes
+        .iter()
+        .map(|(method, path, _)| {
+            let tail = path.rsplit('/').next().unwrap();
+            let what = if path.contains("conditionalAccess") {
+                if method == "POST" {
+                    "policies"
+                } else {
+                    "policy"
+                }
+            } else {
+                tail
+            };
+            format!("{method} {what}")
+        })
+        .collect()
+}
+
+#[test]
+fn a_four_phase_rollout_completes_with_exactly_the_documented_writes() {
+    let emulator = Emulator::start(&["--devices", "3000"]);
+    let pg = Phasegate::new(&emulator, 1.0);
+    let id = pg.start();
+    pg.complete(&id);
+    let status = pg.status(&id);
+    assert_eq!(status["status"], "completed");
+    assert!(
+        status["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["state"] == "promoted")
+    );
+    // docs/graph.md, "What each phase writes": one line per write, in order.
+    assert_eq!(
+        short(&emulator.writes()),
+        vec![
+            "POST assign",                  // pilot: assign Pilot IT, exclude Break Glass
+            "PATCH policy",                 // pilot: CA report-only over the pilot group
+            "POST assign",                  // report-only: add All users
+            "PATCH policy",                 // report-only: CA report-only over all users
+            "POST scheduleActionsForRules", // notify: notification + 7-day grace
+            "POST policies",                // enforce: the enabled copy of the CA policy
+        ]
+    );
+    let state = emulator.get("/_emulator/state");
+    let copy = state["conditionalAccess"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["displayName"]
+                .as_str()
+                .unwrap()
+                .ends_with("(phasegate enforced)")
+        })
+        .expect("the enforced copy exists");
+    assert_eq!(copy["state"], "enabled");
+    assert_eq!(copy["users"]["includeUsers"][0], "All");
+    let windows = &state["policies"][0];
+    assert!(windows["deviceStatuses"]["blocked"].as_u64().unwrap() > 0);
+    // Running again changes nothing.
+    let writes = emulator.writes().len();
+    assert_eq!(code(&pg.run(&["run", &id])), 0);
+    assert_eq!(emulator.writes().len(), writes);
+}
+
+#[test]
+fn with_injected_faults_the_tenant_ends_the_same_and_no_write_is_repeated() {
+    let calm = Emulator::start(&["--devices", "3000", "--ca-rate", "20"]);
+    let calm_pg = Phasegate::new(&calm, 20.0);
+    let id = calm_pg.start();
+    calm_pg.complete(&id);
+
+    let faulty = Emulator::start(&["--devices", "3000", "--ca-rate", "20", "--faults", "0.2"]);
+    let faulty_pg = Phasegate::new(&faulty, 20.0);
+    let id = faulty_pg.start();
+    faulty_pg.complete(&id);
+    let state = faulty.get("/_emulator/state");
+    assert!(state["faultsInjected"].as_u64().unwrap() > 20, "{state}");
+
+    assert_eq!(
+        faulty.writes(),
+        calm.writes(),
+        "the same writes, each once, in the same order"
+    );
+    assert_eq!(faulty.configuration(), calm.configuration());
+    assert_eq!(faulty_pg.status(&id)["status"], "completed");
+}
+
+#[test]
+fn a_token_that_stops_working_mid_rollout_is_renewed() {
+    let emulator = Emulator::start(&["--devices", "2000", "--ca-rate", "20", "--token-uses", "15"]);
+    let pg = Phasegate::new(&emulator, 20.0);
+    let id = pg.start();
+    pg.complete(&id);
+    assert_eq!(pg.status(&id)["status"], "completed");
+    assert_eq!(short(&emulator.writes()).len(), 6);
+}
+
+#[test]
+fn twenty_five_thousand_devices_are_observed_through_paging() {
+    let emulator = Emulator::start(&["--devices", "25000", "--ca-rate", "20"]);
+    let pg = Phasegate::new(&emulator, 20.0);
+    let id = pg.start();
+    assert_eq!(code(&pg.run(&["run", &id])), 3);
+    let status = pg.status(&id);
+    let observed = status["phases"][2]["observation"]["targeted"]
+        .as_u64()
+        .unwrap();
+    let assigned = emulator.get("/_emulator/state")["policies"][0]["assignedDevices"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        assigned > 12_000,
+        "{assigned} devices span more than 12 pages of 1,000"
+    );
+    assert_eq!(observed, assigned);
+}
+
+#[test]
+fn a_wrong_secret_is_a_clear_error_with_exit_1_and_secrets_are_never_printed() {
+    let emulator = Emulator::start(&["--devices", "500"]);
+    let pg = Phasegate::new(&emulator, 20.0);
+    let wrong = "not-the-secret-9Kd";
+    let out = pg
+        .command(&["start", pg.plan.to_str().unwrap()])
+        .env("PHASEGATE_GRAPH_SECRET", wrong)
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1);
+    let message = stderr(&out);
+    assert!(
+        message.contains("invalid_client: AADSTS7000215"),
+        "{message}"
+    );
+    assert!(message.contains("contoso.onmicrosoft.com"), "{message}");
+    assert!(
+        !message.contains(wrong) && !stdout(&out).contains(wrong),
+        "the secret leaked"
+    );
+
+    let out = pg
+        .command(&["start", pg.plan.to_str().unwrap()])
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    let out = pg
+        .command(&["run", &id])
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    assert!(!stderr(&out).is_empty(), "trace logging is on");
+    assert!(
+        !stderr(&out).contains(SECRET) && !stdout(&out).contains(SECRET),
+        "the secret leaked"
+    );
+
+    let out = pg
+        .command(&["start", pg.plan.to_str().unwrap()])
+        .env_remove("PHASEGATE_GRAPH_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("PHASEGATE_GRAPH_SECRET"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_group_the_tenant_does_not_have_is_invalid_input() {
+    let emulator = Emulator::start(&["--devices", "500"]);
+    let pg = Phasegate::new(&emulator, 20.0);
+    let text = std::fs::read_to_string(&pg.plan)
+        .unwrap()
+        .replace("\"Pilot IT\"", "\"Pilot Sales\"");
+    std::fs::write(&pg.plan, text).unwrap();
+    let out = pg.run(&["start", pg.plan.to_str().unwrap()]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("group `Pilot Sales` not found in tenant contoso.onmicrosoft.com"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn abort_restores_the_recorded_configuration_exactly() {
+    let emulator = Emulator::start(&["--devices", "2000", "--ca-rate", "20"]);
+    let before = emulator.configuration();
+    let pg = Phasegate::new(&emulator, 20.0);
+    let id = pg.start();
+    pg.complete(&id);
+    assert_ne!(emulator.configuration(), before);
+    let out = pg.run(&["abort", &id, "--by", "alice", "--reason", "rehearsal over"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(code(&pg.run(&["run", &id])), 3);
+    assert_eq!(pg.status(&id)["status"], "aborted");
+    assert_eq!(emulator.configuration(), before);
+}
+
+/// The emulator in this process, the provider talking to it over loopback; returns the ledger.
+async fn reconcile_all_phases(seed: u64, faults: f64) -> Vec<Value> {
+    use phasegate::domain::desired::desired_with;
+    use phasegate::emulator;
+    use phasegate::provider::Provider;
+    use phasegate::provider::graph::GraphProvider;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let settings = emulator::Settings {
+        devices: 300,
+        seed,
+        faults,
+        time_scale: None,
+        tenant_domain: "contoso.onmicrosoft.com".into(),
+        client_id: "00001111-aaaa-2222-bbbb-3333cccc4444".into(),
+        client_secret: SECRET.into(),
+        token_lifetime: std::time::Duration::from_secs(3600),
+        token_uses: None,
+        ca_requests_per_second: 1e6,
+        remediation_half_life: std::time::Duration::from_secs(2 * 86_400),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(emulator::serve(listener, settings, async {
+        let _ = stopped.await;
+    }));
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/plans/windows-baseline-graph.toml"
+    ))
+    .unwrap()
+    .replace("http://127.0.0.1:8080", &url)
+    .replace(
+        "login_url = ",
+        "ca_requests_per_second = 1000000.0\nrequest_timeout = \"2s\"\nlogin_url = ",
+    );
+    let plan = phasegate::domain::plan::parse("graph.toml", &text).unwrap();
+    let phasegate::domain::plan::ProviderSettings::Graph(graph) = &plan.provider else {
+        panic!("a graph plan")
+    };
+    let mut provider = GraphProvider::with_secret(graph.clone(), SECRET.into())
+        .await
+        .unwrap();
+    let baseline = provider.capture_baseline(&plan.policy).await.unwrap();
+    for phases in 1..=plan.phases.len() {
+        let desired = desired_with(&plan, &(0..phases).collect());
+        let mut attempts = 0;
+        // Like the engine: a reconcile that gives up is simply run again.
+        while let Err(e) = provider.reconcile(&plan.policy, &desired, &baseline).await {
+            attempts += 1;
+            assert!(e.retryable() && attempts < 5, "seed {seed}: {e}");
+        }
+    }
+    // Not the blocking `http_get`: the emulator runs on this very thread.
+    let ledger: Value = reqwest::get(format!("{url}/_emulator/ledger"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let _ = stop.send(());
+    let _ = server.await;
+    ledger["value"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn a_write_whose_connection_drops_after_it_landed_is_never_repeated() {
+    let digest = |ledger: &[Value]| -> Vec<(String, String, String)> {
+        ledger
+            .iter()
+            .map(|e| {
+                (
+                    e["method"].as_str().unwrap().into(),
+                    e["path"].as_str().unwrap().into(),
+                    e["bodySha256"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    let mut dropped = 0;
+    for seed in 1..=12 {
+        let calm = reconcile_all_phases(seed, 0.0).await;
+        let faulty = reconcile_all_phases(seed, 0.3).await;
+        assert_eq!(
+            digest(&faulty),
+            digest(&calm),
+            "seed {seed}: every write once, in order"
+        );
+        dropped += faulty
+            .iter()
+            .filter(|e| e["connectionDropped"] == true)
+            .count();
+    }
+    assert!(
+        dropped > 0,
+        "no write lost its response in 12 seeds; the test proves nothing"
+    );
+}
