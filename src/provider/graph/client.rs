@@ -293,9 +293,10 @@ impl GraphClient {
             "{}/{}/oauth2/v2.0/token",
             self.settings.login_url, self.settings.tenant
         );
+        let scope = graph_scope(&self.settings.graph_url);
         let form = [
             ("client_id", self.settings.client_id.as_str()),
-            ("scope", "https://graph.microsoft.com/.default"),
+            ("scope", scope.as_str()),
             ("client_secret", self.secret.0.as_str()),
             ("grant_type", "client_credentials"),
         ];
@@ -629,6 +630,17 @@ impl GraphClient {
     }
 }
 
+/// The token scope for a Graph endpoint: the national cloud's own (`https://graph.microsoft.us`
+/// → `https://graph.microsoft.us/.default`), the global one otherwise (also for the emulator).
+pub fn graph_scope(graph_url: &str) -> String {
+    match graph_url.strip_prefix("https://") {
+        Some(host) if !host.is_empty() => {
+            format!("https://{}/.default", host.trim_end_matches('/'))
+        }
+        _ => "https://graph.microsoft.com/.default".to_string(),
+    }
+}
+
 fn describe_transport(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         "timed out".to_string()
@@ -682,6 +694,26 @@ mod tests {
             "displayName%20eq%20'Pilot%20IT'"
         );
         assert_eq!(encode("a&b=c"), "a%26b%3Dc");
+    }
+
+    #[test]
+    fn national_clouds_get_their_own_scope() {
+        assert_eq!(
+            graph_scope("https://graph.microsoft.com"),
+            "https://graph.microsoft.com/.default"
+        );
+        assert_eq!(
+            graph_scope("https://graph.microsoft.us"),
+            "https://graph.microsoft.us/.default"
+        );
+        assert_eq!(
+            graph_scope("https://microsoftgraph.chinacloudapi.cn/"),
+            "https://microsoftgraph.chinacloudapi.cn/.default"
+        );
+        assert_eq!(
+            graph_scope("http://127.0.0.1:8080"),
+            "https://graph.microsoft.com/.default"
+        );
     }
 
     #[test]
