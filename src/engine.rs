@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::crash;
 use crate::domain::event::{Effect, Event, EventKind, PendingEffect, Trigger, TriggerSource};
 use crate::domain::gate;
 use crate::domain::machine::{self, Rejection};
 use crate::domain::plan::{self, Plan, PlanErrors};
 use crate::domain::rollout::{PhaseObservation, Rollout, RolloutStatus};
 use crate::domain::time::Timestamp;
+use crate::notifier::{Delivery, Notifier};
 use crate::provider::{PhaseScope, Provider, ProviderError};
 use crate::store::{EventRecord, PlanRecord, Store, StoreError, StoredRollout};
 
@@ -64,6 +66,8 @@ pub type Observer<'a> = &'a mut dyn FnMut(&Plan, &Rollout, &EventRecord);
 
 pub struct Engine<'s> {
     pub store: &'s Store,
+    /// Delivers the outbox's webhook notifications.
+    pub notifier: &'s dyn Notifier,
     /// Recorded as the actor of automatic events (`run`, `demo`).
     pub actor: String,
     pub retry: RetryPolicy,
@@ -168,6 +172,7 @@ impl Engine<'_> {
         let plan_record =
             matches!(event.kind, EventKind::PlanChanged { .. }).then_some(&loaded.plan_record);
         let record = event_record(&loaded.stored.rollout, &transition, event, now);
+        crash::point("commit.before");
         let record = self.store.commit(
             &loaded.stored,
             &transition.rollout,
@@ -266,14 +271,37 @@ impl Engine<'_> {
         ) {
             self.notice_plan_change(&mut loaded, provider, observer)?;
         }
+        // Notifications whose webhook failed this time; they stay pending for the next run.
+        let mut undeliverable = std::collections::BTreeSet::new();
         loop {
             let rollout = &loaded.stored.rollout;
-            if let Some(pending) = rollout.pending.first().cloned()
-                && rollout.status != RolloutStatus::Failed
+            let configuration = rollout
+                .pending
+                .iter()
+                .find(|p| !p.effect.is_notification())
+                .cloned();
+            if let Some(pending) = configuration.filter(|_| rollout.status != RolloutStatus::Failed)
             {
                 let record = self.carry_out(&mut loaded, &pending, provider).await?;
                 if let Some(record) = record {
                     observer(&loaded.plan, &loaded.stored.rollout, &record);
+                }
+                continue;
+            }
+            let notification = rollout
+                .pending
+                .iter()
+                .find(|p| p.effect.is_notification() && !undeliverable.contains(&p.id))
+                .cloned();
+            if let Some(pending) = notification {
+                match self.deliver(&mut loaded, &pending, provider.now()).await {
+                    Ok(Some(record)) => observer(&loaded.plan, &loaded.stored.rollout, &record),
+                    Ok(None) => {}
+                    Err(EngineError::Invalid(why)) => {
+                        tracing::warn!(effect = %pending.id, %why, "notification not delivered; it stays pending");
+                        undeliverable.insert(pending.id);
+                    }
+                    Err(other) => return Err(other),
                 }
                 continue;
             }
@@ -297,6 +325,7 @@ impl Engine<'_> {
                 return Ok(DriveOutcome::Wait(provider.real_time_until(wake_at)));
             }
             provider.advance_to(wake_at).await?;
+            crash::point("clock.advanced");
             let tick = Event {
                 kind: EventKind::Tick,
                 trigger: Trigger::new(TriggerSource::Schedule, &self.actor, "deadline reached"),
@@ -305,6 +334,73 @@ impl Engine<'_> {
                 observer(&loaded.plan, &loaded.stored.rollout, &record);
             }
         }
+    }
+
+    /// Delivers one outbox notification (with retries) and records the delivery. `Invalid` means
+    /// the webhook could not be reached this time.
+    async fn deliver(
+        &self,
+        loaded: &mut Loaded,
+        pending: &PendingEffect,
+        now: Timestamp,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let Effect::Notify {
+            url,
+            secret_env,
+            status,
+            previous,
+            reason,
+            at,
+        } = &pending.effect
+        else {
+            unreachable!("only notifications are delivered");
+        };
+        let rollout = &loaded.stored.rollout;
+        let key = format!("{}:{}", rollout.id, pending.id);
+        let body = serde_json::json!({
+            "idempotencyKey": key,
+            "rollout": rollout.id,
+            "plan": rollout.plan_name,
+            "status": status.as_str(),
+            "previousStatus": previous.as_str(),
+            "reason": reason,
+            "at": at.rfc3339(),
+        });
+        let delivery = Delivery {
+            key: &key,
+            url,
+            secret_env: secret_env.as_deref(),
+            body: serde_json::to_vec(&body).expect("json serializes"),
+        };
+        crash::point("delivery.before");
+        let mut attempt = 0;
+        let status = loop {
+            match self.notifier.deliver(&delivery).await {
+                Ok(status) => break status,
+                Err(e) if attempt + 1 < 3 => {
+                    let delay =
+                        self.retry
+                            .delay(attempt, None, pending.id.seq ^ u64::from(attempt));
+                    tracing::warn!(%url, error = %e, ?delay, "webhook delivery failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(EngineError::Invalid(e.to_string())),
+            }
+        };
+        crash::point("delivery.after");
+        let event = Event {
+            kind: EventKind::Delivered {
+                effect: pending.id,
+                status,
+            },
+            trigger: Trigger::new(
+                TriggerSource::Internal,
+                "outbox",
+                format!("{url} answered {status}"),
+            ),
+        };
+        self.apply(loaded, event, now, None)
     }
 
     /// Carries out one pending effect and records its outcome.
@@ -324,6 +420,14 @@ impl Engine<'_> {
             })?)
         };
         let jitter_seed = pending.id.seq << 8 | u64::from(pending.id.index);
+        if crash::mutation("confirm-before-act")
+            && matches!(pending.effect, Effect::Reconcile { .. })
+        {
+            return self
+                .confirm_then_act(loaded, pending, provider, &target, baseline.as_ref())
+                .await;
+        }
+        crash::point("effect.before");
         let outcome =
             retrying(
                 self.retry,
@@ -342,9 +446,11 @@ impl Engine<'_> {
                         .restore(&target, baseline.as_ref().expect("loaded above"))
                         .await
                         .map(|n| (None, n)),
+                    Effect::Notify { .. } => unreachable!("notifications go through deliver"),
                 },
             )
             .await;
+        crash::point("effect.after");
         let now = provider.now();
         let provider_name = provider.describe();
         let (kind, captured) = match outcome {
@@ -375,6 +481,42 @@ impl Engine<'_> {
             ),
         };
         self.apply(loaded, event, now, captured.as_ref())
+    }
+
+    /// A deliberate bug for the crash harness's self-test: records a change as made before
+    /// making it, so a crash in between skips it.
+    async fn confirm_then_act(
+        &self,
+        loaded: &mut Loaded,
+        pending: &PendingEffect,
+        provider: &mut dyn Provider,
+        target: &crate::domain::plan::PolicyTarget,
+        baseline: Option<&serde_json::Value>,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let Effect::Reconcile { desired } = &pending.effect else {
+            unreachable!("only reconciles are mutated");
+        };
+        let event = Event {
+            kind: EventKind::Reconciled {
+                effect: pending.id,
+                changes: 0,
+            },
+            trigger: Trigger::new(
+                TriggerSource::Provider,
+                "mutation",
+                "confirmed before acting",
+            ),
+        };
+        let record = self.apply(loaded, event, provider.now(), None)?;
+        crash::point("effect.before");
+        let _ = provider
+            .reconcile(
+                target,
+                desired,
+                baseline.expect("reconciles have a baseline"),
+            )
+            .await;
+        Ok(record)
     }
 
     async fn observe(

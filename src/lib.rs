@@ -2,9 +2,11 @@
 //! machine. See `docs/ARCHITECTURE.md` for the map.
 
 pub mod cli;
+pub mod crash;
 pub mod domain;
 pub mod emulator;
 pub mod engine;
 pub mod graph;
+pub mod notifier;
 pub mod provider;
 pub mod store;

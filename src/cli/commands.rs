@@ -139,6 +139,7 @@ pub fn plan_show(ctx: &Context, file: &Path, dot: bool) -> CommandResult {
 fn engine<'s>(store: &'s Store, actor: &str) -> Engine<'s> {
     Engine {
         store,
+        notifier: crate::notifier::shared(),
         actor: actor.to_string(),
         retry: RetryPolicy::default(),
     }

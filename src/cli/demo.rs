@@ -75,6 +75,7 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
     let mut provider = provider::connect(&plan.provider, &store).await?;
     let engine = Engine {
         store: &store,
+        notifier: crate::notifier::shared(),
         actor: "demo".to_string(),
         retry: RetryPolicy::default(),
     };

@@ -9,7 +9,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::desired::DesiredState;
-use super::rollout::PhaseObservation;
+use super::rollout::{PhaseObservation, RolloutStatus};
+use super::time::Timestamp;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -117,6 +118,11 @@ pub enum EventKind {
     PlanChanged {
         plan_hash: String,
     },
+    /// A webhook answered a notification (`status` is its HTTP status).
+    Delivered {
+        effect: EffectId,
+        status: u16,
+    },
 }
 
 impl EventKind {
@@ -135,6 +141,7 @@ impl EventKind {
             EventKind::AbortRequested => "abort_requested",
             EventKind::ProviderFailed { .. } => "provider_failed",
             EventKind::PlanChanged { .. } => "plan_changed",
+            EventKind::Delivered { .. } => "delivered",
         }
     }
 }
@@ -164,6 +171,17 @@ pub enum Effect {
     Reconcile { desired: DesiredState },
     /// Put back exactly the configuration recorded by `CaptureBaseline`.
     RestoreBaseline,
+    /// Tell a webhook that the rollout entered `status`. Not idempotent by nature, so it goes
+    /// through the outbox: committed with its transition, delivered at least once with the
+    /// effect's durable id as idempotency key, and confirmed by a `Delivered` event.
+    Notify {
+        url: String,
+        secret_env: Option<String>,
+        status: RolloutStatus,
+        previous: RolloutStatus,
+        reason: String,
+        at: Timestamp,
+    },
 }
 
 impl Effect {
@@ -172,12 +190,18 @@ impl Effect {
             Effect::CaptureBaseline => "capture_baseline",
             Effect::Reconcile { .. } => "reconcile",
             Effect::RestoreBaseline => "restore_baseline",
+            Effect::Notify { .. } => "notify",
         }
     }
 
     /// Reconcile and restore both set the whole configuration, so a newer one replaces an older.
     pub fn sets_configuration(&self) -> bool {
         matches!(self, Effect::Reconcile { .. } | Effect::RestoreBaseline)
+    }
+
+    /// Outbox effects never hold up the rollout; configuration effects run strictly in order.
+    pub fn is_notification(&self) -> bool {
+        matches!(self, Effect::Notify { .. })
     }
 }
 

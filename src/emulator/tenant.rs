@@ -166,6 +166,8 @@ pub struct Tenant {
     tokens: BTreeMap<String, (Timestamp, u64)>,
     tokens_issued: u64,
     ledger: Vec<LedgerEntry>,
+    /// Webhook deliveries received at `/_emulator/webhook`: (idempotency key, body digest).
+    deliveries: Vec<(String, String)>,
     requests: u64,
     faults_injected: u64,
     last_ca_request: Option<Instant>,
@@ -338,6 +340,7 @@ impl Tenant {
             tokens: BTreeMap::new(),
             tokens_issued: 0,
             ledger: Vec::new(),
+            deliveries: Vec::new(),
             requests: 0,
             faults_injected: 0,
             last_ca_request: None,
@@ -522,6 +525,24 @@ impl Tenant {
                 json!({"now": format_time(self.now()), "clock": self.clock_header()}),
             ),
             ("POST", "/_emulator/clock") => self.set_clock(&request.body),
+            ("POST", "/_emulator/webhook") => {
+                let key = request
+                    .headers
+                    .get("idempotency-key")
+                    .cloned()
+                    .unwrap_or_default();
+                self.deliveries
+                    .push((key, hex::encode(Sha256::digest(&request.body))));
+                Response::empty(204)
+            }
+            ("GET", "/_emulator/deliveries") => {
+                let items: Vec<Value> = self
+                    .deliveries
+                    .iter()
+                    .map(|(key, digest)| json!({"idempotencyKey": key, "bodySha256": digest}))
+                    .collect();
+                Response::json(200, json!({ "value": items }))
+            }
             ("POST", "/_emulator/revoke-tokens") => {
                 let revoked = self.tokens.len();
                 self.tokens.clear();

@@ -102,6 +102,7 @@ impl Store {
     pub fn open(dir: &Path, wait: Duration) -> Result<Store, StoreError> {
         ensure_dir(dir)?;
         let lock = lock::acquire(&lock::lock_path(dir, "store.lock"), dir, wait)?;
+        crate::crash::point("store.locked");
         let db_dir = dir.join("sled");
         if !db_dir.exists() {
             create_database(dir, &db_dir)?;
@@ -120,6 +121,7 @@ impl Store {
             _lock: lock,
         };
         store.check_format()?;
+        crate::crash::point("store.opened");
         Ok(store)
     }
 
@@ -330,7 +332,11 @@ impl Store {
             Err(TransactionError::Abort(err)) => return Err(err),
             Err(TransactionError::Storage(err)) => return Err(self.db_error(err)),
         }
-        self.flush()?;
+        crate::crash::point("commit.unflushed");
+        if !crate::crash::mutation("skip-flush") {
+            self.flush()?;
+        }
+        crate::crash::point("commit.after");
         Ok(event)
     }
 

@@ -71,6 +71,9 @@ pub fn step(
     if machine.next.status.is_progressing() {
         machine.progress();
     }
+    if machine.next.status != rollout.status {
+        machine.announce(rollout.status);
+    }
     assert!(
         rollout.status.can_transition_to(machine.next.status),
         "illegal transition {} -> {} on {}",
@@ -206,6 +209,10 @@ impl Machine<'_> {
             EventKind::AbortRequested => self.abort(),
             EventKind::ProviderFailed { error, .. } => self.provider_failed(error),
             EventKind::PlanChanged { plan_hash } => self.plan_changed(plan_hash),
+            EventKind::Delivered { effect, .. } => {
+                self.complete(*effect);
+                Ok(())
+            }
         }
     }
 
@@ -271,6 +278,23 @@ impl Machine<'_> {
         self.next.reason = format!("started by {}", self.by());
         self.request(Effect::CaptureBaseline);
         Ok(())
+    }
+
+    /// Queues a notification for every webhook that wants to hear about the new status.
+    fn announce(&mut self, previous: RolloutStatus) {
+        let status = self.next.status;
+        for webhook in &self.plan.webhooks {
+            if webhook.events.contains(&status) {
+                self.request(Effect::Notify {
+                    url: webhook.url.clone(),
+                    secret_env: webhook.secret_env.clone(),
+                    status,
+                    previous,
+                    reason: self.next.reason.clone(),
+                    at: self.now,
+                });
+            }
+        }
     }
 
     fn reconciled(&mut self, effect: EffectId, changes: u64) {

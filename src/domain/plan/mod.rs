@@ -21,7 +21,9 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 pub use diagnostics::{Diagnostic, PlanErrors, Position, position};
-use raw::{RawGate, RawPhase, RawPlan, RawProvider, RawRollbackWhen};
+use raw::{RawGate, RawPhase, RawPlan, RawProvider, RawRollbackWhen, RawWebhook};
+
+use super::rollout::RolloutStatus;
 
 /// How strongly a phase applies the policy. The order matters: a later phase may only keep or
 /// strengthen the mode of the phases it follows.
@@ -206,6 +208,27 @@ impl RollbackWhen {
     }
 }
 
+/// An HTTP endpoint told about status changes (`[[webhook]]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Webhook {
+    pub url: String,
+    /// The statuses whose entry is announced.
+    pub events: Vec<RolloutStatus>,
+    /// The environment variable with the key that signs each delivery (HMAC-SHA256).
+    pub secret_env: Option<String>,
+}
+
+/// The statuses a webhook announces unless its plan says otherwise: the ones a person acts on.
+pub const DEFAULT_WEBHOOK_EVENTS: [RolloutStatus; 7] = [
+    RolloutStatus::WaitingApproval,
+    RolloutStatus::Held,
+    RolloutStatus::RolledBack,
+    RolloutStatus::Rejected,
+    RolloutStatus::Completed,
+    RolloutStatus::Aborted,
+    RolloutStatus::Failed,
+];
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Phase {
     pub id: String,
@@ -234,6 +257,8 @@ pub struct Plan {
     pub phases: Vec<Phase>,
     /// Phase indices in an order where every phase comes after everything in its `after`.
     pub order: Vec<usize>,
+    /// Where to tell about status changes.
+    pub webhooks: Vec<Webhook>,
     /// Hex SHA-256 of the plan's text: a change mid-rollout is detected by it.
     pub hash: String,
 }
@@ -349,7 +374,13 @@ impl Checker<'_> {
             self.error(rollout_span, "a plan needs at least one [[phase]]");
         }
         let phases = self.phases(raw.phase);
+        let webhooks: Option<Vec<Webhook>> = raw
+            .webhook
+            .iter()
+            .map(|w| self.webhook(w.get_ref()))
+            .collect();
         Some(Plan {
+            webhooks: webhooks?,
             name: name?,
             description: rollout.description,
             observe_every: observe_every?,
@@ -602,6 +633,51 @@ impl Checker<'_> {
             ca_requests_per_second: rate?,
             request_timeout: timeout?,
         }))
+    }
+
+    fn webhook(&mut self, raw: &RawWebhook) -> Option<Webhook> {
+        let url = raw.url.get_ref().trim();
+        let url_ok = url.starts_with("https://") || url.starts_with("http://");
+        if !url_ok {
+            self.error(
+                raw.url.span(),
+                format!("invalid webhook URL `{url}`: expected http:// or https://"),
+            );
+        }
+        let events = match &raw.events {
+            None => Some(DEFAULT_WEBHOOK_EVENTS.to_vec()),
+            Some(list) => {
+                let mut events = Vec::new();
+                let mut ok = true;
+                for name in list.get_ref() {
+                    match RolloutStatus::ALL
+                        .iter()
+                        .find(|s| s.as_str() == name.get_ref())
+                    {
+                        Some(status) => events.push(*status),
+                        None => {
+                            let names: Vec<&str> =
+                                RolloutStatus::ALL.iter().map(|s| s.as_str()).collect();
+                            self.error(
+                                name.span(),
+                                format!(
+                                    "unknown status `{name}`; statuses are: {}",
+                                    names.join(", ")
+                                ),
+                            );
+                            ok = false;
+                        }
+                    }
+                }
+                ok.then_some(events)
+            }
+        };
+        let secret_env = raw.secret_env.as_ref().map(|s| s.get_ref().clone());
+        Some(Webhook {
+            url: url_ok.then(|| url.to_string())?,
+            events: events?,
+            secret_env,
+        })
     }
 
     fn phases(&mut self, raw: Vec<Spanned<RawPhase>>) -> Option<(Vec<Phase>, Vec<usize>)> {

@@ -15,6 +15,16 @@ pub(super) struct RawPlan {
     pub provider: Spanned<RawProvider>,
     #[serde(default)]
     pub phase: Vec<Spanned<RawPhase>>,
+    #[serde(default)]
+    pub webhook: Vec<Spanned<RawWebhook>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWebhook {
+    pub url: Spanned<String>,
+    pub events: Option<Spanned<Vec<Spanned<String>>>>,
+    pub secret_env: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

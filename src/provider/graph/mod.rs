@@ -435,7 +435,10 @@ impl GraphProvider {
                 return Ok(changes);
             }
             for write in &writes {
-                match self.execute(names, &extras, write).await {
+                crate::crash::point("write.before");
+                let outcome = self.execute(names, &extras, write).await;
+                crate::crash::point("write.after");
+                match outcome {
                     Ok(()) => changes += 1,
                     Err(e) if e.retryable() => {
                         let delay = e
