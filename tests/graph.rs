@@ -398,6 +398,7 @@ async fn reconcile_all_phases(seed: u64, faults: f64) -> Vec<Value> {
         devices: 300,
         seed,
         faults,
+        fault_seed: seed,
         time_scale: None,
         tenant_domain: "contoso.onmicrosoft.com".into(),
         client_id: "00001111-aaaa-2222-bbbb-3333cccc4444".into(),

@@ -154,6 +154,9 @@ enum Command {
         /// answers, connections dropped after a write), from 0 to 1
         #[arg(long, default_value_t = 0.0)]
         faults: f64,
+        /// Seed of the fault schedule [default: --seed]
+        #[arg(long)]
+        fault_seed: Option<u64>,
         /// Run the tenant's clock this many times faster than real time [default: the clock
         /// moves only when the client asks, so rehearsals are instant]
         #[arg(long)]
@@ -352,6 +355,7 @@ async fn dispatch(cli: Cli) -> CommandResult {
             devices,
             seed,
             faults,
+            fault_seed,
             time_scale,
             tenant,
             client_id,
@@ -370,6 +374,7 @@ async fn dispatch(cli: Cli) -> CommandResult {
                 devices,
                 seed,
                 faults,
+                fault_seed: fault_seed.unwrap_or(seed),
                 time_scale: time_scale.filter(|x| *x > 0.0),
                 tenant_domain: tenant,
                 client_id,

@@ -260,12 +260,13 @@ pub fn event_line(record: &EventRecord) -> String {
         format!("{} → {}", record.previous_status, record.status)
     };
     format!(
-        "#{:<4} {}  {:<18} {:<30} [{}]",
+        "#{:<4} {}  {:<18} {:<30} [{}] {}",
         record.seq,
         record.at.rfc3339(),
         record.event.kind.name(),
         who,
-        status
+        status,
+        &record.hash[..record.hash.len().min(8)]
     )
 }
 

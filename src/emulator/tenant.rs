@@ -31,6 +31,8 @@ pub struct Settings {
     pub seed: u64,
     /// Share of Graph requests that misbehave (0.0 to 1.0).
     pub faults: f64,
+    /// Which requests misbehave, and how (the tenant itself comes from `seed`).
+    pub fault_seed: u64,
     /// `None`: the clock moves only when a client asks (`POST /_emulator/clock`); `Some(x)`: it
     /// runs x times faster than real time.
     pub time_scale: Option<f64>,
@@ -810,7 +812,12 @@ impl Tenant {
         let index = self.requests;
         self.requests += 1;
         let writes = method != "GET";
-        let fault = fault_for(self.settings.seed, self.settings.faults, index, writes);
+        let fault = fault_for(
+            self.settings.fault_seed,
+            self.settings.faults,
+            index,
+            writes,
+        );
         if fault.is_some() {
             self.faults_injected += 1;
         }

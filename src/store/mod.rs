@@ -371,6 +371,7 @@ fn create_database(dir: &Path, db_dir: &Path) -> Result<(), StoreError> {
         move |source| StoreError::Io { path, source }
     };
     if creating.exists() {
+        tracing::warn!(dir = %creating.display(), "removing a half-created store left by an interrupted start");
         fs::remove_dir_all(&creating).map_err(io(&creating))?;
     }
     {

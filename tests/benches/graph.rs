@@ -26,6 +26,7 @@ async fn bench() {
         devices: FLEET,
         seed: 7,
         faults: 0.0,
+        fault_seed: 7,
         time_scale: None,
         tenant_domain: "contoso.onmicrosoft.com".into(),
         client_id: "00001111-aaaa-2222-bbbb-3333cccc4444".into(),

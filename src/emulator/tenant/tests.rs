@@ -7,6 +7,7 @@ fn settings() -> Settings {
         devices: 400,
         seed: 7,
         faults: 0.0,
+        fault_seed: 7,
         time_scale: None,
         tenant_domain: "contoso.onmicrosoft.com".into(),
         client_id: "app".into(),
