@@ -369,9 +369,17 @@ fn an_edited_audit_trail_fails_verification() {
         .trim()
         .to_string();
     pg.run(&["run", "--once"]);
-    // Edit the first event in the store's database: who started the rollout.
+    // Copy the store, then edit the copy's first event: who started the rollout.
+    let copy = tempfile::tempdir().unwrap();
+    for entry in walk(pg.store.path()) {
+        let target = copy
+            .path()
+            .join(entry.strip_prefix(pg.store.path()).unwrap());
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &target).unwrap();
+    }
     {
-        let db = sled::open(pg.store.path().join("sled")).unwrap();
+        let db = sled::open(copy.path().join("sled")).unwrap();
         let events = db.open_tree("events").unwrap();
         let (key, value) = events.iter().next().unwrap().unwrap();
         let edited = String::from_utf8(value.to_vec())
@@ -380,13 +388,34 @@ fn an_edited_audit_trail_fails_verification() {
         events.insert(key, edited.as_bytes()).unwrap();
         db.flush().unwrap();
     }
-    let out = pg.run(&["history", &id, "--verify"]);
+    let out = pg.run(&[
+        "--store",
+        copy.path().to_str().unwrap(),
+        "history",
+        &id,
+        "--verify",
+    ]);
     assert_eq!(code(&out), 1);
     assert!(
         stderr(&out).contains("event 1: content does not match its hash"),
         "{}",
         stderr(&out)
     );
+    // The original is untouched and still verifies.
+    assert_eq!(code(&pg.run(&["history", &id, "--verify"])), 0);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else if !path.ends_with("store.lock") && !path.ends_with("driver.lock") {
+            files.push(path);
+        }
+    }
+    files
 }
 
 #[test]

@@ -21,6 +21,8 @@
 //! the random schedules (printed on every run); a failing seed is saved under
 //! `tests/crash-regressions/` and replayed first from then on. `PHASEGATE_CRASH_LONG=1` runs the
 //! long version. The self-test switches on deliberate bugs and requires the harness to catch them.
+//!
+//! This is a `harness = false` test, so its report is printed by every `cargo test`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
@@ -560,7 +562,6 @@ fn regression_seeds() -> Vec<u64> {
     seeds
 }
 
-#[test]
 fn kill_dash_nine_at_any_instant_loses_nothing_and_repeats_nothing() {
     let long = std::env::var("PHASEGATE_CRASH_LONG").is_ok_and(|v| v == "1");
     let seed: u64 = std::env::var("HARNESS_SEED")
@@ -703,7 +704,6 @@ fn fs_lock(path: &Path) -> std::fs::File {
     file
 }
 
-#[test]
 fn the_harness_catches_deliberate_bugs() {
     let (reference, _, run_points, _) = reference();
     let tally = Arc::new(Tally::default());
@@ -730,5 +730,27 @@ fn the_harness_catches_deliberate_bugs() {
             !failures.is_empty(),
             "the harness missed the `{mutation}` bug"
         );
+    }
+}
+
+fn main() {
+    // `cargo test --test crash -- --list` and filters for other tests: nothing to list or skip.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let checks: [(&str, fn()); 2] = [
+        (
+            "kill -9 at any instant loses nothing and repeats nothing",
+            kill_dash_nine_at_any_instant_loses_nothing_and_repeats_nothing,
+        ),
+        (
+            "the harness catches deliberate bugs",
+            the_harness_catches_deliberate_bugs,
+        ),
+    ];
+    for (name, check) in checks {
+        println!("crash harness: {name}");
+        check();
+        println!("crash harness: {name}: ok");
     }
 }
