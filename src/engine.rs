@@ -321,17 +321,25 @@ impl Engine<'_> {
             let Some(wake_at) = agenda.wake_at else {
                 return Ok(DriveOutcome::Stopped(rollout.status));
             };
-            if pace == Pace::Once || !provider.is_virtual() {
-                return Ok(DriveOutcome::Wait(provider.real_time_until(wake_at)));
+            if wake_at > now {
+                if pace == Pace::Once || !provider.is_virtual() {
+                    return Ok(DriveOutcome::Wait(provider.real_time_until(wake_at)));
+                }
+                provider.advance_to(wake_at).await?;
+                crash::point("clock.advanced");
             }
-            provider.advance_to(wake_at).await?;
-            crash::point("clock.advanced");
             let tick = Event {
                 kind: EventKind::Tick,
                 trigger: Trigger::new(TriggerSource::Schedule, &self.actor, "deadline reached"),
             };
-            if let Some(record) = self.apply(&mut loaded, tick, wake_at, None)? {
-                observer(&loaded.plan, &loaded.stored.rollout, &record);
+            match self.apply(&mut loaded, tick, provider.now().max(wake_at), None)? {
+                Some(record) => observer(&loaded.plan, &loaded.stored.rollout, &record),
+                None if wake_at <= now => {
+                    // A deadline that has passed and changes nothing would spin; it never should.
+                    tracing::warn!(%wake_at, "a past deadline changed nothing; waiting");
+                    return Ok(DriveOutcome::Wait(Duration::from_secs(60)));
+                }
+                None => {}
             }
         }
     }
@@ -631,6 +639,7 @@ fn event_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::plan;
 
     #[test]
     fn backoff_grows_is_capped_and_honours_retry_after() {
@@ -643,6 +652,128 @@ mod tests {
             policy.delay(0, Some(Duration::from_millis(2500)), 1),
             Duration::from_millis(2500)
         );
+    }
+
+    /// A backend on a real (here: hand-moved) clock whose every device fails the policy.
+    struct RealClock {
+        now: Timestamp,
+    }
+
+    #[async_trait::async_trait]
+    impl Provider for RealClock {
+        fn describe(&self) -> String {
+            "real clock".into()
+        }
+        fn now(&self) -> Timestamp {
+            self.now
+        }
+        fn is_virtual(&self) -> bool {
+            false
+        }
+        async fn advance_to(&mut self, _: Timestamp) -> Result<(), ProviderError> {
+            Err(ProviderError::permanent("real time cannot jump"))
+        }
+        async fn preflight(&mut self, _: &Plan) -> Result<(), ProviderError> {
+            Ok(())
+        }
+        async fn capture_baseline(
+            &mut self,
+            _: &crate::domain::plan::PolicyTarget,
+        ) -> Result<serde_json::Value, ProviderError> {
+            Ok(serde_json::json!({}))
+        }
+        async fn reconcile(
+            &mut self,
+            _: &crate::domain::plan::PolicyTarget,
+            _: &crate::domain::desired::DesiredState,
+            _: &serde_json::Value,
+        ) -> Result<u64, ProviderError> {
+            Ok(1)
+        }
+        async fn restore(
+            &mut self,
+            _: &crate::domain::plan::PolicyTarget,
+            _: &serde_json::Value,
+        ) -> Result<u64, ProviderError> {
+            Ok(1)
+        }
+        async fn observe(
+            &mut self,
+            _: &crate::domain::plan::PolicyTarget,
+            scopes: &[PhaseScope],
+        ) -> Result<Vec<Vec<crate::domain::gate::DeviceReport>>, ProviderError> {
+            let failing = crate::domain::gate::DeviceReport {
+                state: crate::domain::gate::DeviceState::Noncompliant,
+                last_reported: Some(self.now),
+                blocked: false,
+            };
+            Ok(scopes.iter().map(|_| vec![failing; 10]).collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deadline_that_passed_on_a_real_clock_is_acted_on_not_spun_on() {
+        let text = r#"
+[rollout]
+name = "real"
+observe_every = "6h"
+[policy]
+compliance = "Baseline"
+platform = "windows"
+[provider]
+kind = "simulator"
+[[phase]]
+id = "only"
+mode = "report"
+include = ["All Users"]
+min_soak = "1d"
+[phase.gate]
+max_noncompliant_ratio = "1%"
+max_hold = "1h"
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), crate::store::DEFAULT_LOCK_WAIT).unwrap();
+        let plan = plan::parse("real.toml", text).unwrap();
+        let engine = Engine {
+            store: &store,
+            notifier: crate::notifier::shared(),
+            actor: "test".into(),
+            retry: RetryPolicy::default(),
+        };
+        let mut provider = RealClock {
+            now: Timestamp::from_millis(1_800_000_000_000),
+        };
+        let record = PlanRecord {
+            path: "real.toml".into(),
+            source: text.into(),
+            hash: plan.hash.clone(),
+        };
+        engine
+            .start(&plan, record, "real-1", "alice", &mut provider)
+            .await
+            .unwrap();
+        let mut quiet = |_: &Plan, _: &Rollout, _: &EventRecord| {};
+        let first = engine
+            .drive("real-1", &mut provider, Pace::Continuous, &mut quiet)
+            .await
+            .unwrap();
+        assert!(matches!(first, DriveOutcome::Wait(_)), "{first:?}");
+        // The soak ends; the gate fails and holds, with max_hold an hour away.
+        provider.now = provider.now.plus(Duration::from_secs(86_400));
+        let held = engine
+            .drive("real-1", &mut provider, Pace::Continuous, &mut quiet)
+            .await
+            .unwrap();
+        assert_eq!(held, DriveOutcome::Wait(Duration::from_secs(3600)));
+        // Two hours later the hold deadline has passed without anyone ticking at it.
+        provider.now = provider.now.plus(Duration::from_secs(7200));
+        let stopped = engine
+            .drive("real-1", &mut provider, Pace::Continuous, &mut quiet)
+            .await
+            .unwrap();
+        assert_eq!(stopped, DriveOutcome::Stopped(RolloutStatus::Held));
+        let rollout = store.rollout("real-1").unwrap().rollout;
+        assert!(rollout.phases[0].hold_expired);
     }
 
     #[test]

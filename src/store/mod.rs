@@ -108,7 +108,7 @@ impl Store {
             create_database(dir, &db_dir)?;
         }
         remove_unfinished_snapshots(&db_dir)?;
-        let db = sled_config(&db_dir).open().map_err(|e| map_sled(dir, e))?;
+        let db = open_database(dir, &db_dir)?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| map_sled(dir, e));
         let store = Store {
             rollouts: tree("rollouts")?,
@@ -355,6 +355,27 @@ impl Store {
     }
 }
 
+/// Opens sled, waiting briefly if its own lock is still held. We hold `store.lock`, so no other
+/// phasegate process can have the database open: a held sled lock is a handle of this process
+/// still closing (sled releases its file lock only when its background threads let go, which
+/// happens just after `create_database` drops its handle).
+fn open_database(dir: &Path, db_dir: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match sled_config(db_dir).open() {
+            Ok(db) => return Ok(db),
+            Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(map_sled(dir, e)),
+        }
+    }
+}
+
+fn is_lock_error(err: &sled::Error) -> bool {
+    err.to_string().contains("could not acquire lock")
+}
+
 fn sled_config(path: &Path) -> sled::Config {
     sled::Config::new()
         .path(path)
@@ -418,7 +439,7 @@ fn remove_unfinished_snapshots(db_dir: &Path) -> Result<(), StoreError> {
 
 fn map_sled(store: &Path, err: sled::Error) -> StoreError {
     let message = err.to_string();
-    if message.contains("could not acquire lock") {
+    if is_lock_error(&err) {
         return StoreError::InUse {
             store: store.to_path_buf(),
             holder: String::new(),

@@ -606,6 +606,9 @@ impl GraphClient {
 
     /// Moves the emulator's manual clock (rehearsals only).
     pub async fn advance_clock(&self, at: Timestamp) -> Result<(), ProviderError> {
+        if at <= self.now() {
+            return Ok(());
+        }
         let url = format!("{}/_emulator/clock", self.settings.graph_url);
         let response = self
             .http
