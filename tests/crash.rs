@@ -24,18 +24,20 @@
 //!
 //! This is a `harness = false` test, so its report is printed by every `cargo test`.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_phasegate");
+use common::{BIN, Emulator};
+
 const SECRET: &str = "crash-harness-secret";
 const ID: &str = "crash-1";
 
@@ -75,62 +77,21 @@ impl Tally {
     }
 }
 
-struct Emulator {
-    child: Child,
-    url: String,
-}
-
-impl Emulator {
-    fn start(faults: f64, seed: u64) -> Emulator {
-        let mut child = Command::new(BIN)
-            .args([
-                "emulator",
-                "--listen",
-                "127.0.0.1:0",
-                "--devices",
-                "300",
-                "--ca-rate",
-                "100000",
-            ])
-            .args(["--client-secret", SECRET, "--seed", "7"])
-            .args(["--faults", &faults.to_string()])
-            .args(["--fault-seed", &seed.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        let url = first
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no address in {first:?}"))
-            .to_string();
-        Emulator { child, url }
-    }
-
-    fn get(&self, path: &str) -> Value {
-        use std::io::{Read, Write};
-        let rest = self.url.strip_prefix("http://").unwrap();
-        let mut stream = std::net::TcpStream::connect(rest).unwrap();
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {rest}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap()
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn emulator(faults: f64, seed: u64) -> Emulator {
+    Emulator::spawn(&[
+        "--devices",
+        "300",
+        "--ca-rate",
+        "100000",
+        "--client-secret",
+        SECRET,
+        "--seed",
+        "7",
+        "--faults",
+        &faults.to_string(),
+        "--fault-seed",
+        &seed.to_string(),
+    ])
 }
 
 /// What a finished trial looked like from the outside.
@@ -157,7 +118,7 @@ struct Run {
 
 impl Trial {
     fn new(faults: f64, seed: u64) -> Trial {
-        let emulator = Emulator::start(faults, seed);
+        let emulator = emulator(faults, seed);
         let dir = tempfile::tempdir().unwrap();
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),

@@ -1,50 +1,25 @@
 //! End-to-end tests of the Graph provider against `phasegate emulator` on loopback: the real
 //! binary on both sides of a real socket.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
 
+use std::process::{Command, Output};
+
+use common::{BIN, Emulator};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_phasegate");
 const SECRET: &str = "s3cr3t-for-tests-7Qx";
 
-/// A running `phasegate emulator`, stopped when dropped.
-struct Emulator {
-    child: Child,
-    url: String,
+trait EmulatorExt {
+    fn start(args: &[&str]) -> Emulator;
+    fn writes(&self) -> Vec<(String, String, String)>;
+    fn configuration(&self) -> Value;
 }
 
-impl Emulator {
+impl EmulatorExt for Emulator {
     fn start(args: &[&str]) -> Emulator {
-        let mut child = Command::new(BIN)
-            .args([
-                "emulator",
-                "--listen",
-                "127.0.0.1:0",
-                "--client-secret",
-                SECRET,
-            ])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        let url = first
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no address in {first:?}"))
-            .to_string();
-        Emulator { child, url }
-    }
-
-    fn get(&self, path: &str) -> Value {
-        let text = http_get(&format!("{}{path}", self.url));
-        serde_json::from_str(&text).unwrap()
+        let mut all = vec!["--client-secret", SECRET];
+        all.extend_from_slice(args);
+        Emulator::spawn(&all)
     }
 
     /// The writes the emulator accepted: (method, path, body digest).
@@ -74,30 +49,6 @@ impl Emulator {
             .collect();
         serde_json::json!({"policies": policies, "conditionalAccess": state["conditionalAccess"]})
     }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A minimal HTTP/1.1 GET over a plain socket, so the tests need no HTTP client of their own.
-fn http_get(url: &str) -> String {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut stream = std::net::TcpStream::connect(host).unwrap();
-    write!(
-        stream,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (_, body) = response.split_once("\r\n\r\n").unwrap();
-    body.to_string()
 }
 
 struct Phasegate {

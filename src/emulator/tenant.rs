@@ -19,7 +19,8 @@ use crate::domain::gate::DeviceState;
 use crate::domain::plan::{Mode, Platform};
 use crate::domain::time::Timestamp;
 use crate::graph::{
-    ALL_USERS_ID, ActionItem, AssignmentTarget, CaUsers, NIL_GUID, format_inner_date, format_time,
+    ALL_USERS_ID, ActionItem, AssignmentTarget, CaUsers, NIL_GUID, encode_query_value,
+    format_inner_date, format_time,
 };
 use crate::provider::simulator::SIMULATED_EPOCH;
 use crate::provider::simulator::fleet::{DetailedReport, Fleet, GROUPS, Membership, ResolvedEntry};
@@ -1826,28 +1827,6 @@ fn next_link(base_url: &str, path: &str, query: &[(String, String)], offset: usi
         .collect();
     parts.push(format!("$skiptoken={}", encode_skiptoken(offset)));
     format!("{}/v1.0{}?{}", graph_root(base_url), path, parts.join("&"))
-}
-
-fn encode_query_value(value: &str) -> String {
-    let mut out = String::new();
-    for b in value.bytes() {
-        match b {
-            b'A'..=b'Z'
-            | b'a'..=b'z'
-            | b'0'..=b'9'
-            | b'-'
-            | b'_'
-            | b'.'
-            | b'~'
-            | b'$'
-            | b','
-            | b'('
-            | b')'
-            | b'=' => out.push(b as char),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 fn encode_skiptoken(offset: usize) -> String {

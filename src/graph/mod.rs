@@ -125,6 +125,20 @@ pub fn parse_time(text: &str) -> Option<Timestamp> {
     Timestamp::parse_rfc3339(text)
 }
 
+/// Percent-encodes a query value as Graph expects it (spaces as `%20`; OData's `$`, `(`, `)`,
+/// `,` and `'` kept readable).
+pub fn encode_query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' => out.push(b as char),
+            b'-' | b'_' | b'.' | b'~' | b'$' | b'(' | b')' | b',' | b'\'' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
 /// Quotes a value for an OData `$filter` string literal.
 pub fn odata_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))

@@ -82,28 +82,7 @@ pub struct GraphClient {
 /// Renew the token this long before it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(300);
 
-/// Percent-encodes a query value (spaces as `%20`, which OData expects).
-pub fn encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        match b {
-            b'A'..=b'Z'
-            | b'a'..=b'z'
-            | b'0'..=b'9'
-            | b'-'
-            | b'_'
-            | b'.'
-            | b'~'
-            | b'$'
-            | b'('
-            | b')'
-            | b','
-            | b'\'' => out.push(b as char),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
+pub use crate::graph::encode_query_value as encode;
 
 /// Parses `Retry-After`: seconds (possibly fractional) or an HTTP date.
 pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
