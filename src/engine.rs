@@ -95,7 +95,7 @@ impl RetryPolicy {
     /// Capped exponential backoff with deterministic jitter, or what the backend asked for.
     pub fn delay(&self, attempt: u32, retry_after: Option<Duration>, jitter_seed: u64) -> Duration {
         if let Some(asked) = retry_after {
-            return asked.min(self.max_delay.max(asked));
+            return asked;
         }
         let exponential = self
             .base_delay

@@ -172,6 +172,8 @@ pub struct Tenant {
     /// Webhook deliveries received at `/_emulator/webhook`: (idempotency key, body digest).
     deliveries: Vec<(String, String)>,
     requests: u64,
+    /// Every HTTP request answered (Graph, token and control), for request ids.
+    answered: u64,
     faults_injected: u64,
     last_ca_request: Option<Instant>,
     status_cache: Option<(String, Timestamp, u64, Statuses)>,
@@ -345,6 +347,7 @@ impl Tenant {
             ledger: Vec::new(),
             deliveries: Vec::new(),
             requests: 0,
+            answered: 0,
             faults_injected: 0,
             last_ca_request: None,
             status_cache: None,
@@ -463,14 +466,8 @@ impl Tenant {
 
     /// Answers one HTTP request.
     pub fn handle(&mut self, request: &Request) -> Response {
-        let request_id = guid(
-            self.settings.seed,
-            "request",
-            self.requests
-                + self.faults_injected * 7919
-                + self.ledger.len() as u64 * 104_729
-                + self.tokens_issued,
-        );
+        self.answered += 1;
+        let request_id = guid(self.settings.seed, "request", self.answered);
         let now = self.now();
         let mut response = if request.path.starts_with("/_emulator/") {
             self.control(request)

@@ -112,6 +112,15 @@ impl Harness {
         }
     }
 
+    pub fn approve(&mut self, phase: &str, who: &str) -> Result<Transition, Rejection> {
+        let kind = EventKind::ApprovalGranted {
+            phase: phase.into(),
+            ticket: None,
+            comment: None,
+        };
+        self.user(kind, who)
+    }
+
     pub fn observe(&mut self, tally: Tally) {
         let observations = self
             .rollout
@@ -284,15 +293,7 @@ fn a_stale_observation_decides_nothing() {
     h.observe(healthy());
     h.advance(DAY);
     // The last observation is a day old: approving records the approval but cannot promote.
-    h.user(
-        EventKind::ApprovalGranted {
-            phase: "notify".into(),
-            ticket: None,
-            comment: None,
-        },
-        "bob",
-    )
-    .unwrap();
+    h.approve("notify", "bob").unwrap();
     assert_eq!(h.state("notify"), PhaseState::AwaitingApproval);
     assert_eq!(agenda(&h.plan, &h.rollout, h.now).observe, vec!["notify"]);
     h.observe(healthy());
@@ -379,15 +380,7 @@ fn rollback_when_rolls_back_on_its_own() {
     h.start();
     h.soak_and_observe(healthy());
     h.soak_and_observe(healthy());
-    h.user(
-        EventKind::ApprovalGranted {
-            phase: "notify".into(),
-            ticket: None,
-            comment: None,
-        },
-        "bob",
-    )
-    .unwrap();
+    h.approve("notify", "bob").unwrap();
     h.settle();
     assert_eq!(h.state("enforce"), PhaseState::Soaking);
     h.advance(HOUR * 6);
@@ -458,15 +451,7 @@ fn a_changed_plan_resets_the_current_gate() {
     h.start();
     h.soak_and_observe(healthy());
     h.soak_and_observe(healthy());
-    h.user(
-        EventKind::ApprovalGranted {
-            phase: "notify".into(),
-            ticket: None,
-            comment: None,
-        },
-        "bob",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    h.approve("notify", "bob").unwrap_or_else(|e| panic!("{e}"));
     // Approved and promoted; now change the plan while enforce soaks.
     h.settle();
     h.plan = plan::parse(

@@ -552,25 +552,24 @@ impl GraphClient {
                         ))
                     });
                 }
-                let answered: Vec<usize> = pending
-                    .iter()
-                    .copied()
-                    .filter(|&i| results[chunk_index * 20 + i].is_some())
-                    .collect();
-                pending.retain(|i| !answered.contains(i));
-                if !throttled.is_empty() {
-                    tracing::warn!(
-                        requests = throttled.len(),
-                        ?wait,
-                        "graph throttled part of a batch; retrying those"
-                    );
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
                 pending.retain(|i| results[chunk_index * 20 + i].is_none());
-                if attempt >= self.attempts {
+                attempt += 1;
+                if pending.is_empty() || attempt >= self.attempts {
                     break;
                 }
+                // Throttled, failed, or (should never happen) left unanswered: try those again.
+                let wait = if wait.is_zero() {
+                    self.backoff(attempt)
+                } else {
+                    wait
+                };
+                tracing::warn!(
+                    requests = pending.len(),
+                    throttled = throttled.len(),
+                    ?wait,
+                    "part of a graph batch must be retried"
+                );
+                tokio::time::sleep(wait).await;
             }
         }
         Ok(results
