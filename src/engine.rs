@@ -19,8 +19,8 @@ use crate::domain::plan::{self, Plan, PlanErrors};
 use crate::domain::rollout::{PhaseObservation, Rollout, RolloutStatus};
 use crate::domain::time::Timestamp;
 use crate::notifier::{Delivery, Notifier};
-use crate::provider::{PhaseScope, Provider, ProviderError};
-use crate::store::{EventRecord, PlanRecord, Store, StoreError, StoredRollout};
+use crate::provider::{Outcome, PhaseScope, Provider, ProviderError};
+use crate::store::{Attached, EventRecord, PlanRecord, Store, StoreError, StoredRollout};
 
 #[derive(Debug, Error)]
 pub enum EngineError {
@@ -34,6 +34,9 @@ pub enum EngineError {
     Plan(PlanErrors),
     #[error("{0}")]
     Invalid(String),
+    /// Another rollout drives what this one would change.
+    #[error("{0}")]
+    Claimed(String),
 }
 
 /// Why [`Engine::drive`] returned.
@@ -126,7 +129,8 @@ fn wall_clock() -> Timestamp {
 }
 
 impl Engine<'_> {
-    /// Creates and starts a rollout (its effects run on the next `drive`).
+    /// Creates and starts a rollout (its effects run on the next `drive`). Returns the first
+    /// event and the preflight's warnings, which are also recorded with it.
     pub async fn start(
         &self,
         plan: &Plan,
@@ -134,8 +138,13 @@ impl Engine<'_> {
         id: &str,
         by: &str,
         provider: &mut dyn Provider,
-    ) -> Result<EventRecord, EngineError> {
-        provider.preflight(plan).await?;
+    ) -> Result<(EventRecord, Vec<String>), EngineError> {
+        let preflight = provider.preflight(plan).await?;
+        if let Some((other, resource)) = self.store.claimant(&preflight.resources, id)? {
+            return Err(EngineError::Claimed(format!(
+                "rollout `{other}` already drives {resource}; one rollout at a time may change it (finish or abort `{other}` first)"
+            )));
+        }
         let now = provider.now();
         let rollout = Rollout::new(id, plan, by, now);
         let event = Event {
@@ -144,11 +153,18 @@ impl Engine<'_> {
             },
             trigger: Trigger::user(by, "rollout started"),
         };
-        let transition = machine::step(plan, &rollout, &event, now)?;
+        let mut transition = machine::step(plan, &rollout, &event, now)?;
+        transition
+            .notes
+            .extend(preflight.warnings.iter().map(|w| format!("warning: {w}")));
         let record = event_record(&rollout, &transition, event, now);
-        Ok(self
-            .store
-            .create(&transition.rollout, record, &plan_record)?)
+        let record = self.store.create(
+            &transition.rollout,
+            record,
+            &plan_record,
+            &preflight.resources,
+        )?;
+        Ok((record, preflight.warnings))
     }
 
     /// Applies one event and commits the result; `None` if it changed nothing.
@@ -157,7 +173,7 @@ impl Engine<'_> {
         loaded: &mut Loaded,
         event: Event,
         now: Timestamp,
-        baseline: Option<&serde_json::Value>,
+        provider_record: Option<&serde_json::Value>,
     ) -> Result<Option<EventRecord>, EngineError> {
         let transition = machine::step(&loaded.plan, &loaded.stored.rollout, &event, now)?;
         if transition.rollout == loaded.stored.rollout {
@@ -177,8 +193,11 @@ impl Engine<'_> {
             &loaded.stored,
             &transition.rollout,
             record,
-            plan_record,
-            baseline,
+            Attached {
+                plan: plan_record,
+                record: provider_record,
+                claims: None,
+            },
         )?;
         loaded.stored = StoredRollout {
             rollout: Rollout {
@@ -200,6 +219,17 @@ impl Engine<'_> {
         provider: &dyn Provider,
     ) -> Result<Option<EventRecord>, EngineError> {
         let mut loaded = load(self.store, id)?;
+        let reopens = matches!(
+            kind,
+            EventKind::RollbackRequested { .. } | EventKind::AbortRequested
+        ) && loaded.stored.rollout.status == RolloutStatus::Completed;
+        if reopens
+            && let Some((other, resource)) = self.store.claimant(&self.store.claims(id)?, id)?
+        {
+            return Err(EngineError::Claimed(format!(
+                "rollout `{other}` now drives {resource}; `{id}` completed and can no longer change it"
+            )));
+        }
         let event = Event {
             kind,
             trigger: Trigger::user(by, reason),
@@ -273,15 +303,20 @@ impl Engine<'_> {
         }
         // Notifications whose webhook failed this time; they stay pending for the next run.
         let mut undeliverable = std::collections::BTreeSet::new();
+        // Effects the tenant holds for approval are asked about once per drive.
+        let mut asked = std::collections::BTreeSet::new();
         loop {
             let rollout = &loaded.stored.rollout;
             let configuration = rollout
                 .pending
                 .iter()
                 .find(|p| !p.effect.is_notification())
+                .filter(|p| may_carry_out(rollout, p, &asked))
                 .cloned();
-            if let Some(pending) = configuration.filter(|_| rollout.status != RolloutStatus::Failed)
-            {
+            if let Some(pending) = configuration {
+                if rollout.tenant_approval.is_some() {
+                    asked.insert(pending.id);
+                }
                 let record = self.carry_out(&mut loaded, &pending, provider).await?;
                 if let Some(record) = record {
                     observer(&loaded.plan, &loaded.stored.rollout, &record);
@@ -420,10 +455,10 @@ impl Engine<'_> {
     ) -> Result<Option<EventRecord>, EngineError> {
         let target = loaded.plan.policy.clone();
         let id = loaded.stored.rollout.id.clone();
-        let baseline = if pending.effect == Effect::CaptureBaseline {
+        let record = if pending.effect == Effect::CaptureBaseline {
             None
         } else {
-            Some(self.store.baseline(&id)?.ok_or_else(|| {
+            Some(self.store.record(&id)?.ok_or_else(|| {
                 EngineError::Invalid(format!("rollout `{id}` has no recorded baseline"))
             })?)
         };
@@ -432,7 +467,7 @@ impl Engine<'_> {
             && matches!(pending.effect, Effect::Reconcile { .. })
         {
             return self
-                .confirm_then_act(loaded, pending, provider, &target, baseline.as_ref())
+                .confirm_then_act(loaded, pending, provider, &target, record.as_ref())
                 .await;
         }
         crash::point("effect.before");
@@ -445,15 +480,25 @@ impl Engine<'_> {
                     Effect::CaptureBaseline => provider
                         .capture_baseline(&target)
                         .await
-                        .map(|doc| (Some(doc), 0)),
-                    Effect::Reconcile { desired } => provider
-                        .reconcile(&target, desired, baseline.as_ref().expect("loaded above"))
-                        .await
-                        .map(|n| (None, n)),
-                    Effect::RestoreBaseline => provider
-                        .restore(&target, baseline.as_ref().expect("loaded above"))
-                        .await
-                        .map(|n| (None, n)),
+                        .map(|record| Outcome::Done { changes: 0, record }),
+                    Effect::Reconcile {
+                        desired,
+                        resolution,
+                    } => {
+                        provider
+                            .reconcile(
+                                &target,
+                                desired,
+                                *resolution,
+                                record.as_ref().expect("loaded above"),
+                            )
+                            .await
+                    }
+                    Effect::RestoreBaseline => {
+                        provider
+                            .restore(&target, record.as_ref().expect("loaded above"))
+                            .await
+                    }
                     Effect::Notify { .. } => unreachable!("notifications go through deliver"),
                 },
             )
@@ -461,8 +506,8 @@ impl Engine<'_> {
         crash::point("effect.after");
         let now = provider.now();
         let provider_name = provider.describe();
-        let (kind, captured) = match outcome {
-            Ok((captured, changes)) => {
+        let (kind, kept) = match outcome {
+            Ok(Outcome::Done { changes, record }) => {
                 let kind = match pending.effect {
                     Effect::CaptureBaseline => EventKind::BaselineCaptured { effect: pending.id },
                     _ => EventKind::Reconciled {
@@ -470,8 +515,22 @@ impl Engine<'_> {
                         changes,
                     },
                 };
-                (kind, captured)
+                (kind, Some(record))
             }
+            Ok(Outcome::Drifted { changes }) => (
+                EventKind::DriftDetected {
+                    effect: Some(pending.id),
+                    changes,
+                },
+                None,
+            ),
+            Ok(Outcome::Held { request, record }) => (
+                EventKind::TenantApprovalPending {
+                    effect: pending.id,
+                    request,
+                },
+                Some(record),
+            ),
             Err(err) => (
                 EventKind::ProviderFailed {
                     effect: Some(pending.id),
@@ -488,7 +547,7 @@ impl Engine<'_> {
                 format!("effect {} ({})", pending.id, pending.effect.name()),
             ),
         };
-        self.apply(loaded, event, now, captured.as_ref())
+        self.apply(loaded, event, now, kept.as_ref())
     }
 
     /// A deliberate bug for the crash harness's self-test: records a change as made before
@@ -499,9 +558,9 @@ impl Engine<'_> {
         pending: &PendingEffect,
         provider: &mut dyn Provider,
         target: &crate::domain::plan::PolicyTarget,
-        baseline: Option<&serde_json::Value>,
+        provider_record: Option<&serde_json::Value>,
     ) -> Result<Option<EventRecord>, EngineError> {
-        let Effect::Reconcile { desired } = &pending.effect else {
+        let Effect::Reconcile { desired, .. } = &pending.effect else {
             unreachable!("only reconciles are mutated");
         };
         let event = Event {
@@ -521,7 +580,8 @@ impl Engine<'_> {
             .reconcile(
                 target,
                 desired,
-                baseline.expect("reconciles have a baseline"),
+                None,
+                provider_record.expect("reconciles have a baseline"),
             )
             .await;
         Ok(record)
@@ -542,28 +602,50 @@ impl Engine<'_> {
                 mode: plan.phases[idx].mode,
                 include: plan.phases[idx].include.clone(),
                 exclude: plan.phases[idx].exclude.clone(),
+                exclude_users: plan.emergency_access.users.clone(),
             })
             .collect();
         let target = plan.policy.clone();
+        let id = loaded.stored.rollout.id.clone();
+        let record = self.store.record(&id)?.unwrap_or(serde_json::Value::Null);
         let jitter_seed = loaded.stored.rollout.last_seq;
-        let reports = retrying(self.retry, jitter_seed, "observe", async || {
-            provider.observe(&target, &scopes).await
+        let observation = retrying(self.retry, jitter_seed, "observe", async || {
+            provider.observe(&target, &scopes, &record).await
         })
         .await;
         let now = provider.now();
-        let kind = match reports {
-            Ok(reports) => {
+        let kind = match observation {
+            Ok(observation) if !observation.drift.is_empty() => EventKind::DriftDetected {
+                effect: None,
+                changes: observation.drift,
+            },
+            Ok(observation) => {
                 let observations = scopes
                     .iter()
-                    .zip(reports)
-                    .map(|(scope, reports)| {
+                    .zip(observation.scopes)
+                    .map(|(scope, platforms)| {
                         let idx = plan
                             .phase_index(&scope.phase)
                             .expect("scopes come from the plan");
+                        let stale_after = plan.phases[idx].gate.stale_after;
+                        let by_platform: Vec<_> = platforms
+                            .iter()
+                            .map(|(platform, reports)| {
+                                (*platform, gate::tally(reports, stale_after, now))
+                            })
+                            .collect();
+                        let tally = by_platform
+                            .iter()
+                            .fold(gate::Tally::default(), |sum, (_, t)| sum.plus(t));
                         PhaseObservation {
                             phase: scope.phase.clone(),
                             at: now,
-                            tally: gate::tally(&reports, plan.phases[idx].gate.stale_after, now),
+                            tally,
+                            by_platform: if by_platform.len() > 1 {
+                                by_platform
+                            } else {
+                                Vec::new()
+                            },
                         }
                     })
                     .collect();
@@ -582,14 +664,36 @@ impl Engine<'_> {
     }
 }
 
+/// Whether a pending configuration effect may be carried out now: never while the rollout failed
+/// or drifted (a person decides first), and a held one is asked about once per drive.
+fn may_carry_out(
+    rollout: &Rollout,
+    pending: &PendingEffect,
+    asked: &std::collections::BTreeSet<crate::domain::event::EffectId>,
+) -> bool {
+    !matches!(
+        rollout.status,
+        RolloutStatus::Failed | RolloutStatus::Drifted
+    ) && rollout.drift.is_empty()
+        && !asked.contains(&pending.id)
+}
+
 /// The rollout cannot move on without a person, or is done.
 pub fn should_stop(rollout: &Rollout) -> bool {
     use RolloutStatus::*;
     match rollout.status {
         Running | RollingBack | Aborting => false,
         Held => rollout.phases.iter().any(|p| p.hold_expired),
-        Pending | WaitingApproval | Paused | RolledBack | Rejected | Aborted | Completed
-        | Failed => true,
+        Pending
+        | WaitingApproval
+        | Paused
+        | RolledBack
+        | Rejected
+        | Aborted
+        | Completed
+        | Failed
+        | Drifted
+        | WaitingTenantApproval => true,
     }
 }
 
@@ -673,8 +777,11 @@ mod tests {
         async fn advance_to(&mut self, _: Timestamp) -> Result<(), ProviderError> {
             Err(ProviderError::permanent("real time cannot jump"))
         }
-        async fn preflight(&mut self, _: &Plan) -> Result<(), ProviderError> {
-            Ok(())
+        async fn preflight(
+            &mut self,
+            _: &Plan,
+        ) -> Result<crate::provider::Preflight, ProviderError> {
+            Ok(crate::provider::Preflight::default())
         }
         async fn capture_baseline(
             &mut self,
@@ -686,28 +793,43 @@ mod tests {
             &mut self,
             _: &crate::domain::plan::PolicyTarget,
             _: &crate::domain::desired::DesiredState,
-            _: &serde_json::Value,
-        ) -> Result<u64, ProviderError> {
-            Ok(1)
+            _: Option<crate::domain::event::DriftResolution>,
+            record: &serde_json::Value,
+        ) -> Result<Outcome, ProviderError> {
+            Ok(Outcome::Done {
+                changes: 1,
+                record: record.clone(),
+            })
         }
         async fn restore(
             &mut self,
             _: &crate::domain::plan::PolicyTarget,
-            _: &serde_json::Value,
-        ) -> Result<u64, ProviderError> {
-            Ok(1)
+            record: &serde_json::Value,
+        ) -> Result<Outcome, ProviderError> {
+            Ok(Outcome::Done {
+                changes: 1,
+                record: record.clone(),
+            })
         }
         async fn observe(
             &mut self,
             _: &crate::domain::plan::PolicyTarget,
             scopes: &[PhaseScope],
-        ) -> Result<Vec<Vec<crate::domain::gate::DeviceReport>>, ProviderError> {
+            _: &serde_json::Value,
+        ) -> Result<crate::provider::Observation, ProviderError> {
             let failing = crate::domain::gate::DeviceReport {
                 state: crate::domain::gate::DeviceState::Noncompliant,
                 last_reported: Some(self.now),
                 blocked: false,
+                grace_until: None,
             };
-            Ok(scopes.iter().map(|_| vec![failing; 10]).collect())
+            Ok(crate::provider::Observation {
+                scopes: scopes
+                    .iter()
+                    .map(|_| vec![(crate::domain::plan::Platform::Windows, vec![failing; 10])])
+                    .collect(),
+                drift: Vec::new(),
+            })
         }
     }
 

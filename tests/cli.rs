@@ -354,7 +354,7 @@ fn abort_restores_the_configuration_from_before_the_rollout() {
         panic!("a simulator plan")
     };
     let tenant = SimProvider::open(settings, &store).unwrap();
-    let history = tenant.history(&plan.policy);
+    let history = tenant.history(&plan.policy.compliance[0]);
     assert!(
         history.len() >= 3,
         "phases were applied, then restored: {history:?}"
@@ -468,7 +468,7 @@ fn tenant_history(store: &Path, plan_file: &Path) -> Vec<(i64, String)> {
     };
     let tenant = SimProvider::open(settings, &store).unwrap();
     tenant
-        .history(&plan.policy)
+        .history(&plan.policy.compliance[0])
         .iter()
         .map(|entry| (entry.at.as_millis(), format!("{:?}", entry.assignments)))
         .collect()

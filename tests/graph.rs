@@ -3,11 +3,8 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-use common::{BIN, Emulator};
+use common::{Emulator, Phasegate, SECRET, code, stderr, stdout};
 use serde_json::Value;
-const SECRET: &str = "s3cr3t-for-tests-7Qx";
 
 trait EmulatorExt {
     fn start(args: &[&str]) -> Emulator;
@@ -22,20 +19,9 @@ impl EmulatorExt for Emulator {
         Emulator::spawn(&all)
     }
 
-    /// The writes the emulator accepted: (method, path, body digest).
+    /// The writes the application made: (method, path, body digest, the store blanked).
     fn writes(&self) -> Vec<(String, String, String)> {
-        self.get("/_emulator/ledger")["value"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                (
-                    e["method"].as_str().unwrap().to_string(),
-                    e["path"].as_str().unwrap().to_string(),
-                    e["bodySha256"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
+        common::writes_of(&self.get("/_emulator/ledger"))
     }
 
     /// What phasegate manages in the tenant, without timestamps and counters.
@@ -51,84 +37,6 @@ impl EmulatorExt for Emulator {
     }
 }
 
-struct Phasegate {
-    store: tempfile::TempDir,
-    plan: std::path::PathBuf,
-}
-
-impl Phasegate {
-    /// A store and a copy of the Graph example plan pointed at `emulator`.
-    fn new(emulator: &Emulator, ca_rate: f64) -> Phasegate {
-        let store = tempfile::tempdir().unwrap();
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/plans/windows-baseline-graph.toml"
-        ))
-        .unwrap()
-        .replace("http://127.0.0.1:8080", &emulator.url)
-        .replace(
-            "login_url = ",
-            &format!("ca_requests_per_second = {ca_rate}\nrequest_timeout = \"5s\"\nlogin_url = "),
-        );
-        let plan = store.path().join("plan.toml");
-        std::fs::write(&plan, text).unwrap();
-        Phasegate { store, plan }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(BIN);
-        command
-            .args(args)
-            .env("PHASEGATE_STORE", self.store.path().join("store"))
-            .env("PHASEGATE_GRAPH_SECRET", SECRET)
-            .env_remove("RUST_LOG");
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    fn status(&self, id: &str) -> Value {
-        let out = self.run(&["status", id, "--output", "json"]);
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn start(&self) -> String {
-        let out = self.run(&["start", self.plan.to_str().unwrap(), "--by", "alice"]);
-        assert_eq!(code(&out), 0, "{}", stderr(&out));
-        stdout(&out).trim().to_string()
-    }
-
-    /// Runs, approves when asked, until the rollout completes.
-    fn complete(&self, id: &str) {
-        for _ in 0..5 {
-            let out = self.run(&["run", id]);
-            match code(&out) {
-                0 => return,
-                3 => {
-                    let approve = self.run(&["approve", id, "--by", "bob"]);
-                    assert_eq!(code(&approve), 0, "{}", stderr(&approve));
-                }
-                other => panic!("run exited {other}:\n{}\n{}", stdout(&out), stderr(&out)),
-            }
-        }
-        panic!("the rollout did not complete: {}", self.status(id));
-    }
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().expect("exited normally")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 fn short(writes: &[(String, String, String)]) -> Vec<String> {
     writes
         .iter()
@@ -140,6 +48,8 @@ fn short(writes: &[(String, String, String)]) -> Vec<String> {
                 } else {
                     "policy"
                 }
+            } else if method == "PATCH" {
+                "compliance policy"
             } else {
                 tail
             };
@@ -150,8 +60,8 @@ fn short(writes: &[(String, String, String)]) -> Vec<String> {
 
 #[test]
 fn a_four_phase_rollout_completes_with_exactly_the_documented_writes() {
-    let emulator = Emulator::start(&["--devices", "3000"]);
-    let pg = Phasegate::new(&emulator, 1.0);
+    let emulator = Emulator::start(&["--devices", "3000", "--ca-rate", "20"]);
+    let pg = Phasegate::new(&emulator, 20.0);
     let id = pg.start();
     pg.complete(&id);
     let status = pg.status(&id);
@@ -167,12 +77,17 @@ fn a_four_phase_rollout_completes_with_exactly_the_documented_writes() {
     assert_eq!(
         short(&emulator.writes()),
         vec![
+            "PATCH compliance policy",      // pilot: the ownership line
+            "POST scheduleActionsForRules", // pilot: the block grace held at 8,760 h
             "POST assign",                  // pilot: assign Pilot IT, exclude Break Glass
             "PATCH policy",                 // pilot: CA report-only over the pilot group
             "POST assign",                  // report-only: add All users
             "PATCH policy",                 // report-only: CA report-only over all users
-            "POST scheduleActionsForRules", // notify: notification + 7-day grace
+            "POST scheduleActionsForRules", // notify: the notification, grace still held
+            "POST scheduleActionsForRules", // notify: the derived grace
             "POST policies",                // enforce: the enabled copy of the CA policy
+            "PATCH compliance policy",      // completed: the ownership line removed
+            "PATCH policy",                 // completed: the ownership line removed
         ]
     );
     let state = emulator.get("/_emulator/state");
@@ -189,8 +104,19 @@ fn a_four_phase_rollout_completes_with_exactly_the_documented_writes() {
         .expect("the enforced copy exists");
     assert_eq!(copy["state"], "enabled");
     assert_eq!(copy["users"]["includeUsers"][0], "All");
-    let windows = &state["policies"][0];
-    assert!(windows["deviceStatuses"]["blocked"].as_u64().unwrap() > 0);
+    // Nobody is blocked yet: owners were told a week ago at most. A month later, some are.
+    assert_eq!(state["policies"][0]["deviceStatuses"]["blocked"], 0);
+    emulator.post(
+        "/_emulator/clock",
+        &serde_json::json!({"advanceBySeconds": 30 * 86_400}),
+    );
+    let state = emulator.get("/_emulator/state");
+    assert!(
+        state["policies"][0]["deviceStatuses"]["blocked"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     // Running again changes nothing.
     let writes = emulator.writes().len();
     assert_eq!(code(&pg.run(&["run", &id])), 0);
@@ -227,7 +153,7 @@ fn a_token_that_stops_working_mid_rollout_is_renewed() {
     let id = pg.start();
     pg.complete(&id);
     assert_eq!(pg.status(&id)["status"], "completed");
-    assert_eq!(short(&emulator.writes()).len(), 6);
+    assert_eq!(short(&emulator.writes()).len(), 11);
 }
 
 #[test]
@@ -252,7 +178,7 @@ fn twenty_five_thousand_devices_are_observed_through_paging() {
 
 #[test]
 fn a_wrong_secret_is_a_clear_error_with_exit_1_and_secrets_are_never_printed() {
-    let emulator = Emulator::start(&["--devices", "500"]);
+    let emulator = Emulator::start(&["--devices", "500", "--ca-rate", "20"]);
     let pg = Phasegate::new(&emulator, 20.0);
     let wrong = "not-the-secret-9Kd";
     let out = pg
@@ -306,7 +232,7 @@ fn a_wrong_secret_is_a_clear_error_with_exit_1_and_secrets_are_never_printed() {
 
 #[test]
 fn a_group_the_tenant_does_not_have_is_invalid_input() {
-    let emulator = Emulator::start(&["--devices", "500"]);
+    let emulator = Emulator::start(&["--devices", "500", "--ca-rate", "20"]);
     let pg = Phasegate::new(&emulator, 20.0);
     let text = std::fs::read_to_string(&pg.plan)
         .unwrap()
@@ -377,17 +303,29 @@ async fn reconcile_all_phases(seed: u64, faults: f64) -> Vec<Value> {
     let phasegate::domain::plan::ProviderSettings::Graph(graph) = &plan.provider else {
         panic!("a graph plan")
     };
-    let mut provider = GraphProvider::with_secret(graph.clone(), SECRET.into())
+    let mut provider = GraphProvider::with_secret(graph.clone(), SECRET.into(), "test")
         .await
         .unwrap();
-    let baseline = provider.capture_baseline(&plan.policy).await.unwrap();
+    let mut record = provider.capture_baseline(&plan.policy).await.unwrap();
     for phases in 1..=plan.phases.len() {
-        let desired = desired_with(&plan, &(0..phases).collect());
+        let desired = desired_with(&plan, "graph-1", &(0..phases).collect());
         let mut attempts = 0;
         // Like the engine: a reconcile that gives up is simply run again.
-        while let Err(e) = provider.reconcile(&plan.policy, &desired, &baseline).await {
-            attempts += 1;
-            assert!(e.retryable() && attempts < 5, "seed {seed}: {e}");
+        loop {
+            match provider
+                .reconcile(&plan.policy, &desired, None, &record)
+                .await
+            {
+                Ok(phasegate::provider::Outcome::Done { record: next, .. }) => {
+                    record = next;
+                    break;
+                }
+                Ok(other) => panic!("seed {seed}: {other:?}"),
+                Err(e) => {
+                    attempts += 1;
+                    assert!(e.retryable() && attempts < 5, "seed {seed}: {e}");
+                }
+            }
         }
     }
     // Not the blocking `http_get`: the emulator runs on this very thread.

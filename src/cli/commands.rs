@@ -177,15 +177,20 @@ pub async fn start(ctx: &Context, file: &Path, id: Option<String>, by: &str) -> 
         source,
         hash: plan.hash.clone(),
     };
-    engine(&store, "start")
+    let (_, warnings) = engine(&store, "start")
         .start(&plan, record, &id, by, provider.as_mut())
         .await
         .map_err(|err| match err {
-            EngineError::Provider(e) if e.kind == ErrorKind::NotFound => {
+            EngineError::Provider(e)
+                if matches!(e.kind, ErrorKind::NotFound | ErrorKind::Conflict) =>
+            {
                 Failure::invalid(format!("{}: {e}", file.display()))
             }
             other => Failure::from(other),
         })?;
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
     match ctx.output {
         Output::Text => println!("{id}"),
         Output::Json => {
@@ -337,6 +342,7 @@ pub enum Simple {
     Resume,
     Rollback(Option<String>),
     Abort,
+    Resolve(crate::domain::event::DriftResolution),
 }
 
 pub async fn approve(
@@ -391,6 +397,7 @@ pub async fn simple(
         Simple::Resume => EventKind::ResumeRequested,
         Simple::Rollback(to) => EventKind::RollbackRequested { to },
         Simple::Abort => EventKind::AbortRequested,
+        Simple::Resolve(resolution) => EventKind::DriftResolved { resolution },
     };
     submit(ctx, id, by, reason, |_| Ok(kind)).await
 }

@@ -99,7 +99,7 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
         source,
         hash: plan.hash.clone(),
     };
-    let first = engine
+    let (first, _) = engine
         .start(&plan, record, id, DEMO_OPERATOR, provider.as_mut())
         .await?;
     let start_at = first.at;

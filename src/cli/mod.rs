@@ -15,6 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::domain::event::DriftResolution;
 use crate::engine::EngineError;
 use crate::store::StoreError;
 
@@ -134,6 +135,9 @@ enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// Decide about a drifted rollout: someone else changed what it manages
+    #[command(subcommand)]
+    Drift(DriftCommand),
     /// The audit trail of a rollout
     History {
         id: String,
@@ -185,6 +189,17 @@ enum Command {
         /// that expires or is revoked mid-rollout)
         #[arg(long)]
         token_uses: Option<u64>,
+        /// The tenant to start with: `default` (phasegate's objects only) or `lived-in` (the
+        /// same fleet in a tenant other administrators have configured; see docs/emulator.md)
+        #[arg(long, default_value = "default", value_parser = ["default", "lived-in"])]
+        scenario: String,
+        /// State of the CA policy "Require compliant device for Office 365" [default: disabled
+        /// in the default scenario, enabled in lived-in]
+        #[arg(long, value_parser = ["enabled", "report-only", "disabled"])]
+        ca_state: Option<String>,
+        /// Require Multi Admin Approval for the app's writes to compliance policies
+        #[arg(long)]
+        maa: bool,
     },
     /// Run a complete four-phase rollout over a simulated fleet in a temporary store
     Demo {
@@ -192,6 +207,27 @@ enum Command {
         devices: u32,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DriftCommand {
+    /// Write phasegate's values back over the other administrator's change, then continue
+    Reapply {
+        id: String,
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Keep the other administrator's values (phasegate stops managing what drifted), then
+    /// continue
+    Adopt {
+        id: String,
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -238,6 +274,7 @@ impl From<EngineError> for Failure {
             EngineError::Store(StoreError::InUse { .. }) => exit::STORE_IN_USE,
             EngineError::Store(StoreError::NotFound(_) | StoreError::AlreadyExists(_))
             | EngineError::Rejected(_)
+            | EngineError::Claimed(_)
             | EngineError::Plan(_) => exit::INVALID,
             _ => exit::FAILURE,
         };
@@ -348,6 +385,14 @@ async fn dispatch(cli: Cli) -> CommandResult {
         Command::Abort { id, by, reason } => {
             commands::simple(&ctx, &id, commands::Simple::Abort, &by_or_user(by), &reason).await
         }
+        Command::Drift(DriftCommand::Reapply { id, by, reason }) => {
+            let what = commands::Simple::Resolve(DriftResolution::Reapply);
+            commands::simple(&ctx, &id, what, &by_or_user(by), &reason).await
+        }
+        Command::Drift(DriftCommand::Adopt { id, by, reason }) => {
+            let what = commands::Simple::Resolve(DriftResolution::Adopt);
+            commands::simple(&ctx, &id, what, &by_or_user(by), &reason).await
+        }
         Command::History { id, verify } => commands::history(&ctx, &id, verify),
         Command::Demo { devices, seed } => demo::run(ctx.output, devices, seed).await,
         Command::Emulator {
@@ -363,6 +408,9 @@ async fn dispatch(cli: Cli) -> CommandResult {
             token_lifetime,
             ca_rate,
             token_uses,
+            scenario,
+            ca_state,
+            maa,
         } => {
             if !(0.0..=1.0).contains(&faults) {
                 return Err(Failure::invalid("--faults must be between 0 and 1"));
@@ -384,7 +432,15 @@ async fn dispatch(cli: Cli) -> CommandResult {
                 ca_requests_per_second: ca_rate,
                 remediation_half_life: crate::domain::plan::DEFAULT_REMEDIATION_HALF_LIFE,
             };
-            crate::emulator::run(listen, settings)
+            let setup = crate::emulator::Setup {
+                scenario: scenario.parse().map_err(|e: String| Failure::invalid(e))?,
+                ca_state: ca_state
+                    .map(|s| s.parse())
+                    .transpose()
+                    .map_err(|e: String| Failure::invalid(e))?,
+                maa,
+            };
+            crate::emulator::run(listen, settings, setup)
                 .await
                 .map_err(|e| Failure {
                     code: exit::FAILURE,

@@ -66,11 +66,16 @@ pub fn plan_table(plan: &Plan) -> String {
     if !plan.description.is_empty() {
         let _ = writeln!(out, "  {}", plan.description);
     }
+    let policies: Vec<String> = plan
+        .policy
+        .compliance
+        .iter()
+        .map(|c| format!("{} ({})", c.name, c.platform))
+        .collect();
     let _ = writeln!(
         out,
-        "  policy: {} ({}){}",
-        plan.policy.compliance,
-        plan.policy.platform,
+        "  policy: {}{}",
+        policies.join(", "),
         plan.policy
             .conditional_access
             .as_ref()
@@ -137,13 +142,28 @@ pub struct PlanJson {
     name: String,
     description: String,
     hash: String,
+    /// The first policy's name and platform (kept for scripts written for one-policy plans).
     policy: String,
     platform: String,
+    policies: Vec<PolicyJson>,
     conditional_access: Option<String>,
+    emergency_access: EmergencyJson,
     provider: String,
     observe_every_secs: u64,
     order: Vec<String>,
     phases: Vec<PhaseJson>,
+}
+
+#[derive(Serialize)]
+struct PolicyJson {
+    name: String,
+    platform: String,
+}
+
+#[derive(Serialize)]
+struct EmergencyJson {
+    groups: Vec<String>,
+    users: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -164,9 +184,22 @@ pub fn plan_json(plan: &Plan) -> PlanJson {
         name: plan.name.clone(),
         description: plan.description.clone(),
         hash: plan.hash.clone(),
-        policy: plan.policy.compliance.clone(),
-        platform: plan.policy.platform.to_string(),
+        policy: plan.policy.compliance[0].name.clone(),
+        platform: plan.policy.compliance[0].platform.to_string(),
+        policies: plan
+            .policy
+            .compliance
+            .iter()
+            .map(|c| PolicyJson {
+                name: c.name.clone(),
+                platform: c.platform.to_string(),
+            })
+            .collect(),
         conditional_access: plan.policy.conditional_access.clone(),
+        emergency_access: EmergencyJson {
+            groups: plan.emergency_access.groups.clone(),
+            users: plan.emergency_access.users.clone(),
+        },
         provider: plan.provider.kind().to_string(),
         observe_every_secs: plan.observe_every.as_secs(),
         order: plan
@@ -207,6 +240,20 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
             .map(|p| format!("{} {}", p.effect.name(), p.id))
             .collect();
         let _ = writeln!(out, "  pending: {}", effects.join(", "));
+    }
+    for change in &rollout.drift {
+        let _ = writeln!(
+            out,
+            "  drift: {} {}: expected {}, found {}",
+            change.object, change.field, change.expected, change.found
+        );
+    }
+    if let Some((request, since)) = &rollout.tenant_approval {
+        let _ = writeln!(
+            out,
+            "  held by the tenant since {since}: {} (Multi Admin Approval request {})",
+            request.summary, request.reference
+        );
     }
     let _ = writeln!(out);
     let _ = writeln!(
@@ -255,6 +302,20 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
             noncompliant,
             blocked
         );
+        let Some(observation) = &record.observation else {
+            continue;
+        };
+        if let Some(at) = observation.tally.earliest_block {
+            let _ = writeln!(
+                out,
+                "{:<14} {} in grace; none of them is blocked before {at}",
+                "",
+                view::thousands(observation.tally.in_grace)
+            );
+        }
+        for (platform, tally) in &observation.by_platform {
+            let _ = writeln!(out, "{:<14} {platform}: {}", "", view::tally_line(tally));
+        }
     }
     out
 }

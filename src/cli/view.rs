@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::domain::gate::{GateVerdict, Tally};
-use crate::domain::plan::{Plan, format_percent};
+use crate::domain::plan::{Plan, Platform, format_percent};
 use crate::domain::rollout::{PhaseState, Rollout};
 use crate::domain::time::{Timestamp, format_span};
 use crate::store::EventRecord;
@@ -25,7 +25,26 @@ pub struct RolloutView {
     pub updated_at: String,
     pub events: u64,
     pub pending_effects: Vec<String>,
+    /// What someone else changed, while the rollout waits for a person (`drifted`).
+    pub drift: Vec<DriftView>,
+    /// The write the tenant holds for another administrator's approval.
+    pub tenant_approval: Option<TenantApprovalView>,
     pub phases: Vec<PhaseView>,
+}
+
+#[derive(Serialize)]
+pub struct DriftView {
+    pub object: String,
+    pub field: String,
+    pub expected: String,
+    pub found: String,
+}
+
+#[derive(Serialize)]
+pub struct TenantApprovalView {
+    pub reference: String,
+    pub summary: String,
+    pub since: String,
 }
 
 #[derive(Serialize)]
@@ -74,6 +93,26 @@ pub struct ObservationView {
     pub unknown: u64,
     pub stale: u64,
     pub blocked: u64,
+    /// The earliest end of a grace period among the phase's devices in grace: none of them is
+    /// blocked before it.
+    pub earliest_block: Option<String>,
+    /// The same counts per platform, when the rollout manages several.
+    pub by_platform: Vec<PlatformView>,
+}
+
+#[derive(Serialize)]
+pub struct PlatformView {
+    pub platform: String,
+    pub targeted: u64,
+    pub reported: u64,
+    pub compliant: u64,
+    pub noncompliant: u64,
+    pub in_grace: u64,
+    pub errors: u64,
+    pub unknown: u64,
+    pub stale: u64,
+    pub blocked: u64,
+    pub earliest_block: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -96,7 +135,32 @@ pub struct EvidenceView {
 }
 
 pub fn observation_view(at: Timestamp, tally: &Tally) -> ObservationView {
+    observation_with_platforms(at, tally, &[])
+}
+
+pub fn observation_with_platforms(
+    at: Timestamp,
+    tally: &Tally,
+    by_platform: &[(Platform, Tally)],
+) -> ObservationView {
     ObservationView {
+        earliest_block: tally.earliest_block.map(Timestamp::rfc3339),
+        by_platform: by_platform
+            .iter()
+            .map(|(platform, t)| PlatformView {
+                platform: platform.to_string(),
+                targeted: t.targeted,
+                reported: t.reported(),
+                compliant: t.compliant,
+                noncompliant: t.noncompliant,
+                in_grace: t.in_grace,
+                errors: t.errors,
+                unknown: t.unknown,
+                stale: t.stale,
+                blocked: t.blocked,
+                earliest_block: t.earliest_block.map(Timestamp::rfc3339),
+            })
+            .collect(),
         at: at.rfc3339(),
         targeted: tally.targeted,
         reported: tally.reported(),
@@ -153,6 +217,23 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
             .iter()
             .map(|p| format!("{} {}", p.effect.name(), p.id))
             .collect(),
+        drift: rollout
+            .drift
+            .iter()
+            .map(|c| DriftView {
+                object: c.object.clone(),
+                field: c.field.clone(),
+                expected: c.expected.clone(),
+                found: c.found.clone(),
+            })
+            .collect(),
+        tenant_approval: rollout.tenant_approval.as_ref().map(|(request, since)| {
+            TenantApprovalView {
+                reference: request.reference.clone(),
+                summary: request.summary.clone(),
+                since: since.rfc3339(),
+            }
+        }),
         phases: plan
             .phases
             .iter()
@@ -193,7 +274,7 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
                 observation: record
                     .observation
                     .as_ref()
-                    .map(|o| observation_view(o.at, &o.tally)),
+                    .map(|o| observation_with_platforms(o.at, &o.tally, &o.by_platform)),
                 gate: record.verdict.as_ref().map(gate_view),
             })
             .collect(),

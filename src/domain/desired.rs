@@ -8,14 +8,56 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::{Mode, Plan};
+use super::plan::{EmergencyAccess, Mode, Plan};
 use super::rollout::{PhaseState, Rollout};
 
-/// Which groups get the policy, in which mode. Where assignments overlap, a device gets the
+/// Which groups get the policies, in which mode. Where assignments overlap, a device gets the
 /// strongest mode of the assignments that cover it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
+    /// The rollout that wants this; a provider marks the objects it writes as this rollout's.
+    pub rollout: String,
     pub assignments: Vec<DesiredAssignment>,
+    /// The rollout still owns what it writes; false once it completed, when the configuration
+    /// stays and the claim on the objects goes.
+    pub claim: bool,
+    /// Accounts every enforcement scope excludes.
+    pub emergency_access: EmergencyAccess,
+    /// Why the change is made, for a tenant that asks for a justification.
+    pub change: ChangeNote,
+    /// Every group any phase of the plan includes or excludes, applied or not: the members a
+    /// provider manages (and watches for drift) for the whole rollout.
+    pub groups: PlanGroups,
+}
+
+/// The groups of a plan's phases, by the names the plan uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanGroups {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+impl PlanGroups {
+    pub fn of(plan: &Plan) -> PlanGroups {
+        let mut include: BTreeSet<String> = BTreeSet::new();
+        let mut exclude: BTreeSet<String> = BTreeSet::new();
+        for phase in &plan.phases {
+            include.extend(phase.include.iter().cloned());
+            exclude.extend(phase.exclude.iter().cloned());
+        }
+        exclude.extend(plan.emergency_access.groups.iter().cloned());
+        PlanGroups {
+            include: include.into_iter().collect(),
+            exclude: exclude.into_iter().collect(),
+        }
+    }
+}
+
+/// The phases a change applies and the change ticket behind it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeNote {
+    pub phases: Vec<String>,
+    pub ticket: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,10 +68,13 @@ pub struct DesiredAssignment {
     pub exclude: Vec<String>,
     /// Grace period of a notify phase, in seconds.
     pub grace_secs: Option<u64>,
+    /// How long a device may go without reporting and still count (the gate's `stale_after`):
+    /// the time a notification may take to reach a device that checks in.
+    pub margin_secs: u64,
 }
 
 /// The desired state for exactly these phases (indices into the plan), in plan order.
-pub fn desired_with(plan: &Plan, phases: &BTreeSet<usize>) -> DesiredState {
+pub fn desired_with(plan: &Plan, rollout: &str, phases: &BTreeSet<usize>) -> DesiredState {
     let assignments = phases
         .iter()
         .map(|&idx| {
@@ -40,10 +85,18 @@ pub fn desired_with(plan: &Plan, phases: &BTreeSet<usize>) -> DesiredState {
                 include: phase.include.clone(),
                 exclude: phase.exclude.clone(),
                 grace_secs: phase.grace.map(|g| g.as_secs()),
+                margin_secs: phase.gate.stale_after.as_secs(),
             }
         })
         .collect();
-    DesiredState { assignments }
+    DesiredState {
+        rollout: rollout.to_string(),
+        assignments,
+        claim: true,
+        emergency_access: plan.emergency_access.clone(),
+        change: ChangeNote::default(),
+        groups: PlanGroups::of(plan),
+    }
 }
 
 /// What the backend should look like for the rollout as it stands: every phase that is being
@@ -56,17 +109,37 @@ pub fn desired_state(plan: &Plan, rollout: &Rollout) -> DesiredState {
         .filter(|(_, p)| p.state.is_applied())
         .map(|(idx, _)| idx)
         .collect();
-    desired_with(plan, &applied)
+    let mut desired = desired_with(plan, &rollout.id, &applied);
+    desired.claim = rollout
+        .phases
+        .iter()
+        .any(|p| p.state != PhaseState::Promoted);
+    desired.change = ChangeNote {
+        phases: rollout
+            .phases
+            .iter()
+            .filter(|p| p.state == PhaseState::Applying)
+            .map(|p| p.id.clone())
+            .collect(),
+        ticket: rollout
+            .phases
+            .iter()
+            .flat_map(|p| &p.approvals)
+            .filter(|a| a.ticket.is_some())
+            .max_by_key(|a| a.at)
+            .and_then(|a| a.ticket.clone()),
+    };
+    desired
 }
 
 /// What the backend looks like while `phases` are the current phases: they and everything before
 /// them. Rolling back to a phase must produce exactly this.
-pub fn desired_for_phases(plan: &Plan, phases: &BTreeSet<usize>) -> DesiredState {
+pub fn desired_for_phases(plan: &Plan, rollout: &str, phases: &BTreeSet<usize>) -> DesiredState {
     let mut with_ancestors = phases.clone();
     for &idx in phases {
         with_ancestors.extend(plan.ancestors(idx));
     }
-    desired_with(plan, &with_ancestors)
+    desired_with(plan, rollout, &with_ancestors)
 }
 
 impl PhaseState {

@@ -123,6 +123,71 @@ pub enum EventKind {
         effect: EffectId,
         status: u16,
     },
+    /// Someone else changed what the rollout manages (found before a write, or on observing).
+    /// Nothing more is written until a person decides.
+    DriftDetected {
+        effect: Option<EffectId>,
+        changes: Vec<DriftChange>,
+    },
+    /// A person decided what to do about the drift.
+    DriftResolved {
+        resolution: DriftResolution,
+    },
+    /// The tenant holds a write for its own change approval (Intune Multi Admin Approval).
+    TenantApprovalPending {
+        effect: EffectId,
+        request: TenantRequest,
+    },
+}
+
+/// One member of a managed object that is no longer what phasegate last made it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftChange {
+    /// The object, as people know it (`compliance policy "Windows baseline"`).
+    pub object: String,
+    /// The member (`assignments`, `conditions.users.includeUsers`, ...).
+    pub field: String,
+    /// What phasegate last wrote or relied on.
+    pub expected: String,
+    pub found: String,
+}
+
+impl fmt::Display for DriftChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {} → {}",
+            self.object, self.field, self.expected, self.found
+        )
+    }
+}
+
+/// What a person chose when the tenant drifted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftResolution {
+    /// Write phasegate's members back as the rollout wants them.
+    Reapply,
+    /// Keep the other admin's values; phasegate stops managing the members that drifted.
+    Adopt,
+}
+
+impl DriftResolution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftResolution::Reapply => "reapply",
+            DriftResolution::Adopt => "adopt",
+        }
+    }
+}
+
+/// A change the tenant holds until another administrator approves it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRequest {
+    /// The tenant's reference for the request (Intune: the approval code).
+    pub reference: String,
+    /// What the held write does, in words.
+    pub summary: String,
 }
 
 impl EventKind {
@@ -142,6 +207,9 @@ impl EventKind {
             EventKind::ProviderFailed { .. } => "provider_failed",
             EventKind::PlanChanged { .. } => "plan_changed",
             EventKind::Delivered { .. } => "delivered",
+            EventKind::DriftDetected { .. } => "drift_detected",
+            EventKind::DriftResolved { .. } => "drift_resolved",
+            EventKind::TenantApprovalPending { .. } => "tenant_approval_pending",
         }
     }
 }
@@ -167,8 +235,13 @@ impl fmt::Display for EffectId {
 pub enum Effect {
     /// Record the tenant's relevant configuration before the first change.
     CaptureBaseline,
-    /// Bring the backend to this state, changing only what differs.
-    Reconcile { desired: DesiredState },
+    /// Bring the backend to this state, changing only what differs. `resolution` is a person's
+    /// answer to drift the provider found, for this reconcile only.
+    Reconcile {
+        desired: DesiredState,
+        #[serde(default)]
+        resolution: Option<DriftResolution>,
+    },
     /// Put back exactly the configuration recorded by `CaptureBaseline`.
     RestoreBaseline,
     /// Tell a webhook that the rollout entered `status`. Not idempotent by nature, so it goes

@@ -42,6 +42,8 @@ pub struct DeviceReport {
     pub last_reported: Option<Timestamp>,
     /// Access is currently blocked because the device is noncompliant and enforced.
     pub blocked: bool,
+    /// When the device's grace period ends, while it is in one.
+    pub grace_until: Option<Timestamp>,
 }
 
 /// How the devices targeted by one phase stand. Every targeted device is in exactly one of
@@ -60,6 +62,10 @@ pub struct Tally {
     pub stale: u64,
     /// Fresh noncompliant devices that are blocked.
     pub blocked: u64,
+    /// The earliest end of a grace period among the devices in grace: none of them is blocked
+    /// before it.
+    #[serde(default)]
+    pub earliest_block: Option<Timestamp>,
 }
 
 impl Tally {
@@ -91,6 +97,25 @@ impl Tally {
         let reported = self.reported();
         (reported > 0).then(|| self.blocked as f64 / reported as f64)
     }
+
+    /// The counts of two disjoint sets of devices together (one phase's policies).
+    pub fn plus(&self, other: &Tally) -> Tally {
+        Tally {
+            targeted: self.targeted + other.targeted,
+            compliant: self.compliant + other.compliant,
+            noncompliant: self.noncompliant + other.noncompliant,
+            in_grace: self.in_grace + other.in_grace,
+            errors: self.errors + other.errors,
+            conflicts: self.conflicts + other.conflicts,
+            unknown: self.unknown + other.unknown,
+            stale: self.stale + other.stale,
+            blocked: self.blocked + other.blocked,
+            earliest_block: match (self.earliest_block, other.earliest_block) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
 }
 
 /// Classifies every report; `now - stale_after` is the freshness horizon.
@@ -98,6 +123,7 @@ pub fn tally(reports: &[DeviceReport], stale_after: Duration, now: Timestamp) ->
     let horizon = now.minus(stale_after);
     let mut counts = [0u64; 8];
     let mut blocked = 0u64;
+    let mut earliest_block: Option<Timestamp> = None;
     for report in reports {
         let slot = match report.last_reported {
             None => 6,
@@ -106,6 +132,12 @@ pub fn tally(reports: &[DeviceReport], stale_after: Duration, now: Timestamp) ->
         };
         counts[slot] += 1;
         blocked += u64::from(report.blocked && slot != 6 && slot != 7);
+        if let Some(until) = report.grace_until
+            && slot == DeviceState::InGrace as usize
+            && earliest_block.is_none_or(|e| until < e)
+        {
+            earliest_block = Some(until);
+        }
     }
     Tally {
         targeted: reports.len() as u64,
@@ -117,6 +149,7 @@ pub fn tally(reports: &[DeviceReport], stale_after: Duration, now: Timestamp) ->
         unknown: counts[DeviceState::Unknown as usize] + counts[6],
         stale: counts[7],
         blocked,
+        earliest_block,
     }
 }
 
@@ -330,6 +363,7 @@ mod tests {
             state,
             last_reported: hours_ago.map(|h| now.minus(HOUR * h as u32)),
             blocked: false,
+            grace_until: None,
         }
     }
 
@@ -341,6 +375,28 @@ mod tests {
             unknown,
             ..Tally::default()
         }
+    }
+
+    #[test]
+    fn the_earliest_block_is_the_first_grace_end_among_fresh_devices_in_grace() {
+        let now = Timestamp::from_millis(1_800_000_000_000);
+        let in_grace = |hours_ago, ends_in: u32| DeviceReport {
+            grace_until: Some(now.plus(HOUR * ends_in)),
+            ..report(DeviceState::InGrace, hours_ago, now)
+        };
+        let reports = [
+            in_grace(Some(1), 50),
+            in_grace(Some(2), 30),
+            // Stale: its grace does not count, nor does it count as in grace.
+            in_grace(Some(200), 5),
+            report(DeviceState::Noncompliant, Some(1), now),
+        ];
+        let t = tally(&reports, HOUR * 72, now);
+        assert_eq!(t.in_grace, 2);
+        assert_eq!(t.earliest_block, Some(now.plus(HOUR * 30)));
+        let other = tally(&reports[..1], HOUR * 72, now);
+        assert_eq!(t.plus(&other).earliest_block, Some(now.plus(HOUR * 30)));
+        assert_eq!(tally(&reports[3..], HOUR * 72, now).earliest_block, None);
     }
 
     #[test]

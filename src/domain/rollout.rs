@@ -9,9 +9,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::event::PendingEffect;
+use super::event::{DriftChange, PendingEffect, TenantRequest};
 use super::gate::{GateVerdict, Tally};
-use super::plan::Plan;
+use super::plan::{Plan, Platform};
 use super::time::Timestamp;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -41,10 +41,15 @@ pub enum RolloutStatus {
     Completed,
     /// The backend failed for good; a person resumes once it is fixed.
     Failed,
+    /// Someone else changed what the rollout manages; nothing is written until a person
+    /// re-applies, adopts the change, or aborts.
+    Drifted,
+    /// The tenant holds a write until another administrator approves it (Multi Admin Approval).
+    WaitingTenantApproval,
 }
 
 impl RolloutStatus {
-    pub const ALL: [RolloutStatus; 12] = [
+    pub const ALL: [RolloutStatus; 14] = [
         RolloutStatus::Pending,
         RolloutStatus::Running,
         RolloutStatus::WaitingApproval,
@@ -57,6 +62,8 @@ impl RolloutStatus {
         RolloutStatus::Aborted,
         RolloutStatus::Completed,
         RolloutStatus::Failed,
+        RolloutStatus::Drifted,
+        RolloutStatus::WaitingTenantApproval,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +80,8 @@ impl RolloutStatus {
             RolloutStatus::Aborted => "aborted",
             RolloutStatus::Completed => "completed",
             RolloutStatus::Failed => "failed",
+            RolloutStatus::Drifted => "drifted",
+            RolloutStatus::WaitingTenantApproval => "waiting_tenant_approval",
         }
     }
 
@@ -93,6 +102,8 @@ impl RolloutStatus {
                 | RolloutStatus::RolledBack
                 | RolloutStatus::Rejected
                 | RolloutStatus::Aborted
+                | RolloutStatus::Drifted
+                | RolloutStatus::WaitingTenantApproval
         )
     }
 
@@ -117,19 +128,41 @@ impl RolloutStatus {
                     | Aborting
                     | Aborted
                     | Failed
+                    | Drifted
+                    | WaitingTenantApproval
             ),
             Paused => matches!(
                 next,
-                Running | WaitingApproval | Held | Completed | RollingBack | Aborting | Aborted
+                Running
+                    | WaitingApproval
+                    | Held
+                    | Completed
+                    | RollingBack
+                    | Aborting
+                    | Aborted
+                    | Drifted
             ),
-            RollingBack => matches!(next, RolledBack | Aborting | Aborted | Failed),
+            RollingBack => matches!(
+                next,
+                RolledBack | Aborting | Aborted | Failed | Drifted | WaitingTenantApproval
+            ),
             RolledBack | Rejected => matches!(
                 next,
-                Running | WaitingApproval | Held | Completed | RollingBack | Aborting | Aborted
+                Running
+                    | WaitingApproval
+                    | Held
+                    | Completed
+                    | RollingBack
+                    | Aborting
+                    | Aborted
+                    | Drifted
             ),
-            Aborting => matches!(next, Aborted | Failed),
+            Aborting => matches!(next, Aborted | Failed | WaitingTenantApproval),
             Aborted => false,
-            Completed => matches!(next, RollingBack | Aborting | Aborted),
+            Completed => matches!(
+                next,
+                RollingBack | Aborting | Aborted | WaitingTenantApproval
+            ),
             Failed => matches!(
                 next,
                 Running
@@ -141,6 +174,38 @@ impl RolloutStatus {
                     | RolledBack
                     | Aborting
                     | Aborted
+                    | Drifted
+            ),
+            // Back to where the rollout was interrupted, or on to what a person chose.
+            Drifted => matches!(
+                next,
+                Running
+                    | WaitingApproval
+                    | Held
+                    | Completed
+                    | Paused
+                    | RollingBack
+                    | RolledBack
+                    | Rejected
+                    | Aborting
+                    | Aborted
+                    | Failed
+                    | WaitingTenantApproval
+            ),
+            WaitingTenantApproval => matches!(
+                next,
+                Running
+                    | WaitingApproval
+                    | Held
+                    | Completed
+                    | Paused
+                    | RollingBack
+                    | RolledBack
+                    | Rejected
+                    | Aborting
+                    | Aborted
+                    | Failed
+                    | Drifted
             ),
         }
     }
@@ -198,7 +263,11 @@ impl fmt::Display for PhaseState {
 pub struct PhaseObservation {
     pub phase: String,
     pub at: Timestamp,
+    /// All the phase's devices, over every platform the rollout manages.
     pub tally: Tally,
+    /// The same devices per platform, when the rollout manages more than one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_platform: Vec<(Platform, Tally)>,
 }
 
 /// A person's sign-off on promoting a phase, bound to the plan it was given for.
@@ -274,6 +343,15 @@ pub struct Rollout {
     pub baseline_captured: bool,
     /// Where `resume` returns to after a pause or a failure.
     pub resume_to: Option<RolloutStatus>,
+    /// Where the rollout returns once drift is resolved or the tenant approved a held write.
+    #[serde(default)]
+    pub interrupted: Option<RolloutStatus>,
+    /// What someone else changed, while the rollout waits for a person's decision.
+    #[serde(default)]
+    pub drift: Vec<DriftChange>,
+    /// The write the tenant holds for approval, and since when.
+    #[serde(default)]
+    pub tenant_approval: Option<(TenantRequest, Timestamp)>,
     /// Sequence number of the last event applied.
     pub last_seq: u64,
 }
@@ -297,6 +375,9 @@ impl Rollout {
             pending: Vec::new(),
             baseline_captured: false,
             resume_to: None,
+            interrupted: None,
+            drift: Vec::new(),
+            tenant_approval: None,
             last_seq: 0,
         }
     }

@@ -3,10 +3,16 @@
 //!
 //! It serves the token endpoint and the Graph subset the provider uses, byte-compatible with the
 //! service's documented and observed behaviour (see `docs/graph.md`), plus a few endpoints of its
-//! own under `/_emulator/`: the ledger of accepted writes, the tenant's state, its clock, and token
-//! revocation. Requests are answered one at a time against one tenant; faults are injected by seed.
+//! own under `/_emulator/`: the ledger of accepted writes, the tenant's state, its clock, token
+//! revocation, the notifications and blocks of its devices, Multi Admin Approval requests, and a
+//! second administrator (see `docs/emulator.md`). Requests are answered one at a time against one
+//! tenant; faults are injected by seed.
 
+pub mod approvals;
+pub mod ca;
+pub mod compliance;
 pub mod faults;
+pub mod intune;
 pub mod tenant;
 
 use std::collections::BTreeMap;
@@ -19,17 +25,27 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 
-pub use tenant::{Settings, Tenant};
+pub use tenant::{CaState, Scenario, Settings, Setup, Tenant};
 
 type Shared = Arc<Mutex<Tenant>>;
 
-/// Serves the emulator on `listener` until `shutdown` completes.
+/// Serves the default tenant on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let tenant: Shared = Arc::new(Mutex::new(Tenant::new(settings)));
+    serve_with(listener, settings, Setup::default(), shutdown).await
+}
+
+/// Serves the tenant `setup` describes on `listener` until `shutdown` completes.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    settings: Settings,
+    setup: Setup,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let tenant: Shared = Arc::new(Mutex::new(Tenant::with_setup(settings, setup)));
     let app = Router::new().fallback(handle).with_state(tenant);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -116,7 +132,7 @@ fn into_http(answer: tenant::Response) -> Response {
 }
 
 /// Binds, serves and prints where; used by `phasegate emulator`.
-pub async fn run(listen: SocketAddr, settings: Settings) -> std::io::Result<()> {
+pub async fn run(listen: SocketAddr, settings: Settings, setup: Setup) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let local = listener.local_addr()?;
     let clock = match settings.time_scale {
@@ -131,16 +147,27 @@ pub async fn run(listen: SocketAddr, settings: Settings) -> std::io::Result<()> 
     } else {
         String::new()
     };
+    let maa = if setup.maa {
+        format!(
+            "  approvals:  Multi Admin Approval on; approve at http://{local}/_emulator/approvals\n"
+        )
+    } else {
+        String::new()
+    };
     let banner = format!(
-        "phasegate emulator listening on http://{local}\n  tenant:     {}\n  client id:  {}\n  devices:    {} (seed {})\n  clock:      {clock}\n{faults}  ledger:     http://{local}/_emulator/ledger   state: http://{local}/_emulator/state\n",
-        settings.tenant_domain, settings.client_id, settings.devices, settings.seed
+        "phasegate emulator listening on http://{local}\n  tenant:     {} ({} scenario)\n  client id:  {}\n  devices:    {} (seed {})\n  clock:      {clock}\n{faults}{maa}  ledger:     http://{local}/_emulator/ledger   state: http://{local}/_emulator/state\n",
+        settings.tenant_domain,
+        setup.scenario.as_str(),
+        settings.client_id,
+        settings.devices,
+        settings.seed
     );
     // Whoever started us may stop reading after the first line; that must not stop the tenant.
     use std::io::Write;
     let mut stdout = std::io::stdout();
     let _ = stdout.write_all(banner.as_bytes());
     let _ = stdout.flush();
-    serve(listener, settings, async {
+    serve_with(listener, settings, setup, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await

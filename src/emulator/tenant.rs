@@ -1,29 +1,38 @@
 //! The emulated tenant: directory, compliance policies, Conditional Access, tokens, the clock,
-//! the ledger of writes, and the dispatcher that answers Graph requests over them.
+//! the ledger of writes, Multi Admin Approval, and the dispatcher that answers Graph requests
+//! over them.
 //!
-//! Devices and their compliance come from the simulated fleet ([`Fleet`]) with the same seed as
-//! `kind = "simulator"`, driven by the configuration phasegate writes through Graph: a device is
-//! evaluated once the compliance policy is assigned to its user, its owner is notified once the
-//! policy has a `notification` action, and it is blocked once an enabled Conditional Access
-//! policy requiring compliant devices covers its user.
+//! Devices and their traits come from the simulated fleet ([`Fleet`]) with the same seed as
+//! `kind = "simulator"`. How they report and when they are blocked follows Intune's and
+//! Conditional Access's documented rules ([`super::intune`]), driven by the configuration clients
+//! write through Graph: a device is evaluated at its check-ins once its platform's policy is
+//! assigned to it, its grace and its notifications count from its own first noncompliant
+//! evaluation, and it is blocked past its grace while an enabled Conditional Access policy that
+//! requires a compliant device covers its user and platform. See docs/emulator.md.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+mod scenario;
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
+use super::approvals::{self, ApprovalRequest, State as ApprovalState};
+use super::ca;
+use super::compliance::{self, Version};
 use super::faults::{Fault, fault_for};
-use crate::domain::gate::DeviceState;
-use crate::domain::plan::{Mode, Platform};
+use super::intune::{Coverage, Enforcer, Intune, Notice, PolicyRules, Row, Rules, platform_index};
+use crate::domain::plan::Platform;
 use crate::domain::time::Timestamp;
-use crate::graph::{
-    ALL_USERS_ID, ActionItem, AssignmentTarget, CaUsers, NIL_GUID, encode_query_value,
-    format_inner_date, format_time,
-};
+use crate::graph::{ALL_USERS_ID, NIL_GUID, encode_query_value, format_inner_date, format_time};
 use crate::provider::simulator::SIMULATED_EPOCH;
-use crate::provider::simulator::fleet::{DetailedReport, Fleet, GROUPS, Membership, ResolvedEntry};
+use crate::provider::simulator::fleet::{Fleet, GROUPS};
+
+pub use scenario::{
+    HELPDESK_GROUP, HELPDESK_TEMPLATE_NAME, KIOSK_GROUP, MFA_POLICY_NAME, SCENARIO_FILTER_NAME,
+};
 
 /// How the emulator is set up (`phasegate emulator` flags).
 #[derive(Clone, Debug)]
@@ -46,6 +55,81 @@ pub struct Settings {
     /// Conditional Access requests allowed per second (the real service allows 1 per tenant).
     pub ca_requests_per_second: f64,
     pub remediation_half_life: Duration,
+}
+
+/// Which tenant the emulator starts with (`--scenario`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scenario {
+    /// phasegate's own objects and nothing else: the rollout starts from a clean slate.
+    #[default]
+    Default,
+    /// The same fleet in a tenant other administrators have configured for years.
+    LivedIn,
+}
+
+impl FromStr for Scenario {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Scenario, String> {
+        match text {
+            "default" => Ok(Scenario::Default),
+            "lived-in" => Ok(Scenario::LivedIn),
+            other => Err(format!("unknown scenario {other:?} (default, lived-in)")),
+        }
+    }
+}
+
+impl Scenario {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scenario::Default => "default",
+            Scenario::LivedIn => "lived-in",
+        }
+    }
+}
+
+/// The state of the `Require compliant device for Office 365` policy (`--ca-state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaState {
+    Enabled,
+    ReportOnly,
+    Disabled,
+}
+
+impl FromStr for CaState {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<CaState, String> {
+        match text {
+            "enabled" => Ok(CaState::Enabled),
+            "report-only" => Ok(CaState::ReportOnly),
+            "disabled" => Ok(CaState::Disabled),
+            other => Err(format!(
+                "unknown state {other:?} (enabled, report-only, disabled)"
+            )),
+        }
+    }
+}
+
+impl CaState {
+    /// `conditionalAccessPolicyState`.
+    pub fn graph_state(self) -> &'static str {
+        match self {
+            CaState::Enabled => "enabled",
+            CaState::ReportOnly => "enabledForReportingButNotEnforced",
+            CaState::Disabled => "disabled",
+        }
+    }
+}
+
+/// What the tenant holds besides its fleet (`--scenario`, `--ca-state`, `--maa`).
+#[derive(Clone, Debug, Default)]
+pub struct Setup {
+    pub scenario: Scenario,
+    /// `None`: disabled in `default`, enabled in `lived-in`.
+    pub ca_state: Option<CaState>,
+    /// Multi Admin Approval is required for compliance policies.
+    pub maa: bool,
 }
 
 pub struct Request {
@@ -113,31 +197,49 @@ enum Clock {
 struct Policy {
     id: String,
     name: String,
+    description: Option<String>,
     odata_type: &'static str,
     platform: Platform,
     created: Timestamp,
     modified: Timestamp,
     version: i64,
-    assignments: Vec<AssignmentTarget>,
-    actions: Vec<(String, ActionItem)>,
+    /// Targets as stored: `@odata.type`, the id their type has, and (set through beta) the
+    /// assignment filter fields.
+    assignments: Vec<Value>,
+    /// (id, action) with the action's `actionType`, `gracePeriodHours`, `notificationTemplateId`
+    /// and `notificationMessageCCList`.
+    actions: Vec<(String, Value)>,
 }
 
 struct CaPolicy {
     id: String,
-    display_name: String,
-    state: String,
-    users: CaUsers,
-    /// `conditions` without `users`, as given.
-    other_conditions: serde_json::Map<String, Value>,
-    grant_controls: Value,
-    created: Timestamp,
-    modified: Option<Timestamp>,
+    /// Everything but the id, as stored (GET fills the documented defaults).
+    raw: Map<String, Value>,
 }
 
 struct Group {
     id: String,
-    name: &'static str,
+    name: String,
+    /// The fleet's membership bit; 0 for groups without members.
     bit: u16,
+}
+
+/// Who made a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Actor {
+    /// The application, through Graph with a token.
+    App,
+    /// An interactive administrator (`POST /_emulator/as-admin`).
+    Admin,
+}
+
+impl Actor {
+    fn as_str(self) -> &'static str {
+        match self {
+            Actor::App => "app",
+            Actor::Admin => "admin",
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -147,14 +249,49 @@ struct LedgerEntry {
     method: String,
     path: String,
     body_sha256: String,
+    /// The body as received, for tests that compare writes whose values differ by store.
+    body: Option<Value>,
     status: u16,
     connection_dropped: bool,
+    actor: Actor,
+    /// The approval request it was applied under.
+    approval: Option<String>,
 }
 
-type Statuses = Arc<Vec<(usize, DetailedReport)>>;
+/// One Graph call being answered.
+struct Call<'a> {
+    method: &'a str,
+    /// Without the version prefix.
+    path: &'a str,
+    query: &'a [(String, String)],
+    headers: &'a BTreeMap<String, String>,
+    body: Option<&'a Value>,
+    base_url: &'a str,
+    request_id: &'a str,
+    version: Version,
+}
+
+impl<'a> Call<'a> {
+    fn q(&self, name: &str) -> Option<&'a str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `http://host/{version}/$metadata`, for `@odata.context`.
+    fn metadata(&self) -> String {
+        format!(
+            "{}/{}/$metadata",
+            graph_root(self.base_url),
+            self.version.as_str()
+        )
+    }
+}
 
 pub struct Tenant {
     settings: Settings,
+    setup: Setup,
     fleet: Fleet,
     clock: Clock,
     tenant_id: String,
@@ -162,8 +299,11 @@ pub struct Tenant {
     policies: Vec<Policy>,
     ca_policies: Vec<CaPolicy>,
     templates: Vec<(String, String)>,
-    /// Per platform, every configuration the policy has had, as the fleet model reads it.
-    histories: BTreeMap<&'static str, Vec<ResolvedEntry>>,
+    /// Assignment filters: stored and returned, never evaluated.
+    filters: Vec<(String, String)>,
+    intune: Intune,
+    /// User id → user, built the first time a Conditional Access policy names users.
+    user_index: Option<HashMap<String, usize>>,
     config_version: u64,
     /// Issued tokens: when they expire and how many requests they served.
     tokens: BTreeMap<String, (Timestamp, u64)>,
@@ -171,12 +311,15 @@ pub struct Tenant {
     ledger: Vec<LedgerEntry>,
     /// Webhook deliveries received at `/_emulator/webhook`: (idempotency key, body digest).
     deliveries: Vec<(String, String)>,
+    approvals: Vec<ApprovalRequest>,
+    /// Who the write being routed comes from, and under which approval.
+    acting: Actor,
+    approving: Option<String>,
     requests: u64,
     /// Every HTTP request answered (Graph, token and control), for request ids.
     answered: u64,
     faults_injected: u64,
     last_ca_request: Option<Instant>,
-    status_cache: Option<(String, Timestamp, u64, Statuses)>,
 }
 
 /// A GUID derived from the seed and a name: the same tenant every time.
@@ -247,6 +390,27 @@ fn policy_odata_type(platform: Platform) -> &'static str {
     }
 }
 
+fn body_digest(body: Option<&Value>) -> String {
+    let bytes = body
+        .map(|b| serde_json::to_vec(b).expect("json serializes"))
+        .unwrap_or_default();
+    hex::encode(Sha256::digest(&bytes))
+}
+
+/// Writes under this path are Intune compliance-policy writes (Multi Admin Approval covers them).
+fn is_compliance_policy_path(path: &str) -> bool {
+    path == "/deviceManagement/deviceCompliancePolicies"
+        || path.starts_with("/deviceManagement/deviceCompliancePolicies/")
+}
+
+/// `/v1.0/x` → (v1.0, `/x`); `/beta/x` → (beta, `/x`).
+fn split_version(path: &str) -> Option<(Version, &str)> {
+    path.strip_prefix("/v1.0")
+        .map(|rest| (Version::V1, rest))
+        .or_else(|| path.strip_prefix("/beta").map(|rest| (Version::Beta, rest)))
+        .filter(|(_, rest)| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// The compliance policies every emulated tenant starts with, one per platform.
 pub const POLICY_NAMES: [(Platform, &str); 4] = [
     (Platform::Windows, "Windows 10/11 compliance baseline"),
@@ -259,9 +423,15 @@ pub const POLICY_NAMES: [(Platform, &str); 4] = [
 ];
 pub const CA_POLICY_NAME: &str = "Require compliant device for Office 365";
 pub const TEMPLATE_NAME: &str = "Compliance rollout - action required";
+/// The interactive administrator who approves requests and acts through `/_emulator/as-admin`.
+pub const SECOND_ADMIN: &str = approvals::APPROVER_NAME;
 
 impl Tenant {
     pub fn new(settings: Settings) -> Tenant {
+        Tenant::with_setup(settings, Setup::default())
+    }
+
+    pub fn with_setup(settings: Settings, setup: Setup) -> Tenant {
         let seed = settings.seed;
         let fleet = Fleet::new(
             seed,
@@ -277,14 +447,14 @@ impl Tenant {
                 factor,
             },
         };
-        let created = SIMULATED_EPOCH.minus(Duration::from_secs(30 * 86_400));
+        let created = scenario::created();
         let groups = GROUPS
             .iter()
             .enumerate()
             .skip(1) // "All Users" is the virtual all-users target, not a directory group.
             .map(|(i, name)| Group {
                 id: guid(seed, "group", name),
-                name,
+                name: name.to_string(),
                 bit: 1 << i,
             })
             .collect();
@@ -293,12 +463,10 @@ impl Tenant {
             .map(|(platform, name)| {
                 let id = guid(seed, "policy", platform);
                 Policy {
-                    actions: vec![(
-                        guid(seed, "action", &id),
-                        stored_action(ActionItem::block(0)),
-                    )],
+                    actions: vec![(guid(seed, "action", &id), scenario::block(0))],
                     id,
                     name: name.to_string(),
+                    description: None,
                     odata_type: policy_odata_type(*platform),
                     platform: *platform,
                     created,
@@ -308,51 +476,61 @@ impl Tenant {
                 }
             })
             .collect();
+        let state = setup.ca_state.unwrap_or(CaState::Disabled).graph_state();
         let ca_policies = vec![CaPolicy {
             id: guid(seed, "ca", CA_POLICY_NAME),
-            display_name: CA_POLICY_NAME.to_string(),
-            state: "disabled".into(),
-            users: CaUsers {
-                include_users: vec!["None".into()],
-                ..CaUsers::default()
-            },
-            other_conditions: json!({
-                "clientAppTypes": ["all"],
-                "applications": {"includeApplications": ["Office365"], "excludeApplications": []},
-            })
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
-            grant_controls: json!({"operator": "OR", "builtInControls": ["compliantDevice"]}),
-            created,
-            modified: None,
+            raw: object(json!({
+                "displayName": CA_POLICY_NAME,
+                "state": state,
+                "conditions": {
+                    "users": {"includeUsers": ["None"]},
+                    "clientAppTypes": ["all"],
+                    "applications": {"includeApplications": ["Office365"], "excludeApplications": []},
+                },
+                "grantControls": {"operator": "OR", "builtInControls": ["compliantDevice"]},
+                "createdDateTime": format_time(created),
+                "modifiedDateTime": null,
+            })),
         }];
         let templates = vec![(
             guid(seed, "template", TEMPLATE_NAME),
             TEMPLATE_NAME.to_string(),
         )];
+        let intune = Intune::new(&fleet, created);
         let mut tenant = Tenant {
             tenant_id: guid(seed, "tenant", &settings.tenant_domain),
             settings,
+            setup,
             fleet,
             clock,
             groups,
             policies,
             ca_policies,
             templates,
-            histories: BTreeMap::new(),
+            filters: Vec::new(),
+            intune,
+            user_index: None,
             config_version: 0,
             tokens: BTreeMap::new(),
             tokens_issued: 0,
             ledger: Vec::new(),
             deliveries: Vec::new(),
+            approvals: Vec::new(),
+            acting: Actor::App,
+            approving: None,
             requests: 0,
             answered: 0,
             faults_injected: 0,
             last_ca_request: None,
-            status_cache: None,
         };
-        tenant.record_configuration();
+        if tenant.setup.scenario == Scenario::LivedIn {
+            scenario::furnish(&mut tenant);
+        }
+        // The configuration has been in force since the policies were created: the tenant's
+        // devices have a history when the clock starts.
+        tenant.reconfigure_at(created);
+        let now = tenant.now();
+        tenant.intune.advance(&tenant.fleet, now);
         tenant
     }
 
@@ -394,74 +572,130 @@ impl Tenant {
         self.groups.iter().find(|g| g.id == id).map(|g| g.bit)
     }
 
-    /// Turns the current configuration into what the fleet model reads, for every platform.
-    fn record_configuration(&mut self) {
-        self.config_version += 1;
-        let now = self.now();
-        let enforced: Vec<Membership> = self
-            .ca_policies
+    fn group_id(&self, name: &str) -> String {
+        self.groups
             .iter()
-            .filter(|ca| {
-                ca.state == "enabled"
-                    && ca.grant_controls["builtInControls"]
-                        .as_array()
-                        .is_some_and(|c| c.iter().any(|v| v == "compliantDevice"))
-            })
-            .map(|ca| self.ca_membership(&ca.users))
-            .collect();
-        for policy in &self.policies {
-            let mut include = 0u16;
-            let mut exclude = 0u16;
-            for target in &policy.assignments {
-                match target {
-                    AssignmentTarget::Group { group_id } => {
-                        include |= self.group_bits(group_id).unwrap_or(0)
-                    }
-                    AssignmentTarget::Exclusion { group_id } => {
-                        exclude |= self.group_bits(group_id).unwrap_or(0)
-                    }
-                    AssignmentTarget::AllUsers | AssignmentTarget::AllDevices => include |= 1,
-                }
-            }
-            let assigned = Membership { include, exclude };
-            let block_grace_ms = policy
-                .actions
-                .iter()
-                .find(|(_, a)| a.action_type == "block")
-                .map_or(0, |(_, a)| a.grace_period_hours.max(0) as u64 * 3_600_000);
-            let notifies = policy
-                .actions
-                .iter()
-                .any(|(_, a)| a.action_type == "notification");
-            let base = if notifies { Mode::Notify } else { Mode::Report };
-            let mut assignments = vec![(assigned, base, block_grace_ms)];
-            assignments.extend(enforced.iter().map(|m| (*m, Mode::Enforce, block_grace_ms)));
-            self.histories
-                .entry(policy.platform.as_str())
-                .or_default()
-                .push(ResolvedEntry {
-                    at: now,
-                    assignments,
-                    assigned: Some(assigned),
-                });
-        }
-        self.status_cache = None;
+            .find(|g| g.name == name)
+            .map(|g| g.id.clone())
+            .unwrap_or_default()
     }
 
-    fn ca_membership(&self, users: &CaUsers) -> Membership {
-        let mut include = 0u16;
-        if users.include_users.iter().any(|u| u == "All") {
-            include |= 1;
+    /// Puts the current configuration in force now.
+    fn reconfigure(&mut self) {
+        let now = self.now();
+        self.reconfigure_at(now);
+    }
+
+    fn reconfigure_at(&mut self, at: Timestamp) {
+        self.config_version += 1;
+        let rules = self.rules();
+        self.intune.reconfigure(&self.fleet, rules, at);
+    }
+
+    /// The configuration as the device model reads it.
+    fn rules(&mut self) -> Rules {
+        let names_users =
+            |ca: &CaPolicy| {
+                let users = &ca.raw["conditions"]["users"];
+                ["includeUsers", "excludeUsers"].iter().any(|key| {
+                    users[*key].as_array().into_iter().flatten().any(|u| {
+                        !matches!(u.as_str(), Some("All" | "None" | "GuestsOrExternalUsers"))
+                    })
+                })
+            };
+        if self.user_index.is_none()
+            && self
+                .ca_policies
+                .iter()
+                .any(|c| ca::enforces_compliance(&c.raw) && names_users(c))
+        {
+            self.user_index = Some(
+                (0..self.fleet.user_count())
+                    .map(|u| (self.user_id(u), u))
+                    .collect(),
+            );
         }
-        for id in &users.include_groups {
-            include |= self.group_bits(id).unwrap_or(0);
+        let mut rules = Rules::default();
+        for policy in &self.policies {
+            let mut coverage = Coverage::default();
+            for target in &policy.assignments {
+                let bits = || {
+                    self.group_bits(&compliance::target_ref(target))
+                        .unwrap_or(0)
+                };
+                match compliance::target_kind(target) {
+                    "groupAssignmentTarget" => coverage.include |= bits(),
+                    "exclusionGroupAssignmentTarget" => coverage.exclude |= bits(),
+                    "allLicensedUsersAssignmentTarget" => coverage.all_users = true,
+                    "allDevicesAssignmentTarget" => coverage.all_devices = true,
+                    // The fleet has no Configuration Manager clients; filters are not evaluated.
+                    _ => {}
+                }
+            }
+            let action = |kind: &'static str| {
+                policy
+                    .actions
+                    .iter()
+                    .map(|(_, a)| a)
+                    .filter(move |a| a["actionType"] == kind)
+            };
+            rules.policies[platform_index(policy.platform)] = Some(PolicyRules {
+                coverage,
+                grace_hours: action("block")
+                    .next()
+                    .and_then(|a| a["gracePeriodHours"].as_i64())
+                    .unwrap_or(0),
+                notices: action("notification")
+                    .map(|a| Notice {
+                        template_id: a["notificationTemplateId"]
+                            .as_str()
+                            .unwrap_or(NIL_GUID)
+                            .to_string(),
+                        delay_hours: a["gracePeriodHours"].as_i64().unwrap_or(0),
+                    })
+                    .collect(),
+            });
         }
-        let exclude = users
-            .exclude_groups
+        let no_users = HashMap::new();
+        let index = self.user_index.as_ref().unwrap_or(&no_users);
+        for policy in self
+            .ca_policies
             .iter()
-            .map(|id| self.group_bits(id).unwrap_or(0))
-            .fold(0, |a, b| a | b);
-        Membership { include, exclude }
+            .filter(|c| ca::enforces_compliance(&c.raw))
+        {
+            let users = &policy.raw["conditions"]["users"];
+            let list = |key: &str| -> Vec<&str> {
+                users[key]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect()
+            };
+            let resolve = |key: &str| -> Vec<usize> {
+                list(key)
+                    .iter()
+                    .filter_map(|id| index.get(*id).copied())
+                    .collect()
+            };
+            let bits = |key: &str| -> u16 {
+                list(key)
+                    .iter()
+                    .map(|id| self.group_bits(id).unwrap_or(0))
+                    .fold(0, |a, b| a | b)
+            };
+            // Roles and guests: the fleet has no role holders and no guests, so role and guest
+            // conditions include and exclude nobody.
+            rules.enforcers.push(Enforcer {
+                all_users: list("includeUsers").contains(&"All"),
+                include_users: resolve("includeUsers"),
+                include_groups: bits("includeGroups"),
+                exclude_users: resolve("excludeUsers"),
+                exclude_groups: bits("excludeGroups"),
+                platforms: ca::platforms_covered(&policy.raw),
+            });
+        }
+        rules
     }
 
     /// Answers one HTTP request.
@@ -469,16 +703,14 @@ impl Tenant {
         self.answered += 1;
         let request_id = guid(self.settings.seed, "request", self.answered);
         let now = self.now();
+        // Every read and every change sees the devices evaluated up to the present.
+        self.intune.advance(&self.fleet, now);
         let mut response = if request.path.starts_with("/_emulator/") {
-            self.control(request)
+            self.control(request, &request_id)
         } else if request.path.ends_with("/oauth2/v2.0/token") {
             self.token(request, now)
-        } else if let Some(rest) = request
-            .path
-            .strip_prefix("/v1.0")
-            .or_else(|| request.path.strip_prefix("/beta"))
-        {
-            self.graph(request, rest, &request_id)
+        } else if let Some((version, rest)) = split_version(&request.path) {
+            self.graph(request, rest, version, &request_id)
         } else {
             graph_error(404, "NotFound", "unknown endpoint", now, &request_id)
         };
@@ -499,33 +731,40 @@ impl Tenant {
         response
     }
 
-    fn control(&mut self, request: &Request) -> Response {
-        match (request.method.as_str(), request.path.as_str()) {
-            ("GET", "/_emulator/ledger") => {
+    fn control(&mut self, request: &Request, request_id: &str) -> Response {
+        let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
+        match (request.method.as_str(), segments.as_slice()) {
+            ("GET", ["_emulator", "ledger"]) => {
                 let entries: Vec<Value> = self
                     .ledger
                     .iter()
                     .map(|e| {
-                        json!({
+                        let mut entry = json!({
                             "sequence": e.sequence,
                             "at": format_time(e.at),
                             "method": e.method,
                             "path": e.path,
                             "bodySha256": e.body_sha256,
+                            "body": e.body,
                             "status": e.status,
                             "connectionDropped": e.connection_dropped,
-                        })
+                            "actor": e.actor.as_str(),
+                        });
+                        if let Some(approval) = &e.approval {
+                            entry["approval"] = json!(approval);
+                        }
+                        entry
                     })
                     .collect();
                 Response::json(200, json!({ "value": entries }))
             }
-            ("GET", "/_emulator/state") => Response::json(200, self.state()),
-            ("GET", "/_emulator/clock") => Response::json(
+            ("GET", ["_emulator", "state"]) => Response::json(200, self.state()),
+            ("GET", ["_emulator", "clock"]) => Response::json(
                 200,
                 json!({"now": format_time(self.now()), "clock": self.clock_header()}),
             ),
-            ("POST", "/_emulator/clock") => self.set_clock(&request.body),
-            ("POST", "/_emulator/webhook") => {
+            ("POST", ["_emulator", "clock"]) => self.set_clock(&request.body),
+            ("POST", ["_emulator", "webhook"]) => {
                 let key = request
                     .headers
                     .get("idempotency-key")
@@ -535,7 +774,7 @@ impl Tenant {
                     .push((key, hex::encode(Sha256::digest(&request.body))));
                 Response::empty(204)
             }
-            ("GET", "/_emulator/deliveries") => {
+            ("GET", ["_emulator", "deliveries"]) => {
                 let items: Vec<Value> = self
                     .deliveries
                     .iter()
@@ -543,13 +782,144 @@ impl Tenant {
                     .collect();
                 Response::json(200, json!({ "value": items }))
             }
-            ("POST", "/_emulator/revoke-tokens") => {
+            ("POST", ["_emulator", "revoke-tokens"]) => {
                 let revoked = self.tokens.len();
                 self.tokens.clear();
                 Response::json(200, json!({ "revoked": revoked }))
             }
+            ("GET", ["_emulator", "notifications"]) => {
+                let items: Vec<Value> = self
+                    .intune
+                    .notifications()
+                    .iter()
+                    .map(|n| {
+                        let (user, _) = self.fleet.device_owner(n.device);
+                        json!({
+                            "device": n.device,
+                            "userPrincipalName": self.user_principal_name(user),
+                            "templateId": n.template_id,
+                            "at": format_time(n.at),
+                        })
+                    })
+                    .collect();
+                Response::json(200, json!({ "value": items }))
+            }
+            ("GET", ["_emulator", "blocks"]) => {
+                let items: Vec<Value> = self
+                    .intune
+                    .blocks()
+                    .iter()
+                    .map(|b| {
+                        let (user, _) = self.fleet.device_owner(b.device);
+                        json!({
+                            "device": b.device,
+                            "userPrincipalName": self.user_principal_name(user),
+                            "from": format_time(b.from),
+                            "until": b.until.map(format_time),
+                        })
+                    })
+                    .collect();
+                Response::json(200, json!({ "value": items }))
+            }
+            ("GET", ["_emulator", "approvals"]) => {
+                let now = self.now();
+                let items: Vec<Value> = self
+                    .approvals
+                    .iter()
+                    .map(|a| {
+                        let mut item = a.to_json(now);
+                        item["method"] = json!(a.method);
+                        item["path"] = json!(a.path);
+                        item["bodySha256"] = json!(a.body_sha256);
+                        item
+                    })
+                    .collect();
+                Response::json(200, json!({ "value": items }))
+            }
+            (
+                "POST",
+                [
+                    "_emulator",
+                    "approvals",
+                    id,
+                    decision @ ("approve" | "reject"),
+                ],
+            ) => self.decide(id, decision, &request.body),
+            ("POST", ["_emulator", "as-admin"]) => self.as_admin(request, request_id),
             _ => Response::json(404, json!({"error": "unknown emulator endpoint"})),
         }
+    }
+
+    /// Another administrator approves or rejects a request in the admin center.
+    fn decide(&mut self, id: &str, decision: &str, body: &[u8]) -> Response {
+        let now = self.now();
+        let approver = guid(self.settings.seed, "admin", SECOND_ADMIN);
+        let justification = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|b| b["justification"].as_str().map(str::to_string));
+        let Some(request) = self.approvals.iter_mut().find(|a| a.id == id) else {
+            return Response::json(404, json!({"error": format!("no approval request {id}")}));
+        };
+        let status = request.status(now);
+        if status != "needsApproval" {
+            return Response::json(
+                409,
+                json!({"error": format!("approval request {id} is {status}")}),
+            );
+        }
+        request.state = if decision == "approve" {
+            ApprovalState::Approved
+        } else {
+            ApprovalState::Rejected
+        };
+        request.approver = Some(approver);
+        request.approval_justification = justification;
+        request.modified = now;
+        Response::json(200, request.to_json(now))
+    }
+
+    /// Dispatches a call as an interactive administrator would make it in an admin center: no
+    /// token, no injected faults, no Conditional Access rate limit, no Multi Admin Approval.
+    fn as_admin(&mut self, request: &Request, request_id: &str) -> Response {
+        let parsed: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+        let (Some(method), Some(target)) = (parsed["method"].as_str(), parsed["path"].as_str())
+        else {
+            return Response::json(
+                400,
+                json!({"error": "expected {\"method\": \"PATCH\", \"path\": \"/identity/...\", \"body\": {...}}"}),
+            );
+        };
+        let (path, query) = split_url(target);
+        let requested = match parsed["version"].as_str() {
+            Some("v1.0") => Version::V1,
+            // The admin centers call Graph beta.
+            _ => Version::Beta,
+        };
+        let (version, path) = match split_version(&path) {
+            Some((v, rest)) => (v, rest.to_string()),
+            None => (requested, path.clone()),
+        };
+        let method = method.to_uppercase();
+        let body = parsed.get("body").filter(|b| !b.is_null());
+        let headers = BTreeMap::new();
+        let call = Call {
+            method: &method,
+            path: &path,
+            query: &query,
+            headers: &headers,
+            body,
+            base_url: &request.base_url,
+            request_id,
+            version,
+        };
+        self.acting = Actor::Admin;
+        let response = self.route(&call);
+        self.acting = Actor::App;
+        let body = match response.body {
+            Body::Json(v) => v,
+            Body::Empty => Value::Null,
+        };
+        Response::json(200, json!({"status": response.status, "body": body}))
     }
 
     fn set_clock(&mut self, body: &[u8]) -> Response {
@@ -571,7 +941,6 @@ impl Tenant {
         match target {
             Some(at) if at >= current => {
                 self.clock = Clock::Manual(at);
-                self.status_cache = None;
                 Response::json(200, json!({"now": format_time(at)}))
             }
             // The clock never goes back: asking for an earlier time is answered with the present.
@@ -594,28 +963,25 @@ impl Tenant {
             .policies
             .iter()
             .map(|p| {
-                let statuses = self.fleet.statuses(
-                    p.platform,
-                    self.histories
-                        .get(p.platform.as_str())
-                        .map_or(&[][..], Vec::as_slice),
-                    self.now(),
-                );
+                let listed = self.intune.listed(p.platform);
                 let mut by_state: BTreeMap<&str, u64> = BTreeMap::new();
-                for (_, report) in statuses.iter() {
-                    *by_state.entry(status_name(report)).or_default() += 1;
-                    if report.report.blocked {
-                        *by_state.entry("blocked").or_default() += 1;
-                    }
+                for &device in listed {
+                    let row = self.intune.row(p.platform, device as usize);
+                    *by_state.entry(row.status.as_str()).or_default() += 1;
                 }
+                by_state.insert(
+                    "blocked",
+                    self.intune.blocked_now(&self.fleet, p.platform) as u64,
+                );
                 json!({
                     "id": p.id,
                     "displayName": p.name,
+                    "description": p.description,
                     "platform": p.platform.as_str(),
                     "version": p.version,
                     "assignments": p.assignments,
                     "actions": p.actions.iter().map(|(_, a)| a).collect::<Vec<_>>(),
-                    "assignedDevices": statuses.len(),
+                    "assignedDevices": listed.len(),
                     "deviceStatuses": by_state,
                 })
             })
@@ -626,25 +992,31 @@ impl Tenant {
             .map(|c| {
                 json!({
                     "id": c.id,
-                    "displayName": c.display_name,
-                    "state": c.state,
-                    "users": c.users,
+                    "displayName": c.raw["displayName"],
+                    "state": c.raw["state"],
+                    "users": ca::users_json(&c.raw),
                 })
             })
             .collect();
         json!({
             "now": format_time(self.now()),
             "clock": self.clock_header(),
+            "scenario": self.setup.scenario.as_str(),
+            "multiAdminApproval": self.setup.maa,
             "tenantId": self.tenant_id,
             "devices": self.fleet.device_count(),
             "users": self.fleet.user_count(),
             "platforms": counts,
             "groups": self.groups.iter().map(|g| json!({"id": g.id, "displayName": g.name})).collect::<Vec<_>>(),
+            "assignmentFilters": self.filters.iter().map(|(id, name)| json!({"id": id, "displayName": name})).collect::<Vec<_>>(),
+            "templates": self.templates.iter().map(|(id, name)| json!({"id": id, "displayName": name})).collect::<Vec<_>>(),
             "policies": policies,
             "conditionalAccess": ca,
             "requests": self.requests,
             "faultsInjected": self.faults_injected,
             "writes": self.ledger.len(),
+            "notifications": self.intune.notification_count(),
+            "approvals": self.approvals.len(),
         })
     }
 
@@ -750,7 +1122,13 @@ impl Tenant {
         }
     }
 
-    fn graph(&mut self, request: &Request, rest: &str, request_id: &str) -> Response {
+    fn graph(
+        &mut self,
+        request: &Request,
+        rest: &str,
+        version: Version,
+        request_id: &str,
+    ) -> Response {
         let now = self.now();
         if !self.authorized(request) {
             return graph_error(
@@ -766,7 +1144,7 @@ impl Tenant {
             );
         }
         if rest == "/$batch" && request.method == "POST" {
-            return self.batch(request, request_id);
+            return self.batch(request, version, request_id);
         }
         let body: Option<Value> = if request.body.is_empty() {
             None
@@ -784,33 +1162,26 @@ impl Tenant {
                 }
             }
         };
-        self.graph_call(
-            &request.method,
-            rest,
-            &request.query,
-            &request.headers,
-            body.as_ref(),
-            &request.base_url,
+        self.graph_call(&Call {
+            method: &request.method,
+            path: rest,
+            query: &request.query,
+            headers: &request.headers,
+            body: body.as_ref(),
+            base_url: &request.base_url,
             request_id,
-        )
+            version,
+        })
     }
 
-    /// One Graph call, through faults and throttling, then routing.
-    #[allow(clippy::too_many_arguments)]
-    fn graph_call(
-        &mut self,
-        method: &str,
-        path: &str,
-        query: &[(String, String)],
-        headers: &BTreeMap<String, String>,
-        body: Option<&Value>,
-        base_url: &str,
-        request_id: &str,
-    ) -> Response {
+    /// One Graph call by the application, through faults, throttling and Multi Admin Approval,
+    /// then routing.
+    fn graph_call(&mut self, call: &Call) -> Response {
         let now = self.now();
+        let request_id = call.request_id;
         let index = self.requests;
         self.requests += 1;
-        let writes = method != "GET";
+        let writes = call.method != "GET";
         let fault = fault_for(
             self.settings.fault_seed,
             self.settings.faults,
@@ -836,7 +1207,7 @@ impl Tenant {
             }
             _ => {}
         }
-        if path.starts_with("/identity/conditionalAccess") {
+        if call.path.starts_with("/identity/conditionalAccess") {
             let min_gap =
                 Duration::from_secs_f64(1.0 / self.settings.ca_requests_per_second.max(0.001));
             if self
@@ -853,9 +1224,26 @@ impl Tenant {
             }
             self.last_ca_request = Some(Instant::now());
         }
+        let approval = if self.setup.maa && writes && is_compliance_policy_path(call.path) {
+            match self.approval_gate(call) {
+                Ok(id) => Some(id),
+                Err(refused) => return refused,
+            }
+        } else {
+            None
+        };
         let ledger_before = self.ledger.len();
-        let mut response = self.route(method, path, query, headers, body, base_url, request_id);
+        self.approving = approval.clone();
+        let mut response = self.route(call);
+        self.approving = None;
         let applied = self.ledger.len() > ledger_before;
+        if let Some(id) = approval
+            && applied
+            && let Some(request) = self.approvals.iter_mut().find(|a| a.id == id)
+        {
+            request.state = ApprovalState::Completed;
+            request.modified = now;
+        }
         match fault {
             Some(Fault::Slow(delay)) => response.delay = Some(delay),
             Some(Fault::DropAfterApply) if applied => {
@@ -872,74 +1260,146 @@ impl Tenant {
         response
     }
 
+    /// Multi Admin Approval for an app's write to a compliance policy: `Ok(id)` when it resubmits
+    /// an approved request unchanged, otherwise the answer (a new request, or a refusal).
+    /// Observed messages: Micke-K/IntuneManagement discussion #426, Microsoft365DSC #7236.
+    fn approval_gate(&mut self, call: &Call) -> Result<String, Response> {
+        let now = self.now();
+        let request_id = call.request_id;
+        let bad = |message: &str| intune_error(400, "BadRequest", message, now, request_id);
+        let approval_required = |id: &str, message: String| {
+            graph_error(403, "ApprovalRequired", &message, now, request_id)
+                .header("x-msft-approval-code", id)
+        };
+        let digest = body_digest(call.body);
+        if let Some(code) = call.headers.get("x-msft-approval-code") {
+            let code = code.trim();
+            let Some(request) = self.approvals.iter().find(|a| a.id == code) else {
+                return Err(bad("Invalid approval code"));
+            };
+            return match request.status(now) {
+                "needsApproval" => Err(approval_required(
+                    code,
+                    format!(
+                        "Approval Required. The request {code} is not approved yet. x-msft-approval-code: {code}"
+                    ),
+                )),
+                "approved"
+                    if request.method == call.method
+                        && request.path == call.path
+                        && request.body_sha256 == digest =>
+                {
+                    Ok(code.to_string())
+                }
+                "approved" => Err(bad(&format!(
+                    "The request does not match the approved request {code}"
+                ))),
+                status => Err(bad(&format!("The approval request {code} is {status}"))),
+            };
+        }
+        let Some(header) = call.headers.get("x-msft-approval-justification") else {
+            return Err(bad(
+                "Header 'x-msft-approval-justification' is required to request approval",
+            ));
+        };
+        let Some(justification) =
+            approvals::decode_base64(header).and_then(|b| String::from_utf8(b).ok())
+        else {
+            return Err(bad(
+                "Header 'x-msft-approval-justification' must be Base64-encoded text",
+            ));
+        };
+        let id = guid(self.settings.seed, "approval", self.approvals.len() + 1);
+        self.approvals.push(ApprovalRequest {
+            id: id.clone(),
+            method: call.method.to_string(),
+            path: call.path.to_string(),
+            body_sha256: digest,
+            state: ApprovalState::NeedsApproval,
+            requested: now,
+            modified: now,
+            justification,
+            approver: None,
+            approval_justification: None,
+            application: self.settings.client_id.clone(),
+        });
+        Err(approval_required(
+            &id,
+            format!(
+                "Approval Required. Request Approval using the request ID returned as part of the x-msft-approval-code response header. x-msft-approval-code: {id}"
+            ),
+        ))
+    }
+
     fn write(&mut self, method: &str, path: &str, body: Option<&Value>, status: u16) {
-        let bytes = body
-            .map(|b| serde_json::to_vec(b).expect("json serializes"))
-            .unwrap_or_default();
         self.ledger.push(LedgerEntry {
             sequence: self.ledger.len() as u64 + 1,
             at: self.now(),
             method: method.to_string(),
             path: path.to_string(),
-            body_sha256: hex::encode(Sha256::digest(&bytes)),
+            body_sha256: body_digest(body),
+            body: body.cloned(),
             status,
             connection_dropped: false,
+            actor: self.acting,
+            approval: self.approving.clone(),
         });
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn route(
-        &mut self,
-        method: &str,
-        path: &str,
-        query: &[(String, String)],
-        headers: &BTreeMap<String, String>,
-        body: Option<&Value>,
-        base_url: &str,
-        request_id: &str,
-    ) -> Response {
+    fn route(&mut self, call: &Call) -> Response {
         let now = self.now();
+        let request_id = call.request_id;
+        let path = call.path;
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let q = |name: &str| {
-            query
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
+        let invalid_filter = || {
+            graph_error(
+                400,
+                "BadRequest",
+                "Invalid filter clause: only displayName eq '...' is supported here",
+                now,
+                request_id,
+            )
         };
-        let filter = match q("$filter").map(parse_display_name_filter) {
-            Some(None) => {
-                return graph_error(
-                    400,
-                    "BadRequest",
-                    "Invalid filter clause: only displayName eq '...' is supported here",
-                    now,
-                    request_id,
-                );
-            }
-            Some(Some(name)) => Some(name),
+        let filter = match call.q("$filter").map(parse_eq_filter) {
+            Some(None) => return invalid_filter(),
+            Some(Some(filter)) => Some(filter),
             None => None,
         };
-        match (method, segments.as_slice()) {
+        let approvals_route =
+            segments.starts_with(&["deviceManagement", "operationApprovalRequests"]);
+        if let Some((property, _)) = &filter
+            && property != "displayName"
+            && !approvals_route
+        {
+            return invalid_filter();
+        }
+        let name_filter = filter
+            .as_ref()
+            .filter(|(p, _)| p == "displayName")
+            .map(|(_, v)| v.clone());
+        let named = |name: &str| {
+            name_filter
+                .as_deref()
+                .is_none_or(|f| name.eq_ignore_ascii_case(f))
+        };
+        let meta = call.metadata();
+        match (call.method, segments.as_slice()) {
             ("GET", ["groups"]) => {
                 let items: Vec<Value> = self
                     .groups
                     .iter()
-                    .filter(|g| {
-                        filter
-                            .as_deref()
-                            .is_none_or(|f| g.name.eq_ignore_ascii_case(f))
-                    })
+                    .filter(|g| named(&g.name))
                     .map(|g| json!({"id": g.id, "displayName": g.name}))
                     .collect();
                 Response::json(
                     200,
-                    json!({"@odata.context": format!("{}/v1.0/$metadata#groups", graph_root(base_url)), "value": items}),
+                    json!({"@odata.context": format!("{meta}#groups"), "value": items}),
                 )
             }
             ("GET", ["groups", id]) => match self.groups.iter().find(|g| g.id == *id) {
                 Some(g) => Response::json(
                     200,
-                    json!({"@odata.context": format!("{}/v1.0/$metadata#groups/$entity", graph_root(base_url)), "id": g.id, "displayName": g.name}),
+                    json!({"@odata.context": format!("{meta}#groups/$entity"), "id": g.id, "displayName": g.name}),
                 ),
                 None => graph_error(
                     404,
@@ -951,37 +1411,115 @@ impl Tenant {
                     request_id,
                 ),
             },
-            ("GET", ["groups", id, "transitiveMembers", cast @ ..]) => {
-                self.members(id, cast, q, headers, path, query, base_url, request_id)
-            }
+            ("GET", ["groups", id, "transitiveMembers", cast @ ..]) => self.members(id, cast, call),
             ("GET", ["deviceManagement", "deviceCompliancePolicies"]) => {
-                let expand = q("$expand").is_some();
+                let (assignments, actions) = expansions(call.q("$expand"));
                 let items: Vec<Value> = self
                     .policies
                     .iter()
-                    .filter(|p| {
-                        filter
-                            .as_deref()
-                            .is_none_or(|f| p.name.eq_ignore_ascii_case(f))
-                    })
-                    .map(|p| self.policy_json(p, expand, base_url))
+                    .filter(|p| named(&p.name))
+                    .map(|p| self.policy_json(p, assignments, actions, call))
                     .collect();
                 Response::json(
                     200,
-                    json!({"@odata.context": format!("{}/v1.0/$metadata#deviceManagement/deviceCompliancePolicies", graph_root(base_url)), "value": items}),
+                    json!({"@odata.context": format!("{meta}#deviceManagement/deviceCompliancePolicies"), "value": items}),
+                )
+            }
+            // managedDeviceOverview (v1.0): enrolled devices by operating system.
+            ("GET", ["deviceManagement", "managedDeviceOverview"]) => {
+                let count = |p: Platform| {
+                    self.fleet
+                        .platform_counts()
+                        .iter()
+                        .find(|(q, _)| *q == p)
+                        .map_or(0, |(_, n)| *n)
+                };
+                let total = self.fleet.device_count();
+                Response::json(
+                    200,
+                    json!({
+                        "@odata.context": format!("{meta}#deviceManagement/managedDeviceOverview/$entity"),
+                        "id": guid(self.settings.seed, "overview", "devices"),
+                        "enrolledDeviceCount": total,
+                        "mdmEnrolledCount": total,
+                        "dualEnrolledDeviceCount": 0,
+                        "deviceOperatingSystemSummary": {
+                            "androidCount": count(Platform::Android),
+                            "iosCount": count(Platform::Ios),
+                            "macOSCount": count(Platform::Macos),
+                            "windowsMobileCount": 0,
+                            "windowsCount": count(Platform::Windows),
+                            "unknownCount": 0,
+                        },
+                        "deviceExchangeAccessStateSummary": {
+                            "allowedDeviceCount": 0,
+                            "blockedDeviceCount": 0,
+                            "quarantinedDeviceCount": 0,
+                            "unknownDeviceCount": 0,
+                            "unavailableDeviceCount": 0,
+                        },
+                    }),
                 )
             }
             ("GET", ["deviceManagement", "notificationMessageTemplates"]) => {
                 let items: Vec<Value> = self
                     .templates
                     .iter()
-                    .filter(|(_, name)| filter.as_deref().is_none_or(|f| name.eq_ignore_ascii_case(f)))
+                    .filter(|(_, name)| named(name))
                     .map(|(id, name)| json!({"@odata.type": "#microsoft.graph.notificationMessageTemplate", "id": id, "displayName": name, "defaultLocale": "en-us", "brandingOptions": "includeCompanyLogo,includeCompanyName,includeContactInformation", "roleScopeTagIds": ["0"], "lastModifiedDateTime": format_time(SIMULATED_EPOCH)}))
                     .collect();
                 Response::json(
                     200,
-                    json!({"@odata.context": format!("{}/v1.0/$metadata#deviceManagement/notificationMessageTemplates", graph_root(base_url)), "value": items}),
+                    json!({"@odata.context": format!("{meta}#deviceManagement/notificationMessageTemplates"), "value": items}),
                 )
+            }
+            ("GET", ["deviceManagement", "operationApprovalRequests"]) => {
+                // The documentation's example filters on `requestId`; `id` is the key.
+                let wanted = match &filter {
+                    Some((p, v)) if p == "requestId" || p == "id" => Some(v.as_str()),
+                    Some(_) => {
+                        return graph_error(
+                            400,
+                            "BadRequest",
+                            "Invalid filter clause: only requestId eq '...' or id eq '...' is supported here",
+                            now,
+                            request_id,
+                        );
+                    }
+                    None => None,
+                };
+                let items: Vec<Value> = self
+                    .approvals
+                    .iter()
+                    .filter(|a| wanted.is_none_or(|w| a.id.eq_ignore_ascii_case(w)))
+                    .map(|a| a.to_json(now))
+                    .collect();
+                Response::json(
+                    200,
+                    json!({"@odata.context": format!("{meta}#deviceManagement/operationApprovalRequests"), "value": items}),
+                )
+            }
+            ("GET", ["deviceManagement", "operationApprovalRequests", id]) => {
+                match self
+                    .approvals
+                    .iter()
+                    .find(|a| a.id.eq_ignore_ascii_case(id))
+                {
+                    Some(a) => {
+                        let mut v = json!({"@odata.context": format!("{meta}#deviceManagement/operationApprovalRequests/$entity")});
+                        for (k, value) in a.to_json(now).as_object().into_iter().flatten() {
+                            v[k] = value.clone();
+                        }
+                        Response::json(200, v)
+                    }
+                    None => intune_error(
+                        404,
+                        "ResourceNotFound",
+                        &format!("Resource not found: operationApprovalRequest {id}"),
+                        now,
+                        request_id,
+                    ),
+                }
             }
             (
                 _,
@@ -1001,38 +1539,29 @@ impl Tenant {
                         request_id,
                     );
                 };
-                self.policy_route(
-                    method, idx, rest, q, body, path, query, base_url, request_id,
-                )
+                self.policy_route(idx, rest, call)
             }
             ("GET", ["identity", "conditionalAccess", "policies"]) => {
                 let items: Vec<Value> = self
                     .ca_policies
                     .iter()
-                    .filter(|c| {
-                        filter
-                            .as_deref()
-                            .is_none_or(|f| c.display_name.eq_ignore_ascii_case(f))
-                    })
-                    .map(ca_json)
+                    .filter(|c| named(c.raw["displayName"].as_str().unwrap_or("")))
+                    .map(|c| ca::to_json(&c.id, &c.raw))
                     .collect();
                 Response::json(
                     200,
-                    json!({"@odata.context": format!("{}/v1.0/$metadata#identity/conditionalAccess/policies", graph_root(base_url)), "value": items}),
+                    json!({"@odata.context": format!("{meta}#identity/conditionalAccess/policies"), "value": items}),
                 )
             }
-            ("POST", ["identity", "conditionalAccess", "policies"]) => {
-                self.create_ca(body, path, base_url, request_id)
-            }
-            (_, ["identity", "conditionalAccess", "policies", id]) => {
-                self.ca_route(method, id, body, path, base_url, request_id)
-            }
+            ("POST", ["identity", "conditionalAccess", "policies"]) => self.create_ca(call),
+            (_, ["identity", "conditionalAccess", "policies", id]) => self.ca_route(id, call),
             _ => graph_error(
                 400,
                 "No method match route template",
                 &format!(
-                    "No OData route exists that match template ~/{} with http verb {method} for request {path}.",
-                    segments.join("/")
+                    "No OData route exists that match template ~/{} with http verb {} for request {path}.",
+                    segments.join("/"),
+                    call.method
                 ),
                 now,
                 request_id,
@@ -1040,19 +1569,9 @@ impl Tenant {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn members<'q>(
-        &self,
-        id: &str,
-        cast: &[&str],
-        q: impl Fn(&str) -> Option<&'q str>,
-        headers: &BTreeMap<String, String>,
-        path: &str,
-        query: &[(String, String)],
-        base_url: &str,
-        request_id: &str,
-    ) -> Response {
+    fn members(&self, id: &str, cast: &[&str], call: &Call) -> Response {
         let now = self.now();
+        let request_id = call.request_id;
         let Some(group) = self.groups.iter().find(|g| g.id == id) else {
             return graph_error(
                 404,
@@ -1074,10 +1593,11 @@ impl Tenant {
                 request_id,
             );
         }
-        let advanced = headers
+        let advanced = call
+            .headers
             .get("consistencylevel")
             .is_some_and(|v| v.eq_ignore_ascii_case("eventual"))
-            && q("$count") == Some("true");
+            && call.q("$count") == Some("true");
         if cast_to_user && !advanced {
             return graph_error(
                 400,
@@ -1087,7 +1607,7 @@ impl Tenant {
                 request_id,
             );
         }
-        let top = match q("$top").map(str::parse::<usize>) {
+        let top = match call.q("$top").map(str::parse::<usize>) {
             None => 100,
             Some(Ok(n)) if (1..=999).contains(&n) => n,
             Some(_) => {
@@ -1096,7 +1616,7 @@ impl Tenant {
                     "Request_UnsupportedQuery",
                     &format!(
                         "Invalid page size specified: '{}'. Must be between 1 and 999 inclusive.",
-                        q("$top").unwrap_or("")
+                        call.q("$top").unwrap_or("")
                     ),
                     now,
                     request_id,
@@ -1106,7 +1626,7 @@ impl Tenant {
         let members: Vec<usize> = (0..self.fleet.user_count())
             .filter(|&u| self.fleet.user_groups(u) & group.bit != 0)
             .collect();
-        let offset = q("$skiptoken").and_then(decode_skiptoken).unwrap_or(0);
+        let offset = call.q("$skiptoken").and_then(decode_skiptoken).unwrap_or(0);
         let page: Vec<Value> = members
             .iter()
             .skip(offset)
@@ -1124,176 +1644,143 @@ impl Tenant {
         } else {
             "directoryObjects"
         };
-        let mut body =
-            json!({"@odata.context": format!("{}/v1.0/$metadata#{context}", graph_root(base_url))});
+        let mut body = json!({"@odata.context": format!("{}#{context}", call.metadata())});
         if advanced && offset == 0 {
             body["@odata.count"] = json!(members.len());
         }
         if offset + top < members.len() {
-            body["@odata.nextLink"] = json!(next_link(base_url, path, query, offset + top));
+            body["@odata.nextLink"] = json!(next_link(call, offset + top));
         }
         body["value"] = Value::Array(page);
         Response::json(200, body)
     }
 
-    fn policy_json(&self, p: &Policy, expand: bool, base_url: &str) -> Value {
+    fn policy_json(&self, p: &Policy, assignments: bool, actions: bool, call: &Call) -> Value {
         let mut v = json!({
             "@odata.type": p.odata_type,
             "id": p.id,
             "createdDateTime": format_time(p.created),
-            "description": null,
+            "description": p.description,
             "lastModifiedDateTime": format_time(p.modified),
             "displayName": p.name,
             "version": p.version,
         });
-        if expand {
-            let root = graph_root(base_url);
-            let cast = p.odata_type.trim_start_matches('#');
+        let meta = call.metadata();
+        let cast = p.odata_type.trim_start_matches('#');
+        if assignments {
             v["assignments@odata.context"] = json!(format!(
-                "{root}/v1.0/$metadata#deviceManagement/deviceCompliancePolicies('{}')/{cast}/assignments",
+                "{meta}#deviceManagement/deviceCompliancePolicies('{}')/{cast}/assignments",
                 p.id
             ));
-            v["assignments"] = Value::Array(self.assignments_json(p));
+            v["assignments"] = Value::Array(self.assignments_json(p, call.version));
+        }
+        if actions {
             v["scheduledActionsForRule@odata.context"] = json!(format!(
-                "{root}/v1.0/$metadata#deviceManagement/deviceCompliancePolicies('{}')/{cast}/scheduledActionsForRule(scheduledActionConfigurations())",
+                "{meta}#deviceManagement/deviceCompliancePolicies('{}')/{cast}/scheduledActionsForRule(scheduledActionConfigurations())",
                 p.id
             ));
             v["scheduledActionsForRule"] = json!([{
                 "id": p.id,
                 "ruleName": null,
-                "scheduledActionConfigurations@odata.context": format!("{root}/v1.0/$metadata#deviceManagement/deviceCompliancePolicies('{}')/{cast}/scheduledActionsForRule('{}')/scheduledActionConfigurations", p.id, p.id),
+                "scheduledActionConfigurations@odata.context": format!("{meta}#deviceManagement/deviceCompliancePolicies('{}')/{cast}/scheduledActionsForRule('{}')/scheduledActionConfigurations", p.id, p.id),
                 "scheduledActionConfigurations": p.actions.iter().map(|(id, a)| json!({
                     "id": id,
-                    "gracePeriodHours": a.grace_period_hours,
-                    "actionType": a.action_type,
-                    "notificationTemplateId": match a.notification_template_id.as_deref() {
-                        None | Some("") => NIL_GUID.to_string(),
-                        Some(t) => t.to_string(),
-                    },
-                    "notificationMessageCCList": a.notification_message_c_c_list.clone().unwrap_or_default(),
+                    "gracePeriodHours": a["gracePeriodHours"],
+                    "actionType": a["actionType"],
+                    "notificationTemplateId": a["notificationTemplateId"],
+                    "notificationMessageCCList": a["notificationMessageCCList"],
                 })).collect::<Vec<_>>(),
             }]);
         }
         v
     }
 
-    fn assignments_json(&self, p: &Policy) -> Vec<Value> {
+    fn assignments_json(&self, p: &Policy, version: Version) -> Vec<Value> {
         p.assignments
             .iter()
-            .map(|t| {
-                let suffix = match t {
-                    AssignmentTarget::Group { group_id }
-                    | AssignmentTarget::Exclusion { group_id } => group_id.clone(),
-                    AssignmentTarget::AllUsers => ALL_USERS_ID.to_string(),
-                    AssignmentTarget::AllDevices => {
-                        "adadadad-808e-44e2-905a-0b7873a8a531".to_string()
-                    }
-                };
-                json!({"id": format!("{}_{suffix}", p.id), "target": t})
-            })
+            .map(|t| compliance::assignment_json(&p.id, t, version))
             .collect()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn policy_route<'q>(
-        &mut self,
-        method: &str,
-        idx: usize,
-        rest: &[&str],
-        q: impl Fn(&str) -> Option<&'q str>,
-        body: Option<&Value>,
-        path: &str,
-        query: &[(String, String)],
-        base_url: &str,
-        request_id: &str,
-    ) -> Response {
+    fn policy_route(&mut self, idx: usize, rest: &[&str], call: &Call) -> Response {
         let now = self.now();
-        let root = graph_root(base_url);
-        match (method, rest) {
+        let request_id = call.request_id;
+        let meta = call.metadata();
+        let bad = |message: &str| intune_error(400, "BadRequest", message, now, request_id);
+        match (call.method, rest) {
             ("GET", []) => {
-                let expand = q("$expand").is_some_and(|e| {
-                    e.contains("assignments") || e.contains("scheduledActionsForRule")
-                });
-                let mut v = self.policy_json(&self.policies[idx], expand, base_url);
+                let (assignments, actions) = expansions(call.q("$expand"));
+                let mut v = self.policy_json(&self.policies[idx], assignments, actions, call);
                 v["@odata.context"] = json!(format!(
-                    "{root}/v1.0/$metadata#deviceManagement/deviceCompliancePolicies/$entity"
+                    "{meta}#deviceManagement/deviceCompliancePolicies/$entity"
                 ));
                 Response::json(200, v)
             }
+            ("PATCH", []) => self.patch_policy(idx, call),
             ("GET", ["assignments"]) => {
                 let p = &self.policies[idx];
                 Response::json(
                     200,
-                    json!({"@odata.context": format!("{root}/v1.0/$metadata#deviceManagement/deviceCompliancePolicies('{}')/assignments", p.id), "value": self.assignments_json(p)}),
+                    json!({"@odata.context": format!("{meta}#deviceManagement/deviceCompliancePolicies('{}')/assignments", p.id), "value": self.assignments_json(p, call.version)}),
                 )
             }
             ("POST", ["assign"]) => {
-                let Some(list) = body
+                let Some(list) = call
+                    .body
                     .and_then(|b| b.get("assignments"))
                     .and_then(Value::as_array)
                 else {
-                    return intune_error(
-                        400,
-                        "BadRequest",
-                        "The request body must contain an 'assignments' array",
-                        now,
-                        request_id,
-                    );
+                    return bad("The request body must contain an 'assignments' array");
                 };
-                let mut targets: Vec<AssignmentTarget> = Vec::new();
+                let mut targets: Vec<Value> = Vec::new();
                 for item in list {
-                    match serde_json::from_value::<AssignmentTarget>(item["target"].clone()) {
-                        Ok(target) => {
-                            if let AssignmentTarget::Group { group_id }
-                            | AssignmentTarget::Exclusion { group_id } = &target
-                                && self.group_bits(group_id).is_none()
-                            {
-                                return intune_error(
-                                    400,
-                                    "BadRequest",
-                                    &format!("Group {group_id} not found"),
-                                    now,
-                                    request_id,
-                                );
-                            }
-                            if !targets.contains(&target) {
-                                targets.push(target);
-                            }
-                        }
-                        Err(e) => {
-                            return intune_error(
-                                400,
-                                "BadRequest",
-                                &format!("Invalid OData type specified: {e}"),
-                                now,
-                                request_id,
-                            );
-                        }
+                    let target =
+                        match compliance::parse_target(&item["target"], call.version, |id| {
+                            self.group_bits(id).is_some()
+                        }) {
+                            Ok(target) => target,
+                            Err(message) => return bad(&message),
+                        };
+                    // A duplicate target (same type and id) is ignored (Intune-Toolkit #57).
+                    let key = |t: &Value| {
+                        (
+                            compliance::target_kind(t).to_string(),
+                            compliance::target_ref(t),
+                        )
+                    };
+                    if !targets.iter().any(|t| key(t) == key(&target)) {
+                        targets.push(target);
                     }
                 }
                 let p = &mut self.policies[idx];
                 p.assignments = targets;
                 p.modified = now;
                 p.version += 1;
-                self.record_configuration();
-                self.write("POST", path, body, 200);
+                self.reconfigure();
+                self.write("POST", call.path, call.body, 200);
                 let p = &self.policies[idx];
+                let items: Vec<Value> = self
+                    .assignments_json(p, call.version)
+                    .into_iter()
+                    .map(|mut a| {
+                        a["@odata.type"] =
+                            json!("#microsoft.graph.deviceCompliancePolicyAssignment");
+                        a
+                    })
+                    .collect();
                 Response::json(
                     200,
-                    json!({"@odata.context": format!("{root}/v1.0/$metadata#Collection(microsoft.graph.deviceCompliancePolicyAssignment)"), "value": self.assignments_json(p).into_iter().map(|mut a| { a["@odata.type"] = json!("#microsoft.graph.deviceCompliancePolicyAssignment"); a }).collect::<Vec<_>>()}),
+                    json!({"@odata.context": format!("{meta}#Collection(microsoft.graph.deviceCompliancePolicyAssignment)"), "value": items}),
                 )
             }
             ("POST", ["scheduleActionsForRules"]) => {
-                let Some(rules) = body
+                let Some(rules) = call
+                    .body
                     .and_then(|b| b.get("deviceComplianceScheduledActionForRules"))
                     .and_then(Value::as_array)
                 else {
-                    return intune_error(
-                        400,
-                        "BadRequest",
+                    return bad(
                         "The request body must contain 'deviceComplianceScheduledActionForRules'",
-                        now,
-                        request_id,
                     );
                 };
                 let mut actions = Vec::new();
@@ -1303,52 +1790,20 @@ impl Tenant {
                         .into_iter()
                         .flatten()
                     {
-                        match serde_json::from_value::<ActionItem>(item.clone()) {
-                            Ok(action)
-                                if [
-                                    "noAction",
-                                    "notification",
-                                    "block",
-                                    "retire",
-                                    "wipe",
-                                    "removeResourceAccessProfiles",
-                                    "pushNotification",
-                                ]
-                                .contains(&action.action_type.as_str()) =>
-                            {
-                                actions.push(stored_action(action))
-                            }
-                            Ok(action) => {
-                                return intune_error(
-                                    400,
-                                    "BadRequest",
-                                    &format!(
-                                        "Requested value '{}' was not found.",
-                                        action.action_type
-                                    ),
-                                    now,
-                                    request_id,
-                                );
-                            }
-                            Err(e) => {
-                                return intune_error(
-                                    400,
-                                    "BadRequest",
-                                    &format!("Invalid action: {e}"),
-                                    now,
-                                    request_id,
-                                );
-                            }
+                        match compliance::parse_action(item, call.version) {
+                            Ok(action) => actions.push(action),
+                            Err(message) => return bad(&message),
                         }
                     }
                 }
-                if actions.iter().filter(|a| a.action_type == "block").count() != 1 {
-                    return intune_error(
-                        400,
-                        "BadRequest",
+                if actions
+                    .iter()
+                    .filter(|a| a["actionType"] == "block")
+                    .count()
+                    != 1
+                {
+                    return bad(
                         "Compliance policy must have one and only one block scheduled action",
-                        now,
-                        request_id,
                     );
                 }
                 let seed = self.settings.seed;
@@ -1361,48 +1816,55 @@ impl Tenant {
                     .collect();
                 p.modified = now;
                 p.version += 1;
-                self.record_configuration();
-                self.write("POST", path, body, 204);
+                self.reconfigure();
+                self.write("POST", call.path, call.body, 204);
                 Response::empty(204)
             }
             ("GET", ["deviceStatuses"]) => {
-                let statuses = self.statuses(idx);
-                let top = q("$top")
+                let p = &self.policies[idx];
+                let listed = self.intune.listed(p.platform);
+                let top = call
+                    .q("$top")
                     .and_then(|t| t.parse::<usize>().ok())
                     .unwrap_or(1000)
                     .clamp(1, 1000);
-                let offset = q("$skiptoken").and_then(decode_skiptoken).unwrap_or(0);
-                let p = &self.policies[idx];
-                let page: Vec<Value> = statuses
+                let offset = call.q("$skiptoken").and_then(decode_skiptoken).unwrap_or(0);
+                let page: Vec<Value> = listed
                     .iter()
                     .skip(offset)
                     .take(top)
-                    .map(|(device, report)| self.status_json(*device, report, &p.id))
+                    .map(|&device| {
+                        let row = self.intune.row(p.platform, device as usize);
+                        self.status_json(device as usize, &row, &p.id)
+                    })
                     .collect();
-                let mut body = json!({"@odata.context": format!("{root}/v1.0/$metadata#deviceManagement/deviceCompliancePolicies('{}')/deviceStatuses", p.id)});
+                let mut body = json!({"@odata.context": format!("{meta}#deviceManagement/deviceCompliancePolicies('{}')/deviceStatuses", p.id)});
                 body["value"] = Value::Array(page);
-                if offset + top < statuses.len() {
-                    body["@odata.nextLink"] = json!(next_link(base_url, path, query, offset + top));
+                if offset + top < listed.len() {
+                    body["@odata.nextLink"] = json!(next_link(call, offset + top));
                 }
                 Response::json(200, body)
             }
             ("GET", ["deviceStatusOverview"]) => {
-                let statuses = self.statuses(idx);
-                let count = |f: &dyn Fn(&DetailedReport) -> bool| {
-                    statuses.iter().filter(|(_, r)| f(r)).count()
-                };
                 let p = &self.policies[idx];
+                let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+                for &device in self.intune.listed(p.platform) {
+                    *counts
+                        .entry(self.intune.row(p.platform, device as usize).status.as_str())
+                        .or_default() += 1;
+                }
+                let count = |status: &str| counts.get(status).copied().unwrap_or(0);
                 Response::json(
                     200,
                     json!({
-                        "@odata.context": format!("{root}/v1.0/$metadata#deviceManagement/deviceCompliancePolicies('{}')/deviceStatusOverview/$entity", p.id),
+                        "@odata.context": format!("{meta}#deviceManagement/deviceCompliancePolicies('{}')/deviceStatusOverview/$entity", p.id),
                         "id": p.id,
-                        "pendingCount": count(&|r| r.report.last_reported.is_none()),
+                        "pendingCount": count("unknown"),
                         "notApplicableCount": 0,
-                        "successCount": count(&|r| r.report.last_reported.is_some() && r.report.state == DeviceState::Compliant),
-                        "errorCount": count(&|r| r.report.last_reported.is_some() && r.report.state == DeviceState::Error),
-                        "failedCount": count(&|r| r.report.last_reported.is_some() && matches!(r.report.state, DeviceState::Noncompliant | DeviceState::InGrace)),
-                        "lastUpdateDateTime": crate::domain::time::Timestamp::rfc3339(now),
+                        "successCount": count("compliant"),
+                        "errorCount": count("error"),
+                        "failedCount": count("nonCompliant"),
+                        "lastUpdateDateTime": now.rfc3339(),
                         "configurationVersion": p.version,
                     }),
                 )
@@ -1411,7 +1873,8 @@ impl Tenant {
                 400,
                 "No method match route template",
                 &format!(
-                    "No OData route exists that match template ~/singleton/navigation/key/navigation with http verb {method} for request /StatelessDeviceConfigurationFEService{path}."
+                    "No OData route exists that match template ~/singleton/navigation/key/navigation with http verb {} for request /StatelessDeviceConfigurationFEService{}.",
+                    call.method, call.path
                 ),
                 now,
                 request_id,
@@ -1419,26 +1882,76 @@ impl Tenant {
         }
     }
 
-    fn statuses(&mut self, idx: usize) -> Statuses {
+    /// `PATCH .../deviceCompliancePolicies/{id}` (graph-api.md §2.5): the body names the
+    /// policy's type; navigation properties cannot be patched.
+    fn patch_policy(&mut self, idx: usize, call: &Call) -> Response {
         let now = self.now();
-        let p = &self.policies[idx];
-        if let Some((id, at, version, cached)) = &self.status_cache
-            && *id == p.id
-            && *at == now
-            && *version == self.config_version
-        {
-            return cached.clone();
+        let request_id = call.request_id;
+        let bad = |message: &str| intune_error(400, "BadRequest", message, now, request_id);
+        let Some(patch) = call.body.and_then(Value::as_object) else {
+            return bad("A JSON object is required.");
+        };
+        let expected = self.policies[idx].odata_type;
+        let Some(sent) = patch.get("@odata.type").and_then(Value::as_str) else {
+            return bad(&format!(
+                "The request body must carry \"@odata.type\": \"{expected}\""
+            ));
+        };
+        if compliance::odata_type(sent).as_deref() != Some(expected) {
+            return intune_error(
+                400,
+                "ModelValidationFailure",
+                &format!(
+                    "An entry with type '{sent}' was found, but it is not assignable to the expected type '{}'.",
+                    expected.trim_start_matches('#')
+                ),
+                now,
+                request_id,
+            );
         }
-        let history = self
-            .histories
-            .get(p.platform.as_str())
-            .map_or(&[][..], Vec::as_slice);
-        let statuses = Arc::new(self.fleet.statuses(p.platform, history, now));
-        self.status_cache = Some((p.id.clone(), now, self.config_version, statuses.clone()));
-        statuses
+        for navigation in ["scheduledActionsForRule", "assignments"] {
+            if patch.contains_key(navigation) {
+                return bad(&format!(
+                    "The navigation property '{navigation}' cannot be updated with PATCH; use {}",
+                    if navigation == "assignments" {
+                        "assign"
+                    } else {
+                        "scheduleActionsForRules"
+                    }
+                ));
+            }
+        }
+        let name = match patch.get("displayName") {
+            None => None,
+            Some(Value::String(n)) if !n.is_empty() => Some(n.clone()),
+            Some(_) => return bad("displayName must be a non-empty string."),
+        };
+        let description = match patch.get("description") {
+            None => None,
+            Some(Value::Null) => Some(None),
+            Some(Value::String(d)) => Some(Some(d.clone())),
+            Some(_) => return bad("description must be a string or null."),
+        };
+        let p = &mut self.policies[idx];
+        if let Some(name) = name {
+            p.name = name;
+        }
+        if let Some(description) = description {
+            p.description = description;
+        }
+        p.version += 1;
+        p.modified = now;
+        self.reconfigure();
+        self.write("PATCH", call.path, call.body, 200);
+        let mut v = self.policy_json(&self.policies[idx], false, false, call);
+        v["@odata.context"] = json!(format!(
+            "{}#deviceManagement/deviceCompliancePolicies/$entity",
+            call.metadata()
+        ));
+        Response::json(200, v)
     }
 
-    fn status_json(&self, device: usize, report: &DetailedReport, policy_id: &str) -> Value {
+    fn status_json(&self, device: usize, row: &Row, policy_id: &str) -> Value {
         let (user, platform) = self.fleet.device_owner(device);
         let device_id = guid(self.settings.seed, "device", device);
         json!({
@@ -1446,22 +1959,17 @@ impl Tenant {
             "deviceDisplayName": format!("{}-{device:07}", platform.as_str().to_uppercase()),
             "userName": format!("User {user}"),
             "deviceModel": null,
-            "complianceGracePeriodExpirationDateTime": report.grace_until.map_or("9999-12-31T23:59:59.9999999Z".to_string(), format_time),
-            "status": status_name(report),
-            "lastReportedDateTime": report.report.last_reported.map_or(crate::graph::UNSET_TIME.to_string(), format_time),
+            "complianceGracePeriodExpirationDateTime": row.grace_end.map_or("9999-12-31T23:59:59.9999999Z".to_string(), format_time),
+            "status": row.status.as_str(),
+            "lastReportedDateTime": row.last_reported.map_or(crate::graph::UNSET_TIME.to_string(), format_time),
             "userPrincipalName": self.user_principal_name(user),
         })
     }
 
-    fn create_ca(
-        &mut self,
-        body: Option<&Value>,
-        path: &str,
-        base_url: &str,
-        request_id: &str,
-    ) -> Response {
+    fn create_ca(&mut self, call: &Call) -> Response {
         let now = self.now();
-        let Some(body) = body.filter(|b| b.is_object()) else {
+        let request_id = call.request_id;
+        let Some(body) = call.body.and_then(Value::as_object) else {
             return graph_error(
                 400,
                 "BadRequest",
@@ -1470,72 +1978,34 @@ impl Tenant {
                 request_id,
             );
         };
-        let Some(name) = body["displayName"].as_str().filter(|n| !n.is_empty()) else {
-            return graph_error(
-                400,
-                "BadRequest",
-                "displayName is required.",
-                now,
-                request_id,
-            );
-        };
-        let state = body["state"].as_str().unwrap_or("");
-        if !["enabled", "disabled", "enabledForReportingButNotEnforced"].contains(&state) {
-            return graph_error(
-                400,
-                "BadRequest",
-                &format!("Invalid value '{state}' for property 'state'."),
-                now,
-                request_id,
-            );
+        let mut raw = writable(body);
+        raw.insert("createdDateTime".into(), json!(format_time(now)));
+        raw.insert("modifiedDateTime".into(), Value::Null);
+        if let Err(message) = ca::validate(&raw) {
+            return graph_error(400, "BadRequest", &message, now, request_id);
         }
-        let Ok(users) = serde_json::from_value::<CaUsers>(body["conditions"]["users"].clone())
-        else {
-            return graph_error(
-                400,
-                "BadRequest",
-                "conditions.users is required.",
-                now,
-                request_id,
-            );
-        };
-        let mut other = body["conditions"].as_object().cloned().unwrap_or_default();
-        other.remove("users");
+        ca::normalize(&mut raw);
+        let name = raw["displayName"].as_str().unwrap_or("").to_string();
         let id = guid(
             self.settings.seed,
             "ca",
             format!("{name}:{}", self.ledger.len()),
         );
-        self.ca_policies.push(CaPolicy {
-            id,
-            display_name: name.to_string(),
-            state: state.to_string(),
-            users,
-            other_conditions: other,
-            grant_controls: body["grantControls"].clone(),
-            created: now,
-            modified: None,
-        });
-        self.record_configuration();
-        self.write("POST", path, Some(body), 201);
-        let mut v = ca_json(self.ca_policies.last().expect("just pushed"));
+        self.ca_policies.push(CaPolicy { id, raw });
+        self.reconfigure();
+        self.write("POST", call.path, call.body, 201);
+        let created = self.ca_policies.last().expect("just pushed");
+        let mut v = ca::to_json(&created.id, &created.raw);
         v["@odata.context"] = json!(format!(
-            "{}/v1.0/$metadata#identity/conditionalAccess/policies/$entity",
-            graph_root(base_url)
+            "{}#identity/conditionalAccess/policies/$entity",
+            call.metadata()
         ));
         Response::json(201, v)
     }
 
-    fn ca_route(
-        &mut self,
-        method: &str,
-        id: &str,
-        body: Option<&Value>,
-        path: &str,
-        base_url: &str,
-        request_id: &str,
-    ) -> Response {
+    fn ca_route(&mut self, id: &str, call: &Call) -> Response {
         let now = self.now();
+        let request_id = call.request_id;
         let Some(idx) = self.ca_policies.iter().position(|c| c.id == id) else {
             return graph_error(
                 404,
@@ -1545,17 +2015,18 @@ impl Tenant {
                 request_id,
             );
         };
-        match method {
+        match call.method {
             "GET" => {
-                let mut v = ca_json(&self.ca_policies[idx]);
+                let policy = &self.ca_policies[idx];
+                let mut v = ca::to_json(&policy.id, &policy.raw);
                 v["@odata.context"] = json!(format!(
-                    "{}/v1.0/$metadata#identity/conditionalAccess/policies/$entity",
-                    graph_root(base_url)
+                    "{}#identity/conditionalAccess/policies/$entity",
+                    call.metadata()
                 ));
                 Response::json(200, v)
             }
             "PATCH" => {
-                let Some(patch) = body.and_then(Value::as_object) else {
+                let Some(patch) = call.body.and_then(Value::as_object) else {
                     return graph_error(
                         400,
                         "BadRequest",
@@ -1564,69 +2035,34 @@ impl Tenant {
                         request_id,
                     );
                 };
-                let mut policy_state = None;
-                let mut users = None;
-                if let Some(state) = patch.get("state") {
-                    match state.as_str() {
-                        Some(
-                            s @ ("enabled" | "disabled" | "enabledForReportingButNotEnforced"),
-                        ) => policy_state = Some(s.to_string()),
-                        _ => {
-                            return graph_error(
-                                400,
-                                "BadRequest",
-                                &format!("Invalid value '{state}' for property 'state'."),
-                                now,
-                                request_id,
-                            );
-                        }
-                    }
+                // Properties not sent keep their values; complex values merge member by member;
+                // arrays and scalars sent replace (tenant-safety.md §1).
+                let mut merged = Value::Object(self.ca_policies[idx].raw.clone());
+                ca::merge(&mut merged, &Value::Object(writable(patch)));
+                let Value::Object(mut merged) = merged else {
+                    unreachable!("merging objects gives an object")
+                };
+                if let Err(message) = ca::validate(&merged) {
+                    return graph_error(400, "BadRequest", &message, now, request_id);
                 }
-                if let Some(u) = patch.get("conditions").and_then(|c| c.get("users")) {
-                    let mut merged = serde_json::to_value(&self.ca_policies[idx].users)
-                        .expect("json serializes");
-                    for (k, v) in u.as_object().into_iter().flatten() {
-                        merged[k] = v.clone();
-                    }
-                    match serde_json::from_value::<CaUsers>(merged) {
-                        Ok(parsed) => users = Some(parsed),
-                        Err(e) => {
-                            return graph_error(
-                                400,
-                                "BadRequest",
-                                &format!("Invalid users condition: {e}"),
-                                now,
-                                request_id,
-                            );
-                        }
-                    }
-                }
-                let policy = &mut self.ca_policies[idx];
-                if let Some(name) = patch.get("displayName").and_then(Value::as_str) {
-                    policy.display_name = name.to_string();
-                }
-                if let Some(s) = policy_state {
-                    policy.state = s;
-                }
-                if let Some(u) = users {
-                    policy.users = u;
-                }
-                policy.modified = Some(now);
-                self.record_configuration();
-                self.write("PATCH", path, body, 204);
+                ca::normalize(&mut merged);
+                merged.insert("modifiedDateTime".into(), json!(format_time(now)));
+                self.ca_policies[idx].raw = merged;
+                self.reconfigure();
+                self.write("PATCH", call.path, call.body, 204);
                 Response::empty(204)
             }
             "DELETE" => {
                 self.ca_policies.remove(idx);
-                self.record_configuration();
-                self.write("DELETE", path, None, 204);
+                self.reconfigure();
+                self.write("DELETE", call.path, None, 204);
                 Response::empty(204)
             }
             _ => graph_error(405, "BadRequest", "Method not allowed.", now, request_id),
         }
     }
 
-    fn batch(&mut self, request: &Request, request_id: &str) -> Response {
+    fn batch(&mut self, request: &Request, version: Version, request_id: &str) -> Response {
         let now = self.now();
         let Ok(parsed) = serde_json::from_slice::<Value>(&request.body) else {
             return graph_error(400, "BadRequest", "Invalid batch payload.", now, request_id);
@@ -1688,15 +2124,16 @@ impl Tenant {
             let method = sub["method"].as_str().unwrap_or("GET").to_uppercase();
             let body = sub.get("body").filter(|b| !b.is_null());
             let sub_id = format!("{request_id}-{id}");
-            let response = self.graph_call(
-                &method,
-                &path,
-                &query,
-                &headers,
+            let response = self.graph_call(&Call {
+                method: &method,
+                path: &path,
+                query: &query,
+                headers: &headers,
                 body,
-                &request.base_url,
-                &sub_id,
-            );
+                base_url: &request.base_url,
+                request_id: &sub_id,
+                version,
+            });
             drop_connection |= response.drop_connection;
             delay = delay.max(response.delay.unwrap_or_default());
             if response.status >= 400 {
@@ -1720,19 +2157,32 @@ impl Tenant {
     }
 }
 
-/// The service stores "no template" as the nil GUID, whatever the client sent.
-fn stored_action(mut action: ActionItem) -> ActionItem {
-    if action
-        .notification_template_id
-        .as_deref()
-        .is_none_or(str::is_empty)
-    {
-        action.notification_template_id = Some(NIL_GUID.to_string());
+fn object(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
     }
-    action
-        .notification_message_c_c_list
-        .get_or_insert_with(Vec::new);
-    action
+}
+
+/// A Conditional Access body without what clients cannot set: `id`, the timestamps and OData
+/// annotations are read-only.
+fn writable(body: &Map<String, Value>) -> Map<String, Value> {
+    body.iter()
+        .filter(|(k, _)| {
+            !matches!(k.as_str(), "id" | "createdDateTime" | "modifiedDateTime")
+                && !k.starts_with("@odata.")
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Which navigation properties `$expand` asks for: (assignments, scheduledActionsForRule).
+fn expansions(expand: Option<&str>) -> (bool, bool) {
+    let expand = expand.unwrap_or("");
+    (
+        expand.contains("assignments"),
+        expand.contains("scheduledActionsForRule"),
+    )
 }
 
 fn throttled(now: Timestamp, request_id: &str) -> Response {
@@ -1754,76 +2204,46 @@ fn throttled(now: Timestamp, request_id: &str) -> Response {
     )
 }
 
-fn status_name(report: &DetailedReport) -> &'static str {
-    if report.report.last_reported.is_none() {
-        return "unknown";
+/// `prop eq 'X'` → `Some(("prop", "X"))`; anything else → `None`.
+fn parse_eq_filter(filter: &str) -> Option<(String, String)> {
+    let filter = filter.trim();
+    let split = filter.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+    let (property, rest) = filter.split_at(split);
+    if property.is_empty() {
+        return None;
     }
-    match report.report.state {
-        DeviceState::Compliant => "compliant",
-        DeviceState::Noncompliant | DeviceState::InGrace => "nonCompliant",
-        DeviceState::Error => "error",
-        DeviceState::Conflict => "conflict",
-        DeviceState::Unknown => "unknown",
-    }
-}
-
-fn ca_json(c: &CaPolicy) -> Value {
-    let mut conditions = Value::Object(c.other_conditions.clone());
-    for key in ["userRiskLevels", "signInRiskLevels", "clientAppTypes"] {
-        if conditions.get(key).is_none() {
-            conditions[key] = json!([]);
-        }
-    }
-    for key in ["platforms", "locations", "devices", "clientApplications"] {
-        if conditions.get(key).is_none() {
-            conditions[key] = Value::Null;
-        }
-    }
-    let mut users = serde_json::to_value(&c.users).expect("json serializes");
-    users["includeGuestsOrExternalUsers"] = Value::Null;
-    users["excludeGuestsOrExternalUsers"] = Value::Null;
-    conditions["users"] = users;
-    let mut grant = c.grant_controls.clone();
-    if grant.is_object() {
-        for key in ["customAuthenticationFactors", "termsOfUse"] {
-            if grant.get(key).is_none() {
-                grant[key] = json!([]);
-            }
-        }
-    }
-    json!({
-        "id": c.id,
-        "templateId": null,
-        "displayName": c.display_name,
-        "createdDateTime": format_time(c.created),
-        "modifiedDateTime": c.modified.map(format_time),
-        "state": c.state,
-        "sessionControls": null,
-        "conditions": conditions,
-        "grantControls": grant,
-    })
+    let rest = rest.trim_start().strip_prefix("eq")?.trim();
+    let inner = rest.strip_prefix('\'')?.strip_suffix('\'')?;
+    Some((property.to_string(), inner.replace("''", "'")))
 }
 
 /// `displayName eq 'X'` → `Some("X")`; anything else → `None`.
+#[cfg(test)]
 fn parse_display_name_filter(filter: &str) -> Option<String> {
-    let rest = filter.trim().strip_prefix("displayName")?.trim_start();
-    let rest = rest.strip_prefix("eq")?.trim();
-    let inner = rest.strip_prefix('\'')?.strip_suffix('\'')?;
-    Some(inner.replace("''", "'"))
+    parse_eq_filter(filter)
+        .filter(|(property, _)| property == "displayName")
+        .map(|(_, value)| value)
 }
 
 fn graph_root(base_url: &str) -> String {
     base_url.trim_end_matches('/').to_string()
 }
 
-fn next_link(base_url: &str, path: &str, query: &[(String, String)], offset: usize) -> String {
-    let mut parts: Vec<String> = query
+fn next_link(call: &Call, offset: usize) -> String {
+    let mut parts: Vec<String> = call
+        .query
         .iter()
         .filter(|(k, _)| !k.eq_ignore_ascii_case("$skiptoken"))
         .map(|(k, v)| format!("{}={}", k, encode_query_value(v)))
         .collect();
     parts.push(format!("$skiptoken={}", encode_skiptoken(offset)));
-    format!("{}/v1.0{}?{}", graph_root(base_url), path, parts.join("&"))
+    format!(
+        "{}/{}{}?{}",
+        graph_root(call.base_url),
+        call.version.as_str(),
+        call.path,
+        parts.join("&")
+    )
 }
 
 fn encode_skiptoken(offset: usize) -> String {

@@ -19,18 +19,59 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 use crate::domain::desired::DesiredState;
+use crate::domain::event::{DriftChange, DriftResolution, TenantRequest};
 use crate::domain::gate::DeviceReport;
-use crate::domain::plan::{Mode, Plan, PolicyTarget, ProviderSettings};
+use crate::domain::plan::{Mode, Plan, Platform, PolicyTarget, ProviderSettings};
 use crate::domain::time::Timestamp;
 use crate::store::Store;
 
-/// Which devices a phase covers: users in any `include` group and in no `exclude` group.
+/// Which devices a phase covers: users in any `include` group and in no `exclude` group, never
+/// the emergency-access users.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PhaseScope {
     pub phase: String,
     pub mode: Mode,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
+    pub exclude_users: Vec<String>,
+}
+
+/// What a provider keeps about one rollout between calls: the baseline it captured and what it
+/// last made of the tenant. Opaque to the engine, which stores it with every outcome that
+/// changes it, in the same transaction as the event.
+pub type Record = serde_json::Value;
+
+/// What `preflight` learned: the backend objects the rollout would drive (one rollout per
+/// object), and what a person should know before starting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Preflight {
+    /// Stable names of the objects the rollout changes (`graph/<tenant>/<kind>/<id>`).
+    pub resources: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// How a change went.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The backend is as wanted; `changes` writes were made (0 if it already was).
+    Done { changes: u64, record: Record },
+    /// Someone else changed what the rollout manages; nothing was written.
+    Drifted { changes: Vec<DriftChange> },
+    /// The backend holds a write until another administrator approves it.
+    Held {
+        request: TenantRequest,
+        record: Record,
+    },
+}
+
+/// Per platform, the reports of one phase's devices.
+pub type ScopeReports = Vec<(Platform, Vec<DeviceReport>)>;
+
+/// An observation: one entry per scope asked for, and whatever drifted meanwhile.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observation {
+    pub scopes: Vec<ScopeReports>,
+    pub drift: Vec<DriftChange>,
 }
 
 /// What kind of failure, which decides retries and exit codes.
@@ -44,6 +85,11 @@ pub enum ErrorKind {
     Auth,
     /// Something the plan names does not exist (or is ambiguous).
     NotFound,
+    /// Another rollout owns what this one would change, or the tenant forbids starting.
+    Conflict,
+    /// The backend holds the write until another administrator approves it; `reference`
+    /// names the request.
+    Held,
 }
 
 #[derive(Clone, Debug, Error, PartialEq)]
@@ -53,6 +99,8 @@ pub struct ProviderError {
     pub kind: ErrorKind,
     /// How long the backend asked us to wait before the next attempt.
     pub retry_after: Option<Duration>,
+    /// The backend's reference for a write it holds for approval.
+    pub reference: Option<String>,
 }
 
 impl ProviderError {
@@ -61,6 +109,7 @@ impl ProviderError {
             message: message.into(),
             kind,
             retry_after: None,
+            reference: None,
         }
     }
 
@@ -70,6 +119,10 @@ impl ProviderError {
 
     pub fn transient(message: impl Into<String>) -> ProviderError {
         ProviderError::new(ErrorKind::Transient, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> ProviderError {
+        ProviderError::new(ErrorKind::Conflict, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> ProviderError {
@@ -100,37 +153,37 @@ pub trait Provider: Send {
         at.since(self.now())
     }
 
-    /// Checks that everything the plan names exists in the backend.
-    async fn preflight(&mut self, plan: &Plan) -> Result<(), ProviderError>;
+    /// Checks that everything the plan names exists in the backend and that starting is safe.
+    async fn preflight(&mut self, plan: &Plan) -> Result<Preflight, ProviderError>;
 
-    /// Records the configuration a rollout of `target` may change, as an opaque document.
-    async fn capture_baseline(
-        &mut self,
-        target: &PolicyTarget,
-    ) -> Result<serde_json::Value, ProviderError>;
+    /// Records the configuration a rollout of `target` may change, before its first change.
+    async fn capture_baseline(&mut self, target: &PolicyTarget) -> Result<Record, ProviderError>;
 
-    /// Brings the backend to `desired`; returns how many changes it made (0 if it was already so).
-    /// `baseline` is what [`Provider::capture_baseline`] recorded before the rollout.
+    /// Brings the backend to `desired`, changing only the members the rollout manages.
+    /// `resolution` is a person's answer to drift found before.
     async fn reconcile(
         &mut self,
         target: &PolicyTarget,
         desired: &DesiredState,
-        baseline: &serde_json::Value,
-    ) -> Result<u64, ProviderError>;
+        resolution: Option<DriftResolution>,
+        record: &Record,
+    ) -> Result<Outcome, ProviderError>;
 
-    /// Puts back what [`Provider::capture_baseline`] recorded; returns the number of changes.
+    /// Puts back what the rollout changed, as the baseline had it; what others changed since
+    /// stays.
     async fn restore(
         &mut self,
         target: &PolicyTarget,
-        baseline: &serde_json::Value,
-    ) -> Result<u64, ProviderError>;
+        record: &Record,
+    ) -> Result<Outcome, ProviderError>;
 
-    /// Reports, per scope, every targeted device of the policy's platform.
+    /// Reports, per scope and platform, every targeted device; and checks for drift.
     async fn observe(
         &mut self,
         target: &PolicyTarget,
         scopes: &[PhaseScope],
-    ) -> Result<Vec<Vec<DeviceReport>>, ProviderError>;
+        record: &Record,
+    ) -> Result<Observation, ProviderError>;
 }
 
 /// Builds the provider a plan asks for (a Graph provider signs in and learns the tenant's time).
@@ -142,8 +195,11 @@ pub async fn connect(
         ProviderSettings::Simulator(settings) => {
             Ok(Box::new(simulator::SimProvider::open(settings, store)?))
         }
-        ProviderSettings::Graph(settings) => Ok(Box::new(
-            graph::GraphProvider::connect(settings.clone()).await?,
-        )),
+        ProviderSettings::Graph(settings) => {
+            let journal = store.provider_tree("graph")?;
+            Ok(Box::new(
+                graph::GraphProvider::connect(settings.clone(), store.id(), Some(journal)).await?,
+            ))
+        }
     }
 }

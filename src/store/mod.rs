@@ -29,10 +29,11 @@ use thiserror::Error;
 pub use lock::FileLock;
 pub use records::{EventRecord, PlanRecord, StoredRollout};
 
-use crate::domain::rollout::Rollout;
+use crate::domain::rollout::{Rollout, RolloutStatus};
+use sha2::Digest;
 
 /// The version of every value written; bump it with any change to a persisted shape.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -69,6 +70,17 @@ fn holder_suffix(holder: &str) -> String {
     }
 }
 
+/// What a commit writes besides the rollout and its event.
+#[derive(Clone, Copy, Default)]
+pub struct Attached<'a> {
+    /// A plan the rollout runs from now on.
+    pub plan: Option<&'a PlanRecord>,
+    /// The provider's record of the rollout (its baseline and what it last made).
+    pub record: Option<&'a serde_json::Value>,
+    /// The backend objects the rollout drives.
+    pub claims: Option<&'a [String]>,
+}
+
 /// An open store. Cheap to share by reference; dropping it releases the store lock.
 pub struct Store {
     path: PathBuf,
@@ -77,7 +89,9 @@ pub struct Store {
     events: sled::Tree,
     plans: sled::Tree,
     baselines: sled::Tree,
+    claims: sled::Tree,
     meta: sled::Tree,
+    id: String,
     _lock: FileLock,
 }
 
@@ -115,14 +129,88 @@ impl Store {
             events: tree("events")?,
             plans: tree("plans")?,
             baselines: tree("baselines")?,
+            claims: tree("claims")?,
             meta: tree("meta")?,
+            id: String::new(),
             path: dir.to_path_buf(),
             db,
             _lock: lock,
         };
         store.check_format()?;
+        let mut store = store;
+        store.id = store.identity()?;
         crate::crash::point("store.opened");
         Ok(store)
+    }
+
+    /// This store's identity: made once, when the store is first opened, and never changed.
+    /// Providers name it in what they leave in a tenant, so rollouts of different stores can
+    /// tell each other apart.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn identity(&self) -> Result<String, StoreError> {
+        if let Some(bytes) = self.meta.get(b"store_id").map_err(|e| self.db_error(e))? {
+            return Ok(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        let seed = format!(
+            "{}:{}:{:?}:{}",
+            std::process::id(),
+            self.path.display(),
+            std::time::SystemTime::now(),
+            self.db.generate_id().unwrap_or(0)
+        );
+        let id = hex::encode(&sha2::Sha256::digest(seed.as_bytes())[..8]);
+        self.meta
+            .insert(b"store_id", id.as_bytes())
+            .map_err(|e| self.db_error(e))?;
+        self.flush()?;
+        Ok(id)
+    }
+
+    /// The rollout of this store, other than `except`, that is not finished and claims one of
+    /// `resources`: at most one rollout drives a backend object at a time.
+    pub fn claimant(
+        &self,
+        resources: &[String],
+        except: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        for entry in self.claims.iter() {
+            let (key, value) = entry.map_err(|e| self.db_error(e))?;
+            let id = String::from_utf8_lossy(&key).into_owned();
+            if id == except {
+                continue;
+            }
+            let claimed: Vec<String> = records::decode(&format!("claims/{id}"), &value)?;
+            let Some(shared) = claimed.iter().find(|r| resources.contains(r)) else {
+                continue;
+            };
+            let status = self.rollout(&id)?.rollout.status;
+            if !matches!(status, RolloutStatus::Aborted | RolloutStatus::Completed) {
+                return Ok(Some((id, shared.clone())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records which backend objects a rollout drives (see [`Store::claimant`]).
+    pub fn set_claims(&self, id: &str, resources: &[String]) -> Result<(), StoreError> {
+        self.claims
+            .insert(id.as_bytes(), records::encode(&resources))
+            .map_err(|e| self.db_error(e))?;
+        Ok(())
+    }
+
+    pub fn claims(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        match self
+            .claims
+            .get(id.as_bytes())
+            .map_err(|e| self.db_error(e))?
+        {
+            Some(bytes) => records::decode(&format!("claims/{id}"), &bytes),
+            None => Ok(Vec::new()),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -225,7 +313,8 @@ impl Store {
         records::decode(&format!("plans/{id}"), &bytes)
     }
 
-    pub fn baseline(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+    /// The provider's record of a rollout: its baseline and what it last made of the backend.
+    pub fn record(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError> {
         let Some(bytes) = self
             .baselines
             .get(id.as_bytes())
@@ -246,12 +335,14 @@ impl Store {
             .collect()
     }
 
-    /// Creates a rollout with its first event and its plan, durably.
+    /// Creates a rollout with its first event, its plan and the backend objects it claims,
+    /// durably.
     pub fn create(
         &self,
         rollout: &Rollout,
         event: EventRecord,
         plan: &PlanRecord,
+        claims: &[String],
     ) -> Result<EventRecord, StoreError> {
         if self
             .rollouts
@@ -270,21 +361,23 @@ impl Store {
             },
             rollout,
             event,
-            Some(plan),
-            None,
+            Attached {
+                plan: Some(plan),
+                record: None,
+                claims: Some(claims),
+            },
         )
     }
 
     /// Appends `event` and replaces the rollout by `next`, atomically and durably. `current` is the
     /// record the transition was computed from; if the store moved on since, nothing is written.
-    /// `plan` and `baseline` are written in the same transaction when given.
+    /// What `attached` carries is written in the same transaction.
     pub fn commit(
         &self,
         current: &StoredRollout,
         next: &Rollout,
         event: EventRecord,
-        plan: Option<&PlanRecord>,
-        baseline: Option<&serde_json::Value>,
+        attached: Attached<'_>,
     ) -> Result<EventRecord, StoreError> {
         let id = next.id.clone();
         let seq = current.rollout.last_seq + 1;
@@ -299,34 +392,45 @@ impl Store {
         let rollout_bytes = records::encode(&stored);
         let event_bytes = records::encode(&event);
         let event_key = records::event_key(&id, seq);
-        let plan_entry = plan.map(|p| (records::plan_key(&id, &p.hash), records::encode(p)));
-        let baseline_bytes = baseline.map(records::encode);
-        let result = (&self.rollouts, &self.events, &self.plans, &self.baselines).transaction(
-            |(rollouts, events, plans, baselines)| {
-                let found = match rollouts.get(id.as_bytes())? {
-                    Some(bytes) => records::decode::<StoredRollout>("rollouts", &bytes)
-                        .map(|r| r.rollout.last_seq)
-                        .map_err(ConflictableTransactionError::Abort)?,
-                    None => 0,
-                };
-                if found + 1 != seq {
-                    return Err(ConflictableTransactionError::Abort(StoreError::Conflict {
-                        id: id.clone(),
-                        expected: seq,
-                        found,
-                    }));
-                }
-                rollouts.insert(id.as_bytes(), rollout_bytes.as_slice())?;
-                events.insert(event_key.as_slice(), event_bytes.as_slice())?;
-                if let Some((key, bytes)) = &plan_entry {
-                    plans.insert(key.as_slice(), bytes.as_slice())?;
-                }
-                if let Some(bytes) = &baseline_bytes {
-                    baselines.insert(id.as_bytes(), bytes.as_slice())?;
-                }
-                Ok(())
-            },
+        let plan_entry = attached
+            .plan
+            .map(|p| (records::plan_key(&id, &p.hash), records::encode(p)));
+        let baseline_bytes = attached.record.map(records::encode);
+        let claim_bytes = attached.claims.map(|c| records::encode(&c));
+        let trees = (
+            &self.rollouts,
+            &self.events,
+            &self.plans,
+            &self.baselines,
+            &self.claims,
         );
+        let result = trees.transaction(|(rollouts, events, plans, baselines, claims)| {
+            let found = match rollouts.get(id.as_bytes())? {
+                Some(bytes) => records::decode::<StoredRollout>("rollouts", &bytes)
+                    .map(|r| r.rollout.last_seq)
+                    .map_err(ConflictableTransactionError::Abort)?,
+                None => 0,
+            };
+            if found + 1 != seq {
+                return Err(ConflictableTransactionError::Abort(StoreError::Conflict {
+                    id: id.clone(),
+                    expected: seq,
+                    found,
+                }));
+            }
+            rollouts.insert(id.as_bytes(), rollout_bytes.as_slice())?;
+            events.insert(event_key.as_slice(), event_bytes.as_slice())?;
+            if let Some((key, bytes)) = &plan_entry {
+                plans.insert(key.as_slice(), bytes.as_slice())?;
+            }
+            if let Some(bytes) = &baseline_bytes {
+                baselines.insert(id.as_bytes(), bytes.as_slice())?;
+            }
+            if let Some(bytes) = &claim_bytes {
+                claims.insert(id.as_bytes(), bytes.as_slice())?;
+            }
+            Ok(())
+        });
         match result {
             Ok(()) => {}
             Err(TransactionError::Abort(err)) => return Err(err),

@@ -39,7 +39,7 @@ fn created(store: &Store) -> StoredRollout {
             plan_hash: plan.hash.clone(),
         },
     );
-    store.create(&rollout, event, &plan_record).unwrap();
+    store.create(&rollout, event, &plan_record, &[]).unwrap();
     store.rollout("w-1").unwrap()
 }
 
@@ -52,7 +52,12 @@ fn a_committed_transition_survives_reopening() {
         let mut next = current.rollout.clone();
         next.status = RolloutStatus::Running;
         store
-            .commit(&current, &next, record(&next, EventKind::Tick), None, None)
+            .commit(
+                &current,
+                &next,
+                record(&next, EventKind::Tick),
+                Attached::default(),
+            )
             .unwrap();
     }
     let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
@@ -75,9 +80,19 @@ fn a_stale_transition_is_refused() {
     let current = created(&store);
     let next = current.rollout.clone();
     store
-        .commit(&current, &next, record(&next, EventKind::Tick), None, None)
+        .commit(
+            &current,
+            &next,
+            record(&next, EventKind::Tick),
+            Attached::default(),
+        )
         .unwrap();
-    let again = store.commit(&current, &next, record(&next, EventKind::Tick), None, None);
+    let again = store.commit(
+        &current,
+        &next,
+        record(&next, EventKind::Tick),
+        Attached::default(),
+    );
     assert!(
         matches!(again, Err(StoreError::Conflict { .. })),
         "{again:?}"
@@ -98,7 +113,12 @@ fn creating_twice_is_refused() {
         hash: plan.hash.clone(),
     };
     let err = store
-        .create(&rollout, record(&rollout, EventKind::Tick), &plan_record)
+        .create(
+            &rollout,
+            record(&rollout, EventKind::Tick),
+            &plan_record,
+            &[],
+        )
         .unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists(_)));
     assert_eq!(store.next_rollout_id("w").unwrap(), "w-2");
@@ -111,7 +131,12 @@ fn an_edited_event_breaks_the_chain() {
     let current = created(&store);
     let next = current.rollout.clone();
     store
-        .commit(&current, &next, record(&next, EventKind::Tick), None, None)
+        .commit(
+            &current,
+            &next,
+            record(&next, EventKind::Tick),
+            Attached::default(),
+        )
         .unwrap();
     let key = records::event_key("w-1", 1);
     let mut edited: EventRecord =

@@ -58,6 +58,7 @@ fn reports(now: Timestamp) -> Vec<DeviceReport> {
                 last_reported: (!h.is_multiple_of(97))
                     .then(|| now.minus(Duration::from_secs(h % 400_000))),
                 blocked: h.is_multiple_of(53),
+                grace_until: None,
             }
         })
         .collect()
@@ -132,6 +133,7 @@ fn bench_transition() {
             &transition.rollout,
             record(&rollout, &transition.rollout, start),
             &plan_record,
+            &[],
         )
         .unwrap();
     let mut current = store.rollout("bench-1").unwrap();
@@ -147,7 +149,12 @@ fn bench_transition() {
         let next = machine::step(&plan, &current.rollout, &pause, now).unwrap();
         let event = record(&current.rollout, &next.rollout, pause);
         store
-            .commit(&current, &next.rollout, event, None, None)
+            .commit(
+                &current,
+                &next.rollout,
+                event,
+                phasegate::store::Attached::default(),
+            )
             .unwrap();
         current = store.rollout("bench-1").unwrap();
     });

@@ -47,18 +47,23 @@ async fn bench() {
     let ProviderSettings::Graph(graph) = &plan.provider else {
         unreachable!()
     };
-    let mut provider = GraphProvider::with_secret(graph.clone(), SECRET.into())
+    let mut provider = GraphProvider::with_secret(graph.clone(), SECRET.into(), "bench")
         .await
         .unwrap();
     let baseline = provider.capture_baseline(&plan.policy).await.unwrap();
-    provider
+    let record = match provider
         .reconcile(
             &plan.policy,
-            &desired_with(&plan, &[0, 1].into()),
+            &desired_with(&plan, "bench-1", &[0, 1].into()),
+            None,
             &baseline,
         )
         .await
-        .unwrap();
+        .unwrap()
+    {
+        phasegate::provider::Outcome::Done { record, .. } => record,
+        other => panic!("the reconcile did not finish: {other:?}"),
+    };
     provider
         .advance_to(provider.now().plus(Duration::from_secs(2 * 86_400)))
         .await
@@ -70,6 +75,7 @@ async fn bench() {
             mode: p.mode,
             include: p.include.clone(),
             exclude: p.exclude.clone(),
+            exclude_users: Vec::new(),
         })
         .collect();
 
@@ -77,9 +83,12 @@ async fn bench() {
     let mut samples = Vec::new();
     for _ in 0..5 {
         let start = Instant::now();
-        let reports = provider.observe(&plan.policy, &scopes).await.unwrap();
+        let observation = provider
+            .observe(&plan.policy, &scopes, &record)
+            .await
+            .unwrap();
         samples.push(start.elapsed());
-        observed = reports[1].len();
+        observed = observation.scopes[1].iter().map(|(_, r)| r.len()).sum();
     }
     let observe = median(samples);
 

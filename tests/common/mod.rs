@@ -1,7 +1,10 @@
-//! Helpers shared by the integration tests that talk to `phasegate emulator`.
+//! Helpers shared by the integration tests that talk to `phasegate emulator`: the emulator on
+//! a free port, plain HTTP, and a store driving a Graph plan. Each test binary uses a part.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
 
 use serde_json::Value;
 
@@ -39,6 +42,48 @@ impl Emulator {
     pub fn get(&self, path: &str) -> Value {
         serde_json::from_str(&http_get(&format!("{}{path}", self.url))).unwrap()
     }
+
+    /// POSTs JSON to one of the emulator's endpoints; returns the JSON answer (`Null` if none).
+    pub fn post(&self, path: &str, body: &Value) -> Value {
+        let (_, text) = http(
+            "POST",
+            &format!("{}{path}", self.url),
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        );
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// A Graph read as the application: a token from the emulator's token endpoint, then GET.
+    pub fn graph(&self, secret: &str, path: &str) -> Value {
+        let form = format!(
+            "client_id=00001111-aaaa-2222-bbbb-3333cccc4444&scope=https%3A%2F%2Fgraph.microsoft.com%2F.default&client_secret={secret}&grant_type=client_credentials"
+        );
+        let (_, token) = http(
+            "POST",
+            &format!("{}/contoso.onmicrosoft.com/oauth2/v2.0/token", self.url),
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            form.as_bytes(),
+        );
+        let token: Value = serde_json::from_str(&token).unwrap();
+        let bearer = format!("Bearer {}", token["access_token"].as_str().unwrap());
+        // Conditional Access allows so many requests a second, with no Retry-After: try again.
+        for _ in 0..50 {
+            let (status, text) = http(
+                "GET",
+                &format!("{}{path}", self.url),
+                &[("Authorization", bearer.as_str())],
+                b"",
+            );
+            if status == 429 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+            assert_eq!(status, 200, "GET {path}: {text}");
+            return serde_json::from_str(&text).unwrap();
+        }
+        panic!("GET {path}: throttled 50 times");
+    }
 }
 
 impl Drop for Emulator {
@@ -51,16 +96,187 @@ impl Drop for Emulator {
 /// A minimal HTTP/1.1 GET over a plain socket, so the tests need no HTTP client of their own.
 /// Blocking: never call it from the thread an in-process emulator runs on.
 pub fn http_get(url: &str) -> String {
+    http("GET", url, &[], b"").1
+}
+
+/// One HTTP/1.1 request over a plain socket; returns the status and the body. Blocking.
+pub fn http(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap();
     let mut stream = std::net::TcpStream::connect(host).unwrap();
-    write!(
-        stream,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    let mut head = format!(
+        "{method} /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    let (_, body) = response.split_once("\r\n\r\n").unwrap();
-    body.to_string()
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The client secret the tests' emulators accept.
+pub const SECRET: &str = "s3cr3t-for-tests-7Qx";
+
+/// A store of its own and a copy of an example Graph plan pointed at an emulator.
+pub struct Phasegate {
+    pub store: tempfile::TempDir,
+    pub plan: PathBuf,
+}
+
+impl Phasegate {
+    /// The Graph example plan, with Conditional Access paced at `ca_rate`.
+    pub fn new(emulator: &Emulator, ca_rate: f64) -> Phasegate {
+        Phasegate::with_plan(emulator, "windows-baseline-graph.toml", ca_rate, |t| t)
+    }
+
+    /// An example plan from `plans/`, edited by `edit`, pointed at `emulator`.
+    pub fn with_plan(
+        emulator: &Emulator,
+        name: &str,
+        ca_rate: f64,
+        edit: impl FnOnce(String) -> String,
+    ) -> Phasegate {
+        let store = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(format!("{}/plans/{name}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap()
+            .replace("http://127.0.0.1:8080", &emulator.url)
+            .replace(
+                "login_url = ",
+                &format!(
+                    "ca_requests_per_second = {ca_rate}\nrequest_timeout = \"5s\"\nlogin_url = "
+                ),
+            );
+        let plan = store.path().join("plan.toml");
+        std::fs::write(&plan, edit(text)).unwrap();
+        Phasegate { store, plan }
+    }
+
+    /// Another store driving the same plan file.
+    pub fn second_store(&self) -> Phasegate {
+        let store = tempfile::tempdir().unwrap();
+        let plan = store.path().join("plan.toml");
+        std::fs::copy(&self.plan, &plan).unwrap();
+        Phasegate { store, plan }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("PHASEGATE_STORE", self.store.path().join("store"))
+            .env("PHASEGATE_GRAPH_SECRET", SECRET)
+            .env_remove("RUST_LOG");
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// `phasegate status ID --output json`.
+    pub fn status(&self, id: &str) -> Value {
+        let out = self.run(&["status", id, "--output", "json"]);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status of {id}: {e}: {}", stderr(&out)))
+    }
+
+    pub fn start(&self) -> String {
+        let out = self.run(&["start", self.plan.to_str().unwrap(), "--by", "alice"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        stdout(&out).trim().to_string()
+    }
+
+    /// Runs, approves when asked, until the rollout completes.
+    pub fn complete(&self, id: &str) {
+        for _ in 0..8 {
+            let out = self.run(&["run", id]);
+            match code(&out) {
+                0 => return,
+                3 if self.status(id)["status"] == "waiting_approval" => {
+                    let approve = self.run(&["approve", id, "--by", "bob"]);
+                    assert_eq!(code(&approve), 0, "{}", stderr(&approve));
+                }
+                other => panic!(
+                    "run exited {other} ({}):\n{}\n{}",
+                    self.status(id)["reason"],
+                    stdout(&out),
+                    stderr(&out)
+                ),
+            }
+        }
+        panic!("the rollout did not complete: {}", self.status(id));
+    }
+}
+
+pub fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited normally")
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The application's writes in an emulator's ledger as (method, path, body digest), with the
+/// store named in ownership lines blanked: two stores making the same changes compare equal.
+pub fn writes_of(ledger: &Value) -> Vec<(String, String, String)> {
+    use sha2::Digest;
+    ledger["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["actor"] != "admin")
+        .map(|e| {
+            let body = e["body"].to_string();
+            let body = match body.find("(store ") {
+                Some(start) => {
+                    let end = body[start..].find(')').map_or(body.len(), |e| start + e);
+                    format!("{}(store *){}", &body[..start], &body[end + 1..])
+                }
+                None => body,
+            };
+            (
+                e["method"].as_str().unwrap().to_string(),
+                e["path"].as_str().unwrap().to_string(),
+                hex::encode(sha2::Sha256::digest(body.as_bytes())),
+            )
+        })
+        .collect()
 }

@@ -20,7 +20,10 @@ use std::collections::BTreeSet;
 use thiserror::Error;
 
 use super::desired::desired_state;
-use super::event::{Effect, EffectId, Event, EventKind, PendingEffect, Trigger, TriggerSource};
+use super::event::{
+    DriftChange, DriftResolution, Effect, EffectId, Event, EventKind, PendingEffect, TenantRequest,
+    Trigger, TriggerSource,
+};
 use super::gate::{self, GateOutcome};
 use super::plan::Plan;
 use super::rollout::{Approval, PhaseObservation, PhaseRecord, PhaseState, Rollout, RolloutStatus};
@@ -213,6 +216,11 @@ impl Machine<'_> {
                 self.complete(*effect);
                 Ok(())
             }
+            EventKind::DriftDetected { effect, changes } => self.drifted(*effect, changes),
+            EventKind::DriftResolved { resolution } => self.resolve_drift(*resolution),
+            EventKind::TenantApprovalPending { effect, request } => {
+                self.tenant_holds(*effect, request)
+            }
         }
     }
 
@@ -301,6 +309,17 @@ impl Machine<'_> {
         let Some(done) = self.complete(effect) else {
             return;
         };
+        if self.next.tenant_approval.take().is_some()
+            && self.next.status == RolloutStatus::WaitingTenantApproval
+        {
+            self.next.status = self
+                .next
+                .interrupted
+                .take()
+                .unwrap_or(RolloutStatus::Running);
+            self.notes
+                .push("the tenant approved the held change; it is made".to_string());
+        }
         if done == Effect::RestoreBaseline {
             self.next.status = RolloutStatus::Aborted;
             self.next.reason = format!(
@@ -324,10 +343,142 @@ impl Machine<'_> {
         if self.next.status == RolloutStatus::RollingBack {
             self.next.status = RolloutStatus::RolledBack;
             self.next.reason = self.next.reason.replacen("rolling back", "rolled back", 1);
+        } else if self.next.interrupted == Some(RolloutStatus::RollingBack) {
+            // The rollback finished while drift was being decided: the decision lands on it.
+            self.next.interrupted = Some(RolloutStatus::RolledBack);
         } else if self.next.resume_to == Some(RolloutStatus::RollingBack) {
             // The rollback finished after a failure was recorded: resume lands on its result.
             self.next.resume_to = Some(RolloutStatus::RolledBack);
         }
+    }
+
+    /// Someone else changed what the rollout manages: stop, say what changed, write nothing.
+    fn drifted(
+        &mut self,
+        effect: Option<EffectId>,
+        changes: &[DriftChange],
+    ) -> Result<(), Rejection> {
+        use RolloutStatus::*;
+        if let Some(id) = effect
+            && !self.next.pending.iter().any(|p| p.id == id)
+        {
+            return Ok(()); // about an effect that is no longer wanted
+        }
+        if changes.is_empty() {
+            return Err(Rejection::Invalid("drift without a change".into()));
+        }
+        let restoring = matches!(self.next.interrupted, Some(Aborting | Completed));
+        match self.next.status {
+            WaitingTenantApproval if restoring => return Err(self.not_now("record drift")),
+            // An abort puts back what phasegate changed whatever others did; drift cannot stop it.
+            Failed if self.next.resume_to == Some(Aborting) => {
+                return Err(self.not_now("record drift"));
+            }
+            Running | WaitingApproval | Held | RollingBack | WaitingTenantApproval => {
+                let from = if self.next.status == WaitingTenantApproval {
+                    self.next.interrupted.take()
+                } else {
+                    Some(self.next.status)
+                };
+                self.next.interrupted = from;
+                self.next.status = Drifted;
+            }
+            Drifted | Paused | Failed => {}
+            _ => return Err(self.not_now("record drift")),
+        }
+        self.next.tenant_approval = None;
+        self.next.drift = changes.to_vec();
+        let more = match changes.len() {
+            1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        self.next.reason = format!(
+            "changed by someone else: {}{more}; nothing is written until a person decides (`phasegate drift reapply`, `drift adopt`, or `abort`)",
+            changes[0]
+        );
+        for change in changes {
+            self.notes.push(format!("drift: {change}"));
+        }
+        Ok(())
+    }
+
+    fn resolve_drift(&mut self, resolution: DriftResolution) -> Result<(), Rejection> {
+        if self.next.drift.is_empty() {
+            return Err(Rejection::Invalid(format!(
+                "rollout `{}` has no drift to resolve",
+                self.next.id
+            )));
+        }
+        if self.next.status == RolloutStatus::Drifted {
+            self.next.status = self
+                .next
+                .interrupted
+                .take()
+                .unwrap_or(RolloutStatus::Running);
+        }
+        let changes = std::mem::take(&mut self.next.drift);
+        // Gates are judged again on evidence from after the decision.
+        for record in &mut self.next.phases {
+            if is_watched(record.state) {
+                record.observation = None;
+                record.verdict = None;
+            }
+        }
+        let desired = desired_state(self.plan, &self.next);
+        self.request(Effect::Reconcile {
+            desired,
+            resolution: Some(resolution),
+        });
+        let what = match resolution {
+            DriftResolution::Reapply => "re-applying phasegate's values",
+            DriftResolution::Adopt => "adopting the other admin's values",
+        };
+        self.notes.push(format!(
+            "{} by {}: {what} for {}",
+            resolution.as_str(),
+            self.by(),
+            changes
+                .iter()
+                .map(|c| format!("{} {}", c.object, c.field))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        self.next.reason = format!("drift resolved by {} ({})", self.by(), resolution.as_str());
+        Ok(())
+    }
+
+    /// The tenant holds a write for another administrator's approval: wait, visibly.
+    fn tenant_holds(&mut self, effect: EffectId, request: &TenantRequest) -> Result<(), Rejection> {
+        use RolloutStatus::*;
+        if !self.next.pending.iter().any(|p| p.id == effect) {
+            return Ok(());
+        }
+        if self
+            .next
+            .tenant_approval
+            .as_ref()
+            .is_some_and(|(held, _)| held == request)
+        {
+            return Ok(()); // still the same request
+        }
+        match self.next.status {
+            Running | WaitingApproval | Held | RollingBack | Aborting | Completed => {
+                self.next.interrupted = Some(self.next.status);
+                self.next.status = WaitingTenantApproval;
+            }
+            WaitingTenantApproval | Paused => {}
+            _ => return Err(self.not_now("wait for the tenant's approval")),
+        }
+        self.next.tenant_approval = Some((request.clone(), self.now));
+        self.next.reason = format!(
+            "the tenant holds a change for approval by another administrator: {} (request {}); approve it in the Intune admin center, then run again",
+            request.summary, request.reference
+        );
+        self.notes.push(format!(
+            "change held for Multi Admin Approval: {} (request {})",
+            request.summary, request.reference
+        ));
+        Ok(())
     }
 
     fn observed(&mut self, observations: &[PhaseObservation]) {
@@ -367,7 +518,10 @@ impl Machine<'_> {
         comment: &Option<String>,
     ) -> Result<(), Rejection> {
         use RolloutStatus::*;
-        if !matches!(self.next.status, Running | WaitingApproval | Held | Paused) {
+        if !matches!(
+            self.next.status,
+            Running | WaitingApproval | Held | Paused | Drifted | WaitingTenantApproval
+        ) {
             return Err(self.not_now("approve"));
         }
         let idx = self.phase_index(phase)?;
@@ -459,6 +613,16 @@ impl Machine<'_> {
             _ => return Err(self.not_now("resume")),
         }
         self.next.reason = format!("resumed by {}", self.by());
+        if !self.next.drift.is_empty() && self.next.status != Aborting {
+            // Drift found meanwhile still waits for a decision.
+            self.next.interrupted = Some(self.next.status);
+            self.next.status = Drifted;
+            self.next.reason = format!(
+                "resumed by {}, but someone else changed what the rollout manages: {}; decide with `phasegate drift reapply`, `drift adopt`, or `abort`",
+                self.by(),
+                self.next.drift[0]
+            );
+        }
         Ok(())
     }
 
@@ -466,6 +630,17 @@ impl Machine<'_> {
         use RolloutStatus::*;
         if matches!(self.next.status, Pending | RollingBack | Aborting | Aborted) {
             return Err(self.not_now("roll back"));
+        }
+        if self.next.status == Drifted {
+            return Err(Rejection::Invalid(format!(
+                "rollout `{}` drifted ({}); decide first: `phasegate drift reapply`, `drift adopt`, or `abort`",
+                self.next.id,
+                self.next
+                    .drift
+                    .first()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            )));
         }
         let targets = match to {
             Some(id) => {
@@ -544,7 +719,10 @@ impl Machine<'_> {
             }
         }
         let desired = desired_state(self.plan, &self.next);
-        self.request(Effect::Reconcile { desired });
+        self.request(Effect::Reconcile {
+            desired,
+            resolution: None,
+        });
         let names: Vec<&str> = targets
             .iter()
             .map(|&i| self.plan.phases[i].id.as_str())
@@ -556,6 +734,8 @@ impl Machine<'_> {
         };
         self.next.status = RolloutStatus::RollingBack;
         self.next.resume_to = None;
+        self.next.interrupted = None;
+        self.next.tenant_approval = None;
         self.next.reason = format!("rolling back to {destination} ({cause})");
     }
 
@@ -573,6 +753,9 @@ impl Machine<'_> {
             }
         }
         self.next.resume_to = None;
+        self.next.interrupted = None;
+        self.next.tenant_approval = None;
+        self.next.drift.clear();
         if !self.next.baseline_captured {
             self.next.pending.clear();
             self.next.status = Aborted;
@@ -589,6 +772,10 @@ impl Machine<'_> {
 
     fn provider_failed(&mut self, error: &str) -> Result<(), Rejection> {
         use RolloutStatus::*;
+        if self.next.status == WaitingTenantApproval {
+            self.next.status = self.next.interrupted.take().unwrap_or(Running);
+            self.next.tenant_approval = None;
+        }
         match self.next.status {
             Paused => {
                 self.next.reason = format!("{}; the provider failed: {error}", self.next.reason);
@@ -670,7 +857,10 @@ impl Machine<'_> {
         }
         if self.next.phases.iter().any(|p| p.state.is_applied()) {
             let desired = desired_state(self.plan, &self.next);
-            self.request(Effect::Reconcile { desired });
+            self.request(Effect::Reconcile {
+                desired,
+                resolution: None,
+            });
         }
         if matches!(self.next.status, Held | WaitingApproval) {
             self.next.status = Running;
@@ -701,9 +891,21 @@ impl Machine<'_> {
             self.notes
                 .push(format!("applying `{}`", started.join("`, `")));
             let desired = desired_state(self.plan, &self.next);
-            self.request(Effect::Reconcile { desired });
+            self.request(Effect::Reconcile {
+                desired,
+                resolution: None,
+            });
         }
+        let was_completed = self.next.status == RolloutStatus::Completed;
         self.settle_status();
+        if self.next.status == RolloutStatus::Completed && !was_completed {
+            // The configuration stays; the claim on the objects it was written to goes.
+            let desired = desired_state(self.plan, &self.next);
+            self.request(Effect::Reconcile {
+                desired,
+                resolution: None,
+            });
+        }
     }
 
     fn judge(&mut self, idx: usize) {

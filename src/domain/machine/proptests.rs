@@ -37,6 +37,13 @@ enum Op {
         to: Option<u8>,
     },
     Abort,
+    /// Someone else changed what the rollout manages.
+    Drift,
+    /// The tenant holds the pending change for approval.
+    Hold,
+    Resolve {
+        adopt: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -52,6 +59,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Resume),
         1 => proptest::option::of(0u8..6).prop_map(|to| Op::Rollback { to }),
         1 => Just(Op::Abort),
+        1 => Just(Op::Drift),
+        1 => Just(Op::Hold),
+        1 => any::<bool>().prop_map(|adopt| Op::Resolve { adopt }),
     ]
 }
 
@@ -117,6 +127,7 @@ fn apply(h: &mut Harness, op: &Op) -> Option<Transition> {
                     phase: p.id.clone(),
                     at: h.now,
                     tally: tally(*noncompliant, *silent, *errors),
+                    by_platform: Vec::new(),
                 })
                 .collect();
             h.send(
@@ -151,6 +162,44 @@ fn apply(h: &mut Harness, op: &Op) -> Option<Transition> {
             h.user(EventKind::RollbackRequested { to }, "carol")
         }
         Op::Abort => h.user(EventKind::AbortRequested, "alice"),
+        Op::Drift => h.send(
+            EventKind::DriftDetected {
+                effect: h.rollout.pending.first().map(|p| p.id),
+                changes: vec![crate::domain::event::DriftChange {
+                    object: "policy".into(),
+                    field: "assignments".into(),
+                    expected: "a".into(),
+                    found: "b".into(),
+                }],
+            },
+            provider(),
+        ),
+        Op::Hold => {
+            let pending = h
+                .rollout
+                .pending
+                .iter()
+                .find(|p| !p.effect.is_notification())?
+                .clone();
+            h.send(
+                EventKind::TenantApprovalPending {
+                    effect: pending.id,
+                    request: crate::domain::event::TenantRequest {
+                        reference: "r-1".into(),
+                        summary: "assign".into(),
+                    },
+                },
+                provider(),
+            )
+        }
+        Op::Resolve { adopt } => {
+            let resolution = if *adopt {
+                crate::domain::event::DriftResolution::Adopt
+            } else {
+                crate::domain::event::DriftResolution::Reapply
+            };
+            h.user(EventKind::DriftResolved { resolution }, "dana")
+        }
     };
     result.ok()
 }
@@ -201,8 +250,45 @@ fn check_step(h: &Harness, before: &Rollout, op: &Op, transition: &Transition) {
             .map(|(i, _)| i)
             .collect();
         assert_eq!(
-            desired_state(&h.plan, after),
-            desired_for_phases(&h.plan, &targets)
+            desired_state(&h.plan, after).assignments,
+            desired_for_phases(&h.plan, &after.id, &targets).assignments
+        );
+    }
+    // Nothing is promoted while the tenant drifted or holds a change.
+    let stopped = |s: RolloutStatus| {
+        matches!(
+            s,
+            RolloutStatus::Drifted | RolloutStatus::WaitingTenantApproval
+        )
+    };
+    if stopped(after.status) || matches!(op, Op::Resolve { .. }) {
+        for (old, new) in before.phases.iter().zip(&after.phases) {
+            assert!(
+                old.state == PhaseState::Promoted || new.state != PhaseState::Promoted,
+                "{op:?} promoted `{}` ({} → {})",
+                new.id,
+                before.status,
+                after.status
+            );
+        }
+    }
+    // Drift is only left by a person's decision.
+    if before.status == RolloutStatus::Drifted && after.status != RolloutStatus::Drifted {
+        assert!(
+            matches!(op, Op::Resolve { .. } | Op::Abort),
+            "{op:?} left drift"
+        );
+    }
+    // While drift is unresolved, automation asks for no new change.
+    if !before.drift.is_empty()
+        && !matches!(op, Op::Resolve { .. } | Op::Abort | Op::Rollback { .. })
+    {
+        assert!(
+            transition
+                .effects
+                .iter()
+                .all(|e| !e.effect.sets_configuration()),
+            "{op:?} asked for a change while drifted"
         );
     }
     // A person's pause is only left by a person's command.

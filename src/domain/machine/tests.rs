@@ -24,6 +24,9 @@ platform = "windows"
 [provider]
 kind = "simulator"
 
+[emergency_access]
+groups = ["Break Glass"]
+
 [[phase]]
 id = "pilot"
 mode = "report"
@@ -46,6 +49,7 @@ approvals = 1
 id = "enforce"
 mode = "enforce"
 include = ["All Users"]
+exclude = ["Break Glass"]
 min_soak = "1d"
 [phase.rollback_when]
 blocked_ratio_above = "5%"
@@ -131,6 +135,7 @@ impl Harness {
                 phase: p.id.clone(),
                 at: self.now,
                 tally,
+                by_platform: Vec::new(),
             })
             .collect();
         self.send(
@@ -335,8 +340,11 @@ fn rollback_moves_back_one_phase_to_its_desired_state() {
     assert_eq!(h.rollout.status, RolloutStatus::RollingBack);
     assert_eq!(h.state("notify"), PhaseState::RolledBack);
     assert_eq!(h.state("pilot"), PhaseState::Applying);
-    let pilot_only = desired_for_phases(&h.plan, &BTreeSet::from([0]));
-    assert_eq!(desired_state(&h.plan, &h.rollout), pilot_only);
+    let pilot_only = desired_for_phases(&h.plan, &h.rollout.id, &BTreeSet::from([0]));
+    assert_eq!(
+        desired_state(&h.plan, &h.rollout).assignments,
+        pilot_only.assignments
+    );
     h.settle();
     assert_eq!(h.rollout.status, RolloutStatus::RolledBack);
     assert!(

@@ -21,7 +21,9 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 pub use diagnostics::{Diagnostic, PlanErrors, Position, position};
-use raw::{RawGate, RawPhase, RawPlan, RawProvider, RawRollbackWhen, RawWebhook};
+use raw::{
+    RawEmergencyAccess, RawGate, RawPhase, RawPlan, RawProvider, RawRollbackWhen, RawWebhook,
+};
 
 use super::rollout::RolloutStatus;
 
@@ -123,15 +125,46 @@ pub fn format_percent(fraction: f64) -> String {
     format!("{text}%")
 }
 
-/// What is rolled out: a compliance policy and, optionally, the Conditional Access policy that
-/// requires compliant devices.
+/// What is rolled out: one compliance policy per platform and, optionally, the Conditional
+/// Access policy that requires compliant devices. Several policies go through the same phases and
+/// gates together, as Microsoft's guidance creates them (one per platform).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicyTarget {
-    pub compliance: String,
-    pub platform: Platform,
+    /// At least one; never two for the same platform.
+    pub compliance: Vec<CompliancePolicy>,
     pub conditional_access: Option<String>,
     /// The notification message template a notify phase's e-mails use (Graph provider).
     pub notification_template: Option<String>,
+}
+
+/// A compliance policy, by the name (or id) the backend knows it by, and its platform.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompliancePolicy {
+    pub name: String,
+    pub platform: Platform,
+}
+
+impl PolicyTarget {
+    /// The platforms whose compliance the rollout manages, in plan order.
+    pub fn platforms(&self) -> Vec<Platform> {
+        self.compliance.iter().map(|c| c.platform).collect()
+    }
+}
+
+/// The accounts that must never be locked out: every enforcement scope excludes them, and no
+/// write ever removes their exclusions.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmergencyAccess {
+    /// Groups, by the names the plan's phases use.
+    pub groups: Vec<String>,
+    /// Users, by user principal name or object id.
+    pub users: Vec<String>,
+}
+
+impl EmergencyAccess {
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty() && self.users.is_empty()
+    }
 }
 
 /// Which backend a rollout drives, with its settings.
@@ -259,6 +292,8 @@ pub struct Plan {
     pub order: Vec<usize>,
     /// Where to tell about status changes.
     pub webhooks: Vec<Webhook>,
+    /// Break-glass accounts every enforcement scope excludes.
+    pub emergency_access: EmergencyAccess,
     /// Hex SHA-256 of the plan's text: a change mid-rollout is detected by it.
     pub hash: String,
 }
@@ -341,6 +376,12 @@ fn describe_toml_error(message: &str) -> String {
     message.trim().replace('\n', "; ")
 }
 
+/// Where a phase's parts are in the file, for checks made after the phase is built.
+struct PhaseSpans {
+    mode: Range<usize>,
+    include: Range<usize>,
+}
+
 /// Collects diagnostics while building a plan; every check reports and carries on.
 struct Checker<'s> {
     source: &'s str,
@@ -360,7 +401,7 @@ impl Checker<'_> {
             .duration_or(rollout.observe_every.as_ref(), DEFAULT_OBSERVE_EVERY)
             .filter(|d| self.positive(d, rollout.observe_every.as_ref()));
         let policy = raw.policy.into_inner();
-        let compliance = self.non_empty(&policy.compliance, "compliance policy name");
+        let compliance = self.compliance(&policy.compliance, policy.platform.as_ref());
         let conditional_access = policy
             .conditional_access
             .as_ref()
@@ -371,9 +412,21 @@ impl Checker<'_> {
             .and_then(|t| self.non_empty(t, "notification template name"));
         let provider = self.provider(raw.provider);
         if raw.phase.is_empty() {
-            self.error(rollout_span, "a plan needs at least one [[phase]]");
+            self.error(rollout_span.clone(), "a plan needs at least one [[phase]]");
         }
+        let raw_spans: Vec<PhaseSpans> = raw
+            .phase
+            .iter()
+            .map(|p| PhaseSpans {
+                mode: p.get_ref().mode.span(),
+                include: p.get_ref().include.span(),
+            })
+            .collect();
         let phases = self.phases(raw.phase);
+        let emergency_access = self.emergency_access(raw.emergency_access.as_ref());
+        if let (Some((phases, _)), Some(emergency)) = (&phases, &emergency_access) {
+            self.emergency_scopes(rollout_span.clone(), phases, emergency, &raw_spans);
+        }
         let webhooks: Option<Vec<Webhook>> = raw
             .webhook
             .iter()
@@ -387,15 +440,206 @@ impl Checker<'_> {
             separation_of_duties: rollout.separation_of_duties,
             policy: PolicyTarget {
                 compliance: compliance?,
-                platform: *policy.platform.get_ref(),
                 conditional_access,
                 notification_template,
             },
+            emergency_access: emergency_access?,
             provider: provider?,
             order: phases.as_ref()?.1.clone(),
             phases: phases?.0,
             hash,
         })
+    }
+
+    /// `compliance = "X"` with `platform`, or `compliance = [{ name, platform }, ...]`.
+    fn compliance(
+        &mut self,
+        value: &Spanned<toml::Value>,
+        platform: Option<&Spanned<Platform>>,
+    ) -> Option<Vec<CompliancePolicy>> {
+        let span = value.span();
+        let policies = match value.get_ref() {
+            toml::Value::String(name) => {
+                let Some(platform) = platform else {
+                    self.error(
+                        span,
+                        "`compliance` names one policy, so [policy] needs its `platform` too",
+                    );
+                    return None;
+                };
+                vec![(name.clone(), Some(*platform.get_ref()))]
+            }
+            toml::Value::Array(items) => {
+                if let Some(platform) = platform {
+                    self.error(
+                        platform.span(),
+                        "with a list of compliance policies, each names its own `platform`; remove this one",
+                    );
+                    return None;
+                }
+                let mut policies = Vec::new();
+                for item in items {
+                    let entry = item.as_table().and_then(|t| {
+                        let unknown = t.keys().find(|k| *k != "name" && *k != "platform");
+                        if let Some(key) = unknown {
+                            return Some(Err(format!(
+                                "unknown key `{key}` in a compliance policy"
+                            )));
+                        }
+                        let name = t.get("name")?.as_str()?.to_string();
+                        let platform = t
+                            .get("platform")
+                            .and_then(|p| p.as_str())
+                            .map(|p| Platform::ALL.into_iter().find(|x| x.as_str() == p));
+                        Some(Ok((name, platform.flatten())))
+                    });
+                    match entry {
+                        Some(Ok(entry)) => policies.push(entry),
+                        Some(Err(message)) => {
+                            self.error(span.clone(), message);
+                            return None;
+                        }
+                        None => {
+                            self.error(
+                                span.clone(),
+                                "each compliance policy is a table `{ name = \"...\", platform = \"windows\" }`",
+                            );
+                            return None;
+                        }
+                    }
+                }
+                policies
+            }
+            _ => {
+                self.error(
+                    span,
+                    "`compliance` is a policy name, or a list of `{ name, platform }` tables",
+                );
+                return None;
+            }
+        };
+        if policies.is_empty() {
+            self.error(span, "`compliance` needs at least one policy");
+            return None;
+        }
+        let mut out: Vec<CompliancePolicy> = Vec::new();
+        for (name, platform) in policies {
+            let Some(platform) = platform else {
+                self.error(
+                    span.clone(),
+                    format!(
+                        "compliance policy `{name}` needs a `platform`: windows, ios, android or macos"
+                    ),
+                );
+                return None;
+            };
+            if name.trim().is_empty() {
+                self.error(span.clone(), "a compliance policy name must not be empty");
+                return None;
+            }
+            if let Some(other) = out.iter().find(|c| c.platform == platform) {
+                self.error(
+                    span.clone(),
+                    format!(
+                        "two compliance policies for {platform} (`{}` and `{name}`): a rollout manages one policy per platform",
+                        other.name
+                    ),
+                );
+                return None;
+            }
+            out.push(CompliancePolicy {
+                name: name.trim().to_string(),
+                platform,
+            });
+        }
+        Some(out)
+    }
+
+    fn emergency_access(
+        &mut self,
+        raw: Option<&Spanned<RawEmergencyAccess>>,
+    ) -> Option<EmergencyAccess> {
+        let Some(raw) = raw else {
+            return Some(EmergencyAccess::default());
+        };
+        let mut names = |list: &[Spanned<String>], what: &str| -> Option<Vec<String>> {
+            let mut out: Vec<String> = Vec::new();
+            for item in list {
+                let name = item.get_ref().trim();
+                if name.is_empty() {
+                    self.error(
+                        item.span(),
+                        format!("an emergency-access {what} must not be empty"),
+                    );
+                    return None;
+                }
+                if !out.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                    out.push(name.to_string());
+                }
+            }
+            Some(out)
+        };
+        let groups = names(&raw.get_ref().groups, "group");
+        let users = names(&raw.get_ref().users, "user");
+        let access = EmergencyAccess {
+            groups: groups?,
+            users: users?,
+        };
+        if access.is_empty() {
+            self.error(
+                raw.span(),
+                "[emergency_access] names no group and no user: list the break-glass accounts",
+            );
+            return None;
+        }
+        Some(access)
+    }
+
+    /// Emergency-access accounts are never in an enforcement scope: a plan that enforces must
+    /// name them, every enforce phase excludes their groups, and no phase includes one.
+    fn emergency_scopes(
+        &mut self,
+        rollout_span: Range<usize>,
+        phases: &[Phase],
+        emergency: &EmergencyAccess,
+        spans: &[PhaseSpans],
+    ) {
+        let enforcing: Vec<usize> = (0..phases.len())
+            .filter(|&i| phases[i].mode == Mode::Enforce)
+            .collect();
+        if !enforcing.is_empty() && emergency.is_empty() {
+            self.error(
+                rollout_span,
+                format!(
+                    "phase `{}` enforces, so the plan must name its emergency-access accounts: add [emergency_access] with `groups` and/or `users`",
+                    phases[enforcing[0]].id
+                ),
+            );
+            return;
+        }
+        for (phase, span) in phases.iter().zip(spans) {
+            for group in &emergency.groups {
+                if phase.include.iter().any(|g| g.eq_ignore_ascii_case(group)) {
+                    self.error(
+                        span.include.clone(),
+                        format!(
+                            "phase `{}` includes the emergency-access group `{group}`; emergency access is never in scope",
+                            phase.id
+                        ),
+                    );
+                } else if phase.mode == Mode::Enforce
+                    && !phase.exclude.iter().any(|g| g.eq_ignore_ascii_case(group))
+                {
+                    self.error(
+                        span.mode.clone(),
+                        format!(
+                            "phase `{}` enforces without excluding the emergency-access group `{group}`: add it to `exclude`",
+                            phase.id
+                        ),
+                    );
+                }
+            }
+        }
     }
 
     fn name(&mut self, name: &Spanned<String>) -> Option<String> {

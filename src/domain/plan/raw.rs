@@ -17,6 +17,16 @@ pub(super) struct RawPlan {
     pub phase: Vec<Spanned<RawPhase>>,
     #[serde(default)]
     pub webhook: Vec<Spanned<RawWebhook>>,
+    pub emergency_access: Option<Spanned<RawEmergencyAccess>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEmergencyAccess {
+    #[serde(default)]
+    pub groups: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub users: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -41,8 +51,9 @@ pub(super) struct RawRollout {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPolicy {
-    pub compliance: Spanned<String>,
-    pub platform: Spanned<Platform>,
+    /// One policy's name (with `platform`), or an array of `{ name, platform }` tables.
+    pub compliance: Spanned<toml::Value>,
+    pub platform: Option<Spanned<Platform>>,
     pub conditional_access: Option<Spanned<String>>,
     pub notification_template: Option<Spanned<String>>,
 }

@@ -176,16 +176,20 @@ fn a_mode_must_not_weaken_along_an_edge() {
 id = "enforce-first"
 mode = "enforce"
 include = ["Pilot IT"]
+exclude = ["Break Glass"]
 
 [[phase]]
 id = "report-later"
 mode = "report"
 include = ["All Users"]
+
+[emergency_access]
+groups = ["Break Glass"]
 "#,
     );
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(
-        errors[0].contains("plan.toml:19:8: mode weakens along an edge"),
+        errors[0].contains("plan.toml:20:8: mode weakens along an edge"),
         "{errors:?}"
     );
 }
@@ -288,4 +292,87 @@ fn the_hash_changes_with_the_text() {
     .unwrap();
     assert_ne!(a.hash, b.hash);
     assert_eq!(a.hash.len(), 64);
+}
+
+const MULTI: &str = include_str!("../../../plans/multi-platform-graph.toml");
+
+#[test]
+fn several_compliance_policies_roll_out_together_one_per_platform() {
+    let plan = parse("multi", MULTI).unwrap();
+    assert_eq!(
+        plan.policy.platforms(),
+        vec![Platform::Windows, Platform::Ios, Platform::Android]
+    );
+    assert_eq!(plan.policy.compliance[1].name, "iOS compliance baseline");
+    let two_for_windows = MULTI.replace("platform = \"ios\"", "platform = \"windows\"");
+    let errors = parse("multi", &two_for_windows).unwrap_err().headlines();
+    assert!(
+        errors[0].contains("two compliance policies for windows"),
+        "{errors:?}"
+    );
+    let with_platform = MULTI.replace(
+        "conditional_access = ",
+        "platform = \"windows\"\nconditional_access = ",
+    );
+    let errors = parse("multi", &with_platform).unwrap_err().headlines();
+    assert!(
+        errors[0].contains("each names its own `platform`"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn one_policy_needs_its_platform() {
+    let text = HEADER.replace("platform = \"windows\"\n", "");
+    let errors = parse(
+        "plan.toml",
+        &format!("{text}\n[[phase]]\nid = \"a\"\nmode = \"report\"\ninclude = [\"All Users\"]\n"),
+    )
+    .unwrap_err()
+    .headlines();
+    assert!(errors[0].contains("needs its `platform` too"), "{errors:?}");
+}
+
+#[test]
+fn enforcing_needs_emergency_access_excluded_and_never_included() {
+    let enforce = r#"
+[[phase]]
+id = "all"
+mode = "enforce"
+include = ["All Users"]
+"#;
+    let errors = headlines(enforce);
+    assert!(
+        errors[0].contains("must name its emergency-access accounts"),
+        "{errors:?}"
+    );
+    let named = format!("{enforce}\n[emergency_access]\ngroups = [\"Break Glass\"]\n");
+    let errors = headlines(&named);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("plan.toml:14:8: phase `all` enforces without excluding the emergency-access group `Break Glass`"),
+        "{errors:?}"
+    );
+    let included = r#"
+[[phase]]
+id = "all"
+mode = "report"
+include = ["All Users", "Break Glass"]
+
+[emergency_access]
+groups = ["Break Glass"]
+users = ["breakglass1@contoso.com"]
+"#;
+    let errors = headlines(included);
+    assert!(
+        errors[0].contains("includes the emergency-access group `Break Glass`"),
+        "{errors:?}"
+    );
+    let empty = "\n[[phase]]\nid = \"a\"\nmode = \"report\"\ninclude = [\"All Users\"]\n\n[emergency_access]\n";
+    assert!(headlines(empty)[0].contains("names no group and no user"));
+    let plan = check(
+        "\n[[phase]]\nid = \"a\"\nmode = \"enforce\"\ninclude = [\"All Users\"]\nexclude = [\"Break Glass\"]\n\n[emergency_access]\ngroups = [\"Break Glass\"]\nusers = [\"bg1@contoso.com\"]\n",
+    )
+    .unwrap();
+    assert_eq!(plan.emergency_access.users, vec!["bg1@contoso.com"]);
 }

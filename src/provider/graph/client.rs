@@ -131,6 +131,20 @@ pub fn describe_error(body: &str) -> String {
         .to_string()
 }
 
+/// The approval code an Intune `ApprovalRequired` answer names in its message, when the header
+/// is missing.
+fn approval_code_in(body: &str) -> Option<String> {
+    let json: Value = serde_json::from_str(body).ok()?;
+    let error = &json["error"];
+    let message = error["message"].as_str()?;
+    let code = message.split("x-msft-approval-code:").nth(1)?.trim();
+    let code: String = code
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit() || *c == '-')
+        .collect();
+    (error["code"] == "ApprovalRequired" && !code.is_empty()).then_some(code)
+}
+
 fn short(url: &str) -> &str {
     let path = url.split_once("://").map_or(url, |(_, rest)| rest);
     let path = path.find('/').map_or(path, |i| &path[i..]);
@@ -342,9 +356,12 @@ impl GraphClient {
         }
     }
 
+    /// A path is relative to v1.0 unless it starts with `/beta/`.
     fn url(&self, path_or_url: &str) -> String {
         if path_or_url.starts_with("http://") || path_or_url.starts_with("https://") {
             path_or_url.to_string()
+        } else if path_or_url.starts_with("/beta/") {
+            format!("{}{}", self.settings.graph_url, path_or_url)
         } else {
             format!("{}/v1.0{}", self.settings.graph_url, path_or_url)
         }
@@ -406,14 +423,19 @@ impl GraphClient {
                         .get("retry-after")
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+                    let approval = response
+                        .headers()
+                        .get("x-msft-approval-code")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
                     response
                         .text()
                         .await
-                        .map(|text| (status, retry_after, text))
+                        .map(|text| (status, retry_after, approval, text))
                 }
                 Err(e) => Err(e),
             };
-            let (status, retry_after, text) = match outcome {
+            let (status, retry_after, approval, text) = match outcome {
                 Ok(reply) => reply,
                 Err(e) => {
                     let failure = format!("{what}: {}", describe_transport(&e));
@@ -460,6 +482,16 @@ impl GraphClient {
                 _ => {}
             }
             let detail = describe_error(&text);
+            if status == 403
+                && let Some(reference) = approval.or_else(|| approval_code_in(&text))
+            {
+                return Err(ProviderError {
+                    message: format!("{what}: held for Multi Admin Approval (request {reference})"),
+                    kind: ErrorKind::Held,
+                    retry_after: None,
+                    reference: Some(reference),
+                });
+            }
             let kind = match status {
                 401 | 403 => ErrorKind::Auth,
                 404 => ErrorKind::NotFound,
@@ -475,6 +507,7 @@ impl GraphClient {
                 message: format!("{what}: {status} {detail}{hint}"),
                 kind,
                 retry_after,
+                reference: None,
             });
         }
     }
@@ -497,9 +530,26 @@ impl GraphClient {
         Ok(())
     }
 
-    /// GETs in `$batch`es of up to 20; answers in request order. Throttled items are retried.
+    /// GETs in `$batch`es of up to 20 (v1.0); answers in request order. Throttled items are
+    /// retried.
     pub async fn batch_get(
         &self,
+        requests: &[BatchRequest],
+    ) -> Result<Vec<Result<Value, ProviderError>>, ProviderError> {
+        self.batch_get_at("/$batch", requests).await
+    }
+
+    /// The same through beta's `$batch`, whose items are beta paths.
+    pub async fn batch_get_beta(
+        &self,
+        requests: &[BatchRequest],
+    ) -> Result<Vec<Result<Value, ProviderError>>, ProviderError> {
+        self.batch_get_at("/beta/$batch", requests).await
+    }
+
+    async fn batch_get_at(
+        &self,
+        endpoint: &str,
         requests: &[BatchRequest],
     ) -> Result<Vec<Result<Value, ProviderError>>, ProviderError> {
         let mut results: Vec<Option<Result<Value, ProviderError>>> = vec![None; requests.len()];
@@ -515,7 +565,7 @@ impl GraphClient {
                     }).collect::<Vec<_>>()
                 });
                 let reply = self
-                    .call(Method::POST, "/$batch", Some(&body), &[], Access::Read)
+                    .call(Method::POST, endpoint, Some(&body), &[], Access::Read)
                     .await?;
                 let mut throttled = Vec::new();
                 let mut wait = Duration::ZERO;

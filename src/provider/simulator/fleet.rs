@@ -224,6 +224,27 @@ impl Fleet {
         (d.user as usize, d.platform)
     }
 
+    /// The traits of one device, for models that evaluate devices themselves (the emulator's
+    /// Intune model); the same device as [`Fleet::observe`] reports on.
+    pub fn device_traits(&self, device: usize) -> DeviceTraits {
+        let d = &self.devices[device];
+        DeviceTraits {
+            user: d.user as usize,
+            platform: d.platform,
+            fails: d.flags & NONCOMPLIANT != 0,
+            never_reports: d.flags & NEVER_REPORTS != 0,
+            error: d.flags & ERROR != 0,
+            conflict: d.flags & CONFLICT != 0 && d.flags & ERROR == 0,
+            stubborn: d.remediation_ms == u64::MAX,
+            checkin_offset_ms: d.checkin_offset_ms,
+            dormant_at: (d.dormant_at_ms != i64::MAX).then(|| {
+                Timestamp::from_millis(self.epoch.as_millis().saturating_add(d.dormant_at_ms))
+            }),
+            remediation: (d.remediation_ms != u64::MAX)
+                .then(|| Duration::from_millis(d.remediation_ms)),
+        }
+    }
+
     fn report(
         &self,
         device: &Device,
@@ -235,6 +256,7 @@ impl Fleet {
                 state: DeviceState::Unknown,
                 last_reported: None,
                 blocked: false,
+                grace_until: None,
             },
             grace_until: None,
         };
@@ -282,14 +304,16 @@ impl Fleet {
         } else {
             DeviceState::Compliant
         };
+        let grace_until = grace_end.filter(|_| state == DeviceState::InGrace);
         DetailedReport {
             report: DeviceReport {
                 state,
                 last_reported: Some(checked_in),
                 // Conditional Access blocks on the device's last known state under today's mode.
                 blocked: state == DeviceState::Noncompliant && mode_now == Some(Mode::Enforce),
+                grace_until,
             },
-            grace_until: grace_end.filter(|_| state == DeviceState::InGrace),
+            grace_until,
         }
     }
 
@@ -381,6 +405,34 @@ fn device(seed: u64, i: u32, user: u32, platform: Option<Platform>, half_life: D
         dormant_at_ms,
         remediation_ms,
     }
+}
+
+/// How often every device checks in.
+pub const CHECKIN_PERIOD: Duration = Duration::from_millis(CHECKIN_PERIOD_MS as u64);
+
+/// What a device is, independent of any policy's configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceTraits {
+    /// Its owner (an index into the fleet's users).
+    pub user: usize,
+    pub platform: Platform,
+    /// Fails the policy's settings until its owner fixes it.
+    pub fails: bool,
+    /// Enrolled but never checks in.
+    pub never_reports: bool,
+    /// Reports an error for the policy.
+    pub error: bool,
+    /// Reports a conflict for the policy.
+    pub conflict: bool,
+    /// Its owner never fixes it.
+    pub stubborn: bool,
+    /// It checks in at every instant `t` (milliseconds since the Unix epoch) with
+    /// `t ≡ checkin_offset_ms (mod CHECKIN_PERIOD)`.
+    pub checkin_offset_ms: i64,
+    /// It checks in for the last time at or before this instant, if it ever goes dormant.
+    pub dormant_at: Option<Timestamp>,
+    /// How long after its owner learns of the problem it is fixed; `None` if stubborn.
+    pub remediation: Option<Duration>,
 }
 
 /// A device's report with the end of its grace period, when it is in one.

@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{PhaseScope, Provider, ProviderError};
+use super::{Observation, Outcome, PhaseScope, Preflight, Provider, ProviderError, Record};
 use crate::domain::desired::DesiredState;
-use crate::domain::gate::DeviceReport;
-use crate::domain::plan::{Plan, PolicyTarget, SimulatorSettings};
+use crate::domain::event::DriftResolution;
+use crate::domain::plan::{CompliancePolicy, Plan, PolicyTarget, SimulatorSettings};
 use crate::domain::time::Timestamp;
 use crate::store::{Store, StoreError, decode_json, encode_json};
 pub use fleet::{ConfigEntry, Fleet, GROUPS, SimAssignment};
@@ -72,11 +72,11 @@ impl SimProvider {
         &self.fleet
     }
 
-    /// Every configuration the policy has had, oldest first (the simulated tenant's change log).
-    pub fn history(&self, target: &PolicyTarget) -> &[ConfigEntry] {
+    /// Every configuration a policy has had, oldest first (the simulated tenant's change log).
+    pub fn history(&self, policy: &CompliancePolicy) -> &[ConfigEntry] {
         self.state
             .policies
-            .get(&policy_key(target))
+            .get(&policy_key(policy))
             .map_or(&[], Vec::as_slice)
     }
 
@@ -91,44 +91,59 @@ impl SimProvider {
         Ok(())
     }
 
-    fn current(&self, target: &PolicyTarget) -> Vec<SimAssignment> {
-        self.history(target)
+    fn current(&self, policy: &CompliancePolicy) -> Vec<SimAssignment> {
+        self.history(policy)
             .last()
             .map(|e| e.assignments.clone())
             .unwrap_or_default()
     }
 
-    /// Makes `wanted` the policy's configuration; returns how many assignments changed.
+    /// Makes `wanted` every policy's configuration; returns how many assignments changed.
     fn set(
         &mut self,
         target: &PolicyTarget,
-        wanted: Vec<SimAssignment>,
+        wanted: &[SimAssignment],
     ) -> Result<u64, ProviderError> {
-        for assignment in &wanted {
+        for assignment in wanted {
             fleet::membership(&assignment.include, &assignment.exclude).map_err(unknown_group)?;
         }
-        let current = self.current(target);
-        let changes = wanted.iter().filter(|a| !current.contains(a)).count()
-            + current.iter().filter(|a| !wanted.contains(a)).count();
-        if changes == 0 {
-            return Ok(0);
-        }
         let at = self.now();
-        self.state
-            .policies
-            .entry(policy_key(target))
-            .or_default()
-            .push(ConfigEntry {
-                at,
-                assignments: wanted,
-            });
-        self.persist()?;
-        Ok(changes as u64)
+        let mut changes = 0;
+        for policy in &target.compliance {
+            let current = self.current(policy);
+            let changed = wanted.iter().filter(|a| !current.contains(a)).count()
+                + current.iter().filter(|a| !wanted.contains(a)).count();
+            if changed == 0 {
+                continue;
+            }
+            changes += changed as u64;
+            self.state
+                .policies
+                .entry(policy_key(policy))
+                .or_default()
+                .push(ConfigEntry {
+                    at,
+                    assignments: wanted.to_vec(),
+                });
+        }
+        if changes > 0 {
+            self.persist()?;
+        }
+        Ok(changes)
+    }
+
+    /// The simulated tenant's name for a policy, as other rollouts of this store see it.
+    fn resource(&self, policy: &CompliancePolicy) -> String {
+        format!(
+            "simulator/{}/{}",
+            self.key.trim_start_matches("tenant/"),
+            policy_key(policy)
+        )
     }
 }
 
-fn policy_key(target: &PolicyTarget) -> String {
-    format!("{}/{}", target.platform, target.compliance)
+fn policy_key(policy: &CompliancePolicy) -> String {
+    format!("{}/{}", policy.platform, policy.name)
 }
 
 fn unknown_group(name: String) -> ProviderError {
@@ -160,27 +175,41 @@ impl Provider for SimProvider {
         Ok(())
     }
 
-    async fn preflight(&mut self, plan: &Plan) -> Result<(), ProviderError> {
+    async fn preflight(&mut self, plan: &Plan) -> Result<Preflight, ProviderError> {
         for phase in &plan.phases {
             fleet::membership(&phase.include, &phase.exclude).map_err(unknown_group)?;
         }
-        Ok(())
+        fleet::membership(&[], &plan.emergency_access.groups).map_err(unknown_group)?;
+        Ok(Preflight {
+            resources: plan
+                .policy
+                .compliance
+                .iter()
+                .map(|p| self.resource(p))
+                .collect(),
+            warnings: Vec::new(),
+        })
     }
 
-    async fn capture_baseline(
-        &mut self,
-        target: &PolicyTarget,
-    ) -> Result<serde_json::Value, ProviderError> {
-        Ok(serde_json::json!({ "assignments": self.current(target) }))
+    /// The simulated tenant has no other administrators: the record is the baseline alone,
+    /// each policy's assignments by its key.
+    async fn capture_baseline(&mut self, target: &PolicyTarget) -> Result<Record, ProviderError> {
+        let policies: BTreeMap<String, Vec<SimAssignment>> = target
+            .compliance
+            .iter()
+            .map(|p| (policy_key(p), self.current(p)))
+            .collect();
+        Ok(serde_json::json!({ "policies": policies }))
     }
 
     async fn reconcile(
         &mut self,
         target: &PolicyTarget,
         desired: &DesiredState,
-        _baseline: &serde_json::Value,
-    ) -> Result<u64, ProviderError> {
-        let wanted = desired
+        _resolution: Option<DriftResolution>,
+        record: &Record,
+    ) -> Result<Outcome, ProviderError> {
+        let wanted: Vec<SimAssignment> = desired
             .assignments
             .iter()
             .map(|a| SimAssignment {
@@ -190,40 +219,75 @@ impl Provider for SimProvider {
                 grace_secs: a.grace_secs,
             })
             .collect();
-        self.set(target, wanted)
+        let changes = self.set(target, &wanted)?;
+        Ok(Outcome::Done {
+            changes,
+            record: record.clone(),
+        })
     }
 
     async fn restore(
         &mut self,
         target: &PolicyTarget,
-        baseline: &serde_json::Value,
-    ) -> Result<u64, ProviderError> {
-        let wanted: Vec<SimAssignment> = serde_json::from_value(baseline["assignments"].clone())
-            .map_err(|e| ProviderError::permanent(format!("unreadable baseline: {e}")))?;
-        self.set(target, wanted)
+        record: &Record,
+    ) -> Result<Outcome, ProviderError> {
+        let baseline: BTreeMap<String, Vec<SimAssignment>> =
+            serde_json::from_value(record["policies"].clone())
+                .map_err(|e| ProviderError::permanent(format!("unreadable baseline: {e}")))?;
+        let mut changes = 0;
+        for policy in &target.compliance {
+            let wanted = baseline
+                .get(&policy_key(policy))
+                .cloned()
+                .unwrap_or_default();
+            let one = PolicyTarget {
+                compliance: vec![policy.clone()],
+                ..target.clone()
+            };
+            changes += self.set(&one, &wanted)?;
+        }
+        Ok(Outcome::Done {
+            changes,
+            record: record.clone(),
+        })
     }
 
     async fn observe(
         &mut self,
         target: &PolicyTarget,
         scopes: &[PhaseScope],
-    ) -> Result<Vec<Vec<DeviceReport>>, ProviderError> {
-        let history = self
-            .history(target)
-            .iter()
-            .map(fleet::resolve)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(unknown_group)?;
+        _record: &Record,
+    ) -> Result<Observation, ProviderError> {
         let now = self.now();
-        scopes
+        let mut histories = Vec::new();
+        for policy in &target.compliance {
+            let history = self
+                .history(policy)
+                .iter()
+                .map(fleet::resolve)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unknown_group)?;
+            histories.push((policy.platform, history));
+        }
+        let scopes = scopes
             .iter()
             .map(|scope| {
                 let membership =
                     fleet::membership(&scope.include, &scope.exclude).map_err(unknown_group)?;
-                Ok(self
-                    .fleet
-                    .observe(target.platform, &history, membership, now))
+                Ok(histories
+                    .iter()
+                    .map(|(platform, history)| {
+                        (
+                            *platform,
+                            self.fleet.observe(*platform, history, membership, now),
+                        )
+                    })
+                    .collect())
             })
-            .collect()
+            .collect::<Result<Vec<_>, ProviderError>>()?;
+        Ok(Observation {
+            scopes,
+            drift: Vec::new(),
+        })
     }
 }
