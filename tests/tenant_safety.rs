@@ -162,6 +162,60 @@ fn assert_untouched(emulator: &Emulator, before: &BTreeMap<String, Value>, when:
     );
 }
 
+/// No write of the application removes an exclusion: Conditional Access PATCHes carry no
+/// exclusion array at all (PATCH would replace it), every `assign` keeps each exclusion target
+/// the policy had before the rollout, and the enforced copy excludes the emergency access.
+fn assert_no_exclusion_removed(emulator: &Emulator, before: &BTreeMap<String, Value>) {
+    let break_glass = group_id(emulator, "Break Glass");
+    for entry in ledger(emulator).iter().filter(|e| e["actor"] != "admin") {
+        let path = entry["path"].as_str().unwrap();
+        let body = &entry["body"];
+        if path.contains("conditionalAccess") && entry["method"] == "PATCH" {
+            let users = &body["conditions"]["users"];
+            for key in [
+                "excludeUsers",
+                "excludeGroups",
+                "excludeRoles",
+                "excludeGuestsOrExternalUsers",
+            ] {
+                assert!(users.get(key).is_none(), "a CA PATCH carried {key}: {body}");
+            }
+        }
+        if path.contains("conditionalAccess") && entry["method"] == "POST" {
+            let excluded = body["conditions"]["users"]["excludeGroups"]
+                .as_array()
+                .unwrap();
+            assert!(excluded.contains(&json!(break_glass)), "{body}");
+        }
+        if path.ends_with("/assign") {
+            let policy = path.split('/').nth(3).unwrap();
+            let sent: Vec<&Value> = body["assignments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| &a["target"])
+                .collect();
+            let had = before
+                .values()
+                .filter(|p| p["id"] == policy)
+                .flat_map(|p| p["assignments"].as_array().cloned().unwrap_or_default());
+            for kept in had.map(|a| a["target"].clone()) {
+                let exclusion = kept["@odata.type"]
+                    .as_str()
+                    .unwrap_or("")
+                    .ends_with("exclusionGroupAssignmentTarget");
+                if exclusion {
+                    assert!(
+                        sent.iter().any(|t| t["groupId"] == kept["groupId"]
+                            && t["@odata.type"] == kept["@odata.type"]),
+                        "an assign dropped the exclusion {kept}: {body}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 fn ledger(emulator: &Emulator) -> Vec<Value> {
     emulator.get("/_emulator/ledger")["value"]
         .as_array()
@@ -279,6 +333,7 @@ fn a_rollout_on_a_lived_in_tenant_changes_only_what_it_owns_and_never_weakens_en
     run_until(&pg, &id, "completed");
     assert_untouched(&emulator, &before, "completed");
 
+    assert_no_exclusion_removed(&emulator, &before);
     // The enabled Conditional Access policy was never written, so never less than enabled.
     let writes = app_writes(&emulator);
     assert!(
@@ -332,6 +387,7 @@ fn an_abort_mid_way_puts_back_exactly_what_was_there() {
         assert_eq!(strip(&after[name]), strip(object), "`{name}` after abort");
     }
     assert_eq!(after.len(), before.len());
+    assert_no_exclusion_removed(&emulator, &before);
 }
 
 #[test]
@@ -647,6 +703,7 @@ fn windows_ios_and_android_roll_out_together_and_enforcement_covers_exactly_them
             .unwrap()
             .is_empty()
     );
+    assert_no_exclusion_removed(&emulator, &BTreeMap::new());
 }
 
 #[test]
