@@ -74,6 +74,7 @@ pub struct Engine<'s> {
     /// Recorded as the actor of automatic events (`run`, `demo`).
     pub actor: String,
     pub retry: RetryPolicy,
+    pub limits: Limits,
 }
 
 /// How often and how patiently a failing provider call is retried.
@@ -238,10 +239,10 @@ impl Engine<'_> {
     }
 
     /// Picks up a changed plan file; errors leave the rollout untouched.
-    fn notice_plan_change(
+    pub fn notice_plan_change(
         &self,
         loaded: &mut Loaded,
-        provider: &dyn Provider,
+        now: Timestamp,
         observer: Observer<'_>,
     ) -> Result<(), EngineError> {
         let path = loaded.plan_record.path.clone();
@@ -271,7 +272,7 @@ impl Engine<'_> {
                 format!("{path} changed"),
             ),
         };
-        match self.apply(loaded, event, provider.now(), None) {
+        match self.apply(loaded, event, now, None) {
             Ok(record) => {
                 if let Some(record) = record {
                     observer(&loaded.plan, &loaded.stored.rollout, &record);
@@ -286,7 +287,7 @@ impl Engine<'_> {
         }
     }
 
-    /// Drives one rollout as far as `pace` allows.
+    /// Drives one rollout as far as `pace` allows, one piece of work after another.
     pub async fn drive(
         &self,
         id: &str,
@@ -299,213 +300,329 @@ impl Engine<'_> {
             loaded.stored.rollout.status,
             RolloutStatus::Completed | RolloutStatus::Aborted
         ) {
-            self.notice_plan_change(&mut loaded, provider, observer)?;
+            self.notice_plan_change(&mut loaded, provider.now(), observer)?;
         }
-        // Notifications whose webhook failed this time; they stay pending for the next run.
-        let mut undeliverable = std::collections::BTreeSet::new();
-        // Effects the tenant holds for approval are asked about once per drive.
-        let mut asked = std::collections::BTreeSet::new();
+        let mut skip = Skips::default();
+        let mut budget = Budget::new(self.limits.steps_per_drive);
         loop {
-            let rollout = &loaded.stored.rollout;
-            let configuration = rollout
-                .pending
-                .iter()
-                .find(|p| !p.effect.is_notification())
-                .filter(|p| may_carry_out(rollout, p, &asked))
-                .cloned();
-            if let Some(pending) = configuration {
-                if rollout.tenant_approval.is_some() {
-                    asked.insert(pending.id);
-                }
-                let record = self.carry_out(&mut loaded, &pending, provider).await?;
-                if let Some(record) = record {
-                    observer(&loaded.plan, &loaded.stored.rollout, &record);
-                }
-                continue;
-            }
-            let notification = rollout
-                .pending
-                .iter()
-                .find(|p| p.effect.is_notification() && !undeliverable.contains(&p.id))
-                .cloned();
-            if let Some(pending) = notification {
-                match self.deliver(&mut loaded, &pending, provider.now()).await {
-                    Ok(Some(record)) => observer(&loaded.plan, &loaded.stored.rollout, &record),
-                    Ok(None) => {}
-                    Err(EngineError::Invalid(why)) => {
-                        tracing::warn!(effect = %pending.id, %why, "notification not delivered; it stays pending");
-                        undeliverable.insert(pending.id);
-                    }
-                    Err(other) => return Err(other),
-                }
-                continue;
-            }
-            let rollout = &loaded.stored.rollout;
-            if should_stop(rollout) {
-                return Ok(DriveOutcome::Stopped(rollout.status));
-            }
+            budget.spend()?;
             let now = provider.now();
-            let agenda = machine::agenda(&loaded.plan, rollout, now);
-            if !agenda.observe.is_empty() {
-                let record = self.observe(&mut loaded, &agenda.observe, provider).await?;
-                if let Some(record) = record {
-                    observer(&loaded.plan, &loaded.stored.rollout, &record);
+            let work = self.next_work(&loaded, now, &skip);
+            let task = match work {
+                Work::Stop(status) => return Ok(DriveOutcome::Stopped(status)),
+                Work::Wait(at) if pace == Pace::Once || !provider.is_virtual() => {
+                    return Ok(DriveOutcome::Wait(provider.real_time_until(at)));
                 }
+                Work::Wait(at) => {
+                    provider.advance_to(at).await?;
+                    crash::point("clock.advanced");
+                    continue;
+                }
+                Work::Tick(at) => {
+                    match self.tick(&mut loaded, at.max(now))? {
+                        Some(record) => observer(&loaded.plan, &loaded.stored.rollout, &record),
+                        None => {
+                            // A deadline that has passed and changes nothing would spin.
+                            tracing::warn!(%at, "a past deadline changed nothing; waiting");
+                            return Ok(DriveOutcome::Wait(self.limits.idle_wait));
+                        }
+                    }
+                    continue;
+                }
+                work => self.task(&loaded, work)?,
+            };
+            if crash::mutation("confirm-before-act")
+                && let Work::Effect(pending) = &task.work
+                && matches!(pending.effect, Effect::Reconcile { .. })
+            {
+                self.confirm_then_act(&mut loaded, task, provider).await?;
                 continue;
             }
-            let Some(wake_at) = agenda.wake_at else {
-                return Ok(DriveOutcome::Stopped(rollout.status));
-            };
-            if wake_at > now {
-                if pace == Pace::Once || !provider.is_virtual() {
-                    return Ok(DriveOutcome::Wait(provider.real_time_until(wake_at)));
-                }
-                provider.advance_to(wake_at).await?;
-                crash::point("clock.advanced");
-            }
-            let tick = Event {
-                kind: EventKind::Tick,
-                trigger: Trigger::new(TriggerSource::Schedule, &self.actor, "deadline reached"),
-            };
-            match self.apply(&mut loaded, tick, provider.now().max(wake_at), None)? {
-                Some(record) => observer(&loaded.plan, &loaded.stored.rollout, &record),
-                None if wake_at <= now => {
-                    // A deadline that has passed and changes nothing would spin; it never should.
-                    tracing::warn!(%wake_at, "a past deadline changed nothing; waiting");
-                    return Ok(DriveOutcome::Wait(Duration::from_secs(60)));
-                }
-                None => {}
+            let finished = task.perform(provider, self.notifier).await;
+            skip.note(&finished);
+            if let Some(record) = self.conclude(&mut loaded, finished)? {
+                observer(&loaded.plan, &loaded.stored.rollout, &record);
             }
         }
     }
 
-    /// Delivers one outbox notification (with retries) and records the delivery. `Invalid` means
-    /// the webhook could not be reached this time.
-    async fn deliver(
-        &self,
-        loaded: &mut Loaded,
-        pending: &PendingEffect,
-        now: Timestamp,
-    ) -> Result<Option<EventRecord>, EngineError> {
-        let Effect::Notify {
-            url,
-            secret_env,
-            status,
-            previous,
-            reason,
-            at,
-        } = &pending.effect
-        else {
-            unreachable!("only notifications are delivered");
-        };
+    /// What the rollout needs next, from its record and the backend's clock. Pure: it decides,
+    /// [`Task::perform`] does the I/O, [`Engine::conclude`] records the outcome.
+    pub fn next_work(&self, loaded: &Loaded, now: Timestamp, skip: &Skips) -> Work {
         let rollout = &loaded.stored.rollout;
-        let key = format!("{}:{}", rollout.id, pending.id);
-        let body = serde_json::json!({
-            "idempotencyKey": key,
-            "rollout": rollout.id,
-            "plan": rollout.plan_name,
-            "status": status.as_str(),
-            "previousStatus": previous.as_str(),
-            "reason": reason,
-            "at": at.rfc3339(),
-        });
-        let delivery = Delivery {
-            key: &key,
-            url,
-            secret_env: secret_env.as_deref(),
-            body: serde_json::to_vec(&body).expect("json serializes"),
-        };
-        crash::point("delivery.before");
-        let mut attempt = 0;
-        let status = loop {
-            match self.notifier.deliver(&delivery).await {
-                Ok(status) => break status,
-                Err(e) if attempt + 1 < 3 => {
-                    let delay =
-                        self.retry
-                            .delay(attempt, None, pending.id.seq ^ u64::from(attempt));
-                    tracing::warn!(%url, error = %e, ?delay, "webhook delivery failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(EngineError::Invalid(e.to_string())),
-            }
-        };
-        crash::point("delivery.after");
-        let event = Event {
-            kind: EventKind::Delivered {
-                effect: pending.id,
-                status,
-            },
-            trigger: Trigger::new(
-                TriggerSource::Internal,
-                "outbox",
-                format!("{url} answered {status}"),
-            ),
-        };
-        self.apply(loaded, event, now, None)
+        let configuration = rollout
+            .pending
+            .iter()
+            .find(|p| !p.effect.is_notification())
+            .filter(|p| may_carry_out(rollout, p, &skip.asked));
+        if let Some(pending) = configuration {
+            return Work::Effect(pending.clone());
+        }
+        let notification = rollout
+            .pending
+            .iter()
+            .find(|p| p.effect.is_notification() && !skip.undeliverable.contains(&p.id));
+        if let Some(pending) = notification {
+            return Work::Deliver(pending.clone());
+        }
+        if should_stop(rollout) {
+            return Work::Stop(rollout.status);
+        }
+        let agenda = machine::agenda(&loaded.plan, rollout, now);
+        if !agenda.observe.is_empty() {
+            return Work::Observe(agenda.observe);
+        }
+        match agenda.wake_at {
+            None => Work::Stop(rollout.status),
+            Some(at) if at > now => Work::Wait(at),
+            Some(at) => Work::Tick(at),
+        }
     }
 
-    /// Carries out one pending effect and records its outcome.
-    async fn carry_out(
+    /// The owned inputs of a piece of work, so it can run while the rollout takes commands.
+    pub fn task(&self, loaded: &Loaded, work: Work) -> Result<Task, EngineError> {
+        let id = loaded.stored.rollout.id.clone();
+        let needs_record = match &work {
+            Work::Effect(pending) => pending.effect != Effect::CaptureBaseline,
+            Work::Observe(_) => true,
+            _ => false,
+        };
+        let record = if needs_record {
+            self.store.record(&id)?
+        } else {
+            None
+        };
+        if matches!(&work, Work::Effect(p) if p.effect != Effect::CaptureBaseline)
+            && record.is_none()
+        {
+            return Err(EngineError::Invalid(format!(
+                "rollout `{id}` has no recorded baseline"
+            )));
+        }
+        Ok(Task {
+            work,
+            plan: loaded.plan.clone(),
+            rollout: id,
+            plan_name: loaded.stored.rollout.plan_name.clone(),
+            record,
+            actor: self.actor.clone(),
+            delivery_attempts: self.limits.delivery_attempts,
+            backoff: self.retry,
+        })
+    }
+
+    /// Records what a piece of work found: the event it produced, with the provider's record.
+    pub fn conclude(
         &self,
         loaded: &mut Loaded,
-        pending: &PendingEffect,
+        finished: Finished,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let Some(event) = finished.event else {
+            return Ok(None);
+        };
+        self.apply(loaded, event, finished.now, finished.record.as_ref())
+    }
+
+    /// A deadline came due.
+    pub fn tick(
+        &self,
+        loaded: &mut Loaded,
+        at: Timestamp,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let tick = Event {
+            kind: EventKind::Tick,
+            trigger: Trigger::new(TriggerSource::Schedule, &self.actor, "deadline reached"),
+        };
+        self.apply(loaded, tick, at, None)
+    }
+
+    /// A deliberate bug for the crash harness's self-test: records a change as made before
+    /// making it, so a crash in between skips it.
+    async fn confirm_then_act(
+        &self,
+        loaded: &mut Loaded,
+        task: Task,
         provider: &mut dyn Provider,
     ) -> Result<Option<EventRecord>, EngineError> {
-        let target = loaded.plan.policy.clone();
-        let id = loaded.stored.rollout.id.clone();
-        let record = if pending.effect == Effect::CaptureBaseline {
-            None
-        } else {
-            Some(self.store.record(&id)?.ok_or_else(|| {
-                EngineError::Invalid(format!("rollout `{id}` has no recorded baseline"))
-            })?)
+        let Work::Effect(pending) = &task.work else {
+            unreachable!("only effects are mutated");
         };
-        let jitter_seed = pending.id.seq << 8 | u64::from(pending.id.index);
-        if crash::mutation("confirm-before-act")
-            && matches!(pending.effect, Effect::Reconcile { .. })
-        {
-            return self
-                .confirm_then_act(loaded, pending, provider, &target, record.as_ref())
-                .await;
-        }
+        let event = Event {
+            kind: EventKind::Reconciled {
+                effect: pending.id,
+                changes: 0,
+            },
+            trigger: Trigger::new(
+                TriggerSource::Provider,
+                "mutation",
+                "confirmed before acting",
+            ),
+        };
+        let record = self.apply(loaded, event, provider.now(), None)?;
         crash::point("effect.before");
-        let outcome =
-            retrying(
-                self.retry,
-                jitter_seed,
-                pending.effect.name(),
-                async || match &pending.effect {
-                    Effect::CaptureBaseline => provider
-                        .capture_baseline(&target)
-                        .await
-                        .map(|record| Outcome::Done { changes: 0, record }),
-                    Effect::Reconcile {
-                        desired,
-                        resolution,
-                    } => {
-                        provider
-                            .reconcile(
-                                &target,
-                                desired,
-                                *resolution,
-                                record.as_ref().expect("loaded above"),
-                            )
-                            .await
-                    }
-                    Effect::RestoreBaseline => {
-                        provider
-                            .restore(&target, record.as_ref().expect("loaded above"))
-                            .await
-                    }
-                    Effect::Notify { .. } => unreachable!("notifications go through deliver"),
-                },
-            )
-            .await;
+        let _ = task.perform(provider, self.notifier).await;
+        Ok(record)
+    }
+}
+
+/// What a rollout needs done next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Work {
+    /// Carry out a pending configuration effect.
+    Effect(PendingEffect),
+    /// Deliver a pending notification.
+    Deliver(PendingEffect),
+    /// Observe these phases.
+    Observe(Vec<String>),
+    /// Nothing to do until this moment of the backend's clock.
+    Wait(Timestamp),
+    /// A deadline has come.
+    Tick(Timestamp),
+    /// Nothing more without a person (or the rollout is finished).
+    Stop(RolloutStatus),
+}
+
+/// What one drive (or one runner) leaves alone until later: notifications whose receiver is
+/// down, and held effects already asked about.
+#[derive(Clone, Debug, Default)]
+pub struct Skips {
+    pub undeliverable: std::collections::BTreeSet<crate::domain::event::EffectId>,
+    pub asked: std::collections::BTreeSet<crate::domain::event::EffectId>,
+}
+
+impl Skips {
+    pub fn note(&mut self, finished: &Finished) {
+        if let Some(id) = finished.undeliverable {
+            self.undeliverable.insert(id);
+        }
+        if let Some(id) = finished.asked {
+            self.asked.insert(id);
+        }
+    }
+}
+
+/// Bounds the steps one drive may take, so no loop can spin.
+struct Budget {
+    left: u32,
+}
+
+impl Budget {
+    fn new(steps: u32) -> Budget {
+        Budget { left: steps }
+    }
+
+    fn spend(&mut self) -> Result<(), EngineError> {
+        if self.left == 0 {
+            return Err(EngineError::Invalid(
+                "the rollout took more steps than one drive allows; stopping (this is a bug)"
+                    .into(),
+            ));
+        }
+        self.left -= 1;
+        Ok(())
+    }
+}
+
+/// The limits one process works within.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Steps one drive of one rollout may take.
+    pub steps_per_drive: u32,
+    /// How often a webhook delivery is tried within one drive.
+    pub delivery_attempts: u32,
+    /// How long to wait after a deadline that changed nothing.
+    pub idle_wait: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            steps_per_drive: 100_000,
+            delivery_attempts: 3,
+            idle_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One piece of work with everything it needs, owned.
+pub struct Task {
+    pub work: Work,
+    plan: Plan,
+    rollout: String,
+    plan_name: String,
+    record: Option<serde_json::Value>,
+    actor: String,
+    delivery_attempts: u32,
+    backoff: RetryPolicy,
+}
+
+/// What a piece of work produced: the event to record (none if there is nothing to say) at the
+/// backend's time, and the provider's new record.
+pub struct Finished {
+    pub event: Option<Event>,
+    pub now: Timestamp,
+    pub record: Option<serde_json::Value>,
+    pub undeliverable: Option<crate::domain::event::EffectId>,
+    pub asked: Option<crate::domain::event::EffectId>,
+    /// How long the I/O took.
+    pub took: Duration,
+}
+
+impl Task {
+    /// Does the I/O of the work. Never records: the outcome comes back as [`Finished`].
+    pub async fn perform(self, provider: &mut dyn Provider, notifier: &dyn Notifier) -> Finished {
+        let started = std::time::Instant::now();
+        let mut finished = match &self.work {
+            Work::Effect(pending) => self.carry_out(pending, provider).await,
+            Work::Deliver(pending) => self.deliver(pending, provider.now(), notifier).await,
+            Work::Observe(phases) => self.observe(phases, provider).await,
+            Work::Wait(_) | Work::Tick(_) | Work::Stop(_) => Finished {
+                event: None,
+                now: provider.now(),
+                record: None,
+                undeliverable: None,
+                asked: None,
+                took: Duration::ZERO,
+            },
+        };
+        finished.took = started.elapsed();
+        finished
+    }
+
+    fn finished(event: Event, now: Timestamp, record: Option<serde_json::Value>) -> Finished {
+        Finished {
+            event: Some(event),
+            now,
+            record,
+            undeliverable: None,
+            asked: None,
+            took: Duration::ZERO,
+        }
+    }
+
+    /// Carries out one pending configuration effect.
+    async fn carry_out(&self, pending: &PendingEffect, provider: &mut dyn Provider) -> Finished {
+        let target = &self.plan.policy;
+        let record = self.record.as_ref();
+        crash::point("effect.before");
+        let outcome = match &pending.effect {
+            Effect::CaptureBaseline => provider
+                .capture_baseline(target)
+                .await
+                .map(|record| Outcome::Done { changes: 0, record }),
+            Effect::Reconcile {
+                desired,
+                resolution,
+            } => {
+                provider
+                    .reconcile(target, desired, *resolution, record.expect("loaded"))
+                    .await
+            }
+            Effect::RestoreBaseline => provider.restore(target, record.expect("loaded")).await,
+            Effect::Notify { .. } => unreachable!("notifications go through deliver"),
+        };
         crash::point("effect.after");
         let now = provider.now();
-        let provider_name = provider.describe();
         let (kind, kept) = match outcome {
             Ok(Outcome::Done { changes, record }) => {
                 let kind = match pending.effect {
@@ -539,61 +656,100 @@ impl Engine<'_> {
                 None,
             ),
         };
+        let held = matches!(kind, EventKind::TenantApprovalPending { .. });
         let event = Event {
             kind,
             trigger: Trigger::new(
                 TriggerSource::Provider,
-                &provider_name,
+                &provider.describe(),
                 format!("effect {} ({})", pending.id, pending.effect.name()),
             ),
         };
-        self.apply(loaded, event, now, kept.as_ref())
+        let mut finished = Task::finished(event, now, kept);
+        if held {
+            finished.asked = Some(pending.id);
+        }
+        finished
     }
 
-    /// A deliberate bug for the crash harness's self-test: records a change as made before
-    /// making it, so a crash in between skips it.
-    async fn confirm_then_act(
+    /// Delivers one outbox notification (with a few attempts) and records the delivery. A
+    /// receiver that cannot be reached leaves it pending for later.
+    async fn deliver(
         &self,
-        loaded: &mut Loaded,
         pending: &PendingEffect,
-        provider: &mut dyn Provider,
-        target: &crate::domain::plan::PolicyTarget,
-        provider_record: Option<&serde_json::Value>,
-    ) -> Result<Option<EventRecord>, EngineError> {
-        let Effect::Reconcile { desired, .. } = &pending.effect else {
-            unreachable!("only reconciles are mutated");
+        now: Timestamp,
+        notifier: &dyn Notifier,
+    ) -> Finished {
+        let Effect::Notify {
+            url,
+            secret_env,
+            status,
+            previous,
+            reason,
+            at,
+        } = &pending.effect
+        else {
+            unreachable!("only notifications are delivered");
         };
+        let key = format!("{}:{}", self.rollout, pending.id);
+        let body = serde_json::json!({
+            "idempotencyKey": key,
+            "rollout": self.rollout,
+            "plan": self.plan_name,
+            "status": status.as_str(),
+            "previousStatus": previous.as_str(),
+            "reason": reason,
+            "at": at.rfc3339(),
+        });
+        let delivery = Delivery {
+            key: &key,
+            url,
+            secret_env: secret_env.as_deref(),
+            body: serde_json::to_vec(&body).expect("json serializes"),
+        };
+        crash::point("delivery.before");
+        let mut attempt = 0;
+        let status = loop {
+            match notifier.deliver(&delivery).await {
+                Ok(status) => break status,
+                Err(e) if attempt + 1 < self.delivery_attempts => {
+                    let delay =
+                        self.backoff
+                            .delay(attempt, None, pending.id.seq ^ u64::from(attempt));
+                    tracing::warn!(%url, error = %e, ?delay, "webhook delivery failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(effect = %pending.id, error = %e, "notification not delivered; it stays pending");
+                    return Finished {
+                        event: None,
+                        now,
+                        record: None,
+                        undeliverable: Some(pending.id),
+                        asked: None,
+                        took: Duration::ZERO,
+                    };
+                }
+            }
+        };
+        crash::point("delivery.after");
         let event = Event {
-            kind: EventKind::Reconciled {
+            kind: EventKind::Delivered {
                 effect: pending.id,
-                changes: 0,
+                status,
             },
             trigger: Trigger::new(
-                TriggerSource::Provider,
-                "mutation",
-                "confirmed before acting",
+                TriggerSource::Internal,
+                "outbox",
+                format!("{url} answered {status}"),
             ),
         };
-        let record = self.apply(loaded, event, provider.now(), None)?;
-        crash::point("effect.before");
-        let _ = provider
-            .reconcile(
-                target,
-                desired,
-                None,
-                provider_record.expect("reconciles have a baseline"),
-            )
-            .await;
-        Ok(record)
+        Task::finished(event, now, None)
     }
 
-    async fn observe(
-        &self,
-        loaded: &mut Loaded,
-        phases: &[String],
-        provider: &mut dyn Provider,
-    ) -> Result<Option<EventRecord>, EngineError> {
-        let plan = &loaded.plan;
+    async fn observe(&self, phases: &[String], provider: &mut dyn Provider) -> Finished {
+        let plan = &self.plan;
         let scopes: Vec<PhaseScope> = phases
             .iter()
             .filter_map(|id| plan.phase_index(id))
@@ -605,14 +761,8 @@ impl Engine<'_> {
                 exclude_users: plan.emergency_access.users.clone(),
             })
             .collect();
-        let target = plan.policy.clone();
-        let id = loaded.stored.rollout.id.clone();
-        let record = self.store.record(&id)?.unwrap_or(serde_json::Value::Null);
-        let jitter_seed = loaded.stored.rollout.last_seq;
-        let observation = retrying(self.retry, jitter_seed, "observe", async || {
-            provider.observe(&target, &scopes, &record).await
-        })
-        .await;
+        let record = self.record.clone().unwrap_or(serde_json::Value::Null);
+        let observation = provider.observe(&plan.policy, &scopes, &record).await;
         let now = provider.now();
         let kind = match observation {
             Ok(observation) if !observation.drift.is_empty() => EventKind::DriftDetected {
@@ -660,7 +810,7 @@ impl Engine<'_> {
             kind,
             trigger: Trigger::new(TriggerSource::Schedule, &self.actor, "observation due"),
         };
-        self.apply(loaded, event, now, None)
+        Task::finished(event, now, None)
     }
 }
 
@@ -684,38 +834,8 @@ pub fn should_stop(rollout: &Rollout) -> bool {
     match rollout.status {
         Running | RollingBack | Aborting => false,
         Held => rollout.phases.iter().any(|p| p.hold_expired),
-        Pending
-        | WaitingApproval
-        | Paused
-        | RolledBack
-        | Rejected
-        | Aborted
-        | Completed
-        | Failed
-        | Drifted
-        | WaitingTenantApproval => true,
-    }
-}
-
-async fn retrying<T>(
-    policy: RetryPolicy,
-    jitter_seed: u64,
-    what: &str,
-    mut call: impl AsyncFnMut() -> Result<T, ProviderError>,
-) -> Result<T, ProviderError> {
-    let mut attempt = 0;
-    loop {
-        match call().await {
-            Ok(value) => return Ok(value),
-            Err(err) if err.retryable() && attempt + 1 < policy.attempts => {
-                let delay =
-                    policy.delay(attempt, err.retry_after, jitter_seed ^ u64::from(attempt));
-                tracing::warn!(what, attempt = attempt + 1, ?delay, error = %err, "provider call failed; retrying");
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-            }
-            Err(err) => return Err(err),
-        }
+        Pending | WaitingApproval | Paused | RolledBack | Rejected | Aborted | Completed
+        | Failed | Drifted | WaitingTenantApproval => true,
     }
 }
 
@@ -861,6 +981,7 @@ max_hold = "1h"
             notifier: crate::notifier::shared(),
             actor: "test".into(),
             retry: RetryPolicy::default(),
+        limits: crate::engine::Limits::default(),
         };
         let mut provider = RealClock {
             now: Timestamp::from_millis(1_800_000_000_000),

@@ -142,6 +142,7 @@ fn engine<'s>(store: &'s Store, actor: &str) -> Engine<'s> {
         notifier: crate::notifier::shared(),
         actor: actor.to_string(),
         retry: RetryPolicy::default(),
+        limits: crate::engine::Limits::default(),
     }
 }
 

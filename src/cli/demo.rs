@@ -78,6 +78,7 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
         notifier: crate::notifier::shared(),
         actor: "demo".to_string(),
         retry: RetryPolicy::default(),
+        limits: crate::engine::Limits::default(),
     };
     let text = output == Output::Text;
     if text {
