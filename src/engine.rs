@@ -177,7 +177,9 @@ impl Engine<'_> {
         provider_record: Option<&serde_json::Value>,
     ) -> Result<Option<EventRecord>, EngineError> {
         let transition = machine::step(&loaded.plan, &loaded.stored.rollout, &event, now)?;
-        if transition.rollout == loaded.stored.rollout {
+        // An outcome that changes nothing is not recorded — unless it brings the provider's new
+        // record (a superseded change that landed): the record must match the backend.
+        if transition.rollout == loaded.stored.rollout && provider_record.is_none() {
             return Ok(None);
         }
         transition
@@ -210,22 +212,36 @@ impl Engine<'_> {
         Ok(Some(record))
     }
 
-    /// A person's command on a rollout (approve, pause, rollback, ...).
+    /// A person's command on a rollout (approve, pause, rollback, ...), recorded without any
+    /// call to the backend: `now` is the backend's last known time.
     pub fn submit(
         &self,
         id: &str,
         kind: EventKind,
         by: &str,
         reason: &str,
-        provider: &dyn Provider,
+        now: Timestamp,
     ) -> Result<Option<EventRecord>, EngineError> {
         let mut loaded = load(self.store, id)?;
+        self.command(&mut loaded, kind, by, reason, now)
+    }
+
+    /// Applies a person's command to a loaded rollout.
+    pub fn command(
+        &self,
+        loaded: &mut Loaded,
+        kind: EventKind,
+        by: &str,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let id = loaded.stored.rollout.id.clone();
         let reopens = matches!(
             kind,
             EventKind::RollbackRequested { .. } | EventKind::AbortRequested
         ) && loaded.stored.rollout.status == RolloutStatus::Completed;
         if reopens
-            && let Some((other, resource)) = self.store.claimant(&self.store.claims(id)?, id)?
+            && let Some((other, resource)) = self.store.claimant(&self.store.claims(&id)?, &id)?
         {
             return Err(EngineError::Claimed(format!(
                 "rollout `{other}` now drives {resource}; `{id}` completed and can no longer change it"
@@ -235,7 +251,8 @@ impl Engine<'_> {
             kind,
             trigger: Trigger::user(by, reason),
         };
-        self.apply(&mut loaded, event, provider.now(), None)
+        let now = now.max(loaded.stored.rollout.updated_at);
+        self.apply(loaded, event, now, None)
     }
 
     /// Picks up a changed plan file; errors leave the rollout untouched.
@@ -834,8 +851,16 @@ pub fn should_stop(rollout: &Rollout) -> bool {
     match rollout.status {
         Running | RollingBack | Aborting => false,
         Held => rollout.phases.iter().any(|p| p.hold_expired),
-        Pending | WaitingApproval | Paused | RolledBack | Rejected | Aborted | Completed
-        | Failed | Drifted | WaitingTenantApproval => true,
+        Pending
+        | WaitingApproval
+        | Paused
+        | RolledBack
+        | Rejected
+        | Aborted
+        | Completed
+        | Failed
+        | Drifted
+        | WaitingTenantApproval => true,
     }
 }
 
@@ -981,7 +1006,7 @@ max_hold = "1h"
             notifier: crate::notifier::shared(),
             actor: "test".into(),
             retry: RetryPolicy::default(),
-        limits: crate::engine::Limits::default(),
+            limits: crate::engine::Limits::default(),
         };
         let mut provider = RealClock {
             now: Timestamp::from_millis(1_800_000_000_000),

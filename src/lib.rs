@@ -1,12 +1,16 @@
 //! phasegate drives staged rollouts of device-compliance and access policies as a persisted state
 //! machine. See `docs/ARCHITECTURE.md` for the map.
 
+pub mod api;
 pub mod cli;
 pub mod crash;
+pub mod daemon;
 pub mod domain;
 pub mod emulator;
 pub mod engine;
 pub mod graph;
+pub mod identity;
 pub mod notifier;
 pub mod provider;
+pub mod runner;
 pub mod store;

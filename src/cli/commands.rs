@@ -2,24 +2,35 @@
 //! exit code.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Serialize;
 
+use super::remote::Remote;
 use super::view::{self, rollout_view};
 use super::{CommandResult, Failure, Output, exit, text};
+use crate::daemon;
 use crate::domain::event::EventKind;
 use crate::domain::machine;
 use crate::domain::plan::{self, Plan};
-use crate::domain::rollout::{Rollout, RolloutStatus};
-use crate::engine::{self, DriveOutcome, Engine, EngineError, Pace, RetryPolicy};
+use crate::domain::rollout::RolloutStatus;
+use crate::engine::{self, Engine, EngineError, RetryPolicy};
 use crate::provider;
 use crate::provider::ErrorKind;
+use crate::runner::{self, Runner};
 use crate::store::{self, DEFAULT_LOCK_WAIT, EventRecord, PlanRecord, Store};
 
 pub struct Context {
     pub store: PathBuf,
     pub output: Output,
+    /// `--server URL`: talk to that daemon's API instead of the store.
+    pub server: Option<String>,
+}
+
+impl Context {
+    /// The daemon to go through, when one holds the store (or `--server` names one).
+    fn remote(&self) -> Result<Option<Remote>, Failure> {
+        Remote::find(&self.store, self.server.as_deref())
+    }
 }
 
 fn print_json<T: Serialize>(value: &T) {
@@ -147,12 +158,7 @@ fn engine<'s>(store: &'s Store, actor: &str) -> Engine<'s> {
 }
 
 fn valid_id(id: &str) -> Result<(), Failure> {
-    let ok = !id.is_empty()
-        && id.len() <= 100
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+    if super::valid_rollout_id(id) {
         Ok(())
     } else {
         Err(Failure::invalid(format!(
@@ -163,6 +169,23 @@ fn valid_id(id: &str) -> Result<(), Failure> {
 
 pub async fn start(ctx: &Context, file: &Path, id: Option<String>, by: &str) -> CommandResult {
     let (source, plan) = read_plan(file)?;
+    if let Some(remote) = ctx.remote()? {
+        let path = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+        let mut body =
+            serde_json::json!({"plan": source, "file": path.display().to_string(), "id": id});
+        if remote.local {
+            body["by"] = serde_json::json!(by);
+        }
+        let view = remote.post("/api/v1/rollouts", &body).await?;
+        for warning in view["warnings"].as_array().into_iter().flatten() {
+            eprintln!("warning: {}", warning.as_str().unwrap_or(""));
+        }
+        match ctx.output {
+            Output::Text => println!("{}", view["id"].as_str().unwrap_or("")),
+            Output::Json => print_json(&view),
+        }
+        return Ok(exit::OK);
+    }
     let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
     let id = match id {
         Some(id) => {
@@ -202,80 +225,126 @@ pub async fn start(ctx: &Context, file: &Path, id: Option<String>, by: &str) -> 
     Ok(exit::OK)
 }
 
-/// How long `run` sleeps at most before looking at the store again (approvals may have arrived).
-const POLL: Duration = Duration::from_secs(30);
-
+/// `phasegate run`: drives rollouts until each is finished or needs a person. While it runs it
+/// owns the store and lets other commands in through its API on loopback (`daemon.json`).
 pub async fn run(ctx: &Context, only: Option<&str>, once: bool) -> CommandResult {
     let _driver = store::lock_driver(&ctx.store)?;
-    loop {
-        let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
-        let ids: Vec<String> = match only {
-            Some(id) => vec![id.to_string()],
-            None => store
-                .rollouts()?
-                .into_iter()
-                .filter(|r| {
-                    !matches!(
-                        r.rollout.status,
-                        RolloutStatus::Completed | RolloutStatus::Aborted
-                    )
-                })
-                .map(|r| r.rollout.id)
-                .collect(),
-        };
-        if ids.is_empty() {
-            if ctx.output == Output::Text {
-                println!("no rollouts to run");
-            } else {
-                print_json(&Vec::<view::RolloutView>::new());
-            }
-            return Ok(exit::OK);
+    let store = std::sync::Arc::new(Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?);
+    let ids: Vec<String> = match only {
+        Some(id) => {
+            store.rollout(id)?;
+            vec![id.to_string()]
         }
-        let mut waits = Vec::new();
-        let mut failed = false;
-        for id in &ids {
-            match drive_one(ctx, &store, id, once).await {
-                Ok(DriveOutcome::Wait(wait)) => waits.push(wait),
-                Ok(DriveOutcome::Stopped(_)) => {}
-                Err(failure) if only.is_some() => return Err(failure),
-                Err(failure) => {
-                    eprintln!("error: {id}: {}", failure.message.trim_end());
-                    failed = true;
-                }
-            }
+        None => store
+            .rollouts()?
+            .into_iter()
+            .filter(|r| {
+                !matches!(
+                    r.rollout.status,
+                    RolloutStatus::Completed | RolloutStatus::Aborted
+                ) || !r.rollout.pending.is_empty()
+            })
+            .map(|r| r.rollout.id)
+            .collect(),
+    };
+    if ids.is_empty() {
+        if ctx.output == Output::Text {
+            println!("no rollouts to run");
+        } else {
+            print_json(&Vec::<view::RolloutView>::new());
         }
-        let earliest = waits.iter().min().copied();
-        if once || earliest.is_none() {
-            return finish_run(ctx, &store, &ids, failed);
-        }
-        drop(store);
-        let wait = earliest.unwrap_or(POLL).min(POLL);
-        tracing::info!(?wait, "waiting for the next deadline");
-        tokio::time::sleep(wait).await;
+        return Ok(exit::OK);
     }
+    let runner = Runner::new(
+        store.clone(),
+        crate::notifier::shared(),
+        runner::Settings {
+            actor: "run".into(),
+            until: runner::Until::Idle,
+            only: only.map(str::to_string),
+            once,
+            limits: engine::Limits::default(),
+        },
+    );
+    let handle = runner.handle();
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let api = local_api(&ctx.store, handle.clone(), store.clone(), "run", closing).await?;
+    let text = ctx.output == Output::Text;
+    let printer = tokio::spawn(print_transitions(handle.subscribe(), text));
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let report = runner.run(daemon::shutdown_signal(stop)).await;
+    let _ = closing_tx.send(true);
+    drop(handle);
+    let _ = api.await;
+    printer.abort();
+    let report = report?;
+    for (id, error) in &report.errors {
+        eprintln!("error: {id}: {}", error.trim_end());
+    }
+    if only.is_some()
+        && let Some(error) = report.errors.values().next()
+    {
+        return Err(Failure {
+            code: exit::FAILURE,
+            message: error.clone(),
+        });
+    }
+    finish_run(ctx, &store, &ids, !report.errors.is_empty())
 }
 
-async fn drive_one(
-    ctx: &Context,
-    store: &Store,
-    id: &str,
-    once: bool,
-) -> Result<DriveOutcome, Failure> {
-    let loaded = engine::load(store, id)?;
-    let mut provider = provider::connect(&loaded.plan.provider, store).await?;
-    let pace = if once { Pace::Once } else { Pace::Continuous };
-    let text = ctx.output == Output::Text;
-    let mut print = |_: &Plan, rollout: &Rollout, record: &EventRecord| {
-        if text && worth_printing(record) {
-            println!("{}  {}", rollout.id, view::event_line(record));
-            for note in &record.notes {
-                println!("{:width$}  · {note}", "", width = rollout.id.len());
+/// Serves the API on loopback for the CLI on this machine while this process holds the store.
+async fn local_api(
+    store_dir: &Path,
+    handle: runner::Handle,
+    store: std::sync::Arc<Store>,
+    kind: &str,
+    closing: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, Failure> {
+    let failure = |e: std::io::Error| Failure {
+        code: exit::FAILURE,
+        message: format!("cannot serve the local API: {e}"),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(failure)?;
+    let addr = listener.local_addr().map_err(failure)?;
+    let token = crate::identity::new_token().map_err(|e| Failure {
+        code: exit::FAILURE,
+        message: e,
+    })?;
+    let published = daemon::publish(
+        store_dir,
+        &daemon::DaemonFile {
+            url: daemon::local_url(addr),
+            token: token.clone(),
+            pid: std::process::id(),
+            kind: kind.to_string(),
+        },
+    )
+    .map_err(failure)?;
+    Ok(tokio::spawn(async move {
+        let _published = published;
+        if let Err(e) =
+            daemon::serve_api(listener, handle, store, token, axum::Router::new(), closing).await
+        {
+            tracing::warn!(error = %e, "the local API stopped");
+        }
+    }))
+}
+
+/// Prints each committed transition worth a line, as it happens.
+async fn print_transitions(
+    mut events: tokio::sync::broadcast::Receiver<runner::Announcement>,
+    text: bool,
+) {
+    while let Ok(a) = events.recv().await {
+        if text && worth_printing(&a.record) {
+            println!("{}  {}", a.rollout, view::event_line(&a.record));
+            for note in &a.record.notes {
+                println!("{:width$}  · {note}", "", width = a.rollout.len());
             }
         }
-    };
-    Ok(engine(store, "run")
-        .drive(id, provider.as_mut(), pace, &mut print)
-        .await?)
+    }
 }
 
 fn worth_printing(record: &EventRecord) -> bool {
@@ -306,34 +375,295 @@ fn finish_run(ctx: &Context, store: &Store, ids: &[String], failed: bool) -> Com
     Ok(code)
 }
 
-pub fn status(ctx: &Context, id: Option<&str>) -> CommandResult {
+pub async fn status(ctx: &Context, id: Option<&str>, watch: bool) -> CommandResult {
+    if watch {
+        return status_watch(ctx, id.expect("clap requires an id")).await;
+    }
+    if let Some(remote) = ctx.remote()? {
+        let path = match id {
+            Some(id) => format!("/api/v1/rollouts/{id}"),
+            None => "/api/v1/rollouts".to_string(),
+        };
+        match ctx.output {
+            Output::Json => print_json(&remote.get(&path).await?),
+            Output::Text => {
+                let text = remote.get(&format!("{path}?format=text")).await?;
+                print!("{}", text["text"].as_str().unwrap_or(""));
+            }
+        }
+        return Ok(exit::OK);
+    }
     let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
-    let loaded = match id {
-        Some(id) => vec![engine::load(&store, id)?],
-        None => store
-            .rollouts()?
-            .iter()
-            .map(|r| engine::load(&store, &r.rollout.id))
-            .collect::<Result<Vec<_>, _>>()?,
-    };
-    match (ctx.output, id) {
-        (Output::Json, Some(_)) => {
-            print_json(&rollout_view(&loaded[0].plan, &loaded[0].stored.rollout))
+    match ctx.output {
+        Output::Json => match id {
+            Some(id) => {
+                let loaded = engine::load(&store, id)?;
+                print_json(&rollout_view(&loaded.plan, &loaded.stored.rollout))
+            }
+            None => print_json(&all_views(&store)?),
+        },
+        Output::Text => print!("{}", status_text(&store, id, &ctx.store)?),
+    }
+    Ok(exit::OK)
+}
+
+fn all_views(store: &Store) -> Result<Vec<view::RolloutView>, Failure> {
+    store
+        .rollouts()?
+        .iter()
+        .map(|r| {
+            let l = engine::load(store, &r.rollout.id)?;
+            Ok(rollout_view(&l.plan, &l.stored.rollout))
+        })
+        .collect()
+}
+
+/// `status` as text, from the store (the API serves the same text).
+pub fn status_text(store: &Store, id: Option<&str>, dir: &Path) -> Result<String, EngineError> {
+    match id {
+        Some(id) => {
+            let loaded = engine::load(store, id)?;
+            Ok(text::rollout_detail(&loaded.plan, &loaded.stored.rollout))
         }
-        (Output::Json, None) => print_json(
-            &loaded
+        None => {
+            let loaded = store
+                .rollouts()?
                 .iter()
-                .map(|l| rollout_view(&l.plan, &l.stored.rollout))
-                .collect::<Vec<_>>(),
-        ),
-        (Output::Text, Some(_)) => print!(
-            "{}",
-            text::rollout_detail(&loaded[0].plan, &loaded[0].stored.rollout)
-        ),
-        (Output::Text, None) if loaded.is_empty() => {
-            println!("no rollouts in {}", ctx.store.display())
+                .map(|r| engine::load(store, &r.rollout.id))
+                .collect::<Result<Vec<_>, _>>()?;
+            if loaded.is_empty() {
+                Ok(format!("no rollouts in {}\n", dir.display()))
+            } else {
+                Ok(text::rollout_list(&loaded))
+            }
         }
-        (Output::Text, None) => print!("{}", text::rollout_list(&loaded)),
+    }
+}
+
+/// Follows a rollout live: through the daemon's stream when one holds the store, else by
+/// looking at the store every second (opening it only for the moment of reading).
+async fn status_watch(ctx: &Context, id: &str) -> CommandResult {
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let draw = |text: &str| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if terminal {
+            let _ = write!(out, "\x1b[2J\x1b[H");
+        } else {
+            let _ = writeln!(out, "---");
+        }
+        let _ = write!(out, "{text}");
+        let _ = out.flush();
+    };
+    let done = |status: &str| matches!(status, "completed" | "aborted");
+    if let Some(remote) = ctx.remote()? {
+        let text_path = format!("/api/v1/rollouts/{id}?format=text");
+        let first = remote.get(&text_path).await?;
+        draw(first["text"].as_str().unwrap_or(""));
+        if done(first["status"].as_str().unwrap_or("")) {
+            return Ok(exit::OK);
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watch_path = format!("/api/v1/rollouts/{id}/watch");
+        let follow = remote.follow(&watch_path, |event| {
+            let _ = tx.send(event["status"].as_str().unwrap_or("").to_string());
+            true
+        });
+        tokio::pin!(follow);
+        loop {
+            tokio::select! {
+                ended = &mut follow => return ended.map(|_| exit::OK),
+                Some(status) = rx.recv() => {
+                    let view = remote.get(&text_path).await?;
+                    draw(view["text"].as_str().unwrap_or(""));
+                    if done(&status) {
+                        return Ok(exit::OK);
+                    }
+                }
+            }
+        }
+    }
+    let mut last = String::new();
+    loop {
+        let (text, status) = {
+            let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
+            let loaded = engine::load(&store, id)?;
+            (
+                text::rollout_detail(&loaded.plan, &loaded.stored.rollout),
+                loaded.stored.rollout.status,
+            )
+        };
+        if text != last {
+            draw(&text);
+            last = text;
+        }
+        if matches!(status, RolloutStatus::Completed | RolloutStatus::Aborted) {
+            return Ok(exit::OK);
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// `phasegate serve`: drives every rollout continuously and serves the API and the dashboard.
+pub async fn serve(ctx: &Context, listen: std::net::SocketAddr) -> CommandResult {
+    let _driver = store::lock_driver(&ctx.store)?;
+    let store = std::sync::Arc::new(Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?);
+    let runner = Runner::new(
+        store.clone(),
+        crate::notifier::shared(),
+        runner::Settings {
+            actor: "serve".into(),
+            until: runner::Until::Shutdown,
+            only: None,
+            once: false,
+            limits: engine::Limits::default(),
+        },
+    );
+    let handle = runner.handle();
+    let failure = |e: std::io::Error| Failure {
+        code: exit::FAILURE,
+        message: format!("cannot listen on {listen}: {e}"),
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(failure)?;
+    let addr = listener.local_addr().map_err(failure)?;
+    let token = crate::identity::new_token().map_err(|e| Failure {
+        code: exit::FAILURE,
+        message: e,
+    })?;
+    let published = daemon::publish(
+        &ctx.store,
+        &daemon::DaemonFile {
+            url: daemon::local_url(addr),
+            token: token.clone(),
+            pid: std::process::id(),
+            kind: "serve".into(),
+        },
+    )
+    .map_err(failure)?;
+    println!("phasegate serve listening on http://{addr}");
+    println!("  store:     {}", ctx.store.display());
+    println!("  api:       http://{addr}/api/v1/rollouts   dashboard: http://{addr}/");
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let extra = crate::daemon::extra_routes(handle.clone(), store.clone(), &token);
+    let api = tokio::spawn(daemon::serve_api(
+        listener,
+        handle.clone(),
+        store.clone(),
+        token.clone(),
+        extra,
+        closing,
+    ));
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let report = runner.run(daemon::shutdown_signal(stop)).await;
+    let _ = closing_tx.send(true);
+    drop(handle);
+    let _ = api.await;
+    drop(published);
+    let report = report?;
+    for (id, error) in &report.errors {
+        eprintln!("error: {id}: {}", error.trim_end());
+    }
+    Ok(exit::OK)
+}
+
+pub async fn token_create(ctx: &Context, name: &str, role: &str) -> CommandResult {
+    let (name, token, role) = if let Some(remote) = ctx.remote()? {
+        let created = remote
+            .post(
+                "/api/v1/tokens",
+                &serde_json::json!({"name": name, "role": role}),
+            )
+            .await?;
+        (
+            name.to_string(),
+            created["token"].as_str().unwrap_or("").to_string(),
+            created["role"].as_str().unwrap_or(role).to_string(),
+        )
+    } else {
+        let parsed = crate::identity::Role::parse(role).ok_or_else(|| {
+            Failure::invalid(format!(
+                "unknown role `{role}`: expected viewer, approver, operator or admin"
+            ))
+        })?;
+        let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
+        let token = crate::api::auth::create(&store, name, parsed).map_err(Failure::invalid)?;
+        (name.to_string(), token, parsed.to_string())
+    };
+    match ctx.output {
+        Output::Json => {
+            print_json(&serde_json::json!({"name": name, "role": role, "token": token}))
+        }
+        Output::Text => {
+            println!("{token}");
+            eprintln!(
+                "token for `{name}` ({role}); it is shown only now — keep it in a secret store"
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
+pub async fn token_list(ctx: &Context) -> CommandResult {
+    let list: Vec<serde_json::Value> = if let Some(remote) = ctx.remote()? {
+        remote
+            .get("/api/v1/tokens")
+            .await?
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    } else {
+        let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
+        store
+            .tokens()?
+            .iter()
+            .map(|t| {
+                serde_json::json!({"name": t.name, "role": t.role.as_str(),
+                    "created_at": t.created_at.rfc3339(), "revoked_at": t.revoked_at.map(|r| r.rfc3339())})
+            })
+            .collect()
+    };
+    match ctx.output {
+        Output::Json => print_json(&list),
+        Output::Text => {
+            println!("{:<24} {:<9} {:<21} REVOKED", "NAME", "ROLE", "CREATED");
+            for t in &list {
+                println!(
+                    "{:<24} {:<9} {:<21} {}",
+                    t["name"].as_str().unwrap_or(""),
+                    t["role"].as_str().unwrap_or(""),
+                    t["created_at"].as_str().unwrap_or(""),
+                    t["revoked_at"].as_str().unwrap_or("-")
+                );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+pub async fn token_revoke(ctx: &Context, name: &str) -> CommandResult {
+    let revoked = if let Some(remote) = ctx.remote()? {
+        remote
+            .post(
+                &format!("/api/v1/tokens/{name}/revoke"),
+                &serde_json::json!({}),
+            )
+            .await?["revoked"]
+            .as_u64()
+            .unwrap_or(0) as usize
+    } else {
+        let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
+        crate::api::auth::revoke(&store, name)?
+    };
+    if revoked == 0 {
+        return Err(Failure::invalid(format!("no active token named `{name}`")));
+    }
+    if ctx.output == Output::Text {
+        println!(
+            "revoked {revoked} token{} named `{name}`",
+            if revoked == 1 { "" } else { "s" }
+        );
     }
     Ok(exit::OK)
 }
@@ -355,7 +685,8 @@ pub async fn approve(
     comment: Option<String>,
 ) -> CommandResult {
     let reason = comment.clone().unwrap_or_default();
-    submit(ctx, id, by, &reason, |loaded| {
+    let body = serde_json::json!({"phase": phase, "ticket": ticket, "comment": comment});
+    submit(ctx, id, by, &reason, ("approve", body), |loaded| {
         let phase = match phase {
             Some(phase) => phase,
             None => machine::default_approval_phase(&loaded.plan, &loaded.stored.rollout)?,
@@ -376,7 +707,8 @@ pub async fn reject(
     phase: Option<String>,
     reason: &str,
 ) -> CommandResult {
-    submit(ctx, id, by, reason, |loaded| {
+    let body = serde_json::json!({"phase": phase});
+    submit(ctx, id, by, reason, ("reject", body), |loaded| {
         let phase = match phase {
             Some(phase) => phase,
             None => machine::default_approval_phase(&loaded.plan, &loaded.stored.rollout)?,
@@ -393,30 +725,67 @@ pub async fn simple(
     by: &str,
     reason: &str,
 ) -> CommandResult {
-    let kind = match what {
-        Simple::Pause => EventKind::PauseRequested,
-        Simple::Resume => EventKind::ResumeRequested,
-        Simple::Rollback(to) => EventKind::RollbackRequested { to },
-        Simple::Abort => EventKind::AbortRequested,
-        Simple::Resolve(resolution) => EventKind::DriftResolved { resolution },
+    let (action, body, kind) = match what {
+        Simple::Pause => ("pause", serde_json::json!({}), EventKind::PauseRequested),
+        Simple::Resume => ("resume", serde_json::json!({}), EventKind::ResumeRequested),
+        Simple::Rollback(to) => (
+            "rollback",
+            serde_json::json!({"to": to}),
+            EventKind::RollbackRequested { to },
+        ),
+        Simple::Abort => ("abort", serde_json::json!({}), EventKind::AbortRequested),
+        Simple::Resolve(resolution) => (
+            "drift",
+            serde_json::json!({"decision": resolution.as_str()}),
+            EventKind::DriftResolved { resolution },
+        ),
     };
-    submit(ctx, id, by, reason, |_| Ok(kind)).await
+    submit(ctx, id, by, reason, (action, body), |_| Ok(kind)).await
 }
 
-/// Applies a person's command and shows where the rollout stands.
+/// Applies a person's command and shows where the rollout stands: through the daemon's API when
+/// one holds the store, else directly — recorded without contacting the backend either way.
 async fn submit(
     ctx: &Context,
     id: &str,
     by: &str,
     reason: &str,
+    remote_call: (&str, serde_json::Value),
     event: impl FnOnce(&engine::Loaded) -> Result<EventKind, machine::Rejection>,
 ) -> CommandResult {
+    if let Some(remote) = ctx.remote()? {
+        let (action, mut body) = remote_call;
+        body["reason"] = serde_json::json!(reason);
+        if remote.local {
+            body["by"] = serde_json::json!(by);
+        }
+        let view = remote
+            .post(&format!("/api/v1/rollouts/{id}/{action}"), &body)
+            .await?;
+        match ctx.output {
+            Output::Json => print_json(&view),
+            Output::Text => {
+                for note in view["recorded"]["notes"].as_array().into_iter().flatten() {
+                    println!("· {}", note.as_str().unwrap_or(""));
+                }
+                println!(
+                    "{}: {} — {}",
+                    view["id"].as_str().unwrap_or(id),
+                    view["status"].as_str().unwrap_or(""),
+                    view["reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+        return Ok(exit::OK);
+    }
     let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
     let loaded = engine::load(&store, id)?;
     let kind = event(&loaded).map_err(EngineError::from)?;
-    let provider = provider::connect(&loaded.plan.provider, &store).await?;
+    // A decision is recorded without contacting the backend; `run` carries it out.
+    let now = provider::offline_now(&loaded.plan.provider, &store, &loaded)
+        .unwrap_or(loaded.stored.rollout.updated_at);
     let engine = engine(&store, "cli");
-    let record = engine.submit(id, kind, by, reason, provider.as_ref())?;
+    let record = engine.submit(id, kind, by, reason, now)?;
     let loaded = engine::load(&store, id)?;
     match ctx.output {
         Output::Json => print_json(&rollout_view(&loaded.plan, &loaded.stored.rollout)),
@@ -436,7 +805,36 @@ async fn submit(
     Ok(exit::OK)
 }
 
-pub fn history(ctx: &Context, id: &str, verify: bool) -> CommandResult {
+pub async fn history(ctx: &Context, id: &str, verify: bool) -> CommandResult {
+    if let Some(remote) = ctx.remote()? {
+        let answer = remote
+            .get(&format!("/api/v1/rollouts/{id}/history"))
+            .await?;
+        let verified = answer["verified"].as_bool().unwrap_or(false);
+        if verify {
+            match ctx.output {
+                Output::Json => print_json(&serde_json::json!({"id": id, "verified": verified,
+                    "events": answer["events"].as_array().map_or(0, Vec::len), "verification": answer["verification"]})),
+                Output::Text if verified => {
+                    println!("{id}: {}", answer["verification"].as_str().unwrap_or(""))
+                }
+                Output::Text => {
+                    eprintln!("{id}: {}", answer["verification"].as_str().unwrap_or(""))
+                }
+            }
+            return Ok(if verified { exit::OK } else { exit::FAILURE });
+        }
+        let events: Vec<EventRecord> =
+            serde_json::from_value(answer["events"].clone()).map_err(|e| Failure {
+                code: exit::FAILURE,
+                message: format!("unreadable history from the daemon: {e}"),
+            })?;
+        match ctx.output {
+            Output::Json => print_json(&events),
+            Output::Text => print!("{}", text::history(&events)),
+        }
+        return Ok(exit::OK);
+    }
     let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
     if verify {
         let verdict = store.verify(id)?;

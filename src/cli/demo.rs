@@ -141,7 +141,7 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
                     },
                     DEMO_APPROVER,
                     "approved automatically by the demo",
-                    provider.as_ref(),
+                    provider.now(),
                 )?;
                 if let Some(record) = record {
                     narrate(&loaded.plan, &loaded.stored.rollout, &record);

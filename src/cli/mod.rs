@@ -6,8 +6,10 @@
 //! Logs go to stderr through tracing (`RUST_LOG`); stdout carries only the command's output.
 
 mod commands;
+pub use commands::status_text;
 mod demo;
-mod text;
+mod remote;
+pub mod text;
 pub mod view;
 
 use std::path::PathBuf;
@@ -42,6 +44,9 @@ pub struct Cli {
     /// Output format
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Talk to the phasegate serve at this URL (token in PHASEGATE_TOKEN) instead of the store
+    #[arg(long, global = true, env = "PHASEGATE_SERVER", value_name = "URL")]
+    server: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,7 +81,21 @@ enum Command {
         once: bool,
     },
     /// Show one rollout or all
-    Status { id: Option<String> },
+    Status {
+        id: Option<String>,
+        /// Follow the rollout live, redrawing its table at each transition
+        #[arg(long, requires = "id")]
+        watch: bool,
+    },
+    /// Drive every rollout continuously and serve the HTTP API and dashboard
+    Serve {
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+    },
+    /// Manage API tokens
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Approve the promotion of a phase
     Approve {
         id: String,
@@ -211,6 +230,23 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token (shown once) for a person or a pipeline
+    Create {
+        /// Who the token is: the name the audit trail records
+        #[arg(long)]
+        name: String,
+        /// viewer, approver, operator or admin
+        #[arg(long)]
+        role: String,
+    },
+    /// List tokens (names, roles, when created or revoked; never the tokens)
+    List,
+    /// Revoke every active token of this name
+    Revoke { name: String },
+}
+
+#[derive(Subcommand, Debug)]
 enum DriftCommand {
     /// Write phasegate's values back over the other administrator's change, then continue
     Reapply {
@@ -250,6 +286,15 @@ enum PlanCommand {
 enum ShowFormat {
     Text,
     Dot,
+}
+
+/// A rollout id: 1 to 100 letters, digits, `-`, `_` and `.`.
+pub fn valid_rollout_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 100
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// A command's failure, with the exit code it maps to.
@@ -337,6 +382,7 @@ async fn dispatch(cli: Cli) -> CommandResult {
     let ctx = commands::Context {
         store,
         output: cli.output,
+        server: cli.server.clone(),
     };
     match cli.command {
         Command::Plan(PlanCommand::Check { files }) => commands::plan_check(&ctx, &files),
@@ -345,7 +391,13 @@ async fn dispatch(cli: Cli) -> CommandResult {
         }
         Command::Start { file, id, by } => commands::start(&ctx, &file, id, &by_or_user(by)).await,
         Command::Run { id, once } => commands::run(&ctx, id.as_deref(), once).await,
-        Command::Status { id } => commands::status(&ctx, id.as_deref()),
+        Command::Status { id, watch } => commands::status(&ctx, id.as_deref(), watch).await,
+        Command::Serve { listen } => commands::serve(&ctx, listen).await,
+        Command::Token(TokenCommand::Create { name, role }) => {
+            commands::token_create(&ctx, &name, &role).await
+        }
+        Command::Token(TokenCommand::List) => commands::token_list(&ctx).await,
+        Command::Token(TokenCommand::Revoke { name }) => commands::token_revoke(&ctx, &name).await,
         Command::Approve {
             id,
             by,
@@ -393,7 +445,7 @@ async fn dispatch(cli: Cli) -> CommandResult {
             let what = commands::Simple::Resolve(DriftResolution::Adopt);
             commands::simple(&ctx, &id, what, &by_or_user(by), &reason).await
         }
-        Command::History { id, verify } => commands::history(&ctx, &id, verify),
+        Command::History { id, verify } => commands::history(&ctx, &id, verify).await,
         Command::Demo { devices, seed } => demo::run(ctx.output, devices, seed).await,
         Command::Emulator {
             listen,

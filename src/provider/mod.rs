@@ -186,6 +186,23 @@ pub trait Provider: Send {
     ) -> Result<Observation, ProviderError>;
 }
 
+/// The backend's time without contacting it, for decisions recorded while the backend is busy
+/// or away: a simulated tenant's clock from the store, otherwise the rollout's last event (the
+/// last moment the backend's clock was seen).
+pub fn offline_now(
+    settings: &ProviderSettings,
+    store: &Store,
+    loaded: &crate::engine::Loaded,
+) -> Option<Timestamp> {
+    let last = loaded.stored.rollout.updated_at;
+    match settings {
+        ProviderSettings::Simulator(settings) => simulator::SimProvider::open(settings, store)
+            .ok()
+            .map(|sim| sim.now().max(last)),
+        ProviderSettings::Graph(_) => Some(last),
+    }
+}
+
 /// Builds the provider a plan asks for (a Graph provider signs in and learns the tenant's time).
 pub async fn connect(
     settings: &ProviderSettings,

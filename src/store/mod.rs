@@ -90,6 +90,7 @@ pub struct Store {
     plans: sled::Tree,
     baselines: sled::Tree,
     claims: sled::Tree,
+    tokens: sled::Tree,
     meta: sled::Tree,
     id: String,
     _lock: FileLock,
@@ -130,6 +131,7 @@ impl Store {
             plans: tree("plans")?,
             baselines: tree("baselines")?,
             claims: tree("claims")?,
+            tokens: tree("tokens")?,
             meta: tree("meta")?,
             id: String::new(),
             path: dir.to_path_buf(),
@@ -192,6 +194,36 @@ impl Store {
             }
         }
         Ok(None)
+    }
+
+    /// Keeps an API token's record (by its hash), durably.
+    pub fn put_token(&self, token: &crate::identity::TokenRecord) -> Result<(), StoreError> {
+        self.tokens
+            .insert(token.hash.as_bytes(), records::encode(token))
+            .map_err(|e| self.db_error(e))?;
+        self.flush()
+    }
+
+    /// The token whose hash this is, if it exists.
+    pub fn token(&self, hash: &str) -> Result<Option<crate::identity::TokenRecord>, StoreError> {
+        match self
+            .tokens
+            .get(hash.as_bytes())
+            .map_err(|e| self.db_error(e))?
+        {
+            Some(bytes) => records::decode("tokens", &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub fn tokens(&self) -> Result<Vec<crate::identity::TokenRecord>, StoreError> {
+        self.tokens
+            .iter()
+            .map(|entry| {
+                let (_, value) = entry.map_err(|e| self.db_error(e))?;
+                records::decode("tokens", &value)
+            })
+            .collect()
     }
 
     /// Records which backend objects a rollout drives (see [`Store::claimant`]).

@@ -1,0 +1,582 @@
+//! The HTTP API under `/api/v1`, served by `phasegate serve` (and, on loopback for the CLI on the
+//! same machine, by `phasegate run`).
+//!
+//! JSON in and out, the same rollout object as `status --output json`; every change goes through
+//! the runner's [`Handle`], so it is recorded at once whatever the backend is doing. Callers
+//! authenticate with a bearer token; its role decides what it may do, and its name is what the
+//! audit trail records (only the daemon's own local token may name another person, as direct
+//! access to the store can). Transitions stream as server-sent events, resumable with
+//! `Last-Event-ID`. The contract is `docs/openapi.json`, served at `/api/v1/openapi.json`.
+
+pub mod auth;
+pub mod sse;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::cli::view::rollout_view;
+use crate::domain::event::{DriftResolution, EventKind};
+use crate::domain::machine;
+use crate::domain::plan;
+use crate::engine::{self, Engine, EngineError};
+use crate::identity::{Identity, Role, Source};
+use crate::runner::Handle;
+use crate::store::{PlanRecord, Store, StoreError};
+
+pub use auth::Caller;
+
+/// The OpenAPI document of this API (also in `docs/openapi.json`).
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct ApiState {
+    pub handle: Handle,
+    pub store: Arc<Store>,
+    /// Hash of the daemon's own token, for the CLI on this machine.
+    pub local_token_hash: Arc<String>,
+    /// Turns true when the process shuts down: live streams end.
+    pub closing: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The API's routes. The dashboard and `/metrics` are added beside them by `serve`.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/whoami", get(whoami))
+        .route("/api/v1/rollouts", get(list).post(start))
+        .route("/api/v1/rollouts/{id}", get(one))
+        .route("/api/v1/rollouts/{id}/history", get(history))
+        .route("/api/v1/rollouts/{id}/watch", get(sse::watch_one))
+        .route("/api/v1/watch", get(sse::watch_all))
+        .route("/api/v1/rollouts/{id}/approve", post(approve))
+        .route("/api/v1/rollouts/{id}/reject", post(reject))
+        .route("/api/v1/rollouts/{id}/pause", post(pause))
+        .route("/api/v1/rollouts/{id}/resume", post(resume))
+        .route("/api/v1/rollouts/{id}/rollback", post(rollback))
+        .route("/api/v1/rollouts/{id}/abort", post(abort))
+        .route("/api/v1/rollouts/{id}/drift", post(drift))
+        .route("/api/v1/plans/check", post(check_plan))
+        .route("/api/v1/tokens", get(tokens).post(create_token))
+        .route("/api/v1/tokens/{name}/revoke", post(revoke_token))
+        .with_state(state)
+}
+
+/// An API failure: a status and one line saying what is wrong.
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": self.message}))).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(err: EngineError) -> ApiError {
+        let status = match &err {
+            EngineError::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
+            EngineError::Store(StoreError::AlreadyExists(_)) => StatusCode::CONFLICT,
+            EngineError::Rejected(_) | EngineError::Claimed(_) => StatusCode::CONFLICT,
+            EngineError::Plan(_) => StatusCode::BAD_REQUEST,
+            EngineError::Provider(e)
+                if matches!(
+                    e.kind,
+                    crate::provider::ErrorKind::NotFound | crate::provider::ErrorKind::Conflict
+                ) =>
+            {
+                StatusCode::CONFLICT
+            }
+            EngineError::Provider(_) => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, err.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> ApiError {
+        ApiError::from(EngineError::Store(err))
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn view_of(store: &Store, id: &str) -> Result<Value, ApiError> {
+    let loaded = engine::load(store, id)?;
+    Ok(
+        serde_json::to_value(rollout_view(&loaded.plan, &loaded.stored.rollout))
+            .expect("views serialize"),
+    )
+}
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+async fn whoami(caller: Caller) -> Json<Value> {
+    Json(json!({"name": caller.0.name, "role": caller.0.role.as_str()}))
+}
+
+/// `?format=text`: the same text `phasegate status` prints, for the CLI through the API.
+#[derive(Deserialize, Default)]
+struct Format {
+    format: Option<String>,
+}
+
+fn text_wanted(format: &Format) -> bool {
+    format.format.as_deref() == Some("text")
+}
+
+async fn list(
+    State(state): State<ApiState>,
+    _caller: Caller,
+    axum::extract::Query(format): axum::extract::Query<Format>,
+) -> ApiResult {
+    if text_wanted(&format) {
+        let text = crate::cli::status_text(&state.store, None, state.store.path())?;
+        return Ok(Json(json!({"text": text})).into_response());
+    }
+    let rollouts = state.store.rollouts()?;
+    let views: Vec<Value> = rollouts
+        .iter()
+        .map(|r| view_of(&state.store, &r.rollout.id))
+        .collect::<Result<_, _>>()?;
+    Ok(Json(views).into_response())
+}
+
+async fn one(
+    State(state): State<ApiState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+    axum::extract::Query(format): axum::extract::Query<Format>,
+) -> ApiResult {
+    let mut view = view_of(&state.store, &id)?;
+    if text_wanted(&format) {
+        view["text"] = json!(crate::cli::status_text(
+            &state.store,
+            Some(&id),
+            state.store.path()
+        )?);
+    }
+    Ok(Json(view).into_response())
+}
+
+async fn history(
+    State(state): State<ApiState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult {
+    state.store.rollout(&id)?;
+    let events = state.store.events(&id)?;
+    let verdict = state.store.verify(&id)?;
+    Ok(Json(json!({
+        "id": id,
+        "verified": verdict.is_ok(),
+        "verification": match &verdict {
+            Ok(n) => format!("audit trail verified, {n} events, hash chain intact"),
+            Err(e) => format!("audit trail is broken: {e}"),
+        },
+        "events": events,
+    }))
+    .into_response())
+}
+
+fn require(caller: &Identity, allowed: bool, what: &str, roles: &str) -> Result<(), ApiError> {
+    if allowed {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "`{}` has the role {}; {what} needs {roles}",
+                caller.name, caller.role
+            ),
+        ))
+    }
+}
+
+/// The person a command is recorded for: the token's name, or — for the daemon's local token
+/// only — the `by` the CLI passes along.
+fn actor(caller: &Identity, by: Option<&str>) -> Result<String, ApiError> {
+    match (caller.source, by.map(str::trim)) {
+        (Source::Local, Some(by)) if !by.is_empty() => Ok(by.to_string()),
+        (Source::Local, Some(_)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "`by` must not be empty",
+        )),
+        (Source::Token, Some(by)) if by != caller.name => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "the token `{}` acts as itself; it cannot record `{by}` as the actor",
+                caller.name
+            ),
+        )),
+        _ => Ok(caller.name.clone()),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Decision {
+    phase: Option<String>,
+    ticket: Option<String>,
+    comment: Option<String>,
+    #[serde(default)]
+    reason: String,
+    to: Option<String>,
+    decision: Option<String>,
+    by: Option<String>,
+}
+
+fn body(body: Option<Json<Decision>>) -> Decision {
+    body.map(|Json(b)| b).unwrap_or_default()
+}
+
+async fn command(state: &ApiState, id: &str, kind: EventKind, by: &str, reason: &str) -> ApiResult {
+    state.store.rollout(id)?;
+    let record = state.handle.command(id, kind, by, reason).await?;
+    let mut view = view_of(&state.store, id)?;
+    view["recorded"] = json!(record.map(|r| json!({"seq": r.seq, "notes": r.notes})));
+    Ok(Json(view).into_response())
+}
+
+async fn approve(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    decision: Option<Json<Decision>>,
+) -> ApiResult {
+    require(
+        &caller,
+        caller.role.can_approve(),
+        "approving",
+        "approver or admin",
+    )?;
+    let d = body(decision);
+    let by = actor(&caller, d.by.as_deref())?;
+    let loaded = engine::load(&state.store, &id)?;
+    let phase = match d.phase {
+        Some(p) => p,
+        None => machine::default_approval_phase(&loaded.plan, &loaded.stored.rollout)
+            .map_err(EngineError::from)?,
+    };
+    let reason = d.comment.clone().unwrap_or_default();
+    let kind = EventKind::ApprovalGranted {
+        phase,
+        ticket: d.ticket,
+        comment: d.comment,
+    };
+    command(&state, &id, kind, &by, &reason).await
+}
+
+async fn reject(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    decision: Option<Json<Decision>>,
+) -> ApiResult {
+    require(
+        &caller,
+        caller.role.can_approve(),
+        "rejecting",
+        "approver or admin",
+    )?;
+    let d = body(decision);
+    let by = actor(&caller, d.by.as_deref())?;
+    if d.reason.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "a rejection needs a `reason`",
+        ));
+    }
+    let loaded = engine::load(&state.store, &id)?;
+    let phase = match d.phase {
+        Some(p) => p,
+        None => machine::default_approval_phase(&loaded.plan, &loaded.stored.rollout)
+            .map_err(EngineError::from)?,
+    };
+    command(
+        &state,
+        &id,
+        EventKind::ApprovalRejected { phase },
+        &by,
+        &d.reason,
+    )
+    .await
+}
+
+async fn operate(
+    state: ApiState,
+    caller: Identity,
+    id: String,
+    decision: Option<Json<Decision>>,
+    what: &str,
+    kind: impl FnOnce(&Decision) -> Result<EventKind, ApiError>,
+) -> ApiResult {
+    require(
+        &caller,
+        caller.role.can_operate(),
+        what,
+        "operator or admin",
+    )?;
+    let d = body(decision);
+    let by = actor(&caller, d.by.as_deref())?;
+    let kind = kind(&d)?;
+    command(&state, &id, kind, &by, &d.reason).await
+}
+
+async fn pause(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    d: Option<Json<Decision>>,
+) -> ApiResult {
+    operate(state, caller, id, d, "pausing", |_| {
+        Ok(EventKind::PauseRequested)
+    })
+    .await
+}
+
+async fn resume(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    d: Option<Json<Decision>>,
+) -> ApiResult {
+    operate(state, caller, id, d, "resuming", |_| {
+        Ok(EventKind::ResumeRequested)
+    })
+    .await
+}
+
+async fn rollback(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    d: Option<Json<Decision>>,
+) -> ApiResult {
+    operate(state, caller, id, d, "rolling back", |d| {
+        Ok(EventKind::RollbackRequested { to: d.to.clone() })
+    })
+    .await
+}
+
+async fn abort(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    d: Option<Json<Decision>>,
+) -> ApiResult {
+    operate(state, caller, id, d, "aborting", |_| {
+        Ok(EventKind::AbortRequested)
+    })
+    .await
+}
+
+async fn drift(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    d: Option<Json<Decision>>,
+) -> ApiResult {
+    operate(state, caller, id, d, "deciding about drift", |d| {
+        let resolution = match d.decision.as_deref() {
+            Some("reapply") => DriftResolution::Reapply,
+            Some("adopt") => DriftResolution::Adopt,
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("`decision` must be \"reapply\" or \"adopt\", not {other:?}"),
+                ));
+            }
+        };
+        Ok(EventKind::DriftResolved { resolution })
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanText {
+    /// The plan's TOML.
+    plan: String,
+    /// A name for it in errors and in the trail (default `plan.toml`).
+    file: Option<String>,
+    id: Option<String>,
+    by: Option<String>,
+}
+
+fn checked(file: &str, text: &str) -> Value {
+    match plan::parse(file, text) {
+        Ok(plan) => json!({"file": file, "valid": true, "phases": plan.phases.len(), "errors": []}),
+        Err(errors) => {
+            let list: Vec<Value> = errors
+                .diagnostics
+                .iter()
+                .map(|d| {
+                    let at = plan::position(&errors.source, d.span.start);
+                    json!({"line": at.line, "column": at.column, "message": d.message})
+                })
+                .collect();
+            json!({"file": file, "valid": false, "phases": 0, "errors": list})
+        }
+    }
+}
+
+async fn check_plan(_caller: Caller, Json(body): Json<PlanText>) -> Json<Value> {
+    let file = body.file.unwrap_or_else(|| "plan.toml".into());
+    Json(checked(&file, &body.plan))
+}
+
+async fn start(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Json(body): Json<PlanText>,
+) -> ApiResult {
+    require(
+        &caller,
+        caller.role.can_operate(),
+        "starting a rollout",
+        "operator or admin",
+    )?;
+    let by = actor(&caller, body.by.as_deref())?;
+    let file = body.file.clone().unwrap_or_else(|| "plan.toml".into());
+    let plan = plan::parse(&file, &body.plan).map_err(|errors| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the plan is invalid:\n{errors}"),
+        )
+    })?;
+    let id = match body.id {
+        Some(id) => id,
+        None => state.store.next_rollout_id(&plan.name)?,
+    };
+    if !crate::cli::valid_rollout_id(&id) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid rollout id `{id}`: use letters, digits, `-`, `_` and `.`"),
+        ));
+    }
+    let mut provider = crate::provider::connect(&plan.provider, &state.store)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let record = PlanRecord {
+        path: file,
+        source: body.plan.clone(),
+        hash: plan.hash.clone(),
+    };
+    let engine = Engine {
+        store: &state.store,
+        notifier: crate::notifier::shared(),
+        actor: "api".into(),
+        retry: engine::RetryPolicy::default(),
+        limits: engine::Limits::default(),
+    };
+    let (_, warnings) = engine
+        .start(&plan, record, &id, &by, provider.as_mut())
+        .await?;
+    state.handle.watch(&id).await;
+    let mut view = view_of(&state.store, &id)?;
+    view["warnings"] = json!(warnings);
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    name: String,
+    role: String,
+}
+
+async fn tokens(State(state): State<ApiState>, Caller(caller): Caller) -> ApiResult {
+    require(
+        &caller,
+        caller.role.can_administer(),
+        "listing tokens",
+        "admin",
+    )?;
+    let list: Vec<Value> = state
+        .store
+        .tokens()?
+        .iter()
+        .map(|t| {
+            json!({"name": t.name, "role": t.role.as_str(), "created_at": t.created_at.rfc3339(),
+                   "revoked_at": t.revoked_at.map(|r| r.rfc3339())})
+        })
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+async fn create_token(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Json(body): Json<NewToken>,
+) -> ApiResult {
+    require(
+        &caller,
+        caller.role.can_administer(),
+        "creating tokens",
+        "admin",
+    )?;
+    let role = Role::parse(&body.role).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unknown role `{}`: expected viewer, approver, operator or admin",
+                body.role
+            ),
+        )
+    })?;
+    let token = auth::create(&state.store, &body.name, role)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"name": body.name, "role": role.as_str(), "token": token})),
+    )
+        .into_response())
+}
+
+async fn revoke_token(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(name): Path<String>,
+) -> ApiResult {
+    require(
+        &caller,
+        caller.role.can_administer(),
+        "revoking tokens",
+        "admin",
+    )?;
+    let revoked = auth::revoke(&state.store, &name).map_err(ApiError::from)?;
+    if revoked == 0 {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no active token named `{name}`"),
+        ));
+    }
+    Ok(Json(json!({"name": name, "revoked": revoked})).into_response())
+}

@@ -1,0 +1,142 @@
+//! A process that owns a store: `phasegate serve`, and `phasegate run` while it drives.
+//!
+//! Only one process can open a sled store, so a process that drives rollouts keeps it and lets
+//! every other command in through its API: it writes `daemon.json` in the store directory (its
+//! address and a token of its own, readable only by the user), and the CLI on the same machine
+//! finds it there. The file goes when the process ends; a stale one (its process is gone) is
+//! ignored.
+//!
+//! SIGTERM and SIGINT finish the work in flight, commit its outcome, flush, and exit 0; a restart
+//! resumes where the store says.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::api::{self, ApiState};
+use crate::identity;
+use crate::runner::Handle;
+use crate::store::Store;
+
+/// What `daemon.json` says.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DaemonFile {
+    /// Where the API answers, for this machine.
+    pub url: String,
+    /// The daemon's own token (role admin; may name the acting person).
+    pub token: String,
+    pub pid: u32,
+    /// `serve` or `run`.
+    pub kind: String,
+}
+
+pub fn daemon_path(store_dir: &Path) -> PathBuf {
+    store_dir.join("daemon.json")
+}
+
+/// The daemon holding a store, if one is running.
+pub fn find(store_dir: &Path) -> Option<DaemonFile> {
+    let text = std::fs::read_to_string(daemon_path(store_dir)).ok()?;
+    let file: DaemonFile = serde_json::from_str(&text).ok()?;
+    alive(file.pid).then_some(file)
+}
+
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks that the process exists; it sends nothing.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// The daemon file, removed when dropped.
+pub struct Published {
+    path: PathBuf,
+}
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Writes `daemon.json` (mode 0600) naming this process's API.
+pub fn publish(store_dir: &Path, file: &DaemonFile) -> std::io::Result<Published> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = daemon_path(store_dir);
+    let partial = store_dir.join("daemon.json.partial");
+    {
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)?;
+        out.write_all(serde_json::to_string(file)?.as_bytes())?;
+        out.sync_all()?;
+    }
+    std::fs::rename(&partial, &path)?;
+    Ok(Published { path })
+}
+
+/// A signal to shut down on: SIGTERM, SIGINT (Ctrl-C), or `stop`.
+pub async fn shutdown_signal(mut stop: watch::Receiver<bool>) {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = stop.wait_for(|s| *s) => {}
+    }
+}
+
+/// Serves the API (and whatever `extra` routes) on `listener` until `closing` turns true.
+pub async fn serve_api(
+    listener: tokio::net::TcpListener,
+    handle: Handle,
+    store: Arc<Store>,
+    local_token: String,
+    extra: axum::Router,
+    mut closing: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let state = ApiState {
+        handle,
+        store,
+        local_token_hash: Arc::new(identity::hash(&local_token)),
+        closing: closing.clone(),
+    };
+    let app = api::router(state).merge(extra);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = closing.wait_for(|c| *c).await;
+        })
+        .await
+}
+
+/// The address to write in `daemon.json` for a listener bound to `addr`: loopback when it listens
+/// on every interface.
+pub fn local_url(addr: SocketAddr) -> String {
+    let host = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    format!("http://{host}:{}", addr.port())
+}
+
+/// What `serve` adds beside the API: the dashboard and `/metrics` (none yet).
+pub fn extra_routes(_handle: Handle, _store: Arc<Store>, _local_token: &str) -> axum::Router {
+    axum::Router::new()
+}

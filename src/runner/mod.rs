@@ -1,0 +1,601 @@
+//! The runner: the one place where inputs are applied to rollouts, between the front ends (the
+//! CLI, the HTTP API) and the engine.
+//!
+//! Every rollout that can move has an actor (a task) that owns it: the rollout as loaded, its
+//! connected provider (reused across ticks), and at most one piece of work in flight. An actor
+//! takes a closed set of inputs — a person's **command**, the **outcome** of its work, a
+//! **deadline** reached, **shutdown** — and applies each through the engine, which commits it
+//! before anything is done about it. Work (a provider call, a webhook delivery) runs beside the
+//! actor, owning what it needs, so a command never waits for the backend: pausing or aborting a
+//! rollout whose tenant hangs is recorded at once, with no provider call at all, and carried out
+//! when the work in flight returns. Each input may cause a bounded number of automatic steps, so
+//! no loop can spin.
+//!
+//! Shutdown finishes the work in flight (its outcome is committed), then stops; a restart resumes
+//! from the store, as after a crash.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::domain::event::{Event, EventKind, Trigger};
+use crate::domain::rollout::RolloutStatus;
+use crate::domain::time::Timestamp;
+use crate::engine::{self, Engine, EngineError, Finished, Limits, Loaded, Skips, Work};
+use crate::notifier::Notifier;
+use crate::provider::{self, Provider};
+use crate::store::{EventRecord, Store};
+
+/// A committed transition, as the watchers see it.
+#[derive(Clone, Debug)]
+pub struct Announcement {
+    pub rollout: String,
+    pub record: EventRecord,
+    pub status: RolloutStatus,
+}
+
+/// How long a runner keeps going.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Until {
+    /// Until every rollout is finished or needs a person (`phasegate run`).
+    Idle,
+    /// Until shut down (`phasegate serve`): new rollouts and decisions are taken as they come.
+    Shutdown,
+}
+
+/// What a runner is told at start.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Recorded as the actor of automatic events.
+    pub actor: String,
+    pub until: Until,
+    /// Drive only this rollout.
+    pub only: Option<String>,
+    /// Do what is due now and stop (`run --once`).
+    pub once: bool,
+    pub limits: Limits,
+}
+
+/// A person's command for one rollout.
+struct Command {
+    kind: EventKind,
+    by: String,
+    reason: String,
+    reply: oneshot::Sender<Result<Option<EventRecord>, EngineError>>,
+}
+
+enum Control {
+    Command { id: String, command: Command },
+    Watch { id: String },
+}
+
+/// How an actor ended.
+#[derive(Debug)]
+struct Ended {
+    id: String,
+    status: Option<RolloutStatus>,
+    error: Option<String>,
+}
+
+/// The shared parts of a runner: the store, the notifier, the announcements.
+struct Shared {
+    store: Arc<Store>,
+    notifier: &'static dyn Notifier,
+    announcements: broadcast::Sender<Announcement>,
+    settings: Settings,
+}
+
+impl Shared {
+    fn engine(&self) -> Engine<'_> {
+        Engine {
+            store: &self.store,
+            notifier: self.notifier,
+            actor: self.settings.actor.clone(),
+            retry: engine::RetryPolicy::default(),
+            limits: self.settings.limits,
+        }
+    }
+
+    fn announce(&self, loaded: &Loaded, record: &EventRecord) {
+        let _ = self.announcements.send(Announcement {
+            rollout: loaded.stored.rollout.id.clone(),
+            record: record.clone(),
+            status: loaded.stored.rollout.status,
+        });
+    }
+}
+
+/// A front end's way in: commands for rollouts, starting to drive new ones, and the stream of
+/// transitions. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    control: mpsc::Sender<Control>,
+    announcements: broadcast::Sender<Announcement>,
+    store: Arc<Store>,
+}
+
+impl Handle {
+    /// Applies a person's command to a rollout through its actor: recorded at once, whatever the
+    /// backend is doing.
+    pub async fn command(
+        &self,
+        id: &str,
+        kind: EventKind,
+        by: &str,
+        reason: &str,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command {
+            kind,
+            by: by.to_string(),
+            reason: reason.to_string(),
+            reply,
+        };
+        self.control
+            .send(Control::Command {
+                id: id.to_string(),
+                command,
+            })
+            .await
+            .map_err(|_| EngineError::Invalid("the runner is shutting down".into()))?;
+        answer
+            .await
+            .map_err(|_| EngineError::Invalid("the runner is shutting down".into()))?
+    }
+
+    /// Starts driving a rollout that was just created.
+    pub async fn watch(&self, id: &str) {
+        let _ = self
+            .control
+            .send(Control::Watch { id: id.to_string() })
+            .await;
+    }
+
+    /// Every transition committed from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Announcement> {
+        self.announcements.subscribe()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// What a runner did, for `run`'s exit code and summary.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The status each driven rollout ended in.
+    pub rollouts: BTreeMap<String, RolloutStatus>,
+    /// Rollouts that stopped on an error, with it.
+    pub errors: BTreeMap<String, String>,
+}
+
+pub struct Runner {
+    shared: Arc<Shared>,
+    control: mpsc::Receiver<Control>,
+    handle: Handle,
+}
+
+impl Runner {
+    pub fn new(store: Arc<Store>, notifier: &'static dyn Notifier, settings: Settings) -> Runner {
+        let (announcements, _) = broadcast::channel(4096);
+        let (control_tx, control) = mpsc::channel(256);
+        let handle = Handle {
+            control: control_tx,
+            announcements: announcements.clone(),
+            store: store.clone(),
+        };
+        Runner {
+            shared: Arc::new(Shared {
+                store,
+                notifier,
+                announcements,
+                settings,
+            }),
+            control,
+            handle,
+        }
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Drives rollouts until the runner's `until` is reached or `shutdown` completes.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Report, EngineError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (ended_tx, mut ended_rx) = mpsc::channel::<Ended>(1024);
+        let mut actors: BTreeMap<String, mpsc::Sender<Command>> = BTreeMap::new();
+        let mut report = Report::default();
+        let spawn = |id: &str, actors: &mut BTreeMap<String, mpsc::Sender<Command>>| {
+            let (tx, rx) = mpsc::channel(64);
+            actors.insert(id.to_string(), tx);
+            let shared = self.shared.clone();
+            let ended = ended_tx.clone();
+            let stop = stop_rx.clone();
+            let id = id.to_string();
+            tokio::spawn(async move {
+                let outcome = Actor::new(shared, id.clone(), rx, stop).run().await;
+                let _ = ended.send(outcome).await;
+            });
+        };
+        for id in self.initial_rollouts()? {
+            spawn(&id, &mut actors);
+        }
+        tokio::pin!(shutdown);
+        let mut stopping = false;
+        loop {
+            if actors.is_empty() && (self.shared.settings.until == Until::Idle || stopping) {
+                break;
+            }
+            tokio::select! {
+                () = &mut shutdown, if !stopping => {
+                    tracing::info!("shutting down: finishing the work in flight");
+                    stopping = true;
+                    let _ = stop_tx.send(true);
+                }
+                Some(control) = self.control.recv(), if !stopping => match control {
+                    Control::Command { id, command } => {
+                        if !actors.contains_key(&id) {
+                            spawn(&id, &mut actors);
+                        }
+                        if let Some(actor) = actors.get(&id)
+                            && let Err(refused) = actor.send(command).await
+                        {
+                            let _ = refused.0.reply.send(Err(EngineError::Invalid(format!(
+                                "rollout `{id}` is not being driven now"
+                            ))));
+                        }
+                    }
+                    Control::Watch { id } => {
+                        if !actors.contains_key(&id) {
+                            spawn(&id, &mut actors);
+                        }
+                    }
+                },
+                Some(ended) = ended_rx.recv() => {
+                    actors.remove(&ended.id);
+                    if let Some(status) = ended.status {
+                        report.rollouts.insert(ended.id.clone(), status);
+                    }
+                    if let Some(error) = ended.error {
+                        tracing::warn!(rollout = %ended.id, %error, "stopped driving the rollout");
+                        report.errors.insert(ended.id, error);
+                    }
+                }
+            }
+        }
+        self.shared.store.flush()?;
+        Ok(report)
+    }
+
+    fn initial_rollouts(&self) -> Result<Vec<String>, EngineError> {
+        if let Some(id) = &self.shared.settings.only {
+            self.shared.store.rollout(id)?;
+            return Ok(vec![id.clone()]);
+        }
+        Ok(self
+            .shared
+            .store
+            .rollouts()?
+            .into_iter()
+            .filter(|r| !(finished(r.rollout.status) && r.rollout.pending.is_empty()))
+            .map(|r| r.rollout.id)
+            .collect())
+    }
+}
+
+fn finished(status: RolloutStatus) -> bool {
+    matches!(status, RolloutStatus::Completed | RolloutStatus::Aborted)
+}
+
+type WorkFuture = Pin<Box<dyn Future<Output = Returned> + Send>>;
+
+/// What comes back from work in flight: the provider (or why it could not connect) and the
+/// outcome.
+enum Returned {
+    Connected(Result<Box<dyn Provider>, String>),
+    Worked(Box<dyn Provider>, Box<Finished>),
+    Advanced(Box<dyn Provider>, Result<(), String>),
+}
+
+/// The owner of one rollout.
+struct Actor {
+    shared: Arc<Shared>,
+    id: String,
+    inbox: mpsc::Receiver<Command>,
+    stop: watch::Receiver<bool>,
+    provider: Option<Box<dyn Provider>>,
+    in_flight: Option<WorkFuture>,
+    skip: Skips,
+    /// The backend's clock as last seen, for commands while the provider is busy or absent.
+    last_now: Timestamp,
+    /// Automatic steps since the last outside input.
+    steps: u32,
+}
+
+impl Actor {
+    fn new(
+        shared: Arc<Shared>,
+        id: String,
+        inbox: mpsc::Receiver<Command>,
+        stop: watch::Receiver<bool>,
+    ) -> Actor {
+        Actor {
+            shared,
+            id,
+            inbox,
+            stop,
+            provider: None,
+            in_flight: None,
+            skip: Skips::default(),
+            last_now: Timestamp::from_millis(0),
+            steps: 0,
+        }
+    }
+
+    async fn run(mut self) -> Ended {
+        let mut loaded = match engine::load(&self.shared.store, &self.id) {
+            Ok(loaded) => loaded,
+            Err(e) => return self.ended(None, Some(e.to_string())),
+        };
+        self.last_now = provider::offline_now(&loaded.plan.provider, &self.shared.store, &loaded)
+            .unwrap_or(loaded.stored.rollout.updated_at);
+        let shared = self.shared.clone();
+        let engine = shared.engine();
+        if !finished(loaded.stored.rollout.status) {
+            let mut seen = |_: &crate::domain::plan::Plan,
+                            _: &crate::domain::rollout::Rollout,
+                            _: &EventRecord| {};
+            if let Err(e) = engine.notice_plan_change(&mut loaded, self.last_now, &mut seen) {
+                tracing::warn!(rollout = %self.id, error = %e, "the changed plan file is not adopted");
+            }
+        }
+        let limits = self.shared.settings.limits;
+        let until = self.shared.settings.until;
+        let once = self.shared.settings.once;
+        loop {
+            let mut wake: Option<Duration> = None;
+            if self.in_flight.is_none() && !*self.stop.borrow() {
+                match self.step(&engine, &mut loaded) {
+                    Ok(Next::Busy) => {}
+                    Ok(Next::Again) => continue,
+                    Ok(Next::Sleep(d)) if once => {
+                        let _ = d;
+                        return self.ended(Some(loaded.stored.rollout.status), None);
+                    }
+                    Ok(Next::Sleep(d)) => wake = Some(d),
+                    Ok(Next::Idle) if until == Until::Idle || once => {
+                        return self.ended(Some(loaded.stored.rollout.status), None);
+                    }
+                    Ok(Next::Idle)
+                        if finished(loaded.stored.rollout.status)
+                            && loaded.stored.rollout.pending.is_empty() =>
+                    {
+                        return self.ended(Some(loaded.stored.rollout.status), None);
+                    }
+                    Ok(Next::Idle) => wake = Some(Duration::MAX),
+                    Err(e) => {
+                        return self.ended(Some(loaded.stored.rollout.status), Some(e.to_string()));
+                    }
+                }
+            }
+            if *self.stop.borrow() && self.in_flight.is_none() {
+                return self.ended(Some(loaded.stored.rollout.status), None);
+            }
+            let sleep = wake.map(|d| d.min(Duration::from_secs(30 * 86_400)));
+            tokio::select! {
+                biased;
+                Some(command) = self.inbox.recv() => {
+                    self.steps = 0;
+                    let answer = self.command(&engine, &mut loaded, command.kind, &command.by, &command.reason);
+                    let _ = command.reply.send(answer);
+                }
+                returned = poll_in_flight(&mut self.in_flight) => {
+                    self.steps = 0;
+                    self.in_flight = None;
+                    if let Err(e) = self.returned(&engine, &mut loaded, returned) {
+                        return self.ended(Some(loaded.stored.rollout.status), Some(e.to_string()));
+                    }
+                }
+                () = sleep_for(sleep), if sleep.is_some() => {
+                    self.steps = 0;
+                }
+                _ = self.stop.changed(), if self.in_flight.is_none() => {}
+            }
+            if self.steps > limits.steps_per_drive {
+                return self.ended(
+                    Some(loaded.stored.rollout.status),
+                    Some("the rollout took more steps than one input allows; stopping (this is a bug)".into()),
+                );
+            }
+        }
+    }
+
+    fn ended(&self, status: Option<RolloutStatus>, error: Option<String>) -> Ended {
+        Ended {
+            id: self.id.clone(),
+            status,
+            error,
+        }
+    }
+
+    fn now(&self) -> Timestamp {
+        self.provider
+            .as_ref()
+            .map_or(self.last_now, |p| p.now())
+            .max(self.last_now)
+    }
+
+    /// Decides and starts the next piece of work, or says how long to rest.
+    fn step(&mut self, engine: &Engine<'_>, loaded: &mut Loaded) -> Result<Next, EngineError> {
+        self.steps += 1;
+        let work = engine.next_work(loaded, self.now(), &self.skip);
+        if let Work::Stop(_) = work {
+            return Ok(Next::Idle);
+        }
+        let Some(provider) = self.provider.take() else {
+            self.connect(loaded);
+            return Ok(Next::Busy);
+        };
+        let now = provider.now().max(self.last_now);
+        self.last_now = now;
+        // Decide again on the backend's own clock.
+        let work = engine.next_work(loaded, now, &self.skip);
+        match work {
+            Work::Stop(_) => {
+                self.provider = Some(provider);
+                Ok(Next::Idle)
+            }
+            Work::Wait(at) if provider.is_virtual() && !self.shared.settings.once => {
+                self.in_flight = Some(Box::pin(advance(provider, at)));
+                Ok(Next::Busy)
+            }
+            Work::Wait(at) => {
+                let rest = provider.real_time_until(at);
+                self.provider = Some(provider);
+                Ok(Next::Sleep(rest))
+            }
+            Work::Tick(at) => {
+                self.provider = Some(provider);
+                match engine.tick(loaded, at.max(now))? {
+                    Some(record) => {
+                        self.shared.announce(loaded, &record);
+                        Ok(Next::Again)
+                    }
+                    None => Ok(Next::Sleep(self.shared.settings.limits.idle_wait)),
+                }
+            }
+            work => {
+                let task = engine.task(loaded, work)?;
+                let notifier = self.shared.notifier;
+                self.in_flight = Some(Box::pin(async move {
+                    let mut provider = provider;
+                    let finished = task.perform(provider.as_mut(), notifier).await;
+                    Returned::Worked(provider, Box::new(finished))
+                }));
+                Ok(Next::Busy)
+            }
+        }
+    }
+
+    fn connect(&mut self, loaded: &Loaded) {
+        let settings = loaded.plan.provider.clone();
+        let store = self.shared.store.clone();
+        self.in_flight = Some(Box::pin(async move {
+            Returned::Connected(
+                provider::connect(&settings, &store)
+                    .await
+                    .map_err(|e| e.to_string()),
+            )
+        }));
+    }
+
+    fn returned(
+        &mut self,
+        engine: &Engine<'_>,
+        loaded: &mut Loaded,
+        returned: Returned,
+    ) -> Result<(), EngineError> {
+        match returned {
+            Returned::Connected(Ok(provider)) => {
+                self.last_now = self.last_now.max(provider.now());
+                self.provider = Some(provider);
+            }
+            Returned::Connected(Err(error)) => {
+                // Recorded like any provider failure: the rollout says why it stopped.
+                let event = Event {
+                    kind: EventKind::ProviderFailed {
+                        effect: None,
+                        error: format!("connecting: {error}"),
+                    },
+                    trigger: Trigger::new(
+                        crate::domain::event::TriggerSource::Provider,
+                        &self.shared.settings.actor,
+                        "connect",
+                    ),
+                };
+                match engine.apply(loaded, event, self.last_now, None) {
+                    Ok(Some(record)) => self.shared.announce(loaded, &record),
+                    Ok(None) => {}
+                    Err(EngineError::Rejected(_)) => {}
+                    Err(e) => return Err(e),
+                }
+                return Err(EngineError::Invalid(error));
+            }
+            Returned::Worked(provider, finished) => {
+                self.last_now = self.last_now.max(finished.now);
+                self.provider = Some(provider);
+                self.skip.note(&finished);
+                if let Some(record) = engine.conclude(loaded, *finished)? {
+                    self.shared.announce(loaded, &record);
+                }
+            }
+            Returned::Advanced(provider, result) => {
+                self.last_now = self.last_now.max(provider.now());
+                self.provider = Some(provider);
+                result.map_err(EngineError::Invalid)?;
+                crate::crash::point("clock.advanced");
+            }
+        }
+        Ok(())
+    }
+
+    fn command(
+        &mut self,
+        engine: &Engine<'_>,
+        loaded: &mut Loaded,
+        kind: EventKind,
+        by: &str,
+        reason: &str,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        // The record on disk is the truth (a command may have been recorded by another front end
+        // while this one was idle).
+        *loaded = engine::load(&self.shared.store, &self.id)?;
+        let record = engine.command(loaded, kind, by, reason, self.now())?;
+        if let Some(record) = &record {
+            self.shared.announce(loaded, record);
+            // A decision may unblock what was skipped.
+            self.skip = Skips::default();
+        }
+        Ok(record)
+    }
+}
+
+/// What an actor does after deciding.
+enum Next {
+    /// Work is in flight.
+    Busy,
+    /// Decide again at once (a step was taken without I/O).
+    Again,
+    /// Nothing until this much real time has passed (or an input arrives).
+    Sleep(Duration),
+    /// Nothing without a person.
+    Idle,
+}
+
+async fn advance(mut provider: Box<dyn Provider>, at: Timestamp) -> Returned {
+    let result = provider.advance_to(at).await.map_err(|e| e.to_string());
+    Returned::Advanced(provider, result)
+}
+
+async fn poll_in_flight(work: &mut Option<WorkFuture>) -> Returned {
+    match work {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_for(duration: Option<Duration>) {
+    match duration {
+        Some(d) if d < Duration::from_secs(365 * 86_400) => tokio::time::sleep(d).await,
+        _ => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests;
