@@ -7,6 +7,7 @@ pub mod domain;
 pub mod emulator;
 pub mod engine;
 pub mod graph;
+pub mod metrics;
 pub mod notifier;
 pub mod provider;
 pub mod store;
