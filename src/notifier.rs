@@ -73,6 +73,17 @@ pub fn signature(key: &[u8], body: &[u8]) -> String {
 #[async_trait]
 impl Notifier for WebhookNotifier {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<u16, NotifyError> {
+        let result = self.post(delivery).await;
+        // Only a 2xx answer is delivered; a final 4xx is done with, but did not arrive.
+        let delivered = matches!(result, Ok(200..=299));
+        crate::metrics::global().notification(if delivered { "delivered" } else { "failed" });
+        result
+    }
+}
+
+impl WebhookNotifier {
+    /// One attempt, as `deliver` describes.
+    async fn post(&self, delivery: &Delivery<'_>) -> Result<u16, NotifyError> {
         let mut request = self
             .http
             .post(delivery.url)

@@ -293,12 +293,15 @@ impl GraphClient {
             ("client_secret", self.secret.0.as_str()),
             ("grant_type", "client_credentials"),
         ];
+        let metrics = crate::metrics::global();
         let mut attempt = 0;
         loop {
             let sent = self.http.post(&url).form(&form).send().await;
             let response = match sent {
                 Ok(response) => response,
                 Err(e) if attempt + 1 < self.attempts => {
+                    metrics.provider_request("graph", "POST", crate::metrics::TRANSPORT);
+                    metrics.provider_retry("graph");
                     let delay = self.backoff(attempt);
                     tracing::warn!(error = %e, ?delay, "token request failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -306,6 +309,7 @@ impl GraphClient {
                     continue;
                 }
                 Err(e) => {
+                    metrics.provider_request("graph", "POST", crate::metrics::TRANSPORT);
                     return Err(ProviderError::transient(format!(
                         "signing in to tenant {}: {e}",
                         self.settings.tenant
@@ -314,6 +318,14 @@ impl GraphClient {
             };
             self.observe_clock(response.headers());
             let status = response.status();
+            metrics.provider_request(
+                "graph",
+                "POST",
+                crate::metrics::status_class(status.as_u16()),
+            );
+            if status.as_u16() == 429 {
+                metrics.provider_throttled("graph");
+            }
             let body = response.text().await.unwrap_or_default();
             if status.is_success() {
                 let json: Value = serde_json::from_str(&body).map_err(|e| {
@@ -333,6 +345,7 @@ impl GraphClient {
                 });
             }
             if (status.is_server_error() || status.as_u16() == 429) && attempt + 1 < self.attempts {
+                metrics.provider_retry("graph");
                 let delay = self.backoff(attempt);
                 tracing::warn!(%status, ?delay, "token endpoint unavailable; retrying");
                 tokio::time::sleep(delay).await;
@@ -396,6 +409,7 @@ impl GraphClient {
         let conditional_access = url.contains("/identity/conditionalAccess")
             || url.ends_with("/$batch")
                 && body.is_some_and(|b| b.to_string().contains("/identity/conditionalAccess"));
+        let metrics = crate::metrics::global();
         let mut attempt = 0;
         let mut renewed = false;
         loop {
@@ -435,6 +449,18 @@ impl GraphClient {
                 }
                 Err(e) => Err(e),
             };
+            // One per attempt: an answer whose body never arrived counts as a transport failure.
+            metrics.provider_request(
+                "graph",
+                method.as_str(),
+                match &outcome {
+                    Ok((status, ..)) => crate::metrics::status_class(*status),
+                    Err(_) => crate::metrics::TRANSPORT,
+                },
+            );
+            if matches!(outcome, Ok((429, ..))) {
+                metrics.provider_throttled("graph");
+            }
             let (status, retry_after, approval, text) = match outcome {
                 Ok(reply) => reply,
                 Err(e) => {
@@ -442,6 +468,7 @@ impl GraphClient {
                     if access == Access::Write || attempt + 1 >= self.attempts {
                         return Err(ProviderError::transient(failure));
                     }
+                    metrics.provider_retry("graph");
                     let delay = self.backoff(attempt);
                     tracing::warn!(%what, attempt = attempt + 1, ?delay, error = %failure, "graph request failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -461,11 +488,13 @@ impl GraphClient {
                 }
                 401 if !renewed => {
                     tracing::info!(%what, "access token rejected; signing in again");
+                    metrics.provider_retry("graph");
                     renewed = true;
                     self.bearer(true).await?;
                     continue;
                 }
                 429 if attempt + 1 < self.attempts => {
+                    metrics.provider_retry("graph");
                     let delay = retry_after.unwrap_or_else(|| self.backoff(attempt));
                     tracing::warn!(%what, attempt = attempt + 1, ?delay, retry_after = ?retry_after, "graph throttled the request; waiting");
                     tokio::time::sleep(delay).await;
@@ -473,6 +502,7 @@ impl GraphClient {
                     continue;
                 }
                 500..=599 if access == Access::Read && attempt + 1 < self.attempts => {
+                    metrics.provider_retry("graph");
                     let delay = retry_after.unwrap_or_else(|| self.backoff(attempt));
                     tracing::warn!(%what, status, attempt = attempt + 1, ?delay, "graph is unavailable; retrying");
                     tokio::time::sleep(delay).await;
@@ -575,6 +605,9 @@ impl GraphClient {
                         continue;
                     };
                     let status = item["status"].as_u64().unwrap_or(500) as u16;
+                    if status == 429 {
+                        crate::metrics::global().provider_throttled("graph");
+                    }
                     let retry_after = item["headers"]["Retry-After"]
                         .as_str()
                         .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
@@ -613,6 +646,9 @@ impl GraphClient {
                 } else {
                     wait
                 };
+                for _ in &pending {
+                    crate::metrics::global().provider_retry("graph");
+                }
                 tracing::warn!(
                     requests = pending.len(),
                     throttled = throttled.len(),
