@@ -10,3 +10,4 @@ pub mod graph;
 pub mod notifier;
 pub mod provider;
 pub mod store;
+pub mod web;
