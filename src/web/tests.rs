@@ -805,6 +805,20 @@ fn pages_are_accessible_and_self_contained() {
         }
     }
     assert!(pages[0].contains("<script src=\"/ui/assets/dashboard.js\" defer></script>"));
+    // Every form of a rollout's page carries the CSRF token.
+    for html in &pages[..2] {
+        let forms: Vec<&str> = html.split("<form ").skip(1).collect();
+        assert!(forms.len() >= 2);
+        for form in forms {
+            let form = &form[..form.find("</form>").unwrap()];
+            assert!(
+                form.contains(&format!(
+                    "<input type=\"hidden\" name=\"csrf\" value=\"{CSRF}\">"
+                )),
+                "{form}"
+            );
+        }
+    }
     // Form ids are unique on a page.
     for html in &pages[..2] {
         let mut ids: Vec<&str> = html

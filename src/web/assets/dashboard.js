@@ -83,7 +83,8 @@
           return response.text();
         })
         .then(function (html) {
-          var fresh = new DOMParser().parseFromString(html, 'text/html').getElementById('rollout');
+          var doc = new DOMParser().parseFromString(html, 'text/html');
+          var fresh = doc.getElementById('rollout');
           if (!fresh) {
             window.location.reload();
             return;
@@ -98,6 +99,7 @@
             open[details[i].id] = details[i].open;
           }
           rollout.innerHTML = fresh.innerHTML;
+          document.title = doc.title;
           // Keep the sections someone opened or closed as they were.
           for (var key in open) {
             var now = document.getElementById(key);
