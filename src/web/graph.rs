@@ -13,6 +13,8 @@ const NODE_H: f64 = 58.0;
 const GAP_X: f64 = 56.0;
 const GAP_Y: f64 = 18.0;
 const MARGIN: f64 = 8.0;
+/// More layers than this are drawn top to bottom.
+const MAX_COLUMNS: usize = 5;
 /// Longer ids are cut in the box (the full id is in its title and the page's text).
 const MAX_LABEL: usize = 22;
 
@@ -47,10 +49,28 @@ pub(crate) fn phase_graph(plan: &Plan, phases: &[PhaseView]) -> String {
         filled[column[idx]] += 1;
     }
     let rows = filled.iter().copied().max().unwrap_or(0);
-    let width = MARGIN * 2.0 + columns as f64 * NODE_W + columns.saturating_sub(1) as f64 * GAP_X;
-    let height = MARGIN * 2.0 + rows as f64 * NODE_H + rows.saturating_sub(1) as f64 * GAP_Y;
-    let x = |idx: usize| MARGIN + column[idx] as f64 * (NODE_W + GAP_X);
-    let y = |idx: usize| MARGIN + row[idx] as f64 * (NODE_H + GAP_Y);
+    // Left to right while it fits a laptop screen; a longer chain runs top to bottom instead, so
+    // the boxes never shrink to unreadable text.
+    let across = columns <= MAX_COLUMNS;
+    let (layers, breadth) = if across {
+        (columns, rows)
+    } else {
+        (rows, columns)
+    };
+    let (gap_x, gap_y) = if across {
+        (GAP_X, GAP_Y)
+    } else {
+        (GAP_Y * 2.0, GAP_X * 0.7)
+    };
+    let width = MARGIN * 2.0 + layers as f64 * NODE_W + layers.saturating_sub(1) as f64 * gap_x;
+    let height = MARGIN * 2.0 + breadth as f64 * NODE_H + breadth.saturating_sub(1) as f64 * gap_y;
+    let (x_slot, y_slot) = if across {
+        (&column, &row)
+    } else {
+        (&row, &column)
+    };
+    let x = |idx: usize| MARGIN + x_slot[idx] as f64 * (NODE_W + gap_x);
+    let y = |idx: usize| MARGIN + y_slot[idx] as f64 * (NODE_H + gap_y);
     let state = |idx: usize| phases.get(idx).map_or("unknown", |p| p.state.as_str());
 
     let mut description: Vec<String> = Vec::new();
@@ -89,12 +109,20 @@ pub(crate) fn phase_graph(plan: &Plan, phases: &[PhaseView]) -> String {
     );
     for &idx in &plan.order {
         for &pred in &plan.phases[idx].after {
-            let (x1, y1) = (x(pred) + NODE_W, y(pred) + NODE_H / 2.0);
-            let (x2, y2) = (x(idx) - 2.0, y(idx) + NODE_H / 2.0);
-            let mid = (x1 + x2) / 2.0;
+            let d = if across {
+                let (x1, y1) = (x(pred) + NODE_W, y(pred) + NODE_H / 2.0);
+                let (x2, y2) = (x(idx) - 2.0, y(idx) + NODE_H / 2.0);
+                let mid = (x1 + x2) / 2.0;
+                format!("M {x1:.1} {y1:.1} C {mid:.1} {y1:.1}, {mid:.1} {y2:.1}, {x2:.1} {y2:.1}")
+            } else {
+                let (x1, y1) = (x(pred) + NODE_W / 2.0, y(pred) + NODE_H);
+                let (x2, y2) = (x(idx) + NODE_W / 2.0, y(idx) - 2.0);
+                let mid = (y1 + y2) / 2.0;
+                format!("M {x1:.1} {y1:.1} C {x1:.1} {mid:.1}, {x2:.1} {mid:.1}, {x2:.1} {y2:.1}")
+            };
             let _ = writeln!(
                 out,
-                "<path class=\"edge\" data-from=\"{}\" data-to=\"{}\" d=\"M {x1:.1} {y1:.1} C {mid:.1} {y1:.1}, {mid:.1} {y2:.1}, {x2:.1} {y2:.1}\" fill=\"none\" stroke=\"#57606a\" stroke-width=\"1.5\" marker-end=\"url(#phase-arrow)\"/>",
+                "<path class=\"edge\" data-from=\"{}\" data-to=\"{}\" d=\"{d}\" fill=\"none\" stroke=\"#57606a\" stroke-width=\"1.5\" marker-end=\"url(#phase-arrow)\"/>",
                 Esc(&plan.phases[pred].id),
                 Esc(&plan.phases[idx].id)
             );

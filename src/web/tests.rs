@@ -306,6 +306,37 @@ fn parallel_phases_share_a_column() {
 }
 
 #[test]
+fn a_long_chain_of_phases_runs_top_to_bottom() {
+    let mut text = String::from(
+        "[rollout]\nname = \"long\"\n[policy]\ncompliance = \"Baseline\"\nplatform = \"windows\"\n\
+         [provider]\nkind = \"simulator\"\n",
+    );
+    for n in 1..=7 {
+        text.push_str(&format!(
+            "[[phase]]\nid = \"step-{n}\"\nmode = \"report\"\ninclude = [\"Group {n}\"]\n"
+        ));
+    }
+    let plan = plan::parse("long.toml", &text).unwrap();
+    let rollout = Rollout::new("long-1", &plan, "alice", Timestamp::from_millis(0));
+    let svg = super::graph::phase_graph(&plan, &rollout_view(&plan, &rollout).phases);
+    assert_eq!(svg.matches("class=\"edge\"").count(), 6);
+    let at = |id: &str| {
+        let node = between(&svg, &format!("data-phase=\"{id}\""), "</g>");
+        let x: f64 = inside(node, "<rect x=\"", "\"").parse().unwrap();
+        let y: f64 = inside(node, "\" y=\"", "\"").parse().unwrap();
+        (x, y)
+    };
+    let first = at("step-1");
+    for n in 2..=7 {
+        let (x, y) = at(&format!("step-{n}"));
+        assert_eq!(x, first.0);
+        assert!(y > at(&format!("step-{}", n - 1)).1);
+    }
+    let width: f64 = inside(&svg, "width=\"", "\"").parse().unwrap();
+    assert!(width < 400.0, "{width}");
+}
+
+#[test]
 fn gate_rows_show_every_criterion_with_threshold_value_and_verdict() {
     let s = Scenario::waiting_for_approval();
     let view = s.view();
