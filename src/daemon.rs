@@ -107,7 +107,7 @@ pub async fn serve_api(
     handle: Handle,
     store: Arc<Store>,
     local_token: String,
-    extra: axum::Router,
+    dashboard: bool,
     mut closing: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let state = ApiState {
@@ -116,7 +116,10 @@ pub async fn serve_api(
         local_token_hash: Arc::new(identity::hash(&local_token)),
         closing: closing.clone(),
     };
-    let app = api::router(state).merge(extra);
+    let mut app = api::router(state.clone());
+    if dashboard {
+        app = app.merge(api::ui::routes(state));
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = closing.wait_for(|c| *c).await;
@@ -134,9 +137,4 @@ pub fn local_url(addr: SocketAddr) -> String {
         ip => ip.to_string(),
     };
     format!("http://{host}:{}", addr.port())
-}
-
-/// What `serve` adds beside the API: the dashboard and `/metrics` (none yet).
-pub fn extra_routes(_handle: Handle, _store: Arc<Store>, _local_token: &str) -> axum::Router {
-    axum::Router::new()
 }

@@ -20,6 +20,7 @@ use crate::domain::rollout::{PhaseObservation, Rollout, RolloutStatus};
 use crate::domain::time::Timestamp;
 use crate::notifier::{Delivery, Notifier};
 use crate::provider::{Outcome, PhaseScope, Provider, ProviderError};
+use crate::retry::Backoff;
 use crate::store::{Attached, EventRecord, PlanRecord, Store, StoreError, StoredRollout};
 
 #[derive(Debug, Error)]
@@ -73,41 +74,9 @@ pub struct Engine<'s> {
     pub notifier: &'s dyn Notifier,
     /// Recorded as the actor of automatic events (`run`, `demo`).
     pub actor: String,
-    pub retry: RetryPolicy,
+    /// How patiently a webhook receiver is retried within one delivery.
+    pub delivery: Backoff,
     pub limits: Limits,
-}
-
-/// How often and how patiently a failing provider call is retried.
-#[derive(Clone, Copy, Debug)]
-pub struct RetryPolicy {
-    pub attempts: u32,
-    pub base_delay: Duration,
-    pub max_delay: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> RetryPolicy {
-        RetryPolicy {
-            attempts: 6,
-            base_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(60),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// Capped exponential backoff with deterministic jitter, or what the backend asked for.
-    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>, jitter_seed: u64) -> Duration {
-        if let Some(asked) = retry_after {
-            return asked;
-        }
-        let exponential = self
-            .base_delay
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(self.max_delay);
-        let jitter = (jitter_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) % 1000;
-        exponential.mul_f64(0.5 + jitter as f64 / 2000.0)
-    }
 }
 
 pub fn load(store: &Store, id: &str) -> Result<Loaded, EngineError> {
@@ -348,11 +317,11 @@ impl Engine<'_> {
                 }
                 work => self.task(&loaded, work)?,
             };
-            if crash::mutation("confirm-before-act")
-                && let Work::Effect(pending) = &task.work
-                && matches!(pending.effect, Effect::Reconcile { .. })
+            if self
+                .confirm_before_acting(&mut loaded, &task, provider.now())?
+                .0
             {
-                self.confirm_then_act(&mut loaded, task, provider).await?;
+                let _ = task.perform(provider, self.notifier).await;
                 continue;
             }
             let finished = task.perform(provider, self.notifier).await;
@@ -423,8 +392,7 @@ impl Engine<'_> {
             plan_name: loaded.stored.rollout.plan_name.clone(),
             record,
             actor: self.actor.clone(),
-            delivery_attempts: self.limits.delivery_attempts,
-            backoff: self.retry,
+            delivery: self.delivery,
         })
     }
 
@@ -455,15 +423,23 @@ impl Engine<'_> {
 
     /// A deliberate bug for the crash harness's self-test: records a change as made before
     /// making it, so a crash in between skips it.
-    async fn confirm_then_act(
+    /// The `confirm-before-act` mutation, for the crash harness's self-test: commits a
+    /// configuration effect's success before carrying it out (the bug the harness must catch).
+    /// Says whether it fired; the caller then carries the task out and drops its outcome.
+    pub fn confirm_before_acting(
         &self,
         loaded: &mut Loaded,
-        task: Task,
-        provider: &mut dyn Provider,
-    ) -> Result<Option<EventRecord>, EngineError> {
+        task: &Task,
+        now: Timestamp,
+    ) -> Result<(bool, Option<EventRecord>), EngineError> {
         let Work::Effect(pending) = &task.work else {
-            unreachable!("only effects are mutated");
+            return Ok((false, None));
         };
+        if !matches!(pending.effect, Effect::Reconcile { .. })
+            || !crash::mutation("confirm-before-act")
+        {
+            return Ok((false, None));
+        }
         let event = Event {
             kind: EventKind::Reconciled {
                 effect: pending.id,
@@ -475,10 +451,9 @@ impl Engine<'_> {
                 "confirmed before acting",
             ),
         };
-        let record = self.apply(loaded, event, provider.now(), None)?;
+        let record = self.apply(loaded, event, now, None)?;
         crash::point("effect.before");
-        let _ = task.perform(provider, self.notifier).await;
-        Ok(record)
+        Ok((true, record))
     }
 }
 
@@ -545,8 +520,6 @@ impl Budget {
 pub struct Limits {
     /// Steps one drive of one rollout may take.
     pub steps_per_drive: u32,
-    /// How often a webhook delivery is tried within one drive.
-    pub delivery_attempts: u32,
     /// How long to wait after a deadline that changed nothing.
     pub idle_wait: Duration,
 }
@@ -555,7 +528,6 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             steps_per_drive: 100_000,
-            delivery_attempts: 3,
             idle_wait: Duration::from_secs(60),
         }
     }
@@ -569,8 +541,7 @@ pub struct Task {
     plan_name: String,
     record: Option<serde_json::Value>,
     actor: String,
-    delivery_attempts: u32,
-    backoff: RetryPolicy,
+    delivery: Backoff,
 }
 
 /// What a piece of work produced: the event to record (none if there is nothing to say) at the
@@ -725,30 +696,30 @@ impl Task {
             body: serde_json::to_vec(&body).expect("json serializes"),
         };
         crash::point("delivery.before");
-        let mut attempt = 0;
+        let mut failed = 0;
         let status = loop {
-            match notifier.deliver(&delivery).await {
+            let e = match notifier.deliver(&delivery).await {
                 Ok(status) => break status,
-                Err(e) if attempt + 1 < self.delivery_attempts => {
-                    let delay =
-                        self.backoff
-                            .delay(attempt, None, pending.id.seq ^ u64::from(attempt));
-                    tracing::warn!(%url, error = %e, ?delay, "webhook delivery failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                Err(e) => {
-                    tracing::warn!(effect = %pending.id, error = %e, "notification not delivered; it stays pending");
-                    return Finished {
-                        event: None,
-                        now,
-                        record: None,
-                        undeliverable: Some(pending.id),
-                        asked: None,
-                        took: Duration::ZERO,
-                    };
-                }
-            }
+                Err(e) => e,
+            };
+            failed += 1;
+            let seed = pending.id.seq ^ u64::from(failed);
+            let again = e
+                .failure
+                .and_then(|failure| self.delivery.wait(failed, failure, e.retry_after, seed));
+            let Some(delay) = again else {
+                tracing::warn!(effect = %pending.id, error = %e, "notification not delivered; it stays pending");
+                return Finished {
+                    event: None,
+                    now,
+                    record: None,
+                    undeliverable: Some(pending.id),
+                    asked: None,
+                    took: Duration::ZERO,
+                };
+            };
+            tracing::warn!(%url, error = %e, ?delay, "webhook delivery failed; retrying");
+            tokio::time::sleep(delay).await;
         };
         crash::point("delivery.after");
         let event = Event {
@@ -831,8 +802,9 @@ impl Task {
     }
 }
 
-/// Whether a pending configuration effect may be carried out now: never while the rollout failed
-/// or drifted (a person decides first), and a held one is asked about once per drive.
+/// Whether a pending configuration effect may be carried out now: never while the rollout is
+/// paused (a pause stops every change to the tenant until `resume`), failed or drifted (a person
+/// decides first), and a held one is asked about once per drive.
 fn may_carry_out(
     rollout: &Rollout,
     pending: &PendingEffect,
@@ -840,7 +812,7 @@ fn may_carry_out(
 ) -> bool {
     !matches!(
         rollout.status,
-        RolloutStatus::Failed | RolloutStatus::Drifted
+        RolloutStatus::Paused | RolloutStatus::Failed | RolloutStatus::Drifted
     ) && rollout.drift.is_empty()
         && !asked.contains(&pending.id)
 }
@@ -889,19 +861,6 @@ fn event_record(
 mod tests {
     use super::*;
     use crate::domain::plan;
-
-    #[test]
-    fn backoff_grows_is_capped_and_honours_retry_after() {
-        let policy = RetryPolicy::default();
-        let first = policy.delay(0, None, 1);
-        let later = policy.delay(4, None, 1);
-        assert!(first < later);
-        assert!(policy.delay(30, None, 1) <= policy.max_delay);
-        assert_eq!(
-            policy.delay(0, Some(Duration::from_millis(2500)), 1),
-            Duration::from_millis(2500)
-        );
-    }
 
     /// A backend on a real (here: hand-moved) clock whose every device fails the policy.
     struct RealClock {
@@ -1005,7 +964,7 @@ max_hold = "1h"
             store: &store,
             notifier: crate::notifier::shared(),
             actor: "test".into(),
-            retry: RetryPolicy::default(),
+            delivery: Backoff::WEBHOOK,
             limits: crate::engine::Limits::default(),
         };
         let mut provider = RealClock {
@@ -1042,11 +1001,5 @@ max_hold = "1h"
         assert_eq!(stopped, DriveOutcome::Stopped(RolloutStatus::Held));
         let rollout = store.rollout("real-1").unwrap().rollout;
         assert!(rollout.phases[0].hold_expired);
-    }
-
-    #[test]
-    fn jitter_is_deterministic() {
-        let policy = RetryPolicy::default();
-        assert_eq!(policy.delay(2, None, 42), policy.delay(2, None, 42));
     }
 }

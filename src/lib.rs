@@ -13,6 +13,7 @@ pub mod identity;
 pub mod metrics;
 pub mod notifier;
 pub mod provider;
+pub mod retry;
 pub mod runner;
 pub mod store;
 pub mod web;

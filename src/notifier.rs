@@ -13,6 +13,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use thiserror::Error;
 
+use crate::retry::{self, Failure, parse_retry_after};
+
 /// One notification to deliver.
 pub struct Delivery<'a> {
     pub key: &'a str,
@@ -22,9 +24,26 @@ pub struct Delivery<'a> {
     pub body: Vec<u8>,
 }
 
+/// A delivery that did not arrive, with what the retry policy needs to know about it.
 #[derive(Debug, Error)]
-#[error("{0}")]
-pub struct NotifyError(pub String);
+#[error("{message}")]
+pub struct NotifyError {
+    pub message: String,
+    /// How the attempt failed; `None` when trying again cannot help (a missing signing key).
+    pub failure: Option<Failure>,
+    /// What the receiver asked for.
+    pub retry_after: Option<Duration>,
+}
+
+impl NotifyError {
+    fn final_(message: String) -> NotifyError {
+        NotifyError {
+            message,
+            failure: None,
+            retry_after: None,
+        }
+    }
+}
 
 #[async_trait]
 pub trait Notifier: Send + Sync {
@@ -92,7 +111,7 @@ impl WebhookNotifier {
             .body(delivery.body.clone());
         if let Some(env) = delivery.secret_env {
             let secret = std::env::var(env).map_err(|_| {
-                NotifyError(format!(
+                NotifyError::final_(format!(
                     "the webhook signing key is not set: put it in {env}"
                 ))
             })?;
@@ -101,18 +120,23 @@ impl WebhookNotifier {
                 signature(secret.as_bytes(), &delivery.body),
             );
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| NotifyError(format!("POST {}: {e}", delivery.url)))?;
+        let response = request.send().await.map_err(|e| NotifyError {
+            message: format!("POST {}: {}", delivery.url, retry::describe_transport(&e)),
+            failure: Some(retry::transport_failure(&e)),
+            retry_after: None,
+        })?;
         let status = response.status().as_u16();
-        match status {
-            200..=299 => Ok(status),
-            408 | 429 | 500..=599 => Err(NotifyError(format!(
-                "POST {}: answered {status}",
-                delivery.url
-            ))),
-            _ => Ok(status),
+        match retry::status_failure(status) {
+            Some(failure) => Err(NotifyError {
+                message: format!("POST {}: answered {status}", delivery.url),
+                failure: Some(failure),
+                retry_after: response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, std::time::SystemTime::now())),
+            }),
+            None => Ok(status),
         }
     }
 }

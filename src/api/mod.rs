@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod sse;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -95,7 +96,9 @@ impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> ApiError {
         let status = match &err {
             EngineError::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
-            EngineError::Store(StoreError::AlreadyExists(_)) => StatusCode::CONFLICT,
+            EngineError::Store(StoreError::AlreadyExists(_) | StoreError::Conflict { .. }) => {
+                StatusCode::CONFLICT
+            }
             EngineError::Rejected(_) | EngineError::Claimed(_) => StatusCode::CONFLICT,
             EngineError::Plan(_) => StatusCode::BAD_REQUEST,
             EngineError::Provider(e)
@@ -493,7 +496,7 @@ async fn start(
         store: &state.store,
         notifier: crate::notifier::shared(),
         actor: "api".into(),
-        retry: engine::RetryPolicy::default(),
+        delivery: crate::retry::Backoff::WEBHOOK,
         limits: engine::Limits::default(),
     };
     let (_, warnings) = engine

@@ -13,7 +13,7 @@ use crate::domain::event::EventKind;
 use crate::domain::machine;
 use crate::domain::plan::{self, Plan};
 use crate::domain::rollout::RolloutStatus;
-use crate::engine::{self, Engine, EngineError, RetryPolicy};
+use crate::engine::{self, Engine, EngineError};
 use crate::provider;
 use crate::provider::ErrorKind;
 use crate::runner::{self, Runner};
@@ -34,7 +34,7 @@ impl Context {
 }
 
 fn print_json<T: Serialize>(value: &T) {
-    println!(
+    say!(
         "{}",
         serde_json::to_string_pretty(value).expect("views always serialize")
     );
@@ -111,7 +111,7 @@ pub fn plan_check(ctx: &Context, files: &[PathBuf]) -> CommandResult {
         };
         if ctx.output == Output::Text {
             if checked.valid {
-                println!("{name}: ok ({} phases)", checked.phases);
+                say!("{name}: ok ({} phases)", checked.phases);
             } else if checked.errors.first().is_some_and(|e| e.line == 0) {
                 eprintln!("{name}: {}", checked.errors[0].message);
             }
@@ -138,11 +138,11 @@ pub fn plan_check(ctx: &Context, files: &[PathBuf]) -> CommandResult {
 pub fn plan_show(ctx: &Context, file: &Path, dot: bool) -> CommandResult {
     let (_, plan) = read_plan(file)?;
     if dot {
-        print!("{}", text::plan_dot(&plan));
+        say_raw!("{}", text::plan_dot(&plan));
     } else if ctx.output == Output::Json {
         print_json(&text::plan_json(&plan));
     } else {
-        print!("{}", text::plan_table(&plan));
+        say_raw!("{}", text::plan_table(&plan));
     }
     Ok(exit::OK)
 }
@@ -152,7 +152,7 @@ fn engine<'s>(store: &'s Store, actor: &str) -> Engine<'s> {
         store,
         notifier: crate::notifier::shared(),
         actor: actor.to_string(),
-        retry: RetryPolicy::default(),
+        delivery: crate::retry::Backoff::WEBHOOK,
         limits: crate::engine::Limits::default(),
     }
 }
@@ -181,7 +181,7 @@ pub async fn start(ctx: &Context, file: &Path, id: Option<String>, by: &str) -> 
             eprintln!("warning: {}", warning.as_str().unwrap_or(""));
         }
         match ctx.output {
-            Output::Text => println!("{}", view["id"].as_str().unwrap_or("")),
+            Output::Text => say!("{}", view["id"].as_str().unwrap_or("")),
             Output::Json => print_json(&view),
         }
         return Ok(exit::OK);
@@ -216,7 +216,7 @@ pub async fn start(ctx: &Context, file: &Path, id: Option<String>, by: &str) -> 
         eprintln!("warning: {warning}");
     }
     match ctx.output {
-        Output::Text => println!("{id}"),
+        Output::Text => say!("{id}"),
         Output::Json => {
             let loaded = engine::load(&store, &id)?;
             print_json(&rollout_view(&loaded.plan, &loaded.stored.rollout));
@@ -249,7 +249,7 @@ pub async fn run(ctx: &Context, only: Option<&str>, once: bool) -> CommandResult
     };
     if ids.is_empty() {
         if ctx.output == Output::Text {
-            println!("no rollouts to run");
+            say!("no rollouts to run");
         } else {
             print_json(&Vec::<view::RolloutView>::new());
         }
@@ -324,9 +324,7 @@ async fn local_api(
     .map_err(failure)?;
     Ok(tokio::spawn(async move {
         let _published = published;
-        if let Err(e) =
-            daemon::serve_api(listener, handle, store, token, axum::Router::new(), closing).await
-        {
+        if let Err(e) = daemon::serve_api(listener, handle, store, token, false, closing).await {
             tracing::warn!(error = %e, "the local API stopped");
         }
     }))
@@ -339,9 +337,9 @@ async fn print_transitions(
 ) {
     while let Ok(a) = events.recv().await {
         if text && worth_printing(&a.record) {
-            println!("{}  {}", a.rollout, view::event_line(&a.record));
+            say!("{}  {}", a.rollout, view::event_line(&a.record));
             for note in &a.record.notes {
-                println!("{:width$}  · {note}", "", width = a.rollout.len());
+                say!("{:width$}  · {note}", "", width = a.rollout.len());
             }
         }
     }
@@ -365,7 +363,7 @@ fn finish_run(ctx: &Context, store: &Store, ids: &[String], failed: bool) -> Com
             code = exit::ATTENTION;
         }
         if ctx.output == Output::Text {
-            println!("{}: {} — {}", rollout.id, rollout.status, rollout.reason);
+            say!("{}: {} — {}", rollout.id, rollout.status, rollout.reason);
         }
         views.push(rollout_view(&loaded.plan, rollout));
     }
@@ -388,7 +386,7 @@ pub async fn status(ctx: &Context, id: Option<&str>, watch: bool) -> CommandResu
             Output::Json => print_json(&remote.get(&path).await?),
             Output::Text => {
                 let text = remote.get(&format!("{path}?format=text")).await?;
-                print!("{}", text["text"].as_str().unwrap_or(""));
+                say_raw!("{}", text["text"].as_str().unwrap_or(""));
             }
         }
         return Ok(exit::OK);
@@ -402,7 +400,7 @@ pub async fn status(ctx: &Context, id: Option<&str>, watch: bool) -> CommandResu
             }
             None => print_json(&all_views(&store)?),
         },
-        Output::Text => print!("{}", status_text(&store, id, &ctx.store)?),
+        Output::Text => say_raw!("{}", status_text(&store, id, &ctx.store)?),
     }
     Ok(exit::OK)
 }
@@ -542,17 +540,16 @@ pub async fn serve(ctx: &Context, listen: std::net::SocketAddr) -> CommandResult
         },
     )
     .map_err(failure)?;
-    println!("phasegate serve listening on http://{addr}");
-    println!("  store:     {}", ctx.store.display());
-    println!("  api:       http://{addr}/api/v1/rollouts   dashboard: http://{addr}/");
+    say!("phasegate serve listening on http://{addr}");
+    say!("  store:     {}", ctx.store.display());
+    say!("  api:       http://{addr}/api/v1/rollouts   dashboard: http://{addr}/");
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
-    let extra = crate::daemon::extra_routes(handle.clone(), store.clone(), &token);
     let api = tokio::spawn(daemon::serve_api(
         listener,
         handle.clone(),
         store.clone(),
         token.clone(),
-        extra,
+        true,
         closing,
     ));
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -596,7 +593,7 @@ pub async fn token_create(ctx: &Context, name: &str, role: &str) -> CommandResul
             print_json(&serde_json::json!({"name": name, "role": role, "token": token}))
         }
         Output::Text => {
-            println!("{token}");
+            say!("{token}");
             eprintln!(
                 "token for `{name}` ({role}); it is shown only now — keep it in a secret store"
             );
@@ -627,9 +624,9 @@ pub async fn token_list(ctx: &Context) -> CommandResult {
     match ctx.output {
         Output::Json => print_json(&list),
         Output::Text => {
-            println!("{:<24} {:<9} {:<21} REVOKED", "NAME", "ROLE", "CREATED");
+            say!("{:<24} {:<9} {:<21} REVOKED", "NAME", "ROLE", "CREATED");
             for t in &list {
-                println!(
+                say!(
                     "{:<24} {:<9} {:<21} {}",
                     t["name"].as_str().unwrap_or(""),
                     t["role"].as_str().unwrap_or(""),
@@ -660,7 +657,7 @@ pub async fn token_revoke(ctx: &Context, name: &str) -> CommandResult {
         return Err(Failure::invalid(format!("no active token named `{name}`")));
     }
     if ctx.output == Output::Text {
-        println!(
+        say!(
             "revoked {revoked} token{} named `{name}`",
             if revoked == 1 { "" } else { "s" }
         );
@@ -766,9 +763,9 @@ async fn submit(
             Output::Json => print_json(&view),
             Output::Text => {
                 for note in view["recorded"]["notes"].as_array().into_iter().flatten() {
-                    println!("· {}", note.as_str().unwrap_or(""));
+                    say!("· {}", note.as_str().unwrap_or(""));
                 }
-                println!(
+                say!(
                     "{}: {} — {}",
                     view["id"].as_str().unwrap_or(id),
                     view["status"].as_str().unwrap_or(""),
@@ -793,12 +790,12 @@ async fn submit(
             let rollout = &loaded.stored.rollout;
             if let Some(record) = &record {
                 for note in &record.notes {
-                    println!("· {note}");
+                    say!("· {note}");
                 }
             }
-            println!("{}: {} — {}", rollout.id, rollout.status, rollout.reason);
+            say!("{}: {} — {}", rollout.id, rollout.status, rollout.reason);
             if !rollout.pending.is_empty() {
-                println!("`phasegate run {}` carries out the change", rollout.id);
+                say!("`phasegate run {}` carries out the change", rollout.id);
             }
         }
     }
@@ -816,7 +813,7 @@ pub async fn history(ctx: &Context, id: &str, verify: bool) -> CommandResult {
                 Output::Json => print_json(&serde_json::json!({"id": id, "verified": verified,
                     "events": answer["events"].as_array().map_or(0, Vec::len), "verification": answer["verification"]})),
                 Output::Text if verified => {
-                    println!("{id}: {}", answer["verification"].as_str().unwrap_or(""))
+                    say!("{id}: {}", answer["verification"].as_str().unwrap_or(""))
                 }
                 Output::Text => {
                     eprintln!("{id}: {}", answer["verification"].as_str().unwrap_or(""))
@@ -831,7 +828,7 @@ pub async fn history(ctx: &Context, id: &str, verify: bool) -> CommandResult {
             })?;
         match ctx.output {
             Output::Json => print_json(&events),
-            Output::Text => print!("{}", text::history(&events)),
+            Output::Text => say_raw!("{}", text::history(&events)),
         }
         return Ok(exit::OK);
     }
@@ -857,7 +854,7 @@ pub async fn history(ctx: &Context, id: &str, verify: bool) -> CommandResult {
                 error,
             }),
             Output::Text => match &verdict {
-                Ok(n) => println!("{id}: audit trail verified, {n} events, hash chain intact"),
+                Ok(n) => say!("{id}: audit trail verified, {n} events, hash chain intact"),
                 Err(e) => eprintln!("{id}: audit trail is broken: {e}"),
             },
         }
@@ -871,7 +868,7 @@ pub async fn history(ctx: &Context, id: &str, verify: bool) -> CommandResult {
     let events = store.events(id)?;
     match ctx.output {
         Output::Json => print_json(&events),
-        Output::Text => print!("{}", text::history(&events)),
+        Output::Text => say_raw!("{}", text::history(&events)),
     }
     Ok(exit::OK)
 }

@@ -15,7 +15,7 @@ use crate::domain::machine;
 use crate::domain::plan::{self, MAX_SIMULATED_DEVICES, Plan};
 use crate::domain::rollout::{Rollout, RolloutStatus};
 use crate::domain::time::Timestamp;
-use crate::engine::{self, DriveOutcome, Engine, Pace, RetryPolicy};
+use crate::engine::{self, DriveOutcome, Engine, Pace};
 use crate::provider;
 use crate::store::{DEFAULT_LOCK_WAIT, EventRecord, PlanRecord, Store};
 
@@ -77,21 +77,21 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
         store: &store,
         notifier: crate::notifier::shared(),
         actor: "demo".to_string(),
-        retry: RetryPolicy::default(),
+        delivery: crate::retry::Backoff::WEBHOOK,
         limits: crate::engine::Limits::default(),
     };
     let text = output == Output::Text;
     if text {
-        println!(
+        say!(
             "phasegate demo: plan {} over {} simulated devices (seed {seed}), store in {}",
             plan.name,
             view::thousands(u64::from(devices)),
             dir.path().display()
         );
-        println!(
+        say!(
             "approvals are given by \"{DEMO_APPROVER}\"; in a real rollout a person runs `phasegate approve`\n"
         );
-        println!("{:<10} {:<12} WHAT", "SIM TIME", "PHASE");
+        say!("{:<10} {:<12} WHAT", "SIM TIME", "PHASE");
     }
     let started = Instant::now();
     let id = "demo-1";
@@ -108,7 +108,7 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
     let mut narrate = |plan: &Plan, rollout: &Rollout, record: &EventRecord| {
         for moment in moments(plan, rollout, record, start_at) {
             if text {
-                println!(
+                say!(
                     "{:<10} {:<12} {}{}",
                     moment.elapsed,
                     moment.phase,
@@ -156,9 +156,9 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
     let wall_ms = started.elapsed().as_millis();
     match output {
         Output::Text => {
-            println!();
-            print!("{}", super::text::rollout_detail(&loaded.plan, rollout));
-            println!(
+            say!();
+            say_raw!("{}", super::text::rollout_detail(&loaded.plan, rollout));
+            say!(
                 "\n{}: {} after {} of simulated time ({} ms of wall time)",
                 rollout.id,
                 rollout.status,
@@ -177,7 +177,7 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
                 timeline,
                 rollout: rollout_view(&loaded.plan, rollout),
             };
-            println!(
+            say!(
                 "{}",
                 serde_json::to_string_pretty(&report).expect("views always serialize")
             );

@@ -5,6 +5,23 @@
 //! attention (waiting for approval, held, rolled back, rejected, aborted), 4 the store is in use.
 //! Logs go to stderr through tracing (`RUST_LOG`); stdout carries only the command's output.
 
+/// Writes a line to stdout; a reader that went away (`| head`, a closed pipe) is not an error
+/// worth dying for, least of all in a daemon.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// [`say!`] without the newline.
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod commands;
 pub use commands::status_text;
 mod demo;

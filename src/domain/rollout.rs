@@ -98,6 +98,7 @@ impl RolloutStatus {
         matches!(
             self,
             RolloutStatus::WaitingApproval
+                | RolloutStatus::Paused
                 | RolloutStatus::Held
                 | RolloutStatus::RolledBack
                 | RolloutStatus::Rejected

@@ -95,12 +95,13 @@ impl Shared {
             store: &self.store,
             notifier: self.notifier,
             actor: self.settings.actor.clone(),
-            retry: engine::RetryPolicy::default(),
+            delivery: crate::retry::Backoff::WEBHOOK,
             limits: self.settings.limits,
         }
     }
 
     fn announce(&self, loaded: &Loaded, record: &EventRecord) {
+        crate::metrics::global().transition(record.event.kind.name());
         let _ = self.announcements.send(Announcement {
             rollout: loaded.stored.rollout.id.clone(),
             record: record.clone(),
@@ -473,6 +474,18 @@ impl Actor {
             work => {
                 let task = engine.task(loaded, work)?;
                 let notifier = self.shared.notifier;
+                let (mutated, record) = engine.confirm_before_acting(loaded, &task, now)?;
+                if mutated {
+                    if let Some(record) = record {
+                        self.shared.announce(loaded, &record);
+                    }
+                    self.in_flight = Some(Box::pin(async move {
+                        let mut provider = provider;
+                        let _ = task.perform(provider.as_mut(), notifier).await;
+                        Returned::Advanced(provider, Ok(()))
+                    }));
+                    return Ok(Next::Busy);
+                }
                 self.in_flight = Some(Box::pin(async move {
                     let mut provider = provider;
                     let finished = task.perform(provider.as_mut(), notifier).await;
@@ -531,6 +544,9 @@ impl Actor {
                 self.last_now = self.last_now.max(finished.now);
                 self.provider = Some(provider);
                 self.skip.note(&finished);
+                if let Some((effect, outcome)) = finished.event.as_ref().and_then(classify) {
+                    crate::metrics::global().effect(effect, outcome, finished.took);
+                }
                 if let Some(record) = engine.conclude(loaded, *finished)? {
                     self.shared.announce(loaded, &record);
                 }
@@ -576,6 +592,26 @@ enum Next {
     Sleep(Duration),
     /// Nothing without a person.
     Idle,
+}
+
+/// The effect (or observation) an outcome is about, and how it went, for the metrics.
+fn classify(event: &Event) -> Option<(&'static str, &'static str)> {
+    Some(match &event.kind {
+        EventKind::BaselineCaptured { .. } => ("capture_baseline", "done"),
+        EventKind::Reconciled { .. } => ("reconcile", "done"),
+        EventKind::DriftDetected {
+            effect: Some(_), ..
+        } => ("reconcile", "drifted"),
+        EventKind::DriftDetected { effect: None, .. } => ("observe", "drifted"),
+        EventKind::TenantApprovalPending { .. } => ("reconcile", "held"),
+        EventKind::ProviderFailed {
+            effect: Some(_), ..
+        } => ("reconcile", "failed"),
+        EventKind::ProviderFailed { effect: None, .. } => ("observe", "failed"),
+        EventKind::Observed { .. } => ("observe", "done"),
+        EventKind::Delivered { .. } => ("notify", "done"),
+        _ => return None,
+    })
 }
 
 async fn advance(mut provider: Box<dyn Provider>, at: Timestamp) -> Returned {

@@ -52,43 +52,8 @@ pub struct Viewer {
     pub role: Role,
 }
 
-/// What a signed-in person may do from the dashboard. Everyone may read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
-    /// Reads rollouts, gates and the audit trail.
-    Viewer,
-    /// May also approve or reject promotions.
-    Approver,
-    /// May also pause, resume and roll back, and decide about drift.
-    Operator,
-    /// May do everything.
-    Admin,
-}
-
-impl Role {
-    pub fn can_approve(self) -> bool {
-        matches!(self, Role::Approver | Role::Admin)
-    }
-
-    pub fn can_operate(self) -> bool {
-        matches!(self, Role::Operator | Role::Admin)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Viewer => "viewer",
-            Role::Approver => "approver",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        }
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// What a signed-in person may do from the dashboard (everyone may read): the API's roles.
+pub use crate::identity::Role;
 
 #[cfg(test)]
 mod tests;

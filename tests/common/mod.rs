@@ -280,3 +280,164 @@ pub fn writes_of(ledger: &Value) -> Vec<(String, String, String)> {
         })
         .collect()
 }
+
+/// A running `phasegate serve` on a free loopback port over a store, stopped when dropped. Its
+/// output is drained as it comes, so a chatty daemon never blocks on a full pipe.
+pub struct Serve {
+    pub child: Child,
+    pub url: String,
+    pub store: PathBuf,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+fn drain(
+    from: impl std::io::Read + Send + 'static,
+    into: std::sync::Arc<std::sync::Mutex<String>>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            let mut log = into.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+}
+
+impl Serve {
+    pub fn start(store: &std::path::Path) -> Serve {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("PHASEGATE_STORE", store)
+            .env("PHASEGATE_GRAPH_SECRET", SECRET)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        let url = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {first:?}"))
+            .to_string();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(first));
+        drain(out, log.clone());
+        drain(child.stderr.take().unwrap(), log.clone());
+        Serve {
+            child,
+            url,
+            store: store.to_path_buf(),
+            log,
+        }
+    }
+
+    /// Everything the daemon printed so far.
+    pub fn output(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// An API call with a token: (status, JSON body).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let bearer = format!("Bearer {token}");
+        let text = body.map(Value::to_string).unwrap_or_default();
+        let (status, answer) = http(
+            method,
+            &format!("{}{path}", self.url),
+            &[
+                ("Authorization", bearer.as_str()),
+                ("Content-Type", "application/json"),
+            ],
+            text.as_bytes(),
+        );
+        (status, serde_json::from_str(&answer).unwrap_or(Value::Null))
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        // SAFETY: kill only sends a signal to the child this struct owns.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status.code()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads a server-sent event stream until `done` says so (or `limit` passes): the `data` of
+/// every event, in order, with its `id`.
+pub fn sse_until(
+    url: &str,
+    token: &str,
+    last_event_id: Option<&str>,
+    limit: std::time::Duration,
+    mut done: impl FnMut(&Value) -> bool,
+) -> Vec<(String, Value)> {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut head = format!(
+        "GET /{path} HTTP/1.0\r\nHost: {host}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n"
+    );
+    if let Some(id) = last_event_id {
+        head.push_str(&format!("Last-Event-ID: {id}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    let started = std::time::Instant::now();
+    let mut reader = BufReader::new(stream);
+    let mut events = Vec::new();
+    let (mut id, mut data) = (String::new(), String::new());
+    let mut line = String::new();
+    while started.elapsed() < limit {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = line.trim_end_matches(['\r', '\n']);
+        // Chunked transfer: chunk-size lines are hex numbers, skipped.
+        if let Some(value) = text.strip_prefix("data:") {
+            data.push_str(value.trim_start());
+        } else if let Some(value) = text.strip_prefix("id:") {
+            id = value.trim().to_string();
+        } else if text.is_empty() && !data.is_empty() {
+            let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+            let stop = done(&value);
+            events.push((std::mem::take(&mut id), value));
+            data.clear();
+            if stop {
+                break;
+            }
+        }
+    }
+    events
+}
+
+/// Polls `check` until it holds or `limit` passes; true if it held.
+pub fn eventually(limit: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    check()
+}

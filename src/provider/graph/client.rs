@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
+
+use crate::retry::{self, Backoff, Failure};
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
@@ -73,9 +75,7 @@ pub struct GraphClient {
     token: tokio::sync::Mutex<Option<Token>>,
     clock: Mutex<ServerClock>,
     ca_slot: tokio::sync::Mutex<Option<Instant>>,
-    attempts: u32,
-    base_delay: Duration,
-    max_delay: Duration,
+    retry: Backoff,
     jitter: AtomicU64,
 }
 
@@ -84,15 +84,7 @@ const TOKEN_MARGIN: Duration = Duration::from_secs(300);
 
 pub use crate::graph::encode_query_value as encode;
 
-/// Parses `Retry-After`: seconds (possibly fractional) or an HTTP date.
-pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
-}
+pub use crate::retry::parse_retry_after;
 
 /// One readable line from a Graph error body, including Intune's JSON-inside-`message` envelope
 /// and the OAuth error shape of the token endpoint.
@@ -173,9 +165,7 @@ impl GraphClient {
                 floor: Timestamp::from_millis(0),
             }),
             ca_slot: tokio::sync::Mutex::new(None),
-            attempts: 8,
-            base_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(30),
+            retry: Backoff::GRAPH,
             jitter: AtomicU64::new(0),
         })
     }
@@ -258,12 +248,15 @@ impl GraphClient {
         (n.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) % 1000
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
-        let exponential = self
-            .base_delay
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(self.max_delay);
-        exponential.mul_f64(0.5 + self.next_jitter() as f64 / 2000.0)
+    /// Whether (and after how long) to try again after `failed` failed attempts.
+    fn wait(
+        &self,
+        failed: u32,
+        failure: Failure,
+        retry_after: Option<Duration>,
+    ) -> Option<Duration> {
+        self.retry
+            .wait(failed, failure, retry_after, self.next_jitter())
     }
 
     /// A valid access token, renewed when it is about to expire (in tenant time) or when asked.
@@ -294,28 +287,33 @@ impl GraphClient {
             ("grant_type", "client_credentials"),
         ];
         let metrics = crate::metrics::global();
-        let mut attempt = 0;
+        let mut failed = 0;
         loop {
             let sent = self.http.post(&url).form(&form).send().await;
             let response = match sent {
                 Ok(response) => response,
-                Err(e) if attempt + 1 < self.attempts => {
-                    metrics.provider_request("graph", "POST", crate::metrics::TRANSPORT);
-                    metrics.provider_retry("graph");
-                    let delay = self.backoff(attempt);
-                    tracing::warn!(error = %e, ?delay, "token request failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                    continue;
-                }
                 Err(e) => {
                     metrics.provider_request("graph", "POST", crate::metrics::TRANSPORT);
-                    return Err(ProviderError::transient(format!(
-                        "signing in to tenant {}: {e}",
-                        self.settings.tenant
-                    )));
+                    failed += 1;
+                    let error = format!(
+                        "signing in to tenant {}: {}",
+                        self.settings.tenant,
+                        retry::describe_transport(&e)
+                    );
+                    let Some(delay) = self.wait(failed, retry::transport_failure(&e), None) else {
+                        return Err(ProviderError::transient(error));
+                    };
+                    metrics.provider_retry("graph");
+                    tracing::warn!(%error, ?delay, "token request failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    continue;
                 }
             };
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
             self.observe_clock(response.headers());
             let status = response.status();
             metrics.provider_request(
@@ -344,28 +342,32 @@ impl GraphClient {
                     expires_at: self.now().plus(Duration::from_secs(lifetime)),
                 });
             }
-            if (status.is_server_error() || status.as_u16() == 429) && attempt + 1 < self.attempts {
-                metrics.provider_retry("graph");
-                let delay = self.backoff(attempt);
-                tracing::warn!(%status, ?delay, "token endpoint unavailable; retrying");
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-                continue;
+            if let Some(failure) = retry::status_failure(status.as_u16()) {
+                failed += 1;
+                if let Some(delay) = self.wait(failed, failure, retry_after) {
+                    metrics.provider_retry("graph");
+                    tracing::warn!(%status, ?delay, "token endpoint unavailable; retrying");
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
             }
-            let kind = if status.is_server_error() {
+            let kind = if retry::status_failure(status.as_u16()).is_some() {
                 ErrorKind::Transient
             } else {
                 ErrorKind::Auth
             };
-            return Err(ProviderError::new(
-                kind,
-                format!(
-                    "signing in to tenant {} as application {} failed: {}",
-                    self.settings.tenant,
-                    self.settings.client_id,
-                    describe_error(&body)
-                ),
-            ));
+            return Err(ProviderError {
+                retry_after,
+                ..ProviderError::new(
+                    kind,
+                    format!(
+                        "signing in to tenant {} as application {} failed: {}",
+                        self.settings.tenant,
+                        self.settings.client_id,
+                        describe_error(&body)
+                    ),
+                )
+            });
         }
     }
 
@@ -410,7 +412,7 @@ impl GraphClient {
             || url.ends_with("/$batch")
                 && body.is_some_and(|b| b.to_string().contains("/identity/conditionalAccess"));
         let metrics = crate::metrics::global();
-        let mut attempt = 0;
+        let mut failed = 0;
         let mut renewed = false;
         loop {
             if conditional_access {
@@ -464,15 +466,19 @@ impl GraphClient {
             let (status, retry_after, approval, text) = match outcome {
                 Ok(reply) => reply,
                 Err(e) => {
-                    let failure = format!("{what}: {}", describe_transport(&e));
-                    if access == Access::Write || attempt + 1 >= self.attempts {
-                        return Err(ProviderError::transient(failure));
-                    }
+                    let error = format!("{what}: {}", retry::describe_transport(&e));
+                    failed += 1;
+                    // A write that got no answer may have been made: the caller reads back.
+                    let again = match access {
+                        Access::Read => self.wait(failed, retry::transport_failure(&e), None),
+                        Access::Write => None,
+                    };
+                    let Some(delay) = again else {
+                        return Err(ProviderError::transient(error));
+                    };
                     metrics.provider_retry("graph");
-                    let delay = self.backoff(attempt);
-                    tracing::warn!(%what, attempt = attempt + 1, ?delay, error = %failure, "graph request failed; retrying");
+                    tracing::warn!(%what, attempt = failed, ?delay, %error, "graph request failed; retrying");
                     tokio::time::sleep(delay).await;
-                    attempt += 1;
                     continue;
                 }
             };
@@ -493,21 +499,20 @@ impl GraphClient {
                     self.bearer(true).await?;
                     continue;
                 }
-                429 if attempt + 1 < self.attempts => {
-                    metrics.provider_retry("graph");
-                    let delay = retry_after.unwrap_or_else(|| self.backoff(attempt));
-                    tracing::warn!(%what, attempt = attempt + 1, ?delay, retry_after = ?retry_after, "graph throttled the request; waiting");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                    continue;
-                }
-                500..=599 if access == Access::Read && attempt + 1 < self.attempts => {
-                    metrics.provider_retry("graph");
-                    let delay = retry_after.unwrap_or_else(|| self.backoff(attempt));
-                    tracing::warn!(%what, status, attempt = attempt + 1, ?delay, "graph is unavailable; retrying");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                    continue;
+                429 | 500..=599 => {
+                    // A throttled request was not carried out; a failed write may have been.
+                    let failure = retry::status_failure(status).unwrap_or(Failure::Unavailable);
+                    failed += 1;
+                    let again = match (failure, access) {
+                        (Failure::Unavailable, Access::Write) => None,
+                        _ => self.wait(failed, failure, retry_after),
+                    };
+                    if let Some(delay) = again {
+                        metrics.provider_retry("graph");
+                        tracing::warn!(%what, status, attempt = failed, ?delay, ?retry_after, "graph did not serve the request; retrying");
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
                 }
                 _ => {}
             }
@@ -611,9 +616,11 @@ impl GraphClient {
                     let retry_after = item["headers"]["Retry-After"]
                         .as_str()
                         .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
-                    if (status == 429 || status >= 500) && attempt + 1 < self.attempts {
+                    if let Some(failure) = retry::status_failure(status)
+                        && let Some(delay) = self.wait(attempt + 1, failure, retry_after)
+                    {
                         throttled.push(i);
-                        wait = wait.max(retry_after.unwrap_or_else(|| self.backoff(attempt)));
+                        wait = wait.max(delay);
                         continue;
                     }
                     results[chunk_index * 20 + i] = Some(if (200..300).contains(&status) {
@@ -637,12 +644,12 @@ impl GraphClient {
                 }
                 pending.retain(|i| results[chunk_index * 20 + i].is_none());
                 attempt += 1;
-                if pending.is_empty() || attempt >= self.attempts {
+                if pending.is_empty() || attempt >= self.retry.attempts {
                     break;
                 }
                 // Throttled, failed, or (should never happen) left unanswered: try those again.
                 let wait = if wait.is_zero() {
-                    self.backoff(attempt)
+                    self.retry.step(attempt, self.next_jitter())
                 } else {
                     wait
                 };
@@ -705,16 +712,6 @@ pub fn graph_scope(graph_url: &str) -> String {
             format!("https://{}/.default", host.trim_end_matches('/'))
         }
         _ => "https://graph.microsoft.com/.default".to_string(),
-    }
-}
-
-fn describe_transport(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".to_string()
-    } else if e.is_connect() {
-        format!("cannot connect ({e})")
-    } else {
-        format!("connection failed ({e})")
     }
 }
 
