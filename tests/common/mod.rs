@@ -2,6 +2,8 @@
 //! a free port, plain HTTP, and a store driving a Graph plan. Each test binary uses a part.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
