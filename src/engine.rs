@@ -82,7 +82,8 @@ pub struct Engine<'s> {
 pub fn load(store: &Store, id: &str) -> Result<Loaded, EngineError> {
     let stored = store.rollout(id)?;
     let plan_record = store.plan(id, &stored.rollout.plan_hash)?;
-    let plan = plan::parse(&plan_record.path, &plan_record.source).map_err(EngineError::Plan)?;
+    let plan = crate::adapters::parse_plan(&plan_record.path, &plan_record.source)
+        .map_err(EngineError::Plan)?;
     stored
         .rollout
         .check_invariants(&plan)
@@ -240,7 +241,7 @@ impl Engine<'_> {
         if hash == loaded.stored.rollout.plan_hash {
             return Ok(());
         }
-        let new_plan = plan::parse(&path, &source).map_err(EngineError::Plan)?;
+        let new_plan = crate::adapters::parse_plan(&path, &source).map_err(EngineError::Plan)?;
         let old = std::mem::replace(&mut loaded.plan, new_plan);
         let old_record = std::mem::replace(
             &mut loaded.plan_record,
@@ -669,8 +670,7 @@ impl Task {
         notifier: &dyn Notifier,
     ) -> Finished {
         let Effect::Notify {
-            url,
-            secret_env,
+            to,
             status,
             previous,
             reason,
@@ -691,8 +691,7 @@ impl Task {
         });
         let delivery = Delivery {
             key: &key,
-            url,
-            secret_env: secret_env.as_deref(),
+            to,
             body: serde_json::to_vec(&body).expect("json serializes"),
         };
         crash::point("delivery.before");
@@ -718,7 +717,7 @@ impl Task {
                     took: Duration::ZERO,
                 };
             };
-            tracing::warn!(%url, error = %e, ?delay, "webhook delivery failed; retrying");
+            tracing::warn!(error = %e, ?delay, "notification not delivered yet; retrying");
             tokio::time::sleep(delay).await;
         };
         crash::point("delivery.after");
@@ -730,7 +729,7 @@ impl Task {
             trigger: Trigger::new(
                 TriggerSource::Internal,
                 "outbox",
-                format!("{url} answered {status}"),
+                format!("{} answered {status}", crate::notifier::describe(to)),
             ),
         };
         Task::finished(event, now, None)

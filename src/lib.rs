@@ -1,6 +1,7 @@
 //! phasegate drives staged rollouts of device-compliance and access policies as a persisted state
 //! machine. See `docs/ARCHITECTURE.md` for the map.
 
+pub mod adapters;
 pub mod api;
 pub mod cli;
 pub mod crash;

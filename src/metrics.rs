@@ -1294,7 +1294,7 @@ exclude = ["Break Glass"]
             }
         });
         let url = scripted_server(script).await;
-        let settings = plan::GraphSettings {
+        let settings = crate::provider::graph::GraphSettings {
             tenant: "tenant".into(),
             client_id: "client".into(),
             client_secret_env: "UNUSED".into(),
@@ -1361,6 +1361,7 @@ exclude = ["Break Glass"]
 
     #[tokio::test]
     async fn webhook_deliveries_are_counted_per_attempt() {
+        use crate::domain::event::ChannelAddress;
         use crate::notifier::{Delivery, Notifier, WebhookNotifier};
 
         let script: Arc<Script> = Arc::new(|_: &str, path: &str, _| match path {
@@ -1370,24 +1371,30 @@ exclude = ["Break Glass"]
         });
         let url = scripted_server(script).await;
         let notifier = WebhookNotifier::new();
-        let delivery = |url: &'static str| Delivery {
+        let webhook = |path: &str, secret_env: Option<&str>| {
+            let mut settings = serde_json::Map::new();
+            settings.insert("url".into(), format!("{url}{path}").into());
+            if let Some(env) = secret_env {
+                settings.insert("secret_env".into(), env.into());
+            }
+            ChannelAddress::new(ChannelAddress::WEBHOOK, settings)
+        };
+        let (ok, down, gone) = (
+            webhook("/ok", None),
+            webhook("/down", None),
+            webhook("/gone", None),
+        );
+        let unsigned = webhook("/ok", Some("PHASEGATE_METRICS_TEST_UNSET_SECRET"));
+        let delivery = |to| Delivery {
             key: "r:1.0",
-            url,
-            secret_env: None,
+            to,
             body: b"{}".to_vec(),
         };
-        let ok: &'static str = format!("{url}/ok").leak();
-        let down: &'static str = format!("{url}/down").leak();
-        let gone: &'static str = format!("{url}/gone").leak();
         let before = parse(&global().render()).unwrap();
-        assert_eq!(notifier.deliver(&delivery(ok)).await.unwrap(), 200);
-        assert!(notifier.deliver(&delivery(down)).await.is_err());
-        assert_eq!(notifier.deliver(&delivery(gone)).await.unwrap(), 404);
-        let unsigned = Delivery {
-            secret_env: Some("PHASEGATE_METRICS_TEST_UNSET_SECRET"),
-            ..delivery(ok)
-        };
-        assert!(notifier.deliver(&unsigned).await.is_err());
+        assert_eq!(notifier.deliver(&delivery(&ok)).await.unwrap(), 200);
+        assert!(notifier.deliver(&delivery(&down)).await.is_err());
+        assert_eq!(notifier.deliver(&delivery(&gone)).await.unwrap(), 404);
+        assert!(notifier.deliver(&delivery(&unsigned)).await.is_err());
         let after = parse(&global().render()).unwrap();
         let delta = |outcome| {
             let labels = [("outcome", outcome)];

@@ -1,4 +1,5 @@
-//! Webhook deliveries for the outbox.
+//! The webhook channel: its plan settings (`[[webhook]]` `url`, `secret_env`) and its deliveries
+//! for the outbox.
 //!
 //! A delivery is a JSON POST with an `Idempotency-Key` header carrying the effect's durable key
 //! (`<rollout>:<seq>.<index>`), the same on every attempt, so a receiver can drop duplicates:
@@ -13,13 +14,108 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use thiserror::Error;
 
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::adapters::{self, ChannelKind};
+use crate::domain::event::ChannelAddress;
+use crate::domain::plan::Diagnostic;
 use crate::retry::{self, Failure, parse_retry_after};
+
+pub const WEBHOOK: ChannelKind = ChannelKind {
+    name: ChannelAddress::WEBHOOK,
+    check: |source| parse_all(source).err().unwrap_or_default(),
+};
+
+/// Where a webhook delivers, as its `[[webhook]]` table says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookAddress {
+    pub url: String,
+    /// The environment variable with the key that signs each delivery (HMAC-SHA256).
+    pub secret_env: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: Spanned<String>,
+    secret_env: Option<Spanned<String>>,
+    /// The domain's (which statuses are announced), checked there.
+    #[allow(dead_code)]
+    events: Option<toml::Value>,
+}
+
+/// Every `[[webhook]]` of a plan's text, or every problem with them at its place.
+pub fn parse_all(source: &str) -> Result<Vec<WebhookAddress>, Vec<Diagnostic>> {
+    #[derive(Deserialize)]
+    struct Doc {
+        #[serde(default)]
+        webhook: Vec<RawWebhook>,
+    }
+    let doc: Doc = toml::from_str(source).map_err(|e| {
+        vec![adapters::foreign_key(
+            adapters::toml_diagnostic(e),
+            "a webhook",
+        )]
+    })?;
+    let mut problems = Vec::new();
+    let mut addresses = Vec::new();
+    for raw in doc.webhook {
+        let url = raw.url.get_ref().trim();
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            problems.push(Diagnostic::new(
+                raw.url.span(),
+                format!("invalid webhook URL `{url}`: expected http:// or https://"),
+            ));
+        }
+        let secret_env = match raw.secret_env {
+            Some(env) if env.get_ref().trim().is_empty() => {
+                problems.push(Diagnostic::new(
+                    env.span(),
+                    "`secret_env` must not be empty",
+                ));
+                None
+            }
+            other => other.map(|env| env.into_inner()),
+        };
+        addresses.push(WebhookAddress {
+            url: url.to_string(),
+            secret_env,
+        });
+    }
+    if problems.is_empty() {
+        Ok(addresses)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The webhook an outbox record's address names.
+pub fn of(address: &ChannelAddress) -> Result<WebhookAddress, String> {
+    if address.kind() != ChannelAddress::WEBHOOK {
+        return Err(format!(
+            "no notification channel of kind `{}`",
+            address.kind()
+        ));
+    }
+    let source = adapters::channel_source(address);
+    adapters::reparse("webhook", &source, parse_all)?
+        .pop()
+        .ok_or_else(|| "a webhook without settings".to_string())
+}
+
+/// Where a notification goes, for logs and the audit trail.
+pub fn describe(address: &ChannelAddress) -> String {
+    match of(address) {
+        Ok(webhook) => webhook.url,
+        Err(_) => address.kind().to_string(),
+    }
+}
 
 /// One notification to deliver.
 pub struct Delivery<'a> {
     pub key: &'a str,
-    pub url: &'a str,
-    pub secret_env: Option<&'a str>,
+    pub to: &'a ChannelAddress,
     /// The exact bytes to POST (the same on every attempt).
     pub body: Vec<u8>,
 }
@@ -103,13 +199,14 @@ impl Notifier for WebhookNotifier {
 impl WebhookNotifier {
     /// One attempt, as `deliver` describes.
     async fn post(&self, delivery: &Delivery<'_>) -> Result<u16, NotifyError> {
+        let to = of(delivery.to).map_err(NotifyError::final_)?;
         let mut request = self
             .http
-            .post(delivery.url)
+            .post(&to.url)
             .header("Content-Type", "application/json")
             .header("Idempotency-Key", delivery.key)
             .body(delivery.body.clone());
-        if let Some(env) = delivery.secret_env {
+        if let Some(env) = &to.secret_env {
             let secret = std::env::var(env).map_err(|_| {
                 NotifyError::final_(format!(
                     "the webhook signing key is not set: put it in {env}"
@@ -121,14 +218,14 @@ impl WebhookNotifier {
             );
         }
         let response = request.send().await.map_err(|e| NotifyError {
-            message: format!("POST {}: {}", delivery.url, retry::describe_transport(&e)),
+            message: format!("POST {}: {}", to.url, retry::describe_transport(&e)),
             failure: Some(retry::transport_failure(&e)),
             retry_after: None,
         })?;
         let status = response.status().as_u16();
         match retry::status_failure(status) {
             Some(failure) => Err(NotifyError {
-                message: format!("POST {}: answered {status}", delivery.url),
+                message: format!("POST {}: answered {status}", to.url),
                 failure: Some(failure),
                 retry_after: response
                     .headers()

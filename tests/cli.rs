@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use phasegate::domain::plan::{self, ProviderSettings};
+use phasegate::adapters::parse_plan;
 use phasegate::provider::simulator::SimProvider;
+use phasegate::provider::simulator::settings;
 use phasegate::store::{DEFAULT_LOCK_WAIT, Store};
 use serde_json::Value;
 
@@ -345,15 +346,13 @@ fn abort_restores_the_configuration_from_before_the_rollout() {
 
     // The simulated tenant's policy is back to what it was before the rollout: unassigned.
     let store = Store::open(pg.store.path(), DEFAULT_LOCK_WAIT).unwrap();
-    let plan = plan::parse(
+    let plan = parse_plan(
         "p",
         &std::fs::read_to_string("plans/ios-parallel-pilots.toml").unwrap(),
     )
     .unwrap();
-    let ProviderSettings::Simulator(settings) = &plan.provider else {
-        panic!("a simulator plan")
-    };
-    let tenant = SimProvider::open(settings, &store).unwrap();
+    let settings = settings::of(&plan.provider).unwrap();
+    let tenant = SimProvider::open(&settings, &store).unwrap();
     let history = tenant.history(&plan.policy.compliance[0]);
     assert!(
         history.len() >= 3,
@@ -462,11 +461,9 @@ fn a_second_run_on_the_same_store_exits_4() {
 /// made to the policy, with its (simulated) time.
 fn tenant_history(store: &Path, plan_file: &Path) -> Vec<(i64, String)> {
     let store = Store::open(store, DEFAULT_LOCK_WAIT).unwrap();
-    let plan = plan::parse("p", &std::fs::read_to_string(plan_file).unwrap()).unwrap();
-    let ProviderSettings::Simulator(settings) = &plan.provider else {
-        panic!("a simulator plan")
-    };
-    let tenant = SimProvider::open(settings, &store).unwrap();
+    let plan = parse_plan("p", &std::fs::read_to_string(plan_file).unwrap()).unwrap();
+    let settings = settings::of(&plan.provider).unwrap();
+    let tenant = SimProvider::open(&settings, &store).unwrap();
     tenant
         .history(&plan.policy.compliance[0])
         .iter()

@@ -299,11 +299,9 @@ async fn reconcile_all_phases(seed: u64, faults: f64) -> Vec<Value> {
         "login_url = ",
         "ca_requests_per_second = 1000000.0\nrequest_timeout = \"2s\"\nlogin_url = ",
     );
-    let plan = phasegate::domain::plan::parse("graph.toml", &text).unwrap();
-    let phasegate::domain::plan::ProviderSettings::Graph(graph) = &plan.provider else {
-        panic!("a graph plan")
-    };
-    let mut provider = GraphProvider::with_secret(graph.clone(), SECRET.into(), "test")
+    let plan = phasegate::adapters::parse_plan("graph.toml", &text).unwrap();
+    let graph = phasegate::provider::graph::settings::of(&plan.provider).unwrap();
+    let mut provider = GraphProvider::with_secret(graph, SECRET.into(), "test")
         .await
         .unwrap();
     let mut record = provider.capture_baseline(&plan.policy).await.unwrap();

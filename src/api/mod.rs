@@ -434,7 +434,7 @@ struct PlanText {
 }
 
 fn checked(file: &str, text: &str) -> Value {
-    match plan::parse(file, text) {
+    match crate::adapters::parse_plan(file, text) {
         Ok(plan) => json!({"file": file, "valid": true, "phases": plan.phases.len(), "errors": []}),
         Err(errors) => {
             let list: Vec<Value> = errors
@@ -468,7 +468,7 @@ async fn start(
     )?;
     let by = actor(&caller, body.by.as_deref())?;
     let file = body.file.clone().unwrap_or_else(|| "plan.toml".into());
-    let plan = plan::parse(&file, &body.plan).map_err(|errors| {
+    let plan = crate::adapters::parse_plan(&file, &body.plan).map_err(|errors| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("the plan is invalid:\n{errors}"),

@@ -43,7 +43,7 @@ fn print_json<T: Serialize>(value: &T) {
 fn read_plan(file: &Path) -> Result<(String, Plan), Failure> {
     let source = std::fs::read_to_string(file)
         .map_err(|e| Failure::invalid(format!("{}: cannot read the plan: {e}", file.display())))?;
-    let plan = plan::parse(&file.display().to_string(), &source)
+    let plan = crate::adapters::parse_plan(&file.display().to_string(), &source)
         .map_err(|errors| Failure::invalid(errors.to_string()))?;
     Ok((source, plan))
 }
@@ -78,7 +78,7 @@ pub fn plan_check(ctx: &Context, files: &[PathBuf]) -> CommandResult {
                     message: format!("cannot read the plan: {e}"),
                 }],
             },
-            Ok(source) => match plan::parse(&name, &source) {
+            Ok(source) => match crate::adapters::parse_plan(&name, &source) {
                 Ok(plan) => CheckedPlan {
                     file: name.clone(),
                     valid: true,

@@ -12,11 +12,12 @@ use super::view::{self, RolloutView, elapsed, rollout_view, tally_line};
 use super::{CommandResult, Failure, Output, exit};
 use crate::domain::event::EventKind;
 use crate::domain::machine;
-use crate::domain::plan::{self, MAX_SIMULATED_DEVICES, Plan};
+use crate::domain::plan::Plan;
 use crate::domain::rollout::{Rollout, RolloutStatus};
 use crate::domain::time::Timestamp;
 use crate::engine::{self, DriveOutcome, Engine, Pace};
 use crate::provider;
+use crate::provider::simulator::settings::MAX_DEVICES as MAX_SIMULATED_DEVICES;
 use crate::store::{DEFAULT_LOCK_WAIT, EventRecord, PlanRecord, Store};
 
 const PLAN: &str = include_str!("../../plans/windows-baseline.toml");
@@ -69,7 +70,7 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
         code: exit::FAILURE,
         message: format!("cannot write the demo plan: {e}"),
     })?;
-    let plan = plan::parse(&plan_path.display().to_string(), &source)
+    let plan = crate::adapters::parse_plan(&plan_path.display().to_string(), &source)
         .map_err(|e| Failure::invalid(e.to_string()))?;
     let store = Store::open(&dir.path().join("store"), DEFAULT_LOCK_WAIT)?;
     let mut provider = provider::connect(&plan.provider, &store).await?;

@@ -484,7 +484,9 @@ async fn dispatch(cli: Cli) -> CommandResult {
             if !(0.0..=1.0).contains(&faults) {
                 return Err(Failure::invalid("--faults must be between 0 and 1"));
             }
-            if devices == 0 || i64::from(devices) > crate::domain::plan::MAX_SIMULATED_DEVICES {
+            if devices == 0
+                || i64::from(devices) > crate::provider::simulator::settings::MAX_DEVICES
+            {
                 return Err(Failure::invalid("--devices must be between 1 and 5000000"));
             }
             let settings = crate::emulator::Settings {
@@ -499,7 +501,8 @@ async fn dispatch(cli: Cli) -> CommandResult {
                 token_lifetime,
                 token_uses,
                 ca_requests_per_second: ca_rate,
-                remediation_half_life: crate::domain::plan::DEFAULT_REMEDIATION_HALF_LIFE,
+                remediation_half_life:
+                    crate::provider::simulator::settings::DEFAULT_REMEDIATION_HALF_LIFE,
             };
             let setup = crate::emulator::Setup {
                 scenario: scenario.parse().map_err(|e: String| Failure::invalid(e))?,

@@ -85,7 +85,7 @@ pub fn plan_table(plan: &Plan) -> String {
     let _ = writeln!(
         out,
         "  provider: {}, observed every {}",
-        plan.provider.kind(),
+        plan.provider.kind,
         format_span(plan.observe_every)
     );
     let _ = writeln!(out);
@@ -200,7 +200,7 @@ pub fn plan_json(plan: &Plan) -> PlanJson {
             groups: plan.emergency_access.groups.clone(),
             users: plan.emergency_access.users.clone(),
         },
-        provider: plan.provider.kind().to_string(),
+        provider: plan.provider.kind.clone(),
         observe_every_secs: plan.observe_every.as_secs(),
         order: plan
             .order

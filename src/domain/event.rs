@@ -229,6 +229,45 @@ impl fmt::Display for EffectId {
     }
 }
 
+/// Where a notification goes: the settings of a channel's adapter, which only that adapter reads
+/// (`crate::adapters`). Recorded whole with the effect, so a notification committed before a plan
+/// change still goes where it was meant to.
+///
+/// On the wire the settings sit beside the effect's own fields, with the channel's kind under
+/// `channel`; a webhook's has no `channel` key, so records written before channels had kinds
+/// (`{"url", "secret_env", ...}`) read, and hash, exactly as they were written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ChannelAddress(serde_json::Map<String, serde_json::Value>);
+
+impl ChannelAddress {
+    /// The kind of the first channel, whose records carry no kind.
+    pub const WEBHOOK: &'static str = "webhook";
+    const KIND: &'static str = "channel";
+
+    pub fn new(kind: &str, mut settings: serde_json::Map<String, serde_json::Value>) -> Self {
+        settings.remove(Self::KIND);
+        if kind != Self::WEBHOOK {
+            settings.insert(Self::KIND.into(), kind.into());
+        }
+        ChannelAddress(settings)
+    }
+
+    pub fn kind(&self) -> &str {
+        self.0
+            .get(Self::KIND)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or(Self::WEBHOOK)
+    }
+
+    /// The adapter's settings (without the kind).
+    pub fn settings(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut settings = self.0.clone();
+        settings.remove(Self::KIND);
+        settings
+    }
+}
+
 /// A change the machine wants made to the backend.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -244,12 +283,12 @@ pub enum Effect {
     },
     /// Put back exactly the configuration recorded by `CaptureBaseline`.
     RestoreBaseline,
-    /// Tell a webhook that the rollout entered `status`. Not idempotent by nature, so it goes
+    /// Tell a channel (a webhook) that the rollout entered `status`. Not idempotent by nature, so it goes
     /// through the outbox: committed with its transition, delivered at least once with the
     /// effect's durable id as idempotency key, and confirmed by a `Delivered` event.
     Notify {
-        url: String,
-        secret_env: Option<String>,
+        #[serde(flatten)]
+        to: ChannelAddress,
         status: RolloutStatus,
         previous: RolloutStatus,
         reason: String,
@@ -283,4 +322,48 @@ impl Effect {
 pub struct PendingEffect {
     pub id: EffectId,
     pub effect: Effect,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A notification recorded before channels had kinds reads as a webhook's and serializes to
+    /// the very same bytes, so the audit trail's hashes still verify.
+    #[test]
+    fn a_notification_recorded_before_channel_kinds_reads_and_hashes_the_same() {
+        let old = r#"{"type":"notify","url":"https://hooks.example/x","secret_env":null,"status":"completed","previous":"running","reason":"done","at":1767600000000}"#;
+        let effect: Effect = serde_json::from_str(old).unwrap();
+        let Effect::Notify { to, status, .. } = &effect else {
+            panic!("{effect:?}")
+        };
+        assert_eq!(to.kind(), ChannelAddress::WEBHOOK);
+        assert_eq!(to.settings()["url"], "https://hooks.example/x");
+        assert!(!to.settings().contains_key("type"), "{to:?}");
+        assert_eq!(*status, RolloutStatus::Completed);
+        assert_eq!(serde_json::to_string(&effect).unwrap(), old);
+    }
+
+    #[test]
+    fn another_channel_kind_is_carried_with_its_address() {
+        let mut settings = serde_json::Map::new();
+        settings.insert("to".into(), "it@example.org".into());
+        let address = ChannelAddress::new("email", settings);
+        let effect = Effect::Notify {
+            to: address.clone(),
+            status: RolloutStatus::Held,
+            previous: RolloutStatus::Running,
+            reason: String::new(),
+            at: Timestamp::from_millis(0),
+        };
+        let text = serde_json::to_string(&effect).unwrap();
+        assert!(text.contains(r#""channel":"email""#), "{text}");
+        let back: Effect = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, effect);
+        let Effect::Notify { to, .. } = back else {
+            unreachable!()
+        };
+        assert_eq!(to.kind(), "email");
+        assert!(!to.settings().contains_key("channel"));
+    }
 }

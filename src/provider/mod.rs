@@ -21,7 +21,7 @@ use thiserror::Error;
 use crate::domain::desired::DesiredState;
 use crate::domain::event::{DriftChange, DriftResolution, TenantRequest};
 use crate::domain::gate::DeviceReport;
-use crate::domain::plan::{Mode, Plan, Platform, PolicyTarget, ProviderSettings};
+use crate::domain::plan::{Mode, Plan, Platform, PolicyTarget, ProviderConfig};
 use crate::domain::time::Timestamp;
 use crate::store::Store;
 
@@ -190,33 +190,36 @@ pub trait Provider: Send {
 /// or away: a simulated tenant's clock from the store, otherwise the rollout's last event (the
 /// last moment the backend's clock was seen).
 pub fn offline_now(
-    settings: &ProviderSettings,
+    config: &ProviderConfig,
     store: &Store,
     loaded: &crate::engine::Loaded,
 ) -> Option<Timestamp> {
     let last = loaded.stored.rollout.updated_at;
-    match settings {
-        ProviderSettings::Simulator(settings) => simulator::SimProvider::open(settings, store)
+    if config.kind == simulator::settings::KIND.name {
+        let settings = simulator::settings::of(config).ok()?;
+        simulator::SimProvider::open(&settings, store)
             .ok()
-            .map(|sim| sim.now().max(last)),
-        ProviderSettings::Graph(_) => Some(last),
+            .map(|sim| sim.now().max(last))
+    } else {
+        Some(last)
     }
 }
 
 /// Builds the provider a plan asks for (a Graph provider signs in and learns the tenant's time).
-pub async fn connect(
-    settings: &ProviderSettings,
-    store: &Store,
-) -> anyhow::Result<Box<dyn Provider>> {
-    match settings {
-        ProviderSettings::Simulator(settings) => {
-            Ok(Box::new(simulator::SimProvider::open(settings, store)?))
+/// The adapter of the plan's kind reads its own settings (see [`crate::adapters`]).
+pub async fn connect(config: &ProviderConfig, store: &Store) -> anyhow::Result<Box<dyn Provider>> {
+    match config.kind.as_str() {
+        kind if kind == simulator::settings::KIND.name => {
+            let settings = simulator::settings::of(config).map_err(anyhow::Error::msg)?;
+            Ok(Box::new(simulator::SimProvider::open(&settings, store)?))
         }
-        ProviderSettings::Graph(settings) => {
+        kind if kind == graph::settings::KIND.name => {
+            let settings = graph::settings::of(config).map_err(anyhow::Error::msg)?;
             let journal = store.provider_tree("graph")?;
             Ok(Box::new(
-                graph::GraphProvider::connect(settings.clone(), store.id(), Some(journal)).await?,
+                graph::GraphProvider::connect(settings, store.id(), Some(journal)).await?,
             ))
         }
+        other => Err(anyhow::anyhow!("no provider of kind `{other}`")),
     }
 }

@@ -4,10 +4,11 @@
 
 use std::time::{Duration, Instant};
 
+use phasegate::adapters;
 use phasegate::domain::desired::desired_with;
-use phasegate::domain::plan::{self, ProviderSettings};
 use phasegate::emulator;
 use phasegate::provider::graph::GraphProvider;
+use phasegate::provider::graph::settings;
 use phasegate::provider::{PhaseScope, Provider};
 
 const SECRET: &str = "bench-secret";
@@ -43,10 +44,8 @@ async fn bench() {
             "login_url = ",
             "ca_requests_per_second = 1000000.0\nlogin_url = ",
         );
-    let plan = plan::parse("bench.toml", &text).unwrap();
-    let ProviderSettings::Graph(graph) = &plan.provider else {
-        unreachable!()
-    };
+    let plan = adapters::parse_plan("bench.toml", &text).unwrap();
+    let graph = settings::of(&plan.provider).unwrap();
     let mut provider = GraphProvider::with_secret(graph.clone(), SECRET.into(), "bench")
         .await
         .unwrap();

@@ -288,14 +288,13 @@ impl Machine<'_> {
         Ok(())
     }
 
-    /// Queues a notification for every webhook that wants to hear about the new status.
+    /// Queues a notification for every channel that wants to hear about the new status.
     fn announce(&mut self, previous: RolloutStatus) {
         let status = self.next.status;
-        for webhook in &self.plan.webhooks {
-            if webhook.events.contains(&status) {
+        for channel in &self.plan.channels {
+            if channel.events.contains(&status) {
                 self.request(Effect::Notify {
-                    url: webhook.url.clone(),
-                    secret_env: webhook.secret_env.clone(),
+                    to: channel.address.clone(),
                     status,
                     previous,
                     reason: self.next.reason.clone(),

@@ -22,9 +22,10 @@ use toml::Spanned;
 
 pub use diagnostics::{Diagnostic, PlanErrors, Position, position};
 use raw::{
-    RawEmergencyAccess, RawGate, RawPhase, RawPlan, RawProvider, RawRollbackWhen, RawWebhook,
+    RawAdapterTables, RawEmergencyAccess, RawGate, RawPhase, RawPlan, RawRollbackWhen, RawWebhook,
 };
 
+use super::event::ChannelAddress;
 use super::rollout::RolloutStatus;
 
 /// How strongly a phase applies the policy. The order matters: a later phase may only keep or
@@ -167,47 +168,12 @@ impl EmergencyAccess {
     }
 }
 
-/// Which backend a rollout drives, with its settings.
+/// The backend a rollout drives: its kind, and settings that only the adapter of that kind reads
+/// and checks (`crate::adapters`). The domain never looks inside them.
 #[derive(Clone, Debug, PartialEq)]
-pub enum ProviderSettings {
-    Simulator(SimulatorSettings),
-    Graph(GraphSettings),
-}
-
-impl ProviderSettings {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ProviderSettings::Simulator(_) => "simulator",
-            ProviderSettings::Graph(_) => "graph",
-        }
-    }
-}
-
-/// A Microsoft 365 tenant through Microsoft Graph (or `phasegate emulator`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct GraphSettings {
-    /// Tenant GUID or verified domain.
-    pub tenant: String,
-    pub client_id: String,
-    /// The environment variable holding the client secret; the secret never sits in a plan.
-    pub client_secret_env: String,
-    pub graph_url: String,
-    pub login_url: String,
-    /// Conditional Access requests per second (the service allows 1 per tenant).
-    pub ca_requests_per_second: f64,
-    pub request_timeout: Duration,
-}
-
-pub const DEFAULT_GRAPH_URL: &str = "https://graph.microsoft.com";
-pub const DEFAULT_LOGIN_URL: &str = "https://login.microsoftonline.com";
-
-/// The built-in simulated fleet.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SimulatorSettings {
-    pub devices: u32,
-    pub seed: u64,
-    /// Time in which half of the notified owners fix a noncompliant device.
-    pub remediation_half_life: Duration,
+pub struct ProviderConfig {
+    pub kind: String,
+    pub settings: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Exit criteria checked before a phase is promoted.
@@ -241,14 +207,13 @@ impl RollbackWhen {
     }
 }
 
-/// An HTTP endpoint told about status changes (`[[webhook]]`).
+/// Where status changes are told (`[[webhook]]`): which statuses, and an address only the
+/// channel's adapter reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Webhook {
-    pub url: String,
+pub struct Channel {
     /// The statuses whose entry is announced.
     pub events: Vec<RolloutStatus>,
-    /// The environment variable with the key that signs each delivery (HMAC-SHA256).
-    pub secret_env: Option<String>,
+    pub address: ChannelAddress,
 }
 
 /// The statuses a webhook announces unless its plan says otherwise: the ones a person acts on.
@@ -285,13 +250,13 @@ pub struct Plan {
     pub observe_every: Duration,
     pub separation_of_duties: bool,
     pub policy: PolicyTarget,
-    pub provider: ProviderSettings,
+    pub provider: ProviderConfig,
     /// In file order.
     pub phases: Vec<Phase>,
     /// Phase indices in an order where every phase comes after everything in its `after`.
     pub order: Vec<usize>,
     /// Where to tell about status changes.
-    pub webhooks: Vec<Webhook>,
+    pub channels: Vec<Channel>,
     /// Break-glass accounts every enforcement scope excludes.
     pub emergency_access: EmergencyAccess,
     /// Hex SHA-256 of the plan's text: a change mid-rollout is detected by it.
@@ -302,8 +267,6 @@ pub const DEFAULT_OBSERVE_EVERY: Duration = Duration::from_secs(6 * 3600);
 pub const DEFAULT_MIN_SOAK: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(3 * 24 * 3600);
 pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(7 * 24 * 3600);
-pub const DEFAULT_REMEDIATION_HALF_LIFE: Duration = Duration::from_secs(2 * 24 * 3600);
-pub const MAX_SIMULATED_DEVICES: i64 = 5_000_000;
 
 impl Plan {
     pub fn phase_index(&self, id: &str) -> Option<usize> {
@@ -339,6 +302,27 @@ impl Plan {
     }
 }
 
+/// A duration setting as plans write them (`"2d"`, `"36h"`, `"1h 30m"`); adapters use it for theirs.
+pub fn duration_setting(value: &Spanned<String>) -> Result<Duration, Diagnostic> {
+    humantime::parse_duration(value.get_ref()).map_err(|err| {
+        Diagnostic::new(
+            value.span(),
+            format!(
+                "invalid duration `{}` ({err}): expected a duration like \"2d\", \"36h\" or \"1h 30m\"",
+                value.get_ref()
+            ),
+        )
+    })
+}
+
+/// An adapter's TOML table as the JSON object its adapter reads (and a record stores).
+fn adapter_settings(table: toml::Table) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(table) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
 pub fn hash_source(source: &str) -> String {
     hex::encode(Sha256::digest(source.as_bytes()))
 }
@@ -361,7 +345,8 @@ pub fn parse(file: &str, source: &str) -> Result<Plan, PlanErrors> {
         source,
         diagnostics: Vec::new(),
     };
-    let plan = checker.plan(raw, hash_source(source));
+    let tables: Option<RawAdapterTables> = toml::from_str(source).ok();
+    let plan = checker.plan(raw, tables, hash_source(source));
     match plan {
         Some(plan) if checker.diagnostics.is_empty() => Ok(plan),
         _ => {
@@ -393,7 +378,12 @@ impl Checker<'_> {
         self.diagnostics.push(Diagnostic::new(span, message));
     }
 
-    fn plan(&mut self, raw: RawPlan, hash: String) -> Option<Plan> {
+    fn plan(
+        &mut self,
+        raw: RawPlan,
+        mut tables: Option<RawAdapterTables>,
+        hash: String,
+    ) -> Option<Plan> {
         let rollout_span = raw.rollout.span();
         let rollout = raw.rollout.into_inner();
         let name = self.name(&rollout.name);
@@ -410,7 +400,8 @@ impl Checker<'_> {
             .notification_template
             .as_ref()
             .and_then(|t| self.non_empty(t, "notification template name"));
-        let provider = self.provider(raw.provider);
+        let provider_table = tables.as_mut().map(|t| std::mem::take(&mut t.provider));
+        let provider = self.provider(&raw.provider.get_ref().kind, provider_table);
         if raw.phase.is_empty() {
             self.error(rollout_span.clone(), "a plan needs at least one [[phase]]");
         }
@@ -427,13 +418,17 @@ impl Checker<'_> {
         if let (Some((phases, _)), Some(emergency)) = (&phases, &emergency_access) {
             self.emergency_scopes(rollout_span.clone(), phases, emergency, &raw_spans);
         }
-        let webhooks: Option<Vec<Webhook>> = raw
+        let mut tables = tables.map(|t| t.webhook.into_iter());
+        let channels: Option<Vec<Channel>> = raw
             .webhook
             .iter()
-            .map(|w| self.webhook(w.get_ref()))
+            .map(|w| {
+                let table = tables.as_mut().and_then(Iterator::next);
+                self.webhook(w.get_ref(), table)
+            })
             .collect();
         Some(Plan {
-            webhooks: webhooks?,
+            channels: channels?,
             name: name?,
             description: rollout.description,
             observe_every: observe_every?,
@@ -670,16 +665,10 @@ impl Checker<'_> {
     }
 
     fn duration(&mut self, value: &Spanned<String>) -> Option<Duration> {
-        match humantime::parse_duration(value.get_ref()) {
+        match duration_setting(value) {
             Ok(duration) => Some(duration),
-            Err(err) => {
-                self.error(
-                    value.span(),
-                    format!(
-                        "invalid duration `{}` ({err}): expected a duration like \"2d\", \"36h\" or \"1h 30m\"",
-                        value.get_ref()
-                    ),
-                );
+            Err(diagnostic) => {
+                self.diagnostics.push(diagnostic);
                 None
             }
         }
@@ -733,161 +722,27 @@ impl Checker<'_> {
         Ok(Some(number as u64))
     }
 
-    fn provider(&mut self, raw: Spanned<RawProvider>) -> Option<ProviderSettings> {
-        let raw = raw.into_inner();
-        let kind = raw.kind.get_ref().as_str();
-        let foreign: Vec<(&str, std::ops::Range<usize>)> = match kind {
-            "simulator" => [
-                ("tenant", raw.tenant.as_ref().map(|v| v.span())),
-                ("client_id", raw.client_id.as_ref().map(|v| v.span())),
-                (
-                    "client_secret_env",
-                    raw.client_secret_env.as_ref().map(|v| v.span()),
-                ),
-                ("graph_url", raw.graph_url.as_ref().map(|v| v.span())),
-                ("login_url", raw.login_url.as_ref().map(|v| v.span())),
-                (
-                    "ca_requests_per_second",
-                    raw.ca_requests_per_second.as_ref().map(|v| v.span()),
-                ),
-                (
-                    "request_timeout",
-                    raw.request_timeout.as_ref().map(|v| v.span()),
-                ),
-            ]
-            .into_iter()
-            .filter_map(|(k, s)| s.map(|s| (k, s)))
-            .collect(),
-            "graph" => [
-                ("devices", raw.devices.as_ref().map(|v| v.span())),
-                ("seed", raw.seed.as_ref().map(|v| v.span())),
-                (
-                    "remediation_half_life",
-                    raw.remediation_half_life.as_ref().map(|v| v.span()),
-                ),
-            ]
-            .into_iter()
-            .filter_map(|(k, s)| s.map(|s| (k, s)))
-            .collect(),
-            _ => Vec::new(),
-        };
-        for (key, span) in &foreign {
-            self.error(
-                span.clone(),
-                format!("`{key}` is not a setting of the {kind} provider"),
-            );
-        }
-        let settings = match kind {
-            "simulator" => self.simulator(&raw),
-            "graph" => self.graph_provider(&raw, raw.kind.span()),
-            other => {
-                self.error(
-                    raw.kind.span(),
-                    format!("unknown provider kind `{other}`: expected \"simulator\" or \"graph\""),
-                );
-                None
-            }
-        };
-        if foreign.is_empty() { settings } else { None }
-    }
-
-    fn simulator(&mut self, raw: &RawProvider) -> Option<ProviderSettings> {
-        let devices = self
-            .count(raw.devices.as_ref(), MAX_SIMULATED_DEVICES)
-            .ok()?;
-        if devices == Some(0) {
-            self.error(
-                raw.devices.as_ref().map(|d| d.span()).unwrap_or(0..0),
-                "a simulated fleet needs at least one device",
-            );
+    /// The provider's kind; its settings are the rest of the table, for its adapter.
+    fn provider(
+        &mut self,
+        kind: &Spanned<String>,
+        table: Option<toml::Table>,
+    ) -> Option<ProviderConfig> {
+        if kind.get_ref().trim().is_empty() {
+            self.error(kind.span(), "the provider's `kind` must not be empty");
             return None;
         }
-        let seed = self.count(raw.seed.as_ref(), i64::MAX).ok()?;
-        let half_life = self.duration_or(
-            raw.remediation_half_life.as_ref(),
-            DEFAULT_REMEDIATION_HALF_LIFE,
-        )?;
-        Some(ProviderSettings::Simulator(SimulatorSettings {
-            devices: devices.unwrap_or(10_000) as u32,
-            seed: seed.unwrap_or(1),
-            remediation_half_life: half_life,
-        }))
+        let mut settings = adapter_settings(table?);
+        settings.remove("kind");
+        Some(ProviderConfig {
+            kind: kind.get_ref().clone(),
+            settings,
+        })
     }
 
-    fn graph_provider(
-        &mut self,
-        raw: &RawProvider,
-        kind_span: std::ops::Range<usize>,
-    ) -> Option<ProviderSettings> {
-        let mut required = |value: &Option<Spanned<String>>, key: &str| match value {
-            Some(v) if !v.get_ref().trim().is_empty() => Some(v.get_ref().trim().to_string()),
-            Some(v) => {
-                self.error(v.span(), format!("`{key}` must not be empty"));
-                None
-            }
-            None => {
-                self.error(
-                    kind_span.clone(),
-                    format!("the graph provider needs `{key}`"),
-                );
-                None
-            }
-        };
-        let tenant = required(&raw.tenant, "tenant");
-        let client_id = required(&raw.client_id, "client_id");
-        let client_secret_env = required(&raw.client_secret_env, "client_secret_env");
-        let url = |checker: &mut Self, value: &Option<Spanned<String>>, default: &str| match value {
-            None => Some(default.to_string()),
-            Some(v)
-                if v.get_ref().starts_with("https://") || v.get_ref().starts_with("http://") =>
-            {
-                Some(v.get_ref().trim_end_matches('/').to_string())
-            }
-            Some(v) => {
-                checker.error(
-                    v.span(),
-                    format!(
-                        "invalid URL `{}`: expected http:// or https://",
-                        v.get_ref()
-                    ),
-                );
-                None
-            }
-        };
-        let graph_url = url(self, &raw.graph_url, DEFAULT_GRAPH_URL);
-        let login_url = url(self, &raw.login_url, DEFAULT_LOGIN_URL);
-        let rate = match &raw.ca_requests_per_second {
-            None => Some(1.0),
-            Some(v) if *v.get_ref() > 0.0 && v.get_ref().is_finite() => Some(*v.get_ref()),
-            Some(v) => {
-                self.error(
-                    v.span(),
-                    "expected a number of requests per second above zero",
-                );
-                None
-            }
-        };
-        let timeout = self.duration_or(raw.request_timeout.as_ref(), Duration::from_secs(30));
-        Some(ProviderSettings::Graph(GraphSettings {
-            tenant: tenant?,
-            client_id: client_id?,
-            client_secret_env: client_secret_env?,
-            graph_url: graph_url?,
-            login_url: login_url?,
-            ca_requests_per_second: rate?,
-            request_timeout: timeout?,
-        }))
-    }
-
-    fn webhook(&mut self, raw: &RawWebhook) -> Option<Webhook> {
-        let url = raw.url.get_ref().trim();
-        let url_ok = url.starts_with("https://") || url.starts_with("http://");
-        if !url_ok {
-            self.error(
-                raw.url.span(),
-                format!("invalid webhook URL `{url}`: expected http:// or https://"),
-            );
-        }
+    /// A `[[webhook]]`: the statuses it announces are checked here; its address is the webhook
+    /// adapter's.
+    fn webhook(&mut self, raw: &RawWebhook, table: Option<toml::Table>) -> Option<Channel> {
         let events = match &raw.events {
             None => Some(DEFAULT_WEBHOOK_EVENTS.to_vec()),
             Some(list) => {
@@ -916,11 +771,11 @@ impl Checker<'_> {
                 ok.then_some(events)
             }
         };
-        let secret_env = raw.secret_env.as_ref().map(|s| s.get_ref().clone());
-        Some(Webhook {
-            url: url_ok.then(|| url.to_string())?,
+        let mut settings = adapter_settings(table?);
+        settings.remove("events");
+        Some(Channel {
             events: events?,
-            secret_env,
+            address: ChannelAddress::new(ChannelAddress::WEBHOOK, settings),
         })
     }
 

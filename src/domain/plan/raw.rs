@@ -1,6 +1,7 @@
 //! The plan file exactly as written: serde types that mirror the TOML, with spans kept on every
 //! value a later check may need to point at. Unknown keys are rejected here, so a typo like
-//! `min_soke` is reported with its position instead of being silently ignored.
+//! `min_soke` is reported with its position instead of being silently ignored — except in the
+//! tables adapters own (`[provider]`, `[[webhook]]`), whose other keys their adapter checks.
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -29,12 +30,19 @@ pub(super) struct RawEmergencyAccess {
     pub users: Vec<Spanned<String>>,
 }
 
+/// The domain's part of a `[[webhook]]` table: which statuses are announced. Where to, and how,
+/// belongs to the channel's adapter, which checks the rest of the table (`crate::adapters`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RawWebhook {
-    pub url: Spanned<String>,
     pub events: Option<Spanned<Vec<Spanned<String>>>>,
-    pub secret_env: Option<Spanned<String>>,
+}
+
+/// The tables adapters own, whole: their keys become the adapter's settings.
+#[derive(Debug, Deserialize)]
+pub(super) struct RawAdapterTables {
+    pub provider: toml::Table,
+    #[serde(default)]
+    pub webhook: Vec<toml::Table>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,24 +66,11 @@ pub(super) struct RawPolicy {
     pub notification_template: Option<Spanned<String>>,
 }
 
-/// Settings of every provider kind in one table; which keys a kind accepts is checked during
-/// validation so that a misplaced key is reported at its own line.
+/// The domain's part of `[provider]`: its kind. The other keys are the settings of that kind's
+/// adapter, which checks them (`crate::adapters`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RawProvider {
     pub kind: Spanned<String>,
-    // simulator
-    pub devices: Option<Spanned<i64>>,
-    pub seed: Option<Spanned<i64>>,
-    pub remediation_half_life: Option<Spanned<String>>,
-    // graph
-    pub tenant: Option<Spanned<String>>,
-    pub client_id: Option<Spanned<String>>,
-    pub client_secret_env: Option<Spanned<String>>,
-    pub graph_url: Option<Spanned<String>>,
-    pub login_url: Option<Spanned<String>>,
-    pub ca_requests_per_second: Option<Spanned<f64>>,
-    pub request_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -22,7 +22,7 @@ use crate::retry::{self, Backoff, Failure};
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
-use crate::domain::plan::GraphSettings;
+use super::settings::GraphSettings;
 use crate::domain::time::Timestamp;
 use crate::provider::{ErrorKind, ProviderError};
 

@@ -18,6 +18,7 @@
 
 pub mod client;
 pub mod mapping;
+pub mod settings;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
@@ -41,9 +42,10 @@ use super::{
 use crate::domain::desired::{DesiredState, PlanGroups};
 use crate::domain::event::{DriftChange, DriftResolution, TenantRequest};
 use crate::domain::gate::{DeviceReport, DeviceState};
-use crate::domain::plan::{GraphSettings, Mode, Plan, Platform, PolicyTarget};
+use crate::domain::plan::{Mode, Plan, Platform, PolicyTarget};
 use crate::domain::time::Timestamp;
 use crate::graph::{ALL_USERS_NAME, is_guid, odata_quote, parse_time};
+pub use settings::GraphSettings;
 
 /// How many read-compare-write rounds a reconcile may take before giving up.
 const ROUNDS: u32 = 10;

@@ -6,6 +6,7 @@
 //! by their settings (seed, size, half-life): rollouts with the same settings share one world.
 
 pub mod fleet;
+pub mod settings;
 
 use std::collections::BTreeMap;
 
@@ -15,10 +16,11 @@ use serde::{Deserialize, Serialize};
 use super::{Observation, Outcome, PhaseScope, Preflight, Provider, ProviderError, Record};
 use crate::domain::desired::DesiredState;
 use crate::domain::event::DriftResolution;
-use crate::domain::plan::{CompliancePolicy, Plan, PolicyTarget, SimulatorSettings};
+use crate::domain::plan::{CompliancePolicy, Plan, PolicyTarget};
 use crate::domain::time::Timestamp;
 use crate::store::{Store, StoreError, decode_json, encode_json};
 pub use fleet::{ConfigEntry, Fleet, GROUPS, SimAssignment};
+pub use settings::SimulatorSettings;
 
 /// Simulated time starts on a Monday morning, the same for every tenant, so that runs with the
 /// same seed are identical.

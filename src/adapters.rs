@@ -1,0 +1,191 @@
+//! The registered adapters: the provider kinds a plan may name in `[provider]`, and the channel
+//! kinds that carry its notifications (`[[webhook]]`).
+//!
+//! The domain knows an adapter only by its kind and hands it the rest of its table untouched
+//! ([`ProviderConfig`], [`ChannelAddress`]). Each adapter parses its own settings, with the same
+//! parser for `plan check` (from the plan's text, so every problem has its line and column) and
+//! at run time (from the settings a plan or an outbox record carries). [`parse_plan`] is what the
+//! shell uses to read a plan: the domain's checks and every adapter's, reported together.
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+
+use crate::domain::event::ChannelAddress;
+use crate::domain::plan::{self, Diagnostic, Plan, PlanErrors, ProviderConfig};
+use crate::notifier;
+use crate::provider::{graph, simulator};
+
+/// A provider kind: its name in `[provider] kind`, and the check of its settings.
+pub struct ProviderKind {
+    pub name: &'static str,
+    /// The problems of a plan's `[provider]` table, located in the plan's text.
+    pub check: fn(&str) -> Vec<Diagnostic>,
+}
+
+/// A channel kind: the name its addresses carry (and its plan tables, `[[name]]`), and the
+/// check of those tables.
+pub struct ChannelKind {
+    pub name: &'static str,
+    /// The problems of every `[[name]]` table in a plan's text.
+    pub check: fn(&str) -> Vec<Diagnostic>,
+}
+
+/// Every provider kind phasegate can drive.
+pub const PROVIDERS: [ProviderKind; 2] = [simulator::settings::KIND, graph::settings::KIND];
+
+/// Every channel kind phasegate can notify through.
+pub const CHANNELS: [ChannelKind; 1] = [notifier::WEBHOOK];
+
+/// Reads and checks a plan: the domain's rules and those of the adapters it names.
+pub fn parse_plan(file: &str, source: &str) -> Result<Plan, PlanErrors> {
+    let parsed = plan::parse(file, source);
+    let adapters = check(source);
+    match parsed {
+        Ok(plan) if adapters.is_empty() => Ok(plan),
+        Ok(_) => Err(PlanErrors {
+            file: file.to_string(),
+            source: source.to_string(),
+            diagnostics: sorted(adapters),
+        }),
+        Err(mut errors) => {
+            errors.diagnostics.extend(adapters);
+            errors.diagnostics = sorted(std::mem::take(&mut errors.diagnostics));
+            Err(errors)
+        }
+    }
+}
+
+fn sorted(mut diagnostics: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    diagnostics.sort_by_key(|d| (d.span.start, d.span.end));
+    diagnostics.dedup();
+    diagnostics
+}
+
+/// The adapters' problems with a plan's text. A text that is not TOML, or has no `[provider]`,
+/// has none here: the domain reports that.
+fn check(source: &str) -> Vec<Diagnostic> {
+    #[derive(Deserialize)]
+    struct Kind {
+        kind: Spanned<String>,
+    }
+    #[derive(Deserialize)]
+    struct Doc {
+        provider: Kind,
+    }
+    let Ok(doc) = toml::from_str::<Doc>(source) else {
+        return Vec::new();
+    };
+    let kind = doc.provider.kind;
+    let mut found = match PROVIDERS.iter().find(|p| p.name == kind.get_ref()) {
+        Some(provider) => (provider.check)(source),
+        None => {
+            let names: Vec<String> = PROVIDERS
+                .iter()
+                .map(|p| format!("\"{}\"", p.name))
+                .collect();
+            vec![Diagnostic::new(
+                kind.span(),
+                format!(
+                    "unknown provider kind `{}`: expected {}",
+                    kind.get_ref(),
+                    names.join(" or ")
+                ),
+            )]
+        }
+    };
+    for channel in &CHANNELS {
+        found.extend((channel.check)(source));
+    }
+    found
+}
+
+/// The plan's `[provider]` table as an adapter's own type, with spans.
+pub fn provider_table<T: DeserializeOwned>(source: &str) -> Result<Spanned<T>, Diagnostic> {
+    #[derive(Deserialize)]
+    #[serde(bound = "T: DeserializeOwned")]
+    struct Doc<T> {
+        provider: Spanned<T>,
+    }
+    toml::from_str::<Doc<T>>(source)
+        .map(|doc| doc.provider)
+        .map_err(toml_diagnostic)
+}
+
+/// Says an unknown key is not one of `whose` settings (serde's message lists the keys expected,
+/// which reads as noise next to a key of another kind).
+pub fn foreign_key(diagnostic: Diagnostic, whose: &str) -> Diagnostic {
+    let key = diagnostic
+        .message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(key, _)| key.to_string());
+    match key {
+        Some(key) => Diagnostic::new(
+            diagnostic.span,
+            format!("`{key}` is not a setting of {whose}"),
+        ),
+        None => diagnostic,
+    }
+}
+
+/// A TOML error as a plan diagnostic.
+pub fn toml_diagnostic(err: toml::de::Error) -> Diagnostic {
+    Diagnostic::new(
+        err.span().unwrap_or(0..0),
+        err.message().trim().replace('\n', "; "),
+    )
+}
+
+/// Settings an adapter keeps (a plan's [`ProviderConfig`], an outbox record's
+/// [`ChannelAddress`]) as TOML text under `[table]`, so that the adapter reads them with the very
+/// parser that checked the plan. Nulls (which TOML lacks, and older records hold for absent
+/// values) are left out.
+pub fn settings_source(
+    table: &str,
+    settings: &serde_json::Map<String, serde_json::Value>,
+) -> String {
+    let kept: serde_json::Map<String, serde_json::Value> = settings
+        .iter()
+        .filter(|(_, value)| !value.is_null())
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    let mut doc = serde_json::Map::new();
+    doc.insert(table.to_string(), serde_json::Value::Object(kept));
+    toml::to_string(&doc).unwrap_or_default()
+}
+
+/// Reads settings kept by [`settings_source`] with an adapter's plan parser; a failure means the
+/// settings did not come from a checked plan, and says what is wrong.
+pub fn reparse<T>(
+    what: &str,
+    source: &str,
+    parse: impl FnOnce(&str) -> Result<T, Vec<Diagnostic>>,
+) -> Result<T, String> {
+    parse(source).map_err(|diagnostics| {
+        let messages: Vec<String> = diagnostics.into_iter().map(|d| d.message).collect();
+        format!("invalid {what} settings: {}", messages.join("; "))
+    })
+}
+
+/// The provider settings of a plan, for its adapter.
+pub fn provider_source(config: &ProviderConfig) -> String {
+    let mut settings = config.settings.clone();
+    settings.insert("kind".into(), config.kind.clone().into());
+    settings_source("provider", &settings)
+}
+
+/// A channel address, for its adapter (as the `[[webhook]]`-style table of its kind).
+pub fn channel_source(address: &ChannelAddress) -> String {
+    let mut doc = serde_json::Map::new();
+    let kept: serde_json::Map<String, serde_json::Value> = address
+        .settings()
+        .into_iter()
+        .filter(|(_, value)| !value.is_null())
+        .collect();
+    doc.insert(
+        address.kind().to_string(),
+        serde_json::Value::Array(vec![serde_json::Value::Object(kept)]),
+    );
+    toml::to_string(&doc).unwrap_or_default()
+}
