@@ -556,3 +556,124 @@ fn a_tenant_that_refuses_connections_is_named_at_once() {
         started.elapsed()
     );
 }
+
+// ----- the API's answers to bad requests -----
+
+#[test]
+fn bad_requests_get_json_errors_and_the_role_is_checked_before_the_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let serve = Serve::start(&store);
+    let admin = token(&store, "root", "admin");
+    let viewer = token(&store, "vera", "viewer");
+    let operator = token(&store, "olga", "operator");
+    let raw = |method: &str, path: &str, token: &str, content_type: &str, body: &[u8]| {
+        let bearer = format!("Bearer {token}");
+        let (status, text) = common::http(
+            method,
+            &format!("{}{path}", serve.url),
+            &[("Authorization", &bearer), ("Content-Type", content_type)],
+            body,
+        );
+        let error: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{method} {path}: not JSON ({status}): {text:?}"));
+        (
+            status,
+            error["error"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    let (_, started) = serve.call(
+        "POST",
+        "/api/v1/rollouts",
+        &operator,
+        Some(&json!({"plan": PLAN})),
+    );
+    let id = started["id"].as_str().unwrap().to_string();
+
+    // A viewer is told it may not approve, whatever its body says.
+    let approve = format!("/api/v1/rollouts/{id}/approve");
+    let (status, error) = raw("POST", &approve, &viewer, "application/json", b"{not json");
+    assert_eq!(status, 403, "{error}");
+    assert!(error.contains("needs approver or admin"), "{error}");
+
+    // Bodies that cannot be read: each its own status, each in JSON.
+    let pause = format!("/api/v1/rollouts/{id}/pause");
+    let (status, error) = raw("POST", &pause, &operator, "application/json", b"{not json");
+    assert_eq!(status, 400, "{error}");
+    assert!(error.contains("invalid request body"), "{error}");
+    let (status, error) = raw("POST", &pause, &operator, "text/plain", b"pause it");
+    assert_eq!(status, 415, "{error}");
+    assert!(error.contains("application/json"), "{error}");
+    let (status, error) = raw(
+        "POST",
+        &pause,
+        &operator,
+        "application/json",
+        br#"{"reasn": "typo"}"#,
+    );
+    assert_eq!(status, 422, "{error}");
+    assert!(error.contains("reasn"), "{error}");
+    let (status, error) = raw(
+        "POST",
+        "/api/v1/plans/check",
+        &viewer,
+        "application/json",
+        b"",
+    );
+    assert_eq!(status, 400, "{error}");
+    let big = vec![b' '; 3 * 1024 * 1024];
+    let (status, error) = raw("POST", &pause, &operator, "application/json", &big);
+    assert_eq!(status, 413, "{error}");
+
+    // Nothing was recorded by any of them.
+    let after = serve
+        .call("GET", &format!("/api/v1/rollouts/{id}"), &viewer, None)
+        .1;
+    assert_ne!(after["status"], "paused", "{after}");
+
+    // An unknown rollout is named before what is wrong with the decision about it.
+    let (status, error) = raw(
+        "POST",
+        "/api/v1/rollouts/nope/reject",
+        &admin,
+        "application/json",
+        b"{}",
+    );
+    assert_eq!(status, 404, "{error}");
+    let (status, error) = raw(
+        "POST",
+        "/api/v1/rollouts/nope/drift",
+        &admin,
+        "application/json",
+        br#"{"decision": "maybe"}"#,
+    );
+    assert_eq!(status, 404, "{error}");
+
+    // A second active token of the same name is a conflict.
+    let (status, body) = serve.call(
+        "POST",
+        "/api/v1/tokens",
+        &admin,
+        Some(&json!({"name": "vera", "role": "approver"})),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("revoke it first"));
+
+    // A resume point that is not a sequence number.
+    let rest = serve.url.strip_prefix("http://").unwrap();
+    let mut stream = std::net::TcpStream::connect(rest).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        stream,
+        "GET /api/v1/rollouts/{id}/watch HTTP/1.0\r\nHost: {rest}\r\nAccept: text/event-stream\r\n\
+         Authorization: Bearer {viewer}\r\nLast-Event-ID: seven\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.0 400") || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    assert!(answer.contains("Last-Event-ID"), "{answer}");
+}

@@ -85,25 +85,36 @@ where
     }
 }
 
+/// Why a token was not created.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("{0}")]
+    Store(String),
+}
+
 /// Creates a token for `name` with `role`; returns the token, which is shown once and stored
 /// only as its hash.
-pub fn create(store: &Store, name: &str, role: Role) -> Result<String, String> {
+pub fn create(store: &Store, name: &str, role: Role) -> Result<String, TokenError> {
     if !identity::valid_name(name) {
-        return Err(format!(
+        return Err(TokenError::Invalid(format!(
             "invalid token name `{name}`: 1 to 64 letters, digits, `.`, `-`, `_` or `@`"
-        ));
+        )));
     }
     let active = store
         .tokens()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| TokenError::Store(e.to_string()))?
         .into_iter()
         .any(|t| t.name == name && t.revoked_at.is_none());
     if active {
-        return Err(format!(
+        return Err(TokenError::Exists(format!(
             "a token named `{name}` exists; revoke it first (`phasegate token revoke {name}`)"
-        ));
+        )));
     }
-    let token = identity::new_token()?;
+    let token = identity::new_token().map_err(TokenError::Store)?;
     let record = TokenRecord {
         name: name.to_string(),
         role,
@@ -111,11 +122,12 @@ pub fn create(store: &Store, name: &str, role: Role) -> Result<String, String> {
         created_at: Timestamp::from_system_time(std::time::SystemTime::now()),
         revoked_at: None,
     };
-    store.put_token(&record).map_err(|e| e.to_string())?;
+    store
+        .put_token(&record)
+        .map_err(|e| TokenError::Store(e.to_string()))?;
     Ok(token)
 }
 
-/// Revokes every active token named `name`; returns how many.
 pub fn revoke(store: &Store, name: &str) -> Result<usize, StoreError> {
     let now = Timestamp::from_system_time(std::time::SystemTime::now());
     let mut revoked = 0;

@@ -16,11 +16,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::cli::view::rollout_view;
@@ -255,8 +258,92 @@ struct Decision {
     by: Option<String>,
 }
 
-fn body(body: Option<Json<Decision>>) -> Decision {
-    body.map(|Json(b)| b).unwrap_or_default()
+/// A request body, read only once the caller is known to be allowed to ask (so a viewer hears
+/// "forbidden", not what is wrong with its JSON). Every problem is a JSON error like the rest:
+/// a body too large (413), not JSON (415), not well-formed (400), not the expected shape (422).
+struct Body {
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+}
+
+impl Body {
+    fn is_empty(&self) -> bool {
+        self.bytes
+            .as_ref()
+            .is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace))
+    }
+
+    /// The body as `T`; `None` when there is none.
+    fn json<T: DeserializeOwned>(&self) -> Result<Option<T>, ApiError> {
+        let bytes = match &self.bytes {
+            Ok(bytes) => bytes,
+            Err(rejection) => {
+                return Err(ApiError::new(rejection.status(), rejection.body_text()));
+            }
+        };
+        if self.is_empty() {
+            return Ok(None);
+        }
+        let content_type = self
+            .headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "send the body as JSON with `Content-Type: application/json` (it was {})",
+                    if content_type.is_empty() {
+                        "not given".to_string()
+                    } else {
+                        format!("`{content_type}`")
+                    }
+                ),
+            ));
+        }
+        serde_json::from_slice(bytes).map(Some).map_err(|e| {
+            let status = match e.classify() {
+                serde_json::error::Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            ApiError::new(status, format!("invalid request body: {e}"))
+        })
+    }
+
+    /// A body the request must have.
+    fn required<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        self.json()?.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "this request needs a JSON body (see /api/v1/openapi.json)",
+            )
+        })
+    }
+
+    /// A decision's body: all its fields are optional, so no body is an empty decision.
+    fn decision(&self) -> Result<Decision, ApiError> {
+        Ok(self.json()?.unwrap_or_default())
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<Body, Self::Rejection> {
+        let headers = request.headers().clone();
+        let bytes = Bytes::from_request(request, state).await;
+        Ok(Body { headers, bytes })
+    }
 }
 
 async fn command(state: &ApiState, id: &str, kind: EventKind, by: &str, reason: &str) -> ApiResult {
@@ -271,7 +358,7 @@ async fn approve(
     State(state): State<ApiState>,
     Caller(caller): Caller,
     Path(id): Path<String>,
-    decision: Option<Json<Decision>>,
+    body: Body,
 ) -> ApiResult {
     require(
         &caller,
@@ -279,7 +366,7 @@ async fn approve(
         "approving",
         "approver or admin",
     )?;
-    let d = body(decision);
+    let d = body.decision()?;
     let by = actor(&caller, d.by.as_deref())?;
     let loaded = engine::load(&state.store, &id)?;
     let phase = match d.phase {
@@ -300,7 +387,7 @@ async fn reject(
     State(state): State<ApiState>,
     Caller(caller): Caller,
     Path(id): Path<String>,
-    decision: Option<Json<Decision>>,
+    body: Body,
 ) -> ApiResult {
     require(
         &caller,
@@ -308,15 +395,15 @@ async fn reject(
         "rejecting",
         "approver or admin",
     )?;
-    let d = body(decision);
+    let d = body.decision()?;
     let by = actor(&caller, d.by.as_deref())?;
+    let loaded = engine::load(&state.store, &id)?;
     if d.reason.trim().is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "a rejection needs a `reason`",
         ));
     }
-    let loaded = engine::load(&state.store, &id)?;
     let phase = match d.phase {
         Some(p) => p,
         None => machine::default_approval_phase(&loaded.plan, &loaded.stored.rollout)
@@ -336,7 +423,7 @@ async fn operate(
     state: ApiState,
     caller: Identity,
     id: String,
-    decision: Option<Json<Decision>>,
+    body: Body,
     what: &str,
     kind: impl FnOnce(&Decision) -> Result<EventKind, ApiError>,
 ) -> ApiResult {
@@ -346,8 +433,9 @@ async fn operate(
         what,
         "operator or admin",
     )?;
-    let d = body(decision);
+    let d = body.decision()?;
     let by = actor(&caller, d.by.as_deref())?;
+    state.store.rollout(&id)?;
     let kind = kind(&d)?;
     command(&state, &id, kind, &by, &d.reason).await
 }
@@ -356,9 +444,9 @@ async fn pause(
     State(state): State<ApiState>,
     Caller(caller): Caller,
     Path(id): Path<String>,
-    d: Option<Json<Decision>>,
+    body: Body,
 ) -> ApiResult {
-    operate(state, caller, id, d, "pausing", |_| {
+    operate(state, caller, id, body, "pausing", |_| {
         Ok(EventKind::PauseRequested)
     })
     .await
@@ -368,9 +456,9 @@ async fn resume(
     State(state): State<ApiState>,
     Caller(caller): Caller,
     Path(id): Path<String>,
-    d: Option<Json<Decision>>,
+    body: Body,
 ) -> ApiResult {
-    operate(state, caller, id, d, "resuming", |_| {
+    operate(state, caller, id, body, "resuming", |_| {
         Ok(EventKind::ResumeRequested)
     })
     .await
@@ -380,9 +468,9 @@ async fn rollback(
     State(state): State<ApiState>,
     Caller(caller): Caller,
     Path(id): Path<String>,
-    d: Option<Json<Decision>>,
+    body: Body,
 ) -> ApiResult {
-    operate(state, caller, id, d, "rolling back", |d| {
+    operate(state, caller, id, body, "rolling back", |d| {
         Ok(EventKind::RollbackRequested { to: d.to.clone() })
     })
     .await
@@ -392,9 +480,9 @@ async fn abort(
     State(state): State<ApiState>,
     Caller(caller): Caller,
     Path(id): Path<String>,
-    d: Option<Json<Decision>>,
+    body: Body,
 ) -> ApiResult {
-    operate(state, caller, id, d, "aborting", |_| {
+    operate(state, caller, id, body, "aborting", |_| {
         Ok(EventKind::AbortRequested)
     })
     .await
@@ -404,9 +492,9 @@ async fn drift(
     State(state): State<ApiState>,
     Caller(caller): Caller,
     Path(id): Path<String>,
-    d: Option<Json<Decision>>,
+    body: Body,
 ) -> ApiResult {
-    operate(state, caller, id, d, "deciding about drift", |d| {
+    operate(state, caller, id, body, "deciding about drift", |d| {
         let resolution = match d.decision.as_deref() {
             Some("reapply") => DriftResolution::Reapply,
             Some("adopt") => DriftResolution::Adopt,
@@ -450,22 +538,20 @@ fn checked(file: &str, text: &str) -> Value {
     }
 }
 
-async fn check_plan(_caller: Caller, Json(body): Json<PlanText>) -> Json<Value> {
+async fn check_plan(_caller: Caller, body: Body) -> ApiResult {
+    let body: PlanText = body.required()?;
     let file = body.file.unwrap_or_else(|| "plan.toml".into());
-    Json(checked(&file, &body.plan))
+    Ok(Json(checked(&file, &body.plan)).into_response())
 }
 
-async fn start(
-    State(state): State<ApiState>,
-    Caller(caller): Caller,
-    Json(body): Json<PlanText>,
-) -> ApiResult {
+async fn start(State(state): State<ApiState>, Caller(caller): Caller, body: Body) -> ApiResult {
     require(
         &caller,
         caller.role.can_operate(),
         "starting a rollout",
         "operator or admin",
     )?;
+    let body: PlanText = body.required()?;
     let by = actor(&caller, body.by.as_deref())?;
     let file = body.file.clone().unwrap_or_else(|| "plan.toml".into());
     let plan = crate::adapters::parse_plan(&file, &body.plan).map_err(|errors| {
@@ -537,7 +623,7 @@ async fn tokens(State(state): State<ApiState>, Caller(caller): Caller) -> ApiRes
 async fn create_token(
     State(state): State<ApiState>,
     Caller(caller): Caller,
-    Json(body): Json<NewToken>,
+    body: Body,
 ) -> ApiResult {
     require(
         &caller,
@@ -545,6 +631,7 @@ async fn create_token(
         "creating tokens",
         "admin",
     )?;
+    let body: NewToken = body.required()?;
     let role = Role::parse(&body.role).ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -554,8 +641,14 @@ async fn create_token(
             ),
         )
     })?;
-    let token = auth::create(&state.store, &body.name, role)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let token = auth::create(&state.store, &body.name, role).map_err(|e| {
+        let status = match e {
+            auth::TokenError::Invalid(_) => StatusCode::BAD_REQUEST,
+            auth::TokenError::Exists(_) => StatusCode::CONFLICT,
+            auth::TokenError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    })?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"name": body.name, "role": role.as_str(), "token": token})),

@@ -585,7 +585,8 @@ pub async fn token_create(ctx: &Context, name: &str, role: &str) -> CommandResul
             ))
         })?;
         let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
-        let token = crate::api::auth::create(&store, name, parsed).map_err(Failure::invalid)?;
+        let token = crate::api::auth::create(&store, name, parsed)
+            .map_err(|e| Failure::invalid(e.to_string()))?;
         (name.to_string(), token, parsed.to_string())
     };
     match ctx.output {

@@ -17,6 +17,20 @@ pub struct Remote {
     /// The daemon's own token: it may name the acting person.
     pub local: bool,
     http: reqwest::Client,
+    /// For event streams: no limit on the whole answer, which lasts as long as the watch, but
+    /// one on the silence between reads (the server sends a keep-alive every 15 s).
+    stream: reqwest::Client,
+}
+
+fn client(builder: reqwest::ClientBuilder) -> Result<reqwest::Client, Failure> {
+    builder
+        .connect_timeout(Duration::from_secs(5))
+        .user_agent(concat!("phasegate/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| Failure {
+            code: exit::FAILURE,
+            message: format!("cannot build the HTTP client: {e}"),
+        })
 }
 
 impl Remote {
@@ -24,15 +38,8 @@ impl Remote {
     /// store.
     pub fn find(store_dir: &Path, server: Option<&str>) -> Result<Option<Remote>, Failure> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(5))
-            .user_agent(concat!("phasegate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| Failure {
-                code: exit::FAILURE,
-                message: format!("cannot build the HTTP client: {e}"),
-            })?;
+        let http = client(reqwest::Client::builder().timeout(Duration::from_secs(30)))?;
+        let stream = client(reqwest::Client::builder().read_timeout(Duration::from_secs(60)))?;
         if let Some(url) = server {
             let token = std::env::var("PHASEGATE_TOKEN")
                 .ok()
@@ -47,6 +54,7 @@ impl Remote {
                 token,
                 local: false,
                 http,
+                stream,
             }));
         }
         Ok(daemon::find(store_dir).map(|file| Remote {
@@ -54,6 +62,7 @@ impl Remote {
             token: file.token,
             local: true,
             http,
+            stream,
         }))
     }
 
@@ -105,14 +114,8 @@ impl Remote {
         path: &str,
         mut each: impl FnMut(&Value) -> bool,
     ) -> Result<(), Failure> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| Failure {
-                code: exit::FAILURE,
-                message: e.to_string(),
-            })?;
-        let mut response = client
+        let mut response = self
+            .stream
             .get(format!("{}{path}", self.url))
             .bearer_auth(&self.token)
             .header("Accept", "text/event-stream")

@@ -5,7 +5,8 @@
 //   /api/v1/rollouts/{id}/watch and, on each `transition` event, re-fetches the page and swaps
 //   the content of #rollout. If someone is in the middle of a form, it does not swap (that would
 //   throw their typing away) and says so instead.
-// - The index (an element #rollouts) listens to /api/v1/watch and reloads on each event.
+// - The index (an element #rollouts) listens to /api/v1/watch and reloads on each event (also
+//   on `lagged`, sent when it fell behind and the stream ends).
 (function () {
   'use strict';
   if (!('EventSource' in window) || !window.fetch || !window.DOMParser) {
@@ -139,5 +140,6 @@
     var all = new EventSource('/api/v1/watch');
     all.addEventListener('transition', reload);
     all.addEventListener('message', reload);
+    all.addEventListener('lagged', reload);
   }
 })();
