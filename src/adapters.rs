@@ -129,6 +129,72 @@ pub fn foreign_key(diagnostic: Diagnostic, whose: &str) -> Diagnostic {
     }
 }
 
+/// The prefix of every environment variable a plan may name for a secret: a plan chooses which
+/// variable is read and where its value is sent, so it must not be able to pick another secret of
+/// the machine (`AWS_SECRET_ACCESS_KEY`, say).
+pub const SECRET_PREFIX: &str = "PHASEGATE_";
+
+/// A plan's `*_env` setting: the name of a `PHASEGATE_…` environment variable.
+pub fn secret_variable(value: &Spanned<String>, key: &str) -> Result<String, Diagnostic> {
+    let name = value.get_ref().trim();
+    let well_formed = name.len() > SECRET_PREFIX.len()
+        && name.len() <= 128
+        && name.starts_with(SECRET_PREFIX)
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if well_formed {
+        Ok(name.to_string())
+    } else {
+        Err(Diagnostic::new(
+            value.span(),
+            format!(
+                "`{key}` must name an environment variable starting with {SECRET_PREFIX} \
+                 (capitals, digits, `_`), such as {SECRET_PREFIX}GRAPH_SECRET, found `{name}`: \
+                 a plan may not choose another secret of this machine"
+            ),
+        ))
+    }
+}
+
+/// An endpoint phasegate sends credentials or signed data to: `https://`, or plain `http://` only
+/// to this machine (an emulator, a local receiver). Returned without a trailing `/`.
+pub fn endpoint_url(value: &Spanned<String>, what: &str) -> Result<String, Diagnostic> {
+    let text = value.get_ref().trim();
+    let problem = |message: String| Err(Diagnostic::new(value.span(), message));
+    let Ok(url) = reqwest::Url::parse(text) else {
+        return problem(format!("invalid {what} `{text}`: expected an https:// URL"));
+    };
+    if url.host().is_none() {
+        return problem(format!("invalid {what} `{text}`: it names no host"));
+    }
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback(&url) => {}
+        "http" => {
+            return problem(format!(
+                "{what} `{text}` is plain http: use https:// (plain http is allowed only to \
+                 this machine, 127.0.0.1, ::1 or localhost)"
+            ));
+        }
+        other => {
+            return problem(format!(
+                "invalid {what} `{text}`: expected https://, not {other}://"
+            ));
+        }
+    }
+    Ok(text.trim_end_matches('/').to_string())
+}
+
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A TOML error as a plan diagnostic.
 pub fn toml_diagnostic(err: toml::de::Error) -> Diagnostic {
     Diagnostic::new(

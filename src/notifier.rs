@@ -61,27 +61,15 @@ pub fn parse_all(source: &str) -> Result<Vec<WebhookAddress>, Vec<Diagnostic>> {
     let mut problems = Vec::new();
     let mut addresses = Vec::new();
     for raw in doc.webhook {
-        let url = raw.url.get_ref().trim();
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            problems.push(Diagnostic::new(
-                raw.url.span(),
-                format!("invalid webhook URL `{url}`: expected http:// or https://"),
-            ));
-        }
-        let secret_env = match raw.secret_env {
-            Some(env) if env.get_ref().trim().is_empty() => {
-                problems.push(Diagnostic::new(
-                    env.span(),
-                    "`secret_env` must not be empty",
-                ));
-                None
-            }
-            other => other.map(|env| env.into_inner()),
-        };
-        addresses.push(WebhookAddress {
-            url: url.to_string(),
-            secret_env,
+        let url = adapters::endpoint_url(&raw.url, "webhook URL")
+            .map_err(|d| problems.push(d))
+            .unwrap_or_default();
+        let secret_env = raw.secret_env.and_then(|env| {
+            adapters::secret_variable(&env, "secret_env")
+                .map_err(|d| problems.push(d))
+                .ok()
         });
+        addresses.push(WebhookAddress { url, secret_env });
     }
     if problems.is_empty() {
         Ok(addresses)
@@ -249,5 +237,24 @@ mod tests {
             signature(b"Jefe", b"what do ya want for nothing?"),
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    fn plan(webhook: &str) -> String {
+        format!("[rollout]\nname = \"x\"\n\n[[webhook]]\n{webhook}\n")
+    }
+
+    #[test]
+    fn a_webhook_signs_with_a_phasegate_variable_and_posts_over_https_or_locally() {
+        let source = plan("url = \"http://hooks.example.org/x\"\nsecret_env = \"HOME\"");
+        let problems = parse_all(&source).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].message.contains("plain http"), "{problems:?}");
+        assert!(problems[1].message.contains("starting with PHASEGATE_"));
+        let ok = parse_all(&plan(
+            "url = \"https://hooks.example.org/x\"\nsecret_env = \"PHASEGATE_WEBHOOK_KEY\"",
+        ))
+        .unwrap();
+        assert_eq!(ok[0].secret_env.as_deref(), Some("PHASEGATE_WEBHOOK_KEY"));
+        assert!(parse_all(&plan("url = \"http://127.0.0.1:9/hook\"")).is_ok());
     }
 }

@@ -75,24 +75,20 @@ pub fn parse(source: &str) -> Result<GraphSettings, Vec<Diagnostic>> {
     let tenant = required(&raw.tenant, "tenant");
     let client_id = required(&raw.client_id, "client_id");
     let client_secret_env = required(&raw.client_secret_env, "client_secret_env");
-    let mut url = |value: &Option<Spanned<String>>, default: &str| match value {
-        None => Some(default.to_string()),
-        Some(v) if v.get_ref().starts_with("https://") || v.get_ref().starts_with("http://") => {
-            Some(v.get_ref().trim_end_matches('/').to_string())
-        }
-        Some(v) => {
-            problems.push(Diagnostic::new(
-                v.span(),
-                format!(
-                    "invalid URL `{}`: expected http:// or https://",
-                    v.get_ref()
-                ),
-            ));
-            None
-        }
+    let client_secret_env = match (&raw.client_secret_env, client_secret_env) {
+        (Some(value), Some(_)) => adapters::secret_variable(value, "client_secret_env")
+            .map_err(|d| problems.push(d))
+            .ok(),
+        _ => None,
     };
-    let graph_url = url(&raw.graph_url, DEFAULT_GRAPH_URL);
-    let login_url = url(&raw.login_url, DEFAULT_LOGIN_URL);
+    let mut url = |value: &Option<Spanned<String>>, default: &str, what: &str| match value {
+        None => Some(default.to_string()),
+        Some(v) => adapters::endpoint_url(v, what)
+            .map_err(|d| problems.push(d))
+            .ok(),
+    };
+    let graph_url = url(&raw.graph_url, DEFAULT_GRAPH_URL, "graph_url");
+    let login_url = url(&raw.login_url, DEFAULT_LOGIN_URL, "login_url");
     let rate = match &raw.ca_requests_per_second {
         None => Some(1.0),
         Some(v) if *v.get_ref() > 0.0 && v.get_ref().is_finite() => Some(*v.get_ref()),
@@ -187,8 +183,50 @@ mod tests {
             "{messages:?}"
         );
         assert!(messages.contains(&"the graph provider needs `client_secret_env`"));
-        assert!(messages.iter().any(|m| m.contains("invalid URL `ftp://x`")));
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("invalid graph_url `ftp://x`: expected https://")),
+            "{messages:?}"
+        );
         assert!(messages.iter().any(|m| m.contains("above zero")));
+    }
+
+    /// A plan may not pick which of the machine's secrets is sent, nor send it in clear text to
+    /// another machine.
+    #[test]
+    fn the_secret_is_a_phasegate_variable_sent_over_https_or_to_this_machine_only() {
+        let source = plan(
+            "tenant = \"t\"\nclient_id = \"c\"\nclient_secret_env = \"AWS_SECRET_ACCESS_KEY\"\n\
+             login_url = \"http://login.example.net\"",
+        );
+        let problems = parse(&source).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(
+            &source[problems[0].span.clone()],
+            "\"AWS_SECRET_ACCESS_KEY\""
+        );
+        assert!(problems[0].message.contains("starting with PHASEGATE_"));
+        assert_eq!(
+            &source[problems[1].span.clone()],
+            "\"http://login.example.net\""
+        );
+        assert!(problems[1].message.contains("plain http"));
+        for local in [
+            "http://127.0.0.1:8080",
+            "http://[::1]:8080/",
+            "http://localhost:9",
+            "https://login.example.net",
+        ] {
+            let ok = parse(&plan(&format!("{FULL}\nlogin_url = \"{local}\"")));
+            assert!(ok.is_ok(), "{local}: {ok:?}");
+        }
+        for bad in ["PHASEGATE_", "phasegate_secret", "PHASEGATE_A-B", "HOME"] {
+            let source = plan(&format!(
+                "tenant = \"t\"\nclient_id = \"c\"\nclient_secret_env = \"{bad}\""
+            ));
+            assert!(parse(&source).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]
