@@ -25,17 +25,19 @@ impl Timestamp {
 
     pub fn from_system_time(time: SystemTime) -> Timestamp {
         match time.duration_since(UNIX_EPOCH) {
-            Ok(since) => Timestamp(since.as_millis() as i64),
-            Err(before) => Timestamp(-(before.duration().as_millis() as i64)),
+            Ok(since) => Timestamp(millis(since)),
+            Err(before) => Timestamp(-millis(before.duration())),
         }
     }
 
     pub fn to_system_time(self) -> SystemTime {
-        if self.0 >= 0 {
-            UNIX_EPOCH + Duration::from_millis(self.0 as u64)
+        let span = Duration::from_millis(self.0.unsigned_abs());
+        let time = if self.0 >= 0 {
+            UNIX_EPOCH.checked_add(span)
         } else {
-            UNIX_EPOCH - Duration::from_millis(self.0.unsigned_abs())
-        }
+            UNIX_EPOCH.checked_sub(span)
+        };
+        time.unwrap_or(UNIX_EPOCH)
     }
 
     /// Parses RFC 3339 (`2026-01-08T08:35:03.7944197Z`, any number of fractional digits).
@@ -45,12 +47,13 @@ impl Timestamp {
             .map(Timestamp::from_system_time)
     }
 
+    /// Saturating: a span too long for the calendar ends at the last representable instant.
     pub fn plus(self, span: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(span.as_millis() as i64))
+        Timestamp(self.0.saturating_add(millis(span)))
     }
 
     pub fn minus(self, span: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_sub(span.as_millis() as i64))
+        Timestamp(self.0.saturating_sub(millis(span)))
     }
 
     /// The time from `earlier` to `self`, zero if `earlier` is later.
@@ -58,9 +61,11 @@ impl Timestamp {
         Duration::from_millis(self.0.saturating_sub(earlier.0).max(0) as u64)
     }
 
-    /// RFC 3339 in UTC with second precision, e.g. `2026-11-28T17:00:00Z`.
+    /// RFC 3339 in UTC with second precision, e.g. `2026-11-28T17:00:00Z`. Instants outside
+    /// 1970–9999 (a clock set wrong, a saturated deadline) are written as the nearest end.
     pub fn rfc3339(self) -> String {
-        humantime::format_rfc3339_seconds(self.to_system_time()).to_string()
+        let clamped = self.0.clamp(0, LAST_RFC3339_MILLIS);
+        humantime::format_rfc3339_seconds(Timestamp(clamped).to_system_time()).to_string()
     }
 
     /// Floors to a whole hour; used to give simulated tenants a tidy epoch.
@@ -68,6 +73,14 @@ impl Timestamp {
         const HOUR_MS: i64 = 3_600_000;
         Timestamp(self.0.div_euclid(HOUR_MS) * HOUR_MS)
     }
+}
+
+/// 9999-12-31T23:59:59Z, the last instant RFC 3339 can write.
+const LAST_RFC3339_MILLIS: i64 = 253_402_300_799_000;
+
+/// A span in whole milliseconds, saturating at `i64::MAX`.
+fn millis(span: Duration) -> i64 {
+    i64::try_from(span.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl fmt::Display for Timestamp {
@@ -128,5 +141,36 @@ mod tests {
         let b = Timestamp::from_millis(5_000);
         assert_eq!(b.since(a), Duration::from_secs(4));
         assert_eq!(a.since(b), Duration::ZERO);
+    }
+}
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+
+    /// Time arithmetic saturates and formatting never panics, whatever a clock or a plan says.
+    #[test]
+    fn arithmetic_saturates_and_every_instant_can_be_written() {
+        let now = Timestamp::from_millis(1_767_600_000_000);
+        assert_eq!(now.plus(Duration::MAX), Timestamp::from_millis(i64::MAX));
+        assert_eq!(
+            now.minus(Duration::MAX).as_millis(),
+            now.as_millis() - i64::MAX
+        );
+        assert_eq!(
+            Timestamp::from_millis(i64::MAX).rfc3339(),
+            "9999-12-31T23:59:59Z"
+        );
+        assert_eq!(
+            Timestamp::from_millis(i64::MIN).rfc3339(),
+            "1970-01-01T00:00:00Z"
+        );
+        let before_1970 = UNIX_EPOCH - Duration::from_secs(86_400);
+        assert_eq!(
+            Timestamp::from_system_time(before_1970).as_millis(),
+            -86_400_000
+        );
+        let _ = Timestamp::from_millis(i64::MIN).to_system_time();
+        assert!(Timestamp::from_millis(5).since(Timestamp::from_millis(i64::MIN)) > Duration::ZERO);
     }
 }

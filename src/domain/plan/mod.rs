@@ -263,6 +263,44 @@ pub struct Plan {
     pub hash: String,
 }
 
+/// The range a duration setting may take; every duration a plan sets has one (documented in
+/// docs/plan-format.md), so no arithmetic on time can overflow and no loop can spin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DurationRange {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+const fn days(n: u64) -> Duration {
+    Duration::from_secs(n * 24 * 3600)
+}
+
+pub const OBSERVE_EVERY_RANGE: DurationRange = DurationRange {
+    min: Duration::from_secs(60),
+    max: days(7),
+};
+pub const MIN_SOAK_RANGE: DurationRange = DurationRange {
+    min: Duration::ZERO,
+    max: days(365),
+};
+/// Intune's action schedule counts days after noncompliance up to 365.
+pub const GRACE_RANGE: DurationRange = DurationRange {
+    min: Duration::ZERO,
+    max: days(365),
+};
+/// Intune's compliance status validity period is at most 120 days.
+pub const STALE_AFTER_RANGE: DurationRange = DurationRange {
+    min: Duration::from_secs(3600),
+    max: days(120),
+};
+pub const MAX_HOLD_RANGE: DurationRange = DurationRange {
+    min: Duration::ZERO,
+    max: days(365),
+};
+/// The largest device count a gate or rollback criterion may name.
+pub const MAX_COUNT: i64 = 100_000_000;
+pub const MAX_APPROVALS: i64 = 10;
+
 pub const DEFAULT_OBSERVE_EVERY: Duration = Duration::from_secs(6 * 3600);
 pub const DEFAULT_MIN_SOAK: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(3 * 24 * 3600);
@@ -304,6 +342,16 @@ impl Plan {
 
 /// A duration setting as plans write them (`"2d"`, `"36h"`, `"1h 30m"`); adapters use it for theirs.
 pub fn duration_setting(value: &Spanned<String>) -> Result<Duration, Diagnostic> {
+    if let Some(unit) = ambiguous_unit(value.get_ref()) {
+        return Err(Diagnostic::new(
+            value.span(),
+            format!(
+                "`{}` uses `{unit}`, which reads as months here but as minutes to many: write \
+                 days (\"30d\") or minutes (\"30m\")",
+                value.get_ref()
+            ),
+        ));
+    }
     humantime::parse_duration(value.get_ref()).map_err(|err| {
         Diagnostic::new(
             value.span(),
@@ -313,6 +361,34 @@ pub fn duration_setting(value: &Spanned<String>) -> Result<Duration, Diagnostic>
             ),
         )
     })
+}
+
+/// A month unit (`M`, `month`, `months`): humantime reads `1M` as a month of 30.44 days, while
+/// people read a minute.
+fn ambiguous_unit(text: &str) -> Option<&str> {
+    text.split(|c: char| !c.is_ascii_alphabetic())
+        .find(|unit| matches!(*unit, "M" | "month" | "months" | "mo"))
+}
+
+/// A duration setting within its range, or the problem at its place.
+pub fn duration_within(
+    value: &Spanned<String>,
+    key: &str,
+    range: DurationRange,
+) -> Result<Duration, Diagnostic> {
+    let duration = duration_setting(value)?;
+    if duration < range.min || duration > range.max {
+        return Err(Diagnostic::new(
+            value.span(),
+            format!(
+                "`{key}` must be from {} to {}, found `{}`",
+                super::time::format_span(range.min),
+                super::time::format_span(range.max),
+                value.get_ref()
+            ),
+        ));
+    }
+    Ok(duration)
 }
 
 /// An adapter's TOML table as the JSON object its adapter reads (and a record stores).
@@ -336,9 +412,10 @@ pub fn parse(file: &str, source: &str) -> Result<Plan, PlanErrors> {
     };
     let raw: RawPlan = toml::from_str(source).map_err(|err| {
         let span = err.span().unwrap_or(0..0);
+        let hint = hint_for(source, span.start);
         errors(vec![Diagnostic::new(
             span,
-            describe_toml_error(err.message()),
+            format!("{}{hint}", describe_toml_error(err.message())),
         )])
     })?;
     let mut checker = Checker {
@@ -354,6 +431,40 @@ pub fn parse(file: &str, source: &str) -> Result<Plan, PlanErrors> {
             diagnostics.sort_by_key(|d| (d.span.start, d.span.end));
             Err(errors(diagnostics))
         }
+    }
+}
+
+/// The share and duration settings are strings (`"2%"`, `"3d"`); a bare number there gets a hint
+/// with the form expected, since `0.02` or `3` is what people try first.
+fn hint_for(source: &str, offset: usize) -> &'static str {
+    const SHARES: [&str; 5] = [
+        "max_noncompliant_ratio",
+        "min_reporting",
+        "max_error_ratio",
+        "noncompliant_ratio_above",
+        "blocked_ratio_above",
+    ];
+    const DURATIONS: [&str; 7] = [
+        "observe_every",
+        "min_soak",
+        "grace",
+        "stale_after",
+        "max_hold",
+        "remediation_half_life",
+        "request_timeout",
+    ];
+    let start = source
+        .get(..offset.min(source.len()))
+        .and_then(|before| before.rfind('\n'))
+        .map_or(0, |i| i + 1);
+    let line = source.get(start..).unwrap_or_default();
+    let key = line.split('=').next().unwrap_or_default().trim();
+    if SHARES.contains(&key) {
+        "; a share is a percentage string, such as \"2%\" for 0.02"
+    } else if DURATIONS.contains(&key) {
+        "; a duration is a string, such as \"3d\", \"36h\" or \"1h 30m\""
+    } else {
+        ""
     }
 }
 
@@ -387,9 +498,12 @@ impl Checker<'_> {
         let rollout_span = raw.rollout.span();
         let rollout = raw.rollout.into_inner();
         let name = self.name(&rollout.name);
-        let observe_every = self
-            .duration_or(rollout.observe_every.as_ref(), DEFAULT_OBSERVE_EVERY)
-            .filter(|d| self.positive(d, rollout.observe_every.as_ref()));
+        let observe_every = self.duration_in(
+            rollout.observe_every.as_ref(),
+            DEFAULT_OBSERVE_EVERY,
+            "observe_every",
+            OBSERVE_EVERY_RANGE,
+        );
         let policy = raw.policy.into_inner();
         let compliance = self.compliance(&policy.compliance, policy.platform.as_ref());
         let conditional_access = policy
@@ -664,32 +778,24 @@ impl Checker<'_> {
         Some(value.get_ref().trim().to_string())
     }
 
-    fn duration(&mut self, value: &Spanned<String>) -> Option<Duration> {
-        match duration_setting(value) {
+    /// A duration setting within its range, or its default.
+    fn duration_in(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        default: Duration,
+        key: &str,
+        range: DurationRange,
+    ) -> Option<Duration> {
+        let Some(value) = value else {
+            return Some(default);
+        };
+        match duration_within(value, key, range) {
             Ok(duration) => Some(duration),
             Err(diagnostic) => {
                 self.diagnostics.push(diagnostic);
                 None
             }
         }
-    }
-
-    fn duration_or(
-        &mut self,
-        value: Option<&Spanned<String>>,
-        default: Duration,
-    ) -> Option<Duration> {
-        value.map_or(Some(default), |v| self.duration(v))
-    }
-
-    fn positive(&mut self, duration: &Duration, value: Option<&Spanned<String>>) -> bool {
-        if duration.is_zero() {
-            if let Some(value) = value {
-                self.error(value.span(), "this duration must be longer than zero");
-            }
-            return false;
-        }
-        true
     }
 
     fn ratio(&mut self, value: Option<&Spanned<String>>) -> Result<Option<Ratio>, ()> {
@@ -885,7 +991,12 @@ impl Checker<'_> {
                 self.error(group.span(), "a group name must not be empty");
             }
         }
-        let min_soak = self.duration_or(raw.min_soak.as_ref(), DEFAULT_MIN_SOAK);
+        let min_soak = self.duration_in(
+            raw.min_soak.as_ref(),
+            DEFAULT_MIN_SOAK,
+            "min_soak",
+            MIN_SOAK_RANGE,
+        );
         let grace = self.grace(raw);
         let gate = self.gate(raw.gate.as_ref().map(|g| g.get_ref()));
         let rollback_when = self.rollback_when(raw.rollback_when.as_ref().map(|r| r.get_ref()));
@@ -933,7 +1044,13 @@ impl Checker<'_> {
 
     fn grace(&mut self, raw: &RawPhase) -> Result<Option<Duration>, ()> {
         match (raw.mode.get_ref(), &raw.grace) {
-            (Mode::Notify, Some(grace)) => self.duration(grace).map(Some).ok_or(()),
+            (Mode::Notify, Some(grace)) => match duration_within(grace, "grace", GRACE_RANGE) {
+                Ok(grace) => Ok(Some(grace)),
+                Err(diagnostic) => {
+                    self.diagnostics.push(diagnostic);
+                    Err(())
+                }
+            },
             (Mode::Notify, None) => {
                 self.error(
                     raw.mode.span(),
@@ -955,16 +1072,24 @@ impl Checker<'_> {
     fn gate(&mut self, raw: Option<&RawGate>) -> Option<Gate> {
         let default = RawGate::default();
         let raw = raw.unwrap_or(&default);
-        let max_noncompliant = self.count(raw.max_noncompliant.as_ref(), i64::MAX);
+        let max_noncompliant = self.count(raw.max_noncompliant.as_ref(), MAX_COUNT);
         let max_noncompliant_ratio = self.ratio(raw.max_noncompliant_ratio.as_ref());
         let min_reporting = self.ratio(raw.min_reporting.as_ref());
-        let stale_after = self
-            .duration_or(raw.stale_after.as_ref(), DEFAULT_STALE_AFTER)
-            .filter(|d| self.positive(d, raw.stale_after.as_ref()));
-        let max_errors = self.count(raw.max_errors.as_ref(), i64::MAX);
+        let stale_after = self.duration_in(
+            raw.stale_after.as_ref(),
+            DEFAULT_STALE_AFTER,
+            "stale_after",
+            STALE_AFTER_RANGE,
+        );
+        let max_errors = self.count(raw.max_errors.as_ref(), MAX_COUNT);
         let max_error_ratio = self.ratio(raw.max_error_ratio.as_ref());
-        let approvals = self.count(raw.approvals.as_ref(), 10);
-        let max_hold = self.duration_or(raw.max_hold.as_ref(), DEFAULT_MAX_HOLD);
+        let approvals = self.count(raw.approvals.as_ref(), MAX_APPROVALS);
+        let max_hold = self.duration_in(
+            raw.max_hold.as_ref(),
+            DEFAULT_MAX_HOLD,
+            "max_hold",
+            MAX_HOLD_RANGE,
+        );
         Some(Gate {
             max_noncompliant: max_noncompliant.ok()?,
             max_noncompliant_ratio: max_noncompliant_ratio.ok()?,
@@ -981,8 +1106,8 @@ impl Checker<'_> {
         let default = RawRollbackWhen::default();
         let raw = raw.unwrap_or(&default);
         let noncompliant_ratio_above = self.ratio(raw.noncompliant_ratio_above.as_ref());
-        let noncompliant_above = self.count(raw.noncompliant_above.as_ref(), i64::MAX);
-        let errors_above = self.count(raw.errors_above.as_ref(), i64::MAX);
+        let noncompliant_above = self.count(raw.noncompliant_above.as_ref(), MAX_COUNT);
+        let errors_above = self.count(raw.errors_above.as_ref(), MAX_COUNT);
         let blocked_ratio_above = self.ratio(raw.blocked_ratio_above.as_ref());
         Some(RollbackWhen {
             noncompliant_ratio_above: noncompliant_ratio_above.ok()?,

@@ -376,3 +376,78 @@ users = ["breakglass1@contoso.com"]
     .unwrap();
     assert_eq!(plan.emergency_access.users, vec!["bg1@contoso.com"]);
 }
+
+/// Every duration and count has a range, checked where it is written: no setting can overflow
+/// time arithmetic, spin the engine, or silently vanish.
+#[test]
+fn durations_and_counts_outside_their_range_are_errors_at_their_place() {
+    let phase = |extra: &str| {
+        format!("[[phase]]\nid = \"p\"\nmode = \"report\"\ninclude = [\"G\"]\n{extra}\n")
+    };
+    for (extra, expected) in [
+        (
+            "min_soak = \"8000 years\"",
+            "`min_soak` must be from 0s to 365d, found `8000 years`",
+        ),
+        (
+            "min_soak = \"18446744073709551615s\"",
+            "`min_soak` must be from 0s to 365d",
+        ),
+        (
+            "[phase.gate]\nstale_after = \"0s\"",
+            "`stale_after` must be from 1h to 120d",
+        ),
+        (
+            "[phase.gate]\nmax_hold = \"400d\"",
+            "`max_hold` must be from 0s to 365d",
+        ),
+        (
+            "[phase.gate]\nmax_noncompliant = 100000001",
+            "expected a whole number from 0 to 100000000",
+        ),
+        (
+            "[phase.rollback_when]\nerrors_above = -1",
+            "expected a whole number from 0 to 100000000",
+        ),
+        (
+            "[phase.gate]\napprovals = 11",
+            "expected a whole number from 0 to 10",
+        ),
+    ] {
+        let lines = headlines(&phase(extra));
+        assert!(
+            lines.iter().any(|l| l.contains(expected)),
+            "{extra}: {lines:?}"
+        );
+    }
+    for every in ["1ns", "1s", "59s", "8d"] {
+        let text = format!("{HEADER}{}", phase("")).replace(
+            "name = \"t\"",
+            &format!("name = \"t\"\nobserve_every = \"{every}\""),
+        );
+        let errors = parse("plan.toml", &text).expect_err(every).headlines();
+        assert!(
+            errors[0].contains("`observe_every` must be from 1m to 7d"),
+            "{every}: {errors:?}"
+        );
+    }
+}
+
+#[test]
+fn a_month_unit_is_refused_as_ambiguous_and_a_bare_number_gets_the_form_expected() {
+    let phase = |extra: &str| {
+        format!("[[phase]]\nid = \"p\"\nmode = \"report\"\ninclude = [\"G\"]\n{extra}\n")
+    };
+    for soak in ["1M", "2 months", "1month"] {
+        let lines = headlines(&phase(&format!("min_soak = \"{soak}\"")));
+        assert!(
+            lines[0].contains("reads as months here but as minutes"),
+            "{soak}: {lines:?}"
+        );
+    }
+    let lines = headlines(&phase("[phase.gate]\nmax_noncompliant_ratio = 0.02"));
+    assert!(lines[0].contains("such as \"2%\" for 0.02"), "{lines:?}");
+    let lines = headlines(&phase("min_soak = 3"));
+    assert!(lines[0].contains("a duration is a string"), "{lines:?}");
+    assert!(check(&phase("min_soak = \"30m\"")).is_ok());
+}

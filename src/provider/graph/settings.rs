@@ -8,7 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::adapters::{self, ProviderKind};
-use crate::domain::plan::{Diagnostic, ProviderConfig, duration_setting};
+use crate::domain::plan::{Diagnostic, DurationRange, ProviderConfig, duration_within};
 
 pub const KIND: ProviderKind = ProviderKind {
     name: "graph",
@@ -18,6 +18,13 @@ pub const KIND: ProviderKind = ProviderKind {
 pub const DEFAULT_GRAPH_URL: &str = "https://graph.microsoft.com";
 pub const DEFAULT_LOGIN_URL: &str = "https://login.microsoftonline.com";
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const REQUEST_TIMEOUT_RANGE: DurationRange = DurationRange {
+    min: Duration::from_secs(1),
+    max: Duration::from_secs(600),
+};
+/// Conditional Access requests per second: from one every 1,000 seconds to a million (the
+/// emulator in tests; Microsoft allows about one per tenant).
+pub const CA_RATE_RANGE: (f64, f64) = (0.001, 1_000_000.0);
 
 /// A Microsoft 365 tenant through Microsoft Graph (or `phasegate emulator`).
 #[derive(Clone, Debug, PartialEq)]
@@ -91,18 +98,23 @@ pub fn parse(source: &str) -> Result<GraphSettings, Vec<Diagnostic>> {
     let login_url = url(&raw.login_url, DEFAULT_LOGIN_URL, "login_url");
     let rate = match &raw.ca_requests_per_second {
         None => Some(1.0),
-        Some(v) if *v.get_ref() > 0.0 && v.get_ref().is_finite() => Some(*v.get_ref()),
+        Some(v) if (CA_RATE_RANGE.0..=CA_RATE_RANGE.1).contains(v.get_ref()) => Some(*v.get_ref()),
         Some(v) => {
             problems.push(Diagnostic::new(
                 v.span(),
-                "expected a number of requests per second above zero",
+                format!(
+                    "`ca_requests_per_second` must be from {} to {}, found {}",
+                    CA_RATE_RANGE.0,
+                    CA_RATE_RANGE.1,
+                    v.get_ref()
+                ),
             ));
             None
         }
     };
     let timeout = match &raw.request_timeout {
         None => Some(DEFAULT_REQUEST_TIMEOUT),
-        Some(text) => match duration_setting(text) {
+        Some(text) => match duration_within(text, "request_timeout", REQUEST_TIMEOUT_RANGE) {
             Ok(d) => Some(d),
             Err(d) => {
                 problems.push(d);
@@ -189,7 +201,12 @@ mod tests {
                 .any(|m| m.contains("invalid graph_url `ftp://x`: expected https://")),
             "{messages:?}"
         );
-        assert!(messages.iter().any(|m| m.contains("above zero")));
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("`ca_requests_per_second` must be from 0.001")),
+            "{messages:?}"
+        );
     }
 
     /// A plan may not pick which of the machine's secrets is sent, nor send it in clear text to

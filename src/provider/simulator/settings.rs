@@ -7,7 +7,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::adapters::{self, ProviderKind};
-use crate::domain::plan::{Diagnostic, ProviderConfig, duration_setting};
+use crate::domain::plan::{Diagnostic, DurationRange, ProviderConfig, duration_within};
 
 pub const KIND: ProviderKind = ProviderKind {
     name: "simulator",
@@ -17,6 +17,10 @@ pub const KIND: ProviderKind = ProviderKind {
 pub const DEFAULT_DEVICES: u32 = 10_000;
 pub const DEFAULT_REMEDIATION_HALF_LIFE: Duration = Duration::from_secs(2 * 24 * 3600);
 pub const MAX_DEVICES: i64 = 5_000_000;
+pub const REMEDIATION_HALF_LIFE_RANGE: DurationRange = DurationRange {
+    min: Duration::from_secs(60),
+    max: Duration::from_secs(365 * 24 * 3600),
+};
 
 /// The built-in simulated fleet.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,13 +78,15 @@ pub fn parse(source: &str) -> Result<SimulatorSettings, Vec<Diagnostic>> {
     };
     let half_life = match &raw.remediation_half_life {
         None => Some(DEFAULT_REMEDIATION_HALF_LIFE),
-        Some(text) => match duration_setting(text) {
-            Ok(d) => Some(d),
-            Err(d) => {
-                problems.push(d);
-                None
+        Some(text) => {
+            match duration_within(text, "remediation_half_life", REMEDIATION_HALF_LIFE_RANGE) {
+                Ok(d) => Some(d),
+                Err(d) => {
+                    problems.push(d);
+                    None
+                }
             }
-        },
+        }
     };
     match (devices, seed, half_life) {
         (Some(devices), Some(seed), Some(remediation_half_life)) if problems.is_empty() => {
