@@ -17,4 +17,6 @@ pub mod provider;
 pub mod retry;
 pub mod runner;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod web;

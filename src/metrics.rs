@@ -465,12 +465,11 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
     use std::sync::Arc;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     use super::*;
     use crate::domain::gate::{Evidence, GateVerdict, Tally};
     use crate::domain::plan;
     use crate::domain::rollout::PhaseObservation;
+    use crate::testing::{GRAPH_TRAFFIC, Script, scripted_server};
 
     // ---- a small strict parser of the text exposition format ----
 
@@ -1192,85 +1191,19 @@ exclude = ["Break Glass"]
 
     // ---- instrumentation, against a scripted HTTP server on loopback ----
 
-    type Script =
-        dyn Fn(&str, &str, u32) -> Option<(u16, Vec<(&'static str, String)>, String)> + Send + Sync;
-
-    /// Serves one request per connection; `script(method, path, nth)` answers the `nth` request
-    /// (from 0) for that method and path, or `None` to drop the connection unanswered.
-    async fn scripted_server(script: Arc<Script>) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let seen = Arc::new(Mutex::new(BTreeMap::<String, u32>::new()));
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let script = script.clone();
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let mut buffer = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    let head_end = loop {
-                        if let Some(i) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse().ok())?
-                        })
-                        .unwrap_or(0);
-                    while buffer.len() < head_end + length {
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let mut request_line = head.lines().next().unwrap_or("").split(' ');
-                    let method = request_line.next().unwrap_or("").to_string();
-                    let path = request_line.next().unwrap_or("").to_string();
-                    let nth = {
-                        let mut seen = seen.lock().unwrap();
-                        let count = seen.entry(format!("{method} {path}")).or_insert(0);
-                        *count += 1;
-                        *count - 1
-                    };
-                    let Some((status, headers, body)) = script(&method, &path, nth) else {
-                        return;
-                    };
-                    let mut reply = format!(
-                        "HTTP/1.1 {status} Scripted\r\nContent-Length: {}\r\nConnection: close\r\nContent-Type: application/json\r\n",
-                        body.len()
-                    );
-                    for (name, value) in headers {
-                        reply.push_str(&format!("{name}: {value}\r\n"));
-                    }
-                    reply.push_str("\r\n");
-                    reply.push_str(&body);
-                    let _ = socket.write_all(reply.as_bytes()).await;
-                    let _ = socket.shutdown().await;
-                });
-            }
-        });
-        url
-    }
-
     fn counter(x: &Exposition, name: &str, labels: &[(&str, &str)]) -> f64 {
         x.value(name, labels).unwrap_or(0.0)
     }
 
-    // These two tests read the process-wide registry: no other test in this binary makes Graph
-    // or webhook requests, and each of the two touches only its own families.
+    // These two tests read the process-wide registry: other tests in this binary that make Graph
+    // requests hold `GRAPH_TRAFFIC` too, none makes webhook requests, and each of the two touches
+    // only its own families.
     #[tokio::test]
     async fn the_graph_client_counts_every_attempt_throttle_and_retry() {
         use crate::provider::graph::client::{Access, BatchRequest, GraphClient, Secret};
         use reqwest::Method;
+
+        let _alone = GRAPH_TRAFFIC.lock().await;
 
         let script: Arc<Script> = Arc::new(|method: &str, path: &str, nth: u32| {
             let ok = |body: &str| Some((200, Vec::new(), body.to_string()));

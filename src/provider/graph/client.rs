@@ -4,6 +4,14 @@
 //! backoff with jitter otherwise, Conditional Access requests spaced to the tenant's rate, a
 //! timeout on every request, paging through `@odata.nextLink`, and `$batch`.
 //!
+//! The bearer token goes to one origin only, the configured `graph_url`'s (scheme, host, port):
+//! every request that carries it is sent to a [`GraphUrl`], which only [`GraphClient::target`]
+//! makes, after checking the origin. A path is resolved against `graph_url`; an absolute URL —
+//! an `@odata.nextLink`, or any other a server answered with — is refused unless it is on that
+//! origin. The client secret goes to `login_url` only. Redirects are never followed (a `3xx` is
+//! an error), so no request leaves for a URL the client did not check. A listing follows at most
+//! [`MAX_PAGES`] pages and fails on a `nextLink` it has already fetched.
+//!
 //! Writes are not retried after an ambiguous failure (timeout, dropped connection, 5xx): the
 //! caller re-reads the tenant and decides again, so a write that did land is not repeated.
 //!
@@ -11,12 +19,13 @@
 //! `X-Phasegate-Emulator-Now`) anchors it, so soak times and staleness are judged in the tenant's
 //! time, and a rehearsal against `phasegate emulator` can run on its virtual clock.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use reqwest::Method;
+use reqwest::{Method, Url};
 
 use crate::retry::{self, Backoff, Failure};
 use reqwest::header::HeaderMap;
@@ -68,9 +77,20 @@ pub struct BatchRequest {
     pub headers: Vec<(String, String)>,
 }
 
+/// The most pages one listing follows. Intune's collections come in pages of up to 1,000 items,
+/// the directory's in pages of 100 (up to 999 with `$top`): 10,000 pages hold a million group
+/// members at the directory's default page size, ten million device statuses at Intune's.
+pub const MAX_PAGES: usize = 10_000;
+
+/// A URL on the configured Graph origin: the only kind of URL a request carrying the bearer
+/// token is sent to. Only [`GraphClient::target`] makes one.
+struct GraphUrl(Url);
+
 pub struct GraphClient {
     http: reqwest::Client,
     settings: GraphSettings,
+    /// `graph_url`, parsed: its origin is the only one that receives the token.
+    graph: Url,
     secret: Secret,
     token: tokio::sync::Mutex<Option<Token>>,
     clock: Mutex<ServerClock>,
@@ -137,6 +157,16 @@ fn approval_code_in(body: &str) -> Option<String> {
     (error["code"] == "ApprovalRequired" && !code.is_empty()).then_some(code)
 }
 
+/// Where a `3xx` answer pointed, for its error.
+fn redirect_note(status: u16, location: Option<&str>) -> Option<String> {
+    (300..400).contains(&status).then(|| {
+        format!(
+            "redirect to {} not followed",
+            location.unwrap_or("an unnamed location")
+        )
+    })
+}
+
 fn short(url: &str) -> &str {
     let path = url.split_once("://").map_or(url, |(_, rest)| rest);
     let path = path.find('/').map_or(path, |i| &path[i..]);
@@ -146,7 +176,13 @@ fn short(url: &str) -> &str {
 impl GraphClient {
     pub fn new(settings: GraphSettings, secret: Secret) -> Result<GraphClient, ProviderError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let graph = Url::parse(&settings.graph_url).map_err(|e| {
+            ProviderError::permanent(format!("invalid graph_url `{}`: {e}", settings.graph_url))
+        })?;
         let http = reqwest::Client::builder()
+            // A redirect would send the request (a 307 its body: the client secret, a write) to
+            // a URL no check has seen.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(30))
@@ -156,6 +192,7 @@ impl GraphClient {
         Ok(GraphClient {
             http,
             settings,
+            graph,
             secret,
             token: tokio::sync::Mutex::new(None),
             clock: Mutex::new(ServerClock {
@@ -314,6 +351,13 @@ impl GraphClient {
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+            let redirect = redirect_note(
+                response.status().as_u16(),
+                response
+                    .headers()
+                    .get("location")
+                    .and_then(|v| v.to_str().ok()),
+            );
             self.observe_clock(response.headers());
             let status = response.status();
             metrics.provider_request(
@@ -353,6 +397,8 @@ impl GraphClient {
             }
             let kind = if retry::status_failure(status.as_u16()).is_some() {
                 ErrorKind::Transient
+            } else if redirect.is_some() {
+                ErrorKind::Permanent
             } else {
                 ErrorKind::Auth
             };
@@ -364,22 +410,36 @@ impl GraphClient {
                         "signing in to tenant {} as application {} failed: {}",
                         self.settings.tenant,
                         self.settings.client_id,
-                        describe_error(&body)
+                        redirect.unwrap_or_else(|| describe_error(&body))
                     ),
                 )
             });
         }
     }
 
-    /// A path is relative to v1.0 unless it starts with `/beta/`.
-    fn url(&self, path_or_url: &str) -> String {
-        if path_or_url.starts_with("http://") || path_or_url.starts_with("https://") {
-            path_or_url.to_string()
-        } else if path_or_url.starts_with("/beta/") {
+    /// Where a request carrying the token may go: a path (starting with `/`, relative to v1.0
+    /// unless it starts with `/beta/`) on `graph_url`, or an absolute URL on `graph_url`'s origin.
+    /// The one check between the token and the network: anything else is refused, whoever
+    /// supplied it.
+    fn target(&self, path_or_url: &str) -> Result<GraphUrl, ProviderError> {
+        let text = if path_or_url.starts_with("/beta/") {
             format!("{}{}", self.settings.graph_url, path_or_url)
-        } else {
+        } else if path_or_url.starts_with('/') {
             format!("{}/v1.0{}", self.settings.graph_url, path_or_url)
+        } else {
+            path_or_url.to_string()
+        };
+        let url = Url::parse(&text).map_err(|e| {
+            ProviderError::permanent(format!("invalid Graph URL `{}`: {e}", short(&text)))
+        })?;
+        if url.origin() != self.graph.origin() {
+            return Err(ProviderError::permanent(format!(
+                "refusing to send the Graph token to {}: the configured Graph host is {}",
+                url.origin().ascii_serialization(),
+                self.graph.origin().ascii_serialization()
+            )));
         }
+        Ok(GraphUrl(url))
     }
 
     /// Waits for the tenant's Conditional Access request slot.
@@ -406,8 +466,22 @@ impl GraphClient {
         headers: &[(&str, &str)],
         access: Access,
     ) -> Result<Value, ProviderError> {
-        let url = self.url(path_or_url);
-        let what = format!("{method} {}", short(&url));
+        let url = self.target(path_or_url)?;
+        self.send(method, &url, body, headers, access).await
+    }
+
+    /// [`call`](Self::call) to a checked URL: the only place the token is attached.
+    async fn send(
+        &self,
+        method: Method,
+        url: &GraphUrl,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+        access: Access,
+    ) -> Result<Value, ProviderError> {
+        let GraphUrl(url) = url;
+        let url = url.as_str();
+        let what = format!("{method} {}", short(url));
         let conditional_access = url.contains("/identity/conditionalAccess")
             || url.ends_with("/$batch")
                 && body.is_some_and(|b| b.to_string().contains("/identity/conditionalAccess"));
@@ -421,7 +495,7 @@ impl GraphClient {
             let token = self.bearer(false).await?;
             let mut request = self
                 .http
-                .request(method.clone(), &url)
+                .request(method.clone(), url)
                 .bearer_auth(token)
                 .header("client-request-id", self.request_id());
             for (name, value) in headers {
@@ -444,10 +518,17 @@ impl GraphClient {
                         .get("x-msft-approval-code")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
+                    let redirect = redirect_note(
+                        status,
+                        response
+                            .headers()
+                            .get("location")
+                            .and_then(|v| v.to_str().ok()),
+                    );
                     response
                         .text()
                         .await
-                        .map(|text| (status, retry_after, approval, text))
+                        .map(|text| (status, retry_after, approval, redirect, text))
                 }
                 Err(e) => Err(e),
             };
@@ -463,7 +544,7 @@ impl GraphClient {
             if matches!(outcome, Ok((429, ..))) {
                 metrics.provider_throttled("graph");
             }
-            let (status, retry_after, approval, text) = match outcome {
+            let (status, retry_after, approval, redirect, text) = match outcome {
                 Ok(reply) => reply,
                 Err(e) => {
                     let error = format!("{what}: {}", retry::describe_transport(&e));
@@ -516,7 +597,7 @@ impl GraphClient {
                 }
                 _ => {}
             }
-            let detail = describe_error(&text);
+            let detail = redirect.unwrap_or_else(|| describe_error(&text));
             if status == 403
                 && let Some(reference) = approval.or_else(|| approval_code_in(&text))
             {
@@ -547,20 +628,56 @@ impl GraphClient {
         }
     }
 
-    /// Follows `@odata.nextLink` and hands each page's items to `page`.
+    /// Follows `@odata.nextLink` and hands each page's items to `page`: at most [`MAX_PAGES`]
+    /// pages, only on the configured Graph origin, never a link already fetched.
     pub async fn for_each_page(
         &self,
         path_or_url: &str,
         headers: &[(&str, &str)],
+        page: impl FnMut(&[Value]),
+    ) -> Result<(), ProviderError> {
+        self.for_each_page_bounded(path_or_url, headers, MAX_PAGES, page)
+            .await
+    }
+
+    async fn for_each_page_bounded(
+        &self,
+        path_or_url: &str,
+        headers: &[(&str, &str)],
+        max_pages: usize,
         mut page: impl FnMut(&[Value]),
     ) -> Result<(), ProviderError> {
-        let mut next = Some(path_or_url.to_string());
-        while let Some(url) = next {
+        let first = self.target(path_or_url)?;
+        let what = format!("GET {}", short(first.0.as_str()));
+        let mut fetched = HashSet::new();
+        let mut next = Some(first);
+        while let Some(url) = next.take() {
             let body = self
-                .call(Method::GET, &url, None, headers, Access::Read)
+                .send(Method::GET, &url, None, headers, Access::Read)
                 .await?;
+            fetched.insert(url.0);
             page(body["value"].as_array().map_or(&[][..], Vec::as_slice));
-            next = body["@odata.nextLink"].as_str().map(str::to_string);
+            let Some(link) = body["@odata.nextLink"].as_str() else {
+                break;
+            };
+            let link = self.target(link).map_err(|e| {
+                ProviderError::permanent(format!(
+                    "{what}: @odata.nextLink not followed: {}",
+                    e.message
+                ))
+            })?;
+            if fetched.contains(&link.0) {
+                return Err(ProviderError::permanent(format!(
+                    "{what}: paging loop: @odata.nextLink {} was already fetched in this listing",
+                    link.0
+                )));
+            }
+            if fetched.len() >= max_pages {
+                return Err(ProviderError::permanent(format!(
+                    "{what}: more than {max_pages} pages; stopped paging"
+                )));
+            }
+            next = Some(link);
         }
         Ok(())
     }
@@ -783,5 +900,264 @@ mod tests {
     #[test]
     fn the_secret_is_never_printed() {
         assert_eq!(format!("{:?}", Secret::new("hunter2".into())), "[redacted]");
+    }
+
+    // ---- where the token goes, and paging: real sockets on loopback ----
+
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    use crate::testing::{GRAPH_TRAFFIC, Script, bind, serve};
+
+    type Answer = Option<(u16, Vec<(&'static str, String)>, String)>;
+
+    const TOKEN_PATH: &str = "/tenant/oauth2/v2.0/token";
+
+    fn token() -> Answer {
+        Some((
+            200,
+            Vec::new(),
+            json!({"access_token": "t", "expires_in": 3600}).to_string(),
+        ))
+    }
+
+    fn page(items: &[u32], next: Option<String>) -> Answer {
+        let mut body = json!({ "value": items });
+        if let Some(next) = next {
+            body["@odata.nextLink"] = json!(next);
+        }
+        Some((200, Vec::new(), body.to_string()))
+    }
+
+    fn not_found() -> Answer {
+        Some((404, Vec::new(), String::new()))
+    }
+
+    /// A client whose Graph and login hosts are `graph` and `login`.
+    fn client(graph: &str, login: &str) -> GraphClient {
+        let settings = GraphSettings {
+            tenant: "tenant".into(),
+            client_id: "client".into(),
+            client_secret_env: "UNUSED".into(),
+            graph_url: graph.into(),
+            login_url: login.into(),
+            ca_requests_per_second: 1.0,
+            request_timeout: Duration::from_secs(10),
+        };
+        GraphClient::new(settings, Secret::new("s".into())).unwrap()
+    }
+
+    /// A host that is not the client's: counts every connection, answers an empty page.
+    async fn another_host() -> (String, Arc<AtomicUsize>) {
+        let (listener, url) = bind().await;
+        let script: Arc<Script> = Arc::new(|_: &str, _: &str, _| page(&[], None));
+        (url, serve(listener, script))
+    }
+
+    /// The Graph (and login) host: the token endpoint, and `answer(own address, path, nth)` for
+    /// every GET.
+    async fn graph_host(
+        answer: impl Fn(&str, &str, u32) -> Answer + Send + Sync + 'static,
+    ) -> String {
+        let (listener, url) = bind().await;
+        let own = url.clone();
+        let script: Arc<Script> =
+            Arc::new(move |method: &str, path: &str, nth| match (method, path) {
+                ("POST", TOKEN_PATH) => token(),
+                ("GET", _) => answer(&own, path, nth),
+                _ => not_found(),
+            });
+        serve(listener, script);
+        url
+    }
+
+    fn host_of(url: &str) -> &str {
+        url.trim_start_matches("http://")
+    }
+
+    #[tokio::test]
+    async fn a_next_link_to_another_host_is_refused_and_that_host_never_hears_from_us() {
+        let _serial = GRAPH_TRAFFIC.lock().await;
+        let (other, other_connections) = another_host().await;
+        let link = format!("{other}/v1.0/list?$skiptoken=2");
+        let graph = graph_host(move |_, path, _| match path {
+            "/v1.0/list" => page(&[1, 2], Some(link.clone())),
+            _ => not_found(),
+        })
+        .await;
+        let client = client(&graph, &graph);
+        let mut items = Vec::new();
+        let listed = client
+            .for_each_page("/list", &[], |p| items.extend_from_slice(p))
+            .await;
+        // Any absolute URL, not only a nextLink, meets the same check.
+        let called = client
+            .call(
+                Method::GET,
+                &format!("{other}/v1.0/list"),
+                None,
+                &[],
+                Access::Read,
+            )
+            .await;
+        assert_eq!(other_connections.load(Ordering::SeqCst), 0);
+        let error = listed.unwrap_err();
+        assert_eq!(error.kind, ErrorKind::Permanent, "{error:?}");
+        assert!(
+            error.message.contains("@odata.nextLink not followed")
+                && error.message.contains(host_of(&other))
+                && error.message.contains(host_of(&graph)),
+            "{}",
+            error.message
+        );
+        assert_eq!(items.len(), 2, "the first page was handed over");
+        let error = called.unwrap_err();
+        assert_eq!(error.kind, ErrorKind::Permanent, "{error:?}");
+        assert!(error.message.contains(host_of(&other)), "{}", error.message);
+    }
+
+    #[tokio::test]
+    async fn a_page_linking_to_itself_is_a_loop_found_at_once() {
+        let _serial = GRAPH_TRAFFIC.lock().await;
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let counted = fetches.clone();
+        // Links to itself a hundred times, then ends: what endless paging would have fetched.
+        let graph = graph_host(move |own, path, nth| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            match path {
+                "/v1.0/list" if nth < 100 => page(&[1], Some(format!("{own}/v1.0/list"))),
+                "/v1.0/list" => page(&[], None),
+                _ => not_found(),
+            }
+        })
+        .await;
+        let error = client(&graph, &graph)
+            .for_each_page("/list", &[], |_| {})
+            .await
+            .unwrap_err();
+        assert!(fetches.load(Ordering::SeqCst) <= 2, "{fetches:?} fetches");
+        assert_eq!(error.kind, ErrorKind::Permanent, "{error:?}");
+        assert!(error.message.contains("paging loop"), "{}", error.message);
+    }
+
+    #[tokio::test]
+    async fn a_loop_through_several_pages_is_found_when_it_comes_round() {
+        let _serial = GRAPH_TRAFFIC.lock().await;
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let counted = fetches.clone();
+        // 1 → 2 → 3 → 1 → …, a hundred times round, then ends.
+        let graph = graph_host(move |own, path, nth| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let next = |n: u32| (nth < 100).then(|| format!("{own}/v1.0/list?$skiptoken={n}"));
+            match path {
+                "/v1.0/list?$skiptoken=1" => page(&[1], next(2)),
+                "/v1.0/list?$skiptoken=2" => page(&[2], next(3)),
+                "/v1.0/list?$skiptoken=3" => page(&[3], next(1)),
+                _ => not_found(),
+            }
+        })
+        .await;
+        let error = client(&graph, &graph)
+            .for_each_page("/list?$skiptoken=1", &[], |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(fetches.load(Ordering::SeqCst), 3);
+        assert!(error.message.contains("paging loop"), "{}", error.message);
+    }
+
+    #[tokio::test]
+    async fn a_listing_longer_than_the_bound_stops_there() {
+        let _serial = GRAPH_TRAFFIC.lock().await;
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let counted = fetches.clone();
+        // Every page links to a new one, up to 1,000.
+        let graph = graph_host(move |own, path, _| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let n: u32 = path
+                .strip_prefix("/v1.0/list?$skiptoken=")
+                .and_then(|n| n.parse().ok())?;
+            page(
+                &[n],
+                (n < 1000).then(|| format!("{own}/v1.0/list?$skiptoken={}", n + 1)),
+            )
+        })
+        .await;
+        let client = client(&graph, &graph);
+        let mut items = Vec::new();
+        let error = client
+            .for_each_page_bounded("/list?$skiptoken=1", &[], 5, |p| items.extend_from_slice(p))
+            .await
+            .unwrap_err();
+        assert_eq!(fetches.load(Ordering::SeqCst), 5);
+        assert_eq!(items.len(), 5);
+        assert_eq!(error.kind, ErrorKind::Permanent, "{error:?}");
+        assert!(
+            error.message.contains("more than 5 pages"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listing_of_several_pages_on_the_graph_host_is_read_whole() {
+        let _serial = GRAPH_TRAFFIC.lock().await;
+        let graph = graph_host(|own, path, _| match path {
+            "/v1.0/list" => page(&[1, 2], Some(format!("{own}/v1.0/list?$skiptoken=2"))),
+            "/v1.0/list?$skiptoken=2" => {
+                page(&[3, 4], Some(format!("{own}/v1.0/list?$skiptoken=3")))
+            }
+            "/v1.0/list?$skiptoken=3" => page(&[5], None),
+            _ => not_found(),
+        })
+        .await;
+        let client = client(&graph, &graph);
+        let mut items = Vec::new();
+        // Exactly as many pages as the bound allows.
+        client
+            .for_each_page_bounded("/list", &[], 3, |p| items.extend_from_slice(p))
+            .await
+            .unwrap();
+        assert_eq!(items, [1, 2, 3, 4, 5].map(|n| json!(n)));
+        items.clear();
+        client
+            .for_each_page("/list", &[], |p| items.extend_from_slice(p))
+            .await
+            .unwrap();
+        assert_eq!(items.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_redirect_to_another_host_is_never_followed() {
+        let _serial = GRAPH_TRAFFIC.lock().await;
+        let (other, other_connections) = another_host().await;
+        let elsewhere = format!("{other}/somewhere");
+        // The login host sends the token request (with the client secret) on; the Graph host
+        // its reads.
+        let (listener, login) = bind().await;
+        let to = elsewhere.clone();
+        let login_script: Arc<Script> = Arc::new(move |_: &str, _: &str, _| {
+            Some((307, vec![("Location", to.clone())], String::new()))
+        });
+        serve(listener, login_script);
+        let to = elsewhere.clone();
+        let graph =
+            graph_host(move |_, _, _| Some((307, vec![("Location", to.clone())], String::new())))
+                .await;
+
+        let signing_in = client(&graph, &login).sign_in().await;
+        let reading = client(&graph, &graph)
+            .call(Method::GET, "/list", None, &[], Access::Read)
+            .await;
+        assert_eq!(other_connections.load(Ordering::SeqCst), 0);
+        for error in [signing_in.unwrap_err(), reading.unwrap_err()] {
+            assert_eq!(error.kind, ErrorKind::Permanent, "{error:?}");
+            assert!(
+                error
+                    .message
+                    .contains(&format!("redirect to {elsewhere} not followed")),
+                "{}",
+                error.message
+            );
+        }
     }
 }
