@@ -23,12 +23,15 @@ pub struct ProviderKind {
     pub check: fn(&str) -> Vec<Diagnostic>,
 }
 
-/// A channel kind: the name its addresses carry (and its plan tables, `[[name]]`), and the
-/// check of those tables.
+/// A channel kind: the name its addresses carry (and its plan tables, `[[name]]`), the check
+/// of those tables, and how its addresses are shown.
 pub struct ChannelKind {
     pub name: &'static str,
     /// The problems of every `[[name]]` table in a plan's text.
     pub check: fn(&str) -> Vec<Diagnostic>,
+    /// An address as it may be shown (the audit trail, `history`, the API), with the
+    /// credentials it carries masked.
+    pub redact: fn(&ChannelAddress) -> ChannelAddress,
 }
 
 /// Every provider kind phasegate can drive.
@@ -36,6 +39,15 @@ pub const PROVIDERS: [ProviderKind; 2] = [simulator::settings::KIND, graph::sett
 
 /// Every channel kind phasegate can notify through.
 pub const CHANNELS: [ChannelKind; 1] = [notifier::WEBHOOK];
+
+/// A notification's address as it may be shown: masked by its channel's adapter; one of a kind
+/// no adapter claims is shown without its settings.
+pub fn redacted_channel(address: &ChannelAddress) -> ChannelAddress {
+    match CHANNELS.iter().find(|c| c.name == address.kind()) {
+        Some(channel) => (channel.redact)(address),
+        None => ChannelAddress::new(address.kind(), serde_json::Map::new()),
+    }
+}
 
 /// Reads and checks a plan: the domain's rules and those of the adapters it names.
 pub fn parse_plan(file: &str, source: &str) -> Result<Plan, PlanErrors> {

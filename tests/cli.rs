@@ -1,8 +1,12 @@
 //! End-to-end tests of the `phasegate` binary: plans, the demo, a rollout driven through
 //! approval and rollback, the audit trail, and store exclusivity. Each test gets its own store.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+
+use common::{Receiver, answer};
 
 use phasegate::adapters::parse_plan;
 use phasegate::provider::simulator::SimProvider;
@@ -531,4 +535,170 @@ fn a_run_killed_at_any_moment_resumes_without_repeating_or_skipping_a_change() {
     assert_eq!(code(&rough.run(&["history", &id, "--verify"])), 0);
     // Every change made exactly once, in plan order, at the same simulated moments.
     assert_eq!(tenant_history(rough.store.path(), &rough_plan), reference);
+}
+
+/// The example plan with these `[[webhook]]` tables, written into the test's store directory.
+fn plan_with_webhooks(pg: &Phasegate, webhooks: &str) -> PathBuf {
+    let text = std::fs::read_to_string("plans/windows-baseline.toml")
+        .unwrap()
+        .replacen("[[phase]]", &format!("{webhooks}\n[[phase]]"), 1);
+    let path = pg.store.path().join("hooks.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_webhook_that_redirects_is_not_followed_and_its_notification_stays_pending() {
+    let pg = Phasegate::new();
+    let elsewhere = Receiver::start(answer(200, ""));
+    let redirecting = Receiver::start(answer(
+        307,
+        &format!("Location: {}/collect\r\n", elsewhere.url),
+    ));
+    let plan = plan_with_webhooks(
+        &pg,
+        &format!(
+            "[[webhook]]\nurl = \"{}/hook\"\nevents = [\"waiting_approval\"]\n",
+            redirecting.url
+        ),
+    );
+    let out = pg.run(&["start", plan.to_str().unwrap(), "--by", "alice"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let status = pg.json(&["status", &id]);
+    assert_eq!(status["status"], "waiting_approval");
+
+    assert_eq!(
+        redirecting.requests().len(),
+        1,
+        "asked once: a redirect is final"
+    );
+    assert!(
+        elsewhere.requests().is_empty(),
+        "the redirect was followed: {:?}",
+        elsewhere.requests()
+    );
+    let history = pg.json(&["history", &id]);
+    assert!(
+        !history
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"]["kind"]["type"] == "delivered"),
+        "a redirect is not a delivery: {history:#}"
+    );
+    let pending = status["pending_effects"].as_array().unwrap();
+    assert!(
+        pending
+            .iter()
+            .any(|p| p.as_str().unwrap().starts_with("notify ")),
+        "the notification stays in the outbox: {status:#}"
+    );
+    let log = stderr(&out);
+    assert!(
+        log.contains("answered 307") && log.contains("not followed"),
+        "the warning says why: {log}"
+    );
+}
+
+#[test]
+fn webhook_credentials_appear_in_no_output_at_the_default_log_level() {
+    const PASSWORD: &str = "p4ss-w0rd-7f3k";
+    const TOKEN: &str = "s3cret-tok-9q2z";
+    let pg = Phasegate::new();
+    let up = Receiver::start(answer(204, ""));
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let up_host = up.url.strip_prefix("http://").unwrap();
+    let plan = plan_with_webhooks(
+        &pg,
+        &format!(
+            "[[webhook]]\nurl = \"http://hooks:{PASSWORD}@{up_host}/hook?token={TOKEN}&team=ops\"\n\n\
+             [[webhook]]\nurl = \"http://hooks:{PASSWORD}@127.0.0.1:{down}/down?token={TOKEN}\"\n"
+        ),
+    );
+    let mut outputs = Vec::new();
+    let mut keep = |what: &str, out: Output| {
+        outputs.push((what.to_string(), stdout(&out), stderr(&out)));
+        out
+    };
+    let out = keep(
+        "start",
+        pg.run(&["start", plan.to_str().unwrap(), "--by", "alice"]),
+    );
+    let id = stdout(&out).trim().to_string();
+    let run = keep("run", pg.run(&["run", &id]));
+    assert_eq!(code(&run), 3, "{}", stderr(&run));
+    for args in [
+        vec!["status"],
+        vec!["status", &id],
+        vec!["history", &id],
+        vec!["plan", "show", plan.to_str().unwrap()],
+    ] {
+        keep(&args.join(" "), pg.run(&args));
+        let mut json = args.clone();
+        json.extend(["--output", "json"]);
+        keep(&json.join(" "), pg.run(&json));
+    }
+    for (what, out, err) in &outputs {
+        for secret in [PASSWORD, TOKEN] {
+            assert!(
+                !out.contains(secret) && !err.contains(secret),
+                "`{what}` shows {secret}:\n{out}\n{err}"
+            );
+        }
+    }
+
+    // The operator still recognises each endpoint, in the trail and in the log.
+    let history = stdout(&pg.run(&["history", &id]));
+    assert!(
+        history.contains(&format!(
+            "http://***@{up_host}/hook?token=***&team=*** answered 204"
+        )),
+        "{history}"
+    );
+    assert!(
+        stderr(&run).contains(&format!("POST http://***@127.0.0.1:{down}/down?token=***")),
+        "{}",
+        stderr(&run)
+    );
+    let json = pg.json(&["history", &id]);
+    let addresses: Vec<&str> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e["effects"].as_array().unwrap())
+        .filter(|p| p["effect"]["type"] == "notify")
+        .map(|p| p["effect"]["url"].as_str().unwrap())
+        .collect();
+    assert!(!addresses.is_empty());
+    assert!(
+        addresses.iter().all(|a| a.contains("://***@")),
+        "{addresses:?}"
+    );
+
+    // What is sent is the real address, credentials and all.
+    let requests = up.requests();
+    assert!(!requests.is_empty());
+    let basic = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("hooks:{PASSWORD}"),
+    );
+    for request in &requests {
+        assert!(
+            request.starts_with(&format!("POST /hook?token={TOKEN}&team=ops HTTP/1.1")),
+            "{request}"
+        );
+        assert!(
+            request
+                .to_lowercase()
+                .contains(&format!("authorization: basic {}", basic.to_lowercase())),
+            "{request}"
+        );
+    }
 }

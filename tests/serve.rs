@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    BIN, Emulator, Phasegate, SECRET, Serve, code, eventually, sse_until, stderr, stdout,
+    BIN, Emulator, Phasegate, Receiver, SECRET, Serve, answer, code, eventually, http, sse_until,
+    stderr, stdout,
 };
 use serde_json::{Value, json};
 
@@ -555,6 +556,113 @@ fn a_tenant_that_refuses_connections_is_named_at_once() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn the_api_the_cli_through_it_and_the_daemon_log_show_webhook_addresses_redacted() {
+    const PASSWORD: &str = "p4ss-w0rd-7f3k";
+    const TOKEN: &str = "s3cret-tok-9q2z";
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // One receiver takes the notifications (the trail records who answered); one is down, so
+    // its notifications stay pending and the daemon tries them again.
+    let up = Receiver::start(answer(200, ""));
+    let up_host = up.url.strip_prefix("http://").unwrap().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let plan = dir.path().join("plan.toml");
+    let text = PLAN.replacen(
+        "[[phase]]",
+        &format!(
+            "[[webhook]]\nurl = \"http://hooks:{PASSWORD}@{up_host}/in?token={TOKEN}\"\n\n\
+             [[webhook]]\nurl = \"https://hooks:{PASSWORD}@127.0.0.1:{port}/in?token={TOKEN}\"\n\n[[phase]]"
+        ),
+        1,
+    );
+    std::fs::write(&plan, text).unwrap();
+    let out = cli(&store, &["start", plan.to_str().unwrap(), "--by", "alice"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    assert_eq!(code(&cli(&store, &["run", &id])), 3);
+
+    let serve = Serve::start(&store);
+    let viewer = token(&store, "vera", "viewer");
+    let mut shown = Vec::new();
+    for path in [
+        "/api/v1/rollouts".to_string(),
+        "/api/v1/rollouts?format=text".to_string(),
+        format!("/api/v1/rollouts/{id}"),
+        format!("/api/v1/rollouts/{id}?format=text"),
+        format!("/api/v1/rollouts/{id}/history"),
+    ] {
+        let (status, body) = serve.call("GET", &path, &viewer, None);
+        assert_eq!(status, 200, "{path}: {body}");
+        shown.push((path, body.to_string()));
+    }
+    let bearer = format!("Bearer {viewer}");
+    let (status, page) = http(
+        "GET",
+        &format!("{}/ui/rollouts/{id}", serve.url),
+        &[("Authorization", bearer.as_str())],
+        b"",
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains(&format!("http://***@{up_host}/in?token=*** answered 200")),
+        "the dashboard's audit trail names the receiver: {page}"
+    );
+    shown.push(("the dashboard".into(), page));
+    let history = serve
+        .call(
+            "GET",
+            &format!("/api/v1/rollouts/{id}/history"),
+            &viewer,
+            None,
+        )
+        .1;
+    let addresses: Vec<String> = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e["effects"].as_array().unwrap().clone())
+        .filter(|p| p["effect"]["type"] == "notify")
+        .map(|p| p["effect"]["url"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!addresses.is_empty());
+    for address in &addresses {
+        assert!(
+            address == &format!("http://***@{up_host}/in?token=***")
+                || address == &format!("https://***@127.0.0.1:{port}/in?token=***"),
+            "{address}"
+        );
+    }
+    for args in [
+        vec!["history", id.as_str()],
+        vec!["history", id.as_str(), "--output", "json"],
+        vec!["status", id.as_str(), "--output", "json"],
+    ] {
+        let out = cli(&store, &args);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        shown.push((args.join(" "), format!("{}{}", stdout(&out), stderr(&out))));
+    }
+    // The daemon tries the pending notifications and says it could not deliver them.
+    assert!(
+        eventually(Duration::from_secs(30), || serve.output().contains(
+            &format!("POST https://***@127.0.0.1:{port}/in?token=***")
+        )),
+        "{}",
+        serve.output()
+    );
+    shown.push(("the daemon's log".into(), serve.output()));
+    for (what, text) in &shown {
+        for secret in [PASSWORD, TOKEN] {
+            assert!(!text.contains(secret), "{what} shows {secret}: {text}");
+        }
+    }
+    assert_eq!(serve.terminate(), Some(0));
 }
 
 // ----- the API's answers to bad requests -----

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::cli::view::rollout_view;
+use crate::cli::view::{audit_trail, rollout_view};
 use crate::domain::event::{DriftResolution, EventKind};
 use crate::domain::machine;
 use crate::domain::plan;
@@ -197,7 +197,7 @@ async fn history(
     Path(id): Path<String>,
 ) -> ApiResult {
     state.store.rollout(&id)?;
-    let events = state.store.events(&id)?;
+    let events = audit_trail(state.store.events(&id)?);
     let verdict = state.store.verify(&id)?;
     Ok(Json(json!({
         "id": id,

@@ -141,7 +141,7 @@ async fn rollout(State(state): State<ApiState>, Path(id): Path<String>, parts: P
     let render = || -> Result<String, ApiError> {
         let loaded = engine::load(&state.store, &id)?;
         let view = rollout_view(&loaded.plan, &loaded.stored.rollout);
-        let history = state.store.events(&id)?;
+        let history = crate::cli::view::audit_trail(state.store.events(&id)?);
         let verified = state.store.verify(&id)?;
         let csrf = csrf(&token);
         Ok(web::rollout_page(

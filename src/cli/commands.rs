@@ -827,6 +827,8 @@ pub async fn history(ctx: &Context, id: &str, verify: bool) -> CommandResult {
                 code: exit::FAILURE,
                 message: format!("unreadable history from the daemon: {e}"),
             })?;
+        // The daemon shows them redacted; so does this side, whatever daemon answered.
+        let events = view::audit_trail(events);
         match ctx.output {
             Output::Json => print_json(&events),
             Output::Text => say_raw!("{}", text::history(&events)),
@@ -866,7 +868,7 @@ pub async fn history(ctx: &Context, id: &str, verify: bool) -> CommandResult {
         });
     }
     store.rollout(id)?;
-    let events = store.events(id)?;
+    let events = view::audit_trail(store.events(id)?);
     match ctx.output {
         Output::Json => print_json(&events),
         Output::Text => say_raw!("{}", text::history(&events)),

@@ -4,6 +4,8 @@
 
 use serde::Serialize;
 
+use crate::adapters;
+use crate::domain::event::{Effect, EventKind};
 use crate::domain::gate::{GateVerdict, Tally};
 use crate::domain::plan::{Plan, Platform, format_percent};
 use crate::domain::rollout::{PhaseState, Rollout};
@@ -281,6 +283,55 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
     }
 }
 
+/// The audit trail as it is shown — `history` (text and JSON), the API, the dashboard: every
+/// notification's address masked by its channel's adapter (a webhook's URL through
+/// `notifier::redact_url`), and each credential it carried masked wherever the trail's text
+/// repeats it (delivery reasons recorded before they were redacted). The records keep their
+/// stored hashes: `history --verify` checks the store, not this copy.
+pub fn audit_trail(mut events: Vec<EventRecord>) -> Vec<EventRecord> {
+    // (as stored, as shown) for every setting the redaction changed.
+    let mut masks: Vec<(String, String)> = Vec::new();
+    for record in &mut events {
+        for pending in &mut record.effects {
+            let Effect::Notify { to, .. } = &mut pending.effect else {
+                continue;
+            };
+            let shown = adapters::redacted_channel(to);
+            let kept = shown.settings();
+            for (key, value) in to.settings() {
+                let Some(stored) = value.as_str().filter(|v| !v.is_empty()) else {
+                    continue;
+                };
+                let masked = kept.get(&key).and_then(serde_json::Value::as_str);
+                if masked != Some(stored) && !masks.iter().any(|(s, _)| s == stored) {
+                    masks.push((stored.to_string(), masked.unwrap_or("***").to_string()));
+                }
+            }
+            *to = shown;
+        }
+    }
+    // The longest first, so that a URL extending another is masked whole.
+    masks.sort_by_key(|(stored, _)| std::cmp::Reverse(stored.len()));
+    let mask = |text: &mut String| {
+        for (stored, shown) in &masks {
+            if text.contains(stored.as_str()) {
+                *text = text.replace(stored.as_str(), shown);
+            }
+        }
+    };
+    for record in &mut events {
+        mask(&mut record.event.trigger.reason);
+        mask(&mut record.reason);
+        for note in &mut record.notes {
+            mask(note);
+        }
+        if let EventKind::ProviderFailed { error, .. } = &mut record.event.kind {
+            mask(error);
+        }
+    }
+    events
+}
+
 /// One line of a tally for people: `targeted 5,012  reported 4,870  noncompliant 212 (4.35%)  blocked 0`.
 pub fn tally_line(tally: &Tally) -> String {
     format!(
@@ -354,6 +405,10 @@ pub fn event_line(record: &EventRecord) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::event::{
+        ChannelAddress, EffectId, Event, PendingEffect, Trigger, TriggerSource,
+    };
+    use crate::domain::rollout::RolloutStatus;
 
     #[test]
     fn numbers_are_grouped_by_thousands() {
@@ -368,5 +423,81 @@ mod tests {
         let start = Timestamp::from_millis(0);
         let at = Timestamp::from_millis(((3 * 24 + 4) * 3600 + 30 * 60) * 1000);
         assert_eq!(elapsed(start, at), "+3d 04:30");
+    }
+
+    fn record(seq: u64, kind: EventKind, reason: &str, effects: Vec<PendingEffect>) -> EventRecord {
+        EventRecord {
+            seq,
+            at: Timestamp::from_millis(0),
+            recorded_at: Timestamp::from_millis(0),
+            event: Event {
+                kind,
+                trigger: Trigger::new(TriggerSource::Internal, "outbox", reason),
+            },
+            previous_status: RolloutStatus::Running,
+            status: RolloutStatus::Held,
+            reason: "held".into(),
+            notes: vec![format!("note {seq}")],
+            effects,
+            prev_hash: String::new(),
+            hash: format!("hash-{seq}"),
+        }
+    }
+
+    /// A trail recorded before redaction: the address with the effect, and in the delivery's
+    /// reason.
+    #[test]
+    fn the_trail_is_shown_with_webhook_credentials_masked() {
+        let stored = "https://hooks:hunter2@h.example/in?token=tok-1";
+        let mut settings = serde_json::Map::new();
+        settings.insert("url".into(), stored.into());
+        let effect = EffectId { seq: 1, index: 0 };
+        let trail = vec![
+            record(
+                1,
+                EventKind::Tick,
+                "",
+                vec![PendingEffect {
+                    id: effect,
+                    effect: Effect::Notify {
+                        to: ChannelAddress::new(ChannelAddress::WEBHOOK, settings),
+                        status: RolloutStatus::Held,
+                        previous: RolloutStatus::Running,
+                        reason: "gate failed".into(),
+                        at: Timestamp::from_millis(0),
+                    },
+                }],
+            ),
+            record(
+                2,
+                EventKind::Delivered {
+                    effect,
+                    status: 200,
+                },
+                &format!("{stored} answered 200"),
+                Vec::new(),
+            ),
+        ];
+        let shown = audit_trail(trail.clone());
+        let text = serde_json::to_string(&shown).unwrap();
+        assert!(
+            !text.contains("hunter2") && !text.contains("tok-1"),
+            "{text}"
+        );
+        let Effect::Notify { to, reason, .. } = &shown[0].effects[0].effect else {
+            unreachable!()
+        };
+        assert_eq!(to.settings()["url"], "https://***@h.example/in?token=***");
+        assert_eq!(reason, "gate failed");
+        assert_eq!(
+            shown[1].event.trigger.reason,
+            "https://***@h.example/in?token=*** answered 200"
+        );
+        // Everything else as recorded, hashes included.
+        for (shown, stored) in shown.iter().zip(&trail) {
+            assert_eq!(shown.hash, stored.hash);
+            assert_eq!(shown.notes, stored.notes);
+            assert_eq!(shown.reason, stored.reason);
+        }
     }
 }

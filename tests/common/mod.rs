@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests that talk to `phasegate emulator`: the emulator on
-//! a free port, plain HTTP, and a store driving a Graph plan. Each test binary uses a part.
+//! a free port, plain HTTP, a store driving a Graph plan, and a webhook receiver. Each test
+//! binary uses a part.
 #![allow(dead_code)]
 
 pub mod browser;
@@ -442,4 +443,63 @@ pub fn eventually(limit: std::time::Duration, mut check: impl FnMut() -> bool) -
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     check()
+}
+
+/// A webhook receiver on loopback answering every request with `answer`; keeps each request
+/// (head and body) it received.
+pub struct Receiver {
+    pub url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Receiver {
+    pub fn start(answer: String) -> Receiver {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = got.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&request).to_string();
+                let head_end = text.find("\r\n\r\n").map_or(text.len(), |i| i + 4);
+                let length: usize = text
+                    .to_lowercase()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:").map(str::to_string))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while request.len() < head_end + length {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                kept.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&request).to_string());
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        Receiver { url, got }
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+/// A bodiless HTTP answer with these extra header lines (each ending in `\r\n`).
+pub fn answer(status: u16, headers: &str) -> String {
+    format!("HTTP/1.1 {status} Answer\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n")
 }
