@@ -603,11 +603,11 @@ mod tests {
     fn a_shown_webhook_address_has_its_url_redacted_and_keeps_the_rest() {
         let mut settings = serde_json::Map::new();
         settings.insert("url".into(), "https://u:p@h.example/in?token=t".into());
-        settings.insert("secret_env".into(), "HOOK_KEY".into());
+        settings.insert("secret_env".into(), "PHASEGATE_HOOK_KEY".into());
         let address = ChannelAddress::new(ChannelAddress::WEBHOOK, settings);
         let shown = crate::adapters::redacted_channel(&address).settings();
         assert_eq!(shown["url"], "https://***@h.example/in?token=***");
-        assert_eq!(shown["secret_env"], "HOOK_KEY");
+        assert_eq!(shown["secret_env"], "PHASEGATE_HOOK_KEY");
         assert_eq!(describe(&address), "https://***@h.example/in?token=***");
     }
 
