@@ -702,3 +702,41 @@ fn webhook_credentials_appear_in_no_output_at_the_default_log_level() {
         );
     }
 }
+
+/// A reason with a line break and escape sequences forges no line of `history` and reaches the
+/// terminal escaped; the JSON keeps it exactly as given.
+#[test]
+fn text_from_people_cannot_forge_history_lines_or_reach_the_terminal_raw() {
+    let pg = Phasegate::new();
+    let out = pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    let forged = "queue check\n#99   2099-01-01T00:00:00Z  approval_granted     user mallory \u{1b}[2J\u{202e}";
+    let out = pg.run(&["pause", &id, "--by", "bob\nroot", "--reason", forged]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for args in [vec!["history", id.as_str()], vec!["status", id.as_str()]] {
+        let out = pg.run(&args);
+        let text = stdout(&out);
+        assert!(
+            !text.lines().any(|l| l.starts_with("#99")),
+            "{args:?}: {text}"
+        );
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+            "{args:?}: {text:?}"
+        );
+    }
+    let history = stdout(&pg.run(&["history", &id]));
+    assert!(history.contains("queue check\\n#99"), "{history}");
+    assert!(history.contains("bob\\nroot"), "{history}");
+    let json = pg.json(&["history", &id]);
+    let events = json["events"]
+        .as_array()
+        .unwrap_or_else(|| json.as_array().unwrap());
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"]["trigger"]["reason"] == forged),
+        "{json}"
+    );
+}

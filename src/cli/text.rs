@@ -5,7 +5,7 @@ use std::fmt::Write;
 use petgraph::dot::{Config, Dot};
 use serde::Serialize;
 
-use super::view::{self, elapsed};
+use super::view::{self, Text, elapsed};
 use crate::domain::plan::{Gate, Plan, RollbackWhen};
 use crate::domain::rollout::Rollout;
 use crate::domain::time::format_span;
@@ -64,7 +64,7 @@ pub fn plan_table(plan: &Plan) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "plan {} ({} phases)", plan.name, plan.phases.len());
     if !plan.description.is_empty() {
-        let _ = writeln!(out, "  {}", plan.description);
+        let _ = writeln!(out, "  {}", Text(&plan.description));
     }
     let policies: Vec<String> = plan
         .policy
@@ -98,7 +98,7 @@ pub fn plan_table(plan: &Plan) -> String {
             .collect();
         let _ = writeln!(out, "{}. {} [{}]", n + 1, phase.id, phase.mode);
         if !phase.description.is_empty() {
-            let _ = writeln!(out, "     {}", phase.description);
+            let _ = writeln!(out, "     {}", Text(&phase.description));
         }
         let exclude = if phase.exclude.is_empty() {
             String::new()
@@ -230,9 +230,13 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
     let _ = writeln!(
         out,
         "{}  {}  (plan {}, started by {} at {})",
-        rollout.id, rollout.status, rollout.plan_name, rollout.created_by, rollout.created_at
+        rollout.id,
+        rollout.status,
+        rollout.plan_name,
+        Text(&rollout.created_by),
+        rollout.created_at
     );
-    let _ = writeln!(out, "  {}", rollout.reason);
+    let _ = writeln!(out, "  {}", Text(&rollout.reason));
     if !rollout.pending.is_empty() {
         let effects: Vec<String> = rollout
             .pending
@@ -245,14 +249,18 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
         let _ = writeln!(
             out,
             "  drift: {} {}: expected {}, found {}",
-            change.object, change.field, change.expected, change.found
+            Text(&change.object),
+            Text(&change.field),
+            Text(&change.expected),
+            Text(&change.found)
         );
     }
     if let Some((request, since)) = &rollout.tenant_approval {
         let _ = writeln!(
             out,
             "  held by the tenant since {since}: {} (Multi Admin Approval request {})",
-            request.summary, request.reference
+            Text(&request.summary),
+            Text(&request.reference)
         );
     }
     let _ = writeln!(out);
@@ -337,7 +345,7 @@ pub fn rollout_list(loaded: &[Loaded]) -> String {
             rollout.status.as_str(),
             if phase.is_empty() { "-" } else { &phase },
             rollout.updated_at.rfc3339(),
-            rollout.reason
+            Text(&rollout.reason)
         );
     }
     out
@@ -357,11 +365,11 @@ pub fn history(events: &[EventRecord]) -> String {
         {
             let ticket = ticket
                 .as_ref()
-                .map(|t| format!(" ticket {t}"))
+                .map(|t| format!(" ticket {}", Text(t)))
                 .unwrap_or_default();
             let comment = comment
                 .as_ref()
-                .map(|c| format!(": {c}"))
+                .map(|c| format!(": {}", Text(c)))
                 .unwrap_or_default();
             let _ = writeln!(out, "        approves `{phase}`{ticket}{comment}");
         }
@@ -371,7 +379,7 @@ pub fn history(events: &[EventRecord]) -> String {
             }
         }
         for note in &record.notes {
-            let _ = writeln!(out, "        · {note}");
+            let _ = writeln!(out, "        · {}", Text(note));
         }
         if !record.effects.is_empty() {
             let effects: Vec<String> = record

@@ -374,16 +374,43 @@ pub fn span(start: Timestamp, end: Timestamp) -> String {
 }
 
 /// A one-line summary of an audit-trail entry.
+/// Text from outside (names, reasons, comments, tickets, what a tenant answered) as it may be
+/// written to a terminal or a log line: control characters, line breaks and bidirectional
+/// overrides are written as escapes (`\n`, `\u{1b}`), so such text can neither forge a line of
+/// `history` nor send escape sequences to the terminal.
+pub struct Text<'a>(pub &'a str);
+
+impl std::fmt::Display for Text<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            match c {
+                '\n' => f.write_str("\\n")?,
+                '\r' => f.write_str("\\r")?,
+                '\t' => f.write_str("\\t")?,
+                c if c.is_control() || is_bidi_control(c) => write!(f, "\\u{{{:x}}}", c as u32)?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Characters that reorder how a line is displayed (Trojan Source, CVE-2021-42574).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{61c}')
+}
+
 pub fn event_line(record: &EventRecord) -> String {
     let trigger = &record.event.trigger;
     let who = if trigger.reason.is_empty() {
-        format!("{} {}", trigger.source.as_str(), trigger.actor)
+        format!("{} {}", trigger.source.as_str(), Text(&trigger.actor))
     } else {
         format!(
             "{} {}: {}",
             trigger.source.as_str(),
-            trigger.actor,
-            trigger.reason
+            Text(&trigger.actor),
+            Text(&trigger.reason)
         )
     };
     let status = if record.previous_status == record.status {
@@ -409,6 +436,22 @@ mod tests {
         ChannelAddress, EffectId, Event, PendingEffect, Trigger, TriggerSource,
     };
     use crate::domain::rollout::RolloutStatus;
+
+    #[test]
+    fn text_from_outside_cannot_break_a_line_or_reach_the_terminal_raw() {
+        assert_eq!(Text("alice").to_string(), "alice");
+        assert_eq!(Text("Zoë — 5%").to_string(), "Zoë — 5%");
+        assert_eq!(
+            Text("ok\n#9    2026-01-01T00:00:00Z  approval_granted").to_string(),
+            "ok\\n#9    2026-01-01T00:00:00Z  approval_granted"
+        );
+        assert_eq!(
+            Text("\u{1b}[2J\u{1b}]0;x\u{7}").to_string(),
+            "\\u{1b}[2J\\u{1b}]0;x\\u{7}"
+        );
+        assert_eq!(Text("a\u{202e}b").to_string(), "a\\u{202e}b");
+        assert_eq!(Text("tab\there\r").to_string(), "tab\\there\\r");
+    }
 
     #[test]
     fn numbers_are_grouped_by_thousands() {
