@@ -390,6 +390,7 @@ impl Engine<'_> {
             work,
             plan: loaded.plan.clone(),
             rollout: id,
+            store_id: self.store.id().to_string(),
             plan_name: loaded.stored.rollout.plan_name.clone(),
             record,
             actor: self.actor.clone(),
@@ -539,6 +540,8 @@ pub struct Task {
     pub work: Work,
     plan: Plan,
     rollout: String,
+    /// The store's identity, which makes notification keys unique across stores.
+    store_id: String,
     plan_name: String,
     record: Option<serde_json::Value>,
     actor: String,
@@ -679,7 +682,8 @@ impl Task {
         else {
             unreachable!("only notifications are delivered");
         };
-        let key = format!("{}:{}", self.rollout, pending.id);
+        // Unique across stores: two stores' rollouts may share an id, never a key.
+        let key = format!("{}/{}:{}", self.store_id, self.rollout, pending.id);
         let body = serde_json::json!({
             "idempotencyKey": key,
             "rollout": self.rollout,

@@ -2,7 +2,7 @@
 //! for the outbox.
 //!
 //! A delivery is a JSON POST with an `Idempotency-Key` header carrying the effect's durable key
-//! (`<rollout>:<seq>.<index>`), the same on every attempt, so a receiver can drop duplicates:
+//! (`<store id>/<rollout>:<seq>.<index>`), the same on every attempt, so a receiver can drop duplicates:
 //! phasegate delivers at least once (again after a crash between sending and recording), never
 //! with a new key. With `secret_env` set, `X-Phasegate-Signature: sha256=<hex HMAC-SHA256 of the
 //! body>` lets the receiver check where it came from.

@@ -740,3 +740,47 @@ fn text_from_people_cannot_forge_history_lines_or_reach_the_terminal_raw() {
         "{json}"
     );
 }
+
+/// Two stores each run a rollout with the same id to one receiver: their notifications never
+/// share an idempotency key, so the receiver drops none of them as a duplicate.
+#[test]
+fn idempotency_keys_are_unique_across_stores() {
+    let receiver = Receiver::start(answer(204, ""));
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let pg = Phasegate::new();
+        let plan = plan_with_webhooks(
+            &pg,
+            &format!(
+                "[[webhook]]\nurl = \"{}/hook\"\nevents = [\"waiting_approval\"]\n",
+                receiver.url
+            ),
+        );
+        let out = pg.run(&[
+            "start",
+            plan.to_str().unwrap(),
+            "--by",
+            "alice",
+            "--id",
+            "same-1",
+        ]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let out = pg.run(&["run", "same-1"]);
+        assert_eq!(code(&out), 3, "{}", stderr(&out));
+    }
+    for request in receiver.requests() {
+        let key = request
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Idempotency-Key: ")
+                    .or(l.strip_prefix("idempotency-key: "))
+            })
+            .unwrap_or_else(|| panic!("no key in {request}"))
+            .trim()
+            .to_string();
+        assert!(key.contains("/same-1:"), "{key}");
+        keys.push(key);
+    }
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_ne!(keys[0], keys[1], "two stores, one key");
+}

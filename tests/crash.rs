@@ -336,7 +336,12 @@ fn run_trial(schedule: &Schedule, reference: &Outcome, tally: &Tally) -> Result<
     let deliveries = trial.emulator.get("/_emulator/deliveries");
     let mut bodies: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for d in deliveries["value"].as_array().into_iter().flatten() {
-        let key = d["idempotencyKey"].as_str().unwrap_or("").to_string();
+        // `<store id>/<rollout>:<seq>.<index>`: the trail knows the part after the store's id.
+        let key = d["idempotencyKey"].as_str().unwrap_or("");
+        let key = key
+            .split_once('/')
+            .map_or(key, |(_, rest)| rest)
+            .to_string();
         bodies
             .entry(key)
             .or_default()

@@ -300,6 +300,11 @@ pub const MAX_HOLD_RANGE: DurationRange = DurationRange {
 /// The largest device count a gate or rollback criterion may name.
 pub const MAX_COUNT: i64 = 100_000_000;
 pub const MAX_APPROVALS: i64 = 10;
+/// Phases in one plan: staged rollouts have a handful; the bound keeps every walk of the phase
+/// graph small whatever a plan file holds.
+pub const MAX_PHASES: usize = 100;
+/// Groups a phase includes or excludes.
+pub const MAX_GROUPS: usize = 100;
 
 pub const DEFAULT_OBSERVE_EVERY: Duration = Duration::from_secs(6 * 3600);
 pub const DEFAULT_MIN_SOAK: Duration = Duration::from_secs(24 * 3600);
@@ -886,6 +891,16 @@ impl Checker<'_> {
     }
 
     fn phases(&mut self, raw: Vec<Spanned<RawPhase>>) -> Option<(Vec<Phase>, Vec<usize>)> {
+        if let Some(extra) = raw.get(MAX_PHASES) {
+            self.error(
+                extra.span(),
+                format!(
+                    "a plan has at most {MAX_PHASES} phases; this one has {}",
+                    raw.len()
+                ),
+            );
+            return None;
+        }
         let mut index_of: HashMap<String, usize> = HashMap::new();
         let mut unique = true;
         for (idx, phase) in raw.iter().enumerate() {
@@ -975,6 +990,16 @@ impl Checker<'_> {
 
     fn phase(&mut self, raw: &RawPhase, after: Vec<usize>) -> Option<Phase> {
         let include = self.groups(&raw.include);
+        if let Some(extra) = raw.exclude.get(MAX_GROUPS) {
+            self.error(
+                extra.span(),
+                format!(
+                    "a phase excludes at most {MAX_GROUPS} groups; this one lists {}",
+                    raw.exclude.len()
+                ),
+            );
+            return None;
+        }
         let exclude: Vec<String> = raw.exclude.iter().map(|g| g.get_ref().clone()).collect();
         for group in &raw.exclude {
             if raw
@@ -1015,6 +1040,16 @@ impl Checker<'_> {
     }
 
     fn groups(&mut self, include: &Spanned<Vec<Spanned<String>>>) -> Option<Vec<String>> {
+        if include.get_ref().len() > MAX_GROUPS {
+            self.error(
+                include.span(),
+                format!(
+                    "a phase includes at most {MAX_GROUPS} groups; this one lists {}",
+                    include.get_ref().len()
+                ),
+            );
+            return None;
+        }
         if include.get_ref().is_empty() {
             self.error(
                 include.span(),

@@ -451,3 +451,36 @@ fn a_month_unit_is_refused_as_ambiguous_and_a_bare_number_gets_the_form_expected
     assert!(lines[0].contains("a duration is a string"), "{lines:?}");
     assert!(check(&phase("min_soak = \"30m\"")).is_ok());
 }
+
+#[test]
+fn a_plan_has_a_bounded_number_of_phases_and_groups() {
+    let many: String = (0..=MAX_PHASES)
+        .map(|i| format!("[[phase]]\nid = \"p{i}\"\nmode = \"report\"\ninclude = [\"G\"]\n"))
+        .collect();
+    let lines = headlines(&many);
+    assert!(
+        lines[0].contains("at most 100 phases; this one has 101"),
+        "{lines:?}"
+    );
+    let groups: Vec<String> = (0..=MAX_GROUPS).map(|i| format!("\"G{i}\"")).collect();
+    let lines = headlines(&format!(
+        "[[phase]]\nid = \"p\"\nmode = \"report\"\ninclude = [{}]\n",
+        groups.join(", ")
+    ));
+    assert!(
+        lines[0].contains("includes at most 100 groups"),
+        "{lines:?}"
+    );
+    let lines = headlines(&format!(
+        "[[phase]]\nid = \"p\"\nmode = \"report\"\ninclude = [\"A\"]\nexclude = [{}]\n",
+        groups.join(", ")
+    ));
+    assert!(
+        lines[0].contains("excludes at most 100 groups"),
+        "{lines:?}"
+    );
+    let fine: String = (0..MAX_PHASES)
+        .map(|i| format!("[[phase]]\nid = \"p{i}\"\nmode = \"report\"\ninclude = [\"G\"]\n"))
+        .collect();
+    assert!(check(&fine).is_ok());
+}
