@@ -59,6 +59,8 @@ pub(super) struct Harness {
     pub plan: Plan,
     pub rollout: Rollout,
     pub now: Timestamp,
+    /// The last event the machine rejected, with why.
+    pub rejected: Option<(Event, Rejection)>,
 }
 
 pub(super) fn healthy() -> Tally {
@@ -85,12 +87,23 @@ impl Harness {
         let plan = plan::parse("test.toml", text).unwrap();
         let now = Timestamp::from_millis(1_800_000_000_000);
         let rollout = Rollout::new("test-1", &plan, "alice", now);
-        Harness { plan, rollout, now }
+        Harness {
+            plan,
+            rollout,
+            now,
+            rejected: None,
+        }
     }
 
     pub fn send(&mut self, kind: EventKind, trigger: Trigger) -> Result<Transition, Rejection> {
         let event = Event { kind, trigger };
-        let transition = step(&self.plan, &self.rollout, &event, self.now)?;
+        let transition = match step(&self.plan, &self.rollout, &event, self.now) {
+            Ok(transition) => transition,
+            Err(rejection) => {
+                self.rejected = Some((event, rejection.clone()));
+                return Err(rejection);
+            }
+        };
         self.rollout = transition.rollout.clone();
         self.rollout.last_seq += 1;
         self.rollout.check_invariants(&self.plan).unwrap();
