@@ -27,7 +27,13 @@ use axum::response::Response;
 
 pub use tenant::{CaState, Scenario, Settings, Setup, Tenant};
 
-type Shared = Arc<Mutex<Tenant>>;
+/// The tenant, and the address Graph answers name (its `@odata.nextLink`s): the emulator's own,
+/// never what a request's `Host` header claims — as Graph's links always name Graph.
+#[derive(Clone)]
+struct Shared {
+    tenant: Arc<Mutex<Tenant>>,
+    local: SocketAddr,
+}
 
 /// Serves the default tenant on `listener` until `shutdown` completes.
 pub async fn serve(
@@ -45,14 +51,39 @@ pub async fn serve_with(
     setup: Setup,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let tenant: Shared = Arc::new(Mutex::new(Tenant::with_setup(settings, setup)));
-    let app = Router::new().fallback(handle).with_state(tenant);
+    let shared = Shared {
+        tenant: Arc::new(Mutex::new(Tenant::with_setup(settings, setup))),
+        local: listener.local_addr()?,
+    };
+    let app = Router::new().fallback(handle).with_state(shared);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-async fn handle(State(tenant): State<Shared>, request: Request) -> Response {
+/// The base of the links the emulator writes: its listening address; when it listens on every
+/// interface, the `Host` a client used if that names this port and is a plain host name or
+/// address, otherwise loopback.
+fn base_url(local: SocketAddr, host: Option<&str>) -> String {
+    if !local.ip().is_unspecified() {
+        return format!("http://{local}");
+    }
+    let plausible = host.filter(|h| {
+        h.rsplit_once(':').is_some_and(|(name, port)| {
+            port == local.port().to_string()
+                && !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+        })
+    });
+    match plausible {
+        Some(host) => format!("http://{host}"),
+        None => format!("http://127.0.0.1:{}", local.port()),
+    }
+}
+
+async fn handle(State(shared): State<Shared>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body: Bytes = axum::body::to_bytes(body, 64 * 1024 * 1024)
         .await
@@ -66,10 +97,7 @@ async fn handle(State(tenant): State<Shared>, request: Request) -> Response {
                 .map(|v| (k.as_str().to_lowercase(), v.to_string()))
         })
         .collect();
-    let host = headers
-        .get("host")
-        .cloned()
-        .unwrap_or_else(|| "localhost".into());
+    let base_url = base_url(shared.local, headers.get("host").map(String::as_str));
     let raw_query = parts.uri.query().unwrap_or("");
     let emulated = tenant::Request {
         method: parts.method.as_str().to_string(),
@@ -77,13 +105,23 @@ async fn handle(State(tenant): State<Shared>, request: Request) -> Response {
         query: tenant::parse_query(raw_query),
         headers,
         body: body.to_vec(),
-        base_url: format!("http://{host}"),
+        base_url,
     };
     let answer = {
-        let mut tenant = tenant
+        // No request may disable the emulator: a panic while answering one is that request's
+        // 500, and the tenant stays usable for the next.
+        let mut tenant = shared
+            .tenant
             .lock()
-            .expect("a handler never panics while holding the tenant");
-        tenant.handle(&emulated)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tenant.handle(&emulated)))
+            .unwrap_or_else(|_| {
+                tenant::Response::json(
+                    500,
+                    serde_json::json!({"error": {"code": "InternalServerError",
+                        "message": "the emulator failed to answer this request"}}),
+                )
+            })
     };
     tracing::debug!(method = %emulated.method, path = %emulated.path, status = answer.status, "emulator");
     if let Some(delay) = answer.delay {
@@ -171,4 +209,93 @@ pub async fn run(listen: SocketAddr, settings: Settings, setup: Setup) -> std::i
         let _ = tokio::signal::ctrl_c().await;
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            devices: 50,
+            seed: 7,
+            faults: 0.0,
+            fault_seed: 7,
+            time_scale: None,
+            tenant_domain: "contoso.onmicrosoft.com".into(),
+            client_id: "app".into(),
+            client_secret: "secret".into(),
+            token_lifetime: std::time::Duration::from_secs(3600),
+            token_uses: None,
+            ca_requests_per_second: 1e9,
+            remediation_half_life: std::time::Duration::from_secs(2 * 86_400),
+        }
+    }
+
+    /// Requests that once disabled the emulator for good: each is answered, and the next
+    /// ordinary request still is.
+    #[tokio::test]
+    async fn no_request_disables_the_emulator() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(serve(listener, settings(), std::future::pending()));
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::new();
+        let token_url = format!("{url}/contoso.onmicrosoft.com/oauth2/v2.0/token");
+        let hostile = http
+            .post(&token_url)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body("grant_type=client_credentials&client_id=%a\u{e9}&client_secret=x%&scope=%zz")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(hostile.status(), 400);
+        let far = http
+            .post(format!("{url}/_emulator/clock"))
+            .body(r#"{"advanceTo": "9999-12-31T23:59:59Z"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(far.status(), 200);
+        let beyond = http
+            .post(format!("{url}/_emulator/clock"))
+            .body(r#"{"advanceBySeconds": 18446744073709551615}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(beyond.status(), 400);
+        let token = http
+            .post(&token_url)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", "app"),
+                ("client_secret", "secret"),
+                ("scope", "https://graph.microsoft.com/.default"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(token.status(), 200, "{:?}", token.text().await);
+    }
+
+    /// Links name the emulator, never what a request's `Host` claims.
+    #[test]
+    fn links_name_the_emulator_not_the_host_header() {
+        let loopback: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(
+            base_url(loopback, Some("evil.example:8080")),
+            "http://127.0.0.1:8080"
+        );
+        let any: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert_eq!(base_url(any, Some("emu.lab:8080")), "http://emu.lab:8080");
+        assert_eq!(
+            base_url(any, Some("evil.example:9")),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(
+            base_url(any, Some("a/b@evil.example:8080")),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(base_url(any, None), "http://127.0.0.1:8080");
+    }
 }

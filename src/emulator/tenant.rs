@@ -159,7 +159,7 @@ pub struct Response {
 }
 
 impl Response {
-    fn json(status: u16, body: Value) -> Response {
+    pub(super) fn json(status: u16, body: Value) -> Response {
         Response {
             status,
             headers: Vec::new(),
@@ -534,6 +534,7 @@ impl Tenant {
         tenant
     }
 
+    /// The emulator's clock never passes the last instant HTTP dates and RFC 3339 can write.
     pub fn now(&self) -> Timestamp {
         match &self.clock {
             Clock::Manual(now) => *now,
@@ -541,7 +542,11 @@ impl Tenant {
                 started,
                 origin,
                 factor,
-            } => origin.plus(started.elapsed().mul_f64(*factor)),
+            } => {
+                let scaled = Duration::try_from_secs_f64(started.elapsed().as_secs_f64() * factor)
+                    .unwrap_or(Duration::MAX);
+                origin.plus(scaled).min(LAST_INSTANT)
+            }
         }
     }
 
@@ -939,6 +944,10 @@ impl Tenant {
                     .map(|s| current.plus(Duration::from_secs(s)))
             });
         match target {
+            Some(at) if at > LAST_INSTANT => Response::json(
+                400,
+                json!({"error": "the clock goes up to 9999-12-31T23:59:59Z"}),
+            ),
             Some(at) if at >= current => {
                 self.clock = Clock::Manual(at);
                 Response::json(200, json!({"now": format_time(at)}))
@@ -2278,20 +2287,29 @@ fn url_form(body: &[u8]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Decodes `%XX` escapes byte by byte; anything else (a lone `%`, `%` before non-hex or
+/// non-ASCII text) is kept as written.
+/// 9999-12-31T23:59:59Z.
+const LAST_INSTANT: Timestamp = Timestamp::from_millis(253_402_300_799_000);
+
 fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16)
-        {
-            out.push(b);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
+        let escaped = (bytes[i] == b'%')
+            .then(|| Some((hex(*bytes.get(i + 1)?)?, hex(*bytes.get(i + 2)?)?)))
+            .flatten();
+        match escaped {
+            Some((high, low)) => {
+                out.push(high << 4 | low);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
         }
     }
     String::from_utf8_lossy(&out).into_owned()

@@ -1582,3 +1582,13 @@ fn the_default_tenant_follows_the_ca_state_flag() {
     assert_eq!("report-only".parse::<CaState>(), Ok(CaState::ReportOnly));
     assert!("sometimes".parse::<CaState>().is_err());
 }
+
+#[test]
+fn percent_decoding_keeps_what_is_not_an_escape() {
+    assert_eq!(percent_decode("a%20b"), "a b");
+    assert_eq!(percent_decode("%a\u{e9}"), "%a\u{e9}");
+    assert_eq!(percent_decode("100%"), "100%");
+    assert_eq!(percent_decode("%4"), "%4");
+    assert_eq!(percent_decode("%zz%41"), "%zzA");
+    assert_eq!(percent_decode("%C3%A9"), "\u{e9}");
+}
