@@ -646,6 +646,8 @@ fn webhook_credentials_appear_in_no_output_at_the_default_log_level() {
         keep(&json.join(" "), pg.run(&json));
     }
     for (what, out, err) in &outputs {
+        // Logs into a pipe carry no colour codes.
+        assert!(!err.contains('\u{1b}'), "`{what}` wrote escape codes: {err:?}");
         for secret in [PASSWORD, TOKEN] {
             assert!(
                 !out.contains(secret) && !err.contains(secret),

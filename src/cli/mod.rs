@@ -390,8 +390,18 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_target(false)
         .init();
+}
+
+/// Colours only for a person at a terminal: never into a file or a pipe, and never when
+/// `NO_COLOR` is set to anything non-empty (no-color.org).
+fn colour_logs(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 async fn dispatch(cli: Cli) -> CommandResult {
@@ -534,4 +544,18 @@ fn by_or_user(by: Option<String>) -> String {
         .or_else(|| std::env::var("USERNAME").ok())
         .filter(|name| !name.trim().is_empty())
         .unwrap_or_else(|| "unknown".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour_logs;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn logs_are_coloured_only_for_a_terminal_without_no_color() {
+        assert!(colour_logs(true, None));
+        assert!(colour_logs(true, Some(OsStr::new(""))));
+        assert!(!colour_logs(true, Some(OsStr::new("1"))));
+        assert!(!colour_logs(false, None));
+    }
 }
