@@ -647,7 +647,10 @@ fn webhook_credentials_appear_in_no_output_at_the_default_log_level() {
     }
     for (what, out, err) in &outputs {
         // Logs into a pipe carry no colour codes.
-        assert!(!err.contains('\u{1b}'), "`{what}` wrote escape codes: {err:?}");
+        assert!(
+            !err.contains('\u{1b}'),
+            "`{what}` wrote escape codes: {err:?}"
+        );
         for secret in [PASSWORD, TOKEN] {
             assert!(
                 !out.contains(secret) && !err.contains(secret),
@@ -785,4 +788,20 @@ fn idempotency_keys_are_unique_across_stores() {
     }
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert_ne!(keys[0], keys[1], "two stores, one key");
+}
+
+#[test]
+fn completions_are_printed_for_each_shell_and_an_unknown_shell_is_refused() {
+    let pg = Phasegate::new();
+    for shell in ["bash", "zsh", "fish", "powershell", "elvish"] {
+        let out = pg.run(&["completions", shell]);
+        assert_eq!(code(&out), 0, "{shell}: {}", stderr(&out));
+        let script = stdout(&out);
+        for word in ["approve", "rollback", "serve", "store"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let out = pg.run(&["completions", "tcsh"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("possible values"), "{}", stderr(&out));
 }

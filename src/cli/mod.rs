@@ -81,6 +81,7 @@ enum Command {
     Plan(PlanCommand),
     /// Create a rollout from a plan; prints its id
     Start {
+        /// The plan file
         file: PathBuf,
         /// Rollout id [default: <plan name>-<n>]
         #[arg(long)]
@@ -99,6 +100,7 @@ enum Command {
     },
     /// Show one rollout or all
     Status {
+        /// Only this rollout [default: all]
         id: Option<String>,
         /// Follow the rollout live, redrawing its table at each transition
         #[arg(long, requires = "id")]
@@ -115,7 +117,9 @@ enum Command {
     Token(TokenCommand),
     /// Approve the promotion of a phase
     Approve {
+        /// The rollout's id
         id: String,
+        /// Who does it, as the audit trail records [default: the OS user]
         #[arg(long)]
         by: Option<String>,
         /// The phase [default: the one waiting for approval]
@@ -124,50 +128,68 @@ enum Command {
         /// Change ticket or request reference
         #[arg(long)]
         ticket: Option<String>,
+        /// A comment for the audit trail
         #[arg(long)]
         comment: Option<String>,
     },
     /// Reject the promotion of a phase
     Reject {
+        /// The rollout's id
         id: String,
+        /// Who does it, as the audit trail records [default: the OS user]
         #[arg(long)]
         by: Option<String>,
+        /// The phase [default: the one waiting for approval]
         #[arg(long)]
         phase: Option<String>,
+        /// Why, for the audit trail
         #[arg(long)]
         reason: String,
     },
     /// Pause a rollout; only a person resumes it
     Pause {
+        /// The rollout's id
         id: String,
+        /// Who does it, as the audit trail records [default: the OS user]
         #[arg(long)]
         by: Option<String>,
+        /// Why, for the audit trail
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// Resume a paused, rolled back, rejected or failed rollout (or extend an expired hold)
     Resume {
+        /// The rollout's id
         id: String,
+        /// Who does it, as the audit trail records [default: the OS user]
         #[arg(long)]
         by: Option<String>,
+        /// Why, for the audit trail
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// Roll back to an earlier phase (by one phase unless --to is given)
     Rollback {
+        /// The rollout's id
         id: String,
+        /// The phase to return to [default: the one before the current phase]
         #[arg(long)]
         to: Option<String>,
+        /// Who does it, as the audit trail records [default: the OS user]
         #[arg(long)]
         by: Option<String>,
+        /// Why, for the audit trail
         #[arg(long)]
         reason: String,
     },
     /// Abort: restore the configuration from before the rollout
     Abort {
+        /// The rollout's id
         id: String,
+        /// Who does it, as the audit trail records [default: the OS user]
         #[arg(long)]
         by: Option<String>,
+        /// Why, for the audit trail
         #[arg(long)]
         reason: String,
     },
@@ -176,6 +198,7 @@ enum Command {
     Drift(DriftCommand),
     /// The audit trail of a rollout
     History {
+        /// The rollout's id
         id: String,
         /// Check the hash chain; exit 1 if it is broken
         #[arg(long)]
@@ -186,8 +209,10 @@ enum Command {
         /// Address to listen on
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
+        /// Simulated devices
         #[arg(long, default_value_t = 5_000)]
         devices: u32,
+        /// Seed of the simulated fleet: the same seed gives the same fleet
         #[arg(long, default_value_t = 7)]
         seed: u64,
         /// Share of Graph requests that fail (429s with and without Retry-After, 503s, slow
@@ -237,10 +262,17 @@ enum Command {
         #[arg(long)]
         maa: bool,
     },
+    /// Print a shell completion script (e.g. `phasegate completions bash > /etc/bash_completion.d/phasegate`)
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
     /// Run a complete four-phase rollout over a simulated fleet in a temporary store
     Demo {
+        /// Simulated devices
         #[arg(long, default_value_t = 10_000)]
         devices: u32,
+        /// Seed of the simulated fleet: the same seed gives the same fleet
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
@@ -260,25 +292,34 @@ enum TokenCommand {
     /// List tokens (names, roles, when created or revoked; never the tokens)
     List,
     /// Revoke every active token of this name
-    Revoke { name: String },
+    Revoke {
+        /// The token's name
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum DriftCommand {
     /// Write phasegate's values back over the other administrator's change, then continue
     Reapply {
+        /// The rollout's id
         id: String,
+        /// Who does it, as the audit trail records [default: the OS user]
         #[arg(long)]
         by: Option<String>,
+        /// Why, for the audit trail
         #[arg(long)]
         reason: String,
     },
     /// Keep the other administrator's values (phasegate stops managing what drifted), then
     /// continue
     Adopt {
+        /// The rollout's id
         id: String,
+        /// Who does it, as the audit trail records [default: the OS user]
         #[arg(long)]
         by: Option<String>,
+        /// Why, for the audit trail
         #[arg(long)]
         reason: String,
     },
@@ -288,12 +329,15 @@ enum DriftCommand {
 enum PlanCommand {
     /// Validate plans; exit 2 if any is invalid
     Check {
+        /// The plan files to check
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// Show a plan's phases, order and gates
     Show {
+        /// The plan file
         file: PathBuf,
+        /// text, or Graphviz dot (`| dot -Tsvg`)
         #[arg(long, value_enum, default_value_t = ShowFormat::Text)]
         format: ShowFormat,
     },
@@ -474,6 +518,13 @@ async fn dispatch(cli: Cli) -> CommandResult {
         }
         Command::History { id, verify } => commands::history(&ctx, &id, verify).await,
         Command::Demo { devices, seed } => demo::run(ctx.output, devices, seed).await,
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "phasegate", &mut script);
+            say_raw!("{}", String::from_utf8_lossy(&script));
+            Ok(exit::OK)
+        }
         Command::Emulator {
             listen,
             devices,
@@ -550,6 +601,38 @@ fn by_or_user(by: Option<String>) -> String {
 mod tests {
     use super::colour_logs;
     use std::ffi::OsStr;
+
+    /// Every command and every argument says what it is for in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help_text() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", command.get_name());
+            if command.get_about().is_none() && path.contains(' ') && path != "phasegate" {
+                missing.push(format!("{path}: no about"));
+            }
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}: no help"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        let root = <super::Cli as clap::CommandFactory>::command();
+        for sub in root.get_subcommands() {
+            walk(sub, "phasegate", &mut missing);
+        }
+        for arg in root.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id != "help" && id != "version" && arg.get_help().is_none() {
+                missing.push(format!("phasegate {id}: no help"));
+            }
+        }
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+    }
 
     #[test]
     fn logs_are_coloured_only_for_a_terminal_without_no_color() {
