@@ -82,8 +82,7 @@ pub struct Engine<'s> {
 pub fn load(store: &Store, id: &str) -> Result<Loaded, EngineError> {
     let stored = store.rollout(id)?;
     let plan_record = store.plan(id, &stored.rollout.plan_hash)?;
-    let plan = crate::adapters::parse_plan(&plan_record.path, &plan_record.source)
-        .map_err(EngineError::Plan)?;
+    let plan = stored_plan(&plan_record).map_err(EngineError::Plan)?;
     stored
         .rollout
         .check_invariants(&plan)
@@ -93,6 +92,35 @@ pub fn load(store: &Store, id: &str) -> Result<Loaded, EngineError> {
         plan,
         plan_record,
     })
+}
+
+/// Plans kept by the store, parsed once per process: a stored plan's text never changes under its
+/// hash, and many rollouts (and every API read of one) share a plan. Bounded; a plan whose text
+/// does not hash to its record's hash is never kept.
+fn stored_plan(record: &PlanRecord) -> Result<Plan, crate::domain::plan::PlanErrors> {
+    const KEPT: usize = 4096;
+    static PARSED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Plan>>> =
+        std::sync::OnceLock::new();
+    let parsed = PARSED.get_or_init(Default::default);
+    let cached = parsed
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&record.hash)
+        .cloned();
+    if let Some(plan) = cached {
+        return Ok(plan);
+    }
+    let plan = crate::adapters::parse_plan(&record.path, &record.source)?;
+    if plan.hash == record.hash {
+        let mut parsed = parsed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if parsed.len() >= KEPT {
+            parsed.clear();
+        }
+        parsed.insert(record.hash.clone(), plan.clone());
+    }
+    Ok(plan)
 }
 
 fn wall_clock() -> Timestamp {

@@ -16,8 +16,10 @@
 mod lock;
 mod records;
 
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -93,7 +95,38 @@ pub struct Store {
     tokens: sled::Tree,
     meta: sled::Tree,
     id: String,
+    /// The `claims` tree inverted, built on the first [`Store::claimant`] question.
+    claim_index: Mutex<Option<ClaimIndex>>,
     _lock: FileLock,
+}
+
+/// Which rollouts claim each backend object. Kept in step with every write to the `claims`
+/// tree (this process holds the store alone), so that starting a rollout looks up its objects
+/// instead of reading every rollout's claims — which made starting n rollouts O(n²).
+#[derive(Default)]
+struct ClaimIndex {
+    by_object: HashMap<String, BTreeSet<String>>,
+    by_rollout: HashMap<String, Vec<String>>,
+}
+
+impl ClaimIndex {
+    fn set(&mut self, id: &str, resources: &[String]) {
+        for old in self.by_rollout.remove(id).unwrap_or_default() {
+            if let Some(ids) = self.by_object.get_mut(&old) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.by_object.remove(&old);
+                }
+            }
+        }
+        for resource in resources {
+            self.by_object
+                .entry(resource.clone())
+                .or_default()
+                .insert(id.to_string());
+        }
+        self.by_rollout.insert(id.to_string(), resources.to_vec());
+    }
 }
 
 /// How long a command waits for another process to release the store.
@@ -134,6 +167,7 @@ impl Store {
             tokens: tree("tokens")?,
             meta: tree("meta")?,
             id: String::new(),
+            claim_index: Mutex::new(None),
             path: dir.to_path_buf(),
             db,
             _lock: lock,
@@ -178,22 +212,62 @@ impl Store {
         resources: &[String],
         except: &str,
     ) -> Result<Option<(String, String)>, StoreError> {
-        for entry in self.claims.iter() {
-            let (key, value) = entry.map_err(|e| self.db_error(e))?;
-            let id = String::from_utf8_lossy(&key).into_owned();
-            if id == except {
-                continue;
+        // The candidates in id order, each with the first of its objects asked about: what a
+        // scan of the `claims` tree in key order finds.
+        let candidates: Vec<(String, String)> = {
+            let mut guard = self
+                .claim_index
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if guard.is_none() {
+                *guard = Some(self.read_claims()?);
             }
-            let claimed: Vec<String> = records::decode(&format!("claims/{id}"), &value)?;
-            let Some(shared) = claimed.iter().find(|r| resources.contains(r)) else {
-                continue;
+            let Some(index) = guard.as_ref() else {
+                return Ok(None);
             };
+            let ids: BTreeSet<&String> = resources
+                .iter()
+                .filter_map(|r| index.by_object.get(r))
+                .flatten()
+                .filter(|id| id.as_str() != except)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| {
+                    let claimed = index.by_rollout.get(id)?;
+                    let shared = claimed.iter().find(|r| resources.contains(r))?;
+                    Some((id.clone(), shared.clone()))
+                })
+                .collect()
+        };
+        for (id, shared) in candidates {
             let status = self.rollout(&id)?.rollout.status;
             if !matches!(status, RolloutStatus::Aborted | RolloutStatus::Completed) {
-                return Ok(Some((id, shared.clone())));
+                return Ok(Some((id, shared)));
             }
         }
         Ok(None)
+    }
+
+    fn read_claims(&self) -> Result<ClaimIndex, StoreError> {
+        let mut index = ClaimIndex::default();
+        for entry in self.claims.iter() {
+            let (key, value) = entry.map_err(|e| self.db_error(e))?;
+            let id = String::from_utf8_lossy(&key).into_owned();
+            let claimed: Vec<String> = records::decode(&format!("claims/{id}"), &value)?;
+            index.set(&id, &claimed);
+        }
+        Ok(index)
+    }
+
+    /// Brings the claim index (if built) in step with a write to the `claims` tree.
+    fn claims_written(&self, id: &str, resources: &[String]) {
+        let mut guard = self
+            .claim_index
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(index) = guard.as_mut() {
+            index.set(id, resources);
+        }
     }
 
     /// Keeps an API token's record (by its hash), durably.
@@ -231,6 +305,7 @@ impl Store {
         self.claims
             .insert(id.as_bytes(), records::encode(&resources))
             .map_err(|e| self.db_error(e))?;
+        self.claims_written(id, resources);
         Ok(())
     }
 
@@ -467,6 +542,9 @@ impl Store {
             Ok(()) => {}
             Err(TransactionError::Abort(err)) => return Err(err),
             Err(TransactionError::Storage(err)) => return Err(self.db_error(err)),
+        }
+        if let Some(claims) = attached.claims {
+            self.claims_written(&id, claims);
         }
         crate::crash::point("commit.unflushed");
         if !crate::crash::mutation("skip-flush") {

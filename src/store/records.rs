@@ -21,6 +21,12 @@ struct EnvelopeIn<T> {
     data: T,
 }
 
+/// Only the version of a value, for telling why a value did not decode.
+#[derive(Deserialize)]
+struct FormatOnly {
+    format: u32,
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(&EnvelopeOut {
         format: FORMAT_VERSION,
@@ -29,20 +35,26 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     .expect("store records always serialize")
 }
 
+/// Decodes a value in one typed pass (no intermediate JSON tree: this is on every load and every
+/// commit). A value of another format is reported as such, whatever its shape.
 pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
     let corrupt = |message: String| StoreError::Corrupt {
         key: key.to_string(),
         message,
     };
-    let envelope: EnvelopeIn<serde_json::Value> =
-        serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-    if envelope.format != FORMAT_VERSION {
-        return Err(corrupt(format!(
-            "format {} is not readable by this phasegate (format {FORMAT_VERSION})",
-            envelope.format
-        )));
+    let unreadable = |format: u32| {
+        corrupt(format!(
+            "format {format} is not readable by this phasegate (format {FORMAT_VERSION})"
+        ))
+    };
+    match serde_json::from_slice::<EnvelopeIn<T>>(bytes) {
+        Ok(envelope) if envelope.format == FORMAT_VERSION => Ok(envelope.data),
+        Ok(envelope) => Err(unreadable(envelope.format)),
+        Err(typed) => match serde_json::from_slice::<FormatOnly>(bytes) {
+            Ok(only) if only.format != FORMAT_VERSION => Err(unreadable(only.format)),
+            _ => Err(corrupt(typed.to_string())),
+        },
     }
-    serde_json::from_value(envelope.data).map_err(|e| corrupt(e.to_string()))
 }
 
 /// A rollout as stored: the aggregate and the hash of its newest event.

@@ -125,6 +125,61 @@ fn creating_twice_is_refused() {
 }
 
 #[test]
+fn the_claimant_of_an_object_follows_every_claim_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let objects = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let claimant = |store: &Store, asked: &[&str]| store.claimant(&objects(asked), "w-2").unwrap();
+    {
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        created(&store);
+        store.set_claims("w-1", &objects(&["a", "b"])).unwrap();
+        assert_eq!(
+            claimant(&store, &["x", "b"]),
+            Some(("w-1".into(), "b".into()))
+        );
+        assert_eq!(store.claimant(&objects(&["a"]), "w-1").unwrap(), None);
+        // Asked once, the answer comes from the index; a later claim replaces the earlier one.
+        store.set_claims("w-1", &objects(&["c"])).unwrap();
+        assert_eq!(claimant(&store, &["a", "b"]), None);
+        assert_eq!(claimant(&store, &["c"]), Some(("w-1".into(), "c".into())));
+    }
+    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+    assert_eq!(claimant(&store, &["c"]), Some(("w-1".into(), "c".into())));
+    // A finished rollout claims nothing any more.
+    let current = store.rollout("w-1").unwrap();
+    let mut next = current.rollout.clone();
+    next.status = RolloutStatus::Aborted;
+    store
+        .commit(
+            &current,
+            &next,
+            record(&next, EventKind::Tick),
+            Attached::default(),
+        )
+        .unwrap();
+    assert_eq!(claimant(&store, &["c"]), None);
+}
+
+#[test]
+fn a_value_of_another_format_is_reported_as_such() {
+    let value = |format: u32| format!(r#"{{"format":{format},"data":{{"unexpected":true}}}}"#);
+    let newer = FORMAT_VERSION + 1;
+    let err =
+        records::decode::<StoredRollout>("rollouts/w-1", value(newer).as_bytes()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("format {newer} is not readable")),
+        "{err}"
+    );
+    let err = records::decode::<StoredRollout>("rollouts/w-1", value(FORMAT_VERSION).as_bytes())
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt { key, message } if key == "rollouts/w-1" && !message.contains("not readable")),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_edited_event_breaks_the_chain() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
