@@ -82,8 +82,13 @@ pub struct Engine<'s> {
 pub fn load(store: &Store, id: &str) -> Result<Loaded, EngineError> {
     let stored = store.rollout(id)?;
     let plan_record = store.plan(id, &stored.rollout.plan_hash)?;
-    let plan = crate::adapters::parse_plan(&plan_record.path, &plan_record.source)
-        .map_err(EngineError::Plan)?;
+    // Accepted when its rollout started: what it warns about does not stop it loading.
+    let plan = crate::adapters::check_plan(
+        &plan_record.path,
+        &plan_record.source,
+        plan::Strictness::Lenient,
+    )
+    .map_err(EngineError::Plan)?;
     stored
         .rollout
         .check_invariants(&plan)
@@ -101,7 +106,8 @@ fn wall_clock() -> Timestamp {
 
 impl Engine<'_> {
     /// Creates and starts a rollout (its effects run on the next `drive`). Returns the first
-    /// event and the preflight's warnings, which are also recorded with it.
+    /// event and the warnings — the plan's (`FILE:LINE:COL: message; why`), then the
+    /// preflight's — which are also recorded with it.
     pub async fn start(
         &self,
         plan: &Plan,
@@ -125,9 +131,13 @@ impl Engine<'_> {
             trigger: Trigger::user(by, "rollout started"),
         };
         let mut transition = machine::step(plan, &rollout, &event, now)?;
+        let mut warnings = plan
+            .warnings_in(&plan_record.path, &plan_record.source)
+            .lines();
+        warnings.extend(preflight.warnings);
         transition
             .notes
-            .extend(preflight.warnings.iter().map(|w| format!("warning: {w}")));
+            .extend(warnings.iter().map(|w| format!("warning: {w}")));
         let record = event_record(&rollout, &transition, event, now);
         let record = self.store.create(
             &transition.rollout,
@@ -135,7 +145,7 @@ impl Engine<'_> {
             &plan_record,
             &preflight.resources,
         )?;
-        Ok((record, preflight.warnings))
+        Ok((record, warnings))
     }
 
     /// Applies one event and commits the result; `None` if it changed nothing.
