@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 
 use crate::domain::event::ChannelAddress;
-use crate::domain::plan::{self, Diagnostic, Plan, PlanErrors, ProviderConfig};
+use crate::domain::plan::{self, Diagnostic, Plan, PlanErrors, ProviderConfig, Strictness};
 use crate::notifier;
 use crate::provider::{graph, simulator};
 
@@ -49,9 +49,16 @@ pub fn redacted_channel(address: &ChannelAddress) -> ChannelAddress {
     }
 }
 
-/// Reads and checks a plan: the domain's rules and those of the adapters it names.
+/// Reads and checks a plan: the domain's rules and those of the adapters it names. The plan's
+/// warnings are in [`Plan::warnings`] (errors, if the plan sets `strict`).
 pub fn parse_plan(file: &str, source: &str) -> Result<Plan, PlanErrors> {
-    let parsed = plan::parse(file, source);
+    check_plan(file, source, Strictness::AsWritten)
+}
+
+/// [`parse_plan`], with the plan's warnings weighed as `strictness` says (`plan check --strict`
+/// makes them errors; a plan read back from the store is [`Strictness::Lenient`]).
+pub fn check_plan(file: &str, source: &str, strictness: Strictness) -> Result<Plan, PlanErrors> {
+    let parsed = plan::check(file, source, strictness);
     let adapters = check(source);
     match parsed {
         Ok(plan) if adapters.is_empty() => Ok(plan),

@@ -110,7 +110,9 @@ fn stored_plan(record: &PlanRecord) -> Result<Plan, crate::domain::plan::PlanErr
     if let Some(plan) = cached {
         return Ok(plan);
     }
-    let plan = crate::adapters::parse_plan(&record.path, &record.source)?;
+    // Accepted when its rollout started: what it warns about does not stop it loading.
+    let plan =
+        crate::adapters::check_plan(&record.path, &record.source, plan::Strictness::Lenient)?;
     if plan.hash == record.hash {
         let mut parsed = parsed
             .lock()
@@ -129,7 +131,8 @@ fn wall_clock() -> Timestamp {
 
 impl Engine<'_> {
     /// Creates and starts a rollout (its effects run on the next `drive`). Returns the first
-    /// event and the preflight's warnings, which are also recorded with it.
+    /// event and the warnings — the plan's (`FILE:LINE:COL: message; why`), then the
+    /// preflight's — which are also recorded with it.
     pub async fn start(
         &self,
         plan: &Plan,
@@ -153,9 +156,13 @@ impl Engine<'_> {
             trigger: Trigger::user(by, "rollout started"),
         };
         let mut transition = machine::step(plan, &rollout, &event, now)?;
+        let mut warnings = plan
+            .warnings_in(&plan_record.path, &plan_record.source)
+            .lines();
+        warnings.extend(preflight.warnings);
         transition
             .notes
-            .extend(preflight.warnings.iter().map(|w| format!("warning: {w}")));
+            .extend(warnings.iter().map(|w| format!("warning: {w}")));
         let record = event_record(&rollout, &transition, event, now);
         let record = self.store.create(
             &transition.rollout,
@@ -163,7 +170,7 @@ impl Engine<'_> {
             &plan_record,
             &preflight.resources,
         )?;
-        Ok((record, preflight.warnings))
+        Ok((record, warnings))
     }
 
     /// Applies one event and commits the result; `None` if it changed nothing.

@@ -805,3 +805,201 @@ fn completions_are_printed_for_each_shell_and_an_unknown_shell_is_refused() {
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     assert!(stderr(&out).contains("possible values"), "{}", stderr(&out));
 }
+
+/// The example plan made dangerous: no soak on the pilot, whose gate asks for no coverage.
+fn dangerous_plan(pg: &Phasegate, extra_rollout: &str) -> PathBuf {
+    let text = std::fs::read_to_string("plans/windows-baseline.toml")
+        .unwrap()
+        .replacen("min_soak = \"2d\"", "min_soak = \"0s\"", 1)
+        .replacen("min_reporting = \"85%\"", "min_reporting = \"0%\"", 1)
+        .replacen(
+            "name = \"windows-baseline\"",
+            &format!("name = \"windows-baseline\"{extra_rollout}"),
+            1,
+        );
+    let path = pg.store.path().join("dangerous.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn plan_check_warns_about_valid_but_dangerous_plans_and_strict_makes_them_errors() {
+    let pg = Phasegate::new();
+    let plan = dangerous_plan(&pg, "");
+    let file = plan.to_str().unwrap();
+    let out = pg.run(&["plan", "check", file]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("{file}: ok (4 phases, 2 warnings)")
+    );
+    let text = stderr(&out);
+    assert!(
+        text.contains(&format!(
+            "{file}:38:12: warning: phase `pilot` has no soak (`min_soak = \"0s\"`) before `report-only` starts\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "{file}:41:17: warning: `min_reporting = \"0%\"` in phase `pilot` asks for no coverage\n"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("41 | min_reporting = \"0%\"\n"), "{text}");
+    assert_eq!(text.matches("   = why: ").count(), 2, "{text}");
+
+    let json = pg.json(&["plan", "check", file]);
+    assert_eq!(json[0]["valid"], true);
+    assert_eq!(json[0]["errors"], serde_json::json!([]));
+    let warnings = json[0]["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 2, "{json}");
+    assert_eq!(
+        (&warnings[0]["line"], &warnings[0]["column"]),
+        (&38.into(), &12.into())
+    );
+    assert_eq!(
+        (&warnings[1]["line"], &warnings[1]["column"]),
+        (&41.into(), &17.into())
+    );
+    assert!(
+        warnings
+            .iter()
+            .all(|w| w["why"].as_str().is_some_and(|w| !w.is_empty()))
+    );
+
+    // --strict: the same findings, as errors, exit 2.
+    let out = pg.run(&["plan", "check", "--strict", file]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains(&format!(
+            "{file}:41:17: `min_reporting = \"0%\"` in phase `pilot`"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("warning:"), "{text}");
+    assert!(
+        text.contains("an error here: the plan is checked strictly"),
+        "{text}"
+    );
+    let json = pg.json(&["plan", "check", "--strict", file]);
+    assert_eq!(json[0]["valid"], false);
+    assert_eq!(json[0]["errors"].as_array().unwrap().len(), 2, "{json}");
+    assert_eq!(json[0]["warnings"], serde_json::json!([]));
+
+    // The plan's own `strict = true` does the same.
+    let strict = dangerous_plan(&pg, "\nstrict = true");
+    let out = pg.run(&["plan", "check", strict.to_str().unwrap()]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("an error here: the plan sets `strict = true`"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn start_shows_the_plans_warnings_and_refuses_them_under_strict() {
+    let pg = Phasegate::new();
+    let plan = dangerous_plan(&pg, "");
+    let file = plan.to_str().unwrap();
+    let out = pg.run(&["start", file, "--by", "alice", "--strict"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(":41:17: `min_reporting = \"0%\"`"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        pg.json(&["status"]),
+        serde_json::json!([]),
+        "nothing started"
+    );
+
+    let out = pg.run(&["start", file, "--by", "alice"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    let text = stderr(&out);
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[1].ends_with(
+            "dangerous.toml:41:17: `min_reporting = \"0%\"` in phase `pilot` asks for no coverage; \
+             the gate judges the whole scope on however few devices report — one is enough, and \
+             silence is never counted as failing"
+        ),
+        "{text}"
+    );
+    // Recorded with the start event, for the audit trail.
+    let history = stdout(&pg.run(&["history", &id]));
+    assert!(history.contains("asks for no coverage"), "{history}");
+
+    let strict = dangerous_plan(&pg, "\nstrict = true");
+    let out = pg.run(&["start", strict.to_str().unwrap(), "--by", "alice"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("the plan sets `strict = true`"));
+}
+
+#[test]
+fn plan_check_reports_structural_errors_of_different_tables_in_one_run() {
+    let pg = Phasegate::new();
+    let text = std::fs::read_to_string("plans/windows-baseline.toml")
+        .unwrap()
+        .replacen("observe_every = \"6h\"", "observe_every = 6", 1)
+        .replacen("min_soak = \"2d\"", "min_soke = \"2d\"", 1)
+        .replacen("max_error_ratio = \"2%\"", "max_eror_ratio = \"2%\"", 1);
+    let path = pg.store.path().join("typos.toml");
+    std::fs::write(&path, text).unwrap();
+    let file = path.to_str().unwrap();
+    let out = pg.run(&["plan", "check", file]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let text = stderr(&out);
+    let headlines: Vec<&str> = text.lines().filter(|l| l.starts_with(file)).collect();
+    assert_eq!(headlines.len(), 3, "{text}");
+    assert!(
+        headlines[0].starts_with(&format!("{file}:15:17: invalid type: integer")),
+        "{text}"
+    );
+    assert!(
+        headlines[0].ends_with("a duration is a string, such as \"3d\", \"36h\" or \"1h 30m\""),
+        "{text}"
+    );
+    assert!(
+        headlines[1].starts_with(&format!("{file}:38:1: unknown field `min_soke`")),
+        "{text}"
+    );
+    assert!(
+        headlines[2].starts_with(&format!("{file}:54:1: unknown field `max_eror_ratio`")),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_ten_megabyte_line_does_not_flood_stderr() {
+    let pg = Phasegate::new();
+    let long = "G".repeat(10 * 1024 * 1024);
+    let text = std::fs::read_to_string("plans/windows-baseline.toml")
+        .unwrap()
+        .replacen(
+            "include = [\"Pilot IT\"]",
+            &format!("include = [\"{long}\", \"Pilot IT\", \"Pilot IT\", \"{long}\"]"),
+            1,
+        );
+    let path = pg.store.path().join("long.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = pg.run(&["plan", "check", path.to_str().unwrap()]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(text.len() < 4096, "{} bytes of stderr", out.stderr.len());
+    assert!(text.contains(":36:"), "{text}");
+    assert!(text.contains("group `Pilot IT` is listed twice"), "{text}");
+    assert!(text.contains("36 | …GGG"), "{text}");
+    assert!(
+        text.contains("G\", \"Pilot IT\", \"Pilot IT\", \"GGG"),
+        "{text}"
+    );
+}

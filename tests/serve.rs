@@ -352,6 +352,60 @@ fn the_openapi_document_lists_exactly_the_routes_served() {
     drop(serve);
 }
 
+/// The API's plan check returns a plan's warnings beside its errors, `strict` makes them errors,
+/// and a started rollout's `warnings` carry them.
+#[test]
+fn the_api_returns_a_plans_warnings_and_strict_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let serve = Serve::start(&store);
+    let operator = token(&store, "olga", "operator");
+    let plan = PLAN.replacen("min_reporting = \"85%\"", "min_reporting = \"0%\"", 1);
+    let body = json!({"plan": plan, "file": "w.toml"});
+    let (status, checked) = serve.call("POST", "/api/v1/plans/check", &operator, Some(&body));
+    assert_eq!(status, 200, "{checked}");
+    assert_eq!(checked["valid"], true, "{checked}");
+    assert_eq!(checked["errors"], json!([]));
+    let warnings = checked["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{checked}");
+    assert_eq!(warnings[0]["line"], 41);
+    assert_eq!(warnings[0]["column"], 17);
+    assert!(
+        warnings[0]["why"]
+            .as_str()
+            .unwrap()
+            .contains("one is enough")
+    );
+
+    let strict = json!({"plan": plan, "file": "w.toml", "strict": true});
+    let (status, checked) = serve.call("POST", "/api/v1/plans/check", &operator, Some(&strict));
+    assert_eq!(status, 200, "{checked}");
+    assert_eq!(checked["valid"], false, "{checked}");
+    assert_eq!(checked["errors"][0]["line"], 41, "{checked}");
+    assert_eq!(checked["warnings"], json!([]));
+    let (status, refused) = serve.call("POST", "/api/v1/rollouts", &operator, Some(&strict));
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("w.toml:41:17: `min_reporting = \"0%\"`"),
+        "{refused}"
+    );
+
+    let (status, started) = serve.call("POST", "/api/v1/rollouts", &operator, Some(&body));
+    assert_eq!(status, 201, "{started}");
+    let warnings = started["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{started}");
+    assert!(
+        warnings[0].as_str().unwrap().starts_with(
+            "w.toml:41:17: `min_reporting = \"0%\"` in phase `pilot` asks for no coverage; "
+        ),
+        "{started}"
+    );
+    drop(serve);
+}
+
 // ----- the shell's defects, each with a test that failed before the runner -----
 
 fn stopped_emulator_plan() -> (Emulator, Phasegate) {

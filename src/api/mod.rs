@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use crate::cli::view::{audit_trail, rollout_view};
 use crate::domain::event::{DriftResolution, EventKind};
 use crate::domain::machine;
-use crate::domain::plan;
+use crate::domain::plan::Strictness;
 use crate::engine::{self, Engine, EngineError};
 use crate::identity::{Identity, Role, Source};
 use crate::runner::Handle;
@@ -519,29 +519,28 @@ struct PlanText {
     file: Option<String>,
     id: Option<String>,
     by: Option<String>,
+    /// Warnings are errors, as with `plan check --strict`.
+    strict: Option<bool>,
 }
 
-fn checked(file: &str, text: &str) -> Value {
-    match crate::adapters::parse_plan(file, text) {
-        Ok(plan) => json!({"file": file, "valid": true, "phases": plan.phases.len(), "errors": []}),
-        Err(errors) => {
-            let list: Vec<Value> = errors
-                .diagnostics
-                .iter()
-                .map(|d| {
-                    let at = plan::position(&errors.source, d.span.start);
-                    json!({"line": at.line, "column": at.column, "message": d.message})
-                })
-                .collect();
-            json!({"file": file, "valid": false, "phases": 0, "errors": list})
-        }
+/// `strict`: the plan's warnings are errors; otherwise, as the plan says.
+fn strictness(strict: Option<bool>) -> Strictness {
+    if strict == Some(true) {
+        Strictness::Strict
+    } else {
+        Strictness::AsWritten
     }
+}
+
+fn checked(file: &str, text: &str, strictness: Strictness) -> Value {
+    let checked = crate::adapters::check_plan(file, text, strictness);
+    json!(crate::cli::view::plan_check(file, text, &checked))
 }
 
 async fn check_plan(_caller: Caller, body: Body) -> ApiResult {
     let body: PlanText = body.required()?;
     let file = body.file.unwrap_or_else(|| "plan.toml".into());
-    Ok(Json(checked(&file, &body.plan)).into_response())
+    Ok(Json(checked(&file, &body.plan, strictness(body.strict))).into_response())
 }
 
 async fn start(State(state): State<ApiState>, Caller(caller): Caller, body: Body) -> ApiResult {
@@ -554,12 +553,14 @@ async fn start(State(state): State<ApiState>, Caller(caller): Caller, body: Body
     let body: PlanText = body.required()?;
     let by = actor(&caller, body.by.as_deref())?;
     let file = body.file.clone().unwrap_or_else(|| "plan.toml".into());
-    let plan = crate::adapters::parse_plan(&file, &body.plan).map_err(|errors| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("the plan is invalid:\n{errors}"),
-        )
-    })?;
+    let plan = crate::adapters::check_plan(&file, &body.plan, strictness(body.strict)).map_err(
+        |errors| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the plan is invalid:\n{errors}"),
+            )
+        },
+    )?;
     let id = match body.id {
         Some(id) => id,
         None => state.store.next_rollout_id(&plan.name)?,

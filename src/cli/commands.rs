@@ -11,7 +11,7 @@ use super::{CommandResult, Failure, Output, exit, text};
 use crate::daemon;
 use crate::domain::event::EventKind;
 use crate::domain::machine;
-use crate::domain::plan::{self, Plan};
+use crate::domain::plan::{Plan, Strictness};
 use crate::domain::rollout::RolloutStatus;
 use crate::engine::{self, Engine, EngineError};
 use crate::provider;
@@ -40,78 +40,61 @@ fn print_json<T: Serialize>(value: &T) {
     );
 }
 
-fn read_plan(file: &Path) -> Result<(String, Plan), Failure> {
+/// `--strict`: the plan's warnings are errors; without it, as the plan says.
+fn strictness(strict: bool) -> Strictness {
+    if strict {
+        Strictness::Strict
+    } else {
+        Strictness::AsWritten
+    }
+}
+
+/// Reads and checks a plan; its warnings are in [`Plan::warnings`] (errors under `strict`).
+fn read_plan(file: &Path, strict: bool) -> Result<(String, Plan), Failure> {
     let source = std::fs::read_to_string(file)
         .map_err(|e| Failure::invalid(format!("{}: cannot read the plan: {e}", file.display())))?;
-    let plan = crate::adapters::parse_plan(&file.display().to_string(), &source)
-        .map_err(|errors| Failure::invalid(errors.to_string()))?;
+    let plan =
+        crate::adapters::check_plan(&file.display().to_string(), &source, strictness(strict))
+            .map_err(|errors| Failure::invalid(errors.to_string()))?;
     Ok((source, plan))
 }
 
-#[derive(Serialize)]
-struct CheckedPlan {
-    file: String,
-    valid: bool,
-    phases: usize,
-    errors: Vec<CheckError>,
-}
-
-#[derive(Serialize)]
-struct CheckError {
-    line: usize,
-    column: usize,
-    message: String,
-}
-
-pub fn plan_check(ctx: &Context, files: &[PathBuf]) -> CommandResult {
+pub fn plan_check(ctx: &Context, files: &[PathBuf], strict: bool) -> CommandResult {
     let mut results = Vec::new();
     for file in files {
         let name = file.display().to_string();
         let checked = match std::fs::read_to_string(file) {
-            Err(e) => CheckedPlan {
+            Err(e) => view::PlanCheckView {
                 file: name.clone(),
                 valid: false,
                 phases: 0,
-                errors: vec![CheckError {
+                errors: vec![view::FindingView {
                     line: 0,
                     column: 0,
                     message: format!("cannot read the plan: {e}"),
+                    why: None,
                 }],
+                warnings: vec![],
             },
-            Ok(source) => match crate::adapters::parse_plan(&name, &source) {
-                Ok(plan) => CheckedPlan {
-                    file: name.clone(),
-                    valid: true,
-                    phases: plan.phases.len(),
-                    errors: vec![],
-                },
-                Err(errors) => {
-                    if ctx.output == Output::Text {
-                        eprint!("{errors}");
-                    }
-                    CheckedPlan {
-                        file: name.clone(),
-                        valid: false,
-                        phases: 0,
-                        errors: errors
-                            .diagnostics
-                            .iter()
-                            .map(|d| {
-                                let at = plan::position(&errors.source, d.span.start);
-                                CheckError {
-                                    line: at.line,
-                                    column: at.column,
-                                    message: d.message.clone(),
-                                }
-                            })
-                            .collect(),
+            Ok(source) => {
+                let checked = crate::adapters::check_plan(&name, &source, strictness(strict));
+                if ctx.output == Output::Text {
+                    match &checked {
+                        Ok(plan) => eprint!("{}", plan.warnings_in(&name, &source)),
+                        Err(errors) => eprint!("{errors}"),
                     }
                 }
-            },
+                view::plan_check(&name, &source, &checked)
+            }
         };
         if ctx.output == Output::Text {
             if checked.valid {
-                say!("{name}: ok ({} phases)", checked.phases);
+                let warnings = match checked.warnings.len() {
+                    0 => String::new(),
+                    1 => ", 1 warning".to_string(),
+                    n => format!(", {n} warnings"),
+                };
+                say!("{name}: ok ({} phases{warnings})", checked.phases);
             } else if checked.errors.first().is_some_and(|e| e.line == 0) {
                 eprintln!("{name}: {}", checked.errors[0].message);
             }
@@ -136,7 +119,7 @@ pub fn plan_check(ctx: &Context, files: &[PathBuf]) -> CommandResult {
 }
 
 pub fn plan_show(ctx: &Context, file: &Path, dot: bool) -> CommandResult {
-    let (_, plan) = read_plan(file)?;
+    let (_, plan) = read_plan(file, false)?;
     if dot {
         say_raw!("{}", text::plan_dot(&plan));
     } else if ctx.output == Output::Json {
@@ -167,12 +150,21 @@ fn valid_id(id: &str) -> Result<(), Failure> {
     }
 }
 
-pub async fn start(ctx: &Context, file: &Path, id: Option<String>, by: &str) -> CommandResult {
-    let (source, plan) = read_plan(file)?;
+pub async fn start(
+    ctx: &Context,
+    file: &Path,
+    id: Option<String>,
+    by: &str,
+    strict: bool,
+) -> CommandResult {
+    let (source, plan) = read_plan(file, strict)?;
     if let Some(remote) = ctx.remote()? {
         let path = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
         let mut body =
             serde_json::json!({"plan": source, "file": path.display().to_string(), "id": id});
+        if strict {
+            body["strict"] = serde_json::json!(true);
+        }
         if remote.local {
             body["by"] = serde_json::json!(by);
         }

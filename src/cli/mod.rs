@@ -89,6 +89,9 @@ enum Command {
         /// Who starts it [default: the OS user]
         #[arg(long)]
         by: Option<String>,
+        /// Refuse a plan with warnings, as `plan check --strict` does
+        #[arg(long)]
+        strict: bool,
     },
     /// Drive rollouts until each is completed or needs a person
     Run {
@@ -332,6 +335,9 @@ enum PlanCommand {
         /// The plan files to check
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Treat warnings (valid but dangerous settings) as errors
+        #[arg(long)]
+        strict: bool,
     },
     /// Show a plan's phases, order and gates
     Show {
@@ -456,11 +462,18 @@ async fn dispatch(cli: Cli) -> CommandResult {
         server: cli.server.clone(),
     };
     match cli.command {
-        Command::Plan(PlanCommand::Check { files }) => commands::plan_check(&ctx, &files),
+        Command::Plan(PlanCommand::Check { files, strict }) => {
+            commands::plan_check(&ctx, &files, strict)
+        }
         Command::Plan(PlanCommand::Show { file, format }) => {
             commands::plan_show(&ctx, &file, format == ShowFormat::Dot)
         }
-        Command::Start { file, id, by } => commands::start(&ctx, &file, id, &by_or_user(by)).await,
+        Command::Start {
+            file,
+            id,
+            by,
+            strict,
+        } => commands::start(&ctx, &file, id, &by_or_user(by), strict).await,
         Command::Run { id, once } => commands::run(&ctx, id.as_deref(), once).await,
         Command::Status { id, watch } => commands::status(&ctx, id.as_deref(), watch).await,
         Command::Serve { listen } => commands::serve(&ctx, listen).await,

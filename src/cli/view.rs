@@ -7,10 +7,68 @@ use serde::Serialize;
 use crate::adapters;
 use crate::domain::event::{Effect, EventKind};
 use crate::domain::gate::{GateVerdict, Tally};
-use crate::domain::plan::{Plan, Platform, format_percent};
+use crate::domain::plan::{self, Diagnostic, Plan, PlanErrors, Platform, format_percent};
 use crate::domain::rollout::{PhaseState, Rollout};
 use crate::domain::time::{Timestamp, format_span};
 use crate::store::EventRecord;
+
+/// One plan's verdict, as `plan check --output json` lists them and `POST /api/v1/plans/check`
+/// answers.
+#[derive(Serialize)]
+pub struct PlanCheckView {
+    pub file: String,
+    pub valid: bool,
+    /// 0 when the plan is invalid.
+    pub phases: usize,
+    pub errors: Vec<FindingView>,
+    /// What is valid but dangerous (empty when the plan is invalid: errors come first).
+    pub warnings: Vec<FindingView>,
+}
+
+/// An error or warning at its place in the plan (line 0: the plan could not be read at all).
+#[derive(Serialize)]
+pub struct FindingView {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    /// Why it matters (every warning, and an error that a strict check made of one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+fn findings(source: &str, diagnostics: &[Diagnostic]) -> Vec<FindingView> {
+    diagnostics
+        .iter()
+        .map(|d| {
+            let at = plan::position(source, d.span.start);
+            FindingView {
+                line: at.line,
+                column: at.column,
+                message: d.message.clone(),
+                why: d.why.clone(),
+            }
+        })
+        .collect()
+}
+
+pub fn plan_check(file: &str, source: &str, checked: &Result<Plan, PlanErrors>) -> PlanCheckView {
+    match checked {
+        Ok(plan) => PlanCheckView {
+            file: file.to_string(),
+            valid: true,
+            phases: plan.phases.len(),
+            errors: Vec::new(),
+            warnings: findings(source, &plan.warnings),
+        },
+        Err(errors) => PlanCheckView {
+            file: file.to_string(),
+            valid: false,
+            phases: 0,
+            errors: findings(&errors.source, &errors.diagnostics),
+            warnings: Vec::new(),
+        },
+    }
+}
 
 #[derive(Serialize)]
 pub struct RolloutView {

@@ -5,9 +5,14 @@
 //! known phases, the phase graph is acyclic, modes never weaken along an edge, durations and
 //! percentages are well-formed. Validation keeps going after a problem so that one run of
 //! `plan check` shows everything wrong with a file, each problem at its line and column.
+//!
+//! A valid plan may still be dangerous — enforcing on everyone before anyone has looked, a gate
+//! that cannot fail. `warnings.rs` finds those; a `Plan` carries them, and a plan checked strictly
+//! (`[rollout] strict = true`, `plan check --strict`) is refused for them.
 
 mod diagnostics;
 mod raw;
+mod warnings;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -20,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-pub use diagnostics::{Diagnostic, PlanErrors, Position, position};
+pub use diagnostics::{Diagnostic, PlanErrors, PlanWarnings, Position, position};
 use raw::{
     RawAdapterTables, RawEmergencyAccess, RawGate, RawPhase, RawPlan, RawRollbackWhen, RawWebhook,
 };
@@ -249,6 +254,8 @@ pub struct Plan {
     pub description: String,
     pub observe_every: Duration,
     pub separation_of_duties: bool,
+    /// `[rollout] strict`: the plan's warnings are errors.
+    pub strict: bool,
     pub policy: PolicyTarget,
     pub provider: ProviderConfig,
     /// In file order.
@@ -261,6 +268,9 @@ pub struct Plan {
     pub emergency_access: EmergencyAccess,
     /// Hex SHA-256 of the plan's text: a change mid-rollout is detected by it.
     pub hash: String,
+    /// What is valid but dangerous in it, located in the plan's text, with why each matters
+    /// (empty for a plan checked strictly: there they are errors).
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// The range a duration setting may take; every duration a plan sets has one (documented in
@@ -326,6 +336,15 @@ impl Plan {
             }
         }
         seen
+    }
+
+    /// The plan's warnings, located in `source` (the text it was parsed from) for display.
+    pub fn warnings_in(&self, file: &str, source: &str) -> PlanWarnings {
+        PlanWarnings {
+            file: file.to_string(),
+            source: source.to_string(),
+            diagnostics: self.warnings.clone(),
+        }
     }
 
     /// The phase graph, for display (`plan show --format dot`).
@@ -408,33 +427,78 @@ pub fn hash_source(source: &str) -> String {
     hex::encode(Sha256::digest(source.as_bytes()))
 }
 
-/// Parses and validates a plan; `file` is only used to name the file in errors.
+/// Whether a plan's warnings are errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strictness {
+    /// As the plan says (`[rollout] strict`).
+    AsWritten,
+    /// Whatever the plan says (`plan check --strict`).
+    Strict,
+    /// Never: a plan the store holds was accepted when its rollout started, and what a later
+    /// version warns about in it must not stop the rollout from loading.
+    Lenient,
+}
+
+/// Parses and validates a plan; `file` is only used to name the file in errors. The plan's
+/// warnings are in [`Plan::warnings`], unless the plan sets `strict`, which makes them errors.
 pub fn parse(file: &str, source: &str) -> Result<Plan, PlanErrors> {
-    let errors = |diagnostics| PlanErrors {
-        file: file.to_string(),
-        source: source.to_string(),
-        diagnostics,
+    check(file, source, Strictness::AsWritten)
+}
+
+/// [`parse`], with the plan's warnings weighed as `strictness` says.
+pub fn check(file: &str, source: &str, strictness: Strictness) -> Result<Plan, PlanErrors> {
+    let errors = |mut diagnostics: Vec<Diagnostic>| {
+        diagnostics.sort_by_key(|d| (d.span.start, d.span.end));
+        PlanErrors {
+            file: file.to_string(),
+            source: source.to_string(),
+            diagnostics,
+        }
     };
-    let raw: RawPlan = toml::from_str(source).map_err(|err| {
-        let span = err.span().unwrap_or(0..0);
-        let hint = hint_for(source, span.start);
-        errors(vec![Diagnostic::new(
-            span,
-            format!("{}{hint}", describe_toml_error(err.message())),
-        )])
+    let raw: RawPlan = raw::read(source).map_err(|problems| {
+        errors(
+            problems
+                .into_iter()
+                .map(|problem| {
+                    let hint = hint_for(source, problem.span.start);
+                    Diagnostic::new(
+                        problem.span,
+                        format!("{}{hint}", describe_toml_error(&problem.message)),
+                    )
+                })
+                .collect(),
+        )
     })?;
     let mut checker = Checker {
         source,
         diagnostics: Vec::new(),
     };
     let tables: Option<RawAdapterTables> = toml::from_str(source).ok();
-    let plan = checker.plan(raw, tables, hash_source(source));
-    match plan {
-        Some(plan) if checker.diagnostics.is_empty() => Ok(plan),
+    let plan = checker.plan(&raw, tables, hash_source(source));
+    let mut plan = match plan {
+        Some(plan) if checker.diagnostics.is_empty() => plan,
+        _ => return Err(errors(checker.diagnostics)),
+    };
+    let found = warnings::of(&raw, &plan);
+    let reason = match strictness {
+        Strictness::Lenient => None,
+        _ if plan.strict => Some("the plan sets `strict = true`"),
+        Strictness::Strict => Some("the plan is checked strictly"),
+        Strictness::AsWritten => None,
+    };
+    match reason {
+        Some(reason) if !found.is_empty() => Err(errors(
+            found
+                .into_iter()
+                .map(|warning| {
+                    let why = warning.why.clone().unwrap_or_default();
+                    warning.because(format!("{why}; an error here: {reason}"))
+                })
+                .collect(),
+        )),
         _ => {
-            let mut diagnostics = checker.diagnostics;
-            diagnostics.sort_by_key(|d| (d.span.start, d.span.end));
-            Err(errors(diagnostics))
+            plan.warnings = found;
+            Ok(plan)
         }
     }
 }
@@ -496,12 +560,12 @@ impl Checker<'_> {
 
     fn plan(
         &mut self,
-        raw: RawPlan,
+        raw: &RawPlan,
         mut tables: Option<RawAdapterTables>,
         hash: String,
     ) -> Option<Plan> {
         let rollout_span = raw.rollout.span();
-        let rollout = raw.rollout.into_inner();
+        let rollout = raw.rollout.get_ref();
         let name = self.name(&rollout.name);
         let observe_every = self.duration_in(
             rollout.observe_every.as_ref(),
@@ -509,7 +573,7 @@ impl Checker<'_> {
             "observe_every",
             OBSERVE_EVERY_RANGE,
         );
-        let policy = raw.policy.into_inner();
+        let policy = raw.policy.get_ref();
         let compliance = self.compliance(&policy.compliance, policy.platform.as_ref());
         let conditional_access = policy
             .conditional_access
@@ -532,7 +596,7 @@ impl Checker<'_> {
                 include: p.get_ref().include.span(),
             })
             .collect();
-        let phases = self.phases(raw.phase);
+        let phases = self.phases(&raw.phase);
         let emergency_access = self.emergency_access(raw.emergency_access.as_ref());
         if let (Some((phases, _)), Some(emergency)) = (&phases, &emergency_access) {
             self.emergency_scopes(rollout_span.clone(), phases, emergency, &raw_spans);
@@ -549,9 +613,10 @@ impl Checker<'_> {
         Some(Plan {
             channels: channels?,
             name: name?,
-            description: rollout.description,
+            description: rollout.description.clone(),
             observe_every: observe_every?,
             separation_of_duties: rollout.separation_of_duties,
+            strict: rollout.strict,
             policy: PolicyTarget {
                 compliance: compliance?,
                 conditional_access,
@@ -562,6 +627,7 @@ impl Checker<'_> {
             order: phases.as_ref()?.1.clone(),
             phases: phases?.0,
             hash,
+            warnings: Vec::new(),
         })
     }
 
@@ -890,7 +956,7 @@ impl Checker<'_> {
         })
     }
 
-    fn phases(&mut self, raw: Vec<Spanned<RawPhase>>) -> Option<(Vec<Phase>, Vec<usize>)> {
+    fn phases(&mut self, raw: &[Spanned<RawPhase>]) -> Option<(Vec<Phase>, Vec<usize>)> {
         if let Some(extra) = raw.get(MAX_PHASES) {
             self.error(
                 extra.span(),
@@ -941,8 +1007,8 @@ impl Checker<'_> {
             .map(|(phase, after)| self.phase(phase.get_ref(), after.clone()))
             .collect();
         // The edges that did resolve are still checked, so one run reports every problem.
-        self.modes_never_weaken(&raw, &afters);
-        let order = self.graph(&raw, &afters);
+        self.modes_never_weaken(raw, &afters);
+        let order = self.graph(raw, &afters);
         if !resolved {
             return None;
         }

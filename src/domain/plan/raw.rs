@@ -2,9 +2,18 @@
 //! value a later check may need to point at. Unknown keys are rejected here, so a typo like
 //! `min_soke` is reported with its position instead of being silently ignored — except in the
 //! tables adapters own (`[provider]`, `[[webhook]]`), whose other keys their adapter checks.
+//!
+//! [`read`] reports every structural problem of a file at once: it parses the document into a
+//! spanned tree first, then deserializes each table on its own, and within a table goes on past
+//! a key that is unknown or of the wrong type, so that two mistakes in two places are two errors
+//! of one run, not two runs.
+
+use std::ops::Range;
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use super::{Mode, Platform};
 
@@ -54,6 +63,9 @@ pub(super) struct RawRollout {
     pub observe_every: Option<Spanned<String>>,
     #[serde(default)]
     pub separation_of_duties: bool,
+    /// Warnings are errors for this plan, as with `plan check --strict`.
+    #[serde(default)]
+    pub strict: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,4 +122,184 @@ pub(super) struct RawRollbackWhen {
     pub noncompliant_above: Option<Spanned<i64>>,
     pub errors_above: Option<Spanned<i64>>,
     pub blocked_ratio_above: Option<Spanned<String>>,
+}
+
+/// A structural problem: the file is not TOML, or not a plan's shape.
+#[derive(Debug)]
+pub(super) struct Problem {
+    pub span: Range<usize>,
+    pub message: String,
+}
+
+impl Problem {
+    fn of(err: &toml::de::Error, otherwise: Range<usize>) -> Problem {
+        Problem {
+            span: err.span().unwrap_or(otherwise),
+            message: err.message().to_string(),
+        }
+    }
+}
+
+/// The tables a plan may have.
+const TABLES: [&str; 6] = [
+    "rollout",
+    "policy",
+    "provider",
+    "phase",
+    "webhook",
+    "emergency_access",
+];
+
+/// How many problems one table reports before the rest of it is left for the next run.
+const PROBLEMS_PER_TABLE: usize = 32;
+
+/// The plan as written, or every structural problem found in it: a syntax error (TOML has one
+/// per run: what follows it cannot be read reliably), and every unknown key, value of the wrong
+/// type and missing key, table by table.
+pub(super) fn read(source: &str) -> Result<RawPlan, Vec<Problem>> {
+    let root = DeTable::parse(source).map_err(|err| vec![Problem::of(&err, 0..0)])?;
+    let mut root = root.into_inner();
+    let mut problems = Vec::new();
+    for key in root.keys() {
+        if !TABLES.contains(&key.get_ref().as_ref()) {
+            let expected: Vec<String> = TABLES.iter().map(|t| format!("`{t}`")).collect();
+            problems.push(Problem {
+                span: key.span(),
+                message: format!(
+                    "unknown field `{}`, expected one of {}",
+                    key.get_ref(),
+                    expected.join(", ")
+                ),
+            });
+        }
+    }
+    let mut required = |name: &str, problems: &mut Vec<Problem>| {
+        let value = root.remove(name);
+        if value.is_none() {
+            problems.push(Problem {
+                span: 0..0,
+                message: format!("missing field `{name}`"),
+            });
+        }
+        value
+    };
+    let rollout = required("rollout", &mut problems);
+    let policy = required("policy", &mut problems);
+    let provider = required("provider", &mut problems);
+    let rollout = rollout.and_then(|v| typed::<RawRollout>(v, &mut problems));
+    let policy = policy.and_then(|v| typed::<RawPolicy>(v, &mut problems));
+    let provider = provider.and_then(|v| typed::<RawProvider>(v, &mut problems));
+    let phase = root
+        .remove("phase")
+        .map(|v| each::<RawPhase>(v, &mut problems));
+    let webhook = root
+        .remove("webhook")
+        .map(|v| each::<RawWebhook>(v, &mut problems));
+    let emergency_access = root
+        .remove("emergency_access")
+        .map(|v| typed::<RawEmergencyAccess>(v, &mut problems));
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let missing = "every table read, or a problem reported";
+    Ok(RawPlan {
+        rollout: rollout.expect(missing),
+        policy: policy.expect(missing),
+        provider: provider.expect(missing),
+        phase: phase.unwrap_or(Some(Vec::new())).expect(missing),
+        webhook: webhook.unwrap_or(Some(Vec::new())).expect(missing),
+        emergency_access: emergency_access.map(|e| e.expect(missing)),
+    })
+}
+
+/// An array of tables (`[[phase]]`), each table read on its own.
+fn each<T: DeserializeOwned>(
+    value: Spanned<DeValue<'_>>,
+    problems: &mut Vec<Problem>,
+) -> Option<Vec<Spanned<T>>> {
+    let DeValue::Array(items) = value.get_ref() else {
+        // Not an array: deserializing it as one says so, at its place.
+        let span = value.span();
+        if let Err(err) = Vec::<Spanned<T>>::deserialize(ValueDeserializer::from(value)) {
+            problems.push(Problem::of(&err, span));
+        }
+        return None;
+    };
+    let mut all = Some(Vec::with_capacity(items.len()));
+    for item in items.iter() {
+        match typed::<T>(item.clone(), problems) {
+            Some(table) => {
+                if let Some(all) = all.as_mut() {
+                    all.push(table);
+                }
+            }
+            None => all = None,
+        }
+    }
+    all
+}
+
+/// One table as its type. A key that is unknown or of the wrong type is reported and taken out,
+/// and the table read again, so every such key is reported; a required key taken out this way
+/// is not reported again as missing.
+fn typed<T: DeserializeOwned>(
+    mut value: Spanned<DeValue<'_>>,
+    problems: &mut Vec<Problem>,
+) -> Option<Spanned<T>> {
+    let mut removed: Vec<String> = Vec::new();
+    let mut found = 0;
+    loop {
+        let err = match Spanned::<T>::deserialize(ValueDeserializer::from(value.clone())) {
+            Ok(table) => return (found == 0).then_some(table),
+            Err(err) => err,
+        };
+        let consequence = removed
+            .iter()
+            .any(|key| err.message() == format!("missing field `{key}`"));
+        if consequence {
+            return None;
+        }
+        let problem = Problem::of(&err, value.span());
+        found += 1;
+        let taken =
+            found < PROBLEMS_PER_TABLE && take_out(value.get_mut(), &problem.span, &mut removed);
+        problems.push(problem);
+        if !taken {
+            return None;
+        }
+    }
+}
+
+fn contains(outer: &Range<usize>, inner: &Range<usize>) -> bool {
+    outer.start <= inner.start && inner.end <= outer.end
+}
+
+/// Takes out of `value` the deepest key whose name or value holds `span`; false if none does.
+fn take_out(value: &mut DeValue<'_>, span: &Range<usize>, removed: &mut Vec<String>) -> bool {
+    match value {
+        DeValue::Table(table) => {
+            let mut hit = None;
+            for (key, child) in table.iter_mut() {
+                if take_out(child.get_mut(), span, removed) {
+                    return true;
+                }
+                if contains(&key.span(), span) || contains(&child.span(), span) {
+                    hit = Some(key.get_ref().to_string());
+                    break;
+                }
+            }
+            match hit {
+                Some(key) => {
+                    table.remove(key.as_str());
+                    removed.push(key);
+                    true
+                }
+                None => false,
+            }
+        }
+        DeValue::Array(items) => items
+            .iter_mut()
+            .any(|item| take_out(item.get_mut(), span, removed)),
+        _ => false,
+    }
 }

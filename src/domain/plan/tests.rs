@@ -3,6 +3,8 @@ use super::*;
 const WINDOWS: &str = include_str!("../../../plans/windows-baseline.toml");
 const IOS: &str = include_str!("../../../plans/ios-parallel-pilots.toml");
 const ANDROID: &str = include_str!("../../../plans/android-guarded.toml");
+const MULTI: &str = include_str!("../../../plans/multi-platform-graph.toml");
+const WINDOWS_GRAPH: &str = include_str!("../../../plans/windows-baseline-graph.toml");
 
 const HEADER: &str = r#"
 [rollout]
@@ -16,12 +18,21 @@ platform = "windows"
 kind = "simulator"
 "#;
 
-fn check(body: &str) -> Result<Plan, PlanErrors> {
+fn checked(body: &str) -> Result<Plan, PlanErrors> {
     parse("plan.toml", &format!("{HEADER}{body}"))
 }
 
 fn headlines(body: &str) -> Vec<String> {
-    check(body).expect_err("plan should be invalid").headlines()
+    checked(body)
+        .expect_err("plan should be invalid")
+        .headlines()
+}
+
+/// The warnings of a valid plan, as `plan check` shows them.
+fn warnings(body: &str) -> Vec<String> {
+    let source = format!("{HEADER}{body}");
+    let plan = parse("plan.toml", &source).unwrap_or_else(|e| panic!("{e}"));
+    plan.warnings_in("plan.toml", &source).headlines()
 }
 
 #[test]
@@ -29,6 +40,20 @@ fn example_plans_are_valid() {
     for (name, text) in [("windows", WINDOWS), ("ios", IOS), ("android", ANDROID)] {
         let plan = parse(name, text).unwrap_or_else(|e| panic!("{name}:\n{e}"));
         assert!(plan.phases.len() >= 4, "{name}");
+    }
+}
+
+#[test]
+fn example_plans_have_no_warnings() {
+    for (name, text) in [
+        ("windows", WINDOWS),
+        ("ios", IOS),
+        ("android", ANDROID),
+        ("multi", MULTI),
+        ("windows-graph", WINDOWS_GRAPH),
+    ] {
+        let plan = check(name, text, Strictness::Strict).unwrap_or_else(|e| panic!("{name}:\n{e}"));
+        assert!(plan.warnings.is_empty(), "{name}: {:?}", plan.warnings);
     }
 }
 
@@ -294,8 +319,6 @@ fn the_hash_changes_with_the_text() {
     assert_eq!(a.hash.len(), 64);
 }
 
-const MULTI: &str = include_str!("../../../plans/multi-platform-graph.toml");
-
 #[test]
 fn several_compliance_policies_roll_out_together_one_per_platform() {
     let plan = parse("multi", MULTI).unwrap();
@@ -370,7 +393,7 @@ users = ["breakglass1@contoso.com"]
     );
     let empty = "\n[[phase]]\nid = \"a\"\nmode = \"report\"\ninclude = [\"All Users\"]\n\n[emergency_access]\n";
     assert!(headlines(empty)[0].contains("names no group and no user"));
-    let plan = check(
+    let plan = checked(
         "\n[[phase]]\nid = \"a\"\nmode = \"enforce\"\ninclude = [\"All Users\"]\nexclude = [\"Break Glass\"]\n\n[emergency_access]\ngroups = [\"Break Glass\"]\nusers = [\"bg1@contoso.com\"]\n",
     )
     .unwrap();
@@ -449,7 +472,7 @@ fn a_month_unit_is_refused_as_ambiguous_and_a_bare_number_gets_the_form_expected
     assert!(lines[0].contains("such as \"2%\" for 0.02"), "{lines:?}");
     let lines = headlines(&phase("min_soak = 3"));
     assert!(lines[0].contains("a duration is a string"), "{lines:?}");
-    assert!(check(&phase("min_soak = \"30m\"")).is_ok());
+    assert!(checked(&phase("min_soak = \"30m\"")).is_ok());
 }
 
 #[test]
@@ -482,5 +505,400 @@ fn a_plan_has_a_bounded_number_of_phases_and_groups() {
     let fine: String = (0..MAX_PHASES)
         .map(|i| format!("[[phase]]\nid = \"p{i}\"\nmode = \"report\"\ninclude = [\"G\"]\n"))
         .collect();
-    assert!(check(&fine).is_ok());
+    assert!(checked(&fine).is_ok());
+}
+
+/// A pilot, then `extra` phases; the emergency access every enforce phase needs.
+fn staged(extra: &str) -> String {
+    format!(
+        r#"
+[[phase]]
+id = "pilot"
+mode = "report"
+include = ["Pilot IT"]
+exclude = ["Break Glass"]
+
+[phase.gate]
+min_reporting = "90%"
+{extra}
+[emergency_access]
+groups = ["Break Glass"]
+users = ["bg1@contoso.com"]
+"#
+    )
+}
+
+#[test]
+fn enforcing_on_a_broad_scope_before_anything_was_observed_is_a_warning() {
+    // Beside the pilot, from the start, on everyone.
+    let lines = warnings(&staged(
+        r#"
+[[phase]]
+id = "everyone"
+mode = "enforce"
+include = ["All Users"]
+exclude = ["Break Glass"]
+after = []
+
+[phase.gate]
+max_noncompliant_ratio = "2%"
+"#,
+    ));
+    assert_eq!(
+        lines,
+        vec![
+            "plan.toml:23:8: warning: phase `everyone` enforces on `All Users` from the start of \
+             the rollout, with no report or notify phase before it"
+        ]
+    );
+    // On a group the pilot stages, after enforce phases only.
+    let lines = warnings(&staged(
+        r#"
+[[phase]]
+id = "first"
+mode = "enforce"
+include = ["Sales"]
+exclude = ["Break Glass"]
+after = []
+
+[phase.gate]
+approvals = 1
+
+[[phase]]
+id = "it"
+mode = "enforce"
+include = ["pilot it"]
+exclude = ["Break Glass"]
+
+[phase.gate]
+approvals = 1
+"#,
+    ));
+    assert_eq!(
+        lines,
+        vec![
+            "plan.toml:33:8: warning: phase `it` enforces on `pilot it`, which phase `pilot` also \
+             includes, after enforce phases only, with no report or notify phase before it"
+        ],
+        "`first` enforces on a group nothing else stages: a deliberate enforcing pilot"
+    );
+    // After the pilot, nothing to say.
+    let fine = staged(
+        r#"
+[[phase]]
+id = "everyone"
+mode = "enforce"
+include = ["All Users"]
+exclude = ["Break Glass"]
+
+[phase.gate]
+max_noncompliant_ratio = "2%"
+"#,
+    );
+    assert_eq!(warnings(&fine), Vec::<String>::new());
+}
+
+#[test]
+fn an_enforce_phase_whose_gate_has_no_criteria_is_a_warning() {
+    let lines = warnings(&staged(
+        r#"
+[[phase]]
+id = "enforce"
+mode = "enforce"
+include = ["All Users"]
+exclude = ["Break Glass"]
+"#,
+    ));
+    assert_eq!(
+        lines,
+        vec!["plan.toml:23:8: warning: enforce phase `enforce` has no gate"]
+    );
+    let lines = warnings(&staged(
+        r#"
+[[phase]]
+id = "enforce"
+mode = "enforce"
+include = ["All Users"]
+exclude = ["Break Glass"]
+
+[phase.gate]
+max_hold = "3d"
+stale_after = "2d"
+"#,
+    ));
+    assert_eq!(
+        lines,
+        vec!["plan.toml:27:1: warning: the gate of enforce phase `enforce` has no criteria"]
+    );
+    // Approvals are a criterion: a person decides.
+    let fine = staged(
+        "\n[[phase]]\nid = \"enforce\"\nmode = \"enforce\"\ninclude = [\"All Users\"]\nexclude = [\"Break Glass\"]\n\n[phase.gate]\napprovals = 1\n",
+    );
+    assert_eq!(warnings(&fine), Vec::<String>::new());
+}
+
+#[test]
+fn gate_criteria_that_cannot_do_their_job_are_warnings() {
+    let lines = warnings(
+        r#"
+[[phase]]
+id = "pilot"
+mode = "report"
+include = ["Pilot IT"]
+
+[phase.gate]
+min_reporting = "0%"
+max_noncompliant_ratio = "100%"
+max_error_ratio = "100.0%"
+
+[phase.rollback_when]
+noncompliant_ratio_above = "100%"
+blocked_ratio_above = "99.9%"
+"#,
+    );
+    assert_eq!(
+        lines,
+        vec![
+            "plan.toml:18:17: warning: `min_reporting = \"0%\"` in phase `pilot` asks for no coverage",
+            "plan.toml:19:26: warning: `max_noncompliant_ratio = \"100%\"` in the gate of phase `pilot` cannot fail",
+            "plan.toml:20:19: warning: `max_error_ratio = \"100.0%\"` in the gate of phase `pilot` cannot fail",
+            "plan.toml:23:28: warning: `noncompliant_ratio_above = \"100%\"` in the rollback_when of phase `pilot` can never trip",
+        ]
+    );
+}
+
+#[test]
+fn no_soak_before_another_phase_is_a_warning() {
+    let lines = warnings(
+        r#"
+[[phase]]
+id = "pilot"
+mode = "report"
+include = ["Pilot IT"]
+min_soak = "0s"
+
+[[phase]]
+id = "everyone"
+mode = "report"
+include = ["All Users"]
+min_soak = "0s"
+"#,
+    );
+    assert_eq!(
+        lines,
+        vec![
+            "plan.toml:16:12: warning: phase `pilot` has no soak (`min_soak = \"0s\"`) before \
+             `everyone` starts"
+        ],
+        "the last phase has no successor to start early"
+    );
+}
+
+#[test]
+fn an_emergency_access_user_in_a_scope_is_a_warning_and_a_group_stays_an_error() {
+    let lines = warnings(
+        r#"
+[[phase]]
+id = "pilot"
+mode = "report"
+include = ["Pilot IT", "BG1@contoso.com"]
+
+[emergency_access]
+groups = ["Break Glass"]
+users = ["bg1@contoso.com"]
+"#,
+    );
+    assert_eq!(
+        lines,
+        vec![
+            "plan.toml:15:24: warning: phase `pilot` includes `BG1@contoso.com`, an \
+             emergency-access user"
+        ]
+    );
+    let errors = headlines(
+        "\n[[phase]]\nid = \"pilot\"\nmode = \"report\"\ninclude = [\"Break Glass\"]\n\n[emergency_access]\ngroups = [\"Break Glass\"]\n",
+    );
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("includes the emergency-access group"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn every_warning_says_why_and_renders_with_its_line() {
+    let source = format!(
+        "{HEADER}{}",
+        staged(
+            "\n[[phase]]\nid = \"all\"\nmode = \"enforce\"\ninclude = [\"All Users\"]\nexclude = [\"Break Glass\"]\nafter = []\n"
+        )
+    );
+    let plan = parse("plan.toml", &source).unwrap();
+    assert_eq!(plan.warnings.len(), 2, "{:?}", plan.warnings);
+    assert!(plan.warnings.iter().all(|w| w.why.is_some()));
+    let shown = plan.warnings_in("plan.toml", &source).to_string();
+    assert!(
+        shown.starts_with("plan.toml:23:8: warning: phase `all` enforces on `All Users`"),
+        "{shown}"
+    );
+    assert!(shown.contains("23 | mode = \"enforce\"\n"), "{shown}");
+    assert!(shown.contains("   |        ^^^^^^^^^\n"), "{shown}");
+    assert!(
+        shown.contains("   = why: devices are blocked before anyone has seen"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn strict_makes_warnings_errors_from_the_caller_or_the_plan() {
+    let body = staged(
+        "\n[[phase]]\nid = \"all\"\nmode = \"enforce\"\ninclude = [\"All Users\"]\nexclude = [\"Break Glass\"]\n\n[phase.gate]\nmax_noncompliant_ratio = \"100%\"\n",
+    );
+    let source = format!("{HEADER}{body}");
+    assert_eq!(parse("plan.toml", &source).unwrap().warnings.len(), 1);
+    let errors = check("plan.toml", &source, Strictness::Strict).unwrap_err();
+    assert_eq!(
+        errors.headlines(),
+        vec![
+            "plan.toml:28:26: `max_noncompliant_ratio = \"100%\"` in the gate of phase `all` cannot fail"
+        ]
+    );
+    let why = errors.diagnostics[0].why.as_deref().unwrap();
+    assert!(
+        why.ends_with("; an error here: the plan is checked strictly"),
+        "{why}"
+    );
+
+    let strict = source.replace("name = \"t\"", "name = \"t\"\nstrict = true");
+    let errors = parse("plan.toml", &strict).unwrap_err();
+    assert_eq!(errors.diagnostics.len(), 1, "{errors}");
+    assert!(
+        errors.headlines()[0].starts_with("plan.toml:29:26: "),
+        "{errors}"
+    );
+    assert!(
+        errors
+            .to_string()
+            .contains("an error here: the plan sets `strict = true`"),
+        "{errors}"
+    );
+    // A plan read back from the store was accepted when its rollout started.
+    let stored = check("plan.toml", &strict, Strictness::Lenient).unwrap();
+    assert_eq!(stored.warnings.len(), 1);
+    // Without warnings, strict changes nothing.
+    let clean = strict.replace("\"100%\"", "\"2%\"");
+    let plan = check("plan.toml", &clean, Strictness::Strict).unwrap();
+    assert!(plan.strict && plan.warnings.is_empty());
+}
+
+#[test]
+fn every_structural_error_is_reported_in_one_run() {
+    let errors = headlines(
+        r#"
+[[phase]]
+id = "a"
+mode = "report"
+include = ["All Users"]
+min_soke = "2d"
+
+[phase.gate]
+max_noncompliant_ration = "2%"
+approvals = "one"
+
+[[phase]]
+id = "b"
+mode = "report"
+include = ["All Users"]
+exlude = ["Break Glass"]
+
+[emergency_access]
+group = ["Break Glass"]
+
+[rollotu]
+name = "x"
+"#,
+    );
+    let expected = [
+        "plan.toml:16:1: unknown field `min_soke`",
+        "plan.toml:19:1: unknown field `max_noncompliant_ration`",
+        "plan.toml:20:13: invalid type: string \"one\", expected i64",
+        "plan.toml:26:1: unknown field `exlude`",
+        "plan.toml:29:1: unknown field `group`",
+        "plan.toml:31:2: unknown field `rollotu`",
+    ];
+    assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    for (error, expected) in errors.iter().zip(expected) {
+        assert!(error.starts_with(expected), "{error} / {expected}");
+    }
+}
+
+#[test]
+fn a_type_error_and_an_unknown_key_in_different_tables_are_both_reported() {
+    let text = HEADER.replace(
+        "name = \"t\"",
+        "name = \"t\"\nseparation_of_duties = \"yes\"",
+    );
+    let errors = parse(
+        "plan.toml",
+        &format!(
+            "{text}\n[[phase]]\nid = \"a\"\nmode = \"block\"\ninclude = [\"All Users\"]\nmin_soke = \"2d\"\n"
+        ),
+    )
+    .unwrap_err()
+    .headlines();
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(
+        errors[0].starts_with("plan.toml:4:24: invalid type: string \"yes\", expected a boolean"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("plan.toml:15:8: unknown variant `block`"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2].starts_with("plan.toml:17:1: unknown field `min_soke`"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn a_missing_table_is_reported_with_the_other_problems() {
+    let text = HEADER.replace("[provider]\nkind = \"simulator\"\n", "");
+    let errors = parse(
+        "plan.toml",
+        &format!("{text}\n[[phase]]\nid = \"a\"\nmode = \"report\"\ninclude = 7\n"),
+    )
+    .unwrap_err()
+    .headlines();
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(errors[0].contains("missing field `provider`"), "{errors:?}");
+    assert!(
+        errors[1].contains("invalid type: integer `7`, expected"),
+        "{errors:?}"
+    );
+}
+
+/// A plan with a 10 MB line: what is shown of it stays small.
+#[test]
+fn a_ten_megabyte_line_prints_a_few_hundred_characters() {
+    let long = "n".repeat(10 * 1024 * 1024);
+    let text = HEADER.replace("name = \"t\"", &format!("name = \"{long}\""));
+    let errors = parse(
+        "plan.toml",
+        &format!("{text}\n[[phase]]\nid = \"a\"\nmode = \"report\"\ninclude = [\"G\"]\n"),
+    )
+    .unwrap_err();
+    let shown = errors.to_string();
+    assert!(
+        shown.len() < 1500,
+        "{} bytes:\n{}",
+        shown.len(),
+        &shown[..2000.min(shown.len())]
+    );
+    assert!(
+        shown.starts_with("plan.toml:3:8: invalid rollout name `nnn"),
+        "{shown}"
+    );
+    assert!(shown.contains("3 | name = \"nnnn"), "{shown}");
+    assert!(shown.contains("n…\n"), "{shown}");
 }
