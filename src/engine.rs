@@ -736,6 +736,7 @@ impl Task {
         };
         crash::point("delivery.before");
         let mut failed = 0;
+        let mut patience = self.delivery.patience();
         let status = loop {
             let e = match notifier.deliver(&delivery).await {
                 Ok(status) => break status,
@@ -745,7 +746,8 @@ impl Task {
             let seed = pending.id.seq ^ u64::from(failed);
             let again = e
                 .failure
-                .and_then(|failure| self.delivery.wait(failed, failure, e.retry_after, seed));
+                .and_then(|failure| self.delivery.wait(failed, failure, e.retry_after, seed))
+                .filter(|&delay| patience.spend(delay));
             let Some(delay) = again else {
                 tracing::warn!(effect = %pending.id, error = %e, "notification not delivered; it stays pending");
                 return Finished {

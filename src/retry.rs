@@ -10,6 +10,9 @@
 //! - `Retry-After` is honoured exactly, up to [`Backoff::longest_wait`]. A backend that asks for
 //!   longer is not waited on in-line: the call fails with the asked delay, and the engine
 //!   schedules the rollout's next attempt for then, so the actor stays responsive to commands.
+//! - `longest_wait` also bounds all the waits of one operation together ([`Patience`]): a
+//!   backend that asks for the longest wait again and again is waited on once, not once per
+//!   attempt, and the call fails with its last asked delay like one that asked for longer.
 //! - Otherwise capped exponential backoff with deterministic jitter (50–100 % of the step), so
 //!   a fleet of callers does not retry in lockstep and tests see the same delays every run.
 //! - A refused connection is an answer — nothing listens there. One quick retry covers a
@@ -90,6 +93,13 @@ impl Backoff {
         }
     }
 
+    /// What one operation may wait in-line, all its retries together: `longest_wait`.
+    pub fn patience(&self) -> Patience {
+        Patience {
+            left: self.longest_wait,
+        }
+    }
+
     /// The backoff step after `failed` failures, jittered to 50–100 %.
     pub fn step(&self, failed: u32, seed: u64) -> Duration {
         let exponential = self
@@ -97,6 +107,31 @@ impl Backoff {
             .saturating_mul(1u32 << failed.saturating_sub(1).min(16))
             .min(self.cap);
         exponential.mul_f64(0.5 + jitter(seed) / 2.0)
+    }
+}
+
+/// The in-line waiting one operation has left ([`Backoff::patience`]). Every wait [`Backoff::wait`]
+/// grants is taken from it; one that no longer fits means giving up now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Patience {
+    left: Duration,
+}
+
+impl Patience {
+    /// Takes `wait` from what is left, or nothing and `false` when it does not fit.
+    pub fn spend(&mut self, wait: Duration) -> bool {
+        match self.left.checked_sub(wait) {
+            Some(left) => {
+                self.left = left;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The waiting left.
+    pub fn left(&self) -> Duration {
+        self.left
     }
 }
 
@@ -235,6 +270,33 @@ mod tests {
             POLICY.wait(1, Failure::Throttled, Some(Duration::ZERO), 0),
             Some(Duration::ZERO)
         );
+    }
+
+    #[test]
+    fn one_operation_waits_at_most_the_longest_wait_in_all() {
+        // A backend that asks for the longest wait on every answer is waited on once.
+        let mut patience = POLICY.patience();
+        let asked = Some(POLICY.longest_wait);
+        let mut waited = Duration::ZERO;
+        let mut failed = 1;
+        while let Some(wait) = POLICY
+            .wait(failed, Failure::Throttled, asked, 0)
+            .filter(|&wait| patience.spend(wait))
+        {
+            waited += wait;
+            failed += 1;
+        }
+        assert_eq!(waited, POLICY.longest_wait);
+        assert_eq!(failed, 2, "gave up at the second answer");
+        assert_eq!(patience.left(), Duration::ZERO);
+
+        // Shorter waits are granted until they no longer fit, and a refused one takes nothing.
+        let mut patience = POLICY.patience();
+        assert!(patience.spend(Duration::from_secs(4)));
+        assert!(patience.spend(Duration::from_secs(4)));
+        assert!(!patience.spend(Duration::from_secs(4)));
+        assert_eq!(patience.left(), Duration::from_secs(2));
+        assert!(patience.spend(Duration::from_secs(2)));
     }
 
     #[test]

@@ -33,9 +33,32 @@ pub async fn scripted_server(script: Arc<Script>) -> String {
     url
 }
 
+/// `raw(method, path, nth)`: the bytes answering the `nth` request (from 0) for that method and
+/// path, written exactly as given (status line, headers, body: anything, well-formed or not), or
+/// `None` to drop the connection unanswered.
+pub type RawScript = dyn Fn(&str, &str, u32) -> Option<Vec<u8>> + Send + Sync;
+
 /// Serves one request per connection on `listener`, answered by `script`; counts the
 /// connections it accepts, whether or not a request follows.
 pub fn serve(listener: TcpListener, script: Arc<Script>) -> Arc<AtomicUsize> {
+    let raw: Arc<RawScript> = Arc::new(move |method: &str, path: &str, nth| {
+        let (status, headers, body) = script(method, path, nth)?;
+        let mut reply = format!(
+            "HTTP/1.1 {status} Scripted\r\nContent-Length: {}\r\nConnection: close\r\nContent-Type: application/json\r\n",
+            body.len()
+        );
+        for (name, value) in headers {
+            reply.push_str(&format!("{name}: {value}\r\n"));
+        }
+        reply.push_str("\r\n");
+        reply.push_str(&body);
+        Some(reply.into_bytes())
+    });
+    serve_raw(listener, raw)
+}
+
+/// [`serve`] with answers written byte for byte as the script gives them.
+pub fn serve_raw(listener: TcpListener, script: Arc<RawScript>) -> Arc<AtomicUsize> {
     let seen = Arc::new(Mutex::new(BTreeMap::<String, u32>::new()));
     let connections = Arc::new(AtomicUsize::new(0));
     let accepted = connections.clone();
@@ -80,22 +103,21 @@ pub fn serve(listener: TcpListener, script: Arc<Script>) -> Arc<AtomicUsize> {
                     *count += 1;
                     *count - 1
                 };
-                let Some((status, headers, body)) = script(&method, &path, nth) else {
+                let Some(reply) = script(&method, &path, nth) else {
                     return;
                 };
-                let mut reply = format!(
-                    "HTTP/1.1 {status} Scripted\r\nContent-Length: {}\r\nConnection: close\r\nContent-Type: application/json\r\n",
-                    body.len()
-                );
-                for (name, value) in headers {
-                    reply.push_str(&format!("{name}: {value}\r\n"));
-                }
-                reply.push_str("\r\n");
-                reply.push_str(&body);
-                let _ = socket.write_all(reply.as_bytes()).await;
+                let _ = socket.write_all(&reply).await;
                 let _ = socket.shutdown().await;
             });
         }
     });
     connections
+}
+
+/// The cases a fuzz target runs: `PHASEGATE_FUZZ_CASES` when it is set, else its default.
+pub fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("PHASEGATE_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(default)
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, Url};
 
-use crate::retry::{self, Backoff, Failure};
+use crate::retry::{self, Backoff, Failure, Patience};
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
@@ -217,7 +217,11 @@ impl GraphClient {
         let now = match clock.anchor {
             None => Timestamp::from_system_time(std::time::SystemTime::now()),
             Some((_, _)) if clock.manual => clock.anchor.expect("checked").0,
-            Some((at, seen)) => at.plus(seen.elapsed().mul_f64(clock.factor)),
+            Some((at, seen)) => at.plus(
+                // Saturating: a factor too large for the calendar ends at its last instant.
+                Duration::try_from_secs_f64(seen.elapsed().as_secs_f64() * clock.factor)
+                    .unwrap_or(Duration::MAX),
+            ),
         };
         let now = now.max(clock.floor);
         clock.floor = now;
@@ -251,10 +255,12 @@ impl GraphClient {
             }
             Some(scaled) => {
                 clock.manual = false;
+                // A factor that is not a finite, non-negative number is no factor at all.
                 clock.factor = scaled
                     .split("factor=")
                     .nth(1)
-                    .and_then(|f| f.trim().parse().ok())
+                    .and_then(|f| f.trim().parse::<f64>().ok())
+                    .filter(|f| f.is_finite() && *f >= 0.0)
                     .unwrap_or(1.0);
             }
             None => {
@@ -285,8 +291,21 @@ impl GraphClient {
         (n.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) % 1000
     }
 
-    /// Whether (and after how long) to try again after `failed` failed attempts.
+    /// Whether (and after how long) to try again after `failed` failed attempts, the wait taken
+    /// from the operation's `patience`.
     fn wait(
+        &self,
+        patience: &mut Patience,
+        failed: u32,
+        failure: Failure,
+        retry_after: Option<Duration>,
+    ) -> Option<Duration> {
+        self.delay(failed, failure, retry_after)
+            .filter(|&delay| patience.spend(delay))
+    }
+
+    /// The policy's answer alone, for a decision whose wait is taken later.
+    fn delay(
         &self,
         failed: u32,
         failure: Failure,
@@ -297,7 +316,7 @@ impl GraphClient {
     }
 
     /// A valid access token, renewed when it is about to expire (in tenant time) or when asked.
-    async fn bearer(&self, renew: bool) -> Result<String, ProviderError> {
+    async fn bearer(&self, renew: bool, patience: &mut Patience) -> Result<String, ProviderError> {
         let mut token = self.token.lock().await;
         if !renew
             && let Some(current) = token.as_ref()
@@ -305,13 +324,13 @@ impl GraphClient {
         {
             return Ok(current.value.clone());
         }
-        let fresh = self.fetch_token().await?;
+        let fresh = self.fetch_token(patience).await?;
         let value = fresh.value.clone();
         *token = Some(fresh);
         Ok(value)
     }
 
-    async fn fetch_token(&self) -> Result<Token, ProviderError> {
+    async fn fetch_token(&self, patience: &mut Patience) -> Result<Token, ProviderError> {
         let url = format!(
             "{}/{}/oauth2/v2.0/token",
             self.settings.login_url, self.settings.tenant
@@ -326,9 +345,17 @@ impl GraphClient {
         let metrics = crate::metrics::global();
         let mut failed = 0;
         loop {
-            let sent = self.http.post(&url).form(&form).send().await;
-            let response = match sent {
-                Ok(response) => response,
+            // An answer whose body never arrived is a transport failure, like no answer at all.
+            let sent = match self.http.post(&url).form(&form).send().await {
+                Ok(response) => {
+                    let status = response.status();
+                    let headers = response.headers().clone();
+                    response.text().await.map(|body| (status, headers, body))
+                }
+                Err(e) => Err(e),
+            };
+            let (status, headers, body) = match sent {
+                Ok(answer) => answer,
                 Err(e) => {
                     metrics.provider_request("graph", "POST", crate::metrics::TRANSPORT);
                     failed += 1;
@@ -337,7 +364,9 @@ impl GraphClient {
                         self.settings.tenant,
                         retry::describe_transport(&e)
                     );
-                    let Some(delay) = self.wait(failed, retry::transport_failure(&e), None) else {
+                    let Some(delay) =
+                        self.wait(patience, failed, retry::transport_failure(&e), None)
+                    else {
                         return Err(ProviderError::transient(error));
                     };
                     metrics.provider_retry("graph");
@@ -346,20 +375,15 @@ impl GraphClient {
                     continue;
                 }
             };
-            let retry_after = response
-                .headers()
+            let retry_after = headers
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
             let redirect = redirect_note(
-                response.status().as_u16(),
-                response
-                    .headers()
-                    .get("location")
-                    .and_then(|v| v.to_str().ok()),
+                status.as_u16(),
+                headers.get("location").and_then(|v| v.to_str().ok()),
             );
-            self.observe_clock(response.headers());
-            let status = response.status();
+            self.observe_clock(&headers);
             metrics.provider_request(
                 "graph",
                 "POST",
@@ -368,7 +392,6 @@ impl GraphClient {
             if status.as_u16() == 429 {
                 metrics.provider_throttled("graph");
             }
-            let body = response.text().await.unwrap_or_default();
             if status.is_success() {
                 let json: Value = serde_json::from_str(&body).map_err(|e| {
                     ProviderError::permanent(format!("unreadable token response: {e}"))
@@ -388,7 +411,7 @@ impl GraphClient {
             }
             if let Some(failure) = retry::status_failure(status.as_u16()) {
                 failed += 1;
-                if let Some(delay) = self.wait(failed, failure, retry_after) {
+                if let Some(delay) = self.wait(patience, failed, failure, retry_after) {
                     metrics.provider_retry("graph");
                     tracing::warn!(%status, ?delay, "token endpoint unavailable; retrying");
                     tokio::time::sleep(delay).await;
@@ -467,10 +490,13 @@ impl GraphClient {
         access: Access,
     ) -> Result<Value, ProviderError> {
         let url = self.target(path_or_url)?;
-        self.send(method, &url, body, headers, access).await
+        let mut patience = self.retry.patience();
+        self.send(method, &url, body, headers, access, &mut patience)
+            .await
     }
 
-    /// [`call`](Self::call) to a checked URL: the only place the token is attached.
+    /// [`call`](Self::call) to a checked URL: the only place the token is attached. Its waits
+    /// (and those of a sign-in it needs) are taken from `patience`.
     async fn send(
         &self,
         method: Method,
@@ -478,6 +504,7 @@ impl GraphClient {
         body: Option<&Value>,
         headers: &[(&str, &str)],
         access: Access,
+        patience: &mut Patience,
     ) -> Result<Value, ProviderError> {
         let GraphUrl(url) = url;
         let url = url.as_str();
@@ -492,7 +519,7 @@ impl GraphClient {
             if conditional_access {
                 self.ca_pace().await;
             }
-            let token = self.bearer(false).await?;
+            let token = self.bearer(false, patience).await?;
             let mut request = self
                 .http
                 .request(method.clone(), url)
@@ -551,7 +578,9 @@ impl GraphClient {
                     failed += 1;
                     // A write that got no answer may have been made: the caller reads back.
                     let again = match access {
-                        Access::Read => self.wait(failed, retry::transport_failure(&e), None),
+                        Access::Read => {
+                            self.wait(patience, failed, retry::transport_failure(&e), None)
+                        }
                         Access::Write => None,
                     };
                     let Some(delay) = again else {
@@ -577,7 +606,7 @@ impl GraphClient {
                     tracing::info!(%what, "access token rejected; signing in again");
                     metrics.provider_retry("graph");
                     renewed = true;
-                    self.bearer(true).await?;
+                    self.bearer(true, patience).await?;
                     continue;
                 }
                 429 | 500..=599 => {
@@ -586,7 +615,7 @@ impl GraphClient {
                     failed += 1;
                     let again = match (failure, access) {
                         (Failure::Unavailable, Access::Write) => None,
-                        _ => self.wait(failed, failure, retry_after),
+                        _ => self.wait(patience, failed, failure, retry_after),
                     };
                     if let Some(delay) = again {
                         metrics.provider_retry("graph");
@@ -652,8 +681,16 @@ impl GraphClient {
         let mut fetched = HashSet::new();
         let mut next = Some(first);
         while let Some(url) = next.take() {
+            let mut patience = self.retry.patience();
             let body = self
-                .send(Method::GET, &url, None, headers, Access::Read)
+                .send(
+                    Method::GET,
+                    &url,
+                    None,
+                    headers,
+                    Access::Read,
+                    &mut patience,
+                )
                 .await?;
             fetched.insert(url.0);
             page(body["value"].as_array().map_or(&[][..], Vec::as_slice));
@@ -704,10 +741,13 @@ impl GraphClient {
         endpoint: &str,
         requests: &[BatchRequest],
     ) -> Result<Vec<Result<Value, ProviderError>>, ProviderError> {
+        let url = self.target(endpoint)?;
         let mut results: Vec<Option<Result<Value, ProviderError>>> = vec![None; requests.len()];
         for (chunk_index, chunk) in requests.chunks(20).enumerate() {
             let mut pending: Vec<usize> = (0..chunk.len()).collect();
             let mut attempt = 0;
+            // One `$batch` of up to 20: its rounds and their requests' retries wait together.
+            let mut patience = self.retry.patience();
             while !pending.is_empty() {
                 let body = json!({
                     "requests": pending.iter().map(|&i| {
@@ -717,8 +757,19 @@ impl GraphClient {
                     }).collect::<Vec<_>>()
                 });
                 let reply = self
-                    .call(Method::POST, endpoint, Some(&body), &[], Access::Read)
+                    .send(
+                        Method::POST,
+                        &url,
+                        Some(&body),
+                        &[],
+                        Access::Read,
+                        &mut patience,
+                    )
                     .await?;
+                // This round's answers replace the last round's.
+                for &i in &pending {
+                    results[chunk_index * 20 + i] = None;
+                }
                 let mut throttled = Vec::new();
                 let mut wait = Duration::ZERO;
                 for item in reply["responses"].as_array().into_iter().flatten() {
@@ -726,7 +777,11 @@ impl GraphClient {
                     let Some(i) = pending.iter().copied().find(|&i| chunk[i].id == id) else {
                         continue;
                     };
-                    let status = item["status"].as_u64().unwrap_or(500) as u16;
+                    // A status that is not one (`70000`, `"200"`) is a failure, not a truncation.
+                    let status = item["status"]
+                        .as_u64()
+                        .and_then(|status| u16::try_from(status).ok())
+                        .unwrap_or(500);
                     if status == 429 {
                         crate::metrics::global().provider_throttled("graph");
                     }
@@ -734,12 +789,12 @@ impl GraphClient {
                         .as_str()
                         .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
                     if let Some(failure) = retry::status_failure(status)
-                        && let Some(delay) = self.wait(attempt + 1, failure, retry_after)
+                        && let Some(delay) = self.delay(attempt + 1, failure, retry_after)
                     {
                         throttled.push(i);
                         wait = wait.max(delay);
-                        continue;
                     }
+                    // Kept as the answer if it is not asked again.
                     results[chunk_index * 20 + i] = Some(if (200..300).contains(&status) {
                         Ok(item["body"].clone())
                     } else {
@@ -749,17 +804,21 @@ impl GraphClient {
                             429 | 500..=599 => ErrorKind::Transient,
                             _ => ErrorKind::Permanent,
                         };
-                        Err(ProviderError::new(
-                            kind,
-                            format!(
-                                "GET {}: {status} {}",
-                                chunk[i].url.split('?').next().unwrap_or(""),
-                                describe_error(&item["body"].to_string())
-                            ),
-                        ))
+                        Err(ProviderError {
+                            retry_after,
+                            ..ProviderError::new(
+                                kind,
+                                format!(
+                                    "GET {}: {status} {}",
+                                    chunk[i].url.split('?').next().unwrap_or(""),
+                                    describe_error(&item["body"].to_string())
+                                ),
+                            )
+                        })
                     });
                 }
-                pending.retain(|i| results[chunk_index * 20 + i].is_none());
+                pending
+                    .retain(|i| results[chunk_index * 20 + i].is_none() || throttled.contains(i));
                 attempt += 1;
                 if pending.is_empty() || attempt >= self.retry.attempts {
                     break;
@@ -770,6 +829,9 @@ impl GraphClient {
                 } else {
                     wait
                 };
+                if !patience.spend(wait) {
+                    break;
+                }
                 for _ in &pending {
                     crate::metrics::global().provider_retry("graph");
                 }
@@ -817,7 +879,8 @@ impl GraphClient {
 
     /// Signs in, which also learns the tenant's clock.
     pub async fn sign_in(&self) -> Result<(), ProviderError> {
-        self.bearer(false).await.map(|_| ())
+        let mut patience = self.retry.patience();
+        self.bearer(false, &mut patience).await.map(|_| ())
     }
 }
 
@@ -831,6 +894,9 @@ pub fn graph_scope(graph_url: &str) -> String {
         _ => "https://graph.microsoft.com/.default".to_string(),
     }
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {
@@ -1159,5 +1225,109 @@ mod tests {
                 error.message
             );
         }
+    }
+
+    // ---- what the fuzz target (client/fuzz.rs) found ----
+
+    #[test]
+    fn a_clock_factor_that_is_no_number_leaves_the_clock_running() {
+        for factor in ["NaN", "-1", "inf", "1e300"] {
+            let client = client("http://127.0.0.1:9", "http://127.0.0.1:9");
+            let mut headers = HeaderMap::new();
+            headers.insert("date", "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap());
+            let clock = format!("scaled; factor={factor}");
+            headers.insert("x-phasegate-emulator-clock", clock.parse().unwrap());
+            client.observe_clock(&headers);
+            let (first, second) = (client.now(), client.now());
+            assert!(second >= first, "{factor}");
+            assert!(client.clock_factor().is_finite(), "{factor}");
+        }
+    }
+
+    #[tokio::test]
+    async fn retry_after_at_the_longest_wait_is_waited_once_per_call_not_per_attempt() {
+        let _serial = GRAPH_TRAFFIC.lock().await;
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let counted = fetches.clone();
+        let graph = graph_host(move |_, _, _| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Some((429, vec![("Retry-After", "0.05".into())], String::new()))
+        })
+        .await;
+        let mut client = client(&graph, &graph);
+        client.retry = Backoff {
+            longest_wait: Duration::from_millis(50),
+            ..Backoff::GRAPH
+        };
+        let error = client
+            .call(Method::GET, "/list", None, &[], Access::Read)
+            .await
+            .unwrap_err();
+        assert_eq!(fetches.load(Ordering::SeqCst), 2, "one wait, then given up");
+        assert_eq!(error.kind, ErrorKind::Transient, "{error:?}");
+        assert_eq!(error.retry_after, Some(Duration::from_millis(50)));
+    }
+
+    #[tokio::test]
+    async fn a_token_answer_cut_short_is_a_transport_failure_tried_again() {
+        use crate::testing::{RawScript, serve_raw};
+        let _serial = GRAPH_TRAFFIC.lock().await;
+        let (listener, url) = bind().await;
+        let token = r#"{"access_token":"t","expires_in":3600}"#;
+        let script: Arc<RawScript> = Arc::new(move |_: &str, _: &str, nth| {
+            // The first answer promises more body than it sends.
+            let declared = if nth == 0 {
+                token.len() + 10
+            } else {
+                token.len()
+            };
+            Some(
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\n\r\n{token}")
+                    .into_bytes(),
+            )
+        });
+        let connections = serve_raw(listener, script);
+        client(&url, &url).sign_in().await.unwrap();
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_batch_status_that_is_no_status_is_a_failure() {
+        let _serial = GRAPH_TRAFFIC.lock().await;
+        let (listener, url) = bind().await;
+        let script: Arc<Script> = Arc::new(|method: &str, path: &str, _| match (method, path) {
+            ("POST", TOKEN_PATH) => token(),
+            ("POST", "/v1.0/$batch") => Some((
+                200,
+                Vec::new(),
+                json!({"responses": [
+                    {"id": "0", "status": 65736, "body": {"value": []}},
+                    {"id": "1", "status": "200", "body": {}},
+                    {"id": "2", "status": 200, "body": {"ok": true}},
+                ]})
+                .to_string(),
+            )),
+            _ => not_found(),
+        });
+        serve(listener, script);
+        let mut client = client(&url, &url);
+        client.retry = Backoff {
+            attempts: 2,
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(1),
+            longest_wait: Duration::from_millis(10),
+        };
+        let requests: Vec<BatchRequest> = (0..3)
+            .map(|i| BatchRequest {
+                id: i.to_string(),
+                url: format!("/item/{i}"),
+                headers: Vec::new(),
+            })
+            .collect();
+        let answers = client.batch_get(&requests).await.unwrap();
+        // 65736 is not 200 (65736 mod 2^16); a status as a string is not one either.
+        assert!(answers[0].is_err(), "{:?}", answers[0]);
+        assert!(answers[1].is_err(), "{:?}", answers[1]);
+        assert_eq!(answers[2].as_ref().unwrap(), &json!({"ok": true}));
     }
 }

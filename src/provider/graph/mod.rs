@@ -50,6 +50,17 @@ pub use settings::GraphSettings;
 /// How many read-compare-write rounds a reconcile may take before giving up.
 const ROUNDS: u32 = 10;
 
+/// How long to wait before reading the tenant again after a write that may or may not have
+/// landed in round `round`: what the tenant asked for, or a growing pause. `None` when the
+/// tenant asked for longer than a request waits in-line (`Backoff::GRAPH`): the write fails with
+/// the asked delay instead of holding its rollout's work for as long as a server cares to name.
+fn settle_delay(e: &ProviderError, round: u32) -> Option<Duration> {
+    let delay = e
+        .retry_after
+        .unwrap_or(Duration::from_millis(250 << round.min(6)));
+    (delay <= crate::retry::Backoff::GRAPH.longest_wait).then_some(delay)
+}
+
 pub struct GraphProvider {
     client: GraphClient,
     /// The store this process works for: named in the ownership line it writes.
@@ -742,9 +753,9 @@ impl GraphProvider {
                     }
                     Ok(None) => changes += 1,
                     Err(e) if e.retryable() => {
-                        let delay = e
-                            .retry_after
-                            .unwrap_or(Duration::from_millis(250 << round.min(6)));
+                        let Some(delay) = settle_delay(&e, round) else {
+                            return Err(e);
+                        };
                         tracing::warn!(write = write.name(), error = %e, ?delay, "a write may or may not have landed; reading the tenant again before deciding");
                         tokio::time::sleep(delay).await;
                         continue 'rounds;
@@ -1564,5 +1575,35 @@ impl Provider for GraphProvider {
             scopes,
             drift: Vec::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_asked_to_wait_longer_than_a_request_waits_fails_instead() {
+        let throttled = |seconds| ProviderError {
+            retry_after: Some(Duration::from_secs(seconds)),
+            ..ProviderError::transient("PATCH /x: 429")
+        };
+        assert_eq!(settle_delay(&throttled(3), 0), Some(Duration::from_secs(3)));
+        assert_eq!(
+            settle_delay(&throttled(120), 0),
+            Some(Duration::from_secs(120))
+        );
+        // `Retry-After: 3e9` (95 years) or a date in 9999 used to be slept on in-line.
+        assert_eq!(settle_delay(&throttled(121), 0), None);
+        assert_eq!(settle_delay(&throttled(3_000_000_000), 0), None);
+        let unanswered = ProviderError::transient("PATCH /x: timed out");
+        assert_eq!(
+            settle_delay(&unanswered, 2),
+            Some(Duration::from_millis(1000))
+        );
+        assert_eq!(
+            settle_delay(&unanswered, 9),
+            Some(Duration::from_millis(16_000))
+        );
     }
 }
