@@ -8,8 +8,9 @@
 //!
 //! Rules:
 //! - `Retry-After` is honoured exactly, up to [`Backoff::longest_wait`]. A backend that asks for
-//!   longer is not waited on in-line: the call fails with the asked delay, and the engine
-//!   schedules the rollout's next attempt for then, so the actor stays responsive to commands.
+//!   longer is not waited on in-line: the call fails, its error carrying the asked delay, and
+//!   the rollout records the provider failure (failed, resumable by a person) instead of
+//!   sleeping, so the actor stays responsive to commands.
 //! - `longest_wait` also bounds all the waits of one operation together ([`Patience`]): a
 //!   backend that asks for the longest wait again and again is waited on once, not once per
 //!   attempt, and the call fails with its last asked delay like one that asked for longer.
