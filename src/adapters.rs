@@ -222,25 +222,23 @@ pub fn toml_diagnostic(err: toml::de::Error) -> Diagnostic {
     )
 }
 
+/// Settings without their nulls, which TOML lacks (older records hold them for absent values).
+fn without_nulls(
+    settings: serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    settings.into_iter().filter(|(_, v)| !v.is_null()).collect()
+}
+
 /// Settings an adapter keeps (a plan's [`ProviderConfig`], an outbox record's
-/// [`ChannelAddress`]) as TOML text under `[table]`, so that the adapter reads them with the very
-/// parser that checked the plan. Nulls (which TOML lacks, and older records hold for absent
-/// values) are left out.
-pub fn settings_source(
-    table: &str,
-    settings: &serde_json::Map<String, serde_json::Value>,
-) -> String {
-    let kept: serde_json::Map<String, serde_json::Value> = settings
-        .iter()
-        .filter(|(_, value)| !value.is_null())
-        .map(|(key, value)| (key.clone(), value.clone()))
-        .collect();
+/// [`ChannelAddress`]) as TOML text under `key`, so that the adapter reads them with the very
+/// parser that checked the plan.
+fn settings_source(key: &str, table: serde_json::Value) -> String {
     let mut doc = serde_json::Map::new();
-    doc.insert(table.to_string(), serde_json::Value::Object(kept));
+    doc.insert(key.to_string(), table);
     toml::to_string(&doc).unwrap_or_default()
 }
 
-/// Reads settings kept by [`settings_source`] with an adapter's plan parser; a failure means the
+/// Reads settings kept by [`provider_source`] or [`channel_source`] with an adapter's plan parser; a failure means the
 /// settings did not come from a checked plan, and says what is wrong.
 pub fn reparse<T>(
     what: &str,
@@ -253,24 +251,15 @@ pub fn reparse<T>(
     })
 }
 
-/// The provider settings of a plan, for its adapter.
+/// The provider settings of a plan, for its adapter (as its `[provider]` table).
 pub fn provider_source(config: &ProviderConfig) -> String {
-    let mut settings = config.settings.clone();
+    let mut settings = without_nulls(config.settings.clone());
     settings.insert("kind".into(), config.kind.clone().into());
-    settings_source("provider", &settings)
+    settings_source("provider", serde_json::Value::Object(settings))
 }
 
 /// A channel address, for its adapter (as the `[[webhook]]`-style table of its kind).
 pub fn channel_source(address: &ChannelAddress) -> String {
-    let mut doc = serde_json::Map::new();
-    let kept: serde_json::Map<String, serde_json::Value> = address
-        .settings()
-        .into_iter()
-        .filter(|(_, value)| !value.is_null())
-        .collect();
-    doc.insert(
-        address.kind().to_string(),
-        serde_json::Value::Array(vec![serde_json::Value::Object(kept)]),
-    );
-    toml::to_string(&doc).unwrap_or_default()
+    let table = serde_json::Value::Object(without_nulls(address.settings()));
+    settings_source(address.kind(), serde_json::Value::Array(vec![table]))
 }

@@ -172,31 +172,13 @@ async fn closed(mut closing: tokio::sync::watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::event::{Event as DomainEvent, EventKind, Trigger};
+    use crate::domain::event::EventKind;
     use crate::domain::rollout::Rollout;
     use crate::domain::time::Timestamp;
+    use crate::store::tests::record;
     use crate::store::{Attached, DEFAULT_LOCK_WAIT, PlanRecord, Store};
 
     const PLAN: &str = include_str!("../../plans/windows-baseline.toml");
-
-    fn record(rollout: &Rollout, kind: EventKind) -> EventRecord {
-        EventRecord {
-            seq: 0,
-            at: Timestamp::from_millis(5),
-            recorded_at: Timestamp::from_millis(6),
-            event: DomainEvent {
-                kind,
-                trigger: Trigger::user("alice", "test"),
-            },
-            previous_status: rollout.status,
-            status: rollout.status,
-            reason: rollout.reason.clone(),
-            notes: vec![],
-            effects: vec![],
-            prev_hash: String::new(),
-            hash: String::new(),
-        }
-    }
 
     /// A watcher too slow for the broadcast reads what it missed from the store: every event
     /// once, in order.

@@ -674,4 +674,4 @@ pub(crate) fn decode_json<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Resul
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

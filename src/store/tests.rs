@@ -6,7 +6,9 @@ use crate::domain::time::Timestamp;
 
 const PLAN: &str = include_str!("../../plans/windows-baseline.toml");
 
-fn record(rollout: &Rollout, kind: EventKind) -> EventRecord {
+/// An unsealed record of `kind` for `rollout`, as the engine would commit it (shared with other
+/// modules' tests).
+pub(crate) fn record(rollout: &Rollout, kind: EventKind) -> EventRecord {
     EventRecord {
         seq: 0,
         at: Timestamp::from_millis(5),
