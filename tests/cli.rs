@@ -4,76 +4,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 
-use common::{Receiver, answer};
+use common::{Phasegate, Receiver, answer, code, stderr, stdout};
 
 use phasegate::adapters::parse_plan;
 use phasegate::provider::simulator::SimProvider;
 use phasegate::provider::simulator::settings;
 use phasegate::store::{DEFAULT_LOCK_WAIT, Store};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_phasegate");
-
-struct Phasegate {
-    store: tempfile::TempDir,
-}
-
-impl Phasegate {
-    fn new() -> Phasegate {
-        Phasegate {
-            store: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(BIN);
-        command
-            .args(args)
-            .env("PHASEGATE_STORE", self.store.path())
-            .env_remove("RUST_LOG")
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.extend(["--output", "json"]);
-        let out = self.run(&all);
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "{args:?}: not JSON ({e}): {}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
-    }
-
-    fn spawn(&self, args: &[&str]) -> Child {
-        self.command(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    }
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().expect("exited normally")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn phase<'v>(status: &'v Value, id: &str) -> &'v Value {
     status["phases"]
@@ -86,7 +25,7 @@ fn phase<'v>(status: &'v Value, id: &str) -> &'v Value {
 
 #[test]
 fn the_example_plans_are_valid() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let plans: Vec<PathBuf> =
         std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("plans"))
             .unwrap()
@@ -104,7 +43,7 @@ fn the_example_plans_are_valid() {
 
 #[test]
 fn a_broken_plan_exits_2_and_every_error_has_a_line_and_column() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let file = "tests/fixtures/broken-plan.toml";
     let out = pg.run(&["plan", "check", file]);
     assert_eq!(code(&out), 2);
@@ -149,7 +88,7 @@ fn a_broken_plan_exits_2_and_every_error_has_a_line_and_column() {
 
 #[test]
 fn plan_show_draws_the_graph() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let out = pg.run(&[
         "plan",
         "show",
@@ -171,7 +110,7 @@ fn plan_show_draws_the_graph() {
 
 #[test]
 fn the_demo_completes_all_four_phases_with_one_after_a_hold() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let out = pg.run(&[
         "demo",
         "--devices",
@@ -209,7 +148,7 @@ fn the_demo_completes_all_four_phases_with_one_after_a_hold() {
 
 #[test]
 fn a_rollout_stops_for_approval_and_completes_once_approved() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let out = pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let id = stdout(&out).trim().to_string();
@@ -249,7 +188,7 @@ fn a_rollout_stops_for_approval_and_completes_once_approved() {
 
 #[test]
 fn rollback_moves_a_running_rollout_back_one_phase_and_history_says_who_and_why() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let id = stdout(&pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]))
         .trim()
         .to_string();
@@ -304,7 +243,7 @@ fn rollback_moves_a_running_rollout_back_one_phase_and_history_says_who_and_why(
 
 #[test]
 fn commands_a_state_does_not_allow_exit_2() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let id = stdout(&pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]))
         .trim()
         .to_string();
@@ -322,7 +261,7 @@ fn commands_a_state_does_not_allow_exit_2() {
 
 #[test]
 fn abort_restores_the_configuration_from_before_the_rollout() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let id = stdout(&pg.run(&["start", "plans/ios-parallel-pilots.toml", "--by", "alice"]))
         .trim()
         .to_string();
@@ -349,7 +288,7 @@ fn abort_restores_the_configuration_from_before_the_rollout() {
     );
 
     // The simulated tenant's policy is back to what it was before the rollout: unassigned.
-    let store = Store::open(pg.store.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let store = Store::open(&pg.store_dir(), DEFAULT_LOCK_WAIT).unwrap();
     let plan = parse_plan(
         "p",
         &std::fs::read_to_string("plans/ios-parallel-pilots.toml").unwrap(),
@@ -367,17 +306,17 @@ fn abort_restores_the_configuration_from_before_the_rollout() {
 
 #[test]
 fn an_edited_audit_trail_fails_verification() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let id = stdout(&pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]))
         .trim()
         .to_string();
     pg.run(&["run", "--once"]);
     // Copy the store, then edit the copy's first event: who started the rollout.
     let copy = tempfile::tempdir().unwrap();
-    for entry in walk(pg.store.path()) {
+    for entry in walk(&pg.store_dir()) {
         let target = copy
             .path()
-            .join(entry.strip_prefix(pg.store.path()).unwrap());
+            .join(entry.strip_prefix(pg.store_dir()).unwrap());
         std::fs::create_dir_all(target.parent().unwrap()).unwrap();
         std::fs::copy(&entry, &target).unwrap();
     }
@@ -423,17 +362,17 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn a_second_run_on_the_same_store_exits_4() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let plan = std::fs::read_to_string("plans/windows-baseline.toml")
         .unwrap()
         .replace("devices = 10000", "devices = 400000");
-    let plan_path = pg.store.path().join("big.toml");
+    let plan_path = pg.dir.path().join("big.toml");
     std::fs::write(&plan_path, plan).unwrap();
     let out = pg.run(&["start", plan_path.to_str().unwrap(), "--by", "alice"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let first = pg.spawn(&["run"]);
     // Wait until the first run holds the driver lock: it writes its pid once it has it.
-    let lock = pg.store.path().join("driver.lock");
+    let lock = pg.store_dir().join("driver.lock");
     let pid = first.id().to_string();
     let held = (0..2000).any(|_| {
         let holder = std::fs::read_to_string(&lock).unwrap_or_default();
@@ -454,7 +393,7 @@ fn a_second_run_on_the_same_store_exits_4() {
         "{message}"
     );
     assert!(
-        message.contains(&pg.store.path().display().to_string()),
+        message.contains(&pg.store_dir().display().to_string()),
         "{message}"
     );
     assert!(message.contains(&pid), "names the holder: {message}");
@@ -498,19 +437,19 @@ fn a_run_killed_at_any_moment_resumes_without_repeating_or_skipping_a_change() {
         .replace("devices = 10000", "devices = 200000");
 
     // The reference: the same rollout, never interrupted.
-    let calm = Phasegate::new();
-    let calm_plan = calm.store.path().join("plan.toml");
+    let calm = Phasegate::offline();
+    let calm_plan = calm.dir.path().join("plan.toml");
     std::fs::write(&calm_plan, &plan_text).unwrap();
     let id = stdout(&calm.run(&["start", calm_plan.to_str().unwrap(), "--by", "alice"]))
         .trim()
         .to_string();
     drive_to_completion(&calm, &id);
-    let reference = tenant_history(calm.store.path(), &calm_plan);
+    let reference = tenant_history(&calm.store_dir(), &calm_plan);
     assert_eq!(reference.len(), 4, "one change per phase: {reference:?}");
 
     // The same rollout, with `run` killed (SIGKILL) at staggered moments.
-    let rough = Phasegate::new();
-    let rough_plan = rough.store.path().join("plan.toml");
+    let rough = Phasegate::offline();
+    let rough_plan = rough.dir.path().join("plan.toml");
     std::fs::write(&rough_plan, &plan_text).unwrap();
     let out = rough.run(&["start", rough_plan.to_str().unwrap(), "--by", "alice"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -534,7 +473,7 @@ fn a_run_killed_at_any_moment_resumes_without_repeating_or_skipping_a_change() {
     assert_eq!(status["status"], "completed");
     assert_eq!(code(&rough.run(&["history", &id, "--verify"])), 0);
     // Every change made exactly once, in plan order, at the same simulated moments.
-    assert_eq!(tenant_history(rough.store.path(), &rough_plan), reference);
+    assert_eq!(tenant_history(&rough.store_dir(), &rough_plan), reference);
 }
 
 /// The example plan with these `[[webhook]]` tables, written into the test's store directory.
@@ -542,14 +481,14 @@ fn plan_with_webhooks(pg: &Phasegate, webhooks: &str) -> PathBuf {
     let text = std::fs::read_to_string("plans/windows-baseline.toml")
         .unwrap()
         .replacen("[[phase]]", &format!("{webhooks}\n[[phase]]"), 1);
-    let path = pg.store.path().join("hooks.toml");
+    let path = pg.dir.path().join("hooks.toml");
     std::fs::write(&path, text).unwrap();
     path
 }
 
 #[test]
 fn a_webhook_that_redirects_is_not_followed_and_its_notification_stays_pending() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let elsewhere = Receiver::start(answer(200, ""));
     let redirecting = Receiver::start(answer(
         307,
@@ -607,7 +546,7 @@ fn a_webhook_that_redirects_is_not_followed_and_its_notification_stays_pending()
 fn webhook_credentials_appear_in_no_output_at_the_default_log_level() {
     const PASSWORD: &str = "p4ss-w0rd-7f3k";
     const TOKEN: &str = "s3cret-tok-9q2z";
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let up = Receiver::start(answer(204, ""));
     let down = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -712,7 +651,7 @@ fn webhook_credentials_appear_in_no_output_at_the_default_log_level() {
 /// terminal escaped; the JSON keeps it exactly as given.
 #[test]
 fn text_from_people_cannot_forge_history_lines_or_reach_the_terminal_raw() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let out = pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let id = stdout(&out).trim().to_string();
@@ -753,7 +692,7 @@ fn idempotency_keys_are_unique_across_stores() {
     let receiver = Receiver::start(answer(204, ""));
     let mut keys = Vec::new();
     for _ in 0..2 {
-        let pg = Phasegate::new();
+        let pg = Phasegate::offline();
         let plan = plan_with_webhooks(
             &pg,
             &format!(
@@ -792,7 +731,7 @@ fn idempotency_keys_are_unique_across_stores() {
 
 #[test]
 fn completions_are_printed_for_each_shell_and_an_unknown_shell_is_refused() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     for shell in ["bash", "zsh", "fish", "powershell", "elvish"] {
         let out = pg.run(&["completions", shell]);
         assert_eq!(code(&out), 0, "{shell}: {}", stderr(&out));
@@ -817,14 +756,14 @@ fn dangerous_plan(pg: &Phasegate, extra_rollout: &str) -> PathBuf {
             &format!("name = \"windows-baseline\"{extra_rollout}"),
             1,
         );
-    let path = pg.store.path().join("dangerous.toml");
+    let path = pg.dir.path().join("dangerous.toml");
     std::fs::write(&path, text).unwrap();
     path
 }
 
 #[test]
 fn plan_check_warns_about_valid_but_dangerous_plans_and_strict_makes_them_errors() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let plan = dangerous_plan(&pg, "");
     let file = plan.to_str().unwrap();
     let out = pg.run(&["plan", "check", file]);
@@ -901,7 +840,7 @@ fn plan_check_warns_about_valid_but_dangerous_plans_and_strict_makes_them_errors
 
 #[test]
 fn start_shows_the_plans_warnings_and_refuses_them_under_strict() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let plan = dangerous_plan(&pg, "");
     let file = plan.to_str().unwrap();
     let out = pg.run(&["start", file, "--by", "alice", "--strict"]);
@@ -946,13 +885,13 @@ fn start_shows_the_plans_warnings_and_refuses_them_under_strict() {
 
 #[test]
 fn plan_check_reports_structural_errors_of_different_tables_in_one_run() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let text = std::fs::read_to_string("plans/windows-baseline.toml")
         .unwrap()
         .replacen("observe_every = \"6h\"", "observe_every = 6", 1)
         .replacen("min_soak = \"2d\"", "min_soke = \"2d\"", 1)
         .replacen("max_error_ratio = \"2%\"", "max_eror_ratio = \"2%\"", 1);
-    let path = pg.store.path().join("typos.toml");
+    let path = pg.dir.path().join("typos.toml");
     std::fs::write(&path, text).unwrap();
     let file = path.to_str().unwrap();
     let out = pg.run(&["plan", "check", file]);
@@ -980,7 +919,7 @@ fn plan_check_reports_structural_errors_of_different_tables_in_one_run() {
 
 #[test]
 fn a_ten_megabyte_line_does_not_flood_stderr() {
-    let pg = Phasegate::new();
+    let pg = Phasegate::offline();
     let long = "G".repeat(10 * 1024 * 1024);
     let text = std::fs::read_to_string("plans/windows-baseline.toml")
         .unwrap()
@@ -989,7 +928,7 @@ fn a_ten_megabyte_line_does_not_flood_stderr() {
             &format!("include = [\"{long}\", \"Pilot IT\", \"Pilot IT\", \"{long}\"]"),
             1,
         );
-    let path = pg.store.path().join("long.toml");
+    let path = pg.dir.path().join("long.toml");
     std::fs::write(&path, text).unwrap();
     let out = pg.run(&["plan", "check", path.to_str().unwrap()]);
     assert_eq!(code(&out), 2, "{}", stderr(&out));

@@ -497,9 +497,8 @@ fn while_run_waits_on_a_hanging_tenant_status_and_pause_get_in_at_once() {
         .spawn()
         .unwrap();
     assert!(eventually(Duration::from_secs(10), || pg
-        .store
-        .path()
-        .join("store/daemon.json")
+        .store_dir()
+        .join("daemon.json")
         .exists()));
     for args in [
         vec!["status", &id],

@@ -1,6 +1,6 @@
-//! Helpers shared by the integration tests that talk to `phasegate emulator`: the emulator on
-//! a free port, plain HTTP, a store driving a Graph plan, and a webhook receiver. Each test
-//! binary uses a part.
+//! Helpers shared by the integration tests: the `phasegate` binary on a store of its own (with
+//! the simulator's example plans or a Graph plan), `phasegate emulator` on a free port, the
+//! daemon, plain HTTP and SSE, and a webhook receiver. Each test binary uses a part.
 #![allow(dead_code)]
 
 pub mod browser;
@@ -154,13 +154,28 @@ fn dechunk(mut body: &str) -> String {
 /// The client secret the tests' emulators accept.
 pub const SECRET: &str = "s3cr3t-for-tests-7Qx";
 
-/// A store of its own and a copy of an example Graph plan pointed at an emulator.
+/// The `phasegate` binary with a directory of its own: the store (`store/`) and any plan files
+/// the test writes beside it.
 pub struct Phasegate {
-    pub store: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
+    /// The plan `start` starts (written by `with_plan`; `offline` leaves it unwritten).
     pub plan: PathBuf,
 }
 
 impl Phasegate {
+    /// A store of its own and no plan yet, for the simulator's example plans, which commands
+    /// read relative to the package as a user in a checkout would (`plans/…`).
+    pub fn offline() -> Phasegate {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = dir.path().join("plan.toml");
+        Phasegate { dir, plan }
+    }
+
+    /// The store's directory.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
     /// The Graph example plan, with Conditional Access paced at `ca_rate`.
     pub fn new(emulator: &Emulator, ca_rate: f64) -> Phasegate {
         Phasegate::with_plan(emulator, "windows-baseline-graph.toml", ca_rate, |t| t)
@@ -173,7 +188,7 @@ impl Phasegate {
         ca_rate: f64,
         edit: impl FnOnce(String) -> String,
     ) -> Phasegate {
-        let store = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
         let text = std::fs::read_to_string(format!("{}/plans/{name}", env!("CARGO_MANIFEST_DIR")))
             .unwrap()
             .replace("http://127.0.0.1:8080", &emulator.url)
@@ -183,31 +198,55 @@ impl Phasegate {
                     "ca_requests_per_second = {ca_rate}\nrequest_timeout = \"5s\"\nlogin_url = "
                 ),
             );
-        let plan = store.path().join("plan.toml");
+        let plan = dir.path().join("plan.toml");
         std::fs::write(&plan, edit(text)).unwrap();
-        Phasegate { store, plan }
+        Phasegate { dir, plan }
     }
 
     /// Another store driving the same plan file.
     pub fn second_store(&self) -> Phasegate {
-        let store = tempfile::tempdir().unwrap();
-        let plan = store.path().join("plan.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let plan = dir.path().join("plan.toml");
         std::fs::copy(&self.plan, &plan).unwrap();
-        Phasegate { store, plan }
+        Phasegate { dir, plan }
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(BIN);
         command
             .args(args)
-            .env("PHASEGATE_STORE", self.store.path().join("store"))
+            .env("PHASEGATE_STORE", self.store_dir())
             .env("PHASEGATE_GRAPH_SECRET", SECRET)
-            .env_remove("RUST_LOG");
+            .env_remove("RUST_LOG")
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
         command
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
         self.command(args).output().unwrap()
+    }
+
+    /// `args` with `--output json`, its standard output parsed.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.run(&all);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: not JSON ({e}): {}\n{}",
+                stdout(&out),
+                stderr(&out)
+            )
+        })
+    }
+
+    /// `args` running in the background, its output piped.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 
     /// `phasegate status ID --output json`.
