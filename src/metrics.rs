@@ -1230,7 +1230,9 @@ exclude = ["Break Glass"]
         let settings = crate::provider::graph::GraphSettings {
             tenant: "tenant".into(),
             client_id: "client".into(),
-            client_secret_env: "UNUSED".into(),
+            credential: crate::provider::graph::settings::CredentialSettings::ClientSecret {
+                env: "UNUSED".into(),
+            },
             graph_url: url.clone(),
             login_url: url,
             ca_requests_per_second: 1.0,

@@ -280,6 +280,7 @@ async fn reconcile_all_phases(seed: u64, faults: f64) -> Vec<Value> {
         tenant_domain: "contoso.onmicrosoft.com".into(),
         client_id: "00001111-aaaa-2222-bbbb-3333cccc4444".into(),
         client_secret: SECRET.into(),
+        credentials: Default::default(),
         token_lifetime: std::time::Duration::from_secs(3600),
         token_uses: None,
         ca_requests_per_second: 1e6,

@@ -74,6 +74,8 @@ pub enum Output {
     Json,
 }
 
+// Parsed once per process: the emulator's many flags cost nothing worth boxing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Check or show rollout plans
@@ -243,6 +245,21 @@ enum Command {
             hide_env_values = true
         )]
         client_secret: String,
+        /// A certificate (PEM) registered on the application as a credential: clients may sign
+        /// in with a client assertion signed by its key (repeatable)
+        #[arg(long = "client-certificate", value_name = "PEM")]
+        client_certificates: Vec<PathBuf>,
+        /// The issuer of tokens the application trusts through a federated identity credential
+        /// (workload identity federation), e.g. a Kubernetes cluster's service-account issuer
+        #[arg(long, requires_all = ["federated_subject", "federated_issuer_key"])]
+        federated_issuer: Option<String>,
+        /// The subject those tokens must carry, e.g. system:serviceaccount:NAMESPACE:NAME
+        #[arg(long, requires = "federated_issuer")]
+        federated_subject: Option<String>,
+        /// The issuer's public signing key (PEM), which the real service reads from the
+        /// issuer's OpenID discovery document
+        #[arg(long, value_name = "PEM", requires = "federated_issuer")]
+        federated_issuer_key: Option<PathBuf>,
         /// Lifetime of issued access tokens, in tenant time
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         token_lifetime: std::time::Duration,
@@ -548,6 +565,10 @@ async fn dispatch(cli: Cli) -> CommandResult {
             tenant,
             client_id,
             client_secret,
+            client_certificates,
+            federated_issuer,
+            federated_subject,
+            federated_issuer_key,
             token_lifetime,
             ca_rate,
             token_uses,
@@ -555,6 +576,12 @@ async fn dispatch(cli: Cli) -> CommandResult {
             ca_state,
             maa,
         } => {
+            let credentials = emulator_credentials(
+                &client_certificates,
+                federated_issuer,
+                federated_subject,
+                federated_issuer_key,
+            )?;
             if !(0.0..=1.0).contains(&faults) {
                 return Err(Failure::invalid("--faults must be between 0 and 1"));
             }
@@ -572,6 +599,7 @@ async fn dispatch(cli: Cli) -> CommandResult {
                 tenant_domain: tenant,
                 client_id,
                 client_secret,
+                credentials,
                 token_lifetime,
                 token_uses,
                 ca_requests_per_second: ca_rate,
@@ -595,6 +623,45 @@ async fn dispatch(cli: Cli) -> CommandResult {
             Ok(exit::OK)
         }
     }
+}
+
+/// The emulated app's certificate and federated credentials, read from their files.
+fn emulator_credentials(
+    certificates: &[PathBuf],
+    issuer: Option<String>,
+    subject: Option<String>,
+    issuer_key: Option<PathBuf>,
+) -> Result<crate::emulator::credentials::AppCredentials, Failure> {
+    let read = |path: &PathBuf, what: &str| {
+        let bytes = std::fs::read(path)
+            .map_err(|e| Failure::invalid(format!("{what} {}: {e}", path.display())))?;
+        jsonwebtoken::DecodingKey::from_rsa_pem(&bytes).map_err(|e| {
+            Failure::invalid(format!(
+                "{what} {}: not an RSA certificate or public key in PEM: {e}",
+                path.display()
+            ))
+        })?;
+        Ok::<_, Failure>(bytes)
+    };
+    let certificates = certificates
+        .iter()
+        .map(|path| read(path, "--client-certificate"))
+        .collect::<Result<_, _>>()?;
+    let federation = match (issuer, subject, issuer_key) {
+        (Some(issuer), Some(subject), Some(key)) => {
+            Some(crate::emulator::credentials::Federation {
+                issuer,
+                subject,
+                audience: crate::emulator::credentials::FEDERATION_AUDIENCE.to_string(),
+                issuer_key: read(&key, "--federated-issuer-key")?,
+            })
+        }
+        _ => None,
+    };
+    Ok(crate::emulator::credentials::AppCredentials {
+        certificates,
+        federation,
+    })
 }
 
 fn default_store() -> PathBuf {

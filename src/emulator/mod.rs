@@ -11,6 +11,7 @@
 pub mod approvals;
 pub mod ca;
 pub mod compliance;
+pub mod credentials;
 pub mod faults;
 pub mod intune;
 pub mod tenant;
@@ -225,6 +226,7 @@ mod tests {
             tenant_domain: "contoso.onmicrosoft.com".into(),
             client_id: "app".into(),
             client_secret: "secret".into(),
+            credentials: Default::default(),
             token_lifetime: std::time::Duration::from_secs(3600),
             token_uses: None,
             ca_requests_per_second: 1e9,

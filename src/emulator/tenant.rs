@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use super::approvals::{self, ApprovalRequest, State as ApprovalState};
 use super::ca;
 use super::compliance::{self, Version};
+use super::credentials::{self, AppCredentials};
 use super::faults::{Fault, fault_for};
 use super::intune::{Coverage, Enforcer, Intune, Notice, PolicyRules, Row, Rules, platform_index};
 use crate::domain::plan::Platform;
@@ -33,6 +34,9 @@ use crate::provider::simulator::fleet::{Fleet, GROUPS};
 pub use scenario::{
     HELPDESK_GROUP, HELPDESK_TEMPLATE_NAME, KIOSK_GROUP, MFA_POLICY_NAME, SCENARIO_FILTER_NAME,
 };
+
+/// The metadata service's token path (on the emulator's own socket: one address to point at).
+pub const METADATA_TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
 
 /// How the emulator is set up (`phasegate emulator` flags).
 #[derive(Clone, Debug)]
@@ -49,6 +53,8 @@ pub struct Settings {
     pub tenant_domain: String,
     pub client_id: String,
     pub client_secret: String,
+    /// The app's certificate and federated credentials (`--client-certificate`, `--federated-*`).
+    pub credentials: AppCredentials,
     pub token_lifetime: Duration,
     /// A token stops working after this many Graph requests (rehearses expiry mid-rollout).
     pub token_uses: Option<u64>,
@@ -714,6 +720,8 @@ impl Tenant {
             self.control(request, &request_id)
         } else if request.path.ends_with("/oauth2/v2.0/token") {
             self.token(request, now)
+        } else if request.path == METADATA_TOKEN_PATH {
+            self.metadata_token(request, now)
         } else if let Some((version, rest)) = split_version(&request.path) {
             self.graph(request, rest, version, &request_id)
         } else {
@@ -1085,14 +1093,69 @@ impl Tenant {
                 "Application was not found in the directory.",
             );
         }
-        if form.get("client_secret") != Some(&self.settings.client_secret) {
-            return oauth_error(
-                401,
-                "invalid_client",
-                7000215,
-                "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.",
-            );
+        match (form.get("client_secret"), form.get("client_assertion")) {
+            (Some(secret), None) if *secret == self.settings.client_secret => {}
+            (Some(_), None) => {
+                return oauth_error(
+                    401,
+                    "invalid_client",
+                    7000215,
+                    "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.",
+                );
+            }
+            (None, Some(assertion)) => {
+                if form.get("client_assertion_type").map(String::as_str)
+                    != Some(crate::provider::graph::credential::JWT_BEARER)
+                {
+                    return oauth_error(
+                        400,
+                        "invalid_request",
+                        50027,
+                        "JWT token is invalid or malformed: 'client_assertion_type' must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer.",
+                    );
+                }
+                let audience = format!("{}{}", request.base_url, request.path);
+                if let Err((status, error, code, description)) = credentials::check_assertion(
+                    &self.settings.credentials,
+                    assertion,
+                    &audience,
+                    &self.settings.client_id,
+                    now,
+                ) {
+                    return oauth_error(status, error, code, &description);
+                }
+            }
+            (Some(_), Some(_)) => {
+                return oauth_error(
+                    400,
+                    "invalid_request",
+                    7000216,
+                    "Only one of 'client_assertion', 'client_secret' may be given for the 'client_credentials' grant type.",
+                );
+            }
+            (None, None) => {
+                return oauth_error(
+                    401,
+                    "invalid_client",
+                    7000218,
+                    "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+                );
+            }
         }
+        let (token, lifetime) = self.issue_token(now);
+        Response::json(
+            200,
+            json!({
+                "token_type": "Bearer",
+                "expires_in": lifetime.as_secs(),
+                "ext_expires_in": lifetime.as_secs(),
+                "access_token": token,
+            }),
+        )
+    }
+
+    /// A new access token for the app, valid for the configured lifetime of tenant time.
+    fn issue_token(&mut self, now: Timestamp) -> (String, Duration) {
         self.tokens_issued += 1;
         let token = format!(
             "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.{}.{}",
@@ -1101,13 +1164,56 @@ impl Tenant {
         );
         let lifetime = self.settings.token_lifetime;
         self.tokens.insert(token.clone(), (now.plus(lifetime), 0));
+        (token, lifetime)
+    }
+
+    /// The instance metadata service's token endpoint, for the machine's managed identity (the
+    /// emulated app's own client id). See `credentials` for the documented behaviour.
+    fn metadata_token(&mut self, request: &Request, now: Timestamp) -> Response {
+        let refuse = |description: &str| {
+            Response::json(
+                400,
+                json!({"error": "invalid_request", "error_description": description}),
+            )
+        };
+        if request.method != "GET" {
+            return Response::json(405, json!({"error": "method_not_allowed"}));
+        }
+        if request.headers.get("metadata").map(String::as_str) != Some("true") {
+            return refuse("Required metadata header not specified");
+        }
+        let query = |name: &str| {
+            request
+                .query
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        if query("api-version").is_none() {
+            return refuse("Required query variable 'api-version' is missing");
+        }
+        let resource = query("resource").unwrap_or("");
+        if resource.trim_end_matches('/') != "https://graph.microsoft.com" {
+            return refuse(&format!(
+                "Required audience parameter not specified or not a resource this identity can get a token for: '{resource}'"
+            ));
+        }
+        if query("client_id").is_some_and(|id| id != self.settings.client_id) {
+            return refuse("Identity not found");
+        }
+        let (token, lifetime) = self.issue_token(now);
+        let expires_on = now.plus(lifetime).as_millis().div_euclid(1000);
+        let issued = now.as_millis().div_euclid(1000);
         Response::json(
             200,
             json!({
-                "token_type": "Bearer",
-                "expires_in": lifetime.as_secs(),
-                "ext_expires_in": lifetime.as_secs(),
                 "access_token": token,
+                "refresh_token": "",
+                "expires_in": lifetime.as_secs().to_string(),
+                "expires_on": expires_on.to_string(),
+                "not_before": issued.to_string(),
+                "resource": resource,
+                "token_type": "Bearer",
             }),
         )
     }

@@ -32,6 +32,7 @@ async fn bench() {
         tenant_domain: "contoso.onmicrosoft.com".into(),
         client_id: "00001111-aaaa-2222-bbbb-3333cccc4444".into(),
         client_secret: SECRET.into(),
+        credentials: Default::default(),
         token_lifetime: Duration::from_secs(30 * 86_400),
         token_uses: None,
         ca_requests_per_second: 1e6,

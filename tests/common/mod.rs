@@ -160,6 +160,8 @@ pub struct Phasegate {
     pub dir: tempfile::TempDir,
     /// The plan `start` starts (written by `with_plan`; `offline` leaves it unwritten).
     pub plan: PathBuf,
+    /// Environment variables set (`Some`) or removed (`None`) for every command.
+    env: Vec<(String, Option<String>)>,
 }
 
 impl Phasegate {
@@ -168,7 +170,23 @@ impl Phasegate {
     pub fn offline() -> Phasegate {
         let dir = tempfile::tempdir().unwrap();
         let plan = dir.path().join("plan.toml");
-        Phasegate { dir, plan }
+        Phasegate {
+            dir,
+            plan,
+            env: Vec::new(),
+        }
+    }
+
+    /// The same store and plan, with `name=value` in every command's environment.
+    pub fn with_env(mut self, name: &str, value: &str) -> Phasegate {
+        self.env.push((name.to_string(), Some(value.to_string())));
+        self
+    }
+
+    /// The same store and plan, with `name` removed from every command's environment.
+    pub fn without_env(mut self, name: &str) -> Phasegate {
+        self.env.push((name.to_string(), None));
+        self
     }
 
     /// The store's directory.
@@ -200,7 +218,11 @@ impl Phasegate {
             );
         let plan = dir.path().join("plan.toml");
         std::fs::write(&plan, edit(text)).unwrap();
-        Phasegate { dir, plan }
+        Phasegate {
+            dir,
+            plan,
+            env: Vec::new(),
+        }
     }
 
     /// Another store driving the same plan file.
@@ -208,7 +230,11 @@ impl Phasegate {
         let dir = tempfile::tempdir().unwrap();
         let plan = dir.path().join("plan.toml");
         std::fs::copy(&self.plan, &plan).unwrap();
-        Phasegate { dir, plan }
+        Phasegate {
+            dir,
+            plan,
+            env: Vec::new(),
+        }
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
@@ -219,6 +245,12 @@ impl Phasegate {
             .env("PHASEGATE_GRAPH_SECRET", SECRET)
             .env_remove("RUST_LOG")
             .current_dir(env!("CARGO_MANIFEST_DIR"));
+        for (name, value) in &self.env {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
         command
     }
 

@@ -12,6 +12,7 @@ fn settings() -> Settings {
         tenant_domain: "contoso.onmicrosoft.com".into(),
         client_id: "app".into(),
         client_secret: "secret".into(),
+        credentials: Default::default(),
         token_lifetime: Duration::from_secs(3600),
         token_uses: None,
         ca_requests_per_second: 1e9,

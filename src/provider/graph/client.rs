@@ -20,7 +20,6 @@
 //! time, and a rehearsal against `phasegate emulator` can run on its virtual clock.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -35,20 +34,8 @@ use super::settings::GraphSettings;
 use crate::domain::time::Timestamp;
 use crate::provider::{ErrorKind, ProviderError};
 
-/// The client secret; never printed.
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: String) -> Secret {
-        Secret(value)
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+use super::credential::TokenRequest;
+pub use super::credential::{Credential, Secret};
 
 struct Token {
     value: String,
@@ -62,6 +49,21 @@ struct ServerClock {
     manual: bool,
     factor: f64,
     floor: Timestamp,
+}
+
+impl ServerClock {
+    /// The tenant's time now, from the last answer (this machine's clock before any).
+    fn reading(&self) -> Timestamp {
+        match self.anchor {
+            None => Timestamp::from_system_time(std::time::SystemTime::now()),
+            Some((at, _)) if self.manual => at,
+            Some((at, seen)) => at.plus(
+                // Saturating: a factor too large for the calendar ends at its last instant.
+                Duration::try_from_secs_f64(seen.elapsed().as_secs_f64() * self.factor)
+                    .unwrap_or(Duration::MAX),
+            ),
+        }
+    }
 }
 
 /// Whether a request changes the tenant; writes are never blindly repeated.
@@ -91,7 +93,7 @@ pub struct GraphClient {
     settings: GraphSettings,
     /// `graph_url`, parsed: its origin is the only one that receives the token.
     graph: Url,
-    secret: Secret,
+    credential: Credential,
     token: tokio::sync::Mutex<Option<Token>>,
     clock: Mutex<ServerClock>,
     ca_slot: tokio::sync::Mutex<Option<Instant>>,
@@ -101,6 +103,15 @@ pub struct GraphClient {
 
 /// Renew the token this long before it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(300);
+/// Entra ID's tokens live about an hour (at most a day); a longer claim is not believed.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// AADSTS700024: "Client assertion is not within its valid time range."
+const ASSERTION_OUTSIDE_VALIDITY: u64 = 700024;
+
+/// The first of an Entra ID error's `error_codes`.
+fn aadsts_code(body: &str) -> Option<u64> {
+    serde_json::from_str::<Value>(body).ok()?["error_codes"][0].as_u64()
+}
 
 pub use crate::graph::encode_query_value as encode;
 
@@ -174,7 +185,10 @@ fn short(url: &str) -> &str {
 }
 
 impl GraphClient {
-    pub fn new(settings: GraphSettings, secret: Secret) -> Result<GraphClient, ProviderError> {
+    pub fn new(
+        settings: GraphSettings,
+        credential: impl Into<Credential>,
+    ) -> Result<GraphClient, ProviderError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let graph = Url::parse(&settings.graph_url).map_err(|e| {
             ProviderError::permanent(format!("invalid graph_url `{}`: {e}", settings.graph_url))
@@ -193,7 +207,7 @@ impl GraphClient {
             http,
             settings,
             graph,
-            secret,
+            credential: credential.into(),
             token: tokio::sync::Mutex::new(None),
             clock: Mutex::new(ServerClock {
                 anchor: None,
@@ -214,18 +228,16 @@ impl GraphClient {
     /// The tenant's current time.
     pub fn now(&self) -> Timestamp {
         let mut clock = self.clock.lock().expect("clock lock");
-        let now = match clock.anchor {
-            None => Timestamp::from_system_time(std::time::SystemTime::now()),
-            Some((_, _)) if clock.manual => clock.anchor.expect("checked").0,
-            Some((at, seen)) => at.plus(
-                // Saturating: a factor too large for the calendar ends at its last instant.
-                Duration::try_from_secs_f64(seen.elapsed().as_secs_f64() * clock.factor)
-                    .unwrap_or(Duration::MAX),
-            ),
-        };
-        let now = now.max(clock.floor);
+        let now = clock.reading().max(clock.floor);
         clock.floor = now;
         now
+    }
+
+    /// The tenant's clock as its last answer set it, even where that is behind a moment already
+    /// reported by `now` (which never goes back): what the tenant checks an assertion's times
+    /// against.
+    fn tenant_clock(&self) -> Timestamp {
+        self.clock.lock().expect("clock lock").reading()
     }
 
     /// True when the tenant's clock only moves when asked (the emulator's default).
@@ -331,22 +343,23 @@ impl GraphClient {
     }
 
     async fn fetch_token(&self, patience: &mut Patience) -> Result<Token, ProviderError> {
-        let url = format!(
-            "{}/{}/oauth2/v2.0/token",
-            self.settings.login_url, self.settings.tenant
-        );
         let scope = graph_scope(&self.settings.graph_url);
-        let form = [
-            ("client_id", self.settings.client_id.as_str()),
-            ("scope", scope.as_str()),
-            ("client_secret", self.secret.0.as_str()),
-            ("grant_type", "client_credentials"),
-        ];
         let metrics = crate::metrics::global();
         let mut failed = 0;
+        // A certificate's assertion carries the time; one refused as outside its validity is
+        // made again once, from the tenant's clock the refusal's `Date` just told.
+        let mut reclocked = false;
         loop {
+            let request = self
+                .credential
+                .request(&self.settings, &scope, self.tenant_clock())?;
+            let method = request.method();
+            let sending = match &request {
+                TokenRequest::Form { url, form } => self.http.post(url).form(form),
+                TokenRequest::Metadata { url } => self.http.get(url).header("Metadata", "true"),
+            };
             // An answer whose body never arrived is a transport failure, like no answer at all.
-            let sent = match self.http.post(&url).form(&form).send().await {
+            let sent = match sending.send().await {
                 Ok(response) => {
                     let status = response.status();
                     let headers = response.headers().clone();
@@ -357,7 +370,7 @@ impl GraphClient {
             let (status, headers, body) = match sent {
                 Ok(answer) => answer,
                 Err(e) => {
-                    metrics.provider_request("graph", "POST", crate::metrics::TRANSPORT);
+                    metrics.provider_request("graph", method, crate::metrics::TRANSPORT);
                     failed += 1;
                     let error = format!(
                         "signing in to tenant {}: {}",
@@ -386,11 +399,21 @@ impl GraphClient {
             self.observe_clock(&headers);
             metrics.provider_request(
                 "graph",
-                "POST",
+                method,
                 crate::metrics::status_class(status.as_u16()),
             );
             if status.as_u16() == 429 {
                 metrics.provider_throttled("graph");
+            }
+            if !reclocked
+                && matches!(self.credential, Credential::Certificate(_))
+                && aadsts_code(&body) == Some(ASSERTION_OUTSIDE_VALIDITY)
+            {
+                reclocked = true;
+                tracing::info!(
+                    "the tenant's clock differs from this machine's; signing again on its time"
+                );
+                continue;
             }
             if status.is_success() {
                 let json: Value = serde_json::from_str(&body).map_err(|e| {
@@ -402,7 +425,12 @@ impl GraphClient {
                         ProviderError::permanent("the token response has no access_token")
                     })?
                     .to_string();
-                let lifetime = json["expires_in"].as_u64().unwrap_or(3599);
+                // The metadata service writes `expires_in` as a string, Entra ID as a number.
+                let lifetime = json["expires_in"]
+                    .as_u64()
+                    .or_else(|| json["expires_in"].as_str().and_then(|t| t.parse().ok()))
+                    .unwrap_or(3599)
+                    .min(MAX_TOKEN_LIFETIME.as_secs());
                 tracing::debug!(lifetime, "signed in to Microsoft Graph");
                 return Ok(Token {
                     value,
@@ -430,9 +458,10 @@ impl GraphClient {
                 ..ProviderError::new(
                     kind,
                     format!(
-                        "signing in to tenant {} as application {} failed: {}",
+                        "signing in to tenant {} as application {} with its {} failed: {}",
                         self.settings.tenant,
                         self.settings.client_id,
+                        self.settings.credential.kind(),
                         redirect.unwrap_or_else(|| describe_error(&body))
                     ),
                 )
@@ -1004,7 +1033,9 @@ mod tests {
         let settings = GraphSettings {
             tenant: "tenant".into(),
             client_id: "client".into(),
-            client_secret_env: "UNUSED".into(),
+            credential: crate::provider::graph::settings::CredentialSettings::ClientSecret {
+                env: "UNUSED".into(),
+            },
             graph_url: graph.into(),
             login_url: login.into(),
             ca_requests_per_second: 1.0,

@@ -17,6 +17,7 @@
 //! through v1.0 would delete them; everything else is v1.0.
 
 pub mod client;
+pub mod credential;
 pub mod mapping;
 pub mod settings;
 
@@ -31,7 +32,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use self::client::{Access, BatchRequest, GraphClient, Secret, encode};
+use self::client::{Access, BatchRequest, GraphClient, encode};
+use self::credential::{Credential, Secret};
 use self::mapping::{
     CaNames, CaRole, GraceState, GroupRef, Members, Names, PolicyName, PolicyView, Scope,
     TenantView, Want, Write,
@@ -158,25 +160,15 @@ fn digest(method: &Method, path: &str, body: &Value) -> String {
 }
 
 impl GraphProvider {
-    /// Reads the secret from the environment and signs in (which also learns the tenant's time).
+    /// Reads the credential (a secret from the environment, a certificate from its file, ...)
+    /// and signs in, which also learns the tenant's time.
     pub async fn connect(
         settings: GraphSettings,
         store_id: &str,
         journal: Option<sled::Tree>,
     ) -> Result<GraphProvider, ProviderError> {
-        let secret = std::env::var(&settings.client_secret_env)
-            .ok()
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| {
-                ProviderError::new(
-                    ErrorKind::Auth,
-                    format!(
-                        "the client secret for tenant {} is not set: put it in the environment variable {}",
-                        settings.tenant, settings.client_secret_env
-                    ),
-                )
-            })?;
-        let mut provider = GraphProvider::with_secret(settings, secret, store_id).await?;
+        let credential = Credential::load(&settings.credential, &settings.tenant)?;
+        let mut provider = GraphProvider::with_credential(settings, credential, store_id).await?;
         provider.journal = journal;
         Ok(provider)
     }
@@ -187,7 +179,16 @@ impl GraphProvider {
         secret: String,
         store_id: &str,
     ) -> Result<GraphProvider, ProviderError> {
-        let client = GraphClient::new(settings, Secret::new(secret))?;
+        GraphProvider::with_credential(settings, Secret::new(secret).into(), store_id).await
+    }
+
+    /// Signs in with a credential already loaded.
+    pub async fn with_credential(
+        settings: GraphSettings,
+        credential: Credential,
+        store_id: &str,
+    ) -> Result<GraphProvider, ProviderError> {
+        let client = GraphClient::new(settings, credential)?;
         match client.sign_in().await {
             Ok(()) => {}
             Err(e) if e.retryable() => {

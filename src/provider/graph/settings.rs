@@ -1,7 +1,9 @@
-//! The Graph provider's `[provider]` settings: which tenant, which app registration, where the
-//! secret is, and the endpoints (Microsoft's by default, `phasegate emulator` in tests). Parsed
-//! from the plan's text by this adapter alone.
+//! The Graph provider's `[provider]` settings: which tenant, which app registration, how it
+//! proves who it is (a secret, a certificate, a managed identity, a federated token), and the
+//! endpoints (Microsoft's by default, `phasegate emulator` in tests). Parsed from the plan's text
+//! by this adapter alone. A plan names where credential material is, never the material.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -26,14 +28,51 @@ pub const REQUEST_TIMEOUT_RANGE: DurationRange = DurationRange {
 /// emulator in tests; Microsoft allows about one per tenant).
 pub const CA_RATE_RANGE: (f64, f64) = (0.001, 1_000_000.0);
 
+/// The Azure instance metadata service's token endpoint (plain http on a link-local address, by
+/// design: it never leaves the machine).
+pub const DEFAULT_IDENTITY_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
+/// Where Azure's workload identity webhook tells a pod its federated token file is.
+pub const FEDERATED_TOKEN_FILE_VARIABLE: &str = "AZURE_FEDERATED_TOKEN_FILE";
+
+/// How phasegate signs in: exactly one per plan.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CredentialSettings {
+    /// The environment variable holding the client secret (rehearsals, small set-ups).
+    ClientSecret { env: String },
+    /// A certificate with its private key: PEM, or PKCS#12 (`.pfx`/`.p12`) whose password is in
+    /// the environment variable `password_env`.
+    Certificate {
+        path: PathBuf,
+        password_env: Option<String>,
+    },
+    /// The managed identity of the machine phasegate runs on (`client_id` names which one).
+    ManagedIdentity { endpoint: String },
+    /// A token another identity provider issued (a Kubernetes service account's), exchanged
+    /// through the app's federated credential; `None`: the file `AZURE_FEDERATED_TOKEN_FILE` names.
+    WorkloadIdentity { token_file: Option<PathBuf> },
+}
+
+impl CredentialSettings {
+    /// What the credential is, for messages (never its material).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CredentialSettings::ClientSecret { .. } => "client secret",
+            CredentialSettings::Certificate { .. } => "certificate",
+            CredentialSettings::ManagedIdentity { .. } => "managed identity",
+            CredentialSettings::WorkloadIdentity { .. } => "workload identity federation",
+        }
+    }
+}
+
 /// A Microsoft 365 tenant through Microsoft Graph (or `phasegate emulator`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct GraphSettings {
     /// Tenant GUID or verified domain.
     pub tenant: String,
+    /// The app registration's client id (with a managed identity: the identity's).
     pub client_id: String,
-    /// The environment variable holding the client secret; the secret never sits in a plan.
-    pub client_secret_env: String,
+    /// How phasegate proves it is that app; the material itself never sits in a plan.
+    pub credential: CredentialSettings,
     pub graph_url: String,
     pub login_url: String,
     /// Conditional Access requests per second (the service allows 1 per tenant).
@@ -49,6 +88,12 @@ struct Raw {
     tenant: Option<Spanned<String>>,
     client_id: Option<Spanned<String>>,
     client_secret_env: Option<Spanned<String>>,
+    client_certificate: Option<Spanned<String>>,
+    client_certificate_password_env: Option<Spanned<String>>,
+    managed_identity: Option<Spanned<bool>>,
+    identity_endpoint: Option<Spanned<String>>,
+    workload_identity: Option<Spanned<bool>>,
+    federated_token_file: Option<Spanned<String>>,
     graph_url: Option<Spanned<String>>,
     login_url: Option<Spanned<String>>,
     ca_requests_per_second: Option<Spanned<f64>>,
@@ -81,13 +126,7 @@ pub fn parse(source: &str) -> Result<GraphSettings, Vec<Diagnostic>> {
     };
     let tenant = required(&raw.tenant, "tenant");
     let client_id = required(&raw.client_id, "client_id");
-    let client_secret_env = required(&raw.client_secret_env, "client_secret_env");
-    let client_secret_env = match (&raw.client_secret_env, client_secret_env) {
-        (Some(value), Some(_)) => adapters::secret_variable(value, "client_secret_env")
-            .map_err(|d| problems.push(d))
-            .ok(),
-        _ => None,
-    };
+    let credential = credential(&raw, at.clone()).map_err(|mut d| problems.append(&mut d));
     let mut url = |value: &Option<Spanned<String>>, default: &str, what: &str| match value {
         None => Some(default.to_string()),
         Some(v) => adapters::endpoint_url(v, what)
@@ -128,7 +167,7 @@ pub fn parse(source: &str) -> Result<GraphSettings, Vec<Diagnostic>> {
     match (
         tenant,
         client_id,
-        client_secret_env,
+        credential.ok(),
         graph_url,
         login_url,
         rate,
@@ -137,7 +176,7 @@ pub fn parse(source: &str) -> Result<GraphSettings, Vec<Diagnostic>> {
         (
             Some(tenant),
             Some(client_id),
-            Some(client_secret_env),
+            Some(credential),
             Some(graph_url),
             Some(login_url),
             Some(ca_requests_per_second),
@@ -145,13 +184,183 @@ pub fn parse(source: &str) -> Result<GraphSettings, Vec<Diagnostic>> {
         ) => Ok(GraphSettings {
             tenant,
             client_id,
-            client_secret_env,
+            credential,
             graph_url,
             login_url,
             ca_requests_per_second,
             request_timeout,
         }),
         _ => Err(problems),
+    }
+}
+
+/// The one credential the settings give, or why there is none.
+fn credential(
+    raw: &Raw,
+    table: std::ops::Range<usize>,
+) -> Result<CredentialSettings, Vec<Diagnostic>> {
+    let given: Vec<(&str, std::ops::Range<usize>)> = [
+        (
+            "client_secret_env",
+            raw.client_secret_env.as_ref().map(Spanned::span),
+        ),
+        (
+            "client_certificate",
+            raw.client_certificate.as_ref().map(Spanned::span),
+        ),
+        (
+            "managed_identity",
+            raw.managed_identity.as_ref().map(Spanned::span),
+        ),
+        (
+            "workload_identity",
+            raw.workload_identity.as_ref().map(Spanned::span),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, span)| Some((key, span?)))
+    .collect();
+    let mut problems = Vec::new();
+    let stray = |key: &str, span: std::ops::Range<usize>, belongs: &str| {
+        Diagnostic::new(
+            span,
+            format!("`{key}` is a setting of `{belongs}`, which is not given"),
+        )
+    };
+    let chosen = match given.as_slice() {
+        [] => {
+            return Err(vec![Diagnostic::new(
+                table,
+                "the graph provider needs a credential: `client_secret_env`, `client_certificate`, \
+                 `managed_identity = true` or `workload_identity = true`",
+            )]);
+        }
+        [(key, _)] => *key,
+        [_, (second, span), ..] => {
+            return Err(vec![Diagnostic::new(
+                span.clone(),
+                format!(
+                    "`{second}` is a second credential: give exactly one of `client_secret_env`, \
+                     `client_certificate`, `managed_identity`, `workload_identity`"
+                ),
+            )]);
+        }
+    };
+    if chosen != "client_certificate"
+        && let Some(v) = &raw.client_certificate_password_env
+    {
+        problems.push(stray(
+            "client_certificate_password_env",
+            v.span(),
+            "client_certificate",
+        ));
+    }
+    if chosen != "managed_identity"
+        && let Some(v) = &raw.identity_endpoint
+    {
+        problems.push(stray("identity_endpoint", v.span(), "managed_identity"));
+    }
+    if chosen != "workload_identity"
+        && let Some(v) = &raw.federated_token_file
+    {
+        problems.push(stray("federated_token_file", v.span(), "workload_identity"));
+    }
+    let chosen = match chosen {
+        "client_secret_env" => secret(raw.client_secret_env.as_ref().expect("given")),
+        "client_certificate" => certificate(raw),
+        "managed_identity" => managed_identity(raw),
+        _ => workload_identity(raw),
+    };
+    match chosen {
+        Ok(credential) if problems.is_empty() => Ok(credential),
+        Ok(_) => Err(problems),
+        Err(mut more) => {
+            problems.append(&mut more);
+            Err(problems)
+        }
+    }
+}
+
+fn secret(value: &Spanned<String>) -> Result<CredentialSettings, Vec<Diagnostic>> {
+    if value.get_ref().trim().is_empty() {
+        return Err(vec![Diagnostic::new(
+            value.span(),
+            "`client_secret_env` must not be empty",
+        )]);
+    }
+    let env = adapters::secret_variable(value, "client_secret_env").map_err(|d| vec![d])?;
+    Ok(CredentialSettings::ClientSecret { env })
+}
+
+fn certificate(raw: &Raw) -> Result<CredentialSettings, Vec<Diagnostic>> {
+    let path = absolute_path(
+        raw.client_certificate.as_ref().expect("given"),
+        "client_certificate",
+    );
+    let password_env = raw
+        .client_certificate_password_env
+        .as_ref()
+        .map(|v| adapters::secret_variable(v, "client_certificate_password_env"))
+        .transpose();
+    match (path, password_env) {
+        (Ok(path), Ok(password_env)) => Ok(CredentialSettings::Certificate { path, password_env }),
+        (path, password_env) => Err(path.err().into_iter().chain(password_env.err()).collect()),
+    }
+}
+
+fn managed_identity(raw: &Raw) -> Result<CredentialSettings, Vec<Diagnostic>> {
+    let flag = raw.managed_identity.as_ref().expect("given");
+    if !flag.get_ref() {
+        return Err(vec![Diagnostic::new(
+            flag.span(),
+            "`managed_identity = false` chooses no credential: remove it, or give another",
+        )]);
+    }
+    let endpoint = match &raw.identity_endpoint {
+        None => DEFAULT_IDENTITY_ENDPOINT.to_string(),
+        Some(v) if is_metadata_service(v.get_ref()) => v.get_ref().trim().to_string(),
+        Some(v) => adapters::endpoint_url(v, "identity_endpoint").map_err(|d| vec![d])?,
+    };
+    Ok(CredentialSettings::ManagedIdentity { endpoint })
+}
+
+/// The instance metadata service answers plain http on its link-local address only.
+fn is_metadata_service(url: &str) -> bool {
+    reqwest::Url::parse(url.trim())
+        .is_ok_and(|u| u.scheme() == "http" && u.host_str() == Some("169.254.169.254"))
+}
+
+fn workload_identity(raw: &Raw) -> Result<CredentialSettings, Vec<Diagnostic>> {
+    let flag = raw.workload_identity.as_ref().expect("given");
+    if !flag.get_ref() {
+        return Err(vec![Diagnostic::new(
+            flag.span(),
+            "`workload_identity = false` chooses no credential: remove it, or give another",
+        )]);
+    }
+    let token_file = raw
+        .federated_token_file
+        .as_ref()
+        .map(|v| absolute_path(v, "federated_token_file"))
+        .transpose()
+        .map_err(|d| vec![d])?;
+    Ok(CredentialSettings::WorkloadIdentity { token_file })
+}
+
+/// A file a long-running daemon reads: relative to nothing but the file system's root.
+fn absolute_path(value: &Spanned<String>, key: &str) -> Result<PathBuf, Diagnostic> {
+    let path = PathBuf::from(value.get_ref().trim());
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(Diagnostic::new(
+            value.span(),
+            format!(
+                "`{key}` must be an absolute path, found `{}`: phasegate may run from any \
+                 directory (a daemon, a pipeline)",
+                value.get_ref()
+            ),
+        ))
     }
 }
 
@@ -194,7 +403,12 @@ mod tests {
             messages.contains(&"`client_id` must not be empty"),
             "{messages:?}"
         );
-        assert!(messages.contains(&"the graph provider needs `client_secret_env`"));
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with("the graph provider needs a credential")),
+            "{messages:?}"
+        );
         assert!(
             messages
                 .iter()
@@ -244,6 +458,103 @@ mod tests {
             ));
             assert!(parse(&source).is_err(), "{bad} accepted");
         }
+    }
+
+    const APP: &str = "tenant = \"t\"\nclient_id = \"c\"";
+
+    fn credential_of(lines: &str) -> Result<CredentialSettings, Vec<String>> {
+        parse(&plan(&format!("{APP}\n{lines}")))
+            .map(|s| s.credential)
+            .map_err(|p| p.into_iter().map(|d| d.message).collect())
+    }
+
+    #[test]
+    fn each_credential_reads_its_own_settings() {
+        assert_eq!(
+            credential_of(
+                "client_certificate = \"/etc/pg/app.p12\"\nclient_certificate_password_env = \"PHASEGATE_P12\""
+            ),
+            Ok(CredentialSettings::Certificate {
+                path: PathBuf::from("/etc/pg/app.p12"),
+                password_env: Some("PHASEGATE_P12".into())
+            })
+        );
+        assert_eq!(
+            credential_of("managed_identity = true"),
+            Ok(CredentialSettings::ManagedIdentity {
+                endpoint: DEFAULT_IDENTITY_ENDPOINT.into()
+            })
+        );
+        assert_eq!(
+            credential_of("workload_identity = true"),
+            Ok(CredentialSettings::WorkloadIdentity { token_file: None })
+        );
+        assert_eq!(
+            credential_of("workload_identity = true\nfederated_token_file = \"/var/run/token\""),
+            Ok(CredentialSettings::WorkloadIdentity {
+                token_file: Some(PathBuf::from("/var/run/token"))
+            })
+        );
+    }
+
+    #[test]
+    fn exactly_one_credential_with_only_its_own_settings() {
+        let none = credential_of("").unwrap_err();
+        assert!(
+            none[0].starts_with("the graph provider needs a credential"),
+            "{none:?}"
+        );
+        let two =
+            credential_of("client_secret_env = \"PHASEGATE_S\"\nclient_certificate = \"/a.pem\"")
+                .unwrap_err();
+        assert!(
+            two[0].contains("`client_certificate` is a second credential"),
+            "{two:?}"
+        );
+        let stray = credential_of(
+            "client_secret_env = \"PHASEGATE_S\"\nclient_certificate_password_env = \"PHASEGATE_P\"",
+        )
+        .unwrap_err();
+        assert_eq!(
+            stray,
+            [
+                "`client_certificate_password_env` is a setting of `client_certificate`, which is not given"
+            ]
+        );
+        let relative = credential_of("client_certificate = \"certs/app.pem\"").unwrap_err();
+        assert!(
+            relative[0].contains("must be an absolute path"),
+            "{relative:?}"
+        );
+        let password = credential_of(
+            "client_certificate = \"/a.p12\"\nclient_certificate_password_env = \"HOME\"",
+        )
+        .unwrap_err();
+        assert!(
+            password[0].contains("starting with PHASEGATE_"),
+            "{password:?}"
+        );
+        let off = credential_of("managed_identity = false").unwrap_err();
+        assert!(off[0].contains("chooses no credential"), "{off:?}");
+    }
+
+    #[test]
+    fn the_metadata_service_is_plain_http_on_its_link_local_address_only() {
+        for allowed in [
+            "http://169.254.169.254/metadata/identity/oauth2/token",
+            "http://127.0.0.1:8080/metadata/identity/oauth2/token",
+            "https://identity.example/token",
+        ] {
+            let found = credential_of(&format!(
+                "managed_identity = true\nidentity_endpoint = \"{allowed}\""
+            ));
+            assert!(found.is_ok(), "{allowed}: {found:?}");
+        }
+        let elsewhere = credential_of(
+            "managed_identity = true\nidentity_endpoint = \"http://metadata.example/token\"",
+        )
+        .unwrap_err();
+        assert!(elsewhere[0].contains("plain http"), "{elsewhere:?}");
     }
 
     #[test]

@@ -699,7 +699,9 @@ fn settings(url: &str) -> GraphSettings {
     GraphSettings {
         tenant: "tenant".into(),
         client_id: "client".into(),
-        client_secret_env: "UNUSED".into(),
+        credential: crate::provider::graph::settings::CredentialSettings::ClientSecret {
+            env: "UNUSED".into(),
+        },
         graph_url: url.into(),
         login_url: url.into(),
         // Conditional Access pacing stays on, at a rate that costs a millisecond.
