@@ -403,7 +403,7 @@ impl Store {
                 key: "meta/format".into(),
                 message: "not a version number".into(),
             })?);
-        if found > FORMAT_VERSION || found < OLDEST_READABLE {
+        if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&found) {
             let who = if found > FORMAT_VERSION {
                 "a newer"
             } else {
@@ -646,6 +646,26 @@ impl Store {
         Ok(event)
     }
 
+    /// The chain head of rollout `id` as it was at event `seq`.
+    pub fn head_at(&self, id: &str, seq: u64) -> Result<ChainHead, StoreError> {
+        let key = format!("events/{id}/{seq}");
+        let bytes = self
+            .events
+            .get(records::event_key(id, seq))
+            .map_err(|e| self.db_error(e))?
+            .ok_or_else(|| StoreError::Corrupt {
+                key: key.clone(),
+                message: "the event is missing".into(),
+            })?;
+        let event = records::decode_event(&key, &bytes)?;
+        Ok(ChainHead {
+            store: self.id.clone(),
+            rollout: id.to_string(),
+            seq,
+            hash: event.record.hash,
+        })
+    }
+
     /// The chain head of every rollout.
     pub fn heads(&self) -> Result<Vec<ChainHead>, StoreError> {
         Ok(self
@@ -753,6 +773,15 @@ fn remove_unfinished_snapshots(db_dir: &Path) -> Result<(), StoreError> {
 }
 
 fn map_sled(store: &Path, err: sled::Error) -> StoreError {
+    if let sled::Error::Corruption { .. } = err {
+        return StoreError::Database {
+            path: store.to_path_buf(),
+            message: format!(
+                "the database is damaged and cannot be read. Nothing was changed. To get the tenant back, restore from an export or the recovery kits in {}: see docs/operations.md, \"A damaged store\"",
+                store.join("recovery").display()
+            ),
+        };
+    }
     let message = err.to_string();
     if is_lock_error(&err) {
         return StoreError::InUse {
