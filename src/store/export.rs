@@ -119,7 +119,8 @@ impl Export {
         Ok(export)
     }
 
-    /// Writes the export durably: beside its final name, synced, renamed into place.
+    /// Writes the export durably: beside its final name, synced, renamed into place; readable by
+    /// its owner only (it holds the plans and the tenant's recorded configuration).
     pub fn write(&self, path: &Path) -> Result<(), StoreError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -127,7 +128,11 @@ impl Export {
         };
         let partial = path.with_extension("partial");
         let bytes = serde_json::to_vec_pretty(self).expect("exports always serialize");
-        let mut file = fs::File::create(&partial).map_err(io(&partial))?;
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&partial).map_err(io(&partial))?;
         file.write_all(&bytes)
             .and_then(|()| file.sync_all())
             .map_err(io(&partial))?;
