@@ -422,11 +422,16 @@ impl Engine<'_> {
                 "rollout `{id}` has no recorded baseline"
             )));
         }
+        let head = match &work {
+            Work::Deliver(pending) => Some(self.store.head_at(&id, pending.id.seq)?),
+            _ => None,
+        };
         Ok(Task {
             work,
             plan: loaded.plan.clone(),
             rollout: id,
             store_id: self.store.id().to_string(),
+            head,
             plan_name: loaded.stored.rollout.plan_name.clone(),
             record,
             actor: self.actor.clone(),
@@ -578,6 +583,10 @@ pub struct Task {
     rollout: String,
     /// The store's identity, which makes notification keys unique across stores.
     store_id: String,
+    /// For a notification, the chain head at the event that committed it (the same on every
+    /// attempt): receivers keep it, and it later shows a rewritten trail (`phasegate verify
+    /// --against`).
+    head: Option<crate::store::ChainHead>,
     plan_name: String,
     record: Option<serde_json::Value>,
     actor: String,
@@ -728,6 +737,7 @@ impl Task {
             "previousStatus": previous.as_str(),
             "reason": reason,
             "at": at.rfc3339(),
+            "chainHead": self.head,
         });
         let delivery = Delivery {
             key: &key,

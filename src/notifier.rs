@@ -4,8 +4,11 @@
 //! A delivery is a JSON POST with an `Idempotency-Key` header carrying the effect's durable key
 //! (`<store id>/<rollout>:<seq>.<index>`), the same on every attempt, so a receiver can drop duplicates:
 //! phasegate delivers at least once (again after a crash between sending and recording), never
-//! with a new key. With `secret_env` set, `X-Phasegate-Signature: sha256=<hex HMAC-SHA256 of the
-//! body>` lets the receiver check where it came from.
+//! with a new key. The body carries the audit trail's head at the event that sent it (`chainHead`:
+//! store, rollout, seq, hash; the same on every attempt), so receivers hold evidence outside the
+//! store (`phasegate verify --against`). With `secret_env` set,
+//! `X-Phasegate-Signature: sha256=<hex HMAC-SHA256 of the body>` lets the receiver check where it
+//! came from.
 //!
 //! Only a 2xx answer is a delivery. Redirects are not followed: the body (and its signature)
 //! goes to the configured address and nowhere else, and a 3xx is, like a 4xx other than 408/429,

@@ -25,6 +25,7 @@ macro_rules! say_raw {
 mod commands;
 pub use commands::status_text;
 mod demo;
+mod recovery;
 mod remote;
 pub mod text;
 pub mod view;
@@ -296,6 +297,35 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Write a consistent snapshot of the store (rollouts, plans, baselines, trails, chain
+    /// heads, identity, digest) to a file to keep elsewhere
+    Export {
+        /// The file to write
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
+    /// Check the store against chain heads kept outside it (an export, a list of heads, or the
+    /// notifications a webhook received); exit 1 if history was rewritten or cut
+    Verify {
+        /// The export or chain-head file
+        #[arg(long, value_name = "FILE")]
+        against: PathBuf,
+    },
+    /// Put a rollout's baseline back in the tenant from an export or recovery kit, when the
+    /// store cannot be read
+    RestoreTenant {
+        /// The export, or the rollout's recovery kit (`<store>/recovery/<rollout>.json`)
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The rollout whose baseline to restore
+        id: String,
+    },
+    /// Rebuild a store from a full export, into an empty store directory
+    RestoreStore {
+        /// The export
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -548,6 +578,10 @@ async fn dispatch(cli: Cli) -> CommandResult {
         }
         Command::History { id, verify } => commands::history(&ctx, &id, verify).await,
         Command::Demo { devices, seed } => demo::run(ctx.output, devices, seed).await,
+        Command::Export { to } => recovery::export(&ctx, &to),
+        Command::Verify { against } => recovery::verify(&ctx, &against),
+        Command::RestoreTenant { from, id } => recovery::restore_tenant(&ctx, &from, &id).await,
+        Command::RestoreStore { from } => recovery::restore_store(&ctx, &from),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             let mut command = <Cli as clap::CommandFactory>::command();

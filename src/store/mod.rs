@@ -13,6 +13,8 @@
 //! wait for it briefly), `driver.lock` is held by `run` for its whole life so that only one
 //! process ever drives rollouts.
 
+mod export;
+mod identity;
 mod lock;
 mod records;
 
@@ -28,14 +30,19 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use thiserror::Error;
 
+pub use export::{ChainHead, Export, ExportError, RolloutBackup, import};
 pub use lock::FileLock;
-pub use records::{EventRecord, PlanRecord, StoredRollout};
+pub use records::{EventRecord, PlanRecord, StoredEvent, StoredRollout};
 
 use crate::domain::rollout::{Rollout, RolloutStatus};
 use sha2::Digest;
 
-/// The version of every value written; bump it with any change to a persisted shape.
-pub const FORMAT_VERSION: u32 = 2;
+/// The version of every value written; bump it with any change to a persisted shape, and say in
+/// [`Store::migrate`] what opening an older store does.
+pub const FORMAT_VERSION: u32 = 3;
+
+/// The oldest store format this version opens (and migrates).
+pub const OLDEST_READABLE: u32 = 2;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -48,6 +55,20 @@ pub enum StoreError {
     },
     #[error("store {}: {message}", path.display())]
     Database { path: PathBuf, message: String },
+    #[error(
+        "store {}: the database in sled/ is not this store's (this store is {expected}, the database is {found}): it was swapped or copied in. phasegate will not carry on with another store's trail; put the right database back or restore from a backup (docs/operations.md, \"A damaged store\")",
+        path.display()
+    )]
+    Replaced {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error(
+        "store {}: the database sled/ of store {id} is missing (deleted or moved). phasegate will not start a fresh, empty store in its place; put it back or restore from a backup (docs/operations.md, \"A damaged store\")",
+        path.display()
+    )]
+    Missing { path: PathBuf, id: String },
     #[error("store record {key}: {message}")]
     Corrupt { key: String, message: String },
     #[error("no rollout `{0}` in the store")]
@@ -147,18 +168,30 @@ fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`, waiting up to `wait` for its lock.
+    ///
+    /// The store's identity is kept twice: in the database and in `store.id` beside it. A
+    /// database whose identity differs from the file's was swapped in; a missing database where
+    /// the file says there was one was deleted or moved. Both are errors: phasegate never
+    /// carries on with another store's trail, nor with a fresh, empty one.
     pub fn open(dir: &Path, wait: Duration) -> Result<Store, StoreError> {
         ensure_dir(dir)?;
         let lock = lock::acquire(&lock::lock_path(dir, "store.lock"), dir, wait)?;
         crate::crash::point("store.locked");
+        let marker = identity::read(dir)?;
         let db_dir = dir.join("sled");
         if !db_dir.exists() {
+            if let Some(id) = marker {
+                return Err(StoreError::Missing {
+                    path: dir.to_path_buf(),
+                    id,
+                });
+            }
             create_database(dir, &db_dir)?;
         }
         remove_unfinished_snapshots(&db_dir)?;
         let db = open_database(dir, &db_dir)?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| map_sled(dir, e));
-        let store = Store {
+        let mut store = Store {
             rollouts: tree("rollouts")?,
             events: tree("events")?,
             plans: tree("plans")?,
@@ -172,37 +205,55 @@ impl Store {
             db,
             _lock: lock,
         };
+        store.id = store.identity(marker)?;
         store.check_format()?;
-        let mut store = store;
-        store.id = store.identity()?;
         crate::crash::point("store.opened");
         Ok(store)
     }
 
     /// This store's identity: made once, when the store is first opened, and never changed.
     /// Providers name it in what they leave in a tenant, so rollouts of different stores can
-    /// tell each other apart.
+    /// tell each other apart; notification keys and chain heads carry it.
     pub fn id(&self) -> &str {
         &self.id
     }
 
-    fn identity(&self) -> Result<String, StoreError> {
-        if let Some(bytes) = self.meta.get(b"store_id").map_err(|e| self.db_error(e))? {
-            return Ok(String::from_utf8_lossy(&bytes).into_owned());
+    /// The database's identity, checked against `store.id` (`marker`): made and written to both
+    /// on first opening. A store from before `store.id` existed gets the file now.
+    fn identity(&self, marker: Option<String>) -> Result<String, StoreError> {
+        let inner = self
+            .meta
+            .get(b"store_id")
+            .map_err(|e| self.db_error(e))?
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+        match (inner, marker) {
+            (Some(inner), Some(marker)) if inner == marker => Ok(inner),
+            (found, Some(expected)) => Err(StoreError::Replaced {
+                path: self.path.clone(),
+                expected,
+                found: found.unwrap_or_else(|| "none: a new, empty database".into()),
+            }),
+            (Some(inner), None) => {
+                identity::write(&self.path, &inner)?;
+                Ok(inner)
+            }
+            (None, None) => {
+                let seed = format!(
+                    "{}:{}:{:?}:{}",
+                    std::process::id(),
+                    self.path.display(),
+                    std::time::SystemTime::now(),
+                    self.db.generate_id().unwrap_or(0)
+                );
+                let id = hex::encode(&sha2::Sha256::digest(seed.as_bytes())[..8]);
+                self.meta
+                    .insert(b"store_id", id.as_bytes())
+                    .map_err(|e| self.db_error(e))?;
+                self.flush()?;
+                identity::write(&self.path, &id)?;
+                Ok(id)
+            }
         }
-        let seed = format!(
-            "{}:{}:{:?}:{}",
-            std::process::id(),
-            self.path.display(),
-            std::time::SystemTime::now(),
-            self.db.generate_id().unwrap_or(0)
-        );
-        let id = hex::encode(&sha2::Sha256::digest(seed.as_bytes())[..8]);
-        self.meta
-            .insert(b"store_id", id.as_bytes())
-            .map_err(|e| self.db_error(e))?;
-        self.flush()?;
-        Ok(id)
     }
 
     /// The rollout of this store, other than `except`, that is not finished and claims one of
@@ -340,33 +391,61 @@ impl Store {
         map_sled(&self.path, e)
     }
 
+    /// Reads the database's format, migrating an older one: a database of a newer phasegate is
+    /// refused, and one older than [`OLDEST_READABLE`] too.
     fn check_format(&self) -> Result<(), StoreError> {
         let key = b"format";
-        match self.meta.get(key).map_err(|e| self.db_error(e))? {
-            None => {
-                self.meta
-                    .insert(key, &FORMAT_VERSION.to_be_bytes())
-                    .map_err(|e| self.db_error(e))?;
-                self.flush()
-            }
-            Some(bytes) => {
-                let found = u32::from_be_bytes(bytes.as_ref().try_into().map_err(|_| {
-                    StoreError::Corrupt {
-                        key: "meta/format".into(),
-                        message: "not a version number".into(),
-                    }
-                })?);
-                if found > FORMAT_VERSION {
-                    return Err(StoreError::Database {
-                        path: self.path.clone(),
-                        message: format!(
-                            "written by a newer phasegate (format {found}; this one reads up to {FORMAT_VERSION})"
-                        ),
-                    });
-                }
-                Ok(())
-            }
+        let Some(bytes) = self.meta.get(key).map_err(|e| self.db_error(e))? else {
+            return self.set_format(FORMAT_VERSION);
+        };
+        let found =
+            u32::from_be_bytes(bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                key: "meta/format".into(),
+                message: "not a version number".into(),
+            })?);
+        if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&found) {
+            let who = if found > FORMAT_VERSION {
+                "a newer"
+            } else {
+                "a much older"
+            };
+            return Err(StoreError::Database {
+                path: self.path.clone(),
+                message: format!(
+                    "written by {who} phasegate (format {found}; this one reads formats {OLDEST_READABLE} to {FORMAT_VERSION})"
+                ),
+            });
         }
+        if found < FORMAT_VERSION {
+            self.migrate(found)?;
+        }
+        Ok(())
+    }
+
+    /// Brings a database of format `from` to [`FORMAT_VERSION`].
+    ///
+    /// 2 → 3: events are hashed over their stored bytes from now on (see `records`). Nothing is
+    /// rewritten: the events already written keep format 2 and are verified by its rule, and
+    /// other values have the same shape in both formats. The identity file was written by
+    /// [`Store::identity`] just before.
+    fn migrate(&self, from: u32) -> Result<(), StoreError> {
+        tracing::info!(
+            store = %self.path.display(),
+            from,
+            to = FORMAT_VERSION,
+            "migrating the store's format"
+        );
+        self.meta
+            .insert(b"migrated_from", &from.to_be_bytes())
+            .map_err(|e| self.db_error(e))?;
+        self.set_format(FORMAT_VERSION)
+    }
+
+    fn set_format(&self, format: u32) -> Result<(), StoreError> {
+        self.meta
+            .insert(b"format", &format.to_be_bytes())
+            .map_err(|e| self.db_error(e))?;
+        self.flush()
     }
 
     /// The next free id for a rollout of `plan_name`: `<plan_name>-<n>`.
@@ -433,11 +512,20 @@ impl Store {
     }
 
     pub fn events(&self, id: &str) -> Result<Vec<EventRecord>, StoreError> {
+        Ok(self
+            .stored_events(id)?
+            .into_iter()
+            .map(|stored| stored.record)
+            .collect())
+    }
+
+    /// The events of a rollout with the hash of their stored bytes, for verification.
+    pub fn stored_events(&self, id: &str) -> Result<Vec<StoredEvent>, StoreError> {
         self.events
             .scan_prefix(records::event_prefix(id))
             .map(|entry| {
                 let (key, value) = entry.map_err(|e| self.db_error(e))?;
-                records::decode(&format!("events/{id}/{}", records::seq_of(&key)), &value)
+                records::decode_event(&format!("events/{id}/{}", records::seq_of(&key)), &value)
             })
             .collect()
     }
@@ -488,7 +576,7 @@ impl Store {
     ) -> Result<EventRecord, StoreError> {
         let id = next.id.clone();
         let seq = current.rollout.last_seq + 1;
-        let event = event.sealed(seq, &current.last_hash);
+        let (event, event_bytes) = records::seal(event, seq, &current.last_hash);
         let stored = StoredRollout {
             rollout: Rollout {
                 last_seq: seq,
@@ -497,7 +585,6 @@ impl Store {
             last_hash: event.hash.clone(),
         };
         let rollout_bytes = records::encode(&stored);
-        let event_bytes = records::encode(&event);
         let event_key = records::event_key(&id, seq);
         let plan_entry = attached
             .plan
@@ -551,14 +638,48 @@ impl Store {
             self.flush()?;
         }
         crate::crash::point("commit.after");
+        // The head, outside the store: a log kept elsewhere can later show a rewrite.
+        tracing::info!(store = %self.id, rollout = %id, seq, hash = %event.hash, "chain head");
+        if attached.plan.is_some() || attached.record.is_some() {
+            self.write_kit(&id, event.recorded_at);
+        }
         Ok(event)
+    }
+
+    /// The chain head of rollout `id` as it was at event `seq`.
+    pub fn head_at(&self, id: &str, seq: u64) -> Result<ChainHead, StoreError> {
+        let key = format!("events/{id}/{seq}");
+        let bytes = self
+            .events
+            .get(records::event_key(id, seq))
+            .map_err(|e| self.db_error(e))?
+            .ok_or_else(|| StoreError::Corrupt {
+                key: key.clone(),
+                message: "the event is missing".into(),
+            })?;
+        let event = records::decode_event(&key, &bytes)?;
+        Ok(ChainHead {
+            store: self.id.clone(),
+            rollout: id.to_string(),
+            seq,
+            hash: event.record.hash,
+        })
+    }
+
+    /// The chain head of every rollout.
+    pub fn heads(&self) -> Result<Vec<ChainHead>, StoreError> {
+        Ok(self
+            .rollouts()?
+            .iter()
+            .map(|stored| self.head_of(stored))
+            .collect())
     }
 
     /// Checks the audit trail of a rollout: contiguous sequence numbers from 1 and an unbroken
     /// hash chain ending at the rollout's recorded head. Returns the number of events checked.
     pub fn verify(&self, id: &str) -> Result<Result<u64, String>, StoreError> {
         let head = self.rollout(id)?;
-        let events = match self.events(id) {
+        let events = match self.stored_events(id) {
             Ok(events) => events,
             Err(StoreError::Corrupt { key, message }) => {
                 return Ok(Err(format!("{key} cannot be read: {message}")));
@@ -652,6 +773,15 @@ fn remove_unfinished_snapshots(db_dir: &Path) -> Result<(), StoreError> {
 }
 
 fn map_sled(store: &Path, err: sled::Error) -> StoreError {
+    if let sled::Error::Corruption { .. } = err {
+        return StoreError::Database {
+            path: store.to_path_buf(),
+            message: format!(
+                "the database is damaged and cannot be read. Nothing was changed. To get the tenant back, restore from an export or the recovery kits in {}: see docs/operations.md, \"A damaged store\"",
+                store.join("recovery").display()
+            ),
+        };
+    }
     let message = err.to_string();
     if is_lock_error(&err) {
         return StoreError::InUse {

@@ -196,10 +196,11 @@ fn an_edited_event_breaks_the_chain() {
         )
         .unwrap();
     let key = records::event_key("w-1", 1);
-    let mut edited: EventRecord =
-        records::decode("e", &store.events.get(&key).unwrap().unwrap()).unwrap();
-    edited.event.trigger.actor = "mallory".into();
-    store.events.insert(key, records::encode(&edited)).unwrap();
+    let written = store.events.get(&key).unwrap().unwrap();
+    let edited = String::from_utf8(written.to_vec())
+        .unwrap()
+        .replace("\"alice\"", "\"mallory\"");
+    store.events.insert(key, edited.as_bytes()).unwrap();
     let verdict = store.verify("w-1").unwrap();
     assert!(
         verdict
@@ -249,4 +250,202 @@ fn leftovers_of_a_killed_start_up_are_cleaned() {
     std::fs::write(fresh.path().join("sled.creating/conf"), b"torn").unwrap();
     Store::open(fresh.path(), DEFAULT_LOCK_WAIT).unwrap();
     assert!(!fresh.path().join("sled.creating").exists());
+}
+
+/// A tick committed on top of the rollout's head.
+fn ticked(store: &Store, current: &StoredRollout) -> StoredRollout {
+    let next = current.rollout.clone();
+    store
+        .commit(
+            current,
+            &next,
+            record(&next, EventKind::Tick),
+            Attached::default(),
+        )
+        .unwrap();
+    store.rollout(&next.id).unwrap()
+}
+
+#[test]
+fn an_event_is_hashed_over_its_stored_bytes_so_fields_added_later_keep_it_verifiable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let current = created(&store);
+    // An event as a later version writes it, with a field this version does not know.
+    let (sealed, _) = records::seal(
+        record(&current.rollout, EventKind::Tick),
+        2,
+        &current.last_hash,
+    );
+    let mut data = serde_json::to_value(&sealed).unwrap();
+    data.as_object_mut().unwrap().remove("hash");
+    data["added_later"] = serde_json::json!({"any": "shape"});
+    let body = serde_json::to_vec(&serde_json::json!({"format": 3, "data": data})).unwrap();
+    let hash = records::chain_hash(&current.last_hash, &body);
+    let mut value = body[..body.len() - 1].to_vec();
+    value.extend_from_slice(format!(",\"hash\":\"{hash}\"}}").as_bytes());
+    store
+        .events
+        .insert(records::event_key("w-1", 2), value)
+        .unwrap();
+    let mut head = current.clone();
+    head.rollout.last_seq = 2;
+    head.last_hash = hash;
+    store
+        .rollouts
+        .insert(b"w-1", records::encode(&head))
+        .unwrap();
+    assert_eq!(store.verify("w-1").unwrap(), Ok(2));
+    assert_eq!(store.events("w-1").unwrap()[1].seq, 2);
+}
+
+#[test]
+fn an_event_of_format_2_verifies_by_the_rule_it_was_written_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let current = created(&store);
+    // Format 2 hashed the struct's JSON with an empty hash, and stored it with the hash.
+    let mut legacy = record(&current.rollout, EventKind::Tick);
+    legacy.seq = 2;
+    legacy.prev_hash = current.last_hash.clone();
+    let unsealed = serde_json::to_vec(&legacy).unwrap();
+    legacy.hash = records::chain_hash(&legacy.prev_hash, &unsealed);
+    let value = serde_json::to_vec(&serde_json::json!({"format": 2, "data": legacy})).unwrap();
+    store
+        .events
+        .insert(records::event_key("w-1", 2), value)
+        .unwrap();
+    let mut head = current.clone();
+    head.rollout.last_seq = 2;
+    head.last_hash = legacy.hash.clone();
+    store
+        .rollouts
+        .insert(b"w-1", records::encode(&head))
+        .unwrap();
+    assert_eq!(store.verify("w-1").unwrap(), Ok(2));
+    // And a new event links to it.
+    let head = ticked(&store, &store.rollout("w-1").unwrap());
+    assert_eq!(head.rollout.last_seq, 3);
+    assert_eq!(store.verify("w-1").unwrap(), Ok(3));
+}
+
+#[test]
+fn a_database_swapped_for_another_stores_is_refused() {
+    let ours = tempfile::tempdir().unwrap();
+    let theirs = tempfile::tempdir().unwrap();
+    let our_id = Store::open(ours.path(), DEFAULT_LOCK_WAIT)
+        .unwrap()
+        .id()
+        .to_string();
+    let their_id = Store::open(theirs.path(), DEFAULT_LOCK_WAIT)
+        .unwrap()
+        .id()
+        .to_string();
+    assert_eq!(
+        std::fs::read_to_string(ours.path().join("store.id"))
+            .unwrap()
+            .trim(),
+        our_id
+    );
+    std::fs::remove_dir_all(ours.path().join("sled")).unwrap();
+    std::fs::rename(theirs.path().join("sled"), ours.path().join("sled")).unwrap();
+    let err = Store::open(ours.path(), DEFAULT_LOCK_WAIT).err().unwrap();
+    assert!(
+        matches!(&err, StoreError::Replaced { expected, found, .. } if *expected == our_id && *found == their_id),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_database_is_refused_rather_than_replaced_by_an_empty_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = Store::open(dir.path(), DEFAULT_LOCK_WAIT)
+        .unwrap()
+        .id()
+        .to_string();
+    std::fs::remove_dir_all(dir.path().join("sled")).unwrap();
+    let err = Store::open(dir.path(), DEFAULT_LOCK_WAIT).err().unwrap();
+    assert!(
+        matches!(&err, StoreError::Missing { id: missing, .. } if *missing == id),
+        "{err}"
+    );
+    assert!(!dir.path().join("sled").exists(), "nothing was created");
+    // An empty directory in its place is no better.
+    std::fs::create_dir(dir.path().join("sled")).unwrap();
+    let err = Store::open(dir.path(), DEFAULT_LOCK_WAIT).err().unwrap();
+    assert!(matches!(err, StoreError::Replaced { .. }), "{err}");
+}
+
+#[test]
+fn a_store_from_before_the_identity_file_gets_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = Store::open(dir.path(), DEFAULT_LOCK_WAIT)
+        .unwrap()
+        .id()
+        .to_string();
+    std::fs::remove_file(dir.path().join("store.id")).unwrap();
+    assert_eq!(Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap().id(), id);
+    assert_eq!(
+        identity::read(dir.path()).unwrap().as_deref(),
+        Some(id.as_str())
+    );
+}
+
+#[test]
+fn an_export_rebuilds_the_store_and_its_heads_catch_a_rewrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = {
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let current = created(&store);
+        ticked(&store, &current);
+        store.export(Timestamp::from_millis(9)).unwrap()
+    };
+    let file = dir.path().join("export.json");
+    export.write(&file).unwrap();
+    let read = Export::read(&file).unwrap();
+    assert_eq!(read, export);
+    assert_eq!(read.heads.len(), 1);
+    assert_eq!(read.heads[0].seq, 2);
+
+    let copy = tempfile::tempdir().unwrap();
+    import(copy.path(), &read).unwrap();
+    {
+        let store = Store::open(copy.path(), DEFAULT_LOCK_WAIT).unwrap();
+        assert_eq!(store.id(), export.store);
+        assert_eq!(store.verify("w-1").unwrap(), Ok(2));
+        assert_eq!(
+            store.check_heads(&read.heads).unwrap(),
+            Vec::<String>::new()
+        );
+        // A second import over it is refused.
+        drop(store);
+        assert!(import(copy.path(), &read).is_err());
+    }
+
+    // Rewrite history in the original as someone with the database could: a new trail from
+    // event 2, every hash recomputed. It verifies on its own; against the heads it does not.
+    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+    store.events.remove(records::event_key("w-1", 2)).unwrap();
+    let mut head = store.rollout("w-1").unwrap();
+    head.rollout.last_seq = 1;
+    head.last_hash = store.events("w-1").unwrap()[0].hash.clone();
+    store
+        .rollouts
+        .insert(b"w-1", records::encode(&head))
+        .unwrap();
+    let mut forged = record(&head.rollout, EventKind::Tick);
+    forged.reason = "nothing happened here".into();
+    let next = head.rollout.clone();
+    store
+        .commit(&head, &next, forged, Attached::default())
+        .unwrap();
+    assert_eq!(store.verify("w-1").unwrap(), Ok(2));
+    let found = store.check_heads(&read.heads).unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("history was rewritten"), "{found:?}");
+
+    // A damaged export file is refused.
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replacen("w-1", "w-2", 1)).unwrap();
+    assert!(Export::read(&file).is_err());
 }
