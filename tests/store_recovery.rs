@@ -177,10 +177,10 @@ fn a_truncated_database_fails_every_command_and_the_graph_tenant_is_restored_fro
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert_eq!(pg.status(&id)["status"], "waiting_approval");
     assert_ne!(configuration(&emulator), before, "phases applied");
-    let store = pg.store.path().join("store");
+    let store = pg.store_dir();
     // Kept automatically beside the database, after every commit that changed the record.
     let kit = store.join("recovery").join(format!("{id}.json"));
-    let kept = pg.store.path().join("kit.json");
+    let kept = pg.dir.path().join("kit.json");
     std::fs::copy(&kit, &kept).unwrap();
 
     truncate(&store);
@@ -216,7 +216,7 @@ fn restoring_the_tenant_keeps_another_admins_change_and_is_refused_while_the_sto
     let pg = common::Phasegate::new(&emulator, 50.0);
     let id = pg.start();
     assert_eq!(code(&pg.run(&["run", &id])), 3);
-    let backup = pg.store.path().join("backup.json");
+    let backup = pg.dir.path().join("backup.json");
     assert_eq!(
         code(&pg.run(&["export", "--to", backup.to_str().unwrap()])),
         0
@@ -253,7 +253,7 @@ fn restoring_the_tenant_keeps_another_admins_change_and_is_refused_while_the_sto
                 "body": {"conditions": {"users": {"excludeGroups": excluded}}}}),
     );
     assert_eq!(answer["status"], 204, "{answer}");
-    std::fs::remove_dir_all(pg.store.path().join("store/sled")).unwrap();
+    std::fs::remove_dir_all(pg.store_dir().join("sled")).unwrap();
     let status = pg.run(&["status"]);
     assert_eq!(code(&status), 1);
     assert!(
