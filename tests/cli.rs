@@ -229,7 +229,19 @@ fn rollback_moves_a_running_rollout_back_one_phase_and_history_says_who_and_why(
     assert_eq!(rollback["event"]["trigger"]["source"], "user");
     assert_eq!(rollback["event"]["trigger"]["actor"], "carol");
     assert_eq!(rollback["event"]["trigger"]["reason"], "helpdesk flooded");
-    assert!(rollback["at"].is_number() && rollback["recorded_at"].is_number());
+    // The same time format as `status`: RFC 3339 in UTC.
+    for key in ["at", "recorded_at"] {
+        let at = rollback[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key}: {rollback}"));
+        assert!(
+            at.ends_with('Z') && humantime::parse_rfc3339(at).is_ok(),
+            "{key}: {at}"
+        );
+    }
+    let status = pg.json(&["status", &id]);
+    let applied = phase(&status, "pilot")["applied_at"].as_str().unwrap();
+    assert_eq!(applied.len(), rollback["at"].as_str().unwrap().len());
     let text = stdout(&pg.run(&["history", &id]));
     assert!(text.contains("rollback_requested"), "{text}");
     assert!(text.contains("user carol: helpdesk flooded"), "{text}");

@@ -206,7 +206,7 @@ async fn history(
             Ok(n) => format!("audit trail verified, {n} events, hash chain intact"),
             Err(e) => format!("audit trail is broken: {e}"),
         },
-        "events": events,
+        "events": crate::cli::view::history_json(&events),
     }))
     .into_response())
 }

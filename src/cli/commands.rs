@@ -814,15 +814,14 @@ pub async fn history(ctx: &Context, id: &str, verify: bool) -> CommandResult {
             }
             return Ok(if verified { exit::OK } else { exit::FAILURE });
         }
-        let events: Vec<EventRecord> =
-            serde_json::from_value(answer["events"].clone()).map_err(|e| Failure {
-                code: exit::FAILURE,
-                message: format!("unreadable history from the daemon: {e}"),
-            })?;
+        let events = view::history_records(answer["events"].clone()).map_err(|e| Failure {
+            code: exit::FAILURE,
+            message: format!("unreadable history from the daemon: {e}"),
+        })?;
         // The daemon shows them redacted; so does this side, whatever daemon answered.
         let events = view::audit_trail(events);
         match ctx.output {
-            Output::Json => print_json(&events),
+            Output::Json => print_json(&view::history_json(&events)),
             Output::Text => say_raw!("{}", text::history(&events)),
         }
         return Ok(exit::OK);
@@ -862,7 +861,7 @@ pub async fn history(ctx: &Context, id: &str, verify: bool) -> CommandResult {
     store.rollout(id)?;
     let events = view::audit_trail(store.events(id)?);
     match ctx.output {
-        Output::Json => print_json(&events),
+        Output::Json => print_json(&view::history_json(&events)),
         Output::Text => say_raw!("{}", text::history(&events)),
     }
     Ok(exit::OK)

@@ -341,6 +341,60 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
     }
 }
 
+/// The keys under which an event record holds instants. The store keeps milliseconds (exact,
+/// and able to say "never" with a saturated deadline); JSON output writes them as RFC 3339, as
+/// `status` and the watch stream do.
+const TIME_KEYS: [&str; 3] = ["at", "recorded_at", "earliest_block"];
+
+/// An audit trail as `history --output json` and the API show it: the records as stored (see
+/// `audit_trail`), every instant in RFC 3339.
+pub fn history_json(events: &[EventRecord]) -> serde_json::Value {
+    let mut json = serde_json::to_value(events).unwrap_or_default();
+    map_times(&mut json, &|value| {
+        value
+            .as_i64()
+            .map(|millis| serde_json::Value::from(Timestamp::from_millis(millis).rfc3339()))
+    });
+    json
+}
+
+/// The records back from `history_json` (a daemon's answer), to render as text. Times come back
+/// to the second.
+pub fn history_records(mut json: serde_json::Value) -> Result<Vec<EventRecord>, String> {
+    map_times(&mut json, &|value| {
+        value
+            .as_str()
+            .and_then(Timestamp::parse_rfc3339)
+            .map(|t| serde_json::Value::from(t.as_millis()))
+    });
+    serde_json::from_value(json).map_err(|e| e.to_string())
+}
+
+fn map_times(
+    json: &mut serde_json::Value,
+    convert: &dyn Fn(&serde_json::Value) -> Option<serde_json::Value>,
+) {
+    match json {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                if TIME_KEYS.contains(&key.as_str())
+                    && let Some(converted) = convert(value)
+                {
+                    *value = converted;
+                } else {
+                    map_times(value, convert);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                map_times(item, convert);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The audit trail as it is shown — `history` (text and JSON), the API, the dashboard: every
 /// notification's address masked by its channel's adapter (a webhook's URL through
 /// `notifier::redact_url`), and each credential it carried masked wherever the trail's text
@@ -543,6 +597,31 @@ mod tests {
             prev_hash: String::new(),
             hash: format!("hash-{seq}"),
         }
+    }
+
+    #[test]
+    fn history_json_writes_every_instant_as_status_does_and_reads_back() {
+        let mut settings = serde_json::Map::new();
+        settings.insert("url".into(), "https://h.example/in".into());
+        let notify = PendingEffect {
+            id: EffectId { seq: 1, index: 0 },
+            effect: Effect::Notify {
+                to: ChannelAddress::new(ChannelAddress::WEBHOOK, settings),
+                status: RolloutStatus::Held,
+                previous: RolloutStatus::Running,
+                reason: "gate failed".into(),
+                at: Timestamp::from_millis(1_767_600_000_000),
+            },
+        };
+        let trail = vec![record(1, EventKind::Tick, "", vec![notify])];
+        let json = history_json(&trail);
+        let entry = &json[0];
+        assert_eq!(entry["seq"], 1, "other numbers stay numbers");
+        assert_eq!(entry["at"], trail[0].at.rfc3339());
+        assert_eq!(entry["recorded_at"], trail[0].recorded_at.rfc3339());
+        assert_eq!(entry["effects"][0]["effect"]["at"], "2026-01-05T08:00:00Z");
+        let back = history_records(json).unwrap();
+        assert_eq!(back, trail, "instants on whole seconds come back exactly");
     }
 
     /// A trail recorded before redaction: the address with the effect, and in the delivery's
