@@ -232,7 +232,28 @@ fn while_serve_runs_the_cli_goes_through_it_and_status_watch_follows_the_promoti
     let out = cli(&store, &["status", &id, "--output", "json"]);
     let view: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(view["status"], "completed");
+    // A backup while the daemon runs: the CLI has it take the snapshot between its commits.
+    let backup = dir.path().join("backup.json");
+    let out = cli(
+        &store,
+        &[
+            "export",
+            "--to",
+            backup.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let exported: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(exported["heads"][0]["rollout"], id.as_str());
+    let viewer = token(&store, "val", "viewer");
+    let (status, _) = serve.call("GET", "/api/v1/export", &viewer, None);
+    assert_eq!(status, 403, "only an admin exports the store");
     assert_eq!(serve.terminate(), Some(0));
+    // The daemon's export is this store's, and the store still matches it.
+    let out = cli(&store, &["verify", "--against", backup.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}{}", stdout(&out), stderr(&out));
 }
 
 #[test]

@@ -69,6 +69,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/rollouts/{id}/abort", post(abort))
         .route("/api/v1/rollouts/{id}/drift", post(drift))
         .route("/api/v1/plans/check", post(check_plan))
+        .route("/api/v1/export", get(export))
         .route("/api/v1/tokens", get(tokens).post(create_token))
         .route("/api/v1/tokens/{name}/revoke", post(revoke_token))
         .with_state(state)
@@ -209,6 +210,23 @@ async fn history(
         "events": crate::cli::view::history_json(&events),
     }))
     .into_response())
+}
+
+/// A consistent export of the whole store (what `phasegate export` writes), for an admin: taken
+/// while the daemon keeps running, its commits waiting for the snapshot.
+async fn export(State(state): State<ApiState>, Caller(caller): Caller) -> ApiResult {
+    require(
+        &caller,
+        caller.role.can_administer(),
+        "exporting the store",
+        "admin",
+    )?;
+    let store = state.store.clone();
+    let now = crate::domain::time::Timestamp::from_system_time(std::time::SystemTime::now());
+    let export = tokio::task::spawn_blocking(move || store.export(now))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(export).into_response())
 }
 
 fn require(caller: &Identity, allowed: bool, what: &str, roles: &str) -> Result<(), ApiError> {

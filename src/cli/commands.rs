@@ -28,7 +28,7 @@ pub struct Context {
 
 impl Context {
     /// The daemon to go through, when one holds the store (or `--server` names one).
-    fn remote(&self) -> Result<Option<Remote>, Failure> {
+    pub(super) fn remote(&self) -> Result<Option<Remote>, Failure> {
         Remote::find(&self.store, self.server.as_deref())
     }
 }

@@ -578,7 +578,7 @@ async fn dispatch(cli: Cli) -> CommandResult {
         }
         Command::History { id, verify } => commands::history(&ctx, &id, verify).await,
         Command::Demo { devices, seed } => demo::run(ctx.output, devices, seed).await,
-        Command::Export { to } => recovery::export(&ctx, &to),
+        Command::Export { to } => recovery::export(&ctx, &to).await,
         Command::Verify { against } => recovery::verify(&ctx, &against),
         Command::RestoreTenant { from, id } => recovery::restore_tenant(&ctx, &from, &id).await,
         Command::RestoreStore { from } => recovery::restore_store(&ctx, &from),

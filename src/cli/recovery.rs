@@ -38,9 +38,19 @@ impl From<ExportError> for Failure {
 }
 
 /// `phasegate export --to FILE`: every rollout with its plan, baseline, trail and chain head.
-pub fn export(ctx: &Context, to: &Path) -> CommandResult {
-    let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
-    let export = store.export(now())?;
+pub async fn export(ctx: &Context, to: &Path) -> CommandResult {
+    let export = match ctx.remote()? {
+        // A daemon holds the store: it takes the snapshot between its commits.
+        Some(remote) => {
+            let answer = remote.get("/api/v1/export").await?;
+            let bytes = serde_json::to_vec(&answer).unwrap_or_default();
+            Export::from_json(&bytes).map_err(|e| Failure {
+                code: exit::FAILURE,
+                message: format!("the daemon's export: {e}"),
+            })?
+        }
+        None => Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?.export(now())?,
+    };
     export.write(to)?;
     match ctx.output {
         Output::Json => print_json(&serde_json::json!({

@@ -103,18 +103,23 @@ impl Export {
             message,
         };
         let text = fs::read(path).map_err(|e| unreadable(format!("cannot read: {e}")))?;
-        let export: Export = serde_json::from_slice(&text)
-            .map_err(|e| unreadable(format!("not a phasegate export: {e}")))?;
+        Export::from_json(&text).map_err(unreadable)
+    }
+
+    /// Checks an export's bytes (a file's, or a daemon's answer): its version and its digest.
+    pub fn from_json(bytes: &[u8]) -> Result<Export, String> {
+        let export: Export =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a phasegate export: {e}"))?;
         if export.phasegate_export != EXPORT_VERSION {
-            return Err(unreadable(format!(
+            return Err(format!(
                 "export version {} is not readable by this phasegate (version {EXPORT_VERSION})",
                 export.phasegate_export
-            )));
+            ));
         }
         if export.digest != export.digest_of() {
-            return Err(unreadable(
+            return Err(
                 "its digest does not match its content: the file was damaged or edited".into(),
-            ));
+            );
         }
         Ok(export)
     }
@@ -145,9 +150,14 @@ impl Export {
 }
 
 impl Store {
-    /// A consistent snapshot of the whole store: this process holds the store, so nothing
-    /// commits while it is read.
+    /// A consistent snapshot of the whole store: this process holds the store, and no commit
+    /// runs while it is read (a daemon's commits wait for it). Provider journals are copied as
+    /// they are at that moment; each entry of theirs stands on its own.
     pub fn export(&self, at: Timestamp) -> Result<Export, StoreError> {
+        let _quiet = self
+            .commits
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut trees = BTreeMap::new();
         for name in self.db.tree_names() {
             let name = String::from_utf8_lossy(&name).into_owned();

@@ -21,7 +21,7 @@ mod records;
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -118,6 +118,9 @@ pub struct Store {
     id: String,
     /// The `claims` tree inverted, built on the first [`Store::claimant`] question.
     claim_index: Mutex<Option<ClaimIndex>>,
+    /// Commits hold it shared; an export holds it alone, so that its snapshot of rollouts,
+    /// trails, plans and baselines is one moment's even while a daemon commits.
+    commits: RwLock<()>,
     _lock: FileLock,
 }
 
@@ -201,6 +204,7 @@ impl Store {
             meta: tree("meta")?,
             id: String::new(),
             claim_index: Mutex::new(None),
+            commits: RwLock::new(()),
             path: dir.to_path_buf(),
             db,
             _lock: lock,
@@ -598,6 +602,7 @@ impl Store {
             &self.baselines,
             &self.claims,
         );
+        let committing = self.commits.read().unwrap_or_else(PoisonError::into_inner);
         let result = trees.transaction(|(rollouts, events, plans, baselines, claims)| {
             let found = match rollouts.get(id.as_bytes())? {
                 Some(bytes) => records::decode::<StoredRollout>("rollouts", &bytes)
@@ -638,6 +643,7 @@ impl Store {
             self.flush()?;
         }
         crate::crash::point("commit.after");
+        drop(committing);
         // The head, outside the store: a log kept elsewhere can later show a rewrite.
         tracing::info!(store = %self.id, rollout = %id, seq, hash = %event.hash, "chain head");
         if attached.plan.is_some() || attached.record.is_some() {
