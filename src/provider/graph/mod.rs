@@ -18,6 +18,7 @@
 
 pub mod client;
 pub mod mapping;
+pub mod readiness;
 pub mod settings;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
