@@ -677,3 +677,23 @@ fn the_tenants_apns_certificate_is_judged_against_the_rollout() {
             .contains("Apple ID mdm-admin@contoso.com")
     );
 }
+
+#[test]
+fn plan_check_reports_a_bad_preflight_table_at_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = simulator_plan(
+        dir.path(),
+        "windows",
+        "1d",
+        "[preflight]\ndomains = [\"contoso com\"]\nallow_device_actions = [\"block\"]",
+    );
+    let out = phasegate(dir.path(), &["plan", "check", plan.to_str().unwrap()]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("plan.toml:"), "{err}");
+    assert!(err.contains("`contoso com` is not a domain name"), "{err}");
+    assert!(err.contains("`block` is not a destructive device action"), "{err}");
+    // The preflight itself refuses the plan the same way, before asking anything.
+    let out = phasegate(dir.path(), &["preflight", plan.to_str().unwrap()]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+}

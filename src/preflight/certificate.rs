@@ -100,3 +100,66 @@ fn timestamp(seconds: i64) -> Result<Timestamp, String> {
         .map(Timestamp::from_millis)
         .ok_or_else(|| "the certificate's expiry is out of range".to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(not_after: (i32, u8, u8)) -> rcgen::Certificate {
+        let mut params = rcgen::CertificateParams::new(vec!["apns.example".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap()
+    }
+
+    #[test]
+    fn pem_and_der_files_give_the_certificates_not_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = certificate((2027, 3, 4));
+        let expected = Timestamp::parse_rfc3339("2027-03-04T00:00:00Z").unwrap();
+        let pem = dir.path().join("apns.pem");
+        std::fs::write(&pem, cert.pem()).unwrap();
+        assert_eq!(expiry(&pem, None).unwrap().expires, expected);
+        let der = dir.path().join("apns.cer");
+        std::fs::write(&der, cert.der()).unwrap();
+        let read = expiry(&der, None).unwrap();
+        assert_eq!(read.expires, expected);
+        assert!(read.source.ends_with("apns.cer"));
+    }
+
+    #[test]
+    fn what_is_not_a_certificate_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("apns.pem");
+        std::fs::write(
+            &junk,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        assert!(expiry(&junk, None).unwrap_err().contains("no CERTIFICATE"));
+        let junk = dir.path().join("apns.cer");
+        std::fs::write(&junk, b"\x00\x01not der").unwrap();
+        assert!(
+            expiry(&junk, None)
+                .unwrap_err()
+                .contains("not a PEM, DER or PKCS#12")
+        );
+        let p12 = dir.path().join("apns.p12");
+        std::fs::write(&p12, b"\x30\x03\x02\x01\x03").unwrap();
+        assert!(
+            expiry(&p12, None)
+                .unwrap_err()
+                .contains("apns_certificate_password_env")
+        );
+        let missing = dir.path().join("none.pem");
+        assert!(expiry(&missing, None).unwrap_err().contains("cannot read"));
+        let big = dir.path().join("big.pem");
+        std::fs::write(&big, vec![b'a'; (MAX_FILE + 1) as usize]).unwrap();
+        assert!(
+            expiry(&big, None)
+                .unwrap_err()
+                .contains("not a certificate")
+        );
+    }
+}

@@ -24,8 +24,7 @@ pub const CERTIFICATE_MARGIN_RANGE: DurationRange = DurationRange {
 pub const MAX_DOMAINS: usize = 100;
 
 /// A device action that takes a device (or its data) away from its owner.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum DeviceAction {
     /// Removes company data and management from the device.
     Retire,
@@ -41,7 +40,7 @@ impl DeviceAction {
         }
     }
 
-    /// The action's name in Graph's `deviceComplianceActionType`.
+    /// The action by its name in Graph's `deviceComplianceActionType` (and in plans).
     pub fn of_graph(action_type: &str) -> Option<DeviceAction> {
         match action_type {
             "retire" => Some(DeviceAction::Retire),
@@ -75,7 +74,7 @@ struct Raw {
     apns_certificate: Option<Spanned<String>>,
     apns_certificate_password_env: Option<Spanned<String>>,
     certificate_margin: Option<Spanned<String>>,
-    allow_device_actions: Option<Spanned<Vec<Spanned<DeviceAction>>>>,
+    allow_device_actions: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// The problems of a plan's `[preflight]` table, located in the plan's text.
@@ -155,14 +154,20 @@ pub fn parse(source: &str) -> Result<PreflightSettings, Vec<Diagnostic>> {
         }
     }
     if let Some(actions) = raw.allow_device_actions {
-        let mut actions: Vec<DeviceAction> = actions
-            .into_inner()
-            .into_iter()
-            .map(|a| a.into_inner())
-            .collect();
-        actions.sort();
-        actions.dedup();
-        settings.allow_device_actions = actions;
+        for action in actions.into_inner() {
+            match DeviceAction::of_graph(action.get_ref()) {
+                Some(known) => settings.allow_device_actions.push(known),
+                None => problems.push(Diagnostic::new(
+                    action.span(),
+                    format!(
+                        "`{}` is not a destructive device action: `allow_device_actions` takes \"retire\" and \"wipe\"",
+                        action.get_ref()
+                    ),
+                )),
+            }
+        }
+        settings.allow_device_actions.sort();
+        settings.allow_device_actions.dedup();
     }
     if problems.is_empty() {
         Ok(settings)
@@ -282,7 +287,12 @@ mod tests {
         let problems = parse(&plan("allow_wipe = true")).unwrap_err();
         assert!(problems[0].message.contains("allow_wipe"), "{problems:?}");
         let problems = parse(&plan("allow_device_actions = [\"block\"]")).unwrap_err();
-        assert!(problems[0].message.contains("block"), "{problems:?}");
+        assert!(
+            problems[0]
+                .message
+                .contains("`block` is not a destructive device action"),
+            "{problems:?}"
+        );
     }
 
     #[test]
