@@ -692,7 +692,10 @@ fn plan_check_reports_a_bad_preflight_table_at_its_place() {
     let err = stderr(&out);
     assert!(err.contains("plan.toml:"), "{err}");
     assert!(err.contains("`contoso com` is not a domain name"), "{err}");
-    assert!(err.contains("`block` is not a destructive device action"), "{err}");
+    assert!(
+        err.contains("`block` is not a destructive device action"),
+        "{err}"
+    );
     // The preflight itself refuses the plan the same way, before asking anything.
     let out = phasegate(dir.path(), &["preflight", plan.to_str().unwrap()]);
     assert_eq!(code(&out), 2, "{}", stderr(&out));

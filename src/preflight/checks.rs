@@ -362,14 +362,7 @@ pub struct PolicyFacts {
 /// Whether a policy's `@odata.type` is of a platform (an empty one — a beta-only type seen
 /// through v1.0 — is not contradicted).
 pub fn of_platform(platform: Platform, odata_type: &str) -> bool {
-    let t = odata_type.to_ascii_lowercase();
-    t.is_empty()
-        || match platform {
-            Platform::Windows => t.contains("windows"),
-            Platform::Ios => t.contains("ios"),
-            Platform::Android => t.contains("android") || t.contains("aosp"),
-            Platform::Macos => t.contains("macos"),
-        }
+    odata_type.is_empty() || crate::provider::graph::compatible(platform, odata_type)
 }
 
 /// Each policy exists once, is of the plan's platform and has an action schedule; a `retire` or
@@ -655,9 +648,26 @@ pub struct CaPolicy {
     pub include_users: Vec<String>,
     pub include_groups: Vec<String>,
     pub exclude_groups: Vec<String>,
+    /// `conditions.platforms`, as Conditional Access names them (`iOS`, `windows`, `all`);
+    /// both empty: no platform condition.
+    pub include_platforms: Vec<String>,
+    pub exclude_platforms: Vec<String>,
 }
 
 impl CaPolicy {
+    /// Whether the policy applies to devices of one of `platforms`.
+    fn covers_a_platform(&self, platforms: &[Platform]) -> bool {
+        if self.include_platforms.is_empty() {
+            return true;
+        }
+        let named = |list: &[String], p: &str| list.iter().any(|x| x.eq_ignore_ascii_case(p));
+        platforms.iter().any(|&platform| {
+            let name = crate::provider::graph::mapping::ca_platform(platform);
+            (named(&self.include_platforms, "all") || named(&self.include_platforms, name))
+                && !named(&self.exclude_platforms, name)
+        })
+    }
+
     fn covers_group(&self, group_id: Option<&str>) -> bool {
         if let Some(id) = group_id
             && self.exclude_groups.iter().any(|g| g == id)
@@ -672,17 +682,19 @@ impl CaPolicy {
 /// The groups a rollout reaches: by name, with their ids (`None` for All Users).
 pub type Scope = Vec<(String, Option<String>)>;
 
-/// Other enabled policies requiring a compliant device that already reach the rollout's users:
-/// they block noncompliant devices before the plan's enforce phase does.
+/// Other enabled policies requiring a compliant device that already reach the rollout's users on
+/// one of its platforms: they block noncompliant devices before the plan's enforce phase does.
 pub fn overlapping_policies(
     policies: &[CaPolicy],
     own: Option<&str>,
     scope: &Scope,
+    platforms: &[Platform],
 ) -> Vec<Finding> {
     let mut findings = Vec::new();
     for policy in policies {
         if policy.state != "enabled"
             || !policy.requires_compliance
+            || !policy.covers_a_platform(platforms)
             || own.is_some_and(|o| o == policy.id || o.eq_ignore_ascii_case(&policy.name))
         {
             continue;

@@ -173,6 +173,7 @@ fn of_tenant(plan: &Plan, settings: &PreflightSettings, facts: &TenantFacts) -> 
                 policies,
                 plan.policy.conditional_access.as_deref(),
                 &scope,
+                &plan.policy.platforms(),
             ));
             findings.push(checks::mfa(policies, &scope));
         }

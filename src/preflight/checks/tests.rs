@@ -248,6 +248,8 @@ fn ca(
         include_users: users.iter().map(|s| s.to_string()).collect(),
         include_groups: groups.iter().map(|s| s.to_string()).collect(),
         exclude_groups: vec!["g-excluded".into()],
+        include_platforms: Vec::new(),
+        exclude_platforms: Vec::new(),
     }
 }
 
@@ -270,14 +272,25 @@ fn other_enabled_compliance_policies_reaching_the_scope_are_listed() {
         ),
         ca("Other group", "enabled", true, false, &[], &["g9"]),
     ];
-    let findings = overlapping_policies(&policies, Some("Own"), &scope);
+    let findings = overlapping_policies(&policies, Some("Own"), &scope, &[Platform::Windows]);
     assert_eq!(findings.len(), 1, "{findings:?}");
     assert_eq!(findings[0].level, Level::Warning);
     assert!(findings[0].message.contains("`Baseline`"));
     assert!(findings[0].message.contains("Pilot"));
     assert!(!findings[0].message.contains("Excluded"));
-    let none = overlapping_policies(&policies[2..], Some("Own"), &scope);
+    let none = overlapping_policies(&policies[2..], Some("Own"), &scope, &[Platform::Windows]);
     assert_eq!(none[0].level, Level::Ok);
+    // A policy for other platforms does not overlap.
+    let mut ios_only = ca("iOS only", "enabled", true, false, &["All"], &[]);
+    ios_only.include_platforms = vec!["iOS".into()];
+    let mut all_but_windows = ca("Not Windows", "enabled", true, false, &["All"], &[]);
+    all_but_windows.include_platforms = vec!["all".into()];
+    all_but_windows.exclude_platforms = vec!["windows".into()];
+    let others = [ios_only, all_but_windows];
+    let windows = overlapping_policies(&others, None, &scope, &[Platform::Windows]);
+    assert_eq!(windows[0].level, Level::Ok, "{windows:?}");
+    let ios = overlapping_policies(&others, None, &scope, &[Platform::Ios]);
+    assert_eq!(ios.len(), 2, "{ios:?}");
 }
 
 #[test]

@@ -135,7 +135,8 @@ enum Job<'a> {
     Restore,
 }
 
-fn compatible(platform: Platform, odata_type: &str) -> bool {
+/// Whether a compliance policy's `@odata.type` is of `platform`.
+pub fn compatible(platform: Platform, odata_type: &str) -> bool {
     let t = odata_type.to_ascii_lowercase();
     match platform {
         Platform::Windows => t.contains("windows"),

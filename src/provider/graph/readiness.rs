@@ -353,5 +353,7 @@ fn ca_policy(raw: &Value) -> CaPolicy {
         include_users: strings(&users["includeUsers"]),
         include_groups: strings(&users["includeGroups"]),
         exclude_groups: strings(&users["excludeGroups"]),
+        include_platforms: strings(&raw["conditions"]["platforms"]["includePlatforms"]),
+        exclude_platforms: strings(&raw["conditions"]["platforms"]["excludePlatforms"]),
     }
 }
