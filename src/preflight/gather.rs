@@ -77,11 +77,24 @@ async fn dns(
     tenant: Option<&TenantFacts>,
     graph: bool,
 ) -> Vec<Finding> {
+    let mut findings = Vec::new();
     let domains = if !settings.domains.is_empty() {
         settings.domains.clone()
     } else {
         match tenant.and_then(|t| t.verified_domains.clone()) {
-            Some(Ok(domains)) if !domains.is_empty() => domains,
+            Some(Ok(domains)) if !domains.is_empty() => {
+                let (domains, more) = checkable(domains, &mut findings);
+                if more > 0 {
+                    findings.push(Finding::skipped(
+                        checks::DNS,
+                        format!(
+                            "{more} more verified domains not checked (at most {} are): list those users sign in with in [preflight] domains",
+                            settings::MAX_DOMAINS
+                        ),
+                    ));
+                }
+                domains
+            }
             Some(Ok(_)) => {
                 return vec![Finding::skipped(
                     checks::DNS,
@@ -107,18 +120,40 @@ async fn dns(
     let resolver = match Dns::new(options.resolver.or(settings.resolver)) {
         Ok(resolver) => resolver,
         Err(why) => {
-            return vec![Finding::error(
+            findings.push(Finding::error(
                 checks::DNS,
                 why,
                 "name a DNS server with --resolver or [preflight] resolver",
-            )];
+            ));
+            return findings;
         }
     };
     let mut records = Vec::new();
     for domain in &domains {
         records.push(resolver.enrolment_records(domain).await);
     }
-    checks::enrolment_dns(&records)
+    let mut checked = checks::enrolment_dns(&records);
+    checked.append(&mut findings);
+    checked
+}
+
+/// The tenant's verified domains that are domain names, at most [`settings::MAX_DOMAINS`], and
+/// how many more there are; one that is not a name is reported, not asked about.
+fn checkable(domains: Vec<String>, findings: &mut Vec<Finding>) -> (Vec<String>, usize) {
+    let mut names = Vec::new();
+    let mut more = 0;
+    for domain in domains {
+        match settings::domain_name(&domain) {
+            Some(name) if names.len() < settings::MAX_DOMAINS => names.push(name),
+            Some(_) => more += 1,
+            None => findings.push(Finding::warning(
+                checks::DNS,
+                format!("the tenant lists `{domain}` as a verified domain, which is not a domain name: not checked"),
+                "list the domains users sign in with in [preflight] domains",
+            )),
+        }
+    }
+    (names, more)
 }
 
 fn apns(
@@ -209,4 +244,28 @@ fn scope(plan: &Plan, facts: &TenantFacts) -> Scope {
         }
     }
     scope
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_well_formed_verified_domains_are_asked_about_and_at_most_so_many() {
+        let mut findings = Vec::new();
+        let (names, more) = checkable(
+            vec!["Contoso.com".into(), "not a domain".into()],
+            &mut findings,
+        );
+        assert_eq!(names, ["contoso.com"]);
+        assert_eq!(more, 0);
+        assert_eq!(findings.len(), 1);
+        assert!(findings[0].message.contains("`not a domain`"));
+        let many: Vec<String> = (0..settings::MAX_DOMAINS + 3)
+            .map(|i| format!("d{i}.example"))
+            .collect();
+        let (names, more) = checkable(many, &mut Vec::new());
+        assert_eq!(names.len(), settings::MAX_DOMAINS);
+        assert_eq!(more, 3);
+    }
 }
