@@ -700,3 +700,41 @@ fn plan_check_reports_a_bad_preflight_table_at_its_place() {
     let out = phasegate(dir.path(), &["preflight", plan.to_str().unwrap()]);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
 }
+
+#[test]
+fn another_enabled_compliance_policy_reaching_the_rollout_is_listed() {
+    let emulator = Emulator::spawn(&[
+        "--client-secret",
+        SECRET,
+        "--devices",
+        "300",
+        "--scenario",
+        "lived-in",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    // A plan that does not manage the tenant's enabled "Require compliant device" policy.
+    let plan = graph_plan(dir.path(), &emulator, "windows-baseline-graph.toml", "");
+    let text = std::fs::read_to_string(&plan).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("conditional_access"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&plan, text).unwrap();
+    let out = phasegate(
+        dir.path(),
+        &["--output", "json", "preflight", plan.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 0, "{}\n{}", stdout(&out), stderr(&out));
+    let report = json(&out);
+    let overlap = findings(&report, "conditional-access");
+    assert_eq!(overlap.len(), 1);
+    assert_eq!(overlap[0]["level"], "warning");
+    let message = overlap[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`Require compliant device for Office 365` already requires a compliant device for All Users, Pilot IT"),
+        "{message}"
+    );
+    // Its grant is compliance AND the MFA strength: every targeted group has MFA.
+    assert_eq!(findings(&report, "mfa")[0]["level"], "ok");
+}

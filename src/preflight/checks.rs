@@ -715,7 +715,7 @@ pub fn overlapping_policies(
                     policy.name,
                     reached.join(", ")
                 ),
-                "agree with its owner how the two roll out (or exclude the rollout's groups from it while the rollout runs)",
+                "this protection is already on: keep it, and expect these groups' noncompliant devices to be blocked whatever the phase (agree with its owner how the rollout's gates read with it)",
             ));
         }
     }
