@@ -116,6 +116,7 @@ fn check(source: &str) -> Vec<Diagnostic> {
     for channel in &CHANNELS {
         found.extend((channel.check)(source));
     }
+    found.extend(crate::preflight::settings::check(source));
     found
 }
 

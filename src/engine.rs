@@ -142,6 +142,21 @@ impl Engine<'_> {
         by: &str,
         provider: &mut dyn Provider,
     ) -> Result<(EventRecord, Vec<String>), EngineError> {
+        self.start_because(plan, plan_record, id, by, "rollout started", provider)
+            .await
+    }
+
+    /// [`start`](Self::start), with the start event's reason as the audit trail records it (a
+    /// start that skipped the readiness preflight says so, and why).
+    pub async fn start_because(
+        &self,
+        plan: &Plan,
+        plan_record: PlanRecord,
+        id: &str,
+        by: &str,
+        reason: &str,
+        provider: &mut dyn Provider,
+    ) -> Result<(EventRecord, Vec<String>), EngineError> {
         let preflight = provider.preflight(plan).await?;
         if let Some((other, resource)) = self.store.claimant(&preflight.resources, id)? {
             return Err(EngineError::Claimed(format!(
@@ -154,7 +169,7 @@ impl Engine<'_> {
             kind: EventKind::Start {
                 plan_hash: plan.hash.clone(),
             },
-            trigger: Trigger::user(by, "rollout started"),
+            trigger: Trigger::user(by, reason),
         };
         let mut transition = machine::step(plan, &rollout, &event, now)?;
         let mut warnings = plan

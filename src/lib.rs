@@ -13,6 +13,7 @@ pub mod graph;
 pub mod identity;
 pub mod metrics;
 pub mod notifier;
+pub mod preflight;
 pub mod provider;
 pub mod retry;
 pub mod runner;

@@ -150,15 +150,117 @@ fn valid_id(id: &str) -> Result<(), Failure> {
     }
 }
 
+/// How `start` treats the readiness preflight.
+pub struct StartPreflight {
+    /// `--skip-preflight --reason TEXT`: start whatever it finds, recording why.
+    pub skip: Option<String>,
+    pub resolver: Option<std::net::SocketAddr>,
+}
+
+fn preflight_options(
+    file: &Path,
+    resolver: Option<std::net::SocketAddr>,
+) -> crate::preflight::Options {
+    crate::preflight::Options {
+        resolver,
+        plan_dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+    }
+}
+
+/// `phasegate preflight PLAN`: every check, one line each; exit 5 on an error.
+pub async fn preflight(
+    ctx: &Context,
+    file: &Path,
+    resolver: Option<std::net::SocketAddr>,
+) -> CommandResult {
+    let (_, plan) = read_plan(file, false)?;
+    let report = crate::preflight::run(&plan, &preflight_options(file, resolver))
+        .await
+        .map_err(|e| Failure::invalid(format!("{}: {e}", file.display())))?;
+    match ctx.output {
+        Output::Text => say_raw!("{}", report.text()),
+        Output::Json => print_json(&report),
+    }
+    Ok(if report.has_errors() {
+        exit::NOT_READY
+    } else {
+        exit::OK
+    })
+}
+
+/// The preflight before a start: its report goes to stderr (stdout is the start's), and an
+/// error stops the start unless it is skipped. Returns the start event's reason.
+async fn preflight_before_start(
+    file: &Path,
+    plan: &Plan,
+    preflight: &StartPreflight,
+) -> Result<String, Failure> {
+    if let Some(reason) = &preflight.skip {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(Failure::invalid(
+                "--skip-preflight needs a --reason for the audit trail",
+            ));
+        }
+        return Ok(format!("rollout started; preflight skipped: {reason}"));
+    }
+    let report = crate::preflight::run(plan, &preflight_options(file, preflight.resolver))
+        .await
+        .map_err(|e| Failure::invalid(format!("{}: {e}", file.display())))?;
+    let worth_showing: Vec<&crate::preflight::Finding> = report
+        .findings
+        .iter()
+        .filter(|f| f.level >= crate::preflight::Level::Warning)
+        .collect();
+    for finding in &worth_showing {
+        eprintln!(
+            "preflight {}: {}: {}",
+            finding.level.as_str(),
+            finding.check,
+            finding.message
+        );
+        if let Some(fix) = &finding.fix {
+            eprintln!("  fix: {fix}");
+        }
+    }
+    // What start checks itself (a name the tenant lacks, a refused sign-in) it reports below,
+    // with its own exit code.
+    let errors = report
+        .findings
+        .iter()
+        .filter(|f| f.level == crate::preflight::Level::Error && !f.start_checks_it)
+        .count();
+    if errors > 0 {
+        return Err(Failure {
+            code: exit::NOT_READY,
+            message: format!(
+                "{}: the preflight found {errors} error{}: nothing was started; fix {} (`phasegate preflight {}` shows every check), or start with --skip-preflight --reason TEXT",
+                file.display(),
+                if errors == 1 { "" } else { "s" },
+                if errors == 1 { "it" } else { "them" },
+                file.display()
+            ),
+        });
+    }
+    Ok("rollout started".to_string())
+}
+
 pub async fn start(
     ctx: &Context,
     file: &Path,
     id: Option<String>,
     by: &str,
     strict: bool,
+    preflight: StartPreflight,
 ) -> CommandResult {
     let (source, plan) = read_plan(file, strict)?;
+    let reason = preflight_before_start(file, &plan, &preflight).await?;
     if let Some(remote) = ctx.remote()? {
+        if preflight.skip.is_some() {
+            return Err(Failure::invalid(
+                "--skip-preflight cannot be recorded through a daemon's API: start without it, or while no daemon holds the store",
+            ));
+        }
         let path = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
         let mut body =
             serde_json::json!({"plan": source, "file": path.display().to_string(), "id": id});
@@ -194,7 +296,7 @@ pub async fn start(
         hash: plan.hash.clone(),
     };
     let (_, warnings) = engine(&store, "start")
-        .start(&plan, record, &id, by, provider.as_mut())
+        .start_because(&plan, record, &id, by, &reason, provider.as_mut())
         .await
         .map_err(|err| match err {
             EngineError::Provider(e)

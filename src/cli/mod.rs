@@ -2,7 +2,8 @@
 //!
 //! Exit codes are part of the contract with automation: 0 ok, 1 failure, 2 invalid input (bad
 //! plan, unknown rollout, a command the rollout's state does not allow), 3 a rollout needs
-//! attention (waiting for approval, held, rolled back, rejected, aborted), 4 the store is in use.
+//! attention (waiting for approval, held, rolled back, rejected, aborted), 4 the store is in use,
+//! 5 the readiness preflight found an error.
 //! Logs go to stderr through tracing (`RUST_LOG`); stdout carries only the command's output.
 
 /// Writes a line to stdout; a reader that went away (`| head`, a closed pipe) is not an error
@@ -46,6 +47,8 @@ pub mod exit {
     pub const INVALID: u8 = 2;
     pub const ATTENTION: u8 = 3;
     pub const STORE_IN_USE: u8 = 4;
+    /// The readiness preflight found an error: the tenant is not ready for the plan.
+    pub const NOT_READY: u8 = 5;
 }
 
 #[derive(Parser, Debug)]
@@ -75,7 +78,7 @@ pub enum Output {
     Json,
 }
 
-// Parsed once per process: the emulator's many flags cost nothing worth boxing.
+// Parsed once per process: the size of its largest variant (`emulator`'s flags) costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -95,6 +98,27 @@ enum Command {
         /// Refuse a plan with warnings, as `plan check --strict` does
         #[arg(long)]
         strict: bool,
+        /// Start even if the readiness preflight finds errors (needs --reason, which the audit
+        /// trail records)
+        #[arg(long, requires = "reason")]
+        skip_preflight: bool,
+        /// Why the preflight is skipped, for the audit trail
+        #[arg(long, requires = "skip_preflight")]
+        reason: Option<String>,
+        /// DNS server the preflight asks for the enrolment records (IP[:PORT]) [default: the
+        /// plan's `[preflight] resolver`, else the system's]
+        #[arg(long, value_parser = crate::preflight::settings::parse_resolver)]
+        resolver: Option<std::net::SocketAddr>,
+    },
+    /// Check that the tenant is ready for a plan: enrolment DNS, the Apple push certificate,
+    /// the policies, groups, Conditional Access, MFA and the app's permissions; exit 5 on an error
+    Preflight {
+        /// The plan file
+        file: PathBuf,
+        /// DNS server to ask for the enrolment records (IP[:PORT]) [default: the plan's
+        /// `[preflight] resolver`, else the system's]
+        #[arg(long, value_parser = crate::preflight::settings::parse_resolver)]
+        resolver: Option<std::net::SocketAddr>,
     },
     /// Drive rollouts until each is completed or needs a person
     Run {
@@ -282,6 +306,22 @@ enum Command {
         /// Require Multi Admin Approval for the app's writes to compliance policies
         #[arg(long)]
         maa: bool,
+        /// The MDM set-up the preflight reads: `ready`, or `unready` (an expired Apple push
+        /// certificate, wipe actions, a template without a default-locale message, a missing
+        /// permission; see docs/emulator.md)
+        #[arg(long, default_value = "ready", value_parser = ["ready", "unready"])]
+        readiness: String,
+        /// When the Apple push certificate expires: `none` (not uploaded), or a duration after
+        /// the tenant's clock starts (`10d`), or before it (`-2d`) [default: as --readiness says]
+        #[arg(long, allow_hyphen_values = true)]
+        apns_expiry: Option<String>,
+        /// A custom domain the tenant has verified (repeat for more)
+        #[arg(long = "verified-domain", value_name = "DOMAIN")]
+        verified_domains: Vec<String>,
+        /// The application roles the app's tokens carry, comma-separated [default: every
+        /// permission docs/graph.md lists, less one under --readiness unready]
+        #[arg(long)]
+        roles: Option<String>,
     },
     /// Print a shell completion script (e.g. `phasegate completions bash > /etc/bash_completion.d/phasegate`)
     Completions {
@@ -520,7 +560,17 @@ async fn dispatch(cli: Cli) -> CommandResult {
             id,
             by,
             strict,
-        } => commands::start(&ctx, &file, id, &by_or_user(by), strict).await,
+            skip_preflight,
+            reason,
+            resolver,
+        } => {
+            let preflight = commands::StartPreflight {
+                skip: reason.filter(|_| skip_preflight),
+                resolver,
+            };
+            commands::start(&ctx, &file, id, &by_or_user(by), strict, preflight).await
+        }
+        Command::Preflight { file, resolver } => commands::preflight(&ctx, &file, resolver).await,
         Command::Run { id, once } => commands::run(&ctx, id.as_deref(), once).await,
         Command::Status { id, watch } => commands::status(&ctx, id.as_deref(), watch).await,
         Command::Serve { listen } => commands::serve(&ctx, listen).await,
@@ -609,6 +659,10 @@ async fn dispatch(cli: Cli) -> CommandResult {
             scenario,
             ca_state,
             maa,
+            readiness,
+            apns_expiry,
+            verified_domains,
+            roles,
         } => {
             let credentials = emulator_credentials(
                 &client_certificates,
@@ -647,6 +701,7 @@ async fn dispatch(cli: Cli) -> CommandResult {
                     .transpose()
                     .map_err(|e: String| Failure::invalid(e))?,
                 maa,
+                readiness: emulator_readiness(&readiness, apns_expiry, verified_domains, roles)?,
             };
             crate::emulator::run(listen, settings, setup)
                 .await
@@ -695,6 +750,42 @@ fn emulator_credentials(
     Ok(crate::emulator::credentials::AppCredentials {
         certificates,
         federation,
+    })
+}
+
+/// The emulator's `--readiness` and the flags that adjust it.
+fn emulator_readiness(
+    variant: &str,
+    apns_expiry: Option<String>,
+    domains: Vec<String>,
+    roles: Option<String>,
+) -> Result<crate::emulator::Readiness, Failure> {
+    let mut checked = Vec::new();
+    for domain in &domains {
+        match crate::preflight::settings::domain_name(domain) {
+            Some(name) => checked.push(name),
+            None => {
+                return Err(Failure::invalid(format!(
+                    "--verified-domain `{domain}` is not a domain name"
+                )));
+            }
+        }
+    }
+    Ok(crate::emulator::Readiness {
+        variant: variant.parse().map_err(|e: String| Failure::invalid(e))?,
+        domains: checked,
+        apns: apns_expiry
+            .map(|text| crate::emulator::Apns::parse(&text))
+            .transpose()
+            .map_err(Failure::invalid)?
+            .unwrap_or_default(),
+        roles: roles.map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(str::to_string)
+                .collect()
+        }),
     })
 }
 

@@ -26,7 +26,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 
-pub use tenant::{CaState, Scenario, Settings, Setup, Tenant};
+pub use tenant::{Apns, CaState, Readiness, ReadinessVariant, Scenario, Settings, Setup, Tenant};
 
 /// The tenant, and the address Graph answers name (its `@odata.nextLink`s): the emulator's own,
 /// never what a request's `Host` header claims — as Graph's links always name Graph.

@@ -10,6 +10,7 @@
 //! evaluation, and it is blocked past its grace while an enabled Conditional Access policy that
 //! requires a compliant device covers its user and platform. See docs/emulator.md.
 
+mod readiness;
 mod scenario;
 
 use std::collections::{BTreeMap, HashMap};
@@ -31,6 +32,7 @@ use crate::graph::{ALL_USERS_ID, NIL_GUID, encode_query_value, format_inner_date
 use crate::provider::simulator::SIMULATED_EPOCH;
 use crate::provider::simulator::fleet::{Fleet, GROUPS};
 
+pub use readiness::{ALL_ROLES, Apns, Readiness, UNREADY_WIPE_HOURS, Variant as ReadinessVariant};
 pub use scenario::{
     HELPDESK_GROUP, HELPDESK_TEMPLATE_NAME, KIOSK_GROUP, MFA_POLICY_NAME, SCENARIO_FILTER_NAME,
 };
@@ -136,6 +138,8 @@ pub struct Setup {
     pub ca_state: Option<CaState>,
     /// Multi Admin Approval is required for compliance policies.
     pub maa: bool,
+    /// The MDM set-up the readiness preflight reads (`--readiness` and friends).
+    pub readiness: Readiness,
 }
 
 pub struct Request {
@@ -532,6 +536,7 @@ impl Tenant {
         if tenant.setup.scenario == Scenario::LivedIn {
             scenario::furnish(&mut tenant);
         }
+        readiness::seed(&mut tenant);
         // The configuration has been in force since the policies were created: the tenant's
         // devices have a history when the clock starts.
         tenant.reconfigure_at(created);
@@ -1157,12 +1162,16 @@ impl Tenant {
     /// A new access token for the app, valid for the configured lifetime of tenant time.
     fn issue_token(&mut self, now: Timestamp) -> (String, Duration) {
         self.tokens_issued += 1;
+        let lifetime = self.settings.token_lifetime;
+        let claims = self.token_claims(self.tokens_issued, now, now.plus(lifetime));
         let token = format!(
             "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.{}.{}",
-            guid(self.settings.seed, "token", self.tokens_issued),
+            base64::Engine::encode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                claims.to_string()
+            ),
             hex::encode(&Sha256::digest(self.tokens_issued.to_be_bytes())[..12])
         );
-        let lifetime = self.settings.token_lifetime;
         self.tokens.insert(token.clone(), (now.plus(lifetime), 0));
         (token, lifetime)
     }
@@ -1670,6 +1679,20 @@ impl Tenant {
             }
             ("POST", ["identity", "conditionalAccess", "policies"]) => self.create_ca(call),
             (_, ["identity", "conditionalAccess", "policies", id]) => self.ca_route(id, call),
+            ("GET", ["organization"]) => self.organization(&meta),
+            ("GET", ["deviceManagement"]) => self.device_management(&meta, call.q("$select")),
+            ("GET", ["deviceManagement", "applePushNotificationCertificate"]) => {
+                self.apns_certificate(&meta, request_id)
+            }
+            (
+                "GET",
+                [
+                    "deviceManagement",
+                    "notificationMessageTemplates",
+                    id,
+                    "localizedNotificationMessages",
+                ],
+            ) => self.localized_messages(id, &meta, request_id),
             _ => graph_error(
                 400,
                 "No method match route template",

@@ -266,6 +266,9 @@ pub struct Plan {
     pub channels: Vec<Channel>,
     /// Break-glass accounts every enforcement scope excludes.
     pub emergency_access: EmergencyAccess,
+    /// `[preflight]`: the readiness checks' settings (domains, certificate file, which device
+    /// actions the plan accepts), read and checked by `crate::preflight`, never by the domain.
+    pub preflight: serde_json::Map<String, serde_json::Value>,
     /// Hex SHA-256 of the plan's text: a change mid-rollout is detected by it.
     pub hash: String,
     /// What is valid but dangerous in it, located in the plan's text, with why each matters
@@ -601,6 +604,10 @@ impl Checker<'_> {
         if let (Some((phases, _)), Some(emergency)) = (&phases, &emergency_access) {
             self.emergency_scopes(rollout_span.clone(), phases, emergency, &raw_spans);
         }
+        let preflight = tables
+            .as_mut()
+            .map(|t| adapter_settings(std::mem::take(&mut t.preflight)))
+            .unwrap_or_default();
         let mut tables = tables.map(|t| t.webhook.into_iter());
         let channels: Option<Vec<Channel>> = raw
             .webhook
@@ -623,6 +630,7 @@ impl Checker<'_> {
                 notification_template,
             },
             emergency_access: emergency_access?,
+            preflight,
             provider: provider?,
             order: phases.as_ref()?.1.clone(),
             phases: phases?.0,

@@ -1,7 +1,8 @@
 //! The plan file exactly as written: serde types that mirror the TOML, with spans kept on every
 //! value a later check may need to point at. Unknown keys are rejected here, so a typo like
 //! `min_soke` is reported with its position instead of being silently ignored — except in the
-//! tables adapters own (`[provider]`, `[[webhook]]`), whose other keys their adapter checks.
+//! tables adapters own (`[provider]`, `[[webhook]]`, `[preflight]`), whose keys their adapter
+//! checks.
 //!
 //! [`read`] reports every structural problem of a file at once: it parses the document into a
 //! spanned tree first, then deserializes each table on its own, and within a table goes on past
@@ -52,6 +53,9 @@ pub(super) struct RawAdapterTables {
     pub provider: toml::Table,
     #[serde(default)]
     pub webhook: Vec<toml::Table>,
+    /// `[preflight]`: what the readiness checks read (`crate::preflight::settings`).
+    #[serde(default)]
+    pub preflight: toml::Table,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,13 +145,14 @@ impl Problem {
 }
 
 /// The tables a plan may have.
-const TABLES: [&str; 6] = [
+const TABLES: [&str; 7] = [
     "rollout",
     "policy",
     "provider",
     "phase",
     "webhook",
     "emergency_access",
+    "preflight",
 ];
 
 /// How many problems one table reports before the rest of it is left for the next run.

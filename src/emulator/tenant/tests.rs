@@ -1558,7 +1558,7 @@ fn the_lived_in_tenant_has_what_other_administrators_configured() {
     let mut report_only = Session::new(Setup {
         scenario: Scenario::LivedIn,
         ca_state: Some(CaState::ReportOnly),
-        maa: false,
+        ..Setup::default()
     });
     let policies = report_only.get("/v1.0/identity/conditionalAccess/policies");
     assert_eq!(
@@ -1592,4 +1592,105 @@ fn percent_decoding_keeps_what_is_not_an_escape() {
     assert_eq!(percent_decode("%4"), "%4");
     assert_eq!(percent_decode("%zz%41"), "%zzA");
     assert_eq!(percent_decode("%C3%A9"), "\u{e9}");
+}
+
+fn unready() -> Setup {
+    Setup {
+        readiness: Readiness {
+            variant: ReadinessVariant::Unready,
+            domains: vec!["contoso.com".into()],
+            ..Readiness::default()
+        },
+        ..Setup::default()
+    }
+}
+
+#[test]
+fn tokens_carry_the_granted_roles() {
+    let ready = Session::new(Setup::default());
+    let roles = crate::provider::graph::client::token_roles(&ready.token).unwrap();
+    assert_eq!(roles.len(), ALL_ROLES.len());
+    let unready = Session::new(unready());
+    let roles = crate::provider::graph::client::token_roles(&unready.token).unwrap();
+    assert!(
+        !roles
+            .iter()
+            .any(|r| r == "Policy.ReadWrite.ConditionalAccess")
+    );
+    assert!(roles.iter().any(|r| r == "Policy.Read.All"));
+}
+
+#[test]
+fn the_ready_tenant_is_set_up_as_microsoft_asks() {
+    let mut s = Session::new(Setup::default());
+    let org = s.get("/v1.0/organization");
+    let domains = org["value"][0]["verifiedDomains"].as_array().unwrap();
+    assert_eq!(domains.len(), 1);
+    assert_eq!(domains[0]["isInitial"], true);
+    let apns = s.get("/v1.0/deviceManagement/applePushNotificationCertificate");
+    let expires = crate::graph::parse_time(apns["expirationDateTime"].as_str().unwrap()).unwrap();
+    assert!(expires > s.tenant.now().plus(Duration::from_secs(300 * DAY)));
+    let dm = s.get("/v1.0/deviceManagement?$select=settings");
+    assert_eq!(dm["settings"]["secureByDefault"], true);
+    assert!(dm.get("id").is_none(), "{dm}");
+    let template = guid(7, "template", TEMPLATE_NAME);
+    let messages = s.get(&format!(
+        "/v1.0/deviceManagement/notificationMessageTemplates/{template}/localizedNotificationMessages"
+    ));
+    assert_eq!(messages["value"][0]["locale"], "en-us");
+    assert_eq!(messages["value"][0]["isDefault"], true);
+}
+
+#[test]
+fn the_unready_tenant_seeds_one_of_each_mistake() {
+    let mut s = Session::new(unready());
+    let org = s.get("/v1.0/organization");
+    assert_eq!(org["value"][0]["verifiedDomains"][1]["name"], "contoso.com");
+    let apns = s.get("/v1.0/deviceManagement/applePushNotificationCertificate");
+    let expires = crate::graph::parse_time(apns["expirationDateTime"].as_str().unwrap()).unwrap();
+    assert!(expires < s.tenant.now());
+    let policy = s.policy(Platform::Ios);
+    let read = s.get(&format!(
+        "/v1.0/deviceManagement/deviceCompliancePolicies/{policy}?$expand=scheduledActionsForRule($expand=scheduledActionConfigurations)"
+    ));
+    let actions = read["scheduledActionsForRule"][0]["scheduledActionConfigurations"]
+        .as_array()
+        .unwrap();
+    assert!(
+        actions
+            .iter()
+            .any(|a| a["actionType"] == "wipe" && a["gracePeriodHours"] == UNREADY_WIPE_HOURS)
+    );
+    let template = guid(7, "template", TEMPLATE_NAME);
+    let messages = s.get(&format!(
+        "/v1.0/deviceManagement/notificationMessageTemplates/{template}/localizedNotificationMessages"
+    ));
+    assert_eq!(messages["value"][0]["locale"], "de-de");
+    let dm = s.get("/v1.0/deviceManagement?$select=settings");
+    assert_eq!(dm["settings"]["secureByDefault"], false);
+}
+
+#[test]
+fn a_tenant_without_a_push_certificate_answers_404() {
+    let mut s = Session::new(Setup {
+        readiness: Readiness {
+            apns: Apns::Absent,
+            ..Readiness::default()
+        },
+        ..Setup::default()
+    });
+    let (status, _) = s.call(
+        "GET",
+        "/v1.0/deviceManagement/applePushNotificationCertificate",
+        "",
+    );
+    assert_eq!(status, 404);
+    assert_eq!(Apns::parse("none"), Ok(Apns::Absent));
+    assert_eq!(
+        Apns::parse("-2d"),
+        Ok(Apns::At(
+            SIMULATED_EPOCH.minus(Duration::from_secs(2 * DAY))
+        ))
+    );
+    assert!(Apns::parse("soon").is_err());
 }

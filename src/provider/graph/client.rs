@@ -911,6 +911,36 @@ impl GraphClient {
         let mut patience = self.retry.patience();
         self.bearer(false, &mut patience).await.map(|_| ())
     }
+
+    /// The application roles granted to the app, as its access token's `roles` claim lists them
+    /// (learn.microsoft.com/entra/identity-platform/access-token-claims-reference: an app-only
+    /// token carries the admin-consented application permissions there). Only read, never
+    /// verified: the token's signature is Graph's business, what it says is what Graph enforces.
+    pub async fn granted_roles(&self) -> Result<Vec<String>, ProviderError> {
+        let mut patience = self.retry.patience();
+        let token = self.bearer(false, &mut patience).await?;
+        token_roles(&token).map_err(ProviderError::permanent)
+    }
+}
+
+/// The `roles` claim of a JWT access token (none: an empty list).
+pub fn token_roles(token: &str) -> Result<Vec<String>, String> {
+    use base64::Engine as _;
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or("the access token is not a JWT")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|e| format!("the access token's claims are not base64url: {e}"))?;
+    let claims: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("the access token's claims are not JSON: {e}"))?;
+    Ok(claims["roles"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.as_str().map(str::to_string))
+        .collect())
 }
 
 /// The token scope for a Graph endpoint: the national cloud's own (`https://graph.microsoft.us`

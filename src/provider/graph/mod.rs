@@ -19,6 +19,7 @@
 pub mod client;
 pub mod credential;
 pub mod mapping;
+pub mod readiness;
 pub mod settings;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -136,7 +137,8 @@ enum Job<'a> {
     Restore,
 }
 
-fn compatible(platform: Platform, odata_type: &str) -> bool {
+/// Whether a compliance policy's `@odata.type` is of `platform`.
+pub fn compatible(platform: Platform, odata_type: &str) -> bool {
     let t = odata_type.to_ascii_lowercase();
     match platform {
         Platform::Windows => t.contains("windows"),
