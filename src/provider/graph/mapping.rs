@@ -256,7 +256,24 @@ fn with_claim(description: Option<&str>, claim: Option<&str>) -> Value {
     json!(lines.join("\n"))
 }
 
-fn str_list(value: &Value) -> Vec<String> {
+/// The action items of a compliance policy read with
+/// `$expand=scheduledActionsForRule($expand=scheduledActionConfigurations)`, all rules together.
+pub fn scheduled_actions(policy: &Value) -> Vec<Value> {
+    policy["scheduledActionsForRule"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|rule| {
+            rule["scheduledActionConfigurations"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The strings of a JSON array (nothing for anything else).
+pub fn str_list(value: &Value) -> Vec<String> {
     value
         .as_array()
         .into_iter()

@@ -393,17 +393,7 @@ impl GraphProvider {
         let mut view = TenantView::default();
         for (request, answer) in requests.iter().zip(answers) {
             let policy = answer?;
-            let actions: Vec<Value> = policy["scheduledActionsForRule"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|rule| {
-                    rule["scheduledActionConfigurations"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                })
-                .collect();
+            let actions = mapping::scheduled_actions(&policy);
             view.policies.insert(
                 request.id.clone(),
                 PolicyView {

@@ -8,6 +8,7 @@ use reqwest::Method;
 use serde_json::Value;
 
 use super::client::{Access, Credential, GraphClient, encode};
+use super::mapping::{scheduled_actions, str_list};
 use super::settings::GraphSettings;
 use crate::domain::plan::Plan;
 use crate::domain::time::Timestamp;
@@ -187,16 +188,8 @@ impl Reader<'_> {
                 platform: policy.platform,
                 found: map(found, |body| FoundPolicy {
                     odata_type: body["@odata.type"].as_str().unwrap_or("").to_string(),
-                    actions: body["scheduledActionsForRule"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .flat_map(|rule| {
-                            rule["scheduledActionConfigurations"]
-                                .as_array()
-                                .cloned()
-                                .unwrap_or_default()
-                        })
+                    actions: scheduled_actions(&body)
+                        .iter()
                         .map(|action| ScheduledAction {
                             action_type: action["actionType"].as_str().unwrap_or("").to_string(),
                             grace_period_hours: action["gracePeriodHours"].as_i64().unwrap_or(0),
@@ -318,19 +311,10 @@ fn map<T>(found: Lookup<Value>, f: impl FnOnce(Value) -> T) -> Lookup<T> {
     }
 }
 
-fn strings(value: &Value) -> Vec<String> {
-    value
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect()
-}
-
 /// A Conditional Access policy as the checks see it: MFA is the `mfa` control or an
 /// authentication strength (every built-in strength is multifactor).
 fn ca_policy(raw: &Value) -> CaPolicy {
-    let controls = strings(&raw["grantControls"]["builtInControls"]);
+    let controls = str_list(&raw["grantControls"]["builtInControls"]);
     let strength = !raw["grantControls"]["authenticationStrength"].is_null();
     let users = &raw["conditions"]["users"];
     CaPolicy {
@@ -339,10 +323,10 @@ fn ca_policy(raw: &Value) -> CaPolicy {
         state: raw["state"].as_str().unwrap_or("").to_string(),
         requires_compliance: super::mapping::requires_compliance(raw),
         requires_mfa: controls.iter().any(|c| c == "mfa") || strength,
-        include_users: strings(&users["includeUsers"]),
-        include_groups: strings(&users["includeGroups"]),
-        exclude_groups: strings(&users["excludeGroups"]),
-        include_platforms: strings(&raw["conditions"]["platforms"]["includePlatforms"]),
-        exclude_platforms: strings(&raw["conditions"]["platforms"]["excludePlatforms"]),
+        include_users: str_list(&users["includeUsers"]),
+        include_groups: str_list(&users["includeGroups"]),
+        exclude_groups: str_list(&users["excludeGroups"]),
+        include_platforms: str_list(&raw["conditions"]["platforms"]["includePlatforms"]),
+        exclude_platforms: str_list(&raw["conditions"]["platforms"]["excludePlatforms"]),
     }
 }
