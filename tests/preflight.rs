@@ -738,3 +738,58 @@ fn another_enabled_compliance_policy_reaching_the_rollout_is_listed() {
     // Its grant is compliance AND the MFA strength: every targeted group has MFA.
     assert_eq!(findings(&report, "mfa")[0]["level"], "ok");
 }
+
+/// Through a daemon, `start` is refused by the same preflight (exit 5), and a skip's reason is
+/// recorded by the daemon.
+#[test]
+fn through_the_daemon_start_runs_the_preflight_and_records_a_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = DnsServer::start(&[(
+        "contoso.com",
+        &[("EnterpriseRegistration", "registration.example.", 3600)],
+    )]);
+    let plan = simulator_plan(dir.path(), "windows", "1d", DOMAINS);
+    let plan = plan.to_str().unwrap();
+    let resolver = wrong.resolver();
+    let serve = common::Serve::start(&dir.path().join("store"));
+    let out = phasegate(
+        dir.path(),
+        &["start", plan, "--by", "alice", "--resolver", &resolver],
+    );
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("EnterpriseEnrollment.contoso.com: no CNAME found"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("nothing was started"),
+        "{}",
+        stderr(&out)
+    );
+    let out = phasegate(
+        dir.path(),
+        &[
+            "start",
+            plan,
+            "--by",
+            "alice",
+            "--resolver",
+            &resolver,
+            "--skip-preflight",
+            "--reason",
+            "records change in CHG-7",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    let history = json(&phasegate(
+        dir.path(),
+        &["--output", "json", "history", &id],
+    ));
+    assert_eq!(
+        history[0]["event"]["trigger"]["reason"],
+        "rollout started; preflight skipped: records change in CHG-7"
+    );
+    assert_eq!(serve.terminate(), Some(0));
+}

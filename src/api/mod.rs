@@ -539,6 +539,10 @@ struct PlanText {
     by: Option<String>,
     /// Warnings are errors, as with `plan check --strict`.
     strict: Option<bool>,
+    /// Start without the readiness preflight, for this reason (recorded with the start).
+    skip_preflight: Option<String>,
+    /// The DNS resolver the preflight asks (`IP` or `IP:PORT`), over the plan's.
+    preflight_resolver: Option<String>,
 }
 
 /// `strict`: the plan's warnings are errors; otherwise, as the plan says.
@@ -589,6 +593,45 @@ async fn start(State(state): State<ApiState>, Caller(caller): Caller, body: Body
             format!("invalid rollout id `{id}`: use letters, digits, `-`, `_` and `.`"),
         ));
     }
+    let resolver = body
+        .preflight_resolver
+        .as_deref()
+        .map(|text| {
+            crate::preflight::settings::parse_resolver(text).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("`preflight_resolver`: {e}"),
+                )
+            })
+        })
+        .transpose()?;
+    let options = crate::preflight::Options {
+        resolver,
+        plan_dir: std::path::Path::new(&file)
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default(),
+    };
+    let gate = crate::preflight::before_start(&plan, &options, body.skip_preflight.as_deref())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let (reason, shown) = match gate {
+        crate::preflight::StartGate::Start { reason, shown } => (reason, shown),
+        crate::preflight::StartGate::Refused { errors } => {
+            let lines: Vec<String> = errors
+                .iter()
+                .map(|f| format!("{}: {}", f.check, f.message))
+                .collect();
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "{}; or start with `skip_preflight` and a reason:\n{}",
+                    crate::cli::commands::not_started(errors.len(), "phasegate preflight PLAN"),
+                    lines.join("\n")
+                ),
+            ));
+        }
+    };
     let mut provider = crate::provider::connect(&plan.provider, &state.store)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()))?;
@@ -605,11 +648,12 @@ async fn start(State(state): State<ApiState>, Caller(caller): Caller, body: Body
         limits: engine::Limits::default(),
     };
     let (_, warnings) = engine
-        .start(&plan, record, &id, &by, provider.as_mut())
+        .start_because(&plan, record, &id, &by, &reason, provider.as_mut())
         .await?;
     state.handle.watch(&id).await;
     let mut view = view_of(&state.store, &id)?;
     view["warnings"] = json!(warnings);
+    view["preflight"] = json!(shown);
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 

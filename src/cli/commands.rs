@@ -195,54 +195,60 @@ async fn preflight_before_start(
     plan: &Plan,
     preflight: &StartPreflight,
 ) -> Result<String, Failure> {
-    if let Some(reason) = &preflight.skip {
-        let reason = reason.trim();
-        if reason.is_empty() {
-            return Err(Failure::invalid(
-                "--skip-preflight needs a --reason for the audit trail",
-            ));
+    let gate = crate::preflight::before_start(
+        plan,
+        &preflight_options(file, preflight.resolver),
+        preflight.skip.as_deref(),
+    )
+    .await
+    .map_err(|e| Failure::invalid(format!("{}: {e}", file.display())))?;
+    match gate {
+        crate::preflight::StartGate::Start { reason, shown } => {
+            show_findings(&shown);
+            Ok(reason)
         }
-        return Ok(format!("rollout started; preflight skipped: {reason}"));
-    }
-    let report = crate::preflight::run(plan, &preflight_options(file, preflight.resolver))
-        .await
-        .map_err(|e| Failure::invalid(format!("{}: {e}", file.display())))?;
-    let worth_showing: Vec<&crate::preflight::Finding> = report
-        .findings
-        .iter()
-        .filter(|f| f.level >= crate::preflight::Level::Warning)
-        .collect();
-    for finding in &worth_showing {
-        eprintln!(
-            "preflight {}: {}: {}",
-            finding.level.as_str(),
-            finding.check,
-            finding.message
-        );
-        if let Some(fix) = &finding.fix {
-            eprintln!("  fix: {fix}");
+        crate::preflight::StartGate::Refused { errors } => {
+            show_findings(&errors);
+            Err(Failure {
+                code: exit::NOT_READY,
+                message: format!(
+                    "{}: {}; or start with --skip-preflight --reason TEXT",
+                    file.display(),
+                    not_started(
+                        errors.len(),
+                        &format!("phasegate preflight {}", file.display())
+                    )
+                ),
+            })
         }
     }
-    // What start checks itself (a name the tenant lacks, a refused sign-in) it reports below,
-    // with its own exit code.
-    let errors = report
-        .findings
-        .iter()
-        .filter(|f| f.level == crate::preflight::Level::Error && !f.start_checks_it)
-        .count();
-    if errors > 0 {
-        return Err(Failure {
-            code: exit::NOT_READY,
-            message: format!(
-                "{}: the preflight found {errors} error{}: nothing was started; fix {} (`phasegate preflight {}` shows every check), or start with --skip-preflight --reason TEXT",
-                file.display(),
-                if errors == 1 { "" } else { "s" },
-                if errors == 1 { "it" } else { "them" },
-                file.display()
-            ),
-        });
+}
+
+/// Why nothing was started, for `errors` preflight errors that `how` shows in full.
+pub fn not_started(errors: usize, how: &str) -> String {
+    format!(
+        "{}{errors} error{}: nothing was started; fix {} (`{how}` shows every check)",
+        crate::preflight::REFUSED,
+        if errors == 1 { "" } else { "s" },
+        if errors == 1 { "it" } else { "them" },
+    )
+}
+
+fn show_findings(findings: &[crate::preflight::Finding]) {
+    for f in findings {
+        show_finding(f.level.as_str(), f.check, &f.message, f.fix.as_deref());
     }
-    Ok("rollout started".to_string())
+}
+
+fn show_finding(level: &str, check: &str, message: &str, fix: Option<&str>) {
+    eprintln!(
+        "preflight {level}: {}: {}",
+        view::Text(check),
+        view::Text(message)
+    );
+    if let Some(fix) = fix {
+        eprintln!("  fix: {}", view::Text(fix));
+    }
 }
 
 pub async fn start(
@@ -254,23 +260,34 @@ pub async fn start(
     preflight: StartPreflight,
 ) -> CommandResult {
     let (source, plan) = read_plan(file, strict)?;
-    let reason = preflight_before_start(file, &plan, &preflight).await?;
     if let Some(remote) = ctx.remote()? {
-        if preflight.skip.is_some() {
-            return Err(Failure::invalid(
-                "--skip-preflight cannot be recorded through a daemon's API: start without it, or while no daemon holds the store",
-            ));
-        }
+        // The daemon runs the preflight (from its machine, as the rollout will) and records a
+        // skip's reason.
         let path = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
         let mut body =
             serde_json::json!({"plan": source, "file": path.display().to_string(), "id": id});
         if strict {
             body["strict"] = serde_json::json!(true);
         }
+        if let Some(reason) = &preflight.skip {
+            body["skip_preflight"] = serde_json::json!(reason);
+        }
+        if let Some(resolver) = preflight.resolver {
+            body["preflight_resolver"] = serde_json::json!(resolver.to_string());
+        }
         if remote.local {
             body["by"] = serde_json::json!(by);
         }
         let view = remote.post("/api/v1/rollouts", &body).await?;
+        for finding in view["preflight"].as_array().into_iter().flatten() {
+            let field = |name: &str| finding[name].as_str().unwrap_or("").to_string();
+            show_finding(
+                &field("level"),
+                &field("check"),
+                &field("message"),
+                finding["fix"].as_str(),
+            );
+        }
         for warning in view["warnings"].as_array().into_iter().flatten() {
             eprintln!("warning: {}", warning.as_str().unwrap_or(""));
         }
@@ -280,6 +297,7 @@ pub async fn start(
         }
         return Ok(exit::OK);
     }
+    let reason = preflight_before_start(file, &plan, &preflight).await?;
     let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
     let id = match id {
         Some(id) => {

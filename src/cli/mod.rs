@@ -23,7 +23,7 @@ macro_rules! say_raw {
     }};
 }
 
-mod commands;
+pub(crate) mod commands;
 pub use commands::status_text;
 mod demo;
 mod recovery;

@@ -101,6 +101,7 @@ impl Remote {
             .as_str()
             .map_or_else(|| format!("{status}: {text}"), str::to_string);
         let code = match status {
+            422 if message.starts_with(crate::preflight::REFUSED) => exit::NOT_READY,
             400 | 404 | 409 => exit::INVALID,
             _ => exit::FAILURE,
         };

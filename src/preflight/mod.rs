@@ -86,3 +86,55 @@ impl Report {
         out
     }
 }
+
+/// How a refused start's message begins, from the CLI and from the API alike (the CLI knows a
+/// daemon's refusal by it, to exit 5 as it would itself).
+pub const REFUSED: &str = "the preflight found ";
+
+/// What a start makes of the preflight, whichever front end asks (the CLI, the API).
+#[derive(Debug)]
+pub enum StartGate {
+    /// Start, recording `reason` with the start event; `shown` are the warnings and errors worth
+    /// telling the person who starts.
+    Start { reason: String, shown: Vec<Finding> },
+    /// Nothing starts: the preflight found errors start does not check itself.
+    Refused { errors: Vec<Finding> },
+}
+
+/// The preflight before a start: run it, or skip it for a `reason` the trail records. What
+/// `start` checks itself (a name the tenant lacks, a refused sign-in) is left to it, so that it
+/// keeps its own exit code and message.
+pub async fn before_start(
+    plan: &crate::domain::plan::Plan,
+    options: &Options,
+    skip: Option<&str>,
+) -> Result<StartGate, String> {
+    if let Some(reason) = skip {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err("skipping the preflight needs a reason for the audit trail".into());
+        }
+        return Ok(StartGate::Start {
+            reason: format!("rollout started; preflight skipped: {reason}"),
+            shown: Vec::new(),
+        });
+    }
+    let report = run(plan, options).await?;
+    let errors: Vec<Finding> = report
+        .findings
+        .iter()
+        .filter(|f| f.level == Level::Error && !f.start_checks_it)
+        .cloned()
+        .collect();
+    if !errors.is_empty() {
+        return Ok(StartGate::Refused { errors });
+    }
+    Ok(StartGate::Start {
+        reason: "rollout started".into(),
+        shown: report
+            .findings
+            .into_iter()
+            .filter(|f| f.level >= Level::Warning)
+            .collect(),
+    })
+}
