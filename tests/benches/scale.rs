@@ -765,6 +765,9 @@ fn count_events(dir: &Path) -> usize {
 /// of an earlier sample is still letting go of the store. Prints the figures on one line, in
 /// nanoseconds: total, then its parts.
 fn reopen_child(mode: &str, dir: &Path) {
+    if mode == "run" {
+        return run_child(dir);
+    }
     if mode != "resume" {
         let started = Instant::now();
         let db = sled::Config::new()
@@ -919,6 +922,42 @@ fn serve_sample(dir: &Path, token: &str, id: &str) -> ServeStart {
     }
 }
 
+/// The runner of `phasegate run` (until idle, so it starts an actor for every unfinished rollout,
+/// as under `serve` for rollouts that can move), in this process: from `Store::open` until it
+/// has resumed, then until it is done. Prints both in nanoseconds, and the rollouts it reported.
+fn run_child(dir: &Path) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime builds");
+    let notifier = phasegate::notifier::shared();
+    let started = Instant::now();
+    let store = Arc::new(Store::open(dir, DEFAULT_LOCK_WAIT).expect("the store opens"));
+    let settings = phasegate::runner::Settings {
+        actor: "bench".into(),
+        until: phasegate::runner::Until::Idle,
+        only: None,
+        once: false,
+        limits: Limits::default(),
+    };
+    let runner = phasegate::runner::Runner::new(store, notifier, settings);
+    let mut resumed = runner.handle().resumed();
+    let (resumed_at, report) = runtime.block_on(async move {
+        let running = tokio::spawn(runner.run(std::future::pending()));
+        resumed.wait_for(|r| *r).await.expect("the runner resumes");
+        let at = started.elapsed();
+        (at, running.await.expect("the runner ends"))
+    });
+    let report = report.expect("the runner reports");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    println!(
+        "{} {} 0 0 0 {}",
+        resumed_at.as_nanos(),
+        started.elapsed().as_nanos(),
+        report.rollouts.len()
+    );
+}
+
 /// One reopen sample in a fresh process: total, open, list, load, tenant clock, rollouts loaded.
 fn reopen_sample(mode: &str, dir: &Path) -> [u128; 6] {
     let out = Command::new(std::env::current_exe().expect("the bench's own path"))
@@ -944,6 +983,7 @@ struct Reopen {
     bytes: u64,
     top_up: Duration,
     serve: Vec<ServeStart>,
+    run: Vec<[u128; 6]>,
     resume: Vec<[u128; 6]>,
     bare: Vec<Duration>,
 }
@@ -975,7 +1015,8 @@ fn reopen_samples(dir: &Path, sizes: &Sizes, events: usize, top_up: Duration) ->
     let (rollouts, token, target) = {
         let store = Store::open(dir, DEFAULT_LOCK_WAIT).expect("the copied store opens");
         let rollouts = store.rollouts().expect("the rollouts are listed");
-        let token = phasegate::api::auth::create(&store, "bench-reopen", Role::Viewer)
+        let name = format!("bench-reopen-{}", std::process::id());
+        let token = phasegate::api::auth::create(&store, &name, Role::Viewer)
             .expect("a viewer token is created");
         let target = rollouts[rollouts.len() / 2].rollout.id.clone();
         (rollouts.len(), token, target)
@@ -988,9 +1029,11 @@ fn reopen_samples(dir: &Path, sizes: &Sizes, events: usize, top_up: Duration) ->
     let mut resume = Vec::new();
     let mut bare = Vec::new();
     let mut serve = Vec::new();
+    let mut run = Vec::new();
     for _ in 0..sizes.reopens {
         bare.push(Duration::from_nanos(reopen_sample("sled", dir)[0] as u64));
         serve.push(serve_sample(dir, &token, &target));
+        run.push(reopen_sample("run", dir));
         resume.push(reopen_sample("resume", dir));
     }
     Reopen {
@@ -999,6 +1042,7 @@ fn reopen_samples(dir: &Path, sizes: &Sizes, events: usize, top_up: Duration) ->
         bytes: dir_bytes(dir),
         top_up,
         serve,
+        run,
         resume,
         bare,
     }
@@ -1103,9 +1147,28 @@ fn print_reopen(reopen: &Reopen) -> Duration {
             "",
         );
     }
+    let run = |i: usize| {
+        median(
+            reopen
+                .run
+                .iter()
+                .map(|r| Duration::from_nanos(r[i] as u64))
+                .collect(),
+        )
+    };
     row(
         &format!(
-            "in-process, every rollout due: open, list, load {}",
+            "in-process runner, an actor for each of {}: resumed",
+            reopen.run.first().map_or(0, |r| r[5])
+        ),
+        &ms(run(0)),
+        "",
+        &ratio(run(0), bare),
+    );
+    row("  every actor idle, runner done", &ms(run(1)), "", "");
+    row(
+        &format!(
+            "in-process, one after another: open, list, load {}",
             reopen.resume.first().map_or(0, |r| r[5])
         ),
         &ms(part(0)),
