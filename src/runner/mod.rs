@@ -207,6 +207,8 @@ pub struct Runner {
     shared: Arc<Shared>,
     control: mpsc::Receiver<Control>,
     handle: Handle,
+    /// The listing of the store, begun as soon as the runner is made.
+    loading: Option<Loading>,
 }
 
 impl Runner {
@@ -220,17 +222,24 @@ impl Runner {
             store: store.clone(),
             resumed,
         };
+        let shared = Arc::new(Shared {
+            store,
+            notifier,
+            announcements,
+            settings,
+            resumed: resumed_tx,
+            created: Instant::now(),
+        });
+        // Begun at once (in a runtime), so the listing overlaps what the front end does before
+        // `run` (binding its listener, publishing its address).
+        let loading = tokio::runtime::Handle::try_current()
+            .is_ok()
+            .then(|| start_loading(&shared));
         Runner {
-            shared: Arc::new(Shared {
-                store,
-                notifier,
-                announcements,
-                settings,
-                resumed: resumed_tx,
-                created: Instant::now(),
-            }),
+            shared,
             control,
             handle,
+            loading,
         }
     }
 
@@ -240,6 +249,9 @@ impl Runner {
 
     /// Drives rollouts until the runner's `until` is reached or `shutdown` completes.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Report, EngineError> {
+        // The store is listed and the rollouts to drive loaded on blocking threads, so the API
+        // answers meanwhile; each actor starts as its rollout is loaded.
+        let (listed, mut ready) = self.list_and_load().await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (ended_tx, mut ended_rx) = mpsc::channel::<Ended>(1024);
         let mut actors: BTreeMap<String, mpsc::Sender<Command>> = BTreeMap::new();
@@ -257,16 +269,17 @@ impl Runner {
                     let _ = ended.send(outcome).await;
                 });
             };
-        // The store is listed and the rollouts to drive loaded on blocking threads, so the API
-        // answers meanwhile; each actor starts as its rollout is loaded.
-        let (listed, mut ready) = self.list_and_load().await?;
         let mut resuming = Some(Arc::new(Resuming {
             shared: self.shared.clone(),
             driven: listed.due,
             waiting: listed.parked.len(),
+            given_up: std::sync::atomic::AtomicBool::new(false),
         }));
         let mut parked = Some(listed.parked);
         let mut sweep = None;
+        // Rollouts given an actor from the store while the others load: what was loaded of them
+        // before may be out of date.
+        let mut started_meanwhile = std::collections::BTreeSet::new();
         tokio::pin!(shutdown);
         let mut stopping = false;
         loop {
@@ -281,13 +294,14 @@ impl Runner {
                     Some(Ready { loaded, plan_changed }) => {
                         let id = loaded.as_ref().map_or_else(|(id, _)| id.clone(), |l| l.stored.rollout.id.clone());
                         // A command may have started it already, from the store.
-                        if !actors.contains_key(&id) {
+                        if !actors.contains_key(&id) && !started_meanwhile.contains(&id) {
                             let start = Start { loaded: Some(loaded), plan_changed, resuming: resuming.clone() };
                             spawn(&id, start, &mut actors);
                         }
                     }
                     None => {
                         resuming = None;
+                        started_meanwhile.clear();
                         let parked = parked.take().unwrap_or_default();
                         if !parked.is_empty() {
                             sweep = Some(tokio::spawn(sweep_plan_files(
@@ -302,10 +316,16 @@ impl Runner {
                     tracing::info!("shutting down: finishing the work in flight");
                     stopping = true;
                     let _ = stop_tx.send(true);
+                    if let Some(resuming) = &resuming {
+                        resuming.given_up.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
                 Some(control) = self.control.recv(), if !stopping => match control {
                     Control::Command { id, command } => {
                         if !actors.contains_key(&id) {
+                            if resuming.is_some() {
+                                started_meanwhile.insert(id.clone());
+                            }
                             spawn(&id, Start::default(), &mut actors);
                         }
                         if let Some(actor) = actors.get(&id)
@@ -318,6 +338,9 @@ impl Runner {
                     }
                     Control::Watch { id } => {
                         if !actors.contains_key(&id) {
+                            if resuming.is_some() {
+                                started_meanwhile.insert(id.clone());
+                            }
                             spawn(&id, Start::default(), &mut actors);
                         }
                     }
@@ -341,34 +364,54 @@ impl Runner {
         Ok(report)
     }
 
-    /// Lists the store and sorts the rollouts into those to drive at once and those that wait
-    /// for a person; then loads the former, a few at a time, each sent as it is ready. All of it
-    /// on blocking threads: the API answers meanwhile.
-    async fn list_and_load(&self) -> Result<(Listed, mpsc::Receiver<Ready>), EngineError> {
-        let store = self.shared.store.clone();
-        let settings = self.shared.settings.clone();
-        let (listed_tx, listed) = oneshot::channel();
-        let (ready_tx, ready) = mpsc::channel(256);
-        tokio::task::spawn_blocking(move || match resume_plan(&store, &settings) {
-            Ok(resume) => {
-                let due = resume.due;
-                let listed = Listed {
-                    due: due.len(),
-                    parked: resume.parked,
-                };
-                if listed_tx.send(Ok(listed)).is_ok() {
-                    load_due(&store, due, &ready_tx);
-                }
-            }
-            Err(e) => {
-                let _ = listed_tx.send(Err(e));
-            }
-        });
-        let listed = listed
+    /// Waits for the listing begun by [`start_loading`] (begun now if the runner was made
+    /// outside a runtime).
+    async fn list_and_load(&mut self) -> Result<(Listed, mpsc::Receiver<Ready>), EngineError> {
+        let loading = match self.loading.take() {
+            Some(loading) => loading,
+            None => start_loading(&self.shared),
+        };
+        let listed = loading
+            .listed
             .await
             .map_err(|_| EngineError::Invalid("listing the rollouts failed".into()))??;
-        Ok((listed, ready))
+        Ok((listed, loading.ready))
     }
+}
+
+/// The listing and loading at resume, under way.
+struct Loading {
+    listed: oneshot::Receiver<Result<Listed, EngineError>>,
+    ready: mpsc::Receiver<Ready>,
+}
+
+/// Lists the store and sorts the rollouts into those to drive at once and those that wait for a
+/// person; then loads the former, a few at a time, each sent as it is ready. All of it on
+/// blocking threads: the API answers meanwhile.
+fn start_loading(shared: &Shared) -> Loading {
+    let store = shared.store.clone();
+    let settings = shared.settings.clone();
+    let (listed_tx, listed) = oneshot::channel();
+    let (ready_tx, ready) = mpsc::channel(256);
+    tokio::task::spawn_blocking(move || match resume_plan(&store, &settings) {
+        Ok(resume) => {
+            let due = resume.due;
+            let listed = Listed {
+                due: due.len(),
+                parked: resume.parked,
+            };
+            let listening = listed_tx.send(Ok(listed)).is_ok();
+            // Let go of the records not kept only now, after the runner has its listing.
+            drop(resume.rest);
+            if listening {
+                load_due(&store, due, &ready_tx);
+            }
+        }
+        Err(e) => {
+            let _ = listed_tx.send(Err(e));
+        }
+    });
+    Loading { listed, ready }
 }
 
 /// What the runner resumes: the rollouts to drive at once, and (under `serve`) those that wait
@@ -376,6 +419,8 @@ impl Runner {
 struct Resume {
     due: Vec<StoredRollout>,
     parked: Vec<(String, String)>,
+    /// The records listed and not kept.
+    rest: Vec<StoredRollout>,
 }
 
 /// The listing as the runner first sees it: how many rollouts are being loaded, and those that
@@ -441,21 +486,23 @@ fn resume_plan(store: &Store, settings: &Settings) -> Result<Resume, EngineError
         return Ok(Resume {
             due: vec![store.rollout(id)?],
             parked: Vec::new(),
+            rest: Vec::new(),
         });
     }
     let mut resume = Resume {
         due: Vec::new(),
         parked: Vec::new(),
+        rest: Vec::new(),
     };
     for stored in store.rollouts()? {
         let rollout = &stored.rollout;
         if finished(rollout.status) && rollout.pending.is_empty() {
-            continue;
-        }
-        if settings.until == Until::Shutdown && waits_for_a_person(rollout) {
+            resume.rest.push(stored);
+        } else if settings.until == Until::Shutdown && waits_for_a_person(rollout) {
             resume
                 .parked
                 .push((rollout.id.clone(), rollout.plan_hash.clone()));
+            resume.rest.push(stored);
         } else {
             resume.due.push(stored);
         }
@@ -508,10 +555,15 @@ struct Resuming {
     shared: Arc<Shared>,
     driven: usize,
     waiting: usize,
+    /// Shut down before every rollout was loaded: not resumed.
+    given_up: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Resuming {
     fn drop(&mut self) {
+        if self.given_up.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let took = self.shared.created.elapsed();
         tracing::info!(
             driven = self.driven,

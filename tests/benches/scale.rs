@@ -25,11 +25,19 @@
 //! 3. **Reopening.** The large run's store, topped up to `PHASEGATE_SCALE_EVENTS` (1,000,000)
 //!    events with pause/resume pairs committed through the engine (on scratch space,
 //!    `PHASEGATE_SCALE_SCRATCH`, memory-backed by default: a commit's flush there costs no disk
-//!    round trip) and copied back to disk. Each sample is a fresh process: `Store::open`, listing
-//!    the rollouts as `Runner::run` does, and each actor's loading step (`engine::load`, the
-//!    tenant's clock, the plan file check) for every rollout it would drive — here all of them.
-//!    Baseline: a bare `sled` open of the same directory with the store's configuration.
-//!    `PHASEGATE_SCALE_REOPENS` (5) samples; the page cache is warm.
+//!    round trip) and copied back to disk. Each sample is a fresh process. **Reopen and resume**
+//!    is the release `phasegate serve` from the spawn of its process until both its API has
+//!    answered a `GET /api/v1/rollouts/{id}` (200) and its runner has said it resumed: every
+//!    rollout that can move by itself has its actor working, sleeping until its next deadline or
+//!    idle, and every rollout waiting for a person is known to the runner (its actor starts on a
+//!    command; the sweep of their plan files that follows is timed too). Beside it, for a store
+//!    whose every rollout is due: the runner of `phasegate run` in-process, which starts an
+//!    actor for every unfinished rollout (until resumed, and until done), and the same loading
+//!    one rollout after another (`Store::open`, the listing, each rollout's plan and plan file
+//!    from the listed record, its tenant's offline clock). Baseline: a bare `sled` open of the
+//!    same directory with the store's configuration. `PHASEGATE_SCALE_REOPENS` (5) samples of
+//!    each; the page cache is warm. `PHASEGATE_SCALE_KEEP=DIR` keeps a copy of that store;
+//!    `PHASEGATE_SCALE_REOPEN_STORE=DIR` measures only this part, on a store kept so.
 //!
 //! A quick run: `PHASEGATE_SCALE_ROLLOUTS=1000 PHASEGATE_SCALE_EVENTS=100000 cargo bench --bench
 //! scale`.
