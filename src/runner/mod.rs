@@ -17,10 +17,10 @@
 //! **Resuming.** At start the runner lists the store once (on a blocking thread, so the API
 //! answers meanwhile) and sorts the rollouts by what the record alone says. One that can move by
 //! itself — it has effects pending, or its status lets it progress (running, rolling back,
-//! aborting, a hold that has not expired) — gets its actor at once, from the listed record: the
-//! actor reads its plan (parsed once per plan hash) and either starts work or sleeps until its
-//! next deadline; one whose deadline passed while the process was down is worked or ticked
-//! straight away. One that waits for a person (paused, awaiting an approval, failed, drifted, ...)
+//! aborting, a hold that has not expired) is loaded from the listed record, a few at a time on
+//! blocking threads (its plan parsed once per plan hash), and gets its actor as soon as it is
+//! ready; the actor either starts work or sleeps until the next deadline, and one whose deadline
+//! passed while the process was down is worked or ticked straight away. One that waits for a person (paused, awaiting an approval, failed, drifted, ...)
 //! has nothing due whatever its plan says, so under `serve` it gets no actor until something
 //! happens to it: a command (which starts its actor, as for any rollout) or an edited plan file,
 //! which a background sweep looks for right after resuming, as every actor used to at its start.
