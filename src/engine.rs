@@ -80,7 +80,12 @@ pub struct Engine<'s> {
 }
 
 pub fn load(store: &Store, id: &str) -> Result<Loaded, EngineError> {
-    let stored = store.rollout(id)?;
+    load_stored(store, store.rollout(id)?)
+}
+
+/// [`load`] for a rollout record just read (a listing): its plan, checked against it.
+pub fn load_stored(store: &Store, stored: StoredRollout) -> Result<Loaded, EngineError> {
+    let id = stored.rollout.id.as_str();
     let plan_record = store.plan(id, &stored.rollout.plan_hash)?;
     let plan = stored_plan(&plan_record).map_err(EngineError::Plan)?;
     stored
@@ -92,6 +97,12 @@ pub fn load(store: &Store, id: &str) -> Result<Loaded, EngineError> {
         plan,
         plan_record,
     })
+}
+
+/// Whether the file a rollout's plan came from now holds another plan than `running` (the hash
+/// of the plan the rollout runs). An unreadable file is no change: the stored plan runs on.
+pub fn plan_file_changed(record: &PlanRecord, running: &str) -> bool {
+    std::fs::read_to_string(&record.path).is_ok_and(|source| plan::hash_source(&source) != running)
 }
 
 /// Plans kept by the store, parsed once per process: a stored plan's text never changes under its

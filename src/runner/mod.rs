@@ -13,12 +13,26 @@
 //!
 //! Shutdown finishes the work in flight (its outcome is committed), then stops; a restart resumes
 //! from the store, as after a crash.
+//!
+//! **Resuming.** At start the runner lists the store once (on a blocking thread, so the API
+//! answers meanwhile) and sorts the rollouts by what the record alone says. One that can move by
+//! itself — it has effects pending, or its status lets it progress (running, rolling back,
+//! aborting, a hold that has not expired) is loaded from the listed record, a few at a time on
+//! blocking threads (its plan parsed once per plan hash), and gets its actor as soon as it is
+//! ready; the actor either starts work or sleeps until the next deadline, and one whose deadline
+//! passed while the process was down is worked or ticked straight away. One that waits for a person (paused, awaiting an approval, failed, drifted, ...)
+//! has nothing due whatever its plan says, so under `serve` it gets no actor until something
+//! happens to it: a command (which starts its actor, as for any rollout) or an edited plan file,
+//! which a background sweep looks for right after resuming, as every actor used to at its start.
+//! The runner is **resumed** (see [`Handle::resumed`]) once every rollout that can move has its
+//! actor running work, sleeping until its deadline, or idle. `phasegate run` (until idle) starts
+//! an actor for every unfinished rollout, as its report lists each one.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -28,7 +42,7 @@ use crate::domain::time::Timestamp;
 use crate::engine::{self, Engine, EngineError, Finished, Limits, Loaded, Skips, Work};
 use crate::notifier::Notifier;
 use crate::provider::{self, Provider};
-use crate::store::{EventRecord, Store};
+use crate::store::{EventRecord, Store, StoredRollout};
 
 /// A committed transition, as the watchers see it.
 #[derive(Clone, Debug)]
@@ -87,6 +101,9 @@ struct Shared {
     notifier: &'static dyn Notifier,
     announcements: broadcast::Sender<Announcement>,
     settings: Settings,
+    /// Turns true once every rollout that could move at start has its actor going.
+    resumed: watch::Sender<bool>,
+    created: Instant,
 }
 
 impl Shared {
@@ -101,11 +118,15 @@ impl Shared {
     }
 
     fn announce(&self, loaded: &Loaded, record: &EventRecord) {
+        self.announce_rollout(&loaded.stored.rollout, record);
+    }
+
+    fn announce_rollout(&self, rollout: &crate::domain::rollout::Rollout, record: &EventRecord) {
         crate::metrics::global().transition(record.event.kind.name());
         let _ = self.announcements.send(Announcement {
-            rollout: loaded.stored.rollout.id.clone(),
+            rollout: rollout.id.clone(),
             record: record.clone(),
-            status: loaded.stored.rollout.status,
+            status: rollout.status,
         });
     }
 }
@@ -117,6 +138,7 @@ pub struct Handle {
     control: mpsc::Sender<Control>,
     announcements: broadcast::Sender<Announcement>,
     store: Arc<Store>,
+    resumed: watch::Receiver<bool>,
 }
 
 impl Handle {
@@ -164,6 +186,12 @@ impl Handle {
     pub fn store(&self) -> &Store {
         &self.store
     }
+
+    /// Turns true once the runner has resumed the store: every rollout that can move by itself
+    /// has its actor working, sleeping until its next deadline, or idle (see the module docs).
+    pub fn resumed(&self) -> watch::Receiver<bool> {
+        self.resumed.clone()
+    }
 }
 
 /// What a runner did, for `run`'s exit code and summary.
@@ -179,26 +207,39 @@ pub struct Runner {
     shared: Arc<Shared>,
     control: mpsc::Receiver<Control>,
     handle: Handle,
+    /// The listing of the store, begun as soon as the runner is made.
+    loading: Option<Loading>,
 }
 
 impl Runner {
     pub fn new(store: Arc<Store>, notifier: &'static dyn Notifier, settings: Settings) -> Runner {
         let (announcements, _) = broadcast::channel(4096);
         let (control_tx, control) = mpsc::channel(256);
+        let (resumed_tx, resumed) = watch::channel(false);
         let handle = Handle {
             control: control_tx,
             announcements: announcements.clone(),
             store: store.clone(),
+            resumed,
         };
+        let shared = Arc::new(Shared {
+            store,
+            notifier,
+            announcements,
+            settings,
+            resumed: resumed_tx,
+            created: Instant::now(),
+        });
+        // Begun at once (in a runtime), so the listing overlaps what the front end does before
+        // `run` (binding its listener, publishing its address).
+        let loading = tokio::runtime::Handle::try_current()
+            .is_ok()
+            .then(|| start_loading(&shared));
         Runner {
-            shared: Arc::new(Shared {
-                store,
-                notifier,
-                announcements,
-                settings,
-            }),
+            shared,
             control,
             handle,
+            loading,
         }
     }
 
@@ -208,41 +249,84 @@ impl Runner {
 
     /// Drives rollouts until the runner's `until` is reached or `shutdown` completes.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Report, EngineError> {
+        // The store is listed and the rollouts to drive loaded on blocking threads, so the API
+        // answers meanwhile; each actor starts as its rollout is loaded.
+        let (listed, mut ready) = self.list_and_load().await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (ended_tx, mut ended_rx) = mpsc::channel::<Ended>(1024);
         let mut actors: BTreeMap<String, mpsc::Sender<Command>> = BTreeMap::new();
         let mut report = Report::default();
-        let spawn = |id: &str, actors: &mut BTreeMap<String, mpsc::Sender<Command>>| {
-            let (tx, rx) = mpsc::channel(64);
-            actors.insert(id.to_string(), tx);
-            let shared = self.shared.clone();
-            let ended = ended_tx.clone();
-            let stop = stop_rx.clone();
-            let id = id.to_string();
-            tokio::spawn(async move {
-                let outcome = Actor::new(shared, id.clone(), rx, stop).run().await;
-                let _ = ended.send(outcome).await;
-            });
-        };
-        for id in self.initial_rollouts()? {
-            spawn(&id, &mut actors);
-        }
+        let spawn =
+            |id: &str, start: Start, actors: &mut BTreeMap<String, mpsc::Sender<Command>>| {
+                let (tx, rx) = mpsc::channel(64);
+                actors.insert(id.to_string(), tx);
+                let shared = self.shared.clone();
+                let ended = ended_tx.clone();
+                let stop = stop_rx.clone();
+                let id = id.to_string();
+                tokio::spawn(async move {
+                    let outcome = Actor::new(shared, id.clone(), rx, stop, start).run().await;
+                    let _ = ended.send(outcome).await;
+                });
+            };
+        let mut resuming = Some(Arc::new(Resuming {
+            shared: self.shared.clone(),
+            driven: listed.due,
+            waiting: listed.parked.len(),
+            given_up: std::sync::atomic::AtomicBool::new(false),
+        }));
+        let mut parked = Some(listed.parked);
+        let mut sweep = None;
+        // Rollouts given an actor from the store while the others load: what was loaded of them
+        // before may be out of date.
+        let mut started_meanwhile = std::collections::BTreeSet::new();
         tokio::pin!(shutdown);
         let mut stopping = false;
         loop {
-            if actors.is_empty() && (self.shared.settings.until == Until::Idle || stopping) {
+            let loading = resuming.is_some();
+            if actors.is_empty()
+                && (stopping || (self.shared.settings.until == Until::Idle && !loading))
+            {
                 break;
             }
             tokio::select! {
+                loaded = ready.recv(), if loading && !stopping => match loaded {
+                    Some(Ready { loaded, plan_changed }) => {
+                        let id = loaded.as_ref().map_or_else(|(id, _)| id.clone(), |l| l.stored.rollout.id.clone());
+                        // A command may have started it already, from the store.
+                        if !actors.contains_key(&id) && !started_meanwhile.contains(&id) {
+                            let start = Start { loaded: Some(loaded), plan_changed, resuming: resuming.clone() };
+                            spawn(&id, start, &mut actors);
+                        }
+                    }
+                    None => {
+                        resuming = None;
+                        started_meanwhile.clear();
+                        let parked = parked.take().unwrap_or_default();
+                        if !parked.is_empty() {
+                            sweep = Some(tokio::spawn(sweep_plan_files(
+                                self.shared.store.clone(),
+                                parked,
+                                self.handle.control.clone(),
+                            )));
+                        }
+                    }
+                },
                 () = &mut shutdown, if !stopping => {
                     tracing::info!("shutting down: finishing the work in flight");
                     stopping = true;
                     let _ = stop_tx.send(true);
+                    if let Some(resuming) = &resuming {
+                        resuming.given_up.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
                 Some(control) = self.control.recv(), if !stopping => match control {
                     Control::Command { id, command } => {
                         if !actors.contains_key(&id) {
-                            spawn(&id, &mut actors);
+                            if resuming.is_some() {
+                                started_meanwhile.insert(id.clone());
+                            }
+                            spawn(&id, Start::default(), &mut actors);
                         }
                         if let Some(actor) = actors.get(&id)
                             && let Err(refused) = actor.send(command).await
@@ -254,7 +338,10 @@ impl Runner {
                     }
                     Control::Watch { id } => {
                         if !actors.contains_key(&id) {
-                            spawn(&id, &mut actors);
+                            if resuming.is_some() {
+                                started_meanwhile.insert(id.clone());
+                            }
+                            spawn(&id, Start::default(), &mut actors);
                         }
                     }
                 },
@@ -270,24 +357,231 @@ impl Runner {
                 }
             }
         }
+        if let Some(sweep) = sweep {
+            sweep.abort();
+        }
         self.shared.store.flush()?;
         Ok(report)
     }
 
-    fn initial_rollouts(&self) -> Result<Vec<String>, EngineError> {
-        if let Some(id) = &self.shared.settings.only {
-            self.shared.store.rollout(id)?;
-            return Ok(vec![id.clone()]);
-        }
-        Ok(self
-            .shared
-            .store
-            .rollouts()?
-            .into_iter()
-            .filter(|r| !(finished(r.rollout.status) && r.rollout.pending.is_empty()))
-            .map(|r| r.rollout.id)
-            .collect())
+    /// Waits for the listing begun by [`start_loading`] (begun now if the runner was made
+    /// outside a runtime).
+    async fn list_and_load(&mut self) -> Result<(Listed, mpsc::Receiver<Ready>), EngineError> {
+        let loading = match self.loading.take() {
+            Some(loading) => loading,
+            None => start_loading(&self.shared),
+        };
+        let listed = loading
+            .listed
+            .await
+            .map_err(|_| EngineError::Invalid("listing the rollouts failed".into()))??;
+        Ok((listed, loading.ready))
     }
+}
+
+/// The listing and loading at resume, under way.
+struct Loading {
+    listed: oneshot::Receiver<Result<Listed, EngineError>>,
+    ready: mpsc::Receiver<Ready>,
+}
+
+/// Lists the store and sorts the rollouts into those to drive at once and those that wait for a
+/// person; then loads the former, a few at a time, each sent as it is ready. All of it on
+/// blocking threads: the API answers meanwhile.
+fn start_loading(shared: &Shared) -> Loading {
+    let store = shared.store.clone();
+    let settings = shared.settings.clone();
+    let (listed_tx, listed) = oneshot::channel();
+    let (ready_tx, ready) = mpsc::channel(256);
+    tokio::task::spawn_blocking(move || match resume_plan(&store, &settings) {
+        Ok(resume) => {
+            let due = resume.due;
+            let listed = Listed {
+                due: due.len(),
+                parked: resume.parked,
+            };
+            let listening = listed_tx.send(Ok(listed)).is_ok();
+            // Let go of the records not kept only now, after the runner has its listing.
+            drop(resume.rest);
+            if listening {
+                load_due(&store, due, &ready_tx);
+            }
+        }
+        Err(e) => {
+            let _ = listed_tx.send(Err(e));
+        }
+    });
+    Loading { listed, ready }
+}
+
+/// What the runner resumes: the rollouts to drive at once, and (under `serve`) those that wait
+/// for a person, with the hash of the plan they run.
+struct Resume {
+    due: Vec<StoredRollout>,
+    parked: Vec<(String, String)>,
+    /// The records listed and not kept.
+    rest: Vec<StoredRollout>,
+}
+
+/// The listing as the runner first sees it: how many rollouts are being loaded, and those that
+/// wait for a person.
+struct Listed {
+    due: usize,
+    parked: Vec<(String, String)>,
+}
+
+/// A rollout to drive, loaded (or why not, with its id), and whether its plan file changed.
+struct Ready {
+    loaded: Result<Loaded, (String, EngineError)>,
+    plan_changed: bool,
+}
+
+/// How many rollouts are loaded at once at resume: one per core, a few at most (a load is a
+/// store read and, once per plan, a parse).
+fn loaders() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4))
+}
+
+/// Loads the rollouts to drive on [`loaders`] threads, sending each as it is ready (until the
+/// runner stops listening).
+fn load_due(store: &Store, due: Vec<StoredRollout>, ready: &mpsc::Sender<Ready>) {
+    let queue = std::sync::Mutex::new(due.into_iter());
+    let next = || {
+        queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .next()
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..loaders() {
+            scope.spawn(|| {
+                while let Some(stored) = next() {
+                    let id = stored.rollout.id.clone();
+                    let loaded = engine::load_stored(store, stored);
+                    let plan_changed = loaded.as_ref().is_ok_and(|l| {
+                        !finished(l.stored.rollout.status)
+                            && engine::plan_file_changed(
+                                &l.plan_record,
+                                &l.stored.rollout.plan_hash,
+                            )
+                    });
+                    let loaded = loaded.map_err(|e| (id, e));
+                    if ready
+                        .blocking_send(Ready {
+                            loaded,
+                            plan_changed,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn resume_plan(store: &Store, settings: &Settings) -> Result<Resume, EngineError> {
+    if let Some(id) = &settings.only {
+        return Ok(Resume {
+            due: vec![store.rollout(id)?],
+            parked: Vec::new(),
+            rest: Vec::new(),
+        });
+    }
+    let mut resume = Resume {
+        due: Vec::new(),
+        parked: Vec::new(),
+        rest: Vec::new(),
+    };
+    for stored in store.rollouts()? {
+        let rollout = &stored.rollout;
+        if finished(rollout.status) && rollout.pending.is_empty() {
+            resume.rest.push(stored);
+        } else if settings.until == Until::Shutdown && waits_for_a_person(rollout) {
+            resume
+                .parked
+                .push((rollout.id.clone(), rollout.plan_hash.clone()));
+            resume.rest.push(stored);
+        } else {
+            resume.due.push(stored);
+        }
+    }
+    Ok(resume)
+}
+
+/// Nothing is due for this rollout until a person acts, whatever its plan and the time: nothing
+/// is pending and its status stops it ([`Engine::next_work`] stops before reading the plan's
+/// schedule). Its actor would do nothing but look at its plan file.
+fn waits_for_a_person(rollout: &crate::domain::rollout::Rollout) -> bool {
+    rollout.pending.is_empty() && engine::should_stop(rollout)
+}
+
+/// Looks at the plan files of the rollouts that wait for a person, as their actors would at
+/// start, and has the runner drive each whose file now holds another plan (the actor adopts it)
+/// or whose stored plan cannot be read (the actor says why).
+async fn sweep_plan_files(
+    store: Arc<Store>,
+    parked: Vec<(String, String)>,
+    control: mpsc::Sender<Control>,
+) {
+    let mut changed = 0usize;
+    for (n, (id, hash)) in parked.iter().enumerate() {
+        if n % 64 == 63 {
+            tokio::task::yield_now().await;
+        }
+        let drive = match store.plan(id, hash) {
+            Ok(record) => engine::plan_file_changed(&record, hash),
+            Err(_) => true,
+        };
+        if drive {
+            changed += 1;
+            let watch = Control::Watch { id: id.clone() };
+            if control.send(watch).await.is_err() {
+                return;
+            }
+        }
+    }
+    tracing::info!(
+        rollouts = parked.len(),
+        changed,
+        "looked at the plan files of the rollouts waiting for a person"
+    );
+}
+
+/// Held by every actor started at resume until it has decided its first step; when the last
+/// one lets go, the runner has resumed.
+struct Resuming {
+    shared: Arc<Shared>,
+    driven: usize,
+    waiting: usize,
+    /// Shut down before every rollout was loaded: not resumed.
+    given_up: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Resuming {
+    fn drop(&mut self) {
+        if self.given_up.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let took = self.shared.created.elapsed();
+        tracing::info!(
+            driven = self.driven,
+            waiting = self.waiting,
+            took_ms = took.as_millis() as u64,
+            "resumed: every rollout that can move has its actor"
+        );
+        self.shared.resumed.send_replace(true);
+    }
+}
+
+/// How an actor starts: from its rollout loaded at resume (and whether its plan file changed),
+/// holding the runner's resume; or else from the store.
+#[derive(Default)]
+struct Start {
+    loaded: Option<Result<Loaded, (String, EngineError)>>,
+    plan_changed: bool,
+    resuming: Option<Arc<Resuming>>,
 }
 
 fn finished(status: RolloutStatus) -> bool {
@@ -315,8 +609,11 @@ struct Actor {
     skip: Skips,
     /// The backend's clock as last seen, for commands while the provider is busy or absent.
     last_now: Timestamp,
+    /// Whether `last_now` has taken in the provider's offline clock (read only when needed).
+    offline_read: bool,
     /// Automatic steps since the last outside input.
     steps: u32,
+    start: Start,
 }
 
 impl Actor {
@@ -325,6 +622,7 @@ impl Actor {
         id: String,
         inbox: mpsc::Receiver<Command>,
         stop: watch::Receiver<bool>,
+        start: Start,
     ) -> Actor {
         Actor {
             shared,
@@ -335,24 +633,38 @@ impl Actor {
             in_flight: None,
             skip: Skips::default(),
             last_now: Timestamp::from_millis(0),
+            offline_read: false,
             steps: 0,
+            start,
         }
     }
 
     async fn run(mut self) -> Ended {
-        let mut loaded = match engine::load(&self.shared.store, &self.id) {
+        let (loaded, plan_changed) = match self.start.loaded.take() {
+            Some(loaded) => (loaded.map_err(|(_, e)| e), self.start.plan_changed),
+            None => {
+                let loaded = engine::load(&self.shared.store, &self.id);
+                let changed = loaded.as_ref().is_ok_and(|l| {
+                    engine::plan_file_changed(&l.plan_record, &l.stored.rollout.plan_hash)
+                });
+                (loaded, changed)
+            }
+        };
+        let mut loaded = match loaded {
             Ok(loaded) => loaded,
             Err(e) => return self.ended(None, Some(e.to_string())),
         };
-        self.last_now = provider::offline_now(&loaded.plan.provider, &self.shared.store, &loaded)
-            .unwrap_or(loaded.stored.rollout.updated_at);
+        self.last_now = loaded.stored.rollout.updated_at;
         let shared = self.shared.clone();
         let engine = shared.engine();
-        if !finished(loaded.stored.rollout.status) {
+        if !finished(loaded.stored.rollout.status) && plan_changed {
+            let now = self.now(&loaded);
             let mut seen = |_: &crate::domain::plan::Plan,
-                            _: &crate::domain::rollout::Rollout,
-                            _: &EventRecord| {};
-            if let Err(e) = engine.notice_plan_change(&mut loaded, self.last_now, &mut seen) {
+                            rollout: &crate::domain::rollout::Rollout,
+                            record: &EventRecord| {
+                shared.announce_rollout(rollout, record);
+            };
+            if let Err(e) = engine.notice_plan_change(&mut loaded, now, &mut seen) {
                 tracing::warn!(rollout = %self.id, error = %e, "the changed plan file is not adopted");
             }
         }
@@ -388,6 +700,8 @@ impl Actor {
             if *self.stop.borrow() && self.in_flight.is_none() {
                 return self.ended(Some(loaded.stored.rollout.status), None);
             }
+            // Working, sleeping until a deadline, or idle: this rollout is resumed.
+            self.start.resuming = None;
             let sleep = wake.map(|d| d.min(Duration::from_secs(30 * 86_400)));
             tokio::select! {
                 biased;
@@ -425,17 +739,37 @@ impl Actor {
         }
     }
 
-    fn now(&self) -> Timestamp {
-        self.provider
-            .as_ref()
-            .map_or(self.last_now, |p| p.now())
-            .max(self.last_now)
+    /// The backend's time as known without calling it: the connected provider's clock, else the
+    /// clock the provider keeps offline (a simulated tenant's, in the store; read once, when
+    /// first needed), never before the rollout's last event.
+    fn now(&mut self, loaded: &Loaded) -> Timestamp {
+        if let Some(provider) = &self.provider {
+            return provider.now().max(self.last_now);
+        }
+        if !self.offline_read {
+            self.offline_read = true;
+            if let Some(at) =
+                provider::offline_now(&loaded.plan.provider, &self.shared.store, loaded)
+            {
+                self.last_now = self.last_now.max(at);
+            }
+        }
+        self.last_now
     }
 
     /// Decides and starts the next piece of work, or says how long to rest.
     fn step(&mut self, engine: &Engine<'_>, loaded: &mut Loaded) -> Result<Next, EngineError> {
         self.steps += 1;
-        let work = engine.next_work(loaded, self.now(), &self.skip);
+        // Without a provider this only tells whether anything is to be done, which does not
+        // depend on the time (pending effects, a status that stops, a plan with something to
+        // watch): the time is taken from the backend below, so no clock is read for a rollout
+        // that has nothing to do.
+        let known = self
+            .provider
+            .as_ref()
+            .map_or(self.last_now, |p| p.now())
+            .max(self.last_now);
+        let work = engine.next_work(loaded, known, &self.skip);
         if let Work::Stop(_) = work {
             return Ok(Next::Idle);
         }
@@ -532,7 +866,8 @@ impl Actor {
                         "connect",
                     ),
                 };
-                match engine.apply(loaded, event, self.last_now, None) {
+                let now = self.now(loaded);
+                match engine.apply(loaded, event, now, None) {
                     Ok(Some(record)) => self.shared.announce(loaded, &record),
                     Ok(None) => {}
                     Err(EngineError::Rejected(_)) => {}
@@ -572,7 +907,8 @@ impl Actor {
         // The record on disk is the truth (a command may have been recorded by another front end
         // while this one was idle).
         *loaded = engine::load(&self.shared.store, &self.id)?;
-        let record = engine.command(loaded, kind, by, reason, self.now())?;
+        let now = self.now(loaded);
+        let record = engine.command(loaded, kind, by, reason, now)?;
         if let Some(record) = &record {
             self.shared.announce(loaded, record);
             // A decision may unblock what was skipped.

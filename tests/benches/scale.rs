@@ -25,11 +25,19 @@
 //! 3. **Reopening.** The large run's store, topped up to `PHASEGATE_SCALE_EVENTS` (1,000,000)
 //!    events with pause/resume pairs committed through the engine (on scratch space,
 //!    `PHASEGATE_SCALE_SCRATCH`, memory-backed by default: a commit's flush there costs no disk
-//!    round trip) and copied back to disk. Each sample is a fresh process: `Store::open`, listing
-//!    the rollouts as `Runner::run` does, and each actor's loading step (`engine::load`, the
-//!    tenant's clock, the plan file check) for every rollout it would drive — here all of them.
-//!    Baseline: a bare `sled` open of the same directory with the store's configuration.
-//!    `PHASEGATE_SCALE_REOPENS` (5) samples; the page cache is warm.
+//!    round trip) and copied back to disk. Each sample is a fresh process. **Reopen and resume**
+//!    is the release `phasegate serve` from the spawn of its process until both its API has
+//!    answered a `GET /api/v1/rollouts/{id}` (200) and its runner has said it resumed: every
+//!    rollout that can move by itself has its actor working, sleeping until its next deadline or
+//!    idle, and every rollout waiting for a person is known to the runner (its actor starts on a
+//!    command; the sweep of their plan files that follows is timed too). Beside it, for a store
+//!    whose every rollout is due: the runner of `phasegate run` in-process, which starts an
+//!    actor for every unfinished rollout (until resumed, and until done), and the same loading
+//!    one rollout after another (`Store::open`, the listing, each rollout's plan and plan file
+//!    from the listed record, its tenant's offline clock). Baseline: a bare `sled` open of the
+//!    same directory with the store's configuration. `PHASEGATE_SCALE_REOPENS` (5) samples of
+//!    each; the page cache is warm. `PHASEGATE_SCALE_KEEP=DIR` keeps a copy of that store;
+//!    `PHASEGATE_SCALE_REOPEN_STORE=DIR` measures only this part, on a store kept so.
 //!
 //! A quick run: `PHASEGATE_SCALE_ROLLOUTS=1000 PHASEGATE_SCALE_EVENTS=100000 cargo bench --bench
 //! scale`.
@@ -49,7 +57,7 @@ use phasegate::domain::rollout::RolloutStatus;
 use phasegate::domain::time::Timestamp;
 use phasegate::engine::{self, Engine, Limits};
 use phasegate::identity::Role;
-use phasegate::store::{DEFAULT_LOCK_WAIT, EventRecord, PlanRecord, Store};
+use phasegate::store::{DEFAULT_LOCK_WAIT, PlanRecord, Store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_phasegate");
 const GIB: u64 = 1 << 30;
@@ -69,6 +77,11 @@ struct Sizes {
     reopens: usize,
     /// Where that store is topped up (memory-backed if there is one).
     scratch: PathBuf,
+    /// Reopen this store (made by an earlier run, kept with `keep`) instead of running parts 1
+    /// and 2.
+    reopen_store: Option<PathBuf>,
+    /// Where to keep a copy of the reopened store, for `reopen_store`.
+    keep: Option<PathBuf>,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -107,6 +120,8 @@ impl Sizes {
                         std::env::temp_dir()
                     }
                 }),
+            reopen_store: std::env::var_os("PHASEGATE_SCALE_REOPEN_STORE").map(PathBuf::from),
+            keep: std::env::var_os("PHASEGATE_SCALE_KEEP").map(PathBuf::from),
         }
     }
 }
@@ -747,10 +762,20 @@ fn top_up(dir: &Path, events: usize) -> usize {
     total
 }
 
+/// The events in the store in `dir`, from its rollouts' sequence numbers.
+fn count_events(dir: &Path) -> usize {
+    let store = Store::open(dir, DEFAULT_LOCK_WAIT).expect("the store opens");
+    let rollouts = store.rollouts().expect("the rollouts are listed");
+    rollouts.iter().map(|r| r.rollout.last_seq as usize).sum()
+}
+
 /// The child process's side of the reopen figures: one fresh process per sample, so no handle
 /// of an earlier sample is still letting go of the store. Prints the figures on one line, in
 /// nanoseconds: total, then its parts.
 fn reopen_child(mode: &str, dir: &Path) {
+    if mode == "run" {
+        return run_child(dir);
+    }
     if mode != "resume" {
         let started = Instant::now();
         let db = sled::Config::new()
@@ -769,15 +794,9 @@ fn reopen_child(mode: &str, dir: &Path) {
     let started = Instant::now();
     let store = Store::open(dir, DEFAULT_LOCK_WAIT).expect("the store opens");
     let opened = started.elapsed();
-    let engine = Engine {
-        store: &store,
-        notifier: engine_notifier,
-        actor: "bench".into(),
-        delivery: phasegate::retry::Backoff::WEBHOOK,
-        limits: Limits::default(),
-    };
+    black_box(engine_notifier);
     // What `Runner::run` does first: the rollouts that need an actor.
-    let drivable: Vec<String> = store
+    let drivable: Vec<_> = store
         .rollouts()
         .expect("the rollouts are listed")
         .into_iter()
@@ -787,25 +806,25 @@ fn reopen_child(mode: &str, dir: &Path) {
                 RolloutStatus::Completed | RolloutStatus::Aborted
             ) && r.rollout.pending.is_empty())
         })
-        .map(|r| r.rollout.id)
         .collect();
     let listed = started.elapsed();
-    // What each actor does before its first step.
+    // What an actor started for a due rollout does before its first step, here for every one:
+    // its plan from the listed record, the plan file, and (as a command before its provider
+    // connects would need) the tenant's offline clock.
     let (mut loading, mut clock) = (Duration::ZERO, Duration::ZERO);
     let mut actors = Vec::with_capacity(drivable.len());
-    for id in &drivable {
+    for stored in drivable {
         let t = Instant::now();
-        let mut loaded = engine::load(&store, id).expect("the rollout loads");
+        let loaded = engine::load_stored(&store, stored).expect("the rollout loads");
+        assert!(
+            !engine::plan_file_changed(&loaded.plan_record, &loaded.stored.rollout.plan_hash),
+            "no plan change to adopt"
+        );
         loading += t.elapsed();
         let t = Instant::now();
         let now = phasegate::provider::offline_now(&loaded.plan.provider, &store, &loaded)
             .unwrap_or(loaded.stored.rollout.updated_at);
-        let mut seen = |_: &phasegate::domain::plan::Plan,
-                        _: &phasegate::domain::rollout::Rollout,
-                        _: &EventRecord| {};
-        engine
-            .notice_plan_change(&mut loaded, now, &mut seen)
-            .expect("no plan change to adopt");
+        black_box(now);
         clock += t.elapsed();
         actors.push(loaded);
     }
@@ -819,6 +838,131 @@ fn reopen_child(mode: &str, dir: &Path) {
         loading.as_nanos(),
         clock.as_nanos(),
         actors.len()
+    );
+}
+
+/// What one `phasegate serve` start on a kept store showed, from the spawn of the process.
+struct ServeStart {
+    /// Its address printed: the store is open and the API listens.
+    listening: Duration,
+    /// A `GET /api/v1/rollouts/{id}` answered 200.
+    answered: Duration,
+    /// The runner said it resumed: every rollout that can move has its actor.
+    resumed: Duration,
+    /// The runner had looked at the plan files of the rollouts waiting for a person.
+    swept: Option<Duration>,
+    /// The rollouts driven at once and those waiting for a person, as the runner counted them.
+    driven: usize,
+    waiting: usize,
+}
+
+/// The value of `name=` in a log line.
+fn log_field(line: &str, name: &str) -> Option<usize> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Starts the release `phasegate serve` on the store in `dir` and times, from the process's
+/// spawn, its API's first answer and the runner's resume; then stops it with SIGTERM.
+fn serve_sample(dir: &Path, token: &str, id: &str) -> ServeStart {
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("PHASEGATE_STORE", dir)
+        .env("RUST_LOG", "warn,phasegate::runner=info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("phasegate serve starts");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<(Duration, String)>();
+    let stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if lines_tx.send((started.elapsed(), line)).is_err() {
+                return;
+            }
+        }
+    });
+    let mut out = BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let mut first = String::new();
+    out.read_line(&mut first).expect("serve prints its address");
+    let listening = started.elapsed();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_string();
+    drain(out, false);
+    let mut http = Http::connect(&url);
+    let (status, body) = http.get(&format!("/api/v1/rollouts/{id}"), token);
+    let answered = started.elapsed();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (mut resumed, mut swept, mut driven, mut waiting) = (None, None, 0, 0);
+    while resumed.is_none() || (swept.is_none() && waiting > 0) {
+        let (at, line) = lines
+            .recv_timeout(Duration::from_secs(120))
+            .expect("serve says it resumed");
+        if line.contains("resumed: every rollout that can move") {
+            resumed = Some(at);
+            driven = log_field(&line, "driven").expect("driven= in the resume line");
+            waiting = log_field(&line, "waiting").expect("waiting= in the resume line");
+        } else if line.contains("looked at the plan files") {
+            swept = Some(at);
+        } else if !line.contains(" INFO ") {
+            eprintln!("serve: {line}");
+        }
+    }
+    // SAFETY: kill only sends a signal to the child started here.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let exit = child.wait().expect("serve exits");
+    assert!(exit.success(), "serve exited with {exit}");
+    ServeStart {
+        listening,
+        answered,
+        resumed: resumed.expect("the resume line was seen"),
+        swept,
+        driven,
+        waiting,
+    }
+}
+
+/// The runner of `phasegate run` (until idle, so it starts an actor for every unfinished rollout,
+/// as under `serve` for rollouts that can move), in this process: from `Store::open` until it
+/// has resumed, then until it is done. Prints both in nanoseconds, and the rollouts it reported.
+fn run_child(dir: &Path) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime builds");
+    let notifier = phasegate::notifier::shared();
+    let started = Instant::now();
+    let store = Arc::new(Store::open(dir, DEFAULT_LOCK_WAIT).expect("the store opens"));
+    let settings = phasegate::runner::Settings {
+        actor: "bench".into(),
+        until: phasegate::runner::Until::Idle,
+        only: None,
+        once: false,
+        limits: Limits::default(),
+    };
+    let runner = phasegate::runner::Runner::new(store, notifier, settings);
+    let mut resumed = runner.handle().resumed();
+    let (resumed_at, report) = runtime.block_on(async move {
+        let running = tokio::spawn(runner.run(std::future::pending()));
+        resumed.wait_for(|r| *r).await.expect("the runner resumes");
+        let at = started.elapsed();
+        (at, running.await.expect("the runner ends"))
+    });
+    let report = report.expect("the runner reports");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    println!(
+        "{} {} 0 0 0 {}",
+        resumed_at.as_nanos(),
+        started.elapsed().as_nanos(),
+        report.rollouts.len()
     );
 }
 
@@ -846,6 +990,8 @@ struct Reopen {
     events: usize,
     bytes: u64,
     top_up: Duration,
+    serve: Vec<ServeStart>,
+    run: Vec<[u128; 6]>,
     resume: Vec<[u128; 6]>,
     bare: Vec<Duration>,
 }
@@ -853,6 +999,9 @@ struct Reopen {
 /// Tops the large run's store up to `sizes.events` events on scratch space (a commit's flush
 /// there costs no disk round trip), copies it back to disk, and reopens it there.
 fn reopen_figures(from: &Path, sizes: &Sizes) -> Reopen {
+    if let Some(kept) = &sizes.reopen_store {
+        return reopen_samples(kept, sizes, 0, Duration::ZERO);
+    }
     let scratch_root = tempfile::tempdir_in(&sizes.scratch).expect("a scratch directory");
     let scratch = scratch_root.path().join("store");
     copy_dir(from, &scratch);
@@ -863,21 +1012,45 @@ fn reopen_figures(from: &Path, sizes: &Sizes) -> Reopen {
     let dir = disk_root.path().join("store");
     copy_dir(&scratch, &dir);
     drop(scratch_root);
-    let rollouts = {
-        let store = Store::open(&dir, DEFAULT_LOCK_WAIT).expect("the copied store opens");
-        store.rollouts().expect("the rollouts are listed").len()
+    if let Some(keep) = &sizes.keep {
+        copy_dir(&dir, keep);
+    }
+    reopen_samples(&dir, sizes, events, top_up)
+}
+
+/// The reopen samples on the store in `dir`.
+fn reopen_samples(dir: &Path, sizes: &Sizes, events: usize, top_up: Duration) -> Reopen {
+    let (rollouts, token, target) = {
+        let store = Store::open(dir, DEFAULT_LOCK_WAIT).expect("the copied store opens");
+        let rollouts = store.rollouts().expect("the rollouts are listed");
+        let name = format!("bench-reopen-{}", std::process::id());
+        let token = phasegate::api::auth::create(&store, &name, Role::Viewer)
+            .expect("a viewer token is created");
+        let target = rollouts[rollouts.len() / 2].rollout.id.clone();
+        (rollouts.len(), token, target)
+    };
+    let events = if events == 0 {
+        count_events(dir)
+    } else {
+        events
     };
     let mut resume = Vec::new();
     let mut bare = Vec::new();
+    let mut serve = Vec::new();
+    let mut run = Vec::new();
     for _ in 0..sizes.reopens {
-        bare.push(Duration::from_nanos(reopen_sample("sled", &dir)[0] as u64));
-        resume.push(reopen_sample("resume", &dir));
+        bare.push(Duration::from_nanos(reopen_sample("sled", dir)[0] as u64));
+        serve.push(serve_sample(dir, &token, &target));
+        run.push(reopen_sample("run", dir));
+        resume.push(reopen_sample("resume", dir));
     }
     Reopen {
         rollouts,
         events,
-        bytes: dir_bytes(&dir),
+        bytes: dir_bytes(dir),
         top_up,
+        serve,
+        run,
         resume,
         bare,
     }
@@ -923,6 +1096,105 @@ fn mib(kib: u64) -> String {
     format!("{:.0} MiB", kib as f64 / 1024.0)
 }
 
+/// Part 3's table; returns the figure the target is about.
+fn print_reopen(reopen: &Reopen) -> Duration {
+    let part = |i: usize| {
+        median(
+            reopen
+                .resume
+                .iter()
+                .map(|r| Duration::from_nanos(r[i] as u64))
+                .collect(),
+        )
+    };
+    let serve = |f: fn(&ServeStart) -> Duration| median(reopen.serve.iter().map(f).collect());
+    let resume = serve(|s| s.answered.max(s.resumed));
+    let bare = median(reopen.bare.clone());
+    let first = &reopen.serve[0];
+    println!(
+        "3. reopening the store of {} rollouts / {} events ({:.0} MiB, warm page cache; topped up in {:.0} s): median of {} fresh processes",
+        reopen.rollouts,
+        reopen.events,
+        reopen.bytes as f64 / f64::from(1 << 20),
+        reopen.top_up.as_secs_f64(),
+        reopen.serve.len()
+    );
+    row("measured", "median", "baseline median", "ratio");
+    row(
+        "serve: process start to resumed and API answering",
+        &ms(resume),
+        &format!("{} bare sled open", ms(bare)),
+        &ratio(resume, bare),
+    );
+    row(
+        "  address printed (store open, API listening)",
+        &ms(serve(|s| s.listening)),
+        "",
+        "",
+    );
+    row(
+        "  first GET /api/v1/rollouts/{id} answered",
+        &ms(serve(|s| s.answered)),
+        "",
+        "",
+    );
+    row(
+        &format!(
+            "  resumed ({} driven at once, {} waiting for a person)",
+            first.driven, first.waiting
+        ),
+        &ms(serve(|s| s.resumed)),
+        "",
+        "",
+    );
+    if reopen.serve.iter().all(|s| s.swept.is_some()) {
+        row(
+            "  plan files of those waiting looked at (after)",
+            &ms(serve(|s| s.swept.unwrap_or_default())),
+            "",
+            "",
+        );
+    }
+    let run = |i: usize| {
+        median(
+            reopen
+                .run
+                .iter()
+                .map(|r| Duration::from_nanos(r[i] as u64))
+                .collect(),
+        )
+    };
+    row(
+        &format!(
+            "in-process runner, an actor for each of {}: resumed",
+            reopen.run.first().map_or(0, |r| r[5])
+        ),
+        &ms(run(0)),
+        "",
+        &ratio(run(0), bare),
+    );
+    row("  every actor idle, runner done", &ms(run(1)), "", "");
+    row(
+        &format!(
+            "in-process, one after another: open, list, load {}",
+            reopen.resume.first().map_or(0, |r| r[5])
+        ),
+        &ms(part(0)),
+        "",
+        &ratio(part(0), bare),
+    );
+    row("  Store::open", &ms(part(1)), "", &ratio(part(1), bare));
+    row("  listing the rollouts (Runner::run)", &ms(part(2)), "", "");
+    row(
+        "  each actor's plan and plan file (load_stored)",
+        &ms(part(3)),
+        "",
+        "",
+    );
+    row("  each tenant's offline clock", &ms(part(4)), "", "");
+    resume
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--reopen") {
@@ -943,6 +1215,21 @@ fn main() {
         sizes.rollouts, sizes.per_plan, sizes.devices, sizes.soak
     );
 
+    if let Some(kept) = &sizes.reopen_store {
+        let reopen = reopen_figures(kept, &sizes);
+        println!();
+        let resume = print_reopen(&reopen);
+        println!(
+            "target: reopen ≤ 300 ms: {} ({})",
+            if resume <= Duration::from_millis(300) {
+                "met"
+            } else {
+                "NOT met"
+            },
+            ms(resume)
+        );
+        return;
+    }
     let base_root = tempfile::tempdir().expect("a temporary directory");
     let base = drive(
         &base_root.path().join("store"),
@@ -1075,45 +1362,7 @@ fn main() {
         "",
     );
 
-    println!();
-    let part = |i: usize| {
-        median(
-            reopen
-                .resume
-                .iter()
-                .map(|r| Duration::from_nanos(r[i] as u64))
-                .collect(),
-        )
-    };
-    let resume = part(0);
-    let bare = median(reopen.bare.clone());
-    println!(
-        "3. reopening the store of {} rollouts / {} events ({:.0} MiB, warm page cache; topped up in {:.0} s): median of {} fresh processes",
-        reopen.rollouts,
-        reopen.events,
-        reopen.bytes as f64 / f64::from(1 << 20),
-        reopen.top_up.as_secs_f64(),
-        reopen.resume.len()
-    );
-    row("measured", "median", "baseline median", "ratio");
-    row(
-        &format!(
-            "Store::open, list, load {} rollouts",
-            reopen.resume.first().map_or(0, |r| r[5])
-        ),
-        &ms(resume),
-        &format!("{} bare sled open", ms(bare)),
-        &ratio(resume, bare),
-    );
-    row("  Store::open", &ms(part(1)), "", &ratio(part(1), bare));
-    row("  listing the rollouts (Runner::run)", &ms(part(2)), "", "");
-    row("  engine::load of each (actor start)", &ms(part(3)), "", "");
-    row(
-        "  tenant clock, plan file (actor start)",
-        &ms(part(4)),
-        "",
-        "",
-    );
+    let resume = print_reopen(&reopen);
 
     println!();
     let late = percentile(&large.lags, 1.0).max(percentile(&large.first, 1.0));
