@@ -25,9 +25,12 @@ use super::event::{
     Trigger, TriggerSource,
 };
 use super::gate::{self, GateOutcome};
-use super::plan::Plan;
-use super::rollout::{Approval, PhaseObservation, PhaseRecord, PhaseState, Rollout, RolloutStatus};
+use super::plan::{Plan, identity_key};
+use super::rollout::{PhaseObservation, PhaseRecord, PhaseState, Rollout, RolloutStatus};
 use super::time::{Timestamp, format_span};
+
+mod approval;
+pub use approval::conflict_of_duties;
 
 /// The result of one step.
 #[derive(Clone, Debug, PartialEq)]
@@ -61,6 +64,12 @@ pub fn step(
     event: &Event,
     now: Timestamp,
 ) -> Result<Transition, Rejection> {
+    if event.trigger.source == TriggerSource::User && identity_key(&event.trigger.actor).is_empty()
+    {
+        return Err(Rejection::Invalid(
+            "who gives this command? a person's name must not be empty".into(),
+        ));
+    }
     let mut machine = Machine {
         plan,
         now,
@@ -129,6 +138,9 @@ pub fn agenda(plan: &Plan, rollout: &Rollout, now: Timestamp) -> Agenda {
         if let Some(held_since) = record.held_since.filter(|_| !record.hold_expired) {
             wake(held_since.plus(phase.gate.max_hold), &mut agenda);
         }
+    }
+    if let Some(expiry) = approval::next_expiry(rollout) {
+        wake(expiry, &mut agenda);
     }
     agenda
 }
@@ -239,6 +251,11 @@ impl Machine<'_> {
         } else {
             format!("{}: {}", trigger.actor, trigger.reason)
         }
+    }
+
+    /// The person giving this command, as an identity key (`None` for automation).
+    fn requester(&self) -> Option<String> {
+        (self.trigger.source == TriggerSource::User).then(|| identity_key(&self.trigger.actor))
     }
 
     /// Commits an effect to be carried out after this transition is durable.
@@ -510,61 +527,6 @@ impl Machine<'_> {
         }
     }
 
-    fn approve(
-        &mut self,
-        phase: &str,
-        ticket: &Option<String>,
-        comment: &Option<String>,
-    ) -> Result<(), Rejection> {
-        use RolloutStatus::*;
-        if !matches!(
-            self.next.status,
-            Running | WaitingApproval | Held | Paused | Drifted | WaitingTenantApproval
-        ) {
-            return Err(self.not_now("approve"));
-        }
-        let idx = self.phase_index(phase)?;
-        let needed = self.plan.phases[idx].gate.approvals;
-        let approver = self.trigger.actor.clone();
-        let record = &self.next.phases[idx];
-        if !is_watched(record.state) {
-            return Err(Rejection::Invalid(format!(
-                "phase `{phase}` is {}; only a running phase can be approved (running: {})",
-                record.state,
-                list_or_none(&self.next.current_phases())
-            )));
-        }
-        if needed == 0 {
-            return Err(Rejection::Invalid(format!(
-                "phase `{phase}` needs no approval"
-            )));
-        }
-        if record.approvals.iter().any(|a| a.by == approver) {
-            return Err(Rejection::Invalid(format!(
-                "{approver} has already approved phase `{phase}`"
-            )));
-        }
-        if self.plan.separation_of_duties && approver == self.next.created_by {
-            return Err(Rejection::Invalid(format!(
-                "separation of duties: {approver} started this rollout and cannot approve it"
-            )));
-        }
-        let approval = Approval {
-            by: approver.clone(),
-            at: self.now,
-            ticket: ticket.clone(),
-            comment: comment.clone(),
-            plan_hash: self.next.plan_hash.clone(),
-        };
-        let record = self.record(idx);
-        record.approvals.push(approval);
-        let have = record.approvals.len();
-        self.notes.push(format!(
-            "{approver} approved `{phase}` ({have} of {needed})"
-        ));
-        Ok(())
-    }
-
     fn reject(&mut self, phase: &str) -> Result<(), Rejection> {
         use RolloutStatus::*;
         if !matches!(self.next.status, Running | WaitingApproval | Held) {
@@ -601,7 +563,14 @@ impl Machine<'_> {
                 let back = self.next.resume_to.take().unwrap_or(Running);
                 self.next.status = if back.is_progressing() { Running } else { back };
             }
-            RolledBack | Rejected => self.next.status = Running,
+            RolledBack | Rejected => {
+                // Whoever sets the rollout going again asks for its current phases' promotion.
+                let requester = self.requester();
+                for record in self.next.phases.iter_mut().filter(|r| r.state.is_current()) {
+                    record.requested(requester.clone());
+                }
+                self.next.status = Running;
+            }
             Held if self.next.phases.iter().any(|p| p.hold_expired) => {
                 let now = self.now;
                 for record in self.next.phases.iter_mut().filter(|p| p.hold_expired) {
@@ -705,12 +674,14 @@ impl Machine<'_> {
         for &idx in &targets {
             keep.extend(self.plan.ancestors(idx));
         }
+        let requester = self.requester();
         for idx in 0..self.next.phases.len() {
             let record = &mut self.next.phases[idx];
             if targets.contains(&idx) {
                 record.state = PhaseState::Applying;
                 record.promoted_at = None;
                 record.reset_gate();
+                record.requested(requester.clone());
             } else if !keep.contains(&idx) && record.state.is_applied() {
                 record.state = PhaseState::RolledBack;
                 record.promoted_at = None;
@@ -870,6 +841,7 @@ impl Machine<'_> {
     /// Judges watched phases, promotes, starts the phases that became ready, and settles the
     /// rollout's status. Idempotent: running it twice on the same state changes nothing.
     fn progress(&mut self) {
+        self.lapse_approvals();
         for &idx in &self.plan.order {
             self.judge(idx);
         }
