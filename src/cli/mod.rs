@@ -473,7 +473,7 @@ async fn dispatch(cli: Cli) -> CommandResult {
             id,
             by,
             strict,
-        } => commands::start(&ctx, &file, id, &by_or_user(by), strict).await,
+        } => commands::start(&ctx, &file, id, &by_or_user(by)?, strict).await,
         Command::Run { id, once } => commands::run(&ctx, id.as_deref(), once).await,
         Command::Status { id, watch } => commands::status(&ctx, id.as_deref(), watch).await,
         Command::Serve { listen } => commands::serve(&ctx, listen).await,
@@ -488,22 +488,29 @@ async fn dispatch(cli: Cli) -> CommandResult {
             phase,
             ticket,
             comment,
-        } => commands::approve(&ctx, &id, &by_or_user(by), phase, ticket, comment).await,
+        } => commands::approve(&ctx, &id, &by_or_user(by)?, phase, ticket, comment).await,
         Command::Reject {
             id,
             by,
             phase,
             reason,
-        } => commands::reject(&ctx, &id, &by_or_user(by), phase, &reason).await,
+        } => commands::reject(&ctx, &id, &by_or_user(by)?, phase, &reason).await,
         Command::Pause { id, by, reason } => {
-            commands::simple(&ctx, &id, commands::Simple::Pause, &by_or_user(by), &reason).await
+            commands::simple(
+                &ctx,
+                &id,
+                commands::Simple::Pause,
+                &by_or_user(by)?,
+                &reason,
+            )
+            .await
         }
         Command::Resume { id, by, reason } => {
             commands::simple(
                 &ctx,
                 &id,
                 commands::Simple::Resume,
-                &by_or_user(by),
+                &by_or_user(by)?,
                 &reason,
             )
             .await
@@ -513,21 +520,28 @@ async fn dispatch(cli: Cli) -> CommandResult {
                 &ctx,
                 &id,
                 commands::Simple::Rollback(to),
-                &by_or_user(by),
+                &by_or_user(by)?,
                 &reason,
             )
             .await
         }
         Command::Abort { id, by, reason } => {
-            commands::simple(&ctx, &id, commands::Simple::Abort, &by_or_user(by), &reason).await
+            commands::simple(
+                &ctx,
+                &id,
+                commands::Simple::Abort,
+                &by_or_user(by)?,
+                &reason,
+            )
+            .await
         }
         Command::Drift(DriftCommand::Reapply { id, by, reason }) => {
             let what = commands::Simple::Resolve(DriftResolution::Reapply);
-            commands::simple(&ctx, &id, what, &by_or_user(by), &reason).await
+            commands::simple(&ctx, &id, what, &by_or_user(by)?, &reason).await
         }
         Command::Drift(DriftCommand::Adopt { id, by, reason }) => {
             let what = commands::Simple::Resolve(DriftResolution::Adopt);
-            commands::simple(&ctx, &id, what, &by_or_user(by), &reason).await
+            commands::simple(&ctx, &id, what, &by_or_user(by)?, &reason).await
         }
         Command::History { id, verify } => commands::history(&ctx, &id, verify).await,
         Command::Demo { devices, seed } => demo::run(ctx.output, devices, seed).await,
@@ -603,11 +617,32 @@ fn default_store() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".phasegate"))
 }
 
-fn by_or_user(by: Option<String>) -> String {
-    by.or_else(|| std::env::var("USER").ok())
-        .or_else(|| std::env::var("USERNAME").ok())
-        .filter(|name| !name.trim().is_empty())
-        .unwrap_or_else(|| "unknown".to_string())
+/// Who gives a command: `--by`, else the OS user when it is known. Nobody is refused: the audit
+/// trail must name a person, and approvals compare names.
+fn by_or_user(by: Option<String>) -> Result<String, Failure> {
+    let os_user = || {
+        ["USER", "USERNAME"]
+            .into_iter()
+            .filter_map(|var| std::env::var(var).ok())
+            .find(|name| !name.trim().is_empty())
+    };
+    use crate::domain::plan::approval::MAX_IDENTITY_LEN;
+    match by {
+        Some(name) if name.trim().is_empty() => {
+            Err(Failure::invalid("--by: a person's name must not be empty"))
+        }
+        Some(name) if name.trim().chars().count() > MAX_IDENTITY_LEN => Err(Failure::invalid(
+            format!("--by: a person's name has at most {MAX_IDENTITY_LEN} characters"),
+        )),
+        Some(name) => Ok(name.trim().to_string()),
+        None => os_user()
+            .map(|name| name.trim().to_string())
+            .ok_or_else(|| {
+                Failure::invalid(
+                    "who is doing this? the OS user is not known: name yourself with --by",
+                )
+            }),
+    }
 }
 
 #[cfg(test)]

@@ -992,11 +992,7 @@ fn a_quorum_needs_enough_people_and_approval_settings_need_a_quorum() {
         "{errors:?}"
     );
     // The author may not approve under separation of duties, so they do not count.
-    let authored = with_approval("", "approvers = [\"alice\", \"bob\"]\n").replacen(
-        "[[phase]]",
-        "[[phase]]",
-        1,
-    );
+    let authored = with_approval("", "approvers = [\"alice\", \"bob\"]\n");
     let source =
         format!("{HEADER}{authored}").replace("name = \"t\"", "name = \"t\"\nauthor = \"Alice\"");
     let errors = parse("plan.toml", &source).unwrap_err().headlines();
