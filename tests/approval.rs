@@ -280,3 +280,36 @@ fn an_approval_that_expired_before_the_gate_passed_does_not_count() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(phase(&pg.status(&id), "pilot-field")["state"], "promoted");
 }
+
+#[test]
+fn a_paused_rollout_applies_nothing_an_approval_committed_until_it_is_resumed() {
+    let pg = Phasegate::offline();
+    let id = started(&pg, |t| t);
+    assert_eq!(code(&pg.run(&["run", &id])), 3);
+    // The approval commits the promotion: `enforce` is to be applied.
+    let out = pg.run(&["approve", &id, "--by", "bob"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(phase(&status, "enforce")["state"], "applying");
+    assert!(
+        status["pending_effects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str().unwrap().contains("reconcile")),
+        "{status}"
+    );
+    let out = pg.run(&["pause", &id, "--by", "carol", "--reason", "change freeze"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(status["status"], "paused");
+    assert_eq!(phase(&status, "enforce")["state"], "applying", "{status}");
+    assert_eq!(phase(&status, "enforce")["applied_at"], Value::Null);
+
+    assert_eq!(code(&pg.run(&["resume", &id, "--by", "carol"])), 0);
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(pg.status(&id)["status"], "completed");
+}
