@@ -313,3 +313,105 @@ fn a_paused_rollout_applies_nothing_an_approval_committed_until_it_is_resumed() 
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(pg.status(&id)["status"], "completed");
 }
+
+/// Two phases side by side on the simulated Windows fleet: `pilot` (two days, one approval) and
+/// `field`, which notifies owners, soaks four days and binds its approvals to their evidence.
+const DRIFTING: &str = r#"
+[rollout]
+name = "drifting"
+observe_every = "6h"
+
+[policy]
+compliance = "Windows 10/11 compliance baseline"
+platform = "windows"
+
+[provider]
+kind = "simulator"
+devices = 10000
+seed = 7
+
+[[phase]]
+id = "pilot"
+mode = "report"
+include = ["Pilot IT"]
+min_soak = "2d"
+
+[phase.gate]
+min_reporting = "85%"
+approvals = 1
+
+[[phase]]
+id = "field"
+mode = "notify"
+include = ["Pilot Field"]
+after = []
+grace = "1d"
+min_soak = "4d"
+
+[phase.gate]
+min_reporting = "50%"
+max_noncompliant_ratio = "50%"
+approvals = 1
+approval_tolerance = "0.5%"
+
+[[phase]]
+id = "everyone"
+mode = "notify"
+include = ["All Users"]
+after = ["pilot", "field"]
+grace = "7d"
+min_soak = "1d"
+"#;
+
+#[test]
+fn an_approval_whose_evidence_drifted_past_the_tolerance_does_not_promote_and_history_says_why() {
+    let pg = Phasegate::offline();
+    std::fs::write(&pg.plan, DRIFTING).unwrap();
+    let id = pg.start();
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(phase(&status, "pilot")["state"], "awaiting_approval");
+    assert_eq!(phase(&status, "field")["state"], "soaking", "{status}");
+
+    // bob approves `field` on what it shows now; owners go on fixing their devices.
+    let seen = phase(&status, "field")["observation"].clone();
+    let out = pg.run(&[
+        "approve", &id, "--by", "bob", "--phase", "field", "--ticket", "CHG-3",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let status = pg.status(&id);
+    let granted = &phase(&status, "field")["approvals"]["granted"][0];
+    assert_eq!(granted["evidence_observed_at"], seen["at"]);
+    assert_eq!(granted["evidence_digest"].as_str().unwrap().len(), 64);
+    assert_eq!(code(&pg.run(&["approve", &id, "--by", "bob"])), 0);
+
+    // When `field` passes its gate the counts have moved: the approval is void, it asks again.
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(status["status"], "waiting_approval", "{status}");
+    let field = phase(&status, "field");
+    assert_eq!(field["state"], "awaiting_approval");
+    assert_eq!(field["approvals"]["have"], 0);
+    assert_ne!(field["observation"]["noncompliant"], seen["noncompliant"]);
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(
+            "bob's approval is void: the evidence moved past the plan's tolerance of 0.5% since it was given: failing"
+        ),
+        "{reason}"
+    );
+    let notes = trail(&pg, &id);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("approval of `field` by bob void (given")
+                && n.contains("ticket CHG-3")),
+        "{notes:#?}"
+    );
+    // Approved again on the evidence now, it promotes.
+    let out = pg.run(&["approve", &id, "--by", "bob", "--phase", "field"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(phase(&pg.status(&id), "field")["state"], "promoted");
+}

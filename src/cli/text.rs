@@ -438,6 +438,9 @@ fn approval_lines(
     if let Some(after) = policy.expires_after {
         rules.push(format!("approvals last {}", format_span(after)));
     }
+    if let Some(tolerance) = policy.evidence_tolerance {
+        rules.push(format!("void if the evidence moves more than {tolerance}"));
+    }
     match &policy.ticket_pattern {
         Some(pattern) => rules.push(format!("ticket matching `{}` required", pattern.as_str())),
         None if policy.require_ticket => rules.push("ticket required".to_string()),

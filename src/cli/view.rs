@@ -145,6 +145,10 @@ pub struct ApprovalsView {
     pub expires_after: Option<String>,
     pub ticket_required: bool,
     pub ticket_pattern: Option<String>,
+    /// How far the evidence may move before an approval is void (`null`: not bound).
+    pub evidence_tolerance: Option<String>,
+    /// Why an approval stopped counting, while the rollout asks again.
+    pub note: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -162,6 +166,11 @@ pub struct ApprovalView {
     /// When it stops counting (never when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// The observation it was given on, and the digest binding it to plan, phase and counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence_observed_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence_digest: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -372,6 +381,8 @@ fn approvals_view(
                 ticket: a.ticket.clone(),
                 comment: a.comment.clone(),
                 expires_at: a.expires_at.map(Timestamp::rfc3339),
+                evidence_observed_at: a.evidence.as_ref().map(|e| e.observed_at.rfc3339()),
+                evidence_digest: a.evidence.as_ref().map(|e| e.digest.clone()),
             })
             .collect(),
         have: record.approvals.len(),
@@ -385,6 +396,8 @@ fn approvals_view(
             .ticket_pattern
             .as_ref()
             .map(|p| p.as_str().to_string()),
+        evidence_tolerance: policy.evidence_tolerance.map(|t| t.to_string()),
+        note: record.approval_note.clone(),
     }
 }
 

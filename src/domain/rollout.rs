@@ -283,6 +283,19 @@ pub struct Approval {
     /// When it lapses (the plan's `approval_expires_after`); never when `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Timestamp>,
+    /// The gate's evidence it was given on (`None`: no observation of the phase yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<ApprovalEvidence>,
+}
+
+/// What an approver was shown: the phase's latest observation when the approval was given, and
+/// a digest binding it to the plan and the phase.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalEvidence {
+    pub observed_at: Timestamp,
+    pub tally: Tally,
+    /// Hex SHA-256 of the plan's hash, the phase and the counts.
+    pub digest: String,
 }
 
 impl Approval {
@@ -313,6 +326,10 @@ pub struct PhaseRecord {
     /// identity keys. Separation of duties keeps them from approving it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requested_by: Vec<String>,
+    /// Why an approval of this run stopped counting (expired, or its evidence moved), until
+    /// the next approval: the rollout says it when it asks again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_note: Option<String>,
 }
 
 impl PhaseRecord {
@@ -329,6 +346,7 @@ impl PhaseRecord {
             holds: 0,
             approvals: Vec::new(),
             requested_by: Vec::new(),
+            approval_note: None,
         }
     }
 
@@ -350,6 +368,7 @@ impl PhaseRecord {
         self.hold_expired = false;
         self.approvals.clear();
         self.requested_by.clear();
+        self.approval_note = None;
     }
 }
 

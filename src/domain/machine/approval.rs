@@ -9,8 +9,9 @@
 //! was paused — never promotes.
 
 use super::{Machine, Rejection, is_watched, list_or_none};
-use crate::domain::plan::{Plan, identity_key};
-use crate::domain::rollout::{Approval, PhaseRecord, Rollout};
+use crate::domain::gate::Tally;
+use crate::domain::plan::{Phase, Plan, format_percent, hash_source, identity_key};
+use crate::domain::rollout::{Approval, ApprovalEvidence, PhaseRecord, Rollout};
 use crate::domain::time::{Timestamp, format_span};
 
 impl Machine<'_> {
@@ -70,6 +71,11 @@ impl Machine<'_> {
             .ticket(ticket.as_deref())
             .map_err(Rejection::Invalid)?;
         let expires_at = policy.expires_after.map(|after| now.plus(after));
+        let evidence = record.observation.as_ref().map(|seen| ApprovalEvidence {
+            observed_at: seen.at,
+            tally: seen.tally,
+            digest: evidence_digest(&self.next.plan_hash, phase, &seen.tally),
+        });
         let approval = Approval {
             by: approver.clone(),
             at: now,
@@ -77,8 +83,10 @@ impl Machine<'_> {
             comment: comment.clone(),
             plan_hash: self.next.plan_hash.clone(),
             expires_at,
+            evidence,
         };
         let record = self.record(idx);
+        record.approval_note = None;
         record.approvals.retain(|a| a.by != approver);
         record.approvals.push(approval);
         let have = record.approvals.len();
@@ -114,13 +122,87 @@ impl Machine<'_> {
                     .as_ref()
                     .map(|t| format!(", ticket {t}"))
                     .unwrap_or_default();
-                self.notes.push(format!(
+                let note = format!(
                     "approval of `{}` by {} expired (given {}{ticket}, valid for {lasted}); it no longer counts",
                     phase.id, approval.by, approval.at
-                ));
+                );
+                record.approval_note = Some(format!("{}'s approval expired", approval.by));
+                self.notes.push(note);
             }
         }
     }
+}
+
+/// Voids the approvals of `record` whose evidence moved past the phase's tolerance by `now`'s
+/// observation `tally`, each with a note saying why; nothing without a tolerance.
+pub(super) fn void_moved_evidence(
+    phase: &Phase,
+    record: &mut PhaseRecord,
+    tally: &Tally,
+    notes: &mut Vec<String>,
+) {
+    let Some(tolerance) = phase.approval.evidence_tolerance else {
+        return;
+    };
+    let (kept, void): (Vec<Approval>, Vec<Approval>) = std::mem::take(&mut record.approvals)
+        .into_iter()
+        .partition(|a| {
+            a.evidence.as_ref().is_some_and(|e| {
+                moved(&e.tally, tally).is_none_or(|(_, by)| by <= tolerance.fraction())
+            })
+        });
+    record.approvals = kept;
+    for approval in void {
+        let why = match approval
+            .evidence
+            .as_ref()
+            .and_then(|e| moved(&e.tally, tally))
+        {
+            Some((what, _)) => format!(
+                "the evidence moved past the plan's tolerance of {tolerance} since it was given: {what}"
+            ),
+            None => "it was given before any observation of the phase".to_string(),
+        };
+        let ticket = approval
+            .ticket
+            .as_ref()
+            .map(|t| format!(", ticket {t}"))
+            .unwrap_or_default();
+        notes.push(format!(
+            "approval of `{}` by {} void (given {}{ticket}): {why}; approve again on the evidence now",
+            phase.id, approval.by, approval.at
+        ));
+        record.approval_note = Some(format!("{}'s approval is void: {why}", approval.by));
+    }
+}
+
+/// One share of a phase's devices (failing, reporting, ...).
+type Share = fn(&Tally) -> Option<f64>;
+
+/// The share that moved most between two observations, in words, and by how much (a fraction).
+pub(super) fn moved(then: &Tally, now: &Tally) -> Option<(String, f64)> {
+    let shares: [(&str, Share); 4] = [
+        ("failing", Tally::noncompliant_ratio),
+        ("reporting", Tally::coverage),
+        ("blocked", Tally::blocked_ratio),
+        ("in error", Tally::error_ratio),
+    ];
+    shares
+        .into_iter()
+        .map(|(name, share)| {
+            let (a, b) = (share(then).unwrap_or(0.0), share(now).unwrap_or(0.0));
+            (
+                format!("{name} {} → {}", format_percent(a), format_percent(b)),
+                (a - b).abs(),
+            )
+        })
+        .max_by(|x, y| x.1.total_cmp(&y.1))
+}
+
+/// What binds an approval to what it was given on: the plan, the phase and the counts shown.
+pub fn evidence_digest(plan_hash: &str, phase: &str, tally: &Tally) -> String {
+    let counts = serde_json::to_string(tally).unwrap_or_default();
+    hash_source(&format!("{plan_hash}\n{phase}\n{counts}"))
 }
 
 /// Why separation of duties keeps `approver` (a key) from approving `record`'s promotion, as

@@ -903,6 +903,8 @@ impl Machine<'_> {
         if verdict.outcome == GateOutcome::Pass {
             record.held_since = None;
             record.hold_expired = false;
+            let tally = observation.tally;
+            approval::void_moved_evidence(phase, record, &tally, &mut self.notes);
             let have = record.approvals.len();
             let needed = phase.gate.approvals as usize;
             if have >= needed {
@@ -994,8 +996,13 @@ impl Machine<'_> {
             let missing = phase.gate.approvals as usize
                 - record.approvals.len().min(phase.gate.approvals as usize);
             self.next.status = RolloutStatus::WaitingApproval;
+            let why = record
+                .approval_note
+                .as_ref()
+                .map(|note| format!(" ({note})"))
+                .unwrap_or_default();
             self.next.reason = format!(
-                "`{}` passed its gate and needs {missing} more approval{}",
+                "`{}` passed its gate and needs {missing} more approval{}{why}",
                 phase.id,
                 if missing == 1 { "" } else { "s" }
             );

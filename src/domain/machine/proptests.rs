@@ -247,6 +247,15 @@ fn check_step(h: &Harness, before: &Rollout, op: &Op, transition: &Transition) {
                     phase.id,
                     approval.by
                 );
+                if let Some(tolerance) = phase.approval.evidence_tolerance {
+                    let then = approval.evidence.as_ref().expect("bound to evidence");
+                    let (_, by) = approval::moved(&then.tally, &seen.tally).unwrap();
+                    assert!(
+                        by <= tolerance.fraction(),
+                        "promoted `{}` on an approval whose evidence moved by {by}",
+                        phase.id
+                    );
+                }
                 assert_eq!(
                     conflict_of_duties(&h.plan, after, new, &approval.by),
                     None,
@@ -347,7 +356,7 @@ fn check_rejection(h: &Harness, op: &Op) {
 fn quorum_plan() -> String {
     PLAN.replace(
         "approvals = 1",
-        "approvals = 2\napproval_expires_after = \"12h\"",
+        "approvals = 2\napproval_expires_after = \"12h\"\napproval_tolerance = \"1%\"",
     )
 }
 

@@ -825,3 +825,61 @@ fn an_approval_still_valid_when_the_gate_passes_promotes() {
     h.soak_and_observe(healthy());
     assert_eq!(h.state("notify"), PhaseState::Promoted);
 }
+
+#[test]
+fn an_approval_whose_evidence_moved_past_the_tolerance_is_void_and_the_rollout_asks_again() {
+    let text = approval_plan("", "approval_tolerance = \"0.5%\"");
+    let mut h = Harness::new(&text);
+    h.start();
+    h.soak_and_observe(healthy());
+    // `notify` soaks; seen with 1 of 100 failing, bob approves.
+    h.advance(HOUR * 12);
+    h.observe(healthy());
+    h.approve("notify", "bob").unwrap();
+    let approval = h.rollout.phase("notify").unwrap().approvals[0].clone();
+    let evidence = approval.evidence.expect("bound to what bob saw");
+    assert_eq!(evidence.tally, healthy());
+    assert_eq!(
+        evidence.digest,
+        approval::evidence_digest(&h.plan.hash, "notify", &healthy())
+    );
+    // When the gate passes, the counts are no longer what bob approved.
+    h.advance(HOUR * 12);
+    let moved = Tally {
+        compliant: 98,
+        noncompliant: 2,
+        ..healthy()
+    };
+    h.observe(moved);
+    assert_eq!(h.state("notify"), PhaseState::AwaitingApproval);
+    assert_eq!(h.rollout.status, RolloutStatus::WaitingApproval);
+    assert!(
+        h.rollout
+            .reason
+            .contains("bob's approval is void: the evidence moved past the plan's tolerance of 0.5% since it was given: failing 1% → 2%"),
+        "{}",
+        h.rollout.reason
+    );
+    assert!(h.rollout.phase("notify").unwrap().approvals.is_empty());
+    // Approved again on the evidence now, it promotes.
+    h.approve("notify", "bob").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+}
+
+#[test]
+fn an_approval_within_the_tolerance_still_counts() {
+    let text = approval_plan("", "approval_tolerance = \"2%\"");
+    let mut h = Harness::new(&text);
+    h.start();
+    h.soak_and_observe(healthy());
+    h.advance(HOUR * 12);
+    h.observe(healthy());
+    h.approve("notify", "bob").unwrap();
+    h.advance(HOUR * 12);
+    h.observe(Tally {
+        compliant: 98,
+        noncompliant: 2,
+        ..healthy()
+    });
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+}

@@ -16,7 +16,7 @@ use regex::{Regex, RegexBuilder};
 use toml::Spanned;
 
 use super::raw::{RawApproverGroups, RawGate};
-use super::{Checker, DurationRange, Phase};
+use super::{Checker, DurationRange, Phase, Ratio};
 
 /// `[approvers]`: group name → its members, as identity keys.
 pub type ApproverGroups = BTreeMap<String, Vec<String>>;
@@ -134,6 +134,10 @@ pub struct ApprovalPolicy {
     pub expires_after: Option<Duration>,
     pub require_ticket: bool,
     pub ticket_pattern: Option<TicketPattern>,
+    /// Approvals are bound to the gate's evidence they were given on: one whose evidence moved
+    /// by more than this (share of devices failing, blocked, in error, or reporting) by the
+    /// time the promotion is decided is void.
+    pub evidence_tolerance: Option<Ratio>,
 }
 
 impl ApprovalPolicy {
@@ -372,6 +376,10 @@ impl Checker<'_> {
                 }
             }
         }
+        match self.ratio(raw.approval_tolerance.as_ref()) {
+            Ok(tolerance) => policy.evidence_tolerance = tolerance,
+            Err(()) => ok = false,
+        }
         let quorum = phase.gate.approvals as usize;
         if quorum == 0 {
             if let Some(span) = approval_setting_span(raw) {
@@ -424,6 +432,7 @@ fn approval_setting_span(raw: &RawGate) -> Option<Range<usize>> {
             .filter(|r| *r.get_ref())
             .map(Spanned::span),
         raw.ticket_pattern.as_ref().map(Spanned::span),
+        raw.approval_tolerance.as_ref().map(Spanned::span),
     ];
     spans.into_iter().flatten().min_by_key(|s| s.start)
 }

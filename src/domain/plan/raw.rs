@@ -128,6 +128,8 @@ pub(super) struct RawGate {
     pub approval_expires_after: Option<Spanned<String>>,
     pub require_ticket: Option<Spanned<bool>>,
     pub ticket_pattern: Option<Spanned<String>>,
+    /// How far the gate's evidence may move between an approval and the promotion.
+    pub approval_tolerance: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -929,6 +929,7 @@ change-board = ["Alice@Contoso.com", "bob@contoso.com "]
 approver_groups = ["change-board"]
 approval_expires_after = "24h"
 ticket_pattern = "CHG[0-9]{7}"
+approval_tolerance = "0.5%"
 "#,
     );
     let plan = checked(&body).unwrap_or_else(|e| panic!("{e}"));
@@ -939,6 +940,8 @@ ticket_pattern = "CHG[0-9]{7}"
     );
     assert_eq!(policy.groups, ["change-board"]);
     assert_eq!(policy.expires_after, Some(Duration::from_secs(24 * 3600)));
+    let tolerance = policy.evidence_tolerance.unwrap().fraction();
+    assert!((tolerance - 0.005).abs() < 1e-12, "{tolerance}");
     assert!(policy.allows("bob@contoso.com") && !policy.allows("mallory@contoso.com"));
     assert!(policy.ticket(Some("CHG0000042")).is_ok());
     assert!(policy.ticket(None).is_err());
@@ -965,6 +968,7 @@ twice = ["bob", "BOB"]
 approver_groups = ["nobody"]
 approval_expires_after = "90d"
 ticket_pattern = "CHG("
+approval_tolerance = "0.5"
 "#,
     ));
     let joined = errors.join("\n");
@@ -977,6 +981,7 @@ ticket_pattern = "CHG("
         "plan.toml:24:20: unknown approver group `nobody`; `[approvers]` defines: change board, empty, twice",
         "plan.toml:25:26: `approval_expires_after` must be from 1m to 30d, found `90d`",
         "plan.toml:26:18: invalid `ticket_pattern`: unclosed group",
+        "plan.toml:27:22: invalid percentage `0.5`",
     ] {
         assert!(joined.contains(expected), "{expected}\n{joined}");
     }
