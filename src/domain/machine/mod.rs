@@ -812,6 +812,17 @@ impl Machine<'_> {
         let mut reset = Vec::new();
         for record in &mut self.next.phases {
             if record.state.is_current() {
+                for approval in &record.approvals {
+                    let ticket = approval
+                        .ticket
+                        .as_ref()
+                        .map(|t| format!(", ticket {t}"))
+                        .unwrap_or_default();
+                    self.notes.push(format!(
+                        "approval of `{}` by {} void (given {}{ticket}): the plan changed",
+                        record.id, approval.by, approval.at
+                    ));
+                }
                 record.state = PhaseState::Applying;
                 record.reset_gate();
                 reset.push(record.id.clone());

@@ -883,3 +883,29 @@ fn an_approval_within_the_tolerance_still_counts() {
     });
     assert_eq!(h.state("notify"), PhaseState::Promoted);
 }
+
+#[test]
+fn a_plan_change_voids_the_running_phases_approvals_and_says_so() {
+    let text = PLAN.replace("approvals = 1", "approvals = 2");
+    let mut h = waiting_for_approval(&text);
+    h.approve("notify", "bob").unwrap();
+    h.plan = plan::parse("test.toml", &text.replace("approvals = 2", "approvals = 1")).unwrap();
+    let t = h
+        .send(
+            EventKind::PlanChanged {
+                plan_hash: h.plan.hash.clone(),
+            },
+            Trigger::new(TriggerSource::Internal, "run", "plan file changed"),
+        )
+        .unwrap();
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("approval of `notify` by bob void")
+                && n.ends_with("the plan changed")),
+        "{:?}",
+        t.notes
+    );
+    assert!(h.rollout.phase("notify").unwrap().approvals.is_empty());
+    assert_eq!(h.state("notify"), PhaseState::Applying);
+}
