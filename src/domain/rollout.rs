@@ -330,6 +330,10 @@ pub struct PhaseRecord {
     /// the next approval: the rollout says it when it asks again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval_note: Option<String>,
+    /// Promoted, and the configuration that promotion asked for is not confirmed yet: a resume
+    /// after a pause decides it again if its approvals lapsed meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub promotion_unapplied: bool,
 }
 
 impl PhaseRecord {
@@ -347,6 +351,7 @@ impl PhaseRecord {
             approvals: Vec::new(),
             requested_by: Vec::new(),
             approval_note: None,
+            promotion_unapplied: false,
         }
     }
 
@@ -369,6 +374,7 @@ impl PhaseRecord {
         self.approvals.clear();
         self.requested_by.clear();
         self.approval_note = None;
+        self.promotion_unapplied = false;
     }
 }
 

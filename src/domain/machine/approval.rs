@@ -9,9 +9,11 @@
 //! was paused — never promotes.
 
 use super::{Machine, Rejection, is_watched, list_or_none};
+use crate::domain::desired::desired_state;
+use crate::domain::event::Effect;
 use crate::domain::gate::Tally;
 use crate::domain::plan::{Phase, Plan, format_percent, hash_source, identity_key};
-use crate::domain::rollout::{Approval, ApprovalEvidence, PhaseRecord, Rollout};
+use crate::domain::rollout::{Approval, ApprovalEvidence, PhaseRecord, PhaseState, Rollout};
 use crate::domain::time::{Timestamp, format_span};
 
 impl Machine<'_> {
@@ -129,6 +131,69 @@ impl Machine<'_> {
                 record.approval_note = Some(format!("{}'s approval expired", approval.by));
                 self.notes.push(note);
             }
+        }
+    }
+}
+
+impl Machine<'_> {
+    /// A promotion committed before a pause whose configuration is not applied yet is decided
+    /// again if its approvals no longer make the quorum: the phase waits for approval again and
+    /// the phases it started go back to pending, before anything of them is written.
+    pub(super) fn recheck_unapplied_promotions(&mut self) {
+        let now = self.now;
+        let mut taken_back = false;
+        for idx in 0..self.plan.phases.len() {
+            let phase = &self.plan.phases[idx];
+            let record = &self.next.phases[idx];
+            let valid = record
+                .approvals
+                .iter()
+                .filter(|a| a.is_valid_at(now))
+                .count();
+            if !record.promotion_unapplied
+                || record.state != PhaseState::Promoted
+                || valid >= phase.gate.approvals as usize
+            {
+                continue;
+            }
+            let started: Vec<usize> = (0..self.plan.phases.len())
+                .filter(|&s| {
+                    let next = &self.next.phases[s];
+                    self.plan.phases[s].after.contains(&idx)
+                        && next.state == PhaseState::Applying
+                        && next.applied_at.is_none()
+                })
+                .collect();
+            if started.is_empty() {
+                continue;
+            }
+            let names: Vec<String> = started
+                .iter()
+                .map(|&s| self.plan.phases[s].id.clone())
+                .collect();
+            for &s in &started {
+                let next = &mut self.next.phases[s];
+                next.state = PhaseState::Pending;
+                next.reset_gate();
+            }
+            let record = &mut self.next.phases[idx];
+            record.state = PhaseState::AwaitingApproval;
+            record.promoted_at = None;
+            record.promotion_unapplied = false;
+            self.notes.push(format!(
+                "the promotion of `{}` is decided again: its approvals no longer make the quorum of {} and nothing of `{}` is applied yet",
+                phase.id,
+                phase.gate.approvals,
+                names.join("`, `")
+            ));
+            taken_back = true;
+        }
+        if taken_back {
+            let desired = desired_state(self.plan, &self.next);
+            self.request(Effect::Reconcile {
+                desired,
+                resolution: None,
+            });
         }
     }
 }

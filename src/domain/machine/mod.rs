@@ -343,6 +343,9 @@ impl Machine<'_> {
             );
             return;
         }
+        for record in &mut self.next.phases {
+            record.promotion_unapplied = false;
+        }
         for idx in 0..self.next.phases.len() {
             if self.next.phases[idx].state == PhaseState::Applying {
                 let now = self.now;
@@ -562,6 +565,9 @@ impl Machine<'_> {
             Paused | Failed => {
                 let back = self.next.resume_to.take().unwrap_or(Running);
                 self.next.status = if back.is_progressing() { Running } else { back };
+                if self.next.status.is_progressing() {
+                    self.recheck_unapplied_promotions();
+                }
             }
             RolledBack | Rejected => {
                 // Whoever sets the rollout going again asks for its current phases' promotion.
@@ -921,6 +927,7 @@ impl Machine<'_> {
             if have >= needed {
                 record.state = PhaseState::Promoted;
                 record.promoted_at = Some(now);
+                record.promotion_unapplied = true;
                 let approvers: Vec<&str> = record.approvals.iter().map(|a| a.by.as_str()).collect();
                 let approved = if approvers.is_empty() {
                     String::new()

@@ -909,3 +909,62 @@ fn a_plan_change_voids_the_running_phases_approvals_and_says_so() {
     assert!(h.rollout.phase("notify").unwrap().approvals.is_empty());
     assert_eq!(h.state("notify"), PhaseState::Applying);
 }
+
+#[test]
+fn a_resume_decides_again_a_promotion_whose_approval_lapsed_while_paused() {
+    let text = approval_plan("", "approval_expires_after = \"6h\"");
+    let mut h = waiting_for_approval(&text);
+    h.approve("notify", "bob").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+    assert_eq!(h.state("enforce"), PhaseState::Applying);
+    // Paused before the enforcement it committed is carried out; the approval lapses meanwhile.
+    h.user(EventKind::PauseRequested, "carol").unwrap();
+    h.advance(HOUR * 7);
+    let t = h.user(EventKind::ResumeRequested, "carol").unwrap();
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("the promotion of `notify` is decided again")),
+        "{:?}",
+        t.notes
+    );
+    assert!(
+        t.notes.iter().any(|n| n.contains("by bob expired")),
+        "{:?}",
+        t.notes
+    );
+    assert_eq!(h.state("notify"), PhaseState::AwaitingApproval);
+    assert_eq!(h.state("enforce"), PhaseState::Pending);
+    assert_eq!(h.rollout.status, RolloutStatus::WaitingApproval);
+    // The only configuration pending is the one without enforcement.
+    let setters: Vec<&Effect> = h
+        .rollout
+        .pending
+        .iter()
+        .map(|p| &p.effect)
+        .filter(|e| e.sets_configuration())
+        .collect();
+    let [Effect::Reconcile { desired, .. }] = setters.as_slice() else {
+        panic!("{setters:?}")
+    };
+    assert!(desired.assignments.iter().all(|a| a.phase != "enforce"));
+    // Approved again on a fresh observation, it promotes.
+    h.observe(healthy());
+    h.approve("notify", "bob").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+}
+
+#[test]
+fn a_resume_carries_out_a_promotion_whose_approvals_still_count() {
+    let text = approval_plan("", "approval_expires_after = \"6h\"");
+    let mut h = waiting_for_approval(&text);
+    h.approve("notify", "bob").unwrap();
+    h.user(EventKind::PauseRequested, "carol").unwrap();
+    h.advance(HOUR);
+    h.user(EventKind::ResumeRequested, "carol").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+    assert_eq!(h.state("enforce"), PhaseState::Applying);
+    h.settle();
+    assert_eq!(h.state("enforce"), PhaseState::Soaking);
+    assert!(!h.rollout.phase("notify").unwrap().promotion_unapplied);
+}
