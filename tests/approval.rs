@@ -94,8 +94,20 @@ fn a_two_approver_phase_needs_two_people_other_than_the_starter() {
             "{}",
             stderr(&out)
         );
-        let out = pg.run(&["pause", &id, "--by", by]);
-        assert_eq!(code(&out), 2, "{by:?}");
+        let plan = pg.plan.to_str().unwrap();
+        for args in [
+            vec!["pause", &id, "--by", by],
+            vec!["reject", &id, "--by", by, "--reason", "no"],
+            vec!["start", plan, "--by", by, "--id", "another"],
+        ] {
+            let out = pg.run(&args);
+            assert_eq!(code(&out), 2, "{args:?}");
+            assert!(
+                stderr(&out).contains("--by: a person's name must not be empty"),
+                "{args:?}: {}",
+                stderr(&out)
+            );
+        }
     }
     let out = pg
         .command(&["approve", &id])
