@@ -13,7 +13,10 @@
 //! - `rollback_when` is checked on every observation of a running phase and rolls back on its own;
 //! - rollback returns to an earlier phase's desired state without running gates; abort restores
 //!   the configuration recorded before the first change;
-//! - automation never leaves a status a person chose (paused, rolled back, rejected).
+//! - automation never leaves a status a person chose (paused, rolled back, rejected);
+//! - approvals count only from people the phase's policy allows and separation of duties does
+//!   not bar, and only until they expire or their evidence moves past the plan's tolerance
+//!   (`approval.rs`).
 
 use std::collections::BTreeSet;
 
