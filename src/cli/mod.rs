@@ -568,7 +568,7 @@ async fn dispatch(cli: Cli) -> CommandResult {
                 skip: reason.filter(|_| skip_preflight),
                 resolver,
             };
-            commands::start(&ctx, &file, id, &by_or_user(by), strict, preflight).await
+            commands::start(&ctx, &file, id, &by_or_user(by)?, strict, preflight).await
         }
         Command::Preflight { file, resolver } => commands::preflight(&ctx, &file, resolver).await,
         Command::Run { id, once } => commands::run(&ctx, id.as_deref(), once).await,
@@ -585,22 +585,29 @@ async fn dispatch(cli: Cli) -> CommandResult {
             phase,
             ticket,
             comment,
-        } => commands::approve(&ctx, &id, &by_or_user(by), phase, ticket, comment).await,
+        } => commands::approve(&ctx, &id, &by_or_user(by)?, phase, ticket, comment).await,
         Command::Reject {
             id,
             by,
             phase,
             reason,
-        } => commands::reject(&ctx, &id, &by_or_user(by), phase, &reason).await,
+        } => commands::reject(&ctx, &id, &by_or_user(by)?, phase, &reason).await,
         Command::Pause { id, by, reason } => {
-            commands::simple(&ctx, &id, commands::Simple::Pause, &by_or_user(by), &reason).await
+            commands::simple(
+                &ctx,
+                &id,
+                commands::Simple::Pause,
+                &by_or_user(by)?,
+                &reason,
+            )
+            .await
         }
         Command::Resume { id, by, reason } => {
             commands::simple(
                 &ctx,
                 &id,
                 commands::Simple::Resume,
-                &by_or_user(by),
+                &by_or_user(by)?,
                 &reason,
             )
             .await
@@ -610,21 +617,28 @@ async fn dispatch(cli: Cli) -> CommandResult {
                 &ctx,
                 &id,
                 commands::Simple::Rollback(to),
-                &by_or_user(by),
+                &by_or_user(by)?,
                 &reason,
             )
             .await
         }
         Command::Abort { id, by, reason } => {
-            commands::simple(&ctx, &id, commands::Simple::Abort, &by_or_user(by), &reason).await
+            commands::simple(
+                &ctx,
+                &id,
+                commands::Simple::Abort,
+                &by_or_user(by)?,
+                &reason,
+            )
+            .await
         }
         Command::Drift(DriftCommand::Reapply { id, by, reason }) => {
             let what = commands::Simple::Resolve(DriftResolution::Reapply);
-            commands::simple(&ctx, &id, what, &by_or_user(by), &reason).await
+            commands::simple(&ctx, &id, what, &by_or_user(by)?, &reason).await
         }
         Command::Drift(DriftCommand::Adopt { id, by, reason }) => {
             let what = commands::Simple::Resolve(DriftResolution::Adopt);
-            commands::simple(&ctx, &id, what, &by_or_user(by), &reason).await
+            commands::simple(&ctx, &id, what, &by_or_user(by)?, &reason).await
         }
         Command::History { id, verify } => commands::history(&ctx, &id, verify).await,
         Command::Demo { devices, seed } => demo::run(ctx.output, devices, seed).await,
@@ -795,16 +809,116 @@ fn default_store() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".phasegate"))
 }
 
-fn by_or_user(by: Option<String>) -> String {
-    by.or_else(|| std::env::var("USER").ok())
-        .or_else(|| std::env::var("USERNAME").ok())
-        .filter(|name| !name.trim().is_empty())
-        .unwrap_or_else(|| "unknown".to_string())
+/// Who gives a command: `--by`, else the OS user when it is known. Nobody is refused: the audit
+/// trail must name a person, and approvals compare names.
+fn by_or_user(by: Option<String>) -> Result<String, Failure> {
+    actor(by, |var| std::env::var(var).ok(), account_name)
+}
+
+/// [`by_or_user`] with the environment and the account database passed in.
+fn actor(
+    by: Option<String>,
+    env: impl Fn(&str) -> Option<String>,
+    account: impl FnOnce() -> Option<String>,
+) -> Result<String, Failure> {
+    let os_user = || {
+        ["USER", "USERNAME", "LOGNAME"]
+            .into_iter()
+            .filter_map(&env)
+            .chain(std::iter::once_with(account).flatten())
+            .find(|name| !name.trim().is_empty())
+    };
+    use crate::domain::plan::approval::MAX_IDENTITY_LEN;
+    match by {
+        Some(name) if name.trim().is_empty() => {
+            Err(Failure::invalid("--by: a person's name must not be empty"))
+        }
+        Some(name) if name.trim().chars().count() > MAX_IDENTITY_LEN => Err(Failure::invalid(
+            format!("--by: a person's name has at most {MAX_IDENTITY_LEN} characters"),
+        )),
+        Some(name) => Ok(name.trim().to_string()),
+        None => os_user()
+            .map(|name| name.trim().to_string())
+            .ok_or_else(|| {
+                Failure::invalid(
+                    "who is doing this? the OS user is not known: name yourself with --by",
+                )
+            }),
+    }
+}
+
+/// The name of the account the process runs as, from the system's account database.
+#[cfg(unix)]
+fn account_name() -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: an all-zero `passwd` is a valid value of a plain C struct; getpwuid_r fills it.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is to memory that outlives the call, `buf.len()` is its size, and
+    // getpwuid_r writes only there.
+    let rc = unsafe {
+        libc::getpwuid_r(
+            libc::geteuid(),
+            &mut entry,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() || entry.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: on success `pw_name` points at a NUL-terminated string inside `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) };
+    name.to_str().ok().map(str::to_string)
+}
+
+#[cfg(not(unix))]
+fn account_name() -> Option<String> {
+    None
 }
 
 #[cfg(test)]
 mod tests {
-    use super::colour_logs;
+    use super::{actor, colour_logs};
+
+    #[test]
+    fn the_os_user_is_the_default_only_when_it_is_known() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let none = || None;
+        assert_eq!(actor(Some(" Bob ".into()), env(&[]), none).unwrap(), "Bob");
+        assert_eq!(
+            actor(None, env(&[("USER", "alice")]), none).unwrap(),
+            "alice"
+        );
+        assert_eq!(
+            actor(None, env(&[("USER", " "), ("LOGNAME", "carol")]), none).unwrap(),
+            "carol"
+        );
+        assert_eq!(
+            actor(None, env(&[]), || Some("root".into())).unwrap(),
+            "root"
+        );
+        let unknown = actor(None, env(&[("USER", "")]), none).unwrap_err();
+        assert_eq!(unknown.code, super::exit::INVALID);
+        assert!(
+            unknown.message.contains("the OS user is not known"),
+            "{}",
+            unknown.message
+        );
+        for empty in ["", "  "] {
+            let refused = actor(Some(empty.into()), env(&[("USER", "alice")]), none).unwrap_err();
+            assert_eq!(refused.code, super::exit::INVALID);
+            assert!(refused.message.contains("must not be empty"));
+        }
+        assert!(actor(Some("x".repeat(257)), env(&[]), none).is_err());
+    }
     use std::ffi::OsStr;
 
     /// Every command and every argument says what it is for in `--help`.

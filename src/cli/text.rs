@@ -299,6 +299,11 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
         } else {
             String::new()
         };
+        let watched = matches!(
+            record.state,
+            crate::domain::rollout::PhaseState::Soaking
+                | crate::domain::rollout::PhaseState::AwaitingApproval
+        );
         let _ = writeln!(
             out,
             "{:<14} {:<8} {:<18} {:>9} {:>9} {:>18} {:>8}  {gate}{approvals}",
@@ -310,6 +315,9 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
             noncompliant,
             blocked
         );
+        if phase.gate.approvals > 0 && watched {
+            out.push_str(&approval_lines(plan, rollout, phase, record));
+        }
         let Some(observation) = &record.observation else {
             continue;
         };
@@ -390,5 +398,54 @@ pub fn history(events: &[EventRecord]) -> String {
             let _ = writeln!(out, "        → {}", effects.join(", "));
         }
     }
+    out
+}
+
+/// Under a phase waiting for approvals: those that count (with when each expires), who may
+/// approve, and who may not.
+fn approval_lines(
+    plan: &Plan,
+    rollout: &Rollout,
+    phase: &crate::domain::plan::Phase,
+    record: &crate::domain::rollout::PhaseRecord,
+) -> String {
+    let mut out = String::new();
+    for approval in &record.approvals {
+        let ticket = approval
+            .ticket
+            .as_ref()
+            .map(|t| format!(", ticket {t}"))
+            .unwrap_or_default();
+        let until = approval
+            .expires_at
+            .map(|at| format!(", counts until {at}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<14} approved by {} at {}{ticket}{until}",
+            "", approval.by, approval.at
+        );
+    }
+    let policy = &phase.approval;
+    let mut rules = vec![format!("may approve: {}", policy.who())];
+    let barred: Vec<String> = view::barred(plan, rollout, record)
+        .into_iter()
+        .map(|b| format!("{} ({})", b.who, b.why))
+        .collect();
+    if !barred.is_empty() {
+        rules.push(format!("may not: {}", barred.join(", ")));
+    }
+    if let Some(after) = policy.expires_after {
+        rules.push(format!("approvals last {}", format_span(after)));
+    }
+    if let Some(tolerance) = policy.evidence_tolerance {
+        rules.push(format!("void if the evidence moves more than {tolerance}"));
+    }
+    match &policy.ticket_pattern {
+        Some(pattern) => rules.push(format!("ticket matching `{}` required", pattern.as_str())),
+        None if policy.require_ticket => rules.push("ticket required".to_string()),
+        None => {}
+    }
+    let _ = writeln!(out, "{:<14} {}", "", rules.join("; "));
     out
 }

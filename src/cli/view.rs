@@ -7,8 +7,9 @@ use serde::Serialize;
 use crate::adapters;
 use crate::domain::event::{Effect, EventKind};
 use crate::domain::gate::{GateVerdict, Tally};
+use crate::domain::machine;
 use crate::domain::plan::{self, Diagnostic, Plan, PlanErrors, Platform, format_percent};
-use crate::domain::rollout::{PhaseState, Rollout};
+use crate::domain::rollout::{PhaseRecord, PhaseState, Rollout};
 use crate::domain::time::{Timestamp, format_span};
 use crate::store::EventRecord;
 
@@ -128,8 +129,32 @@ pub struct PhaseView {
 
 #[derive(Serialize)]
 pub struct ApprovalsView {
+    /// The quorum: distinct people who must approve.
     pub required: u32,
+    /// The approvals that count (expired ones are taken out, with an audit event).
     pub granted: Vec<ApprovalView>,
+    /// How many of `required` are there.
+    pub have: usize,
+    /// Who may approve: `anyone` (with the approver role), or the people named and the groups'
+    /// members.
+    pub anyone: bool,
+    pub eligible: Vec<String>,
+    pub groups: Vec<String>,
+    /// Who may not, by separation of duties, with why.
+    pub barred: Vec<BarredView>,
+    pub expires_after: Option<String>,
+    pub ticket_required: bool,
+    pub ticket_pattern: Option<String>,
+    /// How far the evidence may move before an approval is void (`null`: not bound).
+    pub evidence_tolerance: Option<String>,
+    /// Why an approval stopped counting, while the rollout asks again.
+    pub note: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct BarredView {
+    pub who: String,
+    pub why: String,
 }
 
 #[derive(Serialize)]
@@ -138,6 +163,14 @@ pub struct ApprovalView {
     pub at: String,
     pub ticket: Option<String>,
     pub comment: Option<String>,
+    /// When it stops counting (never when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// The observation it was given on, and the digest binding it to plan, phase and counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence_observed_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence_digest: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -318,19 +351,7 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
                 holds: record.holds,
                 held_since: record.held_since.map(Timestamp::rfc3339),
                 hold_expired: record.hold_expired,
-                approvals: ApprovalsView {
-                    required: phase.gate.approvals,
-                    granted: record
-                        .approvals
-                        .iter()
-                        .map(|a| ApprovalView {
-                            by: a.by.clone(),
-                            at: a.at.rfc3339(),
-                            ticket: a.ticket.clone(),
-                            comment: a.comment.clone(),
-                        })
-                        .collect(),
-                },
+                approvals: approvals_view(plan, rollout, phase, record),
                 observation: record
                     .observation
                     .as_ref()
@@ -393,6 +414,67 @@ fn map_times(
         }
         _ => {}
     }
+}
+
+/// A phase's approvals: the quorum, those that count, who may give one and who may not.
+fn approvals_view(
+    plan: &Plan,
+    rollout: &Rollout,
+    phase: &plan::Phase,
+    record: &PhaseRecord,
+) -> ApprovalsView {
+    let policy = &phase.approval;
+    ApprovalsView {
+        required: phase.gate.approvals,
+        granted: record
+            .approvals
+            .iter()
+            .map(|a| ApprovalView {
+                by: a.by.clone(),
+                at: a.at.rfc3339(),
+                ticket: a.ticket.clone(),
+                comment: a.comment.clone(),
+                expires_at: a.expires_at.map(Timestamp::rfc3339),
+                evidence_observed_at: a.evidence.as_ref().map(|e| e.observed_at.rfc3339()),
+                evidence_digest: a.evidence.as_ref().map(|e| e.digest.clone()),
+            })
+            .collect(),
+        have: record.approvals.len(),
+        anyone: !policy.names_approvers(),
+        eligible: policy.eligible.iter().cloned().collect(),
+        groups: policy.groups.clone(),
+        barred: barred(plan, rollout, record),
+        expires_after: policy.expires_after.map(format_span),
+        ticket_required: policy.require_ticket || policy.ticket_pattern.is_some(),
+        ticket_pattern: policy
+            .ticket_pattern
+            .as_ref()
+            .map(|p| p.as_str().to_string()),
+        evidence_tolerance: policy.evidence_tolerance.map(|t| t.to_string()),
+        note: record.approval_note.clone(),
+    }
+}
+
+/// The people separation of duties keeps from approving a phase, with why.
+pub fn barred(plan: &Plan, rollout: &Rollout, record: &PhaseRecord) -> Vec<BarredView> {
+    let mut people = vec![plan::identity_key(&rollout.created_by)];
+    people.extend(record.requested_by.iter().cloned());
+    people.extend(plan.author.iter().cloned());
+    let mut seen = Vec::new();
+    people
+        .into_iter()
+        .filter(|who| {
+            let fresh = !seen.contains(who);
+            seen.push(who.clone());
+            fresh
+        })
+        .filter_map(|who| {
+            machine::conflict_of_duties(plan, rollout, record, &who).map(|why| BarredView {
+                why: why.to_string(),
+                who,
+            })
+        })
+        .collect()
 }
 
 /// The audit trail as it is shown — `history` (text and JSON), the API, the dashboard: every

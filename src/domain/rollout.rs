@@ -274,11 +274,35 @@ pub struct PhaseObservation {
 /// A person's sign-off on promoting a phase, bound to the plan it was given for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {
+    /// Who, as an identity key (trimmed, lowercase; see `plan::identity_key`).
     pub by: String,
     pub at: Timestamp,
     pub ticket: Option<String>,
     pub comment: Option<String>,
     pub plan_hash: String,
+    /// When it lapses (the plan's `approval_expires_after`); never when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+    /// The gate's evidence it was given on (`None`: no observation of the phase yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<ApprovalEvidence>,
+}
+
+/// What an approver was shown: the phase's latest observation when the approval was given, and
+/// a digest binding it to the plan and the phase.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalEvidence {
+    pub observed_at: Timestamp,
+    pub tally: Tally,
+    /// Hex SHA-256 of the plan's hash, the phase and the counts.
+    pub digest: String,
+}
+
+impl Approval {
+    /// Whether it still counts at `now`.
+    pub fn is_valid_at(&self, now: Timestamp) -> bool {
+        self.expires_at.is_none_or(|at| now < at)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -297,6 +321,19 @@ pub struct PhaseRecord {
     /// How many times the gate held this phase.
     pub holds: u32,
     pub approvals: Vec<Approval>,
+    /// Who asked for this run of the phase to be promoted: the people whose commands (a
+    /// rollback to it, a resume after a rollback or rejection) put it on its way again, as
+    /// identity keys. Separation of duties keeps them from approving it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requested_by: Vec<String>,
+    /// Why an approval of this run stopped counting (expired, or its evidence moved), until
+    /// the next approval: the rollout says it when it asks again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_note: Option<String>,
+    /// Promoted, and the configuration that promotion asked for is not confirmed yet: a resume
+    /// after a pause decides it again if its approvals lapsed meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub promotion_unapplied: bool,
 }
 
 impl PhaseRecord {
@@ -312,6 +349,18 @@ impl PhaseRecord {
             hold_expired: false,
             holds: 0,
             approvals: Vec::new(),
+            requested_by: Vec::new(),
+            approval_note: None,
+            promotion_unapplied: false,
+        }
+    }
+
+    /// Records that `person` (a key) asked for this run's promotion.
+    pub fn requested(&mut self, person: Option<String>) {
+        if let Some(person) = person
+            && !self.requested_by.contains(&person)
+        {
+            self.requested_by.push(person);
         }
     }
 
@@ -323,6 +372,9 @@ impl PhaseRecord {
         self.held_since = None;
         self.hold_expired = false;
         self.approvals.clear();
+        self.requested_by.clear();
+        self.approval_note = None;
+        self.promotion_unapplied = false;
     }
 }
 

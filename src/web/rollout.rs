@@ -9,9 +9,9 @@ use super::graph::phase_graph;
 use super::html::{
     self, Esc, csrf_field, readable_time, rollout_url, state_badge, status_badge, time,
 };
-use crate::cli::view::{ObservationView, PhaseView, RolloutView, thousands};
+use crate::cli::view::{ApprovalsView, ObservationView, PhaseView, RolloutView, thousands};
 use crate::domain::event::EventKind;
-use crate::domain::plan::{Phase, Plan, RollbackWhen, format_percent};
+use crate::domain::plan::{Phase, Plan, RollbackWhen, format_percent, identity_key};
 use crate::domain::time::{Timestamp, format_span};
 use crate::store::EventRecord;
 
@@ -746,17 +746,10 @@ fn approval_panel(out: &mut String, page: &RolloutPage<'_>, viewer: &Viewer) {
         out.push_str("<p>No phase is waiting for an approval.</p>\n</section>\n");
         return;
     }
-    let who_may = if plan.separation_of_duties {
-        format!(
-            "People with the approver or admin role may approve, except {} who started this rollout (separation of duties).",
-            Esc(&view.created_by)
-        )
-    } else {
-        "People with the approver or admin role may approve or reject.".to_string()
-    };
     for idx in waiting {
         let phase = &plan.phases[idx];
         let record = &view.phases[idx];
+        let who_may = who_may_approve(phase, &record.approvals);
         let have = record.approvals.granted.len();
         let need = phase.gate.approvals as usize;
         let _ = writeln!(
@@ -781,15 +774,20 @@ fn approval_panel(out: &mut String, page: &RolloutPage<'_>, viewer: &Viewer) {
             );
             continue;
         }
-        let sealed_off = plan.separation_of_duties && viewer.name == view.created_by;
-        let already = record
-            .approvals
-            .granted
-            .iter()
-            .find(|a| a.by == viewer.name);
-        if sealed_off {
-            out.push_str(
-                "<p class=\"who-may\">Separation of duties: you started this rollout, so someone else must approve it.</p>\n",
+        let me = identity_key(&viewer.name);
+        let sealed_off = record.approvals.barred.iter().find(|b| b.who == me);
+        let already = record.approvals.granted.iter().find(|a| a.by == me);
+        if let Some(barred) = sealed_off {
+            let _ = writeln!(
+                out,
+                "<p class=\"who-may\">Separation of duties: you {}, so someone else must approve it.</p>",
+                Esc(barred.why.as_str())
+            );
+        } else if !phase.approval.allows(&me) {
+            let _ = writeln!(
+                out,
+                "<p class=\"who-may\">{who_may} You are signed in as {}.</p>",
+                Esc(&viewer.name)
             );
         } else if let Some(approval) = already {
             let _ = writeln!(
@@ -1078,5 +1076,30 @@ fn event_detail(kind: &EventKind) -> String {
         detail
     } else {
         format!("<div class=\"detail\">{detail}</div>")
+    }
+}
+
+/// Who may approve a phase, and whom separation of duties bars, in a sentence.
+fn who_may_approve(phase: &Phase, approvals: &ApprovalsView) -> String {
+    let who = if phase.approval.names_approvers() {
+        format!(
+            "Only {} may approve (with the approver or admin role)",
+            Esc(&phase.approval.who())
+        )
+    } else {
+        "People with the approver or admin role may approve".to_string()
+    };
+    let barred: Vec<String> = approvals
+        .barred
+        .iter()
+        .map(|b| format!("{} who {}", Esc(&b.who), Esc(&b.why)))
+        .collect();
+    if barred.is_empty() {
+        format!("{who}.")
+    } else {
+        format!(
+            "{who}, except {} (separation of duties).",
+            barred.join(" and ")
+        )
     }
 }

@@ -514,12 +514,19 @@ fn the_approval_panel_is_for_approvers_only() {
 #[test]
 fn separation_of_duties_keeps_the_starter_from_approving() {
     let mut s = Scenario::waiting_for_approval();
-    s.plan.separation_of_duties = true;
-    let html = s.render(&viewer("alice", Role::Admin));
-    let panel = between(&html, "<section id=\"approval\"", "</section>");
-    assert!(!panel.contains("/approve\""));
-    assert!(panel.contains("you started this rollout"));
+    // On by default, and for the starter however the name is written.
+    for alice in ["alice", "ALICE"] {
+        let html = s.render(&viewer(alice, Role::Admin));
+        let panel = between(&html, "<section id=\"approval\"", "</section>");
+        assert!(!panel.contains("/approve\""), "{alice}");
+        assert!(panel.contains("you started this rollout"), "{alice}");
+    }
     let html = s.render(&viewer("bob", Role::Approver));
+    assert!(html.contains("/ui/rollouts/windows-baseline-1/approve"));
+    let html = s.render(&viewer("dave", Role::Viewer));
+    assert!(html.contains("except alice who started this rollout (separation of duties)"));
+    s.plan.separation_of_duties = false;
+    let html = s.render(&viewer("alice", Role::Admin));
     assert!(html.contains("/ui/rollouts/windows-baseline-1/approve"));
 }
 

@@ -13,7 +13,10 @@
 //! - `rollback_when` is checked on every observation of a running phase and rolls back on its own;
 //! - rollback returns to an earlier phase's desired state without running gates; abort restores
 //!   the configuration recorded before the first change;
-//! - automation never leaves a status a person chose (paused, rolled back, rejected).
+//! - automation never leaves a status a person chose (paused, rolled back, rejected);
+//! - approvals count only from people the phase's policy allows and separation of duties does
+//!   not bar, and only until they expire or their evidence moves past the plan's tolerance
+//!   (`approval.rs`).
 
 use std::collections::BTreeSet;
 
@@ -25,9 +28,12 @@ use super::event::{
     Trigger, TriggerSource,
 };
 use super::gate::{self, GateOutcome};
-use super::plan::Plan;
-use super::rollout::{Approval, PhaseObservation, PhaseRecord, PhaseState, Rollout, RolloutStatus};
+use super::plan::{Plan, identity_key};
+use super::rollout::{PhaseObservation, PhaseRecord, PhaseState, Rollout, RolloutStatus};
 use super::time::{Timestamp, format_span};
+
+mod approval;
+pub use approval::conflict_of_duties;
 
 /// The result of one step.
 #[derive(Clone, Debug, PartialEq)]
@@ -61,6 +67,12 @@ pub fn step(
     event: &Event,
     now: Timestamp,
 ) -> Result<Transition, Rejection> {
+    if event.trigger.source == TriggerSource::User && identity_key(&event.trigger.actor).is_empty()
+    {
+        return Err(Rejection::Invalid(
+            "who gives this command? a person's name must not be empty".into(),
+        ));
+    }
     let mut machine = Machine {
         plan,
         now,
@@ -129,6 +141,9 @@ pub fn agenda(plan: &Plan, rollout: &Rollout, now: Timestamp) -> Agenda {
         if let Some(held_since) = record.held_since.filter(|_| !record.hold_expired) {
             wake(held_since.plus(phase.gate.max_hold), &mut agenda);
         }
+    }
+    if let Some(expiry) = approval::next_expiry(rollout) {
+        wake(expiry, &mut agenda);
     }
     agenda
 }
@@ -241,6 +256,11 @@ impl Machine<'_> {
         }
     }
 
+    /// The person giving this command, as an identity key (`None` for automation).
+    fn requester(&self) -> Option<String> {
+        (self.trigger.source == TriggerSource::User).then(|| identity_key(&self.trigger.actor))
+    }
+
     /// Commits an effect to be carried out after this transition is durable.
     fn request(&mut self, effect: Effect) {
         if effect.sets_configuration() {
@@ -325,6 +345,9 @@ impl Machine<'_> {
                 "aborted; the configuration from before the rollout is restored ({changes} changes)"
             );
             return;
+        }
+        for record in &mut self.next.phases {
+            record.promotion_unapplied = false;
         }
         for idx in 0..self.next.phases.len() {
             if self.next.phases[idx].state == PhaseState::Applying {
@@ -510,61 +533,6 @@ impl Machine<'_> {
         }
     }
 
-    fn approve(
-        &mut self,
-        phase: &str,
-        ticket: &Option<String>,
-        comment: &Option<String>,
-    ) -> Result<(), Rejection> {
-        use RolloutStatus::*;
-        if !matches!(
-            self.next.status,
-            Running | WaitingApproval | Held | Paused | Drifted | WaitingTenantApproval
-        ) {
-            return Err(self.not_now("approve"));
-        }
-        let idx = self.phase_index(phase)?;
-        let needed = self.plan.phases[idx].gate.approvals;
-        let approver = self.trigger.actor.clone();
-        let record = &self.next.phases[idx];
-        if !is_watched(record.state) {
-            return Err(Rejection::Invalid(format!(
-                "phase `{phase}` is {}; only a running phase can be approved (running: {})",
-                record.state,
-                list_or_none(&self.next.current_phases())
-            )));
-        }
-        if needed == 0 {
-            return Err(Rejection::Invalid(format!(
-                "phase `{phase}` needs no approval"
-            )));
-        }
-        if record.approvals.iter().any(|a| a.by == approver) {
-            return Err(Rejection::Invalid(format!(
-                "{approver} has already approved phase `{phase}`"
-            )));
-        }
-        if self.plan.separation_of_duties && approver == self.next.created_by {
-            return Err(Rejection::Invalid(format!(
-                "separation of duties: {approver} started this rollout and cannot approve it"
-            )));
-        }
-        let approval = Approval {
-            by: approver.clone(),
-            at: self.now,
-            ticket: ticket.clone(),
-            comment: comment.clone(),
-            plan_hash: self.next.plan_hash.clone(),
-        };
-        let record = self.record(idx);
-        record.approvals.push(approval);
-        let have = record.approvals.len();
-        self.notes.push(format!(
-            "{approver} approved `{phase}` ({have} of {needed})"
-        ));
-        Ok(())
-    }
-
     fn reject(&mut self, phase: &str) -> Result<(), Rejection> {
         use RolloutStatus::*;
         if !matches!(self.next.status, Running | WaitingApproval | Held) {
@@ -600,8 +568,18 @@ impl Machine<'_> {
             Paused | Failed => {
                 let back = self.next.resume_to.take().unwrap_or(Running);
                 self.next.status = if back.is_progressing() { Running } else { back };
+                if self.next.status.is_progressing() {
+                    self.recheck_unapplied_promotions();
+                }
             }
-            RolledBack | Rejected => self.next.status = Running,
+            RolledBack | Rejected => {
+                // Whoever sets the rollout going again asks for its current phases' promotion.
+                let requester = self.requester();
+                for record in self.next.phases.iter_mut().filter(|r| r.state.is_current()) {
+                    record.requested(requester.clone());
+                }
+                self.next.status = Running;
+            }
             Held if self.next.phases.iter().any(|p| p.hold_expired) => {
                 let now = self.now;
                 for record in self.next.phases.iter_mut().filter(|p| p.hold_expired) {
@@ -705,12 +683,14 @@ impl Machine<'_> {
         for &idx in &targets {
             keep.extend(self.plan.ancestors(idx));
         }
+        let requester = self.requester();
         for idx in 0..self.next.phases.len() {
             let record = &mut self.next.phases[idx];
             if targets.contains(&idx) {
                 record.state = PhaseState::Applying;
                 record.promoted_at = None;
                 record.reset_gate();
+                record.requested(requester.clone());
             } else if !keep.contains(&idx) && record.state.is_applied() {
                 record.state = PhaseState::RolledBack;
                 record.promoted_at = None;
@@ -841,6 +821,17 @@ impl Machine<'_> {
         let mut reset = Vec::new();
         for record in &mut self.next.phases {
             if record.state.is_current() {
+                for approval in &record.approvals {
+                    let ticket = approval
+                        .ticket
+                        .as_ref()
+                        .map(|t| format!(", ticket {t}"))
+                        .unwrap_or_default();
+                    self.notes.push(format!(
+                        "approval of `{}` by {} void (given {}{ticket}): the plan changed",
+                        record.id, approval.by, approval.at
+                    ));
+                }
                 record.state = PhaseState::Applying;
                 record.reset_gate();
                 reset.push(record.id.clone());
@@ -870,6 +861,7 @@ impl Machine<'_> {
     /// Judges watched phases, promotes, starts the phases that became ready, and settles the
     /// rollout's status. Idempotent: running it twice on the same state changes nothing.
     fn progress(&mut self) {
+        self.lapse_approvals();
         for &idx in &self.plan.order {
             self.judge(idx);
         }
@@ -931,11 +923,14 @@ impl Machine<'_> {
         if verdict.outcome == GateOutcome::Pass {
             record.held_since = None;
             record.hold_expired = false;
+            let tally = observation.tally;
+            approval::void_moved_evidence(phase, record, &tally, &mut self.notes);
             let have = record.approvals.len();
             let needed = phase.gate.approvals as usize;
             if have >= needed {
                 record.state = PhaseState::Promoted;
                 record.promoted_at = Some(now);
+                record.promotion_unapplied = true;
                 let approvers: Vec<&str> = record.approvals.iter().map(|a| a.by.as_str()).collect();
                 let approved = if approvers.is_empty() {
                     String::new()
@@ -1022,8 +1017,13 @@ impl Machine<'_> {
             let missing = phase.gate.approvals as usize
                 - record.approvals.len().min(phase.gate.approvals as usize);
             self.next.status = RolloutStatus::WaitingApproval;
+            let why = record
+                .approval_note
+                .as_ref()
+                .map(|note| format!(" ({note})"))
+                .unwrap_or_default();
             self.next.reason = format!(
-                "`{}` passed its gate and needs {missing} more approval{}",
+                "`{}` passed its gate and needs {missing} more approval{}{why}",
                 phase.id,
                 if missing == 1 { "" } else { "s" }
             );

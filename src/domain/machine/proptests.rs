@@ -53,7 +53,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::FailEffect),
         6 => (0u8..12, 0u8..15, 0u8..4).prop_map(|(noncompliant, silent, errors)| Op::Observe { noncompliant, silent, errors }),
         2 => Just(Op::Tick),
-        3 => (0u8..6, 0u8..3).prop_map(|(phase, approver)| Op::Approve { phase, approver }),
+        3 => (0u8..6, 0u8..5).prop_map(|(phase, approver)| Op::Approve { phase, approver }),
         1 => (0u8..6).prop_map(|phase| Op::Reject { phase }),
         1 => Just(Op::Pause),
         2 => Just(Op::Resume),
@@ -140,7 +140,7 @@ fn apply(h: &mut Harness, op: &Op) -> Option<Transition> {
             Trigger::new(TriggerSource::Schedule, "prop", ""),
         ),
         Op::Approve { phase, approver } => {
-            let who = ["alice", "bob", "carol"][*approver as usize];
+            let who = ["alice", "bob", "carol", "Bob ", "CAROL"][*approver as usize];
             let phase = phase_id(h, *phase);
             h.user(
                 EventKind::ApprovalGranted {
@@ -231,13 +231,39 @@ fn check_step(h: &Harness, before: &Rollout, op: &Op, transition: &Transition) {
                 phase.id,
                 verdict
             );
+            // Enough distinct people, none whose approval lapsed, none barred by their duties.
+            let people: BTreeSet<&str> = new.approvals.iter().map(|a| a.by.as_str()).collect();
             assert!(
-                new.approvals.len() >= phase.gate.approvals as usize,
+                people.len() >= phase.gate.approvals as usize,
                 "promoted `{}` with {} of {} approvals",
                 phase.id,
-                new.approvals.len(),
+                people.len(),
                 phase.gate.approvals
             );
+            for approval in &new.approvals {
+                assert!(
+                    approval.is_valid_at(h.now),
+                    "promoted `{}` on an expired approval by {}",
+                    phase.id,
+                    approval.by
+                );
+                if let Some(tolerance) = phase.approval.evidence_tolerance {
+                    let then = approval.evidence.as_ref().expect("bound to evidence");
+                    let (_, by) = approval::moved(&then.tally, &seen.tally).unwrap();
+                    assert!(
+                        by <= tolerance.fraction(),
+                        "promoted `{}` on an approval whose evidence moved by {by}",
+                        phase.id
+                    );
+                }
+                assert_eq!(
+                    conflict_of_duties(&h.plan, after, new, &approval.by),
+                    None,
+                    "promoted `{}` approved by {}",
+                    phase.id,
+                    approval.by
+                );
+            }
         }
     }
     // A rollback lands exactly on the desired state of the phases it returns to.
@@ -326,6 +352,14 @@ fn check_rejection(h: &Harness, op: &Op) {
     }
 }
 
+/// `PLAN` with two approvers needed for `notify`, each approval lasting 12 hours.
+fn quorum_plan() -> String {
+    PLAN.replace(
+        "approvals = 1",
+        "approvals = 2\napproval_expires_after = \"12h\"\napproval_tolerance = \"1%\"",
+    )
+}
+
 fn run(text: &str, ops: &[Op]) {
     let mut h = Harness::new(text);
     h.user(
@@ -356,6 +390,11 @@ proptest! {
     #[test]
     fn linear_plan_keeps_its_invariants(ops in proptest::collection::vec(op(), 1..120)) {
         run(PLAN, &ops);
+    }
+
+    #[test]
+    fn two_approvers_with_expiry_keep_the_invariants(ops in proptest::collection::vec(op(), 1..120)) {
+        run(&quorum_plan(), &ops);
     }
 
     #[test]

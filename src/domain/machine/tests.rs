@@ -319,12 +319,8 @@ fn a_stale_observation_decides_nothing() {
 }
 
 #[test]
-fn separation_of_duties_refuses_self_approval() {
-    let text = PLAN.replace(
-        "observe_every = \"6h\"",
-        "observe_every = \"6h\"\nseparation_of_duties = true",
-    );
-    let mut h = Harness::new(&text);
+fn separation_of_duties_refuses_self_approval_by_default() {
+    let mut h = Harness::new(PLAN);
     h.start();
     h.soak_and_observe(healthy());
     h.soak_and_observe(healthy());
@@ -602,4 +598,373 @@ fn the_transition_table_has_no_way_out_of_aborted() {
             next == RolloutStatus::Aborted
         );
     }
+}
+
+/// `PLAN` with `gate` added to the gate of `notify` and `rollout` to `[rollout]`.
+fn approval_plan(rollout: &str, gate: &str) -> String {
+    PLAN.replace(
+        "observe_every = \"6h\"",
+        &format!("observe_every = \"6h\"\n{rollout}"),
+    )
+    .replace("approvals = 1", &format!("approvals = 1\n{gate}"))
+}
+
+/// A harness whose `notify` passed its gate and waits for approval.
+fn waiting_for_approval(text: &str) -> Harness {
+    let mut h = Harness::new(text);
+    h.start();
+    h.soak_and_observe(healthy());
+    h.soak_and_observe(healthy());
+    assert_eq!(h.rollout.status, RolloutStatus::WaitingApproval);
+    h
+}
+
+#[test]
+fn a_two_approver_phase_needs_two_distinct_people_other_than_the_starter() {
+    let text = approval_plan("", "").replace("approvals = 1", "approvals = 2");
+    let mut h = waiting_for_approval(&text);
+    h.approve("notify", "bob").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::AwaitingApproval);
+    assert_eq!(h.rollout.status, RolloutStatus::WaitingApproval);
+    assert!(
+        h.rollout.reason.contains("needs 1 more approval"),
+        "{}",
+        h.rollout.reason
+    );
+    // The same person in other spelling is the same person.
+    for bob in ["Bob", " BOB "] {
+        let again = h.approve("notify", bob).unwrap_err();
+        assert!(
+            again.to_string().contains("bob has already approved"),
+            "{again}"
+        );
+    }
+    // The starter may not approve, however the name is written.
+    for alice in ["alice", "ALICE", " Alice"] {
+        let refused = h.approve("notify", alice).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "separation of duties: alice started this rollout and cannot approve `notify`; someone else must"
+        );
+    }
+    // Nobody at all is not a person.
+    for nobody in ["", "  "] {
+        let refused = h.approve("notify", nobody).unwrap_err();
+        assert!(
+            refused.to_string().contains("must not be empty"),
+            "{refused}"
+        );
+        assert!(h.user(EventKind::PauseRequested, nobody).is_err());
+    }
+    let t = h.approve("notify", "carol").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+    assert!(
+        t.notes.iter().any(|n| n.contains("approved by bob, carol")),
+        "{:?}",
+        t.notes
+    );
+    let by: Vec<&str> = h
+        .rollout
+        .phase("notify")
+        .unwrap()
+        .approvals
+        .iter()
+        .map(|a| a.by.as_str())
+        .collect();
+    assert_eq!(by, ["bob", "carol"]);
+}
+
+#[test]
+fn only_the_named_approvers_may_approve_with_a_ticket_that_matches() {
+    let text = approval_plan(
+        "author = \"dave@contoso.com\"",
+        "approvers = [\"Dave@contoso.com\", \"carol@contoso.com\"]\nticket_pattern = \"CHG[0-9]{4}\"",
+    );
+    let mut h = waiting_for_approval(&text);
+    let approve = |ticket: Option<&str>| EventKind::ApprovalGranted {
+        phase: "notify".into(),
+        ticket: ticket.map(String::from),
+        comment: None,
+    };
+    let refused = h.user(approve(Some("CHG0001")), "bob").unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "bob may not approve phase `notify`; its approvers are: dave@contoso.com, carol@contoso.com"
+    );
+    let refused = h
+        .user(approve(Some("CHG0001")), "DAVE@contoso.com")
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("dave@contoso.com wrote the plan"),
+        "{refused}"
+    );
+    let refused = h.user(approve(None), "Carol@Contoso.com").unwrap_err();
+    assert!(
+        refused.to_string().contains("needs a change ticket"),
+        "{refused}"
+    );
+    let refused = h
+        .user(approve(Some("INC0001")), "carol@contoso.com")
+        .unwrap_err();
+    assert!(refused.to_string().contains("does not match"), "{refused}");
+    assert_eq!(h.state("notify"), PhaseState::AwaitingApproval);
+    h.user(approve(Some("CHG0001")), "Carol@Contoso.com")
+        .unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+    let approval = &h.rollout.phase("notify").unwrap().approvals[0];
+    assert_eq!(approval.by, "carol@contoso.com");
+    assert_eq!(approval.ticket.as_deref(), Some("CHG0001"));
+}
+
+#[test]
+fn a_plan_may_turn_separation_of_duties_off() {
+    let text = approval_plan("separation_of_duties = false", "");
+    let mut h = waiting_for_approval(&text);
+    h.approve("notify", "Alice").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+}
+
+#[test]
+fn whoever_rolls_back_to_a_phase_asked_for_its_promotion_and_may_not_approve_it() {
+    let mut h = waiting_for_approval(PLAN);
+    h.approve("notify", "bob").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+    h.user(
+        EventKind::RollbackRequested {
+            to: Some("notify".into()),
+        },
+        "Carol",
+    )
+    .unwrap();
+    h.settle();
+    h.user(EventKind::ResumeRequested, "dana").unwrap();
+    h.soak_and_observe(healthy());
+    assert_eq!(h.state("notify"), PhaseState::AwaitingApproval);
+    let refused = h.approve("notify", "carol").unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("carol asked for this promotion"),
+        "{refused}"
+    );
+    h.approve("notify", "bob").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+}
+
+#[test]
+fn an_approval_that_expired_before_the_gate_passed_does_not_count() {
+    let text = approval_plan("", "approval_expires_after = \"6h\"");
+    let mut h = Harness::new(&text);
+    h.start();
+    h.soak_and_observe(healthy());
+    // `notify` soaks; an approval given now lapses long before its gate is judged.
+    h.approve("notify", "bob").unwrap();
+    let given = h.now;
+    let approval = h.rollout.phase("notify").unwrap().approvals[0].clone();
+    assert_eq!(approval.expires_at, Some(given.plus(HOUR * 6)));
+    // The machine wants to hear from the shell when it lapses.
+    assert_eq!(
+        agenda(&h.plan, &h.rollout, h.now).wake_at,
+        Some(given.plus(HOUR * 6))
+    );
+    h.advance(HOUR * 6);
+    let t = h
+        .send(
+            EventKind::Tick,
+            Trigger::new(TriggerSource::Schedule, "t", ""),
+        )
+        .unwrap();
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("approval of `notify` by bob expired")),
+        "{:?}",
+        t.notes
+    );
+    assert!(h.rollout.phase("notify").unwrap().approvals.is_empty());
+    h.advance(HOUR * 18);
+    h.observe(healthy());
+    assert_eq!(h.state("notify"), PhaseState::AwaitingApproval);
+    assert_eq!(h.rollout.status, RolloutStatus::WaitingApproval);
+    // A fresh approval promotes.
+    h.approve("notify", "bob").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+}
+
+#[test]
+fn a_resumed_rollout_checks_expiry_before_it_promotes() {
+    let text = approval_plan("", "approval_expires_after = \"6h\"");
+    let mut h = Harness::new(&text);
+    h.start();
+    h.soak_and_observe(healthy());
+    h.user(EventKind::PauseRequested, "carol").unwrap();
+    // Approved while paused; the gate would pass, but the approval lapses before the resume.
+    h.approve("notify", "bob").unwrap();
+    h.advance(DAY);
+    h.observe(healthy());
+    assert_eq!(h.rollout.status, RolloutStatus::Paused);
+    let t = h.user(EventKind::ResumeRequested, "carol").unwrap();
+    assert!(
+        t.notes.iter().any(|n| n.contains("by bob expired")),
+        "{:?}",
+        t.notes
+    );
+    assert_eq!(h.state("notify"), PhaseState::AwaitingApproval);
+    assert_eq!(h.rollout.status, RolloutStatus::WaitingApproval);
+}
+
+#[test]
+fn an_approval_still_valid_when_the_gate_passes_promotes() {
+    let text = approval_plan("", "approval_expires_after = \"2d\"");
+    let mut h = Harness::new(&text);
+    h.start();
+    h.soak_and_observe(healthy());
+    h.approve("notify", "bob").unwrap();
+    h.soak_and_observe(healthy());
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+}
+
+#[test]
+fn an_approval_whose_evidence_moved_past_the_tolerance_is_void_and_the_rollout_asks_again() {
+    let text = approval_plan("", "approval_tolerance = \"0.5%\"");
+    let mut h = Harness::new(&text);
+    h.start();
+    h.soak_and_observe(healthy());
+    // `notify` soaks; seen with 1 of 100 failing, bob approves.
+    h.advance(HOUR * 12);
+    h.observe(healthy());
+    h.approve("notify", "bob").unwrap();
+    let approval = h.rollout.phase("notify").unwrap().approvals[0].clone();
+    let evidence = approval.evidence.expect("bound to what bob saw");
+    assert_eq!(evidence.tally, healthy());
+    assert_eq!(
+        evidence.digest,
+        approval::evidence_digest(&h.plan.hash, "notify", &healthy())
+    );
+    // When the gate passes, the counts are no longer what bob approved.
+    h.advance(HOUR * 12);
+    let moved = Tally {
+        compliant: 98,
+        noncompliant: 2,
+        ..healthy()
+    };
+    h.observe(moved);
+    assert_eq!(h.state("notify"), PhaseState::AwaitingApproval);
+    assert_eq!(h.rollout.status, RolloutStatus::WaitingApproval);
+    assert!(
+        h.rollout
+            .reason
+            .contains("bob's approval is void: the evidence moved past the plan's tolerance of 0.5% since it was given: failing 1% → 2%"),
+        "{}",
+        h.rollout.reason
+    );
+    assert!(h.rollout.phase("notify").unwrap().approvals.is_empty());
+    // Approved again on the evidence now, it promotes.
+    h.approve("notify", "bob").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+}
+
+#[test]
+fn an_approval_within_the_tolerance_still_counts() {
+    let text = approval_plan("", "approval_tolerance = \"2%\"");
+    let mut h = Harness::new(&text);
+    h.start();
+    h.soak_and_observe(healthy());
+    h.advance(HOUR * 12);
+    h.observe(healthy());
+    h.approve("notify", "bob").unwrap();
+    h.advance(HOUR * 12);
+    h.observe(Tally {
+        compliant: 98,
+        noncompliant: 2,
+        ..healthy()
+    });
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+}
+
+#[test]
+fn a_plan_change_voids_the_running_phases_approvals_and_says_so() {
+    let text = PLAN.replace("approvals = 1", "approvals = 2");
+    let mut h = waiting_for_approval(&text);
+    h.approve("notify", "bob").unwrap();
+    h.plan = plan::parse("test.toml", &text.replace("approvals = 2", "approvals = 1")).unwrap();
+    let t = h
+        .send(
+            EventKind::PlanChanged {
+                plan_hash: h.plan.hash.clone(),
+            },
+            Trigger::new(TriggerSource::Internal, "run", "plan file changed"),
+        )
+        .unwrap();
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("approval of `notify` by bob void")
+                && n.ends_with("the plan changed")),
+        "{:?}",
+        t.notes
+    );
+    assert!(h.rollout.phase("notify").unwrap().approvals.is_empty());
+    assert_eq!(h.state("notify"), PhaseState::Applying);
+}
+
+#[test]
+fn a_resume_decides_again_a_promotion_whose_approval_lapsed_while_paused() {
+    let text = approval_plan("", "approval_expires_after = \"6h\"");
+    let mut h = waiting_for_approval(&text);
+    h.approve("notify", "bob").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+    assert_eq!(h.state("enforce"), PhaseState::Applying);
+    // Paused before the enforcement it committed is carried out; the approval lapses meanwhile.
+    h.user(EventKind::PauseRequested, "carol").unwrap();
+    h.advance(HOUR * 7);
+    let t = h.user(EventKind::ResumeRequested, "carol").unwrap();
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("the promotion of `notify` is decided again")),
+        "{:?}",
+        t.notes
+    );
+    assert!(
+        t.notes.iter().any(|n| n.contains("by bob expired")),
+        "{:?}",
+        t.notes
+    );
+    assert_eq!(h.state("notify"), PhaseState::AwaitingApproval);
+    assert_eq!(h.state("enforce"), PhaseState::Pending);
+    assert_eq!(h.rollout.status, RolloutStatus::WaitingApproval);
+    // The only configuration pending is the one without enforcement.
+    let setters: Vec<&Effect> = h
+        .rollout
+        .pending
+        .iter()
+        .map(|p| &p.effect)
+        .filter(|e| e.sets_configuration())
+        .collect();
+    let [Effect::Reconcile { desired, .. }] = setters.as_slice() else {
+        panic!("{setters:?}")
+    };
+    assert!(desired.assignments.iter().all(|a| a.phase != "enforce"));
+    // Approved again on a fresh observation, it promotes.
+    h.observe(healthy());
+    h.approve("notify", "bob").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+}
+
+#[test]
+fn a_resume_carries_out_a_promotion_whose_approvals_still_count() {
+    let text = approval_plan("", "approval_expires_after = \"6h\"");
+    let mut h = waiting_for_approval(&text);
+    h.approve("notify", "bob").unwrap();
+    h.user(EventKind::PauseRequested, "carol").unwrap();
+    h.advance(HOUR);
+    h.user(EventKind::ResumeRequested, "carol").unwrap();
+    assert_eq!(h.state("notify"), PhaseState::Promoted);
+    assert_eq!(h.state("enforce"), PhaseState::Applying);
+    h.settle();
+    assert_eq!(h.state("enforce"), PhaseState::Soaking);
+    assert!(!h.rollout.phase("notify").unwrap().promotion_unapplied);
 }

@@ -10,6 +10,7 @@
 //! that cannot fail. `warnings.rs` finds those; a `Plan` carries them, and a plan checked strictly
 //! (`[rollout] strict = true`, `plan check --strict`) is refused for them.
 
+pub mod approval;
 mod diagnostics;
 mod raw;
 mod warnings;
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+pub use approval::{ApprovalPolicy, identity_key};
 pub use diagnostics::{Diagnostic, PlanErrors, PlanWarnings, Position, position};
 use raw::{
     RawAdapterTables, RawEmergencyAccess, RawGate, RawPhase, RawPlan, RawRollbackWhen, RawWebhook,
@@ -245,6 +247,9 @@ pub struct Phase {
     pub grace: Option<Duration>,
     pub gate: Gate,
     pub rollback_when: RollbackWhen,
+    /// Who may approve its promotion (`[phase.gate]` approval settings); the quorum is
+    /// `gate.approvals`.
+    pub approval: ApprovalPolicy,
 }
 
 /// A validated rollout plan.
@@ -253,7 +258,13 @@ pub struct Plan {
     pub name: String,
     pub description: String,
     pub observe_every: Duration,
+    /// The person who started a rollout, who asked for a promotion, or who wrote the plan may not
+    /// approve it (`[rollout] separation_of_duties`, on unless the plan turns it off).
     pub separation_of_duties: bool,
+    /// `[rollout] author`, as an [`identity_key`].
+    pub author: Option<String>,
+    /// `[approvers]`: each group's members, as keys.
+    pub approver_groups: approval::ApproverGroups,
     /// `[rollout] strict`: the plan's warnings are errors.
     pub strict: bool,
     pub policy: PolicyTarget,
@@ -599,7 +610,26 @@ impl Checker<'_> {
                 include: p.get_ref().include.span(),
             })
             .collect();
-        let phases = self.phases(&raw.phase);
+        let mut phases = self.phases(&raw.phase);
+        let separation_of_duties = rollout
+            .separation_of_duties
+            .as_ref()
+            .is_none_or(|s| *s.get_ref());
+        let author = self.author(rollout.author.as_ref());
+        let (approver_groups, groups_ok) = self.approver_groups(raw.approvers.as_ref());
+        let mut approvals_ok = groups_ok;
+        if let Some((phases, _)) = phases.as_mut() {
+            let gates: Vec<_> = raw
+                .phase
+                .iter()
+                .map(|p| p.get_ref().gate.as_ref())
+                .collect();
+            let excluded = author.as_ref().and_then(|a| a.as_deref());
+            let excluded = excluded.filter(|_| separation_of_duties);
+            approvals_ok &= self
+                .approval_policies(&gates, phases, &approver_groups, groups_ok, excluded)
+                .is_some();
+        }
         let emergency_access = self.emergency_access(raw.emergency_access.as_ref());
         if let (Some((phases, _)), Some(emergency)) = (&phases, &emergency_access) {
             self.emergency_scopes(rollout_span.clone(), phases, emergency, &raw_spans);
@@ -622,7 +652,9 @@ impl Checker<'_> {
             name: name?,
             description: rollout.description.clone(),
             observe_every: observe_every?,
-            separation_of_duties: rollout.separation_of_duties,
+            separation_of_duties,
+            author: approvals_ok.then_some(author?)?,
+            approver_groups,
             strict: rollout.strict,
             policy: PolicyTarget {
                 compliance: compliance?,
@@ -847,6 +879,18 @@ impl Checker<'_> {
             return None;
         }
         Some(text.clone())
+    }
+
+    /// `[rollout] author`: a person's name, as a key.
+    fn author(&mut self, author: Option<&Spanned<String>>) -> Option<Option<String>> {
+        let Some(author) = author else {
+            return Some(None);
+        };
+        if let Some(problem) = approval::identity_problem(author.get_ref()) {
+            self.error(author.span(), format!("invalid `author`: {problem}"));
+            return None;
+        }
+        Some(Some(identity_key(author.get_ref())))
     }
 
     fn non_empty(&mut self, value: &Spanned<String>, what: &str) -> Option<String> {
@@ -1110,6 +1154,7 @@ impl Checker<'_> {
             grace: grace.ok()?,
             gate: gate?,
             rollback_when: rollback_when?,
+            approval: ApprovalPolicy::default(),
         })
     }
 

@@ -29,7 +29,13 @@ pub(super) struct RawPlan {
     #[serde(default)]
     pub webhook: Vec<Spanned<RawWebhook>>,
     pub emergency_access: Option<Spanned<RawEmergencyAccess>>,
+    /// `[approvers]`: named groups of people a gate may ask for approval.
+    pub approvers: Option<Spanned<RawApproverGroups>>,
 }
+
+/// `[approvers]`: group name → the people in it.
+pub(super) type RawApproverGroups =
+    std::collections::BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,8 +71,10 @@ pub(super) struct RawRollout {
     #[serde(default)]
     pub description: String,
     pub observe_every: Option<Spanned<String>>,
-    #[serde(default)]
-    pub separation_of_duties: bool,
+    /// Unset: on (the default for every phase that needs approval).
+    pub separation_of_duties: Option<Spanned<bool>>,
+    /// Who wrote the plan; with separation of duties, they may not approve it either.
+    pub author: Option<Spanned<String>>,
     /// Warnings are errors for this plan, as with `plan check --strict`.
     #[serde(default)]
     pub strict: bool,
@@ -117,6 +125,15 @@ pub(super) struct RawGate {
     pub max_error_ratio: Option<Spanned<String>>,
     pub approvals: Option<Spanned<i64>>,
     pub max_hold: Option<Spanned<String>>,
+    /// People who may approve, by name (with `approver_groups`: anyone in either).
+    pub approvers: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Groups of `[approvers]` whose members may approve.
+    pub approver_groups: Option<Spanned<Vec<Spanned<String>>>>,
+    pub approval_expires_after: Option<Spanned<String>>,
+    pub require_ticket: Option<Spanned<bool>>,
+    pub ticket_pattern: Option<Spanned<String>>,
+    /// How far the gate's evidence may move between an approval and the promotion.
+    pub approval_tolerance: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,7 +162,7 @@ impl Problem {
 }
 
 /// The tables a plan may have.
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 8] = [
     "rollout",
     "policy",
     "provider",
@@ -153,6 +170,7 @@ const TABLES: [&str; 7] = [
     "webhook",
     "emergency_access",
     "preflight",
+    "approvers",
 ];
 
 /// How many problems one table reports before the rest of it is left for the next run.
@@ -203,6 +221,9 @@ pub(super) fn read(source: &str) -> Result<RawPlan, Vec<Problem>> {
     let emergency_access = root
         .remove("emergency_access")
         .map(|v| typed::<RawEmergencyAccess>(v, &mut problems));
+    let approvers = root
+        .remove("approvers")
+        .map(|v| typed::<RawApproverGroups>(v, &mut problems));
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -214,6 +235,7 @@ pub(super) fn read(source: &str) -> Result<RawPlan, Vec<Problem>> {
         phase: phase.unwrap_or(Some(Vec::new())).expect(missing),
         webhook: webhook.unwrap_or(Some(Vec::new())).expect(missing),
         emergency_access: emergency_access.map(|e| e.expect(missing)),
+        approvers: approvers.map(|a| a.expect(missing)),
     })
 }
 

@@ -902,3 +902,129 @@ fn a_ten_megabyte_line_prints_a_few_hundred_characters() {
     assert!(shown.contains("3 | name = \"nnnn"), "{shown}");
     assert!(shown.contains("n…\n"), "{shown}");
 }
+
+/// A phase needing approval, with `gate` appended to its gate and `top` before the phases.
+fn with_approval(top: &str, gate: &str) -> String {
+    format!(
+        r#"{top}
+[[phase]]
+id = "notify"
+mode = "notify"
+include = ["All Users"]
+grace = "7d"
+[phase.gate]
+approvals = 2
+{gate}
+"#
+    )
+}
+
+#[test]
+fn an_approval_policy_names_people_and_groups_compared_ignoring_case() {
+    let body = with_approval(
+        r#"[approvers]
+change-board = ["Alice@Contoso.com", "bob@contoso.com "]
+"#,
+        r#"approvers = ["Carol@contoso.com"]
+approver_groups = ["change-board"]
+approval_expires_after = "24h"
+ticket_pattern = "CHG[0-9]{7}"
+approval_tolerance = "0.5%"
+"#,
+    );
+    let plan = checked(&body).unwrap_or_else(|e| panic!("{e}"));
+    let policy = &plan.phases[0].approval;
+    assert_eq!(
+        policy.eligible.iter().collect::<Vec<_>>(),
+        ["alice@contoso.com", "bob@contoso.com", "carol@contoso.com"]
+    );
+    assert_eq!(policy.groups, ["change-board"]);
+    assert_eq!(policy.expires_after, Some(Duration::from_secs(24 * 3600)));
+    let tolerance = policy.evidence_tolerance.unwrap().fraction();
+    assert!((tolerance - 0.005).abs() < 1e-12, "{tolerance}");
+    assert!(policy.allows("bob@contoso.com") && !policy.allows("mallory@contoso.com"));
+    assert!(policy.ticket(Some("CHG0000042")).is_ok());
+    assert!(policy.ticket(None).is_err());
+    assert_eq!(
+        plan.approver_groups["change-board"],
+        ["alice@contoso.com", "bob@contoso.com"]
+    );
+    assert!(plan.separation_of_duties, "on unless the plan turns it off");
+    // Without approvers named, anyone may approve: `approvals` alone is the quorum.
+    let open = checked(&with_approval("", "")).unwrap();
+    assert!(!open.phases[0].approval.names_approvers());
+    assert!(open.phases[0].approval.allows("whoever"));
+}
+
+#[test]
+fn approval_settings_are_checked_at_their_line_and_column() {
+    let errors = headlines(&with_approval(
+        r#"[approvers]
+"change board" = ["alice"]
+empty = []
+twice = ["bob", "BOB"]
+"#,
+        r#"approvers = ["  "]
+approver_groups = ["nobody"]
+approval_expires_after = "90d"
+ticket_pattern = "CHG("
+approval_tolerance = "0.5"
+"#,
+    ));
+    let joined = errors.join("\n");
+
+    for expected in [
+        "plan.toml:12:1: invalid approver group name `change board`",
+        "plan.toml:13:9: approver group `empty` has nobody in it",
+        "plan.toml:14:17: `BOB` is listed twice",
+        "plan.toml:23:14: a person's name must not be empty",
+        "plan.toml:24:20: unknown approver group `nobody`; `[approvers]` defines: change board, empty, twice",
+        "plan.toml:25:26: `approval_expires_after` must be from 1m to 30d, found `90d`",
+        "plan.toml:26:18: invalid `ticket_pattern`: unclosed group",
+        "plan.toml:27:22: invalid percentage `0.5`",
+    ] {
+        assert!(joined.contains(expected), "{expected}\n{joined}");
+    }
+}
+
+#[test]
+fn a_quorum_needs_enough_people_and_approval_settings_need_a_quorum() {
+    let errors = headlines(&with_approval("", "approvers = [\"alice\"]\n"));
+    assert!(
+        errors[0].starts_with(
+            "plan.toml:18:13: phase `notify` needs 2 distinct approvers but only 1 person may approve it (alice)"
+        ),
+        "{errors:?}"
+    );
+    // The author may not approve under separation of duties, so they do not count.
+    let authored = with_approval("", "approvers = [\"alice\", \"bob\"]\n");
+    let source =
+        format!("{HEADER}{authored}").replace("name = \"t\"", "name = \"t\"\nauthor = \"Alice\"");
+    let errors = parse("plan.toml", &source).unwrap_err().headlines();
+    assert!(
+        errors[0].contains("only 1 person besides the plan's author alice may approve it"),
+        "{errors:?}"
+    );
+    let relaxed = source.replace(
+        "author = \"Alice\"",
+        "author = \"Alice\"\nseparation_of_duties = false",
+    );
+    let plan = parse("plan.toml", &relaxed).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!plan.separation_of_duties);
+    assert_eq!(plan.author.as_deref(), Some("alice"));
+
+    let errors = headlines(
+        r#"
+[[phase]]
+id = "a"
+mode = "report"
+include = ["All Users"]
+[phase.gate]
+require_ticket = true
+"#,
+    );
+    assert!(
+        errors[0].starts_with("plan.toml:17:18: phase `a` needs no approval (`approvals` is 0)"),
+        "{errors:?}"
+    );
+}

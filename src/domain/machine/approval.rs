@@ -1,0 +1,303 @@
+//! Approvals in the machine: who may give one, which still count, and when they lapse.
+//!
+//! An approval is accepted while its phase runs (soaking, or waiting after its gate passed) from
+//! someone the phase's policy names (anyone, when it names nobody), never from the person who
+//! started the rollout, asked for this run of the phase, or wrote the plan while separation of
+//! duties is on, and with the ticket the policy asks for. It counts towards the quorum only while
+//! it has not expired: before every decision, expired approvals are taken out, each with a note
+//! in the audit trail, so an approval that lapsed before the gate passed — or while the rollout
+//! was paused — never promotes.
+
+use super::{Machine, Rejection, is_watched, list_or_none};
+use crate::domain::desired::desired_state;
+use crate::domain::event::Effect;
+use crate::domain::gate::Tally;
+use crate::domain::plan::{Phase, Plan, format_percent, hash_source, identity_key};
+use crate::domain::rollout::{Approval, ApprovalEvidence, PhaseRecord, PhaseState, Rollout};
+use crate::domain::time::{Timestamp, format_span};
+
+impl Machine<'_> {
+    pub(super) fn approve(
+        &mut self,
+        phase: &str,
+        ticket: &Option<String>,
+        comment: &Option<String>,
+    ) -> Result<(), Rejection> {
+        use crate::domain::rollout::RolloutStatus::*;
+        if !matches!(
+            self.next.status,
+            Running | WaitingApproval | Held | Paused | Drifted | WaitingTenantApproval
+        ) {
+            return Err(self.not_now("approve"));
+        }
+        let idx = self.phase_index(phase)?;
+        let plan_phase = &self.plan.phases[idx];
+        let needed = plan_phase.gate.approvals;
+        let policy = &plan_phase.approval;
+        let approver = identity_key(&self.trigger.actor);
+        let record = &self.next.phases[idx];
+        if !is_watched(record.state) {
+            return Err(Rejection::Invalid(format!(
+                "phase `{phase}` is {}; only a running phase can be approved (running: {})",
+                record.state,
+                list_or_none(&self.next.current_phases())
+            )));
+        }
+        if needed == 0 {
+            return Err(Rejection::Invalid(format!(
+                "phase `{phase}` needs no approval"
+            )));
+        }
+        if !policy.allows(&approver) {
+            return Err(Rejection::Invalid(format!(
+                "{approver} may not approve phase `{phase}`; its approvers are: {}",
+                policy.who()
+            )));
+        }
+        if let Some(role) = conflict_of_duties(self.plan, &self.next, record, &approver) {
+            return Err(Rejection::Invalid(format!(
+                "separation of duties: {approver} {role} and cannot approve `{phase}`; someone else must"
+            )));
+        }
+        let now = self.now;
+        if record
+            .approvals
+            .iter()
+            .any(|a| a.by == approver && a.is_valid_at(now))
+        {
+            return Err(Rejection::Invalid(format!(
+                "{approver} has already approved phase `{phase}`"
+            )));
+        }
+        let ticket = policy
+            .ticket(ticket.as_deref())
+            .map_err(Rejection::Invalid)?;
+        let expires_at = policy.expires_after.map(|after| now.plus(after));
+        let evidence = record.observation.as_ref().map(|seen| ApprovalEvidence {
+            observed_at: seen.at,
+            tally: seen.tally,
+            digest: evidence_digest(&self.next.plan_hash, phase, &seen.tally),
+        });
+        let approval = Approval {
+            by: approver.clone(),
+            at: now,
+            ticket: ticket.clone(),
+            comment: comment.clone(),
+            plan_hash: self.next.plan_hash.clone(),
+            expires_at,
+            evidence,
+        };
+        let record = self.record(idx);
+        record.approval_note = None;
+        record.approvals.retain(|a| a.by != approver);
+        record.approvals.push(approval);
+        let have = record.approvals.len();
+        let ticket = ticket.map(|t| format!(", ticket {t}")).unwrap_or_default();
+        let until = expires_at
+            .map(|at| format!(", valid until {at}"))
+            .unwrap_or_default();
+        self.notes.push(format!(
+            "{approver} approved `{phase}` ({have} of {needed}{ticket}{until})"
+        ));
+        Ok(())
+    }
+
+    /// Takes out every approval of a running phase that has expired by now, saying so.
+    pub(super) fn lapse_approvals(&mut self) {
+        let now = self.now;
+        for (phase, record) in self.plan.phases.iter().zip(&mut self.next.phases) {
+            if !is_watched(record.state) {
+                continue;
+            }
+            let (valid, expired): (Vec<Approval>, Vec<Approval>) =
+                std::mem::take(&mut record.approvals)
+                    .into_iter()
+                    .partition(|a| a.is_valid_at(now));
+            record.approvals = valid;
+            for approval in expired {
+                let lasted = approval
+                    .expires_at
+                    .map(|at| format_span(at.since(approval.at)))
+                    .unwrap_or_default();
+                let ticket = approval
+                    .ticket
+                    .as_ref()
+                    .map(|t| format!(", ticket {t}"))
+                    .unwrap_or_default();
+                let note = format!(
+                    "approval of `{}` by {} expired (given {}{ticket}, valid for {lasted}); it no longer counts",
+                    phase.id, approval.by, approval.at
+                );
+                record.approval_note = Some(format!("{}'s approval expired", approval.by));
+                self.notes.push(note);
+            }
+        }
+    }
+}
+
+impl Machine<'_> {
+    /// A promotion committed before a pause whose configuration is not applied yet is decided
+    /// again if its approvals no longer make the quorum: the phase waits for approval again and
+    /// the phases it started go back to pending, before anything of them is written.
+    pub(super) fn recheck_unapplied_promotions(&mut self) {
+        let now = self.now;
+        let mut taken_back = false;
+        for idx in 0..self.plan.phases.len() {
+            let phase = &self.plan.phases[idx];
+            let record = &self.next.phases[idx];
+            let valid = record
+                .approvals
+                .iter()
+                .filter(|a| a.is_valid_at(now))
+                .count();
+            if !record.promotion_unapplied
+                || record.state != PhaseState::Promoted
+                || valid >= phase.gate.approvals as usize
+            {
+                continue;
+            }
+            let started: Vec<usize> = (0..self.plan.phases.len())
+                .filter(|&s| {
+                    let next = &self.next.phases[s];
+                    self.plan.phases[s].after.contains(&idx)
+                        && next.state == PhaseState::Applying
+                        && next.applied_at.is_none()
+                })
+                .collect();
+            if started.is_empty() {
+                continue;
+            }
+            let names: Vec<String> = started
+                .iter()
+                .map(|&s| self.plan.phases[s].id.clone())
+                .collect();
+            for &s in &started {
+                let next = &mut self.next.phases[s];
+                next.state = PhaseState::Pending;
+                next.reset_gate();
+            }
+            let record = &mut self.next.phases[idx];
+            record.state = PhaseState::AwaitingApproval;
+            record.promoted_at = None;
+            record.promotion_unapplied = false;
+            self.notes.push(format!(
+                "the promotion of `{}` is decided again: its approvals no longer make the quorum of {} and nothing of `{}` is applied yet",
+                phase.id,
+                phase.gate.approvals,
+                names.join("`, `")
+            ));
+            taken_back = true;
+        }
+        if taken_back {
+            let desired = desired_state(self.plan, &self.next);
+            self.request(Effect::Reconcile {
+                desired,
+                resolution: None,
+            });
+        }
+    }
+}
+
+/// Voids the approvals of `record` whose evidence moved past the phase's tolerance by `now`'s
+/// observation `tally`, each with a note saying why; nothing without a tolerance.
+pub(super) fn void_moved_evidence(
+    phase: &Phase,
+    record: &mut PhaseRecord,
+    tally: &Tally,
+    notes: &mut Vec<String>,
+) {
+    let Some(tolerance) = phase.approval.evidence_tolerance else {
+        return;
+    };
+    let (kept, void): (Vec<Approval>, Vec<Approval>) = std::mem::take(&mut record.approvals)
+        .into_iter()
+        .partition(|a| {
+            a.evidence.as_ref().is_some_and(|e| {
+                moved(&e.tally, tally).is_none_or(|(_, by)| by <= tolerance.fraction())
+            })
+        });
+    record.approvals = kept;
+    for approval in void {
+        let why = match approval
+            .evidence
+            .as_ref()
+            .and_then(|e| moved(&e.tally, tally))
+        {
+            Some((what, _)) => format!(
+                "the evidence moved past the plan's tolerance of {tolerance} since it was given: {what}"
+            ),
+            None => "it was given before any observation of the phase".to_string(),
+        };
+        let ticket = approval
+            .ticket
+            .as_ref()
+            .map(|t| format!(", ticket {t}"))
+            .unwrap_or_default();
+        notes.push(format!(
+            "approval of `{}` by {} void (given {}{ticket}): {why}; approve again on the evidence now",
+            phase.id, approval.by, approval.at
+        ));
+        record.approval_note = Some(format!("{}'s approval is void: {why}", approval.by));
+    }
+}
+
+/// One share of a phase's devices (failing, reporting, ...).
+type Share = fn(&Tally) -> Option<f64>;
+
+/// The share that moved most between two observations, in words, and by how much (a fraction).
+pub(super) fn moved(then: &Tally, now: &Tally) -> Option<(String, f64)> {
+    let shares: [(&str, Share); 4] = [
+        ("failing", Tally::noncompliant_ratio),
+        ("reporting", Tally::coverage),
+        ("blocked", Tally::blocked_ratio),
+        ("in error", Tally::error_ratio),
+    ];
+    shares
+        .into_iter()
+        .map(|(name, share)| {
+            let (a, b) = (share(then).unwrap_or(0.0), share(now).unwrap_or(0.0));
+            (
+                format!("{name} {} → {}", format_percent(a), format_percent(b)),
+                (a - b).abs(),
+            )
+        })
+        .max_by(|x, y| x.1.total_cmp(&y.1))
+}
+
+/// What binds an approval to what it was given on: the plan, the phase and the counts shown.
+pub fn evidence_digest(plan_hash: &str, phase: &str, tally: &Tally) -> String {
+    let counts = serde_json::to_string(tally).unwrap_or_default();
+    hash_source(&format!("{plan_hash}\n{phase}\n{counts}"))
+}
+
+/// Why separation of duties keeps `approver` (a key) from approving `record`'s promotion, as
+/// the rest of a sentence; `None` if it does not (or the plan turned it off).
+pub fn conflict_of_duties(
+    plan: &Plan,
+    rollout: &Rollout,
+    record: &PhaseRecord,
+    approver: &str,
+) -> Option<&'static str> {
+    if !plan.separation_of_duties {
+        return None;
+    }
+    if identity_key(&rollout.created_by) == approver {
+        Some("started this rollout")
+    } else if record.requested_by.iter().any(|r| r == approver) {
+        Some("asked for this promotion")
+    } else if plan.author.as_deref() == Some(approver) {
+        Some("wrote the plan")
+    } else {
+        None
+    }
+}
+
+/// The earliest moment an approval of a running phase lapses, for the agenda.
+pub(super) fn next_expiry(rollout: &Rollout) -> Option<Timestamp> {
+    rollout
+        .phases
+        .iter()
+        .filter(|r| is_watched(r.state))
+        .flat_map(|r| r.approvals.iter().filter_map(|a| a.expires_at))
+        .min()
+}

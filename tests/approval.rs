@@ -1,0 +1,421 @@
+//! Change approval through the real binary on the simulated fleet: who may approve, how many,
+//! separation of duties, names compared as people, and approvals that expire on the
+//! simulator's virtual clock.
+
+mod common;
+
+use common::{Phasegate, code, stderr, stdout};
+use serde_json::Value;
+
+fn phase<'a>(status: &'a Value, id: &str) -> &'a Value {
+    status["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id)
+        .unwrap_or_else(|| panic!("no phase {id} in {status}"))
+}
+
+/// The Windows example plan, edited by `edit`, written beside the test's store; started by alice.
+fn started(pg: &Phasegate, edit: impl FnOnce(String) -> String) -> String {
+    let text = std::fs::read_to_string(format!(
+        "{}/plans/windows-baseline.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    std::fs::write(&pg.plan, edit(text)).unwrap();
+    pg.start()
+}
+
+/// What the audit trail says, every note of every event, in order.
+fn trail(pg: &Phasegate, id: &str) -> Vec<String> {
+    pg.json(&["history", id])
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e["notes"].as_array().cloned().unwrap_or_default())
+        .map(|n| n.as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn a_two_approver_phase_needs_two_people_other_than_the_starter() {
+    let pg = Phasegate::offline();
+    let id = started(&pg, |t| t.replace("approvals = 1", "approvals = 2"));
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
+
+    // One approval leaves it waiting.
+    let out = pg.run(&["approve", &id, "--by", "bob", "--ticket", "CHG-1"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(status["status"], "waiting_approval");
+    let approvals = &phase(&status, "notify")["approvals"];
+    assert_eq!(approvals["have"], 1);
+    assert_eq!(approvals["required"], 2);
+    assert_eq!(approvals["anyone"], true);
+    assert_eq!(approvals["barred"][0]["who"], "alice");
+    assert_eq!(approvals["barred"][0]["why"], "started this rollout");
+    assert!(
+        status["reason"]
+            .as_str()
+            .unwrap()
+            .contains("needs 1 more approval"),
+        "{status}"
+    );
+
+    // The starter is refused, however the name is written; so is the same approver again.
+    for alice in ["alice", "ALICE", " Alice "] {
+        let out = pg.run(&["approve", &id, "--by", alice]);
+        assert_eq!(code(&out), 2, "{alice}: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains(
+                "separation of duties: alice started this rollout and cannot approve `notify`; someone else must"
+            ),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let out = pg.run(&["approve", &id, "--by", "BOB"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("bob has already approved"),
+        "{}",
+        stderr(&out)
+    );
+    // Nobody is not a person: an empty name, given or defaulted, exits 2 and records nothing.
+    let events = pg.json(&["history", &id]).as_array().unwrap().len();
+    for by in ["", "   "] {
+        let out = pg.run(&["approve", &id, "--by", by]);
+        assert_eq!(code(&out), 2, "{by:?}");
+        assert!(
+            stderr(&out).contains("--by: a person's name must not be empty"),
+            "{}",
+            stderr(&out)
+        );
+        let plan = pg.plan.to_str().unwrap();
+        for args in [
+            vec!["pause", &id, "--by", by],
+            vec!["reject", &id, "--by", by, "--reason", "no"],
+            vec!["start", plan, "--by", by, "--id", "another"],
+        ] {
+            let out = pg.run(&args);
+            assert_eq!(code(&out), 2, "{args:?}");
+            assert!(
+                stderr(&out).contains("--by: a person's name must not be empty"),
+                "{args:?}: {}",
+                stderr(&out)
+            );
+        }
+    }
+    assert_eq!(pg.json(&["history", &id]).as_array().unwrap().len(), events);
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
+
+    // A second, distinct approver promotes it: the OS user, named without `--by`.
+    let out = pg
+        .command(&["approve", &id, "--ticket", "CHG-1"])
+        .env("USER", "Carol")
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(phase(&status, "notify")["state"], "promoted");
+    let granted = &phase(&status, "notify")["approvals"]["granted"];
+    assert_eq!(granted[0]["by"], "bob");
+    assert_eq!(granted[1]["by"], "carol");
+    assert_eq!(granted[1]["ticket"], "CHG-1");
+    let notes = trail(&pg, &id);
+    assert!(
+        notes.iter().any(|n| n.contains("approved by bob, carol")),
+        "{notes:?}"
+    );
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(pg.status(&id)["status"], "completed");
+}
+
+#[test]
+fn named_approvers_and_a_ticket_pattern_are_enforced_and_shown() {
+    let pg = Phasegate::offline();
+    let id = started(&pg, |t| {
+        t.replace(
+            "[provider]",
+            "[approvers]\nchange-board = [\"Bob@Contoso.com\", \"carol@contoso.com\"]\n\n[provider]",
+        )
+        .replace(
+            "approvals = 1",
+            "approvals = 1\napprover_groups = [\"change-board\"]\nticket_pattern = \"CHG[0-9]{7}\"",
+        )
+    });
+    assert_eq!(code(&pg.run(&["run", &id])), 3);
+    let out = pg.run(&[
+        "approve",
+        &id,
+        "--by",
+        "dave@contoso.com",
+        "--ticket",
+        "CHG0000001",
+    ]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains(
+            "dave@contoso.com may not approve phase `notify`; its approvers are: group change-board"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let out = pg.run(&["approve", &id, "--by", "bob@contoso.com", "--ticket", "42"]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("does not match"), "{}", stderr(&out));
+    let text = stdout(&pg.run(&["status", &id]));
+    assert!(text.contains("may approve: group change-board"), "{text}");
+    assert!(
+        text.contains("may not: alice (started this rollout)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ticket matching `CHG[0-9]{7}` required"),
+        "{text}"
+    );
+    let status = pg.status(&id);
+    let approvals = &phase(&status, "notify")["approvals"];
+    assert_eq!(approvals["eligible"][0], "bob@contoso.com");
+    assert_eq!(approvals["ticket_pattern"], "CHG[0-9]{7}");
+
+    let out = pg.run(&[
+        "approve",
+        &id,
+        "--by",
+        "BOB@contoso.com",
+        "--ticket",
+        "CHG0000001",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(phase(&pg.status(&id), "notify")["state"], "promoted");
+}
+
+#[test]
+fn an_approval_that_expired_before_the_gate_passed_does_not_count() {
+    let pg = Phasegate::offline();
+    // Two pilots side by side: pilot-it (2 days) and pilot-field (3 days) each need an
+    // approval; pilot-field's last an hour.
+    let text = std::fs::read_to_string(format!(
+        "{}/plans/ios-parallel-pilots.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+    .replace(
+        "min_reporting = \"90%\"\nmax_errors = 2",
+        "min_reporting = \"90%\"\nmax_errors = 2\napprovals = 1",
+    )
+    .replace(
+        "min_reporting = \"85%\"\nmax_errors = 2",
+        "min_reporting = \"85%\"\nmax_errors = 2\napprovals = 1\napproval_expires_after = \"1h\"",
+    );
+    std::fs::write(&pg.plan, text).unwrap();
+    let id = pg.start();
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(phase(&status, "pilot-it")["state"], "awaiting_approval");
+    assert_eq!(
+        phase(&status, "pilot-field")["state"],
+        "soaking",
+        "{status}"
+    );
+
+    // pilot-field is approved while it soaks: accepted, counted for an hour.
+    let out = pg.run(&[
+        "approve",
+        &id,
+        "--by",
+        "bob",
+        "--phase",
+        "pilot-field",
+        "--ticket",
+        "CHG-9",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let status = pg.status(&id);
+    let approvals = &phase(&status, "pilot-field")["approvals"];
+    assert!(
+        approvals["granted"][0]["expires_at"].is_string(),
+        "{approvals}"
+    );
+    assert_eq!(approvals["expires_after"], "1h");
+    assert_eq!(approvals["have"], 1);
+    let out = pg.run(&["approve", &id, "--by", "bob"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(phase(&pg.status(&id), "pilot-it")["state"], "promoted");
+
+    // The simulator's clock moves past the expiry and on to the gate: it no longer counts.
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(status["status"], "waiting_approval", "{status}");
+    let field = phase(&status, "pilot-field");
+    assert_eq!(field["state"], "awaiting_approval");
+    assert_eq!(field["approvals"]["have"], 0);
+    assert_eq!(field["approvals"]["granted"], Value::Array(Vec::new()));
+    let notes = trail(&pg, &id);
+    let expired = notes
+        .iter()
+        .position(|n| n.starts_with("approval of `pilot-field` by bob expired"))
+        .unwrap_or_else(|| panic!("no expiry in {notes:#?}"));
+    assert!(
+        notes[expired].contains("ticket CHG-9"),
+        "{}",
+        notes[expired]
+    );
+    let passed = notes
+        .iter()
+        .position(|n| n.starts_with("gate passed for `pilot-field`"))
+        .unwrap_or_else(|| panic!("the gate never passed: {notes:#?}"));
+    assert!(
+        expired < passed,
+        "expired after the gate passed: {notes:#?}"
+    );
+    let text = stdout(&pg.run(&["history", &id]));
+    assert!(text.contains("by bob expired"), "{text}");
+
+    // Asked again, a fresh approval promotes.
+    let out = pg.run(&["approve", &id, "--by", "bob"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(phase(&pg.status(&id), "pilot-field")["state"], "promoted");
+}
+
+#[test]
+fn a_paused_rollout_applies_nothing_an_approval_committed_until_it_is_resumed() {
+    let pg = Phasegate::offline();
+    let id = started(&pg, |t| t);
+    assert_eq!(code(&pg.run(&["run", &id])), 3);
+    // The approval commits the promotion: `enforce` is to be applied.
+    let out = pg.run(&["approve", &id, "--by", "bob"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(phase(&status, "enforce")["state"], "applying");
+    assert!(
+        status["pending_effects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str().unwrap().contains("reconcile")),
+        "{status}"
+    );
+    let out = pg.run(&["pause", &id, "--by", "carol", "--reason", "change freeze"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(status["status"], "paused");
+    assert_eq!(phase(&status, "enforce")["state"], "applying", "{status}");
+    assert_eq!(phase(&status, "enforce")["applied_at"], Value::Null);
+
+    assert_eq!(code(&pg.run(&["resume", &id, "--by", "carol"])), 0);
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(pg.status(&id)["status"], "completed");
+}
+
+/// Two phases side by side on the simulated Windows fleet: `pilot` (two days, one approval) and
+/// `field`, which notifies owners, soaks four days and binds its approvals to their evidence.
+const DRIFTING: &str = r#"
+[rollout]
+name = "drifting"
+observe_every = "6h"
+
+[policy]
+compliance = "Windows 10/11 compliance baseline"
+platform = "windows"
+
+[provider]
+kind = "simulator"
+devices = 10000
+seed = 7
+
+[[phase]]
+id = "pilot"
+mode = "report"
+include = ["Pilot IT"]
+min_soak = "2d"
+
+[phase.gate]
+min_reporting = "85%"
+approvals = 1
+
+[[phase]]
+id = "field"
+mode = "notify"
+include = ["Pilot Field"]
+after = []
+grace = "1d"
+min_soak = "4d"
+
+[phase.gate]
+min_reporting = "50%"
+max_noncompliant_ratio = "50%"
+approvals = 1
+approval_tolerance = "0.5%"
+
+[[phase]]
+id = "everyone"
+mode = "notify"
+include = ["All Users"]
+after = ["pilot", "field"]
+grace = "7d"
+min_soak = "1d"
+"#;
+
+#[test]
+fn an_approval_whose_evidence_drifted_past_the_tolerance_does_not_promote_and_history_says_why() {
+    let pg = Phasegate::offline();
+    std::fs::write(&pg.plan, DRIFTING).unwrap();
+    let id = pg.start();
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(phase(&status, "pilot")["state"], "awaiting_approval");
+    assert_eq!(phase(&status, "field")["state"], "soaking", "{status}");
+
+    // bob approves `field` on what it shows now; owners go on fixing their devices.
+    let seen = phase(&status, "field")["observation"].clone();
+    let out = pg.run(&[
+        "approve", &id, "--by", "bob", "--phase", "field", "--ticket", "CHG-3",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let status = pg.status(&id);
+    let granted = &phase(&status, "field")["approvals"]["granted"][0];
+    assert_eq!(granted["evidence_observed_at"], seen["at"]);
+    assert_eq!(granted["evidence_digest"].as_str().unwrap().len(), 64);
+    assert_eq!(code(&pg.run(&["approve", &id, "--by", "bob"])), 0);
+
+    // When `field` passes its gate the counts have moved: the approval is void, it asks again.
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(status["status"], "waiting_approval", "{status}");
+    let field = phase(&status, "field");
+    assert_eq!(field["state"], "awaiting_approval");
+    assert_eq!(field["approvals"]["have"], 0);
+    assert_ne!(field["observation"]["noncompliant"], seen["noncompliant"]);
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(
+            "bob's approval is void: the evidence moved past the plan's tolerance of 0.5% since it was given: failing"
+        ),
+        "{reason}"
+    );
+    let notes = trail(&pg, &id);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("approval of `field` by bob void (given")
+                && n.contains("ticket CHG-3")),
+        "{notes:#?}"
+    );
+    // Approved again on the evidence now, it promotes.
+    let out = pg.run(&["approve", &id, "--by", "bob", "--phase", "field"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(phase(&pg.status(&id), "field")["state"], "promoted");
+}
