@@ -319,47 +319,20 @@ mod tests {
         let assertion = signed("app.pem")
             .assertion(URL, APP, at(1_000_000))
             .unwrap();
-        assert_eq!(
+        let at_time = |secs| {
             code(check_assertion(
                 &credentials,
                 &assertion,
                 URL,
                 APP,
-                at(1_000_000)
-            )),
-            None
-        );
+                at(secs),
+            ))
+        };
+        assert_eq!(at_time(1_000_000), None);
         // Five minutes of skew either way, then AADSTS700024.
-        assert_eq!(
-            code(check_assertion(
-                &credentials,
-                &assertion,
-                URL,
-                APP,
-                at(1_000_000 - 300)
-            )),
-            None
-        );
-        assert_eq!(
-            code(check_assertion(
-                &credentials,
-                &assertion,
-                URL,
-                APP,
-                at(1_000_000 - 301)
-            )),
-            Some(700024)
-        );
-        assert_eq!(
-            code(check_assertion(
-                &credentials,
-                &assertion,
-                URL,
-                APP,
-                at(1_000_600 + 301)
-            )),
-            Some(700024)
-        );
+        assert_eq!(at_time(1_000_000 - 300), None);
+        assert_eq!(at_time(1_000_000 - 301), Some(700024));
+        assert_eq!(at_time(1_000_600 + 301), Some(700024));
     }
 
     #[test]
