@@ -102,7 +102,42 @@ pub fn load_stored(store: &Store, stored: StoredRollout) -> Result<Loaded, Engin
 /// Whether the file a rollout's plan came from now holds another plan than `running` (the hash
 /// of the plan the rollout runs). An unreadable file is no change: the stored plan runs on.
 pub fn plan_file_changed(record: &PlanRecord, running: &str) -> bool {
-    std::fs::read_to_string(&record.path).is_ok_and(|source| plan::hash_source(&source) != running)
+    plan_file_hash(&record.path).is_some_and(|now| now != running)
+}
+
+/// The hash of the plan a file holds now, `None` if it cannot be read.
+fn plan_file_hash(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|source| plan::hash_source(&source))
+}
+
+/// [`plan_file_changed`] for many rollouts at once (a resume): each file is read once, however
+/// many rollouts run a plan from it. A file edited during the pass is seen as it was when first
+/// read, as if the pass had looked at every rollout in that instant.
+#[derive(Default)]
+pub struct PlanFiles {
+    read: std::sync::Mutex<std::collections::HashMap<String, Option<String>>>,
+}
+
+impl PlanFiles {
+    pub fn changed(&self, record: &PlanRecord, running: &str) -> bool {
+        let known = self
+            .read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&record.path)
+            .cloned();
+        let now = known.unwrap_or_else(|| {
+            let now = plan_file_hash(&record.path);
+            self.read
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(record.path.clone(), now.clone());
+            now
+        });
+        now.is_some_and(|now| now != running)
+    }
 }
 
 /// Plans kept by the store, parsed once per process: a stored plan's text never changes under its
@@ -938,6 +973,38 @@ fn event_record(
 mod tests {
     use super::*;
     use crate::domain::plan;
+
+    /// A resume reads each plan file once and judges every rollout of it against that reading;
+    /// a missing file is no change.
+    #[test]
+    fn plan_files_are_read_once_per_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plan.toml");
+        std::fs::write(&path, "first").unwrap();
+        let record = |hash: &str| PlanRecord {
+            path: path.display().to_string(),
+            source: String::new(),
+            hash: hash.into(),
+        };
+        let first = plan::hash_source("first");
+        let files = PlanFiles::default();
+        assert!(!files.changed(&record(&first), &first));
+        assert!(files.changed(&record("older"), "older"));
+        std::fs::write(&path, "second").unwrap();
+        assert!(
+            !files.changed(&record(&first), &first),
+            "read once per pass"
+        );
+        assert!(
+            plan_file_changed(&record(&first), &first),
+            "a new reading sees the edit"
+        );
+        let gone = PlanRecord {
+            path: dir.path().join("gone.toml").display().to_string(),
+            ..record(&first)
+        };
+        assert!(!PlanFiles::default().changed(&gone, &first));
+    }
 
     /// A backend on a real (here: hand-moved) clock whose every device fails the policy.
     struct RealClock {

@@ -197,9 +197,9 @@ pub fn offline_now(
     let last = loaded.stored.rollout.updated_at;
     if config.kind == simulator::settings::KIND.name {
         let settings = simulator::settings::of(config).ok()?;
-        simulator::SimProvider::open(&settings, store)
+        simulator::SimProvider::offline_now(&settings, store)
             .ok()
-            .map(|sim| sim.now().max(last))
+            .map(|now| now.max(last))
     } else {
         Some(last)
     }

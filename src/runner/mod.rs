@@ -452,6 +452,7 @@ fn load_due(store: &Store, due: Vec<StoredRollout>, ready: &mpsc::Sender<Ready>)
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .next()
     };
+    let files = engine::PlanFiles::default();
     std::thread::scope(|scope| {
         for _ in 0..loaders() {
             scope.spawn(|| {
@@ -460,10 +461,7 @@ fn load_due(store: &Store, due: Vec<StoredRollout>, ready: &mpsc::Sender<Ready>)
                     let loaded = engine::load_stored(store, stored);
                     let plan_changed = loaded.as_ref().is_ok_and(|l| {
                         !finished(l.stored.rollout.status)
-                            && engine::plan_file_changed(
-                                &l.plan_record,
-                                &l.stored.rollout.plan_hash,
-                            )
+                            && files.changed(&l.plan_record, &l.stored.rollout.plan_hash)
                     });
                     let loaded = loaded.map_err(|e| (id, e));
                     if ready
@@ -525,13 +523,13 @@ async fn sweep_plan_files(
     parked: Vec<(String, String)>,
     control: mpsc::Sender<Control>,
 ) {
-    let mut changed = 0usize;
+    let (mut changed, files) = (0usize, engine::PlanFiles::default());
     for (n, (id, hash)) in parked.iter().enumerate() {
         if n % 64 == 63 {
             tokio::task::yield_now().await;
         }
         let drive = match store.plan(id, hash) {
-            Ok(record) => engine::plan_file_changed(&record, hash),
+            Ok(record) => files.changed(&record, hash),
             Err(_) => true,
         };
         if drive {

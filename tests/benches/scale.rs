@@ -813,11 +813,12 @@ fn reopen_child(mode: &str, dir: &Path) {
     // connects would need) the tenant's offline clock.
     let (mut loading, mut clock) = (Duration::ZERO, Duration::ZERO);
     let mut actors = Vec::with_capacity(drivable.len());
+    let files = engine::PlanFiles::default();
     for stored in drivable {
         let t = Instant::now();
         let loaded = engine::load_stored(&store, stored).expect("the rollout loads");
         assert!(
-            !engine::plan_file_changed(&loaded.plan_record, &loaded.stored.rollout.plan_hash),
+            !files.changed(&loaded.plan_record, &loaded.stored.rollout.plan_hash),
             "no plan change to adopt"
         );
         loading += t.elapsed();

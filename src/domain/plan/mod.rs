@@ -469,7 +469,7 @@ pub fn check(file: &str, source: &str, strictness: Strictness) -> Result<Plan, P
             diagnostics,
         }
     };
-    let raw: RawPlan = raw::read(source).map_err(|problems| {
+    let (raw, tables): (RawPlan, _) = raw::read(source).map_err(|problems| {
         errors(
             problems
                 .into_iter()
@@ -487,7 +487,6 @@ pub fn check(file: &str, source: &str, strictness: Strictness) -> Result<Plan, P
         source,
         diagnostics: Vec::new(),
     };
-    let tables: Option<RawAdapterTables> = toml::from_str(source).ok();
     let plan = checker.plan(&raw, tables, hash_source(source));
     let mut plan = match plan {
         Some(plan) if checker.diagnostics.is_empty() => plan,

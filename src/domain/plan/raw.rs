@@ -54,7 +54,7 @@ pub(super) struct RawWebhook {
 }
 
 /// The tables adapters own, whole: their keys become the adapter's settings.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 pub(super) struct RawAdapterTables {
     pub provider: toml::Table,
     #[serde(default)]
@@ -179,9 +179,13 @@ const PROBLEMS_PER_TABLE: usize = 32;
 /// The plan as written, or every structural problem found in it: a syntax error (TOML has one
 /// per run: what follows it cannot be read reliably), and every unknown key, value of the wrong
 /// type and missing key, table by table.
-pub(super) fn read(source: &str) -> Result<RawPlan, Vec<Problem>> {
+///
+/// With it, the tables adapters own as the same parse found them (`None` if they do not have the
+/// adapters' shape, which the plan's own reading reports): a plan is parsed once.
+pub(super) fn read(source: &str) -> Result<(RawPlan, Option<RawAdapterTables>), Vec<Problem>> {
     let root = DeTable::parse(source).map_err(|err| vec![Problem::of(&err, 0..0)])?;
     let mut root = root.into_inner();
+    let adapter_tables = adapter_tables(&root);
     let mut problems = Vec::new();
     for key in root.keys() {
         if !TABLES.contains(&key.get_ref().as_ref()) {
@@ -228,7 +232,7 @@ pub(super) fn read(source: &str) -> Result<RawPlan, Vec<Problem>> {
         return Err(problems);
     }
     let missing = "every table read, or a problem reported";
-    Ok(RawPlan {
+    let plan = RawPlan {
         rollout: rollout.expect(missing),
         policy: policy.expect(missing),
         provider: provider.expect(missing),
@@ -236,7 +240,22 @@ pub(super) fn read(source: &str) -> Result<RawPlan, Vec<Problem>> {
         webhook: webhook.unwrap_or(Some(Vec::new())).expect(missing),
         emergency_access: emergency_access.map(|e| e.expect(missing)),
         approvers: approvers.map(|a| a.expect(missing)),
-    })
+    };
+    Ok((plan, adapter_tables))
+}
+
+/// The top-level tables [`RawAdapterTables`] reads.
+const ADAPTER_TABLES: &[&str] = &["provider", "webhook", "preflight"];
+
+/// The adapters' tables, read from the document already parsed.
+fn adapter_tables(root: &DeTable<'_>) -> Option<RawAdapterTables> {
+    let subset: DeTable<'_> = root
+        .iter()
+        .filter(|(key, _)| ADAPTER_TABLES.contains(&key.get_ref().as_ref()))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    let value = Spanned::new(0..0, DeValue::Table(subset));
+    RawAdapterTables::deserialize(ValueDeserializer::from(value)).ok()
 }
 
 /// An array of tables (`[[phase]]`), each table read on its own.
@@ -328,5 +347,47 @@ fn take_out(value: &mut DeValue<'_>, span: &Range<usize>, removed: &mut Vec<Stri
             .iter_mut()
             .any(|item| take_out(item.get_mut(), span, removed)),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The adapters' tables taken from the plan's one parse are those a parse of their own finds,
+    /// for every shipped plan and one with every adapter table: a table added to
+    /// [`RawAdapterTables`] and not to [`ADAPTER_TABLES`] fails here.
+    #[test]
+    fn adapter_tables_come_from_the_one_parse() {
+        let every_table = r#"
+[rollout]
+name = "r"
+[policy]
+compliance = "p"
+platform = "windows"
+[provider]
+kind = "simulator"
+devices = 10
+[[webhook]]
+url = "http://127.0.0.1:9/hook"
+[[webhook]]
+url = "http://127.0.0.1:9/other"
+[preflight]
+domains = ["example.com"]
+"#;
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/plans");
+        let mut sources = vec![every_table.to_string()];
+        for entry in std::fs::read_dir(dir).unwrap() {
+            sources.push(std::fs::read_to_string(entry.unwrap().path()).unwrap());
+        }
+        for source in &sources {
+            let (_, tables) = read(source).unwrap_or_else(|_| panic!("{source}"));
+            let own: RawAdapterTables = toml::from_str(source).unwrap();
+            assert_eq!(tables.as_ref(), Some(&own), "{source}");
+        }
+        let (_, tables) = read(every_table).unwrap();
+        let tables = tables.unwrap();
+        assert_eq!(tables.webhook.len(), 2);
+        assert!(!tables.preflight.is_empty());
     }
 }

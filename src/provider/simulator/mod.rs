@@ -26,6 +26,41 @@ pub use settings::SimulatorSettings;
 /// same seed are identical.
 pub const SIMULATED_EPOCH: Timestamp = Timestamp::from_millis(1_767_600_000_000);
 
+/// Where a simulated tenant's state lives: tenants are keyed by their settings.
+fn tenant_record(
+    settings: &SimulatorSettings,
+    store: &Store,
+) -> Result<(sled::Tree, String), StoreError> {
+    let tree = store.provider_tree("simulator")?;
+    let key = format!(
+        "tenant/{}/{}/{}",
+        settings.seed,
+        settings.devices,
+        settings.remediation_half_life.as_secs()
+    );
+    Ok((tree, key))
+}
+
+/// Where a tenant's clock is kept beside its state.
+fn clock_key(tenant: &str) -> String {
+    format!("clock/{tenant}")
+}
+
+/// The tenant's record (or the part of it `T` reads), if it has one yet.
+fn read_tenant<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    tree: &sled::Tree,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    let bytes = tree.get(key.as_bytes()).map_err(|e| StoreError::Database {
+        path: store.path().to_path_buf(),
+        message: e.to_string(),
+    })?;
+    bytes
+        .map(|bytes| decode_json(&format!("simulator/{key}"), &bytes))
+        .transpose()
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct TenantState {
     now: Option<Timestamp>,
@@ -42,20 +77,8 @@ pub struct SimProvider {
 
 impl SimProvider {
     pub fn open(settings: &SimulatorSettings, store: &Store) -> Result<SimProvider, StoreError> {
-        let tree = store.provider_tree("simulator")?;
-        let key = format!(
-            "tenant/{}/{}/{}",
-            settings.seed,
-            settings.devices,
-            settings.remediation_half_life.as_secs()
-        );
-        let state = match tree.get(key.as_bytes()).map_err(|e| StoreError::Database {
-            path: store.path().to_path_buf(),
-            message: e.to_string(),
-        })? {
-            Some(bytes) => decode_json(&format!("simulator/{key}"), &bytes)?,
-            None => TenantState::default(),
-        };
+        let (tree, key) = tenant_record(settings, store)?;
+        let state = read_tenant(store, &tree, &key)?.unwrap_or_default();
         let fleet = Fleet::new(
             settings.seed,
             settings.devices,
@@ -68,6 +91,31 @@ impl SimProvider {
             key,
             state,
         })
+    }
+
+    /// The simulated tenant's clock as the store keeps it, read without building the fleet or
+    /// the policies' change log: what a command needs before (or instead of) connecting.
+    pub fn offline_now(
+        settings: &SimulatorSettings,
+        store: &Store,
+    ) -> Result<Timestamp, StoreError> {
+        #[derive(Deserialize)]
+        struct Clock {
+            now: Option<Timestamp>,
+        }
+        let (tree, key) = tenant_record(settings, store)?;
+        let kept = tree
+            .get(clock_key(&key).as_bytes())
+            .map_err(|e| StoreError::Database {
+                path: store.path().to_path_buf(),
+                message: e.to_string(),
+            })?;
+        if let Some(millis) = kept.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()) {
+            return Ok(Timestamp::from_millis(i64::from_be_bytes(millis)));
+        }
+        // A tenant saved before the clock was kept apart: its state says.
+        let clock: Option<Clock> = read_tenant(store, &tree, &key)?;
+        Ok(clock.and_then(|c| c.now).unwrap_or(SIMULATED_EPOCH))
     }
 
     pub fn fleet(&self) -> &Fleet {
@@ -86,9 +134,16 @@ impl SimProvider {
         let fail = |e: sled::Error| {
             ProviderError::permanent(format!("the simulated tenant could not be saved: {e}"))
         };
-        self.tree
-            .insert(self.key.as_bytes(), encode_json(&self.state))
-            .map_err(fail)?;
+        // The clock beside the state, in the same batch, so it is read without the state.
+        let mut batch = sled::Batch::default();
+        batch.insert(self.key.as_bytes(), encode_json(&self.state));
+        if let Some(now) = self.state.now {
+            batch.insert(
+                clock_key(&self.key).as_bytes(),
+                &now.as_millis().to_be_bytes(),
+            );
+        }
+        self.tree.apply_batch(batch).map_err(fail)?;
         self.tree.flush().map_err(fail)?;
         Ok(())
     }
@@ -291,5 +346,36 @@ impl Provider for SimProvider {
             scopes,
             drift: Vec::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The clock read without the fleet is the clock the connected tenant keeps.
+    #[tokio::test]
+    async fn the_offline_clock_is_the_tenants_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), std::time::Duration::from_secs(1)).unwrap();
+        let settings = SimulatorSettings {
+            devices: 20,
+            seed: 7,
+            remediation_half_life: std::time::Duration::from_secs(3_600),
+        };
+        let fresh = SimProvider::offline_now(&settings, &store).unwrap();
+        assert_eq!(fresh, SIMULATED_EPOCH);
+        let mut tenant = SimProvider::open(&settings, &store).unwrap();
+        let later = Timestamp::from_millis(SIMULATED_EPOCH.as_millis() + 86_400_000);
+        tenant.advance_to(later).await.unwrap();
+        assert_eq!(SimProvider::offline_now(&settings, &store).unwrap(), later);
+        let other = SimulatorSettings {
+            seed: 8,
+            ..settings
+        };
+        assert_eq!(
+            SimProvider::offline_now(&other, &store).unwrap(),
+            SIMULATED_EPOCH
+        );
     }
 }
