@@ -1096,3 +1096,26 @@ pub async fn history(ctx: &Context, id: &str, verify: bool) -> CommandResult {
     }
     Ok(exit::OK)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{asks_first, is_yes};
+
+    #[test]
+    fn approve_asks_only_a_person_at_a_terminal_who_did_not_say_yes_already() {
+        assert!(asks_first(true, false));
+        assert!(!asks_first(true, true));
+        assert!(!asks_first(false, false), "scripts keep working unchanged");
+        assert!(!asks_first(false, true));
+    }
+
+    #[test]
+    fn only_y_or_yes_is_yes() {
+        for yes in ["y", "Y", "yes", " YES\n", "Yes\r\n"] {
+            assert!(is_yes(yes), "{yes:?}");
+        }
+        for no in ["", "\n", "n", "no", "yess", "y e s", "ok", "1"] {
+            assert!(!is_yes(no), "{no:?}");
+        }
+    }
+}

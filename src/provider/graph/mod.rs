@@ -1493,7 +1493,7 @@ impl Provider for GraphProvider {
                     statuses.extend(page.iter().map(status_of))
                 })
                 .await?;
-            Ok::<_, ProviderError>((policy.platform, statuses))
+            Ok::<_, ProviderError>((policy.platform, policy.id.clone(), statuses))
         }));
         let members = try_join_all(group_ids.iter().map(|id| async move {
             let mut users = HashSet::new();
@@ -1508,6 +1508,18 @@ impl Provider for GraphProvider {
             Ok::<_, ProviderError>((id.clone(), users))
         }));
         let (statuses, members) = tokio::try_join!(statuses, members)?;
+        // A policy whose e-mail action is in place has told the owner of each of its
+        // noncompliant devices.
+        let statuses: Vec<(Platform, bool, Vec<Status>)> = statuses
+            .into_iter()
+            .map(|(platform, id, rows)| {
+                let tells = view
+                    .policies
+                    .get(&id)
+                    .is_some_and(mapping::sends_notification);
+                (platform, tells, rows)
+            })
+            .collect();
         let members: BTreeMap<String, HashSet<String>> = members.into_iter().collect();
         let now = self.client.now();
         let relied_enforces = record.role() == CaRole::Relied
@@ -1541,14 +1553,12 @@ impl Provider for GraphProvider {
             settings: Vec::new(),
         };
         let mut owners: HashMap<&str, u32> = HashMap::new();
-        for (_, rows) in &statuses {
+        for (_, _, rows) in &statuses {
             for s in rows {
                 let next = owners.len() as u32;
                 owners.entry(s.user.as_str()).or_insert(next);
             }
         }
-        // Intune writes 9999-12-31 as the grace period's end of a device no action runs for.
-        let no_grace = now.plus(std::time::Duration::from_secs(100 * 366 * 86_400));
         let scopes = scopes
             .iter()
             .map(|scope| {
@@ -1557,7 +1567,7 @@ impl Provider for GraphProvider {
                 let enforcing = relied_enforces || (scope.mode == Mode::Enforce && copy_enforces);
                 statuses
                     .iter()
-                    .map(|(platform, rows)| {
+                    .map(|(platform, tells, rows)| {
                         let reports = rows
                             .iter()
                             .filter(|s| {
@@ -1587,10 +1597,11 @@ impl Provider for GraphProvider {
                                         owner: owners.get(s.user.as_str()).copied(),
                                         groups,
                                         failing: 0,
-                                        notified: matches!(
-                                            state,
-                                            DeviceState::Noncompliant | DeviceState::InGrace
-                                        ) && s.grace_until.is_some_and(|g| g < no_grace),
+                                        notified: *tells
+                                            && matches!(
+                                                state,
+                                                DeviceState::Noncompliant | DeviceState::InGrace
+                                            ),
                                     },
                                 })
                             })
