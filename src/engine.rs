@@ -13,11 +13,11 @@ use thiserror::Error;
 
 use crate::crash;
 use crate::domain::event::{Effect, Event, EventKind, PendingEffect, Trigger, TriggerSource};
-use crate::domain::gate;
 use crate::domain::machine::{self, Rejection};
 use crate::domain::plan::{self, Plan, PlanErrors};
 use crate::domain::rollout::{PhaseObservation, Rollout, RolloutStatus};
 use crate::domain::time::Timestamp;
+use crate::domain::{forecast, gate};
 use crate::notifier::{Delivery, Notifier};
 use crate::provider::{Outcome, PhaseScope, Provider, ProviderError};
 use crate::retry::Backoff;
@@ -850,17 +850,36 @@ impl Task {
 
     async fn observe(&self, phases: &[String], provider: &mut dyn Provider) -> Finished {
         let plan = &self.plan;
-        let scopes: Vec<PhaseScope> = phases
+        let scope_of = |idx: usize| PhaseScope {
+            phase: plan.phases[idx].id.clone(),
+            mode: plan.phases[idx].mode,
+            include: plan.phases[idx].include.clone(),
+            exclude: plan.phases[idx].exclude.clone(),
+            exclude_users: plan.emergency_access.users.clone(),
+        };
+        let observed: Vec<usize> = phases
             .iter()
             .filter_map(|id| plan.phase_index(id))
-            .map(|idx| PhaseScope {
-                phase: plan.phases[idx].id.clone(),
-                mode: plan.phases[idx].mode,
-                include: plan.phases[idx].include.clone(),
-                exclude: plan.phases[idx].exclude.clone(),
-                exclude_users: plan.emergency_access.users.clone(),
-            })
             .collect();
+        let mut scopes: Vec<PhaseScope> = observed.iter().map(|&idx| scope_of(idx)).collect();
+        // The phases each observed phase's promotion starts are forecast on their own scopes'
+        // reports; a scope asked for already is read once.
+        let same =
+            |a: &PhaseScope, b: &PhaseScope| a.include == b.include && a.exclude == b.exclude;
+        let mut successors: Vec<(usize, usize, usize)> = Vec::new();
+        for (at, &idx) in observed.iter().enumerate() {
+            for next in (0..plan.phases.len()).filter(|&n| plan.phases[n].after.contains(&idx)) {
+                let scope = scope_of(next);
+                let reports = match scopes.iter().position(|s| same(s, &scope)) {
+                    Some(known) => known,
+                    None => {
+                        scopes.push(scope);
+                        scopes.len() - 1
+                    }
+                };
+                successors.push((at, next, reports));
+            }
+        }
         let record = self.record.clone().unwrap_or(serde_json::Value::Null);
         let observation = provider.observe(&plan.policy, &scopes, &record).await;
         let now = provider.now();
@@ -869,15 +888,26 @@ impl Task {
                 effect: None,
                 changes: observation.drift,
             },
+            Ok(observation) if observation.scopes.len() < scopes.len() => {
+                EventKind::ProviderFailed {
+                    effect: None,
+                    error: format!(
+                        "observing {}: the provider answered for {} of {} scopes",
+                        phases.join(", "),
+                        observation.scopes.len(),
+                        scopes.len()
+                    ),
+                }
+            }
             Ok(observation) => {
-                let observations = scopes
+                let reports = &observation.scopes;
+                let observations = observed
                     .iter()
-                    .zip(observation.scopes)
-                    .map(|(scope, platforms)| {
-                        let idx = plan
-                            .phase_index(&scope.phase)
-                            .expect("scopes come from the plan");
-                        let stale_after = plan.phases[idx].gate.stale_after;
+                    .enumerate()
+                    .map(|(at, &idx)| {
+                        let phase = &plan.phases[idx];
+                        let stale_after = phase.gate.stale_after;
+                        let platforms = &reports[at];
                         let by_platform: Vec<_> = platforms
                             .iter()
                             .map(|(platform, reports)| {
@@ -887,8 +917,21 @@ impl Task {
                         let tally = by_platform
                             .iter()
                             .fold(gate::Tally::default(), |sum, (_, t)| sum.plus(t));
+                        let forecasts = successors
+                            .iter()
+                            .filter(|(of, _, _)| *of == at)
+                            .map(|&(_, next, scope)| {
+                                forecast::forecast(
+                                    &phase.id,
+                                    &plan.phases[next],
+                                    &reports[scope],
+                                    &observation.labels,
+                                    now,
+                                )
+                            })
+                            .collect();
                         PhaseObservation {
-                            phase: scope.phase.clone(),
+                            phase: phase.id.clone(),
                             at: now,
                             tally,
                             by_platform: if by_platform.len() > 1 {
@@ -896,6 +939,8 @@ impl Task {
                             } else {
                                 Vec::new()
                             },
+                            impact: Some(forecast::impact(platforms, stale_after, now)),
+                            forecasts,
                         }
                     })
                     .collect();
@@ -964,6 +1009,7 @@ fn event_record(
         reason: transition.rollout.reason.clone(),
         notes: transition.notes.clone(),
         effects: transition.effects.clone(),
+        impact: transition.impact.clone(),
         prev_hash: String::new(),
         hash: String::new(),
     }
@@ -1070,6 +1116,7 @@ mod tests {
                 last_reported: Some(self.now),
                 blocked: false,
                 grace_until: None,
+                facts: Default::default(),
             };
             Ok(crate::provider::Observation {
                 scopes: scopes
@@ -1077,6 +1124,7 @@ mod tests {
                     .map(|_| vec![(crate::domain::plan::Platform::Windows, vec![failing; 10])])
                     .collect(),
                 drift: Vec::new(),
+                labels: Default::default(),
             })
         }
     }

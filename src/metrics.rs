@@ -1089,6 +1089,8 @@ exclude = ["Break Glass"]
             at: now,
             tally: pilot,
             by_platform: Vec::new(),
+            impact: None,
+            forecasts: Vec::new(),
         });
         rollout.phases[0].verdict = Some(verdict(GateOutcome::Pass, pilot, now));
         let notify = Tally {
@@ -1108,6 +1110,8 @@ exclude = ["Break Glass"]
             at: now,
             tally: notify,
             by_platform: Vec::new(),
+            impact: None,
+            forecasts: Vec::new(),
         });
         rollout.phases[1].verdict = Some(verdict(GateOutcome::Fail, notify, now));
         rollout.phases[1].held_since = Some(now.minus(Duration::from_secs(90_000)));
@@ -1171,6 +1175,8 @@ exclude = ["Break Glass"]
             at: now,
             tally: broken,
             by_platform: Vec::new(),
+            impact: None,
+            forecasts: Vec::new(),
         });
         rollout.phases[0].held_since = Some(Timestamp::from_millis(1_000));
         let s = sample(&plan, &rollout, now);

@@ -61,6 +61,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/rollouts/{id}/history", get(history))
         .route("/api/v1/rollouts/{id}/watch", get(sse::watch_one))
         .route("/api/v1/watch", get(sse::watch_all))
+        .route("/api/v1/approvals", get(approvals))
+        .route("/api/v1/rollouts/{id}/approvals", get(rollout_approvals))
         .route("/api/v1/rollouts/{id}/approve", post(approve))
         .route("/api/v1/rollouts/{id}/reject", post(reject))
         .route("/api/v1/rollouts/{id}/pause", post(pause))
@@ -190,6 +192,22 @@ async fn one(
         )?);
     }
     Ok(Json(view).into_response())
+}
+
+/// The promotions waiting for approval, with their forecasts and digests (`phasegate approvals`).
+async fn approvals(State(state): State<ApiState>, _caller: Caller) -> ApiResult {
+    let pending = crate::cli::commands::pending_approvals(&state.store, None)?;
+    Ok(Json(pending).into_response())
+}
+
+async fn rollout_approvals(
+    State(state): State<ApiState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult {
+    state.store.rollout(&id)?;
+    let pending = crate::cli::commands::pending_approvals(&state.store, Some(&id))?;
+    Ok(Json(pending).into_response())
 }
 
 async fn history(

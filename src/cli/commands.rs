@@ -786,6 +786,89 @@ pub enum Simple {
     Resolve(crate::domain::event::DriftResolution),
 }
 
+/// The promotions waiting for approval, in one rollout or all, as the store has them.
+pub fn pending_approvals(
+    store: &Store,
+    id: Option<&str>,
+) -> Result<Vec<view::PendingApprovalView>, EngineError> {
+    let ids: Vec<String> = match id {
+        Some(id) => vec![id.to_string()],
+        None => store
+            .rollouts()?
+            .into_iter()
+            .map(|r| r.rollout.id)
+            .collect(),
+    };
+    let mut pending = Vec::new();
+    for id in ids {
+        let loaded = engine::load(store, &id)?;
+        pending.extend(view::pending_approvals(
+            &loaded.plan,
+            &loaded.stored.rollout,
+        ));
+    }
+    Ok(pending)
+}
+
+/// The pending approvals, through the daemon when one holds the store.
+async fn fetch_approvals(
+    ctx: &Context,
+    id: Option<&str>,
+) -> Result<Vec<view::PendingApprovalView>, Failure> {
+    if let Some(remote) = ctx.remote()? {
+        let path = match id {
+            Some(id) => format!("/api/v1/rollouts/{id}/approvals"),
+            None => "/api/v1/approvals".to_string(),
+        };
+        let answer = remote.get(&path).await?;
+        return serde_json::from_value(answer).map_err(|e| Failure {
+            code: exit::FAILURE,
+            message: format!("unreadable approvals from the daemon: {e}"),
+        });
+    }
+    let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
+    Ok(pending_approvals(&store, id)?)
+}
+
+pub async fn approvals(ctx: &Context, id: Option<&str>) -> CommandResult {
+    if let Some(id) = id {
+        valid_id(id)?;
+    }
+    let pending = fetch_approvals(ctx, id).await?;
+    match ctx.output {
+        Output::Json => print_json(&pending),
+        Output::Text => say_raw!("{}", text::approvals(&pending)),
+    }
+    Ok(exit::OK)
+}
+
+/// The request a decision about `id` is about: the named phase's, or else the only one.
+async fn request_shown(
+    ctx: &Context,
+    id: &str,
+    phase: Option<&str>,
+) -> Result<Option<view::PendingApprovalView>, Failure> {
+    valid_id(id)?;
+    let pending = fetch_approvals(ctx, Some(id)).await?;
+    Ok(match phase {
+        Some(phase) => pending.into_iter().find(|p| p.phase == phase),
+        None if pending.len() == 1 => pending.into_iter().next(),
+        None => None,
+    })
+}
+
+/// Whether `approve` asks before recording: only a person at a terminal, and not with `--yes`.
+/// Without a terminal (a script, a pipe, a test) it proceeds as it always did.
+pub fn asks_first(stdin_is_terminal: bool, yes: bool) -> bool {
+    stdin_is_terminal && !yes
+}
+
+/// A person's answer to a yes/no question: only `y` or `yes` (any case) is yes.
+pub fn is_yes(answer: &str) -> bool {
+    matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
+#[allow(clippy::too_many_arguments)]
 pub async fn approve(
     ctx: &Context,
     id: &str,
@@ -793,7 +876,29 @@ pub async fn approve(
     phase: Option<String>,
     ticket: Option<String>,
     comment: Option<String>,
+    yes: bool,
 ) -> CommandResult {
+    let shown = request_shown(ctx, id, phase.as_deref()).await?;
+    if ctx.output == Output::Text
+        && let Some(request) = &shown
+    {
+        say_raw!("{}", text::approval_request(request));
+    }
+    if asks_first(std::io::IsTerminal::is_terminal(&std::io::stdin()), yes) {
+        let what = shown.as_ref().map_or_else(
+            || format!("the promotion of `{id}`"),
+            |r| format!("promoting `{}` of `{id}`", r.phase),
+        );
+        eprint!("approve {what} on this evidence? [y/N] ");
+        let mut answer = String::new();
+        let read = std::io::stdin().read_line(&mut answer);
+        if read.is_err() || !is_yes(&answer) {
+            return Err(Failure {
+                code: exit::FAILURE,
+                message: "not approved: the answer was not yes; nothing was recorded".into(),
+            });
+        }
+    }
     let reason = comment.clone().unwrap_or_default();
     let body = serde_json::json!({"phase": phase, "ticket": ticket, "comment": comment});
     submit(ctx, id, by, &reason, ("approve", body), |loaded| {
@@ -817,6 +922,11 @@ pub async fn reject(
     phase: Option<String>,
     reason: &str,
 ) -> CommandResult {
+    if ctx.output == Output::Text
+        && let Some(request) = request_shown(ctx, id, phase.as_deref()).await?
+    {
+        say_raw!("{}", text::approval_request(&request));
+    }
     let body = serde_json::json!({"phase": phase});
     submit(ctx, id, by, reason, ("reject", body), |loaded| {
         let phase = match phase {
@@ -985,4 +1095,27 @@ pub async fn history(ctx: &Context, id: &str, verify: bool) -> CommandResult {
         Output::Text => say_raw!("{}", text::history(&events)),
     }
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{asks_first, is_yes};
+
+    #[test]
+    fn approve_asks_only_a_person_at_a_terminal_who_did_not_say_yes_already() {
+        assert!(asks_first(true, false));
+        assert!(!asks_first(true, true));
+        assert!(!asks_first(false, false), "scripts keep working unchanged");
+        assert!(!asks_first(false, true));
+    }
+
+    #[test]
+    fn only_y_or_yes_is_yes() {
+        for yes in ["y", "Y", "yes", " YES\n", "Yes\r\n"] {
+            assert!(is_yes(yes), "{yes:?}");
+        }
+        for no in ["", "\n", "n", "no", "yess", "y e s", "ok", "1"] {
+            assert!(!is_yes(no), "{no:?}");
+        }
+    }
 }

@@ -145,10 +145,18 @@ enum Command {
     /// Manage API tokens
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Approve the promotion of a phase
+    /// List the promotions waiting for approval, with their impact forecast and digest
+    Approvals {
+        /// Only this rollout [default: all]
+        id: Option<String>,
+    },
+    /// Approve the promotion of a phase (shows its impact forecast; asks first at a terminal)
     Approve {
         /// The rollout's id
         id: String,
+        /// Do not ask for confirmation at a terminal (for scripts)
+        #[arg(long)]
+        yes: bool,
         /// Who does it, as the audit trail records [default: the OS user]
         #[arg(long)]
         by: Option<String>,
@@ -579,13 +587,18 @@ async fn dispatch(cli: Cli) -> CommandResult {
         }
         Command::Token(TokenCommand::List) => commands::token_list(&ctx).await,
         Command::Token(TokenCommand::Revoke { name }) => commands::token_revoke(&ctx, &name).await,
+        Command::Approvals { id } => commands::approvals(&ctx, id.as_deref()).await,
         Command::Approve {
             id,
+            yes,
             by,
             phase,
             ticket,
             comment,
-        } => commands::approve(&ctx, &id, &by_or_user(by)?, phase, ticket, comment).await,
+        } => {
+            let by = by_or_user(by)?;
+            commands::approve(&ctx, &id, &by, phase, ticket, comment, yes).await
+        }
         Command::Reject {
             id,
             by,

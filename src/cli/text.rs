@@ -332,6 +332,123 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
         for (platform, tally) in &observation.by_platform {
             let _ = writeln!(out, "{:<14} {platform}: {}", "", view::tally_line(tally));
         }
+        if watched {
+            for forecast in &observation.forecasts {
+                out.push_str(&forecast_lines(&view::forecast_view(forecast), 15));
+            }
+        }
+        if let Some(check) = &record.forecast_check {
+            let _ = writeln!(out, "{:<14} {}", "", Text(&check.summary()));
+        }
+    }
+    out
+}
+
+/// A forecast as lines indented by `indent`: the summary, then who is affected by platform,
+/// failing setting and group.
+pub fn forecast_lines(forecast: &view::ForecastView, indent: usize) -> String {
+    let mut out = String::new();
+    let pad = " ".repeat(indent);
+    let _ = writeln!(out, "{pad}{}", Text(&forecast.summary));
+    let named = |list: &[view::CountView]| {
+        list.iter()
+            .map(|c| format!("{} {}", Text(&c.name), view::thousands(c.devices)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (what, affected) in [
+        ("notified", &forecast.notified),
+        ("blocked", &forecast.blocked),
+    ] {
+        if affected.devices == 0 {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "{pad}  {what} by platform: {}",
+            named(&affected.by_platform)
+        );
+        if !affected.by_setting.is_empty() {
+            let _ = writeln!(
+                out,
+                "{pad}  {what} by failing setting: {}",
+                named(&affected.by_setting)
+            );
+        }
+        if !affected.groups.is_empty() {
+            let _ = writeln!(
+                out,
+                "{pad}  {what}, largest groups: {}",
+                named(&affected.groups)
+            );
+        }
+    }
+    if let Some(at) = &forecast.first_block {
+        let _ = writeln!(
+            out,
+            "{pad}  the others are blocked when their grace ends, from {at}, unless fixed first"
+        );
+    }
+    out
+}
+
+/// Promotions waiting for approval, as `phasegate approvals` lists them.
+pub fn approvals(pending: &[view::PendingApprovalView]) -> String {
+    if pending.is_empty() {
+        return "no promotion waits for approval\n".to_string();
+    }
+    let mut out = String::new();
+    for request in pending {
+        out.push_str(&approval_request(request));
+    }
+    out
+}
+
+/// One promotion waiting for approval: what it is, where its gate stands, the digest an
+/// approval binds to, and the forecast.
+pub fn approval_request(request: &view::PendingApprovalView) -> String {
+    let mut out = String::new();
+    let next: Vec<&str> = request.forecasts.iter().map(|f| f.phase.as_str()).collect();
+    let _ = writeln!(
+        out,
+        "{}  `{}` → `{}`  {} of {} approvals{}",
+        request.rollout,
+        request.phase,
+        if next.is_empty() {
+            "-".to_string()
+        } else {
+            next.join("`, `")
+        },
+        request.have,
+        request.required,
+        if request.approved_by.is_empty() {
+            String::new()
+        } else {
+            format!(" (by {})", Text(&request.approved_by.join(", ")))
+        }
+    );
+    let gate = match &request.gate {
+        Some(g) if request.gate_passed => format!("passed ({})", Text(&g.reasons.join("; "))),
+        Some(g) => format!("{}: {}", g.outcome, Text(&g.reasons.join("; "))),
+        None => "not judged yet".to_string(),
+    };
+    let _ = writeln!(out, "  gate: {gate}");
+    match &request.digest {
+        Some(digest) => {
+            let _ = writeln!(out, "  digest: {digest}");
+        }
+        None => {
+            let _ = writeln!(out, "  digest: - (no observation of the phase yet)");
+        }
+    }
+    for who in &request.barred {
+        let _ = writeln!(out, "  may not approve: {} ({})", Text(&who.who), who.why);
+    }
+    if let Some(note) = &request.note {
+        let _ = writeln!(out, "  {}", Text(note));
+    }
+    for forecast in &request.forecasts {
+        out.push_str(&forecast_lines(forecast, 2));
     }
     out
 }

@@ -2,10 +2,11 @@
 //! they are built here, separately from the domain types, and documented in `docs/cli.md`; add
 //! fields freely, never rename or remove one.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::adapters;
 use crate::domain::event::{Effect, EventKind};
+use crate::domain::forecast;
 use crate::domain::gate::{GateVerdict, Tally};
 use crate::domain::machine;
 use crate::domain::plan::{self, Diagnostic, Plan, PlanErrors, Platform, format_percent};
@@ -125,6 +126,227 @@ pub struct PhaseView {
     pub approvals: ApprovalsView,
     pub observation: Option<ObservationView>,
     pub gate: Option<GateView>,
+    /// What promoting the phase would do, from its latest observation: one forecast per phase
+    /// the promotion starts.
+    pub forecasts: Vec<ForecastView>,
+    /// The forecast this run of the phase was started on.
+    pub forecast: Option<ForecastView>,
+    /// That forecast against the outcome, once the phase had soaked.
+    pub forecast_check: Option<ForecastCheckView>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ForecastView {
+    /// The phase the promotion starts.
+    pub phase: String,
+    /// The phase whose promotion starts it.
+    pub after: String,
+    pub mode: String,
+    pub at: String,
+    pub devices: u64,
+    /// Devices without a fresh report, whose impact is not known.
+    pub unknown: u64,
+    pub notified: AffectedView,
+    pub blocked: AffectedView,
+    pub blocked_at_once: u64,
+    pub first_block: Option<String>,
+    /// Told and blocked in the phase's scope already.
+    pub before: ImpactView,
+    pub summary: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct AffectedView {
+    pub devices: u64,
+    pub users: u64,
+    pub by_platform: Vec<CountView>,
+    pub by_setting: Vec<CountView>,
+    pub groups: Vec<CountView>,
+}
+
+/// A count of devices under a name (a platform, a setting, a group).
+#[derive(Serialize, Deserialize)]
+pub struct CountView {
+    pub name: String,
+    pub devices: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ImpactView {
+    pub notified_devices: u64,
+    pub notified_users: u64,
+    pub blocked_devices: u64,
+    pub blocked_users: u64,
+    pub reporting: u64,
+}
+
+#[derive(Serialize)]
+pub struct ForecastCheckView {
+    pub phase: String,
+    pub forecast_at: String,
+    pub at: String,
+    pub reporting: u64,
+    pub notified: ComparisonView,
+    pub blocked: ComparisonView,
+    /// The larger of the two errors, a fraction of the reporting devices.
+    pub error: f64,
+    pub summary: String,
+}
+
+#[derive(Serialize)]
+pub struct ComparisonView {
+    pub forecast_devices: u64,
+    pub actual_devices: u64,
+    pub forecast_users: u64,
+    pub actual_users: u64,
+    /// `|forecast - actual|` devices as a fraction of the reporting devices.
+    pub error: f64,
+}
+
+fn counts(named: &[(String, u64)]) -> Vec<CountView> {
+    named
+        .iter()
+        .map(|(name, devices)| CountView {
+            name: name.clone(),
+            devices: *devices,
+        })
+        .collect()
+}
+
+fn affected_view(a: &forecast::Affected) -> AffectedView {
+    AffectedView {
+        devices: a.devices,
+        users: a.users,
+        by_platform: a
+            .by_platform
+            .iter()
+            .map(|(p, devices)| CountView {
+                name: p.to_string(),
+                devices: *devices,
+            })
+            .collect(),
+        by_setting: counts(&a.by_setting),
+        groups: counts(&a.groups),
+    }
+}
+
+pub fn forecast_view(f: &forecast::Forecast) -> ForecastView {
+    ForecastView {
+        phase: f.phase.clone(),
+        after: f.after.clone(),
+        mode: f.mode.as_str().to_string(),
+        at: f.at.rfc3339(),
+        devices: f.devices,
+        unknown: f.unknown,
+        notified: affected_view(&f.notified),
+        blocked: affected_view(&f.blocked),
+        blocked_at_once: f.blocked_at_once,
+        first_block: f.first_block.map(Timestamp::rfc3339),
+        before: ImpactView {
+            notified_devices: f.before.notified_devices,
+            notified_users: f.before.notified_users,
+            blocked_devices: f.before.blocked_devices,
+            blocked_users: f.before.blocked_users,
+            reporting: f.before.reporting,
+        },
+        summary: f.summary(),
+    }
+}
+
+pub fn forecast_check_view(c: &forecast::ForecastCheck) -> ForecastCheckView {
+    let comparison = |c: &forecast::Comparison| ComparisonView {
+        forecast_devices: c.forecast_devices,
+        actual_devices: c.actual_devices,
+        forecast_users: c.forecast_users,
+        actual_users: c.actual_users,
+        error: c.error,
+    };
+    ForecastCheckView {
+        phase: c.phase.clone(),
+        forecast_at: c.forecast_at.rfc3339(),
+        at: c.at.rfc3339(),
+        reporting: c.reporting,
+        notified: comparison(&c.notified),
+        blocked: comparison(&c.blocked),
+        error: c.error(),
+        summary: c.summary(),
+    }
+}
+
+/// A promotion waiting for approvals, as `phasegate approvals` lists them and
+/// `GET /api/v1/approvals` answers.
+#[derive(Serialize, Deserialize)]
+pub struct PendingApprovalView {
+    pub rollout: String,
+    pub plan: String,
+    pub status: String,
+    pub phase: String,
+    /// The gate passed and only approvals are missing (otherwise the phase still soaks or is
+    /// held, and an approval given now counts once the gate passes on the evidence it saw).
+    pub gate_passed: bool,
+    pub required: u32,
+    pub have: usize,
+    pub approved_by: Vec<String>,
+    /// The digest an approval given now binds to: the plan, the phase, the latest counts and
+    /// the forecast below (`null` before the phase's first observation).
+    pub digest: Option<String>,
+    pub observation: Option<ObservationView>,
+    pub gate: Option<GateView>,
+    pub forecasts: Vec<ForecastView>,
+    pub barred: Vec<BarredView>,
+    pub note: Option<String>,
+}
+
+/// Every phase of `rollout` that waits for approvals: running, asking for a quorum it does not
+/// have yet.
+pub fn pending_approvals(plan: &Plan, rollout: &Rollout) -> Vec<PendingApprovalView> {
+    if !rollout.status.is_progressing()
+        && rollout.status != crate::domain::rollout::RolloutStatus::Paused
+    {
+        return Vec::new();
+    }
+    plan.phases
+        .iter()
+        .zip(&rollout.phases)
+        .filter(|(phase, record)| {
+            phase.gate.approvals > 0
+                && matches!(
+                    record.state,
+                    PhaseState::Soaking | PhaseState::AwaitingApproval
+                )
+                && record.approvals.len() < phase.gate.approvals as usize
+        })
+        .map(|(phase, record)| PendingApprovalView {
+            rollout: rollout.id.clone(),
+            plan: rollout.plan_name.clone(),
+            status: rollout.status.as_str().to_string(),
+            phase: phase.id.clone(),
+            gate_passed: record.state == PhaseState::AwaitingApproval,
+            required: phase.gate.approvals,
+            have: record.approvals.len(),
+            approved_by: record.approvals.iter().map(|a| a.by.clone()).collect(),
+            digest: record.observation.as_ref().map(|o| {
+                machine::evidence_digest(&rollout.plan_hash, &phase.id, &o.tally, &o.forecasts)
+            }),
+            observation: record
+                .observation
+                .as_ref()
+                .map(|o| observation_with_platforms(o.at, &o.tally, &o.by_platform)),
+            gate: record.verdict.as_ref().map(gate_view),
+            forecasts: forecasts_of(record),
+            barred: barred(plan, rollout, record),
+            note: record.approval_note.clone(),
+        })
+        .collect()
+}
+
+fn forecasts_of(record: &PhaseRecord) -> Vec<ForecastView> {
+    record
+        .observation
+        .iter()
+        .flat_map(|o| &o.forecasts)
+        .map(forecast_view)
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -151,7 +373,7 @@ pub struct ApprovalsView {
     pub note: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct BarredView {
     pub who: String,
     pub why: String,
@@ -173,7 +395,7 @@ pub struct ApprovalView {
     pub evidence_digest: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct ObservationView {
     pub at: String,
     pub targeted: u64,
@@ -193,7 +415,7 @@ pub struct ObservationView {
     pub by_platform: Vec<PlatformView>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct PlatformView {
     pub platform: String,
     pub targeted: u64,
@@ -208,14 +430,14 @@ pub struct PlatformView {
     pub earliest_block: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct GateView {
     pub outcome: String,
     pub reasons: Vec<String>,
     pub evidence: EvidenceView,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct EvidenceView {
     pub observed_at: String,
     pub noncompliant_ratio: Option<f64>,
@@ -357,6 +579,13 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
                     .as_ref()
                     .map(|o| observation_with_platforms(o.at, &o.tally, &o.by_platform)),
                 gate: record.verdict.as_ref().map(gate_view),
+                forecasts: if record.state.is_current() {
+                    forecasts_of(record)
+                } else {
+                    Vec::new()
+                },
+                forecast: record.forecast.as_ref().map(forecast_view),
+                forecast_check: record.forecast_check.as_ref().map(forecast_check_view),
             })
             .collect(),
     }
@@ -365,7 +594,13 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
 /// The keys under which an event record holds instants. The store keeps milliseconds (exact,
 /// and able to say "never" with a saturated deadline); JSON output writes them as RFC 3339, as
 /// `status` and the watch stream do.
-const TIME_KEYS: [&str; 3] = ["at", "recorded_at", "earliest_block"];
+const TIME_KEYS: [&str; 5] = [
+    "at",
+    "recorded_at",
+    "earliest_block",
+    "forecast_at",
+    "first_block",
+];
 
 /// An audit trail as `history --output json` and the API show it: the records as stored (see
 /// `audit_trail`), every instant in RFC 3339.
@@ -676,6 +911,7 @@ mod tests {
             reason: "held".into(),
             notes: vec![format!("note {seq}")],
             effects,
+            impact: Vec::new(),
             prev_hash: String::new(),
             hash: format!("hash-{seq}"),
         }

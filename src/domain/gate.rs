@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::forecast::DeviceFacts;
 use super::plan::{Gate, Ratio, RollbackWhen, format_percent};
 use super::time::{Timestamp, format_span};
 
@@ -44,6 +45,9 @@ pub struct DeviceReport {
     pub blocked: bool,
     /// When the device's grace period ends, while it is in one.
     pub grace_until: Option<Timestamp>,
+    /// Its owner, groups, failing settings and whether its owner was told, as far as the
+    /// provider knows (the impact forecast's input; the gate does not read it).
+    pub facts: DeviceFacts,
 }
 
 /// How the devices targeted by one phase stand. Every targeted device is in exactly one of
@@ -364,6 +368,7 @@ mod tests {
             last_reported: hours_ago.map(|h| now.minus(HOUR * h as u32)),
             blocked: false,
             grace_until: None,
+            facts: DeviceFacts::default(),
         }
     }
 

@@ -7,6 +7,7 @@
 
 pub mod desired;
 pub mod event;
+pub mod forecast;
 pub mod gate;
 pub mod machine;
 pub mod plan;

@@ -10,6 +10,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::event::{DriftChange, PendingEffect, TenantRequest};
+use super::forecast::{Forecast, ForecastCheck, Impact};
 use super::gate::{GateVerdict, Tally};
 use super::plan::{Plan, Platform};
 use super::time::Timestamp;
@@ -269,6 +270,12 @@ pub struct PhaseObservation {
     /// The same devices per platform, when the rollout manages more than one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub by_platform: Vec<(Platform, Tally)>,
+    /// How many of the devices are told and blocked (the actual the forecast is checked on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub impact: Option<Impact>,
+    /// What promoting the phase would do: one forecast per phase its promotion starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forecasts: Vec<Forecast>,
 }
 
 /// A person's sign-off on promoting a phase, bound to the plan it was given for.
@@ -294,8 +301,11 @@ pub struct Approval {
 pub struct ApprovalEvidence {
     pub observed_at: Timestamp,
     pub tally: Tally,
-    /// Hex SHA-256 of the plan's hash, the phase and the counts.
+    /// Hex SHA-256 of the plan's hash, the phase, the counts and the forecasts.
     pub digest: String,
+    /// The impact forecasts shown with the counts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forecasts: Vec<Forecast>,
 }
 
 impl Approval {
@@ -334,6 +344,13 @@ pub struct PhaseRecord {
     /// after a pause decides it again if its approvals lapsed meanwhile.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub promotion_unapplied: bool,
+    /// The forecast this run of the phase was started on (taken when the phase before it was
+    /// promoted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<Forecast>,
+    /// That forecast against the outcome, once the phase had soaked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast_check: Option<ForecastCheck>,
 }
 
 impl PhaseRecord {
@@ -352,6 +369,8 @@ impl PhaseRecord {
             requested_by: Vec::new(),
             approval_note: None,
             promotion_unapplied: false,
+            forecast: None,
+            forecast_check: None,
         }
     }
 
@@ -375,6 +394,8 @@ impl PhaseRecord {
         self.requested_by.clear();
         self.approval_note = None;
         self.promotion_unapplied = false;
+        self.forecast = None;
+        self.forecast_check = None;
     }
 }
 

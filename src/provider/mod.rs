@@ -20,6 +20,7 @@ use thiserror::Error;
 
 use crate::domain::desired::DesiredState;
 use crate::domain::event::{DriftChange, DriftResolution, TenantRequest};
+use crate::domain::forecast::Labels;
 use crate::domain::gate::DeviceReport;
 use crate::domain::plan::{Mode, Plan, Platform, PolicyTarget, ProviderConfig};
 use crate::domain::time::Timestamp;
@@ -72,6 +73,8 @@ pub type ScopeReports = Vec<(Platform, Vec<DeviceReport>)>;
 pub struct Observation {
     pub scopes: Vec<ScopeReports>,
     pub drift: Vec<DriftChange>,
+    /// The names of the groups and settings the reports' facts refer to.
+    pub labels: Labels,
 }
 
 /// What kind of failure, which decides retries and exit codes.

@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 use super::{FORMAT_VERSION, OLDEST_READABLE, StoreError};
 use crate::domain::event::{Event, PendingEffect};
+use crate::domain::forecast::ImpactRecord;
 use crate::domain::rollout::{Rollout, RolloutStatus};
 use crate::domain::time::Timestamp;
 
@@ -108,6 +109,10 @@ pub struct EventRecord {
     pub notes: Vec<String>,
     /// Effects this transition committed to.
     pub effects: Vec<PendingEffect>,
+    /// The impact forecasts a promotion on this event was decided on, and forecasts checked
+    /// against the outcome.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub impact: Vec<ImpactRecord>,
     pub prev_hash: String,
     /// Not part of the stored `data` from format 3 on (it follows it); filled in on reading.
     #[serde(default)]

@@ -22,6 +22,7 @@ pub(crate) fn record(rollout: &Rollout, kind: EventKind) -> EventRecord {
         reason: rollout.reason.clone(),
         notes: vec![],
         effects: vec![],
+        impact: Vec::new(),
         prev_hash: String::new(),
         hash: String::new(),
     }

@@ -68,6 +68,7 @@ impl Scenario {
             reason: transition.rollout.reason.clone(),
             notes: transition.notes.clone(),
             effects: transition.effects.clone(),
+            impact: Vec::new(),
             prev_hash: String::new(),
             hash: String::new(),
         }
@@ -108,6 +109,8 @@ impl Scenario {
                 at: self.now,
                 tally,
                 by_platform: Vec::new(),
+                impact: None,
+                forecasts: Vec::new(),
             })
             .collect();
         self.send(

@@ -59,6 +59,7 @@ fn reports(now: Timestamp) -> Vec<DeviceReport> {
                     .then(|| now.minus(Duration::from_secs(h % 400_000))),
                 blocked: h.is_multiple_of(53),
                 grace_until: None,
+                facts: Default::default(),
             }
         })
         .collect()
@@ -120,6 +121,7 @@ fn bench_transition() {
         reason: after.reason.clone(),
         notes: vec![],
         effects: vec![],
+        impact: Vec::new(),
         prev_hash: String::new(),
         hash: String::new(),
     };

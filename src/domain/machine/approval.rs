@@ -11,6 +11,7 @@
 use super::{Machine, Rejection, is_watched, list_or_none};
 use crate::domain::desired::desired_state;
 use crate::domain::event::Effect;
+use crate::domain::forecast::Forecast;
 use crate::domain::gate::Tally;
 use crate::domain::plan::{Phase, Plan, format_percent, hash_source, identity_key};
 use crate::domain::rollout::{Approval, ApprovalEvidence, PhaseRecord, PhaseState, Rollout};
@@ -76,7 +77,8 @@ impl Machine<'_> {
         let evidence = record.observation.as_ref().map(|seen| ApprovalEvidence {
             observed_at: seen.at,
             tally: seen.tally,
-            digest: evidence_digest(&self.next.plan_hash, phase, &seen.tally),
+            digest: evidence_digest(&self.next.plan_hash, phase, &seen.tally, &seen.forecasts),
+            forecasts: seen.forecasts.clone(),
         });
         let approval = Approval {
             by: approver.clone(),
@@ -264,10 +266,21 @@ pub(super) fn moved(then: &Tally, now: &Tally) -> Option<(String, f64)> {
         .max_by(|x, y| x.1.total_cmp(&y.1))
 }
 
-/// What binds an approval to what it was given on: the plan, the phase and the counts shown.
-pub fn evidence_digest(plan_hash: &str, phase: &str, tally: &Tally) -> String {
+/// What binds an approval to what it was given on: the plan, the phase, the counts and the
+/// impact forecast shown (an observation without a forecast digests as before forecasts).
+pub fn evidence_digest(
+    plan_hash: &str,
+    phase: &str,
+    tally: &Tally,
+    forecasts: &[Forecast],
+) -> String {
     let counts = serde_json::to_string(tally).unwrap_or_default();
-    hash_source(&format!("{plan_hash}\n{phase}\n{counts}"))
+    let mut shown = format!("{plan_hash}\n{phase}\n{counts}");
+    if !forecasts.is_empty() {
+        shown.push('\n');
+        shown.push_str(&serde_json::to_string(forecasts).unwrap_or_default());
+    }
+    hash_source(&shown)
 }
 
 /// Why separation of duties keeps `approver` (a key) from approving `record`'s promotion, as

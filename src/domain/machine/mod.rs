@@ -27,13 +27,15 @@ use super::event::{
     DriftChange, DriftResolution, Effect, EffectId, Event, EventKind, PendingEffect, TenantRequest,
     Trigger, TriggerSource,
 };
+use super::forecast::ImpactRecord;
 use super::gate::{self, GateOutcome};
 use super::plan::{Plan, identity_key};
 use super::rollout::{PhaseObservation, PhaseRecord, PhaseState, Rollout, RolloutStatus};
 use super::time::{Timestamp, format_span};
 
 mod approval;
-pub use approval::conflict_of_duties;
+mod forecast;
+pub use approval::{conflict_of_duties, evidence_digest};
 
 /// The result of one step.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +45,8 @@ pub struct Transition {
     pub effects: Vec<PendingEffect>,
     /// The decisions taken, in words, for the audit trail.
     pub notes: Vec<String>,
+    /// The impact forecasts promotions were decided on, and forecasts checked on the outcome.
+    pub impact: Vec<ImpactRecord>,
 }
 
 /// Why an event cannot be applied to a rollout in its current state. Nothing changes.
@@ -81,6 +85,7 @@ pub fn step(
         next: rollout.clone(),
         effects: Vec::new(),
         notes: Vec::new(),
+        impact: Vec::new(),
     };
     machine.handle(&event.kind)?;
     if machine.next.status.is_progressing() {
@@ -103,6 +108,7 @@ pub fn step(
         rollout: machine.next,
         effects: machine.effects,
         notes: machine.notes,
+        impact: machine.impact,
     })
 }
 
@@ -194,6 +200,7 @@ struct Machine<'a> {
     next: Rollout,
     effects: Vec<PendingEffect>,
     notes: Vec<String>,
+    impact: Vec<ImpactRecord>,
 }
 
 impl Machine<'_> {
@@ -876,6 +883,7 @@ impl Machine<'_> {
                 record.state = PhaseState::Applying;
                 record.reset_gate();
                 started.push(record.id.clone());
+                forecast::attach(self, idx);
             }
         }
         if !started.is_empty() {
@@ -900,7 +908,8 @@ impl Machine<'_> {
     }
 
     fn judge(&mut self, idx: usize) {
-        let phase = &self.plan.phases[idx];
+        let plan = self.plan;
+        let phase = &plan.phases[idx];
         let now = self.now;
         let observe_every = self.plan.observe_every;
         let record = &mut self.next.phases[idx];
@@ -920,6 +929,11 @@ impl Machine<'_> {
             self.expire_hold(idx);
             return;
         }
+        forecast::soaked(self, idx);
+        let record = &mut self.next.phases[idx];
+        let Some(observation) = &record.observation else {
+            return;
+        };
         if verdict.outcome == GateOutcome::Pass {
             record.held_since = None;
             record.hold_expired = false;
@@ -941,6 +955,7 @@ impl Machine<'_> {
                     "promoted `{}`: gate passed ({}){approved}",
                     phase.id, verdict.reasons[0]
                 ));
+                forecast::promoted(self, idx);
             } else if record.state != PhaseState::AwaitingApproval {
                 record.state = PhaseState::AwaitingApproval;
                 self.notes.push(format!(

@@ -128,6 +128,8 @@ fn apply(h: &mut Harness, op: &Op) -> Option<Transition> {
                     at: h.now,
                     tally: tally(*noncompliant, *silent, *errors),
                     by_platform: Vec::new(),
+                    impact: None,
+                    forecasts: Vec::new(),
                 })
                 .collect();
             h.send(

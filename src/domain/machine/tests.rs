@@ -149,6 +149,8 @@ impl Harness {
                 at: self.now,
                 tally,
                 by_platform: Vec::new(),
+                impact: None,
+                forecasts: Vec::new(),
             })
             .collect();
         self.send(
@@ -841,7 +843,7 @@ fn an_approval_whose_evidence_moved_past_the_tolerance_is_void_and_the_rollout_a
     assert_eq!(evidence.tally, healthy());
     assert_eq!(
         evidence.digest,
-        approval::evidence_digest(&h.plan.hash, "notify", &healthy())
+        approval::evidence_digest(&h.plan.hash, "notify", &healthy(), &[])
     );
     // When the gate passes, the counts are no longer what bob approved.
     h.advance(HOUR * 12);

@@ -204,6 +204,13 @@ fn our_target(exclusion: bool, group: &GroupRef) -> Value {
     }
 }
 
+/// Whether the policy sends its noncompliance e-mail: Intune's "Send email to end user" action
+/// applies to every noncompliant device the policy is assigned to ("Configure actions for
+/// noncompliant devices in Intune", learn.microsoft.com/intune/intune-service/protect/actions-for-noncompliance).
+pub fn sends_notification(policy: &PolicyView) -> bool {
+    policy.actions.iter().any(|a| is_action(a, "notification"))
+}
+
 fn is_action(action: &Value, kind: &str) -> bool {
     action["actionType"].as_str() == Some(kind)
 }

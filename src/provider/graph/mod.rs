@@ -22,7 +22,7 @@ pub mod mapping;
 pub mod readiness;
 pub mod settings;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -44,6 +44,7 @@ use super::{
 };
 use crate::domain::desired::{DesiredState, PlanGroups};
 use crate::domain::event::{DriftChange, DriftResolution, TenantRequest};
+use crate::domain::forecast::{DeviceFacts, Labels, MAX_LABELS};
 use crate::domain::gate::{DeviceReport, DeviceState};
 use crate::domain::plan::{Mode, Plan, Platform, PolicyTarget};
 use crate::domain::time::Timestamp;
@@ -1468,6 +1469,7 @@ impl Provider for GraphProvider {
             return Ok(Observation {
                 scopes: Vec::new(),
                 drift,
+                labels: Labels::default(),
             });
         }
         let group_ids: BTreeSet<String> = names
@@ -1491,7 +1493,7 @@ impl Provider for GraphProvider {
                     statuses.extend(page.iter().map(status_of))
                 })
                 .await?;
-            Ok::<_, ProviderError>((policy.platform, statuses))
+            Ok::<_, ProviderError>((policy.platform, policy.id.clone(), statuses))
         }));
         let members = try_join_all(group_ids.iter().map(|id| async move {
             let mut users = HashSet::new();
@@ -1506,6 +1508,18 @@ impl Provider for GraphProvider {
             Ok::<_, ProviderError>((id.clone(), users))
         }));
         let (statuses, members) = tokio::try_join!(statuses, members)?;
+        // A policy whose e-mail action is in place has told the owner of each of its
+        // noncompliant devices.
+        let statuses: Vec<(Platform, bool, Vec<Status>)> = statuses
+            .into_iter()
+            .map(|(platform, id, rows)| {
+                let tells = view
+                    .policies
+                    .get(&id)
+                    .is_some_and(mapping::sends_notification);
+                (platform, tells, rows)
+            })
+            .collect();
         let members: BTreeMap<String, HashSet<String>> = members.into_iter().collect();
         let now = self.client.now();
         let relied_enforces = record.role() == CaRole::Relied
@@ -1527,6 +1541,24 @@ impl Provider for GraphProvider {
             GroupRef::Id(id) => members.get(id).is_some_and(|m| m.contains(user)),
         };
         let resolve = |name: &String| names.groups.get(name).cloned();
+        // The facts the impact forecast counts by: each user numbered once, the plan's groups
+        // the user is in. Graph's device statuses do not name the failing settings.
+        let (label_names, label_groups): (Vec<String>, Vec<GroupRef>) = groups
+            .iter()
+            .filter_map(|name| resolve(name).map(|g| (name.clone(), g)))
+            .take(MAX_LABELS)
+            .unzip();
+        let labels = Labels {
+            groups: label_names,
+            settings: Vec::new(),
+        };
+        let mut owners: HashMap<&str, u32> = HashMap::new();
+        for (_, _, rows) in &statuses {
+            for s in rows {
+                let next = owners.len() as u32;
+                owners.entry(s.user.as_str()).or_insert(next);
+            }
+        }
         let scopes = scopes
             .iter()
             .map(|scope| {
@@ -1535,7 +1567,7 @@ impl Provider for GraphProvider {
                 let enforcing = relied_enforces || (scope.mode == Mode::Enforce && copy_enforces);
                 statuses
                     .iter()
-                    .map(|(platform, rows)| {
+                    .map(|(platform, tells, rows)| {
                         let reports = rows
                             .iter()
                             .filter(|s| {
@@ -1551,11 +1583,26 @@ impl Provider for GraphProvider {
                                 }
                                 let last_reported =
                                     s.last_reported.filter(|_| state != DeviceState::Unknown);
+                                let groups = label_groups
+                                    .iter()
+                                    .enumerate()
+                                    .filter(|(_, g)| in_group(g, &s.user))
+                                    .fold(0u64, |bits, (i, _)| bits | 1 << i);
                                 Some(DeviceReport {
                                     state,
                                     last_reported,
                                     blocked: state == DeviceState::Noncompliant && enforcing,
                                     grace_until: s.grace_until.filter(|_| in_grace),
+                                    facts: DeviceFacts {
+                                        owner: owners.get(s.user.as_str()).copied(),
+                                        groups,
+                                        failing: 0,
+                                        notified: *tells
+                                            && matches!(
+                                                state,
+                                                DeviceState::Noncompliant | DeviceState::InGrace
+                                            ),
+                                    },
                                 })
                             })
                             .collect();
@@ -1567,6 +1614,7 @@ impl Provider for GraphProvider {
         Ok(Observation {
             scopes,
             drift: Vec::new(),
+            labels,
         })
     }
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::forecast::{DeviceFacts, Labels};
 use crate::domain::gate::{DeviceReport, DeviceState};
 use crate::domain::plan::{Mode, Platform};
 use crate::domain::time::Timestamp;
@@ -55,6 +56,39 @@ const ERROR: u8 = 1 << 2;
 const CONFLICT: u8 = 1 << 3;
 const STUBBORN: u8 = 1 << 4;
 
+/// The settings of the simulated baseline, as Intune's compliance policies name them; a failing
+/// device fails one or two of its platform's.
+pub const SETTINGS: [&str; 9] = [
+    "Minimum OS version",
+    "Require BitLocker",
+    "Require Secure Boot",
+    "Microsoft Defender Antimalware",
+    "Require a password to unlock devices",
+    "Require encryption of data storage on device",
+    "Jailbroken or rooted devices",
+    "Require FileVault",
+    "Require System Integrity Protection",
+];
+
+/// Indexes into [`SETTINGS`] of the settings a platform's baseline checks.
+fn platform_settings(platform: Platform) -> &'static [usize] {
+    match platform {
+        Platform::Windows => &[0, 1, 2, 3],
+        Platform::Ios => &[0, 4, 6],
+        Platform::Android => &[0, 4, 5, 6],
+        Platform::Macos => &[0, 4, 7, 8],
+    }
+}
+
+/// The names behind a simulated device's facts: the directory's groups and the baseline's
+/// settings.
+pub fn labels() -> Labels {
+    Labels {
+        groups: GROUPS.iter().map(|g| g.to_string()).collect(),
+        settings: SETTINGS.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
 /// The per-mille of devices that fail a new baseline, by platform.
 fn noncompliant_per_mille(platform: Platform) -> u64 {
     match platform {
@@ -75,6 +109,8 @@ struct Device {
     dormant_at_ms: i64,
     /// Time from notification to fix; `u64::MAX` for stubborn devices.
     remediation_ms: u64,
+    /// Bit `i`: fails `SETTINGS[i]` (while it fails at all).
+    settings: u16,
 }
 
 /// A scope resolved to membership bits: covered if in any `include` and in no `exclude`.
@@ -257,10 +293,24 @@ impl Fleet {
                 last_reported: None,
                 blocked: false,
                 grace_until: None,
+                facts: DeviceFacts::default(),
             },
             grace_until: None,
         };
         let bits = self.users[device.user as usize];
+        let facts = DeviceFacts {
+            owner: Some(device.user),
+            groups: u64::from(bits),
+            failing: 0,
+            notified: false,
+        };
+        let unknown = DetailedReport {
+            report: DeviceReport {
+                facts,
+                ..unknown.report
+            },
+            ..unknown
+        };
         let Some(checked_in) = self.last_checkin(device, now) else {
             return unknown;
         };
@@ -305,6 +355,20 @@ impl Fleet {
             DeviceState::Compliant
         };
         let grace_until = grace_end.filter(|_| state == DeviceState::InGrace);
+        let actionable = matches!(state, DeviceState::InGrace | DeviceState::Noncompliant);
+        // The owner learns of it when the device is evaluated under a notifying assignment; a
+        // device fixed since was told all the same.
+        let told = device.flags & (NONCOMPLIANT | ERROR | CONFLICT) == NONCOMPLIANT
+            && notified.is_some_and(|(at, _)| checked_in >= at);
+        let facts = DeviceFacts {
+            failing: if actionable {
+                u64::from(device.settings)
+            } else {
+                0
+            },
+            notified: told,
+            ..facts
+        };
         DetailedReport {
             report: DeviceReport {
                 state,
@@ -312,6 +376,7 @@ impl Fleet {
                 // Conditional Access blocks on the device's last known state under today's mode.
                 blocked: state == DeviceState::Noncompliant && mode_now == Some(Mode::Enforce),
                 grace_until,
+                facts,
             },
             grace_until,
         }
@@ -397,10 +462,21 @@ fn device(seed: u64, i: u32, user: u32, platform: Option<Platform>, half_life: D
         let u = unit(h(8)).max(f64::MIN_POSITIVE);
         (-u.log2() * half_life.as_millis() as f64) as u64
     };
+    let checks = platform_settings(platform);
+    let first = checks[(h(10) % checks.len() as u64) as usize];
+    let second = checks[((h(10) >> 32) % checks.len() as u64) as usize];
+    let settings = if flags & NONCOMPLIANT == 0 {
+        0
+    } else if per_mille(h(11)) < 300 {
+        1 << first | 1 << second
+    } else {
+        1 << first
+    };
     Device {
         user,
         platform,
         flags,
+        settings,
         checkin_offset_ms: (unit(h(9)) * CHECKIN_PERIOD_MS as f64) as i64,
         dormant_at_ms,
         remediation_ms,

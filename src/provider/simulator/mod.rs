@@ -345,6 +345,7 @@ impl Provider for SimProvider {
         Ok(Observation {
             scopes,
             drift: Vec::new(),
+            labels: fleet::labels(),
         })
     }
 }
