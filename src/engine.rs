@@ -399,6 +399,16 @@ impl Engine<'_> {
     /// [`Task::perform`] does the I/O, [`Engine::conclude`] records the outcome.
     pub fn next_work(&self, loaded: &Loaded, now: Timestamp, skip: &Skips) -> Work {
         let rollout = &loaded.stored.rollout;
+        // The organisation hears of a change before it is made: an announcement goes out before
+        // any configuration effect. One that cannot be delivered now is skipped, so it holds
+        // nothing up, and is tried again later.
+        let announcement = rollout
+            .pending
+            .iter()
+            .find(|p| p.effect.is_announcement() && !skip.undeliverable.contains(&p.id));
+        if let Some(pending) = announcement {
+            return Work::Deliver(pending.clone());
+        }
         let configuration = rollout
             .pending
             .iter()
@@ -549,16 +559,50 @@ pub enum Work {
 pub struct Skips {
     pub undeliverable: std::collections::BTreeSet<crate::domain::event::EffectId>,
     pub asked: std::collections::BTreeSet<crate::domain::event::EffectId>,
+    /// For each undeliverable notification: how many passes failed, and when to try it again.
+    pub retry:
+        std::collections::BTreeMap<crate::domain::event::EffectId, (u32, std::time::Instant)>,
 }
+
+/// How long an undeliverable notification rests between passes: growing from a couple of
+/// seconds to five minutes, so a channel that is down is neither hammered nor forgotten.
+pub const OUTBOX_RETRY: Backoff = Backoff {
+    attempts: u32::MAX,
+    base: Duration::from_secs(2),
+    cap: Duration::from_secs(300),
+    longest_wait: Duration::from_secs(300),
+};
 
 impl Skips {
     pub fn note(&mut self, finished: &Finished) {
+        self.note_at(finished, std::time::Instant::now());
+    }
+
+    /// [`Skips::note`], at `now` (tests).
+    pub fn note_at(&mut self, finished: &Finished, now: std::time::Instant) {
         if let Some(id) = finished.undeliverable {
             self.undeliverable.insert(id);
+            let failures = self.retry.get(&id).map_or(0, |(n, _)| *n).saturating_add(1);
+            let rest = OUTBOX_RETRY.step(failures.min(32), id.seq ^ u64::from(id.index));
+            self.retry.insert(id, (failures, now + rest));
         }
         if let Some(id) = finished.asked {
             self.asked.insert(id);
         }
+    }
+
+    /// Lets the notifications whose rest is over be tried again; answers when the next one's
+    /// is (none: nothing is waiting).
+    pub fn release(&mut self, now: std::time::Instant) -> Option<std::time::Instant> {
+        let mut next = None;
+        for (id, (_, at)) in &self.retry {
+            if *at <= now {
+                self.undeliverable.remove(id);
+            } else if self.undeliverable.contains(id) {
+                next = Some(next.map_or(*at, |n: std::time::Instant| n.min(*at)));
+            }
+        }
+        next
     }
 }
 
@@ -749,13 +793,14 @@ impl Task {
             previous,
             reason,
             at,
+            message,
         } = &pending.effect
         else {
             unreachable!("only notifications are delivered");
         };
         // Unique across stores: two stores' rollouts may share an id, never a key.
         let key = format!("{}/{}:{}", self.store_id, self.rollout, pending.id);
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "idempotencyKey": key,
             "rollout": self.rollout,
             "plan": self.plan_name,
@@ -765,10 +810,19 @@ impl Task {
             "at": at.rfc3339(),
             "chainHead": self.head,
         });
+        if let Some(message) = message {
+            body["announcement"] = serde_json::to_value(message).expect("json serializes");
+        }
         let delivery = Delivery {
             key: &key,
             to,
             body: serde_json::to_vec(&body).expect("json serializes"),
+            about: message.as_ref().map(|message| crate::notifier::About {
+                message,
+                rollout: &self.rollout,
+                plan: &self.plan_name,
+                status: *status,
+            }),
         };
         crash::point("delivery.before");
         let mut failed = 0;

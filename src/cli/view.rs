@@ -693,6 +693,7 @@ mod tests {
                 previous: RolloutStatus::Running,
                 reason: "gate failed".into(),
                 at: Timestamp::from_millis(1_767_600_000_000),
+                message: None,
             },
         };
         let trail = vec![record(1, EventKind::Tick, "", vec![notify])];
@@ -727,6 +728,7 @@ mod tests {
                         previous: RolloutStatus::Running,
                         reason: "gate failed".into(),
                         at: Timestamp::from_millis(0),
+                        message: None,
                     },
                 }],
             ),
