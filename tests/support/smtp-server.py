@@ -10,6 +10,7 @@ before it takes mail. Prints "ready" once it listens, then one JSON line per mes
 import json
 import ssl
 import sys
+import warnings
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
@@ -29,6 +30,8 @@ class Keep:
 
 
 def main():
+    # aiosmtpd itself still sets the deprecated Session.login_data after a login.
+    warnings.filterwarnings("ignore", message="Session.login_data")
     port, cert, key, user, password = sys.argv[1:6]
 
     def authenticate(server, session, envelope, mechanism, auth_data):
