@@ -8,9 +8,9 @@ before it takes mail. Prints "ready" once it listens, then one JSON line per mes
 ({"from", "to", "data"}), and runs until its standard input closes or it is killed.
 """
 import json
+import logging
 import ssl
 import sys
-import warnings
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
@@ -30,8 +30,8 @@ class Keep:
 
 
 def main():
-    # aiosmtpd itself still sets the deprecated Session.login_data after a login.
-    warnings.filterwarnings("ignore", message="Session.login_data")
+    # aiosmtpd itself still sets the deprecated Session.login_data after a login, and logs it.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
     port, cert, key, user, password = sys.argv[1:6]
 
     def authenticate(server, session, envelope, mechanism, auth_data):
