@@ -573,6 +573,9 @@ pub const OUTBOX_RETRY: Backoff = Backoff {
     longest_wait: Duration::from_secs(300),
 };
 
+/// How many notifications' passes [`Skips`] remembers before forgetting delivered ones.
+const RETRY_KEPT: usize = 1024;
+
 impl Skips {
     pub fn note(&mut self, finished: &Finished) {
         self.note_at(finished, std::time::Instant::now());
@@ -582,6 +585,11 @@ impl Skips {
     pub fn note_at(&mut self, finished: &Finished, now: std::time::Instant) {
         if let Some(id) = finished.undeliverable {
             self.undeliverable.insert(id);
+            if self.retry.len() >= RETRY_KEPT {
+                // Forget the passes of notifications that have gone out since.
+                let waiting = &self.undeliverable;
+                self.retry.retain(|id, _| waiting.contains(id));
+            }
             let failures = self.retry.get(&id).map_or(0, |(n, _)| *n).saturating_add(1);
             let rest = OUTBOX_RETRY.step(failures.min(32), id.seq ^ u64::from(id.index));
             self.retry.insert(id, (failures, now + rest));
@@ -1132,5 +1140,42 @@ max_hold = "1h"
         assert_eq!(stopped, DriveOutcome::Stopped(RolloutStatus::Held));
         let rollout = store.rollout("real-1").unwrap().rollout;
         assert!(rollout.phases[0].hold_expired);
+    }
+
+    #[test]
+    fn an_undeliverable_notification_rests_longer_each_pass_up_to_a_bound() {
+        let id = crate::domain::event::EffectId { seq: 3, index: 1 };
+        let failed = Finished {
+            event: None,
+            now: Timestamp::from_millis(0),
+            record: None,
+            undeliverable: Some(id),
+            asked: None,
+            took: Duration::ZERO,
+        };
+        let mut skips = Skips::default();
+        let t0 = std::time::Instant::now();
+        let mut now = t0;
+        let mut rests = Vec::new();
+        for _ in 0..20 {
+            skips.note_at(&failed, now);
+            assert!(skips.undeliverable.contains(&id));
+            let due = skips.release(now).expect("it waits for its next pass");
+            assert!(
+                skips.undeliverable.contains(&id),
+                "not before its rest is over"
+            );
+            rests.push(due - now);
+            now = due;
+            assert_eq!(skips.release(now), None, "nothing else waits");
+            assert!(
+                !skips.undeliverable.contains(&id),
+                "tried again once it is over"
+            );
+        }
+        assert!(rests[0] >= Duration::from_secs(1) && rests[0] <= Duration::from_secs(2));
+        assert!(rests[3] > rests[0], "{rests:?}");
+        assert!(rests.iter().all(|r| *r <= OUTBOX_RETRY.cap), "{rests:?}");
+        assert!(*rests.last().unwrap() >= OUTBOX_RETRY.cap / 2, "{rests:?}");
     }
 }
