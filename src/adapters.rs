@@ -38,7 +38,12 @@ pub struct ChannelKind {
 pub const PROVIDERS: [ProviderKind; 2] = [simulator::settings::KIND, graph::settings::KIND];
 
 /// Every channel kind phasegate can notify through.
-pub const CHANNELS: [ChannelKind; 1] = [notifier::WEBHOOK];
+pub const CHANNELS: [ChannelKind; 4] = [
+    notifier::WEBHOOK,
+    crate::announce::email::KIND,
+    crate::announce::teams::KIND,
+    crate::announce::slack::KIND,
+];
 
 /// A notification's address as it may be shown: masked by its channel's adapter; one of a kind
 /// no adapter claims is shown without its settings.
@@ -117,6 +122,8 @@ fn check(source: &str) -> Vec<Diagnostic> {
         found.extend((channel.check)(source));
     }
     found.extend(crate::preflight::settings::check(source));
+    // An `[[announcement]]`'s channel, and the webhook adapter's keys of one that names it.
+    found.extend(crate::announce::check_channels(source));
     found
 }
 

@@ -434,6 +434,16 @@ impl Engine<'_> {
     /// [`Task::perform`] does the I/O, [`Engine::conclude`] records the outcome.
     pub fn next_work(&self, loaded: &Loaded, now: Timestamp, skip: &Skips) -> Work {
         let rollout = &loaded.stored.rollout;
+        // The organisation hears of a change before it is made: an announcement goes out before
+        // any configuration effect. One that cannot be delivered now is skipped, so it holds
+        // nothing up, and is tried again later.
+        let announcement = rollout
+            .pending
+            .iter()
+            .find(|p| p.effect.is_announcement() && !skip.undeliverable.contains(&p.id));
+        if let Some(pending) = announcement {
+            return Work::Deliver(pending.clone());
+        }
         let configuration = rollout
             .pending
             .iter()
@@ -584,16 +594,58 @@ pub enum Work {
 pub struct Skips {
     pub undeliverable: std::collections::BTreeSet<crate::domain::event::EffectId>,
     pub asked: std::collections::BTreeSet<crate::domain::event::EffectId>,
+    /// For each undeliverable notification: how many passes failed, and when to try it again.
+    pub retry:
+        std::collections::BTreeMap<crate::domain::event::EffectId, (u32, std::time::Instant)>,
 }
+
+/// How long an undeliverable notification rests between passes: growing from a couple of
+/// seconds to five minutes, so a channel that is down is neither hammered nor forgotten.
+pub const OUTBOX_RETRY: Backoff = Backoff {
+    attempts: u32::MAX,
+    base: Duration::from_secs(2),
+    cap: Duration::from_secs(300),
+    longest_wait: Duration::from_secs(300),
+};
+
+/// How many notifications' passes [`Skips`] remembers before forgetting delivered ones.
+const RETRY_KEPT: usize = 1024;
 
 impl Skips {
     pub fn note(&mut self, finished: &Finished) {
+        self.note_at(finished, std::time::Instant::now());
+    }
+
+    /// [`Skips::note`], at `now` (tests).
+    pub fn note_at(&mut self, finished: &Finished, now: std::time::Instant) {
         if let Some(id) = finished.undeliverable {
             self.undeliverable.insert(id);
+            if self.retry.len() >= RETRY_KEPT {
+                // Forget the passes of notifications that have gone out since.
+                let waiting = &self.undeliverable;
+                self.retry.retain(|id, _| waiting.contains(id));
+            }
+            let failures = self.retry.get(&id).map_or(0, |(n, _)| *n).saturating_add(1);
+            let rest = OUTBOX_RETRY.step(failures.min(32), id.seq ^ u64::from(id.index));
+            self.retry.insert(id, (failures, now + rest));
         }
         if let Some(id) = finished.asked {
             self.asked.insert(id);
         }
+    }
+
+    /// Lets the notifications whose rest is over be tried again; answers when the next one's
+    /// is (none: nothing is waiting).
+    pub fn release(&mut self, now: std::time::Instant) -> Option<std::time::Instant> {
+        let mut next = None;
+        for (id, (_, at)) in &self.retry {
+            if *at <= now {
+                self.undeliverable.remove(id);
+            } else if self.undeliverable.contains(id) {
+                next = Some(next.map_or(*at, |n: std::time::Instant| n.min(*at)));
+            }
+        }
+        next
     }
 }
 
@@ -784,13 +836,14 @@ impl Task {
             previous,
             reason,
             at,
+            message,
         } = &pending.effect
         else {
             unreachable!("only notifications are delivered");
         };
         // Unique across stores: two stores' rollouts may share an id, never a key.
         let key = format!("{}/{}:{}", self.store_id, self.rollout, pending.id);
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "idempotencyKey": key,
             "rollout": self.rollout,
             "plan": self.plan_name,
@@ -800,10 +853,19 @@ impl Task {
             "at": at.rfc3339(),
             "chainHead": self.head,
         });
+        if let Some(message) = message {
+            body["announcement"] = serde_json::to_value(message).expect("json serializes");
+        }
         let delivery = Delivery {
             key: &key,
             to,
             body: serde_json::to_vec(&body).expect("json serializes"),
+            about: message.as_ref().map(|message| crate::notifier::About {
+                message,
+                rollout: &self.rollout,
+                plan: &self.plan_name,
+                status: *status,
+            }),
         };
         crash::point("delivery.before");
         let mut failed = 0;
@@ -1193,5 +1255,42 @@ max_hold = "1h"
         assert_eq!(stopped, DriveOutcome::Stopped(RolloutStatus::Held));
         let rollout = store.rollout("real-1").unwrap().rollout;
         assert!(rollout.phases[0].hold_expired);
+    }
+
+    #[test]
+    fn an_undeliverable_notification_rests_longer_each_pass_up_to_a_bound() {
+        let id = crate::domain::event::EffectId { seq: 3, index: 1 };
+        let failed = Finished {
+            event: None,
+            now: Timestamp::from_millis(0),
+            record: None,
+            undeliverable: Some(id),
+            asked: None,
+            took: Duration::ZERO,
+        };
+        let mut skips = Skips::default();
+        let t0 = std::time::Instant::now();
+        let mut now = t0;
+        let mut rests = Vec::new();
+        for _ in 0..20 {
+            skips.note_at(&failed, now);
+            assert!(skips.undeliverable.contains(&id));
+            let due = skips.release(now).expect("it waits for its next pass");
+            assert!(
+                skips.undeliverable.contains(&id),
+                "not before its rest is over"
+            );
+            rests.push(due - now);
+            now = due;
+            assert_eq!(skips.release(now), None, "nothing else waits");
+            assert!(
+                !skips.undeliverable.contains(&id),
+                "tried again once it is over"
+            );
+        }
+        assert!(rests[0] >= Duration::from_secs(1) && rests[0] <= Duration::from_secs(2));
+        assert!(rests[3] > rests[0], "{rests:?}");
+        assert!(rests.iter().all(|r| *r <= OUTBOX_RETRY.cap), "{rests:?}");
+        assert!(*rests.last().unwrap() >= OUTBOX_RETRY.cap / 2, "{rests:?}");
     }
 }

@@ -2,6 +2,7 @@
 //! machine. See `docs/ARCHITECTURE.md` for the map.
 
 pub mod adapters;
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod crash;

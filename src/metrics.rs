@@ -292,7 +292,7 @@ impl Metrics {
         let notifications = Family::default();
         registry.register(
             "phasegate_notification_deliveries",
-            "Webhook delivery attempts, by outcome (delivered, failed)",
+            "Notification delivery attempts of every channel, by outcome (delivered, failed)",
             notifications.clone(),
         );
         let up: Gauge = Gauge::default();
@@ -1330,6 +1330,7 @@ exclude = ["Break Glass"]
             key: "r:1.0",
             to,
             body: b"{}".to_vec(),
+            about: None,
         };
         let before = parse(&global().render()).unwrap();
         assert_eq!(notifier.deliver(&delivery(&ok)).await.unwrap(), 200);

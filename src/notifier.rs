@@ -31,8 +31,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::adapters::{self, ChannelKind};
-use crate::domain::event::ChannelAddress;
+use crate::domain::event::{ChannelAddress, Message};
 use crate::domain::plan::Diagnostic;
+use crate::domain::rollout::RolloutStatus;
 use crate::retry::{self, Failure, parse_retry_after};
 
 pub const WEBHOOK: ChannelKind = ChannelKind {
@@ -111,12 +112,17 @@ pub fn of(address: &ChannelAddress) -> Result<WebhookAddress, String> {
         .ok_or_else(|| "a webhook without settings".to_string())
 }
 
-/// Where a notification goes, for logs and the audit trail: the URL, redacted.
+/// Where a notification goes, for logs and the audit trail: the URL, redacted (an e-mail
+/// announcement's relay).
 pub fn describe(address: &ChannelAddress) -> String {
-    match of(address) {
-        Ok(webhook) => redact_url(&webhook.url),
-        Err(_) => address.kind().to_string(),
-    }
+    use crate::announce::{email, slack, teams};
+    let described = match address.kind() {
+        email::NAME => email::of(address).map(|e| format!("smtp://{}:{}", e.host, e.port)),
+        teams::NAME => teams::of(address).map(|t| teams::redact_url(&t.url)),
+        slack::NAME => slack::of(address).map(|t| slack::redact_url(&t.url)),
+        _ => of(address).map(|webhook| redact_url(&webhook.url)),
+    };
+    described.unwrap_or_else(|_| address.kind().to_string())
 }
 
 /// A webhook URL as it may be shown (logs, error messages, the audit trail, `status`,
@@ -194,8 +200,20 @@ fn redact(address: &ChannelAddress) -> ChannelAddress {
 pub struct Delivery<'a> {
     pub key: &'a str,
     pub to: &'a ChannelAddress,
-    /// The exact bytes to POST (the same on every attempt).
+    /// The exact bytes a webhook POSTs (the same on every attempt).
     pub body: Vec<u8>,
+    /// An announcement's message and what it is about, for the channels that format their own
+    /// payload (e-mail, Teams, Slack).
+    pub about: Option<About<'a>>,
+}
+
+/// What an announcement tells, and of which rollout.
+#[derive(Clone, Copy, Debug)]
+pub struct About<'a> {
+    pub message: &'a Message,
+    pub rollout: &'a str,
+    pub plan: &'a str,
+    pub status: RolloutStatus,
 }
 
 /// A delivery that did not arrive, with what the retry policy needs to know about it.
@@ -210,7 +228,8 @@ pub struct NotifyError {
 }
 
 impl NotifyError {
-    fn final_(message: String) -> NotifyError {
+    /// A failure trying again will not change.
+    pub fn final_(message: String) -> NotifyError {
         NotifyError {
             message,
             failure: None,
@@ -248,10 +267,10 @@ impl WebhookNotifier {
     }
 }
 
-/// The process's webhook client (one connection pool for every delivery).
-pub fn shared() -> &'static WebhookNotifier {
-    static NOTIFIER: std::sync::OnceLock<WebhookNotifier> = std::sync::OnceLock::new();
-    NOTIFIER.get_or_init(WebhookNotifier::new)
+/// The process's notifier: every channel's adapter, one connection pool for every delivery
+/// (`crate::announce::Channels`).
+pub fn shared() -> &'static dyn Notifier {
+    crate::announce::shared()
 }
 
 impl Default for WebhookNotifier {
@@ -418,6 +437,7 @@ mod tests {
                 key: "r:1.0",
                 to: &to,
                 body: br#"{"status":"held"}"#.to_vec(),
+                about: None,
             };
             let result = notifier.post(&delivery).await;
             assert_eq!(asked.load(Ordering::SeqCst), 1, "{status}");
@@ -451,6 +471,7 @@ mod tests {
                 key: "r:1.0",
                 to: &to,
                 body: b"{}".to_vec(),
+                about: None,
             };
             let result = notifier.post(&delivery).await;
             match status {
@@ -490,6 +511,7 @@ mod tests {
             key: "r:1.0",
             to: &to,
             body: b"{}".to_vec(),
+            about: None,
         };
         let e = WebhookNotifier::new().post(&delivery).await.unwrap_err();
         assert!(

@@ -172,6 +172,21 @@ fn check_plan(plan: &Plan, text: &str) -> Result<(), String> {
         notifier::of(&channel.address).map_err(|e| format!("a webhook does not read back: {e}"))?;
         let _ = adapters::redacted_channel(&channel.address);
     }
+    for announcement in &plan.announcements {
+        let address = &announcement.address;
+        let read_back = match address.kind() {
+            "email" => phasegate::announce::email::of(address).map(drop),
+            "teams" => phasegate::announce::teams::of(address).map(drop),
+            "slack" => phasegate::announce::slack::of(address).map(drop),
+            "webhook" => notifier::of(address).map(drop),
+            other => Err(format!("channel `{other}` accepted")),
+        };
+        read_back.map_err(|e| format!("an announcement's channel does not read back: {e}"))?;
+        if !within(announcement.notice, plan::announce::NOTICE_RANGE) {
+            return Err(format!("notice out of bounds: {announcement:?}"));
+        }
+        let _ = adapters::redacted_channel(address);
+    }
     Ok(())
 }
 
@@ -508,6 +523,22 @@ fn hostile_line() -> impl Strategy<Value = String> {
             "[phase.gate]",
             "[phase.rollback_when]",
             "[[webhook]]",
+            "[[announcement]]",
+            "channel = \"email\"",
+            "channel = \"teams\"",
+            "channel = \"slack\"",
+            "channel = \"webhook\"",
+            "channel = \"\"",
+            "template = \"{plan} {nope} {\"",
+            "template = \"}}{{\"",
+            "subject = \"a\\nb\"",
+            "on = [\"start\", \"start\", \"lunch\"]",
+            "notice = \"31d\"",
+            "addresses = [\"not an address\", \"\"]",
+            "smtp_host = \"\"",
+            "smtp_port = 0",
+            "from = \"<>\"",
+            "tls = \"none\"",
             "[emergency_access]",
             "[[provider]]",
             "[phase]",

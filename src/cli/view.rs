@@ -929,6 +929,7 @@ mod tests {
                 previous: RolloutStatus::Running,
                 reason: "gate failed".into(),
                 at: Timestamp::from_millis(1_767_600_000_000),
+                message: None,
             },
         };
         let trail = vec![record(1, EventKind::Tick, "", vec![notify])];
@@ -963,6 +964,7 @@ mod tests {
                         previous: RolloutStatus::Running,
                         reason: "gate failed".into(),
                         at: Timestamp::from_millis(0),
+                        message: None,
                     },
                 }],
             ),

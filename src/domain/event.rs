@@ -9,6 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::desired::DesiredState;
+use super::plan::Moment;
 use super::rollout::{PhaseObservation, RolloutStatus};
 use super::time::Timestamp;
 
@@ -293,7 +294,28 @@ pub enum Effect {
         previous: RolloutStatus,
         reason: String,
         at: Timestamp,
+        /// An announcement's words (`[[announcement]]`), rendered when its moment was
+        /// committed; a `[[webhook]]` notification has none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<Message>,
     },
+}
+
+/// An announcement as rendered for its moment: the same words on every attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub moment: Moment,
+    pub subject: String,
+    pub text: String,
+    /// The groups told, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// The e-mail addresses told.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// The phase the moment is about, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
 }
 
 impl Effect {
@@ -314,6 +336,19 @@ impl Effect {
     /// Outbox effects never hold up the rollout; configuration effects run strictly in order.
     pub fn is_notification(&self) -> bool {
         matches!(self, Effect::Notify { .. })
+    }
+
+    /// An `[[announcement]]`'s message: tried before any configuration effect, so the
+    /// organisation hears of a change before it is made (one that cannot be delivered is left
+    /// for later and holds nothing up).
+    pub fn is_announcement(&self) -> bool {
+        matches!(
+            self,
+            Effect::Notify {
+                message: Some(_),
+                ..
+            }
+        )
     }
 }
 
@@ -355,6 +390,14 @@ mod tests {
             previous: RolloutStatus::Running,
             reason: String::new(),
             at: Timestamp::from_millis(0),
+            message: Some(Message {
+                moment: Moment::Start,
+                subject: "s".into(),
+                text: "t".into(),
+                groups: vec!["Pilot".into()],
+                addresses: Vec::new(),
+                phase: None,
+            }),
         };
         let text = serde_json::to_string(&effect).unwrap();
         assert!(text.contains(r#""channel":"email""#), "{text}");

@@ -426,6 +426,9 @@ pub struct Rollout {
     /// The write the tenant holds for approval, and since when.
     #[serde(default)]
     pub tenant_approval: Option<(TenantRequest, Timestamp)>,
+    /// The start was announced with a notice period: no first phase is applied before this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice_until: Option<Timestamp>,
     /// Sequence number of the last event applied.
     pub last_seq: u64,
 }
@@ -452,6 +455,7 @@ impl Rollout {
             interrupted: None,
             drift: Vec::new(),
             tenant_approval: None,
+            notice_until: None,
             last_seq: 0,
         }
     }

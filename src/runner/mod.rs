@@ -671,6 +671,8 @@ impl Actor {
         let once = self.shared.settings.once;
         loop {
             let mut wake: Option<Duration> = None;
+            // Undeliverable notifications whose rest is over are tried again (bounded backoff).
+            let retry_at = self.skip.release(Instant::now());
             if self.in_flight.is_none() && !*self.stop.borrow() {
                 match self.step(&engine, &mut loaded) {
                     Ok(Next::Busy) => {}
@@ -701,6 +703,10 @@ impl Actor {
             // Working, sleeping until a deadline, or idle: this rollout is resumed.
             self.start.resuming = None;
             let sleep = wake.map(|d| d.min(Duration::from_secs(30 * 86_400)));
+            let sleep = match (sleep, retry_at) {
+                (Some(d), Some(at)) => Some(d.min(at.saturating_duration_since(Instant::now()))),
+                (sleep, _) => sleep,
+            };
             tokio::select! {
                 biased;
                 Some(command) = self.inbox.recv() => {

@@ -23,13 +23,15 @@ use std::collections::BTreeSet;
 use thiserror::Error;
 
 use super::desired::desired_state;
+use super::event::Message;
 use super::event::{
     DriftChange, DriftResolution, Effect, EffectId, Event, EventKind, PendingEffect, TenantRequest,
     Trigger, TriggerSource,
 };
 use super::forecast::ImpactRecord;
 use super::gate::{self, GateOutcome};
-use super::plan::{Plan, identity_key};
+use super::plan::announce::{self, Facts};
+use super::plan::{Moment, Plan, identity_key};
 use super::rollout::{PhaseObservation, PhaseRecord, PhaseState, Rollout, RolloutStatus};
 use super::time::{Timestamp, format_span};
 
@@ -94,6 +96,7 @@ pub fn step(
     if machine.next.status != rollout.status {
         machine.announce(rollout.status);
     }
+    machine.tell(rollout, &event.kind);
     assert!(
         rollout.status.can_transition_to(machine.next.status),
         "illegal transition {} -> {} on {}",
@@ -151,7 +154,21 @@ pub fn agenda(plan: &Plan, rollout: &Rollout, now: Timestamp) -> Agenda {
     if let Some(expiry) = approval::next_expiry(rollout) {
         wake(expiry, &mut agenda);
     }
+    // The notice's end is a deadline: once it has passed, the tick starts the first phases.
+    if let Some(until) = rollout.notice_until
+        && waiting_for_notice(plan, rollout)
+    {
+        wake(until, &mut agenda);
+    }
     agenda
+}
+
+/// Whether a first phase (one without `after`) has not started yet.
+fn waiting_for_notice(plan: &Plan, rollout: &Rollout) -> bool {
+    plan.phases
+        .iter()
+        .zip(&rollout.phases)
+        .any(|(phase, record)| phase.after.is_empty() && record.state == PhaseState::Pending)
 }
 
 /// The phase an `approve` without `--phase` means: the one awaiting approval, or else the one
@@ -311,8 +328,86 @@ impl Machine<'_> {
         }
         self.next.status = RolloutStatus::Running;
         self.next.reason = format!("started by {}", self.by());
+        let notice = self.plan.notice();
+        if !notice.is_zero() {
+            let until = self.now.plus(notice);
+            self.next.notice_until = Some(until);
+            self.notes.push(format!(
+                "the start is announced; the first phase waits until {} ({} notice)",
+                until.rfc3339(),
+                format_span(notice)
+            ));
+        }
         self.request(Effect::CaptureBaseline);
         Ok(())
+    }
+
+    /// Queues the plan's announcements of what this step did: the start, each phase that
+    /// starts, and the statuses people are told about.
+    fn tell(&mut self, before: &Rollout, kind: &EventKind) {
+        if self.plan.announcements.is_empty() {
+            return;
+        }
+        let mut moments: Vec<(Moment, Option<usize>)> = Vec::new();
+        if matches!(kind, EventKind::Start { .. }) {
+            moments.push((Moment::Start, None));
+        }
+        for (idx, (was, now)) in before.phases.iter().zip(&self.next.phases).enumerate() {
+            if was.state != PhaseState::Applying && now.state == PhaseState::Applying {
+                moments.push((Moment::Phase, Some(idx)));
+            }
+        }
+        if self.next.status != before.status {
+            let moment = match self.next.status {
+                RolloutStatus::WaitingApproval => Some(Moment::Approval),
+                RolloutStatus::Held => Some(Moment::Held),
+                RolloutStatus::Completed => Some(Moment::Completed),
+                RolloutStatus::RolledBack => Some(Moment::RolledBack),
+                RolloutStatus::Aborted => Some(Moment::Aborted),
+                RolloutStatus::Failed => Some(Moment::Failed),
+                _ => None,
+            };
+            moments.extend(moment.map(|m| (m, None)));
+        }
+        for (moment, phase) in moments {
+            let phase =
+                phase.or_else(|| self.next.phases.iter().position(|r| r.state.is_current()));
+            let phase_id = phase.map(|idx| self.plan.phases[idx].id.clone());
+            let first_phase_at = self.next.notice_until.unwrap_or(self.now).rfc3339();
+            for announcement in &self.plan.announcements {
+                if !announcement.on.contains(&moment) {
+                    continue;
+                }
+                let facts = Facts {
+                    rollout: &self.next.id,
+                    plan: &self.plan.name,
+                    description: &self.plan.description,
+                    moment: moment.as_str(),
+                    status: self.next.status.as_str(),
+                    phase: phase_id.as_deref().unwrap_or(""),
+                    groups: announcement.groups.join(", "),
+                    reason: &self.next.reason,
+                    first_phase_at: first_phase_at.clone(),
+                };
+                let message = Message {
+                    moment,
+                    subject: announce::render(&announcement.subject, &facts),
+                    text: announce::render(&announcement.template, &facts),
+                    groups: announcement.groups.clone(),
+                    addresses: announcement.addresses.clone(),
+                    phase: phase_id.clone(),
+                };
+                let effect = Effect::Notify {
+                    to: announcement.address.clone(),
+                    status: self.next.status,
+                    previous: before.status,
+                    reason: self.next.reason.clone(),
+                    at: self.now,
+                    message: Some(message),
+                };
+                self.request(effect);
+            }
+        }
     }
 
     /// Queues a notification for every channel that wants to hear about the new status.
@@ -326,6 +421,7 @@ impl Machine<'_> {
                     previous,
                     reason: self.next.reason.clone(),
                     at: self.now,
+                    message: None,
                 });
             }
         }
@@ -873,11 +969,14 @@ impl Machine<'_> {
             self.judge(idx);
         }
         let mut started = Vec::new();
+        // A start announced with notice: the first phases wait it out.
+        let noticed = self.next.notice_until.is_none_or(|until| self.now >= until);
         for &idx in &self.plan.order {
-            let ready = self.plan.phases[idx]
-                .after
-                .iter()
-                .all(|&p| self.next.phases[p].state == PhaseState::Promoted);
+            let after = &self.plan.phases[idx].after;
+            let ready = (noticed || !after.is_empty())
+                && after
+                    .iter()
+                    .all(|&p| self.next.phases[p].state == PhaseState::Promoted);
             let record = self.record(idx);
             if ready && matches!(record.state, PhaseState::Pending | PhaseState::RolledBack) {
                 record.state = PhaseState::Applying;
@@ -1050,8 +1149,17 @@ impl Machine<'_> {
             .filter(|r| r.state == PhaseState::Applying)
             .map(|r| r.id.as_str())
             .collect();
+        let notice = self
+            .next
+            .notice_until
+            .filter(|&until| self.now < until && waiting_for_notice(plan, &self.next));
         self.next.reason = if !applying.is_empty() {
             format!("applying `{}`", applying.join("`, `"))
+        } else if let Some(until) = notice {
+            format!(
+                "the start is announced; the first phase is applied from {}",
+                until.rfc3339()
+            )
         } else {
             let soaking: Vec<String> = plan
                 .phases
@@ -1087,6 +1195,8 @@ impl Trigger {
     }
 }
 
+#[cfg(test)]
+mod announce_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! that cannot fail. `warnings.rs` finds those; a `Plan` carries them, and a plan checked strictly
 //! (`[rollout] strict = true`, `plan check --strict`) is refused for them.
 
+pub mod announce;
 pub mod approval;
 mod diagnostics;
 mod raw;
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+pub use announce::{Announcement, Moment};
 pub use approval::{ApprovalPolicy, identity_key};
 pub use diagnostics::{Diagnostic, PlanErrors, PlanWarnings, Position, position};
 use raw::{
@@ -277,6 +279,8 @@ pub struct Plan {
     pub channels: Vec<Channel>,
     /// Break-glass accounts every enforcement scope excludes.
     pub emergency_access: EmergencyAccess,
+    /// `[[announcement]]`: who is told what, when, through which channel.
+    pub announcements: Vec<Announcement>,
     /// `[preflight]`: the readiness checks' settings (domains, certificate file, which device
     /// actions the plan accepts), read and checked by `crate::preflight`, never by the domain.
     pub preflight: serde_json::Map<String, serde_json::Value>,
@@ -336,6 +340,17 @@ pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(3 * 24 * 3600);
 pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Plan {
+    /// How long the first phases wait after the start is announced: the longest `notice` of
+    /// the plan's start announcements (none: they start at once).
+    pub fn notice(&self) -> Duration {
+        self.announcements
+            .iter()
+            .filter(|a| a.on.contains(&Moment::Start))
+            .map(|a| a.notice)
+            .max()
+            .unwrap_or_default()
+    }
+
     pub fn phase_index(&self, id: &str) -> Option<usize> {
         self.phases.iter().position(|p| p.id == id)
     }
@@ -637,6 +652,20 @@ impl Checker<'_> {
             .as_mut()
             .map(|t| adapter_settings(std::mem::take(&mut t.preflight)))
             .unwrap_or_default();
+        let known_groups: BTreeSet<String> = raw
+            .phase
+            .iter()
+            .flat_map(|p| {
+                let p = p.get_ref();
+                p.include.get_ref().iter().chain(&p.exclude)
+            })
+            .map(|g| g.get_ref().trim().to_string())
+            .collect();
+        let announcements = self.announcements(
+            &raw.announcement,
+            tables.as_mut().map(|t| std::mem::take(&mut t.announcement)),
+            &known_groups,
+        );
         let mut tables = tables.map(|t| t.webhook.into_iter());
         let channels: Option<Vec<Channel>> = raw
             .webhook
@@ -648,6 +677,7 @@ impl Checker<'_> {
             .collect();
         Some(Plan {
             channels: channels?,
+            announcements: announcements?,
             name: name?,
             description: rollout.description.clone(),
             observe_every: observe_every?,

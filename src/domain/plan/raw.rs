@@ -31,6 +31,9 @@ pub(super) struct RawPlan {
     pub emergency_access: Option<Spanned<RawEmergencyAccess>>,
     /// `[approvers]`: named groups of people a gate may ask for approval.
     pub approvers: Option<Spanned<RawApproverGroups>>,
+    /// `[[announcement]]`: telling the organisation (`announce.rs`).
+    #[serde(default)]
+    pub announcement: Vec<Spanned<RawAnnouncement>>,
 }
 
 /// `[approvers]`: group name → the people in it.
@@ -53,6 +56,34 @@ pub(super) struct RawWebhook {
     pub events: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
+/// The domain's part of an `[[announcement]]` table: when, to whom, with which words. The
+/// other keys belong to the adapter of its `channel`, which checks them (`crate::adapters`).
+#[derive(Debug, Deserialize)]
+pub(super) struct RawAnnouncement {
+    pub channel: Spanned<String>,
+    pub on: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub groups: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub addresses: Vec<Spanned<String>>,
+    pub subject: Option<Spanned<String>>,
+    pub template: Spanned<String>,
+    pub notice: Option<Spanned<String>>,
+}
+
+impl RawAnnouncement {
+    /// The keys the domain reads; every other key of the table is the channel adapter's.
+    pub const DOMAIN_KEYS: &'static [&'static str] = &[
+        "channel",
+        "on",
+        "groups",
+        "addresses",
+        "subject",
+        "template",
+        "notice",
+    ];
+}
+
 /// The tables adapters own, whole: their keys become the adapter's settings.
 #[derive(Debug, PartialEq, Deserialize)]
 pub(super) struct RawAdapterTables {
@@ -62,6 +93,9 @@ pub(super) struct RawAdapterTables {
     /// `[preflight]`: what the readiness checks read (`crate::preflight::settings`).
     #[serde(default)]
     pub preflight: toml::Table,
+    /// `[[announcement]]`, whole: the channel adapter's keys among the domain's.
+    #[serde(default)]
+    pub announcement: Vec<toml::Table>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,7 +196,7 @@ impl Problem {
 }
 
 /// The tables a plan may have.
-const TABLES: [&str; 8] = [
+const TABLES: [&str; 9] = [
     "rollout",
     "policy",
     "provider",
@@ -171,6 +205,7 @@ const TABLES: [&str; 8] = [
     "emergency_access",
     "preflight",
     "approvers",
+    "announcement",
 ];
 
 /// How many problems one table reports before the rest of it is left for the next run.
@@ -228,6 +263,9 @@ pub(super) fn read(source: &str) -> Result<(RawPlan, Option<RawAdapterTables>), 
     let approvers = root
         .remove("approvers")
         .map(|v| typed::<RawApproverGroups>(v, &mut problems));
+    let announcement = root
+        .remove("announcement")
+        .map(|v| each::<RawAnnouncement>(v, &mut problems));
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -240,12 +278,13 @@ pub(super) fn read(source: &str) -> Result<(RawPlan, Option<RawAdapterTables>), 
         webhook: webhook.unwrap_or(Some(Vec::new())).expect(missing),
         emergency_access: emergency_access.map(|e| e.expect(missing)),
         approvers: approvers.map(|a| a.expect(missing)),
+        announcement: announcement.unwrap_or(Some(Vec::new())).expect(missing),
     };
     Ok((plan, adapter_tables))
 }
 
 /// The top-level tables [`RawAdapterTables`] reads.
-const ADAPTER_TABLES: &[&str] = &["provider", "webhook", "preflight"];
+const ADAPTER_TABLES: &[&str] = &["provider", "webhook", "preflight", "announcement"];
 
 /// The adapters' tables, read from the document already parsed.
 fn adapter_tables(root: &DeTable<'_>) -> Option<RawAdapterTables> {
