@@ -11,7 +11,9 @@
 //! (`[rollout] strict = true`, `plan check --strict`) is refused for them.
 
 pub mod approval;
+pub mod change;
 mod diagnostics;
+pub mod freeze;
 mod raw;
 mod warnings;
 
@@ -277,6 +279,8 @@ pub struct Plan {
     pub channels: Vec<Channel>,
     /// Break-glass accounts every enforcement scope excludes.
     pub emergency_access: EmergencyAccess,
+    /// `[[freeze]]`: windows in which no phase is promoted.
+    pub freezes: Vec<freeze::FreezeWindow>,
     /// `[preflight]`: the readiness checks' settings (domains, certificate file, which device
     /// actions the plan accepts), read and checked by `crate::preflight`, never by the domain.
     pub preflight: serde_json::Map<String, serde_json::Value>,
@@ -631,6 +635,7 @@ impl Checker<'_> {
                 .is_some();
         }
         let emergency_access = self.emergency_access(raw.emergency_access.as_ref());
+        let freezes = self.freezes(&raw.freeze, &approver_groups);
         if let (Some((phases, _)), Some(emergency)) = (&phases, &emergency_access) {
             self.emergency_scopes(rollout_span.clone(), phases, emergency, &raw_spans);
         }
@@ -662,6 +667,7 @@ impl Checker<'_> {
                 notification_template,
             },
             emergency_access: emergency_access?,
+            freezes: freezes?,
             preflight,
             provider: provider?,
             order: phases.as_ref()?.1.clone(),

@@ -31,6 +31,31 @@ pub(super) struct RawPlan {
     pub emergency_access: Option<Spanned<RawEmergencyAccess>>,
     /// `[approvers]`: named groups of people a gate may ask for approval.
     pub approvers: Option<Spanned<RawApproverGroups>>,
+    /// `[[freeze]]`: windows in which no phase is promoted.
+    #[serde(default)]
+    pub freeze: Vec<Spanned<RawFreeze>>,
+}
+
+/// A `[[freeze]]` window: one of `weekly`, `from`/`to` or `dates`, in `time_zone`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFreeze {
+    pub name: Spanned<String>,
+    pub time_zone: Option<Spanned<String>>,
+    pub weekly: Option<Spanned<RawWeekly>>,
+    pub from: Option<Spanned<String>>,
+    pub to: Option<Spanned<String>>,
+    pub dates: Option<Spanned<Vec<Spanned<String>>>>,
+    pub override_by: Option<Spanned<Vec<Spanned<String>>>>,
+    pub override_groups: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `weekly = { from = "fri 12:00", to = "mon 06:00" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWeekly {
+    pub from: Spanned<String>,
+    pub to: Spanned<String>,
 }
 
 /// `[approvers]`: group name → the people in it.
@@ -162,7 +187,7 @@ impl Problem {
 }
 
 /// The tables a plan may have.
-const TABLES: [&str; 8] = [
+const TABLES: [&str; 9] = [
     "rollout",
     "policy",
     "provider",
@@ -171,6 +196,7 @@ const TABLES: [&str; 8] = [
     "emergency_access",
     "preflight",
     "approvers",
+    "freeze",
 ];
 
 /// How many problems one table reports before the rest of it is left for the next run.
@@ -224,6 +250,9 @@ pub(super) fn read(source: &str) -> Result<RawPlan, Vec<Problem>> {
     let approvers = root
         .remove("approvers")
         .map(|v| typed::<RawApproverGroups>(v, &mut problems));
+    let freeze = root
+        .remove("freeze")
+        .map(|v| each::<RawFreeze>(v, &mut problems));
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -236,6 +265,7 @@ pub(super) fn read(source: &str) -> Result<RawPlan, Vec<Problem>> {
         webhook: webhook.unwrap_or(Some(Vec::new())).expect(missing),
         emergency_access: emergency_access.map(|e| e.expect(missing)),
         approvers: approvers.map(|a| a.expect(missing)),
+        freeze: freeze.unwrap_or(Some(Vec::new())).expect(missing),
     })
 }
 
