@@ -356,7 +356,7 @@ fn through_the_api_a_plan_change_is_applied_and_approved_by_the_tokens_identitie
         &operator,
         Some(&json!({"plan": example(), "id": "api-1", "file": "windows.toml"})),
     );
-    assert_eq!(status, 200, "{started}");
+    assert_eq!(status, 201, "{started}");
     let wait_for = |what: &dyn Fn(&Value) -> bool| {
         for _ in 0..600 {
             let (_, view) = serve.call("GET", "/api/v1/rollouts/api-1", &viewer, None);
