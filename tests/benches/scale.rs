@@ -817,7 +817,7 @@ fn reopen_child(mode: &str, dir: &Path) {
         let t = Instant::now();
         let loaded = engine::load_stored(&store, stored).expect("the rollout loads");
         assert!(
-            !engine::plan_file_changed(&loaded.plan_record, &loaded.stored.rollout.plan_hash),
+            !engine::plan_file_changed(&loaded.plan_record, &loaded.stored.rollout),
             "no plan change to adopt"
         );
         loading += t.elapsed();
