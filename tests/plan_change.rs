@@ -324,6 +324,60 @@ fn a_promotion_due_inside_a_freeze_window_waits_until_the_window_ends() {
     );
 }
 
+/// A person the window names lets a due promotion through a freeze, with a reason; anyone else
+/// is refused; the override is in `history`.
+#[test]
+fn a_named_person_overrides_a_freeze_and_the_override_is_recorded() {
+    let pg = Phasegate::offline();
+    let id = waiting(&pg, |t| {
+        t.replace(
+            "[[phase]]\nid = \"pilot\"",
+            "[approvers]\ncab = [\"Dora\"]\n\n[[freeze]]\nname = \"weekend\"\ntime_zone = \"Europe/Berlin\"\nweekly = { from = \"fri 12:00\", to = \"mon 06:00\" }\noverride_groups = [\"cab\"]\n\n[[phase]]\nid = \"pilot\"",
+        )
+        .replacen(
+            "min_reporting = \"95%\"\nmax_error_ratio = \"2%\"",
+            "min_reporting = \"95%\"\nmax_error_ratio = \"2%\"\napprovals = 1",
+            1,
+        )
+    });
+    let out = pg.run(&["approve", &id, "--by", "bob"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(pg.status(&id)["frozen"].is_object());
+    let out = pg.run(&[
+        "freeze", "override", &id, "--by", "bob", "--reason", "urgent",
+    ]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("bob may not override freeze window `weekend`; who may: group cab"),
+        "{}",
+        stderr(&out)
+    );
+    let out = pg.run(&[
+        "freeze",
+        "override",
+        &id,
+        "--by",
+        "DORA",
+        "--reason",
+        "CAB-7 security fix",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(
+        phase(&status, "report-only")["state"],
+        "promoted",
+        "{status}"
+    );
+    assert!(status["frozen"].is_null());
+    let notes = trail(&pg, &id);
+    assert!(
+        notes.iter().any(|n| n.starts_with(
+            "dora overrides freeze window `weekend` until 2026-01-12T05:00:00Z (Mon 2026-01-12 06:00 Europe/Berlin): CAB-7 security fix"
+        )),
+        "{notes:?}"
+    );
+}
+
 /// Through the daemon's API the identity is the token's: an operator applies a weakening plan,
 /// an approver approves it, and the trail names both.
 #[test]
