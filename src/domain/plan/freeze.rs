@@ -705,8 +705,8 @@ mod tests {
             until(&span, "2026-12-23T17:00:00Z").as_deref(),
             Some("2027-01-04T05:00:00Z")
         );
-        // The weekend of 2027-01-01 runs into the span, and the span into the next weekend's
-        // start? No: it ends Monday 06:00, the weekend before it ends then too.
+        // Before the span a weekend ends on its own; inside the span a weekend's end is the
+        // span's too, so the freeze ends once, on Monday 06:00.
         let both = [weekend(), span];
         let frozen = frozen_at(&both, at("2026-12-18T12:00:00Z")).unwrap();
         assert_eq!(frozen.until.rfc3339(), "2026-12-21T05:00:00Z");
