@@ -99,10 +99,55 @@ pub fn load_stored(store: &Store, stored: StoredRollout) -> Result<Loaded, Engin
     })
 }
 
-/// Whether the file a rollout's plan came from now holds another plan than `running` (the hash
-/// of the plan the rollout runs). An unreadable file is no change: the stored plan runs on.
-pub fn plan_file_changed(record: &PlanRecord, running: &str) -> bool {
-    plan_file_hash(&record.path).is_some_and(|now| now != running)
+/// Whether the rollout's plan file needs a look from its actor: it holds another plan than
+/// `running` (the hash of the plan the rollout runs), other than the one `recorded` as changed
+/// outside phasegate or the one `waiting` for approval; or it holds `running` again while a
+/// change is recorded. An unreadable file is no change: the stored plan runs on.
+pub fn plan_file_differs(
+    record: &PlanRecord,
+    running: &str,
+    recorded: Option<&str>,
+    waiting: Option<&str>,
+) -> bool {
+    file_differs(
+        plan_file_hash(&record.path).as_deref(),
+        running,
+        recorded,
+        waiting,
+    )
+}
+
+/// [`plan_file_differs`], given the hash of what the file holds now (`None`: unreadable).
+fn file_differs(
+    now: Option<&str>,
+    running: &str,
+    recorded: Option<&str>,
+    waiting: Option<&str>,
+) -> bool {
+    now.is_some_and(|hash| {
+        if hash == running {
+            recorded.is_some()
+        } else {
+            recorded != Some(hash) && waiting != Some(hash)
+        }
+    })
+}
+
+/// Whether the actor of `rollout` has a plan to look at: an approved change to adopt, or a plan
+/// file that changed (see [`plan_file_differs`]).
+pub fn plan_file_changed(record: &PlanRecord, rollout: &Rollout) -> bool {
+    changed_given(plan_file_hash(&record.path).as_deref(), rollout)
+}
+
+/// [`plan_file_changed`], given the hash of what the file holds now.
+fn changed_given(now: Option<&str>, rollout: &Rollout) -> bool {
+    rollout.plan_change.as_ref().is_some_and(|c| c.approved)
+        || file_differs(
+            now,
+            &rollout.plan_hash,
+            rollout.plan_file.as_ref().map(|f| f.plan_hash.as_str()),
+            rollout.plan_change.as_ref().map(|c| c.plan_hash.as_str()),
+        )
 }
 
 /// The hash of the plan a file holds now, `None` if it cannot be read.
@@ -112,31 +157,49 @@ fn plan_file_hash(path: &str) -> Option<String> {
         .map(|source| plan::hash_source(&source))
 }
 
-/// [`plan_file_changed`] for many rollouts at once (a resume): each file is read once, however
-/// many rollouts run a plan from it. A file edited during the pass is seen as it was when first
-/// read, as if the pass had looked at every rollout in that instant.
+/// [`plan_file_changed`] and [`plan_file_differs`] for many rollouts at once (a resume): each
+/// file is read once, however many rollouts run a plan from it. A file edited during the pass is
+/// seen as it was when first read, as if the pass had looked at every rollout in that instant.
 #[derive(Default)]
 pub struct PlanFiles {
     read: std::sync::Mutex<std::collections::HashMap<String, Option<String>>>,
 }
 
 impl PlanFiles {
-    pub fn changed(&self, record: &PlanRecord, running: &str) -> bool {
+    pub fn changed(&self, record: &PlanRecord, rollout: &Rollout) -> bool {
+        changed_given(self.hash(&record.path).as_deref(), rollout)
+    }
+
+    pub fn differs(
+        &self,
+        record: &PlanRecord,
+        running: &str,
+        recorded: Option<&str>,
+        waiting: Option<&str>,
+    ) -> bool {
+        file_differs(
+            self.hash(&record.path).as_deref(),
+            running,
+            recorded,
+            waiting,
+        )
+    }
+
+    fn hash(&self, path: &str) -> Option<String> {
         let known = self
             .read
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&record.path)
+            .get(path)
             .cloned();
-        let now = known.unwrap_or_else(|| {
-            let now = plan_file_hash(&record.path);
+        known.unwrap_or_else(|| {
+            let now = plan_file_hash(path);
             self.read
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(record.path.clone(), now.clone());
+                .insert(path.to_string(), now.clone());
             now
-        });
-        now.is_some_and(|now| now != running)
+        })
     }
 }
 
@@ -256,7 +319,27 @@ impl Engine<'_> {
                 EngineError::Invalid(format!("refusing an inconsistent transition: {e}"))
             })?;
         let plan_record =
-            matches!(event.kind, EventKind::PlanChanged { .. }).then_some(&loaded.plan_record);
+            matches!(event.kind, EventKind::PlanChanged { .. }).then(|| loaded.plan_record.clone());
+        self.commit_transition(
+            loaded,
+            transition,
+            event,
+            now,
+            provider_record,
+            plan_record.as_ref(),
+        )
+    }
+
+    /// Commits a transition with what is attached to it (a plan's text, the provider's record).
+    fn commit_transition(
+        &self,
+        loaded: &mut Loaded,
+        transition: machine::Transition,
+        event: Event,
+        now: Timestamp,
+        provider_record: Option<&serde_json::Value>,
+        plan_record: Option<&PlanRecord>,
+    ) -> Result<Option<EventRecord>, EngineError> {
         let record = event_record(&loaded.stored.rollout, &transition, event, now);
         crash::point("commit.before");
         let record = self.store.commit(
@@ -314,61 +397,175 @@ impl Engine<'_> {
                 "rollout `{other}` now drives {resource}; `{id}` completed and can no longer change it"
             )));
         }
+        let approves_plan = matches!(kind, EventKind::PlanChangeApproved { .. });
         let event = Event {
             kind,
             trigger: Trigger::user(by, reason),
         };
         let now = now.max(loaded.stored.rollout.updated_at);
-        self.apply(loaded, event, now, None)
+        let record = self.apply(loaded, event, now, None)?;
+        if approves_plan && let Some(adopted) = self.adopt_approved_plan(loaded, now)? {
+            return Ok(Some(adopted));
+        }
+        Ok(record)
     }
 
-    /// Picks up a changed plan file; errors leave the rollout untouched.
+    /// A person applies the plan in `source` (read from `path`) to a running rollout. One that
+    /// weakens nothing is adopted at once; one that weakens the plan in force waits for approval
+    /// under it (`domain::machine::plan_change`). Either way the audit trail names `by`.
+    pub fn apply_plan(
+        &self,
+        loaded: &mut Loaded,
+        path: &str,
+        source: String,
+        by: &str,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let new_plan = crate::adapters::parse_plan(path, &source).map_err(EngineError::Plan)?;
+        let record = PlanRecord {
+            path: path.to_string(),
+            source,
+            hash: new_plan.hash.clone(),
+        };
+        if record.hash == loaded.stored.rollout.plan_hash {
+            return Err(EngineError::Invalid(format!(
+                "rollout `{}` already runs this plan",
+                loaded.stored.rollout.id
+            )));
+        }
+        let now = now.max(loaded.stored.rollout.updated_at);
+        let trigger = Trigger::user(by, reason);
+        let adopt = Event {
+            kind: EventKind::PlanChanged {
+                plan_hash: new_plan.hash.clone(),
+            },
+            trigger: trigger.clone(),
+        };
+        // Whether the rollout could run the new plan at all, before anything is recorded.
+        let adopted = machine::step(&new_plan, &loaded.stored.rollout, &adopt, now)?;
+        let weakens = plan::change::weakenings(&loaded.plan, &new_plan);
+        if weakens.is_empty() {
+            adopted.rollout.check_invariants(&new_plan).map_err(|e| {
+                EngineError::Invalid(format!("refusing an inconsistent transition: {e}"))
+            })?;
+            let old = std::mem::replace(&mut loaded.plan, new_plan);
+            let old_record = std::mem::replace(&mut loaded.plan_record, record);
+            let plan_record = loaded.plan_record.clone();
+            let result =
+                self.commit_transition(loaded, adopted, adopt, now, None, Some(&plan_record));
+            if result.is_err() {
+                loaded.plan = old;
+                loaded.plan_record = old_record;
+            }
+            return result;
+        }
+        let event = Event {
+            kind: EventKind::PlanChangeProposed {
+                plan_hash: new_plan.hash.clone(),
+                weakens,
+            },
+            trigger,
+        };
+        let transition = machine::step(&loaded.plan, &loaded.stored.rollout, &event, now)?;
+        self.commit_transition(loaded, transition, event, now, None, Some(&record))
+    }
+
+    /// Adopts the plan change that was approved, if one waits: the plan's text is the store's,
+    /// kept when it was applied. Run after an approval, and when a rollout is loaded to drive (a
+    /// crash between the approval and the adoption leaves it to do).
+    pub fn adopt_approved_plan(
+        &self,
+        loaded: &mut Loaded,
+        now: Timestamp,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let Some(change) = loaded
+            .stored
+            .rollout
+            .plan_change
+            .clone()
+            .filter(|c| c.approved)
+        else {
+            return Ok(None);
+        };
+        let id = loaded.stored.rollout.id.clone();
+        let record = self.store.plan(&id, &change.plan_hash)?;
+        let new_plan = stored_plan(&record).map_err(EngineError::Plan)?;
+        let names: Vec<&str> = change.approvals.iter().map(|a| a.by.as_str()).collect();
+        let event = Event {
+            kind: EventKind::PlanChanged {
+                plan_hash: change.plan_hash.clone(),
+            },
+            trigger: Trigger::new(
+                TriggerSource::Internal,
+                &self.actor,
+                format!(
+                    "the plan change applied by {} is approved by {}",
+                    change.by,
+                    names.join(", ")
+                ),
+            ),
+        };
+        let old = std::mem::replace(&mut loaded.plan, new_plan);
+        let old_record = std::mem::replace(&mut loaded.plan_record, record);
+        let now = now.max(loaded.stored.rollout.updated_at);
+        let result = self.apply(loaded, event, now, None);
+        if result.is_err() {
+            loaded.plan = old;
+            loaded.plan_record = old_record;
+        }
+        result
+    }
+
+    /// Looks at the rollout's plan file: one edited behind phasegate's back is recorded (with a
+    /// warning in the log and the audit trail) and never adopted; a person applies a plan with
+    /// [`Engine::apply_plan`]. Also adopts a plan change that was approved and not yet adopted.
     pub fn notice_plan_change(
         &self,
         loaded: &mut Loaded,
         now: Timestamp,
         observer: Observer<'_>,
     ) -> Result<(), EngineError> {
+        if let Some(record) = self.adopt_approved_plan(loaded, now)? {
+            observer(&loaded.plan, &loaded.stored.rollout, &record);
+        }
         let path = loaded.plan_record.path.clone();
         let Ok(source) = std::fs::read_to_string(&path) else {
             tracing::debug!(%path, "plan file not readable; running the stored plan");
             return Ok(());
         };
         let hash = plan::hash_source(&source);
-        if hash == loaded.stored.rollout.plan_hash {
+        let rollout = &loaded.stored.rollout;
+        let known = rollout.plan_file.as_ref().map(|f| f.plan_hash.as_str());
+        let waiting = rollout.plan_change.as_ref().map(|c| c.plan_hash.as_str());
+        if hash == rollout.plan_hash && known.is_none() {
             return Ok(());
         }
-        let new_plan = crate::adapters::parse_plan(&path, &source).map_err(EngineError::Plan)?;
-        let old = std::mem::replace(&mut loaded.plan, new_plan);
-        let old_record = std::mem::replace(
-            &mut loaded.plan_record,
-            PlanRecord {
-                path: path.clone(),
-                source,
-                hash: hash.clone(),
-            },
-        );
+        if hash != rollout.plan_hash {
+            if known == Some(hash.as_str()) || waiting == Some(hash.as_str()) {
+                return Ok(());
+            }
+            tracing::warn!(
+                rollout = %rollout.id,
+                %path,
+                "the plan file was changed outside phasegate; it is not adopted (apply it with `phasegate plan apply`)"
+            );
+        }
         let event = Event {
-            kind: EventKind::PlanChanged { plan_hash: hash },
+            kind: EventKind::PlanFileChanged {
+                plan_hash: hash,
+                path: path.clone(),
+            },
             trigger: Trigger::new(
                 TriggerSource::Internal,
                 &self.actor,
                 format!("{path} changed"),
             ),
         };
-        match self.apply(loaded, event, now, None) {
-            Ok(record) => {
-                if let Some(record) = record {
-                    observer(&loaded.plan, &loaded.stored.rollout, &record);
-                }
-                Ok(())
-            }
-            Err(err) => {
-                loaded.plan = old;
-                loaded.plan_record = old_record;
-                Err(err)
-            }
+        if let Some(record) = self.apply(loaded, event, now, None)? {
+            observer(&loaded.plan, &loaded.stored.rollout, &record);
         }
+        Ok(())
     }
 
     /// Drives one rollout as far as `pace` allows, one piece of work after another.
@@ -1096,22 +1293,22 @@ mod tests {
         };
         let first = plan::hash_source("first");
         let files = PlanFiles::default();
-        assert!(!files.changed(&record(&first), &first));
-        assert!(files.changed(&record("older"), "older"));
+        assert!(!files.differs(&record(&first), &first, None, None));
+        assert!(files.differs(&record("older"), "older", None, None));
         std::fs::write(&path, "second").unwrap();
         assert!(
-            !files.changed(&record(&first), &first),
+            !files.differs(&record(&first), &first, None, None),
             "read once per pass"
         );
         assert!(
-            plan_file_changed(&record(&first), &first),
+            plan_file_differs(&record(&first), &first, None, None),
             "a new reading sees the edit"
         );
         let gone = PlanRecord {
             path: dir.path().join("gone.toml").display().to_string(),
             ..record(&first)
         };
-        assert!(!PlanFiles::default().changed(&gone, &first));
+        assert!(!PlanFiles::default().differs(&gone, &first, None, None));
     }
 
     /// A backend on a real (here: hand-moved) clock whose every device fails the policy.

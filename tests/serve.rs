@@ -367,7 +367,14 @@ fn the_openapi_document_lists_exactly_the_routes_served() {
         }
     }
     // And nothing served under /api/v1 is missing from the document.
-    for (method, path) in [("GET", "/api/v1/rollouts"), ("POST", "/api/v1/plans/check")] {
+    for (method, path) in [
+        ("GET", "/api/v1/rollouts"),
+        ("POST", "/api/v1/plans/check"),
+        ("POST", "/api/v1/rollouts/{id}/plan"),
+        ("POST", "/api/v1/rollouts/{id}/plan/approve"),
+        ("POST", "/api/v1/rollouts/{id}/plan/reject"),
+        ("POST", "/api/v1/rollouts/{id}/freeze-override"),
+    ] {
         assert!(paths.contains_key(path) && paths[path].get(method.to_lowercase()).is_some());
     }
     drop(serve);

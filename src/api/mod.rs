@@ -70,6 +70,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/rollouts/{id}/rollback", post(rollback))
         .route("/api/v1/rollouts/{id}/abort", post(abort))
         .route("/api/v1/rollouts/{id}/drift", post(drift))
+        .route("/api/v1/rollouts/{id}/plan", post(apply_plan))
+        .route("/api/v1/rollouts/{id}/plan/approve", post(approve_plan))
+        .route("/api/v1/rollouts/{id}/plan/reject", post(reject_plan))
+        .route(
+            "/api/v1/rollouts/{id}/freeze-override",
+            post(override_freeze),
+        )
         .route("/api/v1/plans/check", post(check_plan))
         .route("/api/v1/export", get(export))
         .route("/api/v1/tokens", get(tokens).post(create_token))
@@ -291,6 +298,19 @@ struct Decision {
     reason: String,
     to: Option<String>,
     decision: Option<String>,
+    by: Option<String>,
+    /// The plan change decided on (its hash, or the start of it); default: the one waiting.
+    plan: Option<String>,
+}
+
+/// `POST /rollouts/{id}/plan`: a plan to apply to a running rollout.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanApply {
+    plan: String,
+    file: Option<String>,
+    #[serde(default)]
+    reason: String,
     by: Option<String>,
 }
 
@@ -575,6 +595,102 @@ fn strictness(strict: Option<bool>) -> Strictness {
 fn checked(file: &str, text: &str, strictness: Strictness) -> Value {
     let checked = crate::adapters::check_plan(file, text, strictness);
     json!(crate::cli::view::plan_check(file, text, &checked))
+}
+
+async fn apply_plan(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult {
+    require(
+        &caller,
+        caller.role.can_operate(),
+        "applying a plan",
+        "operator or admin",
+    )?;
+    let body: PlanApply = body.required()?;
+    let by = actor(&caller, body.by.as_deref())?;
+    state.store.rollout(&id)?;
+    let file = body.file.unwrap_or_else(|| "plan.toml".into());
+    let record = state
+        .handle
+        .apply_plan(&id, &file, body.plan, &by, &body.reason)
+        .await?;
+    let mut view = view_of(&state.store, &id)?;
+    view["recorded"] = json!(record.map(|r| json!({"seq": r.seq, "notes": r.notes})));
+    Ok(Json(view).into_response())
+}
+
+async fn approve_plan(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult {
+    require(
+        &caller,
+        caller.role.can_approve(),
+        "approving a plan change",
+        "approver or admin",
+    )?;
+    let d = body.decision()?;
+    let by = actor(&caller, d.by.as_deref())?;
+    let loaded = engine::load(&state.store, &id)?;
+    let plan_hash = machine::waiting_plan_change(&loaded.stored.rollout, d.plan.as_deref())
+        .map_err(EngineError::from)?;
+    let reason = d.comment.clone().unwrap_or_default();
+    let kind = EventKind::PlanChangeApproved {
+        plan_hash,
+        ticket: d.ticket,
+        comment: d.comment,
+    };
+    command(&state, &id, kind, &by, &reason).await
+}
+
+async fn reject_plan(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult {
+    require(
+        &caller,
+        caller.role.can_approve() || caller.role.can_operate(),
+        "turning down a plan change",
+        "approver, operator or admin",
+    )?;
+    let d = body.decision()?;
+    let by = actor(&caller, d.by.as_deref())?;
+    let loaded = engine::load(&state.store, &id)?;
+    if d.reason.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "turning down a plan change needs a `reason`",
+        ));
+    }
+    let plan_hash = machine::waiting_plan_change(&loaded.stored.rollout, d.plan.as_deref())
+        .map_err(EngineError::from)?;
+    let kind = EventKind::PlanChangeRejected { plan_hash };
+    command(&state, &id, kind, &by, &d.reason).await
+}
+
+async fn override_freeze(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult {
+    require(
+        &caller,
+        caller.role.can_approve(),
+        "overriding a freeze",
+        "approver or admin",
+    )?;
+    let d = body.decision()?;
+    let by = actor(&caller, d.by.as_deref())?;
+    state.store.rollout(&id)?;
+    command(&state, &id, EventKind::FreezeOverridden, &by, &d.reason).await
 }
 
 async fn check_plan(_caller: Caller, body: Body) -> ApiResult {

@@ -963,6 +963,120 @@ pub async fn simple(
     submit(ctx, id, by, reason, (action, body), |_| Ok(kind)).await
 }
 
+pub async fn plan_approve(
+    ctx: &Context,
+    id: &str,
+    by: &str,
+    plan: Option<String>,
+    ticket: Option<String>,
+    comment: Option<String>,
+) -> CommandResult {
+    let reason = comment.clone().unwrap_or_default();
+    let body = serde_json::json!({"plan": plan, "ticket": ticket, "comment": comment});
+    submit(ctx, id, by, &reason, ("plan/approve", body), |loaded| {
+        Ok(EventKind::PlanChangeApproved {
+            plan_hash: machine::waiting_plan_change(&loaded.stored.rollout, plan.as_deref())?,
+            ticket,
+            comment,
+        })
+    })
+    .await
+}
+
+pub async fn plan_reject(
+    ctx: &Context,
+    id: &str,
+    by: &str,
+    plan: Option<String>,
+    reason: &str,
+) -> CommandResult {
+    let body = serde_json::json!({"plan": plan});
+    submit(ctx, id, by, reason, ("plan/reject", body), |loaded| {
+        Ok(EventKind::PlanChangeRejected {
+            plan_hash: machine::waiting_plan_change(&loaded.stored.rollout, plan.as_deref())?,
+        })
+    })
+    .await
+}
+
+pub async fn freeze_override(ctx: &Context, id: &str, by: &str, reason: &str) -> CommandResult {
+    let body = serde_json::json!({});
+    submit(ctx, id, by, reason, ("freeze-override", body), |_| {
+        Ok(EventKind::FreezeOverridden)
+    })
+    .await
+}
+
+/// `plan apply`: through the daemon's API when one holds the store, else directly.
+pub async fn plan_apply(
+    ctx: &Context,
+    id: &str,
+    file: &Path,
+    by: &str,
+    reason: &str,
+) -> CommandResult {
+    let source = std::fs::read_to_string(file)
+        .map_err(|e| Failure::invalid(format!("{}: cannot read the plan: {e}", file.display())))?;
+    let path = file.display().to_string();
+    if let Some(remote) = ctx.remote()? {
+        let mut body = serde_json::json!({"plan": source, "file": path, "reason": reason});
+        if remote.local {
+            body["by"] = serde_json::json!(by);
+        }
+        let view = remote
+            .post(&format!("/api/v1/rollouts/{id}/plan"), &body)
+            .await?;
+        print_decision(ctx, id, &view);
+        return Ok(exit::OK);
+    }
+    let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
+    let mut loaded = engine::load(&store, id)?;
+    let now = provider::offline_now(&loaded.plan.provider, &store, &loaded)
+        .unwrap_or(loaded.stored.rollout.updated_at);
+    let engine = engine(&store, "cli");
+    let record = engine.apply_plan(&mut loaded, &path, source, by, reason, now)?;
+    let loaded = engine::load(&store, id)?;
+    print_local(ctx, &loaded, record.as_ref());
+    Ok(exit::OK)
+}
+
+/// A decision's answer from the daemon: its notes and where the rollout stands.
+fn print_decision(ctx: &Context, id: &str, view: &serde_json::Value) {
+    match ctx.output {
+        Output::Json => print_json(view),
+        Output::Text => {
+            for note in view["recorded"]["notes"].as_array().into_iter().flatten() {
+                say!("· {}", note.as_str().unwrap_or(""));
+            }
+            say!(
+                "{}: {} — {}",
+                view["id"].as_str().unwrap_or(id),
+                view["status"].as_str().unwrap_or(""),
+                view["reason"].as_str().unwrap_or("")
+            );
+        }
+    }
+}
+
+/// A decision recorded here: its notes and where the rollout stands.
+fn print_local(ctx: &Context, loaded: &engine::Loaded, record: Option<&EventRecord>) {
+    match ctx.output {
+        Output::Json => print_json(&rollout_view(&loaded.plan, &loaded.stored.rollout)),
+        Output::Text => {
+            let rollout = &loaded.stored.rollout;
+            if let Some(record) = record {
+                for note in &record.notes {
+                    say!("· {note}");
+                }
+            }
+            say!("{}: {} — {}", rollout.id, rollout.status, rollout.reason);
+            if !rollout.pending.is_empty() {
+                say!("`phasegate run {}` carries out the change", rollout.id);
+            }
+        }
+    }
+}
+
 /// Applies a person's command and shows where the rollout stands: through the daemon's API when
 /// one holds the store, else directly — recorded without contacting the backend either way.
 async fn submit(

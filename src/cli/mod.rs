@@ -85,6 +85,9 @@ enum Command {
     /// Check or show rollout plans
     #[command(subcommand)]
     Plan(PlanCommand),
+    /// Freeze windows: override the one in force
+    #[command(subcommand)]
+    Freeze(FreezeCommand),
     /// Create a rollout from a plan; prints its id
     Start {
         /// The plan file
@@ -442,6 +445,67 @@ enum PlanCommand {
         #[arg(long, value_enum, default_value_t = ShowFormat::Text)]
         format: ShowFormat,
     },
+    /// Apply a plan file to a running rollout: adopted at once if it weakens nothing, else it
+    /// waits for approval under the plan in force
+    Apply {
+        /// The rollout's id
+        id: String,
+        /// The plan file
+        file: PathBuf,
+        /// Who does it, as the audit trail records [default: the OS user]
+        #[arg(long)]
+        by: Option<String>,
+        /// Why, for the audit trail
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Approve the plan change waiting on a rollout
+    Approve {
+        /// The rollout's id
+        id: String,
+        /// Who does it, as the audit trail records [default: the OS user]
+        #[arg(long)]
+        by: Option<String>,
+        /// The plan change's hash (or its first 8+ digits) as shown [default: the one waiting]
+        #[arg(long)]
+        plan: Option<String>,
+        /// Change ticket or request reference
+        #[arg(long)]
+        ticket: Option<String>,
+        /// A comment for the audit trail
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Turn down (or, as whoever applied it, withdraw) the plan change waiting on a rollout
+    Reject {
+        /// The rollout's id
+        id: String,
+        /// Who does it, as the audit trail records [default: the OS user]
+        #[arg(long)]
+        by: Option<String>,
+        /// The plan change's hash (or its first 8+ digits) [default: the one waiting]
+        #[arg(long)]
+        plan: Option<String>,
+        /// Why, for the audit trail
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FreezeCommand {
+    /// Let due promotions through the freeze window in force until it ends (a person the window
+    /// names in `override_by`/`override_groups`; recorded with the reason)
+    Override {
+        /// The rollout's id
+        id: String,
+        /// Who does it, as the audit trail records [default: the OS user]
+        #[arg(long)]
+        by: Option<String>,
+        /// Why, for the audit trail
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -562,6 +626,28 @@ async fn dispatch(cli: Cli) -> CommandResult {
         }
         Command::Plan(PlanCommand::Show { file, format }) => {
             commands::plan_show(&ctx, &file, format == ShowFormat::Dot)
+        }
+        Command::Plan(PlanCommand::Apply {
+            id,
+            file,
+            by,
+            reason,
+        }) => commands::plan_apply(&ctx, &id, &file, &by_or_user(by)?, &reason).await,
+        Command::Plan(PlanCommand::Approve {
+            id,
+            by,
+            plan,
+            ticket,
+            comment,
+        }) => commands::plan_approve(&ctx, &id, &by_or_user(by)?, plan, ticket, comment).await,
+        Command::Plan(PlanCommand::Reject {
+            id,
+            by,
+            plan,
+            reason,
+        }) => commands::plan_reject(&ctx, &id, &by_or_user(by)?, plan, &reason).await,
+        Command::Freeze(FreezeCommand::Override { id, by, reason }) => {
+            commands::freeze_override(&ctx, &id, &by_or_user(by)?, &reason).await
         }
         Command::Start {
             file,

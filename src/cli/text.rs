@@ -263,6 +263,44 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
             Text(&request.reference)
         );
     }
+    if let Some(hold) = &rollout.freeze {
+        let _ = writeln!(
+            out,
+            "  frozen: freeze window `{}` holds the promotion of `{}` until {} ({})",
+            Text(&hold.window),
+            hold.phases.join("`, `"),
+            hold.until,
+            hold.until_local
+        );
+    }
+    if let Some(change) = &rollout.plan_change {
+        let short = crate::domain::machine::short_hash;
+        let approved: Vec<&str> = change.approvals.iter().map(|a| a.by.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "  plan change waiting for approval: plan {} applied by {} at {} in place of {} (approved by {}); it weakens: {}",
+            short(&change.plan_hash),
+            Text(&change.by),
+            change.at,
+            short(&change.from_hash),
+            if approved.is_empty() {
+                "nobody yet".to_string()
+            } else {
+                approved.join(", ")
+            },
+            Text(&change.weakens.join("; "))
+        );
+    }
+    if let Some(file) = &rollout.plan_file {
+        let _ = writeln!(
+            out,
+            "  warning: the plan file {} was changed outside phasegate (plan {}, seen {}); it is not adopted: `phasegate plan apply {} FILE --by NAME`",
+            Text(&file.path),
+            crate::domain::machine::short_hash(&file.plan_hash),
+            file.seen_at,
+            rollout.id
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,

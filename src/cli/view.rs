@@ -91,7 +91,48 @@ pub struct RolloutView {
     pub drift: Vec<DriftView>,
     /// The write the tenant holds for another administrator's approval.
     pub tenant_approval: Option<TenantApprovalView>,
+    /// A plan applied that weakens the plan in force, waiting for approval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_change: Option<PlanChangeView>,
+    /// The plan file holds a plan nobody applied; it is not adopted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_file_changed: Option<PlanFileView>,
+    /// A promotion that is due waits for this freeze window to end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<FrozenView>,
+    /// The plan's freeze windows, described.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub freeze_windows: Vec<String>,
     pub phases: Vec<PhaseView>,
+}
+
+#[derive(Serialize)]
+pub struct PlanChangeView {
+    pub plan_hash: String,
+    pub from_hash: String,
+    pub by: String,
+    pub at: String,
+    pub weakens: Vec<String>,
+    /// The phase whose approval rules decide it, and how many must approve.
+    pub rules_of: String,
+    pub required: usize,
+    pub approvers: String,
+    pub approved_by: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct PlanFileView {
+    pub path: String,
+    pub plan_hash: String,
+    pub seen_at: String,
+}
+
+#[derive(Serialize)]
+pub struct FrozenView {
+    pub window: String,
+    pub until: String,
+    pub until_local: String,
+    pub phases: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -549,6 +590,33 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
                 since: since.rfc3339(),
             }
         }),
+        plan_change: rollout.plan_change.as_ref().map(|change| {
+            let rules = crate::domain::machine::plan_change_rules(plan, rollout);
+            let phase = &plan.phases[rules];
+            PlanChangeView {
+                plan_hash: change.plan_hash.clone(),
+                from_hash: change.from_hash.clone(),
+                by: change.by.clone(),
+                at: change.at.rfc3339(),
+                weakens: change.weakens.clone(),
+                rules_of: phase.id.clone(),
+                required: (phase.gate.approvals as usize).max(1),
+                approvers: phase.approval.who(),
+                approved_by: change.approvals.iter().map(|a| a.by.clone()).collect(),
+            }
+        }),
+        plan_file_changed: rollout.plan_file.as_ref().map(|f| PlanFileView {
+            path: f.path.clone(),
+            plan_hash: f.plan_hash.clone(),
+            seen_at: f.seen_at.rfc3339(),
+        }),
+        frozen: rollout.freeze.as_ref().map(|f| FrozenView {
+            window: f.window.clone(),
+            until: f.until.rfc3339(),
+            until_local: f.until_local.clone(),
+            phases: f.phases.clone(),
+        }),
+        freeze_windows: plan.freezes.iter().map(ToString::to_string).collect(),
         phases: plan
             .phases
             .iter()

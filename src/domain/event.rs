@@ -139,6 +139,29 @@ pub enum EventKind {
         effect: EffectId,
         request: TenantRequest,
     },
+    /// A person applied a plan that weakens the one in force (`weakens` says how); it waits for
+    /// approval under the plan in force. Handed to the machine with the plan in force.
+    PlanChangeProposed {
+        plan_hash: String,
+        weakens: Vec<String>,
+    },
+    /// An approval of the plan change waiting, which the approver saw as `plan_hash`.
+    PlanChangeApproved {
+        plan_hash: String,
+        ticket: Option<String>,
+        comment: Option<String>,
+    },
+    /// The plan change waiting is turned down (or withdrawn by whoever applied it).
+    PlanChangeRejected {
+        plan_hash: String,
+    },
+    /// The rollout's plan file holds a plan nobody applied (`plan_hash`); it is not adopted.
+    PlanFileChanged {
+        plan_hash: String,
+        path: String,
+    },
+    /// A person lets promotions through the freeze in force until it ends.
+    FreezeOverridden,
 }
 
 /// One member of a managed object that is no longer what phasegate last made it.
@@ -211,6 +234,11 @@ impl EventKind {
             EventKind::DriftDetected { .. } => "drift_detected",
             EventKind::DriftResolved { .. } => "drift_resolved",
             EventKind::TenantApprovalPending { .. } => "tenant_approval_pending",
+            EventKind::PlanChangeProposed { .. } => "plan_change_proposed",
+            EventKind::PlanChangeApproved { .. } => "plan_change_approved",
+            EventKind::PlanChangeRejected { .. } => "plan_change_rejected",
+            EventKind::PlanFileChanged { .. } => "plan_file_changed",
+            EventKind::FreezeOverridden => "freeze_overridden",
         }
     }
 }

@@ -278,6 +278,52 @@ pub struct PhaseObservation {
     pub forecasts: Vec<Forecast>,
 }
 
+/// A plan change that weakens the rollout's safeguards: who applied it, what it weakens, and the
+/// approvals it has under the rules of the plan in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanChange {
+    /// The hash of the plan applied (the store keeps its text under it).
+    pub plan_hash: String,
+    /// The hash of the plan in force when it was applied.
+    pub from_hash: String,
+    /// Who applied it, as an identity key.
+    pub by: String,
+    pub at: Timestamp,
+    /// Every way it weakens the plan in force, in words.
+    pub weakens: Vec<String>,
+    pub approvals: Vec<Approval>,
+    /// The quorum was met: the shell adopts the plan next.
+    pub approved: bool,
+}
+
+/// A plan file edited behind phasegate's back: what it holds, and since when it is known.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanFileChange {
+    pub plan_hash: String,
+    pub path: String,
+    pub seen_at: Timestamp,
+}
+
+/// A freeze window holding promotions that are due.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeHold {
+    pub window: String,
+    pub until: Timestamp,
+    /// The same instant on the window's own clock (`Mon 06:00 Europe/Berlin`).
+    pub until_local: String,
+    /// The phases whose promotion waits.
+    pub phases: Vec<String>,
+}
+
+/// A person let promotions through a freeze, until the freeze's end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeOverride {
+    pub window: String,
+    pub by: String,
+    pub at: Timestamp,
+    pub until: Timestamp,
+}
+
 /// A person's sign-off on promoting a phase, bound to the plan it was given for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {
@@ -429,6 +475,19 @@ pub struct Rollout {
     /// The start was announced with a notice period: no first phase is applied before this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice_until: Option<Timestamp>,
+    /// A plan a person applied that weakens the rollout's safeguards, waiting for approval under
+    /// the plan in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_change: Option<PlanChange>,
+    /// The rollout's plan file holds another plan than the one it runs, which nobody applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_file: Option<PlanFileChange>,
+    /// A promotion that is due waits for a freeze window to end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<FreezeHold>,
+    /// Freezes a person let promotions through, until each freeze's end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze_overrides: Vec<FreezeOverride>,
     /// Sequence number of the last event applied.
     pub last_seq: u64,
 }
@@ -456,6 +515,10 @@ impl Rollout {
             drift: Vec::new(),
             tenant_approval: None,
             notice_until: None,
+            plan_change: None,
+            plan_file: None,
+            freeze: None,
+            freeze_overrides: Vec::new(),
             last_seq: 0,
         }
     }

@@ -77,6 +77,8 @@ pub struct Settings {
 /// A person's command for one rollout.
 struct Command {
     kind: EventKind,
+    /// `plan apply`: the plan's file name and text (then `kind` is unused).
+    plan: Option<(String, String)>,
     by: String,
     reason: String,
     reply: oneshot::Sender<Result<Option<EventRecord>, EngineError>>,
@@ -151,9 +153,35 @@ impl Handle {
         by: &str,
         reason: &str,
     ) -> Result<Option<EventRecord>, EngineError> {
+        self.send(id, kind, None, by, reason).await
+    }
+
+    /// A person applies a plan (`file` names it, `source` is its text) to a rollout through its
+    /// actor (see `Engine::apply_plan`).
+    pub async fn apply_plan(
+        &self,
+        id: &str,
+        file: &str,
+        source: String,
+        by: &str,
+        reason: &str,
+    ) -> Result<Option<EventRecord>, EngineError> {
+        let plan = Some((file.to_string(), source));
+        self.send(id, EventKind::Tick, plan, by, reason).await
+    }
+
+    async fn send(
+        &self,
+        id: &str,
+        kind: EventKind,
+        plan: Option<(String, String)>,
+        by: &str,
+        reason: &str,
+    ) -> Result<Option<EventRecord>, EngineError> {
         let (reply, answer) = oneshot::channel();
         let command = Command {
             kind,
+            plan,
             by: by.to_string(),
             reason: reason.to_string(),
             reply,
@@ -418,7 +446,7 @@ fn start_loading(shared: &Shared) -> Loading {
 /// for a person, with the hash of the plan they run.
 struct Resume {
     due: Vec<StoredRollout>,
-    parked: Vec<(String, String)>,
+    parked: Vec<Parked>,
     /// The records listed and not kept.
     rest: Vec<StoredRollout>,
 }
@@ -427,7 +455,7 @@ struct Resume {
 /// wait for a person.
 struct Listed {
     due: usize,
-    parked: Vec<(String, String)>,
+    parked: Vec<Parked>,
 }
 
 /// A rollout to drive, loaded (or why not, with its id), and whether its plan file changed.
@@ -461,7 +489,7 @@ fn load_due(store: &Store, due: Vec<StoredRollout>, ready: &mpsc::Sender<Ready>)
                     let loaded = engine::load_stored(store, stored);
                     let plan_changed = loaded.as_ref().is_ok_and(|l| {
                         !finished(l.stored.rollout.status)
-                            && files.changed(&l.plan_record, &l.stored.rollout.plan_hash)
+                            && files.changed(&l.plan_record, &l.stored.rollout)
                     });
                     let loaded = loaded.map_err(|e| (id, e));
                     if ready
@@ -497,9 +525,12 @@ fn resume_plan(store: &Store, settings: &Settings) -> Result<Resume, EngineError
         if finished(rollout.status) && rollout.pending.is_empty() {
             resume.rest.push(stored);
         } else if settings.until == Until::Shutdown && waits_for_a_person(rollout) {
-            resume
-                .parked
-                .push((rollout.id.clone(), rollout.plan_hash.clone()));
+            resume.parked.push(Parked {
+                id: rollout.id.clone(),
+                hash: rollout.plan_hash.clone(),
+                file: rollout.plan_file.as_ref().map(|f| f.plan_hash.clone()),
+                waiting: rollout.plan_change.as_ref().map(|c| c.plan_hash.clone()),
+            });
             resume.rest.push(stored);
         } else {
             resume.due.push(stored);
@@ -512,24 +543,41 @@ fn resume_plan(store: &Store, settings: &Settings) -> Result<Resume, EngineError
 /// is pending and its status stops it ([`Engine::next_work`] stops before reading the plan's
 /// schedule). Its actor would do nothing but look at its plan file.
 fn waits_for_a_person(rollout: &crate::domain::rollout::Rollout) -> bool {
-    rollout.pending.is_empty() && engine::should_stop(rollout)
+    rollout.pending.is_empty()
+        && engine::should_stop(rollout)
+        && !rollout.plan_change.as_ref().is_some_and(|c| c.approved)
+}
+
+/// A rollout that waits for a person: what its plan file is compared with.
+struct Parked {
+    id: String,
+    hash: String,
+    /// The plan its file is recorded to hold instead, if any.
+    file: Option<String>,
+    /// The plan change waiting for approval, if any.
+    waiting: Option<String>,
 }
 
 /// Looks at the plan files of the rollouts that wait for a person, as their actors would at
 /// start, and has the runner drive each whose file now holds another plan (the actor adopts it)
 /// or whose stored plan cannot be read (the actor says why).
-async fn sweep_plan_files(
-    store: Arc<Store>,
-    parked: Vec<(String, String)>,
-    control: mpsc::Sender<Control>,
-) {
+async fn sweep_plan_files(store: Arc<Store>, parked: Vec<Parked>, control: mpsc::Sender<Control>) {
     let (mut changed, files) = (0usize, engine::PlanFiles::default());
-    for (n, (id, hash)) in parked.iter().enumerate() {
+    for (
+        n,
+        Parked {
+            id,
+            hash,
+            file,
+            waiting,
+        },
+    ) in parked.iter().enumerate()
+    {
         if n % 64 == 63 {
             tokio::task::yield_now().await;
         }
         let drive = match store.plan(id, hash) {
-            Ok(record) => files.changed(&record, hash),
+            Ok(record) => files.differs(&record, hash, file.as_deref(), waiting.as_deref()),
             Err(_) => true,
         };
         if drive {
@@ -642,9 +690,9 @@ impl Actor {
             Some(loaded) => (loaded.map_err(|(_, e)| e), self.start.plan_changed),
             None => {
                 let loaded = engine::load(&self.shared.store, &self.id);
-                let changed = loaded.as_ref().is_ok_and(|l| {
-                    engine::plan_file_changed(&l.plan_record, &l.stored.rollout.plan_hash)
-                });
+                let changed = loaded
+                    .as_ref()
+                    .is_ok_and(|l| engine::plan_file_changed(&l.plan_record, &l.stored.rollout));
                 (loaded, changed)
             }
         };
@@ -711,7 +759,7 @@ impl Actor {
                 biased;
                 Some(command) = self.inbox.recv() => {
                     self.steps = 0;
-                    let answer = self.command(&engine, &mut loaded, command.kind, &command.by, &command.reason);
+                    let answer = self.command(&engine, &mut loaded, command.kind, command.plan, &command.by, &command.reason);
                     let _ = command.reply.send(answer);
                 }
                 returned = poll_in_flight(&mut self.in_flight) => {
@@ -905,6 +953,7 @@ impl Actor {
         engine: &Engine<'_>,
         loaded: &mut Loaded,
         kind: EventKind,
+        plan: Option<(String, String)>,
         by: &str,
         reason: &str,
     ) -> Result<Option<EventRecord>, EngineError> {
@@ -912,7 +961,10 @@ impl Actor {
         // while this one was idle).
         *loaded = engine::load(&self.shared.store, &self.id)?;
         let now = self.now(loaded);
-        let record = engine.command(loaded, kind, by, reason, now)?;
+        let record = match plan {
+            Some((file, source)) => engine.apply_plan(loaded, &file, source, by, reason, now)?,
+            None => engine.command(loaded, kind, by, reason, now)?,
+        };
         if let Some(record) = &record {
             self.shared.announce(loaded, record);
             // A decision may unblock what was skipped.

@@ -176,6 +176,7 @@ async fn reopening_drives_what_is_due_and_leaves_what_waits_for_a_person() {
 
     let store = Arc::new(Store::open(&dir.path().join("store"), DEFAULT_LOCK_WAIT).unwrap());
     let untouched_seq = before(&store, &untouched);
+    let edited_before = store.rollout(&edited).unwrap().rollout.plan_hash;
     let due_seq = before(&store, &due);
     let runner = Runner::new(store.clone(), crate::notifier::shared(), serve_settings());
     let handle = runner.handle();
@@ -200,13 +201,17 @@ async fn reopening_drives_what_is_due_and_leaves_what_waits_for_a_person() {
         })
         .await;
     assert!(observed.record.seq > due_seq);
-    // The edited plan file of a paused rollout is adopted, and it stays paused.
+    // The edited plan file of a paused rollout is noticed and reported, not adopted, and it
+    // stays paused.
     let changed = seen
         .first(&edited, |a| {
-            matches!(a.record.event.kind, EventKind::PlanChanged { .. })
+            matches!(a.record.event.kind, EventKind::PlanFileChanged { .. })
         })
         .await;
     assert_eq!(changed.status, RolloutStatus::Paused);
+    let edited_now = store.rollout(&edited).unwrap().rollout;
+    assert_eq!(edited_now.plan_hash, edited_before);
+    assert!(edited_now.plan_file.is_some());
     // The rollout driven goes as far as it can without a person.
     seen.first(&due, |a| a.status == RolloutStatus::WaitingApproval)
         .await;

@@ -1063,11 +1063,21 @@ fn event_detail(kind: &EventKind) -> String {
             Esc(&request.summary),
             Esc(&request.reference)
         ),
-        EventKind::Start { plan_hash } | EventKind::PlanChanged { plan_hash } => format!(
+        EventKind::Start { plan_hash }
+        | EventKind::PlanChanged { plan_hash }
+        | EventKind::PlanChangeApproved { plan_hash, .. }
+        | EventKind::PlanChangeRejected { plan_hash }
+        | EventKind::PlanFileChanged { plan_hash, .. } => format!(
             "plan <span class=\"hash\">{}</span>",
             Esc(plan_hash.get(..12).unwrap_or(plan_hash))
         ),
-        EventKind::Tick
+        EventKind::PlanChangeProposed { plan_hash, weakens } => format!(
+            "plan <span class=\"hash\">{}</span>: <span class=\"text\">{}</span>",
+            Esc(plan_hash.get(..12).unwrap_or(plan_hash)),
+            Esc(&weakens.join("; "))
+        ),
+        EventKind::FreezeOverridden
+        | EventKind::Tick
         | EventKind::PauseRequested
         | EventKind::ResumeRequested
         | EventKind::AbortRequested => String::new(),

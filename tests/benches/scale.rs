@@ -818,7 +818,7 @@ fn reopen_child(mode: &str, dir: &Path) {
         let t = Instant::now();
         let loaded = engine::load_stored(&store, stored).expect("the rollout loads");
         assert!(
-            !files.changed(&loaded.plan_record, &loaded.stored.rollout.plan_hash),
+            !files.changed(&loaded.plan_record, &loaded.stored.rollout),
             "no plan change to adopt"
         );
         loading += t.elapsed();

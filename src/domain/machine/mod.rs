@@ -38,6 +38,9 @@ use super::time::{Timestamp, format_span};
 mod approval;
 mod forecast;
 pub use approval::{conflict_of_duties, evidence_digest};
+mod freeze;
+mod plan_change;
+pub use plan_change::{plan_change_rules, waiting_plan_change};
 
 /// The result of one step.
 #[derive(Clone, Debug, PartialEq)]
@@ -160,6 +163,9 @@ pub fn agenda(plan: &Plan, rollout: &Rollout, now: Timestamp) -> Agenda {
     {
         wake(until, &mut agenda);
     }
+    if let Some(hold) = &rollout.freeze {
+        wake(hold.until, &mut agenda);
+    }
     agenda
 }
 
@@ -260,6 +266,19 @@ impl Machine<'_> {
             EventKind::TenantApprovalPending { effect, request } => {
                 self.tenant_holds(*effect, request)
             }
+            EventKind::PlanChangeProposed { plan_hash, weakens } => {
+                self.propose_plan(plan_hash, weakens)
+            }
+            EventKind::PlanChangeApproved {
+                plan_hash,
+                ticket,
+                comment,
+            } => self.approve_plan_change(plan_hash, ticket, comment),
+            EventKind::PlanChangeRejected { plan_hash } => self.reject_plan_change(plan_hash),
+            EventKind::PlanFileChanged { plan_hash, path } => {
+                self.plan_file_changed(plan_hash, path)
+            }
+            EventKind::FreezeOverridden => self.override_freeze(),
         }
     }
 
@@ -886,6 +905,7 @@ impl Machine<'_> {
         if plan_hash == self.next.plan_hash {
             return Ok(());
         }
+        self.plan_change_adopted(plan_hash)?;
         let mut old: Vec<PhaseRecord> = std::mem::take(&mut self.next.phases);
         for record in &old {
             if record.state.is_applied() && self.plan.phase_index(&record.id).is_none() {
@@ -931,8 +951,11 @@ impl Machine<'_> {
                         .map(|t| format!(", ticket {t}"))
                         .unwrap_or_default();
                     self.notes.push(format!(
-                        "approval of `{}` by {} void (given {}{ticket}): the plan changed",
-                        record.id, approval.by, approval.at
+                        "approval of `{}` by {} void (given {}{ticket}, for plan {}): the plan changed",
+                        record.id,
+                        approval.by,
+                        approval.at,
+                        short_hash(&approval.plan_hash)
                     ));
                 }
                 record.state = PhaseState::Applying;
@@ -965,9 +988,11 @@ impl Machine<'_> {
     /// rollout's status. Idempotent: running it twice on the same state changes nothing.
     fn progress(&mut self) {
         self.lapse_approvals();
+        let frozen_before = self.next.freeze.take();
         for &idx in &self.plan.order {
             self.judge(idx);
         }
+        self.settle_freeze(frozen_before);
         let mut started = Vec::new();
         // A start announced with notice: the first phases wait it out.
         let noticed = self.next.notice_until.is_none_or(|until| self.now >= until);
@@ -1007,6 +1032,7 @@ impl Machine<'_> {
     }
 
     fn judge(&mut self, idx: usize) {
+        let frozen = self.freeze_holding();
         let plan = self.plan;
         let phase = &plan.phases[idx];
         let now = self.now;
@@ -1040,6 +1066,14 @@ impl Machine<'_> {
             approval::void_moved_evidence(phase, record, &tally, &mut self.notes);
             let have = record.approvals.len();
             let needed = phase.gate.approvals as usize;
+            if have >= needed
+                && let Some(frozen) = frozen
+            {
+                record.state = PhaseState::Soaking;
+                let id = phase.id.clone();
+                self.hold_for_freeze(&id, frozen);
+                return;
+            }
             if have >= needed {
                 record.state = PhaseState::Promoted;
                 record.promoted_at = Some(now);
@@ -1122,6 +1156,17 @@ impl Machine<'_> {
             self.next.reason = format!("gate holds `{}`: {reasons}{expired}", held.id);
             return;
         }
+        if let Some(hold) = &self.next.freeze {
+            self.next.status = RolloutStatus::Running;
+            self.next.reason = format!(
+                "the promotion of `{}` waits for freeze window `{}` until {} ({})",
+                hold.phases.join("`, `"),
+                hold.window,
+                hold.until,
+                hold.until_local
+            );
+            return;
+        }
         if let Some((phase, record)) = plan
             .phases
             .iter()
@@ -1178,6 +1223,11 @@ impl Machine<'_> {
             format!("soaking {}", soaking.join(", "))
         };
     }
+}
+
+/// The first 12 hex digits of a plan's hash, as the audit trail shows it.
+pub fn short_hash(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
 }
 
 fn list_or_none(items: &[&str]) -> String {

@@ -486,12 +486,14 @@ fn a_changed_plan_resets_the_current_gate() {
             EventKind::PlanChanged {
                 plan_hash: h.plan.hash.clone(),
             },
-            Trigger::new(TriggerSource::Internal, "run", "plan file changed"),
+            Trigger::user("carol", "plan apply"),
         )
         .unwrap();
     assert_eq!(h.state("enforce"), PhaseState::Applying);
     assert!(
-        t.notes[0].contains("gate of `enforce` reset"),
+        t.notes
+            .iter()
+            .any(|n| n.contains("gate of `enforce` reset")),
         "{:?}",
         t.notes
     );
@@ -514,7 +516,7 @@ fn a_plan_that_drops_an_applied_phase_is_refused() {
             EventKind::PlanChanged {
                 plan_hash: h.plan.hash.clone(),
             },
-            Trigger::new(TriggerSource::Internal, "run", ""),
+            Trigger::user("carol", ""),
         )
         .unwrap_err();
     assert!(err.to_string().contains("drops phase `pilot`"), "{err}");
@@ -612,7 +614,7 @@ fn approval_plan(rollout: &str, gate: &str) -> String {
 }
 
 /// A harness whose `notify` passed its gate and waits for approval.
-fn waiting_for_approval(text: &str) -> Harness {
+pub(super) fn waiting_for_approval(text: &str) -> Harness {
     let mut h = Harness::new(text);
     h.start();
     h.soak_and_observe(healthy());
@@ -897,7 +899,7 @@ fn a_plan_change_voids_the_running_phases_approvals_and_says_so() {
             EventKind::PlanChanged {
                 plan_hash: h.plan.hash.clone(),
             },
-            Trigger::new(TriggerSource::Internal, "run", "plan file changed"),
+            Trigger::user("carol", "plan apply"),
         )
         .unwrap();
     assert!(

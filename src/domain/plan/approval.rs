@@ -252,7 +252,11 @@ impl Checker<'_> {
     }
 
     /// A list of people, as keys: each a valid name, none twice, at most [`MAX_APPROVERS`].
-    fn people(&mut self, list: &Spanned<Vec<Spanned<String>>>, what: &str) -> Option<Vec<String>> {
+    pub(super) fn people(
+        &mut self,
+        list: &Spanned<Vec<Spanned<String>>>,
+        what: &str,
+    ) -> Option<Vec<String>> {
         if list.get_ref().len() > MAX_APPROVERS {
             self.error(
                 list.span(),

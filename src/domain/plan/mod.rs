@@ -12,7 +12,9 @@
 
 pub mod announce;
 pub mod approval;
+pub mod change;
 mod diagnostics;
+pub mod freeze;
 mod raw;
 mod warnings;
 
@@ -281,6 +283,8 @@ pub struct Plan {
     pub emergency_access: EmergencyAccess,
     /// `[[announcement]]`: who is told what, when, through which channel.
     pub announcements: Vec<Announcement>,
+    /// `[[freeze]]`: windows in which no phase is promoted.
+    pub freezes: Vec<freeze::FreezeWindow>,
     /// `[preflight]`: the readiness checks' settings (domains, certificate file, which device
     /// actions the plan accepts), read and checked by `crate::preflight`, never by the domain.
     pub preflight: serde_json::Map<String, serde_json::Value>,
@@ -645,6 +649,7 @@ impl Checker<'_> {
                 .is_some();
         }
         let emergency_access = self.emergency_access(raw.emergency_access.as_ref());
+        let freezes = self.freezes(&raw.freeze, &approver_groups);
         if let (Some((phases, _)), Some(emergency)) = (&phases, &emergency_access) {
             self.emergency_scopes(rollout_span.clone(), phases, emergency, &raw_spans);
         }
@@ -691,6 +696,7 @@ impl Checker<'_> {
                 notification_template,
             },
             emergency_access: emergency_access?,
+            freezes: freezes?,
             preflight,
             provider: provider?,
             order: phases.as_ref()?.1.clone(),

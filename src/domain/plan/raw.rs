@@ -34,6 +34,31 @@ pub(super) struct RawPlan {
     /// `[[announcement]]`: telling the organisation (`announce.rs`).
     #[serde(default)]
     pub announcement: Vec<Spanned<RawAnnouncement>>,
+    /// `[[freeze]]`: windows in which no phase is promoted.
+    #[serde(default)]
+    pub freeze: Vec<Spanned<RawFreeze>>,
+}
+
+/// A `[[freeze]]` window: one of `weekly`, `from`/`to` or `dates`, in `time_zone`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFreeze {
+    pub name: Spanned<String>,
+    pub time_zone: Option<Spanned<String>>,
+    pub weekly: Option<Spanned<RawWeekly>>,
+    pub from: Option<Spanned<String>>,
+    pub to: Option<Spanned<String>>,
+    pub dates: Option<Spanned<Vec<Spanned<String>>>>,
+    pub override_by: Option<Spanned<Vec<Spanned<String>>>>,
+    pub override_groups: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `weekly = { from = "fri 12:00", to = "mon 06:00" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWeekly {
+    pub from: Spanned<String>,
+    pub to: Spanned<String>,
 }
 
 /// `[approvers]`: group name → the people in it.
@@ -196,7 +221,7 @@ impl Problem {
 }
 
 /// The tables a plan may have.
-const TABLES: [&str; 9] = [
+const TABLES: [&str; 10] = [
     "rollout",
     "policy",
     "provider",
@@ -206,6 +231,7 @@ const TABLES: [&str; 9] = [
     "preflight",
     "approvers",
     "announcement",
+    "freeze",
 ];
 
 /// How many problems one table reports before the rest of it is left for the next run.
@@ -266,6 +292,9 @@ pub(super) fn read(source: &str) -> Result<(RawPlan, Option<RawAdapterTables>), 
     let announcement = root
         .remove("announcement")
         .map(|v| each::<RawAnnouncement>(v, &mut problems));
+    let freeze = root
+        .remove("freeze")
+        .map(|v| each::<RawFreeze>(v, &mut problems));
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -279,6 +308,7 @@ pub(super) fn read(source: &str) -> Result<(RawPlan, Option<RawAdapterTables>), 
         emergency_access: emergency_access.map(|e| e.expect(missing)),
         approvers: approvers.map(|a| a.expect(missing)),
         announcement: announcement.unwrap_or(Some(Vec::new())).expect(missing),
+        freeze: freeze.unwrap_or(Some(Vec::new())).expect(missing),
     };
     Ok((plan, adapter_tables))
 }
