@@ -1068,6 +1068,7 @@ exclude = ["Break Glass"]
                 tally,
                 noncompliant_ratio: tally.noncompliant_ratio(),
                 coverage: tally.coverage(),
+                signins: None,
             },
         }
     }
@@ -1089,6 +1090,7 @@ exclude = ["Break Glass"]
             at: now,
             tally: pilot,
             by_platform: Vec::new(),
+            signins: None,
         });
         rollout.phases[0].verdict = Some(verdict(GateOutcome::Pass, pilot, now));
         let notify = Tally {
@@ -1108,6 +1110,7 @@ exclude = ["Break Glass"]
             at: now,
             tally: notify,
             by_platform: Vec::new(),
+            signins: None,
         });
         rollout.phases[1].verdict = Some(verdict(GateOutcome::Fail, notify, now));
         rollout.phases[1].held_since = Some(now.minus(Duration::from_secs(90_000)));
@@ -1171,6 +1174,7 @@ exclude = ["Break Glass"]
             at: now,
             tally: broken,
             by_platform: Vec::new(),
+            signins: None,
         });
         rollout.phases[0].held_since = Some(Timestamp::from_millis(1_000));
         let s = sample(&plan, &rollout, now);

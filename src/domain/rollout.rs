@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::event::{DriftChange, PendingEffect, TenantRequest};
 use super::gate::{GateVerdict, Tally};
 use super::plan::{Plan, Platform};
+use super::signins::SignIns;
 use super::time::Timestamp;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -269,6 +270,9 @@ pub struct PhaseObservation {
     /// The same devices per platform, when the rollout manages more than one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub by_platform: Vec<(Platform, Tally)>,
+    /// The phase's users' sign-ins, when its gate or rollback criteria ask for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signins: Option<SignIns>,
 }
 
 /// A person's sign-off on promoting a phase, bound to the plan it was given for.

@@ -108,6 +108,7 @@ impl Scenario {
                 at: self.now,
                 tally,
                 by_platform: Vec::new(),
+                signins: None,
             })
             .collect();
         self.send(

@@ -128,6 +128,7 @@ fn apply(h: &mut Harness, op: &Op) -> Option<Transition> {
                     at: h.now,
                     tally: tally(*noncompliant, *silent, *errors),
                     by_platform: Vec::new(),
+                    signins: None,
                 })
                 .collect();
             h.send(

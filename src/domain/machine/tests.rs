@@ -149,6 +149,7 @@ impl Harness {
                 at: self.now,
                 tally,
                 by_platform: Vec::new(),
+                signins: None,
             })
             .collect();
         self.send(
