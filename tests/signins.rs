@@ -8,7 +8,14 @@ use common::{Emulator, Phasegate, SECRET, code, stderr, stdout};
 use serde_json::{Value, json};
 
 fn emulator(extra: &[&str]) -> Emulator {
-    let mut args = vec!["--client-secret", SECRET, "--devices", "3000", "--ca-rate", "20"];
+    let mut args = vec![
+        "--client-secret",
+        SECRET,
+        "--devices",
+        "3000",
+        "--ca-rate",
+        "20",
+    ];
     args.extend_from_slice(extra);
     Emulator::spawn(&args)
 }
@@ -99,11 +106,16 @@ fn a_report_only_phase_whose_sign_ins_would_fail_above_the_bound_holds_and_says_
     );
     let would_fail = burst["results"]["reportOnlyFailure"].as_u64().unwrap_or(0);
     assert!(would_fail > 20, "{burst}");
-    assert_eq!(burst["results"]["failure"].as_u64().unwrap_or(0), 0, "{burst}");
+    assert_eq!(
+        burst["results"]["failure"].as_u64().unwrap_or(0),
+        0,
+        "{burst}"
+    );
     // Past the soak: the gate is judged on the sign-ins of the window.
     advance(&emulator, 3600);
     let status = drive(&pg, &emulator, &id, 0, 3, |s| {
-        !phase(s, "pilot")["gate"].is_null() && phase(s, "pilot")["gate"]["outcome"] != "inconclusive"
+        !phase(s, "pilot")["gate"].is_null()
+            && phase(s, "pilot")["gate"]["outcome"] != "inconclusive"
     });
     let pilot = phase(&status, "pilot");
     assert_eq!(pilot["gate"]["outcome"], "fail", "{status}");
@@ -227,6 +239,9 @@ fn without_the_permission_the_criterion_is_not_available_and_preflight_says_so()
             && reasons.contains("403"),
         "{reasons}"
     );
-    assert_eq!(pilot["observation"]["signins"]["availability"], "unavailable");
+    assert_eq!(
+        pilot["observation"]["signins"]["availability"],
+        "unavailable"
+    );
     assert_eq!(pilot["observation"]["blocked_source"], "estimate");
 }

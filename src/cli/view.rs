@@ -429,10 +429,7 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
                 held_since: record.held_since.map(Timestamp::rfc3339),
                 hold_expired: record.hold_expired,
                 approvals: approvals_view(plan, rollout, phase, record),
-                observation: record
-                    .observation
-                    .as_ref()
-                    .map(phase_observation_view),
+                observation: record.observation.as_ref().map(phase_observation_view),
                 gate: record.verdict.as_ref().map(gate_view),
             })
             .collect(),

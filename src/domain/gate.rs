@@ -207,7 +207,8 @@ pub fn evaluate_with_signins(
     observed_at: Timestamp,
 ) -> GateVerdict {
     let judged = signins::judge(gate, signins);
-    let uses_signins = gate.max_blocked_signins.is_some() || gate.max_blocked_signin_ratio.is_some();
+    let uses_signins =
+        gate.max_blocked_signins.is_some() || gate.max_blocked_signin_ratio.is_some();
     let evidence = Evidence {
         observed_at,
         tally: *tally,
@@ -559,11 +560,19 @@ mod tests {
         let devices_fine = counts(98, 1, 1);
         let pass = evaluate_with_signins(&g, &devices_fine, Some(&seen(100, 2)), at);
         assert_eq!(pass.outcome, GateOutcome::Pass, "{:?}", pass.reasons);
-        assert!(pass.reasons[0].contains("2 of 100 users' sign-ins"), "{:?}", pass.reasons);
+        assert!(
+            pass.reasons[0].contains("2 of 100 users' sign-ins"),
+            "{:?}",
+            pass.reasons
+        );
         assert!(pass.evidence.signins.is_some());
         let fail = evaluate_with_signins(&g, &devices_fine, Some(&seen(100, 30)), at);
         assert_eq!(fail.outcome, GateOutcome::Fail);
-        assert!(fail.reasons[0].contains("sign-ins of 30%"), "{:?}", fail.reasons);
+        assert!(
+            fail.reasons[0].contains("sign-ins of 30%"),
+            "{:?}",
+            fail.reasons
+        );
         // Without the log the gate cannot pass: it holds, saying why.
         let unread = evaluate(&g, &devices_fine, at);
         assert_eq!(unread.outcome, GateOutcome::Inconclusive);

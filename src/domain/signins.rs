@@ -33,7 +33,9 @@ use super::time::{Timestamp, format_span};
 pub enum SignIns {
     Observed(SignInTally),
     /// The log could not be read; `reason` says why (for a person to fix).
-    Unavailable { reason: String },
+    Unavailable {
+        reason: String,
+    },
 }
 
 impl SignIns {
@@ -230,11 +232,9 @@ pub fn judge(gate: &Gate, signins: Option<&SignIns>) -> Judgement {
             let line = format!("sign-in criteria not available: {why}");
             match gate.signin_data {
                 SignInData::Required => judgement.missing.push(line),
-                SignInData::Optional => {
-                    judgement
-                        .notes
-                        .push(format!("{line}; judged without them (signin_data = \"optional\")"))
-                }
+                SignInData::Optional => judgement.notes.push(format!(
+                    "{line}; judged without them (signin_data = \"optional\")"
+                )),
             }
             return judgement;
         }
@@ -404,7 +404,8 @@ mod tests {
         let ratio = judge(&g, Some(&tally(100, 6, 1, 5)));
         assert_eq!(ratio.failures.len(), 1, "{ratio:?}");
         assert!(
-            ratio.failures[0].contains("6% blocked or would be blocked, more than 5% (6 of 100 users"),
+            ratio.failures[0]
+                .contains("6% blocked or would be blocked, more than 5% (6 of 100 users"),
             "{ratio:?}"
         );
     }
@@ -429,7 +430,10 @@ mod tests {
         };
         let skipped = judge(&optional, Some(&unavailable));
         assert!(skipped.missing.is_empty() && skipped.failures.is_empty());
-        assert!(skipped.notes[0].contains("judged without them"), "{skipped:?}");
+        assert!(
+            skipped.notes[0].contains("judged without them"),
+            "{skipped:?}"
+        );
         assert_eq!(judge(&g, None).missing.len(), 1);
     }
 

@@ -800,7 +800,10 @@ pub fn needed_roles(plan: &Plan, reads_domains: bool) -> Vec<(&'static str, &'st
         crate::domain::signins::wanted(&p.gate, &p.rollback_when)
             && p.gate.signin_data == crate::domain::signins::SignInData::Required
     }) {
-        roles.push(("AuditLog.Read.All", "the sign-in log the plan's sign-in criteria read"));
+        roles.push((
+            "AuditLog.Read.All",
+            "the sign-in log the plan's sign-in criteria read",
+        ));
         roles.push((
             "Directory.Read.All",
             "the sign-in log (Graph requires it with AuditLog.Read.All)",

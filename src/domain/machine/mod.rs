@@ -28,9 +28,9 @@ use super::event::{
     Trigger, TriggerSource,
 };
 use super::gate::{self, GateOutcome};
-use super::signins;
 use super::plan::{Plan, identity_key};
 use super::rollout::{PhaseObservation, PhaseRecord, PhaseState, Rollout, RolloutStatus};
+use super::signins;
 use super::time::{Timestamp, format_span};
 
 mod approval;
@@ -524,9 +524,10 @@ impl Machine<'_> {
             let Some(observation) = &self.next.phases[idx].observation else {
                 continue;
             };
-            let tripped = gate::rollback_trip(&phase.rollback_when, &observation.tally).or_else(
-                || signins::rollback_trip(&phase.rollback_when, observation.signins.as_ref()),
-            );
+            let tripped =
+                gate::rollback_trip(&phase.rollback_when, &observation.tally).or_else(|| {
+                    signins::rollback_trip(&phase.rollback_when, observation.signins.as_ref())
+                });
             if let Some(cause) = tripped {
                 let why = format!("rollback_when of `{}` tripped: {cause}", phase.id);
                 self.notes.push(why.clone());

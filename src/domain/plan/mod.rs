@@ -1169,8 +1169,14 @@ impl Checker<'_> {
             && let Some(raw_gate) = raw.gate.as_ref().map(|g| g.get_ref())
         {
             for (key, span) in [
-                ("signin_window", raw_gate.signin_window.as_ref().map(|v| v.span())),
-                ("signin_data", raw_gate.signin_data.as_ref().map(|v| v.span())),
+                (
+                    "signin_window",
+                    raw_gate.signin_window.as_ref().map(|v| v.span()),
+                ),
+                (
+                    "signin_data",
+                    raw_gate.signin_data.as_ref().map(|v| v.span()),
+                ),
             ] {
                 if let Some(span) = span {
                     self.error(

@@ -1050,12 +1050,19 @@ blocked_signin_ratio_above = "10%"
     .unwrap_or_else(|e| panic!("{e}"));
     let phase = &plan.phases[0];
     assert_eq!(phase.gate.max_blocked_signins, Some(20));
-    assert_eq!(phase.gate.max_blocked_signin_ratio.unwrap().to_string(), "2%");
+    assert_eq!(
+        phase.gate.max_blocked_signin_ratio.unwrap().to_string(),
+        "2%"
+    );
     assert_eq!(phase.gate.signin_window, Duration::from_secs(6 * 3600));
     assert_eq!(phase.gate.signin_data, SignInData::Optional);
     assert_eq!(phase.rollback_when.blocked_signins_above, Some(50));
     assert_eq!(
-        phase.rollback_when.blocked_signin_ratio_above.unwrap().to_string(),
+        phase
+            .rollback_when
+            .blocked_signin_ratio_above
+            .unwrap()
+            .to_string(),
         "10%"
     );
     let defaults = checked(
@@ -1085,11 +1092,34 @@ blocked_signins_above = 100000001
 "#,
     );
     assert_eq!(errors.len(), 5, "{errors:?}");
-    assert!(errors.iter().any(|e| e.contains("expected a whole number from 0 to 100000000, found -1")), "{errors:?}");
-    assert!(errors.iter().any(|e| e.contains("invalid percentage `120%`")), "{errors:?}");
-    assert!(errors.iter().any(|e| e.contains("`signin_window` must be from 10m to 7d")), "{errors:?}");
-    assert!(errors.iter().any(|e| e.contains("`signin_data` is \"required\" or \"optional\"")), "{errors:?}");
-    assert!(errors.iter().any(|e| e.contains("found 100000001")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("expected a whole number from 0 to 100000000, found -1")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("invalid percentage `120%`")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("`signin_window` must be from 10m to 7d")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("`signin_data` is \"required\" or \"optional\"")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("found 100000001")),
+        "{errors:?}"
+    );
     let stray = headlines(
         r#"
 [[phase]]
@@ -1101,5 +1131,8 @@ signin_window = "6h"
 "#,
     );
     assert_eq!(stray.len(), 1, "{stray:?}");
-    assert!(stray[0].contains("`signin_window` only applies with a sign-in criterion"), "{stray:?}");
+    assert!(
+        stray[0].contains("`signin_window` only applies with a sign-in criterion"),
+        "{stray:?}"
+    );
 }

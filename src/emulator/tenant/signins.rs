@@ -151,8 +151,16 @@ impl Tenant {
     }
 
     /// The result of one Conditional Access policy for a sign-in by `user` from `device`.
-    fn evaluate(&self, raw: &serde_json::Map<String, Value>, user: usize, device: usize) -> Applied {
-        let state = raw.get("state").and_then(Value::as_str).unwrap_or("disabled");
+    fn evaluate(
+        &self,
+        raw: &serde_json::Map<String, Value>,
+        user: usize,
+        device: usize,
+    ) -> Applied {
+        let state = raw
+            .get("state")
+            .and_then(Value::as_str)
+            .unwrap_or("disabled");
         let conditions = raw.get("conditions").cloned().unwrap_or(Value::Null);
         let users = &conditions["users"];
         let user_id = self.user_id(user);
@@ -172,12 +180,14 @@ impl Tenant {
             && bits & group_bits("excludeGroups") == 0;
         let apps = strings(&conditions["applications"]["includeApplications"]);
         let excluded_apps = strings(&conditions["applications"]["excludeApplications"]);
-        let in_apps = (apps.contains(&"All") || apps.contains(&"Office365") || apps.contains(&APP_ID))
-            && !excluded_apps.contains(&"Office365")
-            && !excluded_apps.contains(&APP_ID);
+        let in_apps =
+            (apps.contains(&"All") || apps.contains(&"Office365") || apps.contains(&APP_ID))
+                && !excluded_apps.contains(&"Office365")
+                && !excluded_apps.contains(&APP_ID);
         let client_apps = strings(&conditions["clientAppTypes"]);
-        let in_clients =
-            client_apps.is_empty() || client_apps.contains(&"all") || client_apps.contains(&"browser");
+        let in_clients = client_apps.is_empty()
+            || client_apps.contains(&"all")
+            || client_apps.contains(&"browser");
         let (_, platform) = self.fleet.device_owner(device);
         let in_platforms = ca::platforms_covered(raw)[super::platform_index(platform)];
         let applies = in_users && in_apps && in_clients && in_platforms;
@@ -270,7 +280,10 @@ impl Tenant {
         let Ok(parsed) = serde_json::from_slice::<Value>(body) else {
             return usage();
         };
-        let Some(count) = parsed["count"].as_u64().filter(|n| (1..=MAX_BURST).contains(n)) else {
+        let Some(count) = parsed["count"]
+            .as_u64()
+            .filter(|n| (1..=MAX_BURST).contains(n))
+        else {
             return usage();
         };
         let bit = match parsed["group"].as_str() {
@@ -292,15 +305,16 @@ impl Tenant {
                 let (user, platform) = self.fleet.device_owner(d);
                 bit.is_none_or(|b| self.fleet.user_groups(user) & b != 0)
                     && (!only_noncompliant
-                        || (self.intune.listed(platform).binary_search(&(d as u32)).is_ok()
+                        || (self
+                            .intune
+                            .listed(platform)
+                            .binary_search(&(d as u32))
+                            .is_ok()
                             && self.intune.row(platform, d).status == Status::NonCompliant))
             })
             .collect();
         if candidates.is_empty() {
-            return Response::json(
-                409,
-                json!({"error": "no device matches: nobody signs in"}),
-            );
+            return Response::json(409, json!({"error": "no device matches: nobody signs in"}));
         }
         let now = self.now();
         let start = (self.signins.bursts as usize).wrapping_mul(7919) % candidates.len();
@@ -345,12 +359,17 @@ impl Tenant {
         if log.requests.len() >= REQUESTS_PER_WINDOW {
             let oldest = log.requests[log.requests.len() - REQUESTS_PER_WINDOW];
             let wait = (oldest + WINDOW).saturating_duration_since(clock);
-            return throttled(now, request_id)
-                .header("Retry-After", format!("{}", wait.as_secs_f64().ceil().max(1.0)));
+            return throttled(now, request_id).header(
+                "Retry-After",
+                format!("{}", wait.as_secs_f64().ceil().max(1.0)),
+            );
         }
         log.requests.push_back(clock);
         let roles = self.setup.readiness.roles();
-        if !roles.iter().any(|r| r.eq_ignore_ascii_case("AuditLog.Read.All")) {
+        if !roles
+            .iter()
+            .any(|r| r.eq_ignore_ascii_case("AuditLog.Read.All"))
+        {
             return graph_error(
                 403,
                 "Authorization_RequestDenied",
@@ -392,8 +411,10 @@ impl Tenant {
             .and_then(decode_skiptoken)
             .map(|s| s as u64);
         let unknown_enums = call.headers.get("prefer").is_some_and(|p| {
-            p.split(',')
-                .any(|v| v.trim().eq_ignore_ascii_case("include-unknown-enum-members"))
+            p.split(',').any(|v| {
+                v.trim()
+                    .eq_ignore_ascii_case("include-unknown-enum-members")
+            })
         });
         let mut page = Vec::new();
         let mut more = None;
@@ -491,15 +512,23 @@ mod tests {
     fn the_filter_takes_created_date_time_bounds_only() {
         let at = |s| crate::graph::parse_time(s).unwrap();
         assert_eq!(
-            parse_filter("createdDateTime ge 2026-01-01T00:00:00Z and createdDateTime le 2026-01-02T00:00:00Z"),
-            Some((Some(at("2026-01-01T00:00:00Z")), Some(at("2026-01-02T00:00:00Z"))))
+            parse_filter(
+                "createdDateTime ge 2026-01-01T00:00:00Z and createdDateTime le 2026-01-02T00:00:00Z"
+            ),
+            Some((
+                Some(at("2026-01-01T00:00:00Z")),
+                Some(at("2026-01-02T00:00:00Z"))
+            ))
         );
         assert_eq!(
             parse_filter("createdDateTime gt 2026-01-01T00:00:00Z"),
             Some((Some(at("2026-01-01T00:00:00.001Z")), None))
         );
         assert_eq!(parse_filter("userId eq 'x'"), None);
-        assert_eq!(parse_filter("createdDateTime eq 2026-01-01T00:00:00Z"), None);
+        assert_eq!(
+            parse_filter("createdDateTime eq 2026-01-01T00:00:00Z"),
+            None
+        );
         assert_eq!(parse_filter("createdDateTime ge yesterday"), None);
     }
 }

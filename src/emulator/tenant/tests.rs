@@ -1741,7 +1741,12 @@ fn sign_ins_are_judged_when_they_happen_listed_newest_first_paged_and_throttled(
         Some(&token),
     ));
     assert_eq!(disabled.status, 204);
-    tenant.handle(&request("POST", "/_emulator/signins", r#"{"count": 1}"#, None));
+    tenant.handle(&request(
+        "POST",
+        "/_emulator/signins",
+        r#"{"count": 1}"#,
+        None,
+    ));
     let mut url = "/v1.0/auditLogs/signIns?$top=150".to_string();
     let mut seen = Vec::new();
     let mut results = std::collections::BTreeMap::<String, u64>::new();
@@ -1812,7 +1817,10 @@ fn the_sign_in_log_needs_its_permission_and_a_supported_filter() {
         .to_string();
     let denied = sign_ins(&mut tenant, &token, "/v1.0/auditLogs/signIns", true);
     assert_eq!(denied.status, 403);
-    assert_eq!(body(&denied)["error"]["code"], "Authorization_RequestDenied");
+    assert_eq!(
+        body(&denied)["error"]["code"],
+        "Authorization_RequestDenied"
+    );
     let (mut tenant, token) = signed_in();
     let bad = sign_ins(
         &mut tenant,
@@ -1821,9 +1829,19 @@ fn the_sign_in_log_needs_its_permission_and_a_supported_filter() {
         true,
     );
     assert_eq!(bad.status, 400);
-    let too_big = sign_ins(&mut tenant, &token, "/v1.0/auditLogs/signIns?$top=1001", true);
+    let too_big = sign_ins(
+        &mut tenant,
+        &token,
+        "/v1.0/auditLogs/signIns?$top=1001",
+        true,
+    );
     assert_eq!(too_big.status, 400);
-    for bad_burst in [r#"{"count": 0}"#, r#"{"count": 100001}"#, r#"{"count": 1, "group": "Nope"}"#, "x"] {
+    for bad_burst in [
+        r#"{"count": 0}"#,
+        r#"{"count": 100001}"#,
+        r#"{"count": 1, "group": "Nope"}"#,
+        "x",
+    ] {
         let answer = tenant.handle(&request("POST", "/_emulator/signins", bad_burst, None));
         assert!(answer.status >= 400, "{bad_burst}");
     }

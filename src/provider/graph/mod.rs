@@ -47,8 +47,8 @@ use super::{
 use crate::domain::desired::{DesiredState, PlanGroups};
 use crate::domain::event::{DriftChange, DriftResolution, TenantRequest};
 use crate::domain::gate::{DeviceReport, DeviceState};
-use crate::domain::signins::SignIns;
 use crate::domain::plan::{Mode, Plan, Platform, PolicyTarget};
+use crate::domain::signins::SignIns;
 use crate::domain::time::Timestamp;
 use crate::graph::{ALL_USERS_NAME, is_guid, odata_quote, parse_time};
 pub use settings::GraphSettings;

@@ -60,16 +60,23 @@ fn slots(tenant: &str, client_id: &str) -> Slots {
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    all.entry(format!("{}/{}", tenant.to_lowercase(), client_id.to_lowercase()))
-        .or_default()
-        .clone()
+    all.entry(format!(
+        "{}/{}",
+        tenant.to_lowercase(),
+        client_id.to_lowercase()
+    ))
+    .or_default()
+    .clone()
 }
 
 /// How long to wait before the next request, given the times of the earlier ones (oldest
 /// first), so that no [`WINDOW`] holds more than [`REQUESTS_PER_WINDOW`]; forgets the ones
 /// that left the window.
 fn wait_for_slot(sent: &mut VecDeque<Instant>, now: Instant) -> Duration {
-    while sent.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
+    while sent
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+    {
         sent.pop_front();
     }
     if sent.len() < REQUESTS_PER_WINDOW {
@@ -97,7 +104,10 @@ pub fn outcome(signin: &Value, policies: &BTreeSet<String>) -> Option<SignInOutc
         .into_iter()
         .flatten()
     {
-        if !applied["id"].as_str().is_some_and(|id| policies.contains(id)) {
+        if !applied["id"]
+            .as_str()
+            .is_some_and(|id| policies.contains(id))
+        {
             continue;
         }
         let this = match applied["result"].as_str() {
@@ -152,7 +162,9 @@ pub async fn read(
 ) -> Result<Vec<SignIns>, ProviderError> {
     let policies = watched(names, applied);
     if policies.is_empty() {
-        let reason = "the plan names no Conditional Access policy, whose results the sign-in log would show".to_string();
+        let reason =
+            "the plan names no Conditional Access policy, whose results the sign-in log would show"
+                .to_string();
         return Ok(queries
             .iter()
             .map(|_| SignIns::Unavailable {
@@ -328,9 +340,7 @@ mod tests {
     #[test]
     fn the_strongest_result_of_the_rollouts_policies_counts() {
         let ours: BTreeSet<String> = ["ca".to_string(), "copy".to_string()].into();
-        let signin = |results: &[(&str, &str)]| {
-            json!({"appliedConditionalAccessPolicies": results.iter().map(|(id, r)| json!({"id": id, "displayName": "x", "result": r})).collect::<Vec<_>>()})
-        };
+        let signin = |results: &[(&str, &str)]| json!({"appliedConditionalAccessPolicies": results.iter().map(|(id, r)| json!({"id": id, "displayName": "x", "result": r})).collect::<Vec<_>>()});
         assert_eq!(
             outcome(&signin(&[("ca", "reportOnlyFailure")]), &ours),
             Some(SignInOutcome::WouldBlock)

@@ -16,10 +16,10 @@ use serde::{Deserialize, Serialize};
 use super::{
     Observation, Outcome, PhaseScope, Preflight, Provider, ProviderError, Record, SignInQuery,
 };
-use crate::domain::signins::{SignInCounter, SignIns};
 use crate::domain::desired::DesiredState;
 use crate::domain::event::DriftResolution;
 use crate::domain::plan::{CompliancePolicy, Plan, PolicyTarget};
+use crate::domain::signins::{SignInCounter, SignIns};
 use crate::domain::time::Timestamp;
 use crate::store::{Store, StoreError, decode_json, encode_json};
 pub use fleet::{ConfigEntry, Fleet, GROUPS, SimAssignment};
