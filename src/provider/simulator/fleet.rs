@@ -560,6 +560,7 @@ pub fn resolve(entry: &ConfigEntry) -> Result<ResolvedEntry, String> {
 mod tests {
     use super::*;
     use crate::domain::gate::tally;
+    use crate::domain::signins::SignInCounter;
 
     const DAY: Duration = Duration::from_secs(86_400);
     const EPOCH: Timestamp = Timestamp::from_millis(1_767_600_000_000);
@@ -575,6 +576,48 @@ mod tests {
 
     fn all() -> Membership {
         membership(&["All Users".into()], &[]).unwrap()
+    }
+
+    #[test]
+    fn sign_ins_follow_the_devices_and_the_mode_in_force() {
+        let fleet = Fleet::new(7, 5_000, DAY, EPOCH);
+        let since = EPOCH.plus(DAY * 3);
+        let until = since.plus(DAY);
+        let count = |history: &[ResolvedEntry]| {
+            let mut counter = SignInCounter::new(since, until);
+            for platform in Platform::ALL {
+                fleet.signins(platform, history, all(), since, until, &mut counter);
+            }
+            counter.finish(false)
+        };
+        // Report-only: noncompliant devices' sign-ins would fail; nobody is blocked.
+        let report = count(&[everyone(Mode::Report, EPOCH)]);
+        assert!(report.signins > 0 && report.users > 0, "{report:?}");
+        assert!(report.would_block > 0, "{report:?}");
+        assert_eq!(report.blocked, 0);
+        // Each reporting device signs in three times a day.
+        let reports = tally(
+            &fleet.observe(
+                Platform::Windows,
+                &[everyone(Mode::Report, EPOCH)],
+                all(),
+                until,
+            ),
+            DAY * 3,
+            until,
+        );
+        assert!(
+            report.signins >= 3 * reports.reported() / 2,
+            "{report:?} {reports:?}"
+        );
+        // Enforced from the start: the noncompliant devices past their grace are blocked.
+        let enforced = count(&[everyone(Mode::Enforce, EPOCH)]);
+        assert!(enforced.blocked > 0, "{enforced:?}");
+        assert_eq!(enforced.would_block, 0, "{enforced:?}");
+        assert_eq!(enforced.signins, report.signins);
+        // Not assigned: no sign-in is evaluated.
+        let none = count(&[]);
+        assert_eq!(none.signins, 0);
     }
 
     #[test]
