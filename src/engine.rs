@@ -897,7 +897,14 @@ impl Task {
         let record = self.record.clone().unwrap_or(serde_json::Value::Null);
         let observation = provider.observe(&plan.policy, &scopes, &record).await;
         let now = provider.now();
-        let mut signins = self.observe_signins(&scopes, &record, now, provider).await;
+        // The sign-in log is read only for an observation that will be recorded as one (not
+        // after a failure or drift): its requests are rate-limited.
+        let mut signins = match &observation {
+            Ok(seen) if seen.drift.is_empty() => {
+                self.observe_signins(&scopes, &record, now, provider).await
+            }
+            _ => BTreeMap::new(),
+        };
         let kind = match observation {
             Ok(observation) if !observation.drift.is_empty() => EventKind::DriftDetected {
                 effect: None,

@@ -96,13 +96,13 @@ fn a_report_only_phase_whose_sign_ins_would_fail_above_the_bound_holds_and_says_
     drive(&pg, &emulator, &id, 600, 10, |s| {
         phase(s, "pilot")["state"] == "soaking"
     });
-    // The pilot's users sign in from all their devices. The report-only policy requires a
+    // The pilot's users sign in from all their devices, several times each. The report-only policy requires a
     // compliant device on every platform; the rollout assigns only the Windows policy, and the
     // tenant marks devices without a policy as not compliant: their sign-ins would fail.
     advance(&emulator, 1800);
     let burst = emulator.post(
         "/_emulator/signins",
-        &json!({"count": 400, "group": "Pilot IT"}),
+        &json!({"count": 1500, "group": "Pilot IT"}),
     );
     let would_fail = burst["results"]["reportOnlyFailure"].as_u64().unwrap_or(0);
     assert!(would_fail > 20, "{burst}");
@@ -128,6 +128,8 @@ fn a_report_only_phase_whose_sign_ins_would_fail_above_the_bound_holds_and_says_
     let signins = &pilot["observation"]["signins"];
     assert_eq!(signins["availability"], "observed", "{signins}");
     assert!(signins["would_block"].as_u64().unwrap() > 0, "{signins}");
+    // 1,500 sign-ins are two pages of the log: both were read (the pilot's own, every one).
+    assert!(signins["signins"].as_u64().unwrap() > 1000, "{signins}");
     assert_eq!(signins["blocked"], 0, "{signins}");
     // Nobody is blocked for real, and `status` says where that comes from.
     assert_eq!(pilot["observation"]["blocked"], 0);
