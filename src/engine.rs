@@ -7,6 +7,7 @@
 //! were not confirmed are still pending and are carried out again, and since providers reconcile
 //! (read, compare, write the difference) doing one twice changes nothing.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -16,10 +17,11 @@ use crate::domain::event::{Effect, Event, EventKind, PendingEffect, Trigger, Tri
 use crate::domain::machine::{self, Rejection};
 use crate::domain::plan::{self, Plan, PlanErrors};
 use crate::domain::rollout::{PhaseObservation, Rollout, RolloutStatus};
+use crate::domain::signins::{self, SignIns};
 use crate::domain::time::Timestamp;
 use crate::domain::{forecast, gate};
 use crate::notifier::{Delivery, Notifier};
-use crate::provider::{Outcome, PhaseScope, Provider, ProviderError};
+use crate::provider::{Outcome, PhaseScope, Provider, ProviderError, SignInQuery};
 use crate::retry::Backoff;
 use crate::store::{Attached, EventRecord, PlanRecord, Store, StoreError, StoredRollout};
 
@@ -704,6 +706,13 @@ impl Engine<'_> {
             record,
             actor: self.actor.clone(),
             delivery: self.delivery,
+            applied_at: loaded
+                .stored
+                .rollout
+                .phases
+                .iter()
+                .filter_map(|p| Some((p.id.clone(), p.applied_at?)))
+                .collect(),
         })
     }
 
@@ -901,6 +910,8 @@ pub struct Task {
     record: Option<serde_json::Value>,
     actor: String,
     delivery: Backoff,
+    /// When each phase's configuration was confirmed: where its sign-in window may start.
+    applied_at: BTreeMap<String, Timestamp>,
 }
 
 /// What a piece of work produced: the event to record (none if there is nothing to say) at the
@@ -1107,6 +1118,63 @@ impl Task {
         Task::finished(event, now, None)
     }
 
+    /// Reads the sign-in log for the phases whose gate or rollback criteria need it (and only
+    /// then: the log is rate-limited). A log that cannot be read is "not available" for each of
+    /// them, with the reason; the plan's `signin_data` decides what the gate does with that.
+    async fn observe_signins(
+        &self,
+        scopes: &[PhaseScope],
+        record: &serde_json::Value,
+        now: Timestamp,
+        provider: &mut dyn Provider,
+    ) -> BTreeMap<String, SignIns> {
+        let plan = &self.plan;
+        let queries: Vec<SignInQuery> = scopes
+            .iter()
+            .filter_map(|scope| {
+                let phase = &plan.phases[plan.phase_index(&scope.phase)?];
+                signins::wanted(&phase.gate, &phase.rollback_when).then(|| SignInQuery {
+                    scope: scope.clone(),
+                    since: signins::window(
+                        self.applied_at.get(&scope.phase).copied(),
+                        phase.gate.signin_window,
+                        now,
+                    ),
+                    until: now,
+                })
+            })
+            .collect();
+        if queries.is_empty() {
+            return BTreeMap::new();
+        }
+        let answers = match provider
+            .observe_signins(&plan.policy, &queries, record)
+            .await
+        {
+            Ok(answers) if answers.len() == queries.len() => answers,
+            Ok(_) => {
+                let reason = "the provider answered for other phases than asked".to_string();
+                queries
+                    .iter()
+                    .map(|_| SignIns::Unavailable {
+                        reason: reason.clone(),
+                    })
+                    .collect()
+            }
+            Err(err) => queries
+                .iter()
+                .map(|_| SignIns::Unavailable {
+                    reason: format!("reading the sign-in log failed: {}", err.message),
+                })
+                .collect(),
+        };
+        queries
+            .into_iter()
+            .map(|q| q.scope.phase)
+            .zip(answers)
+            .collect()
+    }
+
     async fn observe(&self, phases: &[String], provider: &mut dyn Provider) -> Finished {
         let plan = &self.plan;
         let scope_of = |idx: usize| PhaseScope {
@@ -1142,6 +1210,16 @@ impl Task {
         let record = self.record.clone().unwrap_or(serde_json::Value::Null);
         let observation = provider.observe(&plan.policy, &scopes, &record).await;
         let now = provider.now();
+        // The sign-in log is read only for an observation that will be recorded as one (not
+        // after a failure or drift): its requests are rate-limited.
+        let mut signins = match &observation {
+            Ok(seen) if seen.drift.is_empty() => {
+                // Only the observed phases' own scopes: a successor's is read for its forecast.
+                let own = &scopes[..observed.len()];
+                self.observe_signins(own, &record, now, provider).await
+            }
+            _ => BTreeMap::new(),
+        };
         let kind = match observation {
             Ok(observation) if !observation.drift.is_empty() => EventKind::DriftDetected {
                 effect: None,
@@ -1200,6 +1278,7 @@ impl Task {
                             },
                             impact: Some(forecast::impact(platforms, stale_after, now)),
                             forecasts,
+                            signins: signins.remove(&phase.id),
                         }
                     })
                     .collect();

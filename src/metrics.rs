@@ -1068,6 +1068,7 @@ exclude = ["Break Glass"]
                 tally,
                 noncompliant_ratio: tally.noncompliant_ratio(),
                 coverage: tally.coverage(),
+                signins: None,
             },
         }
     }
@@ -1091,6 +1092,7 @@ exclude = ["Break Glass"]
             by_platform: Vec::new(),
             impact: None,
             forecasts: Vec::new(),
+            signins: None,
         });
         rollout.phases[0].verdict = Some(verdict(GateOutcome::Pass, pilot, now));
         let notify = Tally {
@@ -1112,6 +1114,7 @@ exclude = ["Break Glass"]
             by_platform: Vec::new(),
             impact: None,
             forecasts: Vec::new(),
+            signins: None,
         });
         rollout.phases[1].verdict = Some(verdict(GateOutcome::Fail, notify, now));
         rollout.phases[1].held_since = Some(now.minus(Duration::from_secs(90_000)));
@@ -1177,6 +1180,7 @@ exclude = ["Break Glass"]
             by_platform: Vec::new(),
             impact: None,
             forecasts: Vec::new(),
+            signins: None,
         });
         rollout.phases[0].held_since = Some(Timestamp::from_millis(1_000));
         let s = sample(&plan, &rollout, now);

@@ -8,6 +8,7 @@ use serde::Serialize;
 use super::view::{self, Text, elapsed};
 use crate::domain::plan::{Gate, Plan, RollbackWhen};
 use crate::domain::rollout::Rollout;
+use crate::domain::signins::SignIns;
 use crate::domain::time::format_span;
 use crate::engine::Loaded;
 use crate::store::EventRecord;
@@ -28,6 +29,12 @@ fn gate_summary(gate: &Gate) -> String {
     }
     if let Some(max) = gate.max_error_ratio {
         parts.push(format!("errors ≤ {max}"));
+    }
+    if let Some(max) = gate.max_blocked_signins {
+        parts.push(format!("blocked sign-ins ≤ {max}"));
+    }
+    if let Some(max) = gate.max_blocked_signin_ratio {
+        parts.push(format!("users blocked signing in ≤ {max}"));
     }
     if gate.approvals > 0 {
         parts.push(format!(
@@ -53,6 +60,12 @@ fn rollback_summary(rollback: &RollbackWhen) -> String {
     }
     if let Some(n) = rollback.errors_above {
         parts.push(format!("errors > {n}"));
+    }
+    if let Some(n) = rollback.blocked_signins_above {
+        parts.push(format!("blocked sign-ins > {n}"));
+    }
+    if let Some(r) = rollback.blocked_signin_ratio_above {
+        parts.push(format!("users blocked signing in > {r}"));
     }
     if let Some(r) = rollback.blocked_ratio_above {
         parts.push(format!("blocked > {r}"));
@@ -319,7 +332,10 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
                         .noncompliant_ratio()
                         .map_or("-".to_string(), crate::domain::plan::format_percent)
                 ),
-                view::thousands(o.tally.blocked),
+                match o.signins.as_ref().and_then(SignIns::tally) {
+                    Some(seen) => view::thousands(seen.blocked_users),
+                    None => view::thousands(o.tally.blocked),
+                },
             ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
@@ -359,6 +375,30 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
         let Some(observation) = &record.observation else {
             continue;
         };
+        match &observation.signins {
+            Some(SignIns::Observed(t)) => {
+                let _ = writeln!(
+                    out,
+                    "{:<14} sign-ins since {}: {} by {} users; blocked {} ({} users, the BLOCKED column), would be blocked {}{}",
+                    "",
+                    t.since,
+                    view::thousands(t.signins),
+                    view::thousands(t.users),
+                    view::thousands(t.blocked),
+                    view::thousands(t.blocked_users),
+                    view::thousands(t.would_block),
+                    if t.truncated { " (at least)" } else { "" }
+                );
+            }
+            Some(SignIns::Unavailable { reason }) => {
+                let _ = writeln!(
+                    out,
+                    "{:<14} sign-ins not available: {reason}; BLOCKED is the devices' estimate",
+                    ""
+                );
+            }
+            None => {}
+        }
         if let Some(at) = observation.tally.earliest_block {
             let _ = writeln!(
                 out,

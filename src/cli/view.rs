@@ -10,7 +10,8 @@ use crate::domain::forecast;
 use crate::domain::gate::{GateVerdict, Tally};
 use crate::domain::machine;
 use crate::domain::plan::{self, Diagnostic, Plan, PlanErrors, Platform, format_percent};
-use crate::domain::rollout::{PhaseRecord, PhaseState, Rollout};
+use crate::domain::rollout::{PhaseObservation, PhaseRecord, PhaseState, Rollout};
+use crate::domain::signins::SignIns;
 use crate::domain::time::{Timestamp, format_span};
 use crate::store::EventRecord;
 
@@ -448,12 +449,85 @@ pub struct ObservationView {
     pub conflicts: u64,
     pub unknown: u64,
     pub stale: u64,
+    /// Who is blocked: from the sign-in log where it was read (users whose sign-ins the
+    /// enforced policy failed in the window), otherwise the devices' estimate (noncompliant past
+    /// grace under an enabled policy). `blocked_source` says which.
     pub blocked: u64,
+    /// `sign_in_log` or `estimate`.
+    pub blocked_source: String,
+    /// The devices' estimate, always.
+    pub blocked_devices_estimate: u64,
     /// The earliest end of a grace period among the phase's devices in grace: none of them is
     /// blocked before it.
     pub earliest_block: Option<String>,
     /// The same counts per platform, when the rollout manages several.
     pub by_platform: Vec<PlatformView>,
+    /// What the sign-in log said, when the phase's criteria read it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signins: Option<SignInsView>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SignInsView {
+    /// `observed` or `unavailable`.
+    pub availability: String,
+    /// Why it could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    pub signins: u64,
+    pub users: u64,
+    pub blocked: u64,
+    pub would_block: u64,
+    pub blocked_users: u64,
+    pub affected_users: u64,
+    /// The log held more than one observation reads: the counts are a lower bound.
+    pub truncated: bool,
+}
+
+pub fn signins_view(signins: &SignIns) -> SignInsView {
+    match signins {
+        SignIns::Observed(t) => SignInsView {
+            availability: "observed".into(),
+            reason: None,
+            since: Some(t.since.rfc3339()),
+            until: Some(t.until.rfc3339()),
+            signins: t.signins,
+            users: t.users,
+            blocked: t.blocked,
+            would_block: t.would_block,
+            blocked_users: t.blocked_users,
+            affected_users: t.affected_users,
+            truncated: t.truncated,
+        },
+        SignIns::Unavailable { reason } => SignInsView {
+            availability: "unavailable".into(),
+            reason: Some(reason.clone()),
+            since: None,
+            until: None,
+            signins: 0,
+            users: 0,
+            blocked: 0,
+            would_block: 0,
+            blocked_users: 0,
+            affected_users: 0,
+            truncated: false,
+        },
+    }
+}
+
+/// A phase's observation as `status` shows it, `blocked` from the sign-in log where it was read.
+pub fn phase_observation_view(o: &PhaseObservation) -> ObservationView {
+    let mut view = observation_with_platforms(o.at, &o.tally, &o.by_platform);
+    if let Some(tally) = o.signins.as_ref().and_then(SignIns::tally) {
+        view.blocked = tally.blocked_users;
+        view.blocked_source = "sign_in_log".into();
+    }
+    view.signins = o.signins.as_ref().map(signins_view);
+    view
 }
 
 #[derive(Serialize, Deserialize)]
@@ -528,6 +602,9 @@ pub fn observation_with_platforms(
         unknown: tally.unknown,
         stale: tally.stale,
         blocked: tally.blocked,
+        blocked_source: "estimate".into(),
+        blocked_devices_estimate: tally.blocked,
+        signins: None,
     }
 }
 
@@ -642,10 +719,7 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
                 held_since: record.held_since.map(Timestamp::rfc3339),
                 hold_expired: record.hold_expired,
                 approvals: approvals_view(plan, rollout, phase, record),
-                observation: record
-                    .observation
-                    .as_ref()
-                    .map(|o| observation_with_platforms(o.at, &o.tally, &o.by_platform)),
+                observation: record.observation.as_ref().map(phase_observation_view),
                 gate: record.verdict.as_ref().map(gate_view),
                 forecasts: if record.state.is_current() {
                     forecasts_of(record)

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::forecast::DeviceFacts;
 use super::plan::{Gate, Ratio, RollbackWhen, format_percent};
+use super::signins::{self, SignIns};
 use super::time::{Timestamp, format_span};
 
 /// The compliance state a backend reports for one device.
@@ -190,16 +191,34 @@ pub struct Evidence {
     pub tally: Tally,
     pub noncompliant_ratio: Option<f64>,
     pub coverage: Option<f64>,
+    /// What the sign-in log said, when the gate has sign-in criteria.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signins: Option<SignIns>,
 }
 
-/// Checks `gate` against one observation of its phase. Soak time and approvals are the state
-/// machine's business; this judges the data only.
+/// Checks `gate` against one observation of its phase's devices, with no sign-in log read.
+/// Soak time and approvals are the state machine's business; this judges the data only.
 pub fn evaluate(gate: &Gate, tally: &Tally, observed_at: Timestamp) -> GateVerdict {
+    evaluate_with_signins(gate, tally, None, observed_at)
+}
+
+/// Checks `gate` against one observation: the devices' tally and, when the gate has sign-in
+/// criteria, what the sign-in log said (`None`: not read).
+pub fn evaluate_with_signins(
+    gate: &Gate,
+    tally: &Tally,
+    signins: Option<&SignIns>,
+    observed_at: Timestamp,
+) -> GateVerdict {
+    let judged = signins::judge(gate, signins);
+    let uses_signins =
+        gate.max_blocked_signins.is_some() || gate.max_blocked_signin_ratio.is_some();
     let evidence = Evidence {
         observed_at,
         tally: *tally,
         noncompliant_ratio: tally.noncompliant_ratio(),
         coverage: tally.coverage(),
+        signins: signins.filter(|_| uses_signins).cloned(),
     };
     let mut failures = Vec::new();
     let mut missing = Vec::new();
@@ -259,13 +278,20 @@ pub fn evaluate(gate: &Gate, tally: &Tally, observed_at: Timestamp) -> GateVerdi
             tally.reported()
         ));
     }
+    failures.extend(judged.failures);
+    missing.extend(judged.missing);
     let (outcome, reasons) = if !failures.is_empty() {
         failures.extend(missing);
         (GateOutcome::Fail, failures)
     } else if !missing.is_empty() {
         (GateOutcome::Inconclusive, missing)
     } else {
-        (GateOutcome::Pass, vec![pass_summary(gate, tally)])
+        let mut summary = pass_summary(gate, tally);
+        for note in judged.notes {
+            summary.push_str(", ");
+            summary.push_str(&note);
+        }
+        (GateOutcome::Pass, vec![summary])
     };
     GateVerdict {
         outcome,
@@ -359,6 +385,10 @@ mod tests {
             max_error_ratio: None,
             approvals: 0,
             max_hold: DEFAULT_MAX_HOLD,
+            max_blocked_signins: None,
+            max_blocked_signin_ratio: None,
+            signin_window: crate::domain::plan::DEFAULT_SIGNIN_WINDOW,
+            signin_data: crate::domain::signins::SignInData::Required,
         }
     }
 
@@ -509,5 +539,52 @@ mod tests {
         assert!(rollback_trip(&criteria, &counts(70, 30, 0)).is_some());
         assert!(rollback_trip(&criteria, &counts(80, 20, 0)).is_none());
         assert!(rollback_trip(&criteria, &counts(0, 0, 100)).is_none());
+    }
+
+    #[test]
+    fn sign_in_criteria_join_the_device_criteria_in_one_verdict() {
+        use crate::domain::signins::{SignInTally, SignIns};
+        let at = Timestamp::from_millis(1_000_000);
+        let g = Gate {
+            max_blocked_signin_ratio: Ratio::parse_percent("5%"),
+            ..gate()
+        };
+        let seen = |users, affected| {
+            SignIns::Observed(SignInTally {
+                since: at.minus(HOUR),
+                until: at,
+                signins: users,
+                users,
+                blocked: 0,
+                would_block: affected,
+                blocked_users: 0,
+                affected_users: affected,
+                truncated: false,
+            })
+        };
+        let devices_fine = counts(98, 1, 1);
+        let pass = evaluate_with_signins(&g, &devices_fine, Some(&seen(100, 2)), at);
+        assert_eq!(pass.outcome, GateOutcome::Pass, "{:?}", pass.reasons);
+        assert!(
+            pass.reasons[0].contains("2 of 100 users' sign-ins"),
+            "{:?}",
+            pass.reasons
+        );
+        assert!(pass.evidence.signins.is_some());
+        let fail = evaluate_with_signins(&g, &devices_fine, Some(&seen(100, 30)), at);
+        assert_eq!(fail.outcome, GateOutcome::Fail);
+        assert!(
+            fail.reasons[0].contains("sign-ins of 30%"),
+            "{:?}",
+            fail.reasons
+        );
+        // Without the log the gate cannot pass: it holds, saying why.
+        let unread = evaluate(&g, &devices_fine, at);
+        assert_eq!(unread.outcome, GateOutcome::Inconclusive);
+        assert!(unread.reasons[0].contains("sign-in criteria not available"));
+        // A gate without sign-in criteria keeps no sign-in evidence.
+        let plain = evaluate_with_signins(&gate(), &devices_fine, Some(&seen(100, 30)), at);
+        assert_eq!(plain.outcome, GateOutcome::Pass);
+        assert!(plain.evidence.signins.is_none());
     }
 }

@@ -12,4 +12,5 @@ pub mod gate;
 pub mod machine;
 pub mod plan;
 pub mod rollout;
+pub mod signins;
 pub mod time;

@@ -13,6 +13,7 @@ use super::event::{DriftChange, PendingEffect, TenantRequest};
 use super::forecast::{Forecast, ForecastCheck, Impact};
 use super::gate::{GateVerdict, Tally};
 use super::plan::{Plan, Platform};
+use super::signins::SignIns;
 use super::time::Timestamp;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -276,6 +277,9 @@ pub struct PhaseObservation {
     /// What promoting the phase would do: one forecast per phase its promotion starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forecasts: Vec<Forecast>,
+    /// The phase's users' sign-ins, when its gate or rollback criteria ask for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signins: Option<SignIns>,
 }
 
 /// A plan change that weakens the rollout's safeguards: who applied it, what it weakens, and the

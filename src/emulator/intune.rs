@@ -433,6 +433,13 @@ impl Intune {
         }
     }
 
+    /// At its last evaluation the device was noncompliant with its grace over: Intune no longer
+    /// marks it compliant, whether or not a policy enforces that.
+    pub fn noncompliant_past_grace(&self, device: usize) -> bool {
+        let record = &self.records[device];
+        record.status == Status::NonCompliant && record.past_grace
+    }
+
     pub fn blocked(&self, device: usize) -> bool {
         self.records[device].open_block != NO_BLOCK
     }

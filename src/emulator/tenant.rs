@@ -12,6 +12,7 @@
 
 mod readiness;
 mod scenario;
+mod signins;
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -330,6 +331,8 @@ pub struct Tenant {
     answered: u64,
     faults_injected: u64,
     last_ca_request: Option<Instant>,
+    /// The sign-in log (`signins.rs`).
+    signins: signins::Log,
 }
 
 /// A GUID derived from the seed and a name: the same tenant every time.
@@ -532,6 +535,7 @@ impl Tenant {
             answered: 0,
             faults_injected: 0,
             last_ca_request: None,
+            signins: signins::Log::default(),
         };
         if tenant.setup.scenario == Scenario::LivedIn {
             scenario::furnish(&mut tenant);
@@ -864,6 +868,7 @@ impl Tenant {
                 ],
             ) => self.decide(id, decision, &request.body),
             ("POST", ["_emulator", "as-admin"]) => self.as_admin(request, request_id),
+            ("POST", ["_emulator", "signins"]) => self.sign_in_burst(&request.body),
             _ => Response::json(404, json!({"error": "unknown emulator endpoint"})),
         }
     }
@@ -1039,6 +1044,7 @@ impl Tenant {
             "writes": self.ledger.len(),
             "notifications": self.intune.notification_count(),
             "approvals": self.approvals.len(),
+            "signIns": self.signins.len(),
         })
     }
 
@@ -1347,6 +1353,9 @@ impl Tenant {
                 );
             }
             self.last_ca_request = Some(Instant::now());
+        }
+        if call.path.starts_with("/auditLogs/") {
+            return self.list_signins(call);
         }
         let approval = if self.setup.maa && writes && is_compliance_policy_path(call.path) {
             match self.approval_gate(call) {

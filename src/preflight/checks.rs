@@ -794,6 +794,21 @@ pub fn needed_roles(plan: &Plan, reads_domains: bool) -> Vec<(&'static str, &'st
     if reads_domains {
         roles.push(("Organization.Read.All", "the tenant's verified domains"));
     }
+    // A sign-in criterion the plan requires (`signin_data = "required"`, the default) needs the
+    // sign-in log; an optional one is judged without it when it cannot be read.
+    if plan.phases.iter().any(|p| {
+        crate::domain::signins::wanted(&p.gate, &p.rollback_when)
+            && p.gate.signin_data == crate::domain::signins::SignInData::Required
+    }) {
+        roles.push((
+            "AuditLog.Read.All",
+            "the sign-in log the plan's sign-in criteria read",
+        ));
+        roles.push((
+            "Directory.Read.All",
+            "the sign-in log (Graph requires it with AuditLog.Read.All)",
+        ));
+    }
     roles
 }
 

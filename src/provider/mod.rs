@@ -23,6 +23,7 @@ use crate::domain::event::{DriftChange, DriftResolution, TenantRequest};
 use crate::domain::forecast::Labels;
 use crate::domain::gate::DeviceReport;
 use crate::domain::plan::{Mode, Plan, Platform, PolicyTarget, ProviderConfig};
+use crate::domain::signins::SignIns;
 use crate::domain::time::Timestamp;
 use crate::store::Store;
 
@@ -35,6 +36,14 @@ pub struct PhaseScope {
     pub include: Vec<String>,
     pub exclude: Vec<String>,
     pub exclude_users: Vec<String>,
+}
+
+/// One phase's sign-in log read: its scope and the window `[since, until]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignInQuery {
+    pub scope: PhaseScope,
+    pub since: Timestamp,
+    pub until: Timestamp,
 }
 
 /// What a provider keeps about one rollout between calls: the baseline it captured and what it
@@ -187,6 +196,24 @@ pub trait Provider: Send {
         scopes: &[PhaseScope],
         record: &Record,
     ) -> Result<Observation, ProviderError>;
+
+    /// Reads the sign-ins of each query's users in its window, as the rollout's Conditional
+    /// Access policy judged them: one answer per query, in order. A backend without a sign-in
+    /// log says so ("not available"), never zero.
+    async fn observe_signins(
+        &mut self,
+        _target: &PolicyTarget,
+        queries: &[SignInQuery],
+        _record: &Record,
+    ) -> Result<Vec<SignIns>, ProviderError> {
+        let reason = format!("{} keeps no sign-in log", self.describe());
+        Ok(queries
+            .iter()
+            .map(|_| SignIns::Unavailable {
+                reason: reason.clone(),
+            })
+            .collect())
+    }
 }
 
 /// The backend's time without contacting it, for decisions recorded while the backend is busy

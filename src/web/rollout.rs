@@ -336,6 +336,12 @@ fn rollback_summary(rollback: &RollbackWhen) -> String {
     if let Some(r) = rollback.blocked_ratio_above {
         parts.push(format!("blocked share above {r}"));
     }
+    if let Some(n) = rollback.blocked_signins_above {
+        parts.push(format!("more than {n} blocked sign-ins"));
+    }
+    if let Some(r) = rollback.blocked_signin_ratio_above {
+        parts.push(format!("share of users blocked signing in above {r}"));
+    }
     parts.join(", or ")
 }
 
@@ -363,7 +369,7 @@ fn observation_table(out: &mut String, phase: &str, o: &ObservationView) {
             o.conflicts,
             o.unknown,
             o.stale,
-            o.blocked
+            o.blocked_devices_estimate
         ]
         .iter()
         .map(|n| format!("<td class=\"num\">{}</td>", thousands(*n)))
@@ -395,6 +401,29 @@ fn observation_table(out: &mut String, phase: &str, o: &ObservationView) {
         );
     }
     out.push_str("</tbody>\n</table>\n");
+    match &o.signins {
+        Some(s) if s.availability == "observed" => {
+            let _ = writeln!(
+                out,
+                "<p class=\"signins\">Sign-ins since {}: {} by {} users; <strong>{} blocked</strong> ({} users), {} would be blocked (report-only){}. The devices' Blocked column is an estimate.</p>",
+                s.since.as_deref().map(time).unwrap_or_default(),
+                thousands(s.signins),
+                thousands(s.users),
+                thousands(s.blocked),
+                thousands(s.blocked_users),
+                thousands(s.would_block),
+                if s.truncated { ", at least" } else { "" }
+            );
+        }
+        Some(s) => {
+            let _ = writeln!(
+                out,
+                "<p class=\"signins\">Sign-ins not available: {}. Blocked is the devices' estimate.</p>",
+                Esc(s.reason.as_deref().unwrap_or(""))
+            );
+        }
+        None => {}
+    }
     if let Some(at) = &o.earliest_block {
         let _ = writeln!(
             out,
@@ -537,6 +566,62 @@ pub(crate) fn gate_rows(phase: &Phase, view: &PhaseView) -> Vec<GateRow> {
         );
         rows.push(GateRow {
             criterion: "Error share",
+            threshold: format!("at most {max}"),
+            observed,
+            verdict,
+        });
+    }
+    // Sign-in criteria, judged as `signins::judge` does: not available is no data.
+    let signins = obs.and_then(|o| o.signins.as_ref());
+    let signin_row = |value: Option<(String, bool)>| match (obs, signins) {
+        (None, _) => (no_observation(), Verdict::NoData),
+        (Some(_), None) => ("sign-ins not read yet".to_string(), Verdict::NoData),
+        (Some(_), Some(s)) if s.availability != "observed" => (
+            format!("not available: {}", s.reason.as_deref().unwrap_or("")),
+            Verdict::NoData,
+        ),
+        (Some(_), Some(_)) => match value {
+            Some((text, ok)) => (text, Verdict::of(ok)),
+            None => ("no sign-ins in the window".to_string(), Verdict::NoData),
+        },
+    };
+    if let Some(max) = gate.max_blocked_signins {
+        let (observed, verdict) = signin_row(signins.map(|s| {
+            let impact = s.blocked + s.would_block;
+            (
+                format!(
+                    "{} ({} blocked, {} report-only)",
+                    thousands(impact),
+                    thousands(s.blocked),
+                    thousands(s.would_block)
+                ),
+                impact <= max,
+            )
+        }));
+        rows.push(GateRow {
+            criterion: "Blocked sign-ins",
+            threshold: format!("at most {}", thousands(max)),
+            observed,
+            verdict,
+        });
+    }
+    if let Some(max) = gate.max_blocked_signin_ratio {
+        let (observed, verdict) = signin_row(signins.and_then(|s| {
+            (s.users > 0).then(|| {
+                let ratio = s.affected_users as f64 / s.users as f64;
+                (
+                    format!(
+                        "{} ({} of {} users)",
+                        format_percent(ratio),
+                        thousands(s.affected_users),
+                        thousands(s.users)
+                    ),
+                    ratio <= max.fraction(),
+                )
+            })
+        }));
+        rows.push(GateRow {
+            criterion: "Users blocked signing in",
             threshold: format!("at most {max}"),
             observed,
             verdict,

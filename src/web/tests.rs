@@ -111,6 +111,7 @@ impl Scenario {
                 by_platform: Vec::new(),
                 impact: None,
                 forecasts: Vec::new(),
+                signins: None,
             })
             .collect();
         self.send(

@@ -117,6 +117,7 @@ mod tests {
                         ..Impact::default()
                     }),
                     forecasts,
+                    signins: None,
                 }
             })
             .collect();

@@ -33,6 +33,7 @@ use super::gate::{self, GateOutcome};
 use super::plan::announce::{self, Facts};
 use super::plan::{Moment, Plan, identity_key};
 use super::rollout::{PhaseObservation, PhaseRecord, PhaseState, Rollout, RolloutStatus};
+use super::signins;
 use super::time::{Timestamp, format_span};
 
 mod approval;
@@ -645,7 +646,11 @@ impl Machine<'_> {
             let Some(observation) = &self.next.phases[idx].observation else {
                 continue;
             };
-            if let Some(cause) = gate::rollback_trip(&phase.rollback_when, &observation.tally) {
+            let tripped =
+                gate::rollback_trip(&phase.rollback_when, &observation.tally).or_else(|| {
+                    signins::rollback_trip(&phase.rollback_when, observation.signins.as_ref())
+                });
+            if let Some(cause) = tripped {
                 let why = format!("rollback_when of `{}` tripped: {cause}", phase.id);
                 self.notes.push(why.clone());
                 let frontier = BTreeSet::from([idx]);
@@ -1044,7 +1049,12 @@ impl Machine<'_> {
         let (Some(applied_at), Some(observation)) = (record.applied_at, &record.observation) else {
             return;
         };
-        let verdict = gate::evaluate(&phase.gate, &observation.tally, observation.at);
+        let verdict = gate::evaluate_with_signins(
+            &phase.gate,
+            &observation.tally,
+            observation.signins.as_ref(),
+            observation.at,
+        );
         let soak_end = applied_at.plus(phase.min_soak);
         let decidable = now >= soak_end
             && observation.at >= soak_end

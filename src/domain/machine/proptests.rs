@@ -130,6 +130,7 @@ fn apply(h: &mut Harness, op: &Op) -> Option<Transition> {
                     by_platform: Vec::new(),
                     impact: None,
                     forecasts: Vec::new(),
+                    signins: None,
                 })
                 .collect();
             h.send(

@@ -151,6 +151,7 @@ impl Harness {
                 by_platform: Vec::new(),
                 impact: None,
                 forecasts: Vec::new(),
+                signins: None,
             })
             .collect();
         self.send(
@@ -971,4 +972,135 @@ fn a_resume_carries_out_a_promotion_whose_approvals_still_count() {
     h.settle();
     assert_eq!(h.state("enforce"), PhaseState::Soaking);
     assert!(!h.rollout.phase("notify").unwrap().promotion_unapplied);
+}
+
+const SIGNIN_PLAN: &str = r#"
+[rollout]
+name = "test"
+observe_every = "6h"
+
+[policy]
+compliance = "Baseline"
+platform = "windows"
+
+[provider]
+kind = "simulator"
+
+[emergency_access]
+groups = ["Break Glass"]
+
+[[phase]]
+id = "pilot"
+mode = "report"
+include = ["Pilot IT"]
+min_soak = "1d"
+[phase.gate]
+max_blocked_signin_ratio = "5%"
+
+[[phase]]
+id = "enforce"
+mode = "enforce"
+include = ["Pilot IT"]
+exclude = ["Break Glass"]
+min_soak = "1d"
+[phase.rollback_when]
+blocked_signins_above = 10
+"#;
+
+impl Harness {
+    fn observe_signins(&mut self, signins: crate::domain::signins::SignIns) {
+        let observations = self
+            .rollout
+            .phases
+            .iter()
+            .filter(|p| matches!(p.state, PhaseState::Soaking | PhaseState::AwaitingApproval))
+            .map(|p| PhaseObservation {
+                phase: p.id.clone(),
+                at: self.now,
+                tally: healthy(),
+                by_platform: Vec::new(),
+                impact: None,
+                forecasts: Vec::new(),
+                signins: Some(signins.clone()),
+            })
+            .collect();
+        self.send(
+            EventKind::Observed { observations },
+            Trigger::new(TriggerSource::Schedule, "test", "observation due"),
+        )
+        .unwrap();
+        self.settle();
+    }
+}
+
+fn signin_tally(
+    at: Timestamp,
+    users: u64,
+    blocked: u64,
+    would_block: u64,
+) -> crate::domain::signins::SignIns {
+    crate::domain::signins::SignIns::Observed(crate::domain::signins::SignInTally {
+        since: at.minus(DAY),
+        until: at,
+        signins: users,
+        users,
+        blocked,
+        would_block,
+        blocked_users: blocked,
+        affected_users: blocked + would_block,
+        truncated: false,
+    })
+}
+
+#[test]
+fn a_report_only_phase_holds_on_would_be_blocked_sign_ins_and_an_enforced_one_rolls_back_on_blocked_ones()
+ {
+    let mut h = Harness::new(SIGNIN_PLAN);
+    h.start();
+    assert_eq!(h.state("pilot"), PhaseState::Soaking);
+    // Healthy devices, but 20 of 100 users' sign-ins would fail once enforced: the gate holds.
+    h.advance(DAY);
+    let at = h.now;
+    h.observe_signins(signin_tally(at, 100, 0, 20));
+    assert_eq!(h.rollout.status, RolloutStatus::Held);
+    let verdict = h.rollout.phase("pilot").unwrap().verdict.clone().unwrap();
+    assert_eq!(verdict.outcome, GateOutcome::Fail);
+    assert!(
+        verdict.reasons[0].contains("20% blocked or would be blocked, more than 5%"),
+        "{:?}",
+        verdict.reasons
+    );
+    assert!(verdict.evidence.signins.is_some());
+    // Not read: the gate cannot pass; it holds as inconclusive, saying why.
+    h.advance(HOUR * 6);
+    h.observe_signins(crate::domain::signins::SignIns::Unavailable {
+        reason: "403".into(),
+    });
+    let verdict = h.rollout.phase("pilot").unwrap().verdict.clone().unwrap();
+    assert_eq!(verdict.outcome, GateOutcome::Inconclusive);
+    assert_eq!(h.state("pilot"), PhaseState::Soaking);
+    // Fixed: 2 of 100 pass, and the enforce phase starts.
+    h.advance(HOUR * 6);
+    let at = h.now;
+    h.observe_signins(signin_tally(at, 100, 0, 2));
+    assert_eq!(h.state("pilot"), PhaseState::Promoted);
+    assert_eq!(h.state("enforce"), PhaseState::Soaking);
+    // Report-only failures never roll back; within the bound neither do blocked ones.
+    h.advance(HOUR * 6);
+    let at = h.now;
+    h.observe_signins(signin_tally(at, 100, 10, 40));
+    assert_eq!(h.rollout.status, RolloutStatus::Running);
+    // Above it, the phase rolls back at once, before its soak ends.
+    h.advance(HOUR * 6);
+    let at = h.now;
+    h.observe_signins(signin_tally(at, 100, 11, 0));
+    assert_eq!(h.state("enforce"), PhaseState::RolledBack);
+    assert_eq!(h.rollout.status, RolloutStatus::RolledBack);
+    assert!(
+        h.rollout
+            .reason
+            .contains("11 blocked sign-ins (of 11 users) are above the rollback bound of 10"),
+        "{}",
+        h.rollout.reason
+    );
 }

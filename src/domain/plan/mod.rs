@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 pub use announce::{Announcement, Moment};
+pub use super::signins::SignInData;
 pub use approval::{ApprovalPolicy, identity_key};
 pub use diagnostics::{Diagnostic, PlanErrors, PlanWarnings, Position, position};
 use raw::{
@@ -201,6 +202,15 @@ pub struct Gate {
     pub approvals: u32,
     /// How long a failing gate may hold the rollout before it asks for a person.
     pub max_hold: Duration,
+    /// Sign-ins blocked or would be blocked (report-only) in the window, as a count.
+    pub max_blocked_signins: Option<u64>,
+    /// Users with a blocked or would-be-blocked sign-in, as a share of the phase's users who
+    /// signed in during the window.
+    pub max_blocked_signin_ratio: Option<Ratio>,
+    /// How far back each observation reads the sign-in log (never before the phase applied).
+    pub signin_window: Duration,
+    /// What the gate does when the sign-in log cannot be read.
+    pub signin_data: SignInData,
 }
 
 /// Abort criteria watched while a phase runs; tripping one rolls the phase back.
@@ -210,6 +220,10 @@ pub struct RollbackWhen {
     pub noncompliant_above: Option<u64>,
     pub errors_above: Option<u64>,
     pub blocked_ratio_above: Option<Ratio>,
+    /// Sign-ins the enforced policy blocked in the gate's `signin_window`, as a count.
+    pub blocked_signins_above: Option<u64>,
+    /// Users with a blocked sign-in, as a share of the phase's users who signed in.
+    pub blocked_signin_ratio_above: Option<Ratio>,
 }
 
 impl RollbackWhen {
@@ -325,6 +339,13 @@ pub const STALE_AFTER_RANGE: DurationRange = DurationRange {
     min: Duration::from_secs(3600),
     max: days(120),
 };
+/// The sign-in log is kept 30 days (7 without a premium licence); an observation reads at most a
+/// week of it (learn.microsoft.com/entra/identity/monitoring-health/reference-reports-data-retention).
+pub const SIGNIN_WINDOW_RANGE: DurationRange = DurationRange {
+    min: Duration::from_secs(600),
+    max: days(7),
+};
+pub const DEFAULT_SIGNIN_WINDOW: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_HOLD_RANGE: DurationRange = DurationRange {
     min: Duration::ZERO,
     max: days(365),
@@ -1178,6 +1199,28 @@ impl Checker<'_> {
         let grace = self.grace(raw);
         let gate = self.gate(raw.gate.as_ref().map(|g| g.get_ref()));
         let rollback_when = self.rollback_when(raw.rollback_when.as_ref().map(|r| r.get_ref()));
+        if let (Some(gate), Some(rollback)) = (&gate, &rollback_when)
+            && !super::signins::wanted(gate, rollback)
+            && let Some(raw_gate) = raw.gate.as_ref().map(|g| g.get_ref())
+        {
+            for (key, span) in [
+                (
+                    "signin_window",
+                    raw_gate.signin_window.as_ref().map(|v| v.span()),
+                ),
+                (
+                    "signin_data",
+                    raw_gate.signin_data.as_ref().map(|v| v.span()),
+                ),
+            ] {
+                if let Some(span) = span {
+                    self.error(
+                        span,
+                        format!("`{key}` only applies with a sign-in criterion (`max_blocked_signins`, `max_blocked_signin_ratio`, or `blocked_signins_above` / `blocked_signin_ratio_above` in `rollback_when`)"),
+                    );
+                }
+            }
+        }
         Some(Phase {
             id: raw.id.get_ref().clone(),
             description: raw.description.clone(),
@@ -1279,6 +1322,15 @@ impl Checker<'_> {
             "max_hold",
             MAX_HOLD_RANGE,
         );
+        let max_blocked_signins = self.count(raw.max_blocked_signins.as_ref(), MAX_COUNT);
+        let max_blocked_signin_ratio = self.ratio(raw.max_blocked_signin_ratio.as_ref());
+        let signin_window = self.duration_in(
+            raw.signin_window.as_ref(),
+            DEFAULT_SIGNIN_WINDOW,
+            "signin_window",
+            SIGNIN_WINDOW_RANGE,
+        );
+        let signin_data = self.signin_data(raw.signin_data.as_ref());
         Some(Gate {
             max_noncompliant: max_noncompliant.ok()?,
             max_noncompliant_ratio: max_noncompliant_ratio.ok()?,
@@ -1288,7 +1340,26 @@ impl Checker<'_> {
             max_error_ratio: max_error_ratio.ok()?,
             approvals: approvals.ok()?.unwrap_or(0) as u32,
             max_hold: max_hold?,
+            max_blocked_signins: max_blocked_signins.ok()?,
+            max_blocked_signin_ratio: max_blocked_signin_ratio.ok()?,
+            signin_window: signin_window?,
+            signin_data: signin_data?,
         })
+    }
+
+    fn signin_data(&mut self, value: Option<&Spanned<String>>) -> Option<SignInData> {
+        match value.map(|v| (v, v.get_ref().as_str())) {
+            None => Some(SignInData::Required),
+            Some((_, "required")) => Some(SignInData::Required),
+            Some((_, "optional")) => Some(SignInData::Optional),
+            Some((v, other)) => {
+                self.error(
+                    v.span(),
+                    format!("`signin_data` is \"required\" or \"optional\", not {other:?}"),
+                );
+                None
+            }
+        }
     }
 
     fn rollback_when(&mut self, raw: Option<&RawRollbackWhen>) -> Option<RollbackWhen> {
@@ -1298,11 +1369,15 @@ impl Checker<'_> {
         let noncompliant_above = self.count(raw.noncompliant_above.as_ref(), MAX_COUNT);
         let errors_above = self.count(raw.errors_above.as_ref(), MAX_COUNT);
         let blocked_ratio_above = self.ratio(raw.blocked_ratio_above.as_ref());
+        let blocked_signins_above = self.count(raw.blocked_signins_above.as_ref(), MAX_COUNT);
+        let blocked_signin_ratio_above = self.ratio(raw.blocked_signin_ratio_above.as_ref());
         Some(RollbackWhen {
             noncompliant_ratio_above: noncompliant_ratio_above.ok()?,
             noncompliant_above: noncompliant_above.ok()?,
             errors_above: errors_above.ok()?,
             blocked_ratio_above: blocked_ratio_above.ok()?,
+            blocked_signins_above: blocked_signins_above.ok()?,
+            blocked_signin_ratio_above: blocked_signin_ratio_above.ok()?,
         })
     }
 

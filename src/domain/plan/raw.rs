@@ -193,6 +193,10 @@ pub(super) struct RawGate {
     pub ticket_pattern: Option<Spanned<String>>,
     /// How far the gate's evidence may move between an approval and the promotion.
     pub approval_tolerance: Option<Spanned<String>>,
+    pub max_blocked_signins: Option<Spanned<i64>>,
+    pub max_blocked_signin_ratio: Option<Spanned<String>>,
+    pub signin_window: Option<Spanned<String>>,
+    pub signin_data: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,6 +206,8 @@ pub(super) struct RawRollbackWhen {
     pub noncompliant_above: Option<Spanned<i64>>,
     pub errors_above: Option<Spanned<i64>>,
     pub blocked_ratio_above: Option<Spanned<String>>,
+    pub blocked_signins_above: Option<Spanned<i64>>,
+    pub blocked_signin_ratio_above: Option<Spanned<String>>,
 }
 
 /// A structural problem: the file is not TOML, or not a plan's shape.

@@ -1028,3 +1028,111 @@ require_ticket = true
         "{errors:?}"
     );
 }
+
+#[test]
+fn sign_in_criteria_parse_with_their_defaults_and_bounds() {
+    let plan = checked(
+        r#"
+[[phase]]
+id = "pilot"
+mode = "report"
+include = ["Pilot IT"]
+[phase.gate]
+max_blocked_signins = 20
+max_blocked_signin_ratio = "2%"
+signin_window = "6h"
+signin_data = "optional"
+[phase.rollback_when]
+blocked_signins_above = 50
+blocked_signin_ratio_above = "10%"
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let phase = &plan.phases[0];
+    assert_eq!(phase.gate.max_blocked_signins, Some(20));
+    assert_eq!(
+        phase.gate.max_blocked_signin_ratio.unwrap().to_string(),
+        "2%"
+    );
+    assert_eq!(phase.gate.signin_window, Duration::from_secs(6 * 3600));
+    assert_eq!(phase.gate.signin_data, SignInData::Optional);
+    assert_eq!(phase.rollback_when.blocked_signins_above, Some(50));
+    assert_eq!(
+        phase
+            .rollback_when
+            .blocked_signin_ratio_above
+            .unwrap()
+            .to_string(),
+        "10%"
+    );
+    let defaults = checked(
+        r#"
+[[phase]]
+id = "pilot"
+mode = "report"
+include = ["Pilot IT"]
+"#,
+    )
+    .unwrap();
+    assert_eq!(defaults.phases[0].gate.signin_window, DEFAULT_SIGNIN_WINDOW);
+    assert_eq!(defaults.phases[0].gate.signin_data, SignInData::Required);
+    let errors = headlines(
+        r#"
+[[phase]]
+id = "pilot"
+mode = "report"
+include = ["Pilot IT"]
+[phase.gate]
+max_blocked_signins = -1
+max_blocked_signin_ratio = "120%"
+signin_window = "30d"
+signin_data = "maybe"
+[phase.rollback_when]
+blocked_signins_above = 100000001
+"#,
+    );
+    assert_eq!(errors.len(), 5, "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("expected a whole number from 0 to 100000000, found -1")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("invalid percentage `120%`")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("`signin_window` must be from 10m to 7d")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("`signin_data` is \"required\" or \"optional\"")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("found 100000001")),
+        "{errors:?}"
+    );
+    let stray = headlines(
+        r#"
+[[phase]]
+id = "pilot"
+mode = "report"
+include = ["Pilot IT"]
+[phase.gate]
+signin_window = "6h"
+"#,
+    );
+    assert_eq!(stray.len(), 1, "{stray:?}");
+    assert!(
+        stray[0].contains("`signin_window` only applies with a sign-in criterion"),
+        "{stray:?}"
+    );
+}

@@ -83,7 +83,7 @@ pub struct Readiness {
 }
 
 /// Every application permission phasegate documents (docs/graph.md).
-pub const ALL_ROLES: [&str; 9] = [
+pub const ALL_ROLES: [&str; 11] = [
     "DeviceManagementConfiguration.ReadWrite.All",
     "DeviceManagementServiceConfig.Read.All",
     "DeviceManagementManagedDevices.Read.All",
@@ -93,6 +93,8 @@ pub const ALL_ROLES: [&str; 9] = [
     "GroupMember.Read.All",
     "User.Read.All",
     "Organization.Read.All",
+    "AuditLog.Read.All",
+    "Directory.Read.All",
 ];
 
 /// The `wipe` action the unready variant adds: 30 days after noncompliance.
@@ -231,6 +233,11 @@ impl Tenant {
                 "certificate": null,
             }),
         )
+    }
+
+    /// "Mark devices with no compliance policy assigned as" Not compliant.
+    pub(super) fn secure_by_default(&self) -> bool {
+        self.compliance_settings()["secureByDefault"] == true
     }
 
     /// The tenant-wide compliance settings, `deviceManagement`'s `settings`

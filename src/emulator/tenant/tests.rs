@@ -1694,3 +1694,155 @@ fn a_tenant_without_a_push_certificate_answers_404() {
     );
     assert!(Apns::parse("soon").is_err());
 }
+
+fn sign_ins(tenant: &mut Tenant, token: &str, url: &str, prefer: bool) -> Response {
+    let mut req = request("GET", url, "", Some(token));
+    if prefer {
+        req.headers
+            .insert("prefer".into(), "include-unknown-enum-members".into());
+    }
+    tenant.handle(&req)
+}
+
+#[test]
+fn sign_ins_are_judged_when_they_happen_listed_newest_first_paged_and_throttled() {
+    let (mut tenant, token) = signed_in();
+    let ca = body(&tenant.handle(&request(
+        "GET",
+        "/v1.0/identity/conditionalAccess/policies",
+        "",
+        Some(&token),
+    )))["value"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Report-only over everyone: with no compliance policy assigned and the tenant marking
+    // such devices not compliant, every evaluated sign-in would fail.
+    let patched = tenant.handle(&request(
+        "PATCH",
+        &format!("/v1.0/identity/conditionalAccess/policies/{ca}"),
+        r#"{"state":"enabledForReportingButNotEnforced","conditions":{"users":{"includeUsers":["All"]}}}"#,
+        Some(&token),
+    ));
+    assert_eq!(patched.status, 204);
+    let burst = tenant.handle(&request(
+        "POST",
+        "/_emulator/signins",
+        r#"{"count": 400}"#,
+        None,
+    ));
+    assert_eq!(burst.status, 200, "{}", body(&burst));
+    assert_eq!(body(&burst)["results"]["reportOnlyFailure"], 400);
+    // Changing the policy afterwards does not rewrite the log.
+    let disabled = tenant.handle(&request(
+        "PATCH",
+        &format!("/v1.0/identity/conditionalAccess/policies/{ca}"),
+        r#"{"state":"disabled"}"#,
+        Some(&token),
+    ));
+    assert_eq!(disabled.status, 204);
+    tenant.handle(&request(
+        "POST",
+        "/_emulator/signins",
+        r#"{"count": 1}"#,
+        None,
+    ));
+    let mut url = "/v1.0/auditLogs/signIns?$top=150".to_string();
+    let mut seen = Vec::new();
+    let mut results = std::collections::BTreeMap::<String, u64>::new();
+    for _ in 0..5 {
+        let page = sign_ins(&mut tenant, &token, &url, true);
+        assert_eq!(page.status, 200, "{}", body(&page));
+        let page = body(&page);
+        for s in page["value"].as_array().unwrap() {
+            seen.push(s["id"].as_str().unwrap().to_string());
+            let applied = &s["appliedConditionalAccessPolicies"][0];
+            assert_eq!(applied["id"], ca.as_str());
+            *results
+                .entry(applied["result"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+        match page["@odata.nextLink"].as_str() {
+            Some(next) => url = next.trim_start_matches("http://localhost").to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 401);
+    let distinct: std::collections::BTreeSet<_> = seen.iter().collect();
+    assert_eq!(distinct.len(), 401);
+    assert_eq!(results["reportOnlyFailure"], 400);
+    // The newest first: the last sign-in, after the policy was disabled.
+    assert_eq!(results["notEnabled"], 1);
+    // Three pages so far; the fourth request, without `Prefer`, gets the report-only results as
+    // an unknown future value; the fifth is served, the sixth in ten seconds throttled.
+    let plain = body(&sign_ins(
+        &mut tenant,
+        &token,
+        "/v1.0/auditLogs/signIns?$top=2&$filter=createdDateTime%20ge%202020-01-01T00:00:00Z",
+        false,
+    ));
+    assert_eq!(
+        plain["value"][1]["appliedConditionalAccessPolicies"][0]["result"],
+        "unknownFutureValue"
+    );
+    let fifth = sign_ins(&mut tenant, &token, "/v1.0/auditLogs/signIns", true);
+    assert_eq!(fifth.status, 200);
+    let throttled = sign_ins(&mut tenant, &token, "/v1.0/auditLogs/signIns", true);
+    assert_eq!(throttled.status, 429);
+    assert!(header(&throttled, "retry-after").is_some());
+}
+
+#[test]
+fn the_sign_in_log_needs_its_permission_and_a_supported_filter() {
+    let readiness = Readiness {
+        roles: Some(vec!["Policy.Read.All".into()]),
+        ..Readiness::default()
+    };
+    let mut tenant = Tenant::with_setup(
+        settings(),
+        Setup {
+            readiness,
+            ..Setup::default()
+        },
+    );
+    let form = "client_id=app&scope=https%3A%2F%2Fgraph.microsoft.com%2F.default&client_secret=secret&grant_type=client_credentials";
+    let token = body(&tenant.handle(&request(
+        "POST",
+        "/contoso.onmicrosoft.com/oauth2/v2.0/token",
+        form,
+        None,
+    )))["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let denied = sign_ins(&mut tenant, &token, "/v1.0/auditLogs/signIns", true);
+    assert_eq!(denied.status, 403);
+    assert_eq!(
+        body(&denied)["error"]["code"],
+        "Authorization_RequestDenied"
+    );
+    let (mut tenant, token) = signed_in();
+    let bad = sign_ins(
+        &mut tenant,
+        &token,
+        "/v1.0/auditLogs/signIns?$filter=userId%20eq%20'x'",
+        true,
+    );
+    assert_eq!(bad.status, 400);
+    let too_big = sign_ins(
+        &mut tenant,
+        &token,
+        "/v1.0/auditLogs/signIns?$top=1001",
+        true,
+    );
+    assert_eq!(too_big.status, 400);
+    for bad_burst in [
+        r#"{"count": 0}"#,
+        r#"{"count": 100001}"#,
+        r#"{"count": 1, "group": "Nope"}"#,
+        "x",
+    ] {
+        let answer = tenant.handle(&request("POST", "/_emulator/signins", bad_burst, None));
+        assert!(answer.status >= 400, "{bad_burst}");
+    }
+}

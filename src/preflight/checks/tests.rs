@@ -344,3 +344,42 @@ fn a_missing_permission_is_an_error_naming_it() {
     let findings = permissions(&needed, &Ok(only_read_write));
     assert_eq!(findings[0].level, Level::Ok, "{findings:?}");
 }
+
+#[test]
+fn a_required_sign_in_criterion_needs_the_sign_in_log_permissions_and_an_optional_one_does_not() {
+    let text = std::fs::read_to_string(format!(
+        "{}/plans/windows-baseline-graph.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let with = |extra: &str| {
+        let edited = text.replace(
+            "[phase.rollback_when]\nblocked_ratio_above = \"5%\"",
+            &format!("[phase.rollback_when]\nblocked_ratio_above = \"5%\"\nblocked_signins_above = 10\n{extra}"),
+        );
+        assert_ne!(edited, text);
+        crate::adapters::parse_plan("plan.toml", &edited).unwrap()
+    };
+    let without = needed_roles(&plan("windows-baseline-graph.toml"), false);
+    assert!(!without.iter().any(|(r, _)| *r == "AuditLog.Read.All"));
+    let required = with("");
+    let needed = needed_roles(&required, false);
+    let granted: Vec<String> = without.iter().map(|(r, _)| r.to_string()).collect();
+    let findings = permissions(&needed, &Ok(granted.clone()));
+    let missing: Vec<&str> = findings
+        .iter()
+        .filter(|f| f.level == Level::Error)
+        .map(|f| f.message.as_str())
+        .collect();
+    assert_eq!(missing.len(), 2, "{findings:?}");
+    assert!(missing[0].contains("AuditLog.Read.All"), "{missing:?}");
+    assert!(missing[1].contains("Directory.Read.All"), "{missing:?}");
+    // `signin_data = "optional"` sits in the gate of the same phase.
+    let optional_text = text.replace(
+        "[phase.rollback_when]\nblocked_ratio_above = \"5%\"",
+        "signin_data = \"optional\"\n\n[phase.rollback_when]\nblocked_ratio_above = \"5%\"\nblocked_signins_above = 10",
+    );
+    let optional = crate::adapters::parse_plan("plan.toml", &optional_text).unwrap();
+    let findings = permissions(&needed_roles(&optional, false), &Ok(granted));
+    assert_eq!(findings[0].level, Level::Ok, "{findings:?}");
+}

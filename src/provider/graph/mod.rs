@@ -21,6 +21,7 @@ pub mod credential;
 pub mod mapping;
 pub mod readiness;
 pub mod settings;
+pub mod signins;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -41,12 +42,14 @@ use self::mapping::{
 };
 use super::{
     ErrorKind, Observation, Outcome, PhaseScope, Preflight, Provider, ProviderError, Record,
+    SignInQuery,
 };
 use crate::domain::desired::{DesiredState, PlanGroups};
 use crate::domain::event::{DriftChange, DriftResolution, TenantRequest};
 use crate::domain::forecast::{DeviceFacts, Labels, MAX_LABELS};
 use crate::domain::gate::{DeviceReport, DeviceState};
 use crate::domain::plan::{Mode, Plan, Platform, PolicyTarget};
+use crate::domain::signins::SignIns;
 use crate::domain::time::Timestamp;
 use crate::graph::{ALL_USERS_NAME, is_guid, odata_quote, parse_time};
 pub use settings::GraphSettings;
@@ -1616,6 +1619,23 @@ impl Provider for GraphProvider {
             drift: Vec::new(),
             labels,
         })
+    }
+
+    async fn observe_signins(
+        &mut self,
+        target: &PolicyTarget,
+        queries: &[SignInQuery],
+        record: &Record,
+    ) -> Result<Vec<SignIns>, ProviderError> {
+        let record = GraphRecord::parse(record)?;
+        let mut groups: BTreeSet<String> = queries
+            .iter()
+            .flat_map(|q| q.scope.include.iter().chain(&q.scope.exclude).cloned())
+            .collect();
+        let (plan_groups, users) = Self::groups_and_users(&record.groups, &record.emergency_users);
+        groups.extend(plan_groups);
+        let names = self.resolve(target, &groups, &users).await?;
+        signins::read(&self.client, &names, &record.applied, queries).await
     }
 }
 

@@ -21,10 +21,15 @@ use serde::{Deserialize, Serialize};
 use crate::domain::forecast::{DeviceFacts, Labels};
 use crate::domain::gate::{DeviceReport, DeviceState};
 use crate::domain::plan::{Mode, Platform};
+use crate::domain::signins::{SignInCounter, SignInOutcome};
 use crate::domain::time::Timestamp;
 
 const HOUR_MS: i64 = 3_600_000;
 const CHECKIN_PERIOD_MS: i64 = 8 * HOUR_MS;
+/// How often a device's owner signs in from it.
+pub const SIGNIN_PERIOD: Duration = Duration::from_secs(8 * 3600);
+/// Sign-ins come an hour after the device's check-ins.
+const SIGNIN_OFFSET_MS: i64 = HOUR_MS;
 const DORMANCY_WINDOW_MS: i64 = 60 * 24 * HOUR_MS;
 const BREAK_GLASS_ACCOUNTS: u32 = 2;
 
@@ -243,6 +248,53 @@ impl Fleet {
             })
             .map(|(i, d)| (i, self.report(d, &history, now)))
             .collect()
+    }
+
+    /// The sign-ins of `scope`'s users from their `platform` devices in `[since, until]`, as the
+    /// rollout's Conditional Access policy judges them, into `counter`. Each device's owner signs
+    /// in from it every [`SIGNIN_PERIOD`] (at a per-device offset), until the device goes dormant;
+    /// a device that never reports is not used. A sign-in is judged on the device's report at
+    /// that moment under the mode then in force: blocked if the report is blocked (enforced),
+    /// would be blocked if the device is noncompliant under a report or notify mode
+    /// (report-only), passed otherwise; a user the policy does not cover is not evaluated.
+    pub fn signins(
+        &self,
+        platform: Platform,
+        history: &[ResolvedEntry],
+        scope: Membership,
+        since: Timestamp,
+        until: Timestamp,
+        counter: &mut SignInCounter,
+    ) {
+        let period = SIGNIN_PERIOD.as_millis() as i64;
+        for d in &self.devices {
+            let bits = self.users[d.user as usize];
+            if d.platform != platform || !scope.covers(bits) || d.flags & NEVER_REPORTS != 0 {
+                continue;
+            }
+            let dormant_at = self.epoch.as_millis().saturating_add(d.dormant_at_ms);
+            let last = until.as_millis().min(dormant_at);
+            let offset = d.checkin_offset_ms + SIGNIN_OFFSET_MS;
+            let mut at = last - (last - offset).rem_euclid(period);
+            let user = format!("user{}", d.user);
+            while at >= since.as_millis() {
+                let t = Timestamp::from_millis(at);
+                let applied: Vec<&ResolvedEntry> = history.iter().filter(|e| e.at <= t).collect();
+                let mode = applied.last().and_then(|e| e.mode_for(bits).0);
+                if let Some(mode) = mode {
+                    let report = self.report(d, &applied, t).report;
+                    let outcome = if report.blocked {
+                        SignInOutcome::Blocked
+                    } else if report.state == DeviceState::Noncompliant && mode < Mode::Enforce {
+                        SignInOutcome::WouldBlock
+                    } else {
+                        SignInOutcome::Passed
+                    };
+                    counter.add(&user, t, outcome);
+                }
+                at -= period;
+            }
+        }
     }
 
     /// The membership bits of a user (bit `i` for `GROUPS[i]`).
@@ -584,6 +636,7 @@ pub fn resolve(entry: &ConfigEntry) -> Result<ResolvedEntry, String> {
 mod tests {
     use super::*;
     use crate::domain::gate::tally;
+    use crate::domain::signins::SignInCounter;
 
     const DAY: Duration = Duration::from_secs(86_400);
     const EPOCH: Timestamp = Timestamp::from_millis(1_767_600_000_000);
@@ -599,6 +652,48 @@ mod tests {
 
     fn all() -> Membership {
         membership(&["All Users".into()], &[]).unwrap()
+    }
+
+    #[test]
+    fn sign_ins_follow_the_devices_and_the_mode_in_force() {
+        let fleet = Fleet::new(7, 5_000, DAY, EPOCH);
+        let since = EPOCH.plus(DAY * 3);
+        let until = since.plus(DAY);
+        let count = |history: &[ResolvedEntry]| {
+            let mut counter = SignInCounter::new(since, until);
+            for platform in Platform::ALL {
+                fleet.signins(platform, history, all(), since, until, &mut counter);
+            }
+            counter.finish(false)
+        };
+        // Report-only: noncompliant devices' sign-ins would fail; nobody is blocked.
+        let report = count(&[everyone(Mode::Report, EPOCH)]);
+        assert!(report.signins > 0 && report.users > 0, "{report:?}");
+        assert!(report.would_block > 0, "{report:?}");
+        assert_eq!(report.blocked, 0);
+        // Each reporting device signs in three times a day.
+        let reports = tally(
+            &fleet.observe(
+                Platform::Windows,
+                &[everyone(Mode::Report, EPOCH)],
+                all(),
+                until,
+            ),
+            DAY * 3,
+            until,
+        );
+        assert!(
+            report.signins >= 3 * reports.reported() / 2,
+            "{report:?} {reports:?}"
+        );
+        // Enforced from the start: the noncompliant devices past their grace are blocked.
+        let enforced = count(&[everyone(Mode::Enforce, EPOCH)]);
+        assert!(enforced.blocked > 0, "{enforced:?}");
+        assert_eq!(enforced.would_block, 0, "{enforced:?}");
+        assert_eq!(enforced.signins, report.signins);
+        // Not assigned: no sign-in is evaluated.
+        let none = count(&[]);
+        assert_eq!(none.signins, 0);
     }
 
     #[test]

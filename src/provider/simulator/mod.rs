@@ -13,10 +13,13 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{Observation, Outcome, PhaseScope, Preflight, Provider, ProviderError, Record};
+use super::{
+    Observation, Outcome, PhaseScope, Preflight, Provider, ProviderError, Record, SignInQuery,
+};
 use crate::domain::desired::DesiredState;
 use crate::domain::event::DriftResolution;
 use crate::domain::plan::{CompliancePolicy, Plan, PolicyTarget};
+use crate::domain::signins::{SignInCounter, SignIns};
 use crate::domain::time::Timestamp;
 use crate::store::{Store, StoreError, decode_json, encode_json};
 pub use fleet::{ConfigEntry, Fleet, GROUPS, SimAssignment};
@@ -347,6 +350,45 @@ impl Provider for SimProvider {
             drift: Vec::new(),
             labels: fleet::labels(),
         })
+    }
+
+    /// The simulated fleet's sign-ins (`fleet::Fleet::signins`): each query's users over its
+    /// window, under the configuration history the rollout wrote.
+    async fn observe_signins(
+        &mut self,
+        target: &PolicyTarget,
+        queries: &[SignInQuery],
+        _record: &Record,
+    ) -> Result<Vec<SignIns>, ProviderError> {
+        let mut histories = Vec::new();
+        for policy in &target.compliance {
+            let history = self
+                .history(policy)
+                .iter()
+                .map(fleet::resolve)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unknown_group)?;
+            histories.push((policy.platform, history));
+        }
+        queries
+            .iter()
+            .map(|query| {
+                let membership = fleet::membership(&query.scope.include, &query.scope.exclude)
+                    .map_err(unknown_group)?;
+                let mut counter = SignInCounter::new(query.since, query.until);
+                for (platform, history) in &histories {
+                    self.fleet.signins(
+                        *platform,
+                        history,
+                        membership,
+                        query.since,
+                        query.until,
+                        &mut counter,
+                    );
+                }
+                Ok(SignIns::Observed(counter.finish(false)))
+            })
+            .collect()
     }
 }
 
