@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-pub use announce::{Announcement, Moment};
 pub use super::signins::SignInData;
+pub use announce::{Announcement, Moment};
 pub use approval::{ApprovalPolicy, identity_key};
 pub use diagnostics::{Diagnostic, PlanErrors, PlanWarnings, Position, position};
 use raw::{
