@@ -82,6 +82,50 @@ fn channels_of(source: &str) -> Vec<(std::ops::Range<usize>, String)> {
         .collect()
 }
 
+/// The plan's `[[announcement]]` tables of a channel whose only setting is its endpoint's `url`
+/// (Teams, Slack): each URL, checked as `label`, or every problem, with the URL shown only as
+/// `redact` shows it.
+pub fn url_channels(
+    source: &str,
+    channel: &str,
+    whose: &str,
+    label: &str,
+    redact: fn(&str) -> String,
+) -> Result<Vec<String>, Vec<Diagnostic>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct RawUrlChannel {
+        channel: Option<toml::Value>,
+        on: Option<toml::Value>,
+        groups: Option<toml::Value>,
+        addresses: Option<toml::Value>,
+        subject: Option<toml::Value>,
+        template: Option<toml::Value>,
+        notice: Option<toml::Value>,
+        url: Spanned<String>,
+    }
+    let tables = tables_of::<RawUrlChannel>(source, channel, whose)?;
+    let mut problems = Vec::new();
+    let mut urls = Vec::new();
+    for table in tables {
+        let raw = table.into_inner();
+        match adapters::endpoint_url(&raw.url, label) {
+            Ok(url) => urls.push(url),
+            Err(mut d) => {
+                let written = raw.url.get_ref().trim();
+                d.message = d.message.replace(written, &redact(written));
+                problems.push(d);
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(urls)
+    } else {
+        Err(problems)
+    }
+}
+
 /// The plan's `[[announcement]]` tables of one channel, each as that channel's settings type
 /// (which lists the domain's keys too, unread, and rejects any other), with every problem at
 /// its place. `whose` names the channel in a message about a key it does not have.

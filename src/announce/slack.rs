@@ -6,12 +6,10 @@
 //!
 //! Settings: `url`.
 
-use serde::Deserialize;
 use serde_json::{Value, json};
-use toml::Spanned;
 
 use super::Links;
-use crate::adapters::{self, ChannelKind};
+use crate::adapters::ChannelKind;
 use crate::domain::event::ChannelAddress;
 use crate::domain::plan::{Diagnostic, Moment};
 use crate::notifier::About;
@@ -32,40 +30,15 @@ pub struct SlackSettings {
     pub url: String,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct RawSlack {
-    channel: Option<toml::Value>,
-    on: Option<toml::Value>,
-    groups: Option<toml::Value>,
-    addresses: Option<toml::Value>,
-    subject: Option<toml::Value>,
-    template: Option<toml::Value>,
-    notice: Option<toml::Value>,
-    url: Spanned<String>,
-}
-
 pub fn parse_all(source: &str) -> Result<Vec<SlackSettings>, Vec<Diagnostic>> {
-    let tables = super::tables_of::<RawSlack>(source, NAME, "a Slack announcement")?;
-    let mut problems = Vec::new();
-    let mut all = Vec::new();
-    for table in tables {
-        let raw = table.into_inner();
-        match adapters::endpoint_url(&raw.url, "Slack webhook URL") {
-            Ok(url) => all.push(SlackSettings { url }),
-            Err(mut d) => {
-                let written = raw.url.get_ref().trim();
-                d.message = d.message.replace(written, &redact_url(written));
-                problems.push(d);
-            }
-        }
-    }
-    if problems.is_empty() {
-        Ok(all)
-    } else {
-        Err(problems)
-    }
+    let urls = super::url_channels(
+        source,
+        NAME,
+        "a Slack announcement",
+        "Slack webhook URL",
+        redact_url,
+    )?;
+    Ok(urls.into_iter().map(|url| SlackSettings { url }).collect())
 }
 
 pub fn of(address: &ChannelAddress) -> Result<SlackSettings, String> {

@@ -13,12 +13,10 @@
 //!
 //! Settings: `url`.
 
-use serde::Deserialize;
 use serde_json::{Value, json};
-use toml::Spanned;
 
 use super::Links;
-use crate::adapters::{self, ChannelKind};
+use crate::adapters::ChannelKind;
 use crate::domain::event::ChannelAddress;
 use crate::domain::plan::{Diagnostic, Moment};
 use crate::notifier::About;
@@ -37,40 +35,15 @@ pub struct TeamsSettings {
     pub url: String,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct RawTeams {
-    channel: Option<toml::Value>,
-    on: Option<toml::Value>,
-    groups: Option<toml::Value>,
-    addresses: Option<toml::Value>,
-    subject: Option<toml::Value>,
-    template: Option<toml::Value>,
-    notice: Option<toml::Value>,
-    url: Spanned<String>,
-}
-
 pub fn parse_all(source: &str) -> Result<Vec<TeamsSettings>, Vec<Diagnostic>> {
-    let tables = super::tables_of::<RawTeams>(source, NAME, "a Teams announcement")?;
-    let mut problems = Vec::new();
-    let mut all = Vec::new();
-    for table in tables {
-        let raw = table.into_inner();
-        match adapters::endpoint_url(&raw.url, "Teams Workflows URL") {
-            Ok(url) => all.push(TeamsSettings { url }),
-            Err(mut d) => {
-                let written = raw.url.get_ref().trim();
-                d.message = d.message.replace(written, &redact_url(written));
-                problems.push(d);
-            }
-        }
-    }
-    if problems.is_empty() {
-        Ok(all)
-    } else {
-        Err(problems)
-    }
+    let urls = super::url_channels(
+        source,
+        NAME,
+        "a Teams announcement",
+        "Teams Workflows URL",
+        redact_url,
+    )?;
+    Ok(urls.into_iter().map(|url| TeamsSettings { url }).collect())
 }
 
 pub fn of(address: &ChannelAddress) -> Result<TeamsSettings, String> {

@@ -449,13 +449,20 @@ url = "http://127.0.0.1:9/hook"
 url = "http://127.0.0.1:9/other"
 [preflight]
 domains = ["example.com"]
+[[announcement]]
+channel = "slack"
+template = "{plan} starts"
+url = "https://hooks.slack.com/services/T0/B0/x"
 "#;
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/plans");
-        let mut sources = vec![every_table.to_string()];
-        for entry in std::fs::read_dir(dir).unwrap() {
-            sources.push(std::fs::read_to_string(entry.unwrap().path()).unwrap());
-        }
-        for source in &sources {
+        let sources = [
+            every_table,
+            include_str!("../../../plans/android-guarded.toml"),
+            include_str!("../../../plans/ios-parallel-pilots.toml"),
+            include_str!("../../../plans/multi-platform-graph.toml"),
+            include_str!("../../../plans/windows-baseline-graph.toml"),
+            include_str!("../../../plans/windows-baseline.toml"),
+        ];
+        for source in sources {
             let (_, tables) = read(source).unwrap_or_else(|_| panic!("{source}"));
             let own: RawAdapterTables = toml::from_str(source).unwrap();
             assert_eq!(tables.as_ref(), Some(&own), "{source}");
@@ -464,5 +471,6 @@ domains = ["example.com"]
         let tables = tables.unwrap();
         assert_eq!(tables.webhook.len(), 2);
         assert!(!tables.preflight.is_empty());
+        assert_eq!(tables.announcement.len(), 1);
     }
 }
