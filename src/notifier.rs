@@ -287,6 +287,32 @@ pub fn signature(key: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// Sends one POST: no answer, or a 408, 429 or 5xx (with its `Retry-After`), is an error that
+/// may be retried; any other answer is the caller's to read.
+pub async fn send(
+    request: reqwest::RequestBuilder,
+    shown: &str,
+) -> Result<reqwest::Response, NotifyError> {
+    let response = request.send().await.map_err(|e| NotifyError {
+        message: format!("POST {shown}: {}", retry::describe_transport(&e)),
+        failure: Some(retry::transport_failure(&e)),
+        retry_after: None,
+    })?;
+    let status = response.status().as_u16();
+    if let Some(failure) = retry::status_failure(status) {
+        return Err(NotifyError {
+            message: format!("POST {shown}: answered {status}"),
+            failure: Some(failure),
+            retry_after: response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, std::time::SystemTime::now())),
+        });
+    }
+    Ok(response)
+}
+
 #[async_trait]
 impl Notifier for WebhookNotifier {
     async fn deliver(&self, delivery: &Delivery<'_>) -> Result<u16, NotifyError> {
@@ -319,23 +345,8 @@ impl WebhookNotifier {
                 signature(secret.as_bytes(), &delivery.body),
             );
         }
-        let response = request.send().await.map_err(|e| NotifyError {
-            message: format!("POST {shown}: {}", retry::describe_transport(&e)),
-            failure: Some(retry::transport_failure(&e)),
-            retry_after: None,
-        })?;
+        let response = send(request, &shown).await?;
         let status = response.status().as_u16();
-        if let Some(failure) = retry::status_failure(status) {
-            return Err(NotifyError {
-                message: format!("POST {shown}: answered {status}"),
-                failure: Some(failure),
-                retry_after: response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| parse_retry_after(v, std::time::SystemTime::now())),
-            });
-        }
         match status {
             200..=299 => Ok(status),
             300..=399 => {

@@ -29,7 +29,6 @@ use crate::adapters;
 use crate::domain::event::{ChannelAddress, Message};
 use crate::domain::plan::{Diagnostic, Moment};
 use crate::notifier::{self, Delivery, Notifier, NotifyError, WebhookNotifier};
-use crate::retry;
 
 /// The channels an `[[announcement]]` may name.
 pub const CHANNEL_NAMES: [&str; 4] = [email::NAME, teams::NAME, slack::NAME, "webhook"];
@@ -378,30 +377,13 @@ pub async fn post_json(
     key: &str,
     body: &serde_json::Value,
 ) -> Result<u16, NotifyError> {
-    let response = http
+    let request = http
         .post(url)
         .header("Content-Type", "application/json")
         .header("Idempotency-Key", key)
-        .body(serde_json::to_vec(body).expect("json serializes"))
-        .send()
-        .await
-        .map_err(|e| NotifyError {
-            message: format!("POST {shown}: {}", retry::describe_transport(&e)),
-            failure: Some(retry::transport_failure(&e)),
-            retry_after: None,
-        })?;
+        .body(serde_json::to_vec(body).expect("json serializes"));
+    let response = notifier::send(request, shown).await?;
     let status = response.status().as_u16();
-    if let Some(failure) = retry::status_failure(status) {
-        return Err(NotifyError {
-            message: format!("POST {shown}: answered {status}"),
-            failure: Some(failure),
-            retry_after: response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| retry::parse_retry_after(v, std::time::SystemTime::now())),
-        });
-    }
     match status {
         200..=299 => Ok(status),
         300..=399 => Err(NotifyError::final_(format!(

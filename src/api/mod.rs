@@ -33,7 +33,7 @@ use crate::domain::plan::Strictness;
 use crate::engine::{self, Engine, EngineError};
 use crate::identity::{Identity, Role, Source};
 use crate::runner::Handle;
-use crate::store::{PlanRecord, Store, StoreError};
+use crate::store::{EventRecord, PlanRecord, Store, StoreError};
 
 pub use auth::Caller;
 
@@ -405,6 +405,11 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
 async fn command(state: &ApiState, id: &str, kind: EventKind, by: &str, reason: &str) -> ApiResult {
     state.store.rollout(id)?;
     let record = state.handle.command(id, kind, by, reason).await?;
+    recorded(state, id, record)
+}
+
+/// The rollout's view after a command, with what the command recorded (if anything).
+fn recorded(state: &ApiState, id: &str, record: Option<EventRecord>) -> ApiResult {
     let mut view = view_of(&state.store, id)?;
     view["recorded"] = json!(record.map(|r| json!({"seq": r.seq, "notes": r.notes})));
     Ok(Json(view).into_response())
@@ -617,9 +622,7 @@ async fn apply_plan(
         .handle
         .apply_plan(&id, &file, body.plan, &by, &body.reason)
         .await?;
-    let mut view = view_of(&state.store, &id)?;
-    view["recorded"] = json!(record.map(|r| json!({"seq": r.seq, "notes": r.notes})));
-    Ok(Json(view).into_response())
+    recorded(&state, &id, record)
 }
 
 async fn approve_plan(
