@@ -1314,10 +1314,19 @@ fn may_carry_out(
 
 /// The rollout cannot move on without a person, or is done.
 pub fn should_stop(rollout: &Rollout) -> bool {
+    stops(
+        rollout.status,
+        rollout.phases.iter().any(|p| p.hold_expired),
+    )
+}
+
+/// [`should_stop`], from the rollout's status and whether any phase's hold has expired (all it
+/// looks at, so that a rollout read at a glance is judged by the same rule).
+pub fn stops(status: RolloutStatus, hold_expired: bool) -> bool {
     use RolloutStatus::*;
-    match rollout.status {
+    match status {
         Running | RollingBack | Aborting => false,
-        Held => rollout.phases.iter().any(|p| p.hold_expired),
+        Held => hold_expired,
         Pending
         | WaitingApproval
         | Paused

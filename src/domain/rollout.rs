@@ -496,6 +496,78 @@ pub struct Rollout {
     pub last_seq: u64,
 }
 
+/// A rollout's record at a glance: what sorting a store's rollouts needs (whether it is finished,
+/// whether it waits for a person, which plans are its), decoded from the stored record while the
+/// rest of it is skipped unread. At resume this is read for every rollout in the store, and only
+/// the ones to drive are decoded whole (`store::Store::glances`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct RolloutGlance {
+    pub id: String,
+    pub plan_hash: String,
+    pub status: RolloutStatus,
+    /// How many effects are pending.
+    #[serde(rename = "pending", deserialize_with = "count_items")]
+    pub pending: usize,
+    /// Whether any phase's hold has expired.
+    #[serde(rename = "phases", deserialize_with = "any_hold_expired")]
+    pub hold_expired: bool,
+    /// The plan change on record: its plan's hash, and whether it is approved.
+    #[serde(default, deserialize_with = "plan_change_glance")]
+    pub plan_change: Option<(String, bool)>,
+    /// The plan a changed plan file was recorded to hold.
+    #[serde(default, deserialize_with = "plan_file_glance")]
+    pub plan_file: Option<String>,
+}
+
+impl From<&Rollout> for RolloutGlance {
+    fn from(rollout: &Rollout) -> RolloutGlance {
+        RolloutGlance {
+            id: rollout.id.clone(),
+            plan_hash: rollout.plan_hash.clone(),
+            status: rollout.status,
+            pending: rollout.pending.len(),
+            hold_expired: rollout.phases.iter().any(|p| p.hold_expired),
+            plan_change: rollout
+                .plan_change
+                .as_ref()
+                .map(|c| (c.plan_hash.clone(), c.approved)),
+            plan_file: rollout.plan_file.as_ref().map(|f| f.plan_hash.clone()),
+        }
+    }
+}
+
+fn count_items<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    Ok(Vec::<serde::de::IgnoredAny>::deserialize(d)?.len())
+}
+
+fn any_hold_expired<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    struct Phase {
+        #[serde(default)]
+        hold_expired: bool,
+    }
+    Ok(Vec::<Phase>::deserialize(d)?.iter().any(|p| p.hold_expired))
+}
+
+fn plan_change_glance<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<(String, bool)>, D::Error> {
+    #[derive(Deserialize)]
+    struct Change {
+        plan_hash: String,
+        approved: bool,
+    }
+    Ok(Option::<Change>::deserialize(d)?.map(|c| (c.plan_hash, c.approved)))
+}
+
+fn plan_file_glance<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    struct File {
+        plan_hash: String,
+    }
+    Ok(Option::<File>::deserialize(d)?.map(|f| f.plan_hash))
+}
+
 impl Rollout {
     pub fn new(id: &str, plan: &Plan, created_by: &str, now: Timestamp) -> Rollout {
         Rollout {

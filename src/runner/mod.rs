@@ -37,12 +37,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::domain::event::{Event, EventKind, Trigger};
-use crate::domain::rollout::RolloutStatus;
+use crate::domain::rollout::{RolloutGlance, RolloutStatus};
 use crate::domain::time::Timestamp;
 use crate::engine::{self, Engine, EngineError, Finished, Limits, Loaded, Skips, Work};
 use crate::notifier::Notifier;
 use crate::provider::{self, Provider};
-use crate::store::{EventRecord, Store, StoredRollout};
+use crate::store::{EventRecord, Glanced, Store, StoredRollout};
 
 /// A committed transition, as the watchers see it.
 #[derive(Clone, Debug)]
@@ -428,10 +428,7 @@ fn start_loading(shared: &Shared) -> Loading {
                 due: due.len(),
                 parked: resume.parked,
             };
-            let listening = listed_tx.send(Ok(listed)).is_ok();
-            // Let go of the records not kept only now, after the runner has its listing.
-            drop(resume.rest);
-            if listening {
+            if listed_tx.send(Ok(listed)).is_ok() {
                 load_due(&store, due, &ready_tx);
             }
         }
@@ -445,10 +442,30 @@ fn start_loading(shared: &Shared) -> Loading {
 /// What the runner resumes: the rollouts to drive at once, and (under `serve`) those that wait
 /// for a person, with the hash of the plan they run.
 struct Resume {
-    due: Vec<StoredRollout>,
+    due: Vec<Due>,
     parked: Vec<Parked>,
-    /// The records listed and not kept.
-    rest: Vec<StoredRollout>,
+}
+
+/// A rollout to drive at resume: read whole, or listed at a glance and decoded by its loader.
+enum Due {
+    Read(StoredRollout),
+    Listed(Glanced),
+}
+
+impl Due {
+    fn id(&self) -> &str {
+        match self {
+            Due::Read(stored) => &stored.rollout.id,
+            Due::Listed(listed) => &listed.glance.id,
+        }
+    }
+
+    fn decode(self) -> Result<StoredRollout, EngineError> {
+        match self {
+            Due::Read(stored) => Ok(stored),
+            Due::Listed(listed) => Ok(listed.decode()?),
+        }
+    }
 }
 
 /// The listing as the runner first sees it: how many rollouts are being loaded, and those that
@@ -472,7 +489,7 @@ fn loaders() -> usize {
 
 /// Loads the rollouts to drive on [`loaders`] threads, sending each as it is ready (until the
 /// runner stops listening).
-fn load_due(store: &Store, due: Vec<StoredRollout>, ready: &mpsc::Sender<Ready>) {
+fn load_due(store: &Store, due: Vec<Due>, ready: &mpsc::Sender<Ready>) {
     let queue = std::sync::Mutex::new(due.into_iter());
     let next = || {
         queue
@@ -484,9 +501,11 @@ fn load_due(store: &Store, due: Vec<StoredRollout>, ready: &mpsc::Sender<Ready>)
     std::thread::scope(|scope| {
         for _ in 0..loaders() {
             scope.spawn(|| {
-                while let Some(stored) = next() {
-                    let id = stored.rollout.id.clone();
-                    let loaded = engine::load_stored(store, stored);
+                while let Some(due) = next() {
+                    let id = due.id().to_string();
+                    let loaded = due
+                        .decode()
+                        .and_then(|stored| engine::load_stored(store, stored));
                     let plan_changed = loaded.as_ref().is_ok_and(|l| {
                         !finished(l.stored.rollout.status)
                             && files.changed(&l.plan_record, &l.stored.rollout)
@@ -510,30 +529,27 @@ fn load_due(store: &Store, due: Vec<StoredRollout>, ready: &mpsc::Sender<Ready>)
 fn resume_plan(store: &Store, settings: &Settings) -> Result<Resume, EngineError> {
     if let Some(id) = &settings.only {
         return Ok(Resume {
-            due: vec![store.rollout(id)?],
+            due: vec![Due::Read(store.rollout(id)?)],
             parked: Vec::new(),
-            rest: Vec::new(),
         });
     }
     let mut resume = Resume {
         due: Vec::new(),
         parked: Vec::new(),
-        rest: Vec::new(),
     };
-    for stored in store.rollouts()? {
-        let rollout = &stored.rollout;
-        if finished(rollout.status) && rollout.pending.is_empty() {
-            resume.rest.push(stored);
+    for listed in store.glances()? {
+        let rollout = &listed.glance;
+        if finished(rollout.status) && rollout.pending == 0 {
+            continue;
         } else if settings.until == Until::Shutdown && waits_for_a_person(rollout) {
             resume.parked.push(Parked {
                 id: rollout.id.clone(),
                 hash: rollout.plan_hash.clone(),
-                file: rollout.plan_file.as_ref().map(|f| f.plan_hash.clone()),
-                waiting: rollout.plan_change.as_ref().map(|c| c.plan_hash.clone()),
+                file: rollout.plan_file.clone(),
+                waiting: rollout.plan_change.as_ref().map(|(hash, _)| hash.clone()),
             });
-            resume.rest.push(stored);
         } else {
-            resume.due.push(stored);
+            resume.due.push(Due::Listed(listed));
         }
     }
     Ok(resume)
@@ -542,10 +558,13 @@ fn resume_plan(store: &Store, settings: &Settings) -> Result<Resume, EngineError
 /// Nothing is due for this rollout until a person acts, whatever its plan and the time: nothing
 /// is pending and its status stops it ([`Engine::next_work`] stops before reading the plan's
 /// schedule). Its actor would do nothing but look at its plan file.
-fn waits_for_a_person(rollout: &crate::domain::rollout::Rollout) -> bool {
-    rollout.pending.is_empty()
-        && engine::should_stop(rollout)
-        && !rollout.plan_change.as_ref().is_some_and(|c| c.approved)
+fn waits_for_a_person(rollout: &RolloutGlance) -> bool {
+    rollout.pending == 0
+        && engine::stops(rollout.status, rollout.hold_expired)
+        && !rollout
+            .plan_change
+            .as_ref()
+            .is_some_and(|(_, approved)| *approved)
 }
 
 /// A rollout that waits for a person: what its plan file is compared with.

@@ -450,3 +450,62 @@ fn an_export_rebuilds_the_store_and_its_heads_catch_a_rewrite() {
     std::fs::write(&file, text.replacen("w-1", "w-2", 1)).unwrap();
     assert!(Export::read(&file).is_err());
 }
+
+/// The runner sorts a store by the glance of each record, so the glance must read what the
+/// whole record says: the same status, pending effects, expired hold and plans.
+#[test]
+fn a_glance_reads_what_the_whole_record_says() {
+    use crate::domain::event::{Effect, EffectId, PendingEffect};
+    use crate::domain::rollout::{PlanChange, PlanFileChange};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let mut current = created(&store);
+    let glance = |store: &Store| {
+        let listed = store.glances().unwrap();
+        assert_eq!(listed.len(), 1);
+        let whole = listed[0].decode().unwrap();
+        assert_eq!(whole, store.rollout("w-1").unwrap());
+        assert_eq!(listed[0].glance, RolloutGlance::from(&whole.rollout));
+        listed[0].glance.clone()
+    };
+    let first = glance(&store);
+    assert_eq!((first.pending, first.hold_expired), (0, false));
+    assert_eq!((first.plan_change, first.plan_file), (None, None));
+
+    let mut next = current.rollout.clone();
+    next.status = RolloutStatus::Held;
+    next.phases[1].hold_expired = true;
+    next.pending.push(PendingEffect {
+        id: EffectId { seq: 2, index: 0 },
+        effect: Effect::CaptureBaseline,
+    });
+    next.plan_change = Some(PlanChange {
+        plan_hash: "c".repeat(64),
+        from_hash: next.plan_hash.clone(),
+        by: "bob".into(),
+        at: Timestamp::from_millis(7),
+        weakens: vec!["approvals 1 → 0".into()],
+        approvals: Vec::new(),
+        approved: true,
+    });
+    next.plan_file = Some(PlanFileChange {
+        plan_hash: "f".repeat(64),
+        path: "plans/w.toml".into(),
+        seen_at: Timestamp::from_millis(8),
+    });
+    current = store
+        .commit(
+            &current,
+            &next,
+            record(&next, EventKind::Tick),
+            Attached::default(),
+        )
+        .map(|_| store.rollout("w-1").unwrap())
+        .unwrap();
+    let second = glance(&store);
+    assert_eq!(second.status, RolloutStatus::Held);
+    assert_eq!((second.pending, second.hold_expired), (1, true));
+    assert_eq!(second.plan_change, Some(("c".repeat(64), true)));
+    assert_eq!(second.plan_file, Some("f".repeat(64)));
+    assert_eq!(current.rollout.status, RolloutStatus::Held);
+}

@@ -33,7 +33,7 @@
 //!    command; the sweep of their plan files that follows is timed too). Beside it, for a store
 //!    whose every rollout is due: the runner of `phasegate run` in-process, which starts an
 //!    actor for every unfinished rollout (until resumed, and until done), and the same loading
-//!    one rollout after another (`Store::open`, the listing, each rollout's plan and plan file
+//!    one rollout after another (`Store::open`, the listing at a glance, each rollout's record, plan and plan file
 //!    from the listed record, its tenant's offline clock). Baseline: a bare `sled` open of the
 //!    same directory with the store's configuration. `PHASEGATE_SCALE_REOPENS` (5) samples of
 //!    each; the page cache is warm. `PHASEGATE_SCALE_KEEP=DIR` keeps a copy of that store;
@@ -797,14 +797,14 @@ fn reopen_child(mode: &str, dir: &Path) {
     black_box(engine_notifier);
     // What `Runner::run` does first: the rollouts that need an actor.
     let drivable: Vec<_> = store
-        .rollouts()
+        .glances()
         .expect("the rollouts are listed")
         .into_iter()
         .filter(|r| {
             !(matches!(
-                r.rollout.status,
+                r.glance.status,
                 RolloutStatus::Completed | RolloutStatus::Aborted
-            ) && r.rollout.pending.is_empty())
+            ) && r.glance.pending == 0)
         })
         .collect();
     let listed = started.elapsed();
@@ -814,8 +814,9 @@ fn reopen_child(mode: &str, dir: &Path) {
     let (mut loading, mut clock) = (Duration::ZERO, Duration::ZERO);
     let mut actors = Vec::with_capacity(drivable.len());
     let files = engine::PlanFiles::default();
-    for stored in drivable {
+    for listed in drivable {
         let t = Instant::now();
+        let stored = listed.decode().expect("the rollout decodes");
         let loaded = engine::load_stored(&store, stored).expect("the rollout loads");
         assert!(
             !files.changed(&loaded.plan_record, &loaded.stored.rollout),
@@ -1185,9 +1186,14 @@ fn print_reopen(reopen: &Reopen) -> Duration {
         &ratio(part(0), bare),
     );
     row("  Store::open", &ms(part(1)), "", &ratio(part(1), bare));
-    row("  listing the rollouts (Runner::run)", &ms(part(2)), "", "");
     row(
-        "  each actor's plan and plan file (load_stored)",
+        "  listing the rollouts at a glance (Runner::run)",
+        &ms(part(2)),
+        "",
+        "",
+    );
+    row(
+        "  each actor's record, plan and plan file (decode, load_stored)",
         &ms(part(3)),
         "",
         "",
