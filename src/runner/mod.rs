@@ -448,7 +448,7 @@ struct Resume {
 
 /// A rollout to drive at resume: read whole, or listed at a glance and decoded by its loader.
 enum Due {
-    Read(StoredRollout),
+    Read(Box<StoredRollout>),
     Listed(Glanced),
 }
 
@@ -462,7 +462,7 @@ impl Due {
 
     fn decode(self) -> Result<StoredRollout, EngineError> {
         match self {
-            Due::Read(stored) => Ok(stored),
+            Due::Read(stored) => Ok(*stored),
             Due::Listed(listed) => Ok(listed.decode()?),
         }
     }
@@ -529,7 +529,7 @@ fn load_due(store: &Store, due: Vec<Due>, ready: &mpsc::Sender<Ready>) {
 fn resume_plan(store: &Store, settings: &Settings) -> Result<Resume, EngineError> {
     if let Some(id) = &settings.only {
         return Ok(Resume {
-            due: vec![Due::Read(store.rollout(id)?)],
+            due: vec![Due::Read(Box::new(store.rollout(id)?))],
             parked: Vec::new(),
         });
     }

@@ -493,27 +493,34 @@ impl Store {
     /// Every rollout at a glance ([`RolloutGlance`]), each with its stored record still undecoded:
     /// the runner sorts a whole store by the glance and decodes in full only the rollouts it
     /// drives ([`Glanced::decode`]), a fraction of the cost of [`Store::rollouts`] for the rest.
+    /// The records are read in one pass and glanced at on a few threads.
     pub fn glances(&self) -> Result<Vec<Glanced>, StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Data {
-            rollout: RolloutGlance,
-        }
-        self.rollouts
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4));
+        self.glances_on(threads, GLANCES_PER_THREAD)
+    }
+
+    /// [`Store::glances`] on at most `threads` threads, each given `at_least` records.
+    fn glances_on(&self, threads: usize, at_least: usize) -> Result<Vec<Glanced>, StoreError> {
+        let listed = self
+            .rollouts
             .iter()
-            .map(|entry| {
-                let (key, bytes) = entry.map_err(|e| self.db_error(e))?;
-                let key = format!("rollouts/{}", String::from_utf8_lossy(&key));
-                // A record the glance cannot read is decoded whole, which says what is wrong.
-                let glance = match records::decode::<Data>(&key, &bytes) {
-                    Ok(data) => data.rollout,
-                    Err(_) => {
-                        let stored: StoredRollout = records::decode(&key, &bytes)?;
-                        RolloutGlance::from(&stored.rollout)
-                    }
-                };
-                Ok(Glanced { glance, key, bytes })
-            })
-            .collect()
+            .map(|entry| entry.map_err(|e| self.db_error(e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let chunk = listed.len().div_ceil(threads.max(1)).max(at_least.max(1));
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = listed
+                .chunks(chunk)
+                .map(|part| scope.spawn(|| part.iter().map(glance).collect::<Vec<_>>()))
+                .collect();
+            let mut glanced = Vec::with_capacity(listed.len());
+            for part in parts {
+                glanced.extend(
+                    part.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                );
+            }
+            glanced.into_iter().collect()
+        })
     }
 
     pub fn plan(&self, id: &str, hash: &str) -> Result<PlanRecord, StoreError> {
@@ -833,6 +840,31 @@ pub(crate) fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
 
 pub(crate) fn decode_json<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
     records::decode(key, bytes)
+}
+
+/// Below this many records a second thread costs more than it saves.
+const GLANCES_PER_THREAD: usize = 512;
+
+/// One listed record at a glance (a record the glance cannot read is decoded whole, which says
+/// what is wrong with it).
+fn glance((key, bytes): &(sled::IVec, sled::IVec)) -> Result<Glanced, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Data {
+        rollout: RolloutGlance,
+    }
+    let key = format!("rollouts/{}", String::from_utf8_lossy(key));
+    let glance = match records::decode::<Data>(&key, bytes) {
+        Ok(data) => data.rollout,
+        Err(_) => {
+            let stored: StoredRollout = records::decode(&key, bytes)?;
+            RolloutGlance::from(&stored.rollout)
+        }
+    };
+    Ok(Glanced {
+        glance,
+        key,
+        bytes: bytes.clone(),
+    })
 }
 
 /// A rollout listed by [`Store::glances`]: its glance, and its record as stored.

@@ -509,3 +509,31 @@ fn a_glance_reads_what_the_whole_record_says() {
     assert_eq!(second.plan_file, Some("f".repeat(64)));
     assert_eq!(current.rollout.status, RolloutStatus::Held);
 }
+
+/// Glanced at on several threads, a store lists in key order, every record once.
+#[test]
+fn glances_on_several_threads_keep_the_listing_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let plan = plan::parse("w", PLAN).unwrap();
+    let plan_record = PlanRecord {
+        path: "plans/w.toml".into(),
+        source: PLAN.into(),
+        hash: plan.hash.clone(),
+    };
+    for n in 0..5 {
+        let rollout = Rollout::new(&format!("w-{n}"), &plan, "alice", Timestamp::from_millis(1));
+        let start = EventKind::Start {
+            plan_hash: plan.hash.clone(),
+        };
+        store
+            .create(&rollout, record(&rollout, start), &plan_record, &[])
+            .unwrap();
+    }
+    let ids =
+        |listed: Vec<Glanced>| -> Vec<String> { listed.into_iter().map(|g| g.glance.id).collect() };
+    let one = ids(store.glances_on(1, 1).unwrap());
+    assert_eq!(one, ["w-0", "w-1", "w-2", "w-3", "w-4"]);
+    assert_eq!(ids(store.glances_on(2, 1).unwrap()), one);
+    assert_eq!(ids(store.glances_on(4, 2).unwrap()), one);
+}
