@@ -224,6 +224,14 @@ fn an_approver_sees_the_phases_the_gate_evidence_and_the_chart_follows_live_and_
         .to_lowercase()
         .contains("waiting")));
 
+    // The approver sees what the promotion would do: the impact forecast, beside the form.
+    let forecast = browser.text("#approval .forecast");
+    assert!(
+        forecast.contains("If approved: enforce starts"),
+        "{forecast}"
+    );
+    assert!(forecast.contains("Newly blocked"), "{forecast}");
+
     // Approving from the page: ticket, comment, the confirmation box, the button.
     browser.type_into("form.approve input[name=ticket]", "CHG-4711");
     browser.type_into(

@@ -26,6 +26,7 @@
 //!
 //! Times are shown in UTC, as the store records them.
 
+mod change;
 mod chart;
 mod graph;
 mod html;

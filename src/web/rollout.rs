@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use super::Viewer;
+use super::change;
 use super::chart::{chart_points, chart_svg};
 use super::graph::phase_graph;
 use super::html::{
@@ -173,6 +174,8 @@ fn status_section(out: &mut String, page: &RolloutPage<'_>) {
             Esc(&held.reference)
         );
     }
+    change::freeze(out, view);
+    change::plan_changes(out, view);
     out.push_str("</section>\n");
 }
 
@@ -318,6 +321,9 @@ fn phase_details(out: &mut String, plan: &Plan, idx: usize, phase: &Phase, view:
             );
         }
         out.push_str("</ul>\n");
+    }
+    if let Some(check) = &view.forecast_check {
+        change::forecast_check(out, check);
     }
     out.push_str("</details>\n");
 }
@@ -850,6 +856,7 @@ fn approval_panel(out: &mut String, page: &RolloutPage<'_>, viewer: &Viewer) {
             need,
             if need == 1 { "" } else { "s" }
         );
+        change::forecasts(out, idx, &record.forecasts);
         if !viewer.role.can_approve() {
             let _ = writeln!(
                 out,

@@ -925,3 +925,129 @@ fn the_stylesheet_is_local_and_its_colours_meet_wcag_aa() {
     // The primary button: white on green.
     assert!(contrast("#ffffff", "#1a7f37") >= 4.5);
 }
+
+/// An approver sees what the promotion would do before deciding: the impact forecast made from
+/// the phase's latest observation, beside the approve form.
+#[test]
+fn the_approval_panel_shows_the_impact_forecast() {
+    use crate::domain::forecast::{Affected, Forecast, Impact};
+    use crate::domain::plan::{Mode, Platform};
+    let mut s = Scenario::waiting_for_approval();
+    let before = s.render(&viewer("bob", Role::Approver));
+    let panel = between(&before, "<section id=\"approval\"", "</section>");
+    assert!(panel.contains("No impact forecast yet"), "{panel}");
+    let at = s.now;
+    let notify = s
+        .rollout
+        .phases
+        .iter_mut()
+        .find(|p| p.id == "notify")
+        .unwrap();
+    notify.observation.as_mut().unwrap().forecasts = vec![Forecast {
+        phase: "enforce".into(),
+        after: "notify".into(),
+        mode: Mode::Enforce,
+        at,
+        devices: 9_683,
+        unknown: 120,
+        before: Impact::default(),
+        notified: Affected::default(),
+        blocked: Affected {
+            devices: 174,
+            users: 161,
+            by_platform: vec![(Platform::Windows, 174)],
+            by_setting: vec![("Require BitLocker".into(), 98)],
+            groups: vec![("Sales".into(), 77)],
+        },
+        blocked_at_once: 12,
+        first_block: None,
+    }];
+    let html = s.render(&viewer("bob", Role::Approver));
+    let panel = between(&html, "<section id=\"approval\"", "</section>");
+    let forecast = between(panel, "<div class=\"forecast\"", "</div>");
+    assert!(forecast.contains("If approved: <code>enforce</code> starts (enforce)"));
+    let blocked = between(forecast, "<th scope=\"row\">Newly blocked</th>", "</tr>");
+    assert!(blocked.contains("<td>174</td><td>161</td>"), "{blocked}");
+    assert!(blocked.contains("windows 174") && blocked.contains("Require BitLocker 98"));
+    assert!(blocked.contains("Sales 77"));
+    assert!(forecast.contains("9,683 (120 without a fresh report)"));
+    assert!(forecast.contains("<dt>Blocked at once</dt><dd>12</dd>"));
+    // The forecast comes before the decision.
+    assert!(
+        panel.find("class=\"forecast\"").unwrap() < panel.find("<form class=\"approve\"").unwrap()
+    );
+}
+
+/// A freeze holding the promotion and a plan change waiting for approval are on the page, each
+/// saying what happens next.
+#[test]
+fn a_freeze_and_a_waiting_plan_change_are_explained() {
+    use crate::cli::view::{FrozenView, PlanChangeView, PlanFileView};
+    let s = Scenario::waiting_for_approval();
+    let mut view = s.view();
+    view.frozen = Some(FrozenView {
+        window: "weekend".into(),
+        until: "2026-01-12T05:00:00Z".into(),
+        until_local: "Monday 06:00 Europe/Berlin".into(),
+        phases: vec!["enforce".into()],
+    });
+    view.freeze_windows = vec!["weekend: Friday 12:00 to Monday 06:00 Europe/Berlin".into()];
+    view.plan_change = Some(PlanChangeView {
+        plan_hash: "ab".repeat(32),
+        from_hash: view.plan_hash.clone(),
+        by: "mallory".into(),
+        at: "2026-01-09T10:00:00Z".into(),
+        weakens: vec!["`notify` needs 0 approvals instead of 1".into()],
+        rules_of: "notify".into(),
+        required: 1,
+        approvers: "anyone but mallory".into(),
+        approved_by: Vec::new(),
+    });
+    view.plan_file_changed = Some(PlanFileView {
+        path: "plans/w.toml".into(),
+        plan_hash: "cd".repeat(32),
+        seen_at: "2026-01-09T11:00:00Z".into(),
+    });
+    let html = s.render_view(&view, &viewer("bob", Role::Approver));
+    let frozen = between(&html, "<section class=\"frozen\"", "</section>");
+    assert!(frozen.contains("<code>enforce</code>") && frozen.contains("<code>weekend</code>"));
+    assert!(frozen.contains("Monday 06:00 Europe/Berlin"));
+    assert!(html.contains("weekend: Friday 12:00 to Monday 06:00 Europe/Berlin"));
+    let change = between(&html, "<section class=\"plan-change\"", "</section>");
+    assert!(change.contains("mallory applied plan"));
+    assert!(change.contains("0 of 1 approval (anyone but mallory)"));
+    assert!(change.contains("<li class=\"text\">`notify` needs 0 approvals instead of 1</li>"));
+    assert!(change.contains("phasegate plan approve windows-baseline-1"));
+    let file = between(&html, "<section class=\"plan-file\"", "</section>");
+    assert!(file.contains("<code>plans/w.toml</code>") && file.contains("which nobody applied"));
+}
+
+/// Once a phase has soaked, its page says how far the forecast it was started on was off.
+#[test]
+fn a_phase_shows_its_forecast_against_the_outcome() {
+    use crate::cli::view::{ComparisonView, ForecastCheckView};
+    let s = Scenario::enforcing();
+    let mut view = s.view();
+    let comparison = |forecast_devices, actual_devices| ComparisonView {
+        forecast_devices,
+        actual_devices,
+        forecast_users: 0,
+        actual_users: 0,
+        error: 0.0,
+    };
+    view.phases[2].forecast_check = Some(ForecastCheckView {
+        phase: view.phases[2].id.clone(),
+        forecast_at: "2026-01-08T08:00:00Z".into(),
+        at: "2026-01-10T08:00:00Z".into(),
+        reporting: 9_683,
+        notified: comparison(981, 980),
+        blocked: comparison(174, 156),
+        error: 18.0 / 9_683.0,
+        summary: String::new(),
+    });
+    let html = s.render_view(&view, &viewer("dave", Role::Viewer));
+    let check = between(&html, "<p class=\"forecast-check", "</p>");
+    assert!(check.contains("told 981 forecast, 980 actual"), "{check}");
+    assert!(check.contains("blocked 174 forecast, 156 actual"));
+    assert!(check.contains("error 0.2% of 9,683 reporting devices"));
+}
