@@ -1250,7 +1250,7 @@ exclude = ["Break Glass"]
             login_url: url,
             ca_requests_per_second: 1.0,
             request_timeout: Duration::from_secs(10),
-        observe_through: Default::default(),
+            observe_through: Default::default(),
         };
         let before = parse(&global().render()).unwrap();
         let client = GraphClient::new(settings, Secret::new("s".into())).unwrap();

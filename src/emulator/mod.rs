@@ -65,7 +65,10 @@ pub async fn serve_with(
     } else {
         local.ip()
     };
-    let blob_origin = format!("http://{}", SocketAddr::new(blob_ip, blobs.local_addr()?.port()));
+    let blob_origin = format!(
+        "http://{}",
+        SocketAddr::new(blob_ip, blobs.local_addr()?.port())
+    );
     shared
         .tenant
         .lock()
@@ -94,7 +97,13 @@ async fn blob(State(shared): State<Shared>, request: Request) -> Response {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if parts.method != axum::http::Method::GET {
-            Err((405, reports::storage_error("UnsupportedHttpVerb", "The resource doesn't support the specified HTTP verb.")))
+            Err((
+                405,
+                reports::storage_error(
+                    "UnsupportedHttpVerb",
+                    "The resource doesn't support the specified HTTP verb.",
+                ),
+            ))
         } else {
             tenant.blob(name, &query, authorized)
         }

@@ -134,11 +134,17 @@ pub fn parse_request(body: Option<&Value>) -> Result<Request, String> {
         .and_then(Value::as_str)
         .ok_or("reportName is required.")?;
     if name != REPORT_NAME {
-        return Err(format!("The report '{name}' is not available for export here."));
+        return Err(format!(
+            "The report '{name}' is not available for export here."
+        ));
     }
     match body.get("format").and_then(Value::as_str) {
         None | Some("csv") => {}
-        Some(other) => return Err(format!("Format '{other}' is not supported for this report.")),
+        Some(other) => {
+            return Err(format!(
+                "Format '{other}' is not supported for this report."
+            ));
+        }
     }
     let localization = match body.get("localizationType").and_then(Value::as_str) {
         None | Some("localizedValuesAsAdditionalColumn") => Localization::AdditionalColumn,
@@ -220,9 +226,7 @@ impl Job {
 
     pub fn ready_at(&self) -> Timestamp {
         let per = BUILD_PER_100K.as_millis() as i64 * self.rows as i64 / 100_000;
-        Timestamp::from_millis(
-            self.started_at().as_millis() + BUILD_BASE.as_millis() as i64 + per,
-        )
+        Timestamp::from_millis(self.started_at().as_millis() + BUILD_BASE.as_millis() as i64 + per)
     }
 
     pub fn expires_at(&self) -> Option<Timestamp> {

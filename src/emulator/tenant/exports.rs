@@ -141,7 +141,10 @@ impl Tenant {
             }
             self.exports.keep_recent();
         }
-        Response::json(200, self.exports.jobs[idx].json(meta, &self.blob_origin, now))
+        Response::json(
+            200,
+            self.exports.jobs[idx].json(meta, &self.blob_origin, now),
+        )
     }
 
     /// The report as the device model stands now: its zip, and the snapshot behind it.
@@ -215,7 +218,12 @@ impl Tenant {
 
     /// A blob's bytes for `GET {blob origin}/reports/{name}?...&sig=...`, or the Azure Storage
     /// error (status, XML body).
-    pub fn blob(&self, name: &str, query: &[(String, String)], authorized: bool) -> Result<Bytes, (u16, String)> {
+    pub fn blob(
+        &self,
+        name: &str,
+        query: &[(String, String)],
+        authorized: bool,
+    ) -> Result<Bytes, (u16, String)> {
         let denied = |why: &str| (403, reports::storage_error("AuthenticationFailed", why));
         if authorized {
             // A SAS URL authorizes the request itself; a bearer token beside it is refused.
@@ -224,10 +232,16 @@ impl Tenant {
             ));
         }
         let Some(job) = self.exports.blob(name) else {
-            return Err((404, reports::storage_error("BlobNotFound", "The specified blob does not exist.")));
+            return Err((
+                404,
+                reports::storage_error("BlobNotFound", "The specified blob does not exist."),
+            ));
         };
         let built = job.built.as_ref().expect("a blob's job is built");
-        let sig = query.iter().find(|(k, _)| k == "sig").map(|(_, v)| v.as_str());
+        let sig = query
+            .iter()
+            .find(|(k, _)| k == "sig")
+            .map(|(_, v)| v.as_str());
         if sig != Some(built.sig.as_str()) {
             return Err(denied("Signature did not match."));
         }
@@ -240,7 +254,17 @@ impl Tenant {
     /// `GET /_emulator/exportJobs/{id}/truth?include=A,B&exclude=C&stale_after=SECONDS`: the
     /// counts of the job's devices in that scope, from the snapshot the job was built from.
     pub(super) fn export_truth(&self, id: &str, request: &Request) -> Response {
-        let Some(job) = self.exports.jobs.iter().find(|j| j.id == id) else {
+        // `latest`: the job completed last.
+        let job = if id == "latest" {
+            self.exports
+                .jobs
+                .iter()
+                .filter(|j| j.built.is_some())
+                .max_by_key(|j| j.built.as_ref().map(|b| b.at))
+        } else {
+            self.exports.jobs.iter().find(|j| j.id == id)
+        };
+        let Some(job) = job else {
             return Response::json(404, json!({"error": "no such export job"}));
         };
         let Some(built) = job.built.as_ref() else {
@@ -334,7 +358,7 @@ fn truth(
         counts[slot] += 1;
     }
     json!({
-        "at": crate::graph::format_time(built.at),
+        "at": built.at.rfc3339(),
         "platform": built.platform.as_str(),
         "targeted": counts.iter().sum::<u64>(),
         "compliant": counts[0],

@@ -1189,7 +1189,7 @@ mod tests {
             login_url: login.into(),
             ca_requests_per_second: 1.0,
             request_timeout: Duration::from_secs(10),
-        observe_through: Default::default(),
+            observe_through: Default::default(),
         };
         GraphClient::new(settings, Secret::new("s".into())).unwrap()
     }

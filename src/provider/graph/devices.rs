@@ -290,11 +290,20 @@ mod tests {
         }
         assert_eq!((devices.len(), devices.rows()), (3, 4));
         let bob = key(BOB).unwrap();
-        let phase = attribute(&devices, now(), Some(30 * DAY), |u| u == bob, |_, s, _, _| s);
+        let phase = attribute(
+            &devices,
+            now(),
+            Some(30 * DAY),
+            |u| u == bob,
+            |_, s, _, _| s,
+        );
         // D1 once (through Bob, its second user), with the worse of its rows; D3; D2 apart.
         let mut states = phase.reports.clone();
         states.sort_by_key(|s| *s as u8);
-        assert_eq!(states, vec![DeviceState::Compliant, DeviceState::Noncompliant]);
+        assert_eq!(
+            states,
+            vec![DeviceState::Compliant, DeviceState::Noncompliant]
+        );
         assert_eq!(phase.userless, 1);
         let nobody = attribute(&devices, now(), None, |_| false, |_, s, _, _| s);
         assert!(nobody.reports.is_empty());
@@ -324,7 +333,10 @@ mod tests {
             Some((DeviceState::Unknown, None))
         );
         // Without a known validity period, only the report's status counts.
-        assert_eq!(judge(&device("2", 31), now(), None).unwrap().0, DeviceState::Compliant);
+        assert_eq!(
+            judge(&device("2", 31), now(), None).unwrap().0,
+            DeviceState::Compliant
+        );
     }
 
     #[test]

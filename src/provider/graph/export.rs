@@ -42,7 +42,10 @@ pub const MAX_ZIP_BYTES: u64 = 4 << 30;
 pub const MAX_CSV_BYTES: u64 = 16 << 30;
 
 /// Every device of one policy, through one export job.
-pub async fn observe_policy(client: &GraphClient, policy_id: &str) -> Result<Devices, ProviderError> {
+pub async fn observe_policy(
+    client: &GraphClient,
+    policy_id: &str,
+) -> Result<Devices, ProviderError> {
     let url = completed_job(client, policy_id).await?;
     let mut file = tempfile::tempfile()
         .map_err(|e| ProviderError::transient(format!("a temporary file for the export: {e}")))?;
@@ -85,7 +88,9 @@ async fn completed_job(client: &GraphClient, policy_id: &str) -> Result<String, 
         .filter(|id| {
             !id.is_empty()
                 && id.len() <= 256
-                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
         .ok_or_else(|| ProviderError::permanent(format!("{what}: the job has no usable id")))?
         .to_string();
@@ -130,7 +135,11 @@ async fn pause(client: &GraphClient, span: Duration) -> Result<(), ProviderError
         client.advance_clock(client.now().plus(span)).await
     } else {
         let factor = client.clock_factor();
-        let real = if factor > 0.0 { span.div_f64(factor.max(1e-3)) } else { span };
+        let real = if factor > 0.0 {
+            span.div_f64(factor.max(1e-3))
+        } else {
+            span
+        };
         tokio::time::sleep(real.min(span)).await;
         Ok(())
     }
@@ -141,9 +150,10 @@ pub fn read_zip<R: Read + Seek>(zip: R) -> Result<Devices, String> {
     let mut archive = zip::ZipArchive::new(zip).map_err(|e| format!("not a zip: {e}"))?;
     let index = (0..archive.len())
         .find(|&i| {
-            archive
-                .name_for_index(i)
-                .is_some_and(|n| n.ok().is_some_and(|n| n.to_ascii_lowercase().ends_with(".csv")))
+            archive.name_for_index(i).is_some_and(|n| {
+                n.ok()
+                    .is_some_and(|n| n.to_ascii_lowercase().ends_with(".csv"))
+            })
         })
         .ok_or("the zip holds no CSV file")?;
     let entry = archive.by_index(index).map_err(|e| e.to_string())?;
@@ -232,12 +242,24 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let t = Timestamp::parse_rfc3339("2026-11-30T10:00:00Z").unwrap().as_millis();
+        let t = Timestamp::parse_rfc3339("2026-11-30T10:00:00Z")
+            .unwrap()
+            .as_millis();
         assert_eq!(
             rows,
             vec![
-                ("d1".into(), "u1".into(), ReportStatus::Noncompliant, Some(t)),
-                ("d2".into(), "".into(), ReportStatus::Compliant, Some(t + 123)),
+                (
+                    "d1".into(),
+                    "u1".into(),
+                    ReportStatus::Noncompliant,
+                    Some(t)
+                ),
+                (
+                    "d2".into(),
+                    "".into(),
+                    ReportStatus::Compliant,
+                    Some(t + 123)
+                ),
                 ("d3".into(), "u3".into(), ReportStatus::Unknown, None),
             ]
         );

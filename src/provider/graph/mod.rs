@@ -54,8 +54,8 @@ use crate::domain::plan::{Mode, Plan, Platform, PolicyTarget};
 use crate::domain::signins::SignIns;
 use crate::domain::time::Timestamp;
 use crate::graph::{ALL_USERS_NAME, is_guid, odata_quote, parse_time};
-use settings::ObserveThrough;
 pub use settings::GraphSettings;
+use settings::ObserveThrough;
 
 /// How many read-compare-write rounds a reconcile may take before giving up.
 const ROUNDS: u32 = 10;
@@ -1450,7 +1450,10 @@ impl GraphProvider {
                             groups,
                             failing: 0,
                             notified: tells
-                                && matches!(state, DeviceState::Noncompliant | DeviceState::InGrace),
+                                && matches!(
+                                    state,
+                                    DeviceState::Noncompliant | DeviceState::InGrace
+                                ),
                         },
                     }
                 });
@@ -1478,7 +1481,13 @@ impl GraphProvider {
     async fn validity_period(&self) -> Option<Duration> {
         let body = self
             .client
-            .call(Method::GET, "/deviceManagement?$select=settings", None, &[], Access::Read)
+            .call(
+                Method::GET,
+                "/deviceManagement?$select=settings",
+                None,
+                &[],
+                Access::Read,
+            )
             .await
             .ok()?;
         let days = body["settings"]["deviceComplianceCheckinThresholdDays"].as_u64()?;
