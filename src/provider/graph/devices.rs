@@ -117,12 +117,39 @@ pub struct Device {
     pub user: Option<Key>,
 }
 
+/// Hashes a [`Key`] by folding its halves: GUIDs are random already, so SipHash's work over
+/// a million devices buys nothing (the keys come from the tenant, but a collision only costs
+/// time, bounded by [`MAX_DEVICES`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        let folded = (n as u64) ^ ((n >> 64) as u64);
+        self.0 = (folded ^ self.0)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
+
+type KeyMap<V> = HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
+
 /// A policy's devices, each once.
 #[derive(Debug, Default)]
 pub struct Devices {
-    devices: HashMap<Key, Device>,
+    devices: KeyMap<Device>,
     /// The further users of shared devices (rare: kept apart to keep `Device` small).
-    more_users: HashMap<Key, Vec<Key>>,
+    more_users: KeyMap<Vec<Key>>,
     rows: u64,
 }
 
