@@ -196,6 +196,14 @@ impl Devices {
         Ok(())
     }
 
+    /// Empty, with room for `devices` (at most [`MAX_DEVICES`]).
+    pub fn with_capacity(devices: usize) -> Devices {
+        Devices {
+            devices: KeyMap::with_capacity_and_hasher(devices.min(MAX_DEVICES), Default::default()),
+            ..Devices::default()
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.devices.len()
     }
