@@ -423,6 +423,21 @@ mod tests {
                         client_secret_env = \"PHASEGATE_GRAPH_SECRET\"";
 
     #[test]
+    fn observation_goes_through_exports_unless_the_plan_says_device_statuses() {
+        assert_eq!(
+            parse(&plan(FULL)).unwrap().observe_through,
+            ObserveThrough::Export
+        );
+        let through = |value: &str| parse(&plan(&format!("{FULL}\nobserve_through = \"{value}\"")));
+        assert_eq!(
+            through("device_statuses").unwrap().observe_through,
+            ObserveThrough::DeviceStatuses
+        );
+        let errors = through("pages").unwrap_err();
+        assert!(errors[0].message.contains("observe_through"), "{errors:?}");
+    }
+
+    #[test]
     fn defaults_are_microsofts_endpoints() {
         let settings = parse(&plan(FULL)).unwrap();
         assert_eq!(settings.graph_url, DEFAULT_GRAPH_URL);
