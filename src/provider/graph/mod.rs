@@ -1346,10 +1346,13 @@ fn status_of(item: &Value) -> Status {
             .unwrap_or("")
             .to_lowercase(),
         state,
-        last_reported: item["lastReportedDateTime"].as_str().and_then(parse_time),
+        // Intune's dates, read by the export's direct reader (the general one beside it).
+        last_reported: item["lastReportedDateTime"]
+            .as_str()
+            .and_then(export::parse_contact),
         grace_until: item["complianceGracePeriodExpirationDateTime"]
             .as_str()
-            .and_then(parse_time),
+            .and_then(export::parse_contact),
     }
 }
 
