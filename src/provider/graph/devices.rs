@@ -162,8 +162,11 @@ impl Devices {
         };
         self.rows += 1;
         let user = key(row.user_id);
-        match self.devices.get_mut(&device) {
-            Some(seen) => {
+        let full = self.devices.len() >= MAX_DEVICES;
+        // One probe of the table per row: the entry is the device's, new or seen.
+        match self.devices.entry(device) {
+            std::collections::hash_map::Entry::Occupied(mut seen) => {
+                let seen = seen.get_mut();
                 seen.status = seen.status.max(row.status);
                 seen.last_contact = seen.last_contact.max(row.last_contact);
                 if let Some(user) = user {
@@ -179,18 +182,15 @@ impl Devices {
                     }
                 }
             }
-            None => {
-                if self.devices.len() >= MAX_DEVICES {
-                    return Err(format!("more than {MAX_DEVICES} devices in one report"));
-                }
-                self.devices.insert(
-                    device,
-                    Device {
-                        status: row.status,
-                        last_contact: row.last_contact,
-                        user,
-                    },
-                );
+            std::collections::hash_map::Entry::Vacant(_) if full => {
+                return Err(format!("more than {MAX_DEVICES} devices in one report"));
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(Device {
+                    status: row.status,
+                    last_contact: row.last_contact,
+                    user,
+                });
             }
         }
         Ok(())
