@@ -1279,6 +1279,7 @@ impl Task {
                             impact: Some(forecast::impact(platforms, stale_after, now)),
                             forecasts,
                             signins: signins.remove(&phase.id),
+                            userless: observation.userless.get(at).copied().unwrap_or(0),
                         }
                     })
                     .collect();
@@ -1472,6 +1473,7 @@ mod tests {
                     .collect(),
                 drift: Vec::new(),
                 labels: Default::default(),
+                userless: Vec::new(),
             })
         }
     }

@@ -1093,6 +1093,7 @@ exclude = ["Break Glass"]
             impact: None,
             forecasts: Vec::new(),
             signins: None,
+            userless: 0,
         });
         rollout.phases[0].verdict = Some(verdict(GateOutcome::Pass, pilot, now));
         let notify = Tally {
@@ -1115,6 +1116,7 @@ exclude = ["Break Glass"]
             impact: None,
             forecasts: Vec::new(),
             signins: None,
+            userless: 0,
         });
         rollout.phases[1].verdict = Some(verdict(GateOutcome::Fail, notify, now));
         rollout.phases[1].held_since = Some(now.minus(Duration::from_secs(90_000)));
@@ -1181,6 +1183,7 @@ exclude = ["Break Glass"]
             impact: None,
             forecasts: Vec::new(),
             signins: None,
+            userless: 0,
         });
         rollout.phases[0].held_since = Some(Timestamp::from_millis(1_000));
         let s = sample(&plan, &rollout, now);
@@ -1247,6 +1250,7 @@ exclude = ["Break Glass"]
             login_url: url,
             ca_requests_per_second: 1.0,
             request_timeout: Duration::from_secs(10),
+            observe_through: Default::default(),
         };
         let before = parse(&global().render()).unwrap();
         let client = GraphClient::new(settings, Secret::new("s".into())).unwrap();

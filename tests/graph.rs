@@ -159,7 +159,13 @@ fn a_token_that_stops_working_mid_rollout_is_renewed() {
 #[test]
 fn twenty_five_thousand_devices_are_observed_through_paging() {
     let emulator = Emulator::start(&["--devices", "25000", "--ca-rate", "20"]);
-    let pg = Phasegate::new(&emulator, 20.0);
+    // Paging is `deviceStatuses`' way: this test observes through it, the fallback.
+    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 20.0, |t| {
+        t.replace(
+            "kind = \"graph\"",
+            "kind = \"graph\"\nobserve_through = \"device_statuses\"",
+        )
+    });
     let id = pg.start();
     assert_eq!(code(&pg.run(&["run", &id])), 3);
     let status = pg.status(&id);

@@ -264,12 +264,14 @@ fn a_rollout_on_a_lived_in_tenant_changes_only_what_it_owns_and_never_weakens_en
     let emulator = emulator(&["--scenario", "lived-in", "--devices", "3000"]);
     let before = tenant(&emulator);
     assert_eq!(before[CA_POLICY]["state"], "enabled");
-    let pg = Phasegate::with_plan(
-        &emulator,
-        "windows-baseline-graph.toml",
-        50.0,
-        stop_after_report_only,
-    );
+    // Each device's grace end is in `deviceStatuses` (the export's per-policy report only says
+    // a device is in grace): this test reads the earliest block, so it observes through it.
+    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 50.0, |t| {
+        stop_after_report_only(t).replace(
+            "kind = \"graph\"",
+            "kind = \"graph\"\nobserve_through = \"device_statuses\"",
+        )
+    });
     let out = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(

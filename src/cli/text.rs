@@ -407,6 +407,14 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
                 view::thousands(observation.tally.in_grace)
             );
         }
+        if observation.userless > 0 {
+            let _ = writeln!(
+                out,
+                "{:<14} {} devices without a primary user under the policy (in no phase by user)",
+                "",
+                view::thousands(observation.userless)
+            );
+        }
         for (platform, tally) in &observation.by_platform {
             let _ = writeln!(out, "{:<14} {platform}: {}", "", view::tally_line(tally));
         }

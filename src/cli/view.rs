@@ -465,6 +465,10 @@ pub struct ObservationView {
     /// What the sign-in log said, when the phase's criteria read it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signins: Option<SignInsView>,
+    /// Devices under the phase's policies without a primary user: not placed in any phase by
+    /// user, so not in `targeted`, and reported here rather than dropped.
+    #[serde(default)]
+    pub userless: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -527,6 +531,7 @@ pub fn phase_observation_view(o: &PhaseObservation) -> ObservationView {
         view.blocked_source = "sign_in_log".into();
     }
     view.signins = o.signins.as_ref().map(signins_view);
+    view.userless = o.userless;
     view
 }
 
@@ -605,6 +610,7 @@ pub fn observation_with_platforms(
         blocked_source: "estimate".into(),
         blocked_devices_estimate: tally.blocked,
         signins: None,
+        userless: 0,
     }
 }
 

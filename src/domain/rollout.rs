@@ -280,6 +280,14 @@ pub struct PhaseObservation {
     /// The phase's users' sign-ins, when its gate or rollback criteria ask for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signins: Option<SignIns>,
+    /// Devices under the phase's policies without a primary user: no user group places them
+    /// in a phase, so they are not in `tally` and are reported beside it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub userless: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A plan change that weakens the rollout's safeguards: who applied it, what it weakens, and the

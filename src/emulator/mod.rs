@@ -14,6 +14,7 @@ pub mod compliance;
 pub mod credentials;
 pub mod faults;
 pub mod intune;
+pub mod reports;
 pub mod tenant;
 
 use std::collections::BTreeMap;
@@ -52,14 +53,71 @@ pub async fn serve_with(
     setup: Setup,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
     let shared = Shared {
         tenant: Arc::new(Mutex::new(Tenant::with_setup(settings, setup))),
-        local: listener.local_addr()?,
+        local,
     };
+    // Export jobs' downloads come from a storage origin of their own, as Intune's do.
+    let blobs = tokio::net::TcpListener::bind((local.ip(), 0)).await?;
+    let blob_ip = if local.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        local.ip()
+    };
+    let blob_origin = format!(
+        "http://{}",
+        SocketAddr::new(blob_ip, blobs.local_addr()?.port())
+    );
+    shared
+        .tenant
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .set_blob_origin(blob_origin);
+    let blob_app = Router::new().fallback(blob).with_state(shared.clone());
+    let blob_server = tokio::spawn(async move { axum::serve(blobs, blob_app).await });
     let app = Router::new().fallback(handle).with_state(shared);
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    blob_server.abort();
+    served
+}
+
+/// `GET /reports/{name}?sv=…&sig=…` on the blob origin: an export job's zip, for the SAS in its
+/// URL alone (`emulator/reports.rs`).
+async fn blob(State(shared): State<Shared>, request: Request) -> Response {
+    let (parts, _) = request.into_parts();
+    let name = parts.uri.path().strip_prefix("/reports/").unwrap_or("");
+    let query = tenant::parse_query(parts.uri.query().unwrap_or(""));
+    let authorized = parts.headers.contains_key("authorization");
+    let found = {
+        let tenant = shared
+            .tenant
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if parts.method != axum::http::Method::GET {
+            Err((
+                405,
+                reports::storage_error(
+                    "UnsupportedHttpVerb",
+                    "The resource doesn't support the specified HTTP verb.",
+                ),
+            ))
+        } else {
+            tenant.blob(name, &query, authorized)
+        }
+    };
+    let (status, body, content_type) = match found {
+        Ok(bytes) => (200, Body::from(bytes), "application/zip"),
+        Err((status, xml)) => (status, Body::from(xml), "application/xml"),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static(content_type));
+    response
 }
 
 /// The base of the links the emulator writes: its listening address; when it listens on every

@@ -10,6 +10,7 @@
 //! evaluation, and it is blocked past its grace while an enabled Conditional Access policy that
 //! requires a compliant device covers its user and platform. See docs/emulator.md.
 
+mod exports;
 mod readiness;
 mod scenario;
 mod signins;
@@ -333,6 +334,10 @@ pub struct Tenant {
     last_ca_request: Option<Instant>,
     /// The sign-in log (`signins.rs`).
     signins: signins::Log,
+    /// The reports export API's jobs (`exports.rs`).
+    exports: super::reports::Exports,
+    /// Where export jobs' blobs are downloaded from (another origin than Graph's).
+    blob_origin: String,
 }
 
 /// A GUID derived from the seed and a name: the same tenant every time.
@@ -536,6 +541,8 @@ impl Tenant {
             faults_injected: 0,
             last_ca_request: None,
             signins: signins::Log::default(),
+            exports: Default::default(),
+            blob_origin: "http://127.0.0.1:0".to_string(),
         };
         if tenant.setup.scenario == Scenario::LivedIn {
             scenario::furnish(&mut tenant);
@@ -869,6 +876,7 @@ impl Tenant {
             ) => self.decide(id, decision, &request.body),
             ("POST", ["_emulator", "as-admin"]) => self.as_admin(request, request_id),
             ("POST", ["_emulator", "signins"]) => self.sign_in_burst(&request.body),
+            ("GET", ["_emulator", "exportJobs", id, "truth"]) => self.export_truth(id, request),
             _ => Response::json(404, json!({"error": "unknown emulator endpoint"})),
         }
     }
@@ -1515,6 +1523,9 @@ impl Tenant {
                 .as_deref()
                 .is_none_or(|f| name.eq_ignore_ascii_case(f))
         };
+        if let Some(answer) = self.export_route(call, &segments) {
+            return answer;
+        }
         let meta = call.metadata();
         match (call.method, segments.as_slice()) {
             ("GET", ["groups"]) => {

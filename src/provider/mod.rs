@@ -84,6 +84,9 @@ pub struct Observation {
     pub drift: Vec<DriftChange>,
     /// The names of the groups and settings the reports' facts refer to.
     pub labels: Labels,
+    /// Per scope, the devices under its policies that have no primary user, which no user
+    /// group places in a phase (empty when the provider cannot tell).
+    pub userless: Vec<u64>,
 }
 
 /// What kind of failure, which decides retries and exit codes.

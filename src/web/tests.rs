@@ -112,6 +112,7 @@ impl Scenario {
                 impact: None,
                 forecasts: Vec::new(),
                 signins: None,
+                userless: 0,
             })
             .collect();
         self.send(

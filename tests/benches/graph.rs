@@ -1,6 +1,11 @@
-//! `cargo bench --bench graph`: observing 100,000 devices through the Graph provider against the
-//! emulator on loopback, beside a baseline in the same run: fetching the same `deviceStatuses`
-//! pages with bare GETs and parsing them, with no attribution to phases.
+//! `cargo bench --bench graph`: the Graph provider's observation against the emulator on
+//! loopback, each beside a baseline in the same run:
+//! - 100,000 devices through `deviceStatuses` (`observe_through = "device_statuses"`), beside
+//!   fetching the same pages with bare GETs and parsing them, with no attribution to phases;
+//! - 1,000,000 devices through a reports export (`observe_through = "export"`): the provider's
+//!   client side (download, streamed unzip and CSV, each device once, attribution to a phase)
+//!   beside downloading the same zip and reading its CSV with a bare loop; the whole `observe`
+//!   (job, polls, the emulator building the zip) is shown too, with the peak resident memory.
 
 use std::time::{Duration, Instant};
 
@@ -14,17 +19,20 @@ use phasegate::provider::{PhaseScope, Provider};
 const SECRET: &str = "bench-secret";
 /// The emulated fleet; about half of it is Windows, so the Windows policy covers ~100,000.
 const FLEET: u32 = 200_000;
+/// The fleet of the export benchmark: its Windows policy covers about 1,000,000 devices.
+const EXPORT_FLEET: u32 = 2_000_000;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
 }
 
-async fn bench() {
+/// Serves an emulated tenant of `devices` on loopback; its URL.
+async fn tenant(devices: u32) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let settings = emulator::Settings {
-        devices: FLEET,
+        devices,
         seed: 7,
         faults: 0.0,
         fault_seed: 7,
@@ -39,12 +47,24 @@ async fn bench() {
         remediation_half_life: Duration::from_secs(2 * 86_400),
     };
     tokio::spawn(emulator::serve(listener, settings, std::future::pending()));
-    let text = include_str!("../../plans/windows-baseline-graph.toml")
-        .replace("http://127.0.0.1:8080", &url)
+    url
+}
+
+/// The Graph example plan on `url`, observing through `through`.
+fn plan_text(url: &str, through: &str) -> String {
+    include_str!("../../plans/windows-baseline-graph.toml")
+        .replace("http://127.0.0.1:8080", url)
         .replace(
             "login_url = ",
-            "ca_requests_per_second = 1000000.0\nlogin_url = ",
-        );
+            &format!(
+                "ca_requests_per_second = 1000000.0\nobserve_through = \"{through}\"\nlogin_url = "
+            ),
+        )
+}
+
+async fn bench_device_statuses() {
+    let url = tenant(FLEET).await;
+    let text = plan_text(&url, "device_statuses");
     let plan = adapters::parse_plan("bench.toml", &text).unwrap();
     let graph = settings::of(&plan.provider).unwrap();
     let mut provider = GraphProvider::with_secret(graph.clone(), SECRET.into(), "bench")
@@ -147,6 +167,214 @@ async fn bench() {
         raw,
         observe.as_secs_f64() / raw.as_secs_f64()
     );
+}
+
+/// The process's peak resident set (`VmHWM`) and current one (`VmRSS`), in MiB.
+fn memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb / 1024)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Resets the peak resident set to the current one (Linux: `clear_refs` 5).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+async fn bench_export() {
+    use phasegate::provider::graph::devices::{attribute, key};
+    use phasegate::provider::graph::export;
+    let url = tenant(EXPORT_FLEET).await;
+    let text = plan_text(&url, "export");
+    let plan = adapters::parse_plan("bench.toml", &text).unwrap();
+    let graph = settings::of(&plan.provider).unwrap();
+    let mut provider = GraphProvider::with_secret(graph.clone(), SECRET.into(), "bench")
+        .await
+        .unwrap();
+    let baseline = provider.capture_baseline(&plan.policy).await.unwrap();
+    let record = match provider
+        .reconcile(
+            &plan.policy,
+            &desired_with(&plan, "bench-1", &[0, 1].into()),
+            None,
+            &baseline,
+        )
+        .await
+        .unwrap()
+    {
+        phasegate::provider::Outcome::Done { record, .. } => record,
+        other => panic!("the reconcile did not finish: {other:?}"),
+    };
+    provider
+        .advance_to(provider.now().plus(Duration::from_secs(2 * 86_400)))
+        .await
+        .unwrap();
+    let scopes: Vec<PhaseScope> = plan.phases[1..2]
+        .iter()
+        .map(|p| PhaseScope {
+            phase: p.id.clone(),
+            mode: p.mode,
+            include: p.include.clone(),
+            exclude: p.exclude.clone(),
+            exclude_users: Vec::new(),
+        })
+        .collect();
+    // The whole observation: job, polls, the emulator building the zip, download, counting.
+    let mut samples = Vec::new();
+    let mut observed = 0;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let observation = provider
+            .observe(&plan.policy, &scopes, &record)
+            .await
+            .unwrap();
+        samples.push(start.elapsed());
+        observed = observation.scopes[0]
+            .iter()
+            .map(|(_, r)| r.len())
+            .sum::<usize>();
+    }
+    let whole = median(samples);
+
+    // The zip the last observation read, by its job's URL.
+    let token = token(&url, &graph.client_id).await;
+    let http = reqwest::Client::new();
+    let policy = policy_id(&url).await;
+    let job: serde_json::Value = http
+        .post(format!("{url}/v1.0/deviceManagement/reports/exportJobs"))
+        .bearer_auth(&token)
+        .json(&export::job_request(&policy))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    let blob = loop {
+        let _ = http
+            .post(format!("{url}/_emulator/clock"))
+            .json(&serde_json::json!({"advanceBySeconds": 60}))
+            .send()
+            .await
+            .unwrap();
+        let job: serde_json::Value = http
+            .get(format!(
+                "{url}/v1.0/deviceManagement/reports/exportJobs('{id}')"
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(blob) = job["url"].as_str() {
+            break blob.to_string();
+        }
+    };
+    let download = |http: reqwest::Client, blob: String| async move {
+        use std::io::Write;
+        let mut file = tempfile::tempfile().unwrap();
+        let mut response = http.get(&blob).send().await.unwrap();
+        while let Some(chunk) = response.chunk().await.unwrap() {
+            file.write_all(&chunk).unwrap();
+        }
+        std::io::Seek::rewind(&mut file).unwrap();
+        file
+    };
+    let (_, before) = memory();
+    reset_peak();
+    let mut samples = Vec::new();
+    let mut counted = 0;
+    let mut userless = 0;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let file = download(http.clone(), blob.clone()).await;
+        let devices = export::read_zip(file).unwrap();
+        let phase = attribute(
+            &devices,
+            phasegate::domain::time::Timestamp::from_millis(i64::MAX / 2),
+            None,
+            |user| user != 0,
+            |_, state, at, _| (state, at),
+        );
+        samples.push(start.elapsed());
+        counted = phase.reports.len();
+        userless = phase.userless;
+    }
+    let client_side = median(samples);
+    let (peak, _) = memory();
+    let mut samples = Vec::new();
+    let mut rows = 0u64;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let file = download(http.clone(), blob.clone()).await;
+        let mut archive = zip::ZipArchive::new(file).unwrap();
+        let entry = archive.by_index(0).unwrap();
+        let mut reader = csv::Reader::from_reader(entry);
+        let mut record = csv::ByteRecord::new();
+        rows = 0;
+        while reader.read_byte_record(&mut record).unwrap() {
+            rows += u64::from(!record.is_empty());
+        }
+        samples.push(start.elapsed());
+    }
+    let bare = median(samples);
+    let _ = key;
+    println!(
+        "observe {observed} devices through an export (whole observe, the emulator building the zip included)   {whole:>10?}"
+    );
+    println!(
+        "client side: download, unzip, CSV, {counted} devices once + {userless} userless   {client_side:>10?}   bare download + unzip + CSV loop of {rows} rows   {bare:>10?}   ratio {:.2}x",
+        client_side.as_secs_f64() / bare.as_secs_f64()
+    );
+    println!(
+        "peak resident memory while reading the export: {peak} MiB (the process, emulator included; {before} MiB before, +{} MiB)",
+        peak.saturating_sub(before)
+    );
+}
+
+async fn token(url: &str, client_id: &str) -> String {
+    reqwest::Client::new()
+        .post(format!("{url}/contoso.onmicrosoft.com/oauth2/v2.0/token"))
+        .form(&[
+            ("client_id", client_id),
+            ("scope", "https://graph.microsoft.com/.default"),
+            ("client_secret", SECRET),
+            ("grant_type", "client_credentials"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn policy_id(url: &str) -> String {
+    let state: serde_json::Value = reqwest::get(format!("{url}/_emulator/state"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    state["policies"][0]["id"].as_str().unwrap().to_string()
+}
+
+async fn bench() {
+    bench_device_statuses().await;
+    bench_export().await;
 }
 
 fn main() {

@@ -118,6 +118,7 @@ mod tests {
                     }),
                     forecasts,
                     signins: None,
+                    userless: 0,
                 }
             })
             .collect();

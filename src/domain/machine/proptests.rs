@@ -131,6 +131,7 @@ fn apply(h: &mut Harness, op: &Op) -> Option<Transition> {
                     impact: None,
                     forecasts: Vec::new(),
                     signins: None,
+                    userless: 0,
                 })
                 .collect();
             h.send(

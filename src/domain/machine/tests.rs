@@ -152,6 +152,7 @@ impl Harness {
                 impact: None,
                 forecasts: Vec::new(),
                 signins: None,
+                userless: 0,
             })
             .collect();
         self.send(
@@ -1022,6 +1023,7 @@ impl Harness {
                 impact: None,
                 forecasts: Vec::new(),
                 signins: Some(signins.clone()),
+                userless: 0,
             })
             .collect();
         self.send(

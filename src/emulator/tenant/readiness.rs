@@ -242,7 +242,7 @@ impl Tenant {
 
     /// The tenant-wide compliance settings, `deviceManagement`'s `settings`
     /// (learn.microsoft.com/graph/api/resources/intune-deviceconfig-devicemanagementsettings).
-    fn compliance_settings(&self) -> Value {
+    pub(super) fn compliance_settings(&self) -> Value {
         json!({
             "deviceComplianceCheckinThresholdDays": 30,
             "isScheduledActionEnabled": true,

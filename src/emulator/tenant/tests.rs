@@ -1846,3 +1846,65 @@ fn the_sign_in_log_needs_its_permission_and_a_supported_filter() {
         assert!(answer.status >= 400, "{bad_burst}");
     }
 }
+
+#[test]
+fn an_export_job_completes_in_tenant_time_and_its_blob_takes_a_signature_never_a_token() {
+    let mut s = Session::new(Setup::default());
+    let policy = s.policy(Platform::Windows);
+    let ask = json!({
+        "reportName": "DeviceStatusByCompliacePolicyReport",
+        "filter": format!("(PolicyId eq '{policy}')"),
+        "select": ["DeviceId", "UserId", "PolicyStatus", "LastContact"],
+        "format": "csv",
+    })
+    .to_string();
+    let (status, job) = s.call("POST", "/v1.0/deviceManagement/reports/exportJobs", &ask);
+    assert_eq!(status, 201, "{job}");
+    assert_eq!(job["status"], "notStarted");
+    assert_eq!(job["url"], Value::Null);
+    let id = job["id"].as_str().unwrap().to_string();
+    let url = format!("/v1.0/deviceManagement/reports/exportJobs('{id}')");
+    s.advance(10);
+    assert_eq!(s.get(&url)["status"], "inProgress");
+    s.advance(600);
+    let done = s.get(&url);
+    assert_eq!(done["status"], "completed", "{done}");
+    let link = done["url"].as_str().unwrap();
+    let rest = link.split_once("/reports/").unwrap().1;
+    let (name, query) = rest.split_once('?').unwrap();
+    let query = parse_query(query);
+    let refused = |r: Result<axum::body::Bytes, (u16, String)>| r.err().map(|(status, _)| status);
+    // A bearer token beside the signature is refused, as a wrong signature is.
+    assert_eq!(refused(s.tenant.blob(name, &query, true)), Some(403));
+    let forged: Vec<(String, String)> = query
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                if k == "sig" {
+                    "0".repeat(32)
+                } else {
+                    v.clone()
+                },
+            )
+        })
+        .collect();
+    assert_eq!(refused(s.tenant.blob(name, &forged, false)), Some(403));
+    let zip = s.tenant.blob(name, &query, false).unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip.to_vec())).unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut archive.by_index(0).unwrap(), &mut text).unwrap();
+    assert!(
+        text.starts_with("DeviceId,UserId,PolicyStatus,PolicyStatus_loc,LastContact\n"),
+        "{text}"
+    );
+    // The export API's 48 requests per app per minute, then 429 with Retry-After.
+    let throttled = (0..60)
+        .map(|_| s.send("GET", &url, "", &[]))
+        .find(|r| r.status == 429)
+        .expect("throttled within a minute's worth");
+    assert!(throttled.headers.iter().any(|(k, _)| k == "Retry-After"));
+    // Expired after six hours.
+    s.advance(7 * HOUR);
+    assert_eq!(refused(s.tenant.blob(name, &query, false)), Some(403));
+}

@@ -883,6 +883,125 @@ impl GraphClient {
             .collect())
     }
 
+    /// Downloads a pre-authenticated URL (an export job's Azure Storage blob, its shared access
+    /// signature in the query) into `into`, at most `max_bytes`. The request carries no token
+    /// and no credential: the URL authorizes itself, and it is on another origin than Graph's,
+    /// which is the only one the token goes to (`target`). Only `https` is accepted, or `http` to
+    /// a loopback address (the emulator). Messages name the URL without its query, which holds
+    /// the signature. Retried through the client's retry policy; each try starts the file anew.
+    pub async fn download(
+        &self,
+        url: &str,
+        into: &mut std::fs::File,
+        max_bytes: u64,
+    ) -> Result<u64, ProviderError> {
+        use std::io::{Seek, Write};
+        let parsed = Url::parse(url)
+            .map_err(|e| ProviderError::permanent(format!("invalid download URL: {e}")))?;
+        let loopback = match parsed.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            None => false,
+        };
+        let shown = format!("{}{}", parsed.origin().ascii_serialization(), parsed.path());
+        if parsed.scheme() != "https" && !(parsed.scheme() == "http" && loopback) {
+            return Err(ProviderError::permanent(format!(
+                "refusing to download {shown}: only https URLs are downloaded"
+            )));
+        }
+        let what = format!("GET {shown}");
+        let io = |e: std::io::Error| ProviderError::transient(format!("{what}: {e}"));
+        let mut patience = self.retry.patience();
+        let mut failed = 0;
+        let metrics = crate::metrics::global();
+        loop {
+            into.set_len(0).map_err(io)?;
+            into.rewind().map_err(io)?;
+            let sent = self
+                .http
+                .get(parsed.clone())
+                .timeout(self.settings.request_timeout.max(Duration::from_secs(600)))
+                .send()
+                .await;
+            let (failure, retry_after, error) = match sent {
+                Err(e) => (
+                    retry::transport_failure(&e),
+                    None,
+                    format!("{what}: {}", retry::describe_transport(&e)),
+                ),
+                Ok(mut response) => {
+                    let status = response.status().as_u16();
+                    metrics.provider_request("graph", "GET", crate::metrics::status_class(status));
+                    if status == 200 {
+                        let mut total: u64 = 0;
+                        let streamed = loop {
+                            match response.chunk().await {
+                                Ok(Some(chunk)) => {
+                                    total += chunk.len() as u64;
+                                    if total > max_bytes {
+                                        return Err(ProviderError::permanent(format!(
+                                            "{what}: larger than {max_bytes} bytes; not downloaded"
+                                        )));
+                                    }
+                                    into.write_all(&chunk).map_err(io)?;
+                                }
+                                Ok(None) => break Ok(total),
+                                Err(e) => break Err(e),
+                            }
+                        };
+                        match streamed {
+                            Ok(total) => {
+                                into.flush().map_err(io)?;
+                                return Ok(total);
+                            }
+                            Err(e) => (
+                                retry::transport_failure(&e),
+                                None,
+                                format!("{what}: {}", retry::describe_transport(&e)),
+                            ),
+                        }
+                    } else {
+                        let retry_after = response
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+                        let body = response.text().await.unwrap_or_default();
+                        let code = body
+                            .split_once("<Code>")
+                            .and_then(|(_, rest)| rest.split_once("</Code>"))
+                            .map_or("", |(code, _)| code);
+                        let error = format!("{what}: {status} {code}").trim_end().to_string();
+                        match retry::status_failure(status) {
+                            Some(failure) => (failure, retry_after, error),
+                            None => {
+                                let kind = if status == 403 {
+                                    ErrorKind::Auth
+                                } else {
+                                    ErrorKind::Permanent
+                                };
+                                return Err(ProviderError {
+                                    message: error,
+                                    kind,
+                                    retry_after: None,
+                                    reference: None,
+                                });
+                            }
+                        }
+                    }
+                }
+            };
+            failed += 1;
+            let Some(delay) = self.wait(&mut patience, failed, failure, retry_after) else {
+                return Err(ProviderError::transient(error));
+            };
+            metrics.provider_retry("graph");
+            tracing::warn!(%what, attempt = failed, ?delay, %error, "download failed; retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
     /// Moves the emulator's manual clock (rehearsals only).
     pub async fn advance_clock(&self, at: Timestamp) -> Result<(), ProviderError> {
         if at <= self.now() {
@@ -1070,6 +1189,7 @@ mod tests {
             login_url: login.into(),
             ca_requests_per_second: 1.0,
             request_timeout: Duration::from_secs(10),
+            observe_through: Default::default(),
         };
         GraphClient::new(settings, Secret::new("s".into())).unwrap()
     }

@@ -18,6 +18,8 @@
 
 pub mod client;
 pub mod credential;
+pub mod devices;
+pub mod export;
 pub mod mapping;
 pub mod readiness;
 pub mod settings;
@@ -53,6 +55,7 @@ use crate::domain::signins::SignIns;
 use crate::domain::time::Timestamp;
 use crate::graph::{ALL_USERS_NAME, is_guid, odata_quote, parse_time};
 pub use settings::GraphSettings;
+use settings::ObserveThrough;
 
 /// How many read-compare-write rounds a reconcile may take before giving up.
 const ROUNDS: u32 = 10;
@@ -1343,10 +1346,157 @@ fn status_of(item: &Value) -> Status {
             .unwrap_or("")
             .to_lowercase(),
         state,
-        last_reported: item["lastReportedDateTime"].as_str().and_then(parse_time),
+        // Intune's dates, read by the export's direct reader (the general one beside it).
+        last_reported: item["lastReportedDateTime"]
+            .as_str()
+            .and_then(export::parse_contact),
         grace_until: item["complianceGracePeriodExpirationDateTime"]
             .as_str()
-            .and_then(parse_time),
+            .and_then(export::parse_contact),
+    }
+}
+
+impl GraphProvider {
+    /// `observe` through one reports export per policy (`export.rs`): each device once, by
+    /// device id, placed in a phase by its users' ids (`devices.rs`); devices without a primary
+    /// user counted apart, per scope.
+    async fn observe_exports(
+        &self,
+        names: &Names,
+        view: &TenantView,
+        record: &GraphRecord,
+        scopes: &[PhaseScope],
+        groups: &BTreeSet<String>,
+        group_ids: &BTreeSet<String>,
+    ) -> Result<Observation, ProviderError> {
+        use self::devices::{Key, attribute, key};
+        let client = &self.client;
+        let exports = try_join_all(names.policies.iter().map(|policy| async move {
+            let devices = export::observe_policy(client, &policy.id).await?;
+            Ok::<_, ProviderError>((policy.platform, policy.id.clone(), devices))
+        }));
+        let members = try_join_all(group_ids.iter().map(|id| async move {
+            let mut users: HashSet<Key> = HashSet::new();
+            let url = format!(
+                "/groups/{id}/transitiveMembers/microsoft.graph.user?$select=id&$top=999&$count=true"
+            );
+            client
+                .for_each_page(&url, &[("ConsistencyLevel", "eventual")], |page| {
+                    users.extend(page.iter().filter_map(|u| u["id"].as_str()).filter_map(key));
+                })
+                .await?;
+            Ok::<_, ProviderError>((id.clone(), users))
+        }));
+        let (exports, members, validity) =
+            tokio::try_join!(exports, members, async { Ok(self.validity_period().await) })?;
+        let members: BTreeMap<String, HashSet<Key>> = members.into_iter().collect();
+        let now = self.client.now();
+        let relied_enforces = record.role() == CaRole::Relied
+            && view
+                .conditional_access
+                .as_ref()
+                .is_some_and(|ca| ca["state"] == "enabled" && mapping::requires_compliance(ca));
+        let copy_enforces = view
+            .enforced
+            .as_ref()
+            .is_some_and(|e| e["state"] == "enabled");
+        let emergency: HashSet<Key> = names
+            .emergency_users
+            .iter()
+            .filter_map(|(id, _)| key(id))
+            .collect();
+        let in_group = |group: &GroupRef, user: Key| match group {
+            GroupRef::AllUsers => true,
+            GroupRef::Id(id) => members.get(id).is_some_and(|m| m.contains(&user)),
+        };
+        let resolve = |name: &String| names.groups.get(name).cloned();
+        let (label_names, label_groups): (Vec<String>, Vec<GroupRef>) = groups
+            .iter()
+            .filter_map(|name| resolve(name).map(|g| (name.clone(), g)))
+            .take(MAX_LABELS)
+            .unzip();
+        let mut owners: HashMap<Key, u32> = HashMap::new();
+        let mut userless = Vec::with_capacity(scopes.len());
+        let mut observed = Vec::with_capacity(scopes.len());
+        for scope in scopes {
+            let include: Vec<GroupRef> = scope.include.iter().filter_map(resolve).collect();
+            let exclude: Vec<GroupRef> = scope.exclude.iter().filter_map(resolve).collect();
+            let enforcing = relied_enforces || (scope.mode == Mode::Enforce && copy_enforces);
+            let in_scope = |user: Key| {
+                !emergency.contains(&user)
+                    && include.iter().any(|g| in_group(g, user))
+                    && !exclude.iter().any(|g| in_group(g, user))
+            };
+            let mut without_user = 0;
+            let mut platforms = Vec::with_capacity(exports.len());
+            for (platform, id, devices) in &exports {
+                let tells = view
+                    .policies
+                    .get(id)
+                    .is_some_and(mapping::sends_notification);
+                let phase = attribute(devices, now, validity, in_scope, |_, state, at, user| {
+                    let next = owners.len() as u32;
+                    let owner = *owners.entry(user).or_insert(next);
+                    let groups = label_groups
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, g)| in_group(g, user))
+                        .fold(0u64, |bits, (i, _)| bits | 1 << i);
+                    DeviceReport {
+                        state,
+                        last_reported: at,
+                        blocked: state == DeviceState::Noncompliant && enforcing,
+                        // The report says a device is in its grace period, not until when.
+                        grace_until: None,
+                        facts: DeviceFacts {
+                            owner: Some(owner),
+                            groups,
+                            failing: 0,
+                            notified: tells
+                                && matches!(
+                                    state,
+                                    DeviceState::Noncompliant | DeviceState::InGrace
+                                ),
+                        },
+                    }
+                });
+                without_user += phase.userless;
+                platforms.push((*platform, phase.reports));
+            }
+            userless.push(without_user);
+            observed.push(platforms);
+        }
+        Ok(Observation {
+            scopes: observed,
+            drift: Vec::new(),
+            labels: Labels {
+                groups: label_names,
+                settings: Vec::new(),
+            },
+            userless,
+        })
+    }
+
+    /// The tenant's compliance status validity period (`deviceComplianceCheckinThresholdDays`,
+    /// 1 to 120 days; learn.microsoft.com/graph/api/resources/
+    /// intune-deviceconfig-devicemanagementsettings), or `None` when it cannot be read: then
+    /// only the report's own status counts.
+    async fn validity_period(&self) -> Option<Duration> {
+        let body = self
+            .client
+            .call(
+                Method::GET,
+                "/deviceManagement?$select=settings",
+                None,
+                &[],
+                Access::Read,
+            )
+            .await
+            .ok()?;
+        let days = body["settings"]["deviceComplianceCheckinThresholdDays"].as_u64()?;
+        (1..=120)
+            .contains(&days)
+            .then(|| Duration::from_secs(days * 86_400))
     }
 }
 
@@ -1473,6 +1623,7 @@ impl Provider for GraphProvider {
                 scopes: Vec::new(),
                 drift,
                 labels: Labels::default(),
+                userless: Vec::new(),
             });
         }
         let group_ids: BTreeSet<String> = names
@@ -1484,6 +1635,11 @@ impl Provider for GraphProvider {
                 GroupRef::AllUsers => None,
             })
             .collect();
+        if self.client.settings().observe_through == ObserveThrough::Export {
+            return self
+                .observe_exports(&names, &view, &record, scopes, &groups, &group_ids)
+                .await;
+        }
         let client = &self.client;
         let statuses = try_join_all(names.policies.iter().map(|policy| async move {
             let mut statuses = Vec::new();
@@ -1618,6 +1774,7 @@ impl Provider for GraphProvider {
             scopes,
             drift: Vec::new(),
             labels,
+            userless: Vec::new(),
         })
     }
 

@@ -78,6 +78,29 @@ pub struct GraphSettings {
     /// Conditional Access requests per second (the service allows 1 per tenant).
     pub ca_requests_per_second: f64,
     pub request_timeout: Duration,
+    /// How devices are observed (`observe_through`).
+    pub observe_through: ObserveThrough,
+}
+
+/// How the provider reads each policy's devices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ObserveThrough {
+    /// An Intune reports export job per policy: device ids and user ids, each device once
+    /// (`provider/graph/export.rs`). Microsoft's route for large tenants.
+    #[default]
+    Export,
+    /// `deviceCompliancePolicies/{id}/deviceStatuses`: user–device pairs attributed by user
+    /// principal name, paged; for tenants where the export API is not available to the app.
+    DeviceStatuses,
+}
+
+impl ObserveThrough {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObserveThrough::Export => "export",
+            ObserveThrough::DeviceStatuses => "device_statuses",
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -98,6 +121,7 @@ struct Raw {
     login_url: Option<Spanned<String>>,
     ca_requests_per_second: Option<Spanned<f64>>,
     request_timeout: Option<Spanned<String>>,
+    observe_through: Option<Spanned<String>>,
 }
 
 /// The settings in a plan's text, or every problem with them at its place.
@@ -161,9 +185,26 @@ pub fn parse(source: &str) -> Result<GraphSettings, Vec<Diagnostic>> {
             }
         },
     };
+    let observe_through = match &raw.observe_through {
+        None => Some(ObserveThrough::default()),
+        Some(v) => match v.get_ref().as_str() {
+            "export" => Some(ObserveThrough::Export),
+            "device_statuses" => Some(ObserveThrough::DeviceStatuses),
+            other => {
+                problems.push(Diagnostic::new(
+                    v.span(),
+                    format!(
+                        "`observe_through` is \"export\" or \"device_statuses\", found \"{other}\""
+                    ),
+                ));
+                None
+            }
+        },
+    };
     if !problems.is_empty() {
         return Err(problems);
     }
+    let observe_through = observe_through.unwrap_or_default();
     match (
         tenant,
         client_id,
@@ -189,6 +230,7 @@ pub fn parse(source: &str) -> Result<GraphSettings, Vec<Diagnostic>> {
             login_url,
             ca_requests_per_second,
             request_timeout,
+            observe_through,
         }),
         _ => Err(problems),
     }
@@ -379,6 +421,21 @@ mod tests {
 
     const FULL: &str = "tenant = \"contoso.onmicrosoft.com\"\nclient_id = \"app\"\n\
                         client_secret_env = \"PHASEGATE_GRAPH_SECRET\"";
+
+    #[test]
+    fn observation_goes_through_exports_unless_the_plan_says_device_statuses() {
+        assert_eq!(
+            parse(&plan(FULL)).unwrap().observe_through,
+            ObserveThrough::Export
+        );
+        let through = |value: &str| parse(&plan(&format!("{FULL}\nobserve_through = \"{value}\"")));
+        assert_eq!(
+            through("device_statuses").unwrap().observe_through,
+            ObserveThrough::DeviceStatuses
+        );
+        let errors = through("pages").unwrap_err();
+        assert!(errors[0].message.contains("observe_through"), "{errors:?}");
+    }
 
     #[test]
     fn defaults_are_microsofts_endpoints() {

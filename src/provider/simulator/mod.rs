@@ -349,6 +349,7 @@ impl Provider for SimProvider {
             scopes,
             drift: Vec::new(),
             labels: fleet::labels(),
+            userless: Vec::new(),
         })
     }
 

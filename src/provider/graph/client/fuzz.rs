@@ -707,6 +707,7 @@ fn settings(url: &str) -> GraphSettings {
         // Conditional Access pacing stays on, at a rate that costs a millisecond.
         ca_requests_per_second: 1000.0,
         request_timeout: Duration::from_secs(2),
+        observe_through: Default::default(),
     }
 }
 

@@ -1,0 +1,399 @@
+//! Pure: the rows of a per-policy device report, each device once, judged by Intune's rules and
+//! attributed to phases.
+//!
+//! A report export (`export.rs`) lists a policy's devices with their device id and user id. A
+//! shared device appears once per user who signs in to it; it is one device, kept once under its
+//! id, with each of its users. A device without a primary user (a kiosk, a shared device in
+//! shared mode) has no user id: no user group can place it in a phase, so it is counted apart as
+//! `userless` instead of being dropped silently.
+//!
+//! Intune's rule applied here: a device that has not checked in within the tenant's compliance
+//! status validity period (`deviceComplianceCheckinThresholdDays`) is noncompliant, not merely
+//! stale ("Compliance policy settings", learn.microsoft.com/mem/intune/protect/
+//! device-compliance-get-started#compliance-policy-settings). Intune's other rule, a setting in
+//! error for seven days counts as noncompliant, is Intune's own evaluation: the report already
+//! shows such a device as noncompliant, and a report row carries no "in error since" to apply
+//! it again.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::domain::gate::DeviceState;
+use crate::domain::time::Timestamp;
+
+/// The most devices one policy's report may hold (ten times a very large tenant).
+pub const MAX_DEVICES: usize = 10_000_000;
+
+/// A device or user id, as a number: a GUID's 128 bits, or a hash of any other text.
+pub type Key = u128;
+
+/// The id's key; `None` for an empty id.
+pub fn key(id: &str) -> Option<Key> {
+    let id = id.trim();
+    if id.is_empty() {
+        return None;
+    }
+    let mut value: u128 = 0;
+    let mut digits = 0;
+    for b in id.bytes() {
+        let nibble = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            b'-' => continue,
+            _ => return Some(fallback(id)),
+        };
+        value = (value << 4) | u128::from(nibble);
+        digits += 1;
+        if digits > 32 {
+            return Some(fallback(id));
+        }
+    }
+    Some(if digits == 32 { value } else { fallback(id) })
+}
+
+/// FNV-1a over 128 bits, with the top bit set so it never equals a GUID's key by construction
+/// of the same text.
+fn fallback(id: &str) -> Key {
+    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    for b in id.bytes() {
+        h ^= u128::from(b);
+        h = h.wrapping_mul(0x0000000001000000000000000000013B);
+    }
+    h | 1 << 127
+}
+
+/// A device's status for the policy, as the report numbers it (`PolicyStatus`: 1 unknown,
+/// 2 compliant, 3 in grace period, 4 noncompliant, 5 error, 6 conflict, 7 not applicable), or as
+/// its names are spelt when values are localized or enumerated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ReportStatus {
+    NotApplicable,
+    Unknown,
+    Compliant,
+    InGrace,
+    Error,
+    Conflict,
+    Noncompliant,
+}
+
+impl ReportStatus {
+    pub fn parse(text: &str) -> ReportStatus {
+        match text.trim() {
+            "2" => ReportStatus::Compliant,
+            "3" => ReportStatus::InGrace,
+            "4" => ReportStatus::Noncompliant,
+            "5" => ReportStatus::Error,
+            "6" => ReportStatus::Conflict,
+            "7" => ReportStatus::NotApplicable,
+            other => match other.to_ascii_lowercase().replace(' ', "").as_str() {
+                "compliant" | "remediated" => ReportStatus::Compliant,
+                "ingraceperiod" => ReportStatus::InGrace,
+                "noncompliant" | "notcompliant" => ReportStatus::Noncompliant,
+                "error" => ReportStatus::Error,
+                "conflict" => ReportStatus::Conflict,
+                "notapplicable" | "notassigned" => ReportStatus::NotApplicable,
+                _ => ReportStatus::Unknown,
+            },
+        }
+    }
+}
+
+/// One row of the report, borrowed from the reader.
+#[derive(Clone, Copy, Debug)]
+pub struct ReportRow<'a> {
+    pub device_id: &'a str,
+    /// Empty for a device without a primary user.
+    pub user_id: &'a str,
+    pub status: ReportStatus,
+    pub last_contact: Option<Timestamp>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Device {
+    pub status: ReportStatus,
+    pub last_contact: Option<Timestamp>,
+    /// The user of its first row; `None`: no primary user.
+    pub user: Option<Key>,
+}
+
+/// Hashes a [`Key`] by folding its halves: GUIDs are random already, so SipHash's work over
+/// a million devices buys nothing (the keys come from the tenant, but a collision only costs
+/// time, bounded by [`MAX_DEVICES`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        let folded = (n as u64) ^ ((n >> 64) as u64);
+        self.0 = (folded ^ self.0)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
+
+type KeyMap<V> = HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
+
+/// A policy's devices, each once.
+#[derive(Debug, Default)]
+pub struct Devices {
+    devices: KeyMap<Device>,
+    /// The further users of shared devices (rare: kept apart to keep `Device` small).
+    more_users: KeyMap<Vec<Key>>,
+    rows: u64,
+}
+
+impl Devices {
+    /// Adds a row: a new device, or another user of a device already seen (the worse status and
+    /// the later contact are kept: its rows describe one device).
+    pub fn add(&mut self, row: &ReportRow) -> Result<(), String> {
+        let Some(device) = key(row.device_id) else {
+            return Err(format!("row {} has no device id", self.rows + 1));
+        };
+        self.rows += 1;
+        let user = key(row.user_id);
+        let full = self.devices.len() >= MAX_DEVICES;
+        // One probe of the table per row: the entry is the device's, new or seen.
+        match self.devices.entry(device) {
+            std::collections::hash_map::Entry::Occupied(mut seen) => {
+                let seen = seen.get_mut();
+                seen.status = seen.status.max(row.status);
+                seen.last_contact = seen.last_contact.max(row.last_contact);
+                if let Some(user) = user {
+                    match seen.user {
+                        None => seen.user = Some(user),
+                        Some(first) if first == user => {}
+                        Some(_) => {
+                            let more = self.more_users.entry(device).or_default();
+                            if !more.contains(&user) && more.len() < 64 {
+                                more.push(user);
+                            }
+                        }
+                    }
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(_) if full => {
+                return Err(format!("more than {MAX_DEVICES} devices in one report"));
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(Device {
+                    status: row.status,
+                    last_contact: row.last_contact,
+                    user,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Empty, with room for `devices` (at most [`MAX_DEVICES`]).
+    pub fn with_capacity(devices: usize) -> Devices {
+        Devices {
+            devices: KeyMap::with_capacity_and_hasher(devices.min(MAX_DEVICES), Default::default()),
+            ..Devices::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Each device with its users (none for a userless device).
+    pub fn iter(&self) -> impl Iterator<Item = (&Device, impl Iterator<Item = Key> + '_)> {
+        self.devices.iter().map(|(id, d)| {
+            let more = self.more_users.get(id).map_or(&[][..], Vec::as_slice);
+            (d, d.user.into_iter().chain(more.iter().copied()))
+        })
+    }
+}
+
+/// What a device's report means now, under Intune's rules: its state and the time that state
+/// holds from (`None`: targeted, never reported), or `None` when the policy does not apply.
+pub fn judge(
+    device: &Device,
+    now: Timestamp,
+    validity: Option<Duration>,
+) -> Option<(DeviceState, Option<Timestamp>)> {
+    let state = match device.status {
+        ReportStatus::NotApplicable => return None,
+        ReportStatus::Unknown => return Some((DeviceState::Unknown, None)),
+        ReportStatus::Compliant => DeviceState::Compliant,
+        ReportStatus::InGrace => DeviceState::InGrace,
+        ReportStatus::Noncompliant => DeviceState::Noncompliant,
+        ReportStatus::Error => DeviceState::Error,
+        ReportStatus::Conflict => DeviceState::Conflict,
+    };
+    let Some(last) = device.last_contact else {
+        return Some((DeviceState::Unknown, None));
+    };
+    if let Some(validity) = validity
+        && last < now.minus(validity)
+    {
+        // Not checked in within the validity period: Intune marks it noncompliant, a verdict
+        // that holds as of now.
+        return Some((DeviceState::Noncompliant, Some(now)));
+    }
+    Some((state, Some(last)))
+}
+
+/// The devices of one phase: each device once, in the phase when one of its users is
+/// (`in_scope`); userless devices counted apart.
+pub struct Attributed<T> {
+    pub reports: Vec<T>,
+    pub userless: u64,
+}
+
+/// Attributes every judged device to a phase by its users, mapping each one in scope through
+/// `report` (its device, its state and time, the user it was placed by).
+pub fn attribute<T>(
+    devices: &Devices,
+    now: Timestamp,
+    validity: Option<Duration>,
+    in_scope: impl Fn(Key) -> bool,
+    mut report: impl FnMut(&Device, DeviceState, Option<Timestamp>, Key) -> T,
+) -> Attributed<T> {
+    let mut reports = Vec::new();
+    let mut userless = 0;
+    for (device, mut users) in devices.iter() {
+        let Some((state, at)) = judge(device, now, validity) else {
+            continue;
+        };
+        if device.user.is_none() {
+            userless += 1;
+            continue;
+        }
+        if let Some(user) = users.find(|u| in_scope(*u)) {
+            reports.push(report(device, state, at, user));
+        }
+    }
+    Attributed { reports, userless }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn row<'a>(device: &'a str, user: &'a str, status: &str, days_ago: u64) -> ReportRow<'a> {
+        ReportRow {
+            device_id: device,
+            user_id: user,
+            status: ReportStatus::parse(status),
+            last_contact: Some(now().minus(DAY * days_ago as u32)),
+        }
+    }
+
+    fn now() -> Timestamp {
+        Timestamp::from_millis(1_800_000_000_000)
+    }
+
+    const D1: &str = "00000000-0000-4000-a000-000000000001";
+    const D2: &str = "00000000-0000-4000-a000-000000000002";
+    const D3: &str = "00000000-0000-4000-a000-000000000003";
+    const ALICE: &str = "10000000-0000-4000-a000-000000000001";
+    const BOB: &str = "10000000-0000-4000-a000-000000000002";
+
+    #[test]
+    fn a_shared_device_counts_once_and_a_userless_one_apart() {
+        let mut devices = Devices::default();
+        for r in [
+            row(D1, ALICE, "2", 0),
+            row(D1, BOB, "4", 0),
+            row(D2, "", "4", 1),
+            row(D3, BOB, "2", 1),
+        ] {
+            devices.add(&r).unwrap();
+        }
+        assert_eq!((devices.len(), devices.rows()), (3, 4));
+        let bob = key(BOB).unwrap();
+        let phase = attribute(
+            &devices,
+            now(),
+            Some(30 * DAY),
+            |u| u == bob,
+            |_, s, _, _| s,
+        );
+        // D1 once (through Bob, its second user), with the worse of its rows; D3; D2 apart.
+        let mut states = phase.reports.clone();
+        states.sort_by_key(|s| *s as u8);
+        assert_eq!(
+            states,
+            vec![DeviceState::Compliant, DeviceState::Noncompliant]
+        );
+        assert_eq!(phase.userless, 1);
+        let nobody = attribute(&devices, now(), None, |_| false, |_, s, _, _| s);
+        assert!(nobody.reports.is_empty());
+        assert_eq!(nobody.userless, 1);
+    }
+
+    #[test]
+    fn a_device_silent_past_the_validity_period_is_noncompliant_as_of_now() {
+        let device = |status: &str, days_ago| {
+            let mut devices = Devices::default();
+            devices.add(&row(D1, ALICE, status, days_ago)).unwrap();
+            *devices.iter().next().unwrap().0
+        };
+        let validity = Some(30 * DAY);
+        assert_eq!(
+            judge(&device("2", 31), now(), validity),
+            Some((DeviceState::Noncompliant, Some(now())))
+        );
+        let recent = device("2", 29);
+        assert_eq!(
+            judge(&recent, now(), validity),
+            Some((DeviceState::Compliant, recent.last_contact))
+        );
+        assert_eq!(judge(&device("7", 0), now(), validity), None);
+        assert_eq!(
+            judge(&device("1", 0), now(), validity),
+            Some((DeviceState::Unknown, None))
+        );
+        // Without a known validity period, only the report's status counts.
+        assert_eq!(
+            judge(&device("2", 31), now(), None).unwrap().0,
+            DeviceState::Compliant
+        );
+    }
+
+    #[test]
+    fn statuses_read_as_numbers_names_or_localized_words() {
+        for (text, status) in [
+            ("4", ReportStatus::Noncompliant),
+            ("Not compliant", ReportStatus::Noncompliant),
+            ("nonCompliant", ReportStatus::Noncompliant),
+            ("In grace period", ReportStatus::InGrace),
+            ("7", ReportStatus::NotApplicable),
+            ("something new", ReportStatus::Unknown),
+        ] {
+            assert_eq!(ReportStatus::parse(text), status, "{text}");
+        }
+    }
+
+    #[test]
+    fn ids_are_keys_whatever_their_form() {
+        assert_eq!(key(""), None);
+        assert_eq!(key(D1), key(&D1.to_uppercase()));
+        assert_ne!(key(D1), key(D2));
+        assert_ne!(key("kiosk-1"), key("kiosk-2"));
+        assert!(key("ffffffffffffffffffffffffffffffffff").is_some());
+    }
+}

@@ -1,0 +1,121 @@
+//! A rollout on the emulator with a million devices observes through Intune's reports export
+//! API: the real binary on both sides of loopback sockets, the zip downloaded from the
+//! emulator's blob origin. Each phase's counts are compared with the emulator's own, which it
+//! computes from the snapshot of its device model the export was built from — not from the CSV,
+//! and not with phasegate's counting.
+
+mod common;
+
+use common::{Emulator, Phasegate, SECRET, code, stderr, stdout};
+use serde_json::Value;
+
+/// A pilot and everyone, side by side (the policy covers the whole fleet), each waiting for an
+/// approval once soaked, observed daily.
+fn plan(url: &str) -> String {
+    format!(
+        r#"[rollout]
+name = "windows-at-scale"
+observe_every = "1d"
+
+[policy]
+compliance = "Windows 10/11 compliance baseline"
+platform = "windows"
+conditional_access = "Require compliant device for Office 365"
+
+[emergency_access]
+groups = ["Break Glass"]
+
+[provider]
+kind = "graph"
+tenant = "contoso.onmicrosoft.com"
+client_id = "00001111-aaaa-2222-bbbb-3333cccc4444"
+client_secret_env = "PHASEGATE_GRAPH_SECRET"
+graph_url = "{url}"
+login_url = "{url}"
+ca_requests_per_second = 1000
+request_timeout = "60s"
+observe_through = "export"
+
+[[phase]]
+id = "pilot-it"
+mode = "report"
+include = ["Pilot IT"]
+exclude = ["Break Glass"]
+min_soak = "1d"
+
+[phase.gate]
+min_reporting = "50%"
+approvals = 1
+
+[[phase]]
+id = "everyone"
+mode = "report"
+include = ["All Users"]
+exclude = ["Break Glass"]
+after = []
+min_soak = "1d"
+
+[phase.gate]
+min_reporting = "50%"
+approvals = 1
+"#
+    )
+}
+
+const COUNTS: [&str; 9] = [
+    "targeted",
+    "compliant",
+    "noncompliant",
+    "in_grace",
+    "errors",
+    "conflicts",
+    "unknown",
+    "stale",
+    "userless",
+];
+
+#[test]
+fn a_million_devices_are_observed_through_export_jobs_each_device_once() {
+    let emulator = Emulator::spawn(&[
+        "--client-secret",
+        SECRET,
+        "--devices",
+        "1000000",
+        "--ca-rate",
+        "1000",
+    ]);
+    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 1000.0, |_| {
+        plan(&emulator.url)
+    });
+    let id = pg.start();
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(status["status"], "waiting_approval", "{status}");
+    for (phase, group) in [(0, "Pilot%20IT"), (1, "All%20Users")] {
+        let observed = &status["phases"][phase]["observation"];
+        // The plan's default `stale_after` is three days.
+        let truth: Value = emulator.get(&format!(
+            "/_emulator/exportJobs/latest/truth?include={group}&exclude=Break%20Glass&stale_after=259200"
+        ));
+        assert_eq!(
+            observed["at"], truth["at"],
+            "the same moment: {observed} {truth}"
+        );
+        for count in COUNTS {
+            assert_eq!(
+                observed[count], truth[count],
+                "phase {phase}, {count}: phasegate {observed}, the emulator {truth}"
+            );
+        }
+        // The phase has shared devices (counted once) and the policy userless devices.
+        assert!(truth["shared"].as_u64().unwrap() > 0, "{truth}");
+        assert!(truth["userless"].as_u64().unwrap() > 0, "{truth}");
+    }
+    let everyone = &status["phases"][1]["observation"];
+    assert!(
+        everyone["targeted"].as_u64().unwrap() > 300_000,
+        "{everyone}"
+    );
+    assert!(everyone["userless"].as_u64().unwrap() > 5_000, "{everyone}");
+}
