@@ -19,9 +19,9 @@ use crate::domain::plan::{self, Plan, PlanErrors};
 use crate::domain::rollout::{PhaseObservation, Rollout, RolloutStatus};
 use crate::domain::signins::{self, SignIns};
 use crate::domain::time::Timestamp;
-use crate::domain::{forecast, gate};
+use crate::domain::{directory, forecast, gate};
 use crate::notifier::{Delivery, Notifier};
-use crate::provider::{Outcome, PhaseScope, Provider, ProviderError, SignInQuery};
+use crate::provider::{ErrorKind, Outcome, PhaseScope, Provider, ProviderError, SignInQuery};
 use crate::retry::Backoff;
 use crate::store::{Attached, EventRecord, PlanRecord, Store, StoreError, StoredRollout};
 
@@ -777,6 +777,48 @@ impl Engine<'_> {
     }
 }
 
+/// Whether a pending notification is an e-mail to groups whose members are not read yet.
+pub fn needs_recipients(effect: &Effect) -> bool {
+    matches!(effect, Effect::Notify {
+        to,
+        message: Some(message),
+        ..
+    } if to.kind() == crate::announce::email::NAME
+        && !message.groups.is_empty()
+        && message.recipients.is_none())
+}
+
+/// Who an e-mail to groups reached, for its delivery's line in the audit trail.
+fn told(message: &crate::domain::event::Message) -> String {
+    let Some(recipients) = &message.recipients else {
+        return String::new();
+    };
+    let mut text = format!(
+        "; to {} address{} and {} member{} of {}",
+        message.addresses.len(),
+        if message.addresses.len() == 1 {
+            ""
+        } else {
+            "es"
+        },
+        recipients.addresses.len(),
+        if recipients.addresses.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
+        message.groups.join(", ")
+    );
+    if !recipients.without_mail.is_empty() {
+        text.push_str(&format!(
+            "; {} without a mail address, not told: {}",
+            recipients.without_mail.len(),
+            directory::some_of(&recipients.without_mail, 20)
+        ));
+    }
+    text
+}
+
 /// What a rollout needs done next.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Work {
@@ -932,6 +974,9 @@ impl Task {
         let started = std::time::Instant::now();
         let mut finished = match &self.work {
             Work::Effect(pending) => self.carry_out(pending, provider).await,
+            Work::Deliver(pending) if needs_recipients(&pending.effect) => {
+                self.resolve_recipients(pending, provider).await
+            }
             Work::Deliver(pending) => self.deliver(pending, provider.now(), notifier).await,
             Work::Observe(phases) => self.observe(phases, provider).await,
             Work::Wait(_) | Work::Tick(_) | Work::Stop(_) => Finished {
@@ -1030,6 +1075,78 @@ impl Task {
         finished
     }
 
+    /// Reads the members of an e-mail announcement's groups from the directory, once, before
+    /// its first attempt: the list is recorded (`RecipientsResolved`) and every attempt after,
+    /// across restarts, goes to it. A directory that cannot be read now leaves the message
+    /// pending, retried like a channel that is down; groups that are not in the directory, or
+    /// too large for one message, drop it with an event saying why.
+    async fn resolve_recipients(
+        &self,
+        pending: &PendingEffect,
+        provider: &mut dyn Provider,
+    ) -> Finished {
+        let Effect::Notify {
+            message: Some(message),
+            ..
+        } = &pending.effect
+        else {
+            unreachable!("only announcements have recipients to resolve");
+        };
+        let mut members = Vec::new();
+        let mut read = Vec::new();
+        let mut failed = None;
+        for group in &message.groups {
+            match provider
+                .group_members(&self.plan.policy, group, directory::MAIL_RECIPIENTS_MAX)
+                .await
+            {
+                Ok(found) => {
+                    read.push(format!("{group}: {}", found.len()));
+                    members.extend(found);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let now = provider.now();
+        let trigger =
+            |reason: String| Trigger::new(TriggerSource::Provider, &provider.describe(), reason);
+        let kind = match failed {
+            Some(e) if e.kind == ErrorKind::NotFound => EventKind::NotificationDropped {
+                effect: pending.id,
+                reason: format!("its groups' members cannot be read: {}", e.message),
+            },
+            Some(e) => {
+                tracing::warn!(effect = %pending.id, error = %e, "the announcement's groups could not be read; it stays pending");
+                return Finished {
+                    event: None,
+                    now,
+                    record: None,
+                    undeliverable: Some(pending.id),
+                    asked: None,
+                    took: Duration::ZERO,
+                };
+            }
+            None => match directory::mail_recipients(&message.addresses, &members) {
+                Ok(recipients) => EventKind::RecipientsResolved {
+                    effect: pending.id,
+                    recipients,
+                },
+                Err(reason) => EventKind::NotificationDropped {
+                    effect: pending.id,
+                    reason,
+                },
+            },
+        };
+        let event = Event {
+            kind,
+            trigger: trigger(format!("members read ({})", read.join(", "))),
+        };
+        Task::finished(event, now, None)
+    }
+
     /// Delivers one outbox notification (with a few attempts) and records the delivery. A
     /// receiver that cannot be reached leaves it pending for later.
     async fn deliver(
@@ -1112,7 +1229,11 @@ impl Task {
             trigger: Trigger::new(
                 TriggerSource::Internal,
                 "outbox",
-                format!("{} answered {status}", crate::notifier::describe(to)),
+                format!(
+                    "{} answered {status}{}",
+                    crate::notifier::describe(to),
+                    message.as_ref().map(told).unwrap_or_default()
+                ),
             ),
         };
         Task::finished(event, now, None)

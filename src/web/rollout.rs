@@ -1137,6 +1137,24 @@ fn event_detail(kind: &EventKind) -> String {
             Esc(error)
         ),
         EventKind::Delivered { effect, status } => format!("effect {effect}, HTTP {status}"),
+        EventKind::RecipientsResolved { effect, recipients } => format!(
+            "effect {effect}: {} address{} from the directory{}",
+            recipients.addresses.len(),
+            if recipients.addresses.len() == 1 {
+                ""
+            } else {
+                "es"
+            },
+            if recipients.without_mail.is_empty() {
+                String::new()
+            } else {
+                format!(", {} without a mail address", recipients.without_mail.len())
+            }
+        ),
+        EventKind::NotificationDropped { effect, reason } => format!(
+            "effect {effect}: <span class=\"text\">{}</span>",
+            Esc(reason)
+        ),
         EventKind::DriftDetected { changes, .. } => changes
             .iter()
             .map(|c| format!("<span class=\"text\">{}</span>", Esc(&c.to_string())))

@@ -18,6 +18,7 @@
 
 pub mod client;
 pub mod credential;
+pub mod directory;
 pub mod mapping;
 pub mod readiness;
 pub mod settings;
@@ -1619,6 +1620,15 @@ impl Provider for GraphProvider {
             drift: Vec::new(),
             labels,
         })
+    }
+
+    async fn group_members(
+        &mut self,
+        target: &PolicyTarget,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::domain::directory::Member>, ProviderError> {
+        self.directory_members(target, group, limit).await
     }
 
     async fn observe_signins(
