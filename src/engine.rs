@@ -658,6 +658,12 @@ impl Engine<'_> {
         if let Some(pending) = notification {
             return Work::Deliver(pending.clone());
         }
+        // Approvals are judged against the directory as last read: read it now when a phase that
+        // asks a directory group is observed again or starts waiting.
+        let due = machine::approvers_due(&loaded.plan, rollout);
+        if !due.is_empty() {
+            return Work::ReadApprovers(due);
+        }
         if should_stop(rollout) {
             return Work::Stop(rollout.status);
         }
@@ -828,6 +834,8 @@ pub enum Work {
     Deliver(PendingEffect),
     /// Observe these phases.
     Observe(Vec<String>),
+    /// Read the members of these directory approver groups.
+    ReadApprovers(Vec<String>),
     /// Nothing to do until this moment of the backend's clock.
     Wait(Timestamp),
     /// A deadline has come.
@@ -979,6 +987,7 @@ impl Task {
             }
             Work::Deliver(pending) => self.deliver(pending, provider.now(), notifier).await,
             Work::Observe(phases) => self.observe(phases, provider).await,
+            Work::ReadApprovers(groups) => self.read_approvers(groups, provider).await,
             Work::Wait(_) | Work::Tick(_) | Work::Stop(_) => Finished {
                 event: None,
                 now: provider.now(),
@@ -1073,6 +1082,44 @@ impl Task {
             finished.asked = Some(pending.id);
         }
         finished
+    }
+
+    /// Reads the plan's directory approver groups: each group's snapshot, or why it could not
+    /// be read (which refuses its approvals until a later read succeeds). Never holds the
+    /// rollout up: the answer is recorded either way.
+    async fn read_approvers(&self, groups: &[String], provider: &mut dyn Provider) -> Finished {
+        let source = provider.describe();
+        let mut read = BTreeMap::new();
+        for group in groups {
+            let Some(directory) = self.plan.directory_approvers.get(group) else {
+                continue;
+            };
+            let answer = provider
+                .group_members(
+                    &self.plan.policy,
+                    directory,
+                    directory::APPROVER_MEMBERS_MAX,
+                )
+                .await;
+            let now = provider.now();
+            let snapshot = match answer {
+                Ok(found) => directory::ApproverSnapshot::read(directory, &source, now, &found),
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "an approver group could not be read");
+                    directory::ApproverSnapshot::unreadable(directory, &source, now, &e.message)
+                }
+            };
+            read.insert(group.clone(), snapshot);
+        }
+        let event = Event {
+            kind: EventKind::ApproversRead { groups: read },
+            trigger: Trigger::new(
+                TriggerSource::Provider,
+                &source,
+                "approver groups read from the directory",
+            ),
+        };
+        Task::finished(event, provider.now(), None)
     }
 
     /// Reads the members of an e-mail announcement's groups from the directory, once, before

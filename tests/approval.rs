@@ -419,3 +419,71 @@ fn an_approval_whose_evidence_drifted_past_the_tolerance_does_not_promote_and_hi
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(phase(&pg.status(&id), "field")["state"], "promoted");
 }
+
+/// An approver group the directory has (`[directory_approvers]`): its members are read when the
+/// phase is observed and starts waiting, and the approval is judged against that snapshot with
+/// no directory call; a non-member is refused naming the snapshot, a member approves.
+#[test]
+fn a_directory_approver_group_is_judged_against_the_snapshot_the_rollout_read() {
+    let pg = Phasegate::offline();
+    let id = started(&pg, |t| {
+        t.replacen(
+            "[[phase]]",
+            "[directory_approvers]\nboard = \"IT\"\n\n[[phase]]",
+            1,
+        )
+        .replacen(
+            "approvals = 1",
+            "approvals = 1\napprover_groups = [\"board\"]",
+            1,
+        )
+    });
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
+    let history = pg.json(&["history", &id]);
+    let reads: Vec<&Value> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"]["kind"]["type"] == "approvers_read")
+        .collect();
+    assert!(!reads.is_empty(), "the directory was never read");
+    let board = &reads.last().unwrap()["event"]["kind"]["groups"]["board"];
+    assert_eq!(board["directory"], "IT");
+    let members: Vec<&str> = board["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert!(members.len() > 100, "{board}");
+    let member = members
+        .iter()
+        .find(|m| m.ends_with("@contoso.com"))
+        .expect("a member with a mail address");
+
+    let out = pg.run(&["approve", &id, "--by", "mallory"]);
+    assert_eq!(code(&out), 2, "{}", stdout(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("mallory may not approve phase `notify`")
+            && said.contains("directory group board, `IT` as read ")
+            && said.contains("from simulator")
+            && said.contains("mallory is not among its members"),
+        "{said}"
+    );
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
+
+    let out = pg.run(&["approve", &id, "--by", &member.to_uppercase()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_ne!(pg.status(&id)["status"], "waiting_approval");
+    let notes = trail(&pg, &id);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains(&format!("{member} approved `notify`"))
+                && n.contains("a member of group board, `IT` as read")),
+        "{notes:?}"
+    );
+}

@@ -1,11 +1,97 @@
 //! The directory's people, as a provider reads them from a group: who an e-mail announcement
-//! to a group reaches. Pure: the shell asks the provider for a group's members and hands them
-//! here; what comes out is recorded before anything is sent, so every attempt (and a restart
-//! after a crash) mails the very same list.
+//! to a group reaches, and who is in a directory approver group. Pure: the shell asks the
+//! provider for a group's members and hands them here; what comes out is recorded (before an
+//! e-mail is sent, so every attempt and a restart after a crash mails the very same list; as the
+//! rollout's snapshot of an approver group, which approvals are judged against without asking
+//! the directory again).
 
 use serde::{Deserialize, Serialize};
 
 use super::plan::announce::is_address;
+use super::plan::identity_key;
+use super::time::Timestamp;
+
+/// The most members a directory approver group may have: approving is for a board, not a
+/// department. A larger group is recorded as not readable, which refuses its approvals.
+pub const APPROVER_MEMBERS_MAX: usize = 1000;
+
+/// An approver group as the directory had it when the shell last read it: the identities of its
+/// members (each user's principal name and mail address, as [`identity_key`]s), or why it could
+/// not be read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApproverSnapshot {
+    /// The directory group's name.
+    pub directory: String,
+    pub read_at: Timestamp,
+    /// Which directory said so (the provider, as the audit trail names it).
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+    /// Why the group could not be read; its approvals are refused while this is the latest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ApproverSnapshot {
+    /// The snapshot of a group read with these members (at most [`APPROVER_MEMBERS_MAX`]).
+    pub fn read(directory: &str, source: &str, at: Timestamp, found: &[Member]) -> Self {
+        let mut snapshot = ApproverSnapshot {
+            directory: directory.to_string(),
+            read_at: at,
+            source: source.to_string(),
+            members: Vec::new(),
+            error: None,
+        };
+        if found.len() > APPROVER_MEMBERS_MAX {
+            snapshot.error = Some(format!(
+                "it has more than {APPROVER_MEMBERS_MAX} members, too many to approve from"
+            ));
+            return snapshot;
+        }
+        let mut keys: Vec<String> = found
+            .iter()
+            .flat_map(|m| [Some(m.name.as_str()), m.mail.as_deref()])
+            .flatten()
+            .map(identity_key)
+            .filter(|k| !k.is_empty())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        snapshot.members = keys;
+        snapshot
+    }
+
+    /// The snapshot of a group that could not be read.
+    pub fn unreadable(directory: &str, source: &str, at: Timestamp, why: &str) -> Self {
+        ApproverSnapshot {
+            directory: directory.to_string(),
+            read_at: at,
+            source: source.to_string(),
+            members: Vec::new(),
+            error: Some(why.to_string()),
+        }
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.error.is_none()
+            && self
+                .members
+                .binary_search_by(|m| m.as_str().cmp(key))
+                .is_ok()
+    }
+
+    /// Where and when it was read, in words: `Change Advisory Board as read 2h ago from graph
+    /// contoso (2026-01-05T09:00:00Z)`.
+    pub fn provenance(&self, now: Timestamp) -> String {
+        format!(
+            "`{}` as read {} ago from {} ({})",
+            self.directory,
+            super::time::format_span(now.since(self.read_at)),
+            self.source,
+            self.read_at
+        )
+    }
+}
 
 /// The most recipients one e-mail announcement may have, its addresses and its groups' members
 /// together: Exchange Online's limit of recipients per message (other relays take fewer, never

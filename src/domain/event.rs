@@ -9,7 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::desired::DesiredState;
-use super::directory::Recipients;
+use super::directory::{ApproverSnapshot, Recipients};
 use super::plan::Moment;
 use super::rollout::{PhaseObservation, RolloutStatus};
 use super::time::Timestamp;
@@ -169,6 +169,11 @@ pub enum EventKind {
         effect: EffectId,
         recipients: Recipients,
     },
+    /// The members of the plan's directory approver groups, as the directory had them (each
+    /// group's snapshot, or why it could not be read): what approvals are judged against.
+    ApproversRead {
+        groups: std::collections::BTreeMap<String, ApproverSnapshot>,
+    },
     /// An announcement that cannot be sent as planned (its groups are too large, or not in
     /// the directory), taken out of the outbox unsent.
     NotificationDropped {
@@ -254,6 +259,7 @@ impl EventKind {
             EventKind::FreezeOverridden => "freeze_overridden",
             EventKind::RecipientsResolved { .. } => "recipients_resolved",
             EventKind::NotificationDropped { .. } => "notification_dropped",
+            EventKind::ApproversRead { .. } => "approvers_read",
         }
     }
 }

@@ -1151,6 +1151,14 @@ fn event_detail(kind: &EventKind) -> String {
                 format!(", {} without a mail address", recipients.without_mail.len())
             }
         ),
+        EventKind::ApproversRead { groups } => groups
+            .iter()
+            .map(|(name, g)| match &g.error {
+                Some(error) => format!("{}: <span class=\"text\">{}</span>", Esc(name), Esc(error)),
+                None => format!("{}: {} identities", Esc(name), g.members.len()),
+            })
+            .collect::<Vec<_>>()
+            .join("<br>"),
         EventKind::NotificationDropped { effect, reason } => format!(
             "effect {effect}: <span class=\"text\">{}</span>",
             Esc(reason)

@@ -9,11 +9,14 @@
 //! was paused — never promotes.
 
 use super::{Machine, Rejection, is_watched, list_or_none};
+use std::collections::BTreeMap;
+
 use crate::domain::desired::desired_state;
+use crate::domain::directory::ApproverSnapshot;
 use crate::domain::event::Effect;
 use crate::domain::forecast::Forecast;
 use crate::domain::gate::Tally;
-use crate::domain::plan::{Phase, Plan, format_percent, hash_source, identity_key};
+use crate::domain::plan::{ApprovalPolicy, Phase, Plan, format_percent, hash_source, identity_key};
 use crate::domain::rollout::{Approval, ApprovalEvidence, PhaseRecord, PhaseState, Rollout};
 use crate::domain::time::{Timestamp, format_span};
 
@@ -49,12 +52,19 @@ impl Machine<'_> {
                 "phase `{phase}` needs no approval"
             )));
         }
-        if !policy.allows(&approver) {
-            return Err(Rejection::Invalid(format!(
-                "{approver} may not approve phase `{phase}`; its approvers are: {}",
-                policy.who()
-            )));
-        }
+        let via_directory = if policy.allows(&approver) {
+            None
+        } else {
+            Some(
+                directory_member(policy, &self.next.approver_directory, &approver, self.now)
+                    .map_err(|why| {
+                        Rejection::Invalid(format!(
+                            "{approver} may not approve phase `{phase}`; its approvers are: {}{why}",
+                            policy.who()
+                        ))
+                    })?,
+            )
+        };
         if let Some(role) = conflict_of_duties(self.plan, &self.next, record, &approver) {
             return Err(Rejection::Invalid(format!(
                 "separation of duties: {approver} {role} and cannot approve `{phase}`; someone else must"
@@ -98,10 +108,33 @@ impl Machine<'_> {
         let until = expires_at
             .map(|at| format!(", valid until {at}"))
             .unwrap_or_default();
+        let member = via_directory
+            .map(|group| format!(", a member of {group}"))
+            .unwrap_or_default();
         self.notes.push(format!(
-            "{approver} approved `{phase}` ({have} of {needed}{ticket}{until})"
+            "{approver} approved `{phase}` ({have} of {needed}{ticket}{until}{member})"
         ));
         Ok(())
+    }
+
+    /// Takes the directory's latest word on the plan's directory approver groups.
+    pub(super) fn approvers_read(&mut self, groups: &BTreeMap<String, ApproverSnapshot>) {
+        for (name, snapshot) in groups {
+            if !self.plan.directory_approvers.contains_key(name) {
+                continue;
+            }
+            let said = match &snapshot.error {
+                Some(error) => format!("could not be read: {error}"),
+                None => format!("{} identities", snapshot.members.len()),
+            };
+            self.notes.push(format!(
+                "approver group `{name}` ({}) from {}: {said}",
+                snapshot.directory, snapshot.source
+            ));
+            self.next
+                .approver_directory
+                .insert(name.clone(), snapshot.clone());
+        }
     }
 
     /// Takes out every approval of a running phase that has expired by now, saying so.
@@ -281,6 +314,64 @@ pub fn evidence_digest(
         shown.push_str(&serde_json::to_string(forecasts).unwrap_or_default());
     }
     hash_source(&shown)
+}
+
+/// The directory approver groups whose snapshot is due: named by a phase that is soaking or
+/// waiting for approval and needs approvals, and not read yet or read before that phase's latest
+/// observation (so it is refreshed as often as the phase is observed, and once more when the
+/// phase starts waiting). Empty when nothing is due.
+pub fn approvers_due(plan: &Plan, rollout: &Rollout) -> Vec<String> {
+    let mut due = Vec::new();
+    for (phase, record) in plan.phases.iter().zip(&rollout.phases) {
+        if !is_watched(record.state) || phase.gate.approvals == 0 {
+            continue;
+        }
+        let observed = record.observation.as_ref().map(|o| o.at);
+        for group in &phase.approval.directory_groups {
+            let stale = match rollout.approver_directory.get(group) {
+                None => true,
+                Some(snapshot) => observed.is_some_and(|at| snapshot.read_at < at),
+            };
+            if stale && !due.contains(group) {
+                due.push(group.clone());
+            }
+        }
+    }
+    due
+}
+
+/// The directory approver group of `policy` that has `approver` in the rollout's latest
+/// snapshot, in words with where and when it was read; or, as the end of a refusal, what each
+/// of its groups' snapshots says (not read yet, unreadable, empty, or without this person).
+pub fn directory_member(
+    policy: &ApprovalPolicy,
+    snapshots: &BTreeMap<String, ApproverSnapshot>,
+    approver: &str,
+    now: Timestamp,
+) -> Result<String, String> {
+    let mut why = String::new();
+    for group in &policy.directory_groups {
+        match snapshots.get(group) {
+            Some(snapshot) if snapshot.has(approver) => {
+                return Ok(format!("group {group}, {}", snapshot.provenance(now)));
+            }
+            Some(snapshot) => {
+                let said = match &snapshot.error {
+                    Some(error) => format!("could not be read ({error}), so none of its members may approve until it is"),
+                    None if snapshot.members.is_empty() => "has no members".to_string(),
+                    None => format!("{approver} is not among its members"),
+                };
+                why.push_str(&format!(
+                    "; directory group {group}, {}: {said}",
+                    snapshot.provenance(now)
+                ));
+            }
+            None => why.push_str(&format!(
+                "; directory group {group}: its members have not been read from the directory yet (they are read when the phase is observed and when it waits for approval)"
+            )),
+        }
+    }
+    Err(why)
 }
 
 /// Why separation of duties keeps `approver` (a key) from approving `record`'s promotion, as

@@ -39,7 +39,7 @@ use super::time::{Timestamp, format_span};
 
 mod approval;
 mod forecast;
-pub use approval::{conflict_of_duties, evidence_digest};
+pub use approval::{approvers_due, conflict_of_duties, directory_member, evidence_digest};
 mod freeze;
 mod plan_change;
 pub use plan_change::{plan_change_rules, waiting_plan_change};
@@ -283,6 +283,10 @@ impl Machine<'_> {
             EventKind::FreezeOverridden => self.override_freeze(),
             EventKind::RecipientsResolved { effect, recipients } => {
                 self.fix_recipients(*effect, recipients);
+                Ok(())
+            }
+            EventKind::ApproversRead { groups } => {
+                self.approvers_read(groups);
                 Ok(())
             }
             EventKind::NotificationDropped { effect, .. } => {
@@ -1285,6 +1289,8 @@ impl Trigger {
 
 #[cfg(test)]
 mod announce_tests;
+#[cfg(test)]
+mod directory_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

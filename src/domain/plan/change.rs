@@ -209,6 +209,22 @@ fn phase_weakenings(
             if !more.is_empty() {
                 say(format!("may now be approved by {}", more.join(", ")));
             }
+            let directory = |plan: &Plan, group: &String| {
+                plan.directory_approvers
+                    .get(group)
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            for group in &q.directory_groups {
+                let was = p.directory_groups.contains(group)
+                    && directory(old_plan, group) == directory(new_plan, group);
+                if !was {
+                    say(format!(
+                        "may now be approved by the members of directory group `{}`",
+                        directory(new_plan, group)
+                    ));
+                }
+            }
         }
     }
     if let Some(expiry) = p.expires_after

@@ -265,6 +265,8 @@ impl Provider for SimProvider {
             fleet::membership(&phase.include, &phase.exclude).map_err(unknown_group)?;
         }
         fleet::membership(&[], &plan.emergency_access.groups).map_err(unknown_group)?;
+        let directory: Vec<String> = plan.directory_approvers.values().cloned().collect();
+        fleet::membership(&directory, &[]).map_err(unknown_group)?;
         Ok(Preflight {
             resources: plan
                 .policy
