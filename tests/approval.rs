@@ -487,3 +487,48 @@ fn a_directory_approver_group_is_judged_against_the_snapshot_the_rollout_read() 
         "{notes:?}"
     );
 }
+
+/// `approve --digest`: the approval is for the evidence that digest names; a digest the
+/// rollout's evidence no longer has is refused, saying the evidence moved, and nothing is
+/// recorded; the digest `approvals` shows is accepted and kept with the approval.
+#[test]
+fn an_approval_pinned_to_a_digest_the_evidence_no_longer_has_is_refused() {
+    let pg = Phasegate::offline();
+    let id = started(&pg, |t| t);
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let pending = pg.json(&["approvals", &id]);
+    let digest = pending[0]["digest"].as_str().unwrap().to_string();
+    assert_eq!(digest.len(), 64);
+
+    let out = pg.run(&["approve", &id, "--by", "bob", "--digest", "abc"]);
+    assert_eq!(code(&out), 2, "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("--digest must be a digest"),
+        "{}",
+        stderr(&out)
+    );
+    let stale = "0".repeat(64);
+    let out = pg.run(&["approve", &id, "--by", "bob", "--digest", &stale]);
+    assert_eq!(code(&out), 2, "{}", stdout(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("the evidence of `notify` moved since it was shown")
+            && said.contains(&stale)
+            && said.contains(&digest),
+        "{said}"
+    );
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
+
+    let out = pg.run(&["approve", &id, "--by", "bob", "--digest", &digest]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_ne!(pg.status(&id)["status"], "waiting_approval");
+    let history = pg.json(&["history", &id]);
+    let granted = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"]["kind"]["type"] == "approval_granted")
+        .unwrap();
+    assert_eq!(granted["event"]["kind"]["digest"], digest.as_str());
+}

@@ -564,6 +564,7 @@ pub fn history(events: &[EventRecord]) -> String {
             phase,
             ticket,
             comment,
+            ..
         } = &record.event.kind
         {
             let ticket = ticket

@@ -100,6 +100,11 @@ pub enum EventKind {
         phase: String,
         ticket: Option<String>,
         comment: Option<String>,
+        /// The approval digest the person was shown (`approve --digest`, the terminal's
+        /// confirmation, the API's `digest`): refused when the rollout's evidence has moved
+        /// since. `None`: bound to the evidence as it stands when recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     ApprovalRejected {
         phase: String,

@@ -1113,6 +1113,7 @@ fn event_detail(kind: &EventKind) -> String {
             phase,
             ticket,
             comment,
+            ..
         } => {
             let mut text = format!("approves <code>{}</code>", Esc(phase));
             if let Some(ticket) = ticket {

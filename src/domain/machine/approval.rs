@@ -26,6 +26,7 @@ impl Machine<'_> {
         phase: &str,
         ticket: &Option<String>,
         comment: &Option<String>,
+        shown: Option<&str>,
     ) -> Result<(), Rejection> {
         use crate::domain::rollout::RolloutStatus::*;
         if !matches!(
@@ -79,6 +80,10 @@ impl Machine<'_> {
             return Err(Rejection::Invalid(format!(
                 "{approver} has already approved phase `{phase}`"
             )));
+        }
+        if let Some(shown) = shown {
+            pinned_evidence(&self.next.plan_hash, phase, record, shown, now)
+                .map_err(Rejection::Invalid)?;
         }
         let ticket = policy
             .ticket(ticket.as_deref())
@@ -314,6 +319,33 @@ pub fn evidence_digest(
         shown.push_str(&serde_json::to_string(forecasts).unwrap_or_default());
     }
     hash_source(&shown)
+}
+
+/// An approval given on the digest `shown` holds only if the phase's evidence is still what
+/// produced it: the same plan, phase, counts and forecast. Otherwise the evidence moved between
+/// showing and confirming, and the person must look again.
+fn pinned_evidence(
+    plan_hash: &str,
+    phase: &str,
+    record: &PhaseRecord,
+    shown: &str,
+    now: Timestamp,
+) -> Result<(), String> {
+    let shown = shown.trim().to_ascii_lowercase();
+    let Some(seen) = record.observation.as_ref() else {
+        return Err(format!(
+            "the approval names digest {shown}, but phase `{phase}` has no evidence yet; nothing was recorded"
+        ));
+    };
+    let current = evidence_digest(plan_hash, phase, &seen.tally, &seen.forecasts);
+    if shown == current {
+        return Ok(());
+    }
+    Err(format!(
+        "the evidence of `{phase}` moved since it was shown: the approval names digest {shown}, the phase's is now {current} (observed {} ago, at {}); look again (`phasegate approvals`) and approve what it shows",
+        format_span(now.since(seen.at)),
+        seen.at
+    ))
 }
 
 /// The directory approver groups whose snapshot is due: named by a phase that is soaking or

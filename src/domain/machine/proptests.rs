@@ -150,6 +150,7 @@ fn apply(h: &mut Harness, op: &Op) -> Option<Transition> {
                     phase,
                     ticket: None,
                     comment: None,
+                    digest: None,
                 },
                 who,
             )
@@ -431,6 +432,7 @@ fn a_healthy_rollout_completes() {
                         phase,
                         ticket: None,
                         comment: None,
+                        digest: None,
                     },
                     "bob",
                 );
