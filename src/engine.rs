@@ -1177,6 +1177,18 @@ impl Task {
                 };
             }
             None => match directory::mail_recipients(&message.addresses, &members) {
+                Ok(recipients)
+                    if recipients.addresses.is_empty() && message.addresses.is_empty() =>
+                {
+                    EventKind::NotificationDropped {
+                        effect: pending.id,
+                        reason: format!(
+                            "nobody to send it to: none of the {} members of {} has a mail address",
+                            members.len(),
+                            message.groups.join(", ")
+                        ),
+                    }
+                }
                 Ok(recipients) => EventKind::RecipientsResolved {
                     effect: pending.id,
                     recipients,

@@ -507,6 +507,31 @@ blocked_ratio_above = "5%"
     }
 
     #[test]
+    fn a_directory_approver_group_added_or_pointed_elsewhere_is_a_weakening() {
+        let defined = BASE.replace(
+            "cab = [\"bob\", \"carol\", \"erin\"]",
+            "cab = [\"bob\", \"carol\", \"erin\"]\n\n[directory_approvers]\nboard = \"Change Advisory Board\"",
+        );
+        let asked = defined.replace(
+            "approver_groups = [\"cab\"]",
+            "approver_groups = [\"cab\", \"board\"]",
+        );
+        assert_eq!(
+            weakenings(&plan(&defined), &plan(&asked)),
+            [
+                "`notify`: may now be approved by the members of directory group `Change Advisory Board`"
+            ]
+        );
+        let elsewhere = asked.replace("Change Advisory Board", "All Staff");
+        assert_eq!(
+            weakenings(&plan(&asked), &plan(&elsewhere)),
+            ["`notify`: may now be approved by the members of directory group `All Staff`"]
+        );
+        assert!(weakenings(&plan(&asked), &plan(&asked)).is_empty());
+        assert!(weakenings(&plan(&asked), &plan(&defined)).is_empty());
+    }
+
+    #[test]
     fn each_looser_approval_rule_is_a_weakening() {
         one(
             "approver_groups = [\"cab\"]\n",
