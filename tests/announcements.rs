@@ -652,3 +652,57 @@ url = "http://127.0.0.1:{port}/slack/services/T/B/S"
     let _ = serve.kill();
     let _ = serve.wait();
 }
+
+/// On Graph: the group is found in the tenant and its users read with their mail addresses
+/// (`transitiveMembers`, served by the emulator); the e-mail reaches exactly the members that
+/// reading fixed, each once.
+#[test]
+fn on_graph_an_email_to_a_group_reaches_the_members_the_tenant_lists() {
+    let emulator =
+        common::Emulator::spawn(&["--client-secret", common::SECRET, "--devices", "3000"]);
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = relay_certificates(certs.path());
+    let relay = Relay::start(&cert, &key);
+    let table = format!(
+        r#"[[announcement]]
+channel = "email"
+on = ["start"]
+groups = ["Pilot IT"]
+addresses = ["it-staff@contoso.com"]
+template = "{{plan}} starts for {{groups}}."
+smtp_host = "127.0.0.1"
+smtp_port = {port}
+from = "phasegate@contoso.com"
+ca_file = "{ca}"
+username_env = "PHASEGATE_SMTP_USER"
+password_env = "PHASEGATE_SMTP_PASSWORD"
+"#,
+        port = relay.port
+    );
+    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 20.0, |t| {
+        t.replacen("[[phase]]", &format!("{table}\n[[phase]]"), 1)
+    })
+    .with_env("PHASEGATE_SMTP_USER", SMTP_USER)
+    .with_env("PHASEGATE_SMTP_PASSWORD", SMTP_PASSWORD);
+    let id = pg.start();
+    let mut run = pg.spawn(&["run", &id]);
+    let sent = eventually(Duration::from_secs(60), || !relay.mail().is_empty());
+    let _ = run.kill();
+    let _ = run.wait();
+    assert!(sent, "no mail: {:?}", history(&pg, &id));
+    let trail = history(&pg, &id);
+    let members = resolved_members(&trail);
+    assert!(members.len() > 10, "{members:?}");
+    assert!(
+        members
+            .iter()
+            .all(|m| m.ends_with("@contoso.onmicrosoft.com")),
+        "{members:?}"
+    );
+    let mail = relay.mail();
+    assert_eq!(mail.len(), 1, "{mail:?}");
+    let mut expected: Vec<String> = members.iter().map(|m| m.to_lowercase()).collect();
+    expected.push("it-staff@contoso.com".into());
+    expected.sort();
+    assert_eq!(envelope(&mail[0]), expected);
+}
