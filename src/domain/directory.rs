@@ -30,6 +30,10 @@ pub struct ApproverSnapshot {
     /// Why the group could not be read; its approvals are refused while this is the latest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The latest observation of the rollout's phases when this reading was recorded (set by
+    /// the machine): the next reading is due after a newer one, whatever the clocks say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follows: Option<Timestamp>,
 }
 
 impl ApproverSnapshot {
@@ -41,6 +45,7 @@ impl ApproverSnapshot {
             source: source.to_string(),
             members: Vec::new(),
             error: None,
+            follows: None,
         };
         if found.len() > APPROVER_MEMBERS_MAX {
             snapshot.error = Some(format!(
@@ -69,6 +74,7 @@ impl ApproverSnapshot {
             source: source.to_string(),
             members: Vec::new(),
             error: Some(why.to_string()),
+            follows: None,
         }
     }
 

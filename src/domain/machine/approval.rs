@@ -124,6 +124,12 @@ impl Machine<'_> {
 
     /// Takes the directory's latest word on the plan's directory approver groups.
     pub(super) fn approvers_read(&mut self, groups: &BTreeMap<String, ApproverSnapshot>) {
+        let follows = self
+            .next
+            .phases
+            .iter()
+            .filter_map(|p| p.observation.as_ref().map(|o| o.at))
+            .max();
         for (name, snapshot) in groups {
             if !self.plan.directory_approvers.contains_key(name) {
                 continue;
@@ -136,9 +142,9 @@ impl Machine<'_> {
                 "approver group `{name}` ({}) from {}: {said}",
                 snapshot.directory, snapshot.source
             ));
-            self.next
-                .approver_directory
-                .insert(name.clone(), snapshot.clone());
+            let mut snapshot = snapshot.clone();
+            snapshot.follows = follows;
+            self.next.approver_directory.insert(name.clone(), snapshot);
         }
     }
 
@@ -362,7 +368,10 @@ pub fn approvers_due(plan: &Plan, rollout: &Rollout) -> Vec<String> {
         for group in &phase.approval.directory_groups {
             let stale = match rollout.approver_directory.get(group) {
                 None => true,
-                Some(snapshot) => observed.is_some_and(|at| snapshot.read_at < at),
+                Some(snapshot) => {
+                    let seen = snapshot.follows.unwrap_or(snapshot.read_at);
+                    observed.is_some_and(|at| seen < at)
+                }
             };
             if stale && !due.contains(group) {
                 due.push(group.clone());

@@ -67,6 +67,16 @@ fn the_group_is_due_to_be_read_until_it_is_and_again_after_each_observation() {
     h.advance(std::time::Duration::from_secs(6 * 3600));
     h.observe(healthy());
     assert_eq!(approvers_due(&h.plan, &h.rollout), ["board"]);
+    // A reading whose clock is behind the observation's still settles it: no reading again
+    // until a newer observation.
+    let behind = ApproverSnapshot::read(
+        "Change Advisory Board",
+        "graph contoso",
+        Timestamp::from_millis(0),
+        &[],
+    );
+    read(&mut h, behind);
+    assert!(approvers_due(&h.plan, &h.rollout).is_empty());
 }
 
 #[test]
