@@ -19,9 +19,9 @@ use crate::domain::plan::{self, Plan, PlanErrors};
 use crate::domain::rollout::{PhaseObservation, Rollout, RolloutStatus};
 use crate::domain::signins::{self, SignIns};
 use crate::domain::time::Timestamp;
-use crate::domain::{forecast, gate};
+use crate::domain::{directory, forecast, gate};
 use crate::notifier::{Delivery, Notifier};
-use crate::provider::{Outcome, PhaseScope, Provider, ProviderError, SignInQuery};
+use crate::provider::{ErrorKind, Outcome, PhaseScope, Provider, ProviderError, SignInQuery};
 use crate::retry::Backoff;
 use crate::store::{Attached, EventRecord, PlanRecord, Store, StoreError, StoredRollout};
 
@@ -658,6 +658,12 @@ impl Engine<'_> {
         if let Some(pending) = notification {
             return Work::Deliver(pending.clone());
         }
+        // Approvals are judged against the directory as last read: read it now when a phase that
+        // asks a directory group is observed again or starts waiting.
+        let due = machine::approvers_due(&loaded.plan, rollout);
+        if !due.is_empty() {
+            return Work::ReadApprovers(due);
+        }
         if should_stop(rollout) {
             return Work::Stop(rollout.status);
         }
@@ -777,6 +783,48 @@ impl Engine<'_> {
     }
 }
 
+/// Whether a pending notification is an e-mail to groups whose members are not read yet.
+pub fn needs_recipients(effect: &Effect) -> bool {
+    matches!(effect, Effect::Notify {
+        to,
+        message: Some(message),
+        ..
+    } if to.kind() == crate::announce::email::NAME
+        && !message.groups.is_empty()
+        && message.recipients.is_none())
+}
+
+/// Who an e-mail to groups reached, for its delivery's line in the audit trail.
+fn told(message: &crate::domain::event::Message) -> String {
+    let Some(recipients) = &message.recipients else {
+        return String::new();
+    };
+    let mut text = format!(
+        "; to {} address{} and {} member{} of {}",
+        message.addresses.len(),
+        if message.addresses.len() == 1 {
+            ""
+        } else {
+            "es"
+        },
+        recipients.addresses.len(),
+        if recipients.addresses.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
+        message.groups.join(", ")
+    );
+    if !recipients.without_mail.is_empty() {
+        text.push_str(&format!(
+            "; {} without a mail address, not told: {}",
+            recipients.without_mail.len(),
+            directory::some_of(&recipients.without_mail, 20)
+        ));
+    }
+    text
+}
+
 /// What a rollout needs done next.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Work {
@@ -786,6 +834,8 @@ pub enum Work {
     Deliver(PendingEffect),
     /// Observe these phases.
     Observe(Vec<String>),
+    /// Read the members of these directory approver groups.
+    ReadApprovers(Vec<String>),
     /// Nothing to do until this moment of the backend's clock.
     Wait(Timestamp),
     /// A deadline has come.
@@ -932,8 +982,12 @@ impl Task {
         let started = std::time::Instant::now();
         let mut finished = match &self.work {
             Work::Effect(pending) => self.carry_out(pending, provider).await,
+            Work::Deliver(pending) if needs_recipients(&pending.effect) => {
+                self.resolve_recipients(pending, provider).await
+            }
             Work::Deliver(pending) => self.deliver(pending, provider.now(), notifier).await,
             Work::Observe(phases) => self.observe(phases, provider).await,
+            Work::ReadApprovers(groups) => self.read_approvers(groups, provider).await,
             Work::Wait(_) | Work::Tick(_) | Work::Stop(_) => Finished {
                 event: None,
                 now: provider.now(),
@@ -1030,6 +1084,128 @@ impl Task {
         finished
     }
 
+    /// Reads the plan's directory approver groups: each group's snapshot, or why it could not
+    /// be read (which refuses its approvals until a later read succeeds). Never holds the
+    /// rollout up: the answer is recorded either way.
+    async fn read_approvers(&self, groups: &[String], provider: &mut dyn Provider) -> Finished {
+        let source = provider.describe();
+        let mut read = BTreeMap::new();
+        for group in groups {
+            let Some(directory) = self.plan.directory_approvers.get(group) else {
+                continue;
+            };
+            let answer = provider
+                .group_members(
+                    &self.plan.policy,
+                    directory,
+                    directory::APPROVER_MEMBERS_MAX,
+                )
+                .await;
+            let now = provider.now();
+            let snapshot = match answer {
+                Ok(found) => directory::ApproverSnapshot::read(directory, &source, now, &found),
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "an approver group could not be read");
+                    directory::ApproverSnapshot::unreadable(directory, &source, now, &e.message)
+                }
+            };
+            read.insert(group.clone(), snapshot);
+        }
+        let event = Event {
+            kind: EventKind::ApproversRead { groups: read },
+            trigger: Trigger::new(
+                TriggerSource::Provider,
+                &source,
+                "approver groups read from the directory",
+            ),
+        };
+        Task::finished(event, provider.now(), None)
+    }
+
+    /// Reads the members of an e-mail announcement's groups from the directory, once, before
+    /// its first attempt: the list is recorded (`RecipientsResolved`) and every attempt after,
+    /// across restarts, goes to it. A directory that cannot be read now leaves the message
+    /// pending, retried like a channel that is down; groups that are not in the directory, or
+    /// too large for one message, drop it with an event saying why.
+    async fn resolve_recipients(
+        &self,
+        pending: &PendingEffect,
+        provider: &mut dyn Provider,
+    ) -> Finished {
+        let Effect::Notify {
+            message: Some(message),
+            ..
+        } = &pending.effect
+        else {
+            unreachable!("only announcements have recipients to resolve");
+        };
+        let mut members = Vec::new();
+        let mut read = Vec::new();
+        let mut failed = None;
+        for group in &message.groups {
+            match provider
+                .group_members(&self.plan.policy, group, directory::MAIL_RECIPIENTS_MAX)
+                .await
+            {
+                Ok(found) => {
+                    read.push(format!("{group}: {}", found.len()));
+                    members.extend(found);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let now = provider.now();
+        let trigger =
+            |reason: String| Trigger::new(TriggerSource::Provider, &provider.describe(), reason);
+        let kind = match failed {
+            Some(e) if e.kind == ErrorKind::NotFound => EventKind::NotificationDropped {
+                effect: pending.id,
+                reason: format!("its groups' members cannot be read: {}", e.message),
+            },
+            Some(e) => {
+                tracing::warn!(effect = %pending.id, error = %e, "the announcement's groups could not be read; it stays pending");
+                return Finished {
+                    event: None,
+                    now,
+                    record: None,
+                    undeliverable: Some(pending.id),
+                    asked: None,
+                    took: Duration::ZERO,
+                };
+            }
+            None => match directory::mail_recipients(&message.addresses, &members) {
+                Ok(recipients)
+                    if recipients.addresses.is_empty() && message.addresses.is_empty() =>
+                {
+                    EventKind::NotificationDropped {
+                        effect: pending.id,
+                        reason: format!(
+                            "nobody to send it to: none of the {} members of {} has a mail address",
+                            members.len(),
+                            message.groups.join(", ")
+                        ),
+                    }
+                }
+                Ok(recipients) => EventKind::RecipientsResolved {
+                    effect: pending.id,
+                    recipients,
+                },
+                Err(reason) => EventKind::NotificationDropped {
+                    effect: pending.id,
+                    reason,
+                },
+            },
+        };
+        let event = Event {
+            kind,
+            trigger: trigger(format!("members read ({})", read.join(", "))),
+        };
+        Task::finished(event, now, None)
+    }
+
     /// Delivers one outbox notification (with a few attempts) and records the delivery. A
     /// receiver that cannot be reached leaves it pending for later.
     async fn deliver(
@@ -1112,7 +1288,11 @@ impl Task {
             trigger: Trigger::new(
                 TriggerSource::Internal,
                 "outbox",
-                format!("{} answered {status}", crate::notifier::describe(to)),
+                format!(
+                    "{} answered {status}{}",
+                    crate::notifier::describe(to),
+                    message.as_ref().map(told).unwrap_or_default()
+                ),
             ),
         };
         Task::finished(event, now, None)

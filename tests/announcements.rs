@@ -66,12 +66,15 @@ struct Relay {
 
 impl Relay {
     fn start(cert: &str, key: &str) -> Relay {
+        Relay::start_on(free_port(), cert, key)
+    }
+
+    fn start_on(port: u16, cert: &str, key: &str) -> Relay {
         let python = std::env::var("PHASEGATE_PYTHON").unwrap_or_else(|_| "python3".into());
         let script = format!(
             "{}/tests/support/smtp-server.py",
             env!("CARGO_MANIFEST_DIR")
         );
-        let port = free_port();
         let mut child = Command::new(&python)
             .args([
                 script.as_str(),
@@ -345,20 +348,26 @@ url = "{hooks}/slack/services/T000/B000/SLACK-not-shown"
         stderr(&rerun)
     );
 
-    // E-mail: one message, over STARTTLS, logged in, to both addresses.
+    // E-mail: one message, over STARTTLS, logged in, to both addresses and every member of
+    // Pilot IT with a mailbox (as the directory had them before the first attempt), each once.
     let mail = relay.mail();
     assert_eq!(mail.len(), 1, "{mail:?}");
     let data = mail[0]["data"].as_str().unwrap();
     assert_eq!(mail[0]["tls"], true);
     assert_eq!(mail[0]["login"], true);
-    let mut to: Vec<&str> = mail[0]["to"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    to.sort();
-    assert_eq!(to, ["helpdesk@contoso.com", "it-staff@contoso.com"]);
+    let trail = history(&pg, &id);
+    let members = resolved_members(&trail);
+    assert!(members.len() > 50, "Pilot IT's members: {members:?}");
+    assert!(members.iter().all(|m| m.ends_with("@contoso.com")));
+    let mut expected = members.clone();
+    expected.extend(["helpdesk@contoso.com".into(), "it-staff@contoso.com".into()]);
+    expected.sort();
+    assert_eq!(envelope(&mail[0]), expected, "each address once");
+    assert_eq!(
+        mail_header(data, "Bcc"),
+        None,
+        "the members see each other's addresses"
+    );
     assert_eq!(
         mail_header(data, "Subject"),
         Some("android-guarded: compliance checks begin")
@@ -413,7 +422,6 @@ url = "{hooks}/slack/services/T000/B000/SLACK-not-shown"
 
     // The audit trail: each announcement delivered once, all before the first phase's write,
     // which waited out the notice.
-    let trail = history(&pg, &id);
     let delivered: Vec<&Value> = trail.iter().filter(|e| kind(e) == "delivered").collect();
     assert_eq!(delivered.len(), 3, "{delivered:?}");
     let mut effects = BTreeMap::new();
@@ -455,6 +463,129 @@ url = "{hooks}/slack/services/T000/B000/SLACK-not-shown"
     for secret in ["SIG-not-shown", "SLACK-not-shown", SMTP_PASSWORD] {
         assert!(!shown.contains(secret), "{secret} shown");
     }
+}
+
+/// The members' addresses an e-mail announcement's `recipients_resolved` event fixed (exactly
+/// one such event).
+fn resolved_members(trail: &[Value]) -> Vec<String> {
+    let resolved: Vec<&Value> = trail
+        .iter()
+        .filter(|e| kind(e) == "recipients_resolved")
+        .collect();
+    assert_eq!(resolved.len(), 1, "the directory read once: {resolved:?}");
+    resolved[0]["event"]["kind"]["recipients"]["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A received message's envelope recipients, sorted.
+fn envelope(mail: &Value) -> Vec<String> {
+    let mut to: Vec<String> = mail["to"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_lowercase())
+        .collect();
+    to.sort();
+    to
+}
+
+/// An e-mail to a directory group: its members are read once and fixed before the first
+/// attempt; the relay is down at first, the process is killed -9 and started again, and the
+/// message reaches exactly the members first read, once each. Members without a mailbox are
+/// named in the delivery's audit event.
+#[test]
+fn an_email_to_a_group_reaches_its_members_once_across_a_kill_and_restart() {
+    let pg = Phasegate::offline()
+        .with_env("PHASEGATE_SMTP_USER", SMTP_USER)
+        .with_env("PHASEGATE_SMTP_PASSWORD", SMTP_PASSWORD);
+    let (ca, cert, key) = relay_certificates(pg.dir.path());
+    let port = free_port();
+    write_plan(
+        &pg,
+        &format!(
+            r#"[[announcement]]
+channel = "email"
+on = ["start"]
+groups = ["Pilot IT", "Pilot Field"]
+addresses = ["Helpdesk@contoso.com"]
+template = "{{plan}} starts for {{groups}}."
+smtp_host = "127.0.0.1"
+smtp_port = {port}
+from = "phasegate@contoso.com"
+ca_file = "{ca}"
+username_env = "PHASEGATE_SMTP_USER"
+password_env = "PHASEGATE_SMTP_PASSWORD"
+"#
+        ),
+    );
+    let mut serve = pg
+        .command(&["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(serve.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let id = pg.start();
+    // The relay is down: the members are read and fixed, the message stays in the outbox.
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            history(&pg, &id)
+                .iter()
+                .any(|e| kind(e) == "recipients_resolved")
+        }),
+        "the group's members were never read: {:?}",
+        history(&pg, &id)
+    );
+    serve.kill().unwrap();
+    let _ = serve.wait();
+    let members = resolved_members(&history(&pg, &id));
+    assert!(members.len() > 100, "{members:?}");
+
+    // The relay is back; a new process sends to the list fixed before, once.
+    let relay = Relay::start_on(port, &cert, &key);
+    let rerun = pg.run(&["run", &id]);
+    assert!(
+        matches!(code(&rerun), 0 | 3),
+        "{}{}",
+        stdout(&rerun),
+        stderr(&rerun)
+    );
+    let mail = relay.mail();
+    assert_eq!(mail.len(), 1, "{mail:?}");
+    let mut expected: Vec<String> = members.iter().map(|m| m.to_lowercase()).collect();
+    expected.push("helpdesk@contoso.com".into());
+    expected.sort();
+    assert_eq!(envelope(&mail[0]), expected);
+    let trail = history(&pg, &id);
+    assert_eq!(
+        resolved_members(&trail),
+        members,
+        "read again after the restart"
+    );
+    let resolved = trail
+        .iter()
+        .find(|e| kind(e) == "recipients_resolved")
+        .unwrap();
+    let without: Vec<&str> = resolved["event"]["kind"]["recipients"]["without_mail"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert!(!without.is_empty(), "the simulated IT has unlicensed users");
+    let delivered: Vec<&Value> = trail.iter().filter(|e| kind(e) == "delivered").collect();
+    assert_eq!(delivered.len(), 1);
+    let reason = delivered[0]["event"]["trigger"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("{} without a mail address", without.len()))
+            && reason.contains(without[0]),
+        "{reason}"
+    );
 }
 
 /// A channel that is down holds nothing up, and its message goes out once it is back.
@@ -520,4 +651,58 @@ url = "http://127.0.0.1:{port}/slack/services/T/B/S"
     );
     let _ = serve.kill();
     let _ = serve.wait();
+}
+
+/// On Graph: the group is found in the tenant and its users read with their mail addresses
+/// (`transitiveMembers`, served by the emulator); the e-mail reaches exactly the members that
+/// reading fixed, each once.
+#[test]
+fn on_graph_an_email_to_a_group_reaches_the_members_the_tenant_lists() {
+    let emulator =
+        common::Emulator::spawn(&["--client-secret", common::SECRET, "--devices", "3000"]);
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = relay_certificates(certs.path());
+    let relay = Relay::start(&cert, &key);
+    let table = format!(
+        r#"[[announcement]]
+channel = "email"
+on = ["start"]
+groups = ["Pilot IT"]
+addresses = ["it-staff@contoso.com"]
+template = "{{plan}} starts for {{groups}}."
+smtp_host = "127.0.0.1"
+smtp_port = {port}
+from = "phasegate@contoso.com"
+ca_file = "{ca}"
+username_env = "PHASEGATE_SMTP_USER"
+password_env = "PHASEGATE_SMTP_PASSWORD"
+"#,
+        port = relay.port
+    );
+    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 20.0, |t| {
+        t.replacen("[[phase]]", &format!("{table}\n[[phase]]"), 1)
+    })
+    .with_env("PHASEGATE_SMTP_USER", SMTP_USER)
+    .with_env("PHASEGATE_SMTP_PASSWORD", SMTP_PASSWORD);
+    let id = pg.start();
+    let mut run = pg.spawn(&["run", &id]);
+    let sent = eventually(Duration::from_secs(60), || !relay.mail().is_empty());
+    let _ = run.kill();
+    let _ = run.wait();
+    assert!(sent, "no mail: {:?}", history(&pg, &id));
+    let trail = history(&pg, &id);
+    let members = resolved_members(&trail);
+    assert!(members.len() > 10, "{members:?}");
+    assert!(
+        members
+            .iter()
+            .all(|m| m.ends_with("@contoso.onmicrosoft.com")),
+        "{members:?}"
+    );
+    let mail = relay.mail();
+    assert_eq!(mail.len(), 1, "{mail:?}");
+    let mut expected: Vec<String> = members.iter().map(|m| m.to_lowercase()).collect();
+    expected.push("it-staff@contoso.com".into());
+    expected.sort();
+    assert_eq!(envelope(&mail[0]), expected);
 }

@@ -419,3 +419,116 @@ fn an_approval_whose_evidence_drifted_past_the_tolerance_does_not_promote_and_hi
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(phase(&pg.status(&id), "field")["state"], "promoted");
 }
+
+/// An approver group the directory has (`[directory_approvers]`): its members are read when the
+/// phase is observed and starts waiting, and the approval is judged against that snapshot with
+/// no directory call; a non-member is refused naming the snapshot, a member approves.
+#[test]
+fn a_directory_approver_group_is_judged_against_the_snapshot_the_rollout_read() {
+    let pg = Phasegate::offline();
+    let id = started(&pg, |t| {
+        t.replacen(
+            "[[phase]]",
+            "[directory_approvers]\nboard = \"IT\"\n\n[[phase]]",
+            1,
+        )
+        .replacen(
+            "approvals = 1",
+            "approvals = 1\napprover_groups = [\"board\"]",
+            1,
+        )
+    });
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
+    let history = pg.json(&["history", &id]);
+    let reads: Vec<&Value> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"]["kind"]["type"] == "approvers_read")
+        .collect();
+    assert!(!reads.is_empty(), "the directory was never read");
+    let board = &reads.last().unwrap()["event"]["kind"]["groups"]["board"];
+    assert_eq!(board["directory"], "IT");
+    let members: Vec<&str> = board["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert!(members.len() > 100, "{board}");
+    let member = members
+        .iter()
+        .find(|m| m.ends_with("@contoso.com"))
+        .expect("a member with a mail address");
+
+    let out = pg.run(&["approve", &id, "--by", "mallory"]);
+    assert_eq!(code(&out), 2, "{}", stdout(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("mallory may not approve phase `notify`")
+            && said.contains("directory group board, `IT` as read ")
+            && said.contains("from simulator")
+            && said.contains("mallory is not among its members"),
+        "{said}"
+    );
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
+
+    let out = pg.run(&["approve", &id, "--by", &member.to_uppercase()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_ne!(pg.status(&id)["status"], "waiting_approval");
+    let notes = trail(&pg, &id);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains(&format!("{member} approved `notify`"))
+                && n.contains("a member of group board, `IT` as read")),
+        "{notes:?}"
+    );
+}
+
+/// `approve --digest`: the approval is for the evidence that digest names; a digest the
+/// rollout's evidence no longer has is refused, saying the evidence moved, and nothing is
+/// recorded; the digest `approvals` shows is accepted and kept with the approval.
+#[test]
+fn an_approval_pinned_to_a_digest_the_evidence_no_longer_has_is_refused() {
+    let pg = Phasegate::offline();
+    let id = started(&pg, |t| t);
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let pending = pg.json(&["approvals", &id]);
+    let digest = pending[0]["digest"].as_str().unwrap().to_string();
+    assert_eq!(digest.len(), 64);
+
+    let out = pg.run(&["approve", &id, "--by", "bob", "--digest", "abc"]);
+    assert_eq!(code(&out), 2, "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("--digest must be a digest"),
+        "{}",
+        stderr(&out)
+    );
+    let stale = "0".repeat(64);
+    let out = pg.run(&["approve", &id, "--by", "bob", "--digest", &stale]);
+    assert_eq!(code(&out), 2, "{}", stdout(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("the evidence of `notify` moved since it was shown")
+            && said.contains(&stale)
+            && said.contains(&digest),
+        "{said}"
+    );
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
+
+    let out = pg.run(&["approve", &id, "--by", "bob", "--digest", &digest]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_ne!(pg.status(&id)["status"], "waiting_approval");
+    let history = pg.json(&["history", &id]);
+    let granted = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"]["kind"]["type"] == "approval_granted")
+        .unwrap();
+    assert_eq!(granted["event"]["kind"]["digest"], digest.as_str());
+}

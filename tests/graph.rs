@@ -378,3 +378,69 @@ async fn a_write_whose_connection_drops_after_it_landed_is_never_repeated() {
         "no write lost its response in 12 seeds; the test proves nothing"
     );
 }
+
+/// A directory approver group on Graph: the group is found by name and its users read through
+/// `transitiveMembers` (with their user principal names and mail addresses) when the phase
+/// waits for approval; the approval is judged against that reading.
+#[test]
+fn a_directory_approver_group_is_read_from_the_tenant_and_judges_approvals() {
+    let emulator = Emulator::start(&["--devices", "3000", "--ca-rate", "20"]);
+    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 20.0, |t| {
+        t.replacen(
+            "[[phase]]",
+            "[directory_approvers]\nboard = \"IT\"\n\n[[phase]]",
+            1,
+        )
+        .replacen(
+            "approvals = 1",
+            "approvals = 1\napprover_groups = [\"board\"]",
+            1,
+        )
+    });
+    let id = pg.start();
+    for _ in 0..8 {
+        let out = pg.run(&["run", &id]);
+        if pg.status(&id)["status"] == "waiting_approval" {
+            break;
+        }
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
+    let history = pg.json(&["history", &id]);
+    let read = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["event"]["kind"]["type"] == "approvers_read")
+        .expect("the directory was read");
+    let board = &read["event"]["kind"]["groups"]["board"];
+    assert!(board["error"].is_null(), "{board}");
+    assert!(
+        board["source"].as_str().unwrap().starts_with("graph"),
+        "{board}"
+    );
+    let members: Vec<&str> = board["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert!(members.len() > 10, "{board}");
+    assert!(members.iter().all(|m| m.contains('@')), "{board}");
+    let member = members
+        .iter()
+        .find(|m| m.starts_with("user"))
+        .expect("a member who is not a break-glass account");
+
+    let out = pg.run(&["approve", &id, "--by", "mallory@contoso.com"]);
+    assert_eq!(code(&out), 2, "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("mallory@contoso.com is not among its members"),
+        "{}",
+        stderr(&out)
+    );
+    let out = pg.run(&["approve", &id, "--by", member]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_ne!(pg.status(&id)["status"], "waiting_approval");
+}

@@ -85,16 +85,20 @@ fn check(source: &str) -> Vec<Diagnostic> {
     // recipients travel with each message).
     if let Ok(tables) = super::tables_of::<RawEmail>(source, NAME, "an e-mail announcement") {
         for table in tables {
-            let empty = table
-                .get_ref()
+            let raw = table.get_ref();
+            let no_addresses = raw
                 .addresses
                 .as_ref()
                 .is_none_or(|a| a.get_ref().is_empty());
-            if empty {
+            let no_groups = raw.groups.as_ref().is_none_or(|g| match g {
+                toml::Value::Array(list) => list.is_empty(),
+                _ => false,
+            });
+            if no_addresses && no_groups {
                 problems.push(Diagnostic::new(
                     table.span(),
-                    "an e-mail announcement needs `addresses` (the groups it names are told in \
-                     the text; a group is mailed through its own address)",
+                    "an e-mail announcement needs `addresses` or `groups` (whose members are \
+                     mailed at the addresses the directory has for them)",
                 ));
             }
         }
@@ -244,30 +248,57 @@ pub fn message_id(key: &str, from: &str) -> String {
     format!("<{}.phasegate@{domain}>", &digest[..32])
 }
 
-/// The message as sent: plain text, from the channel's sender to the announcement's addresses.
+fn from_mailbox(settings: &EmailSettings) -> Result<Mailbox, String> {
+    settings
+        .from
+        .parse()
+        .map_err(|e| format!("the sender `{}`: {e}", settings.from))
+}
+
+/// The message as sent: plain text, from the channel's sender to the announcement's addresses
+/// (To) and its groups' members as the directory had them (Bcc, so they do not see each
+/// other's addresses).
 pub fn compose(
     settings: &EmailSettings,
     key: &str,
     about: &About<'_>,
     links: Option<&Links>,
 ) -> Result<Message, String> {
-    let from: Mailbox = settings
-        .from
-        .parse()
-        .map_err(|e| format!("the sender `{}`: {e}", settings.from))?;
+    let from = from_mailbox(settings)?;
     let mut builder = Message::builder()
         .from(from)
         .subject(about.message.subject.clone())
         .message_id(Some(message_id(key, &settings.from)))
         .header(ContentType::TEXT_PLAIN);
-    if about.message.addresses.is_empty() {
-        return Err("the announcement names no addresses".into());
+    let members = match &about.message.recipients {
+        Some(recipients) => recipients.addresses.as_slice(),
+        None if !about.message.groups.is_empty() => {
+            return Err("the members of the announcement's groups were not read".into());
+        }
+        None => &[],
+    };
+    if about.message.addresses.is_empty() && members.is_empty() {
+        return Err(
+            "the announcement reaches nobody: no addresses, and no group member \
+                    with a mail address"
+                .into(),
+        );
     }
+    let mailbox = |address: &String| {
+        address
+            .parse::<Mailbox>()
+            .map_err(|e| format!("the recipient `{address}`: {e}"))
+    };
     for address in &about.message.addresses {
-        let to: Mailbox = address
-            .parse()
-            .map_err(|e| format!("the recipient `{address}`: {e}"))?;
-        builder = builder.to(to);
+        builder = builder.to(mailbox(address)?);
+    }
+    // The groups' members do not see each other's addresses.
+    for address in members {
+        builder = builder.bcc(mailbox(address)?);
+    }
+    if about.message.addresses.is_empty() {
+        // A message needs a To: the sender, as for any list mailed by Bcc.
+        builder = builder.to(from_mailbox(settings)?);
     }
     let mut text = super::plain_text(about.message, links);
     text.push_str(&format!(
@@ -423,7 +454,9 @@ mod tests {
             "smtp_host = \"h.example\"\nfrom = \"pg@contoso.com\"",
         ));
         assert!(
-            problems[0].message.contains("needs `addresses`"),
+            problems[0]
+                .message
+                .contains("needs `addresses` or `groups`"),
             "{problems:?}"
         );
         assert!(check(&plan("smtp_host = \"h.example\"\nfrom = \"pg@contoso.com\"\nusername_env = \"PHASEGATE_U\"\naddresses = [\"a@b.co\"]"))

@@ -456,6 +456,7 @@ mod tests {
             groups: Vec::new(),
             addresses: Vec::new(),
             phase: Some("pilot".into()),
+            recipients: None,
         };
         let l = links(Some("https://pg.example"), "r-1");
         let text = plain_text(&message, l.as_ref());

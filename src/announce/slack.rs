@@ -139,6 +139,7 @@ mod tests {
             groups: vec!["Pilot IT".into()],
             addresses: Vec::new(),
             phase: Some("pilot".into()),
+            recipients: None,
         };
         let about = About {
             message: &m,

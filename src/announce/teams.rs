@@ -124,6 +124,7 @@ mod tests {
             groups: vec!["Pilot IT".into()],
             addresses: Vec::new(),
             phase: Some("pilot".into()),
+            recipients: None,
         }
     }
 

@@ -301,6 +301,9 @@ struct Decision {
     by: Option<String>,
     /// The plan change decided on (its hash, or the start of it); default: the one waiting.
     plan: Option<String>,
+    /// The approval digest the approver was shown (`GET …/approvals`): the approval is refused
+    /// if the rollout's evidence has moved since.
+    digest: Option<String>,
 }
 
 /// `POST /rollouts/{id}/plan`: a plan to apply to a running rollout.
@@ -440,6 +443,7 @@ async fn approve(
         phase,
         ticket: d.ticket,
         comment: d.comment,
+        digest: d.digest,
     };
     command(&state, &id, kind, &by, &reason).await
 }

@@ -244,6 +244,7 @@ async fn act(
                     phase,
                     ticket: non_empty(form.ticket),
                     comment: non_empty(form.comment.clone()),
+                    digest: None,
                 }
             } else {
                 if reason.is_empty() {

@@ -863,21 +863,49 @@ pub fn asks_first(stdin_is_terminal: bool, yes: bool) -> bool {
     stdin_is_terminal && !yes
 }
 
+/// Whether `text` looks like an approval digest (SHA-256 in hex).
+pub fn is_digest(text: &str) -> bool {
+    let text = text.trim();
+    text.len() == 64 && text.chars().all(|c| c.is_ascii_hexdigit())
+}
+
 /// A person's answer to a yes/no question: only `y` or `yes` (any case) is yes.
 pub fn is_yes(answer: &str) -> bool {
     matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What an `approve` says: the phase, ticket, comment, and the digest approved.
+pub struct Approval {
+    pub phase: Option<String>,
+    pub ticket: Option<String>,
+    pub comment: Option<String>,
+    /// `--digest`: the approval digest the approver saw elsewhere (a script, `approvals`).
+    pub digest: Option<String>,
+}
+
 pub async fn approve(
     ctx: &Context,
     id: &str,
     by: &str,
-    phase: Option<String>,
-    ticket: Option<String>,
-    comment: Option<String>,
+    approval: Approval,
     yes: bool,
 ) -> CommandResult {
+    let Approval {
+        phase,
+        ticket,
+        comment,
+        mut digest,
+    } = approval;
+    if let Some(given) = &digest
+        && !is_digest(given)
+    {
+        return Err(Failure {
+            code: exit::INVALID,
+            message: format!(
+                "--digest must be a digest as `approvals` shows it (64 hex digits), found `{given}`"
+            ),
+        });
+    }
     let shown = request_shown(ctx, id, phase.as_deref()).await?;
     if ctx.output == Output::Text
         && let Some(request) = &shown
@@ -898,9 +926,14 @@ pub async fn approve(
                 message: "not approved: the answer was not yes; nothing was recorded".into(),
             });
         }
+        // The person confirmed what was shown: the approval is for that evidence only.
+        if digest.is_none() {
+            digest = shown.as_ref().and_then(|r| r.digest.clone());
+        }
     }
     let reason = comment.clone().unwrap_or_default();
-    let body = serde_json::json!({"phase": phase, "ticket": ticket, "comment": comment});
+    let body =
+        serde_json::json!({"phase": phase, "ticket": ticket, "comment": comment, "digest": digest});
     submit(ctx, id, by, &reason, ("approve", body), |loaded| {
         let phase = match phase {
             Some(phase) => phase,
@@ -910,6 +943,7 @@ pub async fn approve(
             phase,
             ticket,
             comment,
+            digest,
         })
     })
     .await

@@ -139,6 +139,7 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
                         phase,
                         ticket: Some("DEMO-1".to_string()),
                         comment: Some("approved automatically by the demo".to_string()),
+                        digest: None,
                     },
                     DEMO_APPROVER,
                     "approved automatically by the demo",

@@ -172,6 +172,10 @@ enum Command {
         /// A comment for the audit trail
         #[arg(long)]
         comment: Option<String>,
+        /// The approval digest this approval is for, as `approvals` shows it (for scripts): refused
+        /// if the evidence has moved since. At a terminal, the digest shown is the one approved
+        #[arg(long, value_name = "HEX")]
+        digest: Option<String>,
     },
     /// Reject the promotion of a phase
     Reject {
@@ -681,9 +685,16 @@ async fn dispatch(cli: Cli) -> CommandResult {
             phase,
             ticket,
             comment,
+            digest,
         } => {
             let by = by_or_user(by)?;
-            commands::approve(&ctx, &id, &by, phase, ticket, comment, yes).await
+            let approval = commands::Approval {
+                phase,
+                ticket,
+                comment,
+                digest,
+            };
+            commands::approve(&ctx, &id, &by, approval, yes).await
         }
         Command::Reject {
             id,

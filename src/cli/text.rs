@@ -572,6 +572,7 @@ pub fn history(events: &[EventRecord]) -> String {
             phase,
             ticket,
             comment,
+            ..
         } = &record.event.kind
         {
             let ticket = ticket

@@ -9,6 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::desired::DesiredState;
+use super::directory::{ApproverSnapshot, Recipients};
 use super::plan::Moment;
 use super::rollout::{PhaseObservation, RolloutStatus};
 use super::time::Timestamp;
@@ -99,6 +100,11 @@ pub enum EventKind {
         phase: String,
         ticket: Option<String>,
         comment: Option<String>,
+        /// The approval digest the person was shown (`approve --digest`, the terminal's
+        /// confirmation, the API's `digest`): refused when the rollout's evidence has moved
+        /// since. `None`: bound to the evidence as it stands when recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     ApprovalRejected {
         phase: String,
@@ -162,6 +168,23 @@ pub enum EventKind {
     },
     /// A person lets promotions through the freeze in force until it ends.
     FreezeOverridden,
+    /// The directory's members of an e-mail announcement's groups, read once before its first
+    /// attempt and fixed with it: every attempt goes to exactly these addresses.
+    RecipientsResolved {
+        effect: EffectId,
+        recipients: Recipients,
+    },
+    /// The members of the plan's directory approver groups, as the directory had them (each
+    /// group's snapshot, or why it could not be read): what approvals are judged against.
+    ApproversRead {
+        groups: std::collections::BTreeMap<String, ApproverSnapshot>,
+    },
+    /// An announcement that cannot be sent as planned (its groups are too large, or not in
+    /// the directory), taken out of the outbox unsent.
+    NotificationDropped {
+        effect: EffectId,
+        reason: String,
+    },
 }
 
 /// One member of a managed object that is no longer what phasegate last made it.
@@ -239,6 +262,9 @@ impl EventKind {
             EventKind::PlanChangeRejected { .. } => "plan_change_rejected",
             EventKind::PlanFileChanged { .. } => "plan_file_changed",
             EventKind::FreezeOverridden => "freeze_overridden",
+            EventKind::RecipientsResolved { .. } => "recipients_resolved",
+            EventKind::NotificationDropped { .. } => "notification_dropped",
+            EventKind::ApproversRead { .. } => "approvers_read",
         }
     }
 }
@@ -344,6 +370,10 @@ pub struct Message {
     /// The phase the moment is about, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// For an e-mail to groups: their members, as the directory had them before the first
+    /// attempt (`EventKind::RecipientsResolved`); `None` until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<Recipients>,
 }
 
 impl Effect {
@@ -425,6 +455,7 @@ mod tests {
                 groups: vec!["Pilot".into()],
                 addresses: Vec::new(),
                 phase: None,
+                recipients: None,
             }),
         };
         let text = serde_json::to_string(&effect).unwrap();

@@ -6,6 +6,7 @@
 //! machine be tested exhaustively and property-tested without a store or a network.
 
 pub mod desired;
+pub mod directory;
 pub mod event;
 pub mod forecast;
 pub mod gate;

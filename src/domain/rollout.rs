@@ -5,6 +5,7 @@
 //! confirmed. All decision inputs live here, persisted with every transition, so a restarted
 //! process re-derives what to do from the record alone.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -500,6 +501,10 @@ pub struct Rollout {
     /// Freezes a person let promotions through, until each freeze's end.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freeze_overrides: Vec<FreezeOverride>,
+    /// The plan's directory approver groups as the shell last read them (group → snapshot):
+    /// approvals are judged against these, with no directory call.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub approver_directory: BTreeMap<String, crate::domain::directory::ApproverSnapshot>,
     /// Sequence number of the last event applied.
     pub last_seq: u64,
 }
@@ -603,6 +608,7 @@ impl Rollout {
             plan_file: None,
             freeze: None,
             freeze_overrides: Vec::new(),
+            approver_directory: BTreeMap::new(),
             last_seq: 0,
         }
     }

@@ -1790,7 +1790,7 @@ impl Tenant {
             .skip(offset)
             .take(top)
             .map(|&u| {
-                let mut item = json!({"id": self.user_id(u), "userPrincipalName": self.user_principal_name(u), "displayName": format!("User {u}")});
+                let mut item = self.member_json(u, call.q("$select"));
                 if !cast_to_user {
                     item["@odata.type"] = json!("#microsoft.graph.user");
                 }
@@ -1811,6 +1811,33 @@ impl Tenant {
         }
         body["value"] = Value::Array(page);
         Response::json(200, body)
+    }
+
+    /// A user as a member listing shows it. `mail` is the user's SMTP address, null for a user
+    /// without a mailbox (here the break-glass accounts and a share of unlicensed users); with
+    /// `$select` only the properties named (an unknown one is null), without it the default set
+    /// ("user resource type", https://learn.microsoft.com/graph/api/resources/user: `mail`,
+    /// nullable; "Use the $select query parameter",
+    /// https://learn.microsoft.com/graph/query-parameters#select).
+    fn member_json(&self, user: usize, select: Option<&str>) -> Value {
+        let upn = self.user_principal_name(user);
+        let all = json!({
+            "id": self.user_id(user),
+            "userPrincipalName": upn,
+            "displayName": format!("User {user}"),
+            "mail": if self.fleet.has_mailbox(user) { json!(upn) } else { Value::Null },
+        });
+        let Some(select) = select.filter(|s| !s.trim().is_empty()) else {
+            return all;
+        };
+        let mut item = serde_json::Map::new();
+        for name in select.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            item.insert(
+                name.to_string(),
+                all.get(name).cloned().unwrap_or(Value::Null),
+            );
+        }
+        Value::Object(item)
     }
 
     fn policy_json(&self, p: &Policy, assignments: bool, actions: bool, call: &Call) -> Value {

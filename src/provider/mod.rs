@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 use crate::domain::desired::DesiredState;
+use crate::domain::directory::Member;
 use crate::domain::event::{DriftChange, DriftResolution, TenantRequest};
 use crate::domain::forecast::Labels;
 use crate::domain::gate::DeviceReport;
@@ -199,6 +200,22 @@ pub trait Provider: Send {
         scopes: &[PhaseScope],
         record: &Record,
     ) -> Result<Observation, ProviderError>;
+
+    /// The users of the directory group `group` (named as the plan names groups), members of
+    /// nested groups included, each with the e-mail address the directory has for them: at
+    /// most `limit` and one more (more than `limit` already says "too many"). A group that does
+    /// not exist is `NotFound`; a directory that cannot be read now, any other error.
+    async fn group_members(
+        &mut self,
+        _target: &PolicyTarget,
+        group: &str,
+        _limit: usize,
+    ) -> Result<Vec<Member>, ProviderError> {
+        Err(ProviderError::permanent(format!(
+            "{} has no directory to read the members of `{group}` from",
+            self.describe()
+        )))
+    }
 
     /// Reads the sign-ins of each query's users in its window, as the rollout's Conditional
     /// Access policy judged them: one answer per query, in order. A backend without a sign-in

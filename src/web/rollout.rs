@@ -1120,6 +1120,7 @@ fn event_detail(kind: &EventKind) -> String {
             phase,
             ticket,
             comment,
+            ..
         } => {
             let mut text = format!("approves <code>{}</code>", Esc(phase));
             if let Some(ticket) = ticket {
@@ -1144,6 +1145,32 @@ fn event_detail(kind: &EventKind) -> String {
             Esc(error)
         ),
         EventKind::Delivered { effect, status } => format!("effect {effect}, HTTP {status}"),
+        EventKind::RecipientsResolved { effect, recipients } => format!(
+            "effect {effect}: {} address{} from the directory{}",
+            recipients.addresses.len(),
+            if recipients.addresses.len() == 1 {
+                ""
+            } else {
+                "es"
+            },
+            if recipients.without_mail.is_empty() {
+                String::new()
+            } else {
+                format!(", {} without a mail address", recipients.without_mail.len())
+            }
+        ),
+        EventKind::ApproversRead { groups } => groups
+            .iter()
+            .map(|(name, g)| match &g.error {
+                Some(error) => format!("{}: <span class=\"text\">{}</span>", Esc(name), Esc(error)),
+                None => format!("{}: {} identities", Esc(name), g.members.len()),
+            })
+            .collect::<Vec<_>>()
+            .join("<br>"),
+        EventKind::NotificationDropped { effect, reason } => format!(
+            "effect {effect}: <span class=\"text\">{}</span>",
+            Esc(reason)
+        ),
         EventKind::DriftDetected { changes, .. } => changes
             .iter()
             .map(|c| format!("<span class=\"text\">{}</span>", Esc(&c.to_string())))

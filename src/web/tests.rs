@@ -172,6 +172,7 @@ impl Scenario {
                 phase: "notify".into(),
                 ticket: Some("CHG-1042".into()),
                 comment: Some("numbers look good".into()),
+                digest: None,
             },
             "bob",
             "CAB approved",

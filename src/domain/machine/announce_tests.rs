@@ -241,3 +241,57 @@ url = "https://hooks.slack.com/services/T/B/S"
         "{errors:?}"
     );
 }
+
+#[test]
+fn the_recipients_of_an_email_to_groups_are_fixed_once_and_a_dropped_one_leaves_the_outbox() {
+    use crate::domain::directory::Recipients;
+    let mut h = Harness::new(&with(ANNOUNCEMENTS));
+    start(&mut h);
+    let email = h
+        .rollout
+        .pending
+        .iter()
+        .find(|p| matches!(&p.effect, Effect::Notify { to, .. } if to.kind() == "email"))
+        .unwrap()
+        .id;
+    let fixed = |h: &Harness| {
+        messages(&h.rollout)
+            .into_iter()
+            .find(|(c, _)| c == "email")
+            .and_then(|(_, m)| m.recipients)
+    };
+    assert_eq!(fixed(&h), None);
+    let first = Recipients {
+        addresses: vec!["ann@contoso.com".into()],
+        without_mail: vec!["kiosk@contoso.com".into()],
+    };
+    let trigger = || Trigger::new(TriggerSource::Provider, "simulator", "members read");
+    h.send(
+        EventKind::RecipientsResolved {
+            effect: email,
+            recipients: first.clone(),
+        },
+        trigger(),
+    )
+    .unwrap();
+    assert_eq!(fixed(&h), Some(first.clone()));
+    // A second reading (a crash between reading and recording, say) changes nothing.
+    h.send(
+        EventKind::RecipientsResolved {
+            effect: email,
+            recipients: Recipients::default(),
+        },
+        trigger(),
+    )
+    .unwrap();
+    assert_eq!(fixed(&h), Some(first));
+    h.send(
+        EventKind::NotificationDropped {
+            effect: email,
+            reason: "too many".into(),
+        },
+        trigger(),
+    )
+    .unwrap();
+    assert!(h.rollout.pending.iter().all(|p| p.id != email));
+}

@@ -9,11 +9,14 @@
 //! was paused — never promotes.
 
 use super::{Machine, Rejection, is_watched, list_or_none};
+use std::collections::BTreeMap;
+
 use crate::domain::desired::desired_state;
+use crate::domain::directory::ApproverSnapshot;
 use crate::domain::event::Effect;
 use crate::domain::forecast::Forecast;
 use crate::domain::gate::Tally;
-use crate::domain::plan::{Phase, Plan, format_percent, hash_source, identity_key};
+use crate::domain::plan::{ApprovalPolicy, Phase, Plan, format_percent, hash_source, identity_key};
 use crate::domain::rollout::{Approval, ApprovalEvidence, PhaseRecord, PhaseState, Rollout};
 use crate::domain::time::{Timestamp, format_span};
 
@@ -23,6 +26,7 @@ impl Machine<'_> {
         phase: &str,
         ticket: &Option<String>,
         comment: &Option<String>,
+        shown: Option<&str>,
     ) -> Result<(), Rejection> {
         use crate::domain::rollout::RolloutStatus::*;
         if !matches!(
@@ -49,12 +53,19 @@ impl Machine<'_> {
                 "phase `{phase}` needs no approval"
             )));
         }
-        if !policy.allows(&approver) {
-            return Err(Rejection::Invalid(format!(
-                "{approver} may not approve phase `{phase}`; its approvers are: {}",
-                policy.who()
-            )));
-        }
+        let via_directory = if policy.allows(&approver) {
+            None
+        } else {
+            Some(
+                directory_member(policy, &self.next.approver_directory, &approver, self.now)
+                    .map_err(|why| {
+                        Rejection::Invalid(format!(
+                            "{approver} may not approve phase `{phase}`; its approvers are: {}{why}",
+                            policy.who()
+                        ))
+                    })?,
+            )
+        };
         if let Some(role) = conflict_of_duties(self.plan, &self.next, record, &approver) {
             return Err(Rejection::Invalid(format!(
                 "separation of duties: {approver} {role} and cannot approve `{phase}`; someone else must"
@@ -69,6 +80,10 @@ impl Machine<'_> {
             return Err(Rejection::Invalid(format!(
                 "{approver} has already approved phase `{phase}`"
             )));
+        }
+        if let Some(shown) = shown {
+            pinned_evidence(&self.next.plan_hash, phase, record, shown, now)
+                .map_err(Rejection::Invalid)?;
         }
         let ticket = policy
             .ticket(ticket.as_deref())
@@ -98,10 +113,39 @@ impl Machine<'_> {
         let until = expires_at
             .map(|at| format!(", valid until {at}"))
             .unwrap_or_default();
+        let member = via_directory
+            .map(|group| format!(", a member of {group}"))
+            .unwrap_or_default();
         self.notes.push(format!(
-            "{approver} approved `{phase}` ({have} of {needed}{ticket}{until})"
+            "{approver} approved `{phase}` ({have} of {needed}{ticket}{until}{member})"
         ));
         Ok(())
+    }
+
+    /// Takes the directory's latest word on the plan's directory approver groups.
+    pub(super) fn approvers_read(&mut self, groups: &BTreeMap<String, ApproverSnapshot>) {
+        let follows = self
+            .next
+            .phases
+            .iter()
+            .filter_map(|p| p.observation.as_ref().map(|o| o.at))
+            .max();
+        for (name, snapshot) in groups {
+            if !self.plan.directory_approvers.contains_key(name) {
+                continue;
+            }
+            let said = match &snapshot.error {
+                Some(error) => format!("could not be read: {error}"),
+                None => format!("{} identities", snapshot.members.len()),
+            };
+            self.notes.push(format!(
+                "approver group `{name}` ({}) from {}: {said}",
+                snapshot.directory, snapshot.source
+            ));
+            let mut snapshot = snapshot.clone();
+            snapshot.follows = follows;
+            self.next.approver_directory.insert(name.clone(), snapshot);
+        }
     }
 
     /// Takes out every approval of a running phase that has expired by now, saying so.
@@ -281,6 +325,94 @@ pub fn evidence_digest(
         shown.push_str(&serde_json::to_string(forecasts).unwrap_or_default());
     }
     hash_source(&shown)
+}
+
+/// An approval given on the digest `shown` holds only if the phase's evidence is still what
+/// produced it: the same plan, phase, counts and forecast. Otherwise the evidence moved between
+/// showing and confirming, and the person must look again.
+fn pinned_evidence(
+    plan_hash: &str,
+    phase: &str,
+    record: &PhaseRecord,
+    shown: &str,
+    now: Timestamp,
+) -> Result<(), String> {
+    let shown = shown.trim().to_ascii_lowercase();
+    let Some(seen) = record.observation.as_ref() else {
+        return Err(format!(
+            "the approval names digest {shown}, but phase `{phase}` has no evidence yet; nothing was recorded"
+        ));
+    };
+    let current = evidence_digest(plan_hash, phase, &seen.tally, &seen.forecasts);
+    if shown == current {
+        return Ok(());
+    }
+    Err(format!(
+        "the evidence of `{phase}` moved since it was shown: the approval names digest {shown}, the phase's is now {current} (observed {} ago, at {}); look again (`phasegate approvals`) and approve what it shows",
+        format_span(now.since(seen.at)),
+        seen.at
+    ))
+}
+
+/// The directory approver groups whose snapshot is due: named by a phase that is soaking or
+/// waiting for approval and needs approvals, and not read yet or read before that phase's latest
+/// observation (so it is refreshed as often as the phase is observed, and once more when the
+/// phase starts waiting). Empty when nothing is due.
+pub fn approvers_due(plan: &Plan, rollout: &Rollout) -> Vec<String> {
+    let mut due = Vec::new();
+    for (phase, record) in plan.phases.iter().zip(&rollout.phases) {
+        if !is_watched(record.state) || phase.gate.approvals == 0 {
+            continue;
+        }
+        let observed = record.observation.as_ref().map(|o| o.at);
+        for group in &phase.approval.directory_groups {
+            let stale = match rollout.approver_directory.get(group) {
+                None => true,
+                Some(snapshot) => {
+                    let seen = snapshot.follows.unwrap_or(snapshot.read_at);
+                    observed.is_some_and(|at| seen < at)
+                }
+            };
+            if stale && !due.contains(group) {
+                due.push(group.clone());
+            }
+        }
+    }
+    due
+}
+
+/// The directory approver group of `policy` that has `approver` in the rollout's latest
+/// snapshot, in words with where and when it was read; or, as the end of a refusal, what each
+/// of its groups' snapshots says (not read yet, unreadable, empty, or without this person).
+pub fn directory_member(
+    policy: &ApprovalPolicy,
+    snapshots: &BTreeMap<String, ApproverSnapshot>,
+    approver: &str,
+    now: Timestamp,
+) -> Result<String, String> {
+    let mut why = String::new();
+    for group in &policy.directory_groups {
+        match snapshots.get(group) {
+            Some(snapshot) if snapshot.has(approver) => {
+                return Ok(format!("group {group}, {}", snapshot.provenance(now)));
+            }
+            Some(snapshot) => {
+                let said = match &snapshot.error {
+                    Some(error) => format!("could not be read ({error}), so none of its members may approve until it is"),
+                    None if snapshot.members.is_empty() => "has no members".to_string(),
+                    None => format!("{approver} is not among its members"),
+                };
+                why.push_str(&format!(
+                    "; directory group {group}, {}: {said}",
+                    snapshot.provenance(now)
+                ));
+            }
+            None => why.push_str(&format!(
+                "; directory group {group}: its members have not been read from the directory yet (they are read when the phase is observed and when it waits for approval)"
+            )),
+        }
+    }
+    Err(why)
 }
 
 /// Why separation of duties keeps `approver` (a key) from approving `record`'s promotion, as

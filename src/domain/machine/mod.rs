@@ -23,6 +23,7 @@ use std::collections::BTreeSet;
 use thiserror::Error;
 
 use super::desired::desired_state;
+use super::directory::Recipients;
 use super::event::Message;
 use super::event::{
     DriftChange, DriftResolution, Effect, EffectId, Event, EventKind, PendingEffect, TenantRequest,
@@ -38,7 +39,7 @@ use super::time::{Timestamp, format_span};
 
 mod approval;
 mod forecast;
-pub use approval::{conflict_of_duties, evidence_digest};
+pub use approval::{approvers_due, conflict_of_duties, directory_member, evidence_digest};
 mod freeze;
 mod plan_change;
 pub use plan_change::{plan_change_rules, waiting_plan_change};
@@ -250,7 +251,8 @@ impl Machine<'_> {
                 phase,
                 ticket,
                 comment,
-            } => self.approve(phase, ticket, comment),
+                digest,
+            } => self.approve(phase, ticket, comment, digest.as_deref()),
             EventKind::ApprovalRejected { phase } => self.reject(phase),
             EventKind::PauseRequested => self.pause(),
             EventKind::ResumeRequested => self.resume(),
@@ -280,6 +282,18 @@ impl Machine<'_> {
                 self.plan_file_changed(plan_hash, path)
             }
             EventKind::FreezeOverridden => self.override_freeze(),
+            EventKind::RecipientsResolved { effect, recipients } => {
+                self.fix_recipients(*effect, recipients);
+                Ok(())
+            }
+            EventKind::ApproversRead { groups } => {
+                self.approvers_read(groups);
+                Ok(())
+            }
+            EventKind::NotificationDropped { effect, .. } => {
+                self.complete(*effect);
+                Ok(())
+            }
         }
     }
 
@@ -322,6 +336,24 @@ impl Machine<'_> {
     }
 
     /// Removes a confirmed effect; `None` if it was not pending (superseded or already done).
+    /// Fixes who a pending announcement goes to; once fixed, never again (a repeated answer
+    /// for a message already delivered or fixed changes nothing).
+    fn fix_recipients(&mut self, id: EffectId, recipients: &Recipients) {
+        let pending = self.next.pending.iter_mut().find(|p| p.id == id);
+        if let Some(PendingEffect {
+            effect:
+                Effect::Notify {
+                    message: Some(message),
+                    ..
+                },
+            ..
+        }) = pending
+            && message.recipients.is_none()
+        {
+            message.recipients = Some(recipients.clone());
+        }
+    }
+
     fn complete(&mut self, id: EffectId) -> Option<Effect> {
         let position = self.next.pending.iter().position(|p| p.id == id)?;
         Some(self.next.pending.remove(position).effect)
@@ -416,6 +448,7 @@ impl Machine<'_> {
                     groups: announcement.groups.clone(),
                     addresses: announcement.addresses.clone(),
                     phase: phase_id.clone(),
+                    recipients: None,
                 };
                 let effect = Effect::Notify {
                     to: announcement.address.clone(),
@@ -1257,6 +1290,8 @@ impl Trigger {
 
 #[cfg(test)]
 mod announce_tests;
+#[cfg(test)]
+mod directory_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

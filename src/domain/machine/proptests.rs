@@ -151,6 +151,7 @@ fn apply(h: &mut Harness, op: &Op) -> Option<Transition> {
                     phase,
                     ticket: None,
                     comment: None,
+                    digest: None,
                 },
                 who,
             )
@@ -432,6 +433,7 @@ fn a_healthy_rollout_completes() {
                         phase,
                         ticket: None,
                         comment: None,
+                        digest: None,
                     },
                     "bob",
                 );

@@ -134,6 +134,7 @@ impl Harness {
             phase: phase.into(),
             ticket: None,
             comment: None,
+            digest: None,
         };
         self.user(kind, who)
     }
@@ -235,6 +236,7 @@ fn a_passing_gate_waits_for_approval_then_promotes() {
         phase: "notify".into(),
         ticket: Some("CHG-1".into()),
         comment: None,
+        digest: None,
     };
     h.user(approve.clone(), "bob").unwrap();
     assert_eq!(h.state("notify"), PhaseState::Promoted);
@@ -332,6 +334,7 @@ fn separation_of_duties_refuses_self_approval_by_default() {
         phase: "notify".into(),
         ticket: None,
         comment: None,
+        digest: None,
     };
     let refused = h.user(approve.clone(), "alice").unwrap_err();
     assert!(
@@ -691,6 +694,7 @@ fn only_the_named_approvers_may_approve_with_a_ticket_that_matches() {
         phase: "notify".into(),
         ticket: ticket.map(String::from),
         comment: None,
+        digest: None,
     };
     let refused = h.user(approve(Some("CHG0001")), "bob").unwrap_err();
     assert_eq!(
@@ -1105,4 +1109,54 @@ fn a_report_only_phase_holds_on_would_be_blocked_sign_ins_and_an_enforced_one_ro
         "{}",
         h.rollout.reason
     );
+}
+
+#[test]
+fn an_approval_pinned_to_the_digest_shown_is_refused_once_the_evidence_moved() {
+    let mut h = Harness::new(PLAN);
+    h.start();
+    h.soak_and_observe(healthy());
+    let approve = |digest: &str| EventKind::ApprovalGranted {
+        phase: "notify".into(),
+        ticket: None,
+        comment: None,
+        digest: Some(digest.into()),
+    };
+    // Nothing observed of `notify` yet: no evidence to pin.
+    let refused = h.user(approve(&"0".repeat(64)), "bob").unwrap_err();
+    assert!(
+        refused.to_string().contains("has no evidence yet"),
+        "{refused}"
+    );
+    h.advance(DAY);
+    h.observe(healthy());
+    let digest_now = |h: &Harness| {
+        let seen = h
+            .rollout
+            .phase("notify")
+            .unwrap()
+            .observation
+            .clone()
+            .unwrap();
+        evidence_digest(&h.rollout.plan_hash, "notify", &seen.tally, &seen.forecasts)
+    };
+    let shown = digest_now(&h);
+    // The evidence moves between showing and confirming.
+    h.advance(HOUR);
+    let mut moved = healthy();
+    moved.noncompliant += 1;
+    h.observe(moved);
+    assert_ne!(digest_now(&h), shown);
+    let refused = h.user(approve(&shown), "bob").unwrap_err().to_string();
+    assert!(
+        refused.contains("the evidence of `notify` moved since it was shown")
+            && refused.contains(&shown)
+            && refused.contains(&digest_now(&h)),
+        "{refused}"
+    );
+    assert!(h.rollout.phase("notify").unwrap().approvals.is_empty());
+    // The digest as it stands now (any case) is accepted.
+    let current = digest_now(&h).to_uppercase();
+    h.user(approve(&current), "bob").unwrap();
+    assert_eq!(h.rollout.phase("notify").unwrap().approvals.len(), 1);
 }

@@ -15,11 +15,17 @@ use std::time::Duration;
 use regex::{Regex, RegexBuilder};
 use toml::Spanned;
 
-use super::raw::{RawApproverGroups, RawGate};
+use super::raw::{RawApproverGroups, RawDirectoryApprovers, RawGate};
 use super::{Checker, DurationRange, Phase, Ratio};
 
 /// `[approvers]`: group name → its members, as identity keys.
 pub type ApproverGroups = BTreeMap<String, Vec<String>>;
+
+/// `[directory_approvers]`: approver group name → the directory group whose members it is.
+pub type DirectoryApprovers = BTreeMap<String, String>;
+
+/// The longest directory group name.
+pub const MAX_DIRECTORY_NAME_LEN: usize = 256;
 
 /// How long an approval may be set to last.
 pub const APPROVAL_EXPIRY_RANGE: DurationRange = DurationRange {
@@ -127,6 +133,9 @@ pub struct ApprovalPolicy {
     pub approvers: Vec<String>,
     /// Groups named in the gate's `approver_groups`.
     pub groups: Vec<String>,
+    /// Those of them whose members the directory has (`[directory_approvers]`): judged against
+    /// the rollout's latest snapshot of the directory, not the plan.
+    pub directory_groups: Vec<String>,
     /// Everyone who may approve (the people named and the groups' members), as keys; empty:
     /// anyone allowed to approve at all.
     pub eligible: BTreeSet<String>,
@@ -143,11 +152,13 @@ pub struct ApprovalPolicy {
 impl ApprovalPolicy {
     /// Whether the policy names who may approve (otherwise anyone may).
     pub fn names_approvers(&self) -> bool {
-        !self.eligible.is_empty()
+        !self.eligible.is_empty() || !self.directory_groups.is_empty()
     }
 
+    /// Whether the plan itself lets this person approve (a directory group's members are the
+    /// machine's to judge, from the rollout's snapshot).
     pub fn allows(&self, key: &str) -> bool {
-        self.eligible.is_empty() || self.eligible.contains(key)
+        !self.names_approvers() || self.eligible.contains(key)
     }
 
     /// A ticket required or given must be well-formed and match the pattern; the ticket to
@@ -194,6 +205,64 @@ impl ApprovalPolicy {
 }
 
 impl Checker<'_> {
+    /// `[directory_approvers]`: each approver group's directory group name, and whether all
+    /// are valid (a gate naming an invalid one is not told it is unknown).
+    pub(super) fn directory_approvers(
+        &mut self,
+        raw: Option<&Spanned<RawDirectoryApprovers>>,
+        groups: &ApproverGroups,
+    ) -> (DirectoryApprovers, bool) {
+        let mut found = BTreeMap::new();
+        let Some(raw) = raw else {
+            return (found, true);
+        };
+        let mut ok = true;
+        if raw.get_ref().len() > MAX_APPROVER_GROUPS {
+            self.error(
+                raw.span(),
+                format!("`[directory_approvers]` has at most {MAX_APPROVER_GROUPS} groups"),
+            );
+            ok = false;
+        }
+        for (name, directory) in raw.get_ref() {
+            let valid = super::valid_phase_id(name.get_ref()) && name.get_ref().len() <= 64;
+            if !valid {
+                self.error(
+                    name.span(),
+                    format!(
+                        "invalid approver group name `{}`: expected 1 to 64 letters, digits, `-` or `_`",
+                        name.get_ref()
+                    ),
+                );
+                ok = false;
+            } else if groups.contains_key(name.get_ref()) {
+                self.error(
+                    name.span(),
+                    format!(
+                        "approver group `{}` is defined in `[approvers]` too; a group is either the plan's list or the directory's",
+                        name.get_ref()
+                    ),
+                );
+                ok = false;
+            }
+            let text = directory.get_ref().trim();
+            if text.is_empty()
+                || text.chars().count() > MAX_DIRECTORY_NAME_LEN
+                || text.chars().any(char::is_control)
+            {
+                self.error(
+                    directory.span(),
+                    format!(
+                        "a directory group's name has 1 to {MAX_DIRECTORY_NAME_LEN} characters and no control characters"
+                    ),
+                );
+                ok = false;
+            }
+            found.insert(name.get_ref().clone(), text.to_string());
+        }
+        (found, ok)
+    }
+
     /// `[approvers]`: each group's members, as keys — the groups that are valid, and whether
     /// all are (a gate naming an invalid group is not told it is unknown).
     pub(super) fn approver_groups(
@@ -298,7 +367,7 @@ impl Checker<'_> {
         &mut self,
         gates: &[Option<&Spanned<RawGate>>],
         phases: &mut [Phase],
-        groups: &ApproverGroups,
+        groups: (&ApproverGroups, &DirectoryApprovers),
         groups_ok: bool,
         separation: Option<&str>,
     ) -> Option<()> {
@@ -318,7 +387,7 @@ impl Checker<'_> {
         &mut self,
         gate: &Spanned<RawGate>,
         phase: &Phase,
-        groups: &ApproverGroups,
+        (groups, directory): (&ApproverGroups, &DirectoryApprovers),
         groups_ok: bool,
         separation: Option<&str>,
     ) -> Option<ApprovalPolicy> {
@@ -339,12 +408,25 @@ impl Checker<'_> {
                         ok = false;
                     }
                     Some(_) => policy.groups.push(name.get_ref().clone()),
+                    None if directory.contains_key(name.get_ref()) => {
+                        if policy.groups.contains(name.get_ref()) {
+                            self.error(name.span(), format!("group `{name}` is listed twice"));
+                            ok = false;
+                        } else {
+                            policy.groups.push(name.get_ref().clone());
+                            policy.directory_groups.push(name.get_ref().clone());
+                        }
+                    }
                     None => {
-                        let known: Vec<&str> = groups.keys().map(String::as_str).collect();
+                        let known: Vec<&str> = groups
+                            .keys()
+                            .chain(directory.keys())
+                            .map(String::as_str)
+                            .collect();
                         self.error(
                             name.span(),
                             format!(
-                                "unknown approver group `{name}`; `[approvers]` defines: {}",
+                                "unknown approver group `{name}`; `[approvers]` and `[directory_approvers]` define: {}",
                                 if known.is_empty() {
                                     "none".to_string()
                                 } else {
@@ -358,7 +440,7 @@ impl Checker<'_> {
             }
         }
         policy.eligible = policy.approvers.iter().cloned().collect();
-        for group in &policy.groups {
+        for group in policy.groups.iter().filter(|g| groups.contains_key(*g)) {
             policy.eligible.extend(groups[group].iter().cloned());
         }
         if let Some(value) = &raw.approval_expires_after {
@@ -396,7 +478,8 @@ impl Checker<'_> {
                 );
                 ok = false;
             }
-        } else if policy.names_approvers() && groups_ok && ok {
+        } else if policy.names_approvers() && policy.directory_groups.is_empty() && groups_ok && ok
+        {
             let excluded = separation.filter(|author| policy.eligible.contains(*author));
             let available = policy.eligible.len() - usize::from(excluded.is_some());
             if available < quorum {

@@ -209,6 +209,22 @@ fn phase_weakenings(
             if !more.is_empty() {
                 say(format!("may now be approved by {}", more.join(", ")));
             }
+            let directory = |plan: &Plan, group: &String| {
+                plan.directory_approvers
+                    .get(group)
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            for group in &q.directory_groups {
+                let was = p.directory_groups.contains(group)
+                    && directory(old_plan, group) == directory(new_plan, group);
+                if !was {
+                    say(format!(
+                        "may now be approved by the members of directory group `{}`",
+                        directory(new_plan, group)
+                    ));
+                }
+            }
         }
     }
     if let Some(expiry) = p.expires_after
@@ -488,6 +504,31 @@ blocked_ratio_above = "5%"
             "max_hold = \"20d\"",
             "`notify`: max_hold 14d → 20d",
         );
+    }
+
+    #[test]
+    fn a_directory_approver_group_added_or_pointed_elsewhere_is_a_weakening() {
+        let defined = BASE.replace(
+            "cab = [\"bob\", \"carol\", \"erin\"]",
+            "cab = [\"bob\", \"carol\", \"erin\"]\n\n[directory_approvers]\nboard = \"Change Advisory Board\"",
+        );
+        let asked = defined.replace(
+            "approver_groups = [\"cab\"]",
+            "approver_groups = [\"cab\", \"board\"]",
+        );
+        assert_eq!(
+            weakenings(&plan(&defined), &plan(&asked)),
+            [
+                "`notify`: may now be approved by the members of directory group `Change Advisory Board`"
+            ]
+        );
+        let elsewhere = asked.replace("Change Advisory Board", "All Staff");
+        assert_eq!(
+            weakenings(&plan(&asked), &plan(&elsewhere)),
+            ["`notify`: may now be approved by the members of directory group `All Staff`"]
+        );
+        assert!(weakenings(&plan(&asked), &plan(&asked)).is_empty());
+        assert!(weakenings(&plan(&asked), &plan(&defined)).is_empty());
     }
 
     #[test]

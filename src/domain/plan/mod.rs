@@ -283,6 +283,9 @@ pub struct Plan {
     pub author: Option<String>,
     /// `[approvers]`: each group's members, as keys.
     pub approver_groups: approval::ApproverGroups,
+    /// `[directory_approvers]`: approver groups whose members the directory has (group name →
+    /// the directory group's name), read by the shell into the rollout's snapshot.
+    pub directory_approvers: approval::DirectoryApprovers,
     /// `[rollout] strict`: the plan's warnings are errors.
     pub strict: bool,
     pub policy: PolicyTarget,
@@ -656,6 +659,9 @@ impl Checker<'_> {
             .is_none_or(|s| *s.get_ref());
         let author = self.author(rollout.author.as_ref());
         let (approver_groups, groups_ok) = self.approver_groups(raw.approvers.as_ref());
+        let (directory_approvers, directory_ok) =
+            self.directory_approvers(raw.directory_approvers.as_ref(), &approver_groups);
+        let groups_ok = groups_ok && directory_ok;
         let mut approvals_ok = groups_ok;
         if let Some((phases, _)) = phases.as_mut() {
             let gates: Vec<_> = raw
@@ -666,7 +672,13 @@ impl Checker<'_> {
             let excluded = author.as_ref().and_then(|a| a.as_deref());
             let excluded = excluded.filter(|_| separation_of_duties);
             approvals_ok &= self
-                .approval_policies(&gates, phases, &approver_groups, groups_ok, excluded)
+                .approval_policies(
+                    &gates,
+                    phases,
+                    (&approver_groups, &directory_approvers),
+                    groups_ok,
+                    excluded,
+                )
                 .is_some();
         }
         let emergency_access = self.emergency_access(raw.emergency_access.as_ref());
@@ -710,6 +722,7 @@ impl Checker<'_> {
             separation_of_duties,
             author: approvals_ok.then_some(author?)?,
             approver_groups,
+            directory_approvers,
             strict: rollout.strict,
             policy: PolicyTarget {
                 compliance: compliance?,

@@ -31,6 +31,8 @@ pub(super) struct RawPlan {
     pub emergency_access: Option<Spanned<RawEmergencyAccess>>,
     /// `[approvers]`: named groups of people a gate may ask for approval.
     pub approvers: Option<Spanned<RawApproverGroups>>,
+    /// `[directory_approvers]`: approver groups whose members the provider's directory has.
+    pub directory_approvers: Option<Spanned<RawDirectoryApprovers>>,
     /// `[[announcement]]`: telling the organisation (`announce.rs`).
     #[serde(default)]
     pub announcement: Vec<Spanned<RawAnnouncement>>,
@@ -62,6 +64,10 @@ pub(super) struct RawWeekly {
 }
 
 /// `[approvers]`: group name → the people in it.
+/// `[directory_approvers]`: approver group name → the directory group's name.
+pub(super) type RawDirectoryApprovers =
+    std::collections::BTreeMap<Spanned<String>, Spanned<String>>;
+
 pub(super) type RawApproverGroups =
     std::collections::BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>;
 
@@ -227,7 +233,7 @@ impl Problem {
 }
 
 /// The tables a plan may have.
-const TABLES: [&str; 10] = [
+const TABLES: [&str; 11] = [
     "rollout",
     "policy",
     "provider",
@@ -236,6 +242,7 @@ const TABLES: [&str; 10] = [
     "emergency_access",
     "preflight",
     "approvers",
+    "directory_approvers",
     "announcement",
     "freeze",
 ];
@@ -295,6 +302,9 @@ pub(super) fn read(source: &str) -> Result<(RawPlan, Option<RawAdapterTables>), 
     let approvers = root
         .remove("approvers")
         .map(|v| typed::<RawApproverGroups>(v, &mut problems));
+    let directory_approvers = root
+        .remove("directory_approvers")
+        .map(|v| typed::<RawDirectoryApprovers>(v, &mut problems));
     let announcement = root
         .remove("announcement")
         .map(|v| each::<RawAnnouncement>(v, &mut problems));
@@ -313,6 +323,7 @@ pub(super) fn read(source: &str) -> Result<(RawPlan, Option<RawAdapterTables>), 
         webhook: webhook.unwrap_or(Some(Vec::new())).expect(missing),
         emergency_access: emergency_access.map(|e| e.expect(missing)),
         approvers: approvers.map(|a| a.expect(missing)),
+        directory_approvers: directory_approvers.map(|a| a.expect(missing)),
         announcement: announcement.unwrap_or(Some(Vec::new())).expect(missing),
         freeze: freeze.unwrap_or(Some(Vec::new())).expect(missing),
     };

@@ -978,7 +978,7 @@ approval_tolerance = "0.5"
         "plan.toml:13:9: approver group `empty` has nobody in it",
         "plan.toml:14:17: `BOB` is listed twice",
         "plan.toml:23:14: a person's name must not be empty",
-        "plan.toml:24:20: unknown approver group `nobody`; `[approvers]` defines: change board, empty, twice",
+        "plan.toml:24:20: unknown approver group `nobody`; `[approvers]` and `[directory_approvers]` define: change board, empty, twice",
         "plan.toml:25:26: `approval_expires_after` must be from 1m to 30d, found `90d`",
         "plan.toml:26:18: invalid `ticket_pattern`: unclosed group",
         "plan.toml:27:22: invalid percentage `0.5`",

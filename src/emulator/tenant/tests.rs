@@ -1908,3 +1908,40 @@ fn an_export_job_completes_in_tenant_time_and_its_blob_takes_a_signature_never_a
     s.advance(7 * HOUR);
     assert_eq!(refused(s.tenant.blob(name, &query, false)), Some(403));
 }
+
+#[test]
+fn members_carry_their_mail_as_selected_and_null_without_a_mailbox() {
+    let (mut tenant, token) = signed_in();
+    let groups = body(&tenant.handle(&request(
+        "GET",
+        "/v1.0/groups?$filter=displayName%20eq%20'Sales'",
+        "",
+        Some(&token),
+    )));
+    let all = groups["value"][0]["id"].as_str().unwrap().to_string();
+    let mut listing = request(
+        "GET",
+        &format!(
+            "/v1.0/groups/{all}/transitiveMembers/microsoft.graph.user?$select=id,mail,userPrincipalName&$count=true&$top=999"
+        ),
+        "",
+        Some(&token),
+    );
+    listing
+        .headers
+        .insert("consistencylevel".into(), "eventual".into());
+    let page = body(&tenant.handle(&listing));
+    let users = page["value"].as_array().unwrap();
+    assert!(!users.is_empty());
+    for user in users {
+        let keys: Vec<&String> = user.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["id", "mail", "userPrincipalName"], "{user}");
+    }
+    let with: Vec<&Value> = users.iter().filter(|u| u["mail"].is_string()).collect();
+    assert!(with.iter().all(|u| u["mail"] == u["userPrincipalName"]));
+    assert!(
+        users.iter().any(|u| u["mail"].is_null()),
+        "some users have no mailbox"
+    );
+    assert!(with.len() > users.len() * 9 / 10);
+}

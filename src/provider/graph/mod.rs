@@ -19,6 +19,7 @@
 pub mod client;
 pub mod credential;
 pub mod devices;
+pub mod directory;
 pub mod export;
 pub mod mapping;
 pub mod readiness;
@@ -1776,6 +1777,15 @@ impl Provider for GraphProvider {
             labels,
             userless: Vec::new(),
         })
+    }
+
+    async fn group_members(
+        &mut self,
+        target: &PolicyTarget,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::domain::directory::Member>, ProviderError> {
+        self.directory_members(target, group, limit).await
     }
 
     async fn observe_signins(

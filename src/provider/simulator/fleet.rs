@@ -32,6 +32,10 @@ pub const SIGNIN_PERIOD: Duration = Duration::from_secs(8 * 3600);
 const SIGNIN_OFFSET_MS: i64 = HOUR_MS;
 const DORMANCY_WINDOW_MS: i64 = 60 * 24 * HOUR_MS;
 const BREAK_GLASS_ACCOUNTS: u32 = 2;
+/// The share of users without a mailbox (no Exchange licence), in per-mille.
+const NO_MAILBOX_PER_MILLE: u64 = 20;
+/// The mail domain of the simulated tenant's users (`user{n}@…`).
+pub const MAIL_DOMAIN: &str = "contoso.com";
 
 /// Groups of the simulated directory, in the order of their membership bits.
 pub const GROUPS: [&str; 10] = [
@@ -148,6 +152,7 @@ pub struct ConfigEntry {
 }
 
 pub struct Fleet {
+    seed: u64,
     epoch: Timestamp,
     users: Vec<u16>,
     devices: Vec<Device>,
@@ -193,6 +198,7 @@ impl Fleet {
             })
             .collect();
         Fleet {
+            seed,
             epoch,
             users,
             devices,
@@ -295,6 +301,19 @@ impl Fleet {
                 at -= period;
             }
         }
+    }
+
+    /// Whether a user has a mailbox: the break-glass accounts and a share of unlicensed users
+    /// have none (their `mail` is empty in the directory).
+    pub fn has_mailbox(&self, user: usize) -> bool {
+        let unlicensed =
+            per_mille(mix(self.seed, 0x4D41_494C_0000_0000 | user as u64)) < NO_MAILBOX_PER_MILLE;
+        self.users[user] & BREAK_GLASS == 0 && !unlicensed
+    }
+
+    /// The directory's users of the group with these membership bits, in order.
+    pub fn members_of(&self, bit: u16) -> impl Iterator<Item = usize> + '_ {
+        (0..self.users.len()).filter(move |&u| self.users[u] & bit != 0)
     }
 
     /// The membership bits of a user (bit `i` for `GROUPS[i]`).

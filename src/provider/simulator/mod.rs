@@ -17,6 +17,7 @@ use super::{
     Observation, Outcome, PhaseScope, Preflight, Provider, ProviderError, Record, SignInQuery,
 };
 use crate::domain::desired::DesiredState;
+use crate::domain::directory::Member;
 use crate::domain::event::DriftResolution;
 use crate::domain::plan::{CompliancePolicy, Plan, PolicyTarget};
 use crate::domain::signins::{SignInCounter, SignIns};
@@ -235,11 +236,37 @@ impl Provider for SimProvider {
         Ok(())
     }
 
+    /// The simulated directory's users of a group: `user{n}`, mailed at `user{n}@contoso.com`
+    /// when they have a mailbox.
+    async fn group_members(
+        &mut self,
+        _target: &PolicyTarget,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<Member>, ProviderError> {
+        let bit = fleet::group_bit(group).ok_or_else(|| unknown_group(group.to_string()))?;
+        Ok(self
+            .fleet
+            .members_of(bit)
+            .take(limit.saturating_add(1))
+            .map(|user| Member {
+                id: format!("user{user}"),
+                name: format!("user{user}"),
+                mail: self
+                    .fleet
+                    .has_mailbox(user)
+                    .then(|| format!("user{user}@{}", fleet::MAIL_DOMAIN)),
+            })
+            .collect())
+    }
+
     async fn preflight(&mut self, plan: &Plan) -> Result<Preflight, ProviderError> {
         for phase in &plan.phases {
             fleet::membership(&phase.include, &phase.exclude).map_err(unknown_group)?;
         }
         fleet::membership(&[], &plan.emergency_access.groups).map_err(unknown_group)?;
+        let directory: Vec<String> = plan.directory_approvers.values().cloned().collect();
+        fleet::membership(&directory, &[]).map_err(unknown_group)?;
         Ok(Preflight {
             resources: plan
                 .policy
