@@ -171,6 +171,8 @@ struct ActionForm {
     to: Option<String>,
     decision: Option<String>,
     confirm: Option<String>,
+    /// The approval digest of the evidence the page showed (a hidden field of the approve form).
+    digest: Option<String>,
 }
 
 fn non_empty(value: Option<String>) -> Option<String> {
@@ -244,7 +246,7 @@ async fn act(
                     phase,
                     ticket: non_empty(form.ticket),
                     comment: non_empty(form.comment.clone()),
-                    digest: None,
+                    digest: non_empty(form.digest),
                 }
             } else {
                 if reason.is_empty() {

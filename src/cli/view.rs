@@ -175,6 +175,10 @@ pub struct PhaseView {
     pub forecast: Option<ForecastView>,
     /// That forecast against the outcome, once the phase had soaked.
     pub forecast_check: Option<ForecastCheckView>,
+    /// The digest an approval given now binds to (plan, phase, latest counts and forecasts);
+    /// `None` before the phase's first observation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -734,6 +738,18 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
                 },
                 forecast: record.forecast.as_ref().map(forecast_view),
                 forecast_check: record.forecast_check.as_ref().map(forecast_check_view),
+                digest: record
+                    .observation
+                    .as_ref()
+                    .filter(|_| record.state.is_current())
+                    .map(|o| {
+                        machine::evidence_digest(
+                            &rollout.plan_hash,
+                            &phase.id,
+                            &o.tally,
+                            &o.forecasts,
+                        )
+                    }),
             })
             .collect(),
     }

@@ -895,6 +895,15 @@ fn approval_panel(out: &mut String, page: &RolloutPage<'_>, viewer: &Viewer) {
                 csrf_field(page.csrf),
                 Esc(&phase.id)
             );
+            // The approval binds to the evidence this page shows: a change before the click
+            // makes the machine refuse it and ask again.
+            if let Some(digest) = &record.digest {
+                let _ = writeln!(
+                    out,
+                    "<input type=\"hidden\" name=\"digest\" value=\"{}\">",
+                    Esc(digest)
+                );
+            }
             let _ = writeln!(
                 out,
                 "<p><label for=\"approve-ticket-{idx}\">Change ticket</label>\n<input type=\"text\" id=\"approve-ticket-{idx}\" name=\"ticket\" autocomplete=\"off\"></p>\n\

@@ -974,6 +974,16 @@ fn the_approval_panel_shows_the_impact_forecast() {
     assert!(blocked.contains("Sales 77"));
     assert!(forecast.contains("9,683 (120 without a fresh report)"));
     assert!(forecast.contains("<dt>Blocked at once</dt><dd>12</dd>"));
+    // The approval binds to the evidence shown: the form carries its digest.
+    let digest = s.view().phases[2]
+        .digest
+        .clone()
+        .expect("a digest once observed");
+    let form = between(panel, "<form class=\"approve\"", "</form>");
+    assert!(
+        form.contains(&format!("name=\"digest\" value=\"{digest}\"")),
+        "{form}"
+    );
     // The forecast comes before the decision.
     assert!(
         panel.find("class=\"forecast\"").unwrap() < panel.find("<form class=\"approve\"").unwrap()
