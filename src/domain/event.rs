@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::desired::DesiredState;
 use super::plan::Moment;
-use super::rollout::{PhaseObservation, RolloutStatus};
+use super::rollout::{PhaseObservation, RolloutStatus, Subject};
 use super::time::Timestamp;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -162,6 +162,29 @@ pub enum EventKind {
     },
     /// A person lets promotions through the freeze in force until it ends.
     FreezeOverridden,
+    /// A person exempts a user or group from enforcement until a time (the trigger's reason is
+    /// the exception's).
+    ExceptionGranted {
+        name: String,
+        subject: Subject,
+        until: Until,
+    },
+    /// A person ends an exception before its time.
+    ExceptionRevoked {
+        name: String,
+    },
+    /// Exceptions whose time is up, ended by the schedule.
+    ExceptionExpired {
+        names: Vec<String>,
+    },
+}
+
+/// When an exception ends: at an instant, or a span after it is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Until {
+    At(Timestamp),
+    AfterSecs(u64),
 }
 
 /// One member of a managed object that is no longer what phasegate last made it.
@@ -239,6 +262,9 @@ impl EventKind {
             EventKind::PlanChangeRejected { .. } => "plan_change_rejected",
             EventKind::PlanFileChanged { .. } => "plan_file_changed",
             EventKind::FreezeOverridden => "freeze_overridden",
+            EventKind::ExceptionGranted { .. } => "exception_granted",
+            EventKind::ExceptionRevoked { .. } => "exception_revoked",
+            EventKind::ExceptionExpired { .. } => "exception_expired",
         }
     }
 }

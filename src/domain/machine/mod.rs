@@ -37,6 +37,8 @@ use super::signins;
 use super::time::{Timestamp, format_span};
 
 mod approval;
+mod exception;
+pub use exception::{MAX_EXCEPTIONS, expired_exceptions, subject};
 mod forecast;
 pub use approval::{conflict_of_duties, evidence_digest};
 mod freeze;
@@ -167,6 +169,9 @@ pub fn agenda(plan: &Plan, rollout: &Rollout, now: Timestamp) -> Agenda {
     if let Some(hold) = &rollout.freeze {
         wake(hold.until, &mut agenda);
     }
+    if let Some(expiry) = exception::next_expiry(rollout) {
+        wake(expiry, &mut agenda);
+    }
     agenda
 }
 
@@ -280,6 +285,13 @@ impl Machine<'_> {
                 self.plan_file_changed(plan_hash, path)
             }
             EventKind::FreezeOverridden => self.override_freeze(),
+            EventKind::ExceptionGranted {
+                name,
+                subject,
+                until,
+            } => self.grant_exception(name, subject, *until),
+            EventKind::ExceptionRevoked { name } => self.revoke_exception(name),
+            EventKind::ExceptionExpired { names } => self.expire_exceptions(names),
         }
     }
 

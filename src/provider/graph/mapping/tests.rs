@@ -133,6 +133,7 @@ fn desired(phases: Vec<DesiredAssignment>) -> DesiredState {
             include: vec!["Pilot IT".into(), "All Users".into()],
             exclude: vec!["Break Glass".into()],
         },
+        exempt: Default::default(),
     }
 }
 
