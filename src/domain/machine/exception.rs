@@ -57,6 +57,21 @@ pub fn subject(user: Option<&str>, group: Option<&str>) -> Result<Subject, Rejec
     Ok(subject)
 }
 
+/// `--until` as a person writes it: an RFC 3339 instant (`2026-12-24T17:00:00Z`) or a span from
+/// when the grant is recorded (`3d`, `12h`).
+pub fn parse_until(text: &str) -> Result<Until, Rejection> {
+    let text = text.trim();
+    if let Some(at) = Timestamp::parse_rfc3339(text).filter(|_| text.contains('T')) {
+        return Ok(Until::At(at));
+    }
+    match humantime::parse_duration(text) {
+        Ok(span) if !span.is_zero() => Ok(Until::AfterSecs(span.as_secs().max(1))),
+        _ => Err(Rejection::Invalid(format!(
+            "invalid exception end `{text}`: an RFC 3339 time such as 2026-12-24T17:00:00Z, or a span such as 3d or 12h"
+        ))),
+    }
+}
+
 fn check_name(name: &str) -> Result<(), Rejection> {
     let valid = (1..=MAX_NAME).contains(&name.chars().count())
         && name
@@ -496,6 +511,18 @@ mod tests {
             .unwrap();
         assert!(t.effects.is_empty());
         assert_eq!(h.rollout.exceptions.len(), 1);
+    }
+
+    #[test]
+    fn an_end_is_an_instant_or_a_span() {
+        assert_eq!(
+            parse_until("2026-12-24T17:00:00Z").unwrap(),
+            Until::At(Timestamp::parse_rfc3339("2026-12-24T17:00:00Z").unwrap())
+        );
+        assert_eq!(parse_until("3d").unwrap(), Until::AfterSecs(3 * 86_400));
+        for bad in ["", "0s", "soon", "2026-12-24", "-3d"] {
+            assert!(parse_until(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

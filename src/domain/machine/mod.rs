@@ -38,7 +38,7 @@ use super::time::{Timestamp, format_span};
 
 mod approval;
 mod exception;
-pub use exception::{MAX_EXCEPTIONS, expired_exceptions, subject};
+pub use exception::{MAX_EXCEPTIONS, expired_exceptions, parse_until, subject};
 mod forecast;
 pub use approval::{conflict_of_duties, evidence_digest};
 mod freeze;

@@ -1,0 +1,231 @@
+//! Exceptions from enforcement through the real binary on the simulated fleet: a group and a
+//! user exempted during enforcement are not blocked, the exception ends on its own on the
+//! virtual clock and they are blocked again, and the audit trail says who granted it and why.
+//!
+//! Two stores run the same plan over the same deterministic fleet, one with the exception and
+//! one without, so every observation of one can be compared with the other's at the same
+//! virtual time.
+
+mod common;
+
+use common::{Phasegate, code, stderr, stdout};
+use serde_json::Value;
+
+/// The Windows example plan on a smaller fleet, with a long enforce soak for the exception to
+/// end inside; started by alice and run to the notify phase's approval.
+fn at_the_enforce_promotion() -> (Phasegate, String) {
+    let pg = Phasegate::offline();
+    let text = std::fs::read_to_string(format!(
+        "{}/plans/windows-baseline.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+    .replace("devices = 10000", "devices = 2000")
+    .replace("min_soak = \"2d\"\n\n[phase.gate]\nmin_reporting = \"95%\"\nmax_noncompliant_ratio = \"2%\"\n\n[phase.rollback_when]",
+        "min_soak = \"6d\"\n\n[phase.gate]\nmin_reporting = \"95%\"\nmax_noncompliant_ratio = \"2%\"\n\n[phase.rollback_when]")
+    .replace("blocked_ratio_above = \"5%\"", "blocked_ratio_above = \"50%\"");
+    assert!(text.contains("min_soak = \"6d\""));
+    std::fs::write(&pg.plan, text).unwrap();
+    let id = pg.start();
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
+    let out = pg.run(&["approve", &id, "--by", "bob", "--yes"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    (pg, id)
+}
+
+/// The enforce phase's observations: (virtual time, blocked devices).
+fn enforced(pg: &Phasegate, id: &str) -> Vec<(String, u64)> {
+    pg.json(&["history", id])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"]["kind"]["type"] == "observed")
+        .flat_map(|e| {
+            e["event"]["kind"]["observations"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|o| o["phase"] == "enforce")
+        .map(|o| {
+            (
+                o["at"].to_string(),
+                o["tally"]["blocked"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{o}")),
+            )
+        })
+        .collect()
+}
+
+fn notes(pg: &Phasegate, id: &str) -> Vec<Value> {
+    pg.json(&["history", id]).as_array().unwrap().clone()
+}
+
+#[test]
+fn an_exempt_group_and_user_are_not_blocked_until_the_exception_ends_on_its_own() {
+    let (plain, plain_id) = at_the_enforce_promotion();
+    let (pg, id) = at_the_enforce_promotion();
+
+    let out = pg.run(&[
+        "exception",
+        "grant",
+        &id,
+        "finance-close",
+        "--group",
+        "Finance",
+        "--until",
+        "3d",
+        "--by",
+        "Dana",
+        "--reason",
+        "quarter close",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = pg.run(&[
+        "exception",
+        "grant",
+        &id,
+        "carol-repair",
+        "--user",
+        "User000042@fleet.example",
+        "--until",
+        "3d",
+        "--by",
+        "dana",
+        "--reason",
+        "laptop at the repair shop",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    // Listed in status, as JSON and as text.
+    let status = pg.status(&id);
+    let exceptions = status["exceptions"].as_array().unwrap();
+    assert_eq!(exceptions.len(), 2, "{status}");
+    assert_eq!(exceptions[0]["kind"], "group");
+    assert_eq!(exceptions[0]["subject"], "Finance");
+    assert_eq!(exceptions[0]["granted_by"], "dana");
+    assert_eq!(exceptions[1]["subject"], "user000042@fleet.example");
+    let text = stdout(&pg.run(&["status", &id]));
+    assert!(
+        text.contains("exception `finance-close`: group Finance exempt from enforcement until"),
+        "{text}"
+    );
+
+    // Refusals exit 2 and record nothing.
+    let before = pg.status(&id)["events"].clone();
+    for refused in [
+        vec![
+            "exception",
+            "grant",
+            &id,
+            "finance-close",
+            "--group",
+            "IT",
+            "--until",
+            "1d",
+            "--reason",
+            "again",
+        ],
+        vec![
+            "exception",
+            "grant",
+            &id,
+            "too-long",
+            "--group",
+            "IT",
+            "--until",
+            "91d",
+            "--reason",
+            "r",
+        ],
+        vec![
+            "exception",
+            "grant",
+            &id,
+            "bad name",
+            "--group",
+            "IT",
+            "--until",
+            "1d",
+            "--reason",
+            "r",
+        ],
+        vec![
+            "exception",
+            "grant",
+            &id,
+            "nobody",
+            "--group",
+            "IT",
+            "--until",
+            "1d",
+            "--by",
+            " ",
+            "--reason",
+            "r",
+        ],
+        vec!["exception", "revoke", &id, "unknown", "--reason", "r"],
+    ] {
+        let out = pg.run(&refused);
+        assert_eq!(code(&out), 2, "{refused:?}: {}", stderr(&out));
+        assert!(!stderr(&out).trim().is_empty());
+    }
+    assert_eq!(pg.status(&id)["events"], before);
+
+    for (store, rollout) in [(&plain, &plain_id), (&pg, &id)] {
+        let out = store.run(&["run", rollout]);
+        assert!([0, 3].contains(&code(&out)), "{}", stderr(&out));
+    }
+
+    // The exception ended on its own, on the virtual clock, as its own audit event.
+    assert!(pg.status(&id)["exceptions"].as_array().unwrap().is_empty());
+    let trail = notes(&pg, &id);
+    let expired: Vec<&Value> = trail
+        .iter()
+        .filter(|e| e["event"]["kind"]["type"] == "exception_expired")
+        .collect();
+    assert_eq!(expired.len(), 1, "{trail:#?}");
+    assert_eq!(expired[0]["event"]["trigger"]["source"], "schedule");
+    let said = expired[0]["notes"].to_string();
+    assert!(said.contains("`finance-close` expired"), "{said}");
+    assert!(said.contains("granted by dana: quarter close"), "{said}");
+    let granted = trail
+        .iter()
+        .find(|e| e["event"]["kind"]["type"] == "exception_granted")
+        .unwrap();
+    assert_eq!(granted["event"]["trigger"]["actor"], "Dana");
+    assert_eq!(granted["event"]["trigger"]["reason"], "quarter close");
+    let text = stdout(&pg.run(&["history", &id]));
+    assert!(
+        text.contains("exception `finance-close` granted by dana"),
+        "{text}"
+    );
+    assert!(text.contains("exception `carol-repair` expired"), "{text}");
+
+    // While it held, fewer devices were blocked than without it; afterwards, the same.
+    let with = enforced(&pg, &id);
+    let without = enforced(&plain, &plain_id);
+    let expiry = expired[0]["at"].to_string();
+    let mut during = 0;
+    let mut after = 0;
+    for (at, blocked) in &with {
+        let Some((_, plain_blocked)) = without.iter().find(|(t, _)| t == at) else {
+            continue;
+        };
+        // An observation due at the very instant of the expiry is taken before it.
+        if at.as_str() <= expiry.as_str() {
+            assert!(
+                blocked < plain_blocked,
+                "at {at}: {blocked} vs {plain_blocked}"
+            );
+            during += 1;
+        } else {
+            assert_eq!(blocked, plain_blocked, "at {at} (expiry {expiry})");
+            after += 1;
+        }
+    }
+    assert!(during > 0 && after > 0, "{with:?}\n{without:?}");
+}
