@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Phasegate, code, stderr, stdout};
+use common::{Emulator, Phasegate, SECRET, code, stderr, stdout};
 use serde_json::Value;
 
 /// The Windows example plan on a smaller fleet, with a long enforce soak for the exception to
@@ -28,7 +28,7 @@ fn at_the_enforce_promotion() -> (Phasegate, String) {
     std::fs::write(&pg.plan, text).unwrap();
     let id = pg.start();
     let out = pg.run(&["run", &id]);
-    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
     assert_eq!(pg.status(&id)["status"], "waiting_approval");
     let out = pg.run(&["approve", &id, "--by", "bob", "--yes"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -228,4 +228,151 @@ fn an_exempt_group_and_user_are_not_blocked_until_the_exception_ends_on_its_own(
         }
     }
     assert!(during > 0 && after > 0, "{with:?}\n{without:?}");
+}
+
+/// The enforced copy of the plan's Conditional Access policy in the emulated tenant.
+fn enforced_copy(emulator: &Emulator) -> Value {
+    let state = emulator.get("/_emulator/state");
+    state["conditionalAccess"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["displayName"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("(phasegate enforced)")
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no enforced copy in {state}"))
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    let mut all: Vec<String> = value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect();
+    all.sort();
+    all
+}
+
+#[test]
+fn on_graph_an_exception_excludes_its_user_from_the_enforced_copy_and_keeps_every_other_exclusion()
+{
+    let emulator = Emulator::spawn(&[
+        "--client-secret",
+        SECRET,
+        "--devices",
+        "1000",
+        "--ca-rate",
+        "50",
+    ]);
+    // The enforce phase asks for an approval after its soak, so it stays applied meanwhile.
+    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 50.0, |t| {
+        t.replace(
+            "max_noncompliant_ratio = \"2%\"\n\n[phase.rollback_when]",
+            "max_noncompliant_ratio = \"2%\"\napprovals = 1\n\n[phase.rollback_when]",
+        )
+    });
+    let id = pg.start();
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+    let out = pg.run(&["approve", &id, "--by", "bob", "--yes"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
+    let before = enforced_copy(&emulator);
+    assert_eq!(before["state"], "enabled");
+    let excluded_before = strings(&before["users"]["excludeUsers"]);
+    let groups_before = strings(&before["users"]["excludeGroups"]);
+    assert!(
+        !excluded_before.is_empty() || !groups_before.is_empty(),
+        "{before}"
+    );
+
+    let upn = "user000042@contoso.onmicrosoft.com";
+    let user = emulator.graph(SECRET, &format!("/v1.0/users/{upn}"));
+    let user_id = user["id"].as_str().unwrap().to_string();
+    assert!(!excluded_before.contains(&user_id));
+    let out = pg.run(&[
+        "exception",
+        "grant",
+        &id,
+        "repair",
+        "--user",
+        upn,
+        "--until",
+        "5d",
+        "--by",
+        "dana",
+        "--reason",
+        "laptop at the repair shop",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+
+    let after = enforced_copy(&emulator);
+    let mut expected = excluded_before.clone();
+    expected.push(user_id.clone());
+    expected.sort();
+    assert_eq!(
+        strings(&after["users"]["excludeUsers"]),
+        expected,
+        "{after}"
+    );
+    assert_eq!(strings(&after["users"]["excludeGroups"]), groups_before);
+    assert_eq!(
+        after["users"]["includeUsers"],
+        before["users"]["includeUsers"]
+    );
+
+    // Revoked: the copy's exclusions are what they were.
+    let out = pg.run(&[
+        "exception",
+        "revoke",
+        &id,
+        "repair",
+        "--by",
+        "dana",
+        "--reason",
+        "fixed",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+    let revoked = enforced_copy(&emulator);
+    assert_eq!(strings(&revoked["users"]["excludeUsers"]), excluded_before);
+    assert_eq!(strings(&revoked["users"]["excludeGroups"]), groups_before);
+
+    // A user the tenant does not have fails the reconcile, naming the user.
+    let out = pg.run(&[
+        "exception",
+        "grant",
+        &id,
+        "ghost",
+        "--user",
+        "nobody@contoso.onmicrosoft.com",
+        "--until",
+        "1d",
+        "--by",
+        "dana",
+        "--reason",
+        "typo",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    pg.run(&["run", &id]);
+    let status = pg.status(&id);
+    assert_eq!(status["status"], "failed", "{status}");
+    assert!(
+        status["reason"]
+            .as_str()
+            .unwrap()
+            .contains("nobody@contoso.onmicrosoft.com"),
+        "{status}"
+    );
 }
