@@ -376,3 +376,78 @@ fn on_graph_an_exception_excludes_its_user_from_the_enforced_copy_and_keeps_ever
         "{status}"
     );
 }
+
+#[test]
+fn through_the_api_an_approver_grants_as_itself_and_the_cli_revokes_through_the_daemon() {
+    let pg = Phasegate::offline();
+    let text = std::fs::read_to_string(format!(
+        "{}/plans/windows-baseline.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+    .replace("devices = 10000", "devices = 500");
+    std::fs::write(&pg.plan, text).unwrap();
+    let id = pg.start();
+    let serve = common::Serve::start(&pg.store_dir());
+    let token = |name: &str, role: &str| {
+        let out = pg.run(&["token", "create", "--name", name, "--role", role]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        stdout(&out).trim().to_string()
+    };
+    let anna = token("anna", "approver");
+    let olga = token("olga", "operator");
+    let path = format!("/api/v1/rollouts/{id}/exceptions");
+    let body = serde_json::json!({
+        "name": "trip", "user": "user000007@fleet.example", "until": "3d", "reason": "travelling",
+    });
+    let (status, answer) = serve.call("POST", &path, &olga, Some(&body));
+    assert_eq!(status, 403, "{answer}");
+    let mut as_other = body.clone();
+    as_other["by"] = serde_json::json!("someone-else");
+    let (status, answer) = serve.call("POST", &path, &anna, Some(&as_other));
+    assert_eq!(status, 403, "{answer}");
+    let mut both = body.clone();
+    both["group"] = serde_json::json!("Finance");
+    let (status, answer) = serve.call("POST", &path, &anna, Some(&both));
+    assert_eq!(status, 400, "{answer}");
+
+    let (status, answer) = serve.call("POST", &path, &anna, Some(&body));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["exceptions"][0]["granted_by"], "anna", "{answer}");
+    assert_eq!(
+        answer["exceptions"][0]["subject"],
+        "user000007@fleet.example"
+    );
+    let (status, answer) = serve.call("POST", &path, &anna, Some(&body));
+    assert_eq!(status, 409, "a name already active: {answer}");
+
+    let (status, answer) = serve.call(
+        "DELETE",
+        &format!("{path}/nothing"),
+        &anna,
+        Some(&serde_json::json!({"reason": "r"})),
+    );
+    assert_eq!(status, 409, "{answer}");
+    // The CLI goes through the daemon holding the store.
+    let out = pg.run(&[
+        "exception",
+        "revoke",
+        &id,
+        "trip",
+        "--by",
+        "dana",
+        "--reason",
+        "back early",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let (_, view) = serve.call("GET", &format!("/api/v1/rollouts/{id}"), &anna, None);
+    assert_eq!(view["exceptions"], serde_json::json!([]), "{view}");
+    let trail = pg.json(&["history", &id]);
+    let revoked = trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"]["kind"]["type"] == "exception_revoked")
+        .unwrap_or_else(|| panic!("{trail}"));
+    assert_eq!(revoked["event"]["trigger"]["actor"], "dana");
+}
