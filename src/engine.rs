@@ -740,9 +740,17 @@ impl Engine<'_> {
         loaded: &mut Loaded,
         at: Timestamp,
     ) -> Result<Option<EventRecord>, EngineError> {
-        let tick = Event {
-            kind: EventKind::Tick,
-            trigger: Trigger::new(TriggerSource::Schedule, &self.actor, "deadline reached"),
+        let expired = machine::expired_exceptions(&loaded.stored.rollout, at);
+        let tick = if expired.is_empty() {
+            Event {
+                kind: EventKind::Tick,
+                trigger: Trigger::new(TriggerSource::Schedule, &self.actor, "deadline reached"),
+            }
+        } else {
+            Event {
+                kind: EventKind::ExceptionExpired { names: expired },
+                trigger: Trigger::new(TriggerSource::Schedule, &self.actor, "exception ended"),
+            }
         };
         self.apply(loaded, tick, at, None)
     }

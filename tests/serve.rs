@@ -374,6 +374,8 @@ fn the_openapi_document_lists_exactly_the_routes_served() {
         ("POST", "/api/v1/rollouts/{id}/plan/approve"),
         ("POST", "/api/v1/rollouts/{id}/plan/reject"),
         ("POST", "/api/v1/rollouts/{id}/freeze-override"),
+        ("POST", "/api/v1/rollouts/{id}/exceptions"),
+        ("DELETE", "/api/v1/rollouts/{id}/exceptions/{name}"),
     ] {
         assert!(paths.contains_key(path) && paths[path].get(method.to_lowercase()).is_some());
     }

@@ -9,6 +9,7 @@
 //! `Last-Event-ID`. The contract is `docs/openapi.json`, served at `/api/v1/openapi.json`.
 
 pub mod auth;
+mod exception;
 pub mod sse;
 pub mod ui;
 
@@ -76,6 +77,11 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/api/v1/rollouts/{id}/freeze-override",
             post(override_freeze),
+        )
+        .route("/api/v1/rollouts/{id}/exceptions", post(exception::grant))
+        .route(
+            "/api/v1/rollouts/{id}/exceptions/{name}",
+            axum::routing::delete(exception::revoke),
         )
         .route("/api/v1/plans/check", post(check_plan))
         .route("/api/v1/export", get(export))

@@ -1075,7 +1075,7 @@ pub async fn plan_apply(
 }
 
 /// A decision's answer from the daemon: its notes and where the rollout stands.
-fn print_decision(ctx: &Context, id: &str, view: &serde_json::Value) {
+pub(super) fn print_decision(ctx: &Context, id: &str, view: &serde_json::Value) {
     match ctx.output {
         Output::Json => print_json(view),
         Output::Text => {
@@ -1113,7 +1113,7 @@ fn print_local(ctx: &Context, loaded: &engine::Loaded, record: Option<&EventReco
 
 /// Applies a person's command and shows where the rollout stands: through the daemon's API when
 /// one holds the store, else directly — recorded without contacting the backend either way.
-async fn submit(
+pub(super) async fn submit(
     ctx: &Context,
     id: &str,
     by: &str,

@@ -26,6 +26,7 @@ macro_rules! say_raw {
 pub(crate) mod commands;
 pub use commands::status_text;
 mod demo;
+mod exception;
 mod recovery;
 mod remote;
 pub mod text;
@@ -88,6 +89,9 @@ enum Command {
     /// Freeze windows: override the one in force
     #[command(subcommand)]
     Freeze(FreezeCommand),
+    /// Exceptions from enforcement: grant one until a time, or revoke it
+    #[command(subcommand)]
+    Exception(ExceptionCommand),
     /// Create a rollout from a plan; prints its id
     Start {
         /// The plan file
@@ -512,6 +516,46 @@ enum FreezeCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum ExceptionCommand {
+    /// Exempt a user or a group from enforcement until a time (owners are still told; their
+    /// devices are still observed); it ends on its own
+    Grant {
+        /// The rollout's id
+        id: String,
+        /// The exception's name: 1–64 letters, digits, `-` or `_`
+        name: String,
+        /// The user's sign-in name (UPN)
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        user: Option<String>,
+        /// The group's name, as the provider knows it
+        #[arg(long)]
+        group: Option<String>,
+        /// When it ends: an RFC 3339 time, or a span from now such as `3d`
+        #[arg(long)]
+        until: String,
+        /// Who grants it, as the audit trail records [default: the OS user]
+        #[arg(long)]
+        by: Option<String>,
+        /// Why, for the audit trail
+        #[arg(long)]
+        reason: String,
+    },
+    /// End an exception before its time
+    Revoke {
+        /// The rollout's id
+        id: String,
+        /// The exception's name
+        name: String,
+        /// Who revokes it, as the audit trail records [default: the OS user]
+        #[arg(long)]
+        by: Option<String>,
+        /// Why, for the audit trail
+        #[arg(long)]
+        reason: String,
+    },
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ShowFormat {
     Text,
@@ -653,6 +697,29 @@ async fn dispatch(cli: Cli) -> CommandResult {
         Command::Freeze(FreezeCommand::Override { id, by, reason }) => {
             commands::freeze_override(&ctx, &id, &by_or_user(by)?, &reason).await
         }
+        Command::Exception(ExceptionCommand::Grant {
+            id,
+            name,
+            user,
+            group,
+            until,
+            by,
+            reason,
+        }) => {
+            let grant = exception::Grant {
+                name,
+                user,
+                group,
+                until,
+            };
+            exception::grant(&ctx, &id, &by_or_user(by)?, &reason, grant).await
+        }
+        Command::Exception(ExceptionCommand::Revoke {
+            id,
+            name,
+            by,
+            reason,
+        }) => exception::revoke(&ctx, &id, &by_or_user(by)?, &reason, &name).await,
         Command::Start {
             file,
             id,

@@ -74,6 +74,10 @@ impl Remote {
         self.call(Method::POST, path, Some(body)).await
     }
 
+    pub async fn delete(&self, path: &str, body: &Value) -> Result<Value, Failure> {
+        self.call(Method::DELETE, path, Some(body)).await
+    }
+
     async fn call(
         &self,
         method: Method,

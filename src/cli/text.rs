@@ -286,6 +286,17 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
             hold.until_local
         );
     }
+    for exception in &rollout.exceptions {
+        let _ = writeln!(
+            out,
+            "  exception `{}`: {} exempt from enforcement until {} (granted by {}: {})",
+            Text(&exception.name),
+            Text(&exception.subject.to_string()),
+            exception.until,
+            Text(&exception.granted_by),
+            Text(&exception.reason)
+        );
+    }
     if let Some(change) = &rollout.plan_change {
         let short = crate::domain::machine::short_hash;
         let approved: Vec<&str> = change.approvals.iter().map(|a| a.by.as_str()).collect();

@@ -104,7 +104,39 @@ pub struct RolloutView {
     /// The plan's freeze windows, described.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub freeze_windows: Vec<String>,
+    /// Active exceptions from enforcement.
+    pub exceptions: Vec<ExceptionView>,
     pub phases: Vec<PhaseView>,
+}
+
+#[derive(Serialize)]
+pub struct ExceptionView {
+    pub name: String,
+    /// `user` or `group`.
+    pub kind: &'static str,
+    /// The user's sign-in name or the group's name.
+    pub subject: String,
+    pub until: String,
+    pub reason: String,
+    pub granted_by: String,
+    pub granted_at: String,
+}
+
+pub fn exception_view(exception: &crate::domain::rollout::Exception) -> ExceptionView {
+    use crate::domain::rollout::Subject;
+    let (kind, subject) = match &exception.subject {
+        Subject::User(upn) => ("user", upn.clone()),
+        Subject::Group(name) => ("group", name.clone()),
+    };
+    ExceptionView {
+        name: exception.name.clone(),
+        kind,
+        subject,
+        until: exception.until.rfc3339(),
+        reason: exception.reason.clone(),
+        granted_by: exception.granted_by.clone(),
+        granted_at: exception.granted_at.rfc3339(),
+    }
 }
 
 #[derive(Serialize)]
@@ -704,6 +736,7 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
             phases: f.phases.clone(),
         }),
         freeze_windows: plan.freezes.iter().map(ToString::to_string).collect(),
+        exceptions: rollout.exceptions.iter().map(exception_view).collect(),
         phases: plan
             .phases
             .iter()

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use super::plan::{EmergencyAccess, Mode, Plan};
-use super::rollout::{PhaseState, Rollout};
+use super::rollout::{Exception, PhaseState, Rollout, Subject};
 
 /// Which groups get the policies, in which mode. Where assignments overlap, a device gets the
 /// strongest mode of the assignments that cover it.
@@ -28,6 +28,37 @@ pub struct DesiredState {
     /// Every group any phase of the plan includes or excludes, applied or not: the members a
     /// provider manages (and watches for drift) for the whole rollout.
     pub groups: PlanGroups,
+    /// Users and groups exempt from enforcement by an active exception.
+    #[serde(default, skip_serializing_if = "Exempt::is_empty")]
+    pub exempt: Exempt,
+}
+
+/// The subjects of a rollout's active exceptions: users by UPN (identity keys), groups by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exempt {
+    pub users: Vec<String>,
+    pub groups: Vec<String>,
+}
+
+impl Exempt {
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.groups.is_empty()
+    }
+
+    pub fn of(exceptions: &[Exception]) -> Exempt {
+        let mut users = BTreeSet::new();
+        let mut groups = BTreeSet::new();
+        for exception in exceptions {
+            match &exception.subject {
+                Subject::User(upn) => users.insert(upn.clone()),
+                Subject::Group(name) => groups.insert(name.clone()),
+            };
+        }
+        Exempt {
+            users: users.into_iter().collect(),
+            groups: groups.into_iter().collect(),
+        }
+    }
 }
 
 /// The groups of a plan's phases, by the names the plan uses.
@@ -96,6 +127,7 @@ pub fn desired_with(plan: &Plan, rollout: &str, phases: &BTreeSet<usize>) -> Des
         emergency_access: plan.emergency_access.clone(),
         change: ChangeNote::default(),
         groups: PlanGroups::of(plan),
+        exempt: Exempt::default(),
     }
 }
 
@@ -110,6 +142,7 @@ pub fn desired_state(plan: &Plan, rollout: &Rollout) -> DesiredState {
         .map(|(idx, _)| idx)
         .collect();
     let mut desired = desired_with(plan, &rollout.id, &applied);
+    desired.exempt = Exempt::of(&rollout.exceptions);
     desired.claim = rollout
         .phases
         .iter()

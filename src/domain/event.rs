@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::desired::DesiredState;
 use super::directory::{ApproverSnapshot, Recipients};
 use super::plan::Moment;
-use super::rollout::{PhaseObservation, RolloutStatus};
+use super::rollout::{PhaseObservation, RolloutStatus, Subject};
 use super::time::Timestamp;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -185,6 +185,29 @@ pub enum EventKind {
         effect: EffectId,
         reason: String,
     },
+    /// A person exempts a user or group from enforcement until a time (the trigger's reason is
+    /// the exception's).
+    ExceptionGranted {
+        name: String,
+        subject: Subject,
+        until: Until,
+    },
+    /// A person ends an exception before its time.
+    ExceptionRevoked {
+        name: String,
+    },
+    /// Exceptions whose time is up, ended by the schedule.
+    ExceptionExpired {
+        names: Vec<String>,
+    },
+}
+
+/// When an exception ends: at an instant, or a span after it is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Until {
+    At(Timestamp),
+    AfterSecs(u64),
 }
 
 /// One member of a managed object that is no longer what phasegate last made it.
@@ -265,6 +288,9 @@ impl EventKind {
             EventKind::RecipientsResolved { .. } => "recipients_resolved",
             EventKind::NotificationDropped { .. } => "notification_dropped",
             EventKind::ApproversRead { .. } => "approvers_read",
+            EventKind::ExceptionGranted { .. } => "exception_granted",
+            EventKind::ExceptionRevoked { .. } => "exception_revoked",
+            EventKind::ExceptionExpired { .. } => "exception_expired",
         }
     }
 }

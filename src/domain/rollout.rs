@@ -337,6 +337,37 @@ pub struct FreezeOverride {
     pub until: Timestamp,
 }
 
+/// Who an exception exempts from enforcement.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Subject {
+    /// A user, by sign-in name (UPN), as an identity key.
+    User(String),
+    /// A group, by the name the provider knows it by.
+    Group(String),
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::User(upn) => write!(f, "user {upn}"),
+            Subject::Group(name) => write!(f, "group {name}"),
+        }
+    }
+}
+
+/// A named exemption from enforcement, granted by a person until a time; it ends on its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exception {
+    pub name: String,
+    pub subject: Subject,
+    pub until: Timestamp,
+    pub reason: String,
+    /// Who granted it, as an identity key.
+    pub granted_by: String,
+    pub granted_at: Timestamp,
+}
+
 /// A person's sign-off on promoting a phase, bound to the plan it was given for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {
@@ -505,6 +536,9 @@ pub struct Rollout {
     /// approvals are judged against these, with no directory call.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub approver_directory: BTreeMap<String, crate::domain::directory::ApproverSnapshot>,
+    /// Active exceptions from enforcement, in the order granted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exceptions: Vec<Exception>,
     /// Sequence number of the last event applied.
     pub last_seq: u64,
 }
@@ -609,6 +643,7 @@ impl Rollout {
             freeze: None,
             freeze_overrides: Vec::new(),
             approver_directory: BTreeMap::new(),
+            exceptions: Vec::new(),
             last_seq: 0,
         }
     }

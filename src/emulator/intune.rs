@@ -111,6 +111,9 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
+    /// Exclusions win over inclusions: a user excluded directly or through a group is not
+    /// covered, whatever includes them ("Conditional Access: Users, groups, and workload
+    /// identities", https://learn.microsoft.com/entra/identity/conditional-access/concept-conditional-access-users-groups).
     pub fn covers(&self, user: usize, user_groups: u16, platform: Platform) -> bool {
         self.platforms[platform_index(platform)]
             && (self.all_users

@@ -583,6 +583,14 @@ impl Tenant {
         guid(self.settings.seed, "user", user)
     }
 
+    /// The user an object id or a user principal name (any case) names.
+    fn user_by_key(&self, key: &str) -> Option<usize> {
+        (0..self.fleet.user_count()).find(|&u| {
+            self.user_id(u).eq_ignore_ascii_case(key)
+                || self.user_principal_name(u).eq_ignore_ascii_case(key)
+        })
+    }
+
     fn user_principal_name(&self, user: usize) -> String {
         let domain = &self.settings.tenant_domain;
         if self.fleet.user_groups(user) & 0b10 != 0 {
@@ -1556,6 +1564,29 @@ impl Tenant {
                 ),
             },
             ("GET", ["groups", id, "transitiveMembers", cast @ ..]) => self.members(id, cast, call),
+            // "Get user": `GET /users/{id | userPrincipalName}`, a UPN compared without case;
+            // 404 `Request_ResourceNotFound` for nobody
+            // (https://learn.microsoft.com/graph/api/user-get).
+            ("GET", ["users", key]) => match self.user_by_key(key) {
+                Some(u) => Response::json(
+                    200,
+                    json!({
+                        "@odata.context": format!("{meta}#users/$entity"),
+                        "id": self.user_id(u),
+                        "userPrincipalName": self.user_principal_name(u),
+                        "displayName": format!("User {u}"),
+                    }),
+                ),
+                None => graph_error(
+                    404,
+                    "Request_ResourceNotFound",
+                    &format!(
+                        "Resource '{key}' does not exist or one of its queried reference-property objects are not present."
+                    ),
+                    now,
+                    request_id,
+                ),
+            },
             ("GET", ["deviceManagement", "deviceCompliancePolicies"]) => {
                 let (assignments, actions) = expansions(call.q("$expand"));
                 let items: Vec<Value> = self

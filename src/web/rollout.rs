@@ -1204,6 +1204,23 @@ fn event_detail(kind: &EventKind) -> String {
             Esc(plan_hash.get(..12).unwrap_or(plan_hash)),
             Esc(&weakens.join("; "))
         ),
+        EventKind::ExceptionGranted {
+            name,
+            subject,
+            until,
+        } => format!(
+            "exception <code>{}</code>: {} until {}",
+            Esc(name),
+            Esc(&subject.to_string()),
+            match until {
+                crate::domain::event::Until::At(at) => at.rfc3339(),
+                crate::domain::event::Until::AfterSecs(secs) => format!("{secs} s after"),
+            }
+        ),
+        EventKind::ExceptionRevoked { name } => format!("exception <code>{}</code>", Esc(name)),
+        EventKind::ExceptionExpired { names } => {
+            format!("exception <code>{}</code>", Esc(&names.join(", ")))
+        }
         EventKind::FreezeOverridden
         | EventKind::Tick
         | EventKind::PauseRequested

@@ -38,6 +38,8 @@ use super::signins;
 use super::time::{Timestamp, format_span};
 
 mod approval;
+mod exception;
+pub use exception::{MAX_EXCEPTIONS, expired_exceptions, parse_until, subject};
 mod forecast;
 pub use approval::{approvers_due, conflict_of_duties, directory_member, evidence_digest};
 mod freeze;
@@ -168,6 +170,9 @@ pub fn agenda(plan: &Plan, rollout: &Rollout, now: Timestamp) -> Agenda {
     if let Some(hold) = &rollout.freeze {
         wake(hold.until, &mut agenda);
     }
+    if let Some(expiry) = exception::next_expiry(rollout) {
+        wake(expiry, &mut agenda);
+    }
     agenda
 }
 
@@ -294,6 +299,13 @@ impl Machine<'_> {
                 self.complete(*effect);
                 Ok(())
             }
+            EventKind::ExceptionGranted {
+                name,
+                subject,
+                until,
+            } => self.grant_exception(name, subject, *until),
+            EventKind::ExceptionRevoked { name } => self.revoke_exception(name),
+            EventKind::ExceptionExpired { names } => self.expire_exceptions(names),
         }
     }
 

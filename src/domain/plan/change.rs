@@ -36,6 +36,13 @@ pub fn weakenings(old: &Plan, new: &Plan) -> Vec<String> {
             format_span(new.observe_every)
         ));
     }
+    if new.max_exception > old.max_exception {
+        out.push(format!(
+            "exceptions from enforcement may run longer: {} → {}",
+            format_span(old.max_exception),
+            format_span(new.max_exception)
+        ));
+    }
     if new.policy != old.policy {
         out.push("the policies rolled out change".to_string());
     }
@@ -629,6 +636,11 @@ blocked_ratio_above = "5%"
             "observe_every = \"6h\"",
             "observe_every = \"12h\"",
             "observations (and rollback checks) less often: every 6h → every 12h",
+        );
+        one(
+            "observe_every = \"6h\"",
+            "observe_every = \"6h\"\nmax_exception = \"120d\"",
+            "exceptions from enforcement may run longer: 90d → 120d",
         );
     }
 

@@ -288,6 +288,8 @@ pub struct Plan {
     pub directory_approvers: approval::DirectoryApprovers,
     /// `[rollout] strict`: the plan's warnings are errors.
     pub strict: bool,
+    /// `[rollout] max_exception`: how far ahead an exception may run.
+    pub max_exception: Duration,
     pub policy: PolicyTarget,
     pub provider: ProviderConfig,
     /// In file order.
@@ -362,6 +364,12 @@ pub const MAX_PHASES: usize = 100;
 /// Groups a phase includes or excludes.
 pub const MAX_GROUPS: usize = 100;
 
+/// An exception from enforcement lasts at least an hour and at most a year.
+pub const MAX_EXCEPTION_RANGE: DurationRange = DurationRange {
+    min: Duration::from_secs(3600),
+    max: days(365),
+};
+pub const DEFAULT_MAX_EXCEPTION: Duration = days(90);
 pub const DEFAULT_OBSERVE_EVERY: Duration = Duration::from_secs(6 * 3600);
 pub const DEFAULT_MIN_SOAK: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(3 * 24 * 3600);
@@ -569,8 +577,9 @@ fn hint_for(source: &str, offset: usize) -> &'static str {
         "noncompliant_ratio_above",
         "blocked_ratio_above",
     ];
-    const DURATIONS: [&str; 7] = [
+    const DURATIONS: [&str; 8] = [
         "observe_every",
+        "max_exception",
         "min_soak",
         "grace",
         "stale_after",
@@ -628,6 +637,12 @@ impl Checker<'_> {
             DEFAULT_OBSERVE_EVERY,
             "observe_every",
             OBSERVE_EVERY_RANGE,
+        );
+        let max_exception = self.duration_in(
+            rollout.max_exception.as_ref(),
+            DEFAULT_MAX_EXCEPTION,
+            "max_exception",
+            MAX_EXCEPTION_RANGE,
         );
         let policy = raw.policy.get_ref();
         let compliance = self.compliance(&policy.compliance, policy.platform.as_ref());
@@ -724,6 +739,7 @@ impl Checker<'_> {
             approver_groups,
             directory_approvers,
             strict: rollout.strict,
+            max_exception: max_exception?,
             policy: PolicyTarget {
                 compliance: compliance?,
                 conditional_access,

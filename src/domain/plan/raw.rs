@@ -143,6 +143,8 @@ pub(super) struct RawRollout {
     /// Warnings are errors for this plan, as with `plan check --strict`.
     #[serde(default)]
     pub strict: bool,
+    /// How far ahead an exception may be granted.
+    pub max_exception: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -74,6 +74,8 @@ pub struct Names {
     pub groups: BTreeMap<String, GroupRef>,
     /// Emergency-access users as `(object id, user principal name)`.
     pub emergency_users: Vec<(String, String)>,
+    /// Users an exception exempts, as `(object id, user principal name)`.
+    pub exempt_users: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +106,15 @@ impl Names {
             .iter()
             .find(|(_, g)| g.key() == key)
             .map_or_else(|| key.to_string(), |(name, _)| name.clone())
+    }
+
+    /// The object id of a user an exception exempts, by UPN.
+    pub fn exempt_user(&self, upn: &str) -> Result<&str, String> {
+        self.exempt_users
+            .iter()
+            .find(|(_, known)| known.eq_ignore_ascii_case(upn))
+            .map(|(id, _)| id.as_str())
+            .ok_or_else(|| format!("user {upn} of an exception was not resolved"))
     }
 
     pub fn resolve(&self, name: &str) -> Result<GroupRef, String> {
@@ -628,6 +639,31 @@ pub fn derive_grace(
     (secs.div_ceil(3600) as i64).min(REPORT_HOLD_HOURS)
 }
 
+/// PATCH leaves out what is not sent, so a user list of the copy that is to become empty (the
+/// last exception ended) is sent as `[]`; canonical values leave empty lists out.
+fn clear_emptied_users(now: &Value, patch: &mut Map<String, Value>) {
+    let Some(users) = patch
+        .get_mut("conditions")
+        .and_then(|c| c.get_mut("users"))
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    for key in [
+        "includeUsers",
+        "includeGroups",
+        "excludeUsers",
+        "excludeGroups",
+    ] {
+        let had = now["conditions"]["users"][key]
+            .as_array()
+            .is_some_and(|list| !list.is_empty());
+        if had && !users.contains_key(key) {
+            users.insert(key.into(), json!([]));
+        }
+    }
+}
+
 /// The enforced copy the applied phases want: the plan's policy whole, scoped to the enforce
 /// phases and to the platforms whose compliance the rollout manages, with every exclusion of the
 /// original plus the phases' and emergency access. Disabled (kept) when no enforce phase is
@@ -684,6 +720,23 @@ fn enforced_wanted(
     let mut exclude_users: BTreeSet<String> =
         str_list(&users["excludeUsers"]).into_iter().collect();
     exclude_users.extend(names.emergency_users.iter().map(|(id, _)| id.clone()));
+    // Exceptions: exempt users and groups are excluded from the copy phasegate owns, like
+    // emergency access; Conditional Access lets exclusions win over inclusions.
+    for g in &w.desired.exempt.groups {
+        match names.resolve(g)? {
+            GroupRef::Id(id) => {
+                exclude_groups.insert(id);
+            }
+            GroupRef::AllUsers => {
+                return Err(format!(
+                    "an exception cannot exempt `{g}`: that is everyone the rollout enforces"
+                ));
+            }
+        }
+    }
+    for upn in &w.desired.exempt.users {
+        exclude_users.insert(names.exempt_user(upn)?.to_string());
+    }
     let mut new_users = json!({
         "includeUsers": if include_all { json!(["All"]) } else { json!([]) },
         "includeGroups": include_groups.into_iter().collect::<Vec<_>>(),
@@ -1090,6 +1143,7 @@ pub fn plan_writes(
                         );
                     }
                 }
+                clear_emptied_users(&now, &mut patch);
                 let write = Write::PatchEnforced(Value::Object(patch));
                 if enabled(&now) && !enabled(&next) {
                     unblock.push(write);

@@ -1294,6 +1294,51 @@ impl GraphProvider {
             .collect()
     }
 
+    /// Resolves the users of the rollout's exceptions from UPN to object id (one `$batch` for
+    /// those not known yet), as the emergency-access users are.
+    async fn resolve_exempt_users(
+        &mut self,
+        users: &[String],
+        mut names: Names,
+    ) -> Result<Names, ProviderError> {
+        let requests: Vec<BatchRequest> = users
+            .iter()
+            .filter(|upn| names.exempt_user(upn).is_err())
+            .map(|upn| BatchRequest {
+                id: upn.clone(),
+                url: format!("/users/{}?$select=id,userPrincipalName", encode(upn)),
+                headers: Vec::new(),
+            })
+            .collect();
+        if requests.is_empty() {
+            return Ok(names);
+        }
+        let answers = self.client.batch_get(&requests).await?;
+        let tenant = self.tenant().to_string();
+        for (request, answer) in requests.iter().zip(answers) {
+            let upn = &request.id;
+            let body = match answer {
+                Ok(body) => body,
+                Err(e) if e.kind == ErrorKind::NotFound => {
+                    return Err(ProviderError::not_found(format!(
+                        "user {upn} of an exception not found in tenant {tenant}"
+                    )));
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(id) = body["id"].as_str().filter(|id| !id.is_empty()) else {
+                return Err(ProviderError::permanent(format!(
+                    "user {upn} of an exception: the tenant answered without an id"
+                )));
+            };
+            names
+                .exempt_users
+                .push((id.to_string(), upn.to_lowercase()));
+        }
+        self.names = Some(names.clone());
+        Ok(names)
+    }
+
     fn groups_and_users(groups: &PlanGroups, users: &[String]) -> (BTreeSet<String>, Vec<String>) {
         let all: BTreeSet<String> = groups
             .include
@@ -1302,6 +1347,32 @@ impl GraphProvider {
             .cloned()
             .collect();
         (all, users.to_vec())
+    }
+}
+
+/// Exceptions are honoured by excluding their subjects from the enforced copy phasegate owns.
+/// When enforcement is an enabled policy someone else owns (or no Conditional Access policy at
+/// all), phasegate has nothing of its own to exclude them from and never writes the other: the
+/// reconcile fails, naming the policy, rather than block people it promised to spare.
+fn exceptions_honoured(
+    role: CaRole,
+    desired: &DesiredState,
+    names: &Names,
+) -> Result<(), ProviderError> {
+    let enforcing = desired.assignments.iter().any(|a| a.mode == Mode::Enforce);
+    let policy = names
+        .conditional_access
+        .as_ref()
+        .map_or_else(|| "none".to_string(), |ca| format!("`{}`", ca.name));
+    match role {
+        CaRole::Managed => Ok(()),
+        _ if !enforcing => Ok(()),
+        CaRole::Relied => Err(ProviderError::permanent(format!(
+            "exceptions cannot be honoured: enforcement is Conditional Access policy {policy}, enabled before the rollout and not phasegate's, which it never writes; revoke the exceptions or exclude their users in that policy yourself"
+        ))),
+        CaRole::None => Err(ProviderError::permanent(
+            "exceptions cannot be honoured: the plan names no Conditional Access policy, so phasegate has no enforced copy to exclude them from",
+        )),
     }
 }
 
@@ -1565,8 +1636,15 @@ impl Provider for GraphProvider {
         record.rollout = desired.rollout.clone();
         record.groups = desired.groups.clone();
         record.emergency_users = desired.emergency_access.users.clone();
-        let (groups, users) = Self::groups_and_users(&record.groups, &record.emergency_users);
-        let names = self.resolve(target, &groups, &users).await?;
+        let (mut groups, users) = Self::groups_and_users(&record.groups, &record.emergency_users);
+        groups.extend(desired.exempt.groups.iter().cloned());
+        let mut names = self.resolve(target, &groups, &users).await?;
+        if !desired.exempt.is_empty() {
+            exceptions_honoured(record.role(), desired, &names)?;
+            names = self
+                .resolve_exempt_users(&desired.exempt.users, names)
+                .await?;
+        }
         let job = if desired.claim {
             Job::Reconcile {
                 desired,

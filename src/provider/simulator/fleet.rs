@@ -149,6 +149,44 @@ pub struct SimAssignment {
 pub struct ConfigEntry {
     pub at: Timestamp,
     pub assignments: Vec<SimAssignment>,
+    /// Users (by sign-in name) and groups that enforcement does not block.
+    #[serde(default, skip_serializing_if = "SimExempt::is_empty")]
+    pub exempt: SimExempt,
+}
+
+/// Who enforcement spares in the simulated tenant: users by sign-in name, groups by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimExempt {
+    pub users: Vec<String>,
+    pub groups: Vec<String>,
+}
+
+impl SimExempt {
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.groups.is_empty()
+    }
+}
+
+/// The domain of the simulated directory's sign-in names.
+const DOMAIN: &str = "fleet.example";
+
+/// The sign-in name (UPN) of the simulated user `user`: `user000042@fleet.example`.
+pub fn user_principal_name(user: usize) -> String {
+    format!("user{user:06}@{DOMAIN}")
+}
+
+/// The user a simulated sign-in name names (case-insensitive), if it is one of the fleet's.
+pub fn user_of(upn: &str, users: usize) -> Option<u32> {
+    let lower = upn.trim().to_ascii_lowercase();
+    let digits = lower
+        .strip_prefix("user")?
+        .strip_suffix(DOMAIN)?
+        .strip_suffix('@')?;
+    if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let user: u32 = digits.parse().ok()?;
+    ((user as usize) < users).then_some(user)
 }
 
 pub struct Fleet {
@@ -444,8 +482,11 @@ impl Fleet {
             report: DeviceReport {
                 state,
                 last_reported: Some(checked_in),
-                // Conditional Access blocks on the device's last known state under today's mode.
-                blocked: state == DeviceState::Noncompliant && mode_now == Some(Mode::Enforce),
+                // Conditional Access blocks on the device's last known state under today's mode,
+                // unless its owner is exempt.
+                blocked: state == DeviceState::Noncompliant
+                    && mode_now == Some(Mode::Enforce)
+                    && !history.last().is_some_and(|e| e.exempts(device.user, bits)),
                 grace_until,
                 facts,
             },
@@ -597,9 +638,17 @@ pub struct ResolvedEntry {
     /// When set, only users in it are covered at all (the policy's assignment, when modes come
     /// from elsewhere, such as a Conditional Access policy in the emulator).
     pub assigned: Option<Membership>,
+    /// Users (sorted indexes) and groups (membership bits) enforcement does not block.
+    pub exempt_users: Vec<u32>,
+    pub exempt_groups: u16,
 }
 
 impl ResolvedEntry {
+    /// Whether enforcement spares this user (by index, with their membership bits).
+    fn exempts(&self, user: u32, bits: u16) -> bool {
+        bits & self.exempt_groups != 0 || self.exempt_users.binary_search(&user).is_ok()
+    }
+
     /// The strongest mode covering a user with these bits, and the notify grace (ms) that goes
     /// with it.
     fn mode_for(&self, bits: u16) -> (Option<Mode>, u64) {
@@ -635,7 +684,7 @@ pub fn membership(include: &[String], exclude: &[String]) -> Result<Membership, 
     })
 }
 
-pub fn resolve(entry: &ConfigEntry) -> Result<ResolvedEntry, String> {
+pub fn resolve(entry: &ConfigEntry, users: usize) -> Result<ResolvedEntry, String> {
     let assignments = entry
         .assignments
         .iter()
@@ -644,11 +693,32 @@ pub fn resolve(entry: &ConfigEntry) -> Result<ResolvedEntry, String> {
             Ok((scope, a.mode, a.grace_secs.unwrap_or(0) * 1000))
         })
         .collect::<Result<_, String>>()?;
+    let (exempt_users, exempt_groups) = resolve_exempt(&entry.exempt, users)?;
     Ok(ResolvedEntry {
         at: entry.at,
         assignments,
         assigned: None,
+        exempt_users,
+        exempt_groups,
     })
+}
+
+/// The exempt users as sorted indexes and the exempt groups as bits; `Err` names the first
+/// user or group the simulated directory does not have.
+pub fn resolve_exempt(exempt: &SimExempt, users: usize) -> Result<(Vec<u32>, u16), String> {
+    let mut indexes = exempt
+        .users
+        .iter()
+        .map(|upn| user_of(upn, users).ok_or_else(|| format!("user {upn}")))
+        .collect::<Result<Vec<u32>, String>>()?;
+    indexes.sort_unstable();
+    indexes.dedup();
+    let groups = exempt.groups.iter().try_fold(0u16, |acc, name| {
+        group_bit(name)
+            .map(|bit| acc | bit)
+            .ok_or_else(|| format!("group {name}"))
+    })?;
+    Ok((indexes, groups))
 }
 
 #[cfg(test)]
@@ -666,6 +736,8 @@ mod tests {
             at,
             assignments: vec![(scope, mode, 7 * DAY.as_millis() as u64)],
             assigned: None,
+            exempt_users: Vec::new(),
+            exempt_groups: 0,
         }
     }
 
@@ -713,6 +785,62 @@ mod tests {
         // Not assigned: no sign-in is evaluated.
         let none = count(&[]);
         assert_eq!(none.signins, 0);
+    }
+
+    #[test]
+    fn an_exempt_users_devices_and_an_exempt_groups_are_not_blocked() {
+        let fleet = Fleet::new(7, 5_000, DAY, EPOCH);
+        let now = EPOCH.plus(DAY * 3);
+        let blocked_owners = |entry: &ResolvedEntry| -> Vec<(u32, bool)> {
+            fleet
+                .observe(Platform::Windows, std::slice::from_ref(entry), all(), now)
+                .iter()
+                .map(|r| (r.facts.owner.unwrap(), r.blocked))
+                .collect()
+        };
+        let enforced = everyone(Mode::Enforce, EPOCH);
+        let before = blocked_owners(&enforced);
+        let (carol, _) = *before.iter().find(|(_, blocked)| *blocked).unwrap();
+        let upn = user_principal_name(carol as usize).to_uppercase();
+        let exempt = SimExempt {
+            users: vec![upn],
+            groups: Vec::new(),
+        };
+        let (users, groups) = resolve_exempt(&exempt, fleet.user_count()).unwrap();
+        let spared = ResolvedEntry {
+            exempt_users: users,
+            exempt_groups: groups,
+            ..enforced.clone()
+        };
+        let after = blocked_owners(&spared);
+        assert_eq!(before.len(), after.len());
+        for (was, is) in before.iter().zip(&after) {
+            let expected = was.1 && was.0 != carol;
+            assert_eq!(is.1, expected, "device of user {}", was.0);
+        }
+        // A group: none of its members' devices is blocked, everyone else's still are.
+        let finance = group_bit("Finance").unwrap();
+        let spared = ResolvedEntry {
+            exempt_groups: finance,
+            ..enforced.clone()
+        };
+        let reports = fleet.observe(Platform::Windows, &[spared], all(), now);
+        let (members, others): (Vec<&DeviceReport>, Vec<&DeviceReport>) = reports
+            .iter()
+            .partition(|r| fleet.user_groups(r.facts.owner.unwrap() as usize) & finance != 0);
+        assert!(!members.is_empty() && members.iter().all(|r| !r.blocked));
+        assert!(others.iter().any(|r| r.blocked));
+        // Names the directory does not have are refused, naming them.
+        let unknown = SimExempt {
+            users: vec!["user999999@fleet.example".into()],
+            groups: Vec::new(),
+        };
+        assert_eq!(
+            resolve_exempt(&unknown, fleet.user_count()).unwrap_err(),
+            "user user999999@fleet.example"
+        );
+        assert_eq!(user_of("user000001@other.example", 10), None);
+        assert_eq!(user_of(" User000001@Fleet.Example ", 10), Some(1));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::domain::plan::{CompliancePolicy, Plan, PolicyTarget};
 use crate::domain::signins::{SignInCounter, SignIns};
 use crate::domain::time::Timestamp;
 use crate::store::{Store, StoreError, decode_json, encode_json};
-pub use fleet::{ConfigEntry, Fleet, GROUPS, SimAssignment};
+pub use fleet::{ConfigEntry, Fleet, GROUPS, SimAssignment, SimExempt};
 pub use settings::SimulatorSettings;
 
 /// Simulated time starts on a Monday morning, the same for every tenant, so that runs with the
@@ -159,21 +159,33 @@ impl SimProvider {
             .unwrap_or_default()
     }
 
-    /// Makes `wanted` every policy's configuration; returns how many assignments changed.
+    fn current_exempt(&self, policy: &CompliancePolicy) -> SimExempt {
+        self.history(policy)
+            .last()
+            .map(|e| e.exempt.clone())
+            .unwrap_or_default()
+    }
+
+    /// Makes `wanted` (and `exempt`) every policy's configuration; returns how many assignments
+    /// and exemptions changed.
     fn set(
         &mut self,
         target: &PolicyTarget,
         wanted: &[SimAssignment],
+        exempt: &SimExempt,
     ) -> Result<u64, ProviderError> {
         for assignment in wanted {
             fleet::membership(&assignment.include, &assignment.exclude).map_err(unknown_group)?;
         }
+        fleet::resolve_exempt(exempt, self.fleet.user_count()).map_err(unknown_exempt)?;
         let at = self.now();
         let mut changes = 0;
         for policy in &target.compliance {
             let current = self.current(policy);
+            let current_exempt = self.current_exempt(policy);
             let changed = wanted.iter().filter(|a| !current.contains(a)).count()
-                + current.iter().filter(|a| !wanted.contains(a)).count();
+                + current.iter().filter(|a| !wanted.contains(a)).count()
+                + usize::from(current_exempt != *exempt);
             if changed == 0 {
                 continue;
             }
@@ -185,6 +197,7 @@ impl SimProvider {
                 .push(ConfigEntry {
                     at,
                     assignments: wanted.to_vec(),
+                    exempt: exempt.clone(),
                 });
         }
         if changes > 0 {
@@ -205,6 +218,13 @@ impl SimProvider {
 
 fn policy_key(policy: &CompliancePolicy) -> String {
     format!("{}/{}", policy.platform, policy.name)
+}
+
+fn unknown_exempt(subject: String) -> ProviderError {
+    ProviderError::not_found(format!(
+        "an exception names {subject}, which the simulated tenant does not have (its users are user000000@fleet.example and on, its groups: {})",
+        GROUPS.join(", ")
+    ))
 }
 
 fn unknown_group(name: String) -> ProviderError {
@@ -306,7 +326,11 @@ impl Provider for SimProvider {
                 grace_secs: a.grace_secs,
             })
             .collect();
-        let changes = self.set(target, &wanted)?;
+        let exempt = SimExempt {
+            users: desired.exempt.users.clone(),
+            groups: desired.exempt.groups.clone(),
+        };
+        let changes = self.set(target, &wanted, &exempt)?;
         Ok(Outcome::Done {
             changes,
             record: record.clone(),
@@ -331,7 +355,7 @@ impl Provider for SimProvider {
                 compliance: vec![policy.clone()],
                 ..target.clone()
             };
-            changes += self.set(&one, &wanted)?;
+            changes += self.set(&one, &wanted, &SimExempt::default())?;
         }
         Ok(Outcome::Done {
             changes,
@@ -351,7 +375,7 @@ impl Provider for SimProvider {
             let history = self
                 .history(policy)
                 .iter()
-                .map(fleet::resolve)
+                .map(|entry| fleet::resolve(entry, self.fleet.user_count()))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(unknown_group)?;
             histories.push((policy.platform, history));
@@ -393,7 +417,7 @@ impl Provider for SimProvider {
             let history = self
                 .history(policy)
                 .iter()
-                .map(fleet::resolve)
+                .map(|entry| fleet::resolve(entry, self.fleet.user_count()))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(unknown_group)?;
             histories.push((policy.platform, history));

@@ -38,6 +38,7 @@ fn names() -> Names {
         .map(|(n, g)| (n.to_string(), g))
         .collect(),
         emergency_users: vec![(BREAK_GLASS_USER.into(), "bg1@contoso.com".into())],
+        exempt_users: vec![("u-carol".into(), "carol@contoso.com".into())],
     }
 }
 
@@ -133,6 +134,7 @@ fn desired(phases: Vec<DesiredAssignment>) -> DesiredState {
             include: vec!["Pilot IT".into(), "All Users".into()],
             exclude: vec!["Break Glass".into()],
         },
+        exempt: Default::default(),
     }
 }
 
@@ -189,6 +191,15 @@ impl World {
         current: &TenantView,
         grace: &BTreeMap<String, GraceState>,
     ) -> Members {
+        self.try_wanted(desired, current, grace).unwrap()
+    }
+
+    fn try_wanted(
+        &self,
+        desired: &DesiredState,
+        current: &TenantView,
+        grace: &BTreeMap<String, GraceState>,
+    ) -> Result<Members, String> {
         let scope = self.scope();
         let baseline = self.members(&self.baseline);
         let now = self.members(current);
@@ -203,7 +214,6 @@ impl World {
             marker: &claim_marker("r-1", "s-1"),
             platforms: &[Platform::Windows],
         })
-        .unwrap()
     }
 
     fn writes(
@@ -420,6 +430,59 @@ fn no_conditional_access_patch_ever_carries_an_exclusion() {
         }
         assert_eq!(not_owned(&next), not_owned(&world.baseline));
         view = next;
+    }
+}
+
+#[test]
+fn an_exception_adds_its_user_and_group_to_the_enforced_copys_exclusions_and_keeps_the_rest() {
+    let world = World::new("enabledForReportingButNotEnforced");
+    let mut grace = BTreeMap::new();
+    let phases = vec![
+        pilot(),
+        everyone(Mode::Report),
+        everyone(Mode::Notify),
+        everyone(Mode::Enforce),
+    ];
+    let mut exempt = desired(phases.clone());
+    exempt.exempt.users = vec!["carol@contoso.com".into()];
+    exempt.exempt.groups = vec!["Finance".into()];
+    let (granted, writes) = settle(&world, &exempt, world.baseline.clone(), &mut grace);
+    let users = &granted.enforced.as_ref().expect("the copy exists")["conditions"]["users"];
+    assert_eq!(users["excludeUsers"], json!([BREAK_GLASS_USER, "u-carol"]));
+    assert_eq!(users["excludeGroups"], json!(["g-bg", "g-fin"]));
+    assert_eq!(users["excludeRoles"], json!([SYNC_ROLE]));
+    // The original, which phasegate does not own, is never given an exclusion.
+    for write in &writes {
+        if let Write::PatchConditionalAccess(body) = write {
+            assert!(
+                body["conditions"]["users"].get("excludeUsers").is_none(),
+                "{body}"
+            );
+        }
+    }
+    // The exception ends: the copy's exclusions are the emergency access again.
+    let (ended, _) = settle(&world, &desired(phases), granted, &mut grace);
+    let users = &ended.enforced.as_ref().unwrap()["conditions"]["users"];
+    assert_eq!(users["excludeUsers"], json!([BREAK_GLASS_USER]));
+    assert_eq!(users["excludeGroups"], json!(["g-bg"]));
+    // An exception cannot exempt everyone, nor a user nobody resolved.
+    let mut everyone_exempt = desired(vec![everyone(Mode::Enforce)]);
+    everyone_exempt.exempt.groups = vec!["All Users".into()];
+    let unknown_user = DesiredState {
+        exempt: crate::domain::desired::Exempt {
+            users: vec!["dave@contoso.com".into()],
+            groups: Vec::new(),
+        },
+        ..desired(vec![everyone(Mode::Enforce)])
+    };
+    for (wanted, why) in [
+        (everyone_exempt, "cannot exempt `All Users`"),
+        (unknown_user, "dave@contoso.com"),
+    ] {
+        let err = world
+            .try_wanted(&wanted, &world.baseline, &grace)
+            .unwrap_err();
+        assert!(err.contains(why), "{err}");
     }
 }
 
