@@ -14,6 +14,11 @@
 //! error for seven days counts as noncompliant, is Intune's own evaluation: the report already
 //! shows such a device as noncompliant, and a report row carries no "in error since" to apply
 //! it again.
+//!
+//! The per-policy report says a device is in its grace period, not until when; the end of its
+//! grace comes from a second report (`DeviceCompliance`'s `InGracePeriodUntil`), joined in by
+//! device id with [`Devices::set_grace_end`]: only the devices in grace keep a date, in room
+//! their record has anyway.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -115,6 +120,20 @@ pub struct Device {
     pub last_contact: Option<Timestamp>,
     /// The user of its first row; `None`: no primary user.
     pub user: Option<Key>,
+    /// The end of its grace in milliseconds, for a device in grace whose end is known
+    /// (`i64::MIN`: not known). A plain number: it fits the record's padding.
+    grace_end: i64,
+}
+
+// The grace end costs a device record nothing.
+const _: () = assert!(std::mem::size_of::<Device>() <= 64);
+
+impl Device {
+    /// When its grace ends, for a device in grace whose end the grace report gave.
+    pub fn grace_until(&self) -> Option<Timestamp> {
+        (self.status == ReportStatus::InGrace && self.grace_end != i64::MIN)
+            .then(|| Timestamp::from_millis(self.grace_end))
+    }
 }
 
 /// Hashes a [`Key`] by folding its halves: GUIDs are random already, so SipHash's work over
@@ -190,6 +209,7 @@ impl Devices {
                     status: row.status,
                     last_contact: row.last_contact,
                     user,
+                    grace_end: i64::MIN,
                 });
             }
         }
@@ -214,6 +234,26 @@ impl Devices {
 
     pub fn rows(&self) -> u64 {
         self.rows
+    }
+
+    /// How many of its devices are in their grace period.
+    pub fn in_grace(&self) -> usize {
+        self.devices
+            .values()
+            .filter(|d| d.status == ReportStatus::InGrace)
+            .count()
+    }
+
+    /// Records when `device`'s grace ends, if it is one of these devices and in grace; whether
+    /// it was.
+    pub fn set_grace_end(&mut self, device: Key, end: Timestamp) -> bool {
+        match self.devices.get_mut(&device) {
+            Some(d) if d.status == ReportStatus::InGrace => {
+                d.grace_end = end.as_millis();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Each device with its users (none for a userless device).
@@ -386,6 +426,22 @@ mod tests {
         ] {
             assert_eq!(ReportStatus::parse(text), status, "{text}");
         }
+    }
+
+    #[test]
+    fn only_a_device_in_grace_keeps_the_end_of_its_grace() {
+        let mut devices = Devices::default();
+        for r in [row(D1, ALICE, "3", 0), row(D2, BOB, "4", 0)] {
+            devices.add(&r).unwrap();
+        }
+        assert_eq!(devices.in_grace(), 1);
+        let end = now().plus(DAY * 2);
+        assert!(devices.set_grace_end(key(D1).unwrap(), end));
+        assert!(!devices.set_grace_end(key(D2).unwrap(), end));
+        assert!(!devices.set_grace_end(key(D3).unwrap(), end));
+        let mut ends: Vec<_> = devices.iter().map(|(d, _)| d.grace_until()).collect();
+        ends.sort();
+        assert_eq!(ends, vec![None, Some(end)]);
     }
 
     #[test]
