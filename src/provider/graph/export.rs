@@ -224,9 +224,10 @@ async fn pause(client: &GraphClient, span: Duration) -> Result<(), ProviderError
 /// than `policy_id` dropped.
 pub fn read_zip<R: Read + Seek>(zip: R, policy_id: &str) -> Result<Devices, String> {
     with_csv(zip, |entry| {
-        // About 60 bytes a row at least: room for that many devices up front, within the bound.
-        let mut devices = Devices::with_capacity((entry.size() / 60) as usize);
+        // About 100 bytes a row at least: room for that many rows up front, within the bound.
+        let mut devices = Devices::with_capacity((entry.size() / 100) as usize);
         read_csv(entry.take(MAX_CSV_BYTES), policy_id, |row| devices.add(row))?;
+        devices.finish()?;
         Ok(devices)
     })
 }
