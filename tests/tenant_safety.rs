@@ -264,14 +264,14 @@ fn a_rollout_on_a_lived_in_tenant_changes_only_what_it_owns_and_never_weakens_en
     let emulator = emulator(&["--scenario", "lived-in", "--devices", "3000"]);
     let before = tenant(&emulator);
     assert_eq!(before[CA_POLICY]["state"], "enabled");
-    // Each device's grace end is in `deviceStatuses` (the export's per-policy report only says
-    // a device is in grace): this test reads the earliest block, so it observes through it.
-    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 50.0, |t| {
-        stop_after_report_only(t).replace(
-            "kind = \"graph\"",
-            "kind = \"graph\"\nobserve_through = \"device_statuses\"",
-        )
-    });
+    // Observed through the export (the default): the grace ends the earliest block is dated by
+    // come from its `DeviceCompliance` report.
+    let pg = Phasegate::with_plan(
+        &emulator,
+        "windows-baseline-graph.toml",
+        50.0,
+        stop_after_report_only,
+    );
     let out = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(
@@ -319,7 +319,17 @@ fn a_rollout_on_a_lived_in_tenant_changes_only_what_it_owns_and_never_weakens_en
         "the gate counts them: {observed}"
     );
     assert_eq!(observed["blocked"], 0);
-    assert!(observed["earliest_block"].as_str().is_some(), "{observed}");
+    // Dated from the tenant's grace ends: after the observation, within the grace held at
+    // 8,760 h during report phases (not Intune's "never").
+    let at = |t: &str| phasegate::domain::time::Timestamp::parse_rfc3339(t).unwrap();
+    let (seen, earliest) = (
+        at(observed["at"].as_str().unwrap()),
+        at(observed["earliest_block"].as_str().unwrap()),
+    );
+    assert!(
+        earliest > seen && earliest <= seen.plus(std::time::Duration::from_secs(8_760 * 3600)),
+        "{observed}"
+    );
     assert!(
         emulator.get("/_emulator/blocks")["value"]
             .as_array()

@@ -8,12 +8,24 @@
 //!   APIs", learn.microsoft.com/mem/intune/fundamentals/reports-export-graph-apis; the
 //!   deviceManagementExportJob resource, learn.microsoft.com/graph/api/resources/
 //!   intune-reporting-devicemanagementexportjob; deviceManagementExportJobLocalizationType);
-//! - the report `DeviceStatusByCompliacePolicyReport` (Microsoft's spelling), one of the reports
-//!   listed in "Intune reports and properties available using Graph API"
-//!   (learn.microsoft.com/intune/device-management/reports/ref-graph-available-reports), filtered
-//!   by `PolicyId`, its `PolicyStatus` numbered as the per-policy status report numbers it
-//!   (1 unknown, 2 compliant, 3 in grace period, 4 noncompliant, 5 error, 6 conflict, 7 not
-//!   applicable);
+//! - two of the reports listed in "Intune reports and properties available using Graph API"
+//!   (learn.microsoft.com/intune/device-management/reports/ref-graph-available-reports), each
+//!   with a subset of the columns that page lists for it (a documented column the device model
+//!   has no value for is refused as an unknown one):
+//!   - `DeviceStatusByCompliacePolicyReport` (Microsoft's spelling): documented columns
+//!     `AadDeviceId, DeviceId, DeviceName, LastContact, ManagementAgents, OS, PolicyId,
+//!     PolicyStatus, UPN, UserId, UserName`; modelled `DeviceId, DeviceName, UserId, UPN,
+//!     PolicyId, PolicyStatus, LastContact`. The page lists no filter for it, yet the report is
+//!     one policy's (the admin center's per-policy view); the emulator takes `(PolicyId eq
+//!     '<id>')` and needs it. `PolicyStatus` is numbered as third-party exporters read it
+//!     (1 unknown, 2 compliant, 3 in grace period, 4 noncompliant, 5 error, 6 conflict, 7 not
+//!     applicable): Microsoft documents the column, not its numbers;
+//!   - `DeviceCompliance` ("Device Compliance Org", every managed device's overall state):
+//!     modelled columns `DeviceId, DeviceName, UserId, UPN, ComplianceState,
+//!     InGracePeriodUntil, LastContact`, no filter. `ComplianceState` is written with the
+//!     managedDevice `complianceState` names (Microsoft documents the column, not its
+//!     encoding); `InGracePeriodUntil` is the end of the device's grace for a noncompliant
+//!     device, `9999-12-31T23:59:59Z` (the managedDevice "never" value) otherwise;
 //! - throttling: the export API's 100 requests per tenant and 48 per app per minute
 //!   (tenant-safety reference §5, after the export documentation), answered with `429` and a
 //!   `Retry-After` in seconds;
@@ -39,17 +51,54 @@ use crate::emulator::intune::Status;
 use crate::graph::format_time;
 
 pub const REPORT_NAME: &str = "DeviceStatusByCompliacePolicyReport";
-/// The report's columns, in the order a CSV without `select` has them.
-pub const COLUMNS: [&str; 8] = [
+/// The per-policy report's modelled columns, in the order a CSV without `select` has them.
+pub const COLUMNS: [&str; 7] = [
     "DeviceId",
     "DeviceName",
     "UserId",
     "UPN",
     "PolicyId",
-    "PolicyName",
     "PolicyStatus",
     "LastContact",
 ];
+pub const COMPLIANCE_REPORT: &str = "DeviceCompliance";
+/// The `DeviceCompliance` report's modelled columns.
+pub const COMPLIANCE_COLUMNS: [&str; 7] = [
+    "DeviceId",
+    "DeviceName",
+    "UserId",
+    "UPN",
+    "ComplianceState",
+    "InGracePeriodUntil",
+    "LastContact",
+];
+/// `InGracePeriodUntil` of a device not in grace (the managedDevice "never expires" value).
+pub const NO_GRACE: &str = "9999-12-31T23:59:59Z";
+
+/// Which of the modelled reports a job is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Report {
+    /// `DeviceStatusByCompliacePolicyReport`: one policy's devices.
+    PolicyDevices,
+    /// `DeviceCompliance`: every device's overall state and grace end.
+    DeviceCompliance,
+}
+
+impl Report {
+    pub fn name(self) -> &'static str {
+        match self {
+            Report::PolicyDevices => REPORT_NAME,
+            Report::DeviceCompliance => COMPLIANCE_REPORT,
+        }
+    }
+
+    pub fn columns(self) -> &'static [&'static str] {
+        match self {
+            Report::PolicyDevices => &COLUMNS,
+            Report::DeviceCompliance => &COMPLIANCE_COLUMNS,
+        }
+    }
+}
 /// The one column with a localized value.
 const LOCALIZED: &str = "PolicyStatus";
 
@@ -117,9 +166,11 @@ pub enum Localization {
 /// What a job asks for, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
+    pub report: Report,
+    /// The policy of a per-policy report; empty for `DeviceCompliance`.
     pub policy_id: String,
     pub filter: String,
-    /// Indexes into [`COLUMNS`], in the order asked.
+    /// Indexes into the report's columns, in the order asked.
     pub select: Vec<usize>,
     pub localization: Localization,
 }
@@ -133,11 +184,15 @@ pub fn parse_request(body: Option<&Value>) -> Result<Request, String> {
         .get("reportName")
         .and_then(Value::as_str)
         .ok_or("reportName is required.")?;
-    if name != REPORT_NAME {
-        return Err(format!(
-            "The report '{name}' is not available for export here."
-        ));
-    }
+    let report = match name {
+        REPORT_NAME => Report::PolicyDevices,
+        COMPLIANCE_REPORT => Report::DeviceCompliance,
+        _ => {
+            return Err(format!(
+                "The report '{name}' is not available for export here."
+            ));
+        }
+    };
     match body.get("format").and_then(Value::as_str) {
         None | Some("csv") => {}
         Some(other) => {
@@ -159,15 +214,22 @@ pub fn parse_request(body: Option<&Value>) -> Result<Request, String> {
     if filter.len() > 2000 {
         return Err("The filter is longer than 2000 characters.".into());
     }
-    let policy_id = policy_filter(&filter)
-        .ok_or("This report needs a filter of the form (PolicyId eq '<id>').")?;
+    let policy_id = match report {
+        Report::PolicyDevices => policy_filter(&filter)
+            .ok_or("This report needs a filter of the form (PolicyId eq '<id>').")?,
+        Report::DeviceCompliance if filter.trim().is_empty() => String::new(),
+        Report::DeviceCompliance => {
+            return Err("The emulator models this report without a filter.".into());
+        }
+    };
+    let columns = report.columns();
     let select = match body.get("select") {
-        None | Some(Value::Null) => (0..COLUMNS.len()).collect(),
+        None | Some(Value::Null) => (0..columns.len()).collect(),
         Some(Value::Array(names)) if names.len() <= 256 => names
             .iter()
             .map(|n| {
                 let n = n.as_str().unwrap_or_default();
-                COLUMNS
+                columns
                     .iter()
                     .position(|c| c.eq_ignore_ascii_case(n))
                     .ok_or(format!("Invalid select column '{n}'."))
@@ -176,6 +238,7 @@ pub fn parse_request(body: Option<&Value>) -> Result<Request, String> {
         Some(_) => return Err("select must be an array of at most 256 column names.".into()),
     };
     Ok(Request {
+        report,
         policy_id,
         filter,
         select,
@@ -245,7 +308,8 @@ impl Job {
 
     /// The job as `GET .../exportJobs('{id}')` returns it.
     pub fn json(&self, meta: &str, blob_origin: &str, now: Timestamp) -> Value {
-        let select: Vec<&str> = self.request.select.iter().map(|&i| COLUMNS[i]).collect();
+        let columns = self.request.report.columns();
+        let select: Vec<&str> = self.request.select.iter().map(|&i| columns[i]).collect();
         let url = self.built.as_ref().map(|b| {
             let expiry = format_time(b.at.plus(EXPIRY));
             format!(
@@ -258,7 +322,7 @@ impl Job {
         json!({
             "@odata.context": format!("{meta}#deviceManagement/reports/exportJobs/$entity"),
             "id": self.id,
-            "reportName": REPORT_NAME,
+            "reportName": self.request.report.name(),
             "filter": self.request.filter,
             "select": select,
             "format": "csv",
@@ -319,12 +383,24 @@ impl Exports {
     }
 }
 
-/// Writes the report's zip: one CSV file, rows streamed into the compressor.
-pub fn write_zip(
+/// One `DeviceCompliance` row's values, before `select`.
+pub struct ComplianceRow {
+    pub device_id: String,
+    pub device_name: String,
+    pub user_id: String,
+    pub upn: String,
+    /// The managedDevice `complianceState` name.
+    pub state: &'static str,
+    pub grace_until: Option<Timestamp>,
+    pub last_contact: Option<Timestamp>,
+}
+
+type CsvOut<'a> = csv::Writer<&'a mut zip::ZipWriter<Cursor<Vec<u8>>>>;
+
+/// A zip of one CSV file, its rows streamed into the compressor by `write`.
+fn zip_csv(
     file_name: &str,
-    request: &Request,
-    policy: (&str, &str),
-    rows: impl Iterator<Item = Row>,
+    write: impl FnOnce(&mut CsvOut<'_>) -> Result<(), csv::Error>,
 ) -> Result<Bytes, String> {
     use zip::write::SimpleFileOptions;
     let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
@@ -338,6 +414,22 @@ pub fn write_zip(
         let mut csv = csv::WriterBuilder::new()
             .buffer_capacity(1 << 16)
             .from_writer(&mut zip);
+        write(&mut csv).map_err(|e| e.to_string())?;
+        csv.flush().map_err(|e| e.to_string())?;
+    }
+    zip.flush().map_err(|e| e.to_string())?;
+    let cursor = zip.finish().map_err(|e| e.to_string())?;
+    Ok(Bytes::from(cursor.into_inner()))
+}
+
+/// Writes the per-policy report's zip: one CSV file, rows streamed into the compressor.
+pub fn write_zip(
+    file_name: &str,
+    request: &Request,
+    policy_id: &str,
+    rows: impl Iterator<Item = Row>,
+) -> Result<Bytes, String> {
+    zip_csv(file_name, |csv| {
         let mut header: Vec<&str> = Vec::new();
         for &i in &request.select {
             header.push(COLUMNS[i]);
@@ -345,7 +437,7 @@ pub fn write_zip(
                 header.push("PolicyStatus_loc");
             }
         }
-        csv.write_record(&header).map_err(|e| e.to_string())?;
+        csv.write_record(&header)?;
         let mut time = String::new();
         let mut number = String::new();
         for row in rows {
@@ -361,25 +453,59 @@ pub fn write_zip(
                     1 => &row.device_name,
                     2 => &row.user_id,
                     3 => &row.upn,
-                    4 => policy.0,
-                    5 => policy.1,
-                    6 if request.localization == Localization::Replace => localized(row.status),
-                    6 => &number,
+                    4 => policy_id,
+                    5 if request.localization == Localization::Replace => localized(row.status),
+                    5 => &number,
                     _ => &time,
                 };
-                csv.write_field(value).map_err(|e| e.to_string())?;
-                if i == 6 && request.localization == Localization::AdditionalColumn {
-                    csv.write_field(localized(row.status))
-                        .map_err(|e| e.to_string())?;
+                csv.write_field(value)?;
+                if i == 5 && request.localization == Localization::AdditionalColumn {
+                    csv.write_field(localized(row.status))?;
                 }
             }
-            csv.write_record(None::<&[u8]>).map_err(|e| e.to_string())?;
+            csv.write_record(None::<&[u8]>)?;
         }
-        csv.flush().map_err(|e| e.to_string())?;
-    }
-    zip.flush().map_err(|e| e.to_string())?;
-    let cursor = zip.finish().map_err(|e| e.to_string())?;
-    Ok(Bytes::from(cursor.into_inner()))
+        Ok(())
+    })
+}
+
+/// Writes the `DeviceCompliance` report's zip.
+pub fn write_compliance_zip(
+    file_name: &str,
+    request: &Request,
+    rows: impl Iterator<Item = ComplianceRow>,
+) -> Result<Bytes, String> {
+    zip_csv(file_name, |csv| {
+        let header: Vec<&str> = request
+            .select
+            .iter()
+            .map(|&i| COMPLIANCE_COLUMNS[i])
+            .collect();
+        csv.write_record(&header)?;
+        let (mut grace, mut last) = (String::new(), String::new());
+        for row in rows {
+            grace.clear();
+            grace.push_str(&row.grace_until.map_or(NO_GRACE.to_string(), format_time));
+            last.clear();
+            if let Some(t) = row.last_contact {
+                last.push_str(&format_time(t));
+            }
+            for &i in &request.select {
+                let value: &str = match i {
+                    0 => &row.device_id,
+                    1 => &row.device_name,
+                    2 => &row.user_id,
+                    3 => &row.upn,
+                    4 => row.state,
+                    5 => &grace,
+                    _ => &last,
+                };
+                csv.write_field(value)?;
+            }
+            csv.write_record(None::<&[u8]>)?;
+        }
+        Ok(())
+    })
 }
 
 /// The Azure Storage error document.
@@ -404,13 +530,25 @@ mod tests {
         })))
         .unwrap();
         assert_eq!(ok.policy_id, "abc");
-        assert_eq!(ok.select, vec![0, 2, 6, 7]);
+        assert_eq!(ok.select, vec![0, 2, 5, 6]);
+        let all = parse_request(Some(&json!({
+            "reportName": COMPLIANCE_REPORT,
+            "select": ["DeviceId", "InGracePeriodUntil"],
+        })))
+        .unwrap();
+        assert_eq!(
+            (all.report, all.select),
+            (Report::DeviceCompliance, vec![0, 5])
+        );
         for bad in [
             json!({"reportName": "Devices", "filter": "(PolicyId eq 'abc')"}),
             json!({"reportName": REPORT_NAME}),
             json!({"reportName": REPORT_NAME, "filter": "(PolicyId eq 'abc')", "select": ["Nope"]}),
             json!({"reportName": REPORT_NAME, "filter": "(PolicyId eq 'abc')", "format": "xml"}),
             json!({"reportName": REPORT_NAME, "filter": "(OwnerType eq '1')"}),
+            // Not a column of Microsoft's list for this report.
+            json!({"reportName": REPORT_NAME, "filter": "(PolicyId eq 'abc')", "select": ["PolicyName"]}),
+            json!({"reportName": COMPLIANCE_REPORT, "select": ["PolicyStatus"]}),
         ] {
             assert!(parse_request(Some(&bad)).is_err(), "{bad}");
         }
@@ -432,13 +570,43 @@ mod tests {
             status: [2, 4, 3][i],
             last_contact: None,
         });
-        let bytes = write_zip("r.csv", &request, ("p", "P"), rows).unwrap();
+        let bytes = write_zip("r.csv", &request, "p", rows).unwrap();
         let mut archive = zip::ZipArchive::new(Cursor::new(bytes.to_vec())).unwrap();
         let mut text = String::new();
         std::io::Read::read_to_string(&mut archive.by_index(0).unwrap(), &mut text).unwrap();
         assert_eq!(
             text,
             "DeviceId,UserId,PolicyStatus,PolicyStatus_loc\nd0,u0,2,Compliant\nd1,,4,Not compliant\nd2,u2,3,In grace period\n"
+        );
+    }
+
+    #[test]
+    fn the_compliance_zip_dates_the_grace_of_a_device_in_grace_only() {
+        let request = parse_request(Some(&json!({
+            "reportName": COMPLIANCE_REPORT,
+            "select": ["DeviceId", "ComplianceState", "InGracePeriodUntil"],
+        })))
+        .unwrap();
+        let end = Timestamp::parse_rfc3339("2026-12-01T10:00:00Z").unwrap();
+        let rows = (0..2).map(|i| ComplianceRow {
+            device_id: ["d0", "d1"][i].into(),
+            device_name: "n".into(),
+            user_id: "u".into(),
+            upn: "x".into(),
+            state: ["inGracePeriod", "compliant"][i],
+            grace_until: [Some(end), None][i],
+            last_contact: None,
+        });
+        let bytes = write_compliance_zip("c.csv", &request, rows).unwrap();
+        let mut archive = zip::ZipArchive::new(Cursor::new(bytes.to_vec())).unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut archive.by_index(0).unwrap(), &mut text).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "DeviceId,ComplianceState,InGracePeriodUntil\nd0,inGracePeriod,{}\nd1,compliant,{NO_GRACE}\n",
+                format_time(end)
+            )
         );
     }
 

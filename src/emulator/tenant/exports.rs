@@ -92,20 +92,28 @@ impl Tenant {
             Ok(r) => r,
             Err(message) => return graph_error(400, "BadRequest", &message, now, call.request_id),
         };
-        let Some(policy) = self.policies.iter().find(|p| p.id == request.policy_id) else {
-            return graph_error(
-                400,
-                "BadRequest",
-                &format!("No compliance policy has the id '{}'.", request.policy_id),
-                now,
-                call.request_id,
-            );
+        let (platform, rows) = match request.report {
+            reports::Report::PolicyDevices => {
+                let Some(policy) = self.policies.iter().find(|p| p.id == request.policy_id) else {
+                    return graph_error(
+                        400,
+                        "BadRequest",
+                        &format!("No compliance policy has the id '{}'.", request.policy_id),
+                        now,
+                        call.request_id,
+                    );
+                };
+                (policy.platform, self.intune.listed(policy.platform).len())
+            }
+            // Every managed device; the platform is the job's only for the truth route.
+            reports::Report::DeviceCompliance => (
+                crate::domain::plan::Platform::Windows,
+                self.fleet.device_count(),
+            ),
         };
-        let platform = policy.platform;
-        let rows = self.intune.listed(platform).len();
         let id = format!(
             "{}_{}",
-            reports::REPORT_NAME,
+            request.report.name(),
             guid(self.settings.seed, "export", self.exports.jobs.len())
         );
         let job = Job {
@@ -150,6 +158,9 @@ impl Tenant {
     /// The report as the device model stands now: its zip, and the snapshot behind it.
     fn build(&self, idx: usize, now: Timestamp) -> Result<Built, String> {
         let job = &self.exports.jobs[idx];
+        if job.request.report == reports::Report::DeviceCompliance {
+            return self.build_compliance(job, now);
+        }
         let platform = job.platform;
         let policy = self
             .policies
@@ -203,7 +214,7 @@ impl Tenant {
                 })
         });
         let file = format!("{}.csv", job.id);
-        let bytes = reports::write_zip(&file, &job.request, (&policy.id, &policy.name), rows)?;
+        let bytes = reports::write_zip(&file, &job.request, &policy.id, rows)?;
         let blob = format!("{}.zip", job.id);
         let sig = guid(seed, "sas", &blob).replace('-', "");
         Ok(Built {
@@ -213,6 +224,71 @@ impl Tenant {
             snapshot,
             at: now,
             platform,
+        })
+    }
+
+    /// The `DeviceCompliance` report: every device of the fleet once, with its primary user, its
+    /// overall state and the end of its grace. A device is judged by its platform's policy when
+    /// that policy covers it, otherwise by the tenant's "Mark devices with no compliance policy
+    /// assigned as" (`secureByDefault`: noncompliant when set). No snapshot: the truth route
+    /// counts the per-policy report.
+    fn build_compliance(&self, job: &Job, now: Timestamp) -> Result<Built, String> {
+        use crate::emulator::reports::ComplianceRow;
+        let seed = self.settings.seed;
+        let users = self.fleet.user_count();
+        let uncovered = if self.compliance_settings()["secureByDefault"] == true {
+            "noncompliant"
+        } else {
+            "compliant"
+        };
+        let rows = (0..self.fleet.device_count()).map(|device| {
+            let (owner, platform) = self.fleet.device_owner(device);
+            let who = device_users(seed, owner, users, device);
+            let covered = self
+                .intune
+                .listed(platform)
+                .binary_search(&(device as u32))
+                .is_ok();
+            let (state, grace_until, last_contact) = if covered {
+                let row = self.intune.row(platform, device);
+                let in_grace = row.grace_end.is_some_and(|g| g > now);
+                let state = match row.status {
+                    Status::Unknown => "unknown",
+                    Status::Compliant => "compliant",
+                    Status::NonCompliant if in_grace => "inGracePeriod",
+                    Status::NonCompliant => "noncompliant",
+                    Status::Error => "error",
+                    Status::Conflict => "conflict",
+                };
+                (state, row.grace_end, row.last_reported)
+            } else {
+                (uncovered, None, None)
+            };
+            let (user_id, upn) = match who.primary {
+                Some(u) => (self.user_id(u), self.user_principal_name(u)),
+                None => (String::new(), String::new()),
+            };
+            ComplianceRow {
+                device_id: guid(seed, "device", device),
+                device_name: format!("{}-{device:07}", platform.as_str().to_uppercase()),
+                user_id,
+                upn,
+                state,
+                grace_until,
+                last_contact,
+            }
+        });
+        let file = format!("{}.csv", job.id);
+        let bytes = reports::write_compliance_zip(&file, &job.request, rows)?;
+        let blob = format!("{}.zip", job.id);
+        let sig = guid(seed, "sas", &blob).replace('-', "");
+        Ok(Built {
+            blob,
+            sig,
+            bytes,
+            snapshot: Vec::new(),
+            at: now,
+            platform: job.platform,
         })
     }
 
@@ -254,12 +330,12 @@ impl Tenant {
     /// `GET /_emulator/exportJobs/{id}/truth?include=A,B&exclude=C&stale_after=SECONDS`: the
     /// counts of the job's devices in that scope, from the snapshot the job was built from.
     pub(super) fn export_truth(&self, id: &str, request: &Request) -> Response {
-        // `latest`: the job completed last.
+        // `latest`: the per-policy job completed last.
         let job = if id == "latest" {
             self.exports
                 .jobs
                 .iter()
-                .filter(|j| j.built.is_some())
+                .filter(|j| j.built.is_some() && j.request.report == reports::Report::PolicyDevices)
                 .max_by_key(|j| j.built.as_ref().map(|b| b.at))
         } else {
             self.exports.jobs.iter().find(|j| j.id == id)

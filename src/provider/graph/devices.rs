@@ -14,6 +14,11 @@
 //! error for seven days counts as noncompliant, is Intune's own evaluation: the report already
 //! shows such a device as noncompliant, and a report row carries no "in error since" to apply
 //! it again.
+//!
+//! The per-policy report says a device is in its grace period, not until when; the end of its
+//! grace comes from a second report (`DeviceCompliance`'s `InGracePeriodUntil`), joined in by
+//! device id with [`Devices::set_grace_end`]: only the devices in grace keep a date, in room
+//! their record has anyway.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -115,6 +120,20 @@ pub struct Device {
     pub last_contact: Option<Timestamp>,
     /// The user of its first row; `None`: no primary user.
     pub user: Option<Key>,
+    /// The end of its grace in milliseconds, for a device in grace whose end is known
+    /// (`i64::MIN`: not known). A plain number: it fits the record's padding.
+    grace_end: i64,
+}
+
+// The grace end costs a device record nothing.
+const _: () = assert!(std::mem::size_of::<Device>() <= 64);
+
+impl Device {
+    /// When its grace ends, for a device in grace whose end the grace report gave.
+    pub fn grace_until(&self) -> Option<Timestamp> {
+        (self.status == ReportStatus::InGrace && self.grace_end != i64::MIN)
+            .then(|| Timestamp::from_millis(self.grace_end))
+    }
 }
 
 /// Hashes a [`Key`] by folding its halves: GUIDs are random already, so SipHash's work over
@@ -144,62 +163,78 @@ impl std::hash::Hasher for KeyHasher {
 
 type KeyMap<V> = HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
 
-/// A policy's devices, each once.
+/// A policy's devices, each once: the rows appended as compact records while the report is
+/// read (no table probe per row: the ids are random, a hash table's inserts are cache misses),
+/// then sorted by device id and merged ([`Devices::finish`]).
 #[derive(Debug, Default)]
 pub struct Devices {
-    devices: KeyMap<Device>,
-    /// The further users of shared devices (rare: kept apart to keep `Device` small).
+    /// Before `finish`, one per row in report order; after, one per device, by id.
+    devices: Vec<(Key, Device)>,
+    /// The further users of shared devices (rare: kept apart to keep `Device` small), by device.
     more_users: KeyMap<Vec<Key>>,
     rows: u64,
 }
 
 impl Devices {
-    /// Adds a row: a new device, or another user of a device already seen (the worse status and
-    /// the later contact are kept: its rows describe one device).
+    /// Adds a row: a new device, or another user of a device already seen (merged by
+    /// [`Devices::finish`]: the worse status and the later contact are kept, its rows describe
+    /// one device).
     pub fn add(&mut self, row: &ReportRow) -> Result<(), String> {
         let Some(device) = key(row.device_id) else {
             return Err(format!("row {} has no device id", self.rows + 1));
         };
+        if self.devices.len() >= 2 * MAX_DEVICES {
+            return Err(format!("more than {} rows in one report", 2 * MAX_DEVICES));
+        }
         self.rows += 1;
-        let user = key(row.user_id);
-        let full = self.devices.len() >= MAX_DEVICES;
-        // One probe of the table per row: the entry is the device's, new or seen.
-        match self.devices.entry(device) {
-            std::collections::hash_map::Entry::Occupied(mut seen) => {
-                let seen = seen.get_mut();
-                seen.status = seen.status.max(row.status);
-                seen.last_contact = seen.last_contact.max(row.last_contact);
-                if let Some(user) = user {
-                    match seen.user {
-                        None => seen.user = Some(user),
-                        Some(first) if first == user => {}
-                        Some(_) => {
-                            let more = self.more_users.entry(device).or_default();
-                            if !more.contains(&user) && more.len() < 64 {
-                                more.push(user);
-                            }
+        self.devices.push((
+            device,
+            Device {
+                status: row.status,
+                last_contact: row.last_contact,
+                user: key(row.user_id),
+                grace_end: i64::MIN,
+            },
+        ));
+        Ok(())
+    }
+
+    /// Sorts the rows by device (stably: a device's first row stays first) and merges each
+    /// device's rows into one.
+    pub fn finish(&mut self) -> Result<(), String> {
+        self.devices.sort_by_key(|(id, _)| *id);
+        let more_users = &mut self.more_users;
+        // In place: `seen` is the device's first row, `row` a later one, merged into it.
+        self.devices.dedup_by(|(id, row), (first, seen)| {
+            if id != first {
+                return false;
+            }
+            seen.status = seen.status.max(row.status);
+            seen.last_contact = seen.last_contact.max(row.last_contact);
+            if let Some(user) = row.user {
+                match seen.user {
+                    None => seen.user = Some(user),
+                    Some(known) if known == user => {}
+                    Some(_) => {
+                        let more = more_users.entry(*id).or_default();
+                        if !more.contains(&user) && more.len() < 64 {
+                            more.push(user);
                         }
                     }
                 }
             }
-            std::collections::hash_map::Entry::Vacant(_) if full => {
-                return Err(format!("more than {MAX_DEVICES} devices in one report"));
-            }
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(Device {
-                    status: row.status,
-                    last_contact: row.last_contact,
-                    user,
-                });
-            }
+            true
+        });
+        if self.devices.len() > MAX_DEVICES {
+            return Err(format!("more than {MAX_DEVICES} devices in one report"));
         }
         Ok(())
     }
 
-    /// Empty, with room for `devices` (at most [`MAX_DEVICES`]).
-    pub fn with_capacity(devices: usize) -> Devices {
+    /// Empty, with room for `rows` (at most twice [`MAX_DEVICES`]).
+    pub fn with_capacity(rows: usize) -> Devices {
         Devices {
-            devices: KeyMap::with_capacity_and_hasher(devices.min(MAX_DEVICES), Default::default()),
+            devices: Vec::with_capacity(rows.min(2 * MAX_DEVICES)),
             ..Devices::default()
         }
     }
@@ -216,7 +251,27 @@ impl Devices {
         self.rows
     }
 
-    /// Each device with its users (none for a userless device).
+    /// How many of its devices are in their grace period.
+    pub fn in_grace(&self) -> usize {
+        self.devices
+            .iter()
+            .filter(|(_, d)| d.status == ReportStatus::InGrace)
+            .count()
+    }
+
+    /// Records when `device`'s grace ends, if it is one of these devices and in grace; whether
+    /// it was (after [`Devices::finish`]).
+    pub fn set_grace_end(&mut self, device: Key, end: Timestamp) -> bool {
+        match self.devices.binary_search_by_key(&device, |(id, _)| *id) {
+            Ok(i) if self.devices[i].1.status == ReportStatus::InGrace => {
+                self.devices[i].1.grace_end = end.as_millis();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Each device with its users (none for a userless device), after [`Devices::finish`].
     pub fn iter(&self) -> impl Iterator<Item = (&Device, impl Iterator<Item = Key> + '_)> {
         self.devices.iter().map(|(id, d)| {
             let more = self.more_users.get(id).map_or(&[][..], Vec::as_slice);
@@ -323,6 +378,7 @@ mod tests {
         ] {
             devices.add(&r).unwrap();
         }
+        devices.finish().unwrap();
         assert_eq!((devices.len(), devices.rows()), (3, 4));
         let bob = key(BOB).unwrap();
         let phase = attribute(
@@ -350,6 +406,7 @@ mod tests {
         let device = |status: &str, days_ago| {
             let mut devices = Devices::default();
             devices.add(&row(D1, ALICE, status, days_ago)).unwrap();
+            devices.finish().unwrap();
             *devices.iter().next().unwrap().0
         };
         let validity = Some(30 * DAY);
@@ -386,6 +443,23 @@ mod tests {
         ] {
             assert_eq!(ReportStatus::parse(text), status, "{text}");
         }
+    }
+
+    #[test]
+    fn only_a_device_in_grace_keeps_the_end_of_its_grace() {
+        let mut devices = Devices::default();
+        for r in [row(D1, ALICE, "3", 0), row(D2, BOB, "4", 0)] {
+            devices.add(&r).unwrap();
+        }
+        devices.finish().unwrap();
+        assert_eq!(devices.in_grace(), 1);
+        let end = now().plus(DAY * 2);
+        assert!(devices.set_grace_end(key(D1).unwrap(), end));
+        assert!(!devices.set_grace_end(key(D2).unwrap(), end));
+        assert!(!devices.set_grace_end(key(D3).unwrap(), end));
+        let mut ends: Vec<_> = devices.iter().map(|(d, _)| d.grace_until()).collect();
+        ends.sort();
+        assert_eq!(ends, vec![None, Some(end)]);
     }
 
     #[test]

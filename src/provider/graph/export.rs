@@ -3,10 +3,24 @@
 //! `DeviceStatusByCompliacePolicyReport` (Microsoft's spelling), poll `GET
 //! .../exportJobs('{id}')` until its `status` is `completed`, then download the zip of CSV its
 //! `url` names ("Export Intune reports using Graph APIs",
-//! learn.microsoft.com/mem/intune/fundamentals/reports-export-graph-apis; the report and its
-//! filter by `PolicyId` in "Intune reports and properties available using Graph API",
-//! learn.microsoft.com/intune/device-management/reports/ref-graph-available-reports; the job,
-//! learn.microsoft.com/graph/api/resources/intune-reporting-devicemanagementexportjob). Any of
+//! learn.microsoft.com/mem/intune/fundamentals/reports-export-graph-apis; the job,
+//! learn.microsoft.com/graph/api/resources/intune-reporting-devicemanagementexportjob).
+//!
+//! The reports and columns are those of "Intune reports and properties available using Graph
+//! API" (learn.microsoft.com/intune/device-management/reports/ref-graph-available-reports):
+//! `DeviceStatusByCompliacePolicyReport` lists `AadDeviceId, DeviceId, DeviceName, LastContact,
+//! ManagementAgents, OS, PolicyId, PolicyStatus, UPN, UserId, UserName`, of which `DeviceId`,
+//! `UserId`, `PolicyId`, `PolicyStatus` and `LastContact` are read. That page lists no filter
+//! for the report; the job asks for `(PolicyId eq '<id>')` as the admin center's per-policy view
+//! does, and the reader also drops any row of another policy, so an unfiltered answer counts the
+//! same. Microsoft documents `PolicyStatus` but not its numbers: they are read as third-party
+//! exporters read them (see `devices.rs`), and its words as well, for `ReplaceLocalizableValues`.
+//!
+//! That report says a device is in grace, not until when. When any device is, one more job per
+//! observation asks for `DeviceCompliance` ("Device Compliance Org", every managed device)
+//! with `DeviceId` and `InGracePeriodUntil`, streamed like the first; only the devices in grace
+//! in a policy's report keep the date ([`join_grace_ends`]). It is the device's grace, across its
+//! policies: the moment Intune marks it noncompliant. Any of
 //! `DeviceManagementConfiguration.Read.All` or `DeviceManagementManagedDevices.Read.All` may read
 //! a job; creating one is a POST the app's `DeviceManagementConfiguration.ReadWrite.All` covers.
 //!
@@ -33,8 +47,20 @@ use crate::domain::time::Timestamp;
 use crate::provider::ProviderError;
 
 pub const REPORT_NAME: &str = "DeviceStatusByCompliacePolicyReport";
-/// The columns read: device id, user id, the policy's status for the device, its last contact.
-pub const SELECT: [&str; 4] = ["DeviceId", "UserId", "PolicyStatus", "LastContact"];
+/// The columns read: device id, user id, the policy (to drop other policies' rows), the
+/// policy's status for the device, its last contact.
+pub const SELECT: [&str; 5] = [
+    "DeviceId",
+    "UserId",
+    "PolicyId",
+    "PolicyStatus",
+    "LastContact",
+];
+/// The report with each device's grace end, and its columns read.
+pub const GRACE_REPORT: &str = "DeviceCompliance";
+pub const GRACE_SELECT: [&str; 2] = ["DeviceId", "InGracePeriodUntil"];
+/// `InGracePeriodUntil` at or past this (9999-01-01) is Intune's "never expires".
+const NEVER: i64 = 253_370_764_800_000;
 pub const POLL_EVERY: Duration = Duration::from_secs(10);
 pub const MAX_WAIT: Duration = Duration::from_secs(30 * 60);
 /// The largest zip downloaded, and the most CSV text read out of it.
@@ -46,17 +72,63 @@ pub async fn observe_policy(
     client: &GraphClient,
     policy_id: &str,
 ) -> Result<Devices, ProviderError> {
-    let url = completed_job(client, policy_id).await?;
-    let mut file = tempfile::tempfile()
-        .map_err(|e| ProviderError::transient(format!("a temporary file for the export: {e}")))?;
-    client.download(&url, &mut file, MAX_ZIP_BYTES).await?;
+    let what = format!("the {REPORT_NAME} export of policy {policy_id}");
+    let file = downloaded(client, &job_request(policy_id), &what).await?;
+    let policy = policy_id.to_string();
+    tokio::task::spawn_blocking(move || read_zip(file, &policy).map_err(std::io::Error::other))
+        .await
+        .map_err(|e| ProviderError::transient(format!("reading the export: {e}")))?
+        .map_err(|e| ProviderError::transient(format!("reading {what}: {e}")))
+}
+
+/// Dates the grace of every device in grace in `policies` from one `DeviceCompliance` export;
+/// no job when no device is in grace.
+pub async fn join_grace_ends(
+    client: &GraphClient,
+    mut policies: Vec<Devices>,
+) -> Result<Vec<Devices>, ProviderError> {
+    if policies.iter().all(|d| d.in_grace() == 0) {
+        return Ok(policies);
+    }
+    let what = format!("the {GRACE_REPORT} export");
+    let file = downloaded(client, &grace_request(), &what).await?;
     tokio::task::spawn_blocking(move || {
-        file.rewind()?;
-        read_zip(file).map_err(std::io::Error::other)
+        read_grace_zip(file, |device, end| {
+            for devices in policies.iter_mut() {
+                devices.set_grace_end(device, end);
+            }
+        })
+        .map(|()| policies)
+        .map_err(std::io::Error::other)
     })
     .await
     .map_err(|e| ProviderError::transient(format!("reading the export: {e}")))?
-    .map_err(|e| ProviderError::transient(format!("reading the {REPORT_NAME} export: {e}")))
+    .map_err(|e| ProviderError::transient(format!("reading {what}: {e}")))
+}
+
+/// The zip of a completed job, in an anonymous temporary file rewound to its start.
+async fn downloaded(
+    client: &GraphClient,
+    body: &Value,
+    what: &str,
+) -> Result<std::fs::File, ProviderError> {
+    let url = completed_job(client, body, what).await?;
+    let mut file = tempfile::tempfile()
+        .map_err(|e| ProviderError::transient(format!("a temporary file for the export: {e}")))?;
+    client.download(&url, &mut file, MAX_ZIP_BYTES).await?;
+    file.rewind()
+        .map_err(|e| ProviderError::transient(format!("rewinding the export: {e}")))?;
+    Ok(file)
+}
+
+/// The body that asks for every device's grace end.
+pub fn grace_request() -> Value {
+    json!({
+        "reportName": GRACE_REPORT,
+        "select": GRACE_SELECT,
+        "format": "csv",
+        "localizationType": "localizedValuesAsAdditionalColumn",
+    })
 }
 
 /// The body that asks for the policy's report.
@@ -71,13 +143,16 @@ pub fn job_request(policy_id: &str) -> Value {
 }
 
 /// Creates the job and polls it until it is completed: its download URL.
-async fn completed_job(client: &GraphClient, policy_id: &str) -> Result<String, ProviderError> {
-    let what = format!("the {REPORT_NAME} export of policy {policy_id}");
+async fn completed_job(
+    client: &GraphClient,
+    body: &Value,
+    what: &str,
+) -> Result<String, ProviderError> {
     let mut job = client
         .call(
             Method::POST,
             "/deviceManagement/reports/exportJobs",
-            Some(&job_request(policy_id)),
+            Some(body),
             &[],
             // A job only reads: asking again after a lost answer makes a second, harmless one.
             Access::Read,
@@ -145,8 +220,65 @@ async fn pause(client: &GraphClient, span: Duration) -> Result<(), ProviderError
     }
 }
 
-/// The devices of a report's zip: its CSV file read as a stream.
-pub fn read_zip<R: Read + Seek>(zip: R) -> Result<Devices, String> {
+/// The devices of a report's zip: its CSV file read as a stream, the rows of other policies
+/// than `policy_id` dropped.
+pub fn read_zip<R: Read + Seek>(zip: R, policy_id: &str) -> Result<Devices, String> {
+    with_csv(zip, |entry| {
+        // About 100 bytes a row at least: room for that many rows up front, within the bound.
+        let mut devices = Devices::with_capacity((entry.size() / 100) as usize);
+        read_csv(entry.take(MAX_CSV_BYTES), policy_id, |row| devices.add(row))?;
+        devices.finish()?;
+        Ok(devices)
+    })
+}
+
+/// Hands `each` the device key and grace end of every row of a `DeviceCompliance` zip that
+/// dates one.
+pub fn read_grace_zip<R: Read + Seek>(
+    zip: R,
+    mut each: impl FnMut(super::devices::Key, Timestamp),
+) -> Result<(), String> {
+    with_csv(zip, |entry| {
+        read_grace_csv(entry.take(MAX_CSV_BYTES), &mut each)
+    })
+}
+
+fn read_grace_csv(
+    text: impl Read,
+    each: &mut impl FnMut(super::devices::Key, Timestamp),
+) -> Result<(), String> {
+    let mut reader = csv_reader(text);
+    let header = reader.byte_headers().map_err(|e| e.to_string())?.clone();
+    let (Some(device), Some(until)) = (
+        column(&header, "DeviceId"),
+        column(&header, "InGracePeriodUntil"),
+    ) else {
+        return Err("the report has no DeviceId or InGracePeriodUntil column".into());
+    };
+    let mut record = csv::ByteRecord::new();
+    while reader
+        .read_byte_record(&mut record)
+        .map_err(|e| e.to_string())?
+    {
+        let text = |i| {
+            record
+                .get(i)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or("")
+        };
+        let end = parse_contact(text(until)).filter(|t| t.as_millis() < NEVER);
+        if let (Some(device), Some(end)) = (super::devices::key(text(device)), end) {
+            each(device, end);
+        }
+    }
+    Ok(())
+}
+
+/// `read` of the zip's CSV file, as a stream.
+fn with_csv<R: Read + Seek, T>(
+    zip: R,
+    read: impl FnOnce(zip::read::ZipFile<'_, R>) -> Result<T, String>,
+) -> Result<T, String> {
     let mut archive = zip::ZipArchive::new(zip).map_err(|e| format!("not a zip: {e}"))?;
     let index = (0..archive.len())
         .find(|&i| {
@@ -156,34 +288,40 @@ pub fn read_zip<R: Read + Seek>(zip: R) -> Result<Devices, String> {
             })
         })
         .ok_or("the zip holds no CSV file")?;
-    let entry = archive.by_index(index).map_err(|e| e.to_string())?;
-    // About 60 bytes a row at least: room for that many devices up front, within the bound.
-    let mut devices = Devices::with_capacity((entry.size() / 60) as usize);
-    read_csv(entry.take(MAX_CSV_BYTES), |row| devices.add(row))?;
-    Ok(devices)
+    read(archive.by_index(index).map_err(|e| e.to_string())?)
 }
 
-/// Hands each row of the report's CSV to `row`, by the columns its header names.
-pub fn read_csv(
-    text: impl Read,
-    mut row: impl FnMut(&ReportRow) -> Result<(), String>,
-) -> Result<(), String> {
-    let mut reader = csv::ReaderBuilder::new()
+fn csv_reader<T: Read>(text: T) -> csv::Reader<T> {
+    csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(true)
         .buffer_capacity(1 << 16)
-        .from_reader(text);
+        .from_reader(text)
+}
+
+/// The position of the header's column `name` (any case, after a byte-order mark).
+fn column(header: &csv::ByteRecord, name: &str) -> Option<usize> {
+    header.iter().position(|h| {
+        let h = h.strip_prefix(b"\xef\xbb\xbf").unwrap_or(h);
+        h.eq_ignore_ascii_case(name.as_bytes())
+    })
+}
+
+/// Hands each row of `policy_id`'s report CSV to `row`, by the columns its header names; rows
+/// of another policy (a `PolicyId` column naming another) are skipped.
+pub fn read_csv(
+    text: impl Read,
+    policy_id: &str,
+    mut row: impl FnMut(&ReportRow) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut reader = csv_reader(text);
     let header = reader.byte_headers().map_err(|e| e.to_string())?.clone();
-    let column = |name: &str| {
-        header.iter().position(|h| {
-            let h = h.strip_prefix(b"\xef\xbb\xbf").unwrap_or(h);
-            h.eq_ignore_ascii_case(name.as_bytes())
-        })
-    };
+    let column = |name: &str| column(&header, name);
     let (Some(device), Some(status)) = (column("DeviceId"), column("PolicyStatus")) else {
         return Err("the report has no DeviceId or PolicyStatus column".into());
     };
     let user = column("UserId");
+    let policy = column("PolicyId");
     let last = column("LastContact");
     let mut record = csv::ByteRecord::new();
     fn field(record: &csv::ByteRecord, i: Option<usize>) -> &str {
@@ -195,6 +333,9 @@ pub fn read_csv(
         .read_byte_record(&mut record)
         .map_err(|e| e.to_string())?
     {
+        if policy.is_some() && !field(&record, policy).eq_ignore_ascii_case(policy_id) {
+            continue;
+        }
         row(&ReportRow {
             device_id: field(&record, Some(device)),
             user_id: field(&record, user),
@@ -287,12 +428,13 @@ mod tests {
 
     #[test]
     fn rows_are_read_by_their_header_with_a_bom_and_extra_columns() {
-        let csv = "\u{feff}DeviceId,UserId,PolicyStatus,PolicyStatus_loc,LastContact\n\
-                   d1,u1,4,Not compliant,2026-11-30 10:00:00\n\
-                   d2,,2,Compliant,2026-11-30T10:00:00.1234567Z\n\
-                   d3,u3,1,Unknown,\n";
+        let csv = "\u{feff}DeviceId,UserId,PolicyId,PolicyStatus,PolicyStatus_loc,LastContact\n\
+                   d1,u1,p,4,Not compliant,2026-11-30 10:00:00\n\
+                   d2,,P,2,Compliant,2026-11-30T10:00:00.1234567Z\n\
+                   d9,u9,other,4,Not compliant,2026-11-30 10:00:00\n\
+                   d3,u3,p,1,Unknown,\n";
         let mut rows = Vec::new();
-        read_csv(csv.as_bytes(), |r| {
+        read_csv(csv.as_bytes(), "p", |r| {
             rows.push((
                 r.device_id.to_string(),
                 r.user_id.to_string(),
@@ -323,8 +465,8 @@ mod tests {
                 ("d3".into(), "u3".into(), ReportStatus::Unknown, None),
             ]
         );
-        assert!(read_csv("Name\nx\n".as_bytes(), |_| Ok(())).is_err());
-        assert!(read_zip(std::io::Cursor::new(b"not a zip".to_vec())).is_err());
+        assert!(read_csv("Name\nx\n".as_bytes(), "p", |_| Ok(())).is_err());
+        assert!(read_zip(std::io::Cursor::new(b"not a zip".to_vec()), "p").is_err());
     }
 
     #[test]
@@ -351,6 +493,37 @@ mod tests {
         assert_eq!(parse_contact("2026-13-30T10:00:00Z"), None);
         // Other shapes are the general parser's.
         assert_eq!(fast_utc(b"2026-11-30T10:00:00+02:00"), None);
+    }
+
+    #[test]
+    fn the_grace_report_dates_devices_and_never_is_no_date() {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        zip.start_file(
+            "DeviceCompliance.csv",
+            zip::write::SimpleFileOptions::default(),
+        )
+        .unwrap();
+        zip.write_all(
+            b"DeviceId,InGracePeriodUntil\n\
+              00000000-0000-4000-a000-000000000001,2026-12-03T10:00:00Z\n\
+              00000000-0000-4000-a000-000000000002,9999-12-31T23:59:59Z\n\
+              ,2026-12-03T10:00:00Z\n\
+              00000000-0000-4000-a000-000000000003,\n",
+        )
+        .unwrap();
+        let bytes = zip.finish().unwrap().into_inner();
+        let mut dated = Vec::new();
+        read_grace_zip(std::io::Cursor::new(bytes), |d, t| dated.push((d, t))).unwrap();
+        assert_eq!(
+            dated,
+            vec![(
+                super::super::devices::key("00000000-0000-4000-a000-000000000001").unwrap(),
+                Timestamp::parse_rfc3339("2026-12-03T10:00:00Z").unwrap()
+            )]
+        );
+        assert_eq!(grace_request()["reportName"], GRACE_REPORT);
+        assert!(grace_request().get("filter").is_none());
     }
 
     #[test]

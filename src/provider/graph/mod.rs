@@ -1462,7 +1462,18 @@ impl GraphProvider {
         let (exports, members, validity) =
             tokio::try_join!(exports, members, async { Ok(self.validity_period().await) })?;
         let members: BTreeMap<String, HashSet<Key>> = members.into_iter().collect();
+        // The moment the policies' reports describe; the grace ends are read after it.
         let now = self.client.now();
+        let (policies, devices): (Vec<_>, Vec<_>) = exports
+            .into_iter()
+            .map(|(platform, id, devices)| ((platform, id), devices))
+            .unzip();
+        let devices = export::join_grace_ends(client, devices).await?;
+        let exports: Vec<_> = policies
+            .into_iter()
+            .zip(devices)
+            .map(|((platform, id), devices)| (platform, id, devices))
+            .collect();
         let relied_enforces = record.role() == CaRole::Relied
             && view
                 .conditional_access
@@ -1506,32 +1517,40 @@ impl GraphProvider {
                     .policies
                     .get(id)
                     .is_some_and(mapping::sends_notification);
-                let phase = attribute(devices, now, validity, in_scope, |_, state, at, user| {
-                    let next = owners.len() as u32;
-                    let owner = *owners.entry(user).or_insert(next);
-                    let groups = label_groups
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, g)| in_group(g, user))
-                        .fold(0u64, |bits, (i, _)| bits | 1 << i);
-                    DeviceReport {
-                        state,
-                        last_reported: at,
-                        blocked: state == DeviceState::Noncompliant && enforcing,
-                        // The report says a device is in its grace period, not until when.
-                        grace_until: None,
-                        facts: DeviceFacts {
-                            owner: Some(owner),
-                            groups,
-                            failing: 0,
-                            notified: tells
-                                && matches!(
-                                    state,
-                                    DeviceState::Noncompliant | DeviceState::InGrace
-                                ),
-                        },
-                    }
-                });
+                let phase = attribute(
+                    devices,
+                    now,
+                    validity,
+                    in_scope,
+                    |device, state, at, user| {
+                        let next = owners.len() as u32;
+                        let owner = *owners.entry(user).or_insert(next);
+                        let groups = label_groups
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, g)| in_group(g, user))
+                            .fold(0u64, |bits, (i, _)| bits | 1 << i);
+                        DeviceReport {
+                            state,
+                            last_reported: at,
+                            blocked: state == DeviceState::Noncompliant && enforcing,
+                            // From the grace report (`export::join_grace_ends`).
+                            grace_until: device
+                                .grace_until()
+                                .filter(|_| state == DeviceState::InGrace),
+                            facts: DeviceFacts {
+                                owner: Some(owner),
+                                groups,
+                                failing: 0,
+                                notified: tells
+                                    && matches!(
+                                        state,
+                                        DeviceState::Noncompliant | DeviceState::InGrace
+                                    ),
+                            },
+                        }
+                    },
+                );
                 without_user += phase.userless;
                 platforms.push((*platform, phase.reports));
             }
