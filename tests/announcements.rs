@@ -64,12 +64,33 @@ struct Relay {
     mail: Arc<Mutex<Vec<Value>>>,
 }
 
+/// Installs aiosmtpd on first use when it is missing (as the dashboard test installs its
+/// browser), so `cargo test` on a fresh machine needs no step of its own; once per test process.
+fn install_smtp_server() {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let script = format!(
+            "{}/tests/support/install-smtp-server",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let status = Command::new("bash")
+            .arg(&script)
+            .status()
+            .unwrap_or_else(|e| panic!("{script}: {e}"));
+        assert!(
+            status.success(),
+            "{script} failed: install aiosmtpd (pip install aiosmtpd)"
+        );
+    });
+}
+
 impl Relay {
     fn start(cert: &str, key: &str) -> Relay {
         Relay::start_on(free_port(), cert, key)
     }
 
     fn start_on(port: u16, cert: &str, key: &str) -> Relay {
+        install_smtp_server();
         let python = std::env::var("PHASEGATE_PYTHON").unwrap_or_else(|_| "python3".into());
         let script = format!(
             "{}/tests/support/smtp-server.py",
