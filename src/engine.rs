@@ -400,16 +400,57 @@ impl Engine<'_> {
             )));
         }
         let approves_plan = matches!(kind, EventKind::PlanChangeApproved { .. });
+        let approval = match &kind {
+            EventKind::ApprovalGranted { phase, ticket, .. } => {
+                Some((phase.clone(), ticket.clone()))
+            }
+            _ => None,
+        };
         let event = Event {
             kind,
             trigger: Trigger::user(by, reason),
         };
         let now = now.max(loaded.stored.rollout.updated_at);
-        let record = self.apply(loaded, event, now, None)?;
+        let record = match (self.apply(loaded, event, now, None), approval) {
+            (Err(EngineError::Rejected(why)), Some((phase, ticket))) => {
+                self.record_refusal(loaded, phase, ticket, &why, by, reason, now)?;
+                return Err(EngineError::Rejected(why));
+            }
+            (result, _) => result?,
+        };
         if approves_plan && let Some(adopted) = self.adopt_approved_plan(loaded, now)? {
             return Ok(Some(adopted));
         }
         Ok(record)
+    }
+
+    /// Records that an approval was refused, and why, so the audit trail holds every attempt: the
+    /// refusal changes nothing but the trail. An attempt with no identity names nobody to record.
+    #[allow(clippy::too_many_arguments)]
+    fn record_refusal(
+        &self,
+        loaded: &mut Loaded,
+        phase: String,
+        ticket: Option<String>,
+        why: &Rejection,
+        by: &str,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        if by.trim().is_empty() {
+            return Ok(());
+        }
+        let event = Event {
+            kind: EventKind::ApprovalRefused {
+                phase,
+                ticket,
+                why: why.to_string(),
+            },
+            trigger: Trigger::user(by, reason),
+        };
+        let transition = machine::step(&loaded.plan, &loaded.stored.rollout, &event, now)?;
+        self.commit_transition(loaded, transition, event, now, None, None)?;
+        Ok(())
     }
 
     /// A person applies the plan in `source` (read from `path`) to a running rollout. One that

@@ -84,6 +84,44 @@ fn a_two_approver_phase_needs_two_people_other_than_the_starter() {
         "{}",
         stderr(&out)
     );
+    // Every refused approval is in the audit trail: who tried, and why it was refused.
+    let history = pg.json(&["history", &id]);
+    let refused: Vec<(String, String)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"]["kind"]["type"] == "approval_refused")
+        .map(|e| {
+            (
+                e["event"]["trigger"]["actor"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                e["event"]["kind"]["why"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(refused.len(), 4, "{history}");
+    let who: Vec<&str> = refused.iter().map(|(who, _)| who.as_str()).collect();
+    assert_eq!(
+        who,
+        ["alice", "ALICE", "Alice", "BOB"],
+        "the name as it was given"
+    );
+    assert!(
+        refused[..3]
+            .iter()
+            .all(|(_, why)| why.contains("separation of duties")),
+        "{refused:?}"
+    );
+    assert!(
+        refused[3].1.contains("bob has already approved"),
+        "{refused:?}"
+    );
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
     // Nobody is not a person: an empty name, given or defaulted, exits 2 and records nothing.
     let events = pg.json(&["history", &id]).as_array().unwrap().len();
     for by in ["", "   "] {

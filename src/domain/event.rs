@@ -109,6 +109,14 @@ pub enum EventKind {
     ApprovalRejected {
         phase: String,
     },
+    /// An approval the rules refused (separation of duties, not an approver, a stale digest, a
+    /// missing ticket, ...): recorded for the audit trail, it changes nothing else.
+    ApprovalRefused {
+        phase: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ticket: Option<String>,
+        why: String,
+    },
     PauseRequested,
     ResumeRequested,
     /// Roll back to `to`, or by one phase when `None`.
@@ -270,6 +278,7 @@ impl EventKind {
             EventKind::Tick => "tick",
             EventKind::ApprovalGranted { .. } => "approval_granted",
             EventKind::ApprovalRejected { .. } => "approval_rejected",
+            EventKind::ApprovalRefused { .. } => "approval_refused",
             EventKind::PauseRequested => "pause_requested",
             EventKind::ResumeRequested => "resume_requested",
             EventKind::RollbackRequested { .. } => "rollback_requested",

@@ -1141,6 +1141,11 @@ fn event_detail(kind: &EventKind) -> String {
             text
         }
         EventKind::ApprovalRejected { phase } => format!("rejects <code>{}</code>", Esc(phase)),
+        EventKind::ApprovalRefused { phase, why, .. } => format!(
+            "approval of <code>{}</code> refused: {}",
+            Esc(phase),
+            Esc(why)
+        ),
         EventKind::RollbackRequested { to: Some(to) } => format!("to <code>{}</code>", Esc(to)),
         EventKind::RollbackRequested { to: None } => "by one phase".to_string(),
         EventKind::Reconciled { effect, changes } => format!(

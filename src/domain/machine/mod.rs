@@ -259,6 +259,7 @@ impl Machine<'_> {
                 digest,
             } => self.approve(phase, ticket, comment, digest.as_deref()),
             EventKind::ApprovalRejected { phase } => self.reject(phase),
+            EventKind::ApprovalRefused { .. } => Ok(()),
             EventKind::PauseRequested => self.pause(),
             EventKind::ResumeRequested => self.resume(),
             EventKind::RollbackRequested { to } => self.rollback_requested(to.as_deref()),
