@@ -63,9 +63,8 @@ impl DnsServer {
                     let (name, handler) = zone(origin, records);
                     catalog.upsert(name, vec![handler]);
                 }
-                let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                let (udp, tcp) = udp_and_tcp_on_one_port().await;
                 let addr = udp.local_addr().unwrap();
-                let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
                 let mut server = Server::new(catalog);
                 server.register_socket(udp);
                 server.register_listener(tcp, std::time::Duration::from_secs(5), 64);
@@ -85,6 +84,21 @@ impl DnsServer {
     fn resolver(&self) -> String {
         self.addr.to_string()
     }
+}
+
+/// A UDP socket and a TCP listener on the same free loopback port, as a DNS server answers on
+/// both. The port the system picks for UDP may be taken for TCP (by another test's connection):
+/// then another port is tried, a bounded number of times.
+async fn udp_and_tcp_on_one_port() -> (tokio::net::UdpSocket, tokio::net::TcpListener) {
+    let mut last = None;
+    for _ in 0..64 {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        match tokio::net::TcpListener::bind(udp.local_addr().unwrap()).await {
+            Ok(tcp) => return (udp, tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("no loopback port free for both UDP and TCP: {last:?}");
 }
 
 impl Drop for DnsServer {
