@@ -596,6 +596,82 @@ fn a_ready_tenant_passes_and_its_verified_domains_are_checked() {
     );
 }
 
+/// A directory approver group (`[directory_approvers]`) must exist in the tenant: one the tenant
+/// lacks is an error naming it and how to fix it, and `start` refuses the plan; one it has is ok.
+#[test]
+fn a_directory_approver_group_the_tenant_lacks_is_an_error_and_refuses_the_start() {
+    let emulator = Emulator::spawn(&["--client-secret", SECRET, "--devices", "300"]);
+    let dir = tempfile::tempdir().unwrap();
+    let plan_with = |directory: &str| {
+        let path = graph_plan(dir.path(), &emulator, "windows-baseline-graph.toml", "");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text
+            .replacen(
+                "[[phase]]",
+                &format!("[directory_approvers]\nboard = \"{directory}\"\n\n[[phase]]"),
+                1,
+            )
+            .replacen(
+                "approvals = 1",
+                "approvals = 1\napprover_groups = [\"board\"]",
+                1,
+            );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let preflight = |plan: &Path| {
+        let out = phasegate(
+            dir.path(),
+            &["--output", "json", "preflight", plan.to_str().unwrap()],
+        );
+        (code(&out), json(&out))
+    };
+
+    let plan = plan_with("Change Advisory Board");
+    let (exit, report) = preflight(&plan);
+    assert_eq!(exit, 5, "{report}");
+    let found = findings(&report, "approver-groups");
+    assert_eq!(found.len(), 1, "{report}");
+    assert_eq!(found[0]["level"], "error");
+    let message = found[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`Change Advisory Board` (approver group `board`) not found"),
+        "{message}"
+    );
+    assert!(
+        found[0]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("create the group `Change Advisory Board` in Entra ID"),
+        "{}",
+        found[0]
+    );
+    // `start` runs the preflight and refuses, writing nothing to the tenant.
+    let out = phasegate(dir.path(), &["start", plan.to_str().unwrap()]);
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("`Change Advisory Board` (approver group `board`) not found"),
+        "{}",
+        stderr(&out)
+    );
+    let ledger = emulator.get("/_emulator/ledger");
+    assert_eq!(ledger["value"].as_array().unwrap().len(), 0);
+
+    // The same group named by display name in another case, as Graph compares it, is found.
+    let plan = plan_with("it");
+    let (exit, report) = preflight(&plan);
+    let found = findings(&report, "approver-groups");
+    assert_eq!(found.len(), 1, "{report}");
+    assert_eq!(found[0]["level"], "ok", "{report}");
+    assert!(
+        found[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("board (`it`)")
+    );
+    assert_eq!(exit, 0, "{report}");
+}
+
 #[test]
 fn a_wipe_in_the_schedule_is_refused_unless_the_plan_allows_it() {
     let emulator = Emulator::spawn(&[

@@ -1536,6 +1536,10 @@ impl Tenant {
         }
         let meta = call.metadata();
         match (call.method, segments.as_slice()) {
+            // "List groups" with `$filter=displayName eq '…'`: the matching groups in `value`,
+            // an empty `value` when none matches (https://learn.microsoft.com/graph/api/group-list);
+            // "Get group" by id: 404 `Request_ResourceNotFound` for an id the directory lacks
+            // (https://learn.microsoft.com/graph/api/group-get).
             ("GET", ["groups"]) => {
                 let items: Vec<Value> = self
                     .groups

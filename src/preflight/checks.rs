@@ -104,6 +104,7 @@ pub const APNS: &str = "apns-certificate";
 pub const POLICY: &str = "compliance-policy";
 pub const TEMPLATE: &str = "notification-template";
 pub const GROUPS: &str = "groups";
+pub const APPROVERS: &str = "approver-groups";
 pub const TENANT: &str = "tenant-settings";
 pub const OVERLAP: &str = "conditional-access";
 pub const MFA: &str = "mfa";
@@ -595,6 +596,63 @@ pub fn groups(groups: &[(String, Lookup<FoundGroup>)]) -> Vec<Finding> {
     findings
 }
 
+/// Every directory group the plan's `[directory_approvers]` names exists and has members:
+/// otherwise nobody in it could ever approve, and the phases that ask it would wait for good.
+/// Each entry is (approver group, directory group, what was found).
+pub fn approver_groups(groups: &[(String, String, Lookup<FoundGroup>)]) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let mut fine = Vec::new();
+    for (group, directory, found) in groups {
+        let fix_name = format!(
+            "create the group `{directory}` in Entra ID, or point `[directory_approvers]` {group} at an existing group (display name or object id)"
+        );
+        match found {
+            Lookup::Found(g) if g.has_members => fine.push(format!("{group} (`{directory}`)")),
+            Lookup::Found(_) => findings.push(Finding::error(
+                APPROVERS,
+                format!(
+                    "directory group `{directory}` (approver group `{group}`) has no members: nobody could approve the phases that ask it"
+                ),
+                format!("add the approvers to `{directory}` in Entra ID, or name another group"),
+            )),
+            Lookup::Missing => findings.push(Finding::error(
+                APPROVERS,
+                format!(
+                    "directory group `{directory}` (approver group `{group}`) not found in the tenant"
+                ),
+                fix_name,
+            )),
+            Lookup::Ambiguous(n) => findings.push(Finding::error(
+                APPROVERS,
+                format!(
+                    "directory group `{directory}` (approver group `{group}`) is ambiguous: {n} groups share the name"
+                ),
+                format!("name the group by its object id in `[directory_approvers]` {group}"),
+            )),
+            Lookup::Failed(why) => findings.push(Finding::error(
+                APPROVERS,
+                format!(
+                    "directory group `{directory}` (approver group `{group}`): cannot be read ({why})"
+                ),
+                "grant the app GroupMember.Read.All and User.Read.All (see docs/graph.md)",
+            )),
+        }
+    }
+    if !fine.is_empty() {
+        findings.insert(
+            0,
+            Finding::ok(
+                APPROVERS,
+                format!(
+                    "directory approver groups with members: {}",
+                    fine.join(", ")
+                ),
+            ),
+        );
+    }
+    findings
+}
+
 /// The tenant's compliance settings (`deviceManagementSettings`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TenantSettings {
@@ -790,6 +848,11 @@ pub fn needed_roles(plan: &Plan, reads_domains: bool) -> Vec<(&'static str, &'st
     }
     if !plan.emergency_access.users.is_empty() {
         roles.push(("User.Read.All", "the emergency-access users"));
+    } else if !plan.directory_approvers.is_empty() {
+        roles.push((
+            "User.Read.All",
+            "the names of the directory approver groups' members",
+        ));
     }
     if reads_domains {
         roles.push(("Organization.Read.All", "the tenant's verified domains"));

@@ -62,6 +62,9 @@ pub async fn run(plan: &Plan, options: &Options) -> Result<Report, String> {
             ] {
                 findings.push(Finding::skipped(check, SIMULATED));
             }
+            if !plan.directory_approvers.is_empty() {
+                findings.push(Finding::skipped(checks::APPROVERS, SIMULATED));
+            }
         }
     }
     Ok(Report {
@@ -200,6 +203,7 @@ fn of_tenant(plan: &Plan, settings: &PreflightSettings, facts: &TenantFacts) -> 
         findings.push(checks::notification_template(name, template));
     }
     findings.extend(checks::groups(&facts.groups));
+    findings.extend(checks::approver_groups(&facts.approver_groups));
     findings.extend(checks::tenant_settings(&facts.settings));
     let scope = scope(plan, facts);
     match &facts.conditional_access {

@@ -231,6 +231,54 @@ fn an_empty_or_missing_group_is_an_error() {
     assert!(findings[2].message.contains("`Gone` not found"));
 }
 
+#[test]
+fn a_directory_approver_group_the_tenant_lacks_or_that_is_empty_is_an_error_naming_it() {
+    let findings = approver_groups(&[
+        (
+            "board".into(),
+            "IT".into(),
+            Lookup::Found(FoundGroup {
+                id: "g1".into(),
+                has_members: true,
+            }),
+        ),
+        (
+            "cab".into(),
+            "Change Advisory Board".into(),
+            Lookup::Missing,
+        ),
+        (
+            "empty".into(),
+            "Nobody".into(),
+            Lookup::Found(FoundGroup {
+                id: "g2".into(),
+                has_members: false,
+            }),
+        ),
+        ("twice".into(), "Twins".into(), Lookup::Ambiguous(2)),
+    ]);
+    assert_eq!(findings.len(), 4);
+    assert_eq!(findings[0].level, Level::Ok);
+    assert!(findings[0].message.contains("board (`IT`)"));
+    assert!(findings[1..].iter().all(|f| f.level == Level::Error));
+    assert!(
+        findings[1]
+            .message
+            .contains("`Change Advisory Board` (approver group `cab`) not found")
+    );
+    assert!(
+        findings[1]
+            .fix
+            .as_deref()
+            .unwrap()
+            .contains("`[directory_approvers]` cab")
+    );
+    assert!(findings[2].message.contains("has no members"));
+    assert!(findings[3].message.contains("ambiguous"));
+    // A plan without directory approver groups has nothing to check.
+    assert!(approver_groups(&[]).is_empty());
+}
+
 fn ca(
     name: &str,
     state: &str,

@@ -32,6 +32,9 @@ pub struct TenantFacts {
     pub template: Option<(String, Lookup<FoundTemplate>)>,
     /// The groups the phases include (All Users aside), with what was found.
     pub groups: Vec<(String, Lookup<FoundGroup>)>,
+    /// The plan's `[directory_approvers]`: approver group, the directory group it names, and what
+    /// was found of it.
+    pub approver_groups: Vec<(String, String, Lookup<FoundGroup>)>,
     pub settings: Result<TenantSettings, String>,
     pub conditional_access: Result<Vec<CaPolicy>, String>,
 }
@@ -67,6 +70,7 @@ pub async fn read(
             None => None,
         },
         groups: reader.groups(plan).await,
+        approver_groups: reader.approver_groups(plan).await,
         settings: reader.settings().await,
         conditional_access: reader.conditional_access().await,
     })
@@ -251,28 +255,45 @@ impl Reader<'_> {
             .collect();
         let mut facts = Vec::new();
         for name in names {
-            let found = match self.named("/groups", name, "$select=id,displayName").await {
-                Lookup::Found(group) => {
-                    let id = group["id"].as_str().unwrap_or_default().to_string();
-                    let path = format!(
-                        "/groups/{}/transitiveMembers?$select=id&$top=1",
-                        encode(&id)
-                    );
-                    match self.get(&path).await {
-                        Ok(body) => Lookup::Found(FoundGroup {
-                            has_members: body["value"].as_array().is_some_and(|v| !v.is_empty()),
-                            id,
-                        }),
-                        Err(e) => Lookup::Failed(e.message),
-                    }
-                }
-                Lookup::Missing => Lookup::Missing,
-                Lookup::Ambiguous(n) => Lookup::Ambiguous(n),
-                Lookup::Failed(why) => Lookup::Failed(why),
-            };
-            facts.push((name.to_string(), found));
+            facts.push((name.to_string(), self.group(name).await));
         }
         facts
+    }
+
+    /// The directory groups the plan's `[directory_approvers]` name, each with whether it has
+    /// any member: a group the tenant lacks, or an empty one, leaves nobody able to approve.
+    async fn approver_groups(&self, plan: &Plan) -> Vec<(String, String, Lookup<FoundGroup>)> {
+        let mut facts = Vec::new();
+        for (group, directory) in &plan.directory_approvers {
+            let found = self.group(directory).await;
+            facts.push((group.clone(), directory.clone(), found));
+        }
+        facts
+    }
+
+    /// One group by display name or id (`GET /groups?$filter=displayName eq '…'`, or
+    /// `GET /groups/{id}`, https://learn.microsoft.com/graph/api/group-list and
+    /// https://learn.microsoft.com/graph/api/group-get), and whether it has a member.
+    async fn group(&self, name: &str) -> Lookup<FoundGroup> {
+        match self.named("/groups", name, "$select=id,displayName").await {
+            Lookup::Found(group) => {
+                let id = group["id"].as_str().unwrap_or_default().to_string();
+                let path = format!(
+                    "/groups/{}/transitiveMembers?$select=id&$top=1",
+                    encode(&id)
+                );
+                match self.get(&path).await {
+                    Ok(body) => Lookup::Found(FoundGroup {
+                        has_members: body["value"].as_array().is_some_and(|v| !v.is_empty()),
+                        id,
+                    }),
+                    Err(e) => Lookup::Failed(e.message),
+                }
+            }
+            Lookup::Missing => Lookup::Missing,
+            Lookup::Ambiguous(n) => Lookup::Ambiguous(n),
+            Lookup::Failed(why) => Lookup::Failed(why),
+        }
     }
 
     /// `deviceManagement`'s `settings` (learn.microsoft.com/graph/api/resources/
