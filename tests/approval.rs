@@ -570,3 +570,77 @@ fn an_approval_pinned_to_a_digest_the_evidence_no_longer_has_is_refused() {
         .unwrap();
     assert_eq!(granted["event"]["kind"]["digest"], digest.as_str());
 }
+
+/// `status` and `approvals` (text and JSON) say when the rollout last read each directory
+/// approver group, from where, and how long ago: approvals are judged against that snapshot.
+#[test]
+fn status_and_approvals_show_when_the_approver_snapshot_was_read_and_its_age() {
+    let pg = Phasegate::offline();
+    let id = started(&pg, |t| {
+        t.replacen(
+            "[[phase]]",
+            "[directory_approvers]\nboard = \"IT\"\n\n[[phase]]",
+            1,
+        )
+        .replacen(
+            "approvals = 1",
+            "approvals = 1\napprover_groups = [\"board\"]",
+            1,
+        )
+    });
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let history = pg.json(&["history", &id]);
+    let read = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["event"]["kind"]["type"] == "approvers_read")
+        .expect("the directory was read");
+    let recorded = &read["event"]["kind"]["groups"]["board"];
+    // The trail keeps the instant in milliseconds.
+    let read_ms = recorded["read_at"].as_u64().expect("read_at");
+    let members = recorded["members"].as_array().unwrap().len();
+
+    let status = pg.status(&id);
+    let snapshots = status["approver_snapshots"].as_array().unwrap();
+    assert_eq!(snapshots.len(), 1, "{status}");
+    let snapshot = &snapshots[0];
+    assert_eq!(snapshot["group"], "board");
+    assert_eq!(snapshot["directory"], "IT");
+    let source = snapshot["source"].as_str().unwrap().to_string();
+    assert!(source.starts_with("simulator"), "{snapshot}");
+    let read_at = snapshot["read_at"].as_str().unwrap().to_string();
+    assert_eq!(snapshot["members"], members);
+    assert!(snapshot["error"].is_null());
+    // Its age is counted on the rollout's clock, up to its latest event at least.
+    let secs = |t: &str| {
+        humantime::parse_rfc3339(t)
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    assert_eq!(secs(&read_at), read_ms / 1000, "{snapshot}");
+    let updated = secs(status["updated_at"].as_str().unwrap());
+    let age = snapshot["age_seconds"].as_u64().unwrap();
+    assert!(age >= updated - secs(&read_at), "{snapshot} {status}");
+    assert!(!snapshot["age"].as_str().unwrap().is_empty());
+
+    let pending = pg.json(&["approvals", &id]);
+    let shown = &pending[0]["approver_snapshots"];
+    assert_eq!(shown.as_array().unwrap().len(), 1, "{pending}");
+    assert_eq!(shown[0]["group"], "board");
+    assert_eq!(shown[0]["read_at"], read_at.as_str());
+    assert_eq!(shown[0]["age_seconds"], age);
+
+    let line = format!("approver group board: `IT` read from {source} at {read_at} (");
+    let text = stdout(&pg.run(&["status", &id]));
+    assert!(
+        text.contains(&line) && text.contains(&format!("ago): {members} member identities")),
+        "{text}"
+    );
+    let text = stdout(&pg.run(&["approvals", &id]));
+    assert!(text.contains(&line), "{text}");
+}

@@ -145,10 +145,12 @@ type ApiResult = Result<Response, ApiError>;
 
 fn view_of(store: &Store, id: &str) -> Result<Value, ApiError> {
     let loaded = engine::load(store, id)?;
-    Ok(
-        serde_json::to_value(rollout_view(&loaded.plan, &loaded.stored.rollout))
-            .expect("views serialize"),
-    )
+    Ok(serde_json::to_value(rollout_view(
+        &loaded.plan,
+        &loaded.stored.rollout,
+        crate::provider::view_now(store, &loaded),
+    ))
+    .expect("views serialize"))
 }
 
 async fn openapi() -> Response {

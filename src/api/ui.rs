@@ -6,6 +6,7 @@
 //! checks the role again, and approving or rejecting needs the confirmation box ticked. Pages are
 //! sent with a Content-Security-Policy that allows nothing from elsewhere.
 
+use crate::provider;
 use axum::Form;
 use axum::Router;
 use axum::extract::{Path, State};
@@ -126,7 +127,13 @@ async fn index(State(state): State<ApiState>, parts: Parts) -> Response {
         Ok(rollouts) => rollouts
             .iter()
             .filter_map(|r| engine::load(&state.store, &r.rollout.id).ok())
-            .map(|l| rollout_view(&l.plan, &l.stored.rollout))
+            .map(|l| {
+                rollout_view(
+                    &l.plan,
+                    &l.stored.rollout,
+                    provider::view_now(&state.store, &l),
+                )
+            })
             .collect::<Vec<_>>(),
         Err(e) => return ApiError::from(e).into_response(),
     };
@@ -140,7 +147,11 @@ async fn rollout(State(state): State<ApiState>, Path(id): Path<String>, parts: P
     };
     let render = || -> Result<String, ApiError> {
         let loaded = engine::load(&state.store, &id)?;
-        let view = rollout_view(&loaded.plan, &loaded.stored.rollout);
+        let view = rollout_view(
+            &loaded.plan,
+            &loaded.stored.rollout,
+            provider::view_now(&state.store, &loaded),
+        );
         let history = crate::cli::view::audit_trail(state.store.events(&id)?);
         let verified = state.store.verify(&id)?;
         let csrf = csrf(&token);

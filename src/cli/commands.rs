@@ -331,7 +331,8 @@ pub async fn start(
         Output::Text => say!("{id}"),
         Output::Json => {
             let loaded = engine::load(&store, &id)?;
-            print_json(&rollout_view(&loaded.plan, &loaded.stored.rollout));
+            let now = provider::view_now(&store, &loaded);
+            print_json(&rollout_view(&loaded.plan, &loaded.stored.rollout, now));
         }
     }
     Ok(exit::OK)
@@ -477,7 +478,7 @@ fn finish_run(ctx: &Context, store: &Store, ids: &[String], failed: bool) -> Com
         if ctx.output == Output::Text {
             say!("{}: {} — {}", rollout.id, rollout.status, rollout.reason);
         }
-        views.push(rollout_view(&loaded.plan, rollout));
+        views.push(rollout_view(&loaded.plan, rollout, rollout.updated_at));
     }
     if ctx.output == Output::Json {
         print_json(&views);
@@ -508,7 +509,8 @@ pub async fn status(ctx: &Context, id: Option<&str>, watch: bool) -> CommandResu
         Output::Json => match id {
             Some(id) => {
                 let loaded = engine::load(&store, id)?;
-                print_json(&rollout_view(&loaded.plan, &loaded.stored.rollout))
+                let now = provider::view_now(&store, &loaded);
+                print_json(&rollout_view(&loaded.plan, &loaded.stored.rollout, now))
             }
             None => print_json(&all_views(&store)?),
         },
@@ -523,7 +525,11 @@ fn all_views(store: &Store) -> Result<Vec<view::RolloutView>, Failure> {
         .iter()
         .map(|r| {
             let l = engine::load(store, &r.rollout.id)?;
-            Ok(rollout_view(&l.plan, &l.stored.rollout))
+            Ok(rollout_view(
+                &l.plan,
+                &l.stored.rollout,
+                provider::view_now(store, &l),
+            ))
         })
         .collect()
 }
@@ -533,7 +539,12 @@ pub fn status_text(store: &Store, id: Option<&str>, dir: &Path) -> Result<String
     match id {
         Some(id) => {
             let loaded = engine::load(store, id)?;
-            Ok(text::rollout_detail(&loaded.plan, &loaded.stored.rollout))
+            let now = provider::view_now(store, &loaded);
+            Ok(text::rollout_detail(
+                &loaded.plan,
+                &loaded.stored.rollout,
+                now,
+            ))
         }
         None => {
             let loaded = store
@@ -599,7 +610,11 @@ async fn status_watch(ctx: &Context, id: &str) -> CommandResult {
             let store = Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?;
             let loaded = engine::load(&store, id)?;
             (
-                text::rollout_detail(&loaded.plan, &loaded.stored.rollout),
+                text::rollout_detail(
+                    &loaded.plan,
+                    &loaded.stored.rollout,
+                    provider::view_now(&store, &loaded),
+                ),
                 loaded.stored.rollout.status,
             )
         };
@@ -802,9 +817,11 @@ pub fn pending_approvals(
     let mut pending = Vec::new();
     for id in ids {
         let loaded = engine::load(store, &id)?;
+        let now = provider::view_now(store, &loaded);
         pending.extend(view::pending_approvals(
             &loaded.plan,
             &loaded.stored.rollout,
+            now,
         ));
     }
     Ok(pending)
@@ -1095,7 +1112,11 @@ pub(super) fn print_decision(ctx: &Context, id: &str, view: &serde_json::Value) 
 /// A decision recorded here: its notes and where the rollout stands.
 fn print_local(ctx: &Context, loaded: &engine::Loaded, record: Option<&EventRecord>) {
     match ctx.output {
-        Output::Json => print_json(&rollout_view(&loaded.plan, &loaded.stored.rollout)),
+        Output::Json => print_json(&rollout_view(
+            &loaded.plan,
+            &loaded.stored.rollout,
+            loaded.stored.rollout.updated_at,
+        )),
         Output::Text => {
             let rollout = &loaded.stored.rollout;
             if let Some(record) = record {
@@ -1156,7 +1177,11 @@ pub(super) async fn submit(
     let record = engine.submit(id, kind, by, reason, now)?;
     let loaded = engine::load(&store, id)?;
     match ctx.output {
-        Output::Json => print_json(&rollout_view(&loaded.plan, &loaded.stored.rollout)),
+        Output::Json => print_json(&rollout_view(
+            &loaded.plan,
+            &loaded.stored.rollout,
+            loaded.stored.rollout.updated_at,
+        )),
         Output::Text => {
             let rollout = &loaded.stored.rollout;
             if let Some(record) = &record {

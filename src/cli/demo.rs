@@ -159,7 +159,10 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
     match output {
         Output::Text => {
             say!();
-            say_raw!("{}", super::text::rollout_detail(&loaded.plan, rollout));
+            say_raw!(
+                "{}",
+                super::text::rollout_detail(&loaded.plan, rollout, end_at)
+            );
             say!(
                 "\n{}: {} after {} of simulated time ({} ms of wall time)",
                 rollout.id,
@@ -177,7 +180,7 @@ pub async fn run(output: Output, devices: u32, seed: u64) -> CommandResult {
                 simulated_duration: view::span(start_at, end_at),
                 wall_ms,
                 timeline,
-                rollout: rollout_view(&loaded.plan, rollout),
+                rollout: rollout_view(&loaded.plan, rollout, end_at),
             };
             say!(
                 "{}",

@@ -9,7 +9,7 @@ use super::view::{self, Text, elapsed};
 use crate::domain::plan::{Gate, Plan, RollbackWhen};
 use crate::domain::rollout::Rollout;
 use crate::domain::signins::SignIns;
-use crate::domain::time::format_span;
+use crate::domain::time::{Timestamp, format_span};
 use crate::engine::Loaded;
 use crate::store::EventRecord;
 
@@ -238,7 +238,8 @@ pub fn plan_json(plan: &Plan) -> PlanJson {
     }
 }
 
-pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
+/// `now` is the rollout's clock, for the age of the approver groups' snapshots.
+pub fn rollout_detail(plan: &Plan, rollout: &Rollout, now: Timestamp) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -296,6 +297,9 @@ pub fn rollout_detail(plan: &Plan, rollout: &Rollout) -> String {
             Text(&exception.granted_by),
             Text(&exception.reason)
         );
+    }
+    for snapshot in view::approver_snapshots(rollout, None, now) {
+        out.push_str(&snapshot_line(&snapshot));
     }
     if let Some(change) = &rollout.plan_change {
         let short = crate::domain::machine::short_hash;
@@ -544,10 +548,30 @@ pub fn approval_request(request: &view::PendingApprovalView) -> String {
     if let Some(note) = &request.note {
         let _ = writeln!(out, "  {}", Text(note));
     }
+    for snapshot in &request.approver_snapshots {
+        out.push_str(&snapshot_line(snapshot));
+    }
     for forecast in &request.forecasts {
         out.push_str(&forecast_lines(forecast, 2));
     }
     out
+}
+
+/// A directory approver group's snapshot: who read it from where, when, and how long ago.
+fn snapshot_line(snapshot: &view::ApproverSnapshotView) -> String {
+    let what = match &snapshot.error {
+        Some(why) => format!("could not be read: {}", Text(why)),
+        None => format!("{} member identities", snapshot.members),
+    };
+    format!(
+        "  approver group {}: `{}` read from {} at {} ({} ago): {}\n",
+        Text(&snapshot.group),
+        Text(&snapshot.directory),
+        Text(&snapshot.source),
+        snapshot.read_at,
+        snapshot.age,
+        what
+    )
 }
 
 pub fn rollout_list(loaded: &[Loaded]) -> String {

@@ -106,7 +106,57 @@ pub struct RolloutView {
     pub freeze_windows: Vec<String>,
     /// Active exceptions from enforcement.
     pub exceptions: Vec<ExceptionView>,
+    /// The rollout's latest snapshot of each directory approver group (`[directory_approvers]`):
+    /// approvals are judged against it, so how old it is matters.
+    pub approver_snapshots: Vec<ApproverSnapshotView>,
     pub phases: Vec<PhaseView>,
+}
+
+/// A directory approver group as the rollout last read it, and how long ago (as of the
+/// rollout's clock: a simulated tenant's, otherwise the last moment the tenant was heard from).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApproverSnapshotView {
+    /// The approver group, as gates name it.
+    pub group: String,
+    /// The directory group it was read from.
+    pub directory: String,
+    /// Which directory said so.
+    pub source: String,
+    /// When it was read (RFC 3339).
+    pub read_at: String,
+    /// How long ago, in seconds and in words.
+    pub age_seconds: u64,
+    pub age: String,
+    /// How many identities (principal names and mail addresses) it holds.
+    pub members: usize,
+    /// Why it could not be read: its approvals are refused while this is the latest.
+    pub error: Option<String>,
+}
+
+/// The snapshots of the directory approver groups `groups` names (all of them with `None`).
+pub fn approver_snapshots(
+    rollout: &Rollout,
+    groups: Option<&[String]>,
+    now: Timestamp,
+) -> Vec<ApproverSnapshotView> {
+    rollout
+        .approver_directory
+        .iter()
+        .filter(|(group, _)| groups.is_none_or(|g| g.contains(group)))
+        .map(|(group, snapshot)| {
+            let age = now.since(snapshot.read_at);
+            ApproverSnapshotView {
+                group: group.clone(),
+                directory: snapshot.directory.clone(),
+                source: snapshot.source.clone(),
+                read_at: snapshot.read_at.rfc3339(),
+                age_seconds: age.as_secs(),
+                age: format_span(age),
+                members: snapshot.members.len(),
+                error: snapshot.error.clone(),
+            }
+        })
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -373,11 +423,18 @@ pub struct PendingApprovalView {
     pub forecasts: Vec<ForecastView>,
     pub barred: Vec<BarredView>,
     pub note: Option<String>,
+    /// The rollout's snapshots of the directory approver groups this phase asks, with their age.
+    #[serde(default)]
+    pub approver_snapshots: Vec<ApproverSnapshotView>,
 }
 
 /// Every phase of `rollout` that waits for approvals: running, asking for a quorum it does not
 /// have yet.
-pub fn pending_approvals(plan: &Plan, rollout: &Rollout) -> Vec<PendingApprovalView> {
+pub fn pending_approvals(
+    plan: &Plan,
+    rollout: &Rollout,
+    now: Timestamp,
+) -> Vec<PendingApprovalView> {
     if !rollout.status.is_progressing()
         && rollout.status != crate::domain::rollout::RolloutStatus::Paused
     {
@@ -414,6 +471,11 @@ pub fn pending_approvals(plan: &Plan, rollout: &Rollout) -> Vec<PendingApprovalV
             forecasts: forecasts_of(record),
             barred: barred(plan, rollout, record),
             note: record.approval_note.clone(),
+            approver_snapshots: approver_snapshots(
+                rollout,
+                Some(&phase.approval.directory_groups),
+                now,
+            ),
         })
         .collect()
 }
@@ -668,7 +730,8 @@ pub fn gate_view(verdict: &GateVerdict) -> GateView {
     }
 }
 
-pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
+/// `now` is the rollout's clock, for the age of what it read (see [`ApproverSnapshotView`]).
+pub fn rollout_view(plan: &Plan, rollout: &Rollout, now: Timestamp) -> RolloutView {
     let current: Vec<String> = rollout
         .current_phases()
         .into_iter()
@@ -737,6 +800,7 @@ pub fn rollout_view(plan: &Plan, rollout: &Rollout) -> RolloutView {
         }),
         freeze_windows: plan.freezes.iter().map(ToString::to_string).collect(),
         exceptions: rollout.exceptions.iter().map(exception_view).collect(),
+        approver_snapshots: approver_snapshots(rollout, None, now),
         phases: plan
             .phases
             .iter()

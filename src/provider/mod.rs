@@ -255,6 +255,12 @@ pub fn offline_now(
     }
 }
 
+/// The rollout's clock for what `status` shows (how old a reading is): [`offline_now`], or the
+/// rollout's last event when the simulated tenant's clock cannot be read.
+pub fn view_now(store: &Store, loaded: &crate::engine::Loaded) -> Timestamp {
+    offline_now(&loaded.plan.provider, store, loaded).unwrap_or(loaded.stored.rollout.updated_at)
+}
+
 /// Builds the provider a plan asks for (a Graph provider signs in and learns the tenant's time).
 /// The adapter of the plan's kind reads its own settings (see [`crate::adapters`]).
 pub async fn connect(config: &ProviderConfig, store: &Store) -> anyhow::Result<Box<dyn Provider>> {

@@ -188,7 +188,7 @@ impl Scenario {
     }
 
     fn view(&self) -> RolloutView {
-        rollout_view(&self.plan, &self.rollout)
+        rollout_view(&self.plan, &self.rollout, self.rollout.updated_at)
     }
 
     /// The trail checked as `Store::verify` checks it: sequence, links and hashes.
@@ -300,7 +300,10 @@ fn parallel_phases_share_a_column() {
     let source = include_str!("../../plans/ios-parallel-pilots.toml");
     let plan = plan::parse("plans/ios-parallel-pilots.toml", source).unwrap();
     let rollout = Rollout::new("ios-1", &plan, "alice", Timestamp::from_millis(0));
-    let svg = super::graph::phase_graph(&plan, &rollout_view(&plan, &rollout).phases);
+    let svg = super::graph::phase_graph(
+        &plan,
+        &rollout_view(&plan, &rollout, rollout.updated_at).phases,
+    );
     assert_eq!(svg.matches("class=\"edge\"").count(), 4);
     let x_of = |id: &str| {
         let node = between(&svg, &format!("data-phase=\"{id}\""), "</g>");
@@ -324,7 +327,10 @@ fn a_long_chain_of_phases_runs_top_to_bottom() {
     }
     let plan = plan::parse("long.toml", &text).unwrap();
     let rollout = Rollout::new("long-1", &plan, "alice", Timestamp::from_millis(0));
-    let svg = super::graph::phase_graph(&plan, &rollout_view(&plan, &rollout).phases);
+    let svg = super::graph::phase_graph(
+        &plan,
+        &rollout_view(&plan, &rollout, rollout.updated_at).phases,
+    );
     assert_eq!(svg.matches("class=\"edge\"").count(), 6);
     let at = |id: &str| {
         let node = between(&svg, &format!("data-phase=\"{id}\""), "</g>");
