@@ -420,6 +420,27 @@ fn through_the_api_an_approver_grants_as_itself_and_the_cli_revokes_through_the_
     );
     let (status, answer) = serve.call("POST", &path, &anna, Some(&body));
     assert_eq!(status, 409, "a name already active: {answer}");
+    // The dashboard's rollout page lists it: who is exempt, why, who granted it, until when.
+    let until = answer_until(&serve, &id, &anna);
+    let bearer = format!("Bearer {anna}");
+    let (status, page) = common::http(
+        "GET",
+        &format!("{}/ui/rollouts/{id}", serve.url),
+        &[("Authorization", bearer.as_str())],
+        b"",
+    );
+    assert_eq!(status, 200, "{page}");
+    let row = page
+        .split("<tr>")
+        .find(|row| row.contains("<code>trip</code>"))
+        .unwrap_or_else(|| panic!("no row for the exception: {page}"));
+    assert!(
+        row.contains("user <span class=\"text\">user000007@fleet.example</span>")
+            && row.contains("travelling")
+            && row.contains("anna at ")
+            && row.contains(&format!("<time datetime=\"{until}\">")),
+        "{row}"
+    );
 
     let (status, answer) = serve.call(
         "DELETE",
@@ -450,4 +471,13 @@ fn through_the_api_an_approver_grants_as_itself_and_the_cli_revokes_through_the_
         .find(|e| e["event"]["kind"]["type"] == "exception_revoked")
         .unwrap_or_else(|| panic!("{trail}"));
     assert_eq!(revoked["event"]["trigger"]["actor"], "dana");
+}
+
+/// The end of the rollout's only active exception, as the API shows it.
+fn answer_until(serve: &common::Serve, id: &str, token: &str) -> String {
+    let (_, view) = serve.call("GET", &format!("/api/v1/rollouts/{id}"), token, None);
+    view["exceptions"][0]["until"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{view}"))
+        .to_string()
 }

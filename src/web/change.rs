@@ -2,7 +2,8 @@
 //! impact forecast beside each approval (an approver sees what the promotion would do before
 //! deciding, as `approve` shows it on a terminal), the forecast checked against the outcome once
 //! a phase has soaked, a freeze window holding a due promotion, and a plan change waiting for
-//! approval or a plan file edited behind phasegate's back.
+//! approval or a plan file edited behind phasegate's back, and the exceptions from enforcement
+//! in force.
 
 use std::fmt::Write;
 
@@ -120,6 +121,35 @@ pub(super) fn freeze(out: &mut String, view: &RolloutView) {
         }
         out.push_str("</ul>\n</details>\n");
     }
+}
+
+/// The rollout's active exceptions from enforcement: who or what is exempt, why, who granted
+/// it and until when (each ends on its own then).
+pub(super) fn exceptions(out: &mut String, view: &RolloutView) {
+    if view.exceptions.is_empty() {
+        return;
+    }
+    out.push_str(
+        "<section class=\"exceptions\" aria-labelledby=\"exceptions-h\">\n<h3 id=\"exceptions-h\">Exceptions from enforcement</h3>\n\
+         <p>Enforcement does not block these users and groups until the exception ends; owners are still told, and their devices still count in the gates.</p>\n\
+         <table>\n<thead><tr><th scope=\"col\">Exception</th><th scope=\"col\">Exempt</th><th scope=\"col\">Reason</th>\
+         <th scope=\"col\">Granted by</th><th scope=\"col\">Until</th></tr></thead>\n<tbody>\n",
+    );
+    for exception in &view.exceptions {
+        let _ = writeln!(
+            out,
+            "<tr><td><code>{}</code></td><td>{} <span class=\"text\">{}</span></td><td class=\"text\">{}</td>\
+             <td class=\"text\">{} at {}</td><td>{}</td></tr>",
+            Esc(&exception.name),
+            exception.kind,
+            Esc(&exception.subject),
+            Esc(&exception.reason),
+            Esc(&exception.granted_by),
+            time(&exception.granted_at),
+            time(&exception.until),
+        );
+    }
+    out.push_str("</tbody>\n</table>\n</section>\n");
 }
 
 /// A plan change waiting for approval, and a plan file that holds a plan nobody applied.

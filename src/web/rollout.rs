@@ -175,6 +175,7 @@ fn status_section(out: &mut String, page: &RolloutPage<'_>) {
         );
     }
     change::freeze(out, view);
+    change::exceptions(out, view);
     change::plan_changes(out, view);
     out.push_str("</section>\n");
 }

@@ -1069,3 +1069,69 @@ fn a_phase_shows_its_forecast_against_the_outcome() {
     assert!(check.contains("blocked 174 forecast, 156 actual"));
     assert!(check.contains("error 0.2% of 9,683 reporting devices"));
 }
+
+#[test]
+fn the_rollout_page_lists_the_active_exceptions_with_who_why_and_until_when() {
+    use crate::domain::event::Until;
+    use crate::domain::rollout::Subject;
+    let mut s = Scenario::enforcing();
+    let quiet = s.render(&viewer("vera", Role::Viewer));
+    assert!(!quiet.contains("Exceptions from enforcement"));
+    s.user(
+        EventKind::ExceptionGranted {
+            name: "trip".into(),
+            subject: Subject::User("carol@contoso.com".into()),
+            until: Until::AfterSecs(3 * 86_400),
+        },
+        "dana",
+        "travelling <abroad>",
+    );
+    s.user(
+        EventKind::ExceptionGranted {
+            name: "lab".into(),
+            subject: Subject::Group("Lab Devices".into()),
+            until: Until::AfterSecs(86_400),
+        },
+        "erin",
+        "test bench",
+    );
+    s.settle();
+    let view = s.view();
+    assert_eq!(view.exceptions.len(), 2);
+    let html = s.render(&viewer("vera", Role::Viewer));
+    let section = html
+        .split("<section class=\"exceptions\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</section>").next())
+        .expect("an exceptions section");
+    assert!(section.contains("Exceptions from enforcement"));
+    let trip = section
+        .split("<tr>")
+        .find(|row| row.contains("<code>trip</code>"))
+        .expect("the row of `trip`");
+    assert!(
+        trip.contains("user <span class=\"text\">carol@contoso.com</span>"),
+        "{trip}"
+    );
+    assert!(trip.contains("travelling &lt;abroad&gt;"), "{trip}");
+    assert!(trip.contains("dana at "), "{trip}");
+    let until = &view
+        .exceptions
+        .iter()
+        .find(|e| e.name == "trip")
+        .unwrap()
+        .until;
+    assert!(
+        trip.contains(&format!("<time datetime=\"{until}\">")),
+        "{trip}"
+    );
+    let lab = section
+        .split("<tr>")
+        .find(|row| row.contains("<code>lab</code>"))
+        .expect("the row of `lab`");
+    assert!(
+        lab.contains("group <span class=\"text\">Lab Devices</span>"),
+        "{lab}"
+    );
+    assert!(lab.contains("erin at "), "{lab}");
+}
