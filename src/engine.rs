@@ -706,6 +706,12 @@ impl Engine<'_> {
             return Work::ReadApprovers(due);
         }
         if should_stop(rollout) {
+            // A rollout that waits for a person still has its exceptions end at their time.
+            if let Some(at) = machine::exception_deadline(rollout)
+                && at <= now
+            {
+                return Work::Tick(at);
+            }
             return Work::Stop(rollout.status);
         }
         let agenda = machine::agenda(&loaded.plan, rollout, now);
@@ -1074,6 +1080,7 @@ impl Task {
             Effect::Reconcile {
                 desired,
                 resolution,
+                ..
             } => {
                 provider
                     .reconcile(target, desired, *resolution, record.expect("loaded"))
@@ -1528,17 +1535,28 @@ impl Task {
 }
 
 /// Whether a pending configuration effect may be carried out now: never while the rollout is
-/// paused (a pause stops every change to the tenant until `resume`), failed or drifted (a person
-/// decides first), and a held one is asked about once per drive.
+/// paused (a pause stops every change to the tenant until `resume`, but for the exemptions of an
+/// exception granted, revoked or ended meanwhile when the pause holds nothing else), failed or
+/// drifted (a person decides first), and a held one is asked about once per drive.
 fn may_carry_out(
     rollout: &Rollout,
     pending: &PendingEffect,
     asked: &std::collections::BTreeSet<crate::domain::event::EffectId>,
 ) -> bool {
-    !matches!(
-        rollout.status,
-        RolloutStatus::Paused | RolloutStatus::Failed | RolloutStatus::Drifted
-    ) && rollout.drift.is_empty()
+    let exemptions_only = rollout.status == RolloutStatus::Paused
+        && matches!(
+            pending.effect,
+            Effect::Reconcile {
+                during_pause: true,
+                ..
+            }
+        );
+    (exemptions_only
+        || !matches!(
+            rollout.status,
+            RolloutStatus::Paused | RolloutStatus::Failed | RolloutStatus::Drifted
+        ))
+        && rollout.drift.is_empty()
         && !asked.contains(&pending.id)
 }
 

@@ -481,3 +481,116 @@ fn answer_until(serve: &common::Serve, id: &str, token: &str) -> String {
         .unwrap_or_else(|| panic!("{view}"))
         .to_string()
 }
+
+/// An exception of a paused rollout ends at its time: on Graph its user leaves the enforced
+/// copy's exclusions during the pause, and nothing else the rollout would do is done.
+#[test]
+fn on_graph_a_paused_rollouts_exception_ends_at_its_time_and_its_user_is_excluded_no_more() {
+    let emulator = Emulator::spawn(&[
+        "--client-secret",
+        SECRET,
+        "--devices",
+        "1000",
+        "--ca-rate",
+        "50",
+    ]);
+    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 50.0, |t| {
+        t.replace(
+            "max_noncompliant_ratio = \"2%\"\n\n[phase.rollback_when]",
+            "max_noncompliant_ratio = \"2%\"\napprovals = 1\n\n[phase.rollback_when]",
+        )
+    });
+    let id = pg.start();
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+    let out = pg.run(&["approve", &id, "--by", "bob", "--yes"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+    let excluded_before = strings(&enforced_copy(&emulator)["users"]["excludeUsers"]);
+
+    let upn = "user000042@contoso.onmicrosoft.com";
+    let user_id = emulator.graph(SECRET, &format!("/v1.0/users/{upn}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = pg.run(&[
+        "exception",
+        "grant",
+        &id,
+        "repair",
+        "--user",
+        upn,
+        "--until",
+        "1d",
+        "--by",
+        "dana",
+        "--reason",
+        "laptop at the repair shop",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+    assert!(strings(&enforced_copy(&emulator)["users"]["excludeUsers"]).contains(&user_id));
+    let until = pg.status(&id)["exceptions"][0]["until"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let out = pg.run(&["pause", &id, "--by", "carol", "--reason", "change freeze"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let paused_events = pg.status(&id)["events"].as_u64().unwrap();
+    // Before its end, a run of the paused rollout changes nothing.
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(pg.status(&id)["events"].as_u64().unwrap(), paused_events);
+    let writes = emulator.get("/_emulator/ledger")["value"]
+        .as_array()
+        .unwrap()
+        .len();
+
+    // The tenant's clock passes the exception's end while the rollout is paused.
+    emulator.post(
+        "/_emulator/clock",
+        &serde_json::json!({"advanceBySeconds": 2 * 86_400}),
+    );
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(status["status"], "paused", "{status}");
+    assert_eq!(status["exceptions"], serde_json::json!([]), "{status}");
+    assert!(
+        status["pending_effects"].as_array().unwrap().is_empty(),
+        "{status}"
+    );
+    assert_eq!(
+        strings(&enforced_copy(&emulator)["users"]["excludeUsers"]),
+        excluded_before,
+        "the user is enforced again"
+    );
+    // Only the enforced copy was written, and the trail has the expiry and its reconcile only.
+    let ledger = emulator.get("/_emulator/ledger");
+    let new_writes: Vec<&Value> = ledger["value"].as_array().unwrap()[writes..]
+        .iter()
+        .collect();
+    assert!(!new_writes.is_empty());
+    assert!(
+        new_writes.iter().all(|w| w["path"]
+            .as_str()
+            .unwrap()
+            .contains("conditionalAccess/policies")),
+        "{new_writes:?}"
+    );
+    let trail = notes(&pg, &id);
+    let kinds: Vec<&str> = trail[paused_events as usize..]
+        .iter()
+        .map(|e| e["event"]["kind"]["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["exception_expired", "reconciled"], "{trail:?}");
+    let expiry = &trail[paused_events as usize];
+    let said = expiry["notes"].to_string();
+    assert!(
+        said.contains(&format!("exception `repair` expired at {until}")),
+        "{said}"
+    );
+}

@@ -370,6 +370,11 @@ pub enum Effect {
         desired: DesiredState,
         #[serde(default)]
         resolution: Option<DriftResolution>,
+        /// Requested while the rollout is paused, to change only the exemptions of its
+        /// exceptions (nothing else was held back by the pause): it is carried out during the
+        /// pause, so that an exception ends in the tenant at its time.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        during_pause: bool,
     },
     /// Put back exactly the configuration recorded by `CaptureBaseline`.
     RestoreBaseline,

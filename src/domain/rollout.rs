@@ -564,6 +564,9 @@ pub struct RolloutGlance {
     /// The plan a changed plan file was recorded to hold.
     #[serde(default, deserialize_with = "plan_file_glance")]
     pub plan_file: Option<String>,
+    /// How many exceptions are active: each ends at its time, whatever the rollout waits for.
+    #[serde(default, deserialize_with = "count_items")]
+    pub exceptions: usize,
 }
 
 impl From<&Rollout> for RolloutGlance {
@@ -579,6 +582,7 @@ impl From<&Rollout> for RolloutGlance {
                 .as_ref()
                 .map(|c| (c.plan_hash.clone(), c.approved)),
             plan_file: rollout.plan_file.as_ref().map(|f| f.plan_hash.clone()),
+            exceptions: rollout.exceptions.len(),
         }
     }
 }

@@ -21,6 +21,7 @@
 //! blocking threads (its plan parsed once per plan hash), and gets its actor as soon as it is
 //! ready; the actor either starts work or sleeps until the next deadline, and one whose deadline
 //! passed while the process was down is worked or ticked straight away. One that waits for a person (paused, awaiting an approval, failed, drifted, ...)
+//! and has no active exception (whose end is a deadline whatever the status)
 //! has nothing due whatever its plan says, so under `serve` it gets no actor until something
 //! happens to it: a command (which starts its actor, as for any rollout) or an edited plan file,
 //! which a background sweep looks for right after resuming, as every actor used to at its start.
@@ -37,6 +38,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::domain::event::{Event, EventKind, Trigger};
+use crate::domain::machine;
 use crate::domain::rollout::{RolloutGlance, RolloutStatus};
 use crate::domain::time::Timestamp;
 use crate::engine::{self, Engine, EngineError, Finished, Limits, Loaded, Skips, Work};
@@ -556,10 +558,12 @@ fn resume_plan(store: &Store, settings: &Settings) -> Result<Resume, EngineError
 }
 
 /// Nothing is due for this rollout until a person acts, whatever its plan and the time: nothing
-/// is pending and its status stops it ([`Engine::next_work`] stops before reading the plan's
+/// is pending, no exception of it is to end (an end is a deadline in every status), and its
+/// status stops it ([`Engine::next_work`] stops before reading the plan's
 /// schedule). Its actor would do nothing but look at its plan file.
 fn waits_for_a_person(rollout: &RolloutGlance) -> bool {
     rollout.pending == 0
+        && rollout.exceptions == 0
         && engine::stops(rollout.status, rollout.hold_expired)
         && !rollout
             .plan_change
@@ -841,7 +845,8 @@ impl Actor {
             .map_or(self.last_now, |p| p.now())
             .max(self.last_now);
         let work = engine.next_work(loaded, known, &self.skip);
-        if let Work::Stop(_) = work {
+        let deadline = machine::exception_deadline(&loaded.stored.rollout);
+        if let (Work::Stop(_), None) = (&work, deadline) {
             return Ok(Next::Idle);
         }
         let Some(provider) = self.provider.take() else {
@@ -853,10 +858,22 @@ impl Actor {
         // Decide again on the backend's own clock.
         let work = engine.next_work(loaded, now, &self.skip);
         match work {
-            Work::Stop(_) => {
-                self.provider = Some(provider);
-                Ok(Next::Idle)
-            }
+            // It waits for a person, but an exception of it ends at its time: a daemon sleeps
+            // until then on a real tenant's clock (`next_work` ticks one already due). A virtual
+            // clock is not moved on for a rollout that waits for a person.
+            Work::Stop(_) => match deadline {
+                Some(at)
+                    if self.shared.settings.until == Until::Shutdown && !provider.is_virtual() =>
+                {
+                    let rest = provider.real_time_until(at);
+                    self.provider = Some(provider);
+                    Ok(Next::Sleep(rest))
+                }
+                _ => {
+                    self.provider = Some(provider);
+                    Ok(Next::Idle)
+                }
+            },
             Work::Wait(at) if provider.is_virtual() && !self.shared.settings.once => {
                 self.in_flight = Some(Box::pin(advance(provider, at)));
                 Ok(Next::Busy)

@@ -273,3 +273,80 @@ async fn run_until_idle_reports_every_unfinished_rollout() {
     assert_eq!(report.rollouts.get(&paused), Some(&RolloutStatus::Paused));
     assert!(*resumed.borrow_and_update());
 }
+
+/// A paused rollout waits for a person, but its exception ends at its time: when the tenant's
+/// (virtual) clock passed the end while the process was down, the daemon gives the rollout an
+/// actor at once, which records the expiry and drives nothing else; the rollout stays paused.
+#[tokio::test]
+async fn a_paused_rollouts_exception_ends_at_its_time_under_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let plans = dir.path().join("plans");
+    std::fs::create_dir_all(&plans).unwrap();
+    let (id, until, paused_seq) = {
+        let store = Store::open(&dir.path().join("store"), DEFAULT_LOCK_WAIT).unwrap();
+        let (id, plan) = soaking(&store, "excepted", 6, &plans.join("excepted.toml")).await;
+        let engine = engine(&store);
+        let now = store.rollout(&id).unwrap().rollout.updated_at;
+        engine
+            .submit(
+                &id,
+                EventKind::ExceptionGranted {
+                    name: "trip".into(),
+                    subject: crate::domain::rollout::Subject::User("carol@example.com".into()),
+                    until: crate::domain::event::Until::AfterSecs(3 * 86_400),
+                },
+                "dana",
+                "travelling",
+                now,
+            )
+            .unwrap()
+            .unwrap();
+        let record = engine
+            .submit(&id, EventKind::PauseRequested, "bob", "hold on", now)
+            .unwrap()
+            .unwrap();
+        let rollout = store.rollout(&id).unwrap().rollout;
+        assert_eq!(rollout.status, RolloutStatus::Paused);
+        // Down for four days: the exception's end has passed.
+        time_passes(&store, &plan, Duration::from_secs(4 * 86_400)).await;
+        store.flush().unwrap();
+        (id, rollout.exceptions[0].until, record.seq)
+    };
+
+    let store = Arc::new(Store::open(&dir.path().join("store"), DEFAULT_LOCK_WAIT).unwrap());
+    let runner = Runner::new(store.clone(), crate::notifier::shared(), serve_settings());
+    let handle = runner.handle();
+    let mut seen = Seen {
+        watch: handle.subscribe(),
+        log: Vec::new(),
+    };
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let running = tokio::spawn(runner.run(async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    }));
+    let expired = seen
+        .first(&id, |a| {
+            matches!(a.record.event.kind, EventKind::ExceptionExpired { .. })
+        })
+        .await;
+    assert_eq!(expired.status, RolloutStatus::Paused);
+    assert!(expired.record.at >= until, "recorded once its time came");
+    stop_tx.send(true).unwrap();
+    let report = running.await.unwrap().unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let rollout = store.rollout(&id).unwrap().rollout;
+    assert_eq!(rollout.status, RolloutStatus::Paused);
+    assert!(rollout.exceptions.is_empty());
+    // Nothing but the expiry was recorded during the pause: no observation, no promotion.
+    let after: Vec<EventKind> = store
+        .events(&id)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.seq > paused_seq)
+        .map(|r| r.event.kind)
+        .collect();
+    assert!(
+        matches!(after.as_slice(), [EventKind::ExceptionExpired { .. }]),
+        "{after:?}"
+    );
+}

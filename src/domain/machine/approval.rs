@@ -239,6 +239,7 @@ impl Machine<'_> {
             self.request(Effect::Reconcile {
                 desired,
                 resolution: None,
+                during_pause: false,
             });
         }
     }

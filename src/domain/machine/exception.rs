@@ -27,6 +27,18 @@ pub(super) fn next_expiry(rollout: &Rollout) -> Option<Timestamp> {
     rollout.exceptions.iter().map(|e| e.until).min()
 }
 
+/// When an exception of a rollout that is not finished ends next, whatever else it waits for:
+/// an exception ends at its time even while the rollout is paused or waits for a person.
+pub fn exception_deadline(rollout: &Rollout) -> Option<Timestamp> {
+    if matches!(
+        rollout.status,
+        RolloutStatus::Aborted | RolloutStatus::Completed
+    ) {
+        return None;
+    }
+    next_expiry(rollout)
+}
+
 /// The exceptions whose time is up at `now`, by name.
 pub fn expired_exceptions(rollout: &Rollout, now: Timestamp) -> Vec<String> {
     rollout
@@ -234,9 +246,29 @@ impl Machine<'_> {
         );
         if enforcing && reconciles {
             let desired = desired_state(self.plan, &self.next);
+            // A pause holds back every change to the tenant, but not the end of an exception:
+            // with nothing else held, the new exemptions are made during the pause. A change the
+            // pause holds (a committed promotion, a plan change) takes them along when resumed.
+            let during_pause = self.next.status == RolloutStatus::Paused
+                && !self.next.pending.iter().any(|p| {
+                    p.effect.sets_configuration()
+                        && !matches!(
+                            p.effect,
+                            Effect::Reconcile {
+                                during_pause: true,
+                                ..
+                            }
+                        )
+                });
+            if self.next.status == RolloutStatus::Paused && !during_pause {
+                self.notes.push(
+                    "the pause holds a change to the tenant: the exemptions are changed with it when the rollout is resumed".to_string(),
+                );
+            }
             self.request(Effect::Reconcile {
                 desired,
                 resolution: None,
+                during_pause,
             });
         }
     }
@@ -493,6 +525,121 @@ mod tests {
         };
         assert_eq!(desired.exempt.users, vec!["carol@example.com".to_string()]);
         assert!(desired.exempt.groups.is_empty());
+    }
+
+    fn pause(h: &mut Harness) {
+        h.user(EventKind::PauseRequested, "bob").unwrap();
+        assert_eq!(h.rollout.status, RolloutStatus::Paused);
+    }
+
+    fn expire(h: &mut Harness) -> super::super::Transition {
+        let names = expired_exceptions(&h.rollout, h.now);
+        assert!(!names.is_empty());
+        h.send(
+            EventKind::ExceptionExpired { names },
+            Trigger::new(TriggerSource::Schedule, "serve", "exception ended"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_paused_rollouts_exception_ends_at_its_time_and_in_the_tenant_during_the_pause() {
+        let mut h = enforcing();
+        h.user(grant("trip", carol(), Until::AfterSecs(2 * 3600)), "bob")
+            .unwrap();
+        h.settle();
+        pause(&mut h);
+        // Paused, the rollout's agenda is empty, but its exception still has a deadline.
+        assert_eq!(agenda(&h.plan, &h.rollout, h.now).wake_at, None);
+        assert_eq!(exception_deadline(&h.rollout), Some(h.now.plus(2 * HOUR)));
+        h.advance(2 * HOUR);
+        let t = expire(&mut h);
+        assert!(h.rollout.exceptions.is_empty());
+        assert_eq!(h.rollout.status, RolloutStatus::Paused);
+        let [pending] = t.effects.as_slice() else {
+            panic!("one effect: {:?}", t.effects)
+        };
+        let Effect::Reconcile {
+            desired,
+            during_pause,
+            ..
+        } = &pending.effect
+        else {
+            panic!("a reconcile: {pending:?}")
+        };
+        assert!(*during_pause, "nothing else is held: made during the pause");
+        assert!(desired.exempt.is_empty());
+        // Confirmed, it applied no phase and the rollout stays paused.
+        let phases = h.rollout.phases.clone();
+        let t = h
+            .send(
+                EventKind::Reconciled {
+                    effect: pending.id,
+                    changes: 1,
+                },
+                Trigger::new(TriggerSource::Provider, "serve", "reconciled"),
+            )
+            .unwrap();
+        assert!(h.rollout.pending.is_empty());
+        assert_eq!(h.rollout.phases, phases);
+        assert_eq!(h.rollout.status, RolloutStatus::Paused);
+        assert!(t.notes[0].contains("during the pause"), "{:?}", t.notes);
+        assert_eq!(exception_deadline(&h.rollout), None);
+    }
+
+    #[test]
+    fn a_paused_rollout_holding_a_promotion_changes_the_exemptions_with_it_when_resumed() {
+        let plan = format!(
+            "{PLAN}[phase.gate]\napprovals = 1\n\n[[phase]]\nid = \"wide\"\nmode = \"enforce\"\n\
+             include = [\"Contractors\"]\nexclude = [\"Break Glass\"]\nafter = [\"enforce\"]\nmin_soak = \"1d\"\n"
+        );
+        let mut h = Harness::new(&plan);
+        h.start();
+        h.soak_and_observe(healthy());
+        h.soak_and_observe(healthy());
+        h.approve("notify", "bob").unwrap();
+        h.settle();
+        h.user(
+            grant("trip", carol(), Until::AfterSecs(3 * DAY.as_secs())),
+            "bob",
+        )
+        .unwrap();
+        h.settle();
+        h.soak_and_observe(healthy());
+        assert_eq!(h.state("enforce"), PhaseState::AwaitingApproval);
+        h.approve("enforce", "bob").unwrap();
+        assert_eq!(h.state("wide"), PhaseState::Applying);
+        pause(&mut h);
+        h.advance(3 * DAY);
+        let t = expire(&mut h);
+        assert!(
+            t.notes
+                .iter()
+                .any(|n| n.contains("when the rollout is resumed")),
+            "{:?}",
+            t.notes
+        );
+        // One configuration effect: the promotion the pause holds, now without the exemption.
+        let reconciles: Vec<_> = h
+            .rollout
+            .pending
+            .iter()
+            .filter_map(|p| match &p.effect {
+                Effect::Reconcile {
+                    desired,
+                    during_pause,
+                    ..
+                } => Some((desired, *during_pause)),
+                _ => None,
+            })
+            .collect();
+        let [(desired, during_pause)] = reconciles.as_slice() else {
+            panic!("{:?}", h.rollout.pending)
+        };
+        assert!(!during_pause, "held by the pause");
+        assert!(desired.exempt.is_empty());
+        assert!(desired.assignments.iter().any(|a| a.phase == "wide"));
+        assert_eq!(h.state("wide"), PhaseState::Applying);
     }
 
     #[test]

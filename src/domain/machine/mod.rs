@@ -39,7 +39,7 @@ use super::time::{Timestamp, format_span};
 
 mod approval;
 mod exception;
-pub use exception::{MAX_EXCEPTIONS, expired_exceptions, parse_until, subject};
+pub use exception::{MAX_EXCEPTIONS, exception_deadline, expired_exceptions, parse_until, subject};
 mod forecast;
 pub use approval::{approvers_due, conflict_of_duties, directory_member, evidence_digest};
 mod freeze;
@@ -515,6 +515,20 @@ impl Machine<'_> {
             );
             return;
         }
+        if matches!(
+            done,
+            Effect::Reconcile {
+                during_pause: true,
+                ..
+            }
+        ) {
+            // Made during a pause: it changed the exemptions only, and applied no phase.
+            self.notes.push(format!(
+                "the exemptions are changed in the tenant during the pause ({changes} change{})",
+                if changes == 1 { "" } else { "s" }
+            ));
+            return;
+        }
         for record in &mut self.next.phases {
             record.promotion_unapplied = false;
         }
@@ -619,6 +633,7 @@ impl Machine<'_> {
         self.request(Effect::Reconcile {
             desired,
             resolution: Some(resolution),
+            during_pause: false,
         });
         let what = match resolution {
             DriftResolution::Reapply => "re-applying phasegate's values",
@@ -874,6 +889,7 @@ impl Machine<'_> {
         self.request(Effect::Reconcile {
             desired,
             resolution: None,
+            during_pause: false,
         });
         let names: Vec<&str> = targets
             .iter()
@@ -1027,6 +1043,7 @@ impl Machine<'_> {
             self.request(Effect::Reconcile {
                 desired,
                 resolution: None,
+                during_pause: false,
             });
         }
         if matches!(self.next.status, Held | WaitingApproval) {
@@ -1068,6 +1085,7 @@ impl Machine<'_> {
             self.request(Effect::Reconcile {
                 desired,
                 resolution: None,
+                during_pause: false,
             });
         }
         let was_completed = self.next.status == RolloutStatus::Completed;
@@ -1078,6 +1096,7 @@ impl Machine<'_> {
             self.request(Effect::Reconcile {
                 desired,
                 resolution: None,
+                during_pause: false,
             });
         }
     }
