@@ -1534,6 +1534,16 @@ impl Task {
     }
 }
 
+/// Whether `run` would carry out any of the rollout's pending effects now (a notification is
+/// always delivered; a configuration effect as [`may_carry_out`] says).
+pub fn may_carry_out_any(rollout: &Rollout) -> bool {
+    let asked = std::collections::BTreeSet::new();
+    rollout
+        .pending
+        .iter()
+        .any(|p| p.effect.is_notification() || may_carry_out(rollout, p, &asked))
+}
+
 /// Whether a pending configuration effect may be carried out now: never while the rollout is
 /// paused (a pause stops every change to the tenant until `resume`, but for the exemptions of an
 /// exception granted, revoked or ended meanwhile when the pause holds nothing else), failed or

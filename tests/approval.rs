@@ -343,6 +343,14 @@ fn a_paused_rollout_applies_nothing_an_approval_committed_until_it_is_resumed() 
     );
     let out = pg.run(&["pause", &id, "--by", "carol", "--reason", "change freeze"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // The pause says what the pending change waits for, not that `run` would make it.
+    let said = stdout(&out);
+    assert!(
+        said.contains(&format!(
+            "the pending change waits for `phasegate resume {id}`"
+        )) && !said.contains("carries out the change"),
+        "{said}"
+    );
     let out = pg.run(&["run", &id]);
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     let status = pg.status(&id);

@@ -1109,6 +1109,22 @@ pub(super) fn print_decision(ctx: &Context, id: &str, view: &serde_json::Value) 
     }
 }
 
+/// What carries out a pending change: `run`, or nothing before a person decides (a paused
+/// rollout's change waits for `resume`).
+fn run_hint(rollout: &crate::domain::rollout::Rollout) {
+    if rollout.pending.is_empty() {
+        return;
+    }
+    if engine::may_carry_out_any(rollout) {
+        say!("`phasegate run {}` carries out the change", rollout.id);
+    } else if rollout.status == crate::domain::rollout::RolloutStatus::Paused {
+        say!(
+            "the pending change waits for `phasegate resume {}`: nothing is written while the rollout is paused",
+            rollout.id
+        );
+    }
+}
+
 /// A decision recorded here: its notes and where the rollout stands.
 fn print_local(ctx: &Context, loaded: &engine::Loaded, record: Option<&EventRecord>) {
     match ctx.output {
@@ -1125,9 +1141,7 @@ fn print_local(ctx: &Context, loaded: &engine::Loaded, record: Option<&EventReco
                 }
             }
             say!("{}: {} — {}", rollout.id, rollout.status, rollout.reason);
-            if !rollout.pending.is_empty() {
-                say!("`phasegate run {}` carries out the change", rollout.id);
-            }
+            run_hint(rollout);
         }
     }
 }
@@ -1190,9 +1204,7 @@ pub(super) async fn submit(
                 }
             }
             say!("{}: {} — {}", rollout.id, rollout.status, rollout.reason);
-            if !rollout.pending.is_empty() {
-                say!("`phasegate run {}` carries out the change", rollout.id);
-            }
+            run_hint(rollout);
         }
     }
     Ok(exit::OK)
