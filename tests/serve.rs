@@ -359,7 +359,11 @@ fn the_openapi_document_lists_exactly_the_routes_served() {
             if concrete.ends_with("/watch") {
                 continue; // streams; checked by the other tests
             }
-            let (status, body) = serve.call(&method, &concrete, &admin, Some(&json!({})));
+            // A body only where the method takes one: a server may answer a GET before reading
+            // a body it was sent, and closing with it unread resets the connection.
+            let sent = json!({});
+            let body = (method != "GET").then_some(&sent);
+            let (status, body) = serve.call(&method, &concrete, &admin, body);
             assert!(
                 status != 405 && !(status == 404 && body.is_null()),
                 "{method} {path} is documented but not served ({status})"
