@@ -594,3 +594,87 @@ fn on_graph_a_paused_rollouts_exception_ends_at_its_time_and_its_user_is_exclude
         "{said}"
     );
 }
+
+/// Under `serve`, a paused rollout on a tenant whose clock runs on its own (the emulator's,
+/// a day a second) has its exception end at its time: the daemon waits until the tenant's clock
+/// reaches it and records the expiry; the rollout stays paused.
+#[test]
+fn under_serve_a_paused_rollouts_exception_ends_when_the_tenants_clock_reaches_it() {
+    let emulator = Emulator::spawn(&[
+        "--client-secret",
+        SECRET,
+        "--devices",
+        "300",
+        "--time-scale",
+        "86400",
+    ]);
+    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 1000.0, |t| t);
+    let id = pg.start();
+    let out = pg.run(&[
+        "exception",
+        "grant",
+        &id,
+        "trip",
+        "--user",
+        "user000042@contoso.onmicrosoft.com",
+        "--until",
+        "3d",
+        "--by",
+        "dana",
+        "--reason",
+        "travelling",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = pg.run(&["pause", &id, "--by", "carol", "--reason", "change freeze"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = pg.run(&["token", "create", "--name", "vera", "--role", "viewer"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let vera = stdout(&out).trim().to_string();
+
+    let serve = common::Serve::start(&pg.store_dir());
+    let view = || {
+        serve
+            .call("GET", &format!("/api/v1/rollouts/{id}"), &vera, None)
+            .1
+    };
+    let until = view()["exceptions"][0]["until"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}", view()))
+        .to_string();
+    let ended = common::eventually(std::time::Duration::from_secs(60), || {
+        view()["exceptions"] == serde_json::json!([])
+    });
+    assert!(
+        ended,
+        "the exception never ended: {}\n{}",
+        view(),
+        serve.output()
+    );
+    let status = view();
+    assert_eq!(status["status"], "paused", "{status}");
+    let (_, history) = serve.call(
+        "GET",
+        &format!("/api/v1/rollouts/{id}/history"),
+        &vera,
+        None,
+    );
+    let expired = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"]["kind"]["type"] == "exception_expired")
+        .unwrap_or_else(|| panic!("{history}"));
+    assert!(
+        expired["at"].as_str().unwrap() >= until.as_str(),
+        "recorded before its end: {expired}"
+    );
+    // Nothing else was done while paused: the baseline was not even captured.
+    assert!(
+        history["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["event"]["kind"]["type"] != "baseline_captured"),
+        "{history}"
+    );
+}
