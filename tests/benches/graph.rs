@@ -298,12 +298,13 @@ async fn bench_export() {
     for _ in 0..5 {
         let start = Instant::now();
         let file = download(http.clone(), blob.clone()).await;
-        let devices = export::read_zip(file, &policy).unwrap();
+        let devices = export::read_zip(file, &policy, false).unwrap();
         let phase = attribute(
             &devices,
             phasegate::domain::time::Timestamp::from_millis(i64::MAX / 2),
             None,
             |user| user != 0,
+            |_| None,
             |_, state, at, _| (state, at),
         );
         samples.push(start.elapsed());

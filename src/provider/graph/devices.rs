@@ -108,6 +108,9 @@ impl ReportStatus {
 #[derive(Clone, Copy, Debug)]
 pub struct ReportRow<'a> {
     pub device_id: &'a str,
+    /// Its Entra device id (`AadDeviceId`), the `deviceId` device groups list their members by;
+    /// empty when not read or not registered.
+    pub aad_device_id: &'a str,
     /// Empty for a device without a primary user.
     pub user_id: &'a str,
     pub status: ReportStatus,
@@ -120,15 +123,22 @@ pub struct Device {
     pub last_contact: Option<Timestamp>,
     /// The user of its first row; `None`: no primary user.
     pub user: Option<Key>,
+    /// Its Entra device id, when the report gave it (0: not known; the nil GUID is no device's).
+    aad: Key,
     /// The end of its grace in milliseconds, for a device in grace whose end is known
     /// (`i64::MIN`: not known). A plain number: it fits the record's padding.
     grace_end: i64,
 }
 
-// The grace end costs a device record nothing.
-const _: () = assert!(std::mem::size_of::<Device>() <= 64);
+// A device record stays within a cache line.
+const _: () = assert!(std::mem::size_of::<Device>() <= 80);
 
 impl Device {
+    /// Its Entra device id, for placing it through device groups.
+    pub fn aad(&self) -> Option<Key> {
+        (self.aad != 0).then_some(self.aad)
+    }
+
     /// When its grace ends, for a device in grace whose end the grace report gave.
     pub fn grace_until(&self) -> Option<Timestamp> {
         (self.status == ReportStatus::InGrace && self.grace_end != i64::MIN)
@@ -193,6 +203,11 @@ impl Devices {
                 status: row.status,
                 last_contact: row.last_contact,
                 user: key(row.user_id),
+                aad: if row.aad_device_id.is_empty() {
+                    0
+                } else {
+                    key(row.aad_device_id).unwrap_or(0)
+                },
                 grace_end: i64::MIN,
             },
         ));
@@ -210,6 +225,9 @@ impl Devices {
                 return false;
             }
             seen.status = seen.status.max(row.status);
+            if seen.aad == 0 {
+                seen.aad = row.aad;
+            }
             seen.last_contact = seen.last_contact.max(row.last_contact);
             if let Some(user) = row.user {
                 match seen.user {
@@ -310,20 +328,29 @@ pub fn judge(
 }
 
 /// The devices of one phase: each device once, in the phase when one of its users is
-/// (`in_scope`); userless devices counted apart.
+/// (`in_scope`) or a device group of the phase holds it; userless devices that no device group
+/// places counted apart.
 pub struct Attributed<T> {
     pub reports: Vec<T>,
     pub userless: u64,
 }
 
-/// Attributes every judged device to a phase by its users, mapping each one in scope through
-/// `report` (its device, its state and time, the user it was placed by).
+/// What the phase's device groups say of a device: a device group it includes holds it
+/// (`Some(true)`), one it excludes does (`Some(false)`, whatever its users), or none of them
+/// (`None`: its users decide).
+pub type DevicePlacement = Option<bool>;
+
+/// Attributes every judged device to a phase by its device groups (`by_device`, from its Entra
+/// device id) and its users (`in_scope`), mapping each one in scope through `report` (its device,
+/// its state and time, the user it was placed by — `None` when a device group placed it and
+/// none of its users is in scope).
 pub fn attribute<T>(
     devices: &Devices,
     now: Timestamp,
     validity: Option<Duration>,
     in_scope: impl Fn(Key) -> bool,
-    mut report: impl FnMut(&Device, DeviceState, Option<Timestamp>, Key) -> T,
+    by_device: impl Fn(Key) -> DevicePlacement,
+    mut report: impl FnMut(&Device, DeviceState, Option<Timestamp>, Option<Key>) -> T,
 ) -> Attributed<T> {
     let mut reports = Vec::new();
     let mut userless = 0;
@@ -331,11 +358,16 @@ pub fn attribute<T>(
         let Some((state, at)) = judge(device, now, validity) else {
             continue;
         };
-        if device.user.is_none() {
-            userless += 1;
+        let placed = device.aad().and_then(&by_device);
+        if placed == Some(false) {
             continue;
         }
-        if let Some(user) = users.find(|u| in_scope(*u)) {
+        let user = users.find(|u| in_scope(*u));
+        if placed == Some(true) {
+            reports.push(report(device, state, at, user));
+        } else if device.user.is_none() {
+            userless += 1;
+        } else if user.is_some() {
             reports.push(report(device, state, at, user));
         }
     }
@@ -351,6 +383,7 @@ mod tests {
     fn row<'a>(device: &'a str, user: &'a str, status: &str, days_ago: u64) -> ReportRow<'a> {
         ReportRow {
             device_id: device,
+            aad_device_id: "",
             user_id: user,
             status: ReportStatus::parse(status),
             last_contact: Some(now().minus(DAY * days_ago as u32)),
@@ -386,6 +419,7 @@ mod tests {
             now(),
             Some(30 * DAY),
             |u| u == bob,
+            |_| None,
             |_, s, _, _| s,
         );
         // D1 once (through Bob, its second user), with the worse of its rows; D3; D2 apart.
@@ -396,9 +430,45 @@ mod tests {
             vec![DeviceState::Compliant, DeviceState::Noncompliant]
         );
         assert_eq!(phase.userless, 1);
-        let nobody = attribute(&devices, now(), None, |_| false, |_, s, _, _| s);
+        let nobody = attribute(&devices, now(), None, |_| false, |_| None, |_, s, _, _| s);
         assert!(nobody.reports.is_empty());
         assert_eq!(nobody.userless, 1);
+    }
+
+    #[test]
+    fn device_groups_place_devices_whatever_their_users() {
+        const AAD1: &str = "20000000-0000-4000-a000-000000000001";
+        const AAD2: &str = "20000000-0000-4000-a000-000000000002";
+        const AAD3: &str = "20000000-0000-4000-a000-000000000003";
+        let mut devices = Devices::default();
+        for (device, aad, user) in [(D1, AAD1, ALICE), (D2, AAD2, ""), (D3, AAD3, BOB)] {
+            devices
+                .add(&ReportRow {
+                    aad_device_id: aad,
+                    ..row(device, user, "4", 0)
+                })
+                .unwrap();
+        }
+        // A device's second row without its Entra id keeps the first's.
+        devices.add(&row(D2, "", "2", 0)).unwrap();
+        devices.finish().unwrap();
+        let (alice, bob) = (key(ALICE).unwrap(), key(BOB).unwrap());
+        let (aad1, aad2, aad3) = (key(AAD1).unwrap(), key(AAD2).unwrap(), key(AAD3).unwrap());
+        // The group holds D2 (userless) and D3 (Bob's) and excludes D1 (Alice's).
+        let group = |aad: Key| match aad {
+            a if a == aad2 || a == aad3 => Some(true),
+            a if a == aad1 => Some(false),
+            _ => None,
+        };
+        let phase = attribute(&devices, now(), None, |u| u == alice, group, |_, _, _, u| u);
+        assert_eq!(phase.reports, vec![None, None]);
+        assert_eq!(phase.userless, 0);
+        let bobs = attribute(&devices, now(), None, |u| u == bob, group, |_, _, _, u| u);
+        assert!(bobs.reports.contains(&Some(bob)));
+        assert_eq!(bobs.reports.len(), 2);
+        // Without device groups the userless device is counted apart.
+        let users_only = attribute(&devices, now(), None, |_| true, |_| None, |_, _, _, u| u);
+        assert_eq!((users_only.reports.len(), users_only.userless), (2, 1));
     }
 
     #[test]

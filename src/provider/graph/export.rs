@@ -48,13 +48,15 @@ use crate::provider::ProviderError;
 
 pub const REPORT_NAME: &str = "DeviceStatusByCompliacePolicyReport";
 /// The columns read: device id, user id, the policy (to drop other policies' rows), the
-/// policy's status for the device, its last contact.
-pub const SELECT: [&str; 5] = [
+/// policy's status for the device, its last contact, and its Entra device id (`AadDeviceId`,
+/// read only when a phase's group has device members: device groups list their members by it).
+pub const SELECT: [&str; 6] = [
     "DeviceId",
     "UserId",
     "PolicyId",
     "PolicyStatus",
     "LastContact",
+    "AadDeviceId",
 ];
 /// The report with each device's grace end, and its columns read.
 pub const GRACE_REPORT: &str = "DeviceCompliance";
@@ -67,18 +69,31 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30 * 60);
 pub const MAX_ZIP_BYTES: u64 = 4 << 30;
 pub const MAX_CSV_BYTES: u64 = 16 << 30;
 
-/// Every device of one policy, through one export job.
-pub async fn observe_policy(
+/// One policy's report, through one export job: its zip, downloaded, to be read with
+/// [`read_policy`].
+pub async fn download_policy(
     client: &GraphClient,
     policy_id: &str,
+) -> Result<std::fs::File, ProviderError> {
+    let what = format!("the {REPORT_NAME} export of policy {policy_id}");
+    downloaded(client, &job_request(policy_id), &what).await
+}
+
+/// Every device of one policy from its downloaded report, their Entra device ids too when
+/// `with_aad` (on a blocking thread: a million rows take a while).
+pub async fn read_policy(
+    file: std::fs::File,
+    policy_id: &str,
+    with_aad: bool,
 ) -> Result<Devices, ProviderError> {
     let what = format!("the {REPORT_NAME} export of policy {policy_id}");
-    let file = downloaded(client, &job_request(policy_id), &what).await?;
     let policy = policy_id.to_string();
-    tokio::task::spawn_blocking(move || read_zip(file, &policy).map_err(std::io::Error::other))
-        .await
-        .map_err(|e| ProviderError::transient(format!("reading the export: {e}")))?
-        .map_err(|e| ProviderError::transient(format!("reading {what}: {e}")))
+    tokio::task::spawn_blocking(move || {
+        read_zip(file, &policy, with_aad).map_err(std::io::Error::other)
+    })
+    .await
+    .map_err(|e| ProviderError::transient(format!("reading the export: {e}")))?
+    .map_err(|e| ProviderError::transient(format!("reading {what}: {e}")))
 }
 
 /// Dates the grace of every device in grace in `policies` from one `DeviceCompliance` export;
@@ -221,12 +236,18 @@ async fn pause(client: &GraphClient, span: Duration) -> Result<(), ProviderError
 }
 
 /// The devices of a report's zip: its CSV file read as a stream, the rows of other policies
-/// than `policy_id` dropped.
-pub fn read_zip<R: Read + Seek>(zip: R, policy_id: &str) -> Result<Devices, String> {
+/// than `policy_id` dropped; their Entra device ids read when `with_aad`.
+pub fn read_zip<R: Read + Seek>(
+    zip: R,
+    policy_id: &str,
+    with_aad: bool,
+) -> Result<Devices, String> {
     with_csv(zip, |entry| {
         // About 100 bytes a row at least: room for that many rows up front, within the bound.
         let mut devices = Devices::with_capacity((entry.size() / 100) as usize);
-        read_csv(entry.take(MAX_CSV_BYTES), policy_id, |row| devices.add(row))?;
+        read_csv(entry.take(MAX_CSV_BYTES), policy_id, with_aad, |row| {
+            devices.add(row)
+        })?;
         devices.finish()?;
         Ok(devices)
     })
@@ -312,6 +333,7 @@ fn column(header: &csv::ByteRecord, name: &str) -> Option<usize> {
 pub fn read_csv(
     text: impl Read,
     policy_id: &str,
+    with_aad: bool,
     mut row: impl FnMut(&ReportRow) -> Result<(), String>,
 ) -> Result<(), String> {
     let mut reader = csv_reader(text);
@@ -323,6 +345,7 @@ pub fn read_csv(
     let user = column("UserId");
     let policy = column("PolicyId");
     let last = column("LastContact");
+    let aad = column("AadDeviceId").filter(|_| with_aad);
     let mut record = csv::ByteRecord::new();
     fn field(record: &csv::ByteRecord, i: Option<usize>) -> &str {
         i.and_then(|i| record.get(i))
@@ -338,6 +361,7 @@ pub fn read_csv(
         }
         row(&ReportRow {
             device_id: field(&record, Some(device)),
+            aad_device_id: field(&record, aad),
             user_id: field(&record, user),
             status: ReportStatus::parse(field(&record, Some(status))),
             last_contact: parse_contact(field(&record, last)),
@@ -434,7 +458,7 @@ mod tests {
                    d9,u9,other,4,Not compliant,2026-11-30 10:00:00\n\
                    d3,u3,p,1,Unknown,\n";
         let mut rows = Vec::new();
-        read_csv(csv.as_bytes(), "p", |r| {
+        read_csv(csv.as_bytes(), "p", false, |r| {
             rows.push((
                 r.device_id.to_string(),
                 r.user_id.to_string(),
@@ -465,8 +489,8 @@ mod tests {
                 ("d3".into(), "u3".into(), ReportStatus::Unknown, None),
             ]
         );
-        assert!(read_csv("Name\nx\n".as_bytes(), "p", |_| Ok(())).is_err());
-        assert!(read_zip(std::io::Cursor::new(b"not a zip".to_vec()), "p").is_err());
+        assert!(read_csv("Name\nx\n".as_bytes(), "p", false, |_| Ok(())).is_err());
+        assert!(read_zip(std::io::Cursor::new(b"not a zip".to_vec()), "p", false).is_err());
     }
 
     #[test]
