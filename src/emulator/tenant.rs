@@ -1627,6 +1627,51 @@ impl Tenant {
                     json!({"@odata.context": format!("{meta}#deviceManagement/deviceCompliancePolicies"), "value": items}),
                 )
             }
+            // "List managedDevices" (learn.microsoft.com/graph/api/intune-devices-manageddevice-list):
+            // every enrolled device, 1,000 a page at most, with `id` (Intune's, the device part
+            // of a `deviceStatuses` row id), `azureADDeviceId` (its Entra device id), the
+            // primary user's `userPrincipalName` (empty for a userless device); `$select` keeps
+            // the properties named.
+            ("GET", ["deviceManagement", "managedDevices"]) => {
+                let total = self.fleet.device_count();
+                let top = call
+                    .q("$top")
+                    .and_then(|t| t.parse::<usize>().ok())
+                    .unwrap_or(1000)
+                    .clamp(1, 1000);
+                let offset = call.q("$skiptoken").and_then(decode_skiptoken).unwrap_or(0);
+                let seed = self.settings.seed;
+                let users = self.fleet.user_count();
+                let page: Vec<Value> = (offset.min(total)..(offset + top).min(total))
+                    .map(|device| {
+                        let (owner, platform) = self.fleet.device_owner(device);
+                        let who = super::intune::device_users(seed, owner, users, device);
+                        let all = json!({
+                            "id": guid(seed, "device", device),
+                            "azureADDeviceId": aad_device_id(seed, device),
+                            "deviceName": format!("{}-{device:07}", platform.as_str().to_uppercase()),
+                            "operatingSystem": ca::platform_name(platform),
+                            "userPrincipalName": who.primary.map_or(String::new(), |u| self.user_principal_name(u)),
+                        });
+                        match call.q("$select").filter(|s| !s.trim().is_empty()) {
+                            None => all,
+                            Some(select) => Value::Object(
+                                select
+                                    .split(',')
+                                    .map(str::trim)
+                                    .filter(|n| !n.is_empty())
+                                    .map(|n| (n.to_string(), all.get(n).cloned().unwrap_or(Value::Null)))
+                                    .collect(),
+                            ),
+                        }
+                    })
+                    .collect();
+                let mut body = json!({"@odata.context": format!("{meta}#deviceManagement/managedDevices"), "value": page});
+                if offset + top < total {
+                    body["@odata.nextLink"] = json!(next_link(call, offset + top));
+                }
+                Response::json(200, body)
+            }
             // managedDeviceOverview (v1.0): enrolled devices by operating system.
             ("GET", ["deviceManagement", "managedDeviceOverview"]) => {
                 let count = |p: Platform| {

@@ -373,9 +373,21 @@ async fn policy_id(url: &str) -> String {
     state["policies"][0]["id"].as_str().unwrap().to_string()
 }
 
+/// Both by default; `-- device_statuses` or `-- export` runs one.
 async fn bench() {
-    bench_device_statuses().await;
-    bench_export().await;
+    let only = |name: &str| {
+        let named: Vec<String> = std::env::args()
+            .skip(1)
+            .filter(|a| !a.starts_with("--"))
+            .collect();
+        named.is_empty() || named.iter().any(|a| a == name)
+    };
+    if only("device_statuses") {
+        bench_device_statuses().await;
+    }
+    if only("export") {
+        bench_export().await;
+    }
 }
 
 fn main() {

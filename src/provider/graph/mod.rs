@@ -1436,6 +1436,55 @@ fn status_of(item: &Value) -> Status {
     }
 }
 
+/// The Entra device ids of a group's device members (none for a group of users): the
+/// `deviceId` of each `microsoft.graph.device` it holds, directly or through nested groups.
+async fn group_devices(
+    client: &GraphClient,
+    id: &str,
+) -> Result<HashSet<devices::Key>, ProviderError> {
+    let mut devices = HashSet::new();
+    let url = format!(
+        "/groups/{id}/transitiveMembers/microsoft.graph.device?$select=id,deviceId&$top=999&$count=true"
+    );
+    client
+        .for_each_page(&url, &[("ConsistencyLevel", "eventual")], |page| {
+            devices.extend(
+                page.iter()
+                    .filter_map(|d| d["deviceId"].as_str())
+                    .filter_map(devices::key),
+            );
+        })
+        .await?;
+    Ok(devices)
+}
+
+/// Every managed device's Entra device id, by its Intune id (the device part of a
+/// `deviceStatuses` row id): `GET /deviceManagement/managedDevices?$select=id,azureADDeviceId`
+/// ("List managedDevices", learn.microsoft.com/graph/api/intune-devices-manageddevice-list;
+/// `DeviceManagementManagedDevices.Read.All`), read only when a phase's group has devices.
+async fn entra_ids(
+    client: &GraphClient,
+) -> Result<HashMap<devices::Key, devices::Key>, ProviderError> {
+    let mut ids = HashMap::new();
+    client
+        .for_each_page(
+            "/deviceManagement/managedDevices?$select=id,azureADDeviceId&$top=1000",
+            &[],
+            |page| {
+                ids.extend(page.iter().filter_map(|d| {
+                    let intune = d["id"].as_str().and_then(devices::key)?;
+                    let entra = d["azureADDeviceId"]
+                        .as_str()
+                        .filter(|a| *a != crate::graph::NIL_GUID)
+                        .and_then(devices::key)?;
+                    Some((intune, entra))
+                }));
+            },
+        )
+        .await?;
+    Ok(ids)
+}
+
 /// The user principal name, lowercased, of the rows of device-context check-ins ("System
 /// account" in Microsoft's captured `deviceStatuses` responses).
 const SYSTEM_ACCOUNT: &str = "system account";
@@ -1458,9 +1507,9 @@ fn status_device(id: &str) -> Option<devices::Key> {
     guid.then(|| devices::key(device)).flatten()
 }
 
-/// The devices of a policy's statuses that only the system account reports: no user places
-/// them in a phase. Once per device, and not at all for a device a user also reports from.
-fn system_only(rows: &[Status]) -> u64 {
+/// The devices of a policy's statuses that only the system account reports (no user places
+/// them in a phase), each by its first row; a device a user also reports from is not one.
+fn system_only(rows: &[Status]) -> Vec<&Status> {
     let with_user: HashSet<devices::Key> = rows
         .iter()
         .filter(|s| !s.system)
@@ -1473,15 +1522,20 @@ fn system_only(rows: &[Status]) -> u64 {
             s.device
                 .is_none_or(|d| !with_user.contains(&d) && seen.insert(d))
         })
-        .count() as u64
+        .collect()
 }
 
-/// A policy's device statuses placed in one phase: each device once (its first row in scope,
-/// where rows name their device); system-account rows are in no phase.
-fn statuses_in_scope(rows: &[Status], in_scope: impl Fn(&Status) -> bool) -> Vec<&Status> {
+/// A policy's device statuses placed in one phase: by the phase's device groups (`by_device`:
+/// `Some(true)` placed, `Some(false)` kept out, the system account's rows too) or else by a
+/// user in scope; each device once (its first row placed, where rows name their device).
+fn statuses_in_scope(
+    rows: &[Status],
+    in_scope: impl Fn(&Status) -> bool,
+    by_device: impl Fn(&Status) -> devices::DevicePlacement,
+) -> Vec<&Status> {
     let mut seen: HashSet<devices::Key> = HashSet::new();
     rows.iter()
-        .filter(|s| !s.system && in_scope(s))
+        .filter(|s| by_device(s).unwrap_or_else(|| !s.system && in_scope(s)))
         .filter(|s| s.device.is_none_or(|d| seen.insert(d)))
         .collect()
 }
@@ -1511,7 +1565,6 @@ impl GraphProvider {
         // learn.microsoft.com/graph/api/group-list-transitivemembers, casts to either type).
         let members = try_join_all(group_ids.iter().map(|id| async move {
             let mut users: HashSet<Key> = HashSet::new();
-            let mut devices: HashSet<Key> = HashSet::new();
             let url = format!(
                 "/groups/{id}/transitiveMembers/microsoft.graph.user?$select=id&$top=999&$count=true"
             );
@@ -1520,18 +1573,7 @@ impl GraphProvider {
                     users.extend(page.iter().filter_map(|u| u["id"].as_str()).filter_map(key));
                 })
                 .await?;
-            let url = format!(
-                "/groups/{id}/transitiveMembers/microsoft.graph.device?$select=id,deviceId&$top=999&$count=true"
-            );
-            client
-                .for_each_page(&url, &[("ConsistencyLevel", "eventual")], |page| {
-                    devices.extend(
-                        page.iter()
-                            .filter_map(|d| d["deviceId"].as_str())
-                            .filter_map(key),
-                    );
-                })
-                .await?;
+            let devices = group_devices(client, id).await?;
             Ok::<_, ProviderError>((id.clone(), (users, devices)))
         }));
         let (downloads, members, validity) = tokio::try_join!(downloads, members, async {
@@ -1624,7 +1666,8 @@ impl GraphProvider {
                     validity,
                     in_scope,
                     by_device,
-                    |device, state, at, user| {
+                    |device, state, at, placed| {
+                        let user = placed.user;
                         let owner = user.map(|user| {
                             let next = owners.len() as u32;
                             *owners.entry(user).or_insert(next)
@@ -1634,7 +1677,7 @@ impl GraphProvider {
                             .enumerate()
                             .filter(|(_, g)| {
                                 user.is_some_and(|u| in_group(g, u))
-                                    || device.aad().is_some_and(|a| device_in(g, a))
+                                    || placed.aad.is_some_and(|a| device_in(g, a))
                             })
                             .fold(0u64, |bits, (i, _)| bits | 1 << i);
                         DeviceReport {
@@ -1869,9 +1912,17 @@ impl Provider for GraphProvider {
                     users.extend(page.iter().filter_map(|u| u["userPrincipalName"].as_str()).map(str::to_lowercase));
                 })
                 .await?;
-            Ok::<_, ProviderError>((id.clone(), users))
+            let devices = group_devices(client, id).await?;
+            Ok::<_, ProviderError>((id.clone(), (users, devices)))
         }));
         let (statuses, members) = tokio::try_join!(statuses, members)?;
+        // Device groups name Entra device ids, the rows Intune ones: mapped through the managed
+        // devices, only when a group has devices.
+        let entra = if members.iter().any(|(_, (_, d))| !d.is_empty()) {
+            entra_ids(client).await?
+        } else {
+            HashMap::new()
+        };
         // A policy whose e-mail action is in place has told the owner of each of its
         // noncompliant devices.
         let statuses: Vec<(Platform, bool, Vec<Status>)> = statuses
@@ -1884,7 +1935,8 @@ impl Provider for GraphProvider {
                 (platform, tells, rows)
             })
             .collect();
-        let members: BTreeMap<String, HashSet<String>> = members.into_iter().collect();
+        let members: BTreeMap<String, (HashSet<String>, HashSet<devices::Key>)> =
+            members.into_iter().collect();
         let now = self.client.now();
         let relied_enforces = record.role() == CaRole::Relied
             && view
@@ -1902,7 +1954,17 @@ impl Provider for GraphProvider {
             .collect();
         let in_group = |group: &GroupRef, user: &str| match group {
             GroupRef::AllUsers => true,
-            GroupRef::Id(id) => members.get(id).is_some_and(|m| m.contains(user)),
+            GroupRef::Id(id) => members.get(id).is_some_and(|(m, _)| m.contains(user)),
+        };
+        // A row's device in a device group, by its Entra id.
+        let device_in = |group: &GroupRef, s: &Status| match group {
+            GroupRef::AllUsers => false,
+            GroupRef::Id(id) => members.get(id).is_some_and(|(_, d)| {
+                !d.is_empty()
+                    && s.device
+                        .and_then(|k| entra.get(&k))
+                        .is_some_and(|a| d.contains(a))
+            }),
         };
         let resolve = |name: &String| names.groups.get(name).cloned();
         // The facts the impact forecast counts by: each user numbered once, the plan's groups
@@ -1924,8 +1986,8 @@ impl Provider for GraphProvider {
             }
         }
         let mut userless = Vec::with_capacity(scopes.len());
-        // Per policy, the devices only the system account reports (the same in every phase).
-        let userless_of: Vec<u64> = statuses
+        // Per policy, the devices only the system account reports.
+        let system_of: Vec<Vec<&Status>> = statuses
             .iter()
             .map(|(_, _, rows)| system_only(rows))
             .collect();
@@ -1940,12 +2002,29 @@ impl Provider for GraphProvider {
                     .iter()
                     .enumerate()
                     .map(|(i, (platform, tells, rows))| {
-                        let placed = statuses_in_scope(rows, |s| {
-                            !emergency.contains(s.user.as_str())
-                                && include.iter().any(|g| in_group(g, &s.user))
-                                && !exclude.iter().any(|g| in_group(g, &s.user))
-                        });
-                        without_user += userless_of[i];
+                        let by_device = |s: &Status| {
+                            if exclude.iter().any(|g| device_in(g, s)) {
+                                Some(false)
+                            } else if include.iter().any(|g| device_in(g, s)) {
+                                Some(true)
+                            } else {
+                                None
+                            }
+                        };
+                        let placed = statuses_in_scope(
+                            rows,
+                            |s| {
+                                !emergency.contains(s.user.as_str())
+                                    && include.iter().any(|g| in_group(g, &s.user))
+                                    && !exclude.iter().any(|g| in_group(g, &s.user))
+                            },
+                            by_device,
+                        );
+                        // Userless: no device group of the phase places or excludes it.
+                        without_user += system_of[i]
+                            .iter()
+                            .filter(|s| by_device(s).is_none())
+                            .count() as u64;
                         let reports = placed
                             .into_iter()
                             .filter_map(|s| {
@@ -1959,7 +2038,9 @@ impl Provider for GraphProvider {
                                 let groups = label_groups
                                     .iter()
                                     .enumerate()
-                                    .filter(|(_, g)| in_group(g, &s.user))
+                                    .filter(|(_, g)| {
+                                        (!s.system && in_group(g, &s.user)) || device_in(g, s)
+                                    })
                                     .fold(0u64, |bits, (i, _)| bits | 1 << i);
                                 Some(DeviceReport {
                                     state,
@@ -2055,11 +2136,29 @@ mod tests {
         assert!(rows[2].system && !rows[0].system);
         assert_eq!(rows[0].device, rows[1].device);
         assert_eq!(rows[5].device, None);
-        assert_eq!(system_only(&rows), 1);
-        assert_eq!(statuses_in_scope(&rows, |_| true).len(), 3);
-        let bob = statuses_in_scope(&rows, |s| s.user == "bob@contoso.com");
+        assert_eq!(system_only(&rows).len(), 1);
+        assert_eq!(statuses_in_scope(&rows, |_| true, |_| None).len(), 3);
+        let bob = statuses_in_scope(&rows, |s| s.user == "bob@contoso.com", |_| None);
         assert_eq!(bob.len(), 2);
         assert_eq!(bob[0].user, "bob@contoso.com");
+        // A device group holding the userless device places it; one excluding the shared
+        // device keeps it out whoever its users are.
+        let (userless, shared) = (rows[2].device, rows[0].device);
+        let grouped = statuses_in_scope(
+            &rows,
+            |_| true,
+            |s| {
+                if s.device == userless {
+                    Some(true)
+                } else if s.device == shared {
+                    Some(false)
+                } else {
+                    None
+                }
+            },
+        );
+        assert_eq!(grouped.len(), 3);
+        assert!(grouped.iter().any(|s| s.system) && grouped.iter().all(|s| s.device != shared));
         assert_eq!(status_device("a_b_c"), None);
         assert_eq!(status_device(&format!("{}_{P}", d(1))), None);
     }
