@@ -235,6 +235,8 @@ impl std::hash::Hasher for KeyHasher {
 }
 
 type KeyMap<V> = HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
+/// A set of [`Key`]s hashed with [`KeyHasher`].
+pub type KeySet = std::collections::HashSet<Key, std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// A policy's devices, each once: the rows appended as compact records while the report is
 /// read (no table probe per row: the ids are random, a hash table's inserts are cache misses),

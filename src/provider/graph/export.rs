@@ -237,7 +237,7 @@ async fn pause(client: &GraphClient, span: Duration) -> Result<(), ProviderError
 
 /// The devices of a report's zip: its CSV file read as a stream, the rows of other policies
 /// than `policy_id` dropped; their Entra device ids read when `with_aad`.
-pub fn read_zip<R: Read + Seek>(
+pub fn read_zip<R: Read + Seek + Send>(
     zip: R,
     policy_id: &str,
     with_aad: bool,
@@ -245,8 +245,8 @@ pub fn read_zip<R: Read + Seek>(
     with_csv(zip, |entry| {
         // About 100 bytes a row at least: room for that many rows up front, within the bound.
         let mut devices = Devices::with_capacity((entry.size() / 100) as usize);
-        read_csv(entry.take(MAX_CSV_BYTES), policy_id, with_aad, |row| {
-            devices.add(row)
+        inflated_beside(entry.take(MAX_CSV_BYTES), |text| {
+            read_csv(text, policy_id, with_aad, |row| devices.add(row))
         })?;
         devices.finish()?;
         Ok(devices)
@@ -255,17 +255,115 @@ pub fn read_zip<R: Read + Seek>(
 
 /// Hands `each` the device key and grace end of every row of a `DeviceCompliance` zip that
 /// dates one.
-pub fn read_grace_zip<R: Read + Seek>(
+pub fn read_grace_zip<R: Read + Seek + Send>(
     zip: R,
     mut each: impl FnMut(super::devices::Key, Timestamp),
 ) -> Result<(), String> {
     with_csv(zip, |entry| {
-        read_grace_csv(entry.take(MAX_CSV_BYTES), &mut each)
+        inflated_beside(entry.take(MAX_CSV_BYTES), |text| {
+            read_grace_csv(text, &mut each)
+        })
+    })
+}
+
+/// Bytes handed from the inflating thread to the parsing one at a time, and how many such
+/// chunks may wait: at most 4 × 256 KiB of text in flight, whatever the report's size.
+const CHUNK: usize = 256 << 10;
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Runs `parse` on the text `source` gives while another thread reads (inflates) it: the
+/// zip's deflate and the CSV parse each take about half a report's time, and overlap. The
+/// text passes through a bounded channel of chunks, which come back to be refilled. A read
+/// error reaches `parse` as one; the inflating thread stops when `parse` returns.
+fn inflated_beside<S: Read + Send, T>(
+    source: S,
+    parse: impl FnOnce(&mut dyn Read) -> Result<T, String>,
+) -> Result<T, String> {
+    use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+    struct Chunks {
+        full: Receiver<std::io::Result<Vec<u8>>>,
+        empty: SyncSender<Vec<u8>>,
+        current: Vec<u8>,
+        at: usize,
+    }
+    impl Read for Chunks {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            while self.at == self.current.len() {
+                match self.full.recv() {
+                    Ok(Ok(chunk)) => {
+                        let used = std::mem::replace(&mut self.current, chunk);
+                        self.at = 0;
+                        // The inflating thread may have stopped: then the chunk is dropped.
+                        let _ = self.empty.try_send(used);
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    // The inflating thread is done: the end of the text.
+                    Err(_) => return Ok(0),
+                }
+            }
+            let n = out.len().min(self.current.len() - self.at);
+            out[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+    let (full_tx, full) = sync_channel(CHUNKS_IN_FLIGHT);
+    let (empty, empty_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
+    std::thread::scope(|scope| {
+        let inflating = scope.spawn(move || {
+            let mut source = source;
+            loop {
+                let mut chunk = empty_rx.try_recv().unwrap_or_default();
+                chunk.resize(CHUNK, 0);
+                let mut filled = 0;
+                let read = loop {
+                    match source.read(&mut chunk[filled..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => {
+                            filled += n;
+                            if filled == CHUNK {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                chunk.truncate(filled);
+                let last = filled < CHUNK;
+                let sent = match read {
+                    Ok(()) if filled == 0 => break,
+                    Ok(()) => full_tx.send(Ok(chunk)),
+                    Err(e) => {
+                        let _ = full_tx.send(Ok(chunk));
+                        let _ = full_tx.send(Err(e));
+                        break;
+                    }
+                };
+                // `parse` returned early (its receiver is gone), or the text ended.
+                if sent.is_err() || last {
+                    break;
+                }
+            }
+        });
+        let mut chunks = Chunks {
+            full,
+            empty,
+            current: Vec::new(),
+            at: 0,
+        };
+        let parsed = parse(&mut chunks);
+        // Stops the inflating thread at its next chunk, if `parse` stopped first.
+        drop(chunks);
+        inflating
+            .join()
+            .map_err(|_| "the thread inflating the export failed".to_string())?;
+        parsed
     })
 }
 
 fn read_grace_csv(
-    text: impl Read,
+    text: &mut dyn Read,
     each: &mut impl FnMut(super::devices::Key, Timestamp),
 ) -> Result<(), String> {
     let mut reader = csv_reader(text);
@@ -296,7 +394,7 @@ fn read_grace_csv(
 }
 
 /// `read` of the zip's CSV file, as a stream.
-fn with_csv<R: Read + Seek, T>(
+fn with_csv<R: Read + Seek + Send, T>(
     zip: R,
     read: impl FnOnce(zip::read::ZipFile<'_, R>) -> Result<T, String>,
 ) -> Result<T, String> {
@@ -548,6 +646,44 @@ mod tests {
         );
         assert_eq!(grace_request()["reportName"], GRACE_REPORT);
         assert!(grace_request().get("filter").is_none());
+    }
+
+    #[test]
+    fn text_inflated_beside_its_parse_arrives_whole_in_order_and_errors_reach_the_parse() {
+        let text: Vec<u8> = (0..(CHUNK * 9 + 123)).map(|i| (i % 251) as u8).collect();
+        let read = inflated_beside(std::io::Cursor::new(text.clone()), |r| {
+            let mut all = Vec::new();
+            r.read_to_end(&mut all).map_err(|e| e.to_string())?;
+            Ok(all)
+        })
+        .unwrap();
+        assert_eq!(read, text);
+        // A parse that stops early leaves the inflating thread to stop too.
+        let first = inflated_beside(std::io::Cursor::new(text.clone()), |r| {
+            let mut byte = [0u8; 1];
+            r.read_exact(&mut byte).map_err(|e| e.to_string())?;
+            Ok(byte[0])
+        });
+        assert_eq!(first, Ok(0));
+        // A source failing after some text.
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(std::io::Error::other("corrupt deflate stream"));
+                }
+                let n = out.len().min(self.0);
+                out[..n].fill(b'x');
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let failed = inflated_beside(Failing(CHUNK + 10), |r| {
+            let mut all = Vec::new();
+            r.read_to_end(&mut all).map_err(|e| e.to_string())?;
+            Ok(all.len())
+        });
+        assert_eq!(failed, Err("corrupt deflate stream".to_string()));
     }
 
     #[test]

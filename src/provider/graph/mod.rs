@@ -1510,12 +1510,12 @@ fn status_device(id: &str) -> Option<devices::Key> {
 /// The devices of a policy's statuses that only the system account reports (no user places
 /// them in a phase), each by its first row; a device a user also reports from is not one.
 fn system_only(rows: &[Status]) -> Vec<&Status> {
-    let with_user: HashSet<devices::Key> = rows
-        .iter()
-        .filter(|s| !s.system)
-        .filter_map(|s| s.device)
-        .collect();
-    let mut seen: HashSet<devices::Key> = HashSet::new();
+    if !rows.iter().any(|s| s.system) {
+        return Vec::new();
+    }
+    let mut with_user = devices::KeySet::with_capacity_and_hasher(rows.len(), Default::default());
+    with_user.extend(rows.iter().filter(|s| !s.system).filter_map(|s| s.device));
+    let mut seen = devices::KeySet::default();
     rows.iter()
         .filter(|s| s.system && s.state.is_some())
         .filter(|s| {
@@ -1533,7 +1533,7 @@ fn statuses_in_scope(
     in_scope: impl Fn(&Status) -> bool,
     by_device: impl Fn(&Status) -> devices::DevicePlacement,
 ) -> Vec<&Status> {
-    let mut seen: HashSet<devices::Key> = HashSet::new();
+    let mut seen = devices::KeySet::with_capacity_and_hasher(rows.len(), Default::default());
     rows.iter()
         .filter(|s| by_device(s).unwrap_or_else(|| !s.system && in_scope(s)))
         .filter(|s| s.device.is_none_or(|d| seen.insert(d)))
