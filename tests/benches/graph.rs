@@ -6,6 +6,8 @@
 //!   client side (download, streamed unzip and CSV, each device once, attribution to a phase)
 //!   beside downloading the same zip and reading its CSV with a bare loop; the whole `observe`
 //!   (job, polls, the emulator building the zip) is shown too, with the peak resident memory.
+//!
+//! `cargo bench --bench graph -- device_statuses` or `-- export` runs one of the two.
 
 use std::time::{Duration, Instant};
 
