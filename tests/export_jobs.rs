@@ -126,3 +126,120 @@ fn a_million_devices_are_observed_through_export_jobs_each_device_once() {
     );
     assert!(everyone["userless"].as_u64().unwrap() > 5_000, "{everyone}");
 }
+
+/// A phase of the device group "Shared Devices" (the emulator's kiosks and shared devices) beside
+/// a user-group pilot, observed through export jobs.
+fn device_group_plan(url: &str) -> String {
+    plan(url)
+        .replace("name = \"windows-at-scale\"", "name = \"shared-devices\"")
+        .replace(
+            "id = \"everyone\"\nmode = \"report\"\ninclude = [\"All Users\"]",
+            "id = \"shared-devices\"\nmode = \"report\"\ninclude = [\"Shared Devices\"]",
+        )
+}
+
+#[test]
+fn a_device_group_phase_holds_its_shared_and_userless_devices_as_the_emulator_counts_them() {
+    let emulator = Emulator::spawn(&[
+        "--client-secret",
+        SECRET,
+        "--devices",
+        "100000",
+        "--ca-rate",
+        "1000",
+    ]);
+    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 1000.0, |_| {
+        device_group_plan(&emulator.url)
+    });
+    let id = pg.start();
+    let out = pg.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+    let status = pg.status(&id);
+    assert_eq!(status["phases"][1]["id"], "shared-devices", "{status}");
+    for (phase, group) in [(0, "Pilot%20IT"), (1, "Shared%20Devices")] {
+        let observed = &status["phases"][phase]["observation"];
+        let truth: Value = emulator.get(&format!(
+            "/_emulator/exportJobs/latest/truth?include={group}&exclude=Break%20Glass&stale_after=259200"
+        ));
+        for count in COUNTS {
+            assert_eq!(
+                observed[count], truth[count],
+                "phase {phase}, {count}: phasegate {observed}, the emulator {truth}"
+            );
+        }
+    }
+    let truth: Value = emulator.get(
+        "/_emulator/exportJobs/latest/truth?include=Shared%20Devices&exclude=Break%20Glass&stale_after=259200",
+    );
+    // Every device of the phase is there through the device group, the userless ones too (in
+    // the phase, not apart), and shared ones once.
+    let targeted = truth["targeted"].as_u64().unwrap();
+    assert!(targeted > 1_000, "{truth}");
+    assert_eq!(truth["by_device_group"], truth["targeted"], "{truth}");
+    assert!(
+        truth["userless_by_device_group"].as_u64().unwrap() > 100,
+        "{truth}"
+    );
+    assert!(truth["shared"].as_u64().unwrap() > 100, "{truth}");
+    assert_eq!(truth["userless"], 0, "{truth}");
+    // The pilot's users' phase still reports the policy's userless devices outside it.
+    let pilot = &status["phases"][0]["observation"];
+    assert!(pilot["userless"].as_u64().unwrap() > 0, "{pilot}");
+}
+
+/// The same device-group phase through the `deviceStatuses` fallback: its user–device pairs
+/// read each device once, the system account's devices placed by the device group (their
+/// Entra ids from the managed devices), so each phase holds the devices the export route and the
+/// emulator count.
+#[test]
+fn the_device_statuses_fallback_places_the_same_devices_through_the_device_group() {
+    let args = [
+        "--client-secret",
+        SECRET,
+        "--devices",
+        "20000",
+        "--ca-rate",
+        "1000",
+    ];
+    let observe = |through: &str| {
+        let emulator = Emulator::spawn(&args);
+        let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 1000.0, |_| {
+            device_group_plan(&emulator.url).replace(
+                "observe_through = \"export\"",
+                &format!("observe_through = \"{through}\""),
+            )
+        });
+        let id = pg.start();
+        let out = pg.run(&["run", &id]);
+        assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+        (pg.status(&id), emulator)
+    };
+    let (statuses, _) = observe("device_statuses");
+    let (export, emulator) = observe("export");
+    for (phase, group) in [(0, "Pilot%20IT"), (1, "Shared%20Devices")] {
+        let fallback = &statuses["phases"][phase]["observation"];
+        let truth: Value = emulator.get(&format!(
+            "/_emulator/exportJobs/latest/truth?include={group}&exclude=Break%20Glass&stale_after=259200"
+        ));
+        // Who is in the phase does not depend on the moment; the states do.
+        for count in ["targeted", "userless"] {
+            assert_eq!(
+                fallback[count], truth[count],
+                "phase {phase}, {count}: through deviceStatuses {fallback}, the emulator {truth}"
+            );
+            assert_eq!(
+                fallback[count], export["phases"][phase]["observation"][count],
+                "phase {phase}, {count}"
+            );
+        }
+    }
+    let shared = &statuses["phases"][1]["observation"];
+    assert!(shared["targeted"].as_u64().unwrap() > 200, "{shared}");
+    assert_eq!(shared["userless"], 0, "{shared}");
+    assert!(
+        statuses["phases"][0]["observation"]["userless"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}

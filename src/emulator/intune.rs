@@ -52,6 +52,62 @@ impl Status {
     }
 }
 
+/// Who uses a device, beyond the fleet's owner.
+///
+/// Devices without a primary user exist: kiosks, shared devices, devices enrolled without user
+/// affinity ("Find the primary user of an Intune device",
+/// learn.microsoft.com/mem/intune/remote-actions/find-primary-user: "Shared devices and
+/// userless devices have no primary user"). The emulator makes 1.5% of devices userless (their
+/// policy still covers them through the groups they were enrolled into) and 3% shared: a second
+/// user signs in to them, and the per-policy report lists such a device once per user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceUsers {
+    pub primary: Option<usize>,
+    pub second: Option<usize>,
+}
+
+pub fn device_users(seed: u64, owner: usize, users: usize, device: usize) -> DeviceUsers {
+    let mut h = seed ^ (device as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed_u64;
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^= h >> 31;
+    match h % 1000 {
+        0..15 => DeviceUsers {
+            primary: None,
+            second: None,
+        },
+        15..45 if users > 1 => DeviceUsers {
+            primary: Some(owner),
+            second: Some((owner + 1 + (h >> 10) as usize % (users - 1)) % users),
+        },
+        _ => DeviceUsers {
+            primary: Some(owner),
+            second: None,
+        },
+    }
+}
+
+/// The emulator's one device group: a security group whose members are devices, not users
+/// ("Add groups to organize users and devices", learn.microsoft.com/mem/intune/fundamentals/groups-add:
+/// device groups for devices without a dedicated user, such as kiosks and shared devices). It
+/// holds the fleet's shared and userless devices; an assignment to it covers them whoever their
+/// users are. Its bit sits above the user groups' ([`crate::provider::simulator::fleet::GROUPS`]).
+pub const DEVICE_GROUP: &str = "Shared Devices";
+pub const DEVICE_GROUP_BIT: u16 = 1 << 15;
+
+/// The device groups `device` is a member of, as group bits.
+pub fn device_groups(seed: u64, fleet: &Fleet, device: usize) -> u16 {
+    let (owner, _) = fleet.device_owner(device);
+    let who = device_users(seed, owner, fleet.user_count(), device);
+    if who.primary.is_none() || who.second.is_some() {
+        DEVICE_GROUP_BIT
+    } else {
+        0
+    }
+}
+
 /// The position of a platform in [`Platform::ALL`].
 pub fn platform_index(platform: Platform) -> usize {
     Platform::ALL
@@ -130,6 +186,8 @@ impl Enforcer {
 pub struct Rules {
     pub policies: [Option<PolicyRules>; 4],
     pub enforcers: Vec<Enforcer>,
+    /// The tenant's seed, which device-group membership derives from ([`device_groups`]).
+    pub seed: u64,
 }
 
 /// An e-mail a `notification` action sent.
@@ -300,9 +358,12 @@ impl Intune {
         for device in 0..self.records.len() {
             let (user, platform) = fleet.device_owner(device);
             let p = platform_index(platform);
-            let covered = self.rules.policies[p]
-                .as_ref()
-                .is_some_and(|r| r.coverage.covers(fleet.user_groups(user)));
+            let covered = self.rules.policies[p].as_ref().is_some_and(|r| {
+                // Users' groups and, for an assignment to a device group, the device's.
+                let groups =
+                    fleet.user_groups(user) | device_groups(self.rules.seed, fleet, device);
+                r.coverage.covers(groups)
+            });
             let record = &mut self.records[device];
             if covered && !record.covered {
                 record.pending = true;

@@ -15,7 +15,7 @@
 //!   - `DeviceStatusByCompliacePolicyReport` (Microsoft's spelling): documented columns
 //!     `AadDeviceId, DeviceId, DeviceName, LastContact, ManagementAgents, OS, PolicyId,
 //!     PolicyStatus, UPN, UserId, UserName`; modelled `DeviceId, DeviceName, UserId, UPN,
-//!     PolicyId, PolicyStatus, LastContact`. The page lists no filter for it, yet the report is
+//!     PolicyId, PolicyStatus, LastContact, AadDeviceId`. The page lists no filter for it, yet the report is
 //!     one policy's (the admin center's per-policy view); the emulator takes `(PolicyId eq
 //!     '<id>')` and needs it. `PolicyStatus` is numbered as third-party exporters read it
 //!     (1 unknown, 2 compliant, 3 in grace period, 4 noncompliant, 5 error, 6 conflict, 7 not
@@ -52,7 +52,7 @@ use crate::graph::format_time;
 
 pub const REPORT_NAME: &str = "DeviceStatusByCompliacePolicyReport";
 /// The per-policy report's modelled columns, in the order a CSV without `select` has them.
-pub const COLUMNS: [&str; 7] = [
+pub const COLUMNS: [&str; 8] = [
     "DeviceId",
     "DeviceName",
     "UserId",
@@ -60,6 +60,7 @@ pub const COLUMNS: [&str; 7] = [
     "PolicyId",
     "PolicyStatus",
     "LastContact",
+    "AadDeviceId",
 ];
 pub const COMPLIANCE_REPORT: &str = "DeviceCompliance";
 /// The `DeviceCompliance` report's modelled columns.
@@ -125,6 +126,8 @@ pub struct SnapshotRow {
 /// One CSV row's values, before `select` (the policy's columns are the same on every row).
 pub struct Row {
     pub device_id: String,
+    /// Its Entra device id (the directory's `deviceId`).
+    pub aad_device_id: String,
     pub device_name: String,
     /// Empty for a device without a primary user.
     pub user_id: String,
@@ -456,7 +459,8 @@ pub fn write_zip(
                     4 => policy_id,
                     5 if request.localization == Localization::Replace => localized(row.status),
                     5 => &number,
-                    _ => &time,
+                    6 => &time,
+                    _ => &row.aad_device_id,
                 };
                 csv.write_field(value)?;
                 if i == 5 && request.localization == Localization::AdditionalColumn {
@@ -564,6 +568,7 @@ mod tests {
         .unwrap();
         let rows = (0..3).map(|i| Row {
             device_id: ["d0", "d1", "d2"][i].into(),
+            aad_device_id: "a".into(),
             device_name: "n".into(),
             user_id: ["u0", "", "u2"][i].into(),
             upn: "x".into(),

@@ -236,6 +236,13 @@ struct Group {
     bit: u16,
 }
 
+impl Group {
+    /// Its members are devices ([`super::intune::DEVICE_GROUP`]), not users.
+    fn of_devices(&self) -> bool {
+        self.bit == super::intune::DEVICE_GROUP_BIT
+    }
+}
+
 /// Who made a write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Actor {
@@ -340,6 +347,12 @@ pub struct Tenant {
     blob_origin: String,
 }
 
+/// A device's Entra device id (`deviceId` of the directory's device, `azureADDeviceId` of
+/// Intune's managed device, `AadDeviceId` in reports): another id than its Intune one.
+pub fn aad_device_id(seed: u64, device: usize) -> String {
+    guid(seed, "aad-device", device)
+}
+
 /// A GUID derived from the seed and a name: the same tenant every time.
 pub fn guid(seed: u64, kind: &str, n: impl std::fmt::Display) -> String {
     let digest = Sha256::digest(format!("{seed}:{kind}:{n}").as_bytes());
@@ -439,6 +452,12 @@ pub const POLICY_NAMES: [(Platform, &str); 4] = [
     ),
     (Platform::Macos, "macOS compliance baseline"),
 ];
+/// The user a `deviceStatuses` row names when no user signed in to the device: Intune reports
+/// device-context check-ins under the System Account ("Monitor results of your Intune Device
+/// compliance policies", learn.microsoft.com/mem/intune/protect/compliance-policy-monitor: a
+/// device may show the System Account as a user), spelt "System account" in `userName` and
+/// `userPrincipalName` in Microsoft's captured `deviceStatuses` responses.
+pub const SYSTEM_ACCOUNT: &str = "System account";
 pub const CA_POLICY_NAME: &str = "Require compliant device for Office 365";
 pub const TEMPLATE_NAME: &str = "Compliance rollout - action required";
 /// The interactive administrator who approves requests and acts through `/_emulator/as-admin`.
@@ -475,6 +494,11 @@ impl Tenant {
                 name: name.to_string(),
                 bit: 1 << i,
             })
+            .chain(std::iter::once(Group {
+                id: guid(seed, "group", super::intune::DEVICE_GROUP),
+                name: super::intune::DEVICE_GROUP.to_string(),
+                bit: super::intune::DEVICE_GROUP_BIT,
+            }))
             .collect();
         let policies = POLICY_NAMES
             .iter()
@@ -650,7 +674,10 @@ impl Tenant {
                     .collect(),
             );
         }
-        let mut rules = Rules::default();
+        let mut rules = Rules {
+            seed: self.settings.seed,
+            ..Rules::default()
+        };
         for policy in &self.policies {
             let mut coverage = Coverage::default();
             for target in &policy.assignments {
@@ -1604,6 +1631,51 @@ impl Tenant {
                     json!({"@odata.context": format!("{meta}#deviceManagement/deviceCompliancePolicies"), "value": items}),
                 )
             }
+            // "List managedDevices" (learn.microsoft.com/graph/api/intune-devices-manageddevice-list):
+            // every enrolled device, 1,000 a page at most, with `id` (Intune's, the device part
+            // of a `deviceStatuses` row id), `azureADDeviceId` (its Entra device id), the
+            // primary user's `userPrincipalName` (empty for a userless device); `$select` keeps
+            // the properties named.
+            ("GET", ["deviceManagement", "managedDevices"]) => {
+                let total = self.fleet.device_count();
+                let top = call
+                    .q("$top")
+                    .and_then(|t| t.parse::<usize>().ok())
+                    .unwrap_or(1000)
+                    .clamp(1, 1000);
+                let offset = call.q("$skiptoken").and_then(decode_skiptoken).unwrap_or(0);
+                let seed = self.settings.seed;
+                let users = self.fleet.user_count();
+                let page: Vec<Value> = (offset.min(total)..(offset + top).min(total))
+                    .map(|device| {
+                        let (owner, platform) = self.fleet.device_owner(device);
+                        let who = super::intune::device_users(seed, owner, users, device);
+                        let all = json!({
+                            "id": guid(seed, "device", device),
+                            "azureADDeviceId": aad_device_id(seed, device),
+                            "deviceName": format!("{}-{device:07}", platform.as_str().to_uppercase()),
+                            "operatingSystem": ca::platform_name(platform),
+                            "userPrincipalName": who.primary.map_or(String::new(), |u| self.user_principal_name(u)),
+                        });
+                        match call.q("$select").filter(|s| !s.trim().is_empty()) {
+                            None => all,
+                            Some(select) => Value::Object(
+                                select
+                                    .split(',')
+                                    .map(str::trim)
+                                    .filter(|n| !n.is_empty())
+                                    .map(|n| (n.to_string(), all.get(n).cloned().unwrap_or(Value::Null)))
+                                    .collect(),
+                            ),
+                        }
+                    })
+                    .collect();
+                let mut body = json!({"@odata.context": format!("{meta}#deviceManagement/managedDevices"), "value": page});
+                if offset + top < total {
+                    body["@odata.nextLink"] = json!(next_link(call, offset + top));
+                }
+                Response::json(200, body)
+            }
             // managedDeviceOverview (v1.0): enrolled devices by operating system.
             ("GET", ["deviceManagement", "managedDeviceOverview"]) => {
                 let count = |p: Platform| {
@@ -1777,7 +1849,8 @@ impl Tenant {
             );
         };
         let cast_to_user = cast == ["microsoft.graph.user"];
-        if !cast.is_empty() && !cast_to_user {
+        let cast_to_device = cast == ["microsoft.graph.device"];
+        if !cast.is_empty() && !cast_to_user && !cast_to_device {
             return graph_error(
                 400,
                 "Request_BadRequest",
@@ -1791,7 +1864,7 @@ impl Tenant {
             .get("consistencylevel")
             .is_some_and(|v| v.eq_ignore_ascii_case("eventual"))
             && call.q("$count") == Some("true");
-        if cast_to_user && !advanced {
+        if (cast_to_user || cast_to_device) && !advanced {
             return graph_error(
                 400,
                 "Request_UnsupportedQuery",
@@ -1816,24 +1889,53 @@ impl Tenant {
                 );
             }
         };
-        let members: Vec<usize> = (0..self.fleet.user_count())
-            .filter(|&u| self.fleet.user_groups(u) & group.bit != 0)
-            .collect();
+        // A group's members are users or, for the device group, devices: a cast to the other
+        // type lists none.
+        let members: Vec<usize> = if group.of_devices() {
+            if cast_to_user {
+                Vec::new()
+            } else {
+                let seed = self.settings.seed;
+                (0..self.fleet.device_count())
+                    .filter(|&d| {
+                        super::intune::device_groups(seed, &self.fleet, d) & group.bit != 0
+                    })
+                    .collect()
+            }
+        } else if cast_to_device {
+            Vec::new()
+        } else {
+            (0..self.fleet.user_count())
+                .filter(|&u| self.fleet.user_groups(u) & group.bit != 0)
+                .collect()
+        };
         let offset = call.q("$skiptoken").and_then(decode_skiptoken).unwrap_or(0);
         let page: Vec<Value> = members
             .iter()
             .skip(offset)
             .take(top)
-            .map(|&u| {
-                let mut item = self.member_json(u, call.q("$select"));
-                if !cast_to_user {
-                    item["@odata.type"] = json!("#microsoft.graph.user");
+            .map(|&m| {
+                let (mut item, kind) = if group.of_devices() {
+                    (
+                        self.device_json(m, call.q("$select")),
+                        "#microsoft.graph.device",
+                    )
+                } else {
+                    (
+                        self.member_json(m, call.q("$select")),
+                        "#microsoft.graph.user",
+                    )
+                };
+                if cast.is_empty() {
+                    item["@odata.type"] = json!(kind);
                 }
                 item
             })
             .collect();
         let context = if cast_to_user {
             "users"
+        } else if cast_to_device {
+            "devices"
         } else {
             "directoryObjects"
         };
@@ -1861,6 +1963,32 @@ impl Tenant {
             "userPrincipalName": upn,
             "displayName": format!("User {user}"),
             "mail": if self.fleet.has_mailbox(user) { json!(upn) } else { Value::Null },
+        });
+        let Some(select) = select.filter(|s| !s.trim().is_empty()) else {
+            return all;
+        };
+        let mut item = serde_json::Map::new();
+        for name in select.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            item.insert(
+                name.to_string(),
+                all.get(name).cloned().unwrap_or(Value::Null),
+            );
+        }
+        Value::Object(item)
+    }
+
+    /// A device as a member listing shows it ("device resource type",
+    /// learn.microsoft.com/graph/api/resources/device): `id`, its directory object id, and
+    /// `deviceId`, the id the Azure Device Registration Service set — the same id Intune's managed
+    /// device carries as `azureADDeviceId` (learn.microsoft.com/graph/api/resources/
+    /// intune-devices-manageddevice) and its reports as `AadDeviceId`.
+    fn device_json(&self, device: usize, select: Option<&str>) -> Value {
+        let (_, platform) = self.fleet.device_owner(device);
+        let all = json!({
+            "id": guid(self.settings.seed, "device-object", device),
+            "deviceId": aad_device_id(self.settings.seed, device),
+            "displayName": format!("{}-{device:07}", platform.as_str().to_uppercase()),
+            "operatingSystem": ca::platform_name(platform),
         });
         let Some(select) = select.filter(|s| !s.trim().is_empty()) else {
             return all;
@@ -2041,6 +2169,9 @@ impl Tenant {
                 Response::empty(204)
             }
             ("GET", ["deviceStatuses"]) => {
+                // Rows are user–device pairs (`status_rows`): the skip token counts pairs, two
+                // slots per listed device (its primary user or the system account, then a second
+                // user).
                 let p = &self.policies[idx];
                 let listed = self.intune.listed(p.platform);
                 let top = call
@@ -2048,20 +2179,29 @@ impl Tenant {
                     .and_then(|t| t.parse::<usize>().ok())
                     .unwrap_or(1000)
                     .clamp(1, 1000);
-                let offset = call.q("$skiptoken").and_then(decode_skiptoken).unwrap_or(0);
-                let page: Vec<Value> = listed
-                    .iter()
-                    .skip(offset)
-                    .take(top)
-                    .map(|&device| {
-                        let row = self.intune.row(p.platform, device as usize);
-                        self.status_json(device as usize, &row, &p.id)
-                    })
-                    .collect();
+                let mut slot = call.q("$skiptoken").and_then(decode_skiptoken).unwrap_or(0);
+                let seed = self.settings.seed;
+                let users = self.fleet.user_count();
+                let mut page: Vec<Value> = Vec::with_capacity(top);
+                while page.len() < top && slot / 2 < listed.len() {
+                    let device = listed[slot / 2] as usize;
+                    let (owner, _) = self.fleet.device_owner(device);
+                    let who = super::intune::device_users(seed, owner, users, device);
+                    let user = if slot.is_multiple_of(2) {
+                        Some(who.primary)
+                    } else {
+                        who.second.map(Some)
+                    };
+                    if let Some(user) = user {
+                        let row = self.intune.row(p.platform, device);
+                        page.push(self.status_json(device, user, &row, &p.id));
+                    }
+                    slot += 1;
+                }
                 let mut body = json!({"@odata.context": format!("{meta}#deviceManagement/deviceCompliancePolicies('{}')/deviceStatuses", p.id)});
                 body["value"] = Value::Array(page);
-                if offset + top < listed.len() {
-                    body["@odata.nextLink"] = json!(next_link(call, offset + top));
+                if slot / 2 < listed.len() {
+                    body["@odata.nextLink"] = json!(next_link(call, slot));
                 }
                 Response::json(200, body)
             }
@@ -2171,18 +2311,34 @@ impl Tenant {
         Response::json(200, v)
     }
 
-    fn status_json(&self, device: usize, row: &Row, policy_id: &str) -> Value {
-        let (user, platform) = self.fleet.device_owner(device);
+    /// One `deviceStatuses` row: a user–device pair. A shared device has a row for each user who
+    /// signs in to it; a device without a primary user reports as the system account. The id is
+    /// `{deviceId}_{policyId}_{userId}` as in Microsoft's captured responses (the system account
+    /// with the nil GUID); clients are told to treat it as opaque.
+    fn status_json(&self, device: usize, user: Option<usize>, row: &Row, policy_id: &str) -> Value {
+        let (_, platform) = self.fleet.device_owner(device);
         let device_id = guid(self.settings.seed, "device", device);
+        let (user_id, name, upn) = match user {
+            Some(user) => (
+                self.user_id(user),
+                format!("User {user}"),
+                self.user_principal_name(user),
+            ),
+            None => (
+                NIL_GUID.to_string(),
+                SYSTEM_ACCOUNT.to_string(),
+                SYSTEM_ACCOUNT.to_string(),
+            ),
+        };
         json!({
-            "id": format!("{device_id}_{policy_id}_{}", self.user_id(user)),
+            "id": format!("{device_id}_{policy_id}_{user_id}"),
             "deviceDisplayName": format!("{}-{device:07}", platform.as_str().to_uppercase()),
-            "userName": format!("User {user}"),
+            "userName": name,
             "deviceModel": null,
             "complianceGracePeriodExpirationDateTime": row.grace_end.map_or("9999-12-31T23:59:59.9999999Z".to_string(), format_time),
             "status": row.status.as_str(),
             "lastReportedDateTime": row.last_reported.map_or(crate::graph::UNSET_TIME.to_string(), format_time),
-            "userPrincipalName": self.user_principal_name(user),
+            "userPrincipalName": upn,
         })
     }
 

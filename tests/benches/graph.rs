@@ -6,6 +6,8 @@
 //!   client side (download, streamed unzip and CSV, each device once, attribution to a phase)
 //!   beside downloading the same zip and reading its CSV with a bare loop; the whole `observe`
 //!   (job, polls, the emulator building the zip) is shown too, with the peak resident memory.
+//!
+//! `cargo bench --bench graph -- device_statuses` or `-- export` runs one of the two.
 
 use std::time::{Duration, Instant};
 
@@ -298,12 +300,13 @@ async fn bench_export() {
     for _ in 0..5 {
         let start = Instant::now();
         let file = download(http.clone(), blob.clone()).await;
-        let devices = export::read_zip(file, &policy).unwrap();
+        let devices = export::read_zip(file, &policy, false).unwrap();
         let phase = attribute(
             &devices,
             phasegate::domain::time::Timestamp::from_millis(i64::MAX / 2),
             None,
             |user| user != 0,
+            |_| None,
             |_, state, at, _| (state, at),
         );
         samples.push(start.elapsed());
@@ -372,9 +375,21 @@ async fn policy_id(url: &str) -> String {
     state["policies"][0]["id"].as_str().unwrap().to_string()
 }
 
+/// Both by default; `-- device_statuses` or `-- export` runs one.
 async fn bench() {
-    bench_device_statuses().await;
-    bench_export().await;
+    let only = |name: &str| {
+        let named: Vec<String> = std::env::args()
+            .skip(1)
+            .filter(|a| !a.starts_with("--"))
+            .collect();
+        named.is_empty() || named.iter().any(|a| a == name)
+    };
+    if only("device_statuses") {
+        bench_device_statuses().await;
+    }
+    if only("export") {
+        bench_export().await;
+    }
 }
 
 fn main() {

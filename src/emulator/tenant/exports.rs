@@ -9,46 +9,11 @@ use serde_json::{Value, json};
 
 use super::{Call, Request, Response, Tenant, graph_error, guid, throttled};
 use crate::domain::time::Timestamp;
-use crate::emulator::intune::Status;
+use crate::emulator::intune::{
+    DEVICE_GROUP, DEVICE_GROUP_BIT, Status, device_groups, device_users,
+};
 use crate::emulator::reports::{self, Built, Job, Row, SnapshotRow};
 use crate::provider::simulator::fleet::group_bit;
-
-/// Who uses a device, beyond the fleet's owner.
-///
-/// Devices without a primary user exist: kiosks, shared devices, devices enrolled without user
-/// affinity ("Find the primary user of an Intune device",
-/// learn.microsoft.com/mem/intune/remote-actions/find-primary-user: "Shared devices and
-/// userless devices have no primary user"). The emulator makes 1.5% of devices userless (their
-/// policy still covers them through the groups they were enrolled into) and 3% shared: a second
-/// user signs in to them, and the per-policy report lists such a device once per user.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DeviceUsers {
-    pub primary: Option<usize>,
-    pub second: Option<usize>,
-}
-
-pub fn device_users(seed: u64, owner: usize, users: usize, device: usize) -> DeviceUsers {
-    let mut h = seed ^ (device as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed_u64;
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
-    h ^= h >> 31;
-    match h % 1000 {
-        0..15 => DeviceUsers {
-            primary: None,
-            second: None,
-        },
-        15..45 if users > 1 => DeviceUsers {
-            primary: Some(owner),
-            second: Some((owner + 1 + (h >> 10) as usize % (users - 1)) % users),
-        },
-        _ => DeviceUsers {
-            primary: Some(owner),
-            second: None,
-        },
-    }
-}
 
 impl Tenant {
     /// Where the blobs are served (the second listener's origin).
@@ -190,6 +155,7 @@ impl Tenant {
             let (owner, _) = self.fleet.device_owner(device);
             let who = device_users(seed, owner, users, device);
             let device_id = guid(seed, "device", device);
+            let aad_device_id = super::aad_device_id(seed, device);
             let name = format!("{prefix}-{device:07}");
             let grace = (s.grace_end != i64::MIN).then(|| Timestamp::from_millis(s.grace_end));
             let status = reports::policy_status(s.status, grace, now);
@@ -205,6 +171,7 @@ impl Tenant {
                     };
                     Row {
                         device_id: device_id.clone(),
+                        aad_device_id: aad_device_id.clone(),
                         device_name: name.clone(),
                         user_id,
                         upn,
@@ -358,7 +325,12 @@ impl Tenant {
             names
                 .split(',')
                 .filter(|n| !n.is_empty())
-                .map(|n| group_bit(n).ok_or(format!("no group `{n}`")))
+                .map(|n| {
+                    if n == DEVICE_GROUP {
+                        return Ok(DEVICE_GROUP_BIT);
+                    }
+                    group_bit(n).ok_or(format!("no group `{n}`"))
+                })
                 .try_fold(0u16, |acc, b| b.map(|b| acc | b))
         };
         let (include, exclude) = match (bits(q("include")), bits(q("exclude"))) {
@@ -398,20 +370,34 @@ fn truth(
     let mut counts = [0u64; 8];
     let mut userless = 0u64;
     let mut shared = 0u64;
+    // Placed by a device group: all of them, and those without a primary user.
+    let mut by_group = 0u64;
+    let mut userless_by_group = 0u64;
     for row in &built.snapshot {
         let device = row.device as usize;
         let (owner, _) = tenant.fleet.device_owner(device);
         let who = device_users(seed, owner, users, device);
-        let Some(primary) = who.primary else {
-            userless += 1;
+        // A device group of the scope places the device whoever its users are; otherwise its
+        // users do, and a userless device is counted apart.
+        let by_device = device_groups(seed, &tenant.fleet, device);
+        if by_device & exclude != 0 {
             continue;
-        };
+        }
         let in_scope = |u: usize| {
             let g = tenant.fleet.user_groups(u);
             g & include != 0 && g & exclude == 0
         };
-        if !(in_scope(primary) || who.second.is_some_and(in_scope)) {
-            continue;
+        if by_device & include == 0 {
+            let Some(primary) = who.primary else {
+                userless += 1;
+                continue;
+            };
+            if !(in_scope(primary) || who.second.is_some_and(in_scope)) {
+                continue;
+            }
+        } else {
+            by_group += 1;
+            userless_by_group += u64::from(who.primary.is_none());
         }
         shared += u64::from(who.second.is_some());
         // 0 compliant, 1 noncompliant, 2 in grace, 3 error, 4 conflict, 5 unknown, 6 stale.
@@ -446,5 +432,7 @@ fn truth(
         "stale": counts[6],
         "userless": userless,
         "shared": shared,
+        "by_device_group": by_group,
+        "userless_by_device_group": userless_by_group,
     })
 }

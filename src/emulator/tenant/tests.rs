@@ -238,7 +238,7 @@ fn a_policy_must_keep_exactly_one_block_action() {
 }
 
 #[test]
-fn device_statuses_are_paged_with_skip_tokens() {
+fn device_statuses_are_user_device_pairs_paged_with_skip_tokens() {
     let mut s = settings();
     s.devices = 5_000;
     let mut tenant = Tenant::new(s);
@@ -275,14 +275,22 @@ fn device_statuses_are_paged_with_skip_tokens() {
     ));
     let mut seen = 0;
     let mut pages = 0;
+    let mut per_device: BTreeMap<String, Vec<String>> = BTreeMap::new();
     while let Some(url) = next {
         let url = url.trim_start_matches("http://localhost").to_string();
         let page = body(&tenant.handle(&request("GET", &url, "", Some(&token))));
         let items = page["value"]
             .as_array()
             .unwrap_or_else(|| panic!("{url}: {page}"));
+        assert!(items.len() <= 1000);
         seen += items.len();
         pages += 1;
+        for item in items {
+            per_device
+                .entry(item["deviceDisplayName"].as_str().unwrap().to_string())
+                .or_default()
+                .push(item["userPrincipalName"].as_str().unwrap().to_string());
+        }
         let first = &items[0];
         assert!(
             ["compliant", "nonCompliant", "error", "conflict", "unknown"]
@@ -296,9 +304,25 @@ fn device_statuses_are_paged_with_skip_tokens() {
         );
         next = page["@odata.nextLink"].as_str().map(str::to_string);
     }
+    // Each device listed, a shared one once per user, a userless one as the system account.
     let windows = tenant.fleet.platform_counts()[0].1;
-    assert_eq!(seen, windows);
-    assert_eq!(pages, windows.div_ceil(1000));
+    assert_eq!(per_device.len(), windows);
+    let shared = per_device.values().filter(|u| u.len() == 2).count();
+    let system = per_device
+        .values()
+        .filter(|u| u == &&vec![SYSTEM_ACCOUNT.to_string()])
+        .count();
+    assert!(
+        shared > 0 && system > 0,
+        "{shared} shared, {system} userless"
+    );
+    assert_eq!(seen, windows + shared);
+    assert!(
+        per_device
+            .values()
+            .all(|u| u.len() == 1 || (u.len() == 2 && u[0] != u[1]))
+    );
+    assert_eq!(pages, seen.div_ceil(1000));
 }
 
 #[test]
@@ -555,7 +579,7 @@ impl Session {
         assert_eq!(status, 204, "{patch}: {value}");
     }
 
-    /// Every `deviceStatuses` row of a policy, following next links.
+    /// Every device's first `deviceStatuses` row of a policy, following next links.
     fn rows(&mut self, policy: &str) -> Vec<Value> {
         let mut rows = Vec::new();
         let mut next = Some(format!(
@@ -563,7 +587,14 @@ impl Session {
         ));
         while let Some(url) = next {
             let page = self.get(url.trim_start_matches("http://localhost"));
-            rows.extend(page["value"].as_array().unwrap().iter().cloned());
+            // One row per device: the device's first user–device pair.
+            for row in page["value"].as_array().unwrap() {
+                if rows.last().is_none_or(|last: &Value| {
+                    last["deviceDisplayName"] != row["deviceDisplayName"]
+                }) {
+                    rows.push(row.clone());
+                }
+            }
             next = page["@odata.nextLink"].as_str().map(str::to_string);
         }
         rows

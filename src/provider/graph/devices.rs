@@ -32,8 +32,51 @@ pub const MAX_DEVICES: usize = 10_000_000;
 /// A device or user id, as a number: a GUID's 128 bits, or a hash of any other text.
 pub type Key = u128;
 
+/// The value of each hex digit, 0xFF for any other byte.
+const HEX: [u8; 256] = {
+    let mut table = [0xFF; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// The 128 bits of a GUID in its canonical form (`8-4-4-4-12` hex digits, any case), by table:
+/// a report has two per row, a million rows, and a digit-by-digit branch mispredicts on every
+/// other one.
+fn canonical_guid(b: &[u8]) -> Option<Key> {
+    if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
+        return None;
+    }
+    let half = |ranges: [(usize, usize); 3]| {
+        let (mut value, mut bad) = (0u64, 0u8);
+        for (from, to) in ranges {
+            for &c in &b[from..to] {
+                let n = HEX[c as usize];
+                bad |= n;
+                value = (value << 4) | u64::from(n & 0x0F);
+            }
+        }
+        (bad & 0xF0 == 0).then_some(value)
+    };
+    let high = half([(0, 8), (9, 13), (14, 18)])?;
+    let low = half([(19, 23), (24, 36), (36, 36)])?;
+    Some((u128::from(high) << 64) | u128::from(low))
+}
+
 /// The id's key; `None` for an empty id.
 pub fn key(id: &str) -> Option<Key> {
+    if let Some(key) = canonical_guid(id.as_bytes()) {
+        return Some(key);
+    }
     let id = id.trim();
     if id.is_empty() {
         return None;
@@ -108,27 +151,57 @@ impl ReportStatus {
 #[derive(Clone, Copy, Debug)]
 pub struct ReportRow<'a> {
     pub device_id: &'a str,
+    /// Its Entra device id (`AadDeviceId`), the `deviceId` device groups list their members by;
+    /// empty when not read or not registered.
+    pub aad_device_id: &'a str,
     /// Empty for a device without a primary user.
     pub user_id: &'a str,
     pub status: ReportStatus,
     pub last_contact: Option<Timestamp>,
 }
 
+/// A device as its report rows describe it, compact (a million per report): keys as two
+/// 64-bit halves (8-byte aligned, not 16), "none" as a sentinel rather than an `Option`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Device {
-    pub status: ReportStatus,
-    pub last_contact: Option<Timestamp>,
-    /// The user of its first row; `None`: no primary user.
-    pub user: Option<Key>,
+    id: [u64; 2],
+    /// The user of its first row; zeros: no primary user (the nil GUID is nobody's).
+    user: [u64; 2],
+    /// In milliseconds; `i64::MIN`: never.
+    last_contact: i64,
     /// The end of its grace in milliseconds, for a device in grace whose end is known
-    /// (`i64::MIN`: not known). A plain number: it fits the record's padding.
+    /// (`i64::MIN`: not known).
     grace_end: i64,
+    /// Its first row's number, which keeps that row first when the rows are sorted.
+    seq: u32,
+    pub status: ReportStatus,
 }
 
-// The grace end costs a device record nothing.
-const _: () = assert!(std::mem::size_of::<Device>() <= 64);
+// 56 bytes a device: the rows of a million-device report in 56 MiB.
+const _: () = assert!(std::mem::size_of::<Device>() <= 56);
+
+fn halves(key: Key) -> [u64; 2] {
+    [(key >> 64) as u64, key as u64]
+}
+
+fn joined(halves: [u64; 2]) -> Key {
+    (u128::from(halves[0]) << 64) | u128::from(halves[1])
+}
 
 impl Device {
+    pub fn id(&self) -> Key {
+        joined(self.id)
+    }
+
+    /// Its primary user (its first row's); `None`: no primary user.
+    pub fn user(&self) -> Option<Key> {
+        Some(joined(self.user)).filter(|u| *u != 0)
+    }
+
+    pub fn last_contact(&self) -> Option<Timestamp> {
+        (self.last_contact != i64::MIN).then(|| Timestamp::from_millis(self.last_contact))
+    }
+
     /// When its grace ends, for a device in grace whose end the grace report gave.
     pub fn grace_until(&self) -> Option<Timestamp> {
         (self.status == ReportStatus::InGrace && self.grace_end != i64::MIN)
@@ -162,6 +235,8 @@ impl std::hash::Hasher for KeyHasher {
 }
 
 type KeyMap<V> = HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
+/// A set of [`Key`]s hashed with [`KeyHasher`].
+pub type KeySet = std::collections::HashSet<Key, std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// A policy's devices, each once: the rows appended as compact records while the report is
 /// read (no table probe per row: the ids are random, a hash table's inserts are cache misses),
@@ -169,9 +244,11 @@ type KeyMap<V> = HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
 #[derive(Debug, Default)]
 pub struct Devices {
     /// Before `finish`, one per row in report order; after, one per device, by id.
-    devices: Vec<(Key, Device)>,
+    devices: Vec<Device>,
     /// The further users of shared devices (rare: kept apart to keep `Device` small), by device.
     more_users: KeyMap<Vec<Key>>,
+    /// The devices' Entra device ids, when read (only for device groups: kept apart), by device.
+    aads: Vec<(Key, Key)>,
     rows: u64,
 }
 
@@ -186,37 +263,42 @@ impl Devices {
         if self.devices.len() >= 2 * MAX_DEVICES {
             return Err(format!("more than {} rows in one report", 2 * MAX_DEVICES));
         }
+        if let Some(aad) = key(row.aad_device_id) {
+            self.aads.push((device, aad));
+        }
+        self.devices.push(Device {
+            id: halves(device),
+            user: halves(key(row.user_id).unwrap_or(0)),
+            last_contact: row.last_contact.map_or(i64::MIN, Timestamp::as_millis),
+            grace_end: i64::MIN,
+            // At most 2 × MAX_DEVICES rows: within u32.
+            seq: self.rows as u32,
+            status: row.status,
+        });
         self.rows += 1;
-        self.devices.push((
-            device,
-            Device {
-                status: row.status,
-                last_contact: row.last_contact,
-                user: key(row.user_id),
-                grace_end: i64::MIN,
-            },
-        ));
         Ok(())
     }
 
-    /// Sorts the rows by device (stably: a device's first row stays first) and merges each
-    /// device's rows into one.
+    /// Sorts the rows by device (a device's first row first) and merges each device's rows
+    /// into one.
     pub fn finish(&mut self) -> Result<(), String> {
-        self.devices.sort_by_key(|(id, _)| *id);
+        // Unstable, with the row number in the key: as a stable sort orders, without its
+        // buffer of half the rows.
+        self.devices.sort_unstable_by_key(|d| (d.id, d.seq));
         let more_users = &mut self.more_users;
         // In place: `seen` is the device's first row, `row` a later one, merged into it.
-        self.devices.dedup_by(|(id, row), (first, seen)| {
-            if id != first {
+        self.devices.dedup_by(|row, seen| {
+            if row.id != seen.id {
                 return false;
             }
             seen.status = seen.status.max(row.status);
             seen.last_contact = seen.last_contact.max(row.last_contact);
-            if let Some(user) = row.user {
-                match seen.user {
-                    None => seen.user = Some(user),
+            if let Some(user) = row.user() {
+                match seen.user() {
+                    None => seen.user = row.user,
                     Some(known) if known == user => {}
                     Some(_) => {
-                        let more = more_users.entry(*id).or_default();
+                        let more = more_users.entry(seen.id()).or_default();
                         if !more.contains(&user) && more.len() < 64 {
                             more.push(user);
                         }
@@ -225,6 +307,8 @@ impl Devices {
             }
             true
         });
+        self.aads.sort_unstable();
+        self.aads.dedup_by_key(|(device, _)| *device);
         if self.devices.len() > MAX_DEVICES {
             return Err(format!("more than {MAX_DEVICES} devices in one report"));
         }
@@ -255,27 +339,44 @@ impl Devices {
     pub fn in_grace(&self) -> usize {
         self.devices
             .iter()
-            .filter(|(_, d)| d.status == ReportStatus::InGrace)
+            .filter(|d| d.status == ReportStatus::InGrace)
             .count()
     }
 
     /// Records when `device`'s grace ends, if it is one of these devices and in grace; whether
     /// it was (after [`Devices::finish`]).
     pub fn set_grace_end(&mut self, device: Key, end: Timestamp) -> bool {
-        match self.devices.binary_search_by_key(&device, |(id, _)| *id) {
-            Ok(i) if self.devices[i].1.status == ReportStatus::InGrace => {
-                self.devices[i].1.grace_end = end.as_millis();
+        let id = halves(device);
+        match self.devices.binary_search_by_key(&id, |d| d.id) {
+            Ok(i) if self.devices[i].status == ReportStatus::InGrace => {
+                self.devices[i].grace_end = end.as_millis();
                 true
             }
             _ => false,
         }
     }
 
+    /// The Entra device id of `device`, when the report gave it (after [`Devices::finish`]).
+    pub fn aad(&self, device: &Device) -> Option<Key> {
+        if self.aads.is_empty() {
+            return None;
+        }
+        let id = device.id();
+        self.aads
+            .binary_search_by_key(&id, |(d, _)| *d)
+            .ok()
+            .map(|i| self.aads[i].1)
+    }
+
     /// Each device with its users (none for a userless device), after [`Devices::finish`].
     pub fn iter(&self) -> impl Iterator<Item = (&Device, impl Iterator<Item = Key> + '_)> {
-        self.devices.iter().map(|(id, d)| {
-            let more = self.more_users.get(id).map_or(&[][..], Vec::as_slice);
-            (d, d.user.into_iter().chain(more.iter().copied()))
+        self.devices.iter().map(|d| {
+            let more = if self.more_users.is_empty() {
+                &[][..]
+            } else {
+                self.more_users.get(&d.id()).map_or(&[][..], Vec::as_slice)
+            };
+            (d, d.user().into_iter().chain(more.iter().copied()))
         })
     }
 }
@@ -296,7 +397,7 @@ pub fn judge(
         ReportStatus::Error => DeviceState::Error,
         ReportStatus::Conflict => DeviceState::Conflict,
     };
-    let Some(last) = device.last_contact else {
+    let Some(last) = device.last_contact() else {
         return Some((DeviceState::Unknown, None));
     };
     if let Some(validity) = validity
@@ -310,20 +411,36 @@ pub fn judge(
 }
 
 /// The devices of one phase: each device once, in the phase when one of its users is
-/// (`in_scope`); userless devices counted apart.
+/// (`in_scope`) or a device group of the phase holds it; userless devices that no device group
+/// places counted apart.
 pub struct Attributed<T> {
     pub reports: Vec<T>,
     pub userless: u64,
 }
 
-/// Attributes every judged device to a phase by its users, mapping each one in scope through
-/// `report` (its device, its state and time, the user it was placed by).
+/// What the phase's device groups say of a device: a device group it includes holds it
+/// (`Some(true)`), one it excludes does (`Some(false)`, whatever its users), or none of them
+/// (`None`: its users decide).
+pub type DevicePlacement = Option<bool>;
+
+/// How a device was placed in a phase: the user in scope it was placed by (`None` when a
+/// device group placed it and none of its users is in scope), and its Entra device id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub user: Option<Key>,
+    pub aad: Option<Key>,
+}
+
+/// Attributes every judged device to a phase by its device groups (`by_device`, from its Entra
+/// device id) and its users (`in_scope`), mapping each one in scope through `report` (its device,
+/// its state and time, how it was placed).
 pub fn attribute<T>(
     devices: &Devices,
     now: Timestamp,
     validity: Option<Duration>,
     in_scope: impl Fn(Key) -> bool,
-    mut report: impl FnMut(&Device, DeviceState, Option<Timestamp>, Key) -> T,
+    by_device: impl Fn(Key) -> DevicePlacement,
+    mut report: impl FnMut(&Device, DeviceState, Option<Timestamp>, Placed) -> T,
 ) -> Attributed<T> {
     let mut reports = Vec::new();
     let mut userless = 0;
@@ -331,12 +448,16 @@ pub fn attribute<T>(
         let Some((state, at)) = judge(device, now, validity) else {
             continue;
         };
-        if device.user.is_none() {
-            userless += 1;
+        let aad = devices.aad(device);
+        let placed = aad.and_then(&by_device);
+        if placed == Some(false) {
             continue;
         }
-        if let Some(user) = users.find(|u| in_scope(*u)) {
-            reports.push(report(device, state, at, user));
+        let user = users.find(|u| in_scope(*u));
+        if placed == Some(true) || user.is_some() {
+            reports.push(report(device, state, at, Placed { user, aad }));
+        } else if device.user().is_none() {
+            userless += 1;
         }
     }
     Attributed { reports, userless }
@@ -351,6 +472,7 @@ mod tests {
     fn row<'a>(device: &'a str, user: &'a str, status: &str, days_ago: u64) -> ReportRow<'a> {
         ReportRow {
             device_id: device,
+            aad_device_id: "",
             user_id: user,
             status: ReportStatus::parse(status),
             last_contact: Some(now().minus(DAY * days_ago as u32)),
@@ -386,6 +508,7 @@ mod tests {
             now(),
             Some(30 * DAY),
             |u| u == bob,
+            |_| None,
             |_, s, _, _| s,
         );
         // D1 once (through Bob, its second user), with the worse of its rows; D3; D2 apart.
@@ -396,9 +519,66 @@ mod tests {
             vec![DeviceState::Compliant, DeviceState::Noncompliant]
         );
         assert_eq!(phase.userless, 1);
-        let nobody = attribute(&devices, now(), None, |_| false, |_, s, _, _| s);
+        let nobody = attribute(&devices, now(), None, |_| false, |_| None, |_, s, _, _| s);
         assert!(nobody.reports.is_empty());
         assert_eq!(nobody.userless, 1);
+    }
+
+    #[test]
+    fn device_groups_place_devices_whatever_their_users() {
+        const AAD1: &str = "20000000-0000-4000-a000-000000000001";
+        const AAD2: &str = "20000000-0000-4000-a000-000000000002";
+        const AAD3: &str = "20000000-0000-4000-a000-000000000003";
+        let mut devices = Devices::default();
+        for (device, aad, user) in [(D1, AAD1, ALICE), (D2, AAD2, ""), (D3, AAD3, BOB)] {
+            devices
+                .add(&ReportRow {
+                    aad_device_id: aad,
+                    ..row(device, user, "4", 0)
+                })
+                .unwrap();
+        }
+        // A device's second row without its Entra id keeps the first's.
+        devices.add(&row(D2, "", "2", 0)).unwrap();
+        devices.finish().unwrap();
+        let (alice, bob) = (key(ALICE).unwrap(), key(BOB).unwrap());
+        let (aad1, aad2, aad3) = (key(AAD1).unwrap(), key(AAD2).unwrap(), key(AAD3).unwrap());
+        // The group holds D2 (userless) and D3 (Bob's) and excludes D1 (Alice's).
+        let group = |aad: Key| match aad {
+            a if a == aad2 || a == aad3 => Some(true),
+            a if a == aad1 => Some(false),
+            _ => None,
+        };
+        let phase = attribute(
+            &devices,
+            now(),
+            None,
+            |u| u == alice,
+            group,
+            |_, _, _, p| p.user,
+        );
+        assert_eq!(phase.reports, vec![None, None]);
+        assert_eq!(phase.userless, 0);
+        let bobs = attribute(
+            &devices,
+            now(),
+            None,
+            |u| u == bob,
+            group,
+            |_, _, _, p| p.user,
+        );
+        assert!(bobs.reports.contains(&Some(bob)));
+        assert_eq!(bobs.reports.len(), 2);
+        // Without device groups the userless device is counted apart.
+        let users_only = attribute(
+            &devices,
+            now(),
+            None,
+            |_| true,
+            |_| None,
+            |_, _, _, p| p.user,
+        );
+        assert_eq!((users_only.reports.len(), users_only.userless), (2, 1));
     }
 
     #[test]
@@ -417,7 +597,7 @@ mod tests {
         let recent = device("2", 29);
         assert_eq!(
             judge(&recent, now(), validity),
-            Some((DeviceState::Compliant, recent.last_contact))
+            Some((DeviceState::Compliant, recent.last_contact()))
         );
         assert_eq!(judge(&device("7", 0), now(), validity), None);
         assert_eq!(
@@ -469,5 +649,15 @@ mod tests {
         assert_ne!(key(D1), key(D2));
         assert_ne!(key("kiosk-1"), key("kiosk-2"));
         assert!(key("ffffffffffffffffffffffffffffffffff").is_some());
+        // The table read of a canonical GUID and the digit-by-digit read (here of the same id
+        // with spaces around it) agree; a canonical shape with a non-hex digit is hashed.
+        for id in [D1, D2, ALICE, "0B697222-e002-46c0-9b5c-830e08ef2164"] {
+            assert_eq!(key(id), key(&format!(" {id} ")), "{id}");
+            assert!(key(id).unwrap() >> 127 == 0 || id.starts_with(['8', '9', 'a', 'b']));
+        }
+        assert_eq!(
+            key("0g000000-0000-4000-a000-000000000001").map(|k| k >> 127),
+            Some(1)
+        );
     }
 }

@@ -48,13 +48,15 @@ use crate::provider::ProviderError;
 
 pub const REPORT_NAME: &str = "DeviceStatusByCompliacePolicyReport";
 /// The columns read: device id, user id, the policy (to drop other policies' rows), the
-/// policy's status for the device, its last contact.
-pub const SELECT: [&str; 5] = [
+/// policy's status for the device, its last contact, and its Entra device id (`AadDeviceId`,
+/// read only when a phase's group has device members: device groups list their members by it).
+pub const SELECT: [&str; 6] = [
     "DeviceId",
     "UserId",
     "PolicyId",
     "PolicyStatus",
     "LastContact",
+    "AadDeviceId",
 ];
 /// The report with each device's grace end, and its columns read.
 pub const GRACE_REPORT: &str = "DeviceCompliance";
@@ -67,18 +69,31 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30 * 60);
 pub const MAX_ZIP_BYTES: u64 = 4 << 30;
 pub const MAX_CSV_BYTES: u64 = 16 << 30;
 
-/// Every device of one policy, through one export job.
-pub async fn observe_policy(
+/// One policy's report, through one export job: its zip, downloaded, to be read with
+/// [`read_policy`].
+pub async fn download_policy(
     client: &GraphClient,
     policy_id: &str,
+) -> Result<std::fs::File, ProviderError> {
+    let what = format!("the {REPORT_NAME} export of policy {policy_id}");
+    downloaded(client, &job_request(policy_id), &what).await
+}
+
+/// Every device of one policy from its downloaded report, their Entra device ids too when
+/// `with_aad` (on a blocking thread: a million rows take a while).
+pub async fn read_policy(
+    file: std::fs::File,
+    policy_id: &str,
+    with_aad: bool,
 ) -> Result<Devices, ProviderError> {
     let what = format!("the {REPORT_NAME} export of policy {policy_id}");
-    let file = downloaded(client, &job_request(policy_id), &what).await?;
     let policy = policy_id.to_string();
-    tokio::task::spawn_blocking(move || read_zip(file, &policy).map_err(std::io::Error::other))
-        .await
-        .map_err(|e| ProviderError::transient(format!("reading the export: {e}")))?
-        .map_err(|e| ProviderError::transient(format!("reading {what}: {e}")))
+    tokio::task::spawn_blocking(move || {
+        read_zip(file, &policy, with_aad).map_err(std::io::Error::other)
+    })
+    .await
+    .map_err(|e| ProviderError::transient(format!("reading the export: {e}")))?
+    .map_err(|e| ProviderError::transient(format!("reading {what}: {e}")))
 }
 
 /// Dates the grace of every device in grace in `policies` from one `DeviceCompliance` export;
@@ -221,12 +236,18 @@ async fn pause(client: &GraphClient, span: Duration) -> Result<(), ProviderError
 }
 
 /// The devices of a report's zip: its CSV file read as a stream, the rows of other policies
-/// than `policy_id` dropped.
-pub fn read_zip<R: Read + Seek>(zip: R, policy_id: &str) -> Result<Devices, String> {
+/// than `policy_id` dropped; their Entra device ids read when `with_aad`.
+pub fn read_zip<R: Read + Seek + Send>(
+    zip: R,
+    policy_id: &str,
+    with_aad: bool,
+) -> Result<Devices, String> {
     with_csv(zip, |entry| {
         // About 100 bytes a row at least: room for that many rows up front, within the bound.
         let mut devices = Devices::with_capacity((entry.size() / 100) as usize);
-        read_csv(entry.take(MAX_CSV_BYTES), policy_id, |row| devices.add(row))?;
+        inflated_beside(entry.take(MAX_CSV_BYTES), |text| {
+            read_csv(text, policy_id, with_aad, |row| devices.add(row))
+        })?;
         devices.finish()?;
         Ok(devices)
     })
@@ -234,17 +255,115 @@ pub fn read_zip<R: Read + Seek>(zip: R, policy_id: &str) -> Result<Devices, Stri
 
 /// Hands `each` the device key and grace end of every row of a `DeviceCompliance` zip that
 /// dates one.
-pub fn read_grace_zip<R: Read + Seek>(
+pub fn read_grace_zip<R: Read + Seek + Send>(
     zip: R,
     mut each: impl FnMut(super::devices::Key, Timestamp),
 ) -> Result<(), String> {
     with_csv(zip, |entry| {
-        read_grace_csv(entry.take(MAX_CSV_BYTES), &mut each)
+        inflated_beside(entry.take(MAX_CSV_BYTES), |text| {
+            read_grace_csv(text, &mut each)
+        })
+    })
+}
+
+/// Bytes handed from the inflating thread to the parsing one at a time, and how many such
+/// chunks may wait: at most 4 × 256 KiB of text in flight, whatever the report's size.
+const CHUNK: usize = 256 << 10;
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Runs `parse` on the text `source` gives while another thread reads (inflates) it: the
+/// zip's deflate and the CSV parse each take about half a report's time, and overlap. The
+/// text passes through a bounded channel of chunks, which come back to be refilled. A read
+/// error reaches `parse` as one; the inflating thread stops when `parse` returns.
+fn inflated_beside<S: Read + Send, T>(
+    source: S,
+    parse: impl FnOnce(&mut dyn Read) -> Result<T, String>,
+) -> Result<T, String> {
+    use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+    struct Chunks {
+        full: Receiver<std::io::Result<Vec<u8>>>,
+        empty: SyncSender<Vec<u8>>,
+        current: Vec<u8>,
+        at: usize,
+    }
+    impl Read for Chunks {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            while self.at == self.current.len() {
+                match self.full.recv() {
+                    Ok(Ok(chunk)) => {
+                        let used = std::mem::replace(&mut self.current, chunk);
+                        self.at = 0;
+                        // The inflating thread may have stopped: then the chunk is dropped.
+                        let _ = self.empty.try_send(used);
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    // The inflating thread is done: the end of the text.
+                    Err(_) => return Ok(0),
+                }
+            }
+            let n = out.len().min(self.current.len() - self.at);
+            out[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+    let (full_tx, full) = sync_channel(CHUNKS_IN_FLIGHT);
+    let (empty, empty_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
+    std::thread::scope(|scope| {
+        let inflating = scope.spawn(move || {
+            let mut source = source;
+            loop {
+                let mut chunk = empty_rx.try_recv().unwrap_or_default();
+                chunk.resize(CHUNK, 0);
+                let mut filled = 0;
+                let read = loop {
+                    match source.read(&mut chunk[filled..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => {
+                            filled += n;
+                            if filled == CHUNK {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                chunk.truncate(filled);
+                let last = filled < CHUNK;
+                let sent = match read {
+                    Ok(()) if filled == 0 => break,
+                    Ok(()) => full_tx.send(Ok(chunk)),
+                    Err(e) => {
+                        let _ = full_tx.send(Ok(chunk));
+                        let _ = full_tx.send(Err(e));
+                        break;
+                    }
+                };
+                // `parse` returned early (its receiver is gone), or the text ended.
+                if sent.is_err() || last {
+                    break;
+                }
+            }
+        });
+        let mut chunks = Chunks {
+            full,
+            empty,
+            current: Vec::new(),
+            at: 0,
+        };
+        let parsed = parse(&mut chunks);
+        // Stops the inflating thread at its next chunk, if `parse` stopped first.
+        drop(chunks);
+        inflating
+            .join()
+            .map_err(|_| "the thread inflating the export failed".to_string())?;
+        parsed
     })
 }
 
 fn read_grace_csv(
-    text: impl Read,
+    text: &mut dyn Read,
     each: &mut impl FnMut(super::devices::Key, Timestamp),
 ) -> Result<(), String> {
     let mut reader = csv_reader(text);
@@ -275,7 +394,7 @@ fn read_grace_csv(
 }
 
 /// `read` of the zip's CSV file, as a stream.
-fn with_csv<R: Read + Seek, T>(
+fn with_csv<R: Read + Seek + Send, T>(
     zip: R,
     read: impl FnOnce(zip::read::ZipFile<'_, R>) -> Result<T, String>,
 ) -> Result<T, String> {
@@ -312,6 +431,7 @@ fn column(header: &csv::ByteRecord, name: &str) -> Option<usize> {
 pub fn read_csv(
     text: impl Read,
     policy_id: &str,
+    with_aad: bool,
     mut row: impl FnMut(&ReportRow) -> Result<(), String>,
 ) -> Result<(), String> {
     let mut reader = csv_reader(text);
@@ -323,6 +443,7 @@ pub fn read_csv(
     let user = column("UserId");
     let policy = column("PolicyId");
     let last = column("LastContact");
+    let aad = column("AadDeviceId").filter(|_| with_aad);
     let mut record = csv::ByteRecord::new();
     fn field(record: &csv::ByteRecord, i: Option<usize>) -> &str {
         i.and_then(|i| record.get(i))
@@ -338,6 +459,7 @@ pub fn read_csv(
         }
         row(&ReportRow {
             device_id: field(&record, Some(device)),
+            aad_device_id: field(&record, aad),
             user_id: field(&record, user),
             status: ReportStatus::parse(field(&record, Some(status))),
             last_contact: parse_contact(field(&record, last)),
@@ -434,7 +556,7 @@ mod tests {
                    d9,u9,other,4,Not compliant,2026-11-30 10:00:00\n\
                    d3,u3,p,1,Unknown,\n";
         let mut rows = Vec::new();
-        read_csv(csv.as_bytes(), "p", |r| {
+        read_csv(csv.as_bytes(), "p", false, |r| {
             rows.push((
                 r.device_id.to_string(),
                 r.user_id.to_string(),
@@ -465,8 +587,8 @@ mod tests {
                 ("d3".into(), "u3".into(), ReportStatus::Unknown, None),
             ]
         );
-        assert!(read_csv("Name\nx\n".as_bytes(), "p", |_| Ok(())).is_err());
-        assert!(read_zip(std::io::Cursor::new(b"not a zip".to_vec()), "p").is_err());
+        assert!(read_csv("Name\nx\n".as_bytes(), "p", false, |_| Ok(())).is_err());
+        assert!(read_zip(std::io::Cursor::new(b"not a zip".to_vec()), "p", false).is_err());
     }
 
     #[test]
@@ -524,6 +646,44 @@ mod tests {
         );
         assert_eq!(grace_request()["reportName"], GRACE_REPORT);
         assert!(grace_request().get("filter").is_none());
+    }
+
+    #[test]
+    fn text_inflated_beside_its_parse_arrives_whole_in_order_and_errors_reach_the_parse() {
+        let text: Vec<u8> = (0..(CHUNK * 9 + 123)).map(|i| (i % 251) as u8).collect();
+        let read = inflated_beside(std::io::Cursor::new(text.clone()), |r| {
+            let mut all = Vec::new();
+            r.read_to_end(&mut all).map_err(|e| e.to_string())?;
+            Ok(all)
+        })
+        .unwrap();
+        assert_eq!(read, text);
+        // A parse that stops early leaves the inflating thread to stop too.
+        let first = inflated_beside(std::io::Cursor::new(text.clone()), |r| {
+            let mut byte = [0u8; 1];
+            r.read_exact(&mut byte).map_err(|e| e.to_string())?;
+            Ok(byte[0])
+        });
+        assert_eq!(first, Ok(0));
+        // A source failing after some text.
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(std::io::Error::other("corrupt deflate stream"));
+                }
+                let n = out.len().min(self.0);
+                out[..n].fill(b'x');
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let failed = inflated_beside(Failing(CHUNK + 10), |r| {
+            let mut all = Vec::new();
+            r.read_to_end(&mut all).map_err(|e| e.to_string())?;
+            Ok(all.len())
+        });
+        assert_eq!(failed, Err("corrupt deflate stream".to_string()));
     }
 
     #[test]

@@ -1395,8 +1395,13 @@ fn describe_target(target: &Value, names: &Names) -> String {
     }
 }
 
-/// One device status as the gate needs it.
+/// One device status as the gate needs it: a user–device pair.
 struct Status {
+    /// The device, from the row's id where it has the observed `{deviceId}_{policyId}_{userId}`
+    /// shape; `None` otherwise (then each row counts as a device of its own).
+    device: Option<devices::Key>,
+    /// The row names the system account: a device-context check-in, no user signed in.
+    system: bool,
     user: String,
     state: Option<DeviceState>,
     last_reported: Option<Timestamp>,
@@ -1412,11 +1417,14 @@ fn status_of(item: &Value) -> Status {
         "notApplicable" | "notAssigned" => None,
         _ => Some(DeviceState::Unknown),
     };
+    let user = item["userPrincipalName"]
+        .as_str()
+        .unwrap_or("")
+        .to_lowercase();
     Status {
-        user: item["userPrincipalName"]
-            .as_str()
-            .unwrap_or("")
-            .to_lowercase(),
+        device: item["id"].as_str().and_then(status_device),
+        system: user == SYSTEM_ACCOUNT,
+        user,
         state,
         // Intune's dates, read by the export's direct reader (the general one beside it).
         last_reported: item["lastReportedDateTime"]
@@ -1428,10 +1436,115 @@ fn status_of(item: &Value) -> Status {
     }
 }
 
+/// The Entra device ids of a group's device members (none for a group of users): the
+/// `deviceId` of each `microsoft.graph.device` it holds, directly or through nested groups.
+async fn group_devices(
+    client: &GraphClient,
+    id: &str,
+) -> Result<HashSet<devices::Key>, ProviderError> {
+    let mut devices = HashSet::new();
+    let url = format!(
+        "/groups/{id}/transitiveMembers/microsoft.graph.device?$select=id,deviceId&$top=999&$count=true"
+    );
+    client
+        .for_each_page(&url, &[("ConsistencyLevel", "eventual")], |page| {
+            devices.extend(
+                page.iter()
+                    .filter_map(|d| d["deviceId"].as_str())
+                    .filter_map(devices::key),
+            );
+        })
+        .await?;
+    Ok(devices)
+}
+
+/// Every managed device's Entra device id, by its Intune id (the device part of a
+/// `deviceStatuses` row id): `GET /deviceManagement/managedDevices?$select=id,azureADDeviceId`
+/// ("List managedDevices", learn.microsoft.com/graph/api/intune-devices-manageddevice-list;
+/// `DeviceManagementManagedDevices.Read.All`), read only when a phase's group has devices.
+async fn entra_ids(
+    client: &GraphClient,
+) -> Result<HashMap<devices::Key, devices::Key>, ProviderError> {
+    let mut ids = HashMap::new();
+    client
+        .for_each_page(
+            "/deviceManagement/managedDevices?$select=id,azureADDeviceId&$top=1000",
+            &[],
+            |page| {
+                ids.extend(page.iter().filter_map(|d| {
+                    let intune = d["id"].as_str().and_then(devices::key)?;
+                    let entra = d["azureADDeviceId"]
+                        .as_str()
+                        .filter(|a| *a != crate::graph::NIL_GUID)
+                        .and_then(devices::key)?;
+                    Some((intune, entra))
+                }));
+            },
+        )
+        .await?;
+    Ok(ids)
+}
+
+/// The user principal name, lowercased, of the rows of device-context check-ins ("System
+/// account" in Microsoft's captured `deviceStatuses` responses).
+const SYSTEM_ACCOUNT: &str = "system account";
+
+/// The device key of a `deviceStatuses` row id of the shape `{deviceId}_{policyId}_{userId}`
+/// (three GUIDs), as Microsoft's responses have been captured with; Microsoft documents the id
+/// only as the entity's key, so any other shape is no device.
+fn status_device(id: &str) -> Option<devices::Key> {
+    let mut parts = id.split('_');
+    let (Some(device), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let guid = device.len() == 36
+        && device.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    guid.then(|| devices::key(device)).flatten()
+}
+
+/// The devices of a policy's statuses that only the system account reports (no user places
+/// them in a phase), each by its first row; a device a user also reports from is not one.
+fn system_only(rows: &[Status]) -> Vec<&Status> {
+    if !rows.iter().any(|s| s.system) {
+        return Vec::new();
+    }
+    let mut with_user = devices::KeySet::with_capacity_and_hasher(rows.len(), Default::default());
+    with_user.extend(rows.iter().filter(|s| !s.system).filter_map(|s| s.device));
+    let mut seen = devices::KeySet::default();
+    rows.iter()
+        .filter(|s| s.system && s.state.is_some())
+        .filter(|s| {
+            s.device
+                .is_none_or(|d| !with_user.contains(&d) && seen.insert(d))
+        })
+        .collect()
+}
+
+/// A policy's device statuses placed in one phase: by the phase's device groups (`by_device`:
+/// `Some(true)` placed, `Some(false)` kept out, the system account's rows too) or else by a
+/// user in scope; each device once (its first row placed, where rows name their device).
+fn statuses_in_scope(
+    rows: &[Status],
+    in_scope: impl Fn(&Status) -> bool,
+    by_device: impl Fn(&Status) -> devices::DevicePlacement,
+) -> Vec<&Status> {
+    let mut seen = devices::KeySet::with_capacity_and_hasher(rows.len(), Default::default());
+    rows.iter()
+        .filter(|s| by_device(s).unwrap_or_else(|| !s.system && in_scope(s)))
+        .filter(|s| s.device.is_none_or(|d| seen.insert(d)))
+        .collect()
+}
+
 impl GraphProvider {
     /// `observe` through one reports export per policy (`export.rs`): each device once, by
-    /// device id, placed in a phase by its users' ids (`devices.rs`); devices without a primary
-    /// user counted apart, per scope.
+    /// device id, placed in a phase by the phase's device groups (by Entra device id) or its
+    /// users' ids (`devices.rs`); devices without a primary user that no device group places
+    /// counted apart, per scope.
     async fn observe_exports(
         &self,
         names: &Names,
@@ -1443,10 +1556,13 @@ impl GraphProvider {
     ) -> Result<Observation, ProviderError> {
         use self::devices::{Key, attribute, key};
         let client = &self.client;
-        let exports = try_join_all(names.policies.iter().map(|policy| async move {
-            let devices = export::observe_policy(client, &policy.id).await?;
-            Ok::<_, ProviderError>((policy.platform, policy.id.clone(), devices))
+        let downloads = try_join_all(names.policies.iter().map(|policy| async move {
+            let file = export::download_policy(client, &policy.id).await?;
+            Ok::<_, ProviderError>((policy.platform, policy.id.clone(), file))
         }));
+        // Each group's members: its users by id and its devices by Entra device id (a group
+        // holds users or devices; "List group transitive members",
+        // learn.microsoft.com/graph/api/group-list-transitivemembers, casts to either type).
         let members = try_join_all(group_ids.iter().map(|id| async move {
             let mut users: HashSet<Key> = HashSet::new();
             let url = format!(
@@ -1457,11 +1573,24 @@ impl GraphProvider {
                     users.extend(page.iter().filter_map(|u| u["id"].as_str()).filter_map(key));
                 })
                 .await?;
-            Ok::<_, ProviderError>((id.clone(), users))
+            let devices = group_devices(client, id).await?;
+            Ok::<_, ProviderError>((id.clone(), (users, devices)))
         }));
-        let (exports, members, validity) =
-            tokio::try_join!(exports, members, async { Ok(self.validity_period().await) })?;
-        let members: BTreeMap<String, HashSet<Key>> = members.into_iter().collect();
+        let (downloads, members, validity) = tokio::try_join!(downloads, members, async {
+            Ok(self.validity_period().await)
+        })?;
+        let members: BTreeMap<String, (HashSet<Key>, HashSet<Key>)> = members.into_iter().collect();
+        // The Entra device ids are read only when a group has devices.
+        let with_aad = members.values().any(|(_, d)| !d.is_empty());
+        let exports = try_join_all(
+            downloads
+                .into_iter()
+                .map(|(platform, id, file)| async move {
+                    let devices = export::read_policy(file, &id, with_aad).await?;
+                    Ok::<_, ProviderError>((platform, id, devices))
+                }),
+        )
+        .await?;
         // The moment the policies' reports describe; the grace ends are read after it.
         let now = self.client.now();
         let (policies, devices): (Vec<_>, Vec<_>) = exports
@@ -1490,7 +1619,11 @@ impl GraphProvider {
             .collect();
         let in_group = |group: &GroupRef, user: Key| match group {
             GroupRef::AllUsers => true,
-            GroupRef::Id(id) => members.get(id).is_some_and(|m| m.contains(&user)),
+            GroupRef::Id(id) => members.get(id).is_some_and(|(m, _)| m.contains(&user)),
+        };
+        let device_in = |group: &GroupRef, aad: Key| match group {
+            GroupRef::AllUsers => false,
+            GroupRef::Id(id) => members.get(id).is_some_and(|(_, d)| d.contains(&aad)),
         };
         let resolve = |name: &String| names.groups.get(name).cloned();
         let (label_names, label_groups): (Vec<String>, Vec<GroupRef>) = groups
@@ -1517,18 +1650,35 @@ impl GraphProvider {
                     .policies
                     .get(id)
                     .is_some_and(mapping::sends_notification);
+                // A device group of the phase places a device whoever its users are.
+                let by_device = |aad: Key| {
+                    if exclude.iter().any(|g| device_in(g, aad)) {
+                        Some(false)
+                    } else if include.iter().any(|g| device_in(g, aad)) {
+                        Some(true)
+                    } else {
+                        None
+                    }
+                };
                 let phase = attribute(
                     devices,
                     now,
                     validity,
                     in_scope,
-                    |device, state, at, user| {
-                        let next = owners.len() as u32;
-                        let owner = *owners.entry(user).or_insert(next);
+                    by_device,
+                    |device, state, at, placed| {
+                        let user = placed.user;
+                        let owner = user.map(|user| {
+                            let next = owners.len() as u32;
+                            *owners.entry(user).or_insert(next)
+                        });
                         let groups = label_groups
                             .iter()
                             .enumerate()
-                            .filter(|(_, g)| in_group(g, user))
+                            .filter(|(_, g)| {
+                                user.is_some_and(|u| in_group(g, u))
+                                    || placed.aad.is_some_and(|a| device_in(g, a))
+                            })
                             .fold(0u64, |bits, (i, _)| bits | 1 << i);
                         DeviceReport {
                             state,
@@ -1539,7 +1689,7 @@ impl GraphProvider {
                                 .grace_until()
                                 .filter(|_| state == DeviceState::InGrace),
                             facts: DeviceFacts {
-                                owner: Some(owner),
+                                owner,
                                 groups,
                                 failing: 0,
                                 notified: tells
@@ -1762,9 +1912,17 @@ impl Provider for GraphProvider {
                     users.extend(page.iter().filter_map(|u| u["userPrincipalName"].as_str()).map(str::to_lowercase));
                 })
                 .await?;
-            Ok::<_, ProviderError>((id.clone(), users))
+            let devices = group_devices(client, id).await?;
+            Ok::<_, ProviderError>((id.clone(), (users, devices)))
         }));
         let (statuses, members) = tokio::try_join!(statuses, members)?;
+        // Device groups name Entra device ids, the rows Intune ones: mapped through the managed
+        // devices, only when a group has devices.
+        let entra = if members.iter().any(|(_, (_, d))| !d.is_empty()) {
+            entra_ids(client).await?
+        } else {
+            HashMap::new()
+        };
         // A policy whose e-mail action is in place has told the owner of each of its
         // noncompliant devices.
         let statuses: Vec<(Platform, bool, Vec<Status>)> = statuses
@@ -1777,7 +1935,8 @@ impl Provider for GraphProvider {
                 (platform, tells, rows)
             })
             .collect();
-        let members: BTreeMap<String, HashSet<String>> = members.into_iter().collect();
+        let members: BTreeMap<String, (HashSet<String>, HashSet<devices::Key>)> =
+            members.into_iter().collect();
         let now = self.client.now();
         let relied_enforces = record.role() == CaRole::Relied
             && view
@@ -1795,7 +1954,17 @@ impl Provider for GraphProvider {
             .collect();
         let in_group = |group: &GroupRef, user: &str| match group {
             GroupRef::AllUsers => true,
-            GroupRef::Id(id) => members.get(id).is_some_and(|m| m.contains(user)),
+            GroupRef::Id(id) => members.get(id).is_some_and(|(m, _)| m.contains(user)),
+        };
+        // A row's device in a device group, by its Entra id.
+        let device_in = |group: &GroupRef, s: &Status| match group {
+            GroupRef::AllUsers => false,
+            GroupRef::Id(id) => members.get(id).is_some_and(|(_, d)| {
+                !d.is_empty()
+                    && s.device
+                        .and_then(|k| entra.get(&k))
+                        .is_some_and(|a| d.contains(a))
+            }),
         };
         let resolve = |name: &String| names.groups.get(name).cloned();
         // The facts the impact forecast counts by: each user numbered once, the plan's groups
@@ -1811,27 +1980,53 @@ impl Provider for GraphProvider {
         };
         let mut owners: HashMap<&str, u32> = HashMap::new();
         for (_, _, rows) in &statuses {
-            for s in rows {
+            for s in rows.iter().filter(|s| !s.system) {
                 let next = owners.len() as u32;
                 owners.entry(s.user.as_str()).or_insert(next);
             }
         }
+        let mut userless = Vec::with_capacity(scopes.len());
+        // Per policy, the devices only the system account reports.
+        let system_of: Vec<Vec<&Status>> = statuses
+            .iter()
+            .map(|(_, _, rows)| system_only(rows))
+            .collect();
         let scopes = scopes
             .iter()
             .map(|scope| {
                 let include: Vec<GroupRef> = scope.include.iter().filter_map(resolve).collect();
                 let exclude: Vec<GroupRef> = scope.exclude.iter().filter_map(resolve).collect();
                 let enforcing = relied_enforces || (scope.mode == Mode::Enforce && copy_enforces);
-                statuses
+                let mut without_user = 0;
+                let platforms = statuses
                     .iter()
-                    .map(|(platform, tells, rows)| {
-                        let reports = rows
-                            .iter()
-                            .filter(|s| {
+                    .enumerate()
+                    .map(|(i, (platform, tells, rows))| {
+                        let by_device = |s: &Status| {
+                            if exclude.iter().any(|g| device_in(g, s)) {
+                                Some(false)
+                            } else if include.iter().any(|g| device_in(g, s)) {
+                                Some(true)
+                            } else {
+                                None
+                            }
+                        };
+                        let placed = statuses_in_scope(
+                            rows,
+                            |s| {
                                 !emergency.contains(s.user.as_str())
                                     && include.iter().any(|g| in_group(g, &s.user))
                                     && !exclude.iter().any(|g| in_group(g, &s.user))
-                            })
+                            },
+                            by_device,
+                        );
+                        // Userless: no device group of the phase places or excludes it.
+                        without_user += system_of[i]
+                            .iter()
+                            .filter(|s| by_device(s).is_none())
+                            .count() as u64;
+                        let reports = placed
+                            .into_iter()
                             .filter_map(|s| {
                                 let mut state = s.state?;
                                 let in_grace = s.grace_until.is_some_and(|g| g > now);
@@ -1843,7 +2038,9 @@ impl Provider for GraphProvider {
                                 let groups = label_groups
                                     .iter()
                                     .enumerate()
-                                    .filter(|(_, g)| in_group(g, &s.user))
+                                    .filter(|(_, g)| {
+                                        (!s.system && in_group(g, &s.user)) || device_in(g, s)
+                                    })
                                     .fold(0u64, |bits, (i, _)| bits | 1 << i);
                                 Some(DeviceReport {
                                     state,
@@ -1865,14 +2062,16 @@ impl Provider for GraphProvider {
                             .collect();
                         (*platform, reports)
                     })
-                    .collect()
+                    .collect();
+                userless.push(without_user);
+                platforms
             })
             .collect();
         Ok(Observation {
             scopes,
             drift: Vec::new(),
             labels,
-            userless: Vec::new(),
+            userless,
         })
     }
 
@@ -1906,6 +2105,63 @@ impl Provider for GraphProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_statuses_count_a_shared_device_once_and_a_system_account_one_as_userless() {
+        const P: &str = "0385114b-b48f-4800-a046-f249eaba24b1";
+        let row = |device: &str, user: &str, upn: &str| {
+            status_of(&json!({
+                "id": format!("{device}_{P}_{user}"),
+                "status": "nonCompliant",
+                "userPrincipalName": upn,
+                "lastReportedDateTime": "2026-11-30T10:00:00Z",
+            }))
+        };
+        let d = |n: u8| format!("00000000-0000-4000-a000-0000000000{n:02}");
+        let u = |n: u8| format!("10000000-0000-4000-a000-0000000000{n:02}");
+        let rows = vec![
+            // A shared device: Alice's and Bob's rows.
+            row(&d(1), &u(1), "alice@contoso.com"),
+            row(&d(1), &u(2), "Bob@contoso.com"),
+            // Userless: only the system account reports it.
+            row(&d(2), crate::graph::NIL_GUID, "System account"),
+            // A device-context check-in of a device whose user also reports: not userless.
+            row(&d(3), &u(3), "carol@contoso.com"),
+            row(&d(3), crate::graph::NIL_GUID, "System account"),
+            // An id of another shape: a device of its own per row.
+            status_of(
+                &json!({"id": "opaque", "status": "compliant", "userPrincipalName": "bob@contoso.com"}),
+            ),
+        ];
+        assert!(rows[2].system && !rows[0].system);
+        assert_eq!(rows[0].device, rows[1].device);
+        assert_eq!(rows[5].device, None);
+        assert_eq!(system_only(&rows).len(), 1);
+        assert_eq!(statuses_in_scope(&rows, |_| true, |_| None).len(), 3);
+        let bob = statuses_in_scope(&rows, |s| s.user == "bob@contoso.com", |_| None);
+        assert_eq!(bob.len(), 2);
+        assert_eq!(bob[0].user, "bob@contoso.com");
+        // A device group holding the userless device places it; one excluding the shared
+        // device keeps it out whoever its users are.
+        let (userless, shared) = (rows[2].device, rows[0].device);
+        let grouped = statuses_in_scope(
+            &rows,
+            |_| true,
+            |s| {
+                if s.device == userless {
+                    Some(true)
+                } else if s.device == shared {
+                    Some(false)
+                } else {
+                    None
+                }
+            },
+        );
+        assert_eq!(grouped.len(), 3);
+        assert!(grouped.iter().any(|s| s.system) && grouped.iter().all(|s| s.device != shared));
+        assert_eq!(status_device("a_b_c"), None);
+        assert_eq!(status_device(&format!("{}_{P}", d(1))), None);
+    }
 
     #[test]
     fn a_write_asked_to_wait_longer_than_a_request_waits_fails_instead() {
