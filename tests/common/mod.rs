@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod postgres;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
