@@ -39,15 +39,49 @@ pub fn shared() -> Arc<Postgres> {
     server
 }
 
+/// The server's binaries, installed (`tests/support/install-postgres`) on first use when they
+/// are missing, as the dashboard tests install their browser.
 fn bin_dir() -> PathBuf {
+    if let Some(bin) = find_bin_dir().filter(|_| usable_account()) {
+        return bin;
+    }
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/install-postgres"
+    );
+    let status = Command::new("bash")
+        .arg(script)
+        .stdin(Stdio::null())
+        .status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin, and {script} could not install them"
+    );
+    find_bin_dir().expect("installed just above")
+}
+
+/// Not root, or root with a `postgres` account to run the server as.
+fn usable_account() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return true;
+    }
+    let name = std::ffi::CString::new("postgres").unwrap();
+    // SAFETY: getpwnam with a valid C string; only whether it found the account is read.
+    !unsafe { libc::getpwnam(name.as_ptr()) }.is_null()
+}
+
+fn find_bin_dir() -> Option<PathBuf> {
     if let Ok(path) = std::env::var("PATH") {
         for dir in std::env::split_paths(&path) {
             if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
                 // Debian links only some tools onto PATH: use the directory they point into.
-                return std::fs::canonicalize(dir.join("initdb"))
-                    .ok()
-                    .and_then(|p| p.parent().map(Path::to_path_buf))
-                    .unwrap_or(dir);
+                return Some(
+                    std::fs::canonicalize(dir.join("initdb"))
+                        .ok()
+                        .and_then(|p| p.parent().map(Path::to_path_buf))
+                        .unwrap_or(dir),
+                );
             }
         }
     }
@@ -62,11 +96,7 @@ fn bin_dir() -> PathBuf {
         })
         .collect();
     found.sort();
-    found.pop().map(|(_, bin)| bin).unwrap_or_else(|| {
-        panic!(
-            "no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin: run tests/support/install-postgres"
-        )
-    })
+    found.pop().map(|(_, bin)| bin)
 }
 
 /// As root, the `postgres` account's uid and gid (initdb will not run as root).
