@@ -599,3 +599,121 @@ on_both! {
         assert_eq!(ids(store.glances_on(4, 2).unwrap()), one);
     }
 }
+
+on_both! {
+    /// What providers keep their state in: writes, removals, atomic batches and prefix scans in
+    /// key order, the same on both backends, and still there after reopening.
+    fn a_provider_tree_keeps_batches_and_scans_in_key_order(dir) {
+        {
+            let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+            let tree = store.provider_tree("test").unwrap();
+            tree.insert(b"a/2", b"two").unwrap();
+            tree.apply_batch(&[
+                (b"a/1".to_vec(), Some(b"one".to_vec())),
+                (b"a/\xff".to_vec(), Some(vec![0, 255])),
+                (b"b/1".to_vec(), Some(b"other".to_vec())),
+                (b"a/2".to_vec(), None),
+            ])
+            .unwrap();
+            tree.flush().unwrap();
+            assert_eq!(tree.remove(b"b/1").unwrap().as_deref(), Some(&b"other"[..]));
+            assert_eq!(tree.remove(b"b/1").unwrap(), None);
+        }
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let tree = store.provider_tree("test").unwrap();
+        let listed: Vec<(Vec<u8>, Vec<u8>)> = tree
+            .scan_prefix(b"a/")
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                (b"a/1".to_vec(), b"one".to_vec()),
+                (b"a/\xff".to_vec(), vec![0, 255]),
+            ]
+        );
+        assert_eq!(tree.get(b"a/2").unwrap(), None);
+        assert!(store.provider_tree("other").unwrap().scan_prefix(b"").unwrap().is_empty());
+    }
+}
+
+/// Two processes on one database that both computed a transition from the same head: the
+/// conditional commit lets exactly one in, and the trail stays contiguous.
+#[test]
+fn on_postgres_two_stores_committing_from_one_head_conflict_and_only_one_wins() {
+    let place = Place::postgres();
+    let first = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let second = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    assert_eq!(first.id(), second.id());
+    let current = created(&first);
+    let outcomes: Vec<Result<EventRecord, StoreError>> = std::thread::scope(|scope| {
+        let commits: Vec<_> = [&first, &second]
+            .into_iter()
+            .map(|store| {
+                let current = current.clone();
+                scope.spawn(move || {
+                    let next = current.rollout.clone();
+                    store.commit(
+                        &current,
+                        &next,
+                        record(&next, EventKind::Tick),
+                        Attached::default(),
+                    )
+                })
+            })
+            .collect();
+        commits.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_ok()).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.iter().any(|o| matches!(
+            o,
+            Err(StoreError::Conflict {
+                expected: 2,
+                found: 2,
+                ..
+            })
+        )),
+        "{outcomes:?}"
+    );
+    assert_eq!(second.events("w-1").unwrap().len(), 2);
+    assert_eq!(second.verify("w-1").unwrap(), Ok(2));
+}
+
+#[test]
+fn on_postgres_a_schema_of_a_newer_phasegate_is_refused() {
+    let place = Place::postgres();
+    drop(Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap());
+    let url = place.path().to_str().unwrap().to_string();
+    let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    client
+        .execute(
+            "INSERT INTO phasegate.schema_version (version) VALUES ($1)",
+            &[&(SCHEMA_VERSION + 1)],
+        )
+        .unwrap();
+    let err = Store::open(place.path(), DEFAULT_LOCK_WAIT).err().unwrap();
+    assert!(
+        err.to_string().contains("written by a newer phasegate"),
+        "{err}"
+    );
+}
+
+#[test]
+fn on_postgres_an_error_never_shows_the_password() {
+    let url = "postgres://phasegate:n0t-to-be-shown@127.0.0.1:1/none";
+    let err = Store::open(Path::new(url), DEFAULT_LOCK_WAIT)
+        .err()
+        .unwrap();
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("n0t-to-be-shown"), "{shown}");
+    assert!(shown.contains("127.0.0.1:1"), "{shown}");
+    let err = lock_driver(Path::new(url)).err().unwrap();
+    assert!(!format!("{err} {err:?}").contains("n0t-to-be-shown"));
+}
