@@ -184,10 +184,15 @@ impl Worker {
 
     fn error(&self, err: &::postgres::Error) -> StoreError {
         // The driver's messages name the server's error and the host, never the password.
-        let message = match err.as_db_error() {
+        let mut message = match err.as_db_error() {
             Some(db) => format!("{}: {}", db.code().code(), db.message()),
             None => err.to_string(),
         };
+        if message.contains("TLS") {
+            message.push_str(
+                " (phasegate does not connect with TLS yet: see docs/operations.md, \"Running on PostgreSQL\")",
+            );
+        }
         StoreError::Database {
             path: self.path.clone(),
             message,

@@ -717,3 +717,15 @@ fn on_postgres_an_error_never_shows_the_password() {
     let err = lock_driver(Path::new(url)).err().unwrap();
     assert!(!format!("{err} {err:?}").contains("n0t-to-be-shown"));
 }
+
+/// TLS is not supported yet: asking for it is a clear error, not a silent plain connection.
+#[test]
+fn on_postgres_a_url_that_requires_tls_is_refused() {
+    let place = Place::postgres();
+    let url = format!("{}?sslmode=require", place.path().display());
+    let err = Store::open(Path::new(&url), DEFAULT_LOCK_WAIT)
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+    assert!(err.to_string().contains("TLS"), "{err}");
+}
