@@ -277,12 +277,16 @@ const SCAN: &str = "SELECT key, value FROM phasegate.entries
      WHERE tree = $1 AND key >= $2 AND ($3::bytea IS NULL OR key < $3) ORDER BY key";
 const SEQ: &str = "SELECT seq FROM phasegate.entries WHERE tree = 'rollouts' AND key = $1";
 
-/// The transition: conditional on the rollout's row being at `$3 - 1` (0: no row yet). Every
+/// The transition: conditional on the rollout's row being at `$3 - 1` (no row yet: only the first
+/// event, `$3 = 1`, creates it; a row that appears meanwhile is a conflict). Every
 /// data-modifying CTE runs to completion whether or not the final SELECT reads it; those that
 /// select `FROM moved` write nothing when the rollout did not move.
 const COMMIT: &str = "WITH moved AS (
          INSERT INTO phasegate.entries AS e (tree, key, value, seq)
-             VALUES ('rollouts', $1::bytea, $2::bytea, $3::bigint)
+             SELECT 'rollouts', $1::bytea, $2::bytea, $3::bigint
+             WHERE $3::bigint = 1 OR EXISTS (
+                 SELECT 1 FROM phasegate.entries WHERE tree = 'rollouts' AND key = $1::bytea
+             )
          ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value, seq = EXCLUDED.seq
              WHERE e.seq = $3::bigint - 1
          RETURNING 1

@@ -729,3 +729,24 @@ fn on_postgres_a_url_that_requires_tls_is_refused() {
     assert!(matches!(err, StoreError::Database { .. }), "{err}");
     assert!(err.to_string().contains("TLS"), "{err}");
 }
+
+on_both! {
+    /// A transition computed from a head the store never had (a rollout it does not hold, at
+    /// event 5) writes nothing: the sequence starts at 1 and stays contiguous.
+    fn a_transition_from_a_head_the_store_never_had_is_refused(dir) {
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let mut current = created(&store);
+        current.rollout.id = "w-9".into();
+        current.rollout.last_seq = 5;
+        let next = current.rollout.clone();
+        let err = store
+            .commit(&current, &next, record(&next, EventKind::Tick), Attached::default())
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Conflict { expected: 6, found: 0, .. }),
+            "{err}"
+        );
+        assert!(matches!(store.rollout("w-9"), Err(StoreError::NotFound(_))));
+        assert!(store.events("w-9").unwrap().is_empty());
+    }
+}
