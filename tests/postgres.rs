@@ -47,7 +47,7 @@ fn only_one_process_drives_a_postgres_store() {
     let (pg, url) = on_postgres(&server);
     let out = pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    // The driver lock is the database's: held by a session of this test, `run` is refused.
+    // The driver lock is the database's: held on a connection of this test, `run` is refused.
     let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let taken: bool = holder
         .query_one(

@@ -35,8 +35,8 @@ pub(crate) struct SledBackend {
 
 impl SledBackend {
     /// Opens (creating if needed) the database of the store in `dir`. The caller holds
-    /// `store.lock` and has checked the identity file: `create` says whether a missing database
-    /// may be made.
+    /// `store.lock` and has checked the identity file (a missing database is made only where
+    /// `store.id` does not say there was one).
     pub fn open(dir: &Path) -> Result<SledBackend, StoreError> {
         let db_dir = dir.join("sled");
         if !db_dir.exists() {
