@@ -154,3 +154,52 @@ fn store_copy_moves_a_sled_store_and_its_running_rollout_completes_on_postgres()
         "store id kept"
     );
 }
+
+#[test]
+fn serve_drives_a_postgres_store_and_the_cli_reaches_it_through_the_daemon() {
+    let server = shared();
+    let (pg, url) = on_postgres(&server);
+    let data = pg.dir.path().join("data");
+    let serve = common::Serve::start_with_env(
+        std::path::Path::new(&url),
+        &[("XDG_DATA_HOME", data.to_str().unwrap())],
+    );
+    // Its daemon file is in the store's local directory, under the data directory.
+    let local: Vec<_> = std::fs::read_dir(data.join("phasegate"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(local.len(), 1, "{local:?}");
+    assert!(local[0].join("daemon.json").is_file(), "{local:?}");
+    // A second driver on the same database is refused at once.
+    let second = pg.run(&["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code(&second), 4, "{}", stderr(&second));
+    // The CLI on this machine goes through the daemon (its file is in the local directory).
+    let out = pg.run(&["token", "create", "--name", "olga", "--role", "operator"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let operator = stdout(&out).trim().to_string();
+    let (status, started) = serve.call(
+        "POST",
+        "/api/v1/rollouts",
+        &operator,
+        Some(&serde_json::json!({
+            "plan": include_str!("../plans/windows-baseline.toml"),
+            "file": "windows-baseline.toml"
+        })),
+    );
+    assert_eq!(status, 201, "{started}");
+    let id = started["id"].as_str().unwrap().to_string();
+    assert!(common::eventually(
+        std::time::Duration::from_secs(30),
+        || {
+            serve
+                .call("GET", &format!("/api/v1/rollouts/{id}"), &operator, None)
+                .1["status"]
+                == "waiting_approval"
+        }
+    ));
+    assert_eq!(serve.terminate(), Some(0));
+    let out = pg.run(&["history", &id, "--verify"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(pg.status(&id)["status"], "waiting_approval");
+}
