@@ -33,8 +33,10 @@ pub struct DaemonFile {
     pub kind: String,
 }
 
-pub fn daemon_path(store_dir: &Path) -> PathBuf {
-    store_dir.join("daemon.json")
+/// `daemon.json` beside the store: in its directory on sled, in its local directory on
+/// PostgreSQL ([`crate::store::local_dir`]).
+pub fn daemon_path(store: &Path) -> PathBuf {
+    crate::store::local_dir(store).join("daemon.json")
 }
 
 /// The daemon holding a store, if one is running.
@@ -68,7 +70,9 @@ pub fn publish(store_dir: &Path, file: &DaemonFile) -> std::io::Result<Published
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = daemon_path(store_dir);
-    let partial = store_dir.join("daemon.json.partial");
+    let dir = crate::store::local_dir(store_dir);
+    std::fs::create_dir_all(&dir)?;
+    let partial = dir.join("daemon.json.partial");
     {
         let mut out = std::fs::OpenOptions::new()
             .create(true)

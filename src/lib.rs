@@ -20,5 +20,8 @@ pub mod retry;
 pub mod runner;
 pub mod store;
 #[cfg(test)]
+#[path = "../tests/common/postgres.rs"]
+mod test_postgres;
+#[cfg(test)]
 mod testing;
 pub mod web;

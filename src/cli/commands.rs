@@ -553,7 +553,7 @@ pub fn status_text(store: &Store, id: Option<&str>, dir: &Path) -> Result<String
                 .map(|r| engine::load(store, &r.rollout.id))
                 .collect::<Result<Vec<_>, _>>()?;
             if loaded.is_empty() {
-                Ok(format!("no rollouts in {}\n", dir.display()))
+                Ok(format!("no rollouts in {}\n", store::display_location(dir)))
             } else {
                 Ok(text::rollout_list(&loaded))
             }
@@ -668,7 +668,7 @@ pub async fn serve(ctx: &Context, listen: std::net::SocketAddr) -> CommandResult
     )
     .map_err(failure)?;
     say!("phasegate serve listening on http://{addr}");
-    say!("  store:     {}", ctx.store.display());
+    say!("  store:     {}", store::display_location(&ctx.store));
     say!("  api:       http://{addr}/api/v1/rollouts   dashboard: http://{addr}/");
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let api = tokio::spawn(daemon::serve_api(

@@ -60,8 +60,9 @@ pub mod exit {
     long_about = None
 )]
 pub struct Cli {
-    /// Store directory [default: $PHASEGATE_STORE, else the per-user data directory]
-    #[arg(long, global = true, env = "PHASEGATE_STORE", value_name = "DIR")]
+    /// Store directory, or a PostgreSQL database as `postgres://user@host:port/db` (password in
+    /// PGPASSWORD or the URL) [default: $PHASEGATE_STORE, else the per-user data directory]
+    #[arg(long, global = true, env = "PHASEGATE_STORE", value_name = "DIR|URL")]
     store: Option<PathBuf>,
     /// Output format
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
@@ -384,6 +385,24 @@ enum Command {
         /// The export
         #[arg(long, value_name = "FILE")]
         from: PathBuf,
+    },
+    /// Move a store to another backend
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Copy a store (rollouts, trails, plans, baselines, claims, tokens, provider state) with its
+    /// identity into an empty store, e.g. a sled directory into a PostgreSQL database, and verify
+    /// every chain of the copy
+    Copy {
+        /// The store to copy (a directory or a URL); no process may be using it
+        #[arg(long, value_name = "DIR|URL")]
+        from: PathBuf,
+        /// The empty store to copy into (a directory or a `postgres://` URL)
+        #[arg(long, value_name = "DIR|URL")]
+        to: PathBuf,
     },
 }
 
@@ -823,6 +842,7 @@ async fn dispatch(cli: Cli) -> CommandResult {
         Command::Verify { against } => recovery::verify(&ctx, &against),
         Command::RestoreTenant { from, id } => recovery::restore_tenant(&ctx, &from, &id).await,
         Command::RestoreStore { from } => recovery::restore_store(&ctx, &from),
+        Command::Store(StoreCommand::Copy { from, to }) => recovery::store_copy(&from, &to),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             let mut command = <Cli as clap::CommandFactory>::command();

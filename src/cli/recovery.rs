@@ -177,7 +177,7 @@ pub fn restore_store(ctx: &Context, from: &Path) -> CommandResult {
     say!(
         "store {} rebuilt in {} from {} ({} rollouts, as of {}); `phasegate status` shows where each stands",
         store.id(),
-        ctx.store.display(),
+        store::display_location(&ctx.store),
         from.display(),
         export.rollouts.len(),
         export.exported_at
@@ -185,17 +185,50 @@ pub fn restore_store(ctx: &Context, from: &Path) -> CommandResult {
     Ok(exit::OK)
 }
 
+/// `phasegate store copy --from A --to B`: a consistent export of `A` (which must not be in use)
+/// loaded into the empty store `B` in one go, keeping the store's identity; then every chain of
+/// `B` is verified against the heads `A` had.
+pub fn store_copy(from: &Path, to: &Path) -> CommandResult {
+    let source = Store::open(from, DEFAULT_LOCK_WAIT)?;
+    let export = source.export(now())?;
+    drop(source);
+    store::import(to, &export)?;
+    let copy = Store::open(to, DEFAULT_LOCK_WAIT)?;
+    let mut found = copy.check_heads(&export.heads)?;
+    let mut events = 0;
+    for head in &export.heads {
+        match copy.verify(&head.rollout)? {
+            Ok(n) => events += n,
+            Err(e) => found.push(format!("{}: {e}", head.rollout)),
+        }
+    }
+    if !found.is_empty() {
+        return Err(Failure {
+            code: exit::FAILURE,
+            message: format!("the copy does not verify: {}", found.join("; ")),
+        });
+    }
+    say!(
+        "store {} copied from {} to {}: {} rollouts, {events} events, every chain verified",
+        copy.id(),
+        store::display_location(from),
+        store::display_location(to),
+        export.heads.len(),
+    );
+    Ok(exit::OK)
+}
+
 /// Refuses when the store can be read and holds the rollout: `abort` restores the baseline and
 /// records it. Never creates a store where there is none.
 fn refuse_if_store_is_usable(ctx: &Context, export: &Export, id: &str) -> Result<(), Failure> {
-    if !ctx.store.join("sled").exists() {
+    if !store::is_postgres(&ctx.store) && !ctx.store.join("sled").exists() {
         return Ok(());
     }
     match Store::open(&ctx.store, Duration::ZERO) {
         Ok(store) if store.id() == export.store && store.rollout(id).is_ok() => {
             Err(Failure::invalid(format!(
                 "the store {} is readable and holds `{id}`: `phasegate abort {id}` restores its baseline and records it in the audit trail",
-                ctx.store.display()
+                store::display_location(&ctx.store)
             )))
         }
         Err(err @ StoreError::InUse { .. }) => Err(Failure::from(err)),

@@ -159,17 +159,16 @@ impl Store {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut trees = BTreeMap::new();
-        for name in self.db.tree_names() {
-            let name = String::from_utf8_lossy(&name).into_owned();
-            if name == "meta" || name.starts_with("__sled__") {
+        for name in self.backend.tree_names()? {
+            if name == "meta" {
                 continue;
             }
-            let tree = self.db.open_tree(&name).map_err(|e| self.db_error(e))?;
-            let mut entries = Vec::new();
-            for entry in tree.iter() {
-                let (key, value) = entry.map_err(|e| self.db_error(e))?;
-                entries.push(entry_of(&key, &value));
-            }
+            let entries = self
+                .backend
+                .scan(&name, b"")?
+                .iter()
+                .map(|(key, value)| entry_of(key, value))
+                .collect();
             trees.insert(name, entries);
         }
         let mut heads = Vec::new();
@@ -212,7 +211,9 @@ impl Store {
 
     /// Where the recovery kit of `id` is kept.
     pub fn kit_path(&self, id: &str) -> PathBuf {
-        self.path.join("recovery").join(format!("{id}.json"))
+        super::local_dir(&self.path)
+            .join("recovery")
+            .join(format!("{id}.json"))
     }
 
     /// Rewrites the recovery kit of `id`. The commit it follows is durable already: a kit that
@@ -339,6 +340,30 @@ pub fn import(dir: &Path, export: &Export) -> Result<(), ExportError> {
             "the file is a recovery kit, not a full export: it restores a tenant (`restore-tenant`), not a store".into(),
         ));
     }
+    if let Some(url) = super::postgres_url(dir) {
+        let mut trees = Vec::new();
+        for (name, entries) in &export.trees {
+            let mut rows = Vec::new();
+            for entry in entries {
+                rows.push(
+                    bytes_of(entry).ok_or_else(|| {
+                        refuse(format!("an entry of tree {name} is not readable"))
+                    })?,
+                );
+            }
+            trees.push((name.clone(), rows));
+        }
+        trees.push((
+            "meta".into(),
+            vec![
+                (b"store_id".to_vec(), export.store.as_bytes().to_vec()),
+                (b"format".to_vec(), export.format.to_be_bytes().to_vec()),
+            ],
+        ));
+        return super::postgres::PgBackend::open(url)?
+            .load(trees)
+            .map_err(ExportError::from);
+    }
     if dir.join("sled").exists() || super::identity::read(dir)?.is_some() {
         return Err(refuse(
             "a store is already here: move it aside (or choose another --store) first".into(),
@@ -359,10 +384,10 @@ pub fn import(dir: &Path, export: &Export) -> Result<(), ExportError> {
         fs::remove_dir_all(&building).map_err(io(&building))?;
     }
     {
-        let db = super::sled_config(&building)
+        let db = super::sled::sled_config(&building)
             .open()
-            .map_err(|e| super::map_sled(dir, e))?;
-        let fail = |e| ExportError::from(super::map_sled(dir, e));
+            .map_err(|e| super::sled::map_sled(dir, e))?;
+        let fail = |e| ExportError::from(super::sled::map_sled(dir, e));
         for (name, entries) in &export.trees {
             let tree = db.open_tree(name).map_err(fail)?;
             for entry in entries {

@@ -1,38 +1,46 @@
-//! The durable store: rollouts, their append-only audit trail, plans and baselines, in sled.
+//! The durable store: rollouts, their append-only audit trail, plans and baselines.
 //!
-//! One transition is one sled transaction over the `rollouts`, `events` and `plans` trees, flushed
-//! before `commit` returns; the engine runs effects only after that. Every value carries a format
-//! version, and every event carries the hash of the one before it, so the trail is tamper-evident.
+//! [`Store`] is the one interface; what keeps the bytes is a backend: sled in a directory
+//! (`sled.rs`, the default) or a PostgreSQL database (`postgres.rs`, selected by a
+//! `postgres://` location). Both keep the same named trees of keys and values, byte for byte.
 //!
-//! Opening applies the two start-up mitigations for sled 0.34.7 (see `docs/reliability.md`): a
-//! new database is built in `sled.creating` and renamed into place, and leftover
-//! `snap.*.generating` files are removed before sled reads its snapshots. A kill at any instant of
-//! start-up therefore never leaves a store that cannot be opened.
+//! One transition is one transaction over the `rollouts`, `events`, `plans`, `baselines` and
+//! `claims` trees, conditional on the rollout still being at the event it was computed from,
+//! and durable before `commit` returns; the engine runs effects only after that. Every value
+//! carries a format version, and every event carries the hash of the one before it, so the trail
+//! is tamper-evident.
 //!
-//! Two locks keep processes apart: `store.lock` is held while the store is open (short commands
-//! wait for it briefly), `driver.lock` is held by `run` for its whole life so that only one
-//! process ever drives rollouts.
+//! Providers keep their own durable state in trees of their own ([`KvTree`]).
+//!
+//! Two locks keep processes apart on sled: `store.lock` is held while the store is open (short
+//! commands wait for it briefly), `driver.lock` is held by `run` for its whole life so that only
+//! one process ever drives rollouts. On PostgreSQL the driver lock is an advisory lock of the
+//! database, and there is no store lock (the database serialises commits).
 
 mod export;
 mod identity;
 mod lock;
+mod postgres;
 mod records;
+mod sled;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 use thiserror::Error;
 
 pub use export::{ChainHead, Export, ExportError, RolloutBackup, import};
 pub use lock::FileLock;
+pub use postgres::{SCHEMA_VERSION, is_url as is_postgres, redacted as redacted_url};
 pub use records::{EventRecord, PlanRecord, StoredEvent, StoredRollout};
+
+/// A value as a backend hands it back (cheap to clone).
+pub type Bytes = ::sled::IVec;
 
 use crate::domain::rollout::{Rollout, RolloutGlance, RolloutStatus};
 use sha2::Digest;
@@ -106,22 +114,120 @@ pub struct Attached<'a> {
 
 /// An open store. Cheap to share by reference; dropping it releases the store lock.
 pub struct Store {
+    /// The store's directory, or its PostgreSQL URL without the password.
     path: PathBuf,
-    db: sled::Db,
-    rollouts: sled::Tree,
-    events: sled::Tree,
-    plans: sled::Tree,
-    baselines: sled::Tree,
-    claims: sled::Tree,
-    tokens: sled::Tree,
-    meta: sled::Tree,
+    backend: Arc<Backend>,
     id: String,
     /// The `claims` tree inverted, built on the first [`Store::claimant`] question.
     claim_index: Mutex<Option<ClaimIndex>>,
     /// Commits hold it shared; an export holds it alone, so that its snapshot of rollouts,
     /// trails, plans and baselines is one moment's even while a daemon commits.
     commits: RwLock<()>,
-    _lock: FileLock,
+    _lock: Option<FileLock>,
+}
+
+/// What keeps a store's trees.
+pub(crate) enum Backend {
+    Sled(sled::SledBackend),
+    Postgres(postgres::PgBackend),
+}
+
+macro_rules! each {
+    ($backend:expr, $b:ident => $call:expr) => {
+        match $backend {
+            Backend::Sled($b) => $call,
+            Backend::Postgres($b) => $call,
+        }
+    };
+}
+
+impl Backend {
+    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        each!(self, b => b.get(tree, key))
+    }
+    fn contains(&self, tree: &str, key: &[u8]) -> Result<bool, StoreError> {
+        each!(self, b => b.contains(tree, key))
+    }
+    fn insert(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        each!(self, b => b.insert(tree, key, value))
+    }
+    fn remove(&self, tree: &str, key: &[u8]) -> Result<Option<Bytes>, StoreError> {
+        each!(self, b => b.remove(tree, key))
+    }
+    fn scan(&self, tree: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
+        each!(self, b => b.scan(tree, prefix))
+    }
+    fn apply(&self, tree: &str, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        each!(self, b => b.apply(tree, ops))
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        each!(self, b => b.flush())
+    }
+    fn commit(&self, write: &CommitWrite) -> Result<(), StoreError> {
+        each!(self, b => b.commit(write))
+    }
+    fn tree_names(&self) -> Result<Vec<String>, StoreError> {
+        match self {
+            Backend::Sled(b) => Ok(b.tree_names()),
+            Backend::Postgres(b) => b.tree_names(),
+        }
+    }
+    fn unique(&self) -> u64 {
+        each!(self, b => b.unique())
+    }
+}
+
+/// Everything one transition writes, encoded: the rollout moves from event `seq - 1` to `seq`.
+/// A backend writes all of it in one transaction, or nothing if the rollout is no longer at
+/// `seq - 1` ([`StoreError::Conflict`]). (An owner's fencing epoch will be one more condition.)
+pub(crate) struct CommitWrite {
+    pub id: String,
+    pub seq: u64,
+    pub rollout: Vec<u8>,
+    pub event_key: Vec<u8>,
+    pub event: Vec<u8>,
+    pub plan: Option<(Vec<u8>, Vec<u8>)>,
+    pub baseline: Option<Vec<u8>>,
+    pub claims: Option<Vec<u8>>,
+}
+
+/// A tree of the store for a provider's own durable state: keys and values of bytes, on whichever
+/// backend the store is. A write is durable once [`KvTree::flush`] returns (on PostgreSQL, once
+/// the write returns).
+#[derive(Clone)]
+pub struct KvTree {
+    backend: Arc<Backend>,
+    name: String,
+}
+
+impl KvTree {
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>, StoreError> {
+        self.backend.get(&self.name, key.as_ref())
+    }
+
+    pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<(), StoreError> {
+        self.backend
+            .insert(&self.name, key.as_ref(), value.as_ref())
+    }
+
+    /// Removes a key; returns what it held.
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>, StoreError> {
+        self.backend.remove(&self.name, key.as_ref())
+    }
+
+    /// Every key starting with `prefix` and its value, in key order.
+    pub fn scan_prefix(&self, prefix: impl AsRef<[u8]>) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
+        self.backend.scan(&self.name, prefix.as_ref())
+    }
+
+    /// Writes (`Some`) and removes (`None`) keys atomically: all or none.
+    pub fn apply_batch(&self, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        self.backend.apply(&self.name, ops)
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.backend.flush()
+    }
 }
 
 /// Which rollouts claim each backend object. Kept in step with every write to the `claims`
@@ -156,10 +262,56 @@ impl ClaimIndex {
 /// How long a command waits for another process to release the store.
 pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(10);
 
-/// Takes the driver lock of the store at `dir` without waiting: only one `run` at a time.
-pub fn lock_driver(dir: &Path) -> Result<FileLock, StoreError> {
-    ensure_dir(dir)?;
-    lock::acquire(&lock::lock_path(dir, "driver.lock"), dir, Duration::ZERO)
+/// The lock held by the one process that drives a store's rollouts.
+pub enum DriverLock {
+    File(FileLock),
+    Postgres(postgres::DriverLock),
+}
+
+/// Takes the driver lock of the store at `location` without waiting: only one `run` at a time.
+/// On sled, `driver.lock` in its directory; on PostgreSQL, an advisory lock of the database.
+pub fn lock_driver(location: &Path) -> Result<DriverLock, StoreError> {
+    if let Some(url) = postgres_url(location) {
+        return postgres::lock_driver(url).map(DriverLock::Postgres);
+    }
+    ensure_dir(location)?;
+    lock::acquire(
+        &lock::lock_path(location, "driver.lock"),
+        location,
+        Duration::ZERO,
+    )
+    .map(DriverLock::File)
+}
+
+/// The PostgreSQL URL a store location is, if it is one.
+fn postgres_url(location: &Path) -> Option<&str> {
+    postgres::is_url(location)
+        .then(|| location.to_str())
+        .flatten()
+}
+
+/// Where files of a store live on this machine (the daemon file, recovery kits): its directory
+/// on sled; for a PostgreSQL store, a directory of its own under the user's data directory, named
+/// after the URL (without its password).
+pub fn local_dir(location: &Path) -> PathBuf {
+    match postgres_url(location) {
+        None => location.to_path_buf(),
+        Some(url) => {
+            let name = hex::encode(&sha2::Sha256::digest(postgres::redacted(url).as_bytes())[..8]);
+            dirs::data_dir()
+                .unwrap_or_else(|| PathBuf::from(".phasegate"))
+                .join("phasegate")
+                .join(format!("postgres-{name}"))
+        }
+    }
+}
+
+/// How a store location is shown: a PostgreSQL URL without its password.
+pub fn display_location(location: &Path) -> String {
+    match postgres_url(location) {
+        Some(url) => postgres::redacted(url),
+        None => location.display().to_string(),
+    }
 }
 
 fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
@@ -170,49 +322,60 @@ fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir`, waiting up to `wait` for its lock.
+    /// Opens (creating if needed) the store at `location`: a directory (sled), waiting up to
+    /// `wait` for its lock, or a `postgres://` URL.
     ///
-    /// The store's identity is kept twice: in the database and in `store.id` beside it. A
-    /// database whose identity differs from the file's was swapped in; a missing database where
+    /// On sled the store's identity is kept twice: in the database and in `store.id` beside it.
+    /// A database whose identity differs from the file's was swapped in; a missing database where
     /// the file says there was one was deleted or moved. Both are errors: phasegate never
-    /// carries on with another store's trail, nor with a fresh, empty one.
-    pub fn open(dir: &Path, wait: Duration) -> Result<Store, StoreError> {
+    /// carries on with another store's trail, nor with a fresh, empty one. On PostgreSQL the
+    /// identity is kept in the database.
+    pub fn open(location: &Path, wait: Duration) -> Result<Store, StoreError> {
+        if let Some(url) = postgres_url(location) {
+            let backend = postgres::PgBackend::open(url)?;
+            let mut store = Store {
+                path: backend.path().to_path_buf(),
+                backend: Arc::new(Backend::Postgres(backend)),
+                id: String::new(),
+                claim_index: Mutex::new(None),
+                commits: RwLock::new(()),
+                _lock: None,
+            };
+            store.id = store.identity(None, false)?;
+            store.check_format()?;
+            return Ok(store);
+        }
+        let dir = location;
         ensure_dir(dir)?;
         let lock = lock::acquire(&lock::lock_path(dir, "store.lock"), dir, wait)?;
         crate::crash::point("store.locked");
         let marker = identity::read(dir)?;
-        let db_dir = dir.join("sled");
-        if !db_dir.exists() {
-            if let Some(id) = marker {
-                return Err(StoreError::Missing {
-                    path: dir.to_path_buf(),
-                    id,
-                });
-            }
-            create_database(dir, &db_dir)?;
+        if !dir.join("sled").exists()
+            && let Some(id) = marker
+        {
+            return Err(StoreError::Missing {
+                path: dir.to_path_buf(),
+                id,
+            });
         }
-        remove_unfinished_snapshots(&db_dir)?;
-        let db = open_database(dir, &db_dir)?;
-        let tree = |name: &str| db.open_tree(name).map_err(|e| map_sled(dir, e));
+        let backend = sled::SledBackend::open(dir)?;
         let mut store = Store {
-            rollouts: tree("rollouts")?,
-            events: tree("events")?,
-            plans: tree("plans")?,
-            baselines: tree("baselines")?,
-            claims: tree("claims")?,
-            tokens: tree("tokens")?,
-            meta: tree("meta")?,
+            backend: Arc::new(Backend::Sled(backend)),
             id: String::new(),
             claim_index: Mutex::new(None),
             commits: RwLock::new(()),
             path: dir.to_path_buf(),
-            db,
-            _lock: lock,
+            _lock: Some(lock),
         };
-        store.id = store.identity(marker)?;
+        store.id = store.identity(marker, true)?;
         store.check_format()?;
         crate::crash::point("store.opened");
         Ok(store)
+    }
+
+    /// Whether the store is in a PostgreSQL database.
+    pub fn is_postgres(&self) -> bool {
+        matches!(*self.backend, Backend::Postgres(_))
     }
 
     /// This store's identity: made once, when the store is first opened, and never changed.
@@ -222,13 +385,13 @@ impl Store {
         &self.id
     }
 
-    /// The database's identity, checked against `store.id` (`marker`): made and written to both
-    /// on first opening. A store from before `store.id` existed gets the file now.
-    fn identity(&self, marker: Option<String>) -> Result<String, StoreError> {
+    /// The database's identity, checked against `store.id` (`marker`) when the store has the
+    /// file (`with_file`): made and written to both on first opening. A store from before
+    /// `store.id` existed gets the file now.
+    fn identity(&self, marker: Option<String>, with_file: bool) -> Result<String, StoreError> {
         let inner = self
-            .meta
-            .get(b"store_id")
-            .map_err(|e| self.db_error(e))?
+            .backend
+            .get("meta", b"store_id")?
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
         match (inner, marker) {
             (Some(inner), Some(marker)) if inner == marker => Ok(inner),
@@ -238,7 +401,9 @@ impl Store {
                 found: found.unwrap_or_else(|| "none: a new, empty database".into()),
             }),
             (Some(inner), None) => {
-                identity::write(&self.path, &inner)?;
+                if with_file {
+                    identity::write(&self.path, &inner)?;
+                }
                 Ok(inner)
             }
             (None, None) => {
@@ -247,14 +412,14 @@ impl Store {
                     std::process::id(),
                     self.path.display(),
                     std::time::SystemTime::now(),
-                    self.db.generate_id().unwrap_or(0)
+                    self.backend.unique()
                 );
                 let id = hex::encode(&sha2::Sha256::digest(seed.as_bytes())[..8]);
-                self.meta
-                    .insert(b"store_id", id.as_bytes())
-                    .map_err(|e| self.db_error(e))?;
+                self.backend.insert("meta", b"store_id", id.as_bytes())?;
                 self.flush()?;
-                identity::write(&self.path, &id)?;
+                if with_file {
+                    identity::write(&self.path, &id)?;
+                }
                 Ok(id)
             }
         }
@@ -305,8 +470,7 @@ impl Store {
 
     fn read_claims(&self) -> Result<ClaimIndex, StoreError> {
         let mut index = ClaimIndex::default();
-        for entry in self.claims.iter() {
-            let (key, value) = entry.map_err(|e| self.db_error(e))?;
+        for (key, value) in self.backend.scan("claims", b"")? {
             let id = String::from_utf8_lossy(&key).into_owned();
             let claimed: Vec<String> = records::decode(&format!("claims/{id}"), &value)?;
             index.set(&id, &claimed);
@@ -327,79 +491,69 @@ impl Store {
 
     /// Keeps an API token's record (by its hash), durably.
     pub fn put_token(&self, token: &crate::identity::TokenRecord) -> Result<(), StoreError> {
-        self.tokens
-            .insert(token.hash.as_bytes(), records::encode(token))
-            .map_err(|e| self.db_error(e))?;
+        self.backend
+            .insert("tokens", token.hash.as_bytes(), &records::encode(token))?;
         self.flush()
     }
 
     /// The token whose hash this is, if it exists.
     pub fn token(&self, hash: &str) -> Result<Option<crate::identity::TokenRecord>, StoreError> {
-        match self
-            .tokens
-            .get(hash.as_bytes())
-            .map_err(|e| self.db_error(e))?
-        {
+        match self.backend.get("tokens", hash.as_bytes())? {
             Some(bytes) => records::decode("tokens", &bytes).map(Some),
             None => Ok(None),
         }
     }
 
     pub fn tokens(&self) -> Result<Vec<crate::identity::TokenRecord>, StoreError> {
-        self.tokens
+        self.backend
+            .scan("tokens", b"")?
             .iter()
-            .map(|entry| {
-                let (_, value) = entry.map_err(|e| self.db_error(e))?;
-                records::decode("tokens", &value)
-            })
+            .map(|(_, value)| records::decode("tokens", value))
             .collect()
     }
 
     /// Records which backend objects a rollout drives (see [`Store::claimant`]).
     pub fn set_claims(&self, id: &str, resources: &[String]) -> Result<(), StoreError> {
-        self.claims
-            .insert(id.as_bytes(), records::encode(&resources))
-            .map_err(|e| self.db_error(e))?;
+        self.backend
+            .insert("claims", id.as_bytes(), &records::encode(&resources))?;
         self.claims_written(id, resources);
         Ok(())
     }
 
     pub fn claims(&self, id: &str) -> Result<Vec<String>, StoreError> {
-        match self
-            .claims
-            .get(id.as_bytes())
-            .map_err(|e| self.db_error(e))?
-        {
+        match self.backend.get("claims", id.as_bytes())? {
             Some(bytes) => records::decode(&format!("claims/{id}"), &bytes),
             None => Ok(Vec::new()),
         }
     }
 
+    /// The store's directory, or its PostgreSQL URL without the password.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// A tree for a provider's own durable state (the simulated tenant lives in one).
-    pub fn provider_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        self.db
-            .open_tree(format!("provider:{name}"))
-            .map_err(|e| self.db_error(e))
+    pub fn provider_tree(&self, name: &str) -> Result<KvTree, StoreError> {
+        Ok(self.tree(&format!("provider:{name}")))
+    }
+
+    /// Any tree of the store by name (for copies, exports and tests).
+    pub(crate) fn tree(&self, name: &str) -> KvTree {
+        KvTree {
+            backend: self.backend.clone(),
+            name: name.to_string(),
+        }
     }
 
     /// Flushes everything written so far (providers call it after changing their state).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map(|_| ()).map_err(|e| self.db_error(e))
-    }
-
-    fn db_error(&self, e: sled::Error) -> StoreError {
-        map_sled(&self.path, e)
+        self.backend.flush()
     }
 
     /// Reads the database's format, migrating an older one: a database of a newer phasegate is
     /// refused, and one older than [`OLDEST_READABLE`] too.
     fn check_format(&self) -> Result<(), StoreError> {
-        let key = b"format";
-        let Some(bytes) = self.meta.get(key).map_err(|e| self.db_error(e))? else {
+        let Some(bytes) = self.backend.get("meta", b"format")? else {
             return self.set_format(FORMAT_VERSION);
         };
         let found =
@@ -439,16 +593,14 @@ impl Store {
             to = FORMAT_VERSION,
             "migrating the store's format"
         );
-        self.meta
-            .insert(b"migrated_from", &from.to_be_bytes())
-            .map_err(|e| self.db_error(e))?;
+        self.backend
+            .insert("meta", b"migrated_from", &from.to_be_bytes())?;
         self.set_format(FORMAT_VERSION)
     }
 
     fn set_format(&self, format: u32) -> Result<(), StoreError> {
-        self.meta
-            .insert(b"format", &format.to_be_bytes())
-            .map_err(|e| self.db_error(e))?;
+        self.backend
+            .insert("meta", b"format", &format.to_be_bytes())?;
         self.flush()
     }
 
@@ -457,11 +609,7 @@ impl Store {
         let mut n = 1u64;
         loop {
             let id = format!("{plan_name}-{n}");
-            if !self
-                .rollouts
-                .contains_key(id.as_bytes())
-                .map_err(|e| self.db_error(e))?
-            {
+            if !self.backend.contains("rollouts", id.as_bytes())? {
                 return Ok(id);
             }
             n += 1;
@@ -470,22 +618,18 @@ impl Store {
 
     pub fn rollout(&self, id: &str) -> Result<StoredRollout, StoreError> {
         let bytes = self
-            .rollouts
-            .get(id.as_bytes())
-            .map_err(|e| self.db_error(e))?
+            .backend
+            .get("rollouts", id.as_bytes())?
             .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
         records::decode(&format!("rollouts/{id}"), &bytes)
     }
 
     pub fn rollouts(&self) -> Result<Vec<StoredRollout>, StoreError> {
-        self.rollouts
+        self.backend
+            .scan("rollouts", b"")?
             .iter()
-            .map(|entry| {
-                let (key, value) = entry.map_err(|e| self.db_error(e))?;
-                records::decode(
-                    &format!("rollouts/{}", String::from_utf8_lossy(&key)),
-                    &value,
-                )
+            .map(|(key, value)| {
+                records::decode(&format!("rollouts/{}", String::from_utf8_lossy(key)), value)
             })
             .collect()
     }
@@ -501,11 +645,7 @@ impl Store {
 
     /// [`Store::glances`] on at most `threads` threads, each given `at_least` records.
     fn glances_on(&self, threads: usize, at_least: usize) -> Result<Vec<Glanced>, StoreError> {
-        let listed = self
-            .rollouts
-            .iter()
-            .map(|entry| entry.map_err(|e| self.db_error(e)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let listed = self.backend.scan("rollouts", b"")?;
         let chunk = listed.len().div_ceil(threads.max(1)).max(at_least.max(1));
         std::thread::scope(|scope| {
             let parts: Vec<_> = listed
@@ -526,9 +666,8 @@ impl Store {
     pub fn plan(&self, id: &str, hash: &str) -> Result<PlanRecord, StoreError> {
         let key = records::plan_key(id, hash);
         let bytes = self
-            .plans
-            .get(&key)
-            .map_err(|e| self.db_error(e))?
+            .backend
+            .get("plans", &key)?
             .ok_or_else(|| StoreError::Corrupt {
                 key: format!("plans/{id}/{hash}"),
                 message: "the rollout's plan is missing".into(),
@@ -538,11 +677,7 @@ impl Store {
 
     /// The provider's record of a rollout: its baseline and what it last made of the backend.
     pub fn record(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        let Some(bytes) = self
-            .baselines
-            .get(id.as_bytes())
-            .map_err(|e| self.db_error(e))?
-        else {
+        let Some(bytes) = self.backend.get("baselines", id.as_bytes())? else {
             return Ok(None);
         };
         records::decode(&format!("baselines/{id}"), &bytes).map(Some)
@@ -558,11 +693,11 @@ impl Store {
 
     /// The events of a rollout with the hash of their stored bytes, for verification.
     pub fn stored_events(&self, id: &str) -> Result<Vec<StoredEvent>, StoreError> {
-        self.events
-            .scan_prefix(records::event_prefix(id))
-            .map(|entry| {
-                let (key, value) = entry.map_err(|e| self.db_error(e))?;
-                records::decode_event(&format!("events/{id}/{}", records::seq_of(&key)), &value)
+        self.backend
+            .scan("events", &records::event_prefix(id))?
+            .iter()
+            .map(|(key, value)| {
+                records::decode_event(&format!("events/{id}/{}", records::seq_of(key)), value)
             })
             .collect()
     }
@@ -576,11 +711,7 @@ impl Store {
         plan: &PlanRecord,
         claims: &[String],
     ) -> Result<EventRecord, StoreError> {
-        if self
-            .rollouts
-            .contains_key(rollout.id.as_bytes())
-            .map_err(|e| self.db_error(e))?
-        {
+        if self.backend.contains("rollouts", rollout.id.as_bytes())? {
             return Err(StoreError::AlreadyExists(rollout.id.clone()));
         }
         self.commit(
@@ -621,53 +752,20 @@ impl Store {
             },
             last_hash: event.hash.clone(),
         };
-        let rollout_bytes = records::encode(&stored);
-        let event_key = records::event_key(&id, seq);
-        let plan_entry = attached
-            .plan
-            .map(|p| (records::plan_key(&id, &p.hash), records::encode(p)));
-        let baseline_bytes = attached.record.map(records::encode);
-        let claim_bytes = attached.claims.map(|c| records::encode(&c));
-        let trees = (
-            &self.rollouts,
-            &self.events,
-            &self.plans,
-            &self.baselines,
-            &self.claims,
-        );
+        let write = CommitWrite {
+            rollout: records::encode(&stored),
+            event_key: records::event_key(&id, seq),
+            event: event_bytes,
+            plan: attached
+                .plan
+                .map(|p| (records::plan_key(&id, &p.hash), records::encode(p))),
+            baseline: attached.record.map(records::encode),
+            claims: attached.claims.map(|c| records::encode(&c)),
+            id: id.clone(),
+            seq,
+        };
         let committing = self.commits.read().unwrap_or_else(PoisonError::into_inner);
-        let result = trees.transaction(|(rollouts, events, plans, baselines, claims)| {
-            let found = match rollouts.get(id.as_bytes())? {
-                Some(bytes) => records::decode::<StoredRollout>("rollouts", &bytes)
-                    .map(|r| r.rollout.last_seq)
-                    .map_err(ConflictableTransactionError::Abort)?,
-                None => 0,
-            };
-            if found + 1 != seq {
-                return Err(ConflictableTransactionError::Abort(StoreError::Conflict {
-                    id: id.clone(),
-                    expected: seq,
-                    found,
-                }));
-            }
-            rollouts.insert(id.as_bytes(), rollout_bytes.as_slice())?;
-            events.insert(event_key.as_slice(), event_bytes.as_slice())?;
-            if let Some((key, bytes)) = &plan_entry {
-                plans.insert(key.as_slice(), bytes.as_slice())?;
-            }
-            if let Some(bytes) = &baseline_bytes {
-                baselines.insert(id.as_bytes(), bytes.as_slice())?;
-            }
-            if let Some(bytes) = &claim_bytes {
-                claims.insert(id.as_bytes(), bytes.as_slice())?;
-            }
-            Ok(())
-        });
-        match result {
-            Ok(()) => {}
-            Err(TransactionError::Abort(err)) => return Err(err),
-            Err(TransactionError::Storage(err)) => return Err(self.db_error(err)),
-        }
+        self.backend.commit(&write)?;
         if let Some(claims) = attached.claims {
             self.claims_written(&id, claims);
         }
@@ -689,9 +787,8 @@ impl Store {
     pub fn head_at(&self, id: &str, seq: u64) -> Result<ChainHead, StoreError> {
         let key = format!("events/{id}/{seq}");
         let bytes = self
-            .events
-            .get(records::event_key(id, seq))
-            .map_err(|e| self.db_error(e))?
+            .backend
+            .get("events", &records::event_key(id, seq))?
             .ok_or_else(|| StoreError::Corrupt {
                 key: key.clone(),
                 message: "the event is missing".into(),
@@ -729,57 +826,6 @@ impl Store {
     }
 }
 
-/// Opens sled, waiting briefly if its own lock is still held. We hold `store.lock`, so no other
-/// phasegate process can have the database open: a held sled lock is a handle of this process
-/// still closing (sled releases its file lock only when its background threads let go, which
-/// happens just after `create_database` drops its handle).
-fn open_database(dir: &Path, db_dir: &Path) -> Result<sled::Db, StoreError> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match sled_config(db_dir).open() {
-            Ok(db) => return Ok(db),
-            Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(map_sled(dir, e)),
-        }
-    }
-}
-
-fn is_lock_error(err: &sled::Error) -> bool {
-    err.to_string().contains("could not acquire lock")
-}
-
-fn sled_config(path: &Path) -> sled::Config {
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(64 * 1024 * 1024)
-        .flush_every_ms(Some(500))
-}
-
-/// Builds a fresh database beside its final place and renames it in, so a kill during creation
-/// leaves either nothing or a complete database (sled writes its `conf` in place on creation).
-fn create_database(dir: &Path, db_dir: &Path) -> Result<(), StoreError> {
-    let creating = dir.join("sled.creating");
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| StoreError::Io { path, source }
-    };
-    if creating.exists() {
-        tracing::warn!(dir = %creating.display(), "removing a half-created store left by an interrupted start");
-        fs::remove_dir_all(&creating).map_err(io(&creating))?;
-    }
-    {
-        let db = sled_config(&creating)
-            .open()
-            .map_err(|e| map_sled(dir, e))?;
-        db.flush().map_err(|e| map_sled(dir, e))?;
-    }
-    sync_dir(&creating)?;
-    fs::rename(&creating, db_dir).map_err(io(db_dir))?;
-    sync_dir(dir)
-}
-
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     fs::File::open(dir)
         .and_then(|f| f.sync_all())
@@ -788,52 +834,6 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
             source,
         })
 }
-
-/// sled 0.34.7 mistakes a half-written `snap.<lsn>.generating` for a snapshot and then refuses
-/// to open forever. Such a file only becomes a snapshot after it is synced and renamed, so a
-/// leftover one is always garbage.
-fn remove_unfinished_snapshots(db_dir: &Path) -> Result<(), StoreError> {
-    let entries = fs::read_dir(db_dir).map_err(|source| StoreError::Io {
-        path: db_dir.to_path_buf(),
-        source,
-    })?;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("snap.") && name.ends_with(".generating") {
-            tracing::warn!(file = %entry.path().display(), "removing an unfinished sled snapshot");
-            fs::remove_file(entry.path()).map_err(|source| StoreError::Io {
-                path: entry.path(),
-                source,
-            })?;
-        }
-    }
-    Ok(())
-}
-
-fn map_sled(store: &Path, err: sled::Error) -> StoreError {
-    if let sled::Error::Corruption { .. } = err {
-        return StoreError::Database {
-            path: store.to_path_buf(),
-            message: format!(
-                "the database is damaged and cannot be read. Nothing was changed. To get the tenant back, restore from an export or the recovery kits in {}: see docs/operations.md, \"A damaged store\"",
-                store.join("recovery").display()
-            ),
-        };
-    }
-    let message = err.to_string();
-    if is_lock_error(&err) {
-        return StoreError::InUse {
-            store: store.to_path_buf(),
-            holder: String::new(),
-        };
-    }
-    StoreError::Database {
-        path: store.to_path_buf(),
-        message,
-    }
-}
-
 pub(crate) fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
     records::encode(value)
 }
@@ -847,7 +847,7 @@ const GLANCES_PER_THREAD: usize = 512;
 
 /// One listed record at a glance (a record the glance cannot read is decoded whole, which says
 /// what is wrong with it).
-fn glance((key, bytes): &(sled::IVec, sled::IVec)) -> Result<Glanced, StoreError> {
+fn glance((key, bytes): &(Bytes, Bytes)) -> Result<Glanced, StoreError> {
     #[derive(serde::Deserialize)]
     struct Data {
         rollout: RolloutGlance,
@@ -871,7 +871,7 @@ fn glance((key, bytes): &(sled::IVec, sled::IVec)) -> Result<Glanced, StoreError
 pub struct Glanced {
     pub glance: RolloutGlance,
     key: String,
-    bytes: sled::IVec,
+    bytes: Bytes,
 }
 
 impl Glanced {

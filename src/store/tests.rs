@@ -28,6 +28,67 @@ pub(crate) fn record(rollout: &Rollout, kind: EventKind) -> EventRecord {
     }
 }
 
+/// Where a test's store is: a temporary directory (sled), or a database of its own on the test
+/// PostgreSQL server.
+pub(crate) enum Place {
+    Sled(tempfile::TempDir),
+    /// The server is held for as long as the place lives.
+    Postgres(
+        #[allow(dead_code)] std::sync::Arc<crate::test_postgres::Postgres>,
+        std::path::PathBuf,
+    ),
+}
+
+impl Place {
+    pub(crate) fn sled() -> Place {
+        Place::Sled(tempfile::tempdir().unwrap())
+    }
+
+    pub(crate) fn postgres() -> Place {
+        let server = crate::test_postgres::shared();
+        let url = server.database();
+        Place::Postgres(server, url.into())
+    }
+
+    /// The location `Store::open` takes.
+    pub(crate) fn path(&self) -> &Path {
+        match self {
+            Place::Sled(dir) => dir.path(),
+            Place::Postgres(_, url) => url,
+        }
+    }
+
+    /// A new, empty place of the same backend.
+    pub(crate) fn another(&self) -> Place {
+        match self {
+            Place::Sled(_) => Place::sled(),
+            Place::Postgres(..) => Place::postgres(),
+        }
+    }
+}
+
+/// Each test, once on sled and once on PostgreSQL (`<name>::sled`, `<name>::postgres`).
+macro_rules! on_both {
+    ($(#[$meta:meta])* fn $name:ident($place:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            use super::*;
+
+            fn run($place: Place) $body
+
+            #[test]
+            fn sled() {
+                run(Place::sled())
+            }
+
+            #[test]
+            fn postgres() {
+                run(Place::postgres())
+            }
+        }
+    };
+}
+
 fn created(store: &Store) -> StoredRollout {
     let plan = plan::parse("w", PLAN).unwrap();
     let rollout = Rollout::new("w-1", &plan, "alice", Timestamp::from_millis(1));
@@ -46,14 +107,41 @@ fn created(store: &Store) -> StoredRollout {
     store.rollout("w-1").unwrap()
 }
 
-#[test]
-fn a_committed_transition_survives_reopening() {
-    let dir = tempfile::tempdir().unwrap();
-    {
+on_both! {
+    fn a_committed_transition_survives_reopening(dir) {
+        {
+            let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+            let current = created(&store);
+            let mut next = current.rollout.clone();
+            next.status = RolloutStatus::Running;
+            store
+                .commit(
+                    &current,
+                    &next,
+                    record(&next, EventKind::Tick),
+                    Attached::default(),
+                )
+                .unwrap();
+        }
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let stored = store.rollout("w-1").unwrap();
+        assert_eq!(stored.rollout.status, RolloutStatus::Running);
+        assert_eq!(stored.rollout.last_seq, 2);
+        let events = store.events("w-1").unwrap();
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(store.verify("w-1").unwrap(), Ok(2));
+        assert_eq!(
+            store.plan("w-1", &stored.rollout.plan_hash).unwrap().source,
+            PLAN
+        );
+    }
+}
+
+on_both! {
+    fn a_stale_transition_is_refused(dir) {
         let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
         let current = created(&store);
-        let mut next = current.rollout.clone();
-        next.status = RolloutStatus::Running;
+        let next = current.rollout.clone();
         store
             .commit(
                 &current,
@@ -62,105 +150,78 @@ fn a_committed_transition_survives_reopening() {
                 Attached::default(),
             )
             .unwrap();
-    }
-    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
-    let stored = store.rollout("w-1").unwrap();
-    assert_eq!(stored.rollout.status, RolloutStatus::Running);
-    assert_eq!(stored.rollout.last_seq, 2);
-    let events = store.events("w-1").unwrap();
-    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
-    assert_eq!(store.verify("w-1").unwrap(), Ok(2));
-    assert_eq!(
-        store.plan("w-1", &stored.rollout.plan_hash).unwrap().source,
-        PLAN
-    );
-}
-
-#[test]
-fn a_stale_transition_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
-    let current = created(&store);
-    let next = current.rollout.clone();
-    store
-        .commit(
+        let again = store.commit(
             &current,
             &next,
             record(&next, EventKind::Tick),
             Attached::default(),
-        )
-        .unwrap();
-    let again = store.commit(
-        &current,
-        &next,
-        record(&next, EventKind::Tick),
-        Attached::default(),
-    );
-    assert!(
-        matches!(again, Err(StoreError::Conflict { .. })),
-        "{again:?}"
-    );
-    assert_eq!(store.events("w-1").unwrap().len(), 2);
+        );
+        assert!(
+            matches!(again, Err(StoreError::Conflict { .. })),
+            "{again:?}"
+        );
+        assert_eq!(store.events("w-1").unwrap().len(), 2);
+    }
 }
 
-#[test]
-fn creating_twice_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
-    created(&store);
-    let plan = plan::parse("w", PLAN).unwrap();
-    let rollout = Rollout::new("w-1", &plan, "bob", Timestamp::from_millis(1));
-    let plan_record = PlanRecord {
-        path: "p".into(),
-        source: PLAN.into(),
-        hash: plan.hash.clone(),
-    };
-    let err = store
-        .create(
-            &rollout,
-            record(&rollout, EventKind::Tick),
-            &plan_record,
-            &[],
-        )
-        .unwrap_err();
-    assert!(matches!(err, StoreError::AlreadyExists(_)));
-    assert_eq!(store.next_rollout_id("w").unwrap(), "w-2");
-}
-
-#[test]
-fn the_claimant_of_an_object_follows_every_claim_written() {
-    let dir = tempfile::tempdir().unwrap();
-    let objects = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-    let claimant = |store: &Store, asked: &[&str]| store.claimant(&objects(asked), "w-2").unwrap();
-    {
+on_both! {
+    fn creating_twice_is_refused(dir) {
         let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
         created(&store);
-        store.set_claims("w-1", &objects(&["a", "b"])).unwrap();
-        assert_eq!(
-            claimant(&store, &["x", "b"]),
-            Some(("w-1".into(), "b".into()))
-        );
-        assert_eq!(store.claimant(&objects(&["a"]), "w-1").unwrap(), None);
-        // Asked once, the answer comes from the index; a later claim replaces the earlier one.
-        store.set_claims("w-1", &objects(&["c"])).unwrap();
-        assert_eq!(claimant(&store, &["a", "b"]), None);
-        assert_eq!(claimant(&store, &["c"]), Some(("w-1".into(), "c".into())));
+        let plan = plan::parse("w", PLAN).unwrap();
+        let rollout = Rollout::new("w-1", &plan, "bob", Timestamp::from_millis(1));
+        let plan_record = PlanRecord {
+            path: "p".into(),
+            source: PLAN.into(),
+            hash: plan.hash.clone(),
+        };
+        let err = store
+            .create(
+                &rollout,
+                record(&rollout, EventKind::Tick),
+                &plan_record,
+                &[],
+            )
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AlreadyExists(_)));
+        assert_eq!(store.next_rollout_id("w").unwrap(), "w-2");
     }
-    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
-    assert_eq!(claimant(&store, &["c"]), Some(("w-1".into(), "c".into())));
-    // A finished rollout claims nothing any more.
-    let current = store.rollout("w-1").unwrap();
-    let mut next = current.rollout.clone();
-    next.status = RolloutStatus::Aborted;
-    store
-        .commit(
-            &current,
-            &next,
-            record(&next, EventKind::Tick),
-            Attached::default(),
-        )
-        .unwrap();
-    assert_eq!(claimant(&store, &["c"]), None);
+}
+
+on_both! {
+    fn the_claimant_of_an_object_follows_every_claim_written(dir) {
+        let objects = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let claimant = |store: &Store, asked: &[&str]| store.claimant(&objects(asked), "w-2").unwrap();
+        {
+            let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+            created(&store);
+            store.set_claims("w-1", &objects(&["a", "b"])).unwrap();
+            assert_eq!(
+                claimant(&store, &["x", "b"]),
+                Some(("w-1".into(), "b".into()))
+            );
+            assert_eq!(store.claimant(&objects(&["a"]), "w-1").unwrap(), None);
+            // Asked once, the answer comes from the index; a later claim replaces the earlier one.
+            store.set_claims("w-1", &objects(&["c"])).unwrap();
+            assert_eq!(claimant(&store, &["a", "b"]), None);
+            assert_eq!(claimant(&store, &["c"]), Some(("w-1".into(), "c".into())));
+        }
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        assert_eq!(claimant(&store, &["c"]), Some(("w-1".into(), "c".into())));
+        // A finished rollout claims nothing any more.
+        let current = store.rollout("w-1").unwrap();
+        let mut next = current.rollout.clone();
+        next.status = RolloutStatus::Aborted;
+        store
+            .commit(
+                &current,
+                &next,
+                record(&next, EventKind::Tick),
+                Attached::default(),
+            )
+            .unwrap();
+        assert_eq!(claimant(&store, &["c"]), None);
+    }
 }
 
 #[test]
@@ -182,32 +243,32 @@ fn a_value_of_another_format_is_reported_as_such() {
     );
 }
 
-#[test]
-fn an_edited_event_breaks_the_chain() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
-    let current = created(&store);
-    let next = current.rollout.clone();
-    store
-        .commit(
-            &current,
-            &next,
-            record(&next, EventKind::Tick),
-            Attached::default(),
-        )
-        .unwrap();
-    let key = records::event_key("w-1", 1);
-    let written = store.events.get(&key).unwrap().unwrap();
-    let edited = String::from_utf8(written.to_vec())
-        .unwrap()
-        .replace("\"alice\"", "\"mallory\"");
-    store.events.insert(key, edited.as_bytes()).unwrap();
-    let verdict = store.verify("w-1").unwrap();
-    assert!(
-        verdict
-            .unwrap_err()
-            .contains("event 1: content does not match its hash")
-    );
+on_both! {
+    fn an_edited_event_breaks_the_chain(dir) {
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let current = created(&store);
+        let next = current.rollout.clone();
+        store
+            .commit(
+                &current,
+                &next,
+                record(&next, EventKind::Tick),
+                Attached::default(),
+            )
+            .unwrap();
+        let key = records::event_key("w-1", 1);
+        let written = store.tree("events").get(&key).unwrap().unwrap();
+        let edited = String::from_utf8(written.to_vec())
+            .unwrap()
+            .replace("\"alice\"", "\"mallory\"");
+        store.tree("events").insert(key, edited.as_bytes()).unwrap();
+        let verdict = store.verify("w-1").unwrap();
+        assert!(
+            verdict
+                .unwrap_err()
+                .contains("event 1: content does not match its hash")
+        );
+    }
 }
 
 #[test]
@@ -267,67 +328,67 @@ fn ticked(store: &Store, current: &StoredRollout) -> StoredRollout {
     store.rollout(&next.id).unwrap()
 }
 
-#[test]
-fn an_event_is_hashed_over_its_stored_bytes_so_fields_added_later_keep_it_verifiable() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
-    let current = created(&store);
-    // An event as a later version writes it, with a field this version does not know.
-    let (sealed, _) = records::seal(
-        record(&current.rollout, EventKind::Tick),
-        2,
-        &current.last_hash,
-    );
-    let mut data = serde_json::to_value(&sealed).unwrap();
-    data.as_object_mut().unwrap().remove("hash");
-    data["added_later"] = serde_json::json!({"any": "shape"});
-    let body = serde_json::to_vec(&serde_json::json!({"format": 3, "data": data})).unwrap();
-    let hash = records::chain_hash(&current.last_hash, &body);
-    let mut value = body[..body.len() - 1].to_vec();
-    value.extend_from_slice(format!(",\"hash\":\"{hash}\"}}").as_bytes());
-    store
-        .events
-        .insert(records::event_key("w-1", 2), value)
-        .unwrap();
-    let mut head = current.clone();
-    head.rollout.last_seq = 2;
-    head.last_hash = hash;
-    store
-        .rollouts
-        .insert(b"w-1", records::encode(&head))
-        .unwrap();
-    assert_eq!(store.verify("w-1").unwrap(), Ok(2));
-    assert_eq!(store.events("w-1").unwrap()[1].seq, 2);
+on_both! {
+    fn an_event_is_hashed_over_its_stored_bytes_so_fields_added_later_keep_it_verifiable(dir) {
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let current = created(&store);
+        // An event as a later version writes it, with a field this version does not know.
+        let (sealed, _) = records::seal(
+            record(&current.rollout, EventKind::Tick),
+            2,
+            &current.last_hash,
+        );
+        let mut data = serde_json::to_value(&sealed).unwrap();
+        data.as_object_mut().unwrap().remove("hash");
+        data["added_later"] = serde_json::json!({"any": "shape"});
+        let body = serde_json::to_vec(&serde_json::json!({"format": 3, "data": data})).unwrap();
+        let hash = records::chain_hash(&current.last_hash, &body);
+        let mut value = body[..body.len() - 1].to_vec();
+        value.extend_from_slice(format!(",\"hash\":\"{hash}\"}}").as_bytes());
+        store
+            .tree("events")
+            .insert(records::event_key("w-1", 2), value)
+            .unwrap();
+        let mut head = current.clone();
+        head.rollout.last_seq = 2;
+        head.last_hash = hash;
+        store
+            .tree("rollouts")
+            .insert(b"w-1", records::encode(&head))
+            .unwrap();
+        assert_eq!(store.verify("w-1").unwrap(), Ok(2));
+        assert_eq!(store.events("w-1").unwrap()[1].seq, 2);
+    }
 }
 
-#[test]
-fn an_event_of_format_2_verifies_by_the_rule_it_was_written_with() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
-    let current = created(&store);
-    // Format 2 hashed the struct's JSON with an empty hash, and stored it with the hash.
-    let mut legacy = record(&current.rollout, EventKind::Tick);
-    legacy.seq = 2;
-    legacy.prev_hash = current.last_hash.clone();
-    let unsealed = serde_json::to_vec(&legacy).unwrap();
-    legacy.hash = records::chain_hash(&legacy.prev_hash, &unsealed);
-    let value = serde_json::to_vec(&serde_json::json!({"format": 2, "data": legacy})).unwrap();
-    store
-        .events
-        .insert(records::event_key("w-1", 2), value)
-        .unwrap();
-    let mut head = current.clone();
-    head.rollout.last_seq = 2;
-    head.last_hash = legacy.hash.clone();
-    store
-        .rollouts
-        .insert(b"w-1", records::encode(&head))
-        .unwrap();
-    assert_eq!(store.verify("w-1").unwrap(), Ok(2));
-    // And a new event links to it.
-    let head = ticked(&store, &store.rollout("w-1").unwrap());
-    assert_eq!(head.rollout.last_seq, 3);
-    assert_eq!(store.verify("w-1").unwrap(), Ok(3));
+on_both! {
+    fn an_event_of_format_2_verifies_by_the_rule_it_was_written_with(dir) {
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let current = created(&store);
+        // Format 2 hashed the struct's JSON with an empty hash, and stored it with the hash.
+        let mut legacy = record(&current.rollout, EventKind::Tick);
+        legacy.seq = 2;
+        legacy.prev_hash = current.last_hash.clone();
+        let unsealed = serde_json::to_vec(&legacy).unwrap();
+        legacy.hash = records::chain_hash(&legacy.prev_hash, &unsealed);
+        let value = serde_json::to_vec(&serde_json::json!({"format": 2, "data": legacy})).unwrap();
+        store
+            .tree("events")
+            .insert(records::event_key("w-1", 2), value)
+            .unwrap();
+        let mut head = current.clone();
+        head.rollout.last_seq = 2;
+        head.last_hash = legacy.hash.clone();
+        store
+            .tree("rollouts")
+            .insert(b"w-1", records::encode(&head))
+            .unwrap();
+        assert_eq!(store.verify("w-1").unwrap(), Ok(2));
+        // And a new event links to it.
+        let head = ticked(&store, &store.rollout("w-1").unwrap());
+        assert_eq!(head.rollout.last_seq, 3);
+        assert_eq!(store.verify("w-1").unwrap(), Ok(3));
+    }
 }
 
 #[test]
@@ -392,148 +453,300 @@ fn a_store_from_before_the_identity_file_gets_one() {
     );
 }
 
-#[test]
-fn an_export_rebuilds_the_store_and_its_heads_catch_a_rewrite() {
-    let dir = tempfile::tempdir().unwrap();
-    let export = {
-        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
-        let current = created(&store);
-        ticked(&store, &current);
-        store.export(Timestamp::from_millis(9)).unwrap()
-    };
-    let file = dir.path().join("export.json");
-    export.write(&file).unwrap();
-    let read = Export::read(&file).unwrap();
-    assert_eq!(read, export);
-    assert_eq!(read.heads.len(), 1);
-    assert_eq!(read.heads[0].seq, 2);
-
-    let copy = tempfile::tempdir().unwrap();
-    import(copy.path(), &read).unwrap();
-    {
-        let store = Store::open(copy.path(), DEFAULT_LOCK_WAIT).unwrap();
-        assert_eq!(store.id(), export.store);
-        assert_eq!(store.verify("w-1").unwrap(), Ok(2));
-        assert_eq!(
-            store.check_heads(&read.heads).unwrap(),
-            Vec::<String>::new()
-        );
-        // A second import over it is refused.
-        drop(store);
-        assert!(import(copy.path(), &read).is_err());
-    }
-
-    // Rewrite history in the original as someone with the database could: a new trail from
-    // event 2, every hash recomputed. It verifies on its own; against the heads it does not.
-    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
-    store.events.remove(records::event_key("w-1", 2)).unwrap();
-    let mut head = store.rollout("w-1").unwrap();
-    head.rollout.last_seq = 1;
-    head.last_hash = store.events("w-1").unwrap()[0].hash.clone();
-    store
-        .rollouts
-        .insert(b"w-1", records::encode(&head))
-        .unwrap();
-    let mut forged = record(&head.rollout, EventKind::Tick);
-    forged.reason = "nothing happened here".into();
-    let next = head.rollout.clone();
-    store
-        .commit(&head, &next, forged, Attached::default())
-        .unwrap();
-    assert_eq!(store.verify("w-1").unwrap(), Ok(2));
-    let found = store.check_heads(&read.heads).unwrap();
-    assert_eq!(found.len(), 1, "{found:?}");
-    assert!(found[0].contains("history was rewritten"), "{found:?}");
-
-    // A damaged export file is refused.
-    let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(&file, text.replacen("w-1", "w-2", 1)).unwrap();
-    assert!(Export::read(&file).is_err());
-}
-
-/// The runner sorts a store by the glance of each record, so the glance must read what the
-/// whole record says: the same status, pending effects, expired hold and plans.
-#[test]
-fn a_glance_reads_what_the_whole_record_says() {
-    use crate::domain::event::{Effect, EffectId, PendingEffect};
-    use crate::domain::rollout::{PlanChange, PlanFileChange};
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
-    let mut current = created(&store);
-    let glance = |store: &Store| {
-        let listed = store.glances().unwrap();
-        assert_eq!(listed.len(), 1);
-        let whole = listed[0].decode().unwrap();
-        assert_eq!(whole, store.rollout("w-1").unwrap());
-        assert_eq!(listed[0].glance, RolloutGlance::from(&whole.rollout));
-        listed[0].glance.clone()
-    };
-    let first = glance(&store);
-    assert_eq!((first.pending, first.hold_expired), (0, false));
-    assert_eq!((first.plan_change, first.plan_file), (None, None));
-
-    let mut next = current.rollout.clone();
-    next.status = RolloutStatus::Held;
-    next.phases[1].hold_expired = true;
-    next.pending.push(PendingEffect {
-        id: EffectId { seq: 2, index: 0 },
-        effect: Effect::CaptureBaseline,
-    });
-    next.plan_change = Some(PlanChange {
-        plan_hash: "c".repeat(64),
-        from_hash: next.plan_hash.clone(),
-        by: "bob".into(),
-        at: Timestamp::from_millis(7),
-        weakens: vec!["approvals 1 → 0".into()],
-        approvals: Vec::new(),
-        approved: true,
-    });
-    next.plan_file = Some(PlanFileChange {
-        plan_hash: "f".repeat(64),
-        path: "plans/w.toml".into(),
-        seen_at: Timestamp::from_millis(8),
-    });
-    current = store
-        .commit(
-            &current,
-            &next,
-            record(&next, EventKind::Tick),
-            Attached::default(),
-        )
-        .map(|_| store.rollout("w-1").unwrap())
-        .unwrap();
-    let second = glance(&store);
-    assert_eq!(second.status, RolloutStatus::Held);
-    assert_eq!((second.pending, second.hold_expired), (1, true));
-    assert_eq!(second.plan_change, Some(("c".repeat(64), true)));
-    assert_eq!(second.plan_file, Some("f".repeat(64)));
-    assert_eq!(current.rollout.status, RolloutStatus::Held);
-}
-
-/// Glanced at on several threads, a store lists in key order, every record once.
-#[test]
-fn glances_on_several_threads_keep_the_listing_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
-    let plan = plan::parse("w", PLAN).unwrap();
-    let plan_record = PlanRecord {
-        path: "plans/w.toml".into(),
-        source: PLAN.into(),
-        hash: plan.hash.clone(),
-    };
-    for n in 0..5 {
-        let rollout = Rollout::new(&format!("w-{n}"), &plan, "alice", Timestamp::from_millis(1));
-        let start = EventKind::Start {
-            plan_hash: plan.hash.clone(),
+on_both! {
+    fn an_export_rebuilds_the_store_and_its_heads_catch_a_rewrite(dir) {
+        let export = {
+            let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+            let current = created(&store);
+            ticked(&store, &current);
+            store.export(Timestamp::from_millis(9)).unwrap()
         };
+        let files = tempfile::tempdir().unwrap();
+        let file = files.path().join("export.json");
+        export.write(&file).unwrap();
+        let read = Export::read(&file).unwrap();
+        assert_eq!(read, export);
+        assert_eq!(read.heads.len(), 1);
+        assert_eq!(read.heads[0].seq, 2);
+
+        let copy = dir.another();
+        import(copy.path(), &read).unwrap();
+        {
+            let store = Store::open(copy.path(), DEFAULT_LOCK_WAIT).unwrap();
+            assert_eq!(store.id(), export.store);
+            assert_eq!(store.verify("w-1").unwrap(), Ok(2));
+            assert_eq!(
+                store.check_heads(&read.heads).unwrap(),
+                Vec::<String>::new()
+            );
+            // A second import over it is refused.
+            drop(store);
+            assert!(import(copy.path(), &read).is_err());
+        }
+
+        // Rewrite history in the original as someone with the database could: a new trail from
+        // event 2, every hash recomputed. It verifies on its own; against the heads it does not.
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        store.tree("events").remove(records::event_key("w-1", 2)).unwrap();
+        let mut head = store.rollout("w-1").unwrap();
+        head.rollout.last_seq = 1;
+        head.last_hash = store.events("w-1").unwrap()[0].hash.clone();
         store
-            .create(&rollout, record(&rollout, start), &plan_record, &[])
+            .tree("rollouts")
+            .insert(b"w-1", records::encode(&head))
             .unwrap();
+        let mut forged = record(&head.rollout, EventKind::Tick);
+        forged.reason = "nothing happened here".into();
+        let next = head.rollout.clone();
+        store
+            .commit(&head, &next, forged, Attached::default())
+            .unwrap();
+        assert_eq!(store.verify("w-1").unwrap(), Ok(2));
+        let found = store.check_heads(&read.heads).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("history was rewritten"), "{found:?}");
+
+        // A damaged export file is refused.
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, text.replacen("w-1", "w-2", 1)).unwrap();
+        assert!(Export::read(&file).is_err());
     }
-    let ids =
-        |listed: Vec<Glanced>| -> Vec<String> { listed.into_iter().map(|g| g.glance.id).collect() };
-    let one = ids(store.glances_on(1, 1).unwrap());
-    assert_eq!(one, ["w-0", "w-1", "w-2", "w-3", "w-4"]);
-    assert_eq!(ids(store.glances_on(2, 1).unwrap()), one);
-    assert_eq!(ids(store.glances_on(4, 2).unwrap()), one);
+}
+
+on_both! {
+    /// The runner sorts a store by the glance of each record, so the glance must read what the
+    /// whole record says: the same status, pending effects, expired hold and plans.
+    fn a_glance_reads_what_the_whole_record_says(dir) {
+        use crate::domain::event::{Effect, EffectId, PendingEffect};
+        use crate::domain::rollout::{PlanChange, PlanFileChange};
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let mut current = created(&store);
+        let glance = |store: &Store| {
+            let listed = store.glances().unwrap();
+            assert_eq!(listed.len(), 1);
+            let whole = listed[0].decode().unwrap();
+            assert_eq!(whole, store.rollout("w-1").unwrap());
+            assert_eq!(listed[0].glance, RolloutGlance::from(&whole.rollout));
+            listed[0].glance.clone()
+        };
+        let first = glance(&store);
+        assert_eq!((first.pending, first.hold_expired), (0, false));
+        assert_eq!((first.plan_change, first.plan_file), (None, None));
+
+        let mut next = current.rollout.clone();
+        next.status = RolloutStatus::Held;
+        next.phases[1].hold_expired = true;
+        next.pending.push(PendingEffect {
+            id: EffectId { seq: 2, index: 0 },
+            effect: Effect::CaptureBaseline,
+        });
+        next.plan_change = Some(PlanChange {
+            plan_hash: "c".repeat(64),
+            from_hash: next.plan_hash.clone(),
+            by: "bob".into(),
+            at: Timestamp::from_millis(7),
+            weakens: vec!["approvals 1 → 0".into()],
+            approvals: Vec::new(),
+            approved: true,
+        });
+        next.plan_file = Some(PlanFileChange {
+            plan_hash: "f".repeat(64),
+            path: "plans/w.toml".into(),
+            seen_at: Timestamp::from_millis(8),
+        });
+        current = store
+            .commit(
+                &current,
+                &next,
+                record(&next, EventKind::Tick),
+                Attached::default(),
+            )
+            .map(|_| store.rollout("w-1").unwrap())
+            .unwrap();
+        let second = glance(&store);
+        assert_eq!(second.status, RolloutStatus::Held);
+        assert_eq!((second.pending, second.hold_expired), (1, true));
+        assert_eq!(second.plan_change, Some(("c".repeat(64), true)));
+        assert_eq!(second.plan_file, Some("f".repeat(64)));
+        assert_eq!(current.rollout.status, RolloutStatus::Held);
+    }
+}
+
+on_both! {
+    /// Glanced at on several threads, a store lists in key order, every record once.
+    fn glances_on_several_threads_keep_the_listing_order(dir) {
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let plan = plan::parse("w", PLAN).unwrap();
+        let plan_record = PlanRecord {
+            path: "plans/w.toml".into(),
+            source: PLAN.into(),
+            hash: plan.hash.clone(),
+        };
+        for n in 0..5 {
+            let rollout = Rollout::new(&format!("w-{n}"), &plan, "alice", Timestamp::from_millis(1));
+            let start = EventKind::Start {
+                plan_hash: plan.hash.clone(),
+            };
+            store
+                .create(&rollout, record(&rollout, start), &plan_record, &[])
+                .unwrap();
+        }
+        let ids =
+            |listed: Vec<Glanced>| -> Vec<String> { listed.into_iter().map(|g| g.glance.id).collect() };
+        let one = ids(store.glances_on(1, 1).unwrap());
+        assert_eq!(one, ["w-0", "w-1", "w-2", "w-3", "w-4"]);
+        assert_eq!(ids(store.glances_on(2, 1).unwrap()), one);
+        assert_eq!(ids(store.glances_on(4, 2).unwrap()), one);
+    }
+}
+
+on_both! {
+    /// What providers keep their state in: writes, removals, atomic batches and prefix scans in
+    /// key order, the same on both backends, and still there after reopening.
+    fn a_provider_tree_keeps_batches_and_scans_in_key_order(dir) {
+        {
+            let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+            let tree = store.provider_tree("test").unwrap();
+            tree.insert(b"a/2", b"two").unwrap();
+            tree.apply_batch(&[
+                (b"a/1".to_vec(), Some(b"one".to_vec())),
+                (b"a/\xff".to_vec(), Some(vec![0, 255])),
+                (b"b/1".to_vec(), Some(b"other".to_vec())),
+                (b"a/2".to_vec(), None),
+            ])
+            .unwrap();
+            tree.flush().unwrap();
+            assert_eq!(tree.remove(b"b/1").unwrap().as_deref(), Some(&b"other"[..]));
+            assert_eq!(tree.remove(b"b/1").unwrap(), None);
+        }
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let tree = store.provider_tree("test").unwrap();
+        let listed: Vec<(Vec<u8>, Vec<u8>)> = tree
+            .scan_prefix(b"a/")
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                (b"a/1".to_vec(), b"one".to_vec()),
+                (b"a/\xff".to_vec(), vec![0, 255]),
+            ]
+        );
+        assert_eq!(tree.get(b"a/2").unwrap(), None);
+        assert!(store.provider_tree("other").unwrap().scan_prefix(b"").unwrap().is_empty());
+    }
+}
+
+/// Two processes on one database that both computed a transition from the same head: the
+/// conditional commit lets exactly one in, and the trail stays contiguous.
+#[test]
+fn on_postgres_two_stores_committing_from_one_head_conflict_and_only_one_wins() {
+    let place = Place::postgres();
+    let first = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let second = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    assert_eq!(first.id(), second.id());
+    let current = created(&first);
+    let outcomes: Vec<Result<EventRecord, StoreError>> = std::thread::scope(|scope| {
+        let commits: Vec<_> = [&first, &second]
+            .into_iter()
+            .map(|store| {
+                let current = current.clone();
+                scope.spawn(move || {
+                    let next = current.rollout.clone();
+                    store.commit(
+                        &current,
+                        &next,
+                        record(&next, EventKind::Tick),
+                        Attached::default(),
+                    )
+                })
+            })
+            .collect();
+        commits.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_ok()).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.iter().any(|o| matches!(
+            o,
+            Err(StoreError::Conflict {
+                expected: 2,
+                found: 2,
+                ..
+            })
+        )),
+        "{outcomes:?}"
+    );
+    assert_eq!(second.events("w-1").unwrap().len(), 2);
+    assert_eq!(second.verify("w-1").unwrap(), Ok(2));
+}
+
+#[test]
+fn on_postgres_a_schema_of_a_newer_phasegate_is_refused() {
+    let place = Place::postgres();
+    drop(Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap());
+    let url = place.path().to_str().unwrap().to_string();
+    let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    client
+        .execute(
+            "INSERT INTO phasegate.schema_version (version) VALUES ($1)",
+            &[&(SCHEMA_VERSION + 1)],
+        )
+        .unwrap();
+    let err = Store::open(place.path(), DEFAULT_LOCK_WAIT).err().unwrap();
+    assert!(
+        err.to_string().contains("written by a newer phasegate"),
+        "{err}"
+    );
+}
+
+#[test]
+fn on_postgres_an_error_never_shows_the_password() {
+    let url = "postgres://phasegate:n0t-to-be-shown@127.0.0.1:1/none";
+    let err = Store::open(Path::new(url), DEFAULT_LOCK_WAIT)
+        .err()
+        .unwrap();
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("n0t-to-be-shown"), "{shown}");
+    assert!(shown.contains("127.0.0.1:1"), "{shown}");
+    let err = lock_driver(Path::new(url)).err().unwrap();
+    assert!(!format!("{err} {err:?}").contains("n0t-to-be-shown"));
+}
+
+/// TLS is not supported yet: asking for it is a clear error, not a silent plain connection.
+#[test]
+fn on_postgres_a_url_that_requires_tls_is_refused() {
+    let place = Place::postgres();
+    let url = format!("{}?sslmode=require", place.path().display());
+    let err = Store::open(Path::new(&url), DEFAULT_LOCK_WAIT)
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+    assert!(err.to_string().contains("TLS"), "{err}");
+}
+
+on_both! {
+    /// A transition computed from a head the store never had (a rollout it does not hold, at
+    /// event 5) writes nothing: the sequence starts at 1 and stays contiguous.
+    fn a_transition_from_a_head_the_store_never_had_is_refused(dir) {
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let mut current = created(&store);
+        current.rollout.id = "w-9".into();
+        current.rollout.last_seq = 5;
+        let next = current.rollout.clone();
+        let err = store
+            .commit(&current, &next, record(&next, EventKind::Tick), Attached::default())
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Conflict { expected: 6, found: 0, .. }),
+            "{err}"
+        );
+        assert!(matches!(store.rollout("w-9"), Err(StoreError::NotFound(_))));
+        assert!(store.events("w-9").unwrap().is_empty());
+    }
 }

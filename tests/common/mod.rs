@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod postgres;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -379,11 +380,17 @@ fn drain(
 
 impl Serve {
     pub fn start(store: &std::path::Path) -> Serve {
+        Serve::start_with_env(store, &[])
+    }
+
+    /// [`Serve::start`] with these variables in its environment too.
+    pub fn start_with_env(store: &std::path::Path, env: &[(&str, &str)]) -> Serve {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .env("PHASEGATE_STORE", store)
             .env("PHASEGATE_GRAPH_SECRET", SECRET)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -78,7 +78,7 @@ pub struct GraphProvider {
     store_id: String,
     /// Facts the provider settles on before it writes them (a derived grace), flushed first, so
     /// that after a crash it recognises its own write instead of taking it for drift.
-    journal: Option<sled::Tree>,
+    journal: Option<crate::store::KvTree>,
     /// Names resolved so far (they do not change during a run).
     names: Option<Names>,
     resolved_for: Option<PolicyTarget>,
@@ -175,7 +175,7 @@ impl GraphProvider {
     pub async fn connect(
         settings: GraphSettings,
         store_id: &str,
-        journal: Option<sled::Tree>,
+        journal: Option<crate::store::KvTree>,
     ) -> Result<GraphProvider, ProviderError> {
         let credential = Credential::load(&settings.credential, &settings.tenant)?;
         let mut provider = GraphProvider::with_credential(settings, credential, store_id).await?;
@@ -581,7 +581,7 @@ impl GraphProvider {
         let Some(journal) = &self.journal else {
             return Ok(());
         };
-        let fail = |e: sled::Error| {
+        let fail = |e: crate::store::StoreError| {
             ProviderError::permanent(format!("cannot record the provider's journal: {e}"))
         };
         let key = format!("held/{rollout}");
@@ -623,7 +623,7 @@ impl GraphProvider {
             return Ok(());
         };
         let key = Self::journal_key(rollout, policy);
-        let fail = |e: sled::Error| {
+        let fail = |e: crate::store::StoreError| {
             ProviderError::permanent(format!("cannot record the provider's journal: {e}"))
         };
         match state {

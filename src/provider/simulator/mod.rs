@@ -22,7 +22,7 @@ use crate::domain::event::DriftResolution;
 use crate::domain::plan::{CompliancePolicy, Plan, PolicyTarget};
 use crate::domain::signins::{SignInCounter, SignIns};
 use crate::domain::time::Timestamp;
-use crate::store::{Store, StoreError, decode_json, encode_json};
+use crate::store::{KvTree, Store, StoreError, decode_json, encode_json};
 pub use fleet::{ConfigEntry, Fleet, GROUPS, SimAssignment, SimExempt};
 pub use settings::SimulatorSettings;
 
@@ -34,7 +34,7 @@ pub const SIMULATED_EPOCH: Timestamp = Timestamp::from_millis(1_767_600_000_000)
 fn tenant_record(
     settings: &SimulatorSettings,
     store: &Store,
-) -> Result<(sled::Tree, String), StoreError> {
+) -> Result<(KvTree, String), StoreError> {
     let tree = store.provider_tree("simulator")?;
     let key = format!(
         "tenant/{}/{}/{}",
@@ -52,14 +52,10 @@ fn clock_key(tenant: &str) -> String {
 
 /// The tenant's record (or the part of it `T` reads), if it has one yet.
 fn read_tenant<T: serde::de::DeserializeOwned>(
-    store: &Store,
-    tree: &sled::Tree,
+    tree: &KvTree,
     key: &str,
 ) -> Result<Option<T>, StoreError> {
-    let bytes = tree.get(key.as_bytes()).map_err(|e| StoreError::Database {
-        path: store.path().to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let bytes = tree.get(key.as_bytes())?;
     bytes
         .map(|bytes| decode_json(&format!("simulator/{key}"), &bytes))
         .transpose()
@@ -74,7 +70,7 @@ struct TenantState {
 
 pub struct SimProvider {
     fleet: Fleet,
-    tree: sled::Tree,
+    tree: KvTree,
     key: String,
     state: TenantState,
 }
@@ -82,7 +78,7 @@ pub struct SimProvider {
 impl SimProvider {
     pub fn open(settings: &SimulatorSettings, store: &Store) -> Result<SimProvider, StoreError> {
         let (tree, key) = tenant_record(settings, store)?;
-        let state = read_tenant(store, &tree, &key)?.unwrap_or_default();
+        let state = read_tenant(&tree, &key)?.unwrap_or_default();
         let fleet = Fleet::new(
             settings.seed,
             settings.devices,
@@ -108,17 +104,12 @@ impl SimProvider {
             now: Option<Timestamp>,
         }
         let (tree, key) = tenant_record(settings, store)?;
-        let kept = tree
-            .get(clock_key(&key).as_bytes())
-            .map_err(|e| StoreError::Database {
-                path: store.path().to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let kept = tree.get(clock_key(&key).as_bytes())?;
         if let Some(millis) = kept.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()) {
             return Ok(Timestamp::from_millis(i64::from_be_bytes(millis)));
         }
         // A tenant saved before the clock was kept apart: its state says.
-        let clock: Option<Clock> = read_tenant(store, &tree, &key)?;
+        let clock: Option<Clock> = read_tenant(&tree, &key)?;
         Ok(clock.and_then(|c| c.now).unwrap_or(SIMULATED_EPOCH))
     }
 
@@ -135,19 +126,18 @@ impl SimProvider {
     }
 
     fn persist(&self) -> Result<(), ProviderError> {
-        let fail = |e: sled::Error| {
+        let fail = |e: StoreError| {
             ProviderError::permanent(format!("the simulated tenant could not be saved: {e}"))
         };
         // The clock beside the state, in the same batch, so it is read without the state.
-        let mut batch = sled::Batch::default();
-        batch.insert(self.key.as_bytes(), encode_json(&self.state));
+        let mut batch = vec![(self.key.as_bytes().to_vec(), Some(encode_json(&self.state)))];
         if let Some(now) = self.state.now {
-            batch.insert(
-                clock_key(&self.key).as_bytes(),
-                &now.as_millis().to_be_bytes(),
-            );
+            batch.push((
+                clock_key(&self.key).into_bytes(),
+                Some(now.as_millis().to_be_bytes().to_vec()),
+            ));
         }
-        self.tree.apply_batch(batch).map_err(fail)?;
+        self.tree.apply_batch(&batch).map_err(fail)?;
         self.tree.flush().map_err(fail)?;
         Ok(())
     }
