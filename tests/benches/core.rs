@@ -9,13 +9,14 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use phasegate::domain::event::{Event, EventKind, Trigger};
 use phasegate::domain::gate::{self, DeviceReport, DeviceState};
-use phasegate::domain::machine;
 use phasegate::domain::plan;
-use phasegate::domain::rollout::Rollout;
 use phasegate::domain::time::Timestamp;
-use phasegate::store::{DEFAULT_LOCK_WAIT, EventRecord, PlanRecord, Store};
+use phasegate::store::{DEFAULT_LOCK_WAIT, Store};
+
+#[path = "support/transitions.rs"]
+mod transitions;
+use transitions::{ROLLOUT, Transitions};
 
 const PLAN: &str = include_str!("../../plans/windows-baseline.toml");
 const DEVICES: usize = 1_000_000;
@@ -101,66 +102,11 @@ fn bench_gate() {
 fn bench_transition() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
-    let plan = plan::parse("bench", PLAN).unwrap();
-    let now = Timestamp::from_millis(1_800_000_000_000);
-    let rollout = Rollout::new("bench-1", &plan, "bench", now);
-    let start = Event {
-        kind: EventKind::Start {
-            plan_hash: plan.hash.clone(),
-        },
-        trigger: Trigger::user("bench", "bench"),
-    };
-    let transition = machine::step(&plan, &rollout, &start, now).unwrap();
-    let record = |before: &Rollout, after: &Rollout, event: Event| EventRecord {
-        seq: 0,
-        at: now,
-        recorded_at: now,
-        event,
-        previous_status: before.status,
-        status: after.status,
-        reason: after.reason.clone(),
-        notes: vec![],
-        effects: vec![],
-        impact: Vec::new(),
-        prev_hash: String::new(),
-        hash: String::new(),
-    };
-    let plan_record = PlanRecord {
-        path: "bench.toml".into(),
-        source: PLAN.into(),
-        hash: plan.hash.clone(),
-    };
-    store
-        .create(
-            &transition.rollout,
-            record(&rollout, &transition.rollout, start),
-            &plan_record,
-            &[],
-        )
-        .unwrap();
-    let mut current = store.rollout("bench-1").unwrap();
-    let durable = measure(500, || {
-        let pause = Event {
-            kind: if current.rollout.status == phasegate::domain::rollout::RolloutStatus::Paused {
-                EventKind::ResumeRequested
-            } else {
-                EventKind::PauseRequested
-            },
-            trigger: Trigger::user("bench", "bench"),
-        };
-        let next = machine::step(&plan, &current.rollout, &pause, now).unwrap();
-        let event = record(&current.rollout, &next.rollout, pause);
-        store
-            .commit(
-                &current,
-                &next.rollout,
-                event,
-                phasegate::store::Attached::default(),
-            )
-            .unwrap();
-        current = store.rollout("bench-1").unwrap();
-    });
-    let value_len = serde_json::to_vec(&current.rollout).unwrap().len();
+    let mut transitions = Transitions::start(&store);
+    let durable = measure(500, || transitions.once());
+    let value_len = serde_json::to_vec(&store.rollout(ROLLOUT).unwrap().rollout)
+        .unwrap()
+        .len();
     let raw_dir = tempfile::tempdir().unwrap();
     let raw = sled::open(raw_dir.path()).unwrap();
     let value = vec![7u8; value_len];

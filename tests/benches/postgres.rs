@@ -12,16 +12,12 @@ mod server;
 
 use std::time::{Duration, Instant};
 
-use phasegate::domain::event::{Event, EventKind, Trigger};
-use phasegate::domain::machine;
-use phasegate::domain::plan;
-use phasegate::domain::rollout::{Rollout, RolloutStatus};
-use phasegate::domain::time::Timestamp;
-use phasegate::store::{
-    Attached, DEFAULT_LOCK_WAIT, EventRecord, PlanRecord, Store, StoredRollout,
-};
+use phasegate::store::{DEFAULT_LOCK_WAIT, Store};
 
-const PLAN: &str = include_str!("../../plans/windows-baseline.toml");
+#[path = "support/transitions.rs"]
+mod transitions;
+use transitions::{ROLLOUT, Transitions};
+
 const ROUNDS: usize = 5;
 const PER_ROUND: usize = 200;
 
@@ -34,73 +30,14 @@ fn main() {
     let server = server::Postgres::start(&["fsync=on", "synchronous_commit=on"]);
     let url = server.database();
     let store = Store::open(url.as_ref(), DEFAULT_LOCK_WAIT).unwrap();
-    let plan = plan::parse("bench", PLAN).unwrap();
-    let now = Timestamp::from_millis(1_800_000_000_000);
-    let rollout = Rollout::new("bench-1", &plan, "bench", now);
-    let start = Event {
-        kind: EventKind::Start {
-            plan_hash: plan.hash.clone(),
-        },
-        trigger: Trigger::user("bench", "bench"),
-    };
-    let transition = machine::step(&plan, &rollout, &start, now).unwrap();
-    let record = |before: &Rollout, after: &Rollout, event: Event| EventRecord {
-        seq: 0,
-        at: now,
-        recorded_at: now,
-        event,
-        previous_status: before.status,
-        status: after.status,
-        reason: after.reason.clone(),
-        notes: vec![],
-        effects: vec![],
-        impact: Vec::new(),
-        prev_hash: String::new(),
-        hash: String::new(),
-    };
-    let plan_record = PlanRecord {
-        path: "bench.toml".into(),
-        source: PLAN.into(),
-        hash: plan.hash.clone(),
-    };
-    store
-        .create(
-            &transition.rollout,
-            record(&rollout, &transition.rollout, start),
-            &plan_record,
-            &[],
-        )
-        .unwrap();
-    let mut current = store.rollout("bench-1").unwrap();
-    let mut transition_once = || {
-        let pause = Event {
-            kind: if current.rollout.status == RolloutStatus::Paused {
-                EventKind::ResumeRequested
-            } else {
-                EventKind::PauseRequested
-            },
-            trigger: Trigger::user("bench", "bench"),
-        };
-        let next = machine::step(&plan, &current.rollout, &pause, now).unwrap();
-        let event = record(&current.rollout, &next.rollout, pause);
-        let sealed = store
-            .commit(&current, &next.rollout, event, Attached::default())
-            .unwrap();
-        current = StoredRollout {
-            rollout: Rollout {
-                last_seq: sealed.seq,
-                ..next.rollout
-            },
-            last_hash: sealed.hash,
-        };
-    };
-
+    let mut transitions = Transitions::start(&store);
+    let mut transition_once = || transitions.once();
     transition_once();
     // The same number of bytes per commit: the rollout's record and one event.
-    let size = serde_json::to_vec(&store.rollout("bench-1").unwrap())
+    let size = serde_json::to_vec(&store.rollout(ROLLOUT).unwrap())
         .unwrap()
         .len()
-        + serde_json::to_vec(&store.events("bench-1").unwrap()[1])
+        + serde_json::to_vec(&store.events(ROLLOUT).unwrap()[1])
             .unwrap()
             .len();
     let mut bare = postgres::Client::connect(&url, postgres::NoTls).unwrap();
@@ -124,7 +61,7 @@ fn main() {
         inserts.push(per_second(PER_ROUND, &mut insert_once));
     }
     let (transitions, inserts) = (median(transitions), median(inserts));
-    assert_eq!(store.verify("bench-1").unwrap().map(|n| n > 1), Ok(true));
+    assert_eq!(store.verify(ROLLOUT).unwrap().map(|n| n > 1), Ok(true));
     println!("phasegate PostgreSQL benchmark (median of {ROUNDS} rounds of {PER_ROUND})");
     println!(
         "{:<52} {:>9.0}/s   {:<34} {:>9.0}/s   ratio {:.2}x (target >= 0.8x)",
