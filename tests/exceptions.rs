@@ -259,9 +259,9 @@ fn strings(value: &Value) -> Vec<String> {
     all
 }
 
-#[test]
-fn on_graph_an_exception_excludes_its_user_from_the_enforced_copy_and_keeps_every_other_exclusion()
-{
+/// An emulated tenant (1,000 devices) whose rollout has its enforce phase applied and waits for
+/// an approval after its soak, so that the phase stays applied meanwhile.
+fn enforced_and_waiting_for_approval() -> (Emulator, Phasegate, String) {
     let emulator = Emulator::spawn(&[
         "--client-secret",
         SECRET,
@@ -270,7 +270,6 @@ fn on_graph_an_exception_excludes_its_user_from_the_enforced_copy_and_keeps_ever
         "--ca-rate",
         "50",
     ]);
-    // The enforce phase asks for an approval after its soak, so it stays applied meanwhile.
     let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 50.0, |t| {
         t.replace(
             "max_noncompliant_ratio = \"2%\"\n\n[phase.rollback_when]",
@@ -284,6 +283,13 @@ fn on_graph_an_exception_excludes_its_user_from_the_enforced_copy_and_keeps_ever
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let out = pg.run(&["run", &id]);
     assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+    (emulator, pg, id)
+}
+
+#[test]
+fn on_graph_an_exception_excludes_its_user_from_the_enforced_copy_and_keeps_every_other_exclusion()
+{
+    let (emulator, pg, id) = enforced_and_waiting_for_approval();
     assert_eq!(pg.status(&id)["status"], "waiting_approval");
     let before = enforced_copy(&emulator);
     assert_eq!(before["state"], "enabled");
@@ -486,27 +492,7 @@ fn answer_until(serve: &common::Serve, id: &str, token: &str) -> String {
 /// copy's exclusions during the pause, and nothing else the rollout would do is done.
 #[test]
 fn on_graph_a_paused_rollouts_exception_ends_at_its_time_and_its_user_is_excluded_no_more() {
-    let emulator = Emulator::spawn(&[
-        "--client-secret",
-        SECRET,
-        "--devices",
-        "1000",
-        "--ca-rate",
-        "50",
-    ]);
-    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 50.0, |t| {
-        t.replace(
-            "max_noncompliant_ratio = \"2%\"\n\n[phase.rollback_when]",
-            "max_noncompliant_ratio = \"2%\"\napprovals = 1\n\n[phase.rollback_when]",
-        )
-    });
-    let id = pg.start();
-    let out = pg.run(&["run", &id]);
-    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
-    let out = pg.run(&["approve", &id, "--by", "bob", "--yes"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let out = pg.run(&["run", &id]);
-    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+    let (emulator, pg, id) = enforced_and_waiting_for_approval();
     let excluded_before = strings(&enforced_copy(&emulator)["users"]["excludeUsers"]);
 
     let upn = "user000042@contoso.onmicrosoft.com";
