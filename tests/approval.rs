@@ -466,11 +466,9 @@ fn an_approval_whose_evidence_drifted_past_the_tolerance_does_not_promote_and_hi
     assert_eq!(phase(&pg.status(&id), "field")["state"], "promoted");
 }
 
-/// An approver group the directory has (`[directory_approvers]`): its members are read when the
-/// phase is observed and starts waiting, and the approval is judged against that snapshot with
-/// no directory call; a non-member is refused naming the snapshot, a member approves.
-#[test]
-fn a_directory_approver_group_is_judged_against_the_snapshot_the_rollout_read() {
+/// A started rollout whose first approval is asked of the directory group `IT` (approver group
+/// `board`), on the simulator.
+fn started_with_directory_approvers() -> (Phasegate, String) {
     let pg = Phasegate::offline();
     let id = started(&pg, |t| {
         t.replacen(
@@ -484,6 +482,15 @@ fn a_directory_approver_group_is_judged_against_the_snapshot_the_rollout_read() 
             1,
         )
     });
+    (pg, id)
+}
+
+/// An approver group the directory has (`[directory_approvers]`): its members are read when the
+/// phase is observed and starts waiting, and the approval is judged against that snapshot with
+/// no directory call; a non-member is refused naming the snapshot, a member approves.
+#[test]
+fn a_directory_approver_group_is_judged_against_the_snapshot_the_rollout_read() {
+    let (pg, id) = started_with_directory_approvers();
     let out = pg.run(&["run", &id]);
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert_eq!(pg.status(&id)["status"], "waiting_approval");
@@ -583,19 +590,7 @@ fn an_approval_pinned_to_a_digest_the_evidence_no_longer_has_is_refused() {
 /// approver group, from where, and how long ago: approvals are judged against that snapshot.
 #[test]
 fn status_and_approvals_show_when_the_approver_snapshot_was_read_and_its_age() {
-    let pg = Phasegate::offline();
-    let id = started(&pg, |t| {
-        t.replacen(
-            "[[phase]]",
-            "[directory_approvers]\nboard = \"IT\"\n\n[[phase]]",
-            1,
-        )
-        .replacen(
-            "approvals = 1",
-            "approvals = 1\napprover_groups = [\"board\"]",
-            1,
-        )
-    });
+    let (pg, id) = started_with_directory_approvers();
     let out = pg.run(&["run", &id]);
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     let history = pg.json(&["history", &id]);
