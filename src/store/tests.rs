@@ -141,21 +141,8 @@ on_both! {
     fn a_stale_transition_is_refused(dir) {
         let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
         let current = created(&store);
-        let next = current.rollout.clone();
-        store
-            .commit(
-                &current,
-                &next,
-                record(&next, EventKind::Tick),
-                Attached::default(),
-            )
-            .unwrap();
-        let again = store.commit(
-            &current,
-            &next,
-            record(&next, EventKind::Tick),
-            Attached::default(),
-        );
+        tick(&store, &current).unwrap();
+        let again = tick(&store, &current);
         assert!(
             matches!(again, Err(StoreError::Conflict { .. })),
             "{again:?}"
@@ -247,15 +234,7 @@ on_both! {
     fn an_edited_event_breaks_the_chain(dir) {
         let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
         let current = created(&store);
-        let next = current.rollout.clone();
-        store
-            .commit(
-                &current,
-                &next,
-                record(&next, EventKind::Tick),
-                Attached::default(),
-            )
-            .unwrap();
+        tick(&store, &current).unwrap();
         let key = records::event_key("w-1", 1);
         let written = store.tree("events").get(&key).unwrap().unwrap();
         let edited = String::from_utf8(written.to_vec())
@@ -314,18 +293,21 @@ fn leftovers_of_a_killed_start_up_are_cleaned() {
     assert!(!fresh.path().join("sled.creating").exists());
 }
 
+/// A tick committed on top of `current`, which may no longer be the rollout's head.
+fn tick(store: &Store, current: &StoredRollout) -> Result<EventRecord, StoreError> {
+    let next = current.rollout.clone();
+    store.commit(
+        current,
+        &next,
+        record(&next, EventKind::Tick),
+        Attached::default(),
+    )
+}
+
 /// A tick committed on top of the rollout's head.
 fn ticked(store: &Store, current: &StoredRollout) -> StoredRollout {
-    let next = current.rollout.clone();
-    store
-        .commit(
-            current,
-            &next,
-            record(&next, EventKind::Tick),
-            Attached::default(),
-        )
-        .unwrap();
-    store.rollout(&next.id).unwrap()
+    tick(store, current).unwrap();
+    store.rollout(&current.rollout.id).unwrap()
 }
 
 on_both! {
