@@ -19,8 +19,7 @@
 //! request.
 //!
 //! Credentials come from the URL or `PGPASSWORD`; the URL is never shown with its password
-//! (errors name [`redacted`]). TLS (`sslmode=require`) is not supported yet: the connection is
-//! plain, so use it on loopback, a private network or through a tunnel.
+//! (errors name [`redacted`]). TLS follows libpq's `sslmode` and `sslrootcert` (`tls.rs`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,9 +27,11 @@ use std::str::FromStr;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use ::postgres::{Client, Config, NoTls, Statement};
+use ::postgres::{Client, Config, Statement};
 
 use super::{Bytes, CommitWrite, StoreError};
+
+mod tls;
 
 /// The schema this phasegate creates and reads; bump it with a migration in [`migrate`].
 pub const SCHEMA_VERSION: i32 = 1;
@@ -56,11 +57,18 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-fn config_of(url: &str) -> Result<Config, StoreError> {
-    let mut config = Config::from_str(url).map_err(|e| StoreError::Database {
+fn config_of(url: &str) -> Result<(Config, tls::Connector), StoreError> {
+    let refused = |message: String| StoreError::Database {
+        path: PathBuf::from(redacted(url)),
+        message,
+    };
+    let (driver_url, tls) = tls::split(url, |name| std::env::var(name).ok()).map_err(refused)?;
+    let connector = tls.connector().map_err(refused)?;
+    let mut config = Config::from_str(&driver_url).map_err(|e| StoreError::Database {
         path: PathBuf::from(redacted(url)),
         message: format!("not a PostgreSQL URL the driver reads: {e}"),
     })?;
+    config.ssl_mode(tls.driver_mode());
     if config.get_password().is_none()
         && let Ok(password) = std::env::var("PGPASSWORD")
     {
@@ -70,12 +78,13 @@ fn config_of(url: &str) -> Result<Config, StoreError> {
         config.application_name("phasegate");
     }
     config.connect_timeout(std::time::Duration::from_secs(10));
-    Ok(config)
+    Ok((config, connector))
 }
 
 /// What a request gets: the connection, made (again) if needed, and its prepared statements.
 pub(crate) struct Conn {
     config: Config,
+    tls: tls::Connector,
     client: Option<Client>,
     statements: HashMap<&'static str, Statement>,
 }
@@ -84,7 +93,7 @@ impl Conn {
     fn client(&mut self) -> Result<&mut Client, ::postgres::Error> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.statements.clear();
-            self.client = Some(self.config.connect(NoTls)?);
+            self.client = Some(self.config.connect(self.tls.clone())?);
         }
         Ok(self.client.as_mut().expect("connected just above"))
     }
@@ -123,7 +132,7 @@ pub(crate) struct Worker {
 impl Worker {
     /// Connects (so that a wrong URL or password is an error now, not at the first commit).
     pub fn connect(url: &str) -> Result<Worker, StoreError> {
-        let config = config_of(url)?;
+        let (config, tls) = config_of(url)?;
         let path = PathBuf::from(redacted(url));
         let (jobs, receive) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
@@ -131,6 +140,7 @@ impl Worker {
             .spawn(move || {
                 let mut conn = Conn {
                     config,
+                    tls,
                     client: None,
                     statements: HashMap::new(),
                 };
@@ -186,12 +196,10 @@ impl Worker {
         // The driver's messages name the server's error and the host, never the password.
         let mut message = match err.as_db_error() {
             Some(db) => format!("{}: {}", db.code().code(), db.message()),
-            None => err.to_string(),
+            None => tls::describe(err),
         };
         if message.contains("TLS") {
-            message.push_str(
-                " (phasegate does not connect with TLS yet: see docs/operations.md, \"Running on PostgreSQL\")",
-            );
+            message.push_str(" (see docs/operations.md, \"Running on PostgreSQL\", TLS)");
         }
         StoreError::Database {
             path: self.path.clone(),

@@ -700,9 +700,10 @@ fn on_postgres_an_error_never_shows_the_password() {
     assert!(!format!("{err} {err:?}").contains("n0t-to-be-shown"));
 }
 
-/// TLS is not supported yet: asking for it is a clear error, not a silent plain connection.
+/// `sslmode=require` against a server without TLS is a clear error, not a silent plain
+/// connection.
 #[test]
-fn on_postgres_a_url_that_requires_tls_is_refused() {
+fn on_postgres_a_url_that_requires_tls_is_refused_by_a_server_without_it() {
     let place = Place::postgres();
     let url = format!("{}?sslmode=require", place.path().display());
     let err = Store::open(Path::new(&url), DEFAULT_LOCK_WAIT)
@@ -710,6 +711,31 @@ fn on_postgres_a_url_that_requires_tls_is_refused() {
         .unwrap();
     assert!(matches!(err, StoreError::Database { .. }), "{err}");
     assert!(err.to_string().contains("TLS"), "{err}");
+}
+
+/// Over TLS with the server's certificate checked (`verify-full`), the store works as on plain
+/// TCP: a rollout created, ticked and read back, and the same store opened again.
+#[test]
+fn on_postgres_over_verify_full_tls_a_store_round_trip_works() {
+    use crate::test_postgres::{Admit, Postgres};
+    let server = Postgres::start_tls(Admit::TlsOnly);
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        server.database(),
+        server.ca_file().display()
+    );
+    let store = Store::open(Path::new(&url), DEFAULT_LOCK_WAIT).unwrap();
+    let current = created(&store);
+    let current = ticked(&store, &current);
+    let current = ticked(&store, &current);
+    assert_eq!(current.rollout.last_seq, 3);
+    let seqs: Vec<u64> = store.events("w-1").unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+    let chain = store.verify("w-1").unwrap();
+    assert!(chain.is_ok(), "{chain:?}");
+    drop(store);
+    let again = Store::open(Path::new(&url), DEFAULT_LOCK_WAIT).unwrap();
+    assert_eq!(again.rollout("w-1").unwrap().rollout.last_seq, 3);
 }
 
 on_both! {

@@ -2,6 +2,11 @@
 //! free loopback port (its unix socket in that directory too), a fresh database per test, and
 //! `pg_ctl stop` when the last test holding the server lets go of it.
 //!
+//! [`Postgres::start_tls`] starts one with TLS on: a CA and a server certificate for
+//! `127.0.0.1` and `localhost` made with rcgen, written into the server's directory (the key
+//! mode 0600 and owned by the server's account, as PostgreSQL insists), the CA's certificate
+//! beside them for the client ([`Postgres::ca_file`]).
+//!
 //! The binaries are found on PATH or in `/usr/lib/postgresql/<version>/bin` (Debian's
 //! `postgresql` package; `tests/support/install-postgres` installs it). `initdb` refuses to run
 //! as root, so as root the server runs as the `postgres` account the package creates, and the
@@ -23,6 +28,15 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     pub port: u16,
     owner: Option<(u32, u32)>,
+}
+
+/// How [`Postgres::start_tls`] admits clients.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// TLS and plain TCP both.
+    Both,
+    /// TLS only (`hostssl` in pg_hba.conf): a plain connection is refused.
+    TlsOnly,
 }
 
 static SHARED: Mutex<Weak<Postgres>> = Mutex::new(Weak::new());
@@ -118,6 +132,39 @@ fn unprivileged() -> Option<(u32, u32)> {
     Some((uid, gid))
 }
 
+/// A CA (`ca.pem`, readable by the tests) and a server certificate it signed for `127.0.0.1`
+/// and `localhost` (`server.crt`, `server.key`: the key mode 0600, owned by the server's
+/// account when it runs as one) in `dir`.
+fn write_certificates(dir: &Path, owner: Option<(u32, u32)>) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Test PostgreSQL CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let server_params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server = server_params.signed_by(&server_key, &issuer).unwrap();
+    let ca_file = dir.join("ca.pem");
+    let cert = dir.join("server.crt");
+    let key = dir.join("server.key");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert, server.pem()).unwrap();
+    std::fs::write(&key, server_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if let Some((uid, gid)) = owner {
+        for file in [&ca_file, &cert, &key] {
+            std::os::unix::fs::chown(file, Some(uid), Some(gid)).unwrap();
+        }
+    }
+    (cert, key)
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -131,6 +178,20 @@ impl Postgres {
     /// `fsync=off` (their machine's crashes are not what they test) unless `settings` say
     /// otherwise.
     pub fn start(settings: &[&str]) -> Postgres {
+        Postgres::start_with(settings, None)
+    }
+
+    /// Starts a server of its own with TLS on (`ssl=on`, a certificate its CA signed).
+    pub fn start_tls(admit: Admit) -> Postgres {
+        Postgres::start_with(&[], Some(admit))
+    }
+
+    /// The PEM file of the CA that signed a [`Postgres::start_tls`] server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn start_with(settings: &[&str], tls: Option<Admit>) -> Postgres {
         let bin = bin_dir();
         let owner = unprivileged();
         let dir = tempfile::Builder::new()
@@ -166,6 +227,22 @@ impl Postgres {
         }
         for setting in settings {
             options.push_str(&format!(" -c {setting}"));
+        }
+        if let Some(admit) = tls {
+            let (cert, key) = write_certificates(dir.path(), owner);
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            ));
+            if admit == Admit::TlsOnly {
+                // Unix-socket connections stay trusted; TCP ones must be TLS.
+                std::fs::write(
+                    data.join("pg_hba.conf"),
+                    "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+                )
+                .unwrap();
+            }
         }
         // A port found free may be taken before the server binds it: try a few.
         for _ in 0..5 {
