@@ -126,3 +126,31 @@ fn a_tls_setting_phasegate_cannot_honour_is_refused_before_connecting() {
         assert!(text.contains(says), "{params}: {text}");
     }
 }
+
+#[test]
+fn verify_full_without_a_ca_file_checks_against_the_systems_roots() {
+    // The system's roots are read as the platform does; `SSL_CERT_FILE` names the bundle, here
+    // one holding only the test CA (as a managed server's public root is in the real bundle).
+    let server = Postgres::start_tls(Admit::TlsOnly);
+    let ca = server.ca_file();
+    for params in ["sslmode=verify-full", "sslrootcert=system"] {
+        let out = on(&with_params(&server.database(), params))
+            .with_env("SSL_CERT_FILE", ca.to_str().unwrap())
+            .run(&["status"]);
+        assert_eq!(code(&out), 0, "{params}: {}", output(&out));
+    }
+    // A bundle without the server's CA: the certificate is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("bundle.pem");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = params
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    std::fs::write(&other, cert.pem()).unwrap();
+    let out = on(&with_params(&server.database(), "sslmode=verify-full"))
+        .with_env("SSL_CERT_FILE", other.to_str().unwrap())
+        .run(&["status"]);
+    assert_ne!(code(&out), 0, "{}", output(&out));
+    assert!(output(&out).contains("UnknownIssuer"), "{}", output(&out));
+}
