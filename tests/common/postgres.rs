@@ -186,6 +186,11 @@ impl Postgres {
         Postgres::start_with(&[], Some(admit))
     }
 
+    /// The directory of the server's Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The PEM file of the CA that signed a [`Postgres::start_tls`] server's certificate.
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path().join("ca.pem")

@@ -518,6 +518,14 @@ mod tests {
             encrypted(&format!("{url}?sslmode=verify-full&sslrootcert={ca}")),
             Ok(true)
         );
+        // TLS does not apply to a Unix socket: `prefer` (the default) connects there in plain.
+        let socket = server
+            .socket_dir()
+            .display()
+            .to_string()
+            .replace('/', "%2F");
+        let local = url.replace("@127.0.0.1:", &format!("@{socket}:"));
+        assert_eq!(encrypted(&local), Ok(false));
         // verify-ca checks the chain, not the name: through a name the certificate lacks
         // (`127.0.0.1` in its IPv4-mapped IPv6 form is another name to the check; reached only
         // where the kernel has IPv6) ...
