@@ -166,6 +166,8 @@ pub struct Metrics {
     provider_throttled: Family<Labels1, Counter>,
     provider_retries: Family<Labels1, Counter>,
     notifications: Family<Labels1, Counter>,
+    fenced: Counter,
+    leases: Family<Labels2, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -295,6 +297,19 @@ impl Metrics {
             "Notification delivery attempts of every channel, by outcome (delivered, failed)",
             notifications.clone(),
         );
+        let fenced = Counter::default();
+        registry.register(
+            "phasegate_fenced_commits",
+            "Commits refused because this replica no longer held the rollout's lease (PostgreSQL)",
+            fenced.clone(),
+        );
+        let leases = Family::default();
+        registry.register(
+            "phasegate_lease_held",
+            "1 for each rollout whose lease this replica holds, labelled with the rollout and the \
+             replica (PostgreSQL)",
+            leases.clone(),
+        );
         let up: Gauge = Gauge::default();
         up.set(1);
         registry.register("phasegate_up", "1 while phasegate serves metrics", up);
@@ -325,6 +340,19 @@ impl Metrics {
             provider_throttled,
             provider_retries,
             notifications,
+            fenced,
+            leases,
+        }
+    }
+
+    /// The leases this replica (`replica`) holds now: one gauge per rollout.
+    pub fn set_leases(&self, replica: &str, held: &[String]) {
+        let _snapshot = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        self.leases.clear();
+        for id in held {
+            self.leases
+                .get_or_create(&[("rollout", id.clone()), ("replica", replica.to_string())])
+                .set(1);
         }
     }
 
@@ -395,6 +423,16 @@ impl Metrics {
     }
 
     /// One transition committed for an event of this kind (`EventKind::name`).
+    /// A commit refused because its replica no longer holds the rollout's lease.
+    pub fn fenced(&self) {
+        self.fenced.inc();
+    }
+
+    /// How many commits were fenced so far.
+    pub fn fenced_count(&self) -> u64 {
+        self.fenced.get()
+    }
+
     pub fn transition(&self, event: &str) {
         self.transitions
             .get_or_create(&[("event", event.to_string())])

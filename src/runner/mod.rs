@@ -74,7 +74,25 @@ pub struct Settings {
     /// Do what is due now and stop (`run --once`).
     pub once: bool,
     pub limits: Limits,
+    /// On PostgreSQL: drive a rollout only while holding its lease (one of many replicas).
+    pub leasing: Option<Leasing>,
 }
+
+/// How a replica on PostgreSQL shares the store's rollouts with the other replicas: it drives a
+/// rollout only while it holds the rollout's lease, takes unowned (or expired) ones up to
+/// `max_rollouts`, renews what it holds every `renew_every`, and stops driving a rollout whose
+/// lease it lost (its commits would be fenced anyway).
+#[derive(Clone, Debug)]
+pub struct Leasing {
+    /// This replica's name in the leases (unique per process).
+    pub replica: String,
+    pub lease: Duration,
+    pub renew_every: Duration,
+    pub max_rollouts: usize,
+}
+
+/// The most rollouts one replica may drive at once.
+pub const MAX_ROLLOUTS: usize = 100_000;
 
 /// A person's command for one rollout.
 struct Command {
@@ -97,6 +115,21 @@ struct Ended {
     id: String,
     status: Option<RolloutStatus>,
     error: Option<String>,
+    /// Its commit was refused: another replica holds the rollout's lease now.
+    fenced: bool,
+}
+
+/// A running actor: its inbox, and its own stop (shutdown, or a lease lost).
+struct Driven {
+    inbox: mpsc::Sender<Command>,
+    stop: watch::Sender<bool>,
+}
+
+fn is_fenced(error: &EngineError) -> bool {
+    matches!(
+        error,
+        EngineError::Store(crate::store::StoreError::Fenced { .. })
+    )
 }
 
 /// The shared parts of a runner: the store, the notifier, the announcements.
@@ -243,6 +276,9 @@ pub struct Runner {
 
 impl Runner {
     pub fn new(store: Arc<Store>, notifier: &'static dyn Notifier, settings: Settings) -> Runner {
+        if let Some(leasing) = &settings.leasing {
+            store.set_replica(&leasing.replica);
+        }
         let (announcements, _) = broadcast::channel(4096);
         let (control_tx, control) = mpsc::channel(256);
         let (resumed_tx, resumed) = watch::channel(false);
@@ -282,23 +318,59 @@ impl Runner {
         // The store is listed and the rollouts to drive loaded on blocking threads, so the API
         // answers meanwhile; each actor starts as its rollout is loaded.
         let (listed, mut ready) = self.list_and_load().await?;
-        let (stop_tx, stop_rx) = watch::channel(false);
         let (ended_tx, mut ended_rx) = mpsc::channel::<Ended>(1024);
-        let mut actors: BTreeMap<String, mpsc::Sender<Command>> = BTreeMap::new();
+        let mut actors: BTreeMap<String, Driven> = BTreeMap::new();
         let mut report = Report::default();
-        let spawn =
-            |id: &str, start: Start, actors: &mut BTreeMap<String, mpsc::Sender<Command>>| {
-                let (tx, rx) = mpsc::channel(64);
-                actors.insert(id.to_string(), tx);
-                let shared = self.shared.clone();
-                let ended = ended_tx.clone();
-                let stop = stop_rx.clone();
-                let id = id.to_string();
-                tokio::spawn(async move {
-                    let outcome = Actor::new(shared, id.clone(), rx, stop, start).run().await;
-                    let _ = ended.send(outcome).await;
-                });
+        let spawn = |id: &str, start: Start, actors: &mut BTreeMap<String, Driven>| {
+            let (tx, rx) = mpsc::channel(64);
+            let (stop_tx, stop) = watch::channel(false);
+            actors.insert(
+                id.to_string(),
+                Driven {
+                    inbox: tx,
+                    stop: stop_tx,
+                },
+            );
+            let shared = self.shared.clone();
+            let ended = ended_tx.clone();
+            let id = id.to_string();
+            tokio::spawn(async move {
+                let outcome = Actor::new(shared, id.clone(), rx, stop, start).run().await;
+                let _ = ended.send(outcome).await;
+            });
+        };
+        let leasing = self.shared.settings.leasing.clone();
+        // Whether this runner may drive rollout `id` now: always, or while it holds its lease
+        // (taken now if it is free and this replica drives fewer than its limit).
+        let store = self.shared.store.clone();
+        let may_drive = |id: &str, driving: usize| -> bool {
+            let Some(leasing) = &leasing else {
+                return true;
             };
+            if store.holds_lease(id) {
+                return true;
+            }
+            if driving >= leasing.max_rollouts {
+                return false;
+            }
+            match store.acquire_lease(id, leasing.lease) {
+                Ok(Some(epoch)) => {
+                    tracing::info!(rollout = %id, epoch, replica = %leasing.replica, "took the rollout's lease");
+                    true
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::warn!(rollout = %id, error = %e, "could not take the rollout's lease");
+                    false
+                }
+            }
+        };
+        let mut lease_tick = tokio::time::interval(
+            leasing
+                .as_ref()
+                .map_or(Duration::from_secs(3600), |l| l.renew_every),
+        );
+        lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut resuming = Some(Arc::new(Resuming {
             shared: self.shared.clone(),
             driven: listed.due,
@@ -324,7 +396,7 @@ impl Runner {
                     Some(Ready { loaded, plan_changed }) => {
                         let id = loaded.as_ref().map_or_else(|(id, _)| id.clone(), |l| l.stored.rollout.id.clone());
                         // A command may have started it already, from the store.
-                        if !actors.contains_key(&id) && !started_meanwhile.contains(&id) {
+                        if !actors.contains_key(&id) && !started_meanwhile.contains(&id) && may_drive(&id, actors.len()) {
                             let start = Start { loaded: Some(loaded), plan_changed, resuming: resuming.clone() };
                             spawn(&id, start, &mut actors);
                         }
@@ -345,7 +417,9 @@ impl Runner {
                 () = &mut shutdown, if !stopping => {
                     tracing::info!("shutting down: finishing the work in flight");
                     stopping = true;
-                    let _ = stop_tx.send(true);
+                    for actor in actors.values() {
+                        let _ = actor.stop.send(true);
+                    }
                     if let Some(resuming) = &resuming {
                         resuming.given_up.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -353,13 +427,26 @@ impl Runner {
                 Some(control) = self.control.recv(), if !stopping => match control {
                     Control::Command { id, command } => {
                         if !actors.contains_key(&id) {
+                            if !may_drive(&id, actors.len()) {
+                                let owner = self.shared.store.leases().ok().and_then(|all| {
+                                    all.into_iter().find(|l| l.rollout == id && l.remaining_ms > 0)
+                                });
+                                let _ = command.reply.send(Err(EngineError::Invalid(match owner {
+                                    Some(lease) => format!(
+                                        "rollout `{id}` is driven by replica {} (lease epoch {}): send the command to that replica",
+                                        lease.owner, lease.epoch
+                                    ),
+                                    None => format!("rollout `{id}` is not driven by this replica (it drives as many rollouts as it may)"),
+                                })));
+                                continue;
+                            }
                             if resuming.is_some() {
                                 started_meanwhile.insert(id.clone());
                             }
                             spawn(&id, Start::default(), &mut actors);
                         }
                         if let Some(actor) = actors.get(&id)
-                            && let Err(refused) = actor.send(command).await
+                            && let Err(refused) = actor.inbox.send(command).await
                         {
                             let _ = refused.0.reply.send(Err(EngineError::Invalid(format!(
                                 "rollout `{id}` is not being driven now"
@@ -367,7 +454,7 @@ impl Runner {
                         }
                     }
                     Control::Watch { id } => {
-                        if !actors.contains_key(&id) {
+                        if !actors.contains_key(&id) && may_drive(&id, actors.len()) {
                             if resuming.is_some() {
                                 started_meanwhile.insert(id.clone());
                             }
@@ -375,8 +462,27 @@ impl Runner {
                         }
                     }
                 },
+                _ = lease_tick.tick(), if leasing.is_some() && !stopping => {
+                    if let Some(leasing) = &leasing {
+                        tend_leases(&self.shared, leasing, &mut actors, &mut |id, actors| {
+                            if may_drive(id, actors.len()) {
+                                spawn(id, Start::default(), actors);
+                            }
+                        });
+                    }
+                }
                 Some(ended) = ended_rx.recv() => {
                     actors.remove(&ended.id);
+                    if leasing.is_some() && !ended.fenced {
+                        // Finished, stopped or failed here: another replica may take it now.
+                        if let Err(e) = self.shared.store.release_lease(&ended.id) {
+                            tracing::warn!(rollout = %ended.id, error = %e, "could not release the rollout's lease");
+                        }
+                    }
+                    if ended.fenced {
+                        tracing::warn!(rollout = %ended.id, "lost the rollout's lease: another replica drives it now; committed nothing more");
+                        continue;
+                    }
                     if let Some(status) = ended.status {
                         report.rollouts.insert(ended.id.clone(), status);
                     }
@@ -390,10 +496,76 @@ impl Runner {
         if let Some(sweep) = sweep {
             sweep.abort();
         }
+        if leasing.is_some() {
+            for (id, _) in self.shared.store.held_leases() {
+                if let Err(e) = self.shared.store.release_lease(&id) {
+                    tracing::warn!(rollout = %id, error = %e, "could not release the rollout's lease");
+                }
+            }
+        }
         self.shared.store.flush()?;
         Ok(report)
     }
+}
 
+/// Every `renew_every`: renews this replica's leases, stops the actors of those it lost, and
+/// takes unowned (or expired) rollouts that can move, up to its limit (`take` starts an actor
+/// for one if its lease is taken).
+fn tend_leases(
+    shared: &Shared,
+    leasing: &Leasing,
+    actors: &mut BTreeMap<String, Driven>,
+    take: &mut dyn FnMut(&str, &mut BTreeMap<String, Driven>),
+) {
+    let store = &shared.store;
+    match store.renew_leases(leasing.lease) {
+        Ok(lost) => {
+            for id in lost {
+                tracing::warn!(rollout = %id, "the rollout's lease was taken by another replica: stopping its actor");
+                if let Some(actor) = actors.get(&id) {
+                    let _ = actor.stop.send(true);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not renew the leases"),
+    }
+    if actors.len() < leasing.max_rollouts {
+        let live: std::collections::BTreeSet<String> = match store.leases() {
+            Ok(all) => all
+                .into_iter()
+                .filter(|l| l.remaining_ms > 0)
+                .map(|l| l.rollout)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the leases");
+                return;
+            }
+        };
+        match store.glances() {
+            Ok(listed) => {
+                for listed in listed {
+                    if actors.len() >= leasing.max_rollouts {
+                        break;
+                    }
+                    let rollout = &listed.glance;
+                    if (finished(rollout.status) && rollout.pending == 0)
+                        || waits_for_a_person(rollout)
+                        || actors.contains_key(&rollout.id)
+                        || live.contains(&rollout.id)
+                    {
+                        continue;
+                    }
+                    take(&rollout.id, actors);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list the rollouts"),
+        }
+    }
+    let held: Vec<String> = store.held_leases().into_iter().map(|(id, _)| id).collect();
+    crate::metrics::global().set_leases(&leasing.replica, &held);
+}
+
+impl Runner {
     /// Waits for the listing begun by [`start_loading`] (begun now if the runner was made
     /// outside a runtime).
     async fn list_and_load(&mut self) -> Result<(Listed, mpsc::Receiver<Ready>), EngineError> {
@@ -721,7 +893,7 @@ impl Actor {
         };
         let mut loaded = match loaded {
             Ok(loaded) => loaded,
-            Err(e) => return self.ended(None, Some(e.to_string())),
+            Err(e) => return self.failed(None, &e),
         };
         self.last_now = loaded.stored.rollout.updated_at;
         let shared = self.shared.clone();
@@ -764,7 +936,7 @@ impl Actor {
                     }
                     Ok(Next::Idle) => wake = Some(Duration::MAX),
                     Err(e) => {
-                        return self.ended(Some(loaded.stored.rollout.status), Some(e.to_string()));
+                        return self.failed(Some(loaded.stored.rollout.status), &e);
                     }
                 }
             }
@@ -789,7 +961,7 @@ impl Actor {
                     self.steps = 0;
                     self.in_flight = None;
                     if let Err(e) = self.returned(&engine, &mut loaded, returned) {
-                        return self.ended(Some(loaded.stored.rollout.status), Some(e.to_string()));
+                        return self.failed(Some(loaded.stored.rollout.status), &e);
                     }
                 }
                 () = sleep_for(sleep), if sleep.is_some() => {
@@ -811,6 +983,15 @@ impl Actor {
             id: self.id.clone(),
             status,
             error,
+            fenced: false,
+        }
+    }
+
+    /// Ended on an error (fenced: the lease was lost).
+    fn failed(&self, status: Option<RolloutStatus>, error: &EngineError) -> Ended {
+        Ended {
+            fenced: is_fenced(error),
+            ..self.ended(status, Some(error.to_string()))
         }
     }
 
