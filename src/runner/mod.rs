@@ -14,6 +14,14 @@
 //! Shutdown finishes the work in flight (its outcome is committed), then stops; a restart resumes
 //! from the store, as after a crash.
 //!
+//! **Replicas.** On PostgreSQL `serve` is one of many replicas ([`Leasing`]): an actor runs only
+//! for a rollout whose lease this replica holds. Leases are taken at resume, when a command or a
+//! plan change arrives for an unowned rollout, and every `renew_every`, when the held ones are
+//! renewed, the actors of lost ones stopped, and unowned rollouts that can move taken up to the
+//! limit. A taken-over rollout's actor starts from the store, as after a crash. An actor whose
+//! commit is fenced (another replica took the lease) ends quietly; one that ends otherwise
+//! releases its lease, and so does shutdown.
+//!
 //! **Resuming.** At start the runner lists the store once (on a blocking thread, so the API
 //! answers meanwhile) and sorts the rollouts by what the record alone says. One that can move by
 //! itself — it has effects pending, or its status lets it progress (running, rolling back,

@@ -14,8 +14,10 @@
 //!
 //! Two locks keep processes apart on sled: `store.lock` is held while the store is open (short
 //! commands wait for it briefly), `driver.lock` is held by `run` for its whole life so that only
-//! one process ever drives rollouts. On PostgreSQL the driver lock is an advisory lock of the
-//! database, and there is no store lock (the database serialises commits).
+//! one process ever drives rollouts. On PostgreSQL there is no store lock (the database
+//! serialises commits): `serve` replicas share the rollouts through leases, and every commit of a
+//! replica is fenced by the epoch of its lease of the rollout ([`Store::acquire_lease`],
+//! [`StoreError::Fenced`]); `run` takes an advisory lock of the database against a second `run`.
 
 mod export;
 mod identity;
