@@ -20,7 +20,9 @@
 //! renewed, the actors of lost ones stopped, and unowned rollouts that can move taken up to the
 //! limit. A taken-over rollout's actor starts from the store, as after a crash. An actor whose
 //! commit is fenced (another replica took the lease) ends quietly; one that ends otherwise
-//! releases its lease, and so does shutdown.
+//! releases its lease, and so does shutdown. A command for a rollout another replica owns is
+//! recorded in the store for the owner, which takes it out, carries it out through its actor and
+//! records the answer for the replica the command reached ([`forward`], [`take_forwarded`]).
 //!
 //! **Resuming.** At start the runner lists the store once (on a blocking thread, so the API
 //! answers meanwhile) and sorts the rollouts by what the record alone says. One that can move by
@@ -379,6 +381,8 @@ impl Runner {
                 .map_or(Duration::from_secs(3600), |l| l.renew_every),
         );
         lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut inbox_tick = tokio::time::interval(FORWARD_POLL);
+        inbox_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut resuming = Some(Arc::new(Resuming {
             shared: self.shared.clone(),
             driven: listed.due,
@@ -439,13 +443,17 @@ impl Runner {
                                 let owner = self.shared.store.leases().ok().and_then(|all| {
                                     all.into_iter().find(|l| l.rollout == id && l.remaining_ms > 0)
                                 });
-                                let _ = command.reply.send(Err(EngineError::Invalid(match owner {
-                                    Some(lease) => format!(
-                                        "rollout `{id}` is driven by replica {} (lease epoch {}): send the command to that replica",
-                                        lease.owner, lease.epoch
-                                    ),
-                                    None => format!("rollout `{id}` is not driven by this replica (it drives as many rollouts as it may)"),
-                                })));
+                                match owner {
+                                    // Recorded in the store for the owner, which carries it out.
+                                    Some(lease) => {
+                                        tokio::spawn(forward(self.shared.store.clone(), id, lease.owner, command));
+                                    }
+                                    None => {
+                                        let _ = command.reply.send(Err(EngineError::Claimed(format!(
+                                            "rollout `{id}` is not driven by this replica (it drives as many rollouts as it may); try another replica"
+                                        ))));
+                                    }
+                                }
                                 continue;
                             }
                             if resuming.is_some() {
@@ -477,6 +485,17 @@ impl Runner {
                                 spawn(id, Start::default(), actors);
                             }
                         });
+                    }
+                }
+                _ = inbox_tick.tick(), if leasing.is_some() && !stopping => {
+                    for (id, command) in take_forwarded(&self.shared.store, &actors) {
+                        if let Some(actor) = actors.get(&id)
+                            && let Err(refused) = actor.inbox.send(command).await
+                        {
+                            let _ = refused.0.reply.send(Err(EngineError::Invalid(format!(
+                                "rollout `{id}` is not being driven now"
+                            ))));
+                        }
                     }
                 }
                 Some(ended) = ended_rx.recv() => {
@@ -514,6 +533,167 @@ impl Runner {
         self.shared.store.flush()?;
         Ok(report)
     }
+}
+
+/// The tree where a replica records a command for a rollout another replica owns, and the one
+/// where the owner records its answer.
+const FORWARDED: &str = "commands";
+const ANSWERS: &str = "command-answers";
+/// How often the owner looks for forwarded commands and the forwarder for their answers.
+const FORWARD_POLL: Duration = Duration::from_millis(200);
+/// How long a forwarder waits for the owner to take its command (and, once taken, to answer).
+const FORWARD_WAIT: Duration = Duration::from_secs(30);
+
+/// A person's command recorded in the store for the replica that owns the rollout.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Forwarded {
+    rollout: String,
+    kind: EventKind,
+    plan: Option<(String, String)>,
+    by: String,
+    reason: String,
+}
+
+/// The owner's answer to a forwarded command.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Answer {
+    Done(Option<Box<EventRecord>>),
+    /// Refused; `conflict`: by the rollout's state (a 409 through the API).
+    Refused {
+        message: String,
+        conflict: bool,
+    },
+}
+
+/// Records `command` for `owner`, the replica holding the rollout's lease, and answers with what
+/// the owner answered. A command the owner did not take within [`FORWARD_WAIT`] is withdrawn
+/// (nothing was done).
+async fn forward(store: Arc<Store>, id: String, owner: String, command: Command) {
+    let Command {
+        kind,
+        plan,
+        by,
+        reason,
+        reply,
+    } = command;
+    let answer = forward_and_wait(
+        &store,
+        &owner,
+        Forwarded {
+            rollout: id,
+            kind,
+            plan,
+            by,
+            reason,
+        },
+    )
+    .await;
+    let _ = reply.send(answer);
+}
+
+async fn forward_and_wait(
+    store: &Store,
+    owner: &str,
+    forwarded: Forwarded,
+) -> Result<Option<EventRecord>, EngineError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| EngineError::Invalid(format!("no randomness from the system: {e}")))?;
+    let key = hex::encode(bytes);
+    let (commands, answers) = (store.tree(FORWARDED), store.tree(ANSWERS));
+    let id = forwarded.rollout.clone();
+    commands.insert(&key, crate::store::encode_json(&forwarded))?;
+    tracing::info!(rollout = %id, %owner, "forwarded a command to the rollout's owner");
+    let started = Instant::now();
+    loop {
+        if let Some(bytes) = answers.remove(&key)? {
+            return match crate::store::decode_json::<Answer>(ANSWERS, &bytes)? {
+                Answer::Done(record) => Ok(record.map(|r| *r)),
+                Answer::Refused { message, conflict } if conflict => {
+                    Err(EngineError::Claimed(message))
+                }
+                Answer::Refused { message, .. } => Err(EngineError::Invalid(message)),
+            };
+        }
+        if started.elapsed() > FORWARD_WAIT {
+            if commands.remove(&key)?.is_some() {
+                return Err(EngineError::Invalid(format!(
+                    "rollout `{id}`: its owner, replica {owner}, did not take the command within {}s; nothing was done",
+                    FORWARD_WAIT.as_secs()
+                )));
+            }
+            if started.elapsed() > 2 * FORWARD_WAIT {
+                return Err(EngineError::Invalid(format!(
+                    "rollout `{id}`: replica {owner} took the command but has not answered; see the rollout's history"
+                )));
+            }
+        }
+        tokio::time::sleep(FORWARD_POLL).await;
+    }
+}
+
+/// The forwarded commands for rollouts this replica drives, taken out of the store (each by one
+/// replica only: whoever removes it), each with a reply that records the answer for its forwarder.
+fn take_forwarded(store: &Arc<Store>, actors: &BTreeMap<String, Driven>) -> Vec<(String, Command)> {
+    let commands = store.tree(FORWARDED);
+    let listed = match commands.scan_prefix(b"") {
+        Ok(listed) => listed,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the forwarded commands");
+            return Vec::new();
+        }
+    };
+    let mut taken = Vec::new();
+    for (key, bytes) in listed {
+        let Ok(forwarded) = crate::store::decode_json::<Forwarded>(FORWARDED, &bytes) else {
+            let _ = commands.remove(&key);
+            continue;
+        };
+        if !actors.contains_key(&forwarded.rollout) || !store.holds_lease(&forwarded.rollout) {
+            continue;
+        }
+        if !matches!(commands.remove(&key), Ok(Some(_))) {
+            continue;
+        }
+        let (reply, answered) = oneshot::channel::<Result<Option<EventRecord>, EngineError>>();
+        let store = store.clone();
+        let rollout = forwarded.rollout.clone();
+        tokio::spawn(async move {
+            let answer = match answered.await {
+                Ok(Ok(record)) => Answer::Done(record.map(Box::new)),
+                Ok(Err(e)) => Answer::Refused {
+                    conflict: matches!(
+                        e,
+                        EngineError::Rejected(_)
+                            | EngineError::Claimed(_)
+                            | EngineError::Store(crate::store::StoreError::Conflict { .. })
+                    ),
+                    message: e.to_string(),
+                },
+                Err(_) => Answer::Refused {
+                    message: format!("rollout `{rollout}` is not being driven now"),
+                    conflict: false,
+                },
+            };
+            if let Err(e) = store
+                .tree(ANSWERS)
+                .insert(&key, crate::store::encode_json(&answer))
+            {
+                tracing::warn!(rollout = %rollout, error = %e, "could not record the answer to a forwarded command");
+            }
+        });
+        taken.push((
+            forwarded.rollout,
+            Command {
+                kind: forwarded.kind,
+                plan: forwarded.plan,
+                by: forwarded.by,
+                reason: forwarded.reason,
+                reply,
+            },
+        ));
+    }
+    taken
 }
 
 /// Every `renew_every`: renews this replica's leases, stops the actors of those it lost, and
