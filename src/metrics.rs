@@ -142,6 +142,10 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+fn fenced_label(lost: bool) -> &'static str {
+    if lost { "lost" } else { "none" }
+}
+
 /// The status class of an attempt that got no HTTP answer (connection, timeout, body read).
 pub const TRANSPORT: &str = "transport";
 
@@ -166,7 +170,7 @@ pub struct Metrics {
     provider_throttled: Family<Labels1, Counter>,
     provider_retries: Family<Labels1, Counter>,
     notifications: Family<Labels1, Counter>,
-    fenced: Counter,
+    fenced: Family<Labels1, Counter>,
     leases: Family<Labels2, Gauge>,
 }
 
@@ -297,7 +301,7 @@ impl Metrics {
             "Notification delivery attempts of every channel, by outcome (delivered, failed)",
             notifications.clone(),
         );
-        let fenced = Counter::default();
+        let fenced = Family::default();
         registry.register(
             "phasegate_fenced_commits",
             "Commits refused because this replica no longer held the rollout's lease (PostgreSQL)",
@@ -424,13 +428,24 @@ impl Metrics {
 
     /// One transition committed for an event of this kind (`EventKind::name`).
     /// A commit refused because its replica no longer holds the rollout's lease.
-    pub fn fenced(&self) {
-        self.fenced.inc();
+    /// `lost`: the committer had held the rollout's lease (a replica that stalled); otherwise it
+    /// committed without a lease while a replica held one.
+    pub fn fenced(&self, lost: bool) {
+        self.fenced
+            .get_or_create(&[("lease", fenced_label(lost).to_string())])
+            .inc();
     }
 
     /// How many commits were fenced so far.
     pub fn fenced_count(&self) -> u64 {
-        self.fenced.get()
+        [true, false]
+            .into_iter()
+            .map(|lost| {
+                self.fenced
+                    .get_or_create(&[("lease", fenced_label(lost).to_string())])
+                    .get()
+            })
+            .sum()
     }
 
     pub fn transition(&self, event: &str) {
@@ -764,7 +779,7 @@ mod tests {
         ]
     }
 
-    const FAMILIES: [(&str, &str); 17] = [
+    const FAMILIES: [(&str, &str); 19] = [
         ("phasegate_rollouts", "gauge"),
         ("phasegate_phase_targeted", "gauge"),
         ("phasegate_phase_reporting", "gauge"),
@@ -780,6 +795,8 @@ mod tests {
         ("phasegate_provider_throttled_total", "counter"),
         ("phasegate_provider_retries_total", "counter"),
         ("phasegate_notification_deliveries_total", "counter"),
+        ("phasegate_fenced_commits_total", "counter"),
+        ("phasegate_lease_held", "gauge"),
         ("phasegate_up", "gauge"),
         ("phasegate_build_info", "gauge"),
     ];
@@ -804,6 +821,8 @@ mod tests {
         m.notification("delivered");
         m.notification("failed");
         m.notification("failed");
+        m.fenced(true);
+        m.set_leases("replica-a", &["baseline-1".to_string()]);
 
         let text = m.render();
         let x = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));

@@ -811,7 +811,7 @@ impl Store {
         let committing = self.commits.read().unwrap_or_else(PoisonError::into_inner);
         if let Err(err) = self.backend.commit(&write) {
             if let StoreError::Fenced { .. } = err {
-                crate::metrics::global().fenced();
+                crate::metrics::global().fenced(write.fence.is_some());
                 if write.fence.is_some() {
                     self.lease_lost(&id);
                 }
