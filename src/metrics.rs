@@ -142,6 +142,10 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+fn fenced_label(lost: bool) -> &'static str {
+    if lost { "lost" } else { "none" }
+}
+
 /// The status class of an attempt that got no HTTP answer (connection, timeout, body read).
 pub const TRANSPORT: &str = "transport";
 
@@ -166,6 +170,8 @@ pub struct Metrics {
     provider_throttled: Family<Labels1, Counter>,
     provider_retries: Family<Labels1, Counter>,
     notifications: Family<Labels1, Counter>,
+    fenced: Family<Labels1, Counter>,
+    leases: Family<Labels2, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -295,6 +301,19 @@ impl Metrics {
             "Notification delivery attempts of every channel, by outcome (delivered, failed)",
             notifications.clone(),
         );
+        let fenced = Family::default();
+        registry.register(
+            "phasegate_fenced_commits",
+            "Commits refused because this replica no longer held the rollout's lease (PostgreSQL)",
+            fenced.clone(),
+        );
+        let leases = Family::default();
+        registry.register(
+            "phasegate_lease_held",
+            "1 for each rollout whose lease this replica holds, labelled with the rollout and the \
+             replica (PostgreSQL)",
+            leases.clone(),
+        );
         let up: Gauge = Gauge::default();
         up.set(1);
         registry.register("phasegate_up", "1 while phasegate serves metrics", up);
@@ -325,6 +344,19 @@ impl Metrics {
             provider_throttled,
             provider_retries,
             notifications,
+            fenced,
+            leases,
+        }
+    }
+
+    /// The leases this replica (`replica`) holds now: one gauge per rollout.
+    pub fn set_leases(&self, replica: &str, held: &[String]) {
+        let _snapshot = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        self.leases.clear();
+        for id in held {
+            self.leases
+                .get_or_create(&[("rollout", id.clone()), ("replica", replica.to_string())])
+                .set(1);
         }
     }
 
@@ -395,6 +427,27 @@ impl Metrics {
     }
 
     /// One transition committed for an event of this kind (`EventKind::name`).
+    /// A commit refused because its replica no longer holds the rollout's lease.
+    /// `lost`: the committer had held the rollout's lease (a replica that stalled); otherwise it
+    /// committed without a lease while a replica held one.
+    pub fn fenced(&self, lost: bool) {
+        self.fenced
+            .get_or_create(&[("lease", fenced_label(lost).to_string())])
+            .inc();
+    }
+
+    /// How many commits were fenced so far.
+    pub fn fenced_count(&self) -> u64 {
+        [true, false]
+            .into_iter()
+            .map(|lost| {
+                self.fenced
+                    .get_or_create(&[("lease", fenced_label(lost).to_string())])
+                    .get()
+            })
+            .sum()
+    }
+
     pub fn transition(&self, event: &str) {
         self.transitions
             .get_or_create(&[("event", event.to_string())])
@@ -726,7 +779,7 @@ mod tests {
         ]
     }
 
-    const FAMILIES: [(&str, &str); 17] = [
+    const FAMILIES: [(&str, &str); 19] = [
         ("phasegate_rollouts", "gauge"),
         ("phasegate_phase_targeted", "gauge"),
         ("phasegate_phase_reporting", "gauge"),
@@ -742,6 +795,8 @@ mod tests {
         ("phasegate_provider_throttled_total", "counter"),
         ("phasegate_provider_retries_total", "counter"),
         ("phasegate_notification_deliveries_total", "counter"),
+        ("phasegate_fenced_commits_total", "counter"),
+        ("phasegate_lease_held", "gauge"),
         ("phasegate_up", "gauge"),
         ("phasegate_build_info", "gauge"),
     ];
@@ -766,6 +821,8 @@ mod tests {
         m.notification("delivered");
         m.notification("failed");
         m.notification("failed");
+        m.fenced(true);
+        m.set_leases("replica-a", &["baseline-1".to_string()]);
 
         let text = m.render();
         let x = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));

@@ -115,9 +115,11 @@ impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> ApiError {
         let status = match &err {
             EngineError::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
-            EngineError::Store(StoreError::AlreadyExists(_) | StoreError::Conflict { .. }) => {
-                StatusCode::CONFLICT
-            }
+            EngineError::Store(
+                StoreError::AlreadyExists(_)
+                | StoreError::Conflict { .. }
+                | StoreError::Fenced { .. },
+            ) => StatusCode::CONFLICT,
             EngineError::Rejected(_) | EngineError::Claimed(_) => StatusCode::CONFLICT,
             EngineError::Plan(_) => StatusCode::BAD_REQUEST,
             EngineError::Provider(e)

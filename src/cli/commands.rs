@@ -377,6 +377,7 @@ pub async fn run(ctx: &Context, only: Option<&str>, once: bool) -> CommandResult
             only: only.map(str::to_string),
             once,
             limits: engine::Limits::default(),
+            leasing: None,
         },
     );
     let handle = runner.handle();
@@ -629,10 +630,74 @@ async fn status_watch(ctx: &Context, id: &str) -> CommandResult {
     }
 }
 
+/// How `serve` shares a PostgreSQL store with other replicas (`--lease`, `--renew-every`,
+/// `--max-rollouts`).
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseSettings {
+    pub lease: std::time::Duration,
+    pub renew_every: std::time::Duration,
+    pub max_rollouts: usize,
+}
+
+/// A name for this process among the replicas of a store: its host, its pid and a random part,
+/// so that a restarted process never takes over its predecessor's epochs.
+fn replica_name() -> Result<String, Failure> {
+    let mut bytes = [0u8; 4];
+    getrandom::fill(&mut bytes).map_err(|e| Failure {
+        code: exit::FAILURE,
+        message: format!("no randomness from the system: {e}"),
+    })?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+                .take(63)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "replica".into());
+    Ok(format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        hex::encode(bytes)
+    ))
+}
+
 /// `phasegate serve`: drives every rollout continuously and serves the API and the dashboard.
-pub async fn serve(ctx: &Context, listen: std::net::SocketAddr) -> CommandResult {
-    let _driver = store::lock_driver(&ctx.store)?;
+/// On PostgreSQL it is one of any number of replicas, each driving the rollouts it holds the
+/// lease of.
+pub async fn serve(
+    ctx: &Context,
+    listen: std::net::SocketAddr,
+    leases: LeaseSettings,
+) -> CommandResult {
+    if leases.renew_every >= leases.lease {
+        return Err(Failure::invalid(format!(
+            "--renew-every ({}) must be shorter than --lease ({})",
+            humantime::format_duration(leases.renew_every),
+            humantime::format_duration(leases.lease)
+        )));
+    }
+    // On sled one process drives the store (its file lock); on PostgreSQL the leases share it.
+    let _driver = if store::is_postgres(&ctx.store) {
+        None
+    } else {
+        Some(store::lock_driver(&ctx.store)?)
+    };
     let store = std::sync::Arc::new(Store::open(&ctx.store, DEFAULT_LOCK_WAIT)?);
+    let leasing = if store.is_postgres() {
+        Some(runner::Leasing {
+            replica: replica_name()?,
+            lease: leases.lease,
+            renew_every: leases.renew_every,
+            max_rollouts: leases.max_rollouts.clamp(1, runner::MAX_ROLLOUTS),
+        })
+    } else {
+        None
+    };
+    let replica = leasing.as_ref().map(|l| l.replica.clone());
     let runner = Runner::new(
         store.clone(),
         crate::notifier::shared(),
@@ -642,6 +707,7 @@ pub async fn serve(ctx: &Context, listen: std::net::SocketAddr) -> CommandResult
             only: None,
             once: false,
             limits: engine::Limits::default(),
+            leasing,
         },
     );
     let handle = runner.handle();
@@ -669,6 +735,14 @@ pub async fn serve(ctx: &Context, listen: std::net::SocketAddr) -> CommandResult
     .map_err(failure)?;
     say!("phasegate serve listening on http://{addr}");
     say!("  store:     {}", store::display_location(&ctx.store));
+    if let Some(replica) = &replica {
+        say!(
+            "  replica:   {replica} (lease {}, renewed every {}, at most {} rollouts)",
+            humantime::format_duration(leases.lease),
+            humantime::format_duration(leases.renew_every),
+            leases.max_rollouts
+        );
+    }
     say!("  api:       http://{addr}/api/v1/rollouts   dashboard: http://{addr}/");
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let api = tokio::spawn(daemon::serve_api(

@@ -149,6 +149,17 @@ enum Command {
         /// Address to listen on
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: std::net::SocketAddr,
+        /// On PostgreSQL: how long a replica's lease of a rollout lasts without renewal, on the
+        /// database's clock (1s to 1h); another replica takes the rollout once it expired
+        #[arg(long, default_value = "15s", value_parser = lease_duration)]
+        lease: std::time::Duration,
+        /// On PostgreSQL: how often a replica renews its leases and looks for unowned rollouts
+        /// (1s to 1h, shorter than --lease)
+        #[arg(long, default_value = "5s", value_parser = lease_duration)]
+        renew_every: std::time::Duration,
+        /// On PostgreSQL: the most rollouts this replica drives at once (1 to 100000)
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        max_rollouts: u32,
     },
     /// Manage API tokens
     #[command(subcommand)]
@@ -757,7 +768,19 @@ async fn dispatch(cli: Cli) -> CommandResult {
         Command::Preflight { file, resolver } => commands::preflight(&ctx, &file, resolver).await,
         Command::Run { id, once } => commands::run(&ctx, id.as_deref(), once).await,
         Command::Status { id, watch } => commands::status(&ctx, id.as_deref(), watch).await,
-        Command::Serve { listen } => commands::serve(&ctx, listen).await,
+        Command::Serve {
+            listen,
+            lease,
+            renew_every,
+            max_rollouts,
+        } => {
+            let leases = commands::LeaseSettings {
+                lease,
+                renew_every,
+                max_rollouts: usize::try_from(max_rollouts).unwrap_or(crate::runner::MAX_ROLLOUTS),
+            };
+            commands::serve(&ctx, listen, leases).await
+        }
         Command::Token(TokenCommand::Create { name, role }) => {
             commands::token_create(&ctx, &name, &role).await
         }
@@ -1073,6 +1096,20 @@ fn account_name() -> Option<String> {
 #[cfg(not(unix))]
 fn account_name() -> Option<String> {
     None
+}
+
+/// A lease length or renewal interval: a humantime duration within the store's bounds.
+fn lease_duration(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("`{text}`: {e}"))?;
+    let (low, high) = crate::store::LEASE_BOUNDS;
+    if d < low || d > high {
+        return Err(format!(
+            "`{text}` is out of range: between {} and {}",
+            humantime::format_duration(low),
+            humantime::format_duration(high)
+        ));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]

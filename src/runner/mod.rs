@@ -14,6 +14,16 @@
 //! Shutdown finishes the work in flight (its outcome is committed), then stops; a restart resumes
 //! from the store, as after a crash.
 //!
+//! **Replicas.** On PostgreSQL `serve` is one of many replicas ([`Leasing`]): an actor runs only
+//! for a rollout whose lease this replica holds. Leases are taken at resume, when a command or a
+//! plan change arrives for an unowned rollout, and every `renew_every`, when the held ones are
+//! renewed, the actors of lost ones stopped, and unowned rollouts that can move taken up to the
+//! limit. A taken-over rollout's actor starts from the store, as after a crash. An actor whose
+//! commit is fenced (another replica took the lease) ends quietly; one that ends otherwise
+//! releases its lease, and so does shutdown. A command for a rollout another replica owns is
+//! recorded in the store for the owner, which takes it out, carries it out through its actor and
+//! records the answer for the replica the command reached ([`forward`], [`take_forwarded`]).
+//!
 //! **Resuming.** At start the runner lists the store once (on a blocking thread, so the API
 //! answers meanwhile) and sorts the rollouts by what the record alone says. One that can move by
 //! itself — it has effects pending, or its status lets it progress (running, rolling back,
@@ -74,7 +84,25 @@ pub struct Settings {
     /// Do what is due now and stop (`run --once`).
     pub once: bool,
     pub limits: Limits,
+    /// On PostgreSQL: drive a rollout only while holding its lease (one of many replicas).
+    pub leasing: Option<Leasing>,
 }
+
+/// How a replica on PostgreSQL shares the store's rollouts with the other replicas: it drives a
+/// rollout only while it holds the rollout's lease, takes unowned (or expired) ones up to
+/// `max_rollouts`, renews what it holds every `renew_every`, and stops driving a rollout whose
+/// lease it lost (its commits would be fenced anyway).
+#[derive(Clone, Debug)]
+pub struct Leasing {
+    /// This replica's name in the leases (unique per process).
+    pub replica: String,
+    pub lease: Duration,
+    pub renew_every: Duration,
+    pub max_rollouts: usize,
+}
+
+/// The most rollouts one replica may drive at once.
+pub const MAX_ROLLOUTS: usize = 100_000;
 
 /// A person's command for one rollout.
 struct Command {
@@ -97,6 +125,21 @@ struct Ended {
     id: String,
     status: Option<RolloutStatus>,
     error: Option<String>,
+    /// Its commit was refused: another replica holds the rollout's lease now.
+    fenced: bool,
+}
+
+/// A running actor: its inbox, and its own stop (shutdown, or a lease lost).
+struct Driven {
+    inbox: mpsc::Sender<Command>,
+    stop: watch::Sender<bool>,
+}
+
+fn is_fenced(error: &EngineError) -> bool {
+    matches!(
+        error,
+        EngineError::Store(crate::store::StoreError::Fenced { .. })
+    )
 }
 
 /// The shared parts of a runner: the store, the notifier, the announcements.
@@ -243,6 +286,9 @@ pub struct Runner {
 
 impl Runner {
     pub fn new(store: Arc<Store>, notifier: &'static dyn Notifier, settings: Settings) -> Runner {
+        if let Some(leasing) = &settings.leasing {
+            store.set_replica(&leasing.replica);
+        }
         let (announcements, _) = broadcast::channel(4096);
         let (control_tx, control) = mpsc::channel(256);
         let (resumed_tx, resumed) = watch::channel(false);
@@ -282,23 +328,61 @@ impl Runner {
         // The store is listed and the rollouts to drive loaded on blocking threads, so the API
         // answers meanwhile; each actor starts as its rollout is loaded.
         let (listed, mut ready) = self.list_and_load().await?;
-        let (stop_tx, stop_rx) = watch::channel(false);
         let (ended_tx, mut ended_rx) = mpsc::channel::<Ended>(1024);
-        let mut actors: BTreeMap<String, mpsc::Sender<Command>> = BTreeMap::new();
+        let mut actors: BTreeMap<String, Driven> = BTreeMap::new();
         let mut report = Report::default();
-        let spawn =
-            |id: &str, start: Start, actors: &mut BTreeMap<String, mpsc::Sender<Command>>| {
-                let (tx, rx) = mpsc::channel(64);
-                actors.insert(id.to_string(), tx);
-                let shared = self.shared.clone();
-                let ended = ended_tx.clone();
-                let stop = stop_rx.clone();
-                let id = id.to_string();
-                tokio::spawn(async move {
-                    let outcome = Actor::new(shared, id.clone(), rx, stop, start).run().await;
-                    let _ = ended.send(outcome).await;
-                });
+        let spawn = |id: &str, start: Start, actors: &mut BTreeMap<String, Driven>| {
+            let (tx, rx) = mpsc::channel(64);
+            let (stop_tx, stop) = watch::channel(false);
+            actors.insert(
+                id.to_string(),
+                Driven {
+                    inbox: tx,
+                    stop: stop_tx,
+                },
+            );
+            let shared = self.shared.clone();
+            let ended = ended_tx.clone();
+            let id = id.to_string();
+            tokio::spawn(async move {
+                let outcome = Actor::new(shared, id.clone(), rx, stop, start).run().await;
+                let _ = ended.send(outcome).await;
+            });
+        };
+        let leasing = self.shared.settings.leasing.clone();
+        // Whether this runner may drive rollout `id` now: always, or while it holds its lease
+        // (taken now if it is free and this replica drives fewer than its limit).
+        let store = self.shared.store.clone();
+        let may_drive = |id: &str, driving: usize| -> bool {
+            let Some(leasing) = &leasing else {
+                return true;
             };
+            if store.holds_lease(id) {
+                return true;
+            }
+            if driving >= leasing.max_rollouts {
+                return false;
+            }
+            match store.acquire_lease(id, leasing.lease) {
+                Ok(Some(epoch)) => {
+                    tracing::info!(rollout = %id, epoch, replica = %leasing.replica, "took the rollout's lease");
+                    true
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::warn!(rollout = %id, error = %e, "could not take the rollout's lease");
+                    false
+                }
+            }
+        };
+        let mut lease_tick = tokio::time::interval(
+            leasing
+                .as_ref()
+                .map_or(Duration::from_secs(3600), |l| l.renew_every),
+        );
+        lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut inbox_tick = tokio::time::interval(FORWARD_POLL);
+        inbox_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut resuming = Some(Arc::new(Resuming {
             shared: self.shared.clone(),
             driven: listed.due,
@@ -324,7 +408,7 @@ impl Runner {
                     Some(Ready { loaded, plan_changed }) => {
                         let id = loaded.as_ref().map_or_else(|(id, _)| id.clone(), |l| l.stored.rollout.id.clone());
                         // A command may have started it already, from the store.
-                        if !actors.contains_key(&id) && !started_meanwhile.contains(&id) {
+                        if !actors.contains_key(&id) && !started_meanwhile.contains(&id) && may_drive(&id, actors.len()) {
                             let start = Start { loaded: Some(loaded), plan_changed, resuming: resuming.clone() };
                             spawn(&id, start, &mut actors);
                         }
@@ -345,7 +429,9 @@ impl Runner {
                 () = &mut shutdown, if !stopping => {
                     tracing::info!("shutting down: finishing the work in flight");
                     stopping = true;
-                    let _ = stop_tx.send(true);
+                    for actor in actors.values() {
+                        let _ = actor.stop.send(true);
+                    }
                     if let Some(resuming) = &resuming {
                         resuming.given_up.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -353,13 +439,30 @@ impl Runner {
                 Some(control) = self.control.recv(), if !stopping => match control {
                     Control::Command { id, command } => {
                         if !actors.contains_key(&id) {
+                            if !may_drive(&id, actors.len()) {
+                                let owner = self.shared.store.leases().ok().and_then(|all| {
+                                    all.into_iter().find(|l| l.rollout == id && l.remaining_ms > 0)
+                                });
+                                match owner {
+                                    // Recorded in the store for the owner, which carries it out.
+                                    Some(lease) => {
+                                        tokio::spawn(forward(self.shared.store.clone(), id, lease.owner, command));
+                                    }
+                                    None => {
+                                        let _ = command.reply.send(Err(EngineError::Claimed(format!(
+                                            "rollout `{id}` is not driven by this replica (it drives as many rollouts as it may); try another replica"
+                                        ))));
+                                    }
+                                }
+                                continue;
+                            }
                             if resuming.is_some() {
                                 started_meanwhile.insert(id.clone());
                             }
                             spawn(&id, Start::default(), &mut actors);
                         }
                         if let Some(actor) = actors.get(&id)
-                            && let Err(refused) = actor.send(command).await
+                            && let Err(refused) = actor.inbox.send(command).await
                         {
                             let _ = refused.0.reply.send(Err(EngineError::Invalid(format!(
                                 "rollout `{id}` is not being driven now"
@@ -367,7 +470,7 @@ impl Runner {
                         }
                     }
                     Control::Watch { id } => {
-                        if !actors.contains_key(&id) {
+                        if !actors.contains_key(&id) && may_drive(&id, actors.len()) {
                             if resuming.is_some() {
                                 started_meanwhile.insert(id.clone());
                             }
@@ -375,8 +478,38 @@ impl Runner {
                         }
                     }
                 },
+                _ = lease_tick.tick(), if leasing.is_some() && !stopping => {
+                    if let Some(leasing) = &leasing {
+                        tend_leases(&self.shared, leasing, &mut actors, &mut |id, actors| {
+                            if may_drive(id, actors.len()) {
+                                spawn(id, Start::default(), actors);
+                            }
+                        });
+                    }
+                }
+                _ = inbox_tick.tick(), if leasing.is_some() && !stopping => {
+                    for (id, command) in take_forwarded(&self.shared.store, &actors) {
+                        if let Some(actor) = actors.get(&id)
+                            && let Err(refused) = actor.inbox.send(command).await
+                        {
+                            let _ = refused.0.reply.send(Err(EngineError::Invalid(format!(
+                                "rollout `{id}` is not being driven now"
+                            ))));
+                        }
+                    }
+                }
                 Some(ended) = ended_rx.recv() => {
                     actors.remove(&ended.id);
+                    if leasing.is_some() && !ended.fenced {
+                        // Finished, stopped or failed here: another replica may take it now.
+                        if let Err(e) = self.shared.store.release_lease(&ended.id) {
+                            tracing::warn!(rollout = %ended.id, error = %e, "could not release the rollout's lease");
+                        }
+                    }
+                    if ended.fenced {
+                        tracing::warn!(rollout = %ended.id, "lost the rollout's lease: another replica drives it now; committed nothing more");
+                        continue;
+                    }
                     if let Some(status) = ended.status {
                         report.rollouts.insert(ended.id.clone(), status);
                     }
@@ -390,10 +523,237 @@ impl Runner {
         if let Some(sweep) = sweep {
             sweep.abort();
         }
+        if leasing.is_some() {
+            for (id, _) in self.shared.store.held_leases() {
+                if let Err(e) = self.shared.store.release_lease(&id) {
+                    tracing::warn!(rollout = %id, error = %e, "could not release the rollout's lease");
+                }
+            }
+        }
         self.shared.store.flush()?;
         Ok(report)
     }
+}
 
+/// The tree where a replica records a command for a rollout another replica owns, and the one
+/// where the owner records its answer.
+const FORWARDED: &str = "commands";
+const ANSWERS: &str = "command-answers";
+/// How often the owner looks for forwarded commands and the forwarder for their answers.
+const FORWARD_POLL: Duration = Duration::from_millis(200);
+/// How long a forwarder waits for the owner to take its command (and, once taken, to answer).
+const FORWARD_WAIT: Duration = Duration::from_secs(30);
+
+/// A person's command recorded in the store for the replica that owns the rollout.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Forwarded {
+    rollout: String,
+    kind: EventKind,
+    plan: Option<(String, String)>,
+    by: String,
+    reason: String,
+}
+
+/// The owner's answer to a forwarded command.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Answer {
+    Done(Option<Box<EventRecord>>),
+    /// Refused; `conflict`: by the rollout's state (a 409 through the API).
+    Refused {
+        message: String,
+        conflict: bool,
+    },
+}
+
+/// Records `command` for `owner`, the replica holding the rollout's lease, and answers with what
+/// the owner answered. A command the owner did not take within [`FORWARD_WAIT`] is withdrawn
+/// (nothing was done).
+async fn forward(store: Arc<Store>, id: String, owner: String, command: Command) {
+    let Command {
+        kind,
+        plan,
+        by,
+        reason,
+        reply,
+    } = command;
+    let answer = forward_and_wait(
+        &store,
+        &owner,
+        Forwarded {
+            rollout: id,
+            kind,
+            plan,
+            by,
+            reason,
+        },
+    )
+    .await;
+    let _ = reply.send(answer);
+}
+
+async fn forward_and_wait(
+    store: &Store,
+    owner: &str,
+    forwarded: Forwarded,
+) -> Result<Option<EventRecord>, EngineError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| EngineError::Invalid(format!("no randomness from the system: {e}")))?;
+    let key = hex::encode(bytes);
+    let (commands, answers) = (store.tree(FORWARDED), store.tree(ANSWERS));
+    let id = forwarded.rollout.clone();
+    commands.insert(&key, crate::store::encode_json(&forwarded))?;
+    tracing::info!(rollout = %id, %owner, "forwarded a command to the rollout's owner");
+    let started = Instant::now();
+    loop {
+        if let Some(bytes) = answers.remove(&key)? {
+            return match crate::store::decode_json::<Answer>(ANSWERS, &bytes)? {
+                Answer::Done(record) => Ok(record.map(|r| *r)),
+                Answer::Refused { message, conflict } if conflict => {
+                    Err(EngineError::Claimed(message))
+                }
+                Answer::Refused { message, .. } => Err(EngineError::Invalid(message)),
+            };
+        }
+        if started.elapsed() > FORWARD_WAIT {
+            if commands.remove(&key)?.is_some() {
+                return Err(EngineError::Invalid(format!(
+                    "rollout `{id}`: its owner, replica {owner}, did not take the command within {}s; nothing was done",
+                    FORWARD_WAIT.as_secs()
+                )));
+            }
+            if started.elapsed() > 2 * FORWARD_WAIT {
+                return Err(EngineError::Invalid(format!(
+                    "rollout `{id}`: replica {owner} took the command but has not answered; see the rollout's history"
+                )));
+            }
+        }
+        tokio::time::sleep(FORWARD_POLL).await;
+    }
+}
+
+/// The forwarded commands for rollouts this replica drives, taken out of the store (each by one
+/// replica only: whoever removes it), each with a reply that records the answer for its forwarder.
+fn take_forwarded(store: &Arc<Store>, actors: &BTreeMap<String, Driven>) -> Vec<(String, Command)> {
+    let commands = store.tree(FORWARDED);
+    let listed = match commands.scan_prefix(b"") {
+        Ok(listed) => listed,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the forwarded commands");
+            return Vec::new();
+        }
+    };
+    let mut taken = Vec::new();
+    for (key, bytes) in listed {
+        let Ok(forwarded) = crate::store::decode_json::<Forwarded>(FORWARDED, &bytes) else {
+            let _ = commands.remove(&key);
+            continue;
+        };
+        if !actors.contains_key(&forwarded.rollout) || !store.holds_lease(&forwarded.rollout) {
+            continue;
+        }
+        if !matches!(commands.remove(&key), Ok(Some(_))) {
+            continue;
+        }
+        let (reply, answered) = oneshot::channel::<Result<Option<EventRecord>, EngineError>>();
+        let store = store.clone();
+        let rollout = forwarded.rollout.clone();
+        tokio::spawn(async move {
+            let answer = match answered.await {
+                Ok(Ok(record)) => Answer::Done(record.map(Box::new)),
+                Ok(Err(e)) => Answer::Refused {
+                    conflict: matches!(
+                        e,
+                        EngineError::Rejected(_)
+                            | EngineError::Claimed(_)
+                            | EngineError::Store(crate::store::StoreError::Conflict { .. })
+                    ),
+                    message: e.to_string(),
+                },
+                Err(_) => Answer::Refused {
+                    message: format!("rollout `{rollout}` is not being driven now"),
+                    conflict: false,
+                },
+            };
+            if let Err(e) = store
+                .tree(ANSWERS)
+                .insert(&key, crate::store::encode_json(&answer))
+            {
+                tracing::warn!(rollout = %rollout, error = %e, "could not record the answer to a forwarded command");
+            }
+        });
+        taken.push((
+            forwarded.rollout,
+            Command {
+                kind: forwarded.kind,
+                plan: forwarded.plan,
+                by: forwarded.by,
+                reason: forwarded.reason,
+                reply,
+            },
+        ));
+    }
+    taken
+}
+
+/// Every `renew_every`: renews this replica's leases, stops the actors of those it lost, and
+/// takes unowned (or expired) rollouts that can move, up to its limit (`take` starts an actor
+/// for one if its lease is taken).
+fn tend_leases(
+    shared: &Shared,
+    leasing: &Leasing,
+    actors: &mut BTreeMap<String, Driven>,
+    take: &mut dyn FnMut(&str, &mut BTreeMap<String, Driven>),
+) {
+    let store = &shared.store;
+    match store.renew_leases(leasing.lease) {
+        Ok(lost) => {
+            for id in lost {
+                tracing::warn!(rollout = %id, "the rollout's lease was taken by another replica: stopping its actor");
+                if let Some(actor) = actors.get(&id) {
+                    let _ = actor.stop.send(true);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not renew the leases"),
+    }
+    if actors.len() < leasing.max_rollouts {
+        let live: std::collections::BTreeSet<String> = match store.leases() {
+            Ok(all) => all
+                .into_iter()
+                .filter(|l| l.remaining_ms > 0)
+                .map(|l| l.rollout)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the leases");
+                return;
+            }
+        };
+        match store.glances() {
+            Ok(listed) => {
+                for listed in listed {
+                    if actors.len() >= leasing.max_rollouts {
+                        break;
+                    }
+                    let rollout = &listed.glance;
+                    if (finished(rollout.status) && rollout.pending == 0)
+                        || waits_for_a_person(rollout)
+                        || actors.contains_key(&rollout.id)
+                        || live.contains(&rollout.id)
+                    {
+                        continue;
+                    }
+                    take(&rollout.id, actors);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list the rollouts"),
+        }
+    }
+    let held: Vec<String> = store.held_leases().into_iter().map(|(id, _)| id).collect();
+    crate::metrics::global().set_leases(&leasing.replica, &held);
+}
+
+impl Runner {
     /// Waits for the listing begun by [`start_loading`] (begun now if the runner was made
     /// outside a runtime).
     async fn list_and_load(&mut self) -> Result<(Listed, mpsc::Receiver<Ready>), EngineError> {
@@ -721,7 +1081,7 @@ impl Actor {
         };
         let mut loaded = match loaded {
             Ok(loaded) => loaded,
-            Err(e) => return self.ended(None, Some(e.to_string())),
+            Err(e) => return self.failed(None, &e),
         };
         self.last_now = loaded.stored.rollout.updated_at;
         let shared = self.shared.clone();
@@ -764,7 +1124,7 @@ impl Actor {
                     }
                     Ok(Next::Idle) => wake = Some(Duration::MAX),
                     Err(e) => {
-                        return self.ended(Some(loaded.stored.rollout.status), Some(e.to_string()));
+                        return self.failed(Some(loaded.stored.rollout.status), &e);
                     }
                 }
             }
@@ -789,7 +1149,7 @@ impl Actor {
                     self.steps = 0;
                     self.in_flight = None;
                     if let Err(e) = self.returned(&engine, &mut loaded, returned) {
-                        return self.ended(Some(loaded.stored.rollout.status), Some(e.to_string()));
+                        return self.failed(Some(loaded.stored.rollout.status), &e);
                     }
                 }
                 () = sleep_for(sleep), if sleep.is_some() => {
@@ -811,6 +1171,15 @@ impl Actor {
             id: self.id.clone(),
             status,
             error,
+            fenced: false,
+        }
+    }
+
+    /// Ended on an error (fenced: the lease was lost).
+    fn failed(&self, status: Option<RolloutStatus>, error: &EngineError) -> Ended {
+        Ended {
+            fenced: is_fenced(error),
+            ..self.ended(status, Some(error.to_string()))
         }
     }
 

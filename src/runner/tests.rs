@@ -103,6 +103,7 @@ fn serve_settings() -> Settings {
         only: None,
         once: false,
         limits: Limits::default(),
+        leasing: None,
     }
 }
 

@@ -14,8 +14,10 @@
 //!
 //! Two locks keep processes apart on sled: `store.lock` is held while the store is open (short
 //! commands wait for it briefly), `driver.lock` is held by `run` for its whole life so that only
-//! one process ever drives rollouts. On PostgreSQL the driver lock is an advisory lock of the
-//! database, and there is no store lock (the database serialises commits).
+//! one process ever drives rollouts. On PostgreSQL there is no store lock (the database
+//! serialises commits): `serve` replicas share the rollouts through leases, and every commit of a
+//! replica is fenced by the epoch of its lease of the rollout ([`Store::acquire_lease`],
+//! [`StoreError::Fenced`]); `run` takes an advisory lock of the database against a second `run`.
 
 mod export;
 mod identity;
@@ -83,6 +85,12 @@ pub enum StoreError {
     NotFound(String),
     #[error("a rollout `{0}` already exists")]
     AlreadyExists(String),
+    /// A commit refused because the committer does not hold the rollout's lease at its epoch
+    /// (PostgreSQL): another replica owns it now, or (without a lease) one does.
+    #[error(
+        "rollout `{id}` is owned by another replica (its lease is at fencing epoch {epoch}): nothing was committed"
+    )]
+    Fenced { id: String, epoch: u64 },
     #[error(
         "rollout `{id}` moved on concurrently (expected event {expected}, store is at {found})"
     )]
@@ -112,6 +120,20 @@ pub struct Attached<'a> {
     pub claims: Option<&'a [String]>,
 }
 
+/// A rollout's lease as the database has it (see [`Store::leases`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LeaseInfo {
+    pub rollout: String,
+    /// The replica holding (or last holding) it.
+    pub owner: String,
+    pub epoch: u64,
+    /// How long it still runs on the database's clock; zero or less: expired.
+    pub remaining_ms: i64,
+}
+
+/// The bounds of a lease's length and its renewal interval.
+pub const LEASE_BOUNDS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3600));
+
 /// An open store. Cheap to share by reference; dropping it releases the store lock.
 pub struct Store {
     /// The store's directory, or its PostgreSQL URL without the password.
@@ -123,7 +145,16 @@ pub struct Store {
     /// Commits hold it shared; an export holds it alone, so that its snapshot of rollouts,
     /// trails, plans and baselines is one moment's even while a daemon commits.
     commits: RwLock<()>,
+    /// On PostgreSQL, this process's replica name and the epoch of each lease it holds: what
+    /// its commits are fenced by.
+    leases: Mutex<Leases>,
     _lock: Option<FileLock>,
+}
+
+#[derive(Default)]
+struct Leases {
+    replica: Option<String>,
+    held: HashMap<String, u64>,
 }
 
 /// What keeps a store's trees.
@@ -179,8 +210,11 @@ impl Backend {
 
 /// Everything one transition writes, encoded: the rollout moves from event `seq - 1` to `seq`.
 /// A backend writes all of it in one transaction, or nothing if the rollout is no longer at
-/// `seq - 1` ([`StoreError::Conflict`]). (An owner's fencing epoch will be one more condition.)
+/// `seq - 1` ([`StoreError::Conflict`]) or, on PostgreSQL, if the committer's fence (its
+/// replica's name and the epoch of its lease of the rollout; none: no replica may hold a live
+/// lease) no longer holds ([`StoreError::Fenced`]).
 pub(crate) struct CommitWrite {
+    pub fence: Option<(String, u64)>,
     pub id: String,
     pub seq: u64,
     pub rollout: Vec<u8>,
@@ -339,6 +373,7 @@ impl Store {
                 id: String::new(),
                 claim_index: Mutex::new(None),
                 commits: RwLock::new(()),
+                leases: Mutex::new(Leases::default()),
                 _lock: None,
             };
             store.id = store.identity(None, false)?;
@@ -364,6 +399,7 @@ impl Store {
             id: String::new(),
             claim_index: Mutex::new(None),
             commits: RwLock::new(()),
+            leases: Mutex::new(Leases::default()),
             path: dir.to_path_buf(),
             _lock: Some(lock),
         };
@@ -752,7 +788,15 @@ impl Store {
             },
             last_hash: event.hash.clone(),
         };
+        let fence = {
+            let leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+            match (&leases.replica, leases.held.get(&id)) {
+                (Some(replica), Some(epoch)) => Some((replica.clone(), *epoch)),
+                _ => None,
+            }
+        };
         let write = CommitWrite {
+            fence,
             rollout: records::encode(&stored),
             event_key: records::event_key(&id, seq),
             event: event_bytes,
@@ -765,7 +809,15 @@ impl Store {
             seq,
         };
         let committing = self.commits.read().unwrap_or_else(PoisonError::into_inner);
-        self.backend.commit(&write)?;
+        if let Err(err) = self.backend.commit(&write) {
+            if let StoreError::Fenced { .. } = err {
+                crate::metrics::global().fenced(write.fence.is_some());
+                if write.fence.is_some() {
+                    self.lease_lost(&id);
+                }
+            }
+            return Err(err);
+        }
         if let Some(claims) = attached.claims {
             self.claims_written(&id, claims);
         }
@@ -781,6 +833,126 @@ impl Store {
             self.write_kit(&id, event.recorded_at);
         }
         Ok(event)
+    }
+
+    /// Names this process as a replica: its commits are fenced by the leases it takes from now
+    /// on (PostgreSQL only).
+    pub fn set_replica(&self, replica: &str) {
+        self.leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replica = Some(replica.to_string());
+    }
+
+    fn postgres(&self) -> Result<&postgres::PgBackend, StoreError> {
+        match &*self.backend {
+            Backend::Postgres(b) => Ok(b),
+            Backend::Sled(_) => Err(StoreError::Database {
+                path: self.path.clone(),
+                message: "leases are kept only by a PostgreSQL store".into(),
+            }),
+        }
+    }
+
+    fn replica(&self) -> Result<String, StoreError> {
+        self.leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replica
+            .clone()
+            .ok_or_else(|| StoreError::Database {
+                path: self.path.clone(),
+                message: "this process is not a replica (no replica name set)".into(),
+            })
+    }
+
+    /// Takes the lease of rollout `id` for `ttl` (on the database's clock) if it is unowned or
+    /// its lease expired, or renews this replica's own: its epoch if this replica holds it now,
+    /// `None` if another replica does. This replica's commits of `id` are fenced by it from now on.
+    pub fn acquire_lease(&self, id: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
+        let replica = self.replica()?;
+        let epoch = self.postgres()?.acquire(id, &replica, ttl)?;
+        let mut leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+        match epoch {
+            Some(epoch) => leases.held.insert(id.to_string(), epoch),
+            None => leases.held.remove(id),
+        };
+        Ok(epoch)
+    }
+
+    /// Renews every lease this replica holds for `ttl`; returns those it no longer holds (taken
+    /// by another replica after they expired), which it forgets.
+    pub fn renew_leases(&self, ttl: Duration) -> Result<Vec<String>, StoreError> {
+        let replica = self.replica()?;
+        let held: Vec<(String, u64)> = {
+            let leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+            leases.held.iter().map(|(id, e)| (id.clone(), *e)).collect()
+        };
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let kept: BTreeSet<String> = self
+            .postgres()?
+            .renew(&replica, &held, ttl)?
+            .into_iter()
+            .collect();
+        let mut leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut lost = Vec::new();
+        for (id, epoch) in held {
+            if !kept.contains(&id) && leases.held.get(&id) == Some(&epoch) {
+                leases.held.remove(&id);
+                lost.push(id);
+            }
+        }
+        Ok(lost)
+    }
+
+    /// Gives up this replica's lease of `id` (a clean stop): another replica may take it at once.
+    pub fn release_lease(&self, id: &str) -> Result<(), StoreError> {
+        let replica = self.replica()?;
+        let epoch = self
+            .leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .held
+            .remove(id);
+        match epoch {
+            Some(epoch) => self.postgres()?.release(id, &replica, epoch),
+            None => Ok(()),
+        }
+    }
+
+    fn lease_lost(&self, id: &str) {
+        self.leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .held
+            .remove(id);
+    }
+
+    /// The rollouts this replica holds the lease of, with their epochs.
+    pub fn held_leases(&self) -> Vec<(String, u64)> {
+        let leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut held: Vec<_> = leases.held.iter().map(|(id, e)| (id.clone(), *e)).collect();
+        held.sort();
+        held
+    }
+
+    /// Whether this replica holds the lease of `id`.
+    pub fn holds_lease(&self, id: &str) -> bool {
+        self.leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .held
+            .contains_key(id)
+    }
+
+    /// Every rollout's lease as the database has it (PostgreSQL; none on sled).
+    pub fn leases(&self) -> Result<Vec<LeaseInfo>, StoreError> {
+        match &*self.backend {
+            Backend::Postgres(b) => b.leases(),
+            Backend::Sled(_) => Ok(Vec::new()),
+        }
     }
 
     /// The chain head of rollout `id` as it was at event `seq`.

@@ -9,8 +9,19 @@
 //! One commit is ONE SQL statement (a chain of data-modifying CTEs, one implicit transaction):
 //! the rollout's row moves from event `seq - 1` to `seq` only if it is still at `seq - 1`, and
 //! the event, plan, baseline and claims are inserted only if it moved. The server has made it
-//! durable (WAL flushed, `synchronous_commit`) when the statement returns. A later condition
-//! (an owner's fencing epoch) is one more CTE the `moved` row depends on.
+//! durable (WAL flushed, `synchronous_commit`) when the statement returns.
+//!
+//! **Leases and fencing.** Replicas of `serve` on one database each own some rollouts through a
+//! row of `phasegate.leases (rollout, owner, epoch, expires_at)`: taken when the rollout is
+//! unowned or its lease expired (the epoch goes up by one on every change of owner), renewed by
+//! its owner, released on a clean shutdown. Expiry is read on the database's clock (`now()`),
+//! so the replicas' clocks do not matter. Every commit carries the committer's fence: one more
+//! CTE, which locks the committer's lease row (`FOR SHARE`) and yields a row only if the
+//! committer still holds the rollout at its epoch; `moved` depends on it. A taking-over replica's
+//! `UPDATE` of the lease waits for a commit holding that lock and a commit waits for a takeover
+//! in progress (and then reads the new owner), so a commit is either wholly before the takeover
+//! or refused ([`StoreError::Fenced`]). A commit without a fence (a CLI command on the store
+//! itself) is refused while any replica holds a live lease of the rollout.
 //!
 //! The `Store` API is synchronous and is called from tokio worker threads. The synchronous
 //! `postgres` client runs a runtime of its own and must never be driven from inside another,
@@ -26,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use ::postgres::{Client, Config, Statement};
 
@@ -34,7 +46,7 @@ use super::{Bytes, CommitWrite, StoreError};
 mod tls;
 
 /// The schema this phasegate creates and reads; bump it with a migration in [`migrate`].
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Whether a store location is a PostgreSQL URL.
 pub fn is_url(location: &Path) -> bool {
@@ -237,6 +249,7 @@ const DRIVER_LOCK: i64 = 0x7068_6173_6567_0002;
 ///
 /// Version 1: schema `phasegate`, `schema_version (version, applied_at)` and
 /// `entries (tree, key, value, seq)` with primary key `(tree, key)`.
+/// Version 2: `leases (rollout, owner, epoch, expires_at)` with primary key `rollout`.
 fn migrate(conn: &mut Conn, path: PathBuf) -> Result<(), Failure> {
     let client = conn.client()?;
     let mut tx = client.transaction()?;
@@ -273,6 +286,18 @@ fn migrate(conn: &mut Conn, path: PathBuf) -> Result<(), Failure> {
         )?;
         tracing::info!(store = %path.display(), version = 1, "created the store's schema");
     }
+    if found < 2 {
+        tx.batch_execute(
+            "CREATE TABLE phasegate.leases (
+                 rollout text PRIMARY KEY,
+                 owner text NOT NULL,
+                 epoch bigint NOT NULL,
+                 expires_at timestamptz NOT NULL
+             );
+             INSERT INTO phasegate.schema_version (version) VALUES (2);",
+        )?;
+        tracing::info!(store = %path.display(), version = 2, "added the rollouts' leases to the store's schema");
+    }
     tx.commit()?;
     Ok(())
 }
@@ -289,12 +314,26 @@ const SEQ: &str = "SELECT seq FROM phasegate.entries WHERE tree = 'rollouts' AND
 /// event, `$3 = 1`, creates it; a row that appears meanwhile is a conflict). Every
 /// data-modifying CTE runs to completion whether or not the final SELECT reads it; those that
 /// select `FROM moved` write nothing when the rollout did not move.
-const COMMIT: &str = "WITH moved AS (
+///
+/// The fence (`$10` owner, `$11` epoch, `$12` the rollout's id as text): with an owner, its lease
+/// row locked and still at that owner and epoch; without one, no live lease of the rollout.
+const COMMIT: &str = "WITH held AS (
+         SELECT 1 FROM phasegate.leases
+             WHERE rollout = $12::text AND owner = $10::text AND epoch = $11::bigint
+         FOR SHARE
+     ), fence AS (
+         SELECT 1 WHERE CASE WHEN $10::text IS NULL
+             THEN NOT EXISTS (
+                 SELECT 1 FROM phasegate.leases WHERE rollout = $12::text AND expires_at > now()
+             )
+             ELSE EXISTS (SELECT 1 FROM held)
+         END
+     ), moved AS (
          INSERT INTO phasegate.entries AS e (tree, key, value, seq)
              SELECT 'rollouts', $1::bytea, $2::bytea, $3::bigint
-             WHERE $3::bigint = 1 OR EXISTS (
+             WHERE EXISTS (SELECT 1 FROM fence) AND ($3::bigint = 1 OR EXISTS (
                  SELECT 1 FROM phasegate.entries WHERE tree = 'rollouts' AND key = $1::bytea
-             )
+             ))
          ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value, seq = EXCLUDED.seq
              WHERE e.seq = $3::bigint - 1
          RETURNING 1
@@ -315,7 +354,39 @@ const COMMIT: &str = "WITH moved AS (
              SELECT 'claims', $1::bytea, $9::bytea FROM moved WHERE $9::bytea IS NOT NULL
          ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value
      )
-     SELECT (SELECT count(*) FROM moved) + (SELECT count(*) FROM event)";
+     SELECT (SELECT count(*) FROM moved) + (SELECT count(*) FROM event),
+         (SELECT count(*) FROM fence)";
+
+/// Takes the lease of rollout `$1` for owner `$2` for `$3` milliseconds of the database's clock:
+/// when there is none, when it expired, or when it is the owner's own (renewed). The epoch goes
+/// up by one whenever the owner changes or an expired lease is taken again.
+const ACQUIRE: &str = "INSERT INTO phasegate.leases AS l (rollout, owner, epoch, expires_at)
+     VALUES ($1, $2, 1, now() + $3::bigint * interval '1 millisecond')
+     ON CONFLICT (rollout) DO UPDATE SET
+         owner = EXCLUDED.owner,
+         epoch = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > now()
+             THEN l.epoch ELSE l.epoch + 1 END,
+         expires_at = EXCLUDED.expires_at
+     WHERE l.expires_at <= now() OR l.owner = EXCLUDED.owner
+     RETURNING epoch";
+
+/// Renews the leases owner `$2` still holds of rollouts `$1` at their epochs `$4`.
+const RENEW: &str = "UPDATE phasegate.leases AS l
+     SET expires_at = now() + $3::bigint * interval '1 millisecond'
+     FROM unnest($1::text[], $4::bigint[]) AS held (rollout, epoch)
+     WHERE l.rollout = held.rollout AND l.epoch = held.epoch AND l.owner = $2
+     RETURNING l.rollout";
+
+/// Gives a lease up (it expires now; the row and its epoch stay, so epochs only grow).
+const RELEASE: &str = "UPDATE phasegate.leases SET expires_at = now()
+     WHERE rollout = $1 AND owner = $2 AND epoch = $3 AND expires_at > now()";
+
+const LEASE_OF: &str =
+    "SELECT owner, epoch, expires_at > now() FROM phasegate.leases WHERE rollout = $1";
+
+const LEASES: &str = "SELECT rollout, owner, epoch,
+         (extract(epoch FROM (expires_at - now())) * 1000)::bigint
+     FROM phasegate.leases ORDER BY rollout";
 
 /// The first key after every key that starts with `prefix` (none for an empty prefix or one of
 /// 0xff bytes only).
@@ -351,6 +422,11 @@ fn seq_of_rollout(tree: &str, value: &[u8]) -> Option<i64> {
     serde_json::from_slice::<Envelope>(value)
         .ok()
         .and_then(|e| i64::try_from(e.data.rollout.last_seq).ok())
+}
+
+/// A lease length in milliseconds, as the statements take it (bounded by the caller).
+fn millis(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn to_i64(seq: u64, id: &str) -> Result<i64, StoreError> {
@@ -475,20 +551,32 @@ impl PgBackend {
         };
         let (baseline, claims) = (write.baseline.clone(), write.claims.clone());
         let expected = write.seq;
+        let (owner, epoch) = match &write.fence {
+            Some((owner, epoch)) => (Some(owner.clone()), Some(to_i64(*epoch, &id)?)),
+            None => (None, None),
+        };
         self.worker.call_store(move |conn| {
             let (client, statement) = conn.prepared(COMMIT)?;
             let key = id.as_bytes().to_vec();
-            let written: i64 = client
-                .query_one(
-                    &statement,
-                    &[
-                        &key, &rollout, &seq, &event_key, &event, &plan_key, &plan, &baseline,
-                        &claims,
-                    ],
-                )?
-                .get(0);
+            let row = client.query_one(
+                &statement,
+                &[
+                    &key, &rollout, &seq, &event_key, &event, &plan_key, &plan, &baseline, &claims,
+                    &owner, &epoch, &id,
+                ],
+            )?;
+            let (written, fenced): (i64, i64) = (row.get(0), row.get(1));
             if written == 2 {
                 return Ok(());
+            }
+            if fenced == 0 {
+                let (client, statement) = conn.prepared(LEASE_OF)?;
+                let lease = client.query_opt(&statement, &[&id])?;
+                let epoch = lease.map_or(0, |row| row.get::<_, i64>(1));
+                return Err(Failure::Store(StoreError::Fenced {
+                    id,
+                    epoch: u64::try_from(epoch).unwrap_or(0),
+                }));
             }
             let (client, statement) = conn.prepared(SEQ)?;
             let found: Option<i64> = client
@@ -499,6 +587,67 @@ impl PgBackend {
                 expected,
                 found: found.and_then(|f| u64::try_from(f).ok()).unwrap_or(0),
             }))
+        })
+    }
+
+    /// Takes (or renews) the lease of rollout `id` for `owner`: its epoch if `owner` holds it now,
+    /// `None` if another owner's lease is live.
+    pub fn acquire(&self, id: &str, owner: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
+        let (id, owner, ttl) = (id.to_string(), owner.to_string(), millis(ttl));
+        self.worker.call(move |conn| {
+            let (client, statement) = conn.prepared(ACQUIRE)?;
+            let row = client.query_opt(&statement, &[&id, &owner, &ttl])?;
+            Ok(row.and_then(|row| u64::try_from(row.get::<_, i64>(0)).ok()))
+        })
+    }
+
+    /// Renews the leases `owner` holds (`held`: rollout and epoch), in one statement; returns the
+    /// rollouts whose lease it still holds.
+    pub fn renew(
+        &self,
+        owner: &str,
+        held: &[(String, u64)],
+        ttl: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let owner = owner.to_string();
+        let ids: Vec<String> = held.iter().map(|(id, _)| id.clone()).collect();
+        let epochs: Vec<i64> = held
+            .iter()
+            .map(|(_, epoch)| i64::try_from(*epoch).unwrap_or(i64::MAX))
+            .collect();
+        let ttl = millis(ttl);
+        self.worker.call(move |conn| {
+            let (client, statement) = conn.prepared(RENEW)?;
+            let rows = client.query(&statement, &[&ids, &owner, &ttl, &epochs])?;
+            Ok(rows.into_iter().map(|row| row.get(0)).collect())
+        })
+    }
+
+    /// Gives up `owner`'s lease of `id` at `epoch` (if it still holds it).
+    pub fn release(&self, id: &str, owner: &str, epoch: u64) -> Result<(), StoreError> {
+        let (id, owner) = (id.to_string(), owner.to_string());
+        let epoch = to_i64(epoch, &id)?;
+        self.worker.call(move |conn| {
+            let (client, statement) = conn.prepared(RELEASE)?;
+            client.execute(&statement, &[&id, &owner, &epoch])?;
+            Ok(())
+        })
+    }
+
+    /// Every lease, with how long it still runs on the database's clock (negative: expired).
+    pub fn leases(&self) -> Result<Vec<super::LeaseInfo>, StoreError> {
+        self.worker.call(|conn| {
+            let (client, statement) = conn.prepared(LEASES)?;
+            let rows = client.query(&statement, &[])?;
+            Ok(rows
+                .into_iter()
+                .map(|row| super::LeaseInfo {
+                    rollout: row.get(0),
+                    owner: row.get(1),
+                    epoch: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+                    remaining_ms: row.get::<_, Option<i64>>(3).unwrap_or(0),
+                })
+                .collect())
         })
     }
 

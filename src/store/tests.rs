@@ -758,3 +758,118 @@ on_both! {
         assert!(store.events("w-9").unwrap().is_empty());
     }
 }
+
+/// Makes every lease of the database expired, as if its length had passed on the database's
+/// clock (a paused owner that did not renew).
+fn expire_leases(place: &Place) {
+    let url = place.path().to_str().unwrap().to_string();
+    let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    client
+        .execute(
+            "UPDATE phasegate.leases SET expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .unwrap();
+}
+
+fn tick(store: &Store, current: &StoredRollout) -> Result<EventRecord, StoreError> {
+    let next = current.rollout.clone();
+    store.commit(
+        current,
+        &next,
+        record(&next, EventKind::Tick),
+        Attached::default(),
+    )
+}
+
+/// A stale owner (its lease expired and another replica took it) commits nothing, even from the
+/// head the store is at: the fence refuses it, and the new owner's commits go on.
+#[test]
+fn on_postgres_a_stale_owners_commit_after_a_takeover_is_fenced_and_leaves_nothing() {
+    let place = Place::postgres();
+    let stale = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let fresh = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    stale.set_replica("replica-a");
+    fresh.set_replica("replica-b");
+    let ttl = Duration::from_secs(60);
+    let current = created(&stale);
+    assert_eq!(stale.acquire_lease("w-1", ttl).unwrap(), Some(1));
+    // Live: the other replica cannot take it, and a commit without a lease is refused.
+    assert_eq!(fresh.acquire_lease("w-1", ttl).unwrap(), None);
+    let unfenced = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    assert!(
+        matches!(
+            tick(&unfenced, &current),
+            Err(StoreError::Fenced { epoch: 1, .. })
+        ),
+        "a commit without the lease goes through while a replica owns the rollout"
+    );
+    let current = {
+        tick(&stale, &current).unwrap();
+        stale.rollout("w-1").unwrap()
+    };
+    assert_eq!(current.rollout.last_seq, 2);
+    expire_leases(&place);
+    assert_eq!(fresh.acquire_lease("w-1", ttl).unwrap(), Some(2));
+    let fenced_before = crate::metrics::global().fenced_count();
+    let refused = tick(&stale, &current);
+    assert!(
+        matches!(refused, Err(StoreError::Fenced { ref id, epoch: 2 }) if id == "w-1"),
+        "{refused:?}"
+    );
+    assert!(
+        !stale.holds_lease("w-1"),
+        "a fenced replica forgets the lease"
+    );
+    assert!(crate::metrics::global().fenced_count() > fenced_before);
+    // Nothing of the refused commit is in the store.
+    assert_eq!(fresh.rollout("w-1").unwrap().rollout.last_seq, 2);
+    assert_eq!(fresh.events("w-1").unwrap().len(), 2);
+    // The new owner commits from the same head; the stale one's renewal tells it the lease is lost.
+    tick(&fresh, &current).unwrap();
+    assert_eq!(stale.renew_leases(ttl).unwrap(), Vec::<String>::new());
+    assert_eq!(fresh.verify("w-1").unwrap(), Ok(3));
+    let leases = fresh.leases().unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(
+        (leases[0].owner.as_str(), leases[0].epoch),
+        ("replica-b", 2)
+    );
+    assert!(leases[0].remaining_ms > 0, "{leases:?}");
+}
+
+/// Renewing keeps a lease (and its epoch); one taken over is reported lost; a released one is
+/// taken by another replica at once, one epoch up.
+#[test]
+fn on_postgres_leases_are_renewed_lost_and_released() {
+    let place = Place::postgres();
+    let a = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let b = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    a.set_replica("replica-a");
+    b.set_replica("replica-b");
+    let ttl = Duration::from_secs(60);
+    let current = created(&a);
+    assert_eq!(a.acquire_lease("w-1", ttl).unwrap(), Some(1));
+    assert_eq!(
+        a.acquire_lease("w-1", ttl).unwrap(),
+        Some(1),
+        "its own lease is renewed"
+    );
+    assert_eq!(a.renew_leases(ttl).unwrap(), Vec::<String>::new());
+    assert_eq!(a.held_leases(), vec![("w-1".to_string(), 1)]);
+    expire_leases(&place);
+    assert_eq!(b.acquire_lease("w-1", ttl).unwrap(), Some(2));
+    assert_eq!(a.renew_leases(ttl).unwrap(), vec!["w-1".to_string()]);
+    assert!(a.held_leases().is_empty());
+    tick(&b, &current).unwrap();
+    b.release_lease("w-1").unwrap();
+    assert_eq!(a.acquire_lease("w-1", ttl).unwrap(), Some(3));
+    // A replica without the lease is refused, its commit leaves nothing.
+    let after = a.rollout("w-1").unwrap();
+    assert!(matches!(
+        tick(&b, &after),
+        Err(StoreError::Fenced { epoch: 3, .. })
+    ));
+    tick(&a, &after).unwrap();
+    assert_eq!(a.verify("w-1").unwrap(), Ok(3));
+}

@@ -949,6 +949,7 @@ fn run_child(dir: &Path) {
         only: None,
         once: false,
         limits: Limits::default(),
+        leasing: None,
     };
     let runner = phasegate::runner::Runner::new(store, notifier, settings);
     let mut resumed = runner.handle().resumed();

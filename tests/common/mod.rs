@@ -385,8 +385,14 @@ impl Serve {
 
     /// [`Serve::start`] with these variables in its environment too.
     pub fn start_with_env(store: &std::path::Path, env: &[(&str, &str)]) -> Serve {
+        Serve::start_with(store, &[], env)
+    }
+
+    /// [`Serve::start_with_env`] with these arguments of `serve` too.
+    pub fn start_with(store: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
             .env("PHASEGATE_STORE", store)
             .env("PHASEGATE_GRAPH_SECRET", SECRET)
             .env_remove("RUST_LOG")
