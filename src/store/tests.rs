@@ -772,16 +772,6 @@ fn expire_leases(place: &Place) {
         .unwrap();
 }
 
-fn tick(store: &Store, current: &StoredRollout) -> Result<EventRecord, StoreError> {
-    let next = current.rollout.clone();
-    store.commit(
-        current,
-        &next,
-        record(&next, EventKind::Tick),
-        Attached::default(),
-    )
-}
-
 /// A stale owner (its lease expired and another replica took it) commits nothing, even from the
 /// head the store is at: the fence refuses it, and the new owner's commits go on.
 #[test]
