@@ -90,7 +90,35 @@ fn config_of(url: &str) -> Result<(Config, tls::Connector), StoreError> {
         config.application_name("phasegate");
     }
     config.connect_timeout(std::time::Duration::from_secs(10));
+    config.options(&session_options(config.get_options()));
     Ok((config, connector))
+}
+
+/// How long the server lets one of phasegate's sessions sit inside an open transaction waiting
+/// for its next statement before it ends the session, rolling the transaction back.
+///
+/// phasegate never waits inside a transaction: it sends a batch's statements back to back. A
+/// process that stops between two of them (SIGSTOP, a frozen VM, a partition) would otherwise
+/// keep its row locks for as long as it is stopped and block every other replica's commits on
+/// those rows, lease or no lease. `idle_in_transaction_session_timeout` is PostgreSQL's bound on
+/// exactly that ("Terminate any session that has been idle ... within an open transaction for
+/// longer than the specified amount of time", postgresql.org/docs/current/runtime-config-client.html);
+/// the stopped process finds its connection gone when it wakes and makes a new one.
+const IDLE_IN_TRANSACTION: &str = "2s";
+
+/// The server options of every session: the URL's own `options`, then the idle-in-transaction
+/// bound (unless the URL sets one).
+fn session_options(url_options: Option<&str>) -> String {
+    let own = url_options.unwrap_or("").trim();
+    if own.contains("idle_in_transaction_session_timeout") {
+        return own.to_string();
+    }
+    let bound = format!("-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION}");
+    if own.is_empty() {
+        bound
+    } else {
+        format!("{own} {bound}")
+    }
 }
 
 /// What a request gets: the connection, made (again) if needed, and its prepared statements.
@@ -722,6 +750,20 @@ pub fn lock_driver(url: &str) -> Result<DriverLock, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_session_bounds_an_idle_transaction_unless_the_url_sets_it() {
+        assert_eq!(
+            session_options(None),
+            "-c idle_in_transaction_session_timeout=2s"
+        );
+        assert_eq!(
+            session_options(Some("-c search_path=x")),
+            "-c search_path=x -c idle_in_transaction_session_timeout=2s"
+        );
+        let own = "-c idle_in_transaction_session_timeout=10s";
+        assert_eq!(session_options(Some(own)), own);
+    }
 
     #[test]
     fn a_password_never_shows() {
