@@ -282,207 +282,208 @@ fn mail_header<'a>(data: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-/// issue 10, must show 4.
-#[test]
-fn announcements_go_out_once_each_before_the_first_phase_also_across_a_kill() {
-    let pg = Phasegate::offline()
-        .with_env("PHASEGATE_SMTP_USER", SMTP_USER)
-        .with_env("PHASEGATE_SMTP_PASSWORD", SMTP_PASSWORD)
-        .with_env("PHASEGATE_PUBLIC_URL", "https://phasegate.contoso.com");
-    let (ca, cert, key) = relay_certificates(pg.dir.path());
-    let relay = Relay::start(&cert, &key);
-    // The first Teams request is held and never answered: the process is killed meanwhile.
-    let hooks = Hooks::start(TcpListener::bind("127.0.0.1:0").unwrap(), Some("/teams"));
-    write_plan(
-        &pg,
-        &format!(
-            r#"[[announcement]]
-channel = "email"
-on = ["start"]
-notice = "2h"
-groups = ["Pilot IT"]
-addresses = ["it-staff@contoso.com", "helpdesk@contoso.com"]
-subject = "{{plan}}: compliance checks begin"
-template = "Rollout {{rollout}} of {{plan}} has started. Its first phase is applied from {{first_phase_at}} to {{groups}}."
-smtp_host = "127.0.0.1"
-smtp_port = {smtp}
-from = "Phasegate <phasegate@contoso.com>"
-ca_file = "{ca}"
-username_env = "PHASEGATE_SMTP_USER"
-password_env = "PHASEGATE_SMTP_PASSWORD"
+on_both_stores! {
+    /// issue 10, must show 4.
+    fn announcements_go_out_once_each_before_the_first_phase_also_across_a_kill() {
+        let pg = Phasegate::offline()
+            .with_env("PHASEGATE_SMTP_USER", SMTP_USER)
+            .with_env("PHASEGATE_SMTP_PASSWORD", SMTP_PASSWORD)
+            .with_env("PHASEGATE_PUBLIC_URL", "https://phasegate.contoso.com");
+        let (ca, cert, key) = relay_certificates(pg.dir.path());
+        let relay = Relay::start(&cert, &key);
+        // The first Teams request is held and never answered: the process is killed meanwhile.
+        let hooks = Hooks::start(TcpListener::bind("127.0.0.1:0").unwrap(), Some("/teams"));
+        write_plan(
+            &pg,
+            &format!(
+                r#"[[announcement]]
+    channel = "email"
+    on = ["start"]
+    notice = "2h"
+    groups = ["Pilot IT"]
+    addresses = ["it-staff@contoso.com", "helpdesk@contoso.com"]
+    subject = "{{plan}}: compliance checks begin"
+    template = "Rollout {{rollout}} of {{plan}} has started. Its first phase is applied from {{first_phase_at}} to {{groups}}."
+    smtp_host = "127.0.0.1"
+    smtp_port = {smtp}
+    from = "Phasegate <phasegate@contoso.com>"
+    ca_file = "{ca}"
+    username_env = "PHASEGATE_SMTP_USER"
+    password_env = "PHASEGATE_SMTP_PASSWORD"
 
-[[announcement]]
-channel = "teams"
-on = ["start"]
-groups = ["Pilot IT", "Pilot Field"]
-subject = "{{plan}} starts"
-template = "Devices of {{groups}} get the new compliance policy from {{first_phase_at}}."
-url = "{hooks}/teams/workflows/9f1c/triggers/manual/paths/invoke?api-version=2016-06-01&sig=SIG-not-shown"
+    [[announcement]]
+    channel = "teams"
+    on = ["start"]
+    groups = ["Pilot IT", "Pilot Field"]
+    subject = "{{plan}} starts"
+    template = "Devices of {{groups}} get the new compliance policy from {{first_phase_at}}."
+    url = "{hooks}/teams/workflows/9f1c/triggers/manual/paths/invoke?api-version=2016-06-01&sig=SIG-not-shown"
 
-[[announcement]]
-channel = "slack"
-on = ["start"]
-template = "{{plan}} ({{rollout}}) has started: first phase from {{first_phase_at}}."
-url = "{hooks}/slack/services/T000/B000/SLACK-not-shown"
-"#,
-            smtp = relay.port,
-            hooks = hooks.url,
-        ),
-    );
-    let checked = pg.run(&["plan", "check", pg.plan.to_str().unwrap()]);
-    assert_eq!(
-        code(&checked),
-        0,
-        "{}{}",
-        stdout(&checked),
-        stderr(&checked)
-    );
-    let id = pg.start();
+    [[announcement]]
+    channel = "slack"
+    on = ["start"]
+    template = "{{plan}} ({{rollout}}) has started: first phase from {{first_phase_at}}."
+    url = "{hooks}/slack/services/T000/B000/SLACK-not-shown"
+    "#,
+                smtp = relay.port,
+                hooks = hooks.url,
+            ),
+        );
+        let checked = pg.run(&["plan", "check", pg.plan.to_str().unwrap()]);
+        assert_eq!(
+            code(&checked),
+            0,
+            "{}{}",
+            stdout(&checked),
+            stderr(&checked)
+        );
+        let id = pg.start();
 
-    // Drive it; kill -9 while the Teams delivery is in flight (after the e-mail went out).
-    let mut run = pg.spawn(&["run", &id]);
-    assert!(
-        eventually(Duration::from_secs(60), || !hooks.hits("/teams").is_empty()),
-        "no Teams request; mail: {:?}",
-        relay.mail()
-    );
-    run.kill().unwrap();
-    let killed = run.wait_with_output().unwrap();
-    assert!(!killed.status.success());
-    assert!(
-        hooks.hits("/slack").is_empty(),
-        "the Slack message went out while Teams was held"
-    );
-    let status = pg.status(&id);
-    assert_eq!(
-        status["phases"][0]["applied_at"],
-        Value::Null,
-        "the first phase was applied while announcements were in flight: {status}"
-    );
+        // Drive it; kill -9 while the Teams delivery is in flight (after the e-mail went out).
+        let mut run = pg.spawn(&["run", &id]);
+        assert!(
+            eventually(Duration::from_secs(60), || !hooks.hits("/teams").is_empty()),
+            "no Teams request; mail: {:?}",
+            relay.mail()
+        );
+        run.kill().unwrap();
+        let killed = run.wait_with_output().unwrap();
+        assert!(!killed.status.success());
+        assert!(
+            hooks.hits("/slack").is_empty(),
+            "the Slack message went out while Teams was held"
+        );
+        let status = pg.status(&id);
+        assert_eq!(
+            status["phases"][0]["applied_at"],
+            Value::Null,
+            "the first phase was applied while announcements were in flight: {status}"
+        );
 
-    // Restarted: what was in flight goes out again under the same key, the rest once.
-    let rerun = pg.run(&["run", &id]);
-    assert!(
-        matches!(code(&rerun), 0 | 3),
-        "{}{}",
-        stdout(&rerun),
-        stderr(&rerun)
-    );
+        // Restarted: what was in flight goes out again under the same key, the rest once.
+        let rerun = pg.run(&["run", &id]);
+        assert!(
+            matches!(code(&rerun), 0 | 3),
+            "{}{}",
+            stdout(&rerun),
+            stderr(&rerun)
+        );
 
-    // E-mail: one message, over STARTTLS, logged in, to both addresses and every member of
-    // Pilot IT with a mailbox (as the directory had them before the first attempt), each once.
-    let mail = relay.mail();
-    assert_eq!(mail.len(), 1, "{mail:?}");
-    let data = mail[0]["data"].as_str().unwrap();
-    assert_eq!(mail[0]["tls"], true);
-    assert_eq!(mail[0]["login"], true);
-    let trail = history(&pg, &id);
-    let members = resolved_members(&trail);
-    assert!(members.len() > 50, "Pilot IT's members: {members:?}");
-    assert!(members.iter().all(|m| m.ends_with("@contoso.com")));
-    let mut expected = members.clone();
-    expected.extend(["helpdesk@contoso.com".into(), "it-staff@contoso.com".into()]);
-    expected.sort();
-    assert_eq!(envelope(&mail[0]), expected, "each address once");
-    assert_eq!(
-        mail_header(data, "Bcc"),
-        None,
-        "the members see each other's addresses"
-    );
-    assert_eq!(
-        mail_header(data, "Subject"),
-        Some("android-guarded: compliance checks begin")
-    );
-    let message_id = mail_header(data, "Message-ID").unwrap();
-    assert!(message_id.ends_with("@contoso.com>"), "{message_id}");
-    assert!(data.contains(&format!("Rollout {id} of android-guarded has started")));
-    assert!(data.contains("to Pilot IT."), "{data}");
-    assert!(data.contains(&format!("https://phasegate.contoso.com/ui/rollouts/{id}")));
+        // E-mail: one message, over STARTTLS, logged in, to both addresses and every member of
+        // Pilot IT with a mailbox (as the directory had them before the first attempt), each once.
+        let mail = relay.mail();
+        assert_eq!(mail.len(), 1, "{mail:?}");
+        let data = mail[0]["data"].as_str().unwrap();
+        assert_eq!(mail[0]["tls"], true);
+        assert_eq!(mail[0]["login"], true);
+        let trail = history(&pg, &id);
+        let members = resolved_members(&trail);
+        assert!(members.len() > 50, "Pilot IT's members: {members:?}");
+        assert!(members.iter().all(|m| m.ends_with("@contoso.com")));
+        let mut expected = members.clone();
+        expected.extend(["helpdesk@contoso.com".into(), "it-staff@contoso.com".into()]);
+        expected.sort();
+        assert_eq!(envelope(&mail[0]), expected, "each address once");
+        assert_eq!(
+            mail_header(data, "Bcc"),
+            None,
+            "the members see each other's addresses"
+        );
+        assert_eq!(
+            mail_header(data, "Subject"),
+            Some("android-guarded: compliance checks begin")
+        );
+        let message_id = mail_header(data, "Message-ID").unwrap();
+        assert!(message_id.ends_with("@contoso.com>"), "{message_id}");
+        assert!(data.contains(&format!("Rollout {id} of android-guarded has started")));
+        assert!(data.contains("to Pilot IT."), "{data}");
+        assert!(data.contains(&format!("https://phasegate.contoso.com/ui/rollouts/{id}")));
 
-    // Teams: the held request and its repeat carry one key; it was answered once.
-    let teams = hooks.hits("/teams");
-    assert_eq!(teams.len(), 2, "{teams:?}");
-    assert_eq!(teams[0].key, teams[1].key, "a repeat under a new key");
-    assert!(!teams[0].answered && teams[1].answered);
-    assert_eq!(
-        teams[0].body, teams[1].body,
-        "the same message on every attempt"
-    );
-    let card = &teams[1].body;
-    assert_eq!(card["type"], "message");
-    assert_eq!(
-        card["attachments"][0]["contentType"],
-        "application/vnd.microsoft.card.adaptive"
-    );
-    assert_eq!(card["attachments"][0]["content"]["type"], "AdaptiveCard");
-    assert!(
-        card["attachments"][0]["content"]["body"][1]["text"]
-            .as_str()
-            .unwrap()
-            .starts_with("Devices of Pilot IT, Pilot Field get the new compliance policy from ")
-    );
+        // Teams: the held request and its repeat carry one key; it was answered once.
+        let teams = hooks.hits("/teams");
+        assert_eq!(teams.len(), 2, "{teams:?}");
+        assert_eq!(teams[0].key, teams[1].key, "a repeat under a new key");
+        assert!(!teams[0].answered && teams[1].answered);
+        assert_eq!(
+            teams[0].body, teams[1].body,
+            "the same message on every attempt"
+        );
+        let card = &teams[1].body;
+        assert_eq!(card["type"], "message");
+        assert_eq!(
+            card["attachments"][0]["contentType"],
+            "application/vnd.microsoft.card.adaptive"
+        );
+        assert_eq!(card["attachments"][0]["content"]["type"], "AdaptiveCard");
+        assert!(
+            card["attachments"][0]["content"]["body"][1]["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("Devices of Pilot IT, Pilot Field get the new compliance policy from ")
+        );
 
-    // Slack: once, with blocks and the text fallback.
-    let slack = hooks.hits("/slack");
-    assert_eq!(slack.len(), 1, "{slack:?}");
-    assert!(slack[0].answered);
-    assert!(
-        slack[0].body["blocks"]
-            .as_array()
-            .is_some_and(|b| !b.is_empty())
-    );
-    assert!(
-        slack[0].body["text"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("android-guarded ({id}) has started"))
-    );
-    let keys: std::collections::BTreeSet<&str> =
-        [teams[1].key.as_str(), slack[0].key.as_str()].into();
-    assert_eq!(keys.len(), 2, "two messages, two keys");
+        // Slack: once, with blocks and the text fallback.
+        let slack = hooks.hits("/slack");
+        assert_eq!(slack.len(), 1, "{slack:?}");
+        assert!(slack[0].answered);
+        assert!(
+            slack[0].body["blocks"]
+                .as_array()
+                .is_some_and(|b| !b.is_empty())
+        );
+        assert!(
+            slack[0].body["text"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("android-guarded ({id}) has started"))
+        );
+        let keys: std::collections::BTreeSet<&str> =
+            [teams[1].key.as_str(), slack[0].key.as_str()].into();
+        assert_eq!(keys.len(), 2, "two messages, two keys");
 
-    // The audit trail: each announcement delivered once, all before the first phase's write,
-    // which waited out the notice.
-    let delivered: Vec<&Value> = trail.iter().filter(|e| kind(e) == "delivered").collect();
-    assert_eq!(delivered.len(), 3, "{delivered:?}");
-    let mut effects = BTreeMap::new();
-    for event in &delivered {
-        let effect = &event["event"]["kind"]["effect"];
-        *effects.entry(effect.to_string()).or_insert(0) += 1;
-    }
-    assert!(effects.values().all(|&n| n == 1), "{effects:?}");
-    let first_write = trail
-        .iter()
-        .find(|e| kind(e) == "reconciled")
-        .unwrap_or_else(|| {
-            let kinds: Vec<&str> = trail.iter().map(kind).collect();
-            panic!(
-                "the first phase was not applied: {kinds:?}\n{}\n{}{}",
-                pg.status(&id),
-                stdout(&rerun),
-                stderr(&rerun)
-            )
-        });
-    let last_delivery = delivered.iter().map(|e| e["seq"].as_u64().unwrap()).max();
-    assert!(last_delivery.unwrap() < first_write["seq"].as_u64().unwrap());
-    let started_at = trail[0]["at"].as_str().unwrap();
-    let status = pg.status(&id);
-    let applied_at = status["phases"][0]["applied_at"].as_str().unwrap();
-    let seconds = |t: &str| {
-        humantime::parse_rfc3339(t)
-            .unwrap()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    };
-    assert!(
-        seconds(applied_at) >= seconds(started_at) + 2 * 3600,
-        "the first phase did not wait out the notice: started {started_at}, applied {applied_at}"
-    );
-    // Nothing secret in the trail or the status.
-    let shown = format!("{trail:?}{status}");
-    for secret in ["SIG-not-shown", "SLACK-not-shown", SMTP_PASSWORD] {
-        assert!(!shown.contains(secret), "{secret} shown");
+        // The audit trail: each announcement delivered once, all before the first phase's write,
+        // which waited out the notice.
+        let delivered: Vec<&Value> = trail.iter().filter(|e| kind(e) == "delivered").collect();
+        assert_eq!(delivered.len(), 3, "{delivered:?}");
+        let mut effects = BTreeMap::new();
+        for event in &delivered {
+            let effect = &event["event"]["kind"]["effect"];
+            *effects.entry(effect.to_string()).or_insert(0) += 1;
+        }
+        assert!(effects.values().all(|&n| n == 1), "{effects:?}");
+        let first_write = trail
+            .iter()
+            .find(|e| kind(e) == "reconciled")
+            .unwrap_or_else(|| {
+                let kinds: Vec<&str> = trail.iter().map(kind).collect();
+                panic!(
+                    "the first phase was not applied: {kinds:?}\n{}\n{}{}",
+                    pg.status(&id),
+                    stdout(&rerun),
+                    stderr(&rerun)
+                )
+            });
+        let last_delivery = delivered.iter().map(|e| e["seq"].as_u64().unwrap()).max();
+        assert!(last_delivery.unwrap() < first_write["seq"].as_u64().unwrap());
+        let started_at = trail[0]["at"].as_str().unwrap();
+        let status = pg.status(&id);
+        let applied_at = status["phases"][0]["applied_at"].as_str().unwrap();
+        let seconds = |t: &str| {
+            humantime::parse_rfc3339(t)
+                .unwrap()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        };
+        assert!(
+            seconds(applied_at) >= seconds(started_at) + 2 * 3600,
+            "the first phase did not wait out the notice: started {started_at}, applied {applied_at}"
+        );
+        // Nothing secret in the trail or the status.
+        let shown = format!("{trail:?}{status}");
+        for secret in ["SIG-not-shown", "SLACK-not-shown", SMTP_PASSWORD] {
+            assert!(!shown.contains(secret), "{secret} shown");
+        }
     }
 }
 
@@ -514,216 +515,219 @@ fn envelope(mail: &Value) -> Vec<String> {
     to
 }
 
-/// An e-mail to a directory group: its members are read once and fixed before the first
-/// attempt; the relay is down at first, the process is killed -9 and started again, and the
-/// message reaches exactly the members first read, once each. Members without a mailbox are
-/// named in the delivery's audit event.
-#[test]
-fn an_email_to_a_group_reaches_its_members_once_across_a_kill_and_restart() {
-    let pg = Phasegate::offline()
+on_both_stores! {
+    /// An e-mail to a directory group: its members are read once and fixed before the first
+    /// attempt; the relay is down at first, the process is killed -9 and started again, and the
+    /// message reaches exactly the members first read, once each. Members without a mailbox are
+    /// named in the delivery's audit event.
+    fn an_email_to_a_group_reaches_its_members_once_across_a_kill_and_restart() {
+        let pg = Phasegate::offline()
+            .with_env("PHASEGATE_SMTP_USER", SMTP_USER)
+            .with_env("PHASEGATE_SMTP_PASSWORD", SMTP_PASSWORD);
+        let (ca, cert, key) = relay_certificates(pg.dir.path());
+        let port = free_port();
+        write_plan(
+            &pg,
+            &format!(
+                r#"[[announcement]]
+    channel = "email"
+    on = ["start"]
+    groups = ["Pilot IT", "Pilot Field"]
+    addresses = ["Helpdesk@contoso.com"]
+    template = "{{plan}} starts for {{groups}}."
+    smtp_host = "127.0.0.1"
+    smtp_port = {port}
+    from = "phasegate@contoso.com"
+    ca_file = "{ca}"
+    username_env = "PHASEGATE_SMTP_USER"
+    password_env = "PHASEGATE_SMTP_PASSWORD"
+    "#
+            ),
+        );
+        let mut serve = pg
+            .command(&["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(serve.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let id = pg.start();
+        // The relay is down: the members are read and fixed, the message stays in the outbox.
+        assert!(
+            eventually(Duration::from_secs(60), || {
+                history(&pg, &id)
+                    .iter()
+                    .any(|e| kind(e) == "recipients_resolved")
+            }),
+            "the group's members were never read: {:?}",
+            history(&pg, &id)
+        );
+        serve.kill().unwrap();
+        let _ = serve.wait();
+        let members = resolved_members(&history(&pg, &id));
+        assert!(members.len() > 100, "{members:?}");
+
+        // The relay is back; a new process sends to the list fixed before, once.
+        let relay = Relay::start_on(port, &cert, &key);
+        let rerun = pg.run(&["run", &id]);
+        assert!(
+            matches!(code(&rerun), 0 | 3),
+            "{}{}",
+            stdout(&rerun),
+            stderr(&rerun)
+        );
+        let mail = relay.mail();
+        assert_eq!(mail.len(), 1, "{mail:?}");
+        let mut expected: Vec<String> = members.iter().map(|m| m.to_lowercase()).collect();
+        expected.push("helpdesk@contoso.com".into());
+        expected.sort();
+        assert_eq!(envelope(&mail[0]), expected);
+        let trail = history(&pg, &id);
+        assert_eq!(
+            resolved_members(&trail),
+            members,
+            "read again after the restart"
+        );
+        let resolved = trail
+            .iter()
+            .find(|e| kind(e) == "recipients_resolved")
+            .unwrap();
+        let without: Vec<&str> = resolved["event"]["kind"]["recipients"]["without_mail"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        assert!(!without.is_empty(), "the simulated IT has unlicensed users");
+        let delivered: Vec<&Value> = trail.iter().filter(|e| kind(e) == "delivered").collect();
+        assert_eq!(delivered.len(), 1, "{}{}", stdout(&rerun), stderr(&rerun));
+        let reason = delivered[0]["event"]["trigger"]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains(&format!("{} without a mail address", without.len()))
+                && reason.contains(without[0]),
+            "{reason}"
+        );
+    }
+}
+
+on_both_stores! {
+    /// A channel that is down holds nothing up, and its message goes out once it is back.
+    fn a_channel_that_is_down_holds_nothing_up_and_gets_its_message_when_back() {
+        let pg = Phasegate::offline();
+        let port = free_port();
+        write_plan(
+            &pg,
+            &format!(
+                r#"[[announcement]]
+    channel = "slack"
+    on = ["start"]
+    template = "{{plan}} has started."
+    url = "http://127.0.0.1:{port}/slack/services/T/B/S"
+    "#
+            ),
+        );
+        let mut serve = pg
+            .command(&["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(serve.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let id = pg.start();
+        // Nothing listens for Slack: the rollout goes on regardless.
+        assert!(
+            eventually(Duration::from_secs(60), || {
+                pg.status(&id)["phases"][0]["applied_at"].is_string()
+            }),
+            "the rollout waited for a channel that is down: {}",
+            pg.status(&id)
+        );
+        let status = pg.status(&id);
+        assert!(
+            status["pending_effects"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty()),
+            "the undelivered message is still in the outbox: {status}"
+        );
+        // Slack is back: the message goes out, once.
+        let hooks = Hooks::start(TcpListener::bind(("127.0.0.1", port)).unwrap(), None);
+        assert!(
+            eventually(Duration::from_secs(120), || !hooks
+                .hits("/slack")
+                .is_empty()),
+            "the message never went out"
+        );
+        assert!(eventually(Duration::from_secs(30), || {
+            history(&pg, &id).iter().any(|e| kind(e) == "delivered")
+        }));
+        let slack = hooks.hits("/slack");
+        assert_eq!(slack.len(), 1, "{slack:?}");
+        assert!(
+            slack[0].body["text"]
+                .as_str()
+                .unwrap()
+                .contains("android-guarded has started")
+        );
+        let _ = serve.kill();
+        let _ = serve.wait();
+    }
+}
+
+on_both_stores! {
+    /// On Graph: the group is found in the tenant and its users read with their mail addresses
+    /// (`transitiveMembers`, served by the emulator); the e-mail reaches exactly the members that
+    /// reading fixed, each once.
+    fn on_graph_an_email_to_a_group_reaches_the_members_the_tenant_lists() {
+        let emulator =
+            common::Emulator::spawn(&["--client-secret", common::SECRET, "--devices", "3000"]);
+        let certs = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = relay_certificates(certs.path());
+        let relay = Relay::start(&cert, &key);
+        let table = format!(
+            r#"[[announcement]]
+    channel = "email"
+    on = ["start"]
+    groups = ["Pilot IT"]
+    addresses = ["it-staff@contoso.com"]
+    template = "{{plan}} starts for {{groups}}."
+    smtp_host = "127.0.0.1"
+    smtp_port = {port}
+    from = "phasegate@contoso.com"
+    ca_file = "{ca}"
+    username_env = "PHASEGATE_SMTP_USER"
+    password_env = "PHASEGATE_SMTP_PASSWORD"
+    "#,
+            port = relay.port
+        );
+        let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 20.0, |t| {
+            t.replacen("[[phase]]", &format!("{table}\n[[phase]]"), 1)
+        })
         .with_env("PHASEGATE_SMTP_USER", SMTP_USER)
         .with_env("PHASEGATE_SMTP_PASSWORD", SMTP_PASSWORD);
-    let (ca, cert, key) = relay_certificates(pg.dir.path());
-    let port = free_port();
-    write_plan(
-        &pg,
-        &format!(
-            r#"[[announcement]]
-channel = "email"
-on = ["start"]
-groups = ["Pilot IT", "Pilot Field"]
-addresses = ["Helpdesk@contoso.com"]
-template = "{{plan}} starts for {{groups}}."
-smtp_host = "127.0.0.1"
-smtp_port = {port}
-from = "phasegate@contoso.com"
-ca_file = "{ca}"
-username_env = "PHASEGATE_SMTP_USER"
-password_env = "PHASEGATE_SMTP_PASSWORD"
-"#
-        ),
-    );
-    let mut serve = pg
-        .command(&["serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(serve.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let id = pg.start();
-    // The relay is down: the members are read and fixed, the message stays in the outbox.
-    assert!(
-        eventually(Duration::from_secs(60), || {
-            history(&pg, &id)
+        let id = pg.start();
+        let mut run = pg.spawn(&["run", &id]);
+        let sent = eventually(Duration::from_secs(60), || !relay.mail().is_empty());
+        let _ = run.kill();
+        let _ = run.wait();
+        assert!(sent, "no mail: {:?}", history(&pg, &id));
+        let trail = history(&pg, &id);
+        let members = resolved_members(&trail);
+        assert!(members.len() > 10, "{members:?}");
+        assert!(
+            members
                 .iter()
-                .any(|e| kind(e) == "recipients_resolved")
-        }),
-        "the group's members were never read: {:?}",
-        history(&pg, &id)
-    );
-    serve.kill().unwrap();
-    let _ = serve.wait();
-    let members = resolved_members(&history(&pg, &id));
-    assert!(members.len() > 100, "{members:?}");
-
-    // The relay is back; a new process sends to the list fixed before, once.
-    let relay = Relay::start_on(port, &cert, &key);
-    let rerun = pg.run(&["run", &id]);
-    assert!(
-        matches!(code(&rerun), 0 | 3),
-        "{}{}",
-        stdout(&rerun),
-        stderr(&rerun)
-    );
-    let mail = relay.mail();
-    assert_eq!(mail.len(), 1, "{mail:?}");
-    let mut expected: Vec<String> = members.iter().map(|m| m.to_lowercase()).collect();
-    expected.push("helpdesk@contoso.com".into());
-    expected.sort();
-    assert_eq!(envelope(&mail[0]), expected);
-    let trail = history(&pg, &id);
-    assert_eq!(
-        resolved_members(&trail),
-        members,
-        "read again after the restart"
-    );
-    let resolved = trail
-        .iter()
-        .find(|e| kind(e) == "recipients_resolved")
-        .unwrap();
-    let without: Vec<&str> = resolved["event"]["kind"]["recipients"]["without_mail"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    assert!(!without.is_empty(), "the simulated IT has unlicensed users");
-    let delivered: Vec<&Value> = trail.iter().filter(|e| kind(e) == "delivered").collect();
-    assert_eq!(delivered.len(), 1);
-    let reason = delivered[0]["event"]["trigger"]["reason"].as_str().unwrap();
-    assert!(
-        reason.contains(&format!("{} without a mail address", without.len()))
-            && reason.contains(without[0]),
-        "{reason}"
-    );
-}
-
-/// A channel that is down holds nothing up, and its message goes out once it is back.
-#[test]
-fn a_channel_that_is_down_holds_nothing_up_and_gets_its_message_when_back() {
-    let pg = Phasegate::offline();
-    let port = free_port();
-    write_plan(
-        &pg,
-        &format!(
-            r#"[[announcement]]
-channel = "slack"
-on = ["start"]
-template = "{{plan}} has started."
-url = "http://127.0.0.1:{port}/slack/services/T/B/S"
-"#
-        ),
-    );
-    let mut serve = pg
-        .command(&["serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(serve.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let id = pg.start();
-    // Nothing listens for Slack: the rollout goes on regardless.
-    assert!(
-        eventually(Duration::from_secs(60), || {
-            pg.status(&id)["phases"][0]["applied_at"].is_string()
-        }),
-        "the rollout waited for a channel that is down: {}",
-        pg.status(&id)
-    );
-    let status = pg.status(&id);
-    assert!(
-        status["pending_effects"]
-            .as_array()
-            .is_some_and(|p| !p.is_empty()),
-        "the undelivered message is still in the outbox: {status}"
-    );
-    // Slack is back: the message goes out, once.
-    let hooks = Hooks::start(TcpListener::bind(("127.0.0.1", port)).unwrap(), None);
-    assert!(
-        eventually(Duration::from_secs(120), || !hooks
-            .hits("/slack")
-            .is_empty()),
-        "the message never went out"
-    );
-    assert!(eventually(Duration::from_secs(30), || {
-        history(&pg, &id).iter().any(|e| kind(e) == "delivered")
-    }));
-    let slack = hooks.hits("/slack");
-    assert_eq!(slack.len(), 1, "{slack:?}");
-    assert!(
-        slack[0].body["text"]
-            .as_str()
-            .unwrap()
-            .contains("android-guarded has started")
-    );
-    let _ = serve.kill();
-    let _ = serve.wait();
-}
-
-/// On Graph: the group is found in the tenant and its users read with their mail addresses
-/// (`transitiveMembers`, served by the emulator); the e-mail reaches exactly the members that
-/// reading fixed, each once.
-#[test]
-fn on_graph_an_email_to_a_group_reaches_the_members_the_tenant_lists() {
-    let emulator =
-        common::Emulator::spawn(&["--client-secret", common::SECRET, "--devices", "3000"]);
-    let certs = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = relay_certificates(certs.path());
-    let relay = Relay::start(&cert, &key);
-    let table = format!(
-        r#"[[announcement]]
-channel = "email"
-on = ["start"]
-groups = ["Pilot IT"]
-addresses = ["it-staff@contoso.com"]
-template = "{{plan}} starts for {{groups}}."
-smtp_host = "127.0.0.1"
-smtp_port = {port}
-from = "phasegate@contoso.com"
-ca_file = "{ca}"
-username_env = "PHASEGATE_SMTP_USER"
-password_env = "PHASEGATE_SMTP_PASSWORD"
-"#,
-        port = relay.port
-    );
-    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 20.0, |t| {
-        t.replacen("[[phase]]", &format!("{table}\n[[phase]]"), 1)
-    })
-    .with_env("PHASEGATE_SMTP_USER", SMTP_USER)
-    .with_env("PHASEGATE_SMTP_PASSWORD", SMTP_PASSWORD);
-    let id = pg.start();
-    let mut run = pg.spawn(&["run", &id]);
-    let sent = eventually(Duration::from_secs(60), || !relay.mail().is_empty());
-    let _ = run.kill();
-    let _ = run.wait();
-    assert!(sent, "no mail: {:?}", history(&pg, &id));
-    let trail = history(&pg, &id);
-    let members = resolved_members(&trail);
-    assert!(members.len() > 10, "{members:?}");
-    assert!(
-        members
-            .iter()
-            .all(|m| m.ends_with("@contoso.onmicrosoft.com")),
-        "{members:?}"
-    );
-    let mail = relay.mail();
-    assert_eq!(mail.len(), 1, "{mail:?}");
-    let mut expected: Vec<String> = members.iter().map(|m| m.to_lowercase()).collect();
-    expected.push("it-staff@contoso.com".into());
-    expected.sort();
-    assert_eq!(envelope(&mail[0]), expected);
+                .all(|m| m.ends_with("@contoso.onmicrosoft.com")),
+            "{members:?}"
+        );
+        let mail = relay.mail();
+        assert_eq!(mail.len(), 1, "{mail:?}");
+        let mut expected: Vec<String> = members.iter().map(|m| m.to_lowercase()).collect();
+        expected.push("it-staff@contoso.com".into());
+        expected.sort();
+        assert_eq!(envelope(&mail[0]), expected);
+    }
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Emulator, Phasegate, SECRET, Serve, code, stderr, stdout};
+use common::{Emulator, Phasegate, SECRET, code, stderr, stdout};
 use serde_json::Value;
 
 /// The largest error a forecast may have, as a share of the phase's reporting devices.
@@ -257,7 +257,7 @@ fn approvals_through_the_daemon_are_what_the_store_says() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let viewer = stdout(&out).trim().to_string();
 
-    let serve = Serve::start(&pg.store_dir());
+    let serve = pg.serve();
     let (status, all) = serve.call("GET", "/api/v1/approvals", &viewer, None);
     assert_eq!(status, 200, "{all}");
     assert_eq!(all, local);

@@ -841,7 +841,7 @@ fn through_the_daemon_start_runs_the_preflight_and_records_a_skip() {
     let plan = simulator_plan(dir.path(), "windows", "1d", DOMAINS);
     let plan = plan.to_str().unwrap();
     let resolver = wrong.resolver();
-    let serve = common::Serve::start(&dir.path().join("store"));
+    let serve = common::Serve::start(dir.path().join("store"));
     let out = phasegate(
         dir.path(),
         &["start", plan, "--by", "alice", "--resolver", &resolver],

@@ -368,6 +368,11 @@ pub async fn run(ctx: &Context, only: Option<&str>, once: bool) -> CommandResult
         }
         return Ok(exit::OK);
     }
+    let leasing = if store.is_postgres() {
+        Some(take_run_leases(&store, &ids, only.is_some()).await?)
+    } else {
+        None
+    };
     let runner = Runner::new(
         store.clone(),
         crate::notifier::shared(),
@@ -377,7 +382,7 @@ pub async fn run(ctx: &Context, only: Option<&str>, once: bool) -> CommandResult
             only: only.map(str::to_string),
             once,
             limits: engine::Limits::default(),
-            leasing: None,
+            leasing,
         },
     );
     let handle = runner.handle();
@@ -404,6 +409,86 @@ pub async fn run(ctx: &Context, only: Option<&str>, once: bool) -> CommandResult
         });
     }
     finish_run(ctx, &store, &ids, !report.errors.is_empty())
+}
+
+/// How long `run` on PostgreSQL holds a rollout's lease between renewals, and how often it
+/// renews it: as `serve`'s defaults.
+const RUN_LEASE: std::time::Duration = std::time::Duration::from_secs(15);
+const RUN_RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The longest `run` waits for another replica's lease to run out: a lease this short may be a
+/// replica that stopped without releasing it (killed, its machine gone); a longer one is taken
+/// to be alive.
+const RUN_WAITS_FOR_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// On PostgreSQL `run` is a replica like `serve`: it drives a rollout only while it holds the
+/// rollout's lease, so that its commits are fenced like theirs and it never acts beside the
+/// owner. A lease held by another replica is waited for once, until it runs out (a replica that
+/// stopped without releasing it); one renewed meanwhile belongs to a live replica: `run ID`
+/// then exits 4 naming it, `run` leaves that rollout to it.
+async fn take_run_leases(
+    store: &Store,
+    ids: &[String],
+    only: bool,
+) -> Result<runner::Leasing, Failure> {
+    let replica = format!("run-{}", replica_name()?);
+    store.set_replica(&replica);
+    let mut taken = 0;
+    for id in ids {
+        match take_run_lease(store, id).await? {
+            Ok(()) => taken += 1,
+            Err(owner) if only => {
+                return Err(Failure {
+                    code: exit::STORE_IN_USE,
+                    message: format!(
+                        "rollout `{id}` is driven by replica `{owner}`, which keeps renewing its lease: \
+                         give your command through that replica (`--server URL`), or stop it first"
+                    ),
+                });
+            }
+            Err(owner) => {
+                tracing::warn!(rollout = %id, %owner, "the rollout is driven by another replica: leaving it to that replica");
+            }
+        }
+    }
+    Ok(runner::Leasing {
+        replica,
+        lease: RUN_LEASE,
+        renew_every: RUN_RENEW_EVERY,
+        max_rollouts: taken.clamp(1, runner::MAX_ROLLOUTS),
+    })
+}
+
+/// Takes the lease of `id`, waiting once for another replica's lease to run out; `Err(owner)`
+/// when that replica renewed it meanwhile (or holds it longer than `run` waits).
+async fn take_run_lease(store: &Store, id: &str) -> Result<Result<(), String>, Failure> {
+    let mut waited = false;
+    let mut owner = String::new();
+    // Bounded: a lease released between the two reads is tried again, a few times.
+    for _ in 0..4 {
+        if store.acquire_lease(id, RUN_LEASE)?.is_some() {
+            return Ok(Ok(()));
+        }
+        let holder = store.leases()?.into_iter().find(|l| l.rollout == id);
+        let Some(holder) = holder else {
+            continue;
+        };
+        owner = holder.owner.clone();
+        let remaining = std::time::Duration::from_millis(holder.remaining_ms.max(0) as u64);
+        if waited || remaining > RUN_WAITS_FOR_LEASE {
+            return Ok(Err(holder.owner));
+        }
+        tracing::warn!(
+            rollout = %id,
+            owner = %holder.owner,
+            "the rollout is leased by another replica for {} more: waiting for it to run out (a replica that stopped keeps its lease until then)",
+            humantime::format_duration(std::time::Duration::from_secs(remaining.as_secs() + 1))
+        );
+        // Past the end of the lease on the database's clock, with a margin for the clocks.
+        tokio::time::sleep(remaining + std::time::Duration::from_millis(200)).await;
+        waited = true;
+    }
+    Ok(Err(owner))
 }
 
 /// Serves the API on loopback for the CLI on this machine while this process holds the store.

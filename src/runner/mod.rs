@@ -736,7 +736,13 @@ fn tend_leases(
                         break;
                     }
                     let rollout = &listed.glance;
-                    if (finished(rollout.status) && rollout.pending == 0)
+                    let not_ours = shared
+                        .settings
+                        .only
+                        .as_ref()
+                        .is_some_and(|only| *only != rollout.id);
+                    if not_ours
+                        || (finished(rollout.status) && rollout.pending == 0)
                         || waits_for_a_person(rollout)
                         || actors.contains_key(&rollout.id)
                         || live.contains(&rollout.id)

@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod postgres;
+pub mod stores;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -163,6 +164,9 @@ pub struct Phasegate {
     pub plan: PathBuf,
     /// Environment variables set (`Some`) or removed (`None`) for every command.
     env: Vec<(String, Option<String>)>,
+    /// Where the store is: `store/` in `dir` on sled, a database of its own on PostgreSQL
+    /// (the backend the running test asked for, [`stores::backend`]).
+    store: stores::Location,
 }
 
 impl Phasegate {
@@ -171,10 +175,17 @@ impl Phasegate {
     pub fn offline() -> Phasegate {
         let dir = tempfile::tempdir().unwrap();
         let plan = dir.path().join("plan.toml");
+        Phasegate::in_dir(dir, plan)
+    }
+
+    /// A store of the running test's backend for the binary with its files in `dir`.
+    fn in_dir(dir: tempfile::TempDir, plan: PathBuf) -> Phasegate {
+        let store = stores::Location::new(dir.path());
         Phasegate {
             dir,
             plan,
             env: Vec::new(),
+            store,
         }
     }
 
@@ -190,9 +201,30 @@ impl Phasegate {
         self
     }
 
-    /// The store's directory.
+    /// The store's directory (a test that reads sled's files runs on sled only).
     pub fn store_dir(&self) -> PathBuf {
-        self.dir.path().join("store")
+        self.store.dir()
+    }
+
+    /// The store as `PHASEGATE_STORE` names it: the directory on sled, the URL on PostgreSQL.
+    pub fn store(&self) -> &stores::Location {
+        &self.store
+    }
+
+    /// `phasegate serve` on this store, with this binary's environment.
+    pub fn serve(&self) -> Serve {
+        self.serve_with(&[], &[])
+    }
+
+    /// [`Phasegate::serve`] with these arguments and environment variables too.
+    pub fn serve_with(&self, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        let mut all: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .filter_map(|(name, value)| Some((name.as_str(), value.as_deref()?)))
+            .collect();
+        all.extend_from_slice(env);
+        Serve::start_with(&self.store, args, &all)
     }
 
     /// The Graph example plan, with Conditional Access paced at `ca_rate`.
@@ -219,11 +251,7 @@ impl Phasegate {
             );
         let plan = dir.path().join("plan.toml");
         std::fs::write(&plan, edit(text)).unwrap();
-        Phasegate {
-            dir,
-            plan,
-            env: Vec::new(),
-        }
+        Phasegate::in_dir(dir, plan)
     }
 
     /// Another store driving the same plan file.
@@ -231,18 +259,14 @@ impl Phasegate {
         let dir = tempfile::tempdir().unwrap();
         let plan = dir.path().join("plan.toml");
         std::fs::copy(&self.plan, &plan).unwrap();
-        Phasegate {
-            dir,
-            plan,
-            env: Vec::new(),
-        }
+        Phasegate::in_dir(dir, plan)
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(BIN);
         command
             .args(args)
-            .env("PHASEGATE_STORE", self.store_dir())
+            .env("PHASEGATE_STORE", &self.store)
             .env("PHASEGATE_GRAPH_SECRET", SECRET)
             .env_remove("RUST_LOG")
             .current_dir(env!("CARGO_MANIFEST_DIR"));
@@ -379,17 +403,23 @@ fn drain(
 }
 
 impl Serve {
-    pub fn start(store: &std::path::Path) -> Serve {
+    /// `store` is what `PHASEGATE_STORE` says: a directory or a PostgreSQL URL.
+    pub fn start(store: impl AsRef<std::ffi::OsStr>) -> Serve {
         Serve::start_with_env(store, &[])
     }
 
     /// [`Serve::start`] with these variables in its environment too.
-    pub fn start_with_env(store: &std::path::Path, env: &[(&str, &str)]) -> Serve {
+    pub fn start_with_env(store: impl AsRef<std::ffi::OsStr>, env: &[(&str, &str)]) -> Serve {
         Serve::start_with(store, &[], env)
     }
 
     /// [`Serve::start_with_env`] with these arguments of `serve` too.
-    pub fn start_with(store: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
+    pub fn start_with(
+        store: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Serve {
+        let store = store.as_ref();
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
@@ -415,7 +445,7 @@ impl Serve {
         Serve {
             child,
             url,
-            store: store.to_path_buf(),
+            store: PathBuf::from(store),
             log,
         }
     }
