@@ -146,129 +146,132 @@ fn the_demo_completes_all_four_phases_with_one_after_a_hold() {
     );
 }
 
-#[test]
-fn a_rollout_stops_for_approval_and_completes_once_approved() {
-    let pg = Phasegate::offline();
-    let out = pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let id = stdout(&out).trim().to_string();
-    assert_eq!(id, "windows-baseline-1");
+on_both_stores! {
+    fn a_rollout_stops_for_approval_and_completes_once_approved() {
+        let pg = Phasegate::offline();
+        let out = pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let id = stdout(&out).trim().to_string();
+        assert_eq!(id, "windows-baseline-1");
 
-    let out = pg.run(&["run"]);
-    assert_eq!(code(&out), 3, "{}{}", stdout(&out), stderr(&out));
-    let status = pg.json(&["status", &id]);
-    assert_eq!(status["status"], "waiting_approval");
-    assert_eq!(status["current_phase"], "notify");
-    assert_eq!(phase(&status, "notify")["state"], "awaiting_approval");
-    assert_eq!(phase(&status, "notify")["gate"]["outcome"], "pass");
-    assert!(phase(&status, "notify")["holds"].as_u64().unwrap() >= 1);
+        let out = pg.run(&["run"]);
+        assert_eq!(code(&out), 3, "{}{}", stdout(&out), stderr(&out));
+        let status = pg.json(&["status", &id]);
+        assert_eq!(status["status"], "waiting_approval");
+        assert_eq!(status["current_phase"], "notify");
+        assert_eq!(phase(&status, "notify")["state"], "awaiting_approval");
+        assert_eq!(phase(&status, "notify")["gate"]["outcome"], "pass");
+        assert!(phase(&status, "notify")["holds"].as_u64().unwrap() >= 1);
 
-    let out = pg.run(&[
-        "approve",
-        &id,
-        "--by",
-        "bob",
-        "--ticket",
-        "CHG-7",
-        "--comment",
-        "CAB approved",
-    ]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let out = pg.run(&["run", &id]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let status = pg.json(&["status", &id]);
-    assert_eq!(status["status"], "completed");
-    let approvals = &phase(&status, "notify")["approvals"]["granted"];
-    assert_eq!(approvals[0]["by"], "bob");
-    assert_eq!(approvals[0]["ticket"], "CHG-7");
+        let out = pg.run(&[
+            "approve",
+            &id,
+            "--by",
+            "bob",
+            "--ticket",
+            "CHG-7",
+            "--comment",
+            "CAB approved",
+        ]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let out = pg.run(&["run", &id]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let status = pg.json(&["status", &id]);
+        assert_eq!(status["status"], "completed");
+        let approvals = &phase(&status, "notify")["approvals"]["granted"];
+        assert_eq!(approvals[0]["by"], "bob");
+        assert_eq!(approvals[0]["ticket"], "CHG-7");
 
-    let out = pg.run(&["history", &id, "--verify"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-}
-
-#[test]
-fn rollback_moves_a_running_rollout_back_one_phase_and_history_says_who_and_why() {
-    let pg = Phasegate::offline();
-    let id = stdout(&pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]))
-        .trim()
-        .to_string();
-    assert_eq!(code(&pg.run(&["run"])), 3);
-
-    let out = pg.run(&[
-        "rollback",
-        &id,
-        "--by",
-        "carol",
-        "--reason",
-        "helpdesk flooded",
-    ]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let status = pg.json(&["status", &id]);
-    assert_eq!(status["status"], "rolling_back");
-    assert_eq!(status["current_phase"], "report-only");
-    assert_eq!(phase(&status, "notify")["state"], "rolled_back");
-
-    let out = pg.run(&["run", &id]);
-    assert_eq!(
-        code(&out),
-        3,
-        "rolled back needs attention: {}",
-        stdout(&out)
-    );
-    let status = pg.json(&["status", &id]);
-    assert_eq!(status["status"], "rolled_back");
-    assert_eq!(phase(&status, "report-only")["state"], "soaking");
-
-    let history = pg.json(&["history", &id]);
-    let rollback = history
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["event"]["kind"]["type"] == "rollback_requested")
-        .expect("the rollback is in the history");
-    assert_eq!(rollback["event"]["trigger"]["source"], "user");
-    assert_eq!(rollback["event"]["trigger"]["actor"], "carol");
-    assert_eq!(rollback["event"]["trigger"]["reason"], "helpdesk flooded");
-    // The same time format as `status`: RFC 3339 in UTC.
-    for key in ["at", "recorded_at"] {
-        let at = rollback[key]
-            .as_str()
-            .unwrap_or_else(|| panic!("{key}: {rollback}"));
-        assert!(
-            at.ends_with('Z') && humantime::parse_rfc3339(at).is_ok(),
-            "{key}: {at}"
-        );
+        let out = pg.run(&["history", &id, "--verify"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
     }
-    let status = pg.json(&["status", &id]);
-    let applied = phase(&status, "pilot")["applied_at"].as_str().unwrap();
-    assert_eq!(applied.len(), rollback["at"].as_str().unwrap().len());
-    let text = stdout(&pg.run(&["history", &id]));
-    assert!(text.contains("rollback_requested"), "{text}");
-    assert!(text.contains("user carol: helpdesk flooded"), "{text}");
-
-    // Resuming picks the rollout up again from report-only.
-    assert_eq!(code(&pg.run(&["resume", &id, "--by", "carol"])), 0);
-    let out = pg.run(&["run", &id]);
-    assert_eq!(code(&out), 3);
-    assert_eq!(pg.json(&["status", &id])["status"], "waiting_approval");
 }
 
-#[test]
-fn commands_a_state_does_not_allow_exit_2() {
-    let pg = Phasegate::offline();
-    let id = stdout(&pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]))
-        .trim()
-        .to_string();
-    let out = pg.run(&["approve", &id, "--by", "bob", "--phase", "enforce"]);
-    assert_eq!(code(&out), 2);
-    assert!(
-        stderr(&out).contains("only a running phase can be approved"),
-        "{}",
-        stderr(&out)
-    );
-    let out = pg.run(&["status", "no-such-rollout"]);
-    assert_eq!(code(&out), 2);
-    assert!(stderr(&out).contains("no rollout `no-such-rollout`"));
+on_both_stores! {
+    fn rollback_moves_a_running_rollout_back_one_phase_and_history_says_who_and_why() {
+        let pg = Phasegate::offline();
+        let id = stdout(&pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]))
+            .trim()
+            .to_string();
+        assert_eq!(code(&pg.run(&["run"])), 3);
+
+        let out = pg.run(&[
+            "rollback",
+            &id,
+            "--by",
+            "carol",
+            "--reason",
+            "helpdesk flooded",
+        ]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let status = pg.json(&["status", &id]);
+        assert_eq!(status["status"], "rolling_back");
+        assert_eq!(status["current_phase"], "report-only");
+        assert_eq!(phase(&status, "notify")["state"], "rolled_back");
+
+        let out = pg.run(&["run", &id]);
+        assert_eq!(
+            code(&out),
+            3,
+            "rolled back needs attention: {}",
+            stdout(&out)
+        );
+        let status = pg.json(&["status", &id]);
+        assert_eq!(status["status"], "rolled_back");
+        assert_eq!(phase(&status, "report-only")["state"], "soaking");
+
+        let history = pg.json(&["history", &id]);
+        let rollback = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["event"]["kind"]["type"] == "rollback_requested")
+            .expect("the rollback is in the history");
+        assert_eq!(rollback["event"]["trigger"]["source"], "user");
+        assert_eq!(rollback["event"]["trigger"]["actor"], "carol");
+        assert_eq!(rollback["event"]["trigger"]["reason"], "helpdesk flooded");
+        // The same time format as `status`: RFC 3339 in UTC.
+        for key in ["at", "recorded_at"] {
+            let at = rollback[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{key}: {rollback}"));
+            assert!(
+                at.ends_with('Z') && humantime::parse_rfc3339(at).is_ok(),
+                "{key}: {at}"
+            );
+        }
+        let status = pg.json(&["status", &id]);
+        let applied = phase(&status, "pilot")["applied_at"].as_str().unwrap();
+        assert_eq!(applied.len(), rollback["at"].as_str().unwrap().len());
+        let text = stdout(&pg.run(&["history", &id]));
+        assert!(text.contains("rollback_requested"), "{text}");
+        assert!(text.contains("user carol: helpdesk flooded"), "{text}");
+
+        // Resuming picks the rollout up again from report-only.
+        assert_eq!(code(&pg.run(&["resume", &id, "--by", "carol"])), 0);
+        let out = pg.run(&["run", &id]);
+        assert_eq!(code(&out), 3);
+        assert_eq!(pg.json(&["status", &id])["status"], "waiting_approval");
+    }
+}
+
+on_both_stores! {
+    fn commands_a_state_does_not_allow_exit_2() {
+        let pg = Phasegate::offline();
+        let id = stdout(&pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]))
+            .trim()
+            .to_string();
+        let out = pg.run(&["approve", &id, "--by", "bob", "--phase", "enforce"]);
+        assert_eq!(code(&out), 2);
+        assert!(
+            stderr(&out).contains("only a running phase can be approved"),
+            "{}",
+            stderr(&out)
+        );
+        let out = pg.run(&["status", "no-such-rollout"]);
+        assert_eq!(code(&out), 2);
+        assert!(stderr(&out).contains("no rollout `no-such-rollout`"));
+    }
 }
 
 #[test]
@@ -498,247 +501,251 @@ fn plan_with_webhooks(pg: &Phasegate, webhooks: &str) -> PathBuf {
     path
 }
 
-#[test]
-fn a_webhook_that_redirects_is_not_followed_and_its_notification_stays_pending() {
-    let pg = Phasegate::offline();
-    let elsewhere = Receiver::start(answer(200, ""));
-    let redirecting = Receiver::start(answer(
-        307,
-        &format!("Location: {}/collect\r\n", elsewhere.url),
-    ));
-    let plan = plan_with_webhooks(
-        &pg,
-        &format!(
-            "[[webhook]]\nurl = \"{}/hook\"\nevents = [\"waiting_approval\"]\n",
-            redirecting.url
-        ),
-    );
-    let out = pg.run(&["start", plan.to_str().unwrap(), "--by", "alice"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let id = stdout(&out).trim().to_string();
-    let out = pg.run(&["run", &id]);
-    assert_eq!(code(&out), 3, "{}", stderr(&out));
-    let status = pg.json(&["status", &id]);
-    assert_eq!(status["status"], "waiting_approval");
-
-    assert_eq!(
-        redirecting.requests().len(),
-        1,
-        "asked once: a redirect is final"
-    );
-    assert!(
-        elsewhere.requests().is_empty(),
-        "the redirect was followed: {:?}",
-        elsewhere.requests()
-    );
-    let history = pg.json(&["history", &id]);
-    assert!(
-        !history
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["event"]["kind"]["type"] == "delivered"),
-        "a redirect is not a delivery: {history:#}"
-    );
-    let pending = status["pending_effects"].as_array().unwrap();
-    assert!(
-        pending
-            .iter()
-            .any(|p| p.as_str().unwrap().starts_with("notify ")),
-        "the notification stays in the outbox: {status:#}"
-    );
-    let log = stderr(&out);
-    assert!(
-        log.contains("answered 307") && log.contains("not followed"),
-        "the warning says why: {log}"
-    );
-}
-
-#[test]
-fn webhook_credentials_appear_in_no_output_at_the_default_log_level() {
-    const PASSWORD: &str = "p4ss-w0rd-7f3k";
-    const TOKEN: &str = "s3cret-tok-9q2z";
-    let pg = Phasegate::offline();
-    let up = Receiver::start(answer(204, ""));
-    let down = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let up_host = up.url.strip_prefix("http://").unwrap();
-    let plan = plan_with_webhooks(
-        &pg,
-        &format!(
-            "[[webhook]]\nurl = \"http://hooks:{PASSWORD}@{up_host}/hook?token={TOKEN}&team=ops\"\n\n\
-             [[webhook]]\nurl = \"http://hooks:{PASSWORD}@127.0.0.1:{down}/down?token={TOKEN}\"\n"
-        ),
-    );
-    let mut outputs = Vec::new();
-    let mut keep = |what: &str, out: Output| {
-        outputs.push((what.to_string(), stdout(&out), stderr(&out)));
-        out
-    };
-    let out = keep(
-        "start",
-        pg.run(&["start", plan.to_str().unwrap(), "--by", "alice"]),
-    );
-    let id = stdout(&out).trim().to_string();
-    let run = keep("run", pg.run(&["run", &id]));
-    assert_eq!(code(&run), 3, "{}", stderr(&run));
-    for args in [
-        vec!["status"],
-        vec!["status", &id],
-        vec!["history", &id],
-        vec!["plan", "show", plan.to_str().unwrap()],
-    ] {
-        keep(&args.join(" "), pg.run(&args));
-        let mut json = args.clone();
-        json.extend(["--output", "json"]);
-        keep(&json.join(" "), pg.run(&json));
-    }
-    for (what, out, err) in &outputs {
-        // Logs into a pipe carry no colour codes.
-        assert!(
-            !err.contains('\u{1b}'),
-            "`{what}` wrote escape codes: {err:?}"
-        );
-        for secret in [PASSWORD, TOKEN] {
-            assert!(
-                !out.contains(secret) && !err.contains(secret),
-                "`{what}` shows {secret}:\n{out}\n{err}"
-            );
-        }
-    }
-
-    // The operator still recognises each endpoint, in the trail and in the log.
-    let history = stdout(&pg.run(&["history", &id]));
-    assert!(
-        history.contains(&format!(
-            "http://***@{up_host}/hook?token=***&team=*** answered 204"
-        )),
-        "{history}"
-    );
-    assert!(
-        stderr(&run).contains(&format!("POST http://***@127.0.0.1:{down}/down?token=***")),
-        "{}",
-        stderr(&run)
-    );
-    let json = pg.json(&["history", &id]);
-    let addresses: Vec<&str> = json
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|e| e["effects"].as_array().unwrap())
-        .filter(|p| p["effect"]["type"] == "notify")
-        .map(|p| p["effect"]["url"].as_str().unwrap())
-        .collect();
-    assert!(!addresses.is_empty());
-    assert!(
-        addresses.iter().all(|a| a.contains("://***@")),
-        "{addresses:?}"
-    );
-
-    // What is sent is the real address, credentials and all.
-    let requests = up.requests();
-    assert!(!requests.is_empty());
-    let basic = base64::Engine::encode(
-        &base64::engine::general_purpose::STANDARD,
-        format!("hooks:{PASSWORD}"),
-    );
-    for request in &requests {
-        assert!(
-            request.starts_with(&format!("POST /hook?token={TOKEN}&team=ops HTTP/1.1")),
-            "{request}"
-        );
-        assert!(
-            request
-                .to_lowercase()
-                .contains(&format!("authorization: basic {}", basic.to_lowercase())),
-            "{request}"
-        );
-    }
-}
-
-/// A reason with a line break and escape sequences forges no line of `history` and reaches the
-/// terminal escaped; the JSON keeps it exactly as given.
-#[test]
-fn text_from_people_cannot_forge_history_lines_or_reach_the_terminal_raw() {
-    let pg = Phasegate::offline();
-    let out = pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let id = stdout(&out).trim().to_string();
-    let forged = "queue check\n#99   2099-01-01T00:00:00Z  approval_granted     user mallory \u{1b}[2J\u{202e}";
-    let out = pg.run(&["pause", &id, "--by", "bob\nroot", "--reason", forged]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    for args in [vec!["history", id.as_str()], vec!["status", id.as_str()]] {
-        let out = pg.run(&args);
-        let text = stdout(&out);
-        assert!(
-            !text.lines().any(|l| l.starts_with("#99")),
-            "{args:?}: {text}"
-        );
-        assert!(
-            !text.contains('\u{1b}') && !text.contains('\u{202e}'),
-            "{args:?}: {text:?}"
-        );
-    }
-    let history = stdout(&pg.run(&["history", &id]));
-    assert!(history.contains("queue check\\n#99"), "{history}");
-    assert!(history.contains("bob\\nroot"), "{history}");
-    let json = pg.json(&["history", &id]);
-    let events = json["events"]
-        .as_array()
-        .unwrap_or_else(|| json.as_array().unwrap());
-    assert!(
-        events
-            .iter()
-            .any(|e| e["event"]["trigger"]["reason"] == forged),
-        "{json}"
-    );
-}
-
-/// Two stores each run a rollout with the same id to one receiver: their notifications never
-/// share an idempotency key, so the receiver drops none of them as a duplicate.
-#[test]
-fn idempotency_keys_are_unique_across_stores() {
-    let receiver = Receiver::start(answer(204, ""));
-    let mut keys = Vec::new();
-    for _ in 0..2 {
+on_both_stores! {
+    fn a_webhook_that_redirects_is_not_followed_and_its_notification_stays_pending() {
         let pg = Phasegate::offline();
+        let elsewhere = Receiver::start(answer(200, ""));
+        let redirecting = Receiver::start(answer(
+            307,
+            &format!("Location: {}/collect\r\n", elsewhere.url),
+        ));
         let plan = plan_with_webhooks(
             &pg,
             &format!(
                 "[[webhook]]\nurl = \"{}/hook\"\nevents = [\"waiting_approval\"]\n",
-                receiver.url
+                redirecting.url
             ),
         );
-        let out = pg.run(&[
-            "start",
-            plan.to_str().unwrap(),
-            "--by",
-            "alice",
-            "--id",
-            "same-1",
-        ]);
+        let out = pg.run(&["start", plan.to_str().unwrap(), "--by", "alice"]);
         assert_eq!(code(&out), 0, "{}", stderr(&out));
-        let out = pg.run(&["run", "same-1"]);
+        let id = stdout(&out).trim().to_string();
+        let out = pg.run(&["run", &id]);
         assert_eq!(code(&out), 3, "{}", stderr(&out));
+        let status = pg.json(&["status", &id]);
+        assert_eq!(status["status"], "waiting_approval");
+
+        assert_eq!(
+            redirecting.requests().len(),
+            1,
+            "asked once: a redirect is final"
+        );
+        assert!(
+            elsewhere.requests().is_empty(),
+            "the redirect was followed: {:?}",
+            elsewhere.requests()
+        );
+        let history = pg.json(&["history", &id]);
+        assert!(
+            !history
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["event"]["kind"]["type"] == "delivered"),
+            "a redirect is not a delivery: {history:#}"
+        );
+        let pending = status["pending_effects"].as_array().unwrap();
+        assert!(
+            pending
+                .iter()
+                .any(|p| p.as_str().unwrap().starts_with("notify ")),
+            "the notification stays in the outbox: {status:#}"
+        );
+        let log = stderr(&out);
+        assert!(
+            log.contains("answered 307") && log.contains("not followed"),
+            "the warning says why: {log}"
+        );
     }
-    for request in receiver.requests() {
-        let key = request
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("Idempotency-Key: ")
-                    .or(l.strip_prefix("idempotency-key: "))
-            })
-            .unwrap_or_else(|| panic!("no key in {request}"))
-            .trim()
-            .to_string();
-        assert!(key.contains("/same-1:"), "{key}");
-        keys.push(key);
+}
+
+on_both_stores! {
+    fn webhook_credentials_appear_in_no_output_at_the_default_log_level() {
+        const PASSWORD: &str = "p4ss-w0rd-7f3k";
+        const TOKEN: &str = "s3cret-tok-9q2z";
+        let pg = Phasegate::offline();
+        let up = Receiver::start(answer(204, ""));
+        let down = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let up_host = up.url.strip_prefix("http://").unwrap();
+        let plan = plan_with_webhooks(
+            &pg,
+            &format!(
+                "[[webhook]]\nurl = \"http://hooks:{PASSWORD}@{up_host}/hook?token={TOKEN}&team=ops\"\n\n\
+                 [[webhook]]\nurl = \"http://hooks:{PASSWORD}@127.0.0.1:{down}/down?token={TOKEN}\"\n"
+            ),
+        );
+        let mut outputs = Vec::new();
+        let mut keep = |what: &str, out: Output| {
+            outputs.push((what.to_string(), stdout(&out), stderr(&out)));
+            out
+        };
+        let out = keep(
+            "start",
+            pg.run(&["start", plan.to_str().unwrap(), "--by", "alice"]),
+        );
+        let id = stdout(&out).trim().to_string();
+        let run = keep("run", pg.run(&["run", &id]));
+        assert_eq!(code(&run), 3, "{}", stderr(&run));
+        for args in [
+            vec!["status"],
+            vec!["status", &id],
+            vec!["history", &id],
+            vec!["plan", "show", plan.to_str().unwrap()],
+        ] {
+            keep(&args.join(" "), pg.run(&args));
+            let mut json = args.clone();
+            json.extend(["--output", "json"]);
+            keep(&json.join(" "), pg.run(&json));
+        }
+        for (what, out, err) in &outputs {
+            // Logs into a pipe carry no colour codes.
+            assert!(
+                !err.contains('\u{1b}'),
+                "`{what}` wrote escape codes: {err:?}"
+            );
+            for secret in [PASSWORD, TOKEN] {
+                assert!(
+                    !out.contains(secret) && !err.contains(secret),
+                    "`{what}` shows {secret}:\n{out}\n{err}"
+                );
+            }
+        }
+
+        // The operator still recognises each endpoint, in the trail and in the log.
+        let history = stdout(&pg.run(&["history", &id]));
+        assert!(
+            history.contains(&format!(
+                "http://***@{up_host}/hook?token=***&team=*** answered 204"
+            )),
+            "{history}"
+        );
+        assert!(
+            stderr(&run).contains(&format!("POST http://***@127.0.0.1:{down}/down?token=***")),
+            "{}",
+            stderr(&run)
+        );
+        let json = pg.json(&["history", &id]);
+        let addresses: Vec<&str> = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| e["effects"].as_array().unwrap())
+            .filter(|p| p["effect"]["type"] == "notify")
+            .map(|p| p["effect"]["url"].as_str().unwrap())
+            .collect();
+        assert!(!addresses.is_empty());
+        assert!(
+            addresses.iter().all(|a| a.contains("://***@")),
+            "{addresses:?}"
+        );
+
+        // What is sent is the real address, credentials and all.
+        let requests = up.requests();
+        assert!(!requests.is_empty());
+        let basic = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("hooks:{PASSWORD}"),
+        );
+        for request in &requests {
+            assert!(
+                request.starts_with(&format!("POST /hook?token={TOKEN}&team=ops HTTP/1.1")),
+                "{request}"
+            );
+            assert!(
+                request
+                    .to_lowercase()
+                    .contains(&format!("authorization: basic {}", basic.to_lowercase())),
+                "{request}"
+            );
+        }
     }
-    assert_eq!(keys.len(), 2, "{keys:?}");
-    assert_ne!(keys[0], keys[1], "two stores, one key");
+}
+
+on_both_stores! {
+    /// A reason with a line break and escape sequences forges no line of `history` and reaches the
+    /// terminal escaped; the JSON keeps it exactly as given.
+    fn text_from_people_cannot_forge_history_lines_or_reach_the_terminal_raw() {
+        let pg = Phasegate::offline();
+        let out = pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let id = stdout(&out).trim().to_string();
+        let forged = "queue check\n#99   2099-01-01T00:00:00Z  approval_granted     user mallory \u{1b}[2J\u{202e}";
+        let out = pg.run(&["pause", &id, "--by", "bob\nroot", "--reason", forged]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        for args in [vec!["history", id.as_str()], vec!["status", id.as_str()]] {
+            let out = pg.run(&args);
+            let text = stdout(&out);
+            assert!(
+                !text.lines().any(|l| l.starts_with("#99")),
+                "{args:?}: {text}"
+            );
+            assert!(
+                !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+                "{args:?}: {text:?}"
+            );
+        }
+        let history = stdout(&pg.run(&["history", &id]));
+        assert!(history.contains("queue check\\n#99"), "{history}");
+        assert!(history.contains("bob\\nroot"), "{history}");
+        let json = pg.json(&["history", &id]);
+        let events = json["events"]
+            .as_array()
+            .unwrap_or_else(|| json.as_array().unwrap());
+        assert!(
+            events
+                .iter()
+                .any(|e| e["event"]["trigger"]["reason"] == forged),
+            "{json}"
+        );
+    }
+}
+
+on_both_stores! {
+    /// Two stores each run a rollout with the same id to one receiver: their notifications never
+    /// share an idempotency key, so the receiver drops none of them as a duplicate.
+    fn idempotency_keys_are_unique_across_stores() {
+        let receiver = Receiver::start(answer(204, ""));
+        let mut keys = Vec::new();
+        for _ in 0..2 {
+            let pg = Phasegate::offline();
+            let plan = plan_with_webhooks(
+                &pg,
+                &format!(
+                    "[[webhook]]\nurl = \"{}/hook\"\nevents = [\"waiting_approval\"]\n",
+                    receiver.url
+                ),
+            );
+            let out = pg.run(&[
+                "start",
+                plan.to_str().unwrap(),
+                "--by",
+                "alice",
+                "--id",
+                "same-1",
+            ]);
+            assert_eq!(code(&out), 0, "{}", stderr(&out));
+            let out = pg.run(&["run", "same-1"]);
+            assert_eq!(code(&out), 3, "{}", stderr(&out));
+        }
+        for request in receiver.requests() {
+            let key = request
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("Idempotency-Key: ")
+                        .or(l.strip_prefix("idempotency-key: "))
+                })
+                .unwrap_or_else(|| panic!("no key in {request}"))
+                .trim()
+                .to_string();
+            assert!(key.contains("/same-1:"), "{key}");
+            keys.push(key);
+        }
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert_ne!(keys[0], keys[1], "two stores, one key");
+    }
 }
 
 #[test]
@@ -850,49 +857,50 @@ fn plan_check_warns_about_valid_but_dangerous_plans_and_strict_makes_them_errors
     );
 }
 
-#[test]
-fn start_shows_the_plans_warnings_and_refuses_them_under_strict() {
-    let pg = Phasegate::offline();
-    let plan = dangerous_plan(&pg, "");
-    let file = plan.to_str().unwrap();
-    let out = pg.run(&["start", file, "--by", "alice", "--strict"]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains(":41:17: `min_reporting = \"0%\"`"),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(
-        pg.json(&["status"]),
-        serde_json::json!([]),
-        "nothing started"
-    );
+on_both_stores! {
+    fn start_shows_the_plans_warnings_and_refuses_them_under_strict() {
+        let pg = Phasegate::offline();
+        let plan = dangerous_plan(&pg, "");
+        let file = plan.to_str().unwrap();
+        let out = pg.run(&["start", file, "--by", "alice", "--strict"]);
+        assert_eq!(code(&out), 2, "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(":41:17: `min_reporting = \"0%\"`"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(
+            pg.json(&["status"]),
+            serde_json::json!([]),
+            "nothing started"
+        );
 
-    let out = pg.run(&["start", file, "--by", "alice"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let id = stdout(&out).trim().to_string();
-    let text = stderr(&out);
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("warning: "))
-        .collect();
-    assert_eq!(lines.len(), 2, "{text}");
-    assert!(
-        lines[1].ends_with(
-            "dangerous.toml:41:17: `min_reporting = \"0%\"` in phase `pilot` asks for no coverage; \
-             the gate judges the whole scope on however few devices report — one is enough, and \
-             silence is never counted as failing"
-        ),
-        "{text}"
-    );
-    // Recorded with the start event, for the audit trail.
-    let history = stdout(&pg.run(&["history", &id]));
-    assert!(history.contains("asks for no coverage"), "{history}");
+        let out = pg.run(&["start", file, "--by", "alice"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let id = stdout(&out).trim().to_string();
+        let text = stderr(&out);
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("warning: "))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[1].ends_with(
+                "dangerous.toml:41:17: `min_reporting = \"0%\"` in phase `pilot` asks for no coverage; \
+                 the gate judges the whole scope on however few devices report — one is enough, and \
+                 silence is never counted as failing"
+            ),
+            "{text}"
+        );
+        // Recorded with the start event, for the audit trail.
+        let history = stdout(&pg.run(&["history", &id]));
+        assert!(history.contains("asks for no coverage"), "{history}");
 
-    let strict = dangerous_plan(&pg, "\nstrict = true");
-    let out = pg.run(&["start", strict.to_str().unwrap(), "--by", "alice"]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    assert!(stderr(&out).contains("the plan sets `strict = true`"));
+        let strict = dangerous_plan(&pg, "\nstrict = true");
+        let out = pg.run(&["start", strict.to_str().unwrap(), "--by", "alice"]);
+        assert_eq!(code(&out), 2, "{}", stderr(&out));
+        assert!(stderr(&out).contains("the plan sets `strict = true`"));
+    }
 }
 
 #[test]

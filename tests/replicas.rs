@@ -309,3 +309,61 @@ fn a_paused_owner_loses_its_rollouts_to_the_other_replica_and_commits_nothing_wh
         assert_eq!(cli.status(id)["status"], "completed");
     }
 }
+
+/// `run` on PostgreSQL is a replica too: beside a live `serve` that owns the rollout it exits 4
+/// naming that replica (after waiting once for its lease, which the replica renewed); once that
+/// replica is killed, `run` waits for its lease to run out, takes the rollout over at the next
+/// epoch and drives it on from the store.
+#[test]
+fn run_leaves_a_live_replicas_rollout_to_it_and_takes_over_a_killed_ones() {
+    let setup = Setup::new();
+    let id = setup.start(302);
+    let mut db = postgres::Client::connect(&setup.url, postgres::NoTls).unwrap();
+    let mut a = setup.replica("a", &["--lease", "3s", "--renew-every", "1s"]);
+    assert!(
+        common::eventually(Duration::from_secs(60), || {
+            live_owners(&mut db).contains_key(&id)
+                && a.call("GET", &format!("/api/v1/rollouts/{id}"), &setup.token, None)
+                    .1["status"]
+                    == "waiting_approval"
+        }),
+        "{}",
+        a.output()
+    );
+    let owner = live_owners(&mut db)[&id].clone();
+    let lease = |db: &mut postgres::Client| -> (String, i64) {
+        let row = db
+            .query_one(
+                "SELECT owner, epoch FROM phasegate.leases WHERE rollout = $1",
+                &[&id],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(lease(&mut db), (owner.clone(), 1));
+
+    let out = setup.cli.run(&["run", &id]);
+    assert_eq!(code(&out), 4, "{}{}", stdout(&out), stderr(&out));
+    assert!(stderr(&out).contains(&owner), "{}", stderr(&out));
+    assert_eq!(
+        lease(&mut db),
+        (owner.clone(), 1),
+        "the live owner keeps it"
+    );
+
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let out = setup.cli.run(&["run", &id]);
+    assert_eq!(code(&out), 3, "{}{}", stdout(&out), stderr(&out));
+    let (taken_by, epoch) = lease(&mut db);
+    assert!(taken_by.starts_with("run-"), "{taken_by}");
+    assert_eq!(epoch, 2);
+    assert!(live_owners(&mut db).is_empty(), "released when it exited");
+
+    let approve = setup.cli.run(&["approve", &id, "--by", "bob"]);
+    assert_eq!(code(&approve), 0, "{}", stderr(&approve));
+    setup.cli.complete(&id);
+    assert_eq!(setup.cli.status(&id)["status"], "completed");
+    let out = setup.cli.run(&["history", &id, "--verify"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}

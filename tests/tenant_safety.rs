@@ -259,390 +259,395 @@ fn run_until(pg: &Phasegate, id: &str, status: &str) {
     );
 }
 
-#[test]
-fn a_rollout_on_a_lived_in_tenant_changes_only_what_it_owns_and_never_weakens_enforcement() {
-    let emulator = emulator(&["--scenario", "lived-in", "--devices", "3000"]);
-    let before = tenant(&emulator);
-    assert_eq!(before[CA_POLICY]["state"], "enabled");
-    // Observed through the export (the default): the grace ends the earliest block is dated by
-    // come from its `DeviceCompliance` report.
-    let pg = Phasegate::with_plan(
-        &emulator,
-        "windows-baseline-graph.toml",
-        50.0,
-        stop_after_report_only,
-    );
-    let out = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("is already enabled: phasegate never changes it"),
-        "{}",
-        stderr(&out)
-    );
-    let id = stdout(&out).trim().to_string();
-
-    // Only report phases are applied: no device is past its grace, nobody is blocked.
-    run_until(&pg, &id, "waiting_approval");
-    let status = pg.status(&id);
-    assert_eq!(status["phases"][1]["state"], "awaiting_approval");
-    assert_eq!(status["phases"][2]["state"], "pending");
-    assert_untouched(&emulator, &before, "report phases");
-    let windows = &tenant(&emulator)[WINDOWS_POLICY];
-    let policy_id = windows["id"].as_str().unwrap();
-    let statuses = emulator.graph(
-        SECRET,
-        &format!("/v1.0/deviceManagement/deviceCompliancePolicies/{policy_id}/deviceStatuses"),
-    );
-    let now = emulator.get("/_emulator/clock")["now"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let failing: Vec<&Value> = statuses["value"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "nonCompliant")
-        .collect();
-    assert!(!failing.is_empty(), "the fleet has failing devices");
-    for s in &failing {
-        let until = s["complianceGracePeriodExpirationDateTime"]
-            .as_str()
-            .unwrap();
-        assert!(
-            until > now.as_str(),
-            "{s} is past its grace during report phases"
+on_both_stores! {
+    fn a_rollout_on_a_lived_in_tenant_changes_only_what_it_owns_and_never_weakens_enforcement() {
+        let emulator = emulator(&["--scenario", "lived-in", "--devices", "3000"]);
+        let before = tenant(&emulator);
+        assert_eq!(before[CA_POLICY]["state"], "enabled");
+        // Observed through the export (the default): the grace ends the earliest block is dated by
+        // come from its `DeviceCompliance` report.
+        let pg = Phasegate::with_plan(
+            &emulator,
+            "windows-baseline-graph.toml",
+            50.0,
+            stop_after_report_only,
         );
-    }
-    let observed = &status["phases"][1]["observation"];
-    assert!(
-        observed["in_grace"].as_u64().unwrap() > 0,
-        "the gate counts them: {observed}"
-    );
-    assert_eq!(observed["blocked"], 0);
-    // Dated from the tenant's grace ends: after the observation, within the grace held at
-    // 8,760 h during report phases (not Intune's "never").
-    let at = |t: &str| phasegate::domain::time::Timestamp::parse_rfc3339(t).unwrap();
-    let (seen, earliest) = (
-        at(observed["at"].as_str().unwrap()),
-        at(observed["earliest_block"].as_str().unwrap()),
-    );
-    assert!(
-        earliest > seen && earliest <= seen.plus(std::time::Duration::from_secs(8_760 * 3600)),
-        "{observed}"
-    );
-    assert!(
-        emulator.get("/_emulator/blocks")["value"]
+        let out = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("is already enabled: phasegate never changes it"),
+            "{}",
+            stderr(&out)
+        );
+        let id = stdout(&out).trim().to_string();
+
+        // Only report phases are applied: no device is past its grace, nobody is blocked.
+        run_until(&pg, &id, "waiting_approval");
+        let status = pg.status(&id);
+        assert_eq!(status["phases"][1]["state"], "awaiting_approval");
+        assert_eq!(status["phases"][2]["state"], "pending");
+        assert_untouched(&emulator, &before, "report phases");
+        let windows = &tenant(&emulator)[WINDOWS_POLICY];
+        let policy_id = windows["id"].as_str().unwrap();
+        let statuses = emulator.graph(
+            SECRET,
+            &format!("/v1.0/deviceManagement/deviceCompliancePolicies/{policy_id}/deviceStatuses"),
+        );
+        let now = emulator.get("/_emulator/clock")["now"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let failing: Vec<&Value> = statuses["value"]
             .as_array()
             .unwrap()
-            .is_empty()
-    );
-
-    // Through notify and enforce to the end.
-    assert_eq!(code(&pg.run(&["approve", &id, "--by", "bob"])), 0);
-    run_until(&pg, &id, "waiting_approval");
-    assert_untouched(&emulator, &before, "notify");
-    assert_eq!(code(&pg.run(&["approve", &id, "--by", "bob"])), 0);
-    run_until(&pg, &id, "completed");
-    assert_untouched(&emulator, &before, "completed");
-
-    assert_no_exclusion_removed(&emulator, &before);
-    // The enabled Conditional Access policy was never written, so never less than enabled.
-    let writes = app_writes(&emulator);
-    assert!(
-        writes
             .iter()
-            .all(|(_, path, _)| !path.contains("conditionalAccess")),
-        "{writes:?}"
-    );
-    assert_eq!(tenant(&emulator)[CA_POLICY], before[CA_POLICY]);
-    // Completing lets go of the ownership line.
-    let description = tenant(&emulator)[WINDOWS_POLICY]["description"].clone();
-    assert_eq!(description, before[WINDOWS_POLICY]["description"]);
+            .filter(|s| s["status"] == "nonCompliant")
+            .collect();
+        assert!(!failing.is_empty(), "the fleet has failing devices");
+        for s in &failing {
+            let until = s["complianceGracePeriodExpirationDateTime"]
+                .as_str()
+                .unwrap();
+            assert!(
+                until > now.as_str(),
+                "{s} is past its grace during report phases"
+            );
+        }
+        let observed = &status["phases"][1]["observation"];
+        assert!(
+            observed["in_grace"].as_u64().unwrap() > 0,
+            "the gate counts them: {observed}"
+        );
+        assert_eq!(observed["blocked"], 0);
+        // Dated from the tenant's grace ends: after the observation, within the grace held at
+        // 8,760 h during report phases (not Intune's "never").
+        let at = |t: &str| phasegate::domain::time::Timestamp::parse_rfc3339(t).unwrap();
+        let (seen, earliest) = (
+            at(observed["at"].as_str().unwrap()),
+            at(observed["earliest_block"].as_str().unwrap()),
+        );
+        assert!(
+            earliest > seen && earliest <= seen.plus(std::time::Duration::from_secs(8_760 * 3600)),
+            "{observed}"
+        );
+        assert!(
+            emulator.get("/_emulator/blocks")["value"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+
+        // Through notify and enforce to the end.
+        assert_eq!(code(&pg.run(&["approve", &id, "--by", "bob"])), 0);
+        run_until(&pg, &id, "waiting_approval");
+        assert_untouched(&emulator, &before, "notify");
+        assert_eq!(code(&pg.run(&["approve", &id, "--by", "bob"])), 0);
+        run_until(&pg, &id, "completed");
+        assert_untouched(&emulator, &before, "completed");
+
+        assert_no_exclusion_removed(&emulator, &before);
+        // The enabled Conditional Access policy was never written, so never less than enabled.
+        let writes = app_writes(&emulator);
+        assert!(
+            writes
+                .iter()
+                .all(|(_, path, _)| !path.contains("conditionalAccess")),
+            "{writes:?}"
+        );
+        assert_eq!(tenant(&emulator)[CA_POLICY], before[CA_POLICY]);
+        // Completing lets go of the ownership line.
+        let description = tenant(&emulator)[WINDOWS_POLICY]["description"].clone();
+        assert_eq!(description, before[WINDOWS_POLICY]["description"]);
+    }
 }
 
-#[test]
-fn an_abort_mid_way_puts_back_exactly_what_was_there() {
-    let emulator = emulator(&["--scenario", "lived-in", "--devices", "2000"]);
-    let before = tenant(&emulator);
-    let pg = Phasegate::with_plan(
-        &emulator,
-        "windows-baseline-graph.toml",
-        50.0,
-        stop_after_report_only,
-    );
-    let id = pg.start();
-    run_until(&pg, &id, "waiting_approval");
-    assert_ne!(tenant(&emulator)[WINDOWS_POLICY], before[WINDOWS_POLICY]);
-    let out = pg.run(&["abort", &id, "--by", "alice", "--reason", "found a problem"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    run_until(&pg, &id, "aborted");
-    let after = tenant(&emulator);
-    for (name, object) in &before {
-        let strip = |v: &Value| {
-            let mut v = v.clone();
-            let m = v.as_object_mut().unwrap();
-            for k in ["version", "lastModifiedDateTime", "modifiedDateTime"] {
-                m.remove(k);
-            }
-            if let Some(rules) = m.get_mut("scheduledActionsForRule") {
-                for rule in rules.as_array_mut().unwrap() {
-                    for a in rule["scheduledActionConfigurations"]
-                        .as_array_mut()
-                        .unwrap()
-                    {
-                        a.as_object_mut().unwrap().remove("id");
+on_both_stores! {
+    fn an_abort_mid_way_puts_back_exactly_what_was_there() {
+        let emulator = emulator(&["--scenario", "lived-in", "--devices", "2000"]);
+        let before = tenant(&emulator);
+        let pg = Phasegate::with_plan(
+            &emulator,
+            "windows-baseline-graph.toml",
+            50.0,
+            stop_after_report_only,
+        );
+        let id = pg.start();
+        run_until(&pg, &id, "waiting_approval");
+        assert_ne!(tenant(&emulator)[WINDOWS_POLICY], before[WINDOWS_POLICY]);
+        let out = pg.run(&["abort", &id, "--by", "alice", "--reason", "found a problem"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        run_until(&pg, &id, "aborted");
+        let after = tenant(&emulator);
+        for (name, object) in &before {
+            let strip = |v: &Value| {
+                let mut v = v.clone();
+                let m = v.as_object_mut().unwrap();
+                for k in ["version", "lastModifiedDateTime", "modifiedDateTime"] {
+                    m.remove(k);
+                }
+                if let Some(rules) = m.get_mut("scheduledActionsForRule") {
+                    for rule in rules.as_array_mut().unwrap() {
+                        for a in rule["scheduledActionConfigurations"]
+                            .as_array_mut()
+                            .unwrap()
+                        {
+                            a.as_object_mut().unwrap().remove("id");
+                        }
                     }
                 }
-            }
-            v
-        };
-        assert_eq!(strip(&after[name]), strip(object), "`{name}` after abort");
+                v
+            };
+            assert_eq!(strip(&after[name]), strip(object), "`{name}` after abort");
+        }
+        assert_eq!(after.len(), before.len());
+        assert_no_exclusion_removed(&emulator, &before);
     }
-    assert_eq!(after.len(), before.len());
-    assert_no_exclusion_removed(&emulator, &before);
 }
 
-#[test]
-fn nobody_is_blocked_before_being_told_plus_the_grace_also_after_a_rollback() {
-    let emulator = emulator(&["--scenario", "lived-in", "--devices", "3000"]);
-    let pg = Phasegate::new(&emulator, 50.0);
-    let id = pg.start();
-    run_until(&pg, &id, "waiting_approval");
-    assert_eq!(pg.status(&id)["phases"][2]["state"], "awaiting_approval");
-    let rolled_back_at = emulator.get("/_emulator/clock")["now"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    // Back to report-only while owners are being told, then forward again.
-    let out = pg.run(&[
-        "rollback",
-        &id,
-        "--to",
-        "report-only",
-        "--by",
-        "carol",
-        "--reason",
-        "helpdesk overloaded",
-    ]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    run_until(&pg, &id, "rolled_back");
-    assert_eq!(code(&pg.run(&["resume", &id, "--by", "carol"])), 0);
-    run_until(&pg, &id, "waiting_approval");
-    assert_eq!(pg.status(&id)["phases"][2]["state"], "awaiting_approval");
-    assert_eq!(code(&pg.run(&["approve", &id, "--by", "bob"])), 0);
-    run_until(&pg, &id, "completed");
-    // Let a month of tenant time pass: every promise has come due.
-    emulator.post(
-        "/_emulator/clock",
-        &json!({"advanceBySeconds": 30 * DAY_SECS}),
-    );
-    let template = template_id(&emulator, "Compliance rollout - action required");
-    let notes = emulator.get("/_emulator/notifications")["value"]
-        .as_array()
-        .unwrap()
-        .clone();
-    let blocks = emulator.get("/_emulator/blocks")["value"]
-        .as_array()
-        .unwrap()
-        .clone();
-    assert!(!blocks.is_empty(), "enforcement blocks someone in the end");
-    let seconds = |t: &str| {
-        phasegate::domain::time::Timestamp::parse_rfc3339(t)
+on_both_stores! {
+    fn nobody_is_blocked_before_being_told_plus_the_grace_also_after_a_rollback() {
+        let emulator = emulator(&["--scenario", "lived-in", "--devices", "3000"]);
+        let pg = Phasegate::new(&emulator, 50.0);
+        let id = pg.start();
+        run_until(&pg, &id, "waiting_approval");
+        assert_eq!(pg.status(&id)["phases"][2]["state"], "awaiting_approval");
+        let rolled_back_at = emulator.get("/_emulator/clock")["now"]
+            .as_str()
             .unwrap()
-            .as_millis()
-            / 1000
-    };
-    let rolled_back_at = seconds(&rolled_back_at);
-    let mut failing_since_the_first_notify = 0;
-    for block in &blocks {
-        let device = &block["device"];
-        let from = seconds(block["from"].as_str().unwrap());
-        let told: Vec<i64> = notes
-            .iter()
-            .filter(|n| n["device"] == *device && n["templateId"] == template.as_str())
-            .map(|n| seconds(n["at"].as_str().unwrap()))
-            .filter(|at| *at <= from)
-            .collect();
-        failing_since_the_first_notify += usize::from(told.iter().any(|at| *at < rolled_back_at));
-        let last = told
-            .iter()
-            .max()
-            .unwrap_or_else(|| panic!("device {device} was blocked at {from} without being told"));
+            .to_string();
+        // Back to report-only while owners are being told, then forward again.
+        let out = pg.run(&[
+            "rollback",
+            &id,
+            "--to",
+            "report-only",
+            "--by",
+            "carol",
+            "--reason",
+            "helpdesk overloaded",
+        ]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        run_until(&pg, &id, "rolled_back");
+        assert_eq!(code(&pg.run(&["resume", &id, "--by", "carol"])), 0);
+        run_until(&pg, &id, "waiting_approval");
+        assert_eq!(pg.status(&id)["phases"][2]["state"], "awaiting_approval");
+        assert_eq!(code(&pg.run(&["approve", &id, "--by", "bob"])), 0);
+        run_until(&pg, &id, "completed");
+        // Let a month of tenant time pass: every promise has come due.
+        emulator.post(
+            "/_emulator/clock",
+            &json!({"advanceBySeconds": 30 * DAY_SECS}),
+        );
+        let template = template_id(&emulator, "Compliance rollout - action required");
+        let notes = emulator.get("/_emulator/notifications")["value"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let blocks = emulator.get("/_emulator/blocks")["value"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert!(!blocks.is_empty(), "enforcement blocks someone in the end");
+        let seconds = |t: &str| {
+            phasegate::domain::time::Timestamp::parse_rfc3339(t)
+                .unwrap()
+                .as_millis()
+                / 1000
+        };
+        let rolled_back_at = seconds(&rolled_back_at);
+        let mut failing_since_the_first_notify = 0;
+        for block in &blocks {
+            let device = &block["device"];
+            let from = seconds(block["from"].as_str().unwrap());
+            let told: Vec<i64> = notes
+                .iter()
+                .filter(|n| n["device"] == *device && n["templateId"] == template.as_str())
+                .map(|n| seconds(n["at"].as_str().unwrap()))
+                .filter(|at| *at <= from)
+                .collect();
+            failing_since_the_first_notify += usize::from(told.iter().any(|at| *at < rolled_back_at));
+            let last = told
+                .iter()
+                .max()
+                .unwrap_or_else(|| panic!("device {device} was blocked at {from} without being told"));
+            assert!(
+                from >= last + 7 * DAY_SECS,
+                "device {device} told at {last}, blocked at {from}: {} days",
+                (from - last) as f64 / DAY_SECS as f64
+            );
+        }
         assert!(
-            from >= last + 7 * DAY_SECS,
-            "device {device} told at {last}, blocked at {from}: {} days",
-            (from - last) as f64 / DAY_SECS as f64
+            failing_since_the_first_notify > 0,
+            "some blocked devices were failing (and told) before the rollback"
         );
     }
-    assert!(
-        failing_since_the_first_notify > 0,
-        "some blocked devices were failing (and told) before the rollback"
-    );
 }
 
-#[test]
-fn another_admin_narrowing_the_enforcement_stops_the_rollout_until_a_person_decides() {
-    let emulator = emulator(&["--scenario", "lived-in", "--devices", "2000"]);
-    let pg = Phasegate::new(&emulator, 50.0);
-    let id = pg.start();
-    let out = pg.run(&["run", &id, "--once"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let before = tenant(&emulator);
-    let ca = &before[CA_POLICY];
-    let finance = group_id(&emulator, "Finance");
-    let mut excluded = ca["conditions"]["users"]["excludeGroups"]
-        .as_array()
-        .unwrap()
-        .clone();
-    excluded.push(json!(finance));
-    let answer = emulator.post(
-        "/_emulator/as-admin",
-        &json!({"method": "PATCH", "path": format!("/identity/conditionalAccess/policies/{}", ca["id"].as_str().unwrap()),
-                "body": {"conditions": {"users": {"excludeGroups": excluded}}}}),
-    );
-    assert_eq!(answer["status"], 204, "{answer}");
-    let writes = app_writes(&emulator).len();
-
-    let out = pg.run(&["run", &id]);
-    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
-    let status = pg.status(&id);
-    assert_eq!(status["status"], "drifted", "{status}");
-    let drift = &status["drift"][0];
-    assert_eq!(
-        drift["object"],
-        format!("Conditional Access policy `{CA_POLICY}`")
-    );
-    assert_eq!(drift["field"], "conditions.users");
-    assert!(
-        drift["found"].as_str().unwrap().contains(&finance),
-        "{drift}"
-    );
-    assert!(
-        !drift["expected"].as_str().unwrap().contains(&finance),
-        "{drift}"
-    );
-    assert!(
-        status["reason"]
-            .as_str()
-            .unwrap()
-            .contains("changed by someone else")
-    );
-    // Nothing is written until a person decides, however often it runs.
-    assert_eq!(code(&pg.run(&["run", &id])), 3);
-    assert_eq!(app_writes(&emulator).len(), writes);
-    let out = pg.run(&["rollback", &id, "--by", "carol", "--reason", "x"]);
-    assert_eq!(
-        code(&out),
-        2,
-        "rollback must wait for the decision: {}",
-        stderr(&out)
-    );
-
-    // Abort puts back phasegate's changes and keeps the other admin's.
-    let out = pg.run(&[
-        "abort",
-        &id,
-        "--by",
-        "alice",
-        "--reason",
-        "scope changed under us",
-    ]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    run_until(&pg, &id, "aborted");
-    let after = tenant(&emulator);
-    assert!(
-        after[CA_POLICY]["conditions"]["users"]["excludeGroups"]
+on_both_stores! {
+    fn another_admin_narrowing_the_enforcement_stops_the_rollout_until_a_person_decides() {
+        let emulator = emulator(&["--scenario", "lived-in", "--devices", "2000"]);
+        let pg = Phasegate::new(&emulator, 50.0);
+        let id = pg.start();
+        let out = pg.run(&["run", &id, "--once"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let before = tenant(&emulator);
+        let ca = &before[CA_POLICY];
+        let finance = group_id(&emulator, "Finance");
+        let mut excluded = ca["conditions"]["users"]["excludeGroups"]
             .as_array()
             .unwrap()
-            .contains(&json!(finance)),
-        "the other admin's exclusion stays"
-    );
-    let pilot = group_id(&emulator, "Pilot IT");
-    let windows = &after[WINDOWS_POLICY];
-    assert!(
-        windows["assignments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a["target"]["groupId"] == pilot.as_str())
-    );
-    assert!(!windows["assignments"].as_array().unwrap().iter().any(|a| {
-        a["target"]["@odata.type"]
-            .as_str()
-            .unwrap()
-            .ends_with("allLicensedUsersAssignmentTarget")
-    }));
-}
-
-#[test]
-fn drift_in_a_managed_member_is_reapplied_or_adopted_as_a_person_decides() {
-    let emulator = emulator(&["--devices", "1500"]);
-    let pg = Phasegate::new(&emulator, 50.0);
-    let id = pg.start();
-    assert_eq!(code(&pg.run(&["run", &id, "--once"])), 0);
-    let ca = tenant(&emulator)[CA_POLICY].clone();
-    let ca_path = format!(
-        "/identity/conditionalAccess/policies/{}",
-        ca["id"].as_str().unwrap()
-    );
-    let pilot = group_id(&emulator, "Pilot IT");
-    assert_eq!(ca["conditions"]["users"]["includeGroups"], json!([pilot]));
-    let narrow = || {
+            .clone();
+        excluded.push(json!(finance));
         let answer = emulator.post(
             "/_emulator/as-admin",
-            &json!({"method": "PATCH", "path": ca_path, "body": {"conditions": {"users": {"includeGroups": []}}}}),
+            &json!({"method": "PATCH", "path": format!("/identity/conditionalAccess/policies/{}", ca["id"].as_str().unwrap()),
+                    "body": {"conditions": {"users": {"excludeGroups": excluded}}}}),
         );
         assert_eq!(answer["status"], 204, "{answer}");
-    };
-    narrow();
-    assert_eq!(code(&pg.run(&["run", &id])), 3);
-    assert_eq!(pg.status(&id)["status"], "drifted");
-    let out = pg.run(&[
-        "drift",
-        "reapply",
-        &id,
-        "--by",
-        "dana",
-        "--reason",
-        "that was a mistake",
-    ]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert_eq!(code(&pg.run(&["run", &id, "--once"])), 0);
-    assert_eq!(
-        tenant(&emulator)[CA_POLICY]["conditions"]["users"]["includeGroups"],
-        json!([pilot])
-    );
+        let writes = app_writes(&emulator).len();
 
-    narrow();
-    assert_eq!(code(&pg.run(&["run", &id])), 3);
-    assert_eq!(pg.status(&id)["status"], "drifted");
-    let out = pg.run(&[
-        "drift",
-        "adopt",
-        &id,
-        "--by",
-        "dana",
-        "--reason",
-        "the identity team owns that",
-    ]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let writes = app_writes(&emulator).len();
-    assert_eq!(code(&pg.run(&["run", &id, "--once"])), 0);
-    assert_eq!(
-        tenant(&emulator)[CA_POLICY]["conditions"]["users"]["includeGroups"],
-        json!([])
-    );
-    assert_eq!(
-        app_writes(&emulator).len(),
-        writes,
-        "adopting writes nothing"
-    );
-    let history = pg.run(&["history", &id]);
-    assert!(
-        stdout(&history).contains("drift_resolved"),
-        "{}",
-        stdout(&history)
-    );
+        let out = pg.run(&["run", &id]);
+        assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+        let status = pg.status(&id);
+        assert_eq!(status["status"], "drifted", "{status}");
+        let drift = &status["drift"][0];
+        assert_eq!(
+            drift["object"],
+            format!("Conditional Access policy `{CA_POLICY}`")
+        );
+        assert_eq!(drift["field"], "conditions.users");
+        assert!(
+            drift["found"].as_str().unwrap().contains(&finance),
+            "{drift}"
+        );
+        assert!(
+            !drift["expected"].as_str().unwrap().contains(&finance),
+            "{drift}"
+        );
+        assert!(
+            status["reason"]
+                .as_str()
+                .unwrap()
+                .contains("changed by someone else")
+        );
+        // Nothing is written until a person decides, however often it runs.
+        assert_eq!(code(&pg.run(&["run", &id])), 3);
+        assert_eq!(app_writes(&emulator).len(), writes);
+        let out = pg.run(&["rollback", &id, "--by", "carol", "--reason", "x"]);
+        assert_eq!(
+            code(&out),
+            2,
+            "rollback must wait for the decision: {}",
+            stderr(&out)
+        );
+
+        // Abort puts back phasegate's changes and keeps the other admin's.
+        let out = pg.run(&[
+            "abort",
+            &id,
+            "--by",
+            "alice",
+            "--reason",
+            "scope changed under us",
+        ]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        run_until(&pg, &id, "aborted");
+        let after = tenant(&emulator);
+        assert!(
+            after[CA_POLICY]["conditions"]["users"]["excludeGroups"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(finance)),
+            "the other admin's exclusion stays"
+        );
+        let pilot = group_id(&emulator, "Pilot IT");
+        let windows = &after[WINDOWS_POLICY];
+        assert!(
+            windows["assignments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["target"]["groupId"] == pilot.as_str())
+        );
+        assert!(!windows["assignments"].as_array().unwrap().iter().any(|a| {
+            a["target"]["@odata.type"]
+                .as_str()
+                .unwrap()
+                .ends_with("allLicensedUsersAssignmentTarget")
+        }));
+    }
+}
+
+on_both_stores! {
+    fn drift_in_a_managed_member_is_reapplied_or_adopted_as_a_person_decides() {
+        let emulator = emulator(&["--devices", "1500"]);
+        let pg = Phasegate::new(&emulator, 50.0);
+        let id = pg.start();
+        assert_eq!(code(&pg.run(&["run", &id, "--once"])), 0);
+        let ca = tenant(&emulator)[CA_POLICY].clone();
+        let ca_path = format!(
+            "/identity/conditionalAccess/policies/{}",
+            ca["id"].as_str().unwrap()
+        );
+        let pilot = group_id(&emulator, "Pilot IT");
+        assert_eq!(ca["conditions"]["users"]["includeGroups"], json!([pilot]));
+        let narrow = || {
+            let answer = emulator.post(
+                "/_emulator/as-admin",
+                &json!({"method": "PATCH", "path": ca_path, "body": {"conditions": {"users": {"includeGroups": []}}}}),
+            );
+            assert_eq!(answer["status"], 204, "{answer}");
+        };
+        narrow();
+        assert_eq!(code(&pg.run(&["run", &id])), 3);
+        assert_eq!(pg.status(&id)["status"], "drifted");
+        let out = pg.run(&[
+            "drift",
+            "reapply",
+            &id,
+            "--by",
+            "dana",
+            "--reason",
+            "that was a mistake",
+        ]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert_eq!(code(&pg.run(&["run", &id, "--once"])), 0);
+        assert_eq!(
+            tenant(&emulator)[CA_POLICY]["conditions"]["users"]["includeGroups"],
+            json!([pilot])
+        );
+
+        narrow();
+        assert_eq!(code(&pg.run(&["run", &id])), 3);
+        assert_eq!(pg.status(&id)["status"], "drifted");
+        let out = pg.run(&[
+            "drift",
+            "adopt",
+            &id,
+            "--by",
+            "dana",
+            "--reason",
+            "the identity team owns that",
+        ]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let writes = app_writes(&emulator).len();
+        assert_eq!(code(&pg.run(&["run", &id, "--once"])), 0);
+        assert_eq!(
+            tenant(&emulator)[CA_POLICY]["conditions"]["users"]["includeGroups"],
+            json!([])
+        );
+        assert_eq!(
+            app_writes(&emulator).len(),
+            writes,
+            "adopting writes nothing"
+        );
+        let history = pg.run(&["history", &id]);
+        assert!(
+            stdout(&history).contains("drift_resolved"),
+            "{}",
+            stdout(&history)
+        );
+    }
 }
 
 #[test]
@@ -671,136 +676,138 @@ fn one_rollout_owns_a_policy_also_across_stores() {
     );
 }
 
-#[test]
-fn windows_ios_and_android_roll_out_together_and_enforcement_covers_exactly_them() {
-    let emulator = emulator(&["--devices", "3000"]);
-    let pg = Phasegate::with_plan(&emulator, "multi-platform-graph.toml", 50.0, |t| t);
-    let out = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert!(stderr(&out).contains("macos devices"), "{}", stderr(&out));
-    let id = stdout(&out).trim().to_string();
-    pg.complete(&id);
-    let status = pg.status(&id);
-    let platforms: Vec<&str> = status["phases"][1]["observation"]["by_platform"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["platform"].as_str().unwrap())
-        .collect();
-    assert_eq!(platforms, ["windows", "ios", "android"]);
-    let copy = &tenant(&emulator)[&format!("{CA_POLICY} (phasegate enforced)")];
-    assert_eq!(copy["state"], "enabled");
-    let mut covered: Vec<&str> = copy["conditions"]["platforms"]["includePlatforms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap())
-        .collect();
-    covered.sort();
-    assert_eq!(covered, ["android", "iOS", "windows"]);
-    for name in [
-        "Windows 10/11 compliance baseline",
-        "iOS compliance baseline",
-        "Android Enterprise work profile baseline",
-    ] {
-        let policy = &tenant(&emulator)[name];
-        assert!(
-            !policy["assignments"].as_array().unwrap().is_empty(),
-            "{name} is assigned"
-        );
-    }
-    assert!(
-        tenant(&emulator)["macOS compliance baseline"]["assignments"]
+on_both_stores! {
+    fn windows_ios_and_android_roll_out_together_and_enforcement_covers_exactly_them() {
+        let emulator = emulator(&["--devices", "3000"]);
+        let pg = Phasegate::with_plan(&emulator, "multi-platform-graph.toml", 50.0, |t| t);
+        let out = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert!(stderr(&out).contains("macos devices"), "{}", stderr(&out));
+        let id = stdout(&out).trim().to_string();
+        pg.complete(&id);
+        let status = pg.status(&id);
+        let platforms: Vec<&str> = status["phases"][1]["observation"]["by_platform"]
             .as_array()
             .unwrap()
-            .is_empty()
-    );
-    assert_no_exclusion_removed(&emulator, &BTreeMap::new());
+            .iter()
+            .map(|p| p["platform"].as_str().unwrap())
+            .collect();
+        assert_eq!(platforms, ["windows", "ios", "android"]);
+        let copy = &tenant(&emulator)[&format!("{CA_POLICY} (phasegate enforced)")];
+        assert_eq!(copy["state"], "enabled");
+        let mut covered: Vec<&str> = copy["conditions"]["platforms"]["includePlatforms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap())
+            .collect();
+        covered.sort();
+        assert_eq!(covered, ["android", "iOS", "windows"]);
+        for name in [
+            "Windows 10/11 compliance baseline",
+            "iOS compliance baseline",
+            "Android Enterprise work profile baseline",
+        ] {
+            let policy = &tenant(&emulator)[name];
+            assert!(
+                !policy["assignments"].as_array().unwrap().is_empty(),
+                "{name} is assigned"
+            );
+        }
+        assert!(
+            tenant(&emulator)["macOS compliance baseline"]["assignments"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+        assert_no_exclusion_removed(&emulator, &BTreeMap::new());
+    }
 }
 
-#[test]
-fn with_multi_admin_approval_the_rollout_waits_visibly_and_writes_each_change_once() {
-    let calm = emulator(&["--devices", "1500"]);
-    let calm_pg = Phasegate::new(&calm, 50.0);
-    let calm_id = calm_pg.start();
-    calm_pg.complete(&calm_id);
+on_both_stores! {
+    fn with_multi_admin_approval_the_rollout_waits_visibly_and_writes_each_change_once() {
+        let calm = emulator(&["--devices", "1500"]);
+        let calm_pg = Phasegate::new(&calm, 50.0);
+        let calm_id = calm_pg.start();
+        calm_pg.complete(&calm_id);
 
-    let held = emulator(&["--devices", "1500", "--maa"]);
-    let pg = Phasegate::new(&held, 50.0);
-    let id = pg.start();
-    let mut approved = 0;
-    for _ in 0..40 {
-        let out = pg.run(&["run", &id]);
-        let status = pg.status(&id);
-        match status["status"].as_str().unwrap() {
-            "completed" => break,
-            "waiting_tenant_approval" => {
-                assert_eq!(code(&out), 3);
-                let reference = status["tenant_approval"]["reference"]
-                    .as_str()
-                    .unwrap()
-                    .to_string();
-                assert!(
-                    status["reason"].as_str().unwrap().contains(&reference),
-                    "{status}"
-                );
-                let requests = held.get("/_emulator/approvals")["value"]
-                    .as_array()
-                    .unwrap()
-                    .clone();
-                let request = requests
-                    .iter()
-                    .find(|r| r["id"] == reference.as_str())
-                    .expect("the emulator has it");
-                assert_eq!(request["status"], "needsApproval");
-                let justification = request["requestJustification"].as_str().unwrap();
-                assert!(
-                    justification.contains(&format!("phasegate rollout {id}")),
-                    "{justification}"
-                );
-                // Running again while it waits asks, and writes nothing.
-                let writes = app_writes(&held).len();
-                assert_eq!(code(&pg.run(&["run", &id])), 3);
-                assert_eq!(app_writes(&held).len(), writes);
-                held.post(
-                    &format!("/_emulator/approvals/{reference}/approve"),
-                    &json!({"justification": "change 4711"}),
-                );
-                approved += 1;
+        let held = emulator(&["--devices", "1500", "--maa"]);
+        let pg = Phasegate::new(&held, 50.0);
+        let id = pg.start();
+        let mut approved = 0;
+        for _ in 0..40 {
+            let out = pg.run(&["run", &id]);
+            let status = pg.status(&id);
+            match status["status"].as_str().unwrap() {
+                "completed" => break,
+                "waiting_tenant_approval" => {
+                    assert_eq!(code(&out), 3);
+                    let reference = status["tenant_approval"]["reference"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                    assert!(
+                        status["reason"].as_str().unwrap().contains(&reference),
+                        "{status}"
+                    );
+                    let requests = held.get("/_emulator/approvals")["value"]
+                        .as_array()
+                        .unwrap()
+                        .clone();
+                    let request = requests
+                        .iter()
+                        .find(|r| r["id"] == reference.as_str())
+                        .expect("the emulator has it");
+                    assert_eq!(request["status"], "needsApproval");
+                    let justification = request["requestJustification"].as_str().unwrap();
+                    assert!(
+                        justification.contains(&format!("phasegate rollout {id}")),
+                        "{justification}"
+                    );
+                    // Running again while it waits asks, and writes nothing.
+                    let writes = app_writes(&held).len();
+                    assert_eq!(code(&pg.run(&["run", &id])), 3);
+                    assert_eq!(app_writes(&held).len(), writes);
+                    held.post(
+                        &format!("/_emulator/approvals/{reference}/approve"),
+                        &json!({"justification": "change 4711"}),
+                    );
+                    approved += 1;
+                }
+                "waiting_approval" => {
+                    assert_eq!(
+                        code(&pg.run(&["approve", &id, "--by", "bob", "--ticket", "CHG-4711"])),
+                        0
+                    );
+                }
+                other => panic!("{other}: {status}"),
             }
-            "waiting_approval" => {
-                assert_eq!(
-                    code(&pg.run(&["approve", &id, "--by", "bob", "--ticket", "CHG-4711"])),
-                    0
-                );
-            }
-            other => panic!("{other}: {status}"),
         }
+        assert_eq!(pg.status(&id)["status"], "completed");
+        assert!(
+            approved >= 5,
+            "every Intune write went through approval ({approved})"
+        );
+        // The same changes as without approval, each applied once, each approval used once (the
+        // ownership lines differ: they name each store).
+        let same = |writes: Vec<(String, String, String)>| -> Vec<(String, String, String)> {
+            writes
+                .into_iter()
+                .map(|(m, p, d)| {
+                    let claim = m == "PATCH";
+                    (m, p, if claim { String::new() } else { d })
+                })
+                .collect()
+        };
+        assert_eq!(same(app_writes(&held)), same(app_writes(&calm)));
+        let codes: Vec<String> = ledger(&held)
+            .iter()
+            .filter_map(|e| e["approval"].as_str().map(str::to_string))
+            .collect();
+        let mut unique = codes.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), codes.len(), "{codes:?}");
+        assert_eq!(codes.len(), approved);
     }
-    assert_eq!(pg.status(&id)["status"], "completed");
-    assert!(
-        approved >= 5,
-        "every Intune write went through approval ({approved})"
-    );
-    // The same changes as without approval, each applied once, each approval used once (the
-    // ownership lines differ: they name each store).
-    let same = |writes: Vec<(String, String, String)>| -> Vec<(String, String, String)> {
-        writes
-            .into_iter()
-            .map(|(m, p, d)| {
-                let claim = m == "PATCH";
-                (m, p, if claim { String::new() } else { d })
-            })
-            .collect()
-    };
-    assert_eq!(same(app_writes(&held)), same(app_writes(&calm)));
-    let codes: Vec<String> = ledger(&held)
-        .iter()
-        .filter_map(|e| e["approval"].as_str().map(str::to_string))
-        .collect();
-    let mut unique = codes.clone();
-    unique.sort();
-    unique.dedup();
-    assert_eq!(unique.len(), codes.len(), "{codes:?}");
-    assert_eq!(codes.len(), approved);
 }
