@@ -109,16 +109,7 @@ fn a_command_given_to_a_replica_that_does_not_own_the_rollout_is_carried_out_by_
     assert_eq!(status, 200, "{approved}");
     // Never another owner: the lease row still names the first one, at the first epoch (it is
     // released, not handed over, when the rollout finishes).
-    let lease = |db: &mut postgres::Client| -> (String, i64) {
-        let row = db
-            .query_one(
-                "SELECT owner, epoch FROM phasegate.leases WHERE rollout = $1",
-                &[&id],
-            )
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
-    assert_eq!(lease(&mut db), (owner.clone(), 1));
+    assert_eq!(lease_of(&mut db, &id), (owner.clone(), 1));
     assert!(
         common::eventually(Duration::from_secs(60), || {
             b.call("GET", &format!("/api/v1/rollouts/{id}"), token, None)
@@ -128,7 +119,7 @@ fn a_command_given_to_a_replica_that_does_not_own_the_rollout_is_carried_out_by_
         "{}",
         a.output()
     );
-    assert_eq!(lease(&mut db), (owner, 1));
+    assert_eq!(lease_of(&mut db, &id), (owner, 1));
     assert_eq!(a.terminate(), Some(0));
     assert_eq!(b.terminate(), Some(0));
     let history = setup.cli.json(&["history", &id]);
@@ -142,6 +133,17 @@ fn a_command_given_to_a_replica_that_does_not_own_the_rollout_is_carried_out_by_
     assert_eq!(granted[0]["event"]["trigger"]["actor"], "bob");
     let out = setup.cli.run(&["history", &id, "--verify"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+/// The owner (or last owner) of rollout `id`'s lease and its epoch.
+fn lease_of(db: &mut postgres::Client, id: &str) -> (String, i64) {
+    let row = db
+        .query_one(
+            "SELECT owner, epoch FROM phasegate.leases WHERE rollout = $1",
+            &[&id],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
 }
 
 /// Who holds each rollout's live lease, on the database's clock.
@@ -331,22 +333,13 @@ fn run_leaves_a_live_replicas_rollout_to_it_and_takes_over_a_killed_ones() {
         a.output()
     );
     let owner = live_owners(&mut db)[&id].clone();
-    let lease = |db: &mut postgres::Client| -> (String, i64) {
-        let row = db
-            .query_one(
-                "SELECT owner, epoch FROM phasegate.leases WHERE rollout = $1",
-                &[&id],
-            )
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
-    assert_eq!(lease(&mut db), (owner.clone(), 1));
+    assert_eq!(lease_of(&mut db, &id), (owner.clone(), 1));
 
     let out = setup.cli.run(&["run", &id]);
     assert_eq!(code(&out), 4, "{}{}", stdout(&out), stderr(&out));
     assert!(stderr(&out).contains(&owner), "{}", stderr(&out));
     assert_eq!(
-        lease(&mut db),
+        lease_of(&mut db, &id),
         (owner.clone(), 1),
         "the live owner keeps it"
     );
@@ -355,7 +348,7 @@ fn run_leaves_a_live_replicas_rollout_to_it_and_takes_over_a_killed_ones() {
     a.child.wait().unwrap();
     let out = setup.cli.run(&["run", &id]);
     assert_eq!(code(&out), 3, "{}{}", stdout(&out), stderr(&out));
-    let (taken_by, epoch) = lease(&mut db);
+    let (taken_by, epoch) = lease_of(&mut db, &id);
     assert!(taken_by.starts_with("run-"), "{taken_by}");
     assert_eq!(epoch, 2);
     assert!(live_owners(&mut db).is_empty(), "released when it exited");
