@@ -4,7 +4,9 @@
 //! every other command in through its API: it writes `daemon.json` in the store directory (its
 //! address and a token of its own, readable only by the user), and the CLI on the same machine
 //! finds it there. The file goes when the process ends; a stale one (its process is gone) is
-//! ignored.
+//! ignored. On PostgreSQL several replicas may run on one machine: each writes a file of its own,
+//! `daemon-<pid>.json` in the store's local directory, and the CLI takes any live one (every
+//! replica answers for every rollout).
 //!
 //! SIGTERM and SIGINT finish the work in flight, commit its outcome, flush, and exit 0; a restart
 //! resumes where the store says.
@@ -33,15 +35,51 @@ pub struct DaemonFile {
     pub kind: String,
 }
 
-/// `daemon.json` beside the store: in its directory on sled, in its local directory on
-/// PostgreSQL ([`crate::store::local_dir`]).
+/// This process's daemon file: `daemon.json` in a sled store's directory (one process drives
+/// it); `daemon-<pid>.json` in a PostgreSQL store's local directory
+/// ([`crate::store::local_dir`]), one per replica on this machine.
 pub fn daemon_path(store: &Path) -> PathBuf {
-    crate::store::local_dir(store).join("daemon.json")
+    let dir = crate::store::local_dir(store);
+    if crate::store::is_postgres(store) {
+        dir.join(format!("daemon-{}.json", std::process::id()))
+    } else {
+        dir.join("daemon.json")
+    }
 }
 
-/// The daemon holding a store, if one is running.
-pub fn find(store_dir: &Path) -> Option<DaemonFile> {
-    let text = std::fs::read_to_string(daemon_path(store_dir)).ok()?;
+/// The most daemon files of replicas on one machine `find` reads.
+const MAX_LOCAL_REPLICAS: usize = 64;
+
+/// A daemon holding (a sled store) or serving (a PostgreSQL store) the store on this machine,
+/// if one is running: on PostgreSQL the live replica with the lowest pid.
+pub fn find(store: &Path) -> Option<DaemonFile> {
+    let dir = crate::store::local_dir(store);
+    if !crate::store::is_postgres(store) {
+        return read_live(&dir.join("daemon.json"));
+    }
+    let mut candidates: Vec<(u32, PathBuf)> = std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let pid = name
+                .to_str()?
+                .strip_prefix("daemon-")?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()?;
+            Some((pid, entry.path()))
+        })
+        .take(MAX_LOCAL_REPLICAS)
+        .collect();
+    candidates.sort();
+    candidates
+        .into_iter()
+        .find_map(|(pid, path)| read_live(&path).filter(|file| file.pid == pid))
+}
+
+fn read_live(path: &Path) -> Option<DaemonFile> {
+    let text = std::fs::read_to_string(path).ok()?;
     let file: DaemonFile = serde_json::from_str(&text).ok()?;
     alive(file.pid).then_some(file)
 }
@@ -72,7 +110,7 @@ pub fn publish(store_dir: &Path, file: &DaemonFile) -> std::io::Result<Published
     let path = daemon_path(store_dir);
     let dir = crate::store::local_dir(store_dir);
     std::fs::create_dir_all(&dir)?;
-    let partial = dir.join("daemon.json.partial");
+    let partial = path.with_extension("json.partial");
     {
         let mut out = std::fs::OpenOptions::new()
             .create(true)

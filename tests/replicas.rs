@@ -360,3 +360,44 @@ fn run_leaves_a_live_replicas_rollout_to_it_and_takes_over_a_killed_ones() {
     let out = setup.cli.run(&["history", &id, "--verify"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 }
+
+/// Two replicas on one machine each keep a daemon file of their own: when one stops, the CLI on
+/// that machine still reaches the other (which owns the rollout), instead of committing on the
+/// store beside it and being refused.
+#[test]
+fn with_two_replicas_on_one_machine_the_cli_reaches_the_one_left_when_the_other_stops() {
+    let setup = Setup::new();
+    let id = setup.start(303);
+    let mut db = postgres::Client::connect(&setup.url, postgres::NoTls).unwrap();
+    let args = ["--lease", "15s", "--renew-every", "1s"];
+    // Both on the CLI's machine: the same data directory as the CLI's.
+    let owner = setup.replica("cli", &args);
+    assert!(
+        common::eventually(Duration::from_secs(60), || {
+            live_owners(&mut db).contains_key(&id)
+                && owner
+                    .call("GET", &format!("/api/v1/rollouts/{id}"), &setup.token, None)
+                    .1["status"]
+                    == "waiting_approval"
+        }),
+        "{}",
+        owner.output()
+    );
+    let other = setup.replica("cli", &args);
+    let (status, _) = other.call("GET", "/api/v1/rollouts", &setup.token, None);
+    assert_eq!(status, 200);
+    assert_eq!(other.terminate(), Some(0));
+
+    let approve = setup.cli.run(&["approve", &id, "--by", "bob"]);
+    assert_eq!(code(&approve), 0, "{}", stderr(&approve));
+    assert!(
+        common::eventually(Duration::from_secs(60), || {
+            setup.cli.status(&id)["status"] == "completed"
+        }),
+        "{}",
+        owner.output()
+    );
+    assert_eq!(owner.terminate(), Some(0));
+    let out = setup.cli.run(&["history", &id, "--verify"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}

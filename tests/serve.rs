@@ -147,9 +147,10 @@ on_both_stores! {
         let last = seqs.len() + 2;
 
         // SIGTERM: exit 0; a restart resumes where it was.
+        assert_eq!(store.daemon_files().len(), 1, "the daemon file is written");
         assert_eq!(serve.terminate(), Some(0));
         assert!(
-            !store.local_dir().join("daemon.json").exists(),
+            store.daemon_files().is_empty(),
             "the daemon file is gone"
         );
         let serve = Serve::start(&store);

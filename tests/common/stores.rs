@@ -74,6 +74,25 @@ impl Location {
     }
 }
 
+impl Location {
+    /// The daemon files of processes serving this store on this machine (`daemon.json` on
+    /// sled, `daemon-<pid>.json` per replica on PostgreSQL).
+    pub fn daemon_files(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(self.local_dir()) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("daemon") && n.ends_with(".json"))
+            })
+            .collect()
+    }
+}
+
 impl AsRef<OsStr> for Location {
     fn as_ref(&self) -> &OsStr {
         match self {
