@@ -2,7 +2,8 @@
 //!
 //! Exit codes are part of the contract with automation: 0 ok, 1 failure, 2 invalid input (bad
 //! plan, unknown rollout, a command the rollout's state does not allow), 3 a rollout needs
-//! attention (waiting for approval, held, rolled back, rejected, aborted), 4 the store is in use,
+//! attention (waiting for approval, held, rolled back, rejected, aborted), 4 the store (or, on
+//! PostgreSQL, the rollout) is in use by another process,
 //! 5 the readiness preflight found an error.
 //! Logs go to stderr through tracing (`RUST_LOG`); stdout carries only the command's output.
 
