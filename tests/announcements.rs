@@ -599,6 +599,21 @@ password_env = "PHASEGATE_SMTP_PASSWORD"
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     assert!(!without.is_empty(), "the simulated IT has unlicensed users");
+    let disabled: Vec<&str> = resolved["event"]["kind"]["recipients"]["disabled"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert!(
+        !disabled.is_empty(),
+        "the simulated pilots have people who left"
+    );
+    // Neither a disabled account nor a user without a mailbox is in the envelope (the
+    // simulated directory mails `user{n}` at `user{n}@contoso.com`).
+    let sent = envelope(&mail[0]);
+    for name in disabled.iter().chain(&without) {
+        let address = format!("{name}@contoso.com");
+        assert!(!sent.contains(&address), "{address} was mailed");
+    }
     let delivered: Vec<&Value> = trail.iter().filter(|e| kind(e) == "delivered").collect();
     assert_eq!(delivered.len(), 1);
     let reason = delivered[0]["event"]["trigger"]["reason"].as_str().unwrap();
@@ -607,6 +622,16 @@ password_env = "PHASEGATE_SMTP_PASSWORD"
             && reason.contains(without[0]),
         "{reason}"
     );
+    assert!(
+        reason.contains(&format!("{} disabled, not told", disabled.len()))
+            && reason.contains(disabled[0]),
+        "{reason}"
+    );
+    // The delivery names the very list read before the kill, by its digest.
+    let read = resolved["event"]["trigger"]["reason"].as_str().unwrap();
+    let digest = read.rsplit("digest ").next().unwrap();
+    assert_eq!(digest.len(), 16, "{read}");
+    assert!(reason.contains(&format!("(digest {digest})")), "{reason}");
 }
 
 /// A channel that is down holds nothing up, and its message goes out once it is back.
@@ -726,4 +751,23 @@ password_env = "PHASEGATE_SMTP_PASSWORD"
     expected.push("it-staff@contoso.com".into());
     expected.sort();
     assert_eq!(envelope(&mail[0]), expected);
+    // The tenant's disabled accounts (`accountEnabled: false`) are named, not mailed.
+    let resolved = trail
+        .iter()
+        .find(|e| kind(e) == "recipients_resolved")
+        .unwrap();
+    let disabled: Vec<String> = resolved["event"]["kind"]["recipients"]["disabled"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_lowercase)
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(!disabled.is_empty(), "{resolved}");
+    assert!(
+        disabled.iter().all(|d| !expected.contains(d)),
+        "{disabled:?}"
+    );
 }
