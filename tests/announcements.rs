@@ -771,3 +771,74 @@ password_env = "PHASEGATE_SMTP_PASSWORD"
         "{disabled:?}"
     );
 }
+
+/// An e-mail to groups with more members than its channel's `max_recipients` is not sent: it
+/// leaves the outbox with an event saying why, and the rollout goes on.
+#[test]
+fn an_email_to_more_members_than_its_channel_allows_is_dropped_and_holds_nothing_up() {
+    let pg = Phasegate::offline();
+    let port = free_port();
+    write_plan(
+        &pg,
+        &format!(
+            r#"[[announcement]]
+channel = "email"
+on = ["start"]
+groups = ["Pilot IT"]
+template = "{{plan}} starts for {{groups}}."
+smtp_host = "127.0.0.1"
+smtp_port = {port}
+tls = "none"
+from = "phasegate@contoso.com"
+max_recipients = 10
+"#
+        ),
+    );
+    // The preflight sees it coming and refuses the start...
+    let refused = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
+    assert_eq!(code(&refused), 5, "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("more than the 10 one message may have"),
+        "{}",
+        stderr(&refused)
+    );
+    // ...and a start past it drops the message at run time.
+    let started = pg.run(&[
+        "start",
+        pg.plan.to_str().unwrap(),
+        "--by",
+        "alice",
+        "--skip-preflight",
+        "--reason",
+        "the pilots are told in person",
+    ]);
+    assert_eq!(code(&started), 0, "{}", stderr(&started));
+    let id = stdout(&started).trim().to_string();
+    let run = pg.run(&["run", &id]);
+    assert!(
+        matches!(code(&run), 0 | 3),
+        "{}{}",
+        stdout(&run),
+        stderr(&run)
+    );
+    let trail = history(&pg, &id);
+    let dropped: Vec<&Value> = trail
+        .iter()
+        .filter(|e| kind(e) == "notification_dropped")
+        .collect();
+    assert_eq!(dropped.len(), 1, "{trail:?}");
+    let reason = dropped[0]["event"]["kind"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("more than the 10 one message may have"),
+        "{reason}"
+    );
+    assert!(!trail.iter().any(|e| kind(e) == "delivered"));
+    let status = pg.status(&id);
+    assert!(status["phases"][0]["applied_at"].is_string(), "{status}");
+    assert!(
+        status["pending_effects"]
+            .as_array()
+            .is_none_or(|p| p.is_empty()),
+        "{status}"
+    );
+}
