@@ -870,11 +870,19 @@ fn told(message: &crate::domain::event::Message) -> String {
         },
         message.groups.join(", ")
     );
+    text.push_str(&format!(" (digest {})", recipients.digest()));
     if !recipients.without_mail.is_empty() {
         text.push_str(&format!(
             "; {} without a mail address, not told: {}",
             recipients.without_mail.len(),
             directory::some_of(&recipients.without_mail, 20)
+        ));
+    }
+    if !recipients.disabled.is_empty() {
+        text.push_str(&format!(
+            "; {} disabled, not told: {}",
+            recipients.disabled.len(),
+            directory::some_of(&recipients.disabled, 20)
         ));
     }
     text
@@ -1189,20 +1197,23 @@ impl Task {
         provider: &mut dyn Provider,
     ) -> Finished {
         let Effect::Notify {
+            to,
             message: Some(message),
             ..
         } = &pending.effect
         else {
             unreachable!("only announcements have recipients to resolve");
         };
+        // The channel's own limit, as its outbox record carries it.
+        let max = crate::announce::email::of(to)
+            .map(|settings| settings.max_recipients)
+            .unwrap_or(directory::MAIL_RECIPIENTS_MAX);
         let mut members = Vec::new();
         let mut read = Vec::new();
         let mut failed = None;
         for group in &message.groups {
-            match provider
-                .group_members(&self.plan.policy, group, directory::MAIL_RECIPIENTS_MAX)
-                .await
-            {
+            let left = directory::MEMBERS_READ_MAX.saturating_sub(members.len());
+            match provider.group_members(&self.plan.policy, group, left).await {
                 Ok(found) => {
                     read.push(format!("{group}: {}", found.len()));
                     members.extend(found);
@@ -1211,6 +1222,9 @@ impl Task {
                     failed = Some(e);
                     break;
                 }
+            }
+            if members.len() > directory::MEMBERS_READ_MAX {
+                break;
             }
         }
         let now = provider.now();
@@ -1232,7 +1246,16 @@ impl Task {
                     took: Duration::ZERO,
                 };
             }
-            None => match directory::mail_recipients(&message.addresses, &members) {
+            None if members.len() > directory::MEMBERS_READ_MAX => EventKind::NotificationDropped {
+                effect: pending.id,
+                reason: format!(
+                    "its groups ({}) have more than {} members, too many to mail: name \
+                         smaller groups, or a distribution list's address",
+                    message.groups.join(", "),
+                    directory::MEMBERS_READ_MAX
+                ),
+            },
+            None => match directory::mail_recipients(&message.addresses, &members, max) {
                 Ok(recipients)
                     if recipients.addresses.is_empty() && message.addresses.is_empty() =>
                 {
@@ -1255,9 +1278,18 @@ impl Task {
                 },
             },
         };
+        let reason = match &kind {
+            EventKind::RecipientsResolved { recipients, .. } => format!(
+                "members read ({}): {} to mail, digest {}",
+                read.join(", "),
+                recipients.addresses.len(),
+                recipients.digest()
+            ),
+            _ => format!("members read ({})", read.join(", ")),
+        };
         let event = Event {
             kind,
-            trigger: trigger(format!("members read ({})", read.join(", "))),
+            trigger: trigger(reason),
         };
         Task::finished(event, now, None)
     }

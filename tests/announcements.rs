@@ -600,14 +600,39 @@ on_both_stores! {
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
         assert!(!without.is_empty(), "the simulated IT has unlicensed users");
+        let disabled: Vec<&str> = resolved["event"]["kind"]["recipients"]["disabled"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        assert!(
+            !disabled.is_empty(),
+            "the simulated pilots have people who left"
+        );
+        // Neither a disabled account nor a user without a mailbox is in the envelope (the
+        // simulated directory mails `user{n}` at `user{n}@contoso.com`).
+        let sent = envelope(&mail[0]);
+        for name in disabled.iter().chain(&without) {
+            let address = format!("{name}@contoso.com");
+            assert!(!sent.contains(&address), "{address} was mailed");
+        }
         let delivered: Vec<&Value> = trail.iter().filter(|e| kind(e) == "delivered").collect();
-        assert_eq!(delivered.len(), 1, "{}{}", stdout(&rerun), stderr(&rerun));
+        assert_eq!(delivered.len(), 1);
         let reason = delivered[0]["event"]["trigger"]["reason"].as_str().unwrap();
         assert!(
             reason.contains(&format!("{} without a mail address", without.len()))
                 && reason.contains(without[0]),
             "{reason}"
         );
+        assert!(
+            reason.contains(&format!("{} disabled, not told", disabled.len()))
+                && reason.contains(disabled[0]),
+            "{reason}"
+        );
+        // The delivery names the very list read before the kill, by its digest.
+        let read = resolved["event"]["trigger"]["reason"].as_str().unwrap();
+        let digest = read.rsplit("digest ").next().unwrap();
+        assert_eq!(digest.len(), 16, "{read}");
+        assert!(reason.contains(&format!("(digest {digest})")), "{reason}");
     }
 }
 
@@ -729,5 +754,96 @@ on_both_stores! {
         expected.push("it-staff@contoso.com".into());
         expected.sort();
         assert_eq!(envelope(&mail[0]), expected);
+        // The tenant's disabled accounts (`accountEnabled: false`) are named, not mailed.
+        let resolved = trail
+            .iter()
+            .find(|e| kind(e) == "recipients_resolved")
+            .unwrap();
+        let disabled: Vec<String> = resolved["event"]["kind"]["recipients"]["disabled"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_lowercase)
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(!disabled.is_empty(), "{resolved}");
+        assert!(
+            disabled.iter().all(|d| !expected.contains(d)),
+            "{disabled:?}"
+        );
+    }
+}
+
+on_both_stores! {
+    /// An e-mail to groups with more members than its channel's `max_recipients` is not sent: it
+    /// leaves the outbox with an event saying why, and the rollout goes on.
+    fn an_email_to_more_members_than_its_channel_allows_is_dropped_and_holds_nothing_up() {
+        let pg = Phasegate::offline();
+        let port = free_port();
+        write_plan(
+            &pg,
+            &format!(
+                r#"[[announcement]]
+    channel = "email"
+    on = ["start"]
+    groups = ["Pilot IT"]
+    template = "{{plan}} starts for {{groups}}."
+    smtp_host = "127.0.0.1"
+    smtp_port = {port}
+    tls = "none"
+    from = "phasegate@contoso.com"
+    max_recipients = 10
+    "#
+            ),
+        );
+        // The preflight sees it coming and refuses the start...
+        let refused = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
+        assert_eq!(code(&refused), 5, "{}", stderr(&refused));
+        assert!(
+            stderr(&refused).contains("more than the 10 one message may have"),
+            "{}",
+            stderr(&refused)
+        );
+        // ...and a start past it drops the message at run time.
+        let started = pg.run(&[
+            "start",
+            pg.plan.to_str().unwrap(),
+            "--by",
+            "alice",
+            "--skip-preflight",
+            "--reason",
+            "the pilots are told in person",
+        ]);
+        assert_eq!(code(&started), 0, "{}", stderr(&started));
+        let id = stdout(&started).trim().to_string();
+        let run = pg.run(&["run", &id]);
+        assert!(
+            matches!(code(&run), 0 | 3),
+            "{}{}",
+            stdout(&run),
+            stderr(&run)
+        );
+        let trail = history(&pg, &id);
+        let dropped: Vec<&Value> = trail
+            .iter()
+            .filter(|e| kind(e) == "notification_dropped")
+            .collect();
+        assert_eq!(dropped.len(), 1, "{trail:?}");
+        let reason = dropped[0]["event"]["kind"]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("more than the 10 one message may have"),
+            "{reason}"
+        );
+        assert!(!trail.iter().any(|e| kind(e) == "delivered"));
+        let status = pg.status(&id);
+        assert!(status["phases"][0]["applied_at"].is_string(), "{status}");
+        assert!(
+            status["pending_effects"]
+                .as_array()
+                .is_none_or(|p| p.is_empty()),
+            "{status}"
+        );
     }
 }

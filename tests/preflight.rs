@@ -883,3 +883,143 @@ fn through_the_daemon_start_runs_the_preflight_and_records_a_skip() {
     );
     assert_eq!(serve.terminate(), Some(0));
 }
+
+/// The `[[announcement]]` table of an e-mail to `groups`.
+fn mail_to(groups: &str) -> String {
+    format!(
+        "[[announcement]]\nchannel = \"email\"\non = [\"start\"]\ngroups = [{groups}]\n\
+         template = \"{{plan}} starts\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = 2525\n\
+         from = \"phasegate@contoso.com\"\n"
+    )
+}
+
+/// An e-mail announcement to a group the tenant lacks, or to one whose members have no mail
+/// address (the break-glass accounts), is an error naming the group, and `start` refuses the
+/// plan; the app must be allowed to read users (their addresses); a group whose members have
+/// mail is ok, with who is left out.
+#[test]
+fn a_mailed_group_the_tenant_lacks_or_that_reaches_nobody_is_an_error() {
+    let emulator = Emulator::spawn(&["--client-secret", SECRET, "--devices", "300"]);
+    let dir = tempfile::tempdir().unwrap();
+    let plan_mailing = |groups: &str| {
+        let path = graph_plan(dir.path(), &emulator, "windows-baseline-graph.toml", "");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text
+            .replacen("[[phase]]", &format!("{}\n[[phase]]", mail_to(groups)), 1)
+            .replace(
+                "exclude = [\"Break Glass\"]",
+                "exclude = [\"Break Glass\", \"Contractors\"]",
+            );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let preflight = |plan: &Path| {
+        let out = phasegate(
+            dir.path(),
+            &["--output", "json", "preflight", plan.to_str().unwrap()],
+        );
+        (code(&out), json(&out))
+    };
+
+    let plan = plan_mailing("\"Break Glass\", \"Contractors\"");
+    let (exit, report) = preflight(&plan);
+    assert_eq!(exit, 5, "{report}");
+    let found = findings(&report, "announcement-groups");
+    let messages: Vec<&str> = found
+        .iter()
+        .map(|f| f["message"].as_str().unwrap())
+        .collect();
+    assert!(found.iter().all(|f| f["level"] == "error"), "{report}");
+    assert!(
+        messages.iter().any(|m| m.contains(
+            "nobody in group `Break Glass` can be mailed: 2 members, 2 without a mail address"
+        )),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m
+                .contains("group `Contractors`, which an e-mail announcement mails, not found")),
+        "{messages:?}"
+    );
+    let out = phasegate(dir.path(), &["start", plan.to_str().unwrap()]);
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nobody in group `Break Glass` can be mailed"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        emulator.get("/_emulator/ledger")["value"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    let plan = plan_mailing("\"Pilot IT\"");
+    let (exit, report) = preflight(&plan);
+    let found = findings(&report, "announcement-groups");
+    assert_eq!(found.len(), 1, "{report}");
+    assert_eq!(found[0]["level"], "ok", "{report}");
+    assert!(
+        found[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("announcement groups reach by mail: `Pilot IT` ("),
+        "{}",
+        found[0]
+    );
+    assert_eq!(exit, 0, "{report}");
+    assert_eq!(
+        findings(&report, "permissions")[0]["level"],
+        "ok",
+        "{report}"
+    );
+}
+
+/// On the simulated provider the simulated directory answers the same question.
+#[test]
+fn on_the_simulator_a_mailed_group_that_reaches_nobody_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |groups: &str| {
+        let plan = simulator_plan(
+            dir.path(),
+            "windows",
+            "1h",
+            &format!("{DOMAINS}\n\n{}", mail_to(groups)),
+        );
+        let dns = right();
+        let out = phasegate(
+            dir.path(),
+            &[
+                "--output",
+                "json",
+                "preflight",
+                plan.to_str().unwrap(),
+                "--resolver",
+                &dns.resolver(),
+            ],
+        );
+        (code(&out), json(&out))
+    };
+    let (exit, report) = run("\"Break Glass\"");
+    assert_eq!(exit, 5, "{report}");
+    let found = findings(&report, "announcement-groups");
+    assert_eq!(found[0]["level"], "error", "{report}");
+    assert!(
+        found[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nobody in group `Break Glass` can be mailed"),
+        "{report}"
+    );
+    let (exit, report) = run("\"Pilot IT\"");
+    assert_eq!(
+        findings(&report, "announcement-groups")[0]["level"],
+        "ok",
+        "{report}"
+    );
+    assert_eq!(exit, 0, "{report}");
+}

@@ -4,7 +4,15 @@
 //! only choice for a relay on another machine; `"none"` only to this machine), `username_env`
 //! and `password_env` (both or neither: the names of `PHASEGATE_…` environment variables with
 //! the relay's credentials, read when a message is sent and never shown or stored), `ca_file`
-//! (a PEM file with the certificate authority of a relay whose certificate no public one signs).
+//! (a PEM file with the certificate authority of a relay whose certificate no public one signs),
+//! `max_recipients` (the most addresses one message may go to, 1 to 500, 500 by default:
+//! Exchange Online's limit; set the relay's own when it takes fewer).
+//!
+//! An announcement's own `addresses` are its To; its groups' members, read from the directory,
+//! are Bcc, so a department does not see everyone's address (the sender is the To when the
+//! announcement names no address). One message, never batches: a group larger than
+//! `max_recipients` is a clear failure (at preflight, and as the message's audit event), not a
+//! stream of partial sends.
 //!
 //! Each message's `Message-ID` is made from its outbox key, so the same announcement sent twice
 //! (a crash between the relay's answer and its record) carries the same id. A 4xx answer
@@ -24,6 +32,7 @@ use toml::Spanned;
 
 use super::Links;
 use crate::adapters::{self, ChannelKind};
+use crate::domain::directory::MAIL_RECIPIENTS_MAX;
 use crate::domain::event::ChannelAddress;
 use crate::domain::plan::Diagnostic;
 use crate::notifier::{About, Delivery, NotifyError};
@@ -57,6 +66,8 @@ pub struct EmailSettings {
     /// The variables with the user name and password.
     pub credentials: Option<(String, String)>,
     pub ca_file: Option<String>,
+    /// The most recipients (To and Bcc) one message may have.
+    pub max_recipients: usize,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +88,7 @@ struct RawEmail {
     username_env: Option<Spanned<String>>,
     password_env: Option<Spanned<String>>,
     ca_file: Option<Spanned<String>>,
+    max_recipients: Option<Spanned<i64>>,
 }
 
 fn check(source: &str) -> Vec<Diagnostic> {
@@ -196,6 +208,23 @@ pub fn parse_all(source: &str) -> Result<Vec<EmailSettings>, Vec<Diagnostic>> {
                 "`ca_file` must not be empty",
             ));
         }
+        let max_recipients = match &raw.max_recipients {
+            None => MAIL_RECIPIENTS_MAX,
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(n) if (1..=MAIL_RECIPIENTS_MAX).contains(&n) => n,
+                _ => {
+                    problems.push(Diagnostic::new(
+                        n.span(),
+                        format!(
+                            "`max_recipients` must be from 1 to {MAIL_RECIPIENTS_MAX} (recipients \
+                             of one message), found {}",
+                            n.get_ref()
+                        ),
+                    ));
+                    MAIL_RECIPIENTS_MAX
+                }
+            },
+        };
         all.push(EmailSettings {
             host,
             port,
@@ -203,6 +232,7 @@ pub fn parse_all(source: &str) -> Result<Vec<EmailSettings>, Vec<Diagnostic>> {
             security,
             credentials,
             ca_file,
+            max_recipients,
         });
     }
     if problems.is_empty() {
@@ -283,6 +313,14 @@ pub fn compose(
                     with a mail address"
                 .into(),
         );
+    }
+    let total = about.message.addresses.len() + members.len();
+    if total > settings.max_recipients {
+        return Err(format!(
+            "the message would go to {total} addresses, more than the channel's max_recipients \
+             ({})",
+            settings.max_recipients
+        ));
     }
     let mailbox = |address: &String| {
         address
@@ -408,8 +446,25 @@ mod tests {
                     "PHASEGATE_SMTP_PASSWORD".into()
                 )),
                 ca_file: None,
+                max_recipients: 500,
             }]
         );
+        let table = |n: &str| {
+            plan(&format!(
+                "addresses = [\"it@contoso.com\"]\nsmtp_host = \"smtp.contoso.com\"\n\
+                 from = \"pg@contoso.com\"\nmax_recipients = {n}"
+            ))
+        };
+        assert_eq!(parse_all(&table("100")).unwrap()[0].max_recipients, 100);
+        for bad in ["0", "501", "-1"] {
+            let problems = check(&table(bad));
+            assert!(
+                problems[0]
+                    .message
+                    .contains("`max_recipients` must be from 1 to 500"),
+                "{bad}: {problems:?}"
+            );
+        }
     }
 
     #[test]

@@ -101,9 +101,15 @@ impl ApproverSnapshot {
 
 /// The most recipients one e-mail announcement may have, its addresses and its groups' members
 /// together: Exchange Online's limit of recipients per message (other relays take fewer, never
-/// fewer than the 100 RFC 5321 requires). An announcement whose groups have more fails with an
-/// audit event saying so, rather than mailing thousands.
+/// fewer than the 100 RFC 5321 requires; an e-mail channel may set a lower `max_recipients`).
+/// An announcement whose groups have more fails with an audit event saying so, rather than
+/// mailing thousands.
 pub const MAIL_RECIPIENTS_MAX: usize = 500;
+
+/// The most members of an e-mail announcement's groups the shell reads (disabled accounts and
+/// users without a mailbox included): beyond that the announcement is dropped as too large
+/// without reading on.
+pub const MEMBERS_READ_MAX: usize = 10_000;
 
 /// A user of a directory group (members of nested groups included).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +120,13 @@ pub struct Member {
     pub name: String,
     /// The user's e-mail address; `None` for a user without a mailbox.
     pub mail: Option<String>,
+    /// Whether the account may sign in; a disabled one is told nothing.
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+}
+
+fn enabled() -> bool {
+    true
 }
 
 /// Who an e-mail announcement's groups reach, fixed before its first attempt.
@@ -124,38 +137,86 @@ pub struct Recipients {
     /// The members who have no usable address (by name): told nothing, and reported.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub without_mail: Vec<String>,
+    /// The members whose account is disabled (by name): told nothing, and reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disabled: Vec<String>,
+}
+
+impl Recipients {
+    /// A short fingerprint of the addresses mailed (SHA-256 of the lowercase addresses, sorted,
+    /// one per line; its first 16 hex digits): two deliveries with the same digest went to the
+    /// same people.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut sorted: Vec<String> = self.addresses.iter().map(|a| a.to_lowercase()).collect();
+        sorted.sort();
+        let mut hash = Sha256::new();
+        for address in &sorted {
+            hash.update(address.as_bytes());
+            hash.update(b"\n");
+        }
+        hex::encode(&hash.finalize()[..8])
+    }
 }
 
 /// The recipients of an announcement naming `addresses` whose groups have `members`:
-/// deduplicated case-insensitively (against `addresses` too), in the order read; or why it
-/// cannot be sent (more than [`MAIL_RECIPIENTS_MAX`] in all).
-pub fn mail_recipients(addresses: &[String], members: &[Member]) -> Result<Recipients, String> {
+/// deduplicated case-insensitively (against `addresses` too), in the order read, disabled
+/// accounts and members without a usable address left out and named; or why it cannot be sent
+/// (more than `max` addresses in all, `max` at most [`MAIL_RECIPIENTS_MAX`]).
+pub fn mail_recipients(
+    addresses: &[String],
+    members: &[Member],
+    max: usize,
+) -> Result<Recipients, String> {
+    let max = max.clamp(1, MAIL_RECIPIENTS_MAX);
+    let found = reach(addresses, members);
+    let total = addresses.len() + found.addresses.len();
+    if total > max {
+        return Err(format!(
+            "the announcement would go to {total} addresses, more than the {max} one message \
+             may have: name smaller groups, or a distribution list's address"
+        ));
+    }
+    Ok(found)
+}
+
+/// Whom `members` reach by mail beside `addresses`, however many: see [`mail_recipients`].
+pub fn reach(addresses: &[String], members: &[Member]) -> Recipients {
     let mut seen: std::collections::HashSet<String> =
         addresses.iter().map(|a| a.to_lowercase()).collect();
     let mut named = std::collections::HashSet::new();
     let mut found = Recipients::default();
     for member in members {
-        match member.mail.as_deref().map(str::trim) {
-            Some(mail) if is_address(mail) => {
+        if !named.insert(member.name.to_lowercase()) {
+            // The same user through two groups: judged once.
+            if let Some(mail) = usable(member) {
+                seen.insert(mail.to_lowercase());
+            }
+            continue;
+        }
+        if !member.enabled {
+            found.disabled.push(member.name.clone());
+            continue;
+        }
+        match usable(member) {
+            Some(mail) => {
                 if seen.insert(mail.to_lowercase()) {
                     found.addresses.push(mail.to_string());
                 }
             }
-            _ => {
-                if named.insert(member.name.to_lowercase()) {
-                    found.without_mail.push(member.name.clone());
-                }
-            }
+            None => found.without_mail.push(member.name.clone()),
         }
     }
-    let total = addresses.len() + found.addresses.len();
-    if total > MAIL_RECIPIENTS_MAX {
-        return Err(format!(
-            "the announcement would go to {total} addresses, more than the {MAIL_RECIPIENTS_MAX} \
-             one message may have: name smaller groups, or a distribution list's address"
-        ));
-    }
-    Ok(found)
+    found
+}
+
+/// A member's address, if it is one.
+fn usable(member: &Member) -> Option<&str> {
+    member
+        .mail
+        .as_deref()
+        .map(str::trim)
+        .filter(|mail| is_address(mail))
 }
 
 /// A few names of a list, for a line of the audit trail: `a, b, c and 7 more`.
@@ -181,6 +242,7 @@ mod tests {
             id: format!("id-{name}"),
             name: name.into(),
             mail: mail.map(Into::into),
+            enabled: true,
         }
     }
 
@@ -193,7 +255,7 @@ mod tests {
             member("ann2@contoso.com", Some("ann@contoso.com")),
             member("bob@contoso.com", Some("bob@contoso.com")),
         ];
-        let found = mail_recipients(&addresses, &members).unwrap();
+        let found = mail_recipients(&addresses, &members, MAIL_RECIPIENTS_MAX).unwrap();
         assert_eq!(found.addresses, ["Ann@contoso.com", "bob@contoso.com"]);
         assert!(found.without_mail.is_empty());
     }
@@ -206,7 +268,7 @@ mod tests {
             member("odd@contoso.com", Some("not an address")),
             member("ok@contoso.com", Some("ok@contoso.com")),
         ];
-        let found = mail_recipients(&[], &members).unwrap();
+        let found = mail_recipients(&[], &members, MAIL_RECIPIENTS_MAX).unwrap();
         assert_eq!(found.addresses, ["ok@contoso.com"]);
         assert_eq!(found.without_mail, ["kiosk@contoso.com", "odd@contoso.com"]);
     }
@@ -216,10 +278,53 @@ mod tests {
         let members: Vec<Member> = (0..MAIL_RECIPIENTS_MAX)
             .map(|i| member(&format!("u{i}"), Some(&format!("u{i}@contoso.com"))))
             .collect();
-        assert!(mail_recipients(&[], &members).is_ok());
-        let error = mail_recipients(&["it@contoso.com".into()], &members).unwrap_err();
+        assert!(mail_recipients(&[], &members, MAIL_RECIPIENTS_MAX).is_ok());
+        let error =
+            mail_recipients(&["it@contoso.com".into()], &members, MAIL_RECIPIENTS_MAX).unwrap_err();
         assert!(error.contains("501 addresses"), "{error}");
         assert!(error.contains("more than the 500"), "{error}");
+        // A channel's lower limit is kept; a higher one is held to the bound.
+        let error = mail_recipients(&[], &members[..11], 10).unwrap_err();
+        assert!(error.contains("11 addresses, more than the 10"), "{error}");
+        assert!(mail_recipients(&[], &members[..10], 10).is_ok());
+        assert!(mail_recipients(&["it@contoso.com".into()], &members, 100_000).is_err());
+        assert!(mail_recipients(&[], &members[..1], 0).is_ok());
+    }
+
+    #[test]
+    fn disabled_accounts_are_told_nothing_and_named_once() {
+        let mut off = member("gone@contoso.com", Some("gone@contoso.com"));
+        off.enabled = false;
+        let members = [
+            off.clone(),
+            member("ok@contoso.com", Some("ok@contoso.com")),
+            off,
+            member("nomail@contoso.com", None),
+            member("ok@contoso.com", Some("ok@contoso.com")),
+        ];
+        let found = mail_recipients(&[], &members, MAIL_RECIPIENTS_MAX).unwrap();
+        assert_eq!(found.addresses, ["ok@contoso.com"]);
+        assert_eq!(found.disabled, ["gone@contoso.com"]);
+        assert_eq!(found.without_mail, ["nomail@contoso.com"]);
+    }
+
+    #[test]
+    fn the_digest_names_the_set_of_addresses_whatever_their_order_and_case() {
+        let a = Recipients {
+            addresses: vec!["Ann@contoso.com".into(), "bob@contoso.com".into()],
+            ..Recipients::default()
+        };
+        let b = Recipients {
+            addresses: vec!["bob@contoso.com".into(), "ann@CONTOSO.com".into()],
+            ..Recipients::default()
+        };
+        let c = Recipients {
+            addresses: vec!["bob@contoso.com".into()],
+            ..Recipients::default()
+        };
+        assert_eq!(a.digest(), b.digest());
+        assert_ne!(a.digest(), c.digest());
+        assert_eq!(a.digest().len(), 16);
     }
 
     #[test]

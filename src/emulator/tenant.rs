@@ -1951,14 +1951,15 @@ impl Tenant {
     }
 
     /// A user as a member listing shows it. `mail` is the user's SMTP address, null for a user
-    /// without a mailbox (here the break-glass accounts and a share of unlicensed users); with
-    /// `$select` only the properties named (an unknown one is null), without it the default set
-    /// ("user resource type", https://learn.microsoft.com/graph/api/resources/user: `mail`,
-    /// nullable; "Use the $select query parameter",
-    /// https://learn.microsoft.com/graph/query-parameters#select).
+    /// without a mailbox (here the break-glass accounts and a share of unlicensed users);
+    /// `accountEnabled` (false for a share of people who left) is "returned only on $select";
+    /// with `$select` only the properties named (an unknown one is null), without it the default
+    /// set ("user resource type", https://learn.microsoft.com/graph/api/resources/user: `mail`,
+    /// nullable, `accountEnabled`, returned only on `$select`; "Use the $select query
+    /// parameter", https://learn.microsoft.com/graph/query-parameters#select).
     fn member_json(&self, user: usize, select: Option<&str>) -> Value {
         let upn = self.user_principal_name(user);
-        let all = json!({
+        let mut all = json!({
             "id": self.user_id(user),
             "userPrincipalName": upn,
             "displayName": format!("User {user}"),
@@ -1967,6 +1968,7 @@ impl Tenant {
         let Some(select) = select.filter(|s| !s.trim().is_empty()) else {
             return all;
         };
+        all["accountEnabled"] = json!(self.fleet.account_enabled(user));
         let mut item = serde_json::Map::new();
         for name in select.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             item.insert(

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::settings::DeviceAction;
+use crate::domain::directory::{MAIL_RECIPIENTS_MAX, Member, Recipients, mail_recipients, reach};
 use crate::domain::plan::{Plan, Platform};
 use crate::domain::time::{Timestamp, format_span};
 
@@ -109,6 +110,7 @@ pub const TENANT: &str = "tenant-settings";
 pub const OVERLAP: &str = "conditional-access";
 pub const MFA: &str = "mfa";
 pub const PERMISSIONS: &str = "permissions";
+pub const MAILED: &str = "announcement-groups";
 
 // ---------------------------------------------------------------------------------------------
 // Enrolment DNS
@@ -653,6 +655,139 @@ pub fn approver_groups(groups: &[(String, String, Lookup<FoundGroup>)]) -> Vec<F
     findings
 }
 
+// ---------------------------------------------------------------------------------------------
+// Announcement groups
+
+/// An e-mail announcement that mails groups: its own addresses, its groups, and its channel's
+/// `max_recipients`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mailing {
+    pub addresses: Vec<String>,
+    pub groups: Vec<String>,
+    pub max_recipients: usize,
+}
+
+/// The plan's e-mail announcements that mail groups.
+pub fn mailings(plan: &Plan) -> Vec<Mailing> {
+    plan.announcements
+        .iter()
+        .filter(|a| a.address.kind() == crate::announce::email::NAME && !a.groups.is_empty())
+        .map(|a| Mailing {
+            addresses: a.addresses.clone(),
+            groups: a.groups.clone(),
+            max_recipients: crate::announce::email::of(&a.address)
+                .map_or(MAIL_RECIPIENTS_MAX, |s| s.max_recipients),
+        })
+        .collect()
+}
+
+/// Every group an e-mail announcement mails can be read and reaches someone, and every
+/// announcement fits in one message: a missing, unreadable or empty group, one whose members
+/// all lack a mail address or are disabled, or more recipients than the channel's
+/// `max_recipients` is an error (at run time such a message would be dropped, the rollout going
+/// on untold). `found` holds each group's members as the directory has them.
+pub fn mailed_groups(
+    mailings: &[Mailing],
+    found: &[(String, Lookup<Vec<Member>>)],
+) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let mut fine = Vec::new();
+    for (name, lookup) in found {
+        match lookup {
+            Lookup::Found(members) if members.is_empty() => findings.push(Finding::error(
+                MAILED,
+                format!("group `{name}`, which an e-mail announcement mails, has no members"),
+                format!("add the people to tell to `{name}`, or mail another group or address"),
+            )),
+            Lookup::Found(members) => {
+                let reach = reach(&[], members);
+                let left_out = left_out(&reach);
+                if reach.addresses.is_empty() {
+                    findings.push(Finding::error(
+                        MAILED,
+                        format!(
+                            "nobody in group `{name}` can be mailed: {} member{}{left_out}",
+                            members.len(),
+                            if members.len() == 1 { "" } else { "s" }
+                        ),
+                        format!(
+                            "give the members of `{name}` a mailbox, or mail another group or address"
+                        ),
+                    ));
+                } else {
+                    fine.push(format!(
+                        "`{name}` ({} of {} member{}{left_out})",
+                        reach.addresses.len(),
+                        members.len(),
+                        if members.len() == 1 { "" } else { "s" }
+                    ));
+                }
+            }
+            Lookup::Missing => findings.push(Finding::error(
+                MAILED,
+                format!("group `{name}`, which an e-mail announcement mails, not found"),
+                format!(
+                    "create the group `{name}` in Entra ID, or correct the announcement's groups"
+                ),
+            )),
+            Lookup::Ambiguous(n) => findings.push(Finding::error(
+                MAILED,
+                format!("group `{name}` is ambiguous: {n} groups share the name"),
+                "name the group by its object id in the plan",
+            )),
+            Lookup::Failed(why) => findings.push(Finding::error(
+                MAILED,
+                format!("the members of group `{name}` cannot be read ({why})"),
+                "grant the app GroupMember.Read.All and User.Read.All (see docs/graph.md)",
+            )),
+        }
+    }
+    for mailing in mailings {
+        let members: Vec<Member> = mailing
+            .groups
+            .iter()
+            .filter_map(|g| found.iter().find(|(name, _)| name == g))
+            .filter_map(|(_, lookup)| match lookup {
+                Lookup::Found(members) => Some(members.iter().cloned()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        if let Err(why) = mail_recipients(&mailing.addresses, &members, mailing.max_recipients) {
+            findings.push(Finding::error(
+                MAILED,
+                format!("the e-mail announcement to {}: {why}", mailing.groups.join(", ")),
+                "name smaller groups, a distribution list's address, or raise the channel's max_recipients (at most 500)",
+            ));
+        }
+    }
+    if !fine.is_empty() {
+        findings.insert(
+            0,
+            Finding::ok(
+                MAILED,
+                format!("announcement groups reach by mail: {}", fine.join(", ")),
+            ),
+        );
+    }
+    findings
+}
+
+/// `, 2 without a mail address, 1 disabled`: who a group's e-mail leaves out.
+fn left_out(reach: &Recipients) -> String {
+    let mut text = String::new();
+    if !reach.without_mail.is_empty() {
+        text.push_str(&format!(
+            ", {} without a mail address",
+            reach.without_mail.len()
+        ));
+    }
+    if !reach.disabled.is_empty() {
+        text.push_str(&format!(", {} disabled", reach.disabled.len()));
+    }
+    text
+}
+
 /// The tenant's compliance settings (`deviceManagementSettings`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TenantSettings {
@@ -852,6 +987,11 @@ pub fn needed_roles(plan: &Plan, reads_domains: bool) -> Vec<(&'static str, &'st
         roles.push((
             "User.Read.All",
             "the names of the directory approver groups' members",
+        ));
+    } else if !mailings(plan).is_empty() {
+        roles.push((
+            "User.Read.All",
+            "the mail addresses of the groups e-mail announcements mail",
         ));
     }
     if reads_domains {

@@ -65,6 +65,7 @@ pub async fn run(plan: &Plan, options: &Options) -> Result<Report, String> {
             if !plan.directory_approvers.is_empty() {
                 findings.push(Finding::skipped(checks::APPROVERS, SIMULATED));
             }
+            findings.extend(simulated_mailed_groups(plan)?);
         }
     }
     Ok(Report {
@@ -204,6 +205,10 @@ fn of_tenant(plan: &Plan, settings: &PreflightSettings, facts: &TenantFacts) -> 
     }
     findings.extend(checks::groups(&facts.groups));
     findings.extend(checks::approver_groups(&facts.approver_groups));
+    findings.extend(checks::mailed_groups(
+        &checks::mailings(plan),
+        &facts.mailed_groups,
+    ));
     findings.extend(checks::tenant_settings(&facts.settings));
     let scope = scope(plan, facts);
     match &facts.conditional_access {
@@ -229,6 +234,39 @@ fn of_tenant(plan: &Plan, settings: &PreflightSettings, facts: &TenantFacts) -> 
     let needed = checks::needed_roles(plan, settings.domains.is_empty());
     findings.extend(checks::permissions(&needed, &facts.roles));
     findings
+}
+
+/// The mailed groups' members as the simulated directory has them: the same answer a delivery
+/// gets (`simulator::directory_members`).
+fn simulated_mailed_groups(plan: &Plan) -> Result<Vec<Finding>, String> {
+    let mailings = checks::mailings(plan);
+    if mailings.is_empty() {
+        return Ok(Vec::new());
+    }
+    let settings = simulator::settings::of(&plan.provider)?;
+    let fleet = simulator::Fleet::new(
+        settings.seed,
+        settings.devices,
+        settings.remediation_half_life,
+        simulator::SIMULATED_EPOCH,
+    );
+    let names: std::collections::BTreeSet<&String> =
+        mailings.iter().flat_map(|m| &m.groups).collect();
+    let found: Vec<_> = names
+        .into_iter()
+        .map(|name| {
+            let lookup = match simulator::directory_members(
+                &fleet,
+                name,
+                crate::domain::directory::MEMBERS_READ_MAX,
+            ) {
+                Ok(members) => Lookup::Found(members),
+                Err(_) => Lookup::Missing,
+            };
+            (name.clone(), lookup)
+        })
+        .collect();
+    Ok(checks::mailed_groups(&mailings, &found))
 }
 
 /// The groups the phases include, with their ids where found (`None`: All Users).

@@ -1161,7 +1161,7 @@ fn event_detail(kind: &EventKind) -> String {
         ),
         EventKind::Delivered { effect, status } => format!("effect {effect}, HTTP {status}"),
         EventKind::RecipientsResolved { effect, recipients } => format!(
-            "effect {effect}: {} address{} from the directory{}",
+            "effect {effect}: {} address{} from the directory{}{}",
             recipients.addresses.len(),
             if recipients.addresses.len() == 1 {
                 ""
@@ -1172,6 +1172,11 @@ fn event_detail(kind: &EventKind) -> String {
                 String::new()
             } else {
                 format!(", {} without a mail address", recipients.without_mail.len())
+            },
+            if recipients.disabled.is_empty() {
+                String::new()
+            } else {
+                format!(", {} disabled", recipients.disabled.len())
             }
         ),
         EventKind::ApproversRead { groups } => groups

@@ -264,6 +264,7 @@ fn the_recipients_of_an_email_to_groups_are_fixed_once_and_a_dropped_one_leaves_
     let first = Recipients {
         addresses: vec!["ann@contoso.com".into()],
         without_mail: vec!["kiosk@contoso.com".into()],
+        disabled: vec!["left@contoso.com".into()],
     };
     let trigger = || Trigger::new(TriggerSource::Provider, "simulator", "members read");
     h.send(

@@ -45,6 +45,7 @@ fn board(h: &Harness, members: &[(&str, Option<&str>)]) -> ApproverSnapshot {
             id: format!("id-{name}"),
             name: name.to_string(),
             mail: mail.map(str::to_string),
+            enabled: true,
         })
         .collect();
     ApproverSnapshot::read("Change Advisory Board", "graph contoso", h.now, &found)
@@ -158,6 +159,7 @@ fn a_group_too_large_to_approve_from_is_recorded_as_unreadable() {
             id: i.to_string(),
             name: format!("u{i}@contoso.com"),
             mail: None,
+            enabled: true,
         })
         .collect();
     let snapshot = ApproverSnapshot::read("Everyone", "graph", h.now, &found);

@@ -1975,4 +1975,35 @@ fn members_carry_their_mail_as_selected_and_null_without_a_mailbox() {
         "some users have no mailbox"
     );
     assert!(with.len() > users.len() * 9 / 10);
+    // `accountEnabled` only when selected, false for a few who left.
+    let mut listing = request(
+        "GET",
+        &format!(
+            "/v1.0/groups/{all}/transitiveMembers/microsoft.graph.user?$select=id,mail,userPrincipalName,accountEnabled&$count=true&$top=999"
+        ),
+        "",
+        Some(&token),
+    );
+    listing
+        .headers
+        .insert("consistencylevel".into(), "eventual".into());
+    let page = body(&tenant.handle(&listing));
+    let users = page["value"].as_array().unwrap();
+    assert!(
+        users.iter().all(|u| u["accountEnabled"].is_boolean()),
+        "{page}"
+    );
+    for user in users {
+        let n: usize = user["userPrincipalName"].as_str().unwrap()[4..]
+            .split('@')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            user["accountEnabled"],
+            tenant.fleet.account_enabled(n),
+            "{user}"
+        );
+    }
 }

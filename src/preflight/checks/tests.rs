@@ -431,3 +431,124 @@ fn a_required_sign_in_criterion_needs_the_sign_in_log_permissions_and_an_optiona
     let findings = permissions(&needed_roles(&optional, false), &Ok(granted));
     assert_eq!(findings[0].level, Level::Ok, "{findings:?}");
 }
+
+fn member(name: &str, mail: Option<&str>, enabled: bool) -> Member {
+    Member {
+        id: name.into(),
+        name: name.into(),
+        mail: mail.map(Into::into),
+        enabled,
+    }
+}
+
+fn mailing(groups: &[&str], max_recipients: usize) -> Mailing {
+    Mailing {
+        addresses: vec!["helpdesk@contoso.com".into()],
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        max_recipients,
+    }
+}
+
+#[test]
+fn a_mailed_group_that_is_missing_empty_unreadable_or_reaches_nobody_is_an_error() {
+    let pilot = vec![
+        member("ann", Some("ann@contoso.com"), true),
+        member("kiosk", None, true),
+        member("left", Some("left@contoso.com"), false),
+    ];
+    let nobody = vec![member("bg1", None, true), member("bg2", None, true)];
+    let found = vec![
+        ("Pilot".to_string(), Lookup::Found(pilot)),
+        ("Empty".into(), Lookup::Found(Vec::new())),
+        ("Break Glass".into(), Lookup::Found(nobody)),
+        ("Gone".into(), Lookup::Missing),
+        (
+            "Secret".into(),
+            Lookup::Failed("403 Authorization_RequestDenied".into()),
+        ),
+    ];
+    let findings = mailed_groups(
+        &[mailing(
+            &["Pilot", "Empty", "Break Glass", "Gone", "Secret"],
+            500,
+        )],
+        &found,
+    );
+    assert_eq!(findings[0].level, Level::Ok);
+    assert!(
+        findings[0]
+            .message
+            .contains("`Pilot` (1 of 3 members, 1 without a mail address, 1 disabled)"),
+        "{findings:?}"
+    );
+    let errors: Vec<&str> = findings[1..].iter().map(|f| f.message.as_str()).collect();
+    assert!(
+        findings[1..]
+            .iter()
+            .all(|f| f.level == Level::Error && f.check == MAILED)
+    );
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert!(
+        errors[0].contains("group `Empty`, which an e-mail announcement mails, has no members")
+    );
+    assert!(errors[1].contains(
+        "nobody in group `Break Glass` can be mailed: 2 members, 2 without a mail address"
+    ));
+    assert!(errors[2].contains("group `Gone`, which an e-mail announcement mails, not found"));
+    assert!(errors[3].contains("the members of group `Secret` cannot be read (403"));
+    assert!(
+        findings[4]
+            .fix
+            .as_deref()
+            .unwrap()
+            .contains("User.Read.All")
+    );
+}
+
+#[test]
+fn an_announcement_over_its_channels_max_recipients_is_an_error() {
+    let many: Vec<Member> = (0..20)
+        .map(|i| member(&format!("u{i}"), Some(&format!("u{i}@contoso.com")), true))
+        .collect();
+    let found = vec![("Sales".to_string(), Lookup::Found(many))];
+    let fits = mailed_groups(&[mailing(&["Sales"], 21)], &found);
+    assert!(fits.iter().all(|f| f.level == Level::Ok), "{fits:?}");
+    let over = mailed_groups(&[mailing(&["Sales"], 20)], &found);
+    let error = over.iter().find(|f| f.level == Level::Error).unwrap();
+    assert!(
+        error.message.contains("21 addresses, more than the 20"),
+        "{}",
+        error.message
+    );
+    assert!(error.fix.as_deref().unwrap().contains("max_recipients"));
+}
+
+#[test]
+fn mailing_a_group_needs_the_users_mail_addresses() {
+    let text = std::fs::read_to_string(format!(
+        "{}/plans/multi-platform-graph.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let plain = crate::adapters::parse_plan("plan.toml", &text).unwrap();
+    assert!(mailings(&plain).is_empty());
+    assert!(
+        !needed_roles(&plain, false)
+            .iter()
+            .any(|(r, _)| *r == "User.Read.All")
+    );
+    let edited = text.replacen(
+        "[[phase]]",
+        "[[announcement]]\nchannel = \"email\"\ngroups = [\"Pilot IT\"]\ntemplate = \"t\"\n\
+         smtp_host = \"smtp.contoso.com\"\nfrom = \"pg@contoso.com\"\nmax_recipients = 50\n\n[[phase]]",
+        1,
+    );
+    let mails = crate::adapters::parse_plan("plan.toml", &edited).unwrap();
+    assert_eq!(mailings(&mails)[0].max_recipients, 50);
+    let needed = needed_roles(&mails, false);
+    let user_read = needed.iter().find(|(r, _)| *r == "User.Read.All").unwrap();
+    assert!(
+        user_read.1.contains("e-mail announcements"),
+        "{user_read:?}"
+    );
+}

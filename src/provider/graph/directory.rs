@@ -1,11 +1,16 @@
 //! The directory's people for announcements and approver groups: a group's users, read
 //! through `transitiveMembers` (nested groups flattened) with their e-mail addresses.
 //!
-//! `GET /groups/{id}/transitiveMembers/microsoft.graph.user?$select=id,mail,userPrincipalName`
+//! `GET /groups/{id}/transitiveMembers/microsoft.graph.user?$select=id,mail,userPrincipalName,accountEnabled`
 //! (Microsoft Graph, "List group transitive members",
 //! https://learn.microsoft.com/graph/api/group-list-transitivemembers): the cast keeps users only
-//! and needs `ConsistencyLevel: eventual` with `$count=true`; pages of at most 999 follow
-//! `@odata.nextLink`. `mail` is null for a user without a mailbox. An app that may read group
+//! and needs `ConsistencyLevel: eventual` with `$count=true` (the page says both are required
+//! with an OData cast); pages of at most 999 follow `@odata.nextLink`. `mail` is null for a user
+//! without a mailbox: such a member is told nothing and named in the audit trail (the user
+//! principal name is a sign-in name, not a mailbox, so it is no fallback). `accountEnabled` is
+//! returned only when selected ("user resource type",
+//! https://learn.microsoft.com/graph/api/resources/user); a disabled account is told nothing
+//! either, and named. An app that may read group
 //! members (`GroupMember.Read.All`) but not users gets each user with its id only and every other
 //! property null ("Limited information returned for inaccessible member objects",
 //! https://learn.microsoft.com/graph/permissions-overview): that is a directory phasegate cannot
@@ -16,6 +21,7 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 
 use super::GraphProvider;
+use super::client::{GraphClient, encode};
 use super::mapping::GroupRef;
 use crate::domain::directory::Member;
 use crate::domain::plan::PolicyTarget;
@@ -48,38 +54,50 @@ impl GraphProvider {
                 )));
             }
         };
-        let url = format!(
-            "/groups/{id}/transitiveMembers/microsoft.graph.user?$select=id,mail,userPrincipalName&$top=999&$count=true"
-        );
-        let mut members = Vec::new();
-        let mut limited = 0usize;
-        let mut seen = 0usize;
-        self.client
-            .for_each_page(&url, &[("ConsistencyLevel", "eventual")], |page| {
-                for user in page {
-                    seen += 1;
-                    if members.len() > limit {
-                        continue;
-                    }
-                    match member(user) {
-                        Some(m) => members.push(m),
-                        None => limited += 1,
-                    }
-                }
-            })
-            .await?;
-        if limited > 0 && members.is_empty() {
-            return Err(ProviderError::new(
-                ErrorKind::Auth,
-                format!(
-                    "the members of `{group}` came back without names or addresses (limited \
-                     information): the app needs User.Read.All beside GroupMember.Read.All"
-                ),
-            ));
-        }
-        tracing::debug!(group, seen, kept = members.len(), "group members read");
-        Ok(members)
+        group_users(&self.client, &id, group, limit).await
     }
+}
+
+/// The users of the directory group with object id `id` (the plan's `group`), with their
+/// addresses and whether their account is enabled: at most `limit` and one more.
+pub(crate) async fn group_users(
+    client: &GraphClient,
+    id: &str,
+    group: &str,
+    limit: usize,
+) -> Result<Vec<Member>, ProviderError> {
+    let url = format!(
+        "/groups/{}/transitiveMembers/microsoft.graph.user?$select=id,mail,userPrincipalName,accountEnabled&$top=999&$count=true",
+        encode(id)
+    );
+    let mut members = Vec::new();
+    let mut limited = 0usize;
+    let mut seen = 0usize;
+    client
+        .for_each_page(&url, &[("ConsistencyLevel", "eventual")], |page| {
+            for user in page {
+                seen += 1;
+                if members.len() > limit {
+                    continue;
+                }
+                match member(user) {
+                    Some(m) => members.push(m),
+                    None => limited += 1,
+                }
+            }
+        })
+        .await?;
+    if limited > 0 && members.is_empty() {
+        return Err(ProviderError::new(
+            ErrorKind::Auth,
+            format!(
+                "the members of `{group}` came back without names or addresses (limited \
+                 information): the app needs User.Read.All beside GroupMember.Read.All"
+            ),
+        ));
+    }
+    tracing::debug!(group, seen, kept = members.len(), "group members read");
+    Ok(members)
 }
 
 /// One user of a `transitiveMembers` page; `None` for one shown with limited information.
@@ -91,7 +109,15 @@ fn member(user: &Value) -> Option<Member> {
         .map(str::trim)
         .filter(|m| !m.is_empty())
         .map(str::to_string);
-    Some(Member { id, name, mail })
+    // Selected, so present for every user Graph shows in full; absent only in an answer that
+    // left it out, which says nothing against the account.
+    let enabled = user["accountEnabled"].as_bool().unwrap_or(true);
+    Some(Member {
+        id,
+        name,
+        mail,
+        enabled,
+    })
 }
 
 #[cfg(test)]
@@ -109,6 +135,9 @@ mod tests {
             Some("A@contoso.com")
         );
         assert_eq!(member(&without).unwrap().mail, None);
+        assert!(member(&with).unwrap().enabled);
+        let disabled = serde_json::json!({"id": "4", "userPrincipalName": "d@contoso.com", "mail": "d@contoso.com", "accountEnabled": false});
+        assert!(!member(&disabled).unwrap().enabled);
         assert_eq!(member(&limited), None);
         assert_eq!(member(&serde_json::json!("x")), None);
     }

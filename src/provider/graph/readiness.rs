@@ -10,12 +10,13 @@ use serde_json::Value;
 use super::client::{Access, Credential, GraphClient, encode};
 use super::mapping::{scheduled_actions, str_list};
 use super::settings::GraphSettings;
+use crate::domain::directory::{MEMBERS_READ_MAX, Member};
 use crate::domain::plan::Plan;
 use crate::domain::time::Timestamp;
 use crate::graph::{ALL_USERS_NAME, is_guid, odata_quote, parse_time};
 use crate::preflight::checks::{
     CaPolicy, CertificateExpiry, FoundGroup, FoundPolicy, FoundTemplate, Lookup, PolicyFacts,
-    ScheduledAction, TenantSettings, targets_apple_mobile,
+    ScheduledAction, TenantSettings, mailings, targets_apple_mobile,
 };
 use crate::provider::{ErrorKind, ProviderError};
 
@@ -35,6 +36,9 @@ pub struct TenantFacts {
     /// The plan's `[directory_approvers]`: approver group, the directory group it names, and what
     /// was found of it.
     pub approver_groups: Vec<(String, String, Lookup<FoundGroup>)>,
+    /// The groups the plan's e-mail announcements mail, with their users as the directory has
+    /// them.
+    pub mailed_groups: Vec<(String, Lookup<Vec<Member>>)>,
     pub settings: Result<TenantSettings, String>,
     pub conditional_access: Result<Vec<CaPolicy>, String>,
 }
@@ -71,6 +75,7 @@ pub async fn read(
         },
         groups: reader.groups(plan).await,
         approver_groups: reader.approver_groups(plan).await,
+        mailed_groups: reader.mailed_groups(plan).await,
         settings: reader.settings().await,
         conditional_access: reader.conditional_access().await,
     })
@@ -267,6 +272,43 @@ impl Reader<'_> {
         for (group, directory) in &plan.directory_approvers {
             let found = self.group(directory).await;
             facts.push((group.clone(), directory.clone(), found));
+        }
+        facts
+    }
+
+    /// The users of each group the plan's e-mail announcements mail, read as a delivery reads
+    /// them (`super::directory::group_users`).
+    async fn mailed_groups(&self, plan: &Plan) -> Vec<(String, Lookup<Vec<Member>>)> {
+        let names: BTreeSet<String> = mailings(plan).into_iter().flat_map(|m| m.groups).collect();
+        let mut facts = Vec::new();
+        for name in names {
+            let found = if name.eq_ignore_ascii_case(ALL_USERS_NAME) {
+                Lookup::Failed(format!(
+                    "`{ALL_USERS_NAME}` is Intune's virtual group, not a directory group whose members can be listed"
+                ))
+            } else {
+                match self.named("/groups", &name, "$select=id,displayName").await {
+                    Lookup::Found(group) => {
+                        let id = group["id"].as_str().unwrap_or_default();
+                        match super::directory::group_users(
+                            self.client,
+                            id,
+                            &name,
+                            MEMBERS_READ_MAX,
+                        )
+                        .await
+                        {
+                            Ok(members) => Lookup::Found(members),
+                            Err(e) if e.kind == ErrorKind::NotFound => Lookup::Missing,
+                            Err(e) => Lookup::Failed(e.message),
+                        }
+                    }
+                    Lookup::Missing => Lookup::Missing,
+                    Lookup::Ambiguous(n) => Lookup::Ambiguous(n),
+                    Lookup::Failed(why) => Lookup::Failed(why),
+                }
+            };
+            facts.push((name, found));
         }
         facts
     }

@@ -34,6 +34,8 @@ const DORMANCY_WINDOW_MS: i64 = 60 * 24 * HOUR_MS;
 const BREAK_GLASS_ACCOUNTS: u32 = 2;
 /// The share of users without a mailbox (no Exchange licence), in per-mille.
 const NO_MAILBOX_PER_MILLE: u64 = 20;
+/// The share of user accounts disabled in the directory (people who left), in per-mille.
+const DISABLED_PER_MILLE: u64 = 10;
 /// The mail domain of the simulated tenant's users (`user{n}@…`).
 pub const MAIL_DOMAIN: &str = "contoso.com";
 
@@ -347,6 +349,14 @@ impl Fleet {
         let unlicensed =
             per_mille(mix(self.seed, 0x4D41_494C_0000_0000 | user as u64)) < NO_MAILBOX_PER_MILLE;
         self.users[user] & BREAK_GLASS == 0 && !unlicensed
+    }
+
+    /// Whether a user's account is enabled: a share is disabled (people who left, their group
+    /// memberships not yet cleaned up); the break-glass accounts never are.
+    pub fn account_enabled(&self, user: usize) -> bool {
+        let left =
+            per_mille(mix(self.seed, 0x4F46_4646_0000_0000 | user as u64)) < DISABLED_PER_MILLE;
+        self.users[user] & BREAK_GLASS != 0 || !left
     }
 
     /// The directory's users of the group with these membership bits, in order.
@@ -853,6 +863,20 @@ mod tests {
         let observe = |f: &Fleet| f.observe(Platform::Windows, &history, all(), now);
         assert_eq!(observe(&a), observe(&b));
         assert_ne!(observe(&a), observe(&c));
+    }
+
+    #[test]
+    fn a_few_accounts_are_disabled_and_never_a_break_glass_one() {
+        let fleet = Fleet::new(7, 100_000, DAY, EPOCH);
+        let people = fleet.users.len();
+        let disabled = (0..people).filter(|&u| !fleet.account_enabled(u)).count();
+        let share = disabled as f64 / people as f64;
+        assert!((0.005..0.015).contains(&share), "{share}");
+        assert!(
+            fleet
+                .members_of(BREAK_GLASS)
+                .all(|u| fleet.account_enabled(u))
+        );
     }
 
     #[test]

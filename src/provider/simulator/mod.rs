@@ -217,6 +217,28 @@ fn unknown_exempt(subject: String) -> ProviderError {
     ))
 }
 
+/// The simulated directory's users of a group: `user{n}`, mailed at `user{n}@contoso.com` when
+/// they have a mailbox, a share of them with a disabled account; at most `limit` and one more.
+pub fn directory_members(
+    fleet: &Fleet,
+    group: &str,
+    limit: usize,
+) -> Result<Vec<Member>, ProviderError> {
+    let bit = fleet::group_bit(group).ok_or_else(|| unknown_group(group.to_string()))?;
+    Ok(fleet
+        .members_of(bit)
+        .take(limit.saturating_add(1))
+        .map(|user| Member {
+            id: format!("user{user}"),
+            name: format!("user{user}"),
+            mail: fleet
+                .has_mailbox(user)
+                .then(|| format!("user{user}@{}", fleet::MAIL_DOMAIN)),
+            enabled: fleet.account_enabled(user),
+        })
+        .collect())
+}
+
 fn unknown_group(name: String) -> ProviderError {
     ProviderError::not_found(format!(
         "group `{name}` does not exist in the simulated tenant; its groups are: {}",
@@ -246,28 +268,13 @@ impl Provider for SimProvider {
         Ok(())
     }
 
-    /// The simulated directory's users of a group: `user{n}`, mailed at `user{n}@contoso.com`
-    /// when they have a mailbox.
     async fn group_members(
         &mut self,
         _target: &PolicyTarget,
         group: &str,
         limit: usize,
     ) -> Result<Vec<Member>, ProviderError> {
-        let bit = fleet::group_bit(group).ok_or_else(|| unknown_group(group.to_string()))?;
-        Ok(self
-            .fleet
-            .members_of(bit)
-            .take(limit.saturating_add(1))
-            .map(|user| Member {
-                id: format!("user{user}"),
-                name: format!("user{user}"),
-                mail: self
-                    .fleet
-                    .has_mailbox(user)
-                    .then(|| format!("user{user}@{}", fleet::MAIL_DOMAIN)),
-            })
-            .collect())
+        directory_members(&self.fleet, group, limit)
     }
 
     async fn preflight(&mut self, plan: &Plan) -> Result<Preflight, ProviderError> {
