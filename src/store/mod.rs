@@ -792,6 +792,12 @@ impl Store {
             let leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
             match (&leases.replica, leases.held.get(&id)) {
                 (Some(replica), Some(epoch)) => Some((replica.clone(), *epoch)),
+                // A replica commits a rollout's transitions only under a lease it holds; only
+                // the first event (the creation, which no lease can cover yet) needs none. A
+                // lease it lost (and forgot) stays lost however the lease stands now: without
+                // this, a stale actor would commit as an unleased committer once the new
+                // owner's lease had lapsed too. No lease is ever at epoch 0: the fence refuses.
+                (Some(replica), None) if seq > 1 => Some((replica.clone(), 0)),
                 _ => None,
             }
         };
@@ -945,6 +951,15 @@ impl Store {
             .unwrap_or_else(PoisonError::into_inner)
             .held
             .contains_key(id)
+    }
+
+    /// The replica holding a live lease of rollout `id` now (on the database's clock), if any
+    /// (PostgreSQL; none on sled).
+    pub fn lease_holder(&self, id: &str) -> Result<Option<String>, StoreError> {
+        match &*self.backend {
+            Backend::Postgres(b) => b.live_owner(id),
+            Backend::Sled(_) => Ok(None),
+        }
     }
 
     /// Every rollout's lease as the database has it (PostgreSQL; none on sled).

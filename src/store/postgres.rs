@@ -662,6 +662,18 @@ impl PgBackend {
         })
     }
 
+    /// The owner of rollout `id`'s lease if it is live (on the database's clock).
+    pub fn live_owner(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let id = id.to_string();
+        self.worker.call(move |conn| {
+            let (client, statement) = conn.prepared(LEASE_OF)?;
+            let row = client.query_opt(&statement, &[&id])?;
+            Ok(row
+                .filter(|row| row.get::<_, bool>(2))
+                .map(|row| row.get::<_, String>(0)))
+        })
+    }
+
     /// Every lease, with how long it still runs on the database's clock (negative: expired).
     pub fn leases(&self) -> Result<Vec<super::LeaseInfo>, StoreError> {
         self.worker.call(|conn| {

@@ -828,6 +828,39 @@ fn on_postgres_a_stale_owners_commit_after_a_takeover_is_fenced_and_leaves_nothi
     assert!(leases[0].remaining_ms > 0, "{leases:?}");
 }
 
+/// A replica that lost a rollout's lease (its renewal said so, and it forgot the lease) commits
+/// nothing of that rollout afterwards, even once no replica holds the lease any more: a replica
+/// commits only under a lease it holds, and only a rollout's creation needs none.
+#[test]
+fn on_postgres_a_replica_that_lost_a_lease_commits_nothing_even_once_the_lease_lapsed() {
+    let place = Place::postgres();
+    let stale = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let fresh = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    stale.set_replica("replica-a");
+    fresh.set_replica("replica-b");
+    let ttl = Duration::from_secs(60);
+    // Created by a replica, without a lease: the creation needs none.
+    let current = created(&stale);
+    assert_eq!(stale.acquire_lease("w-1", ttl).unwrap(), Some(1));
+    expire_leases(&place);
+    assert_eq!(fresh.acquire_lease("w-1", ttl).unwrap(), Some(2));
+    assert_eq!(stale.renew_leases(ttl).unwrap(), vec!["w-1".to_string()]);
+    assert!(!stale.holds_lease("w-1"));
+    // The new owner stops too: its lease runs out, nobody holds the rollout now.
+    expire_leases(&place);
+    assert_eq!(stale.lease_holder("w-1").unwrap(), None);
+    let refused = tick(&stale, &current);
+    assert!(
+        matches!(refused, Err(StoreError::Fenced { epoch: 2, .. })),
+        "{refused:?}"
+    );
+    assert_eq!(fresh.events("w-1").unwrap().len(), 1);
+    // A process that is no replica (the CLI on the store) commits while no lease is live.
+    let unleased = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    tick(&unleased, &current).unwrap();
+    assert_eq!(unleased.verify("w-1").unwrap(), Ok(2));
+}
+
 /// Renewing keeps a lease (and its epoch); one taken over is reported lost; a released one is
 /// taken by another replica at once, one epoch up.
 #[test]
