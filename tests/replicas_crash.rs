@@ -51,6 +51,9 @@ const REPLICAS: usize = 3;
 const MAX_ROLLOUTS: usize = 50;
 /// A simulated fleet per rollout (each rollout drives a tenant of its own).
 const DEVICES: u32 = 1000;
+/// The chaos schedule's beat: a random interval in this range (milliseconds); at each beat an
+/// owner is killed (3 in 10), paused past its lease (2 in 10) or left alone.
+const BEAT: (u64, u64) = (500, 1500);
 /// The whole run gives up after this long (a hang is a failure, not a wait).
 const GIVE_UP: Duration = Duration::from_secs(240);
 
@@ -567,7 +570,7 @@ impl Trial {
         }
         let victim = owners[self.rng.below(owners.len() as u64) as usize];
         match self.rng.below(10) {
-            0..=3 => {
+            0..=2 => {
                 self.replicas[victim].signal(libc::SIGKILL);
                 let at = Instant::now();
                 let _ = self.replicas[victim].child.wait();
@@ -582,7 +585,7 @@ impl Trial {
                     waiting,
                 });
             }
-            4..=6 => {
+            3..=4 => {
                 self.replicas[victim].signal(libc::SIGSTOP);
                 let at = Instant::now();
                 self.figures.pauses += 1;
@@ -715,7 +718,7 @@ impl Trial {
         let mut starter = Some(starter);
         let mut outages: Vec<Outage> = Vec::new();
         let mut dead_since = BTreeMap::new();
-        let mut next_beat = Instant::now() + self.rng.millis(300, 1200);
+        let mut next_beat = Instant::now() + self.rng.millis(BEAT.0, BEAT.1);
         let mut restart_after = self.rng.millis(0, 1500);
         let mut statuses_at = Instant::now();
         loop {
@@ -748,7 +751,7 @@ impl Trial {
             self.failovers(&mut outages);
             if Instant::now() >= next_beat {
                 self.chaos(&mut outages);
-                next_beat = Instant::now() + self.rng.millis(300, 1200);
+                next_beat = Instant::now() + self.rng.millis(BEAT.0, BEAT.1);
                 restart_after = self.rng.millis(0, 1500);
             }
             if statuses_at.elapsed() >= Duration::from_millis(200) {

@@ -1342,6 +1342,9 @@ impl Actor {
                 }
             }
             work => {
+                if matches!(work, Work::Effect(_) | Work::Deliver(_)) {
+                    self.confirm_lease()?;
+                }
                 let task = engine.task(loaded, work)?;
                 let notifier = self.shared.notifier;
                 let (mutated, record) = engine.confirm_before_acting(loaded, &task, now)?;
@@ -1364,6 +1367,28 @@ impl Actor {
                 Ok(Next::Busy)
             }
         }
+    }
+
+    /// A replica acts on the tenant (or a channel) only while it still holds the rollout's lease
+    /// at its epoch, checked in the database right before: one woken from a pause past its lease
+    /// ends here, as if fenced, instead of writing what the new owner may have written already.
+    fn confirm_lease(&self) -> Result<(), EngineError> {
+        let Some(leasing) = &self.shared.settings.leasing else {
+            return Ok(());
+        };
+        if self.shared.store.confirm_lease(&self.id, leasing.lease)? {
+            return Ok(());
+        }
+        crate::metrics::global().fenced(true);
+        let epoch = self.shared.store.leases().ok().and_then(|all| {
+            all.into_iter()
+                .find(|l| l.rollout == self.id)
+                .map(|l| l.epoch)
+        });
+        Err(EngineError::Store(crate::store::StoreError::Fenced {
+            id: self.id.clone(),
+            epoch: epoch.unwrap_or(0),
+        }))
     }
 
     fn connect(&mut self, loaded: &Loaded) {

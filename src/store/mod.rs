@@ -913,6 +913,36 @@ impl Store {
         Ok(lost)
     }
 
+    /// Renews this replica's lease of `id` for `ttl` if it still holds it at the epoch it took
+    /// it at (nobody took it since, expired or not): what an owner checks right before it acts on
+    /// the tenant, so that a replica woken from a pause does not write on the strength of a lease
+    /// it lost meanwhile (its commits would be fenced, its writes would not be). `false`: lost,
+    /// and forgotten.
+    pub fn confirm_lease(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let replica = self.replica()?;
+        let epoch = self
+            .leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .held
+            .get(id)
+            .copied();
+        let Some(epoch) = epoch else {
+            return Ok(false);
+        };
+        let kept = self
+            .postgres()?
+            .renew(&replica, &[(id.to_string(), epoch)], ttl)?;
+        if kept.iter().any(|k| k == id) {
+            return Ok(true);
+        }
+        let mut leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+        if leases.held.get(id) == Some(&epoch) {
+            leases.held.remove(id);
+        }
+        Ok(false)
+    }
+
     /// Gives up this replica's lease of `id` (a clean stop): another replica may take it at once.
     pub fn release_lease(&self, id: &str) -> Result<(), StoreError> {
         let replica = self.replica()?;

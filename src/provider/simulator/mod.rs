@@ -4,6 +4,12 @@
 //! Time is virtual. The tenant keeps its own clock, which only moves when the engine asks it to
 //! jump to the next deadline, so a two-week rollout runs in well under a second. Tenants are keyed
 //! by their settings (seed, size, half-life): rollouts with the same settings share one world.
+//!
+//! Like a real tenant, the simulated one applies each write to what it holds when the write
+//! arrives, and its clock never goes back: a write re-reads the stored configuration first, and
+//! moving the clock writes the clock alone (never later than what is stored). Two processes may
+//! hold the same tenant open for a moment (a `serve` replica paused past its lease wakes while
+//! another drives the rollout); the one that was asleep must not put back what it last saw.
 
 pub mod fleet;
 pub mod settings;
@@ -78,7 +84,8 @@ pub struct SimProvider {
 impl SimProvider {
     pub fn open(settings: &SimulatorSettings, store: &Store) -> Result<SimProvider, StoreError> {
         let (tree, key) = tenant_record(settings, store)?;
-        let state = read_tenant(&tree, &key)?.unwrap_or_default();
+        let mut state: TenantState = read_tenant(&tree, &key)?.unwrap_or_default();
+        state.now = state.now.max(stored_clock(&tree, &key)?);
         let fleet = Fleet::new(
             settings.seed,
             settings.devices,
@@ -125,10 +132,9 @@ impl SimProvider {
             .map_or(&[], Vec::as_slice)
     }
 
-    fn persist(&self) -> Result<(), ProviderError> {
-        let fail = |e: StoreError| {
-            ProviderError::permanent(format!("the simulated tenant could not be saved: {e}"))
-        };
+    /// Saves the configuration and the clock (never behind the stored clock).
+    fn persist(&mut self) -> Result<(), ProviderError> {
+        self.catch_up_clock()?;
         // The clock beside the state, in the same batch, so it is read without the state.
         let mut batch = vec![(self.key.as_bytes().to_vec(), Some(encode_json(&self.state)))];
         if let Some(now) = self.state.now {
@@ -137,8 +143,22 @@ impl SimProvider {
                 Some(now.as_millis().to_be_bytes().to_vec()),
             ));
         }
-        self.tree.apply_batch(&batch).map_err(fail)?;
-        self.tree.flush().map_err(fail)?;
+        self.tree.apply_batch(&batch).map_err(unsaved)?;
+        self.tree.flush().map_err(unsaved)?;
+        Ok(())
+    }
+
+    /// Takes in the stored clock if another process moved it further.
+    fn catch_up_clock(&mut self) -> Result<(), ProviderError> {
+        let stored = stored_clock(&self.tree, &self.key).map_err(unsaved)?;
+        self.state.now = self.state.now.max(stored);
+        Ok(())
+    }
+
+    /// The policies' configurations as the tenant holds them now.
+    fn reload_policies(&mut self) -> Result<(), ProviderError> {
+        let stored: Option<TenantState> = read_tenant(&self.tree, &self.key).map_err(unsaved)?;
+        self.state.policies = stored.map(|s| s.policies).unwrap_or_default();
         Ok(())
     }
 
@@ -168,6 +188,9 @@ impl SimProvider {
             fleet::membership(&assignment.include, &assignment.exclude).map_err(unknown_group)?;
         }
         fleet::resolve_exempt(exempt, self.fleet.user_count()).map_err(unknown_exempt)?;
+        // Applied to what the tenant holds now, at its time now.
+        self.reload_policies()?;
+        self.catch_up_clock()?;
         let at = self.now();
         let mut changes = 0;
         for policy in &target.compliance {
@@ -206,6 +229,18 @@ impl SimProvider {
     }
 }
 
+/// The tenant's clock as stored beside its state, if it is.
+fn stored_clock(tree: &KvTree, tenant: &str) -> Result<Option<Timestamp>, StoreError> {
+    let kept = tree.get(clock_key(tenant).as_bytes())?;
+    Ok(kept
+        .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+        .map(|millis| Timestamp::from_millis(i64::from_be_bytes(millis))))
+}
+
+fn unsaved(e: StoreError) -> ProviderError {
+    ProviderError::permanent(format!("the simulated tenant could not be saved: {e}"))
+}
+
 fn policy_key(policy: &CompliancePolicy) -> String {
     format!("{}/{}", policy.platform, policy.name)
 }
@@ -238,10 +273,17 @@ impl Provider for SimProvider {
         true
     }
 
+    /// Moves the clock alone (the configuration stays as stored), never back.
     async fn advance_to(&mut self, at: Timestamp) -> Result<(), ProviderError> {
+        self.catch_up_clock()?;
         if at > self.now() {
             self.state.now = Some(at);
-            self.persist()?;
+            let clock = (
+                clock_key(&self.key).into_bytes(),
+                Some(at.as_millis().to_be_bytes().to_vec()),
+            );
+            self.tree.apply_batch(&[clock]).map_err(unsaved)?;
+            self.tree.flush().map_err(unsaved)?;
         }
         Ok(())
     }
@@ -437,6 +479,73 @@ impl Provider for SimProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::plan::{Mode, Platform};
+
+    fn assignment(group: &str, mode: Mode) -> SimAssignment {
+        SimAssignment {
+            include: vec![group.to_string()],
+            exclude: vec!["Break Glass".to_string()],
+            mode,
+            grace_secs: None,
+        }
+    }
+
+    /// One tenant open twice (a replica woken from a pause beside the one that drives the rollout
+    /// now, each with what it last read): the late one's clock move puts neither the clock nor the
+    /// configuration back, and its write is applied to what the tenant holds.
+    #[tokio::test]
+    async fn a_tenant_open_twice_loses_no_write_and_its_clock_never_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), std::time::Duration::from_secs(1)).unwrap();
+        let settings = SimulatorSettings {
+            devices: 20,
+            seed: 7,
+            remediation_half_life: std::time::Duration::from_secs(3_600),
+        };
+        let target = PolicyTarget {
+            compliance: vec![CompliancePolicy {
+                name: "baseline".into(),
+                platform: Platform::Windows,
+            }],
+            conditional_access: None,
+            notification_template: None,
+        };
+        let day = |n: i64| Timestamp::from_millis(SIMULATED_EPOCH.as_millis() + n * 86_400_000);
+        let pilot = vec![assignment("Pilot IT", Mode::Report)];
+        let wider = vec![
+            assignment("Pilot IT", Mode::Report),
+            assignment("All Users", Mode::Report),
+        ];
+        let none = SimExempt::default();
+        let mut asleep = SimProvider::open(&settings, &store).unwrap();
+        asleep.set(&target, &pilot, &none).unwrap();
+        let mut driving = SimProvider::open(&settings, &store).unwrap();
+        driving.advance_to(day(3)).await.unwrap();
+        assert_eq!(driving.set(&target, &wider, &none).unwrap(), 1);
+        // The one that slept moves the clock to where it meant to: not back.
+        asleep.advance_to(day(1)).await.unwrap();
+        assert_eq!(SimProvider::offline_now(&settings, &store).unwrap(), day(3));
+        assert_eq!(asleep.now(), day(3));
+        let reopened = SimProvider::open(&settings, &store).unwrap();
+        let history: Vec<_> = reopened
+            .history(&target.compliance[0])
+            .iter()
+            .map(|e| (e.at, e.assignments.clone()))
+            .collect();
+        assert_eq!(
+            history,
+            vec![(SIMULATED_EPOCH, pilot.clone()), (day(3), wider.clone())]
+        );
+        // Its write of what the tenant holds already changes nothing.
+        assert_eq!(asleep.set(&target, &wider, &none).unwrap(), 0);
+        assert_eq!(
+            SimProvider::open(&settings, &store)
+                .unwrap()
+                .history(&target.compliance[0])
+                .len(),
+            2
+        );
+    }
 
     /// The clock read without the fleet is the clock the connected tenant keeps.
     #[tokio::test]
