@@ -117,7 +117,7 @@ struct Command {
 }
 
 enum Control {
-    Command { id: String, command: Command },
+    Command { id: String, command: Box<Command> },
     Watch { id: String },
 }
 
@@ -237,7 +237,7 @@ impl Handle {
         self.control
             .send(Control::Command {
                 id: id.to_string(),
-                command,
+                command: Box::new(command),
             })
             .await
             .map_err(|_| EngineError::Invalid("the runner is shutting down".into()))?;
@@ -441,6 +441,7 @@ impl Runner {
                 }
                 Some(control) = self.control.recv(), if !stopping => match control {
                     Control::Command { id, command } => {
+                        let command = *command;
                         if !actors.contains_key(&id) {
                             if !may_drive(&id, actors.len()) {
                                 let owner = self.shared.store.leases().ok().and_then(|all| {
@@ -630,6 +631,7 @@ async fn forward(
         reply,
         hops: hops + 1,
     };
+    let command = Box::new(command);
     if let Err(refused) = control.send(Control::Command { id, command }).await
         && let Control::Command { command, .. } = refused.0
     {
