@@ -191,6 +191,15 @@ impl Backend {
     fn apply(&self, tree: &str, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
         each!(self, b => b.apply(tree, ops))
     }
+    fn swap(
+        &self,
+        tree: &str,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
+        each!(self, b => b.swap(tree, key, expected, value))
+    }
     fn flush(&self) -> Result<(), StoreError> {
         each!(self, b => b.flush())
     }
@@ -257,6 +266,19 @@ impl KvTree {
     /// Writes (`Some`) and removes (`None`) keys atomically: all or none.
     pub fn apply_batch(&self, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
         self.backend.apply(&self.name, ops)
+    }
+
+    /// Writes `value` at `key` only if the key still holds `expected` (`None`: no value), in one
+    /// atomic step; `false` if it holds something else (nothing was written). For state that two
+    /// processes may update at once: read, change, and write back only over what was read.
+    pub fn compare_and_swap(
+        &self,
+        key: impl AsRef<[u8]>,
+        expected: Option<&[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<bool, StoreError> {
+        self.backend
+            .swap(&self.name, key.as_ref(), expected, value.as_ref())
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {

@@ -337,6 +337,11 @@ const DELETE: &str = "DELETE FROM phasegate.entries WHERE tree = $1 AND key = $2
 const SCAN: &str = "SELECT key, value FROM phasegate.entries
      WHERE tree = $1 AND key >= $2 AND ($3::bytea IS NULL OR key < $3) ORDER BY key";
 const SEQ: &str = "SELECT seq FROM phasegate.entries WHERE tree = 'rollouts' AND key = $1";
+/// A value written only over the one expected (`SWAP`), or only where there is none (`CREATE`).
+const SWAP: &str =
+    "UPDATE phasegate.entries SET value = $4 WHERE tree = $1 AND key = $2 AND value = $3";
+const CREATE: &str = "INSERT INTO phasegate.entries (tree, key, value) VALUES ($1, $2, $3)
+     ON CONFLICT (tree, key) DO NOTHING";
 
 /// The transition: conditional on the rollout's row being at `$3 - 1` (no row yet: only the first
 /// event, `$3 = 1`, creates it; a row that appears meanwhile is a conflict). Every
@@ -524,6 +529,32 @@ impl PgBackend {
                     )
                 })
                 .collect())
+        })
+    }
+
+    /// Writes `value` at `key` if it still holds `expected` (none: if it holds nothing), in one
+    /// statement; whether it was written.
+    pub fn swap(
+        &self,
+        tree: &str,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
+        let (tree, key, value) = (tree.to_string(), key.to_vec(), value.to_vec());
+        let expected = expected.map(<[u8]>::to_vec);
+        self.worker.call(move |conn| {
+            let written = match &expected {
+                Some(expected) => {
+                    let (client, statement) = conn.prepared(SWAP)?;
+                    client.execute(&statement, &[&tree, &key, expected, &value])?
+                }
+                None => {
+                    let (client, statement) = conn.prepared(CREATE)?;
+                    client.execute(&statement, &[&tree, &key, &value])?
+                }
+            };
+            Ok(written == 1)
         })
     }
 

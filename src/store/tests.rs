@@ -896,3 +896,18 @@ fn on_postgres_leases_are_renewed_lost_and_released() {
     tick(&a, &after).unwrap();
     assert_eq!(a.verify("w-1").unwrap(), Ok(3));
 }
+
+on_both! {
+    /// A provider's compare and swap writes only over the value it read (or where there is none),
+    /// so two processes updating one provider record lose neither's write.
+    fn a_compare_and_swap_writes_only_over_what_was_read(dir) {
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let tree = store.provider_tree("test").unwrap();
+        assert!(tree.compare_and_swap("k", None, b"1").unwrap());
+        assert!(!tree.compare_and_swap("k", None, b"2").unwrap());
+        assert!(!tree.compare_and_swap("k", Some(b"0"), b"2").unwrap());
+        assert_eq!(tree.get("k").unwrap().map(|b| b.to_vec()), Some(b"1".to_vec()));
+        assert!(tree.compare_and_swap("k", Some(b"1"), b"2").unwrap());
+        assert_eq!(tree.get("k").unwrap().map(|b| b.to_vec()), Some(b"2".to_vec()));
+    }
+}

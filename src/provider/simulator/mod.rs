@@ -132,33 +132,38 @@ impl SimProvider {
             .map_or(&[], Vec::as_slice)
     }
 
-    /// Saves the configuration and the clock (never behind the stored clock).
-    fn persist(&mut self) -> Result<(), ProviderError> {
-        self.catch_up_clock()?;
-        // The clock beside the state, in the same batch, so it is read without the state.
-        let mut batch = vec![(self.key.as_bytes().to_vec(), Some(encode_json(&self.state)))];
-        if let Some(now) = self.state.now {
-            batch.push((
-                clock_key(&self.key).into_bytes(),
-                Some(now.as_millis().to_be_bytes().to_vec()),
-            ));
+    /// Moves the stored clock to `at` unless it is there or beyond already (compare and swap:
+    /// another process may move it meanwhile), and takes in what it is.
+    fn move_clock(&mut self, at: Timestamp) -> Result<(), ProviderError> {
+        let key = clock_key(&self.key);
+        for _ in 0..WRITE_ATTEMPTS {
+            let stored = self.tree.get(key.as_bytes()).map_err(unsaved)?;
+            let stored_at = stored
+                .as_deref()
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(|millis| Timestamp::from_millis(i64::from_be_bytes(millis)));
+            if stored_at >= Some(at) {
+                self.state.now = self.state.now.max(stored_at);
+                return Ok(());
+            }
+            let bytes = at.as_millis().to_be_bytes();
+            if self
+                .tree
+                .compare_and_swap(key.as_bytes(), stored.as_deref(), bytes)
+                .map_err(unsaved)?
+            {
+                self.tree.flush().map_err(unsaved)?;
+                self.state.now = Some(at);
+                return Ok(());
+            }
         }
-        self.tree.apply_batch(&batch).map_err(unsaved)?;
-        self.tree.flush().map_err(unsaved)?;
-        Ok(())
+        Err(busy())
     }
 
     /// Takes in the stored clock if another process moved it further.
     fn catch_up_clock(&mut self) -> Result<(), ProviderError> {
         let stored = stored_clock(&self.tree, &self.key).map_err(unsaved)?;
         self.state.now = self.state.now.max(stored);
-        Ok(())
-    }
-
-    /// The policies' configurations as the tenant holds them now.
-    fn reload_policies(&mut self) -> Result<(), ProviderError> {
-        let stored: Option<TenantState> = read_tenant(&self.tree, &self.key).map_err(unsaved)?;
-        self.state.policies = stored.map(|s| s.policies).unwrap_or_default();
         Ok(())
     }
 
@@ -188,9 +193,45 @@ impl SimProvider {
             fleet::membership(&assignment.include, &assignment.exclude).map_err(unknown_group)?;
         }
         fleet::resolve_exempt(exempt, self.fleet.user_count()).map_err(unknown_exempt)?;
-        // Applied to what the tenant holds now, at its time now.
-        self.reload_policies()?;
-        self.catch_up_clock()?;
+        // Applied to what the tenant holds now, at its time now, written back only over what was
+        // read (compare and swap), so that no other process's write is lost.
+        for _ in 0..WRITE_ATTEMPTS {
+            let stored = self.tree.get(self.key.as_bytes()).map_err(unsaved)?;
+            let held: Option<TenantState> = stored
+                .as_deref()
+                .map(|bytes| decode_json(&format!("simulator/{}", self.key), bytes))
+                .transpose()
+                .map_err(unsaved)?;
+            self.state.policies = held.map(|s| s.policies).unwrap_or_default();
+            self.catch_up_clock()?;
+            let changes = self.change(target, wanted, exempt);
+            if changes == 0 {
+                return Ok(0);
+            }
+            let written = self
+                .tree
+                .compare_and_swap(
+                    self.key.as_bytes(),
+                    stored.as_deref(),
+                    encode_json(&self.state),
+                )
+                .map_err(unsaved)?;
+            if written {
+                self.move_clock(self.now())?;
+                return Ok(changes);
+            }
+        }
+        Err(busy())
+    }
+
+    /// Records `wanted` (and `exempt`) as every policy's configuration from now on, where it
+    /// differs from the current one; how many assignments and exemptions changed.
+    fn change(
+        &mut self,
+        target: &PolicyTarget,
+        wanted: &[SimAssignment],
+        exempt: &SimExempt,
+    ) -> u64 {
         let at = self.now();
         let mut changes = 0;
         for policy in &target.compliance {
@@ -213,10 +254,7 @@ impl SimProvider {
                     exempt: exempt.clone(),
                 });
         }
-        if changes > 0 {
-            self.persist()?;
-        }
-        Ok(changes)
+        changes
     }
 
     /// The simulated tenant's name for a policy, as other rollouts of this store see it.
@@ -235,6 +273,14 @@ fn stored_clock(tree: &KvTree, tenant: &str) -> Result<Option<Timestamp>, StoreE
     Ok(kept
         .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
         .map(|millis| Timestamp::from_millis(i64::from_be_bytes(millis))))
+}
+
+/// How many times a write to the simulated tenant is tried again when another process wrote it
+/// between the read and the write.
+const WRITE_ATTEMPTS: usize = 16;
+
+fn busy() -> ProviderError {
+    ProviderError::transient("the simulated tenant kept changing while this write was made")
 }
 
 fn unsaved(e: StoreError) -> ProviderError {
@@ -275,17 +321,7 @@ impl Provider for SimProvider {
 
     /// Moves the clock alone (the configuration stays as stored), never back.
     async fn advance_to(&mut self, at: Timestamp) -> Result<(), ProviderError> {
-        self.catch_up_clock()?;
-        if at > self.now() {
-            self.state.now = Some(at);
-            let clock = (
-                clock_key(&self.key).into_bytes(),
-                Some(at.as_millis().to_be_bytes().to_vec()),
-            );
-            self.tree.apply_batch(&[clock]).map_err(unsaved)?;
-            self.tree.flush().map_err(unsaved)?;
-        }
-        Ok(())
+        self.move_clock(at)
     }
 
     /// The simulated directory's users of a group: `user{n}`, mailed at `user{n}@contoso.com`
