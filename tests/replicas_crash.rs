@@ -12,9 +12,10 @@
 //!   conclusion names an effect the trail did not commit, one approval per phase that needs one;
 //! - H4 the tenant's writes: the simulated tenant's configuration history (its record of every
 //!   write applied, kept in the store) holds every configuration the trail's reconcile effects
-//!   asked for, in order, and ends in the last: no write lost. A configuration more is a write of
-//!   an owner paused between confirming its lease and writing that landed late (no tenant can
-//!   refuse it): reported with where it landed, not a failure;
+//!   asked for, in order, and ends in the last: no write lost. A configuration more would be a
+//!   write of an owner paused between confirming its lease and writing that landed late (the
+//!   simulated tenant refuses it under a lost lease; a real one could not): reported with where
+//!   it landed;
 //! - H5 acknowledged is durable: every commit a replica logged (`chain head`, replicas killed
 //!   later included) is in the trail with its hash, and so is every approval the API acknowledged;
 //! - H6 fencing: an owner woken after its leases were taken commits nothing for those rollouts

@@ -1412,8 +1412,22 @@ impl Actor {
         returned: Returned,
     ) -> Result<(), EngineError> {
         match returned {
-            Returned::Connected(Ok(provider)) => {
+            Returned::Connected(Ok(mut provider)) => {
                 self.last_now = self.last_now.max(provider.now());
+                if let Some(leasing) = &self.shared.settings.leasing
+                    && let Some((_, epoch)) = self
+                        .shared
+                        .store
+                        .held_leases()
+                        .into_iter()
+                        .find(|(id, _)| *id == self.id)
+                {
+                    provider.fence_writes(crate::store::WriteFence {
+                        rollout: self.id.clone(),
+                        replica: leasing.replica.clone(),
+                        epoch,
+                    });
+                }
                 self.provider = Some(provider);
             }
             Returned::Connected(Err(error)) => {

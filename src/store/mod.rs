@@ -120,6 +120,16 @@ pub struct Attached<'a> {
     pub claims: Option<&'a [String]>,
 }
 
+/// A write conditional on a replica still holding a rollout's lease at an epoch (PostgreSQL), as
+/// a commit is: what a provider whose backend lives in the store (the simulated tenant) writes
+/// under, so that a replica that lost the lease writes nothing there either.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteFence {
+    pub rollout: String,
+    pub replica: String,
+    pub epoch: u64,
+}
+
 /// A rollout's lease as the database has it (see [`Store::leases`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LeaseInfo {
@@ -197,8 +207,13 @@ impl Backend {
         key: &[u8],
         expected: Option<&[u8]>,
         value: &[u8],
+        fence: Option<&WriteFence>,
     ) -> Result<bool, StoreError> {
-        each!(self, b => b.swap(tree, key, expected, value))
+        match self {
+            // One process holds a sled store: no lease to check.
+            Backend::Sled(b) => b.swap(tree, key, expected, value),
+            Backend::Postgres(b) => b.swap(tree, key, expected, value, fence),
+        }
     }
     fn flush(&self) -> Result<(), StoreError> {
         each!(self, b => b.flush())
@@ -278,7 +293,20 @@ impl KvTree {
         value: impl AsRef<[u8]>,
     ) -> Result<bool, StoreError> {
         self.backend
-            .swap(&self.name, key.as_ref(), expected, value.as_ref())
+            .swap(&self.name, key.as_ref(), expected, value.as_ref(), None)
+    }
+
+    /// [`KvTree::compare_and_swap`], and on PostgreSQL only while `fence` holds (the replica
+    /// still holds the rollout's lease at that epoch), in the same statement.
+    pub fn compare_and_swap_fenced(
+        &self,
+        key: impl AsRef<[u8]>,
+        expected: Option<&[u8]>,
+        value: impl AsRef<[u8]>,
+        fence: Option<&WriteFence>,
+    ) -> Result<bool, StoreError> {
+        self.backend
+            .swap(&self.name, key.as_ref(), expected, value.as_ref(), fence)
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {

@@ -911,3 +911,43 @@ on_both! {
         assert_eq!(tree.get("k").unwrap().map(|b| b.to_vec()), Some(b"2".to_vec()));
     }
 }
+
+/// A fenced compare and swap (what the simulated tenant is written with under `serve`) writes
+/// only while the replica holds the rollout's lease at the fence's epoch.
+#[test]
+fn on_postgres_a_fenced_compare_and_swap_writes_only_under_the_lease() {
+    let place = Place::postgres();
+    let store = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    store.set_replica("replica-a");
+    let ttl = Duration::from_secs(60);
+    assert_eq!(store.acquire_lease("w-1", ttl).unwrap(), Some(1));
+    let tree = store.provider_tree("test").unwrap();
+    let fence = |epoch| crate::store::WriteFence {
+        rollout: "w-1".into(),
+        replica: "replica-a".into(),
+        epoch,
+    };
+    assert!(
+        tree.compare_and_swap_fenced("k", None, b"1", Some(&fence(1)))
+            .unwrap()
+    );
+    assert!(
+        !tree
+            .compare_and_swap_fenced("k", Some(b"1"), b"2", Some(&fence(2)))
+            .unwrap()
+    );
+    assert!(
+        !tree
+            .compare_and_swap_fenced("j", None, b"1", Some(&fence(2)))
+            .unwrap()
+    );
+    assert!(
+        tree.compare_and_swap_fenced("k", Some(b"1"), b"2", Some(&fence(1)))
+            .unwrap()
+    );
+    assert_eq!(
+        tree.get("k").unwrap().map(|b| b.to_vec()),
+        Some(b"2".to_vec())
+    );
+    assert_eq!(tree.get("j").unwrap(), None);
+}

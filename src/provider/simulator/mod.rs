@@ -79,6 +79,8 @@ pub struct SimProvider {
     tree: KvTree,
     key: String,
     state: TenantState,
+    /// The lease its writes are conditional on (a `serve` replica's), if any.
+    fence: Option<crate::store::WriteFence>,
 }
 
 impl SimProvider {
@@ -97,6 +99,7 @@ impl SimProvider {
             tree,
             key,
             state,
+            fence: None,
         })
     }
 
@@ -149,15 +152,32 @@ impl SimProvider {
             let bytes = at.as_millis().to_be_bytes();
             if self
                 .tree
-                .compare_and_swap(key.as_bytes(), stored.as_deref(), bytes)
+                .compare_and_swap_fenced(
+                    key.as_bytes(),
+                    stored.as_deref(),
+                    bytes,
+                    self.fence.as_ref(),
+                )
                 .map_err(unsaved)?
             {
                 self.tree.flush().map_err(unsaved)?;
                 self.state.now = Some(at);
                 return Ok(());
             }
+            self.refused_by_fence(key.as_bytes(), stored.as_deref())?;
         }
         Err(busy())
+    }
+
+    /// After a write that did not happen: if the value is still the one read, the fence refused
+    /// it (the lease is lost), which no retry changes.
+    fn refused_by_fence(&self, key: &[u8], read: Option<&[u8]>) -> Result<(), ProviderError> {
+        if self.fence.is_some() && self.tree.get(key).map_err(unsaved)?.as_deref() == read {
+            return Err(ProviderError::permanent(
+                "the rollout's lease was lost: the simulated tenant was not written",
+            ));
+        }
+        Ok(())
     }
 
     /// Takes in the stored clock if another process moved it further.
@@ -210,16 +230,18 @@ impl SimProvider {
             }
             let written = self
                 .tree
-                .compare_and_swap(
+                .compare_and_swap_fenced(
                     self.key.as_bytes(),
                     stored.as_deref(),
                     encode_json(&self.state),
+                    self.fence.as_ref(),
                 )
                 .map_err(unsaved)?;
             if written {
                 self.move_clock(self.now())?;
                 return Ok(changes);
             }
+            self.refused_by_fence(self.key.as_bytes(), stored.as_deref())?;
         }
         Err(busy())
     }
@@ -317,6 +339,10 @@ impl Provider for SimProvider {
 
     fn is_virtual(&self) -> bool {
         true
+    }
+
+    fn fence_writes(&mut self, fence: crate::store::WriteFence) {
+        self.fence = Some(fence);
     }
 
     /// Moves the clock alone (the configuration stays as stored), never back.
