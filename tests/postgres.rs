@@ -60,6 +60,13 @@ fn only_one_process_drives_a_postgres_store() {
     let out = pg.run(&["run", "--once"]);
     assert_eq!(code(&out), 4, "{}{}", stdout(&out), stderr(&out));
     assert!(stderr(&out).contains("in use"), "{}", stderr(&out));
+    // Released on the server before the next `run` (a closed connection's session may end later).
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&0x7068_6173_6567_0002_i64],
+        )
+        .unwrap();
     drop(holder);
     let out = pg.run(&["run", "--once"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));

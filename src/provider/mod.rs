@@ -161,6 +161,13 @@ pub trait Provider: Send {
     /// Whether [`Provider::advance_to`] can jump time (the simulator) or time is real.
     fn is_virtual(&self) -> bool;
 
+    /// From now on, write the backend only under this fence, where the backend can be fenced
+    /// (the simulated tenant lives in the store; a real tenant cannot refuse a write for a lost
+    /// lease, so the default ignores it).
+    fn fence_writes(&mut self, fence: crate::store::WriteFence) {
+        let _ = fence;
+    }
+
     /// Moves virtual time forward to `at`. Real providers never get this call.
     async fn advance_to(&mut self, at: Timestamp) -> Result<(), ProviderError>;
 

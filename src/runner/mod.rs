@@ -112,10 +112,12 @@ struct Command {
     by: String,
     reason: String,
     reply: oneshot::Sender<Result<Option<EventRecord>, EngineError>>,
+    /// How many times it came back from an owner that stopped before taking it.
+    hops: u8,
 }
 
 enum Control {
-    Command { id: String, command: Command },
+    Command { id: String, command: Box<Command> },
     Watch { id: String },
 }
 
@@ -230,11 +232,12 @@ impl Handle {
             by: by.to_string(),
             reason: reason.to_string(),
             reply,
+            hops: 0,
         };
         self.control
             .send(Control::Command {
                 id: id.to_string(),
-                command,
+                command: Box::new(command),
             })
             .await
             .map_err(|_| EngineError::Invalid("the runner is shutting down".into()))?;
@@ -438,6 +441,7 @@ impl Runner {
                 }
                 Some(control) = self.control.recv(), if !stopping => match control {
                     Control::Command { id, command } => {
+                        let command = *command;
                         if !actors.contains_key(&id) {
                             if !may_drive(&id, actors.len()) {
                                 let owner = self.shared.store.leases().ok().and_then(|all| {
@@ -446,7 +450,8 @@ impl Runner {
                                 match owner {
                                     // Recorded in the store for the owner, which carries it out.
                                     Some(lease) => {
-                                        tokio::spawn(forward(self.shared.store.clone(), id, lease.owner, command));
+                                        let control = self.handle.control.clone();
+                                        tokio::spawn(forward(self.shared.store.clone(), control, id, lease.owner, command));
                                     }
                                     None => {
                                         let _ = command.reply.send(Err(EngineError::Claimed(format!(
@@ -543,6 +548,12 @@ const ANSWERS: &str = "command-answers";
 const FORWARD_POLL: Duration = Duration::from_millis(200);
 /// How long a forwarder waits for the owner to take its command (and, once taken, to answer).
 const FORWARD_WAIT: Duration = Duration::from_secs(30);
+/// How long a forwarder still waits for the answer of an owner that took the command and then
+/// lost its lease (the answer is written before the lease goes, unless the owner stopped).
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+/// How many times a command goes back to the runner because the owner it was forwarded to
+/// stopped before taking it (each time the rollout is taken or forwarded to its new owner).
+const FORWARD_HOPS: u8 = 4;
 
 /// A person's command recorded in the store for the replica that owns the rollout.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -567,35 +578,82 @@ enum Answer {
 
 /// Records `command` for `owner`, the replica holding the rollout's lease, and answers with what
 /// the owner answered. A command the owner did not take within [`FORWARD_WAIT`] is withdrawn
-/// (nothing was done).
-async fn forward(store: Arc<Store>, id: String, owner: String, command: Command) {
+/// (nothing was done). One whose owner lost its lease before taking it (killed, paused, cut off)
+/// is withdrawn too and handed back to this replica's runner through `control`, which takes the
+/// rollout (its lease expired) or forwards the command to the new owner: a command given during a
+/// failover waits for the failover, not for [`FORWARD_WAIT`].
+async fn forward(
+    store: Arc<Store>,
+    control: mpsc::Sender<Control>,
+    id: String,
+    owner: String,
+    command: Command,
+) {
     let Command {
         kind,
         plan,
         by,
         reason,
         reply,
+        hops,
     } = command;
-    let answer = forward_and_wait(
-        &store,
-        &owner,
-        Forwarded {
-            rollout: id,
-            kind,
-            plan,
-            by,
-            reason,
-        },
-    )
-    .await;
-    let _ = reply.send(answer);
+    let forwarded = Forwarded {
+        rollout: id.clone(),
+        kind,
+        plan,
+        by,
+        reason,
+    };
+    let forwarded = match forward_and_wait(&store, &owner, forwarded).await {
+        Ok(Forwarding::Answered(answer)) => {
+            let _ = reply.send(answer);
+            return;
+        }
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        Ok(Forwarding::OwnerGone(forwarded)) => forwarded,
+    };
+    if hops >= FORWARD_HOPS {
+        let _ = reply.send(Err(EngineError::Invalid(format!(
+            "rollout `{id}`: {} owners in a row stopped before taking the command; nothing was done",
+            hops + 1
+        ))));
+        return;
+    }
+    tracing::info!(rollout = %id, %owner, "the rollout's owner lost its lease before taking the command: giving it to the next owner");
+    let command = Command {
+        kind: forwarded.kind,
+        plan: forwarded.plan,
+        by: forwarded.by,
+        reason: forwarded.reason,
+        reply,
+        hops: hops + 1,
+    };
+    let command = Box::new(command);
+    if let Err(refused) = control.send(Control::Command { id, command }).await
+        && let Control::Command { command, .. } = refused.0
+    {
+        let _ = command.reply.send(Err(EngineError::Invalid(
+            "the runner is shutting down".into(),
+        )));
+    }
+}
+
+/// How a forwarded command ended.
+enum Forwarding {
+    /// The owner carried it out (or refused it): its answer.
+    Answered(Result<Option<EventRecord>, EngineError>),
+    /// The owner lost the rollout's lease before taking it: withdrawn, nothing was done.
+    OwnerGone(Forwarded),
 }
 
 async fn forward_and_wait(
     store: &Store,
     owner: &str,
     forwarded: Forwarded,
-) -> Result<Option<EventRecord>, EngineError> {
+) -> Result<Forwarding, EngineError> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes)
         .map_err(|e| EngineError::Invalid(format!("no randomness from the system: {e}")))?;
@@ -605,15 +663,34 @@ async fn forward_and_wait(
     commands.insert(&key, crate::store::encode_json(&forwarded))?;
     tracing::info!(rollout = %id, %owner, "forwarded a command to the rollout's owner");
     let started = Instant::now();
+    let mut owner_gone: Option<Instant> = None;
     loop {
         if let Some(bytes) = answers.remove(&key)? {
-            return match crate::store::decode_json::<Answer>(ANSWERS, &bytes)? {
-                Answer::Done(record) => Ok(record.map(|r| *r)),
-                Answer::Refused { message, conflict } if conflict => {
-                    Err(EngineError::Claimed(message))
-                }
-                Answer::Refused { message, .. } => Err(EngineError::Invalid(message)),
-            };
+            return Ok(Forwarding::Answered(
+                match crate::store::decode_json::<Answer>(ANSWERS, &bytes)? {
+                    Answer::Done(record) => Ok(record.map(|r| *r)),
+                    Answer::Refused { message, conflict } if conflict => {
+                        Err(EngineError::Claimed(message))
+                    }
+                    Answer::Refused { message, .. } => Err(EngineError::Invalid(message)),
+                },
+            ));
+        }
+        // A lookup that fails says nothing about the owner: wait on.
+        let lost = store
+            .lease_holder(&id)
+            .is_ok_and(|holder| holder.as_deref() != Some(owner));
+        if owner_gone.is_none() && lost {
+            // Not taken yet: withdrawn, for whoever drives the rollout next.
+            if commands.remove(&key)?.is_some() {
+                return Ok(Forwarding::OwnerGone(forwarded));
+            }
+            owner_gone = Some(Instant::now());
+        }
+        if owner_gone.is_some_and(|at| at.elapsed() > ANSWER_GRACE) {
+            return Err(EngineError::Invalid(format!(
+                "rollout `{id}`: replica {owner} took the command and lost the rollout's lease before answering; see the rollout's history"
+            )));
         }
         if started.elapsed() > FORWARD_WAIT {
             if commands.remove(&key)?.is_some() {
@@ -666,7 +743,10 @@ fn take_forwarded(store: &Arc<Store>, actors: &BTreeMap<String, Driven>) -> Vec<
                         e,
                         EngineError::Rejected(_)
                             | EngineError::Claimed(_)
-                            | EngineError::Store(crate::store::StoreError::Conflict { .. })
+                            | EngineError::Store(
+                                crate::store::StoreError::Conflict { .. }
+                                    | crate::store::StoreError::Fenced { .. }
+                            )
                     ),
                     message: e.to_string(),
                 },
@@ -690,6 +770,7 @@ fn take_forwarded(store: &Arc<Store>, actors: &BTreeMap<String, Driven>) -> Vec<
                 by: forwarded.by,
                 reason: forwarded.reason,
                 reply,
+                hops: 0,
             },
         ));
     }
@@ -1269,6 +1350,9 @@ impl Actor {
                 }
             }
             work => {
+                if matches!(work, Work::Effect(_) | Work::Deliver(_)) {
+                    self.confirm_lease()?;
+                }
                 let task = engine.task(loaded, work)?;
                 let notifier = self.shared.notifier;
                 let (mutated, record) = engine.confirm_before_acting(loaded, &task, now)?;
@@ -1293,6 +1377,28 @@ impl Actor {
         }
     }
 
+    /// A replica acts on the tenant (or a channel) only while it still holds the rollout's lease
+    /// at its epoch, checked in the database right before: one woken from a pause past its lease
+    /// ends here, as if fenced, instead of writing what the new owner may have written already.
+    fn confirm_lease(&self) -> Result<(), EngineError> {
+        let Some(leasing) = &self.shared.settings.leasing else {
+            return Ok(());
+        };
+        if self.shared.store.confirm_lease(&self.id, leasing.lease)? {
+            return Ok(());
+        }
+        crate::metrics::global().fenced(true);
+        let epoch = self.shared.store.leases().ok().and_then(|all| {
+            all.into_iter()
+                .find(|l| l.rollout == self.id)
+                .map(|l| l.epoch)
+        });
+        Err(EngineError::Store(crate::store::StoreError::Fenced {
+            id: self.id.clone(),
+            epoch: epoch.unwrap_or(0),
+        }))
+    }
+
     fn connect(&mut self, loaded: &Loaded) {
         let settings = loaded.plan.provider.clone();
         let store = self.shared.store.clone();
@@ -1312,8 +1418,22 @@ impl Actor {
         returned: Returned,
     ) -> Result<(), EngineError> {
         match returned {
-            Returned::Connected(Ok(provider)) => {
+            Returned::Connected(Ok(mut provider)) => {
                 self.last_now = self.last_now.max(provider.now());
+                if let Some(leasing) = &self.shared.settings.leasing
+                    && let Some((_, epoch)) = self
+                        .shared
+                        .store
+                        .held_leases()
+                        .into_iter()
+                        .find(|(id, _)| *id == self.id)
+                {
+                    provider.fence_writes(crate::store::WriteFence {
+                        rollout: self.id.clone(),
+                        replica: leasing.replica.clone(),
+                        epoch,
+                    });
+                }
                 self.provider = Some(provider);
             }
             Returned::Connected(Err(error)) => {

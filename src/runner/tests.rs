@@ -351,3 +351,40 @@ async fn a_paused_rollouts_exception_ends_at_its_time_under_the_daemon() {
         "{after:?}"
     );
 }
+
+/// A command forwarded to an owner whose lease ran out before it took the command (the owner was
+/// killed or paused) is withdrawn as soon as the lease is gone and comes back untaken, for the
+/// runner to give to the next owner, instead of waiting out `FORWARD_WAIT`.
+#[tokio::test]
+async fn a_command_forwarded_to_an_owner_that_lost_its_lease_comes_back_untaken() {
+    let server = crate::test_postgres::shared();
+    let url = server.database();
+    let store = Store::open(Path::new(&url), DEFAULT_LOCK_WAIT).unwrap();
+    let owner = Store::open(Path::new(&url), DEFAULT_LOCK_WAIT).unwrap();
+    owner.set_replica("replica-gone");
+    assert_eq!(
+        owner.acquire_lease("r-1", Duration::from_secs(1)).unwrap(),
+        Some(1)
+    );
+    let forwarded = Forwarded {
+        rollout: "r-1".into(),
+        kind: EventKind::PauseRequested,
+        plan: None,
+        by: "bob".into(),
+        reason: "look".into(),
+    };
+    let started = Instant::now();
+    let ended = forward_and_wait(&store, "replica-gone", forwarded)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&ended, Forwarding::OwnerGone(f) if f.rollout == "r-1" && f.by == "bob"),
+        "the command was not handed back"
+    );
+    assert!(started.elapsed() < FORWARD_WAIT, "{:?}", started.elapsed());
+    assert!(
+        store.tree(FORWARDED).scan_prefix(b"").unwrap().is_empty(),
+        "the command was left for an owner that is gone"
+    );
+    assert_eq!(store.lease_holder("r-1").unwrap(), None);
+}

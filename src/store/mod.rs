@@ -120,6 +120,16 @@ pub struct Attached<'a> {
     pub claims: Option<&'a [String]>,
 }
 
+/// A write conditional on a replica still holding a rollout's lease at an epoch (PostgreSQL), as
+/// a commit is: what a provider whose backend lives in the store (the simulated tenant) writes
+/// under, so that a replica that lost the lease writes nothing there either.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteFence {
+    pub rollout: String,
+    pub replica: String,
+    pub epoch: u64,
+}
+
 /// A rollout's lease as the database has it (see [`Store::leases`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LeaseInfo {
@@ -191,6 +201,20 @@ impl Backend {
     fn apply(&self, tree: &str, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
         each!(self, b => b.apply(tree, ops))
     }
+    fn swap(
+        &self,
+        tree: &str,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+        fence: Option<&WriteFence>,
+    ) -> Result<bool, StoreError> {
+        match self {
+            // One process holds a sled store: no lease to check.
+            Backend::Sled(b) => b.swap(tree, key, expected, value),
+            Backend::Postgres(b) => b.swap(tree, key, expected, value, fence),
+        }
+    }
     fn flush(&self) -> Result<(), StoreError> {
         each!(self, b => b.flush())
     }
@@ -257,6 +281,32 @@ impl KvTree {
     /// Writes (`Some`) and removes (`None`) keys atomically: all or none.
     pub fn apply_batch(&self, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
         self.backend.apply(&self.name, ops)
+    }
+
+    /// Writes `value` at `key` only if the key still holds `expected` (`None`: no value), in one
+    /// atomic step; `false` if it holds something else (nothing was written). For state that two
+    /// processes may update at once: read, change, and write back only over what was read.
+    pub fn compare_and_swap(
+        &self,
+        key: impl AsRef<[u8]>,
+        expected: Option<&[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<bool, StoreError> {
+        self.backend
+            .swap(&self.name, key.as_ref(), expected, value.as_ref(), None)
+    }
+
+    /// [`KvTree::compare_and_swap`], and on PostgreSQL only while `fence` holds (the replica
+    /// still holds the rollout's lease at that epoch), in the same statement.
+    pub fn compare_and_swap_fenced(
+        &self,
+        key: impl AsRef<[u8]>,
+        expected: Option<&[u8]>,
+        value: impl AsRef<[u8]>,
+        fence: Option<&WriteFence>,
+    ) -> Result<bool, StoreError> {
+        self.backend
+            .swap(&self.name, key.as_ref(), expected, value.as_ref(), fence)
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
@@ -792,6 +842,12 @@ impl Store {
             let leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
             match (&leases.replica, leases.held.get(&id)) {
                 (Some(replica), Some(epoch)) => Some((replica.clone(), *epoch)),
+                // A replica commits a rollout's transitions only under a lease it holds; only
+                // the first event (the creation, which no lease can cover yet) needs none. A
+                // lease it lost (and forgot) stays lost however the lease stands now: without
+                // this, a stale actor would commit as an unleased committer once the new
+                // owner's lease had lapsed too. No lease is ever at epoch 0: the fence refuses.
+                (Some(replica), None) if seq > 1 => Some((replica.clone(), 0)),
                 _ => None,
             }
         };
@@ -907,6 +963,36 @@ impl Store {
         Ok(lost)
     }
 
+    /// Renews this replica's lease of `id` for `ttl` if it still holds it at the epoch it took
+    /// it at (nobody took it since, expired or not): what an owner checks right before it acts on
+    /// the tenant, so that a replica woken from a pause does not write on the strength of a lease
+    /// it lost meanwhile (its commits would be fenced, its writes would not be). `false`: lost,
+    /// and forgotten.
+    pub fn confirm_lease(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let replica = self.replica()?;
+        let epoch = self
+            .leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .held
+            .get(id)
+            .copied();
+        let Some(epoch) = epoch else {
+            return Ok(false);
+        };
+        let kept = self
+            .postgres()?
+            .renew(&replica, &[(id.to_string(), epoch)], ttl)?;
+        if kept.iter().any(|k| k == id) {
+            return Ok(true);
+        }
+        let mut leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+        if leases.held.get(id) == Some(&epoch) {
+            leases.held.remove(id);
+        }
+        Ok(false)
+    }
+
     /// Gives up this replica's lease of `id` (a clean stop): another replica may take it at once.
     pub fn release_lease(&self, id: &str) -> Result<(), StoreError> {
         let replica = self.replica()?;
@@ -945,6 +1031,15 @@ impl Store {
             .unwrap_or_else(PoisonError::into_inner)
             .held
             .contains_key(id)
+    }
+
+    /// The replica holding a live lease of rollout `id` now (on the database's clock), if any
+    /// (PostgreSQL; none on sled).
+    pub fn lease_holder(&self, id: &str) -> Result<Option<String>, StoreError> {
+        match &*self.backend {
+            Backend::Postgres(b) => b.live_owner(id),
+            Backend::Sled(_) => Ok(None),
+        }
     }
 
     /// Every rollout's lease as the database has it (PostgreSQL; none on sled).

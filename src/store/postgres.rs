@@ -337,6 +337,18 @@ const DELETE: &str = "DELETE FROM phasegate.entries WHERE tree = $1 AND key = $2
 const SCAN: &str = "SELECT key, value FROM phasegate.entries
      WHERE tree = $1 AND key >= $2 AND ($3::bytea IS NULL OR key < $3) ORDER BY key";
 const SEQ: &str = "SELECT seq FROM phasegate.entries WHERE tree = 'rollouts' AND key = $1";
+/// A value written only over the one expected (`SWAP`), or only where there is none (`CREATE`).
+/// Both under a fence when `$5` (rollout), `$6` (owner), `$7` (epoch) are given: the lease row
+/// locked `FOR SHARE`, as a commit locks it.
+const SWAP: &str = "UPDATE phasegate.entries SET value = $4
+     WHERE tree = $1 AND key = $2 AND value = $3 AND ($5::text IS NULL OR EXISTS (
+         SELECT 1 FROM phasegate.leases
+             WHERE rollout = $5::text AND owner = $6::text AND epoch = $7::bigint FOR SHARE))";
+const CREATE: &str = "INSERT INTO phasegate.entries (tree, key, value)
+     SELECT $1, $2, $3 WHERE $4::text IS NULL OR EXISTS (
+         SELECT 1 FROM phasegate.leases
+             WHERE rollout = $4::text AND owner = $5::text AND epoch = $6::bigint FOR SHARE)
+     ON CONFLICT (tree, key) DO NOTHING";
 
 /// The transition: conditional on the rollout's row being at `$3 - 1` (no row yet: only the first
 /// event, `$3 = 1`, creates it; a row that appears meanwhile is a conflict). Every
@@ -527,6 +539,39 @@ impl PgBackend {
         })
     }
 
+    /// Writes `value` at `key` if it still holds `expected` (none: if it holds nothing), in one
+    /// statement; whether it was written.
+    pub fn swap(
+        &self,
+        tree: &str,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+        fence: Option<&super::WriteFence>,
+    ) -> Result<bool, StoreError> {
+        let (tree, key, value) = (tree.to_string(), key.to_vec(), value.to_vec());
+        let expected = expected.map(<[u8]>::to_vec);
+        let rollout = fence.map(|f| f.rollout.clone());
+        let owner = fence.map(|f| f.replica.clone());
+        let epoch = fence.map(|f| i64::try_from(f.epoch).unwrap_or(i64::MAX));
+        self.worker.call(move |conn| {
+            let written = match &expected {
+                Some(expected) => {
+                    let (client, statement) = conn.prepared(SWAP)?;
+                    client.execute(
+                        &statement,
+                        &[&tree, &key, expected, &value, &rollout, &owner, &epoch],
+                    )?
+                }
+                None => {
+                    let (client, statement) = conn.prepared(CREATE)?;
+                    client.execute(&statement, &[&tree, &key, &value, &rollout, &owner, &epoch])?
+                }
+            };
+            Ok(written == 1)
+        })
+    }
+
     /// Writes and removes `ops` in one transaction.
     pub fn apply(&self, tree: &str, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
         let tree = tree.to_string();
@@ -659,6 +704,18 @@ impl PgBackend {
             let (client, statement) = conn.prepared(RELEASE)?;
             client.execute(&statement, &[&id, &owner, &epoch])?;
             Ok(())
+        })
+    }
+
+    /// The owner of rollout `id`'s lease if it is live (on the database's clock).
+    pub fn live_owner(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let id = id.to_string();
+        self.worker.call(move |conn| {
+            let (client, statement) = conn.prepared(LEASE_OF)?;
+            let row = client.query_opt(&statement, &[&id])?;
+            Ok(row
+                .filter(|row| row.get::<_, bool>(2))
+                .map(|row| row.get::<_, String>(0)))
         })
     }
 

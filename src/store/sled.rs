@@ -107,6 +107,19 @@ impl SledBackend {
             .collect()
     }
 
+    pub fn swap(
+        &self,
+        tree: &str,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.tree(tree)?
+            .compare_and_swap(key, expected, Some(value))
+            .map(|swapped| swapped.is_ok())
+            .map_err(|e| self.error(e))
+    }
+
     pub fn apply(&self, tree: &str, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
         let mut batch = ::sled::Batch::default();
         for (key, value) in ops {

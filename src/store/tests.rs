@@ -828,6 +828,39 @@ fn on_postgres_a_stale_owners_commit_after_a_takeover_is_fenced_and_leaves_nothi
     assert!(leases[0].remaining_ms > 0, "{leases:?}");
 }
 
+/// A replica that lost a rollout's lease (its renewal said so, and it forgot the lease) commits
+/// nothing of that rollout afterwards, even once no replica holds the lease any more: a replica
+/// commits only under a lease it holds, and only a rollout's creation needs none.
+#[test]
+fn on_postgres_a_replica_that_lost_a_lease_commits_nothing_even_once_the_lease_lapsed() {
+    let place = Place::postgres();
+    let stale = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let fresh = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    stale.set_replica("replica-a");
+    fresh.set_replica("replica-b");
+    let ttl = Duration::from_secs(60);
+    // Created by a replica, without a lease: the creation needs none.
+    let current = created(&stale);
+    assert_eq!(stale.acquire_lease("w-1", ttl).unwrap(), Some(1));
+    expire_leases(&place);
+    assert_eq!(fresh.acquire_lease("w-1", ttl).unwrap(), Some(2));
+    assert_eq!(stale.renew_leases(ttl).unwrap(), vec!["w-1".to_string()]);
+    assert!(!stale.holds_lease("w-1"));
+    // The new owner stops too: its lease runs out, nobody holds the rollout now.
+    expire_leases(&place);
+    assert_eq!(stale.lease_holder("w-1").unwrap(), None);
+    let refused = tick(&stale, &current);
+    assert!(
+        matches!(refused, Err(StoreError::Fenced { epoch: 2, .. })),
+        "{refused:?}"
+    );
+    assert_eq!(fresh.events("w-1").unwrap().len(), 1);
+    // A process that is no replica (the CLI on the store) commits while no lease is live.
+    let unleased = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    tick(&unleased, &current).unwrap();
+    assert_eq!(unleased.verify("w-1").unwrap(), Ok(2));
+}
+
 /// Renewing keeps a lease (and its epoch); one taken over is reported lost; a released one is
 /// taken by another replica at once, one epoch up.
 #[test]
@@ -862,4 +895,59 @@ fn on_postgres_leases_are_renewed_lost_and_released() {
     ));
     tick(&a, &after).unwrap();
     assert_eq!(a.verify("w-1").unwrap(), Ok(3));
+}
+
+on_both! {
+    /// A provider's compare and swap writes only over the value it read (or where there is none),
+    /// so two processes updating one provider record lose neither's write.
+    fn a_compare_and_swap_writes_only_over_what_was_read(dir) {
+        let store = Store::open(dir.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let tree = store.provider_tree("test").unwrap();
+        assert!(tree.compare_and_swap("k", None, b"1").unwrap());
+        assert!(!tree.compare_and_swap("k", None, b"2").unwrap());
+        assert!(!tree.compare_and_swap("k", Some(b"0"), b"2").unwrap());
+        assert_eq!(tree.get("k").unwrap().map(|b| b.to_vec()), Some(b"1".to_vec()));
+        assert!(tree.compare_and_swap("k", Some(b"1"), b"2").unwrap());
+        assert_eq!(tree.get("k").unwrap().map(|b| b.to_vec()), Some(b"2".to_vec()));
+    }
+}
+
+/// A fenced compare and swap (what the simulated tenant is written with under `serve`) writes
+/// only while the replica holds the rollout's lease at the fence's epoch.
+#[test]
+fn on_postgres_a_fenced_compare_and_swap_writes_only_under_the_lease() {
+    let place = Place::postgres();
+    let store = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    store.set_replica("replica-a");
+    let ttl = Duration::from_secs(60);
+    assert_eq!(store.acquire_lease("w-1", ttl).unwrap(), Some(1));
+    let tree = store.provider_tree("test").unwrap();
+    let fence = |epoch| crate::store::WriteFence {
+        rollout: "w-1".into(),
+        replica: "replica-a".into(),
+        epoch,
+    };
+    assert!(
+        tree.compare_and_swap_fenced("k", None, b"1", Some(&fence(1)))
+            .unwrap()
+    );
+    assert!(
+        !tree
+            .compare_and_swap_fenced("k", Some(b"1"), b"2", Some(&fence(2)))
+            .unwrap()
+    );
+    assert!(
+        !tree
+            .compare_and_swap_fenced("j", None, b"1", Some(&fence(2)))
+            .unwrap()
+    );
+    assert!(
+        tree.compare_and_swap_fenced("k", Some(b"1"), b"2", Some(&fence(1)))
+            .unwrap()
+    );
+    assert_eq!(
+        tree.get("k").unwrap().map(|b| b.to_vec()),
+        Some(b"2".to_vec())
+    );
+    assert_eq!(tree.get("j").unwrap(), None);
 }

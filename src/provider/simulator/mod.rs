@@ -4,6 +4,12 @@
 //! Time is virtual. The tenant keeps its own clock, which only moves when the engine asks it to
 //! jump to the next deadline, so a two-week rollout runs in well under a second. Tenants are keyed
 //! by their settings (seed, size, half-life): rollouts with the same settings share one world.
+//!
+//! Like a real tenant, the simulated one applies each write to what it holds when the write
+//! arrives, and its clock never goes back: a write re-reads the stored configuration first, and
+//! moving the clock writes the clock alone (never later than what is stored). Two processes may
+//! hold the same tenant open for a moment (a `serve` replica paused past its lease wakes while
+//! another drives the rollout); the one that was asleep must not put back what it last saw.
 
 pub mod fleet;
 pub mod settings;
@@ -73,12 +79,15 @@ pub struct SimProvider {
     tree: KvTree,
     key: String,
     state: TenantState,
+    /// The lease its writes are conditional on (a `serve` replica's), if any.
+    fence: Option<crate::store::WriteFence>,
 }
 
 impl SimProvider {
     pub fn open(settings: &SimulatorSettings, store: &Store) -> Result<SimProvider, StoreError> {
         let (tree, key) = tenant_record(settings, store)?;
-        let state = read_tenant(&tree, &key)?.unwrap_or_default();
+        let mut state: TenantState = read_tenant(&tree, &key)?.unwrap_or_default();
+        state.now = state.now.max(stored_clock(&tree, &key)?);
         let fleet = Fleet::new(
             settings.seed,
             settings.devices,
@@ -90,6 +99,7 @@ impl SimProvider {
             tree,
             key,
             state,
+            fence: None,
         })
     }
 
@@ -125,20 +135,55 @@ impl SimProvider {
             .map_or(&[], Vec::as_slice)
     }
 
-    fn persist(&self) -> Result<(), ProviderError> {
-        let fail = |e: StoreError| {
-            ProviderError::permanent(format!("the simulated tenant could not be saved: {e}"))
-        };
-        // The clock beside the state, in the same batch, so it is read without the state.
-        let mut batch = vec![(self.key.as_bytes().to_vec(), Some(encode_json(&self.state)))];
-        if let Some(now) = self.state.now {
-            batch.push((
-                clock_key(&self.key).into_bytes(),
-                Some(now.as_millis().to_be_bytes().to_vec()),
+    /// Moves the stored clock to `at` unless it is there or beyond already (compare and swap:
+    /// another process may move it meanwhile), and takes in what it is.
+    fn move_clock(&mut self, at: Timestamp) -> Result<(), ProviderError> {
+        let key = clock_key(&self.key);
+        for _ in 0..WRITE_ATTEMPTS {
+            let stored = self.tree.get(key.as_bytes()).map_err(unsaved)?;
+            let stored_at = stored
+                .as_deref()
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(|millis| Timestamp::from_millis(i64::from_be_bytes(millis)));
+            if stored_at >= Some(at) {
+                self.state.now = self.state.now.max(stored_at);
+                return Ok(());
+            }
+            let bytes = at.as_millis().to_be_bytes();
+            if self
+                .tree
+                .compare_and_swap_fenced(
+                    key.as_bytes(),
+                    stored.as_deref(),
+                    bytes,
+                    self.fence.as_ref(),
+                )
+                .map_err(unsaved)?
+            {
+                self.tree.flush().map_err(unsaved)?;
+                self.state.now = Some(at);
+                return Ok(());
+            }
+            self.refused_by_fence(key.as_bytes(), stored.as_deref())?;
+        }
+        Err(busy())
+    }
+
+    /// After a write that did not happen: if the value is still the one read, the fence refused
+    /// it (the lease is lost), which no retry changes.
+    fn refused_by_fence(&self, key: &[u8], read: Option<&[u8]>) -> Result<(), ProviderError> {
+        if self.fence.is_some() && self.tree.get(key).map_err(unsaved)?.as_deref() == read {
+            return Err(ProviderError::permanent(
+                "the rollout's lease was lost: the simulated tenant was not written",
             ));
         }
-        self.tree.apply_batch(&batch).map_err(fail)?;
-        self.tree.flush().map_err(fail)?;
+        Ok(())
+    }
+
+    /// Takes in the stored clock if another process moved it further.
+    fn catch_up_clock(&mut self) -> Result<(), ProviderError> {
+        let stored = stored_clock(&self.tree, &self.key).map_err(unsaved)?;
+        self.state.now = self.state.now.max(stored);
         Ok(())
     }
 
@@ -168,6 +213,47 @@ impl SimProvider {
             fleet::membership(&assignment.include, &assignment.exclude).map_err(unknown_group)?;
         }
         fleet::resolve_exempt(exempt, self.fleet.user_count()).map_err(unknown_exempt)?;
+        // Applied to what the tenant holds now, at its time now, written back only over what was
+        // read (compare and swap), so that no other process's write is lost.
+        for _ in 0..WRITE_ATTEMPTS {
+            let stored = self.tree.get(self.key.as_bytes()).map_err(unsaved)?;
+            let held: Option<TenantState> = stored
+                .as_deref()
+                .map(|bytes| decode_json(&format!("simulator/{}", self.key), bytes))
+                .transpose()
+                .map_err(unsaved)?;
+            self.state.policies = held.map(|s| s.policies).unwrap_or_default();
+            self.catch_up_clock()?;
+            let changes = self.change(target, wanted, exempt);
+            if changes == 0 {
+                return Ok(0);
+            }
+            let written = self
+                .tree
+                .compare_and_swap_fenced(
+                    self.key.as_bytes(),
+                    stored.as_deref(),
+                    encode_json(&self.state),
+                    self.fence.as_ref(),
+                )
+                .map_err(unsaved)?;
+            if written {
+                self.move_clock(self.now())?;
+                return Ok(changes);
+            }
+            self.refused_by_fence(self.key.as_bytes(), stored.as_deref())?;
+        }
+        Err(busy())
+    }
+
+    /// Records `wanted` (and `exempt`) as every policy's configuration from now on, where it
+    /// differs from the current one; how many assignments and exemptions changed.
+    fn change(
+        &mut self,
+        target: &PolicyTarget,
+        wanted: &[SimAssignment],
+        exempt: &SimExempt,
+    ) -> u64 {
         let at = self.now();
         let mut changes = 0;
         for policy in &target.compliance {
@@ -190,10 +276,7 @@ impl SimProvider {
                     exempt: exempt.clone(),
                 });
         }
-        if changes > 0 {
-            self.persist()?;
-        }
-        Ok(changes)
+        changes
     }
 
     /// The simulated tenant's name for a policy, as other rollouts of this store see it.
@@ -204,6 +287,26 @@ impl SimProvider {
             policy_key(policy)
         )
     }
+}
+
+/// The tenant's clock as stored beside its state, if it is.
+fn stored_clock(tree: &KvTree, tenant: &str) -> Result<Option<Timestamp>, StoreError> {
+    let kept = tree.get(clock_key(tenant).as_bytes())?;
+    Ok(kept
+        .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+        .map(|millis| Timestamp::from_millis(i64::from_be_bytes(millis))))
+}
+
+/// How many times a write to the simulated tenant is tried again when another process wrote it
+/// between the read and the write.
+const WRITE_ATTEMPTS: usize = 16;
+
+fn busy() -> ProviderError {
+    ProviderError::transient("the simulated tenant kept changing while this write was made")
+}
+
+fn unsaved(e: StoreError) -> ProviderError {
+    ProviderError::permanent(format!("the simulated tenant could not be saved: {e}"))
 }
 
 fn policy_key(policy: &CompliancePolicy) -> String {
@@ -260,12 +363,13 @@ impl Provider for SimProvider {
         true
     }
 
+    fn fence_writes(&mut self, fence: crate::store::WriteFence) {
+        self.fence = Some(fence);
+    }
+
+    /// Moves the clock alone (the configuration stays as stored), never back.
     async fn advance_to(&mut self, at: Timestamp) -> Result<(), ProviderError> {
-        if at > self.now() {
-            self.state.now = Some(at);
-            self.persist()?;
-        }
-        Ok(())
+        self.move_clock(at)
     }
 
     async fn group_members(
@@ -444,6 +548,73 @@ impl Provider for SimProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::plan::{Mode, Platform};
+
+    fn assignment(group: &str, mode: Mode) -> SimAssignment {
+        SimAssignment {
+            include: vec![group.to_string()],
+            exclude: vec!["Break Glass".to_string()],
+            mode,
+            grace_secs: None,
+        }
+    }
+
+    /// One tenant open twice (a replica woken from a pause beside the one that drives the rollout
+    /// now, each with what it last read): the late one's clock move puts neither the clock nor the
+    /// configuration back, and its write is applied to what the tenant holds.
+    #[tokio::test]
+    async fn a_tenant_open_twice_loses_no_write_and_its_clock_never_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), std::time::Duration::from_secs(1)).unwrap();
+        let settings = SimulatorSettings {
+            devices: 20,
+            seed: 7,
+            remediation_half_life: std::time::Duration::from_secs(3_600),
+        };
+        let target = PolicyTarget {
+            compliance: vec![CompliancePolicy {
+                name: "baseline".into(),
+                platform: Platform::Windows,
+            }],
+            conditional_access: None,
+            notification_template: None,
+        };
+        let day = |n: i64| Timestamp::from_millis(SIMULATED_EPOCH.as_millis() + n * 86_400_000);
+        let pilot = vec![assignment("Pilot IT", Mode::Report)];
+        let wider = vec![
+            assignment("Pilot IT", Mode::Report),
+            assignment("All Users", Mode::Report),
+        ];
+        let none = SimExempt::default();
+        let mut asleep = SimProvider::open(&settings, &store).unwrap();
+        asleep.set(&target, &pilot, &none).unwrap();
+        let mut driving = SimProvider::open(&settings, &store).unwrap();
+        driving.advance_to(day(3)).await.unwrap();
+        assert_eq!(driving.set(&target, &wider, &none).unwrap(), 1);
+        // The one that slept moves the clock to where it meant to: not back.
+        asleep.advance_to(day(1)).await.unwrap();
+        assert_eq!(SimProvider::offline_now(&settings, &store).unwrap(), day(3));
+        assert_eq!(asleep.now(), day(3));
+        let reopened = SimProvider::open(&settings, &store).unwrap();
+        let history: Vec<_> = reopened
+            .history(&target.compliance[0])
+            .iter()
+            .map(|e| (e.at, e.assignments.clone()))
+            .collect();
+        assert_eq!(
+            history,
+            vec![(SIMULATED_EPOCH, pilot.clone()), (day(3), wider.clone())]
+        );
+        // Its write of what the tenant holds already changes nothing.
+        assert_eq!(asleep.set(&target, &wider, &none).unwrap(), 0);
+        assert_eq!(
+            SimProvider::open(&settings, &store)
+                .unwrap()
+                .history(&target.compliance[0])
+                .len(),
+            2
+        );
+    }
 
     /// The clock read without the fleet is the clock the connected tenant keeps.
     #[tokio::test]
