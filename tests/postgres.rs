@@ -177,7 +177,8 @@ fn serve_drives_a_postgres_store_and_the_cli_reaches_it_through_the_daemon() {
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(local.len(), 1, "{local:?}");
-    assert!(local[0].join("daemon.json").is_file(), "{local:?}");
+    let daemon_file = format!("daemon-{}.json", serve.child.id());
+    assert!(local[0].join(&daemon_file).is_file(), "{local:?}");
     // (A second `serve` on the same database is a replica: see tests/replicas.rs.)
     // The CLI on this machine goes through the daemon (its file is in the local directory).
     let out = pg.run(&["token", "create", "--name", "olga", "--role", "operator"]);
