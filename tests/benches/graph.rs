@@ -1,11 +1,16 @@
 //! `cargo bench --bench graph`: the Graph provider's observation against the emulator on
 //! loopback, each beside a baseline in the same run:
-//! - 100,000 devices through `deviceStatuses` (`observe_through = "device_statuses"`), beside
-//!   fetching the same pages with bare GETs and parsing them, with no attribution to phases;
+//! - 100,000 devices through `deviceStatuses` (`observe_through = "device_statuses"`): the whole
+//!   `observe` (names, the policy read, group members, every page, attribution to phases)
+//!   beside fetching the same pages with bare GETs over the same HTTP and parsing each only as
+//!   far as any reader must (rows skipped unread, the next link kept);
 //! - 1,000,000 devices through a reports export (`observe_through = "export"`): the provider's
 //!   client side (download, streamed unzip and CSV, each device once, attribution to a phase)
 //!   beside downloading the same zip and reading its CSV with a bare loop; the whole `observe`
 //!   (job, polls, the emulator building the zip) is shown too, with the peak resident memory.
+//!
+//! Each measurement alternates with its baseline, five times, so both see the same load; the
+//! ratio printed is the median of the five runs' ratios, with their range.
 //!
 //! `cargo bench --bench graph -- device_statuses` or `-- export` runs one of the two.
 
@@ -101,74 +106,91 @@ async fn bench_device_statuses() {
         })
         .collect();
 
-    let mut observed = 0;
-    let mut samples = Vec::new();
-    for _ in 0..5 {
-        let start = Instant::now();
-        let observation = provider
-            .observe(&plan.policy, &scopes, &record)
-            .await
-            .unwrap();
-        samples.push(start.elapsed());
-        observed = observation.scopes[1].iter().map(|(_, r)| r.len()).sum();
-    }
-    let observe = median(samples);
-
-    let token = reqwest::Client::new()
-        .post(format!("{url}/contoso.onmicrosoft.com/oauth2/v2.0/token"))
-        .form(&[
-            ("client_id", graph.client_id.as_str()),
-            ("scope", "https://graph.microsoft.com/.default"),
-            ("client_secret", SECRET),
-            ("grant_type", "client_credentials"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json::<serde_json::Value>()
-        .await
-        .unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let state: serde_json::Value = reqwest::get(format!("{url}/_emulator/state"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let policy = state["policies"][0]["id"].as_str().unwrap().to_string();
+    let token = token(&url, &graph.client_id).await;
+    let policy = policy_id(&url).await;
     let client = reqwest::Client::new();
-    let mut samples = Vec::new();
-    let mut fetched = 0;
-    for _ in 0..5 {
-        let start = Instant::now();
+    // The bare loop: the same pages over the same HTTP, each read as text and parsed only as
+    // far as any reader must (every row skipped unread, the next link kept).
+    #[derive(serde::Deserialize)]
+    struct BarePage {
+        value: Vec<serde::de::IgnoredAny>,
+        #[serde(rename = "@odata.nextLink")]
+        next: Option<String>,
+    }
+    let bare = || async {
         let mut next = Some(format!(
             "{url}/v1.0/deviceManagement/deviceCompliancePolicies/{policy}/deviceStatuses"
         ));
-        fetched = 0;
+        let mut fetched = 0;
         while let Some(page_url) = next {
-            let page: serde_json::Value = client
+            let text = client
                 .get(&page_url)
                 .bearer_auth(&token)
                 .send()
                 .await
                 .unwrap()
-                .json()
+                .text()
                 .await
                 .unwrap();
-            fetched += page["value"].as_array().map_or(0, Vec::len);
-            next = page["@odata.nextLink"].as_str().map(str::to_string);
+            let page: BarePage = serde_json::from_str(&text).unwrap();
+            fetched += page.value.len();
+            next = page.next;
         }
-        samples.push(start.elapsed());
+        fetched
+    };
+    // One observation and one bare paging after the other, five times: both see the same load.
+    let (mut observed, mut fetched) = (0, 0);
+    let (mut observes, mut bares, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cpu_ratios = Vec::new();
+    for _ in 0..RUNS {
+        let (start, cpu) = (Instant::now(), cpu_time());
+        let observation = provider
+            .observe(&plan.policy, &scopes, &record)
+            .await
+            .unwrap();
+        let (observe, observe_cpu) = (start.elapsed(), cpu_time() - cpu);
+        observed = observation.scopes[1].iter().map(|(_, r)| r.len()).sum();
+        let (start, cpu) = (Instant::now(), cpu_time());
+        fetched = bare().await;
+        let (raw, raw_cpu) = (start.elapsed(), cpu_time() - cpu);
+        ratios.push(observe.as_secs_f64() / raw.as_secs_f64());
+        cpu_ratios.push(observe_cpu.as_secs_f64() / raw_cpu.as_secs_f64());
+        observes.push(observe);
+        bares.push(raw);
     }
-    let raw = median(samples);
     println!(
-        "observe {observed} devices through the Graph provider   {:>10?}   bare paging of {fetched} statuses   {:>10?}   ratio {:.2}x",
-        observe,
-        raw,
-        observe.as_secs_f64() / raw.as_secs_f64()
+        "observe {observed} devices through the Graph provider   {:>10?}   bare paging of {fetched} statuses   {:>10?}   ratio {}; CPU time (emulator included) {}",
+        median(observes),
+        median(bares),
+        spread(ratios),
+        spread(cpu_ratios)
     );
+}
+
+/// The CPU time the whole process (emulator included) has used: beside the wall time, a
+/// figure other work on the machine hardly moves.
+fn cpu_time() -> Duration {
+    let mut at = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock_gettime` writes the `timespec` it is given, nothing else.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut at) };
+    Duration::new(at.tv_sec as u64, at.tv_nsec as u32)
+}
+
+/// Runs of each measurement, alternating with its baseline's.
+const RUNS: usize = 5;
+
+/// The median of per-run ratios, and their range.
+fn spread(mut ratios: Vec<f64>) -> String {
+    ratios.sort_by(f64::total_cmp);
+    format!(
+        "{:.2}x (runs {:.2}-{:.2}x)",
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1]
+    )
 }
 
 /// The process's peak resident set (`VmHWM`) and current one (`VmRSS`), in MiB.
@@ -191,7 +213,7 @@ fn reset_peak() {
 }
 
 async fn bench_export() {
-    use phasegate::provider::graph::devices::{attribute, key};
+    use phasegate::provider::graph::devices::attribute;
     use phasegate::provider::graph::export;
     let url = tenant(EXPORT_FLEET).await;
     let text = plan_text(&url, "export");
@@ -292,13 +314,7 @@ async fn bench_export() {
         std::io::Seek::rewind(&mut file).unwrap();
         file
     };
-    let (_, before) = memory();
-    reset_peak();
-    let mut samples = Vec::new();
-    let mut counted = 0;
-    let mut userless = 0;
-    for _ in 0..5 {
-        let start = Instant::now();
+    let client_side = || async {
         let file = download(http.clone(), blob.clone()).await;
         let devices = export::read_zip(file, &policy, false).unwrap();
         let phase = attribute(
@@ -309,35 +325,48 @@ async fn bench_export() {
             |_| None,
             |_, state, at, _| (state, at),
         );
-        samples.push(start.elapsed());
-        counted = phase.reports.len();
-        userless = phase.userless;
-    }
-    let client_side = median(samples);
-    let (peak, _) = memory();
-    let mut samples = Vec::new();
-    let mut rows = 0u64;
-    for _ in 0..5 {
-        let start = Instant::now();
+        (phase.reports.len(), phase.userless)
+    };
+    let bare = || async {
         let file = download(http.clone(), blob.clone()).await;
         let mut archive = zip::ZipArchive::new(file).unwrap();
         let entry = archive.by_index(0).unwrap();
         let mut reader = csv::Reader::from_reader(entry);
         let mut record = csv::ByteRecord::new();
-        rows = 0;
+        let mut rows = 0u64;
         while reader.read_byte_record(&mut record).unwrap() {
             rows += u64::from(!record.is_empty());
         }
-        samples.push(start.elapsed());
+        rows
+    };
+    let (_, before) = memory();
+    reset_peak();
+    // The client side and the bare loop one after the other, five times: both see the same
+    // load.
+    let (mut counted, mut userless, mut rows) = (0, 0, 0);
+    let (mut clients, mut bares, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cpu_ratios = Vec::new();
+    for _ in 0..RUNS {
+        let (start, cpu) = (Instant::now(), cpu_time());
+        (counted, userless) = client_side().await;
+        let (client, client_cpu) = (start.elapsed(), cpu_time() - cpu);
+        let (start, cpu) = (Instant::now(), cpu_time());
+        rows = bare().await;
+        let (raw, raw_cpu) = (start.elapsed(), cpu_time() - cpu);
+        ratios.push(client.as_secs_f64() / raw.as_secs_f64());
+        cpu_ratios.push(client_cpu.as_secs_f64() / raw_cpu.as_secs_f64());
+        clients.push(client);
+        bares.push(raw);
     }
-    let bare = median(samples);
-    let _ = key;
+    let (peak, _) = memory();
+    let (client_side, bare) = (median(clients), median(bares));
     println!(
         "observe {observed} devices through an export (whole observe, the emulator building the zip included)   {whole:>10?}"
     );
     println!(
-        "client side: download, unzip, CSV, {counted} devices once + {userless} userless   {client_side:>10?}   bare download + unzip + CSV loop of {rows} rows   {bare:>10?}   ratio {:.2}x",
-        client_side.as_secs_f64() / bare.as_secs_f64()
+        "client side: download, unzip, CSV, {counted} devices once + {userless} userless   {client_side:>10?}   bare download + unzip + CSV loop of {rows} rows   {bare:>10?}   ratio {}; CPU time {}",
+        spread(ratios),
+        spread(cpu_ratios)
     );
     println!(
         "peak resident memory while reading the export: {peak} MiB (the process, emulator included; {before} MiB before, +{} MiB)",
@@ -397,8 +426,13 @@ fn main() {
         println!("run with `cargo bench --bench graph` to measure");
         return;
     }
+    // `RUST_LOG=phasegate::emulator=debug` lists the requests each observation makes.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     println!(
-        "phasegate Graph observation benchmark (median of 5; emulator and provider on loopback)"
+        "phasegate Graph observation benchmark (medians of 5, each run beside its baseline; emulator and provider on loopback)"
     );
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -535,6 +535,29 @@ impl GraphClient {
         access: Access,
         patience: &mut Patience,
     ) -> Result<Value, ProviderError> {
+        let what = || format!("{method} {}", short(url.0.as_str()));
+        let text = self
+            .send_text(method.clone(), url, body, headers, access, patience)
+            .await?;
+        if text.trim().is_empty() {
+            Ok(Value::Null)
+        } else {
+            serde_json::from_str(&text).map_err(|e| {
+                ProviderError::transient(format!("{}: unreadable response: {e}", what()))
+            })
+        }
+    }
+
+    /// [`send`](Self::send), answering a success's body as its text, unparsed.
+    async fn send_text(
+        &self,
+        method: Method,
+        url: &GraphUrl,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+        access: Access,
+        patience: &mut Patience,
+    ) -> Result<String, ProviderError> {
         let GraphUrl(url) = url;
         let url = url.as_str();
         let what = format!("{method} {}", short(url));
@@ -622,15 +645,7 @@ impl GraphClient {
                 }
             };
             match status {
-                200..=299 => {
-                    return if text.trim().is_empty() {
-                        Ok(Value::Null)
-                    } else {
-                        serde_json::from_str(&text).map_err(|e| {
-                            ProviderError::transient(format!("{what}: unreadable response: {e}"))
-                        })
-                    };
-                }
+                200..=299 => return Ok(text),
                 401 if !renewed => {
                     tracing::info!(%what, "access token rejected; signing in again");
                     metrics.provider_retry("graph");
@@ -705,6 +720,40 @@ impl GraphClient {
         max_pages: usize,
         mut page: impl FnMut(&[Value]),
     ) -> Result<(), ProviderError> {
+        self.for_each_page_text_bounded(path_or_url, headers, max_pages, |text| {
+            let body: Value = if text.trim().is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(text).map_err(|e| format!("unreadable response: {e}"))?
+            };
+            page(body["value"].as_array().map_or(&[][..], Vec::as_slice));
+            Ok(body["@odata.nextLink"].as_str().map(str::to_string))
+        })
+        .await
+    }
+
+    /// Pages as [`for_each_page`](Self::for_each_page) does, with the same bounds and checks,
+    /// handing each page's body to `page` as text: for a listing large enough that its rows are
+    /// parsed straight into the caller's own types, never into a `Value` tree. `page` answers
+    /// the page's `@odata.nextLink`, or why it cannot read the page (a transient failure:
+    /// nothing of a half-read listing is used).
+    pub async fn for_each_page_text(
+        &self,
+        path_or_url: &str,
+        headers: &[(&str, &str)],
+        page: impl FnMut(&str) -> Result<Option<String>, String>,
+    ) -> Result<(), ProviderError> {
+        self.for_each_page_text_bounded(path_or_url, headers, MAX_PAGES, page)
+            .await
+    }
+
+    async fn for_each_page_text_bounded(
+        &self,
+        path_or_url: &str,
+        headers: &[(&str, &str)],
+        max_pages: usize,
+        mut page: impl FnMut(&str) -> Result<Option<String>, String>,
+    ) -> Result<(), ProviderError> {
         let first = self.target(path_or_url)?;
         let what = format!("GET {}", short(first.0.as_str()));
         let mut fetched = HashSet::new();
@@ -712,7 +761,7 @@ impl GraphClient {
         while let Some(url) = next.take() {
             let mut patience = self.retry.patience();
             let body = self
-                .send(
+                .send_text(
                     Method::GET,
                     &url,
                     None,
@@ -721,12 +770,14 @@ impl GraphClient {
                     &mut patience,
                 )
                 .await?;
+            let link = page(&body).map_err(|e| {
+                ProviderError::transient(format!("GET {}: {e}", short(url.0.as_str())))
+            })?;
             fetched.insert(url.0);
-            page(body["value"].as_array().map_or(&[][..], Vec::as_slice));
-            let Some(link) = body["@odata.nextLink"].as_str() else {
+            let Some(link) = link else {
                 break;
             };
-            let link = self.target(link).map_err(|e| {
+            let link = self.target(&link).map_err(|e| {
                 ProviderError::permanent(format!(
                     "{what}: @odata.nextLink not followed: {}",
                     e.message

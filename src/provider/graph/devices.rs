@@ -52,7 +52,7 @@ const HEX: [u8; 256] = {
 /// The 128 bits of a GUID in its canonical form (`8-4-4-4-12` hex digits, any case), by table:
 /// a report has two per row, a million rows, and a digit-by-digit branch mispredicts on every
 /// other one.
-fn canonical_guid(b: &[u8]) -> Option<Key> {
+pub(crate) fn canonical_guid(b: &[u8]) -> Option<Key> {
     if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
         return None;
     }
@@ -98,6 +98,12 @@ pub fn key(id: &str) -> Option<Key> {
         }
     }
     Some(if digits == 32 { value } else { fallback(id) })
+}
+
+/// The key of any text, exactly as given (a user principal name, lowercased, in
+/// `statuses.rs`): FNV-1a over 128 bits, as [`key`] reads an id that is no GUID.
+pub fn text_key(text: &str) -> Key {
+    fallback(text)
 }
 
 /// FNV-1a over 128 bits, with the top bit set so it never equals a GUID's key by construction
@@ -234,7 +240,8 @@ impl std::hash::Hasher for KeyHasher {
     }
 }
 
-type KeyMap<V> = HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
+/// A map by [`Key`]s hashed with [`KeyHasher`].
+pub type KeyMap<V> = HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
 /// A set of [`Key`]s hashed with [`KeyHasher`].
 pub type KeySet = std::collections::HashSet<Key, std::hash::BuildHasherDefault<KeyHasher>>;
 
@@ -442,7 +449,8 @@ pub fn attribute<T>(
     by_device: impl Fn(Key) -> DevicePlacement,
     mut report: impl FnMut(&Device, DeviceState, Option<Timestamp>, Placed) -> T,
 ) -> Attributed<T> {
-    let mut reports = Vec::new();
+    // Room for every device up front: most are in a phase as large as the report.
+    let mut reports = Vec::with_capacity(devices.len());
     let mut userless = 0;
     for (device, mut users) in devices.iter() {
         let Some((state, at)) = judge(device, now, validity) else {
@@ -460,6 +468,7 @@ pub fn attribute<T>(
             userless += 1;
         }
     }
+    reports.shrink_to_fit();
     Attributed { reports, userless }
 }
 

@@ -25,6 +25,7 @@ pub mod mapping;
 pub mod readiness;
 pub mod settings;
 pub mod signins;
+pub mod statuses;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -43,6 +44,7 @@ use self::mapping::{
     CaNames, CaRole, GraceState, GroupRef, Members, Names, PolicyName, PolicyView, Scope,
     TenantView, Want, Write,
 };
+use self::statuses::{Status, Users};
 use super::{
     ErrorKind, Observation, Outcome, PhaseScope, Preflight, Provider, ProviderError, Record,
     SignInQuery,
@@ -1146,16 +1148,20 @@ impl GraphProvider {
                 "/deviceManagement/deviceCompliancePolicies/{}/deviceStatuses",
                 policy.id
             );
+            let (mut reader, mut users) = (statuses::Reader::default(), Users::default());
             self.client
-                .for_each_page(&url, &[], |page| {
-                    past_grace += page
+                .for_each_page_text(&url, &[], |body| {
+                    reader.statuses.clear();
+                    let next = reader.page(body, &mut users)?;
+                    past_grace += reader
+                        .statuses
                         .iter()
-                        .map(status_of)
                         .filter(|s| {
                             s.state == Some(DeviceState::Noncompliant)
                                 && s.grace_until.is_some_and(|g| g <= now)
                         })
                         .count() as u64;
+                    Ok(next)
                 })
                 .await?;
             if past_grace > 0 {
@@ -1395,47 +1401,6 @@ fn describe_target(target: &Value, names: &Names) -> String {
     }
 }
 
-/// One device status as the gate needs it: a user–device pair.
-struct Status {
-    /// The device, from the row's id where it has the observed `{deviceId}_{policyId}_{userId}`
-    /// shape; `None` otherwise (then each row counts as a device of its own).
-    device: Option<devices::Key>,
-    /// The row names the system account: a device-context check-in, no user signed in.
-    system: bool,
-    user: String,
-    state: Option<DeviceState>,
-    last_reported: Option<Timestamp>,
-    grace_until: Option<Timestamp>,
-}
-
-fn status_of(item: &Value) -> Status {
-    let state = match item["status"].as_str().unwrap_or("unknown") {
-        "compliant" | "remediated" => Some(DeviceState::Compliant),
-        "nonCompliant" => Some(DeviceState::Noncompliant),
-        "error" => Some(DeviceState::Error),
-        "conflict" => Some(DeviceState::Conflict),
-        "notApplicable" | "notAssigned" => None,
-        _ => Some(DeviceState::Unknown),
-    };
-    let user = item["userPrincipalName"]
-        .as_str()
-        .unwrap_or("")
-        .to_lowercase();
-    Status {
-        device: item["id"].as_str().and_then(status_device),
-        system: user == SYSTEM_ACCOUNT,
-        user,
-        state,
-        // Intune's dates, read by the export's direct reader (the general one beside it).
-        last_reported: item["lastReportedDateTime"]
-            .as_str()
-            .and_then(export::parse_contact),
-        grace_until: item["complianceGracePeriodExpirationDateTime"]
-            .as_str()
-            .and_then(export::parse_contact),
-    }
-}
-
 /// The Entra device ids of a group's device members (none for a group of users): the
 /// `deviceId` of each `microsoft.graph.device` it holds, directly or through nested groups.
 async fn group_devices(
@@ -1483,61 +1448,6 @@ async fn entra_ids(
         )
         .await?;
     Ok(ids)
-}
-
-/// The user principal name, lowercased, of the rows of device-context check-ins ("System
-/// account" in Microsoft's captured `deviceStatuses` responses).
-const SYSTEM_ACCOUNT: &str = "system account";
-
-/// The device key of a `deviceStatuses` row id of the shape `{deviceId}_{policyId}_{userId}`
-/// (three GUIDs), as Microsoft's responses have been captured with; Microsoft documents the id
-/// only as the entity's key, so any other shape is no device.
-fn status_device(id: &str) -> Option<devices::Key> {
-    let mut parts = id.split('_');
-    let (Some(device), Some(_), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return None;
-    };
-    let guid = device.len() == 36
-        && device.bytes().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        });
-    guid.then(|| devices::key(device)).flatten()
-}
-
-/// The devices of a policy's statuses that only the system account reports (no user places
-/// them in a phase), each by its first row; a device a user also reports from is not one.
-fn system_only(rows: &[Status]) -> Vec<&Status> {
-    if !rows.iter().any(|s| s.system) {
-        return Vec::new();
-    }
-    let mut with_user = devices::KeySet::with_capacity_and_hasher(rows.len(), Default::default());
-    with_user.extend(rows.iter().filter(|s| !s.system).filter_map(|s| s.device));
-    let mut seen = devices::KeySet::default();
-    rows.iter()
-        .filter(|s| s.system && s.state.is_some())
-        .filter(|s| {
-            s.device
-                .is_none_or(|d| !with_user.contains(&d) && seen.insert(d))
-        })
-        .collect()
-}
-
-/// A policy's device statuses placed in one phase: by the phase's device groups (`by_device`:
-/// `Some(true)` placed, `Some(false)` kept out, the system account's rows too) or else by a
-/// user in scope; each device once (its first row placed, where rows name their device).
-fn statuses_in_scope(
-    rows: &[Status],
-    in_scope: impl Fn(&Status) -> bool,
-    by_device: impl Fn(&Status) -> devices::DevicePlacement,
-) -> Vec<&Status> {
-    let mut seen = devices::KeySet::with_capacity_and_hasher(rows.len(), Default::default());
-    rows.iter()
-        .filter(|s| by_device(s).unwrap_or_else(|| !s.system && in_scope(s)))
-        .filter(|s| s.device.is_none_or(|d| seen.insert(d)))
-        .collect()
 }
 
 impl GraphProvider {
@@ -1889,33 +1799,40 @@ impl Provider for GraphProvider {
                 .await;
         }
         let client = &self.client;
+        // Every policy's rows number their users in one table (the pages of several policies
+        // arrive in turns on this task; the table is locked only while a page is read).
+        let users = std::sync::Mutex::new(Users::default());
+        let users = &users;
         let statuses = try_join_all(names.policies.iter().map(|policy| async move {
-            let mut statuses = Vec::new();
+            let mut reader = statuses::Reader::default();
             let url = format!(
                 "/deviceManagement/deviceCompliancePolicies/{}/deviceStatuses",
                 policy.id
             );
             client
-                .for_each_page(&url, &[], |page| {
-                    statuses.extend(page.iter().map(status_of))
+                .for_each_page_text(&url, &[], |body| {
+                    let mut users = users.lock().unwrap_or_else(|e| e.into_inner());
+                    reader.page(body, &mut users)
                 })
                 .await?;
-            Ok::<_, ProviderError>((policy.platform, policy.id.clone(), statuses))
+            Ok::<_, ProviderError>((policy.platform, policy.id.clone(), reader.statuses))
         }));
         let members = try_join_all(group_ids.iter().map(|id| async move {
-            let mut users = HashSet::new();
+            // By the key the statuses number their users by.
+            let mut users = devices::KeySet::default();
             let url = format!(
                 "/groups/{id}/transitiveMembers/microsoft.graph.user?$select=id,userPrincipalName&$top=999&$count=true"
             );
             client
                 .for_each_page(&url, &[("ConsistencyLevel", "eventual")], |page| {
-                    users.extend(page.iter().filter_map(|u| u["userPrincipalName"].as_str()).map(str::to_lowercase));
+                    users.extend(page.iter().filter_map(|u| u["userPrincipalName"].as_str()).map(statuses::user_key));
                 })
                 .await?;
             let devices = group_devices(client, id).await?;
             Ok::<_, ProviderError>((id.clone(), (users, devices)))
         }));
         let (statuses, members) = tokio::try_join!(statuses, members)?;
+        let users = std::mem::take(&mut *users.lock().unwrap_or_else(|e| e.into_inner()));
         // Device groups name Entra device ids, the rows Intune ones: mapped through the managed
         // devices, only when a group has devices.
         let entra = if members.iter().any(|(_, (_, d))| !d.is_empty()) {
@@ -1935,7 +1852,7 @@ impl Provider for GraphProvider {
                 (platform, tells, rows)
             })
             .collect();
-        let members: BTreeMap<String, (HashSet<String>, HashSet<devices::Key>)> =
+        let members: BTreeMap<String, (devices::KeySet, HashSet<devices::Key>)> =
             members.into_iter().collect();
         let now = self.client.now();
         let relied_enforces = record.role() == CaRole::Relied
@@ -1947,14 +1864,17 @@ impl Provider for GraphProvider {
             .enforced
             .as_ref()
             .is_some_and(|e| e["state"] == "enabled");
-        let emergency: HashSet<&str> = names
+        let emergency: devices::KeySet = names
             .emergency_users
             .iter()
-            .map(|(_, upn)| upn.as_str())
+            .map(|(_, upn)| statuses::user_key(upn))
             .collect();
-        let in_group = |group: &GroupRef, user: &str| match group {
+        // A row's user in a group, by the user's key.
+        let in_group = |group: &GroupRef, s: &Status| match group {
             GroupRef::AllUsers => true,
-            GroupRef::Id(id) => members.get(id).is_some_and(|(m, _)| m.contains(user)),
+            GroupRef::Id(id) => members
+                .get(id)
+                .is_some_and(|(m, _)| m.contains(&users.key(s.user))),
         };
         // A row's device in a device group, by its Entra id.
         let device_in = |group: &GroupRef, s: &Status| match group {
@@ -1978,18 +1898,11 @@ impl Provider for GraphProvider {
             groups: label_names,
             settings: Vec::new(),
         };
-        let mut owners: HashMap<&str, u32> = HashMap::new();
-        for (_, _, rows) in &statuses {
-            for s in rows.iter().filter(|s| !s.system) {
-                let next = owners.len() as u32;
-                owners.entry(s.user.as_str()).or_insert(next);
-            }
-        }
         let mut userless = Vec::with_capacity(scopes.len());
         // Per policy, the devices only the system account reports.
         let system_of: Vec<Vec<&Status>> = statuses
             .iter()
-            .map(|(_, _, rows)| system_only(rows))
+            .map(|(_, _, rows)| statuses::system_only(rows))
             .collect();
         let scopes = scopes
             .iter()
@@ -2011,12 +1924,12 @@ impl Provider for GraphProvider {
                                 None
                             }
                         };
-                        let placed = statuses_in_scope(
+                        let placed = statuses::in_scope(
                             rows,
                             |s| {
-                                !emergency.contains(s.user.as_str())
-                                    && include.iter().any(|g| in_group(g, &s.user))
-                                    && !exclude.iter().any(|g| in_group(g, &s.user))
+                                !emergency.contains(&users.key(s.user))
+                                    && include.iter().any(|g| in_group(g, s))
+                                    && !exclude.iter().any(|g| in_group(g, s))
                             },
                             by_device,
                         );
@@ -2039,7 +1952,7 @@ impl Provider for GraphProvider {
                                     .iter()
                                     .enumerate()
                                     .filter(|(_, g)| {
-                                        (!s.system && in_group(g, &s.user)) || device_in(g, s)
+                                        (!s.system && in_group(g, s)) || device_in(g, s)
                                     })
                                     .fold(0u64, |bits, (i, _)| bits | 1 << i);
                                 Some(DeviceReport {
@@ -2048,7 +1961,8 @@ impl Provider for GraphProvider {
                                     blocked: state == DeviceState::Noncompliant && enforcing,
                                     grace_until: s.grace_until.filter(|_| in_grace),
                                     facts: DeviceFacts {
-                                        owner: owners.get(s.user.as_str()).copied(),
+                                        // Each user's number, once for all its devices.
+                                        owner: (!s.system).then_some(s.user),
                                         groups,
                                         failing: 0,
                                         notified: *tells
@@ -2105,63 +2019,6 @@ impl Provider for GraphProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn device_statuses_count_a_shared_device_once_and_a_system_account_one_as_userless() {
-        const P: &str = "0385114b-b48f-4800-a046-f249eaba24b1";
-        let row = |device: &str, user: &str, upn: &str| {
-            status_of(&json!({
-                "id": format!("{device}_{P}_{user}"),
-                "status": "nonCompliant",
-                "userPrincipalName": upn,
-                "lastReportedDateTime": "2026-11-30T10:00:00Z",
-            }))
-        };
-        let d = |n: u8| format!("00000000-0000-4000-a000-0000000000{n:02}");
-        let u = |n: u8| format!("10000000-0000-4000-a000-0000000000{n:02}");
-        let rows = vec![
-            // A shared device: Alice's and Bob's rows.
-            row(&d(1), &u(1), "alice@contoso.com"),
-            row(&d(1), &u(2), "Bob@contoso.com"),
-            // Userless: only the system account reports it.
-            row(&d(2), crate::graph::NIL_GUID, "System account"),
-            // A device-context check-in of a device whose user also reports: not userless.
-            row(&d(3), &u(3), "carol@contoso.com"),
-            row(&d(3), crate::graph::NIL_GUID, "System account"),
-            // An id of another shape: a device of its own per row.
-            status_of(
-                &json!({"id": "opaque", "status": "compliant", "userPrincipalName": "bob@contoso.com"}),
-            ),
-        ];
-        assert!(rows[2].system && !rows[0].system);
-        assert_eq!(rows[0].device, rows[1].device);
-        assert_eq!(rows[5].device, None);
-        assert_eq!(system_only(&rows).len(), 1);
-        assert_eq!(statuses_in_scope(&rows, |_| true, |_| None).len(), 3);
-        let bob = statuses_in_scope(&rows, |s| s.user == "bob@contoso.com", |_| None);
-        assert_eq!(bob.len(), 2);
-        assert_eq!(bob[0].user, "bob@contoso.com");
-        // A device group holding the userless device places it; one excluding the shared
-        // device keeps it out whoever its users are.
-        let (userless, shared) = (rows[2].device, rows[0].device);
-        let grouped = statuses_in_scope(
-            &rows,
-            |_| true,
-            |s| {
-                if s.device == userless {
-                    Some(true)
-                } else if s.device == shared {
-                    Some(false)
-                } else {
-                    None
-                }
-            },
-        );
-        assert_eq!(grouped.len(), 3);
-        assert!(grouped.iter().any(|s| s.system) && grouped.iter().all(|s| s.device != shared));
-        assert_eq!(status_device("a_b_c"), None);
-        assert_eq!(status_device(&format!("{}_{P}", d(1))), None);
-    }
 
     #[test]
     fn a_write_asked_to_wait_longer_than_a_request_waits_fails_instead() {
