@@ -125,21 +125,27 @@ pub fn publish(store_dir: &Path, file: &DaemonFile) -> std::io::Result<Published
     Ok(Published { path })
 }
 
-/// A signal to shut down on: SIGTERM, SIGINT (Ctrl-C), or `stop`.
-pub async fn shutdown_signal(mut stop: watch::Receiver<bool>) {
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                let _ = tokio::signal::ctrl_c().await;
+/// A signal to shut down on: SIGTERM, SIGINT (Ctrl-C), or `stop`. The signals are taken over
+/// when this is called, not when the future is first polled: a SIGTERM that arrives while the
+/// runner still lists and loads the store shuts down cleanly too, instead of killing the process.
+pub fn shutdown_signal(mut stop: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        let (mut terminate, mut interrupt) = match (terminate, interrupt) {
+            (Ok(terminate), Ok(interrupt)) => (terminate, interrupt),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM and SIGINT");
+                let _ = stop.wait_for(|s| *s).await;
                 return;
             }
         };
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        _ = stop.wait_for(|s| *s) => {}
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = stop.wait_for(|s| *s) => {}
+        }
     }
 }
 

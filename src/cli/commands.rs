@@ -386,12 +386,13 @@ pub async fn run(ctx: &Context, only: Option<&str>, once: bool) -> CommandResult
         },
     );
     let handle = runner.handle();
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let shutdown = daemon::shutdown_signal(stop);
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let api = local_api(&ctx.store, handle.clone(), store.clone(), "run", closing).await?;
     let text = ctx.output == Output::Text;
     let printer = tokio::spawn(print_transitions(handle.subscribe(), text));
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    let report = runner.run(daemon::shutdown_signal(stop)).await;
+    let report = runner.run(shutdown).await;
     let _ = closing_tx.send(true);
     drop(handle);
     let _ = api.await;
@@ -808,6 +809,9 @@ pub async fn serve(
         code: exit::FAILURE,
         message: e,
     })?;
+    // SIGTERM from the moment the address is out shuts down cleanly.
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let shutdown = daemon::shutdown_signal(stop);
     let published = daemon::publish(
         &ctx.store,
         &daemon::DaemonFile {
@@ -838,8 +842,7 @@ pub async fn serve(
         true,
         closing,
     ));
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    let report = runner.run(daemon::shutdown_signal(stop)).await;
+    let report = runner.run(shutdown).await;
     let _ = closing_tx.send(true);
     drop(handle);
     let _ = api.await;
