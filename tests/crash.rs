@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use common::rng::Rng;
 use common::{BIN, Emulator};
 
 const SECRET: &str = "crash-harness-secret";
@@ -434,23 +435,6 @@ fn reference() -> (Outcome, u64, u64, Duration) {
     assert_eq!(outcome.status, "completed");
     assert!(!outcome.ledger.is_empty() && !outcome.notified_statuses.is_empty());
     (outcome, start_points, run_points, took)
-}
-
-/// A small deterministic generator (splitmix64), so one seed reproduces a schedule.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 fn random_schedule(seed: u64, run_points: u64, run_time: Duration) -> Schedule {

@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::postgres::Postgres;
+use common::rng::Rng;
 use common::{BIN, Phasegate, code, stderr, stdout};
 use phasegate::domain::event::{Effect, EventKind};
 use phasegate::domain::rollout::{PhaseState, RolloutStatus};
@@ -59,27 +60,6 @@ const DEVICES: u32 = 1000;
 const BEAT: (u64, u64) = (500, 1500);
 /// The whole run gives up after this long (a hang is a failure, not a wait).
 const GIVE_UP: Duration = Duration::from_secs(240);
-
-/// A small deterministic generator (splitmix64), so one seed reproduces a schedule.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.below(high - low + 1))
-    }
-}
 
 /// What a replica is doing.
 #[derive(Debug)]

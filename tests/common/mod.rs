@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod postgres;
+pub mod rng;
 pub mod stores;
 
 use std::io::{BufRead, BufReader, Read, Write};
