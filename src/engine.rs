@@ -40,6 +40,10 @@ pub enum EngineError {
     /// Another rollout drives what this one would change.
     #[error("{0}")]
     Claimed(String),
+    /// Nothing was done, for a passing reason (the rollout's driver was just ending, the
+    /// database could not be reached): the same request may simply be sent again.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Why [`Engine::drive`] returned.

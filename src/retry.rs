@@ -62,6 +62,15 @@ impl Backoff {
         longest_wait: Duration::from_secs(120),
     };
 
+    /// phasegate's own API, from the CLI: a 503 says nothing was done for a passing reason (a
+    /// rollout's driver changing hands, a database session made again), gone within seconds.
+    pub const API: Backoff = Backoff {
+        attempts: 5,
+        base: Duration::from_millis(250),
+        cap: Duration::from_secs(2),
+        longest_wait: Duration::from_secs(10),
+    };
+
     /// Webhook receivers: a few attempts now; an undelivered notification stays in the outbox
     /// and is tried again on the next pass, so nothing is lost by giving up early.
     pub const WEBHOOK: Backoff = Backoff {

@@ -96,6 +96,10 @@ pub struct ApiError {
     pub message: String,
 }
 
+/// What a 503 asks a client to wait before sending the same request again (`Retry-After`, in
+/// seconds): a driver that just stopped is replaced, and a database session re-made, within it.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
@@ -107,7 +111,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": self.message}))).into_response()
+        let body = Json(json!({"error": self.message}));
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            let retry_after = [(
+                axum::http::header::RETRY_AFTER,
+                RETRY_AFTER_SECS.to_string(),
+            )];
+            return (self.status, retry_after, body).into_response();
+        }
+        (self.status, body).into_response()
     }
 }
 
@@ -131,6 +143,9 @@ impl From<EngineError> for ApiError {
                 StatusCode::CONFLICT
             }
             EngineError::Provider(_) => StatusCode::BAD_GATEWAY,
+            EngineError::Unavailable(_) | EngineError::Store(StoreError::Unavailable { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, err.to_string())
@@ -889,4 +904,36 @@ async fn revoke_token(
         ));
     }
     Ok(Json(json!({"name": name, "revoked": revoked})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nothing done for a passing reason is a 503 that says when to ask again; a refusal by the
+    /// rollout's state stays a 409, to be read, not retried.
+    #[test]
+    fn a_passing_refusal_is_a_503_with_retry_after_and_a_conflict_is_not() {
+        let passing = ApiError::from(EngineError::Unavailable("not being driven now".into()));
+        let response = passing.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response.headers()[axum::http::header::RETRY_AFTER],
+            RETRY_AFTER_SECS.to_string()
+        );
+        let unreachable = ApiError::from(StoreError::Unavailable {
+            path: "postgres://db".into(),
+            message: "connection closed".into(),
+        });
+        assert_eq!(unreachable.status, StatusCode::SERVICE_UNAVAILABLE);
+        let conflict = ApiError::from(EngineError::Claimed("owned elsewhere".into()));
+        let response = conflict.into_response();
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert!(
+            response
+                .headers()
+                .get(axum::http::header::RETRY_AFTER)
+                .is_none()
+        );
+    }
 }

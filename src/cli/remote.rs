@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::{Failure, exit};
 use crate::daemon;
+use crate::retry::{self, Backoff};
 
 /// A daemon to talk to.
 pub struct Remote {
@@ -78,12 +79,56 @@ impl Remote {
         self.call(Method::DELETE, path, Some(body)).await
     }
 
+    /// One request; a 503 (nothing was done, for a passing reason) is sent again as the answer's
+    /// `Retry-After` and [`Backoff::API`] allow, and its message is the failure once they do not.
     async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, Failure> {
+        let policy = Backoff::API;
+        let mut patience = policy.patience();
+        let mut failed = 0;
+        loop {
+            let (status, retry_after, text) = self.send(method.clone(), path, body).await?;
+            let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if (200..300).contains(&status) {
+                return Ok(json);
+            }
+            let message = json["error"]
+                .as_str()
+                .map_or_else(|| format!("{status}: {text}"), str::to_string);
+            failed += 1;
+            if status == 503
+                && let Some(wait) = policy.wait(
+                    failed,
+                    retry::Failure::Unavailable,
+                    retry_after,
+                    failed as u64,
+                )
+                && patience.spend(wait)
+            {
+                tracing::info!(%path, %message, ?wait, "phasegate answered 503: sending the request again");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let code = match status {
+                422 if message.starts_with(crate::preflight::REFUSED) => exit::NOT_READY,
+                400 | 404 | 409 => exit::INVALID,
+                _ => exit::FAILURE,
+            };
+            return Err(Failure { code, message });
+        }
+    }
+
+    /// Sends one request: the answer's status, `Retry-After` and body.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Option<Duration>, String), Failure> {
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.url))
@@ -96,20 +141,13 @@ impl Remote {
             message: format!("phasegate at {} did not answer: {e}", self.url),
         })?;
         let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry::parse_retry_after(v, std::time::SystemTime::now()));
         let text = response.text().await.unwrap_or_default();
-        let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        if (200..300).contains(&status) {
-            return Ok(json);
-        }
-        let message = json["error"]
-            .as_str()
-            .map_or_else(|| format!("{status}: {text}"), str::to_string);
-        let code = match status {
-            422 if message.starts_with(crate::preflight::REFUSED) => exit::NOT_READY,
-            400 | 404 | 409 => exit::INVALID,
-            _ => exit::FAILURE,
-        };
-        Err(Failure { code, message })
+        Ok((status, retry_after, text))
     }
 
     /// Follows a server-sent event stream, calling `each` with every event's data; returns when
@@ -160,5 +198,81 @@ impl Remote {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    /// A daemon on loopback that answers 503 (`Retry-After: 0`) to the first `busy` requests and
+    /// 200 after; the requests it saw.
+    async fn daemon(busy: u32) -> (Remote, Arc<AtomicU32>) {
+        let seen = Arc::new(AtomicU32::new(0));
+        let counter = seen.clone();
+        let app = axum::Router::new().route(
+            "/api/v1/rollouts/w-1/pause",
+            axum::routing::post(move || {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n < busy {
+                        let body = r#"{"error":"rollout `w-1` is not being driven now"}"#;
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            [(header::RETRY_AFTER, "0")],
+                            body,
+                        )
+                            .into_response()
+                    } else {
+                        axum::Json(serde_json::json!({"paused": true})).into_response()
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let remote = Remote {
+            url,
+            token: "t".into(),
+            local: false,
+            http: reqwest::Client::new(),
+            stream: reqwest::Client::new(),
+        };
+        (remote, seen)
+    }
+
+    #[tokio::test]
+    async fn a_503_is_sent_again_until_the_daemon_takes_the_command() {
+        let (remote, seen) = daemon(2).await;
+        let answer = remote
+            .post("/api/v1/rollouts/w-1/pause", &Value::Null)
+            .await
+            .unwrap_or_else(|f| panic!("{}", f.message));
+        assert_eq!(answer["paused"], true);
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_daemon_that_stays_unavailable_is_given_up_on_with_its_message() {
+        let (remote, seen) = daemon(u32::MAX).await;
+        let failure = remote
+            .post("/api/v1/rollouts/w-1/pause", &Value::Null)
+            .await
+            .unwrap_err();
+        assert_eq!(failure.code, exit::FAILURE);
+        assert!(
+            failure.message.contains("not being driven now"),
+            "{}",
+            failure.message
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), Backoff::API.attempts);
     }
 }

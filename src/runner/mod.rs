@@ -240,10 +240,8 @@ impl Handle {
                 command: Box::new(command),
             })
             .await
-            .map_err(|_| EngineError::Invalid("the runner is shutting down".into()))?;
-        answer
-            .await
-            .map_err(|_| EngineError::Invalid("the runner is shutting down".into()))?
+            .map_err(|_| shutting_down())?;
+        answer.await.map_err(|_| shutting_down())?
     }
 
     /// Starts driving a rollout that was just created.
@@ -469,9 +467,7 @@ impl Runner {
                         if let Some(actor) = actors.get(&id)
                             && let Err(refused) = actor.inbox.send(command).await
                         {
-                            let _ = refused.0.reply.send(Err(EngineError::Invalid(format!(
-                                "rollout `{id}` is not being driven now"
-                            ))));
+                            let _ = refused.0.reply.send(Err(not_driven_now(&id)));
                         }
                     }
                     Control::Watch { id } => {
@@ -497,9 +493,7 @@ impl Runner {
                         if let Some(actor) = actors.get(&id)
                             && let Err(refused) = actor.inbox.send(command).await
                         {
-                            let _ = refused.0.reply.send(Err(EngineError::Invalid(format!(
-                                "rollout `{id}` is not being driven now"
-                            ))));
+                            let _ = refused.0.reply.send(Err(not_driven_now(&id)));
                         }
                     }
                 }
@@ -569,11 +563,30 @@ struct Forwarded {
 #[derive(serde::Serialize, serde::Deserialize)]
 enum Answer {
     Done(Option<Box<EventRecord>>),
-    /// Refused; `conflict`: by the rollout's state (a 409 through the API).
+    /// Refused; `conflict`: by the rollout's state (a 409 through the API); `retry`: nothing was
+    /// done for a passing reason, the same command may be sent again (a 503). Absent in answers
+    /// of replicas from before it was recorded: not to be retried.
     Refused {
         message: String,
         conflict: bool,
+        #[serde(default)]
+        retry: bool,
     },
+}
+
+/// The answer to a command the runner no longer takes: another replica, or this one restarted,
+/// will.
+fn shutting_down() -> EngineError {
+    EngineError::Unavailable("phasegate is shutting down; try again".into())
+}
+
+/// The answer to a command for a rollout whose actor ended before taking it: nothing was done,
+/// and whoever drives the rollout next (this replica's next actor or another replica) will take
+/// the same command.
+fn not_driven_now(id: &str) -> EngineError {
+    EngineError::Unavailable(format!(
+        "rollout `{id}` is not being driven now (its driver just stopped); nothing was done, try again"
+    ))
 }
 
 /// Records `command` for `owner`, the replica holding the rollout's lease, and answers with what
@@ -616,7 +629,7 @@ async fn forward(
         Ok(Forwarding::OwnerGone(forwarded)) => forwarded,
     };
     if hops >= FORWARD_HOPS {
-        let _ = reply.send(Err(EngineError::Invalid(format!(
+        let _ = reply.send(Err(EngineError::Unavailable(format!(
             "rollout `{id}`: {} owners in a row stopped before taking the command; nothing was done",
             hops + 1
         ))));
@@ -635,9 +648,7 @@ async fn forward(
     if let Err(refused) = control.send(Control::Command { id, command }).await
         && let Control::Command { command, .. } = refused.0
     {
-        let _ = command.reply.send(Err(EngineError::Invalid(
-            "the runner is shutting down".into(),
-        )));
+        let _ = command.reply.send(Err(shutting_down()));
     }
 }
 
@@ -669,8 +680,11 @@ async fn forward_and_wait(
             return Ok(Forwarding::Answered(
                 match crate::store::decode_json::<Answer>(ANSWERS, &bytes)? {
                     Answer::Done(record) => Ok(record.map(|r| *r)),
-                    Answer::Refused { message, conflict } if conflict => {
-                        Err(EngineError::Claimed(message))
+                    Answer::Refused {
+                        message, conflict, ..
+                    } if conflict => Err(EngineError::Claimed(message)),
+                    Answer::Refused { message, retry, .. } if retry => {
+                        Err(EngineError::Unavailable(message))
                     }
                     Answer::Refused { message, .. } => Err(EngineError::Invalid(message)),
                 },
@@ -694,7 +708,7 @@ async fn forward_and_wait(
         }
         if started.elapsed() > FORWARD_WAIT {
             if commands.remove(&key)?.is_some() {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::Unavailable(format!(
                     "rollout `{id}`: its owner, replica {owner}, did not take the command within {}s; nothing was done",
                     FORWARD_WAIT.as_secs()
                 )));
@@ -748,11 +762,13 @@ fn take_forwarded(store: &Arc<Store>, actors: &BTreeMap<String, Driven>) -> Vec<
                                     | crate::store::StoreError::Fenced { .. }
                             )
                     ),
+                    retry: matches!(e, EngineError::Unavailable(_)),
                     message: e.to_string(),
                 },
                 Err(_) => Answer::Refused {
-                    message: format!("rollout `{rollout}` is not being driven now"),
+                    message: not_driven_now(&rollout).to_string(),
                     conflict: false,
+                    retry: true,
                 },
             };
             if let Err(e) = store

@@ -65,6 +65,11 @@ pub enum StoreError {
     },
     #[error("store {}: {message}", path.display())]
     Database { path: PathBuf, message: String },
+    /// The database could not be reached (refused, closed, ended the session): passing, the
+    /// same request may be sent again; a commit it carried is conditional on the rollout's
+    /// sequence, so sent again it is either made once or refused as a conflict.
+    #[error("store {}: the database is not reachable now ({message}); try again", path.display())]
+    Unavailable { path: PathBuf, message: String },
     #[error(
         "store {}: the database in sled/ is not this store's (this store is {expected}, the database is {found}): it was swapped or copied in. phasegate will not carry on with another store's trail; put the right database back or restore from a backup (docs/operations.md, \"A damaged store\")",
         path.display()

@@ -138,6 +138,12 @@ impl Conn {
         Ok(self.client.as_mut().expect("connected just above"))
     }
 
+    /// Drops the session, so the next request makes a new one.
+    fn forget(&mut self) {
+        self.statements.clear();
+        self.client = None;
+    }
+
     /// `sql` prepared once per connection.
     fn prepared(
         &mut self,
@@ -204,14 +210,17 @@ impl Worker {
     /// Runs `job` on the connection's thread and waits for its answer.
     pub fn call<R: Send + 'static>(
         &self,
-        job: impl FnOnce(&mut Conn) -> Result<R, ::postgres::Error> + Send + 'static,
+        mut job: impl FnMut(&mut Conn) -> Result<R, ::postgres::Error> + Send + 'static,
     ) -> Result<R, StoreError> {
         self.call_store(move |conn| job(conn).map_err(Failure::Driver))
     }
 
+    /// Runs `job` on the connection's thread; once more on a new session when the server had
+    /// ended the old one before `job` reached it ([`session_ended`]): nothing of the first run
+    /// was done then, and the caller never sees a session it could not have known was gone.
     fn call_store<R: Send + 'static>(
         &self,
-        job: impl FnOnce(&mut Conn) -> Result<R, Failure> + Send + 'static,
+        mut job: impl FnMut(&mut Conn) -> Result<R, Failure> + Send + 'static,
     ) -> Result<R, StoreError> {
         let (answer, answered) = mpsc::sync_channel(1);
         let gone = || StoreError::Database {
@@ -222,7 +231,15 @@ impl Worker {
             .as_ref()
             .ok_or_else(gone)?
             .send(Box::new(move |conn: &mut Conn| {
-                let _ = answer.send(job(conn));
+                let mut outcome = job(conn);
+                if let Err(Failure::Driver(err)) = &outcome
+                    && session_ended(err)
+                {
+                    tracing::info!(error = %err, "the database ended the session: running the request again on a new one");
+                    conn.forget();
+                    outcome = job(conn);
+                }
+                let _ = answer.send(outcome);
             }))
             .map_err(|_| gone())?;
         match answered.recv().map_err(|_| gone())? {
@@ -241,10 +258,42 @@ impl Worker {
         if message.contains("TLS") {
             message.push_str(" (see docs/operations.md, \"Running on PostgreSQL\", TLS)");
         }
-        StoreError::Database {
-            path: self.path.clone(),
-            message,
+        let path = self.path.clone();
+        if unreachable(err) {
+            StoreError::Unavailable { path, message }
+        } else {
+            StoreError::Database { path, message }
         }
+    }
+}
+
+/// The server ended the session before the request was run: it says so (an idle transaction
+/// past `idle_in_transaction_session_timeout`, 25P03, or a server shutting down, 57P01/57P02,
+/// both sent as FATAL before the server closes the connection; PostgreSQL's "Errcodes" appendix).
+/// The transaction such a session had open is rolled back by the server.
+fn session_ended(err: &::postgres::Error) -> bool {
+    use ::postgres::error::SqlState;
+    err.code().is_some_and(|code| {
+        [
+            SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+        ]
+        .contains(code)
+    })
+}
+
+/// The database is not reachable now: the connection closed or could not be made, or the server
+/// is starting, stopping or refusing connections (SQLSTATE class 08, 57P01–57P03).
+fn unreachable(err: &::postgres::Error) -> bool {
+    use ::postgres::error::SqlState;
+    if session_ended(err) || err.is_closed() {
+        return true;
+    }
+    match err.code() {
+        Some(code) => code.code().starts_with("08") || *code == SqlState::CANNOT_CONNECT_NOW,
+        // No answer from a server at all: refused, reset, timed out.
+        None => std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>()),
     }
 }
 
@@ -487,7 +536,7 @@ impl PgBackend {
         let worker = Worker::connect(url)?;
         let path = worker.path.clone();
         let migrating = path.clone();
-        worker.call_store(move |conn| migrate(conn, migrating))?;
+        worker.call_store(move |conn| migrate(conn, migrating.clone()))?;
         Ok(PgBackend { worker, path })
     }
 
@@ -647,7 +696,7 @@ impl PgBackend {
                 let lease = client.query_opt(&statement, &[&id])?;
                 let epoch = lease.map_or(0, |row| row.get::<_, i64>(1));
                 return Err(Failure::Store(StoreError::Fenced {
-                    id,
+                    id: id.clone(),
                     epoch: u64::try_from(epoch).unwrap_or(0),
                 }));
             }
@@ -656,7 +705,7 @@ impl PgBackend {
                 .query_opt(&statement, &[&key])?
                 .and_then(|row| row.get(0));
             Err(Failure::Store(StoreError::Conflict {
-                id,
+                id: id.clone(),
                 expected,
                 found: found.and_then(|f| u64::try_from(f).ok()).unwrap_or(0),
             }))
@@ -752,7 +801,7 @@ impl PgBackend {
                 .get(0);
             if held {
                 return Err(Failure::Store(StoreError::Database {
-                    path,
+                    path: path.clone(),
                     message: "the database holds a store already: copy into an empty database"
                         .into(),
                 }));

@@ -951,3 +951,46 @@ fn on_postgres_a_fenced_compare_and_swap_writes_only_under_the_lease() {
     );
     assert_eq!(tree.get("j").unwrap(), None);
 }
+
+/// Ends every other session on the place's database, as an administrator's
+/// `pg_terminate_backend` (or a server restart) does; how many it ended.
+fn end_other_sessions(place: &Place) -> i64 {
+    let url = place.path().to_str().unwrap().to_string();
+    let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    let row = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap();
+    row.get(0)
+}
+
+/// A session the server ended while the store was idle (57P01) costs the next request nothing:
+/// it runs on a new session, reads and commits alike, and the trail goes on unbroken.
+#[test]
+fn on_postgres_a_session_the_server_ended_is_made_again_for_the_next_request() {
+    let place = Place::postgres();
+    let store = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+    let current = created(&store);
+    assert!(end_other_sessions(&place) >= 1, "the store had a session");
+    assert_eq!(store.rollout("w-1").unwrap().rollout.last_seq, 1);
+    end_other_sessions(&place);
+    tick(&store, &current).unwrap();
+    assert_eq!(store.verify("w-1").unwrap(), Ok(2));
+}
+
+/// A database that cannot be reached at all is `Unavailable` (a 503 through the API, to be sent
+/// again), not a failure of the request itself.
+#[test]
+fn on_postgres_a_database_that_went_away_is_unavailable_not_broken() {
+    let server = crate::test_postgres::Postgres::start(&[]);
+    let url = server.database();
+    let store = Store::open(Path::new(&url), DEFAULT_LOCK_WAIT).unwrap();
+    created(&store);
+    drop(server);
+    let err = store.rollout("w-1").unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    assert!(err.to_string().contains("try again"), "{err}");
+}
