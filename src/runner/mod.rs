@@ -56,6 +56,9 @@ use crate::notifier::Notifier;
 use crate::provider::{self, Provider};
 use crate::store::{EventRecord, Glanced, Store, StoredRollout};
 
+mod census;
+use census::Census;
+
 /// A committed transition, as the watchers see it.
 #[derive(Clone, Debug)]
 pub struct Announcement {
@@ -376,6 +379,7 @@ impl Runner {
                 }
             }
         };
+        let mut census = Census::default();
         let mut lease_tick = tokio::time::interval(
             leasing
                 .as_ref()
@@ -481,7 +485,7 @@ impl Runner {
                 },
                 _ = lease_tick.tick(), if leasing.is_some() && !stopping => {
                     if let Some(leasing) = &leasing {
-                        tend_leases(&self.shared, leasing, &mut actors, &mut |id, actors| {
+                        tend_leases(&self.shared, leasing, &mut census, &mut actors, &mut |id, actors| {
                             if may_drive(id, actors.len()) {
                                 spawn(id, Start::default(), actors);
                             }
@@ -799,6 +803,7 @@ fn take_forwarded(store: &Arc<Store>, actors: &BTreeMap<String, Driven>) -> Vec<
 fn tend_leases(
     shared: &Shared,
     leasing: &Leasing,
+    census: &mut Census,
     actors: &mut BTreeMap<String, Driven>,
     take: &mut dyn FnMut(&str, &mut BTreeMap<String, Driven>),
 ) {
@@ -815,45 +820,76 @@ fn tend_leases(
         Err(e) => tracing::warn!(error = %e, "could not renew the leases"),
     }
     if actors.len() < leasing.max_rollouts {
-        let live: std::collections::BTreeSet<String> = match store.leases() {
-            Ok(all) => all
-                .into_iter()
-                .filter(|l| l.remaining_ms > 0)
-                .map(|l| l.rollout)
-                .collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the leases");
-                return;
-            }
-        };
-        match store.glances() {
-            Ok(listed) => {
-                for listed in listed {
-                    if actors.len() >= leasing.max_rollouts {
-                        break;
-                    }
-                    let rollout = &listed.glance;
-                    let not_ours = shared
-                        .settings
-                        .only
-                        .as_ref()
-                        .is_some_and(|only| *only != rollout.id);
-                    if not_ours
-                        || (finished(rollout.status) && rollout.pending == 0)
-                        || waits_for_a_person(rollout)
-                        || actors.contains_key(&rollout.id)
-                        || live.contains(&rollout.id)
-                    {
-                        continue;
-                    }
-                    take(&rollout.id, actors);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not list the rollouts"),
-        }
+        take_unowned(shared, leasing, census, actors, take);
     }
     let held: Vec<String> = store.held_leases().into_iter().map(|(id, _)| id).collect();
     crate::metrics::global().set_leases(&leasing.replica, &held);
+}
+
+/// Takes rollouts nobody drives, up to the replica's limit: those the [`Census`] knows can move
+/// by themselves and whose lease is not live. Reads the leases that are live and every rollout's
+/// sequence, and glances only at the records that moved since the last renewal.
+fn take_unowned(
+    shared: &Shared,
+    leasing: &Leasing,
+    census: &mut Census,
+    actors: &mut BTreeMap<String, Driven>,
+    take: &mut dyn FnMut(&str, &mut BTreeMap<String, Driven>),
+) {
+    let store = &shared.store;
+    let live: std::collections::BTreeSet<String> = match store.live_leases() {
+        Ok(live) => live.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the leases");
+            return;
+        }
+    };
+    let moved = match store.rollout_seqs() {
+        Ok(listed) => census.moved(listed),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the rollouts");
+            return;
+        }
+    };
+    if !moved.is_empty() {
+        let ids: Vec<String> = moved.iter().map(|(id, _)| id.clone()).collect();
+        let glanced = match store.glances_of(&ids) {
+            Ok(glanced) => glanced,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the rollouts that moved");
+                return;
+            }
+        };
+        let mut found: BTreeMap<&str, &RolloutGlance> = BTreeMap::new();
+        for listed in &glanced {
+            found.insert(listed.glance.id.as_str(), &listed.glance);
+        }
+        for (id, seq) in &moved {
+            match found.get(id.as_str()) {
+                Some(rollout) => census.seen(id, *seq, moves_by_itself(rollout)),
+                None => census.forget(id),
+            }
+        }
+    }
+    let only = shared.settings.only.as_deref();
+    let driven = |id: &str| actors.contains_key(id) || only.is_some_and(|only| only != id);
+    let wanted: Vec<String> = census
+        .to_take(&live, &driven)
+        .take(leasing.max_rollouts.saturating_sub(actors.len()))
+        .map(str::to_string)
+        .collect();
+    for id in wanted {
+        if actors.len() >= leasing.max_rollouts {
+            break;
+        }
+        take(&id, actors);
+    }
+}
+
+/// A rollout a replica should take when nobody drives it: unfinished (or with effects still to
+/// conclude) and not waiting for a person.
+fn moves_by_itself(rollout: &RolloutGlance) -> bool {
+    !((finished(rollout.status) && rollout.pending == 0) || waits_for_a_person(rollout))
 }
 
 impl Runner {

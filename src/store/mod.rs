@@ -1047,6 +1047,56 @@ impl Store {
         }
     }
 
+    /// The rollouts whose lease is live now (PostgreSQL; none on sled).
+    pub fn live_leases(&self) -> Result<Vec<String>, StoreError> {
+        match &*self.backend {
+            Backend::Postgres(b) => b.live_leases(),
+            Backend::Sled(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Every rollout's id with the event its record is at: what tells a reader which records
+    /// changed since it last looked, without reading them. On PostgreSQL from the `seq` column
+    /// alone; a row without one is listed as `u64::MAX`, to be read every time.
+    pub fn rollout_seqs(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let listed = match &*self.backend {
+            Backend::Postgres(b) => b.rollout_seqs()?,
+            Backend::Sled(b) => b
+                .scan("rollouts", b"")?
+                .into_iter()
+                .map(|(key, value)| {
+                    let seq = postgres::seq_of_rollout("rollouts", &value);
+                    (key, seq)
+                })
+                .collect(),
+        };
+        Ok(listed
+            .into_iter()
+            .map(|(key, seq)| {
+                let seq = seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(u64::MAX);
+                (String::from_utf8_lossy(&key).into_owned(), seq)
+            })
+            .collect())
+    }
+
+    /// The rollouts `ids` at a glance, as [`Store::glances`] has them (those that exist).
+    pub fn glances_of(&self, ids: &[String]) -> Result<Vec<Glanced>, StoreError> {
+        let keys: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
+        let records = match &*self.backend {
+            Backend::Postgres(b) => b.rollouts_of(keys)?,
+            Backend::Sled(b) => {
+                let mut found = Vec::with_capacity(keys.len());
+                for key in keys {
+                    if let Some(value) = b.get("rollouts", &key)? {
+                        found.push((Bytes::from(key), value));
+                    }
+                }
+                found
+            }
+        };
+        records.iter().map(glance).collect()
+    }
+
     /// Every rollout's lease as the database has it (PostgreSQL; none on sled).
     pub fn leases(&self) -> Result<Vec<LeaseInfo>, StoreError> {
         match &*self.backend {

@@ -473,6 +473,14 @@ const RELEASE: &str = "UPDATE phasegate.leases SET expires_at = now()
 const LEASE_OF: &str =
     "SELECT owner, epoch, expires_at > now() FROM phasegate.leases WHERE rollout = $1";
 
+const LIVE_LEASES: &str = "SELECT rollout FROM phasegate.leases WHERE expires_at > now()";
+
+/// Each rollout's event sequence: the `seq` column commits keep, no record read.
+const ROLLOUT_SEQS: &str = "SELECT key, seq FROM phasegate.entries WHERE tree = 'rollouts'";
+
+const ROLLOUTS_OF: &str =
+    "SELECT key, value FROM phasegate.entries WHERE tree = 'rollouts' AND key = ANY($1::bytea[])";
+
 const LEASES: &str = "SELECT rollout, owner, epoch,
          (extract(epoch FROM (expires_at - now())) * 1000)::bigint
      FROM phasegate.leases ORDER BY rollout";
@@ -492,7 +500,7 @@ fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
 
 /// The event a rollout's stored record is at, for the `seq` column of a row written outside a
 /// commit (a copy, an import).
-fn seq_of_rollout(tree: &str, value: &[u8]) -> Option<i64> {
+pub(crate) fn seq_of_rollout(tree: &str, value: &[u8]) -> Option<i64> {
     #[derive(serde::Deserialize)]
     struct Seq {
         last_seq: u64,
@@ -765,6 +773,44 @@ impl PgBackend {
             Ok(row
                 .filter(|row| row.get::<_, bool>(2))
                 .map(|row| row.get::<_, String>(0)))
+        })
+    }
+
+    /// The rollouts whose lease is live now, on the database's clock.
+    pub fn live_leases(&self) -> Result<Vec<String>, StoreError> {
+        self.worker.call(|conn| {
+            let (client, statement) = conn.prepared(LIVE_LEASES)?;
+            let rows = client.query(&statement, &[])?;
+            Ok(rows.into_iter().map(|row| row.get(0)).collect())
+        })
+    }
+
+    /// Every rollout's id and the event its record is at (`None`: not kept for that row).
+    pub fn rollout_seqs(&self) -> Result<Vec<(Bytes, Option<i64>)>, StoreError> {
+        self.worker.call(|conn| {
+            let (client, statement) = conn.prepared(ROLLOUT_SEQS)?;
+            let rows = client.query(&statement, &[])?;
+            Ok(rows
+                .into_iter()
+                .map(|row| (Bytes::from(row.get::<_, Vec<u8>>(0)), row.get(1)))
+                .collect())
+        })
+    }
+
+    /// The records of the rollouts `keys`, in one query (those that exist).
+    pub fn rollouts_of(&self, keys: Vec<Vec<u8>>) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
+        self.worker.call(move |conn| {
+            let (client, statement) = conn.prepared(ROLLOUTS_OF)?;
+            let rows = client.query(&statement, &[&keys])?;
+            Ok(rows
+                .into_iter()
+                .map(|row| {
+                    (
+                        Bytes::from(row.get::<_, Vec<u8>>(0)),
+                        Bytes::from(row.get::<_, Vec<u8>>(1)),
+                    )
+                })
+                .collect())
         })
     }
 

@@ -994,3 +994,22 @@ fn on_postgres_a_database_that_went_away_is_unavailable_not_broken() {
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
     assert!(err.to_string().contains("try again"), "{err}");
 }
+
+on_both! {
+    /// What a replica reads at every renewal: each rollout's sequence without its record, and
+    /// then only the records that moved.
+    fn the_sequences_tell_which_records_moved_and_only_those_are_read(place) {
+        let store = Store::open(place.path(), DEFAULT_LOCK_WAIT).unwrap();
+        let current = created(&store);
+        assert_eq!(store.rollout_seqs().unwrap(), vec![("w-1".to_string(), 1)]);
+        tick(&store, &current).unwrap();
+        assert_eq!(store.rollout_seqs().unwrap(), vec![("w-1".to_string(), 2)]);
+        let glanced = store
+            .glances_of(&["w-1".to_string(), "absent".to_string()])
+            .unwrap();
+        assert_eq!(glanced.len(), 1);
+        assert_eq!(glanced[0].glance.id, "w-1");
+        assert_eq!(glanced[0].decode().unwrap().rollout.last_seq, 2);
+        assert!(store.live_leases().unwrap().is_empty());
+    }
+}
