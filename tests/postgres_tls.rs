@@ -21,6 +21,9 @@ fn on(url: &str) -> Phasegate {
         .with_env("XDG_DATA_HOME", &data)
         .without_env("PGSSLMODE")
         .without_env("PGSSLROOTCERT")
+        .without_env("PGSSLCERT")
+        .without_env("PGSSLKEY")
+        .without_env("PGSSLCERTMODE")
 }
 
 fn output(out: &std::process::Output) -> String {
@@ -109,12 +112,51 @@ fn a_server_that_takes_tls_only_refuses_a_plain_connection() {
 }
 
 #[test]
+fn a_client_certificate_signs_in_where_the_server_takes_certificates_only() {
+    // `cert` authentication: no password, the certificate's common name is the user.
+    let server = Postgres::start_tls(Admit::ClientCert);
+    let (cert, key) = server.client_cert_files();
+    let ca = server.ca_file();
+    let url = with_params(
+        &server.database(),
+        &format!(
+            "sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+            ca.display(),
+            cert.display(),
+            key.display()
+        ),
+    );
+    let pg = on(&url);
+    let out = pg.run(&["start", "plans/windows-baseline.toml", "--by", "alice"]);
+    assert_eq!(code(&out), 0, "{}", output(&out));
+    let id = stdout(&out).trim().to_string();
+    assert_eq!(pg.status(&id)["status"], "running");
+    // Without it the server refuses, and says so.
+    let without = with_params(
+        &server.database(),
+        &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+    );
+    let out = on(&without).run(&["status"]);
+    assert_ne!(code(&out), 0, "{}", output(&out));
+    assert!(output(&out).contains("certificate"), "{}", output(&out));
+    // The same files from the environment, and `allow` over TLS where plain is refused.
+    let out = on(&with_params(&server.database(), "sslmode=allow"))
+        .with_env("PGSSLCERT", cert.to_str().unwrap())
+        .with_env("PGSSLKEY", key.to_str().unwrap())
+        .run(&["status"]);
+    assert_eq!(code(&out), 0, "{}", output(&out));
+}
+
+#[test]
 fn a_tls_setting_phasegate_cannot_honour_is_refused_before_connecting() {
     let server = shared();
     for (params, says) in [
-        ("sslmode=allow", "allow"),
         ("sslmode=verify-ca", "sslrootcert"),
-        ("sslcert=client.pem", "client certificates"),
+        ("sslcert=client.pem", "sslcert needs sslkey"),
+        (
+            "sslcert=c.pem&sslkey=k.pem&sslpassword=x",
+            "encrypted client key",
+        ),
         (
             "sslmode=verify-full&sslrootcert=missing-ca.pem",
             "missing-ca.pem",

@@ -69,7 +69,27 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-fn config_of(url: &str) -> Result<(Config, tls::Connector), StoreError> {
+/// How to connect: the driver's configuration, the TLS connector, and for `sslmode=allow` the
+/// configuration of the second attempt (TLS), made when the plain one fails.
+pub(crate) struct Dial {
+    config: Config,
+    tls: tls::Connector,
+    then_tls: Option<Config>,
+}
+
+impl Dial {
+    fn connect(&self) -> Result<Client, ::postgres::Error> {
+        match (self.config.connect(self.tls.clone()), &self.then_tls) {
+            (Err(plain), Some(then_tls)) => {
+                tracing::debug!(error = %plain, "a plain connection failed (sslmode=allow): trying TLS");
+                then_tls.connect(self.tls.clone())
+            }
+            (made, _) => made,
+        }
+    }
+}
+
+fn config_of(url: &str) -> Result<Dial, StoreError> {
     let refused = |message: String| StoreError::Database {
         path: PathBuf::from(redacted(url)),
         message,
@@ -91,7 +111,16 @@ fn config_of(url: &str) -> Result<(Config, tls::Connector), StoreError> {
     }
     config.connect_timeout(std::time::Duration::from_secs(10));
     config.options(&session_options(config.get_options()));
-    Ok((config, connector))
+    let then_tls = tls.tls_after_plain().then(|| {
+        let mut then_tls = config.clone();
+        then_tls.ssl_mode(::postgres::config::SslMode::Require);
+        then_tls
+    });
+    Ok(Dial {
+        config,
+        tls: connector,
+        then_tls,
+    })
 }
 
 /// How long the server lets one of phasegate's sessions sit inside an open transaction waiting
@@ -123,8 +152,7 @@ fn session_options(url_options: Option<&str>) -> String {
 
 /// What a request gets: the connection, made (again) if needed, and its prepared statements.
 pub(crate) struct Conn {
-    config: Config,
-    tls: tls::Connector,
+    dial: Dial,
     client: Option<Client>,
     statements: HashMap<&'static str, Statement>,
 }
@@ -133,7 +161,7 @@ impl Conn {
     fn client(&mut self) -> Result<&mut Client, ::postgres::Error> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.statements.clear();
-            self.client = Some(self.config.connect(self.tls.clone())?);
+            self.client = Some(self.dial.connect()?);
         }
         Ok(self.client.as_mut().expect("connected just above"))
     }
@@ -178,15 +206,14 @@ pub(crate) struct Worker {
 impl Worker {
     /// Connects (so that a wrong URL or password is an error now, not at the first commit).
     pub fn connect(url: &str) -> Result<Worker, StoreError> {
-        let (config, tls) = config_of(url)?;
+        let dial = config_of(url)?;
         let path = PathBuf::from(redacted(url));
         let (jobs, receive) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("phasegate-postgres".into())
             .spawn(move || {
                 let mut conn = Conn {
-                    config,
-                    tls,
+                    dial,
                     client: None,
                     statements: HashMap::new(),
                 };

@@ -37,6 +37,9 @@ pub enum Admit {
     Both,
     /// TLS only (`hostssl` in pg_hba.conf): a plain connection is refused.
     TlsOnly,
+    /// TLS with a client certificate its CA signed, naming the user (`cert` authentication in
+    /// pg_hba.conf, `ssl_ca_file` the CA): no password, no plain connection.
+    ClientCert,
 }
 
 static SHARED: Mutex<Weak<Postgres>> = Mutex::new(Weak::new());
@@ -157,6 +160,21 @@ fn write_certificates(dir: &Path, owner: Option<(u32, u32)>) -> (PathBuf, PathBu
     std::fs::write(&cert, server.pem()).unwrap();
     std::fs::write(&key, server_key.serialize_pem()).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The client's: the user `phasegate` as its common name, for `cert` authentication. Kept by
+    // the test's own account, mode 0600 (what libpq, and phasegate, ask of a private key).
+    let mut client_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    client_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "phasegate");
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client = client_params.signed_by(&client_key, &issuer).unwrap();
+    std::fs::write(dir.join("client.crt"), client.pem()).unwrap();
+    std::fs::write(dir.join("client.key"), client_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(
+        dir.join("client.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     if let Some((uid, gid)) = owner {
         for file in [&ca_file, &cert, &key] {
             std::os::unix::fs::chown(file, Some(uid), Some(gid)).unwrap();
@@ -194,6 +212,14 @@ impl Postgres {
     /// The PEM file of the CA that signed a [`Postgres::start_tls`] server's certificate.
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
+    }
+
+    /// The client certificate and key a [`Admit::ClientCert`] server admits.
+    pub fn client_cert_files(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join("client.crt"),
+            self.dir.path().join("client.key"),
+        )
     }
 
     fn start_with(settings: &[&str], tls: Option<Admit>) -> Postgres {
@@ -240,6 +266,17 @@ impl Postgres {
                 cert.display(),
                 key.display()
             ));
+            if admit == Admit::ClientCert {
+                options.push_str(&format!(
+                    " -c ssl_ca_file={}",
+                    dir.path().join("ca.pem").display()
+                ));
+                std::fs::write(
+                    data.join("pg_hba.conf"),
+                    "local all all trust\nhostssl all all 127.0.0.1/32 cert\nhostnossl all all 127.0.0.1/32 reject\n",
+                )
+                .unwrap();
+            }
             if admit == Admit::TlsOnly {
                 // Unix-socket connections stay trusted; TCP ones must be TLS.
                 std::fs::write(
@@ -283,8 +320,11 @@ impl Postgres {
             std::process::id(),
             DATABASES.fetch_add(1, Ordering::Relaxed)
         );
+        // Through the Unix socket, trusted whatever the server asks of TCP clients.
         let out = Command::new(self.bin.join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args(["-p", &self.port.to_string()])
             .args(["-U", "phasegate", &name])
             .stdin(Stdio::null())
             .output()

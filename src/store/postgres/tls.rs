@@ -5,6 +5,8 @@
 //! (https://www.postgresql.org/docs/current/libpq-ssl.html#LIBPQ-SSL-SSLMODE-STATEMENTS):
 //!
 //! - `disable`: plain TCP only.
+//! - `allow`: plain first; if that connection fails (a server that takes TLS only refuses it),
+//!   once more with TLS, the certificate not checked.
 //! - `prefer` (the default when nothing is said): TLS when the server offers it, plain when the
 //!   server declines it; the certificate is not checked (encryption only, no protection against
 //!   an active attacker). libpq also retries in plain after a *failed* TLS handshake; the driver
@@ -21,8 +23,15 @@
 //! `~/.postgresql/root.crt` when no `sslrootcert` is given, phasegate reads no file it was not
 //! told about: `verify-full` then uses the system's roots (what a managed server such as Azure
 //! Database for PostgreSQL, whose certificates chain to public roots, needs), and `verify-ca`
-//! is refused (any public certificate would pass it). `allow` and client certificates (`sslcert`,
-//! `sslkey`) are not supported and are refused with a clear error rather than ignored.
+//! is refused (any public certificate would pass it).
+//!
+//! A client certificate is `sslcert` (PEM, the certificate and any intermediates) with its key
+//! `sslkey` (PEM, unencrypted), or `PGSSLCERT` / `PGSSLKEY`, sent when the server asks for one
+//! (libpq's `sslcertmode=allow`, the default; `disable` sends none). As libpq checks, the key file
+//! must not be readable by group or others (0600), or, owned by root, by others (0640). Where
+//! libpq would read `~/.postgresql/postgresql.crt` unasked, phasegate again reads only what it was
+//! told. An encrypted key (`sslpassword`) and `sslcertmode=require` are not supported and are
+//! refused with a clear error rather than ignored.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -49,6 +58,7 @@ const MAX_ROOT_FILE: u64 = 4 * 1024 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
     Disable,
+    Allow,
     Prefer,
     Require,
     VerifyCa,
@@ -63,17 +73,17 @@ impl Mode {
             "require" => Ok(Mode::Require),
             "verify-ca" => Ok(Mode::VerifyCa),
             "verify-full" => Ok(Mode::VerifyFull),
-            "allow" => Err("sslmode=allow (plain first, TLS only if the server insists) is not supported: use prefer, require, verify-ca or verify-full".into()),
+            "allow" => Ok(Mode::Allow),
             other => Err(format!(
-                "sslmode={other} is not a mode phasegate knows: use disable, prefer, require, verify-ca or verify-full"
+                "sslmode={other} is not a mode phasegate knows: use disable, allow, prefer, require, verify-ca or verify-full"
             )),
         }
     }
 
-    /// What the driver negotiates: whether TLS is tried, and whether plain is accepted.
+    /// What the driver negotiates first: whether TLS is tried, and whether plain is accepted.
     fn driver(self) -> SslMode {
         match self {
-            Mode::Disable => SslMode::Disable,
+            Mode::Disable | Mode::Allow => SslMode::Disable,
             Mode::Prefer => SslMode::Prefer,
             Mode::Require | Mode::VerifyCa | Mode::VerifyFull => SslMode::Require,
         }
@@ -114,7 +124,19 @@ pub(crate) fn describe(err: &::postgres::Error) -> String {
 pub(crate) struct Settings {
     pub mode: Mode,
     pub roots: Roots,
+    /// The client certificate to show a server that asks for one.
+    pub client: Option<ClientCert>,
 }
+
+/// A client certificate's files (`sslcert`, `sslkey`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ClientCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A client certificate or key file larger than this is not one.
+const MAX_CLIENT_FILE: u64 = 1024 * 1024;
 
 /// The URL without the TLS parameters (what the driver parses) and the TLS settings it asked
 /// for, with `env` (`PGSSLMODE`, `PGSSLROOTCERT`) filling in what the URL does not say.
@@ -129,6 +151,7 @@ pub(crate) fn split(
     let mut kept = Vec::new();
     let mut mode = None;
     let mut root = None;
+    let (mut cert, mut cert_key, mut cert_mode) = (None, None, None);
     for pair in query.into_iter().flat_map(|q| q.split('&')) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let key = percent_decode_str(key).decode_utf8_lossy();
@@ -136,10 +159,11 @@ pub(crate) fn split(
         match key.as_ref() {
             "sslmode" => mode = Some(value()),
             "sslrootcert" => root = Some(value()),
-            "sslcert" | "sslkey" | "sslpassword" | "sslcertmode" => {
-                return Err(format!(
-                    "{key}: client certificates are not supported; authenticate with a password (PGPASSWORD)"
-                ));
+            "sslcert" => cert = Some(value()),
+            "sslkey" => cert_key = Some(value()),
+            "sslcertmode" => cert_mode = Some(value()),
+            "sslpassword" => {
+                return Err("sslpassword: an encrypted client key is not supported; give sslkey an unencrypted copy (openssl pkey -in KEY -out KEY.plain), mode 0600".into());
             }
             _ => kept.push(pair),
         }
@@ -160,7 +184,10 @@ pub(crate) fn split(
     };
     let mode = match (mode, &roots) {
         (Mode::Require, Roots::File(_)) => Mode::VerifyCa,
-        (Mode::Prefer | Mode::Require | Mode::VerifyCa | Mode::Disable, Roots::System) => {
+        (
+            Mode::Prefer | Mode::Require | Mode::VerifyCa | Mode::Disable | Mode::Allow,
+            Roots::System,
+        ) => {
             return Err(format!(
                 "sslrootcert=system needs sslmode=verify-full (any public certificate would pass {}), as libpq requires",
                 name(mode)
@@ -171,17 +198,140 @@ pub(crate) fn split(
         }
         (mode, _) => mode,
     };
+    let client = client_cert(
+        cert.or_else(|| env("PGSSLCERT")).filter(|c| !c.is_empty()),
+        cert_key
+            .or_else(|| env("PGSSLKEY"))
+            .filter(|k| !k.is_empty()),
+        cert_mode.or_else(|| env("PGSSLCERTMODE")),
+    )?;
+    if client.is_some() && mode == Mode::Disable {
+        return Err(
+            "sslcert: a client certificate needs TLS, and sslmode=disable turns it off".into(),
+        );
+    }
     let stripped = if kept.is_empty() {
         base.to_string()
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    Ok((stripped, Settings { mode, roots }))
+    Ok((
+        stripped,
+        Settings {
+            mode,
+            roots,
+            client,
+        },
+    ))
+}
+
+/// The client certificate asked for, if any (`sslcertmode` as libpq reads it).
+fn client_cert(
+    cert: Option<String>,
+    key: Option<String>,
+    cert_mode: Option<String>,
+) -> Result<Option<ClientCert>, String> {
+    match cert_mode.as_deref().filter(|m| !m.is_empty()) {
+        None | Some("allow") => {}
+        Some("disable") => return Ok(None),
+        Some("require") => {
+            return Err("sslcertmode=require is not supported: use allow (the default), which sends the certificate whenever the server asks for it".into());
+        }
+        Some(other) => {
+            return Err(format!(
+                "sslcertmode={other} is not a mode phasegate knows: use allow or disable"
+            ));
+        }
+    }
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => Ok(Some(ClientCert {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+        })),
+        (Some(_), None) => Err("sslcert needs sslkey, the file of its private key".into()),
+        (None, Some(_)) => Err("sslkey needs sslcert, the file of its certificate".into()),
+    }
+}
+
+/// A client file's bytes, bounded.
+fn read_client_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let shown = path.display();
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("{what} {shown} cannot be read: {e}"))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MAX_CLIENT_FILE + 1),
+        &mut bytes,
+    )
+    .map_err(|e| format!("{what} {shown} cannot be read: {e}"))?;
+    if bytes.len() as u64 > MAX_CLIENT_FILE {
+        return Err(format!(
+            "{what} {shown} is larger than {MAX_CLIENT_FILE} bytes"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// libpq's rule for the key file: no access for group or others (0600 or less), or, owned by
+/// root, read access for its group at most (0640 or less).
+fn key_mode_allowed(mode: u32, owner_is_root: bool) -> bool {
+    let allowed = if owner_is_root { 0o640 } else { 0o600 };
+    mode & 0o777 & !allowed == 0
+}
+
+impl ClientCert {
+    /// The certificate chain and key, read and checked now.
+    fn load(
+        &self,
+    ) -> Result<
+        (
+            Vec<CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+        String,
+    > {
+        use std::os::unix::fs::MetadataExt;
+        let bytes = read_client_file("sslcert", &self.cert)?;
+        let chain = CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                format!(
+                    "sslcert {} is not a PEM certificate file: {e}",
+                    self.cert.display()
+                )
+            })?;
+        if chain.is_empty() {
+            return Err(format!(
+                "sslcert {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                self.cert.display()
+            ));
+        }
+        let shown = self.key.display();
+        let meta = std::fs::metadata(&self.key)
+            .map_err(|e| format!("sslkey {shown} cannot be read: {e}"))?;
+        if !key_mode_allowed(meta.mode(), meta.uid() == 0) {
+            return Err(format!(
+                "sslkey {shown} has group or world access (mode {:o}): it must be 0600 or less, or 0640 or less if owned by root, as libpq requires (chmod 0600 {shown})",
+                meta.mode() & 0o777
+            ));
+        }
+        let bytes = read_client_file("sslkey", &self.key)?;
+        if String::from_utf8_lossy(&bytes).contains("ENCRYPTED") {
+            return Err(format!(
+                "sslkey {shown} is encrypted, which is not supported: give an unencrypted copy (openssl pkey -in KEY -out KEY.plain), mode 0600"
+            ));
+        }
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&bytes)
+            .map_err(|e| format!("sslkey {shown} is not a PEM private key: {e}"))?;
+        Ok((chain, key))
+    }
 }
 
 fn name(mode: Mode) -> &'static str {
     match mode {
         Mode::Disable => "disable",
+        Mode::Allow => "allow",
         Mode::Prefer => "prefer",
         Mode::Require => "require",
         Mode::VerifyCa => "verify-ca",
@@ -190,9 +340,14 @@ fn name(mode: Mode) -> &'static str {
 }
 
 impl Settings {
-    /// The driver's `sslmode`.
+    /// The driver's `sslmode` for the first attempt.
     pub fn driver_mode(&self) -> SslMode {
         self.mode.driver()
+    }
+
+    /// Whether a failed first attempt is made again with TLS (`allow`).
+    pub fn tls_after_plain(&self) -> bool {
+        self.mode == Mode::Allow
     }
 
     /// The rustls connector for these settings (the CA file read now, so that a missing or
@@ -200,7 +355,7 @@ impl Settings {
     pub fn connector(&self) -> Result<Connector, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier: Arc<dyn ServerCertVerifier> = match self.mode {
-            Mode::Disable | Mode::Prefer | Mode::Require => Arc::new(Unchecked {
+            Mode::Disable | Mode::Allow | Mode::Prefer | Mode::Require => Arc::new(Unchecked {
                 provider: provider.clone(),
             }),
             Mode::VerifyCa | Mode::VerifyFull => {
@@ -215,12 +370,24 @@ impl Settings {
                 }
             }
         };
-        let config = ClientConfig::builder_with_provider(provider)
+        let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS set-up: {e}"))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier);
+        let config = match &self.client {
+            None => builder.with_no_client_auth(),
+            Some(client) => {
+                let (chain, key) = client.load()?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    format!(
+                        "sslcert {} and sslkey {} do not go together: {e}",
+                        client.cert.display(),
+                        client.key.display()
+                    )
+                })?
+            }
+        };
         Ok(MakeRustlsConnect::new(config))
     }
 
@@ -430,11 +597,7 @@ mod tests {
                 .unwrap_err()
                 .contains("sslrootcert")
         );
-        assert!(
-            mode("postgres://db/x?sslmode=allow")
-                .unwrap_err()
-                .contains("allow")
-        );
+        assert_eq!(mode("postgres://db/x?sslmode=allow"), Ok(Mode::Allow));
         assert!(
             mode("postgres://db/x?sslmode=bogus")
                 .unwrap_err()
@@ -443,8 +606,17 @@ mod tests {
         assert!(
             mode("postgres://db/x?sslcert=c.pem")
                 .unwrap_err()
-                .contains("client certificates")
+                .contains("sslcert needs sslkey")
         );
+        assert!(
+            mode("postgres://db/x?sslcert=c.pem&sslkey=k.pem&sslmode=disable")
+                .unwrap_err()
+                .contains("needs TLS")
+        );
+        for refused in ["sslpassword=x", "sslcertmode=require", "sslcertmode=bogus"] {
+            let url = format!("postgres://db/x?sslcert=c.pem&sslkey=k.pem&{refused}");
+            assert!(mode(&url).is_err(), "{refused}");
+        }
         assert_eq!(
             split("postgres://db/x?sslmode=verify-full", no_env)
                 .unwrap()
@@ -475,6 +647,7 @@ mod tests {
         let settings = Settings {
             mode: Mode::VerifyFull,
             roots: Roots::File(missing.clone()),
+            client: None,
         };
         let err = settings.connector().err().unwrap();
         assert!(err.contains("cannot be read"), "{err}");
@@ -483,13 +656,99 @@ mod tests {
         assert!(err.contains("no PEM certificate"), "{err}");
     }
 
+    #[test]
+    fn a_client_certificate_comes_from_the_url_or_the_environment_and_sslcertmode_disable_drops_it()
+    {
+        let client = |url: &str, env: &dyn Fn(&str) -> Option<String>| {
+            split(url, env).map(|(url, s)| (url, s.client))
+        };
+        let (url, cert) = client(
+            "postgres://db/x?sslcert=%2Fetc%2Fc.pem&sslkey=%2Fetc%2Fk.pem&application_name=a",
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(url, "postgres://db/x?application_name=a");
+        assert_eq!(
+            cert,
+            Some(ClientCert {
+                cert: "/etc/c.pem".into(),
+                key: "/etc/k.pem".into()
+            })
+        );
+        let env = |name: &str| match name {
+            "PGSSLCERT" => Some("c.pem".to_string()),
+            "PGSSLKEY" => Some("k.pem".to_string()),
+            _ => None,
+        };
+        assert!(client("postgres://db/x", &env).unwrap().1.is_some());
+        assert_eq!(
+            client("postgres://db/x?sslcertmode=disable", &env)
+                .unwrap()
+                .1,
+            None
+        );
+    }
+
+    #[test]
+    fn a_key_readable_by_others_is_refused_as_libpq_refuses_it() {
+        assert!(key_mode_allowed(0o100600, false));
+        assert!(key_mode_allowed(0o100400, false));
+        assert!(!key_mode_allowed(0o100640, false));
+        assert!(key_mode_allowed(0o100640, true));
+        assert!(!key_mode_allowed(0o100644, true));
+        assert!(!key_mode_allowed(0o100604, false));
+    }
+
+    #[test]
+    fn client_files_that_are_missing_open_or_encrypted_are_clear_errors() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let settings = |cert: &std::path::Path, key: &std::path::Path| Settings {
+            mode: Mode::Require,
+            roots: Roots::Unset,
+            client: Some(ClientCert {
+                cert: cert.into(),
+                key: key.into(),
+            }),
+        };
+        let err = settings(&cert, &key).connector().err().unwrap();
+        assert!(
+            err.contains("sslcert") && err.contains("cannot be read"),
+            "{err}"
+        );
+        let made = rcgen::generate_simple_self_signed(vec!["phasegate".to_string()]).unwrap();
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = settings(&cert, &key).connector().err().unwrap();
+        assert!(err.contains("group or world access"), "{err}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(settings(&cert, &key).connector().is_ok());
+        std::fs::write(
+            &key,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let err = settings(&cert, &key).connector().err().unwrap();
+        assert!(err.contains("encrypted"), "{err}");
+    }
+
     /// The settings' connector and mode on a real server with TLS: is the session encrypted?
     fn encrypted(url: &str) -> Result<bool, String> {
         let (driver_url, settings) = split(url, no_env)?;
         let connector = settings.connector()?;
         let mut config: ::postgres::Config = driver_url.parse().map_err(|e| format!("{e}"))?;
         config.ssl_mode(settings.driver_mode());
-        let mut client = config.connect(connector).map_err(|e| describe(&e))?;
+        let attempt = config.connect(connector.clone());
+        let mut client = match attempt {
+            Err(_) if settings.tls_after_plain() => {
+                config.ssl_mode(SslMode::Require);
+                config.connect(connector)
+            }
+            made => made,
+        }
+        .map_err(|e| describe(&e))?;
         let row = client
             .query_one(
                 "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
@@ -507,6 +766,8 @@ mod tests {
         let ca = server.ca_file();
         let ca = ca.display();
         assert_eq!(encrypted(&format!("{url}?sslmode=disable")), Ok(false));
+        // allow: plain where the server takes it ...
+        assert_eq!(encrypted(&format!("{url}?sslmode=allow")), Ok(false));
         assert_eq!(encrypted(&format!("{url}?sslmode=prefer")), Ok(true));
         assert_eq!(encrypted(&url), Ok(true));
         assert_eq!(encrypted(&format!("{url}?sslmode=require")), Ok(true));
@@ -526,6 +787,12 @@ mod tests {
             .replace('/', "%2F");
         let local = url.replace("@127.0.0.1:", &format!("@{socket}:"));
         assert_eq!(encrypted(&local), Ok(false));
+        // ... and TLS where it takes TLS only.
+        let tls_only = Postgres::start_tls(Admit::TlsOnly);
+        assert_eq!(
+            encrypted(&format!("{}?sslmode=allow", tls_only.database())),
+            Ok(true)
+        );
         // verify-ca checks the chain, not the name: through a name the certificate lacks
         // (`127.0.0.1` in its IPv4-mapped IPv6 form is another name to the check; reached only
         // where the kernel has IPv6) ...
