@@ -1,9 +1,10 @@
 //! The crash harness with replicas: three `phasegate serve` replicas on one PostgreSQL server (a
-//! real one, `common::postgres`) drive 100 simulated rollouts to completion while a seeded chaos
-//! schedule kills owners (SIGKILL at a random instant, or at a random crash point of their own
-//! through `PHASEGATE_CRASH_AT`), pauses them past their lease (SIGSTOP, then SIGCONT: the woken
-//! owner must be fenced) and restarts replicas. Approvals are given through random replicas as
-//! they fall due, as people would.
+//! real one, `common::postgres`) drive 100 rollouts to completion — 94 on simulated tenants, and
+//! one in [`GRAPH_EVERY`] (6) through the Graph plan on a `phasegate emulator` of their own —
+//! while a seeded chaos schedule kills owners (SIGKILL at a random instant, or at a random crash
+//! point of their own through `PHASEGATE_CRASH_AT`), pauses them past their lease (SIGSTOP, then
+//! SIGCONT: the woken owner must be fenced) and restarts replicas. Approvals are given through
+//! random replicas as they fall due, as people would.
 //!
 //! Checked at the end, for every rollout:
 //! - H1 liveness: completed, every phase promoted, nothing pending;
@@ -20,13 +21,22 @@
 //!   later included) is in the trail with its hash, and so is every approval the API acknowledged;
 //! - H6 fencing: an owner woken after its leases were taken commits nothing for those rollouts
 //!   until it holds their lease again;
-//! - H7 every replica that was not killed stops cleanly (exit 0) on SIGTERM.
+//! - H7 every replica that was not killed stops cleanly (exit 0) on SIGTERM;
+//! - H8 a Graph rollout's writes: its trail asked for the configurations an uninterrupted
+//!   reference run of the same plan on a fresh emulator asked for, and its emulator's ledger
+//!   holds the reference's writes in order, and nothing else. A write is the ledger's method,
+//!   path and body digest, with the rollout and store of the ownership line blanked; the same
+//!   write as an earlier entry (that the reference does not repeat) is a write applied twice, a
+//!   failure — unless an owner of the rollout was paused past its lease and woken after it was
+//!   taken: a write it sent after its last lease check landed late (Graph cannot refuse it; the
+//!   owner asks its lease right before each write, so only a stall after that check is left),
+//!   reported with where it landed.
 //!
 //! Failover times (an owner killed or paused → the first commit of each of its rollouts by
 //! another replica) are printed beside the lease length, with the kills, pauses and fenced
-//! commits. `HARNESS_SEED` picks the schedule (printed on every run); `PHASEGATE_CRASH_LONG=1`
-//! runs more trials. This is a `harness = false` test, so its report is printed by every
-//! `cargo test`.
+//! commits, the Graph rollouts and the ledger writes checked, and the late stale writes.
+//! `HARNESS_SEED` picks the schedule (printed on every run); `PHASEGATE_CRASH_LONG=1` runs more
+//! trials. This is a `harness = false` test, so its report is printed by every `cargo test`.
 
 mod common;
 
@@ -1516,8 +1526,9 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
     println!(
-        "replica harness: HARNESS_SEED={seed}{}: {trials} trial(s) of {rollouts} simulated rollouts on {REPLICAS} serve replicas",
-        if long { " (long)" } else { "" }
+        "replica harness: HARNESS_SEED={seed}{}: {trials} trial(s) of {rollouts} rollouts ({} through Graph on emulators, the rest simulated) on {REPLICAS} serve replicas",
+        if long { " (long)" } else { "" },
+        rollouts.div_ceil(GRAPH_EVERY)
     );
     self_test_check_ledger();
     let started = Instant::now();
