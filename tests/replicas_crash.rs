@@ -523,6 +523,8 @@ struct Figures {
     late_graph_writes: u64,
     approvals: u64,
     failovers: Vec<Duration>,
+    /// The Graph rollouts' among them (a new owner also signs in to its tenant).
+    graph_failovers: Vec<Duration>,
     after_expiry: Vec<Duration>,
     commits_logged: u64,
 }
@@ -957,6 +959,9 @@ impl Trial {
                 if seqs.get(id).is_some_and(|s| s > seq) {
                     let took = now - outage.at;
                     self.figures.failovers.push(took);
+                    if self.emulators.contains_key(id) {
+                        self.figures.graph_failovers.push(took);
+                    }
                     self.figures.after_expiry.push(took.saturating_sub(*left));
                     false
                 } else {
@@ -1461,11 +1466,12 @@ fn trial(
         driven.as_ref().ok(),
     );
     println!(
-        "replica harness: failover (lease {:?}, renewal {:?}): owner out → first commit by another replica: {}; after the lease expired: {}",
+        "replica harness: failover (lease {:?}, renewal {:?}): owner out → first commit by another replica: {}; after the lease expired: {}; of the Graph rollouts: {}",
         LEASE,
         RENEW_EVERY,
         stats(&f.failovers),
-        stats(&f.after_expiry)
+        stats(&f.after_expiry),
+        stats(&f.graph_failovers)
     );
     println!(
         "replica harness: checked the rollouts in {:.1?}; {} Graph rollouts on emulators of their own, {} ledger writes checked against the reference's {} each; {} stale simulated-tenant writes and {} late stale Graph writes landed{}",
