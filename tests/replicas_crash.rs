@@ -1,9 +1,10 @@
 //! The crash harness with replicas: three `phasegate serve` replicas on one PostgreSQL server (a
-//! real one, `common::postgres`) drive 100 simulated rollouts to completion while a seeded chaos
-//! schedule kills owners (SIGKILL at a random instant, or at a random crash point of their own
-//! through `PHASEGATE_CRASH_AT`), pauses them past their lease (SIGSTOP, then SIGCONT: the woken
-//! owner must be fenced) and restarts replicas. Approvals are given through random replicas as
-//! they fall due, as people would.
+//! real one, `common::postgres`) drive 100 rollouts to completion — 94 on simulated tenants, and
+//! one in [`GRAPH_EVERY`] (6) through the Graph plan on a `phasegate emulator` of their own —
+//! while a seeded chaos schedule kills owners (SIGKILL at a random instant, or at a random crash
+//! point of their own through `PHASEGATE_CRASH_AT`), pauses them past their lease (SIGSTOP, then
+//! SIGCONT: the woken owner must be fenced) and restarts replicas. Approvals are given through
+//! random replicas as they fall due, as people would.
 //!
 //! Checked at the end, for every rollout:
 //! - H1 liveness: completed, every phase promoted, nothing pending;
@@ -20,13 +21,22 @@
 //!   later included) is in the trail with its hash, and so is every approval the API acknowledged;
 //! - H6 fencing: an owner woken after its leases were taken commits nothing for those rollouts
 //!   until it holds their lease again;
-//! - H7 every replica that was not killed stops cleanly (exit 0) on SIGTERM.
+//! - H7 every replica that was not killed stops cleanly (exit 0) on SIGTERM;
+//! - H8 a Graph rollout's writes: its trail asked for the configurations an uninterrupted
+//!   reference run of the same plan on a fresh emulator asked for, and its emulator's ledger
+//!   holds the reference's writes in order, and nothing else. A write is the ledger's method,
+//!   path and body digest, with the rollout and store of the ownership line blanked; the same
+//!   write as an earlier entry (that the reference does not repeat) is a write applied twice, a
+//!   failure — unless an owner of the rollout was paused past its lease and woken after it was
+//!   taken: a write it sent after its last lease check landed late (Graph cannot refuse it; the
+//!   owner asks its lease right before each write, so only a stall after that check is left),
+//!   reported with where it landed.
 //!
 //! Failover times (an owner killed or paused → the first commit of each of its rollouts by
 //! another replica) are printed beside the lease length, with the kills, pauses and fenced
-//! commits. `HARNESS_SEED` picks the schedule (printed on every run); `PHASEGATE_CRASH_LONG=1`
-//! runs more trials. This is a `harness = false` test, so its report is printed by every
-//! `cargo test`.
+//! commits, the Graph rollouts and the ledger writes checked, and the late stale writes.
+//! `HARNESS_SEED` picks the schedule (printed on every run); `PHASEGATE_CRASH_LONG=1` runs more
+//! trials. This is a `harness = false` test, so its report is printed by every `cargo test`.
 
 mod common;
 
@@ -40,11 +50,11 @@ use std::time::{Duration, Instant};
 
 use common::postgres::Postgres;
 use common::rng::Rng;
-use common::{BIN, Phasegate, code, stderr, stdout};
+use common::{BIN, Emulator, Phasegate, SECRET, code, stderr, stdout};
 use phasegate::domain::event::{Effect, EventKind};
 use phasegate::domain::rollout::{PhaseState, RolloutStatus};
 use phasegate::provider::simulator::SimAssignment;
-use phasegate::store::{DEFAULT_LOCK_WAIT, Store};
+use phasegate::store::{DEFAULT_LOCK_WAIT, EventRecord, Store};
 use serde_json::{Value, json};
 
 /// The replicas' lease and renewal interval: short, so that failovers happen many times a run.
@@ -60,6 +70,27 @@ const DEVICES: u32 = 1000;
 const BEAT: (u64, u64) = (500, 1500);
 /// The whole run gives up after this long (a hang is a failure, not a wait).
 const GIVE_UP: Duration = Duration::from_secs(240);
+/// One rollout in this many (`ha-000`, `ha-017`, ...) drives the Graph plan
+/// (`tests/fixtures/replicas-graph-plan.toml`) against a `phasegate emulator` of its own: 6 of
+/// the 100.
+const GRAPH_EVERY: usize = 17;
+/// The emulators' tenant: its fleet and seed (the reference run's too).
+const EMULATOR_ARGS: [&str; 8] = [
+    "--devices",
+    "300",
+    "--ca-rate",
+    "100000",
+    "--client-secret",
+    SECRET,
+    "--seed",
+    "7",
+];
+
+/// A configuration a reconcile effect asked for: assignments, exempt users, exempt groups.
+type Config = (Vec<SimAssignment>, Vec<String>, Vec<String>);
+/// An application write in an emulator's ledger: method, path, body digest (with the rollout and
+/// the store named in ownership lines blanked, see [`ledger_writes`]).
+type LedgerWrite = (String, String, String);
 
 /// What a replica is doing.
 #[derive(Debug)]
@@ -113,6 +144,7 @@ impl Replica {
             .args(["--renew-every", &format!("{}s", RENEW_EVERY.as_secs())])
             .args(["--max-rollouts", &MAX_ROLLOUTS.to_string()])
             .env("PHASEGATE_STORE", store)
+            .env("PHASEGATE_GRAPH_SECRET", SECRET)
             .env("XDG_DATA_HOME", data)
             .env("RUST_LOG", "phasegate=info")
             .env_remove("PHASEGATE_MUTATION")
@@ -245,6 +277,224 @@ fn plan_text(seed: u64) -> String {
         .replace("max_error_ratio = \"2%\"", "max_error_ratio = \"50%\"")
 }
 
+/// A Graph rollout's plan, on the emulator at `url` serving `tenant`.
+fn graph_plan_text(url: &str, tenant: &str) -> String {
+    include_str!("fixtures/replicas-graph-plan.toml")
+        .replace("EMULATOR", url)
+        .replace(
+            "tenant = \"contoso.onmicrosoft.com\"",
+            &format!("tenant = \"{tenant}\""),
+        )
+}
+
+/// The emulator of a Graph rollout: a tenant of its own (phasegate lets one rollout at a time
+/// drive a policy of a tenant, and the emulators' policies have the same ids).
+fn graph_tenant(id: &str) -> (Emulator, String) {
+    let tenant = format!("{id}.onmicrosoft.com");
+    let mut args = EMULATOR_ARGS.to_vec();
+    args.extend(["--tenant", &tenant]);
+    (Emulator::spawn(&args), tenant)
+}
+
+/// What an uninterrupted run of the Graph plan does on a fresh emulator: the writes in its
+/// ledger and the configurations its trail's reconcile effects asked for. Every Graph rollout of
+/// the harness must end with the same (H8).
+struct Reference {
+    writes: Vec<LedgerWrite>,
+    wanted: Vec<Config>,
+}
+
+/// The reference: `phasegate start` and `run` (approving when asked) on a sled store of its own,
+/// no replica, no chaos.
+fn reference() -> Reference {
+    const ID: &str = "ha-reference";
+    let (emulator, tenant) = graph_tenant(ID);
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, graph_plan_text(&emulator.url, &tenant)).unwrap();
+    let store = dir.path().join("store");
+    let cli = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("PHASEGATE_STORE", &store)
+            .env("PHASEGATE_GRAPH_SECRET", SECRET)
+            .env("XDG_DATA_HOME", dir.path().join("data"))
+            .env_remove("RUST_LOG")
+            .env_remove("PHASEGATE_CRASH_AT")
+            .env_remove("PHASEGATE_MUTATION")
+            .output()
+            .unwrap()
+    };
+    let plan = plan.to_str().unwrap();
+    let out = cli(&["start", plan, "--id", ID, "--by", "alice"]);
+    assert_eq!(code(&out), 0, "reference start: {}", stderr(&out));
+    let mut completed = false;
+    for _ in 0..8 {
+        let out = cli(&["run", ID]);
+        match code(&out) {
+            0 => {
+                completed = true;
+                break;
+            }
+            3 => {
+                let approve = cli(&["approve", ID, "--by", "bob"]);
+                assert_eq!(
+                    code(&approve),
+                    0,
+                    "reference approval: {}",
+                    stderr(&approve)
+                );
+            }
+            other => panic!("reference run exited {other}: {}", stderr(&out)),
+        }
+    }
+    assert!(completed, "the reference rollout did not complete");
+    let writes = ledger_writes(&emulator.get("/_emulator/ledger"), ID);
+    let store = Store::open(&store, DEFAULT_LOCK_WAIT).unwrap();
+    let wanted = wanted_of(&store.events(ID).unwrap());
+    assert!(!writes.is_empty() && !wanted.is_empty());
+    Reference { writes, wanted }
+}
+
+/// The application's writes in an emulator's ledger, the rollout's id blanked in ownership lines
+/// (as the store is by [`common::writes_of`]): the reference's rollout and store are other ones.
+fn ledger_writes(ledger: &Value, rollout: &str) -> Vec<LedgerWrite> {
+    let text = ledger.to_string().replace(
+        &format!("phasegate: rollout {rollout} "),
+        "phasegate: rollout * ",
+    );
+    common::writes_of(&serde_json::from_str(&text).unwrap())
+}
+
+/// The configurations a trail's reconcile effects asked for, in order, each once in a row.
+fn wanted_of(events: &[EventRecord]) -> Vec<Config> {
+    let mut wanted: Vec<Config> = Vec::new();
+    for record in events {
+        for pending in &record.effects {
+            if let Effect::Reconcile { desired, .. } = &pending.effect {
+                let assignments = desired
+                    .assignments
+                    .iter()
+                    .map(|a| SimAssignment {
+                        include: a.include.clone(),
+                        exclude: a.exclude.clone(),
+                        mode: a.mode,
+                        grace_secs: a.grace_secs,
+                    })
+                    .collect();
+                let entry = (
+                    assignments,
+                    desired.exempt.users.clone(),
+                    desired.exempt.groups.clone(),
+                );
+                if wanted.last() != Some(&entry) {
+                    wanted.push(entry);
+                }
+            }
+        }
+    }
+    wanted
+}
+
+/// H8 on one emulator's ledger (`entries`, the raw ledger's application writes beside `writes`,
+/// the same normalised): the reference's writes must all be there, in order. A write more is a
+/// failure, unless it repeats one already applied while an owner of the rollout had been paused
+/// past its lease and woken after it was taken (`stale_possible`): a late stale write, returned
+/// with where it landed.
+fn check_ledger(
+    writes: &[LedgerWrite],
+    entries: &[Value],
+    reference: &[LedgerWrite],
+    stale_possible: bool,
+) -> Result<Vec<String>, String> {
+    let mut matched = 0;
+    let mut late = Vec::new();
+    for (n, write) in writes.iter().enumerate() {
+        if reference.get(matched) == Some(write) {
+            matched += 1;
+            continue;
+        }
+        let entry = &entries[n];
+        let landed = format!(
+            "ledger #{} at {} ({} of {} writes): {} {}",
+            entry["sequence"],
+            entry["at"].as_str().unwrap_or("?"),
+            n + 1,
+            writes.len(),
+            write.0,
+            write.1
+        );
+        match writes[..n].iter().position(|w| w == write) {
+            Some(first) if stale_possible => late.push(format!(
+                "{landed} applied again (first as write {}), after {} of the reference's {} writes",
+                first + 1,
+                matched,
+                reference.len()
+            )),
+            Some(first) => {
+                return Err(format!(
+                    "H8: a write applied twice: {landed} repeats write {} with no owner paused past its lease",
+                    first + 1
+                ));
+            }
+            None if reference[matched..].contains(write) => {
+                return Err(format!(
+                    "H8: a write lost or out of order: {landed} came before the reference's write {} ({} {})",
+                    matched + 1,
+                    reference[matched].0,
+                    reference[matched].1
+                ));
+            }
+            None => return Err(format!("H8: a write the trail did not ask for: {landed}")),
+        }
+    }
+    if matched < reference.len() {
+        return Err(format!(
+            "H8: the ledger's writes {} lack the reference's write {} ({} {}); the reference's: {}",
+            short(writes),
+            matched + 1,
+            reference[matched].0,
+            reference[matched].1,
+            short(reference)
+        ));
+    }
+    Ok(late)
+}
+
+/// H8 must catch what it is there for: a write lost, out of order, applied twice, or never asked
+/// for; and tell a late stale write (an owner paused past its lease) from a repeat.
+fn self_test_check_ledger() {
+    let write = |path: &str, body: &str| ("PATCH".to_string(), path.to_string(), body.repeat(8));
+    let (a, b, c) = (write("/a", "1"), write("/b", "2"), write("/a", "3"));
+    let reference = [a.clone(), b.clone(), c.clone()];
+    let check = |writes: &[LedgerWrite], paused: bool| {
+        let entries: Vec<Value> = (1..=writes.len())
+            .map(|n| json!({"sequence": n, "at": "2026-01-01T00:00:00Z"}))
+            .collect();
+        check_ledger(writes, &entries, &reference, paused)
+    };
+    assert_eq!(check(&reference, false), Ok(Vec::new()));
+    let late = [a.clone(), b.clone(), c.clone(), a.clone()];
+    assert!(check(&late, false).is_err_and(|e| e.contains("applied twice")));
+    assert!(check(&late, true).is_ok_and(|l| l.len() == 1 && l[0].contains("ledger #4")));
+    let twice = [a.clone(), a.clone(), b.clone(), c.clone()];
+    assert!(check(&twice, false).is_err_and(|e| e.contains("applied twice")));
+    assert!(check(&[a.clone(), c.clone()], false).is_err_and(|e| e.contains("lost")));
+    assert!(check(&[a.clone(), b.clone()], false).is_err_and(|e| e.contains("lack")));
+    let swapped = [b.clone(), a.clone(), c.clone()];
+    assert!(check(&swapped, true).is_err_and(|e| e.contains("out of order")));
+    let unasked = [a.clone(), b.clone(), write("/z", "9"), c.clone()];
+    assert!(check(&unasked, true).is_err_and(|e| e.contains("did not ask for")));
+}
+
+fn short(writes: &[LedgerWrite]) -> String {
+    let items: Vec<String> = writes
+        .iter()
+        .map(|(method, path, digest)| format!("{method} {path} {}", &digest[..8]))
+        .collect();
+    format!("[{}]", items.join(", "))
+}
+
 /// An owner taken out (killed or paused) and its rollouts that could move, with the event each
 /// was at: each one's first commit after `at` is its failover.
 struct Outage {
@@ -266,8 +516,15 @@ struct Figures {
     lost_at_renewal: u64,
     /// Writes of a paused owner that landed in the tenant after the new owner's (H4 reports them).
     stale_writes: u64,
+    /// Rollouts on an emulator of their own, their ledgers' application writes checked (H8), and
+    /// the late stale writes among them (an owner paused after its last lease check).
+    graph_rollouts: u64,
+    ledger_writes: u64,
+    late_graph_writes: u64,
     approvals: u64,
     failovers: Vec<Duration>,
+    /// The Graph rollouts' among them (a new owner also signs in to its tenant).
+    graph_failovers: Vec<Duration>,
     after_expiry: Vec<Duration>,
     commits_logged: u64,
 }
@@ -284,6 +541,8 @@ struct Trial {
     db: postgres::Client,
     store: Store,
     ids: Vec<(String, u64)>,
+    /// The Graph rollouts' emulators and their tenants, by rollout.
+    emulators: BTreeMap<String, (Emulator, String)>,
     figures: Figures,
     /// Approvals acknowledged by the API: rollout and the event number it recorded.
     acknowledged: Arc<Mutex<Vec<(String, u64)>>>,
@@ -327,6 +586,7 @@ impl Trial {
             db,
             store,
             ids: Vec::new(),
+            emulators: BTreeMap::new(),
             figures: Figures::default(),
             acknowledged: Arc::default(),
             approving: Arc::default(),
@@ -415,14 +675,23 @@ impl Trial {
         self.ids = (0..count)
             .map(|n| (format!("ha-{n:03}"), base_seed + n as u64))
             .collect();
+        for (n, (id, _)) in self.ids.iter().enumerate() {
+            if n % GRAPH_EVERY == 0 {
+                self.emulators.insert(id.clone(), graph_tenant(id));
+            }
+        }
+        self.figures.graph_rollouts = self.emulators.len() as u64;
         let bodies: Vec<(String, Value)> = self
             .ids
             .iter()
             .map(|(id, seed)| {
                 let file = self.root.path().join(format!("{id}.toml"));
-                std::fs::write(&file, plan_text(*seed)).unwrap();
-                let body =
-                    json!({"plan": plan_text(*seed), "file": file.to_str().unwrap(), "id": id});
+                let text = match self.emulators.get(id) {
+                    Some((emulator, tenant)) => graph_plan_text(&emulator.url, tenant),
+                    None => plan_text(*seed),
+                };
+                std::fs::write(&file, &text).unwrap();
+                let body = json!({"plan": text, "file": file.to_str().unwrap(), "id": id});
                 (id.clone(), body)
             })
             .collect();
@@ -690,6 +959,9 @@ impl Trial {
                 if seqs.get(id).is_some_and(|s| s > seq) {
                     let took = now - outage.at;
                     self.figures.failovers.push(took);
+                    if self.emulators.contains_key(id) {
+                        self.figures.graph_failovers.push(took);
+                    }
                     self.figures.after_expiry.push(took.saturating_sub(*left));
                     false
                 } else {
@@ -876,8 +1148,49 @@ impl Trial {
         logged
     }
 
-    /// H1–H5 for every rollout, from the store itself.
-    fn check_rollouts(&mut self) {
+    /// The rollouts taken from an owner while it was paused past its lease (it woke after).
+    fn taken_while_paused(&self) -> BTreeSet<String> {
+        self.replicas
+            .iter()
+            .flat_map(|r| r.wakes.iter().flat_map(|(taken, _)| taken.keys().cloned()))
+            .collect()
+    }
+
+    /// H8 for a Graph rollout: its trail asked for the reference's configurations, and its
+    /// emulator's ledger holds the reference's writes, in order, none twice.
+    fn check_graph(&mut self, id: &str, wanted: &[Config], reference: &Reference) -> Vec<String> {
+        let mut problems = Vec::new();
+        if wanted != reference.wanted {
+            problems.push(format!(
+                "H8: the trail asked for the configurations {}, the reference's {}",
+                summary(wanted),
+                summary(&reference.wanted)
+            ));
+        }
+        let ledger = self.emulators[id].0.get("/_emulator/ledger");
+        let writes = ledger_writes(&ledger, id);
+        let entries: Vec<Value> = ledger["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["actor"] != "admin")
+            .cloned()
+            .collect();
+        self.figures.ledger_writes += writes.len() as u64;
+        let stale_possible = self.taken_while_paused().contains(id);
+        match check_ledger(&writes, &entries, &reference.writes, stale_possible) {
+            Ok(late) => {
+                self.figures.late_graph_writes += late.len() as u64;
+                self.stale
+                    .extend(late.into_iter().map(|l| format!("{id} (Graph): {l}")));
+            }
+            Err(problem) => problems.push(problem),
+        }
+        problems
+    }
+
+    /// H1–H5 (and H8 for the Graph rollouts) for every rollout, from the store itself.
+    fn check_rollouts(&mut self, reference: &Reference) {
         let logged = self.logged_commits();
         let acknowledged = self.acknowledged.lock().unwrap().clone();
         let simulator = self.store.provider_tree("simulator").unwrap();
@@ -920,31 +1233,11 @@ impl Trial {
             // H3: effects committed and concluded, each once.
             let mut requested = BTreeMap::new();
             let mut concluded: BTreeMap<String, u32> = BTreeMap::new();
-            let mut wanted: Vec<(Vec<SimAssignment>, Vec<String>, Vec<String>)> = Vec::new();
+            let wanted = wanted_of(&events);
             let mut approvals: BTreeMap<String, u32> = BTreeMap::new();
             for record in &events {
                 for pending in &record.effects {
                     requested.insert(pending.id.to_string(), pending.effect.clone());
-                    if let Effect::Reconcile { desired, .. } = &pending.effect {
-                        let assignments = desired
-                            .assignments
-                            .iter()
-                            .map(|a| SimAssignment {
-                                include: a.include.clone(),
-                                exclude: a.exclude.clone(),
-                                mode: a.mode,
-                                grace_secs: a.grace_secs,
-                            })
-                            .collect();
-                        let entry = (
-                            assignments,
-                            desired.exempt.users.clone(),
-                            desired.exempt.groups.clone(),
-                        );
-                        if wanted.last() != Some(&entry) {
-                            wanted.push(entry);
-                        }
-                    }
                 }
                 if let Some(effect) = concluded_effect(&record.event.kind) {
                     *concluded.entry(effect).or_default() += 1;
@@ -966,35 +1259,40 @@ impl Trial {
             if approvals.values().any(|n| *n != 1) || approvals.is_empty() {
                 problems.push(format!("H3: approvals per phase {approvals:?}"));
             }
-            // H4: the simulated tenant's history of configurations against the trail's.
+            // H4: the simulated tenant's history of configurations against the trail's; H8: the
+            // emulator's ledger against the reference's.
             let tenant = simulator
                 .scan_prefix(format!("tenant/{seed}/{DEVICES}/"))
                 .unwrap();
-            match tenant.as_slice() {
-                [(_, bytes)] => {
-                    let state: Value = serde_json::from_slice(bytes).unwrap();
-                    let history = tenant_history(&state["data"]);
-                    // Every configuration the trail asked for was applied, in order, and the
-                    // tenant ends in the last one. A write more is a stale one that landed: an
-                    // owner paused between confirming its lease and writing (reported).
-                    let mut rest = history.iter();
-                    let applied = wanted.iter().all(|w| rest.any(|h| h == w));
-                    if !applied || history.last() != wanted.last() {
-                        problems.push(format!(
-                            "H4: the tenant's configurations {} differ from the trail's {}",
-                            summary(&history),
-                            summary(&wanted)
-                        ));
-                    } else if history.len() > wanted.len() {
-                        self.figures.stale_writes += (history.len() - wanted.len()) as u64;
-                        self.stale.push(format!(
-                            "{id}: the tenant's configurations {}, the trail's {}",
-                            summary(&history),
-                            summary(&wanted)
-                        ));
+            if self.emulators.contains_key(&id) {
+                problems.extend(self.check_graph(&id, &wanted, reference));
+            } else {
+                match tenant.as_slice() {
+                    [(_, bytes)] => {
+                        let state: Value = serde_json::from_slice(bytes).unwrap();
+                        let history = tenant_history(&state["data"]);
+                        // Every configuration the trail asked for was applied, in order, and the
+                        // tenant ends in the last one. A write more is a stale one that landed: an
+                        // owner paused between confirming its lease and writing (reported).
+                        let mut rest = history.iter();
+                        let applied = wanted.iter().all(|w| rest.any(|h| h == w));
+                        if !applied || history.last() != wanted.last() {
+                            problems.push(format!(
+                                "H4: the tenant's configurations {} differ from the trail's {}",
+                                summary(&history),
+                                summary(&wanted)
+                            ));
+                        } else if history.len() > wanted.len() {
+                            self.figures.stale_writes += (history.len() - wanted.len()) as u64;
+                            self.stale.push(format!(
+                                "{id}: the tenant's configurations {}, the trail's {}",
+                                summary(&history),
+                                summary(&wanted)
+                            ));
+                        }
                     }
+                    other => problems.push(format!("H4: {} simulated tenants", other.len())),
                 }
-                other => problems.push(format!("H4: {} simulated tenants", other.len())),
             }
             // H5: acknowledged approvals are in the trail.
             for (_, seq) in acknowledged.iter().filter(|(a, _)| *a == id) {
@@ -1070,7 +1368,7 @@ fn concluded_effect(kind: &EventKind) -> Option<String> {
 }
 
 /// Every configuration the simulated tenant's one policy has had, oldest first.
-fn tenant_history(state: &Value) -> Vec<(Vec<SimAssignment>, Vec<String>, Vec<String>)> {
+fn tenant_history(state: &Value) -> Vec<Config> {
     let policies = state["policies"].as_object().cloned().unwrap_or_default();
     policies
         .values()
@@ -1088,7 +1386,7 @@ fn tenant_history(state: &Value) -> Vec<(Vec<SimAssignment>, Vec<String>, Vec<St
         .collect()
 }
 
-fn summary(configs: &[(Vec<SimAssignment>, Vec<String>, Vec<String>)]) -> String {
+fn summary(configs: &[Config]) -> String {
     let modes: Vec<String> = configs
         .iter()
         .map(|(a, _, _)| {
@@ -1129,7 +1427,12 @@ fn stats(samples: &[Duration]) -> String {
     )
 }
 
-fn trial(server: &Postgres, seed: u64, rollouts: usize) -> Result<Figures, String> {
+fn trial(
+    server: &Postgres,
+    seed: u64,
+    rollouts: usize,
+    reference: &Reference,
+) -> Result<Figures, String> {
     let mut trial = Trial::new(server, seed);
     for _ in 0..REPLICAS {
         trial.start_replica(false);
@@ -1143,7 +1446,7 @@ fn trial(server: &Postgres, seed: u64, rollouts: usize) -> Result<Figures, Strin
     if let Err(why) = &driven {
         trial.problems.insert(0, why.clone());
     } else {
-        trial.check_rollouts();
+        trial.check_rollouts(reference);
     }
     let f = &trial.figures;
     println!(
@@ -1163,16 +1466,21 @@ fn trial(server: &Postgres, seed: u64, rollouts: usize) -> Result<Figures, Strin
         driven.as_ref().ok(),
     );
     println!(
-        "replica harness: failover (lease {:?}, renewal {:?}): owner out → first commit by another replica: {}; after the lease expired: {}",
+        "replica harness: failover (lease {:?}, renewal {:?}): owner out → first commit by another replica: {}; after the lease expired: {}; of the Graph rollouts: {}",
         LEASE,
         RENEW_EVERY,
         stats(&f.failovers),
-        stats(&f.after_expiry)
+        stats(&f.after_expiry),
+        stats(&f.graph_failovers)
     );
     println!(
-        "replica harness: checked the rollouts in {:.1?}; {} stale tenant writes landed{}",
+        "replica harness: checked the rollouts in {:.1?}; {} Graph rollouts on emulators of their own, {} ledger writes checked against the reference's {} each; {} stale simulated-tenant writes and {} late stale Graph writes landed{}",
         checking.elapsed(),
-        trial.figures.stale_writes,
+        f.graph_rollouts,
+        f.ledger_writes,
+        reference.writes.len(),
+        f.stale_writes,
+        f.late_graph_writes,
         trial
             .stale
             .iter()
@@ -1198,6 +1506,10 @@ fn trial(server: &Postgres, seed: u64, rollouts: usize) -> Result<Figures, Strin
             replica.output(),
         );
     }
+    for (id, (emulator, _)) in &trial.emulators {
+        let ledger = emulator.get("/_emulator/ledger");
+        let _ = std::fs::write(dir.join(format!("{id}-ledger.json")), ledger.to_string());
+    }
     Err(format!(
         "{}\n(the replicas' logs are in {})",
         trial.problems.join("\n"),
@@ -1220,21 +1532,29 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
     println!(
-        "replica harness: HARNESS_SEED={seed}{}: {trials} trial(s) of {rollouts} simulated rollouts on {REPLICAS} serve replicas",
-        if long { " (long)" } else { "" }
+        "replica harness: HARNESS_SEED={seed}{}: {trials} trial(s) of {rollouts} rollouts ({} through Graph on emulators, the rest simulated) on {REPLICAS} serve replicas",
+        if long { " (long)" } else { "" },
+        rollouts.div_ceil(GRAPH_EVERY)
     );
+    self_test_check_ledger();
     let started = Instant::now();
+    // The Graph rollouts' reference, made while the database starts.
+    let reference = std::thread::spawn(reference);
     let server = Postgres::start(&[]);
+    let reference = reference.join().expect("the reference Graph run");
     let mut rng = Rng(seed);
     let mut failures = Vec::new();
     let mut totals = Figures::default();
     for n in 0..trials {
         let trial_seed = if n == 0 { seed } else { rng.next() };
-        match trial(&server, trial_seed, rollouts) {
+        match trial(&server, trial_seed, rollouts, &reference) {
             Ok(figures) => {
                 totals.kills += figures.kills + figures.kills_at_points;
                 totals.pauses += figures.pauses;
                 totals.fenced += figures.fenced;
+                totals.graph_rollouts += figures.graph_rollouts;
+                totals.ledger_writes += figures.ledger_writes;
+                totals.late_graph_writes += figures.late_graph_writes;
                 totals.failovers.extend(figures.failovers);
             }
             Err(why) => failures.push(format!(
@@ -1243,10 +1563,13 @@ fn main() {
         }
     }
     println!(
-        "replica harness: {trials} trial(s), {} kills, {} pauses, {} fenced commits, failover {}; {} failures, {:.0?}",
+        "replica harness: {trials} trial(s), {} kills, {} pauses, {} fenced commits, {} Graph rollouts with {} ledger writes checked ({} late stale), failover {}; {} failures, {:.0?}",
         totals.kills,
         totals.pauses,
         totals.fenced,
+        totals.graph_rollouts,
+        totals.ledger_writes,
+        totals.late_graph_writes,
         stats(&totals.failovers),
         failures.len(),
         started.elapsed()

@@ -13,6 +13,7 @@
 pub mod graph;
 pub mod simulator;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -150,6 +151,15 @@ impl ProviderError {
     }
 }
 
+/// What a provider asks right before each write to a backend that cannot refuse a stale writer
+/// (a real tenant): whether this process may still write for the rollout. Under `serve` with
+/// leases it answers whether the replica still holds the rollout's lease, confirming it in the
+/// database again when its last confirmation is too old to vouch for it (the process may have
+/// been stalled since). An error: the write must not be sent.
+pub trait WriteGuard: Send + Sync {
+    fn before_write(&self) -> Result<(), ProviderError>;
+}
+
 #[async_trait]
 pub trait Provider: Send {
     /// A short description for logs and the audit trail (`simulator`, `graph contoso`).
@@ -166,6 +176,13 @@ pub trait Provider: Send {
     /// lease, so the default ignores it).
     fn fence_writes(&mut self, fence: crate::store::WriteFence) {
         let _ = fence;
+    }
+
+    /// From now on, ask `guard` right before sending each write, where the backend itself cannot
+    /// be fenced (a backend in the store is fenced by [`Provider::fence_writes`] instead, so the
+    /// default ignores it).
+    fn guard_writes(&mut self, guard: Arc<dyn WriteGuard>) {
+        let _ = guard;
     }
 
     /// Moves virtual time forward to `at`. Real providers never get this call.

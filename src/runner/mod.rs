@@ -23,6 +23,9 @@
 //! releases its lease, and so does shutdown. A command for a rollout another replica owns is
 //! recorded in the store for the owner, which takes it out, carries it out through its actor and
 //! records the answer for the replica the command reached ([`forward`], [`take_forwarded`]).
+//! An owner confirms its lease in the database right before each effect, and a provider whose
+//! tenant cannot refuse a stale writer (Graph) asks again right before each write, confirming it
+//! anew when the last confirmation is older than half a lease ([`lease_guard`]).
 //!
 //! **Resuming.** At start the runner lists the store once (on a blocking thread, so the API
 //! answers meanwhile) and sorts the rollouts by what the record alone says. One that can move by
@@ -57,7 +60,9 @@ use crate::provider::{self, Provider};
 use crate::store::{EventRecord, Glanced, Store, StoredRollout};
 
 mod census;
+mod lease_guard;
 use census::Census;
+use lease_guard::LeaseGuard;
 
 /// A committed transition, as the watchers see it.
 #[derive(Clone, Debug)]
@@ -1173,6 +1178,9 @@ struct Actor {
     inbox: mpsc::Receiver<Command>,
     stop: watch::Receiver<bool>,
     provider: Option<Box<dyn Provider>>,
+    /// The rollout's lease under `serve` with replicas, confirmed before each effect and asked
+    /// by the provider before each write to a tenant that cannot be fenced.
+    lease: Option<Arc<LeaseGuard>>,
     in_flight: Option<WorkFuture>,
     skip: Skips,
     /// The backend's clock as last seen, for commands while the provider is busy or absent.
@@ -1192,12 +1200,18 @@ impl Actor {
         stop: watch::Receiver<bool>,
         start: Start,
     ) -> Actor {
+        let lease = shared
+            .settings
+            .leasing
+            .as_ref()
+            .map(|leasing| Arc::new(LeaseGuard::new(shared.store.clone(), &id, leasing.lease)));
         Actor {
             shared,
             id,
             inbox,
             stop,
             provider: None,
+            lease,
             in_flight: None,
             skip: Skips::default(),
             last_now: Timestamp::from_millis(0),
@@ -1433,10 +1447,10 @@ impl Actor {
     /// at its epoch, checked in the database right before: one woken from a pause past its lease
     /// ends here, as if fenced, instead of writing what the new owner may have written already.
     fn confirm_lease(&self) -> Result<(), EngineError> {
-        let Some(leasing) = &self.shared.settings.leasing else {
+        let Some(lease) = &self.lease else {
             return Ok(());
         };
-        if self.shared.store.confirm_lease(&self.id, leasing.lease)? {
+        if lease.confirm()? {
             return Ok(());
         }
         crate::metrics::global().fenced(true);
@@ -1485,6 +1499,9 @@ impl Actor {
                         replica: leasing.replica.clone(),
                         epoch,
                     });
+                }
+                if let Some(lease) = &self.lease {
+                    provider.guard_writes(lease.clone());
                 }
                 self.provider = Some(provider);
             }

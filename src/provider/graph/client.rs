@@ -14,14 +14,16 @@
 //!
 //! Writes are not retried after an ambiguous failure (timeout, dropped connection, 5xx): the
 //! caller re-reads the tenant and decides again, so a write that did land is not repeated.
+//! A write guard, when one is set (a replica's lease under `serve`), is asked right before every
+//! write attempt is sent: Graph cannot refuse a stale writer, so the client must not be one.
 //!
 //! The client also keeps the tenant's clock: every response's `Date` (or the emulator's precise
 //! `X-Phasegate-Emulator-Now`) anchors it, so soak times and staleness are judged in the tenant's
 //! time, and a rehearsal against `phasegate emulator` can run on its virtual clock.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, Url};
@@ -32,7 +34,7 @@ use serde_json::{Value, json};
 
 use super::settings::GraphSettings;
 use crate::domain::time::Timestamp;
-use crate::provider::{ErrorKind, ProviderError};
+use crate::provider::{ErrorKind, ProviderError, WriteGuard};
 
 use super::credential::TokenRequest;
 pub use super::credential::{Credential, Secret};
@@ -99,6 +101,8 @@ pub struct GraphClient {
     ca_slot: tokio::sync::Mutex<Option<Instant>>,
     retry: Backoff,
     jitter: AtomicU64,
+    /// Asked right before each write is sent (a replica's lease); none: writes go unasked.
+    write_guard: Option<Arc<dyn WriteGuard>>,
 }
 
 /// Renew the token this long before it expires.
@@ -218,7 +222,15 @@ impl GraphClient {
             ca_slot: tokio::sync::Mutex::new(None),
             retry: Backoff::GRAPH,
             jitter: AtomicU64::new(0),
+            write_guard: None,
         })
+    }
+
+    /// From now on, every write (each attempt of it) is sent only if `guard` allows it, asked
+    /// after the token and the Conditional Access pacing were waited for: as close to the
+    /// sending as the client can ask.
+    pub fn guard_writes(&mut self, guard: Arc<dyn WriteGuard>) {
+        self.write_guard = Some(guard);
     }
 
     pub fn settings(&self) -> &GraphSettings {
@@ -582,6 +594,11 @@ impl GraphClient {
             }
             if let Some(body) = body {
                 request = request.json(body);
+            }
+            if access == Access::Write
+                && let Some(guard) = &self.write_guard
+            {
+                guard.before_write()?;
             }
             let outcome = match request.send().await {
                 Ok(response) => {
@@ -1561,5 +1578,74 @@ mod tests {
         assert!(answers[0].is_err(), "{:?}", answers[0]);
         assert!(answers[1].is_err(), "{:?}", answers[1]);
         assert_eq!(answers[2].as_ref().unwrap(), &json!({"ok": true}));
+    }
+
+    /// A guard that allows the first `allowed` writes and counts how often it was asked.
+    struct Countdown {
+        allowed: AtomicUsize,
+        asked: AtomicUsize,
+    }
+
+    impl WriteGuard for Countdown {
+        fn before_write(&self) -> Result<(), ProviderError> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            let left = self.allowed.load(Ordering::SeqCst);
+            if left == 0 {
+                return Err(ProviderError::transient("the lease was lost"));
+            }
+            self.allowed.store(left - 1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_the_guard_refuses_is_never_sent_and_reads_do_not_ask_it() {
+        let _serial = GRAPH_TRAFFIC.lock().await;
+        let patches = Arc::new(AtomicUsize::new(0));
+        let counted = patches.clone();
+        let (listener, graph) = bind().await;
+        let script: Arc<Script> = Arc::new(move |method: &str, path: &str, _| match method {
+            "POST" if path == TOKEN_PATH => token(),
+            "PATCH" => {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Some((204, Vec::new(), String::new()))
+            }
+            "GET" => page(&[1], None),
+            _ => not_found(),
+        });
+        serve(listener, script);
+        let mut client = client(&graph, &graph);
+        let guard = Arc::new(Countdown {
+            allowed: AtomicUsize::new(1),
+            asked: AtomicUsize::new(0),
+        });
+        client.guard_writes(guard.clone());
+        let body = json!({"description": "d"});
+        let write = || {
+            client.call(
+                Method::PATCH,
+                "/deviceManagement/deviceCompliancePolicies/p",
+                Some(&body),
+                &[],
+                Access::Write,
+            )
+        };
+        write().await.unwrap();
+        client
+            .call(Method::GET, "/list", None, &[], Access::Read)
+            .await
+            .unwrap();
+        let refused = write().await.unwrap_err();
+        assert_eq!(refused.message, "the lease was lost");
+        assert_eq!(
+            patches.load(Ordering::SeqCst),
+            1,
+            "the refused write was sent"
+        );
+        assert_eq!(
+            guard.asked.load(Ordering::SeqCst),
+            2,
+            "asked once per write"
+        );
     }
 }

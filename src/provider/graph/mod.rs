@@ -1665,6 +1665,10 @@ impl Provider for GraphProvider {
         self.client.is_manual_clock()
     }
 
+    fn guard_writes(&mut self, guard: std::sync::Arc<dyn crate::provider::WriteGuard>) {
+        self.client.guard_writes(guard);
+    }
+
     fn real_time_until(&self, at: Timestamp) -> Duration {
         let factor = self.client.clock_factor();
         let ahead = at.since(self.now());
