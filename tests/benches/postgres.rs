@@ -6,6 +6,11 @@
 //! so both sides wait for the WAL to reach the disk. One transition is what the engine commits:
 //! the rollout's record and its event (hash-chained), conditional on the rollout's head, in one
 //! transaction.
+//!
+//! Second, what a `serve` replica reads at each lease renewal to find rollouts nobody drives, on
+//! a store of `PHASEGATE_PG_ROLLOUTS` (2,000) rollouts in which nothing moved since the last
+//! renewal: the live leases and every rollout's sequence (the census, `runner/census.rs`),
+//! beside reading and glancing at every record (`Store::glances`, what a renewal read before).
 
 #[path = "../common/postgres.rs"]
 mod server;
@@ -71,6 +76,63 @@ fn main() {
         inserts,
         transitions / inserts
     );
+    drop(store);
+    renewal_reads();
+}
+
+/// The census read of a renewal beside the whole listing, on a store of many rollouts.
+fn renewal_reads() {
+    let rollouts: usize = std::env::var("PHASEGATE_PG_ROLLOUTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2_000)
+        .clamp(1, 1_000_000);
+    // Durability is not what this measures: a server of its own without fsync fills faster.
+    let server = server::Postgres::start(&[]);
+    let url = server.database();
+    let store = Store::open(url.as_ref(), DEFAULT_LOCK_WAIT).unwrap();
+    for n in 0..rollouts {
+        let mut rollout = Transitions::start_as(&store, &format!("r-{n}"));
+        rollout.once();
+    }
+    let mut census = || {
+        let live = store.live_leases().unwrap();
+        let seqs = store.rollout_seqs().unwrap();
+        assert_eq!(seqs.len(), rollouts);
+        std::hint::black_box((live, seqs));
+    };
+    let mut listing = || {
+        let glanced = store.glances().unwrap();
+        assert_eq!(glanced.len(), rollouts);
+        std::hint::black_box(glanced);
+    };
+    census();
+    listing();
+    let (mut read, mut listed) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        read.push(timed(&mut census));
+        listed.push(timed(&mut listing));
+    }
+    let (read, listed) = (median_time(read), median_time(listed));
+    println!(
+        "{:<52} {:>9.2} ms   {:<34} {:>9.2} ms   ratio {:.2}x",
+        format!("renewal read, {rollouts} rollouts, none moved"),
+        read.as_secs_f64() * 1e3,
+        "every record listed and glanced",
+        listed.as_secs_f64() * 1e3,
+        read.as_secs_f64() / listed.as_secs_f64().max(1e-9)
+    );
+}
+
+fn timed(f: &mut impl FnMut()) -> Duration {
+    let start = Instant::now();
+    f();
+    start.elapsed()
+}
+
+fn median_time(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
 }
 
 fn per_second(n: usize, f: &mut impl FnMut()) -> f64 {

@@ -23,9 +23,14 @@ pub struct Transitions<'a> {
 impl<'a> Transitions<'a> {
     /// Starts `bench-1` in `store`.
     pub fn start(store: &'a Store) -> Transitions<'a> {
+        Transitions::start_as(store, ROLLOUT)
+    }
+
+    /// Starts a rollout `id` in `store`.
+    pub fn start_as(store: &'a Store, id: &str) -> Transitions<'a> {
         let plan = plan::parse("bench", PLAN).unwrap();
         let now = Timestamp::from_millis(1_800_000_000_000);
-        let rollout = Rollout::new(ROLLOUT, &plan, "bench", now);
+        let rollout = Rollout::new(id, &plan, "bench", now);
         let start = Event {
             kind: EventKind::Start {
                 plan_hash: plan.hash.clone(),
@@ -42,7 +47,7 @@ impl<'a> Transitions<'a> {
         store
             .create(&transition.rollout, first, &plan_record, &[])
             .unwrap();
-        let current = store.rollout(ROLLOUT).unwrap();
+        let current = store.rollout(id).unwrap();
         Transitions {
             store,
             plan,
