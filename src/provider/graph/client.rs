@@ -2,7 +2,8 @@
 //! OAuth2 client credentials with the token cached and renewed before it expires (and once more
 //! on a 401), `Retry-After` honoured (fractional seconds or an HTTP date), capped exponential
 //! backoff with jitter otherwise, Conditional Access requests spaced to the tenant's rate, a
-//! timeout on every request, paging through `@odata.nextLink`, and `$batch`.
+//! timeout on every request, paging through `@odata.nextLink` (the next page requested while
+//! one is read), and `$batch`.
 //!
 //! The bearer token goes to one origin only, the configured `graph_url`'s (scheme, host, port):
 //! every request that carries it is sent to a [`GraphUrl`], which only [`GraphClient::target`]
@@ -186,6 +187,17 @@ fn short(url: &str) -> &str {
     let path = url.split_once("://").map_or(url, |(_, rest)| rest);
     let path = path.find('/').map_or(path, |i| &path[i..]);
     path.split('?').next().unwrap_or(path)
+}
+
+/// The `@odata.nextLink` a page's body ends with (its last member, where Graph writes it),
+/// found without parsing the page: a guess, requested early and used only when the page's own
+/// reading names the same link.
+fn trailing_next_link(body: &str) -> Option<String> {
+    const KEY: &str = "\"@odata.nextLink\"";
+    let inner = body.trim_end().strip_suffix('}')?;
+    let at = inner.rfind(KEY)?;
+    let value = inner[at + KEY.len()..].trim_start().strip_prefix(':')?;
+    serde_json::from_str(value).ok()
 }
 
 impl GraphClient {
@@ -719,7 +731,9 @@ impl GraphClient {
     }
 
     /// Follows `@odata.nextLink` and hands each page's items to `page`: at most [`MAX_PAGES`]
-    /// pages, only on the configured Graph origin, never a link already fetched.
+    /// pages, only on the configured Graph origin, never a link already fetched. The next page
+    /// is requested while a page is read, when the page ends with its link (as Graph writes
+    /// it).
     pub async fn for_each_page(
         &self,
         path_or_url: &str,
@@ -771,26 +785,24 @@ impl GraphClient {
         max_pages: usize,
         mut page: impl FnMut(&str) -> Result<Option<String>, String>,
     ) -> Result<(), ProviderError> {
-        let first = self.target(path_or_url)?;
-        let what = format!("GET {}", short(first.0.as_str()));
+        let mut url = self.target(path_or_url)?;
+        let what = format!("GET {}", short(url.0.as_str()));
         let mut fetched = HashSet::new();
-        let mut next = Some(first);
-        while let Some(url) = next.take() {
-            let mut patience = self.retry.patience();
-            let body = self
-                .send_text(
-                    Method::GET,
-                    &url,
-                    None,
-                    headers,
-                    Access::Read,
-                    &mut patience,
-                )
-                .await?;
-            let link = page(&body).map_err(|e| {
+        let mut body = self.page_text(&url, headers).await?;
+        loop {
+            fetched.insert(url.0.clone());
+            // The link the page ends with, if it passes every check a link must, is requested
+            // while the page is read.
+            let ahead = trailing_next_link(&body).and_then(|link| {
+                let url = self.target(&link).ok()?;
+                (!fetched.contains(&url.0) && fetched.len() < max_pages).then_some((link, url))
+            });
+            let (link, ahead) = self
+                .read_while_fetching(&body, ahead, headers, &mut page)
+                .await;
+            let link = link.map_err(|e| {
                 ProviderError::transient(format!("GET {}: {e}", short(url.0.as_str())))
             })?;
-            fetched.insert(url.0);
             let Some(link) = link else {
                 break;
             };
@@ -811,9 +823,76 @@ impl GraphClient {
                     "{what}: more than {max_pages} pages; stopped paging"
                 )));
             }
-            next = Some(link);
+            body = match ahead {
+                Some(ahead) => ahead?,
+                None => self.page_text(&link, headers).await?,
+            };
+            url = link;
         }
         Ok(())
+    }
+
+    /// One page of a listing, as text, retried as any read is.
+    async fn page_text(
+        &self,
+        url: &GraphUrl,
+        headers: &[(&str, &str)],
+    ) -> Result<String, ProviderError> {
+        let mut patience = self.retry.patience();
+        self.send_text(Method::GET, url, None, headers, Access::Read, &mut patience)
+            .await
+    }
+
+    /// `page` of `body`, while the page `ahead` (a link, already checked, and its URL) is
+    /// requested: the service builds the next page while this one is read. Answers `page`'s
+    /// verdict and, when that names the same link, the next page; a guess `page` does not confirm
+    /// is dropped unread.
+    async fn read_while_fetching(
+        &self,
+        body: &str,
+        ahead: Option<(String, GraphUrl)>,
+        headers: &[(&str, &str)],
+        page: &mut impl FnMut(&str) -> Result<Option<String>, String>,
+    ) -> (
+        Result<Option<String>, String>,
+        Option<Result<String, ProviderError>>,
+    ) {
+        use futures_util::future::{Either, select};
+        let Some((guess, url)) = ahead else {
+            return (page(body), None);
+        };
+        let confirmed =
+            |link: &Result<Option<String>, String>| matches!(link, Ok(Some(l)) if *l == guess);
+        let fetch = std::pin::pin!(self.page_text(&url, headers));
+        // The request is polled first; the read yields once, so the connection's task gets to
+        // send it, and then reads on a thread of its own where the runtime has several, so
+        // tasks woken meanwhile (the connection's, answering) do not wait for the read to end.
+        let read = std::pin::pin!(async {
+            tokio::task::yield_now().await;
+            let threaded = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+                runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            });
+            if threaded {
+                tokio::task::block_in_place(|| page(body))
+            } else {
+                page(body)
+            }
+        });
+        match select(fetch, read).await {
+            Either::Left((next, read)) => {
+                let link = read.await;
+                let next = confirmed(&link).then_some(next);
+                (link, next)
+            }
+            Either::Right((link, fetch)) => {
+                let next = if confirmed(&link) {
+                    Some(fetch.await)
+                } else {
+                    None
+                };
+                (link, next)
+            }
+        }
     }
 
     /// GETs in `$batch`es of up to 20 (v1.0); answers in request order. Throttled items are
@@ -1411,6 +1490,108 @@ mod tests {
             "{}",
             error.message
         );
+    }
+
+    #[test]
+    fn the_next_link_a_page_ends_with_is_found_without_parsing_the_page() {
+        let link = "http://127.0.0.1:1/v1.0/list?$skiptoken=a%2Fb";
+        let page = json!({"value": [{"@odata.nextLink": "inner"}], "@odata.nextLink": link});
+        assert_eq!(trailing_next_link(&page.to_string()).as_deref(), Some(link));
+        let spaced = "{\"value\": [],\n  \"@odata.nextLink\" :\n \"http:\\/\\/h\\/x\" }\n";
+        assert_eq!(trailing_next_link(spaced).as_deref(), Some("http://h/x"));
+        // Not the page's last member, in a row, not a string, or the page cut short: no guess.
+        for body in [
+            r#"{"@odata.nextLink":"http://h/x","value":[]}"#,
+            r#"{"value":[{"@odata.nextLink":"http://h/x"}]}"#,
+            r#"{"value":[],"@odata.nextLink":null}"#,
+            r#"{"value":[],"@odata.nextLink":"http://h/x","#,
+            "",
+        ] {
+            assert_eq!(trailing_next_link(body), None, "{body}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_next_page_is_requested_while_a_page_is_read_and_used_only_when_confirmed() {
+        let _serial = GRAPH_TRAFFIC.lock().await;
+        let asked = Arc::new(Mutex::new(Vec::<String>::new()));
+        let log = asked.clone();
+        // A host that keeps its connections open, as Graph does (the scripted hosts above
+        // close each one). Page 1 ends with a link to page 2, which ends with one to a decoy
+        // the reader does not confirm: it names page 3 instead.
+        let (listener, graph) = bind().await;
+        let own = graph.clone();
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let (log, own) = (log.clone(), own.clone());
+            async move {
+                let path = uri.to_string();
+                log.lock().unwrap().push(path.clone());
+                let link = |to: &str| Some(format!("{own}/v1.0/list?$skiptoken={to}"));
+                let (_, _, body) = match path.as_str() {
+                    TOKEN_PATH => token(),
+                    "/v1.0/list" => page(&[1], link("2")),
+                    "/v1.0/list?$skiptoken=2" => page(&[2], link("decoy")),
+                    "/v1.0/list?$skiptoken=decoy" => page(&[666], None),
+                    "/v1.0/list?$skiptoken=3" => page(&[3], None),
+                    _ => page(&[], None),
+                }
+                .unwrap();
+                ([("content-type", "application/json")], body)
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = client(&graph, &graph);
+        let mut items = Vec::new();
+        let requested = |path: &str| asked.lock().unwrap().iter().any(|p| p == path);
+        client
+            .for_each_page_text("/list", &[], |text| {
+                let body: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+                let item = body["value"][0].as_u64().unwrap_or_default();
+                items.push(item);
+                let next = match item {
+                    1 => "2",
+                    2 => "3",
+                    _ => return Ok(None),
+                };
+                // Polled, not slept on: page 1's next page is asked for before page 1 is read.
+                if item == 1 {
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while !requested("/v1.0/list?$skiptoken=2") && Instant::now() < deadline {
+                        std::thread::yield_now();
+                    }
+                    assert!(
+                        requested("/v1.0/list?$skiptoken=2"),
+                        "page 2 was not asked for"
+                    );
+                }
+                Ok(Some(format!("{graph}/v1.0/list?$skiptoken={next}")))
+            })
+            .await
+            .unwrap();
+        assert_eq!(items, [1, 2, 3], "the decoy's page was not read");
+        assert!(requested("/v1.0/list?$skiptoken=3"));
+    }
+
+    #[tokio::test]
+    async fn a_guessed_page_that_fails_fails_nothing_unless_the_listing_needs_it() {
+        let _serial = GRAPH_TRAFFIC.lock().await;
+        // The pages end with links to a page that is not found; the reader names none.
+        let graph = graph_host(move |own, path, _| match path {
+            "/v1.0/list" => page(&[1], Some(format!("{own}/v1.0/gone"))),
+            _ => not_found(),
+        })
+        .await;
+        let client = client(&graph, &graph);
+        client
+            .for_each_page_text("/list", &[], |_| Ok(None))
+            .await
+            .unwrap();
+        // Where the reader names it, its failure is the listing's.
+        let error = client
+            .for_each_page("/list", &[], |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind, ErrorKind::NotFound, "{error:?}");
     }
 
     #[tokio::test]

@@ -181,6 +181,9 @@ pub struct Device {
     /// Its first row's number, which keeps that row first when the rows are sorted.
     seq: u32,
     pub status: ReportStatus,
+    /// It has users beyond its first row's (in [`Devices`]' `more_users`): only such a device
+    /// is looked up there, not each of a million.
+    shared: bool,
 }
 
 // 56 bytes a device: the rows of a million-device report in 56 MiB.
@@ -281,6 +284,7 @@ impl Devices {
             // At most 2 × MAX_DEVICES rows: within u32.
             seq: self.rows as u32,
             status: row.status,
+            shared: false,
         });
         self.rows += 1;
         Ok(())
@@ -305,6 +309,7 @@ impl Devices {
                     None => seen.user = row.user,
                     Some(known) if known == user => {}
                     Some(_) => {
+                        seen.shared = true;
                         let more = more_users.entry(seen.id()).or_default();
                         if !more.contains(&user) && more.len() < 64 {
                             more.push(user);
@@ -378,10 +383,10 @@ impl Devices {
     /// Each device with its users (none for a userless device), after [`Devices::finish`].
     pub fn iter(&self) -> impl Iterator<Item = (&Device, impl Iterator<Item = Key> + '_)> {
         self.devices.iter().map(|d| {
-            let more = if self.more_users.is_empty() {
-                &[][..]
-            } else {
+            let more = if d.shared {
                 self.more_users.get(&d.id()).map_or(&[][..], Vec::as_slice)
+            } else {
+                &[][..]
             };
             (d, d.user().into_iter().chain(more.iter().copied()))
         })
@@ -512,6 +517,14 @@ mod tests {
         devices.finish().unwrap();
         assert_eq!((devices.len(), devices.rows()), (3, 4));
         let bob = key(BOB).unwrap();
+        // Each device with all its users, the shared one with both.
+        let users: Vec<(Key, Vec<Key>)> = devices
+            .iter()
+            .map(|(d, users)| (d.id(), users.collect()))
+            .collect();
+        let (d1, d2, d3) = (key(D1).unwrap(), key(D2).unwrap(), key(D3).unwrap());
+        assert!(users.contains(&(d1, vec![key(ALICE).unwrap(), bob])));
+        assert!(users.contains(&(d2, vec![])) && users.contains(&(d3, vec![bob])));
         let phase = attribute(
             &devices,
             now(),
