@@ -8,6 +8,7 @@
 //! (read, compare, write the difference) doing one twice changes nothing.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -64,10 +65,12 @@ pub enum Pace {
     Continuous,
 }
 
-/// A rollout loaded with the plan it runs.
+/// A rollout loaded with the plan it runs. The plan is shared (the store's plans are parsed once
+/// per process, and every piece of work carries the plan it was decided on): a load or a task
+/// costs a reference, not a copy of the plan.
 pub struct Loaded {
     pub stored: StoredRollout,
-    pub plan: Plan,
+    pub plan: Arc<Plan>,
     pub plan_record: PlanRecord,
 }
 
@@ -211,11 +214,13 @@ impl PlanFiles {
 
 /// Plans kept by the store, parsed once per process: a stored plan's text never changes under its
 /// hash, and many rollouts (and every API read of one) share a plan. Bounded; a plan whose text
-/// does not hash to its record's hash is never kept.
-fn stored_plan(record: &PlanRecord) -> Result<Plan, crate::domain::plan::PlanErrors> {
+/// does not hash to its record's hash is never kept. The plans are shared, not copied: a cache
+/// hit and a rollout loaded cost a reference, and the plans let go when the cache is full are
+/// dropped outside its lock (by their last holder), so a loader never waits on another's drop.
+fn stored_plan(record: &PlanRecord) -> Result<Arc<Plan>, crate::domain::plan::PlanErrors> {
     const KEPT: usize = 4096;
-    static PARSED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Plan>>> =
-        std::sync::OnceLock::new();
+    type Parsed = std::sync::Mutex<std::collections::HashMap<String, Arc<Plan>>>;
+    static PARSED: std::sync::OnceLock<Parsed> = std::sync::OnceLock::new();
     let parsed = PARSED.get_or_init(Default::default);
     let cached = parsed
         .lock()
@@ -228,15 +233,21 @@ fn stored_plan(record: &PlanRecord) -> Result<Plan, crate::domain::plan::PlanErr
     // Checked whole (its adapters' settings too) when its rollout started, and unchanged since
     // (its hash): the domain's reading is all a load needs, and what the plan warns about does
     // not stop it loading. Adapters read their settings again when they connect.
-    let plan = plan::check(&record.path, &record.source, plan::Strictness::Lenient)?;
+    let plan = Arc::new(plan::check(
+        &record.path,
+        &record.source,
+        plan::Strictness::Lenient,
+    )?);
     if plan.hash == record.hash {
-        let mut parsed = parsed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if parsed.len() >= KEPT {
-            parsed.clear();
-        }
-        parsed.insert(record.hash.clone(), plan.clone());
+        let evicted = {
+            let mut parsed = parsed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let evicted = (parsed.len() >= KEPT).then(|| std::mem::take(&mut *parsed));
+            parsed.insert(record.hash.clone(), plan.clone());
+            evicted
+        };
+        drop(evicted);
     }
     Ok(plan)
 }
@@ -496,7 +507,7 @@ impl Engine<'_> {
             adopted.rollout.check_invariants(&new_plan).map_err(|e| {
                 EngineError::Invalid(format!("refusing an inconsistent transition: {e}"))
             })?;
-            let old = std::mem::replace(&mut loaded.plan, new_plan);
+            let old = std::mem::replace(&mut loaded.plan, Arc::new(new_plan));
             let old_record = std::mem::replace(&mut loaded.plan_record, record);
             let plan_record = loaded.plan_record.clone();
             let result =
@@ -1015,7 +1026,7 @@ impl Default for Limits {
 /// One piece of work with everything it needs, owned.
 pub struct Task {
     pub work: Work,
-    plan: Plan,
+    plan: Arc<Plan>,
     rollout: String,
     /// The store's identity, which makes notification keys unique across stores.
     store_id: String,
@@ -1691,6 +1702,35 @@ mod tests {
             ..record(&first)
         };
         assert!(!PlanFiles::default().differs(&gone, &first, None, None));
+    }
+
+    /// A stored plan is parsed once and shared by every load of it; a text that does not hash to
+    /// its record's hash is parsed each time and never kept.
+    #[test]
+    fn stored_plans_are_shared_and_only_under_their_own_hash() {
+        // A text of its own: other tests share the process's plans.
+        let source = format!(
+            "{}\n# shared once\n",
+            include_str!("../plans/windows-baseline.toml")
+        );
+        let record = PlanRecord {
+            path: "plans/shared-once.toml".into(),
+            hash: plan::hash_source(&source),
+            source: source.clone(),
+        };
+        let first = stored_plan(&record).unwrap();
+        let again = stored_plan(&record).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "one parse, shared");
+        assert_eq!(first.hash, record.hash);
+
+        let mislabelled = PlanRecord {
+            hash: "not-its-hash".into(),
+            ..record
+        };
+        let once = stored_plan(&mislabelled).unwrap();
+        let twice = stored_plan(&mislabelled).unwrap();
+        assert!(!Arc::ptr_eq(&once, &twice), "never kept under another hash");
+        assert_eq!(once.hash, plan::hash_source(&source));
     }
 
     /// A backend on a real (here: hand-moved) clock whose every device fails the policy.
