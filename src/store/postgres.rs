@@ -512,6 +512,18 @@ const LEASES: &str = "SELECT rollout, owner, epoch,
          (extract(epoch FROM (expires_at - now())) * 1000)::bigint
      FROM phasegate.leases ORDER BY rollout";
 
+/// Rows of `key, value` as the store hands them out.
+fn key_values(rows: Vec<::postgres::Row>) -> Vec<(Bytes, Bytes)> {
+    rows.into_iter()
+        .map(|row| {
+            (
+                Bytes::from(row.get::<_, Vec<u8>>(0)),
+                Bytes::from(row.get::<_, Vec<u8>>(1)),
+            )
+        })
+        .collect()
+}
+
 /// The first key after every key that starts with `prefix` (none for an empty prefix or one of
 /// 0xff bytes only).
 fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
@@ -611,15 +623,7 @@ impl PgBackend {
         self.worker.call(move |conn| {
             let (client, statement) = conn.prepared(SCAN)?;
             let rows = client.query(&statement, &[&tree, &prefix, &end])?;
-            Ok(rows
-                .into_iter()
-                .map(|row| {
-                    (
-                        Bytes::from(row.get::<_, Vec<u8>>(0)),
-                        Bytes::from(row.get::<_, Vec<u8>>(1)),
-                    )
-                })
-                .collect())
+            Ok(key_values(rows))
         })
     }
 
@@ -829,15 +833,7 @@ impl PgBackend {
         self.worker.call(move |conn| {
             let (client, statement) = conn.prepared(ROLLOUTS_OF)?;
             let rows = client.query(&statement, &[&keys])?;
-            Ok(rows
-                .into_iter()
-                .map(|row| {
-                    (
-                        Bytes::from(row.get::<_, Vec<u8>>(0)),
-                        Bytes::from(row.get::<_, Vec<u8>>(1)),
-                    )
-                })
-                .collect())
+            Ok(key_values(rows))
         })
     }
 

@@ -254,21 +254,16 @@ fn client_cert(
     }
 }
 
-/// A client file's bytes, bounded.
-fn read_client_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
+/// A file's bytes, at most `max` of them: `what` names it in errors (`sslcert`, ...).
+fn read_bounded(what: &str, path: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
     let shown = path.display();
     let file =
         std::fs::File::open(path).map_err(|e| format!("{what} {shown} cannot be read: {e}"))?;
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(file, MAX_CLIENT_FILE + 1),
-        &mut bytes,
-    )
-    .map_err(|e| format!("{what} {shown} cannot be read: {e}"))?;
-    if bytes.len() as u64 > MAX_CLIENT_FILE {
-        return Err(format!(
-            "{what} {shown} is larger than {MAX_CLIENT_FILE} bytes"
-        ));
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, max + 1), &mut bytes)
+        .map_err(|e| format!("{what} {shown} cannot be read: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("{what} {shown} is larger than {max} bytes"));
     }
     Ok(bytes)
 }
@@ -292,7 +287,7 @@ impl ClientCert {
         String,
     > {
         use std::os::unix::fs::MetadataExt;
-        let bytes = read_client_file("sslcert", &self.cert)?;
+        let bytes = read_bounded("sslcert", &self.cert, MAX_CLIENT_FILE)?;
         let chain = CertificateDer::pem_slice_iter(&bytes)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| {
@@ -316,7 +311,7 @@ impl ClientCert {
                 meta.mode() & 0o777
             ));
         }
-        let bytes = read_client_file("sslkey", &self.key)?;
+        let bytes = read_bounded("sslkey", &self.key, MAX_CLIENT_FILE)?;
         if String::from_utf8_lossy(&bytes).contains("ENCRYPTED") {
             return Err(format!(
                 "sslkey {shown} is encrypted, which is not supported: give an unencrypted copy (openssl pkey -in KEY -out KEY.plain), mode 0600"
@@ -396,19 +391,7 @@ impl Settings {
         match &self.roots {
             Roots::File(path) => {
                 let shown = path.display();
-                let file = std::fs::File::open(path)
-                    .map_err(|e| format!("sslrootcert {shown} cannot be read: {e}"))?;
-                let mut bytes = Vec::new();
-                std::io::Read::read_to_end(
-                    &mut std::io::Read::take(file, MAX_ROOT_FILE + 1),
-                    &mut bytes,
-                )
-                .map_err(|e| format!("sslrootcert {shown} cannot be read: {e}"))?;
-                if bytes.len() as u64 > MAX_ROOT_FILE {
-                    return Err(format!(
-                        "sslrootcert {shown} is larger than {MAX_ROOT_FILE} bytes: not a CA file"
-                    ));
-                }
+                let bytes = read_bounded("sslrootcert", path, MAX_ROOT_FILE)?;
                 for cert in CertificateDer::pem_slice_iter(&bytes) {
                     let cert = cert.map_err(|e| {
                         format!("sslrootcert {shown} is not a PEM file of certificates: {e}")
