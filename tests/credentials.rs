@@ -1,7 +1,8 @@
 //! Signing in without a client secret: a certificate (PEM and PKCS#12), a managed identity and
 //! workload identity federation each drive a whole rollout on the Graph emulator, and a wrong
 //! certificate fails with the service's own error while no key material reaches any output or
-//! the store.
+//! the store. The rollouts run on both store backends (`on_both_stores!`); the wrong-certificate
+//! test reads sled's files for key material, so it stays on sled.
 
 mod common;
 
@@ -58,92 +59,96 @@ fn completes(pg: &Phasegate) {
     assert_eq!(pg.status(&id)["status"], "completed");
 }
 
-#[test]
-fn a_certificate_in_pem_signs_in_for_a_whole_rollout() {
-    let emulator = emulator();
-    completes(&plan_with(
-        &emulator,
-        &format!("client_certificate = \"{}\"", fixture("app.pem")),
-    ));
-}
-
-#[test]
-fn a_certificate_in_pkcs12_opens_with_its_password_from_the_environment() {
-    let emulator = emulator();
-    let pg = plan_with(
-        &emulator,
-        &format!(
-            "client_certificate = \"{}\"\nclient_certificate_password_env = \"PHASEGATE_CERT_PASSWORD\"",
-            fixture("app.p12")
-        ),
-    );
-    // Without the password, `start` says which variable to set.
-    let out = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
-    assert_ne!(code(&out), 0);
-    assert!(
-        stderr(&out).contains("put it in the environment variable PHASEGATE_CERT_PASSWORD"),
-        "{}",
-        stderr(&out)
-    );
-    completes(&pg.with_env("PHASEGATE_CERT_PASSWORD", "test-pkcs12-password"));
-}
-
-#[test]
-fn a_managed_identity_signs_in_through_the_metadata_service() {
-    let emulator = emulator();
-    completes(&plan_with(
-        &emulator,
-        &format!(
-            "managed_identity = true\nidentity_endpoint = \"{}/metadata/identity/oauth2/token\"",
-            emulator.url
-        ),
-    ));
-}
-
-#[test]
-fn a_federated_token_from_a_file_signs_in_and_is_read_again_for_each_token() {
-    let emulator = emulator();
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("azure-identity-token");
-    let claims = serde_json::json!({
-        "iss": ISSUER, "sub": SUBJECT, "aud": ["api://AzureADTokenExchange"],
-        "iat": 1_700_000_000, "exp": 4_100_000_000i64,
-    });
-    let key = std::fs::read(fixture("issuer.key.pem")).unwrap();
-    let token = jsonwebtoken::encode(
-        &Header::new(Algorithm::RS256),
-        &claims,
-        &EncodingKey::from_rsa_pem(&key).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(&token_file, &token).unwrap();
-    let pg = plan_with(
-        &emulator,
-        &format!(
-            "workload_identity = true\nfederated_token_file = \"{}\"",
-            token_file.display()
-        ),
-    );
-    completes(&pg);
-    // A token for another subject in the same file: the next sign-in uses it, and is refused
-    // with the service's reason.
-    let mut other = claims.clone();
-    other["sub"] = "system:serviceaccount:change:intruder".into();
-    let other = jsonwebtoken::encode(
-        &Header::new(Algorithm::RS256),
-        &other,
-        &EncodingKey::from_rsa_pem(&key).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(&token_file, other).unwrap();
-    let again = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
-    let mut said = format!("{}{}", stdout(&again), stderr(&again));
-    if code(&again) == 0 {
-        let id = stdout(&again).trim().to_string();
-        let out = pg.run(&["run", &id]);
-        said.push_str(&format!("{}{}", stderr(&out), pg.status(&id)));
+on_both_stores! {
+    fn a_certificate_in_pem_signs_in_for_a_whole_rollout() {
+        let emulator = emulator();
+        completes(&plan_with(
+            &emulator,
+            &format!("client_certificate = \"{}\"", fixture("app.pem")),
+        ));
     }
-    assert!(said.contains("AADSTS700213"), "{said}");
+}
+
+on_both_stores! {
+    fn a_certificate_in_pkcs12_opens_with_its_password_from_the_environment() {
+        let emulator = emulator();
+        let pg = plan_with(
+            &emulator,
+            &format!(
+                "client_certificate = \"{}\"\nclient_certificate_password_env = \"PHASEGATE_CERT_PASSWORD\"",
+                fixture("app.p12")
+            ),
+        );
+        // Without the password, `start` says which variable to set.
+        let out = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
+        assert_ne!(code(&out), 0);
+        assert!(
+            stderr(&out).contains("put it in the environment variable PHASEGATE_CERT_PASSWORD"),
+            "{}",
+            stderr(&out)
+        );
+        completes(&pg.with_env("PHASEGATE_CERT_PASSWORD", "test-pkcs12-password"));
+    }
+}
+
+on_both_stores! {
+    fn a_managed_identity_signs_in_through_the_metadata_service() {
+        let emulator = emulator();
+        completes(&plan_with(
+            &emulator,
+            &format!(
+                "managed_identity = true\nidentity_endpoint = \"{}/metadata/identity/oauth2/token\"",
+                emulator.url
+            ),
+        ));
+    }
+}
+
+on_both_stores! {
+    fn a_federated_token_from_a_file_signs_in_and_is_read_again_for_each_token() {
+        let emulator = emulator();
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("azure-identity-token");
+        let claims = serde_json::json!({
+            "iss": ISSUER, "sub": SUBJECT, "aud": ["api://AzureADTokenExchange"],
+            "iat": 1_700_000_000, "exp": 4_100_000_000i64,
+        });
+        let key = std::fs::read(fixture("issuer.key.pem")).unwrap();
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::RS256),
+            &claims,
+            &EncodingKey::from_rsa_pem(&key).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(&token_file, &token).unwrap();
+        let pg = plan_with(
+            &emulator,
+            &format!(
+                "workload_identity = true\nfederated_token_file = \"{}\"",
+                token_file.display()
+            ),
+        );
+        completes(&pg);
+        // A token for another subject in the same file: the next sign-in uses it, and is refused
+        // with the service's reason.
+        let mut other = claims.clone();
+        other["sub"] = "system:serviceaccount:change:intruder".into();
+        let other = jsonwebtoken::encode(
+            &Header::new(Algorithm::RS256),
+            &other,
+            &EncodingKey::from_rsa_pem(&key).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(&token_file, other).unwrap();
+        let again = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
+        let mut said = format!("{}{}", stdout(&again), stderr(&again));
+        if code(&again) == 0 {
+            let id = stdout(&again).trim().to_string();
+            let out = pg.run(&["run", &id]);
+            said.push_str(&format!("{}{}", stderr(&out), pg.status(&id)));
+        }
+        assert!(said.contains("AADSTS700213"), "{said}");
+    }
 }
 
 #[test]
