@@ -2,7 +2,7 @@
 //! API: the real binary on both sides of loopback sockets, the zip downloaded from the
 //! emulator's blob origin. Each phase's counts are compared with the emulator's own, which it
 //! computes from the snapshot of its device model the export was built from — not from the CSV,
-//! and not with phasegate's counting.
+//! and not with phasegate's counting. The device-group test runs on both store backends.
 
 mod common;
 
@@ -138,53 +138,54 @@ fn device_group_plan(url: &str) -> String {
         )
 }
 
-#[test]
-fn a_device_group_phase_holds_its_shared_and_userless_devices_as_the_emulator_counts_them() {
-    let emulator = Emulator::spawn(&[
-        "--client-secret",
-        SECRET,
-        "--devices",
-        "100000",
-        "--ca-rate",
-        "1000",
-    ]);
-    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 1000.0, |_| {
-        device_group_plan(&emulator.url)
-    });
-    let id = pg.start();
-    let out = pg.run(&["run", &id]);
-    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
-    let status = pg.status(&id);
-    assert_eq!(status["phases"][1]["id"], "shared-devices", "{status}");
-    for (phase, group) in [(0, "Pilot%20IT"), (1, "Shared%20Devices")] {
-        let observed = &status["phases"][phase]["observation"];
-        let truth: Value = emulator.get(&format!(
-            "/_emulator/exportJobs/latest/truth?include={group}&exclude=Break%20Glass&stale_after=259200"
-        ));
-        for count in COUNTS {
-            assert_eq!(
-                observed[count], truth[count],
-                "phase {phase}, {count}: phasegate {observed}, the emulator {truth}"
-            );
+on_both_stores! {
+    fn a_device_group_phase_holds_its_shared_and_userless_devices_as_the_emulator_counts_them() {
+        let emulator = Emulator::spawn(&[
+            "--client-secret",
+            SECRET,
+            "--devices",
+            "100000",
+            "--ca-rate",
+            "1000",
+        ]);
+        let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 1000.0, |_| {
+            device_group_plan(&emulator.url)
+        });
+        let id = pg.start();
+        let out = pg.run(&["run", &id]);
+        assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+        let status = pg.status(&id);
+        assert_eq!(status["phases"][1]["id"], "shared-devices", "{status}");
+        for (phase, group) in [(0, "Pilot%20IT"), (1, "Shared%20Devices")] {
+            let observed = &status["phases"][phase]["observation"];
+            let truth: Value = emulator.get(&format!(
+                "/_emulator/exportJobs/latest/truth?include={group}&exclude=Break%20Glass&stale_after=259200"
+            ));
+            for count in COUNTS {
+                assert_eq!(
+                    observed[count], truth[count],
+                    "phase {phase}, {count}: phasegate {observed}, the emulator {truth}"
+                );
+            }
         }
+        let truth: Value = emulator.get(
+            "/_emulator/exportJobs/latest/truth?include=Shared%20Devices&exclude=Break%20Glass&stale_after=259200",
+        );
+        // Every device of the phase is there through the device group, the userless ones too (in
+        // the phase, not apart), and shared ones once.
+        let targeted = truth["targeted"].as_u64().unwrap();
+        assert!(targeted > 1_000, "{truth}");
+        assert_eq!(truth["by_device_group"], truth["targeted"], "{truth}");
+        assert!(
+            truth["userless_by_device_group"].as_u64().unwrap() > 100,
+            "{truth}"
+        );
+        assert!(truth["shared"].as_u64().unwrap() > 100, "{truth}");
+        assert_eq!(truth["userless"], 0, "{truth}");
+        // The pilot's users' phase still reports the policy's userless devices outside it.
+        let pilot = &status["phases"][0]["observation"];
+        assert!(pilot["userless"].as_u64().unwrap() > 0, "{pilot}");
     }
-    let truth: Value = emulator.get(
-        "/_emulator/exportJobs/latest/truth?include=Shared%20Devices&exclude=Break%20Glass&stale_after=259200",
-    );
-    // Every device of the phase is there through the device group, the userless ones too (in
-    // the phase, not apart), and shared ones once.
-    let targeted = truth["targeted"].as_u64().unwrap();
-    assert!(targeted > 1_000, "{truth}");
-    assert_eq!(truth["by_device_group"], truth["targeted"], "{truth}");
-    assert!(
-        truth["userless_by_device_group"].as_u64().unwrap() > 100,
-        "{truth}"
-    );
-    assert!(truth["shared"].as_u64().unwrap() > 100, "{truth}");
-    assert_eq!(truth["userless"], 0, "{truth}");
-    // The pilot's users' phase still reports the policy's userless devices outside it.
-    let pilot = &status["phases"][0]["observation"];
-    assert!(pilot["userless"].as_u64().unwrap() > 0, "{pilot}");
 }
 
 /// The same device-group phase through the `deviceStatuses` fallback: its user–device pairs

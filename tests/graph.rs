@@ -1,5 +1,6 @@
 //! End-to-end tests of the Graph provider against `phasegate emulator` on loopback: the real
-//! binary on both sides of a real socket.
+//! binary on both sides of a real socket. The rollouts that write the tenant (the documented
+//! writes, injected faults, abort) run on both store backends (`on_both_stores!`).
 
 mod common;
 
@@ -58,92 +59,94 @@ fn short(writes: &[(String, String, String)]) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn a_four_phase_rollout_completes_with_exactly_the_documented_writes() {
-    let emulator = Emulator::start(&["--devices", "3000", "--ca-rate", "20"]);
-    let pg = Phasegate::new(&emulator, 20.0);
-    let id = pg.start();
-    pg.complete(&id);
-    let status = pg.status(&id);
-    assert_eq!(status["status"], "completed");
-    assert!(
-        status["phases"]
+on_both_stores! {
+    fn a_four_phase_rollout_completes_with_exactly_the_documented_writes() {
+        let emulator = Emulator::start(&["--devices", "3000", "--ca-rate", "20"]);
+        let pg = Phasegate::new(&emulator, 20.0);
+        let id = pg.start();
+        pg.complete(&id);
+        let status = pg.status(&id);
+        assert_eq!(status["status"], "completed");
+        assert!(
+            status["phases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["state"] == "promoted")
+        );
+        // docs/graph.md, "What each phase writes": one line per write, in order.
+        assert_eq!(
+            short(&emulator.writes()),
+            vec![
+                "PATCH compliance policy",      // pilot: the ownership line
+                "POST scheduleActionsForRules", // pilot: the block grace held at 8,760 h
+                "POST assign",                  // pilot: assign Pilot IT, exclude Break Glass
+                "PATCH policy",                 // pilot: CA report-only over the pilot group
+                "POST assign",                  // report-only: add All users
+                "PATCH policy",                 // report-only: CA report-only over all users
+                "POST scheduleActionsForRules", // notify: the notification, grace still held
+                "POST scheduleActionsForRules", // notify: the derived grace
+                "POST policies",                // enforce: the enabled copy of the CA policy
+                "PATCH compliance policy",      // completed: the ownership line removed
+                "PATCH policy",                 // completed: the ownership line removed
+            ]
+        );
+        let state = emulator.get("/_emulator/state");
+        let copy = state["conditionalAccess"]
             .as_array()
             .unwrap()
             .iter()
-            .all(|p| p["state"] == "promoted")
-    );
-    // docs/graph.md, "What each phase writes": one line per write, in order.
-    assert_eq!(
-        short(&emulator.writes()),
-        vec![
-            "PATCH compliance policy",      // pilot: the ownership line
-            "POST scheduleActionsForRules", // pilot: the block grace held at 8,760 h
-            "POST assign",                  // pilot: assign Pilot IT, exclude Break Glass
-            "PATCH policy",                 // pilot: CA report-only over the pilot group
-            "POST assign",                  // report-only: add All users
-            "PATCH policy",                 // report-only: CA report-only over all users
-            "POST scheduleActionsForRules", // notify: the notification, grace still held
-            "POST scheduleActionsForRules", // notify: the derived grace
-            "POST policies",                // enforce: the enabled copy of the CA policy
-            "PATCH compliance policy",      // completed: the ownership line removed
-            "PATCH policy",                 // completed: the ownership line removed
-        ]
-    );
-    let state = emulator.get("/_emulator/state");
-    let copy = state["conditionalAccess"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| {
-            c["displayName"]
-                .as_str()
+            .find(|c| {
+                c["displayName"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("(phasegate enforced)")
+            })
+            .expect("the enforced copy exists");
+        assert_eq!(copy["state"], "enabled");
+        assert_eq!(copy["users"]["includeUsers"][0], "All");
+        // Nobody is blocked yet: owners were told a week ago at most. A month later, some are.
+        assert_eq!(state["policies"][0]["deviceStatuses"]["blocked"], 0);
+        emulator.post(
+            "/_emulator/clock",
+            &serde_json::json!({"advanceBySeconds": 30 * 86_400}),
+        );
+        let state = emulator.get("/_emulator/state");
+        assert!(
+            state["policies"][0]["deviceStatuses"]["blocked"]
+                .as_u64()
                 .unwrap()
-                .ends_with("(phasegate enforced)")
-        })
-        .expect("the enforced copy exists");
-    assert_eq!(copy["state"], "enabled");
-    assert_eq!(copy["users"]["includeUsers"][0], "All");
-    // Nobody is blocked yet: owners were told a week ago at most. A month later, some are.
-    assert_eq!(state["policies"][0]["deviceStatuses"]["blocked"], 0);
-    emulator.post(
-        "/_emulator/clock",
-        &serde_json::json!({"advanceBySeconds": 30 * 86_400}),
-    );
-    let state = emulator.get("/_emulator/state");
-    assert!(
-        state["policies"][0]["deviceStatuses"]["blocked"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
-    // Running again changes nothing.
-    let writes = emulator.writes().len();
-    assert_eq!(code(&pg.run(&["run", &id])), 0);
-    assert_eq!(emulator.writes().len(), writes);
+                > 0
+        );
+        // Running again changes nothing.
+        let writes = emulator.writes().len();
+        assert_eq!(code(&pg.run(&["run", &id])), 0);
+        assert_eq!(emulator.writes().len(), writes);
+    }
 }
 
-#[test]
-fn with_injected_faults_the_tenant_ends_the_same_and_no_write_is_repeated() {
-    let calm = Emulator::start(&["--devices", "3000", "--ca-rate", "20"]);
-    let calm_pg = Phasegate::new(&calm, 20.0);
-    let id = calm_pg.start();
-    calm_pg.complete(&id);
+on_both_stores! {
+    fn with_injected_faults_the_tenant_ends_the_same_and_no_write_is_repeated() {
+        let calm = Emulator::start(&["--devices", "3000", "--ca-rate", "20"]);
+        let calm_pg = Phasegate::new(&calm, 20.0);
+        let id = calm_pg.start();
+        calm_pg.complete(&id);
 
-    let faulty = Emulator::start(&["--devices", "3000", "--ca-rate", "20", "--faults", "0.2"]);
-    let faulty_pg = Phasegate::new(&faulty, 20.0);
-    let id = faulty_pg.start();
-    faulty_pg.complete(&id);
-    let state = faulty.get("/_emulator/state");
-    assert!(state["faultsInjected"].as_u64().unwrap() > 20, "{state}");
+        let faulty = Emulator::start(&["--devices", "3000", "--ca-rate", "20", "--faults", "0.2"]);
+        let faulty_pg = Phasegate::new(&faulty, 20.0);
+        let id = faulty_pg.start();
+        faulty_pg.complete(&id);
+        let state = faulty.get("/_emulator/state");
+        assert!(state["faultsInjected"].as_u64().unwrap() > 20, "{state}");
 
-    assert_eq!(
-        faulty.writes(),
-        calm.writes(),
-        "the same writes, each once, in the same order"
-    );
-    assert_eq!(faulty.configuration(), calm.configuration());
-    assert_eq!(faulty_pg.status(&id)["status"], "completed");
+        assert_eq!(
+            faulty.writes(),
+            calm.writes(),
+            "the same writes, each once, in the same order"
+        );
+        assert_eq!(faulty.configuration(), calm.configuration());
+        assert_eq!(faulty_pg.status(&id)["status"], "completed");
+    }
 }
 
 #[test]
@@ -256,19 +259,20 @@ fn a_group_the_tenant_does_not_have_is_invalid_input() {
     );
 }
 
-#[test]
-fn abort_restores_the_recorded_configuration_exactly() {
-    let emulator = Emulator::start(&["--devices", "2000", "--ca-rate", "20"]);
-    let before = emulator.configuration();
-    let pg = Phasegate::new(&emulator, 20.0);
-    let id = pg.start();
-    pg.complete(&id);
-    assert_ne!(emulator.configuration(), before);
-    let out = pg.run(&["abort", &id, "--by", "alice", "--reason", "rehearsal over"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert_eq!(code(&pg.run(&["run", &id])), 3);
-    assert_eq!(pg.status(&id)["status"], "aborted");
-    assert_eq!(emulator.configuration(), before);
+on_both_stores! {
+    fn abort_restores_the_recorded_configuration_exactly() {
+        let emulator = Emulator::start(&["--devices", "2000", "--ca-rate", "20"]);
+        let before = emulator.configuration();
+        let pg = Phasegate::new(&emulator, 20.0);
+        let id = pg.start();
+        pg.complete(&id);
+        assert_ne!(emulator.configuration(), before);
+        let out = pg.run(&["abort", &id, "--by", "alice", "--reason", "rehearsal over"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert_eq!(code(&pg.run(&["run", &id])), 3);
+        assert_eq!(pg.status(&id)["status"], "aborted");
+        assert_eq!(emulator.configuration(), before);
+    }
 }
 
 /// The emulator in this process, the provider talking to it over loopback; returns the ledger.
