@@ -5,7 +5,12 @@
 //! The server is a real one started for the run (`tests/common/postgres.rs`) with `fsync=on`,
 //! so both sides wait for the WAL to reach the disk. One transition is what the engine commits:
 //! the rollout's record and its event (hash-chained), conditional on the rollout's head, in one
-//! transaction.
+//! transaction. `PHASEGATE_PG_FSYNC=off` starts the server without `fsync` instead, to see the
+//! CPU-bound ratio: what each side costs besides waiting for the disk.
+//!
+//! Beside it, the same read of the rollout's row through the store (a request to the store's
+//! worker thread, the record decoded) and as one `SELECT` on the bare client: what the hop to
+//! the worker thread costs a transition.
 //!
 //! Second, what a `serve` replica reads at each lease renewal to find rollouts nobody drives, on
 //! a store of `PHASEGATE_PG_ROLLOUTS` (2,000) rollouts in which nothing moved since the last
@@ -32,7 +37,15 @@ fn main() {
         println!("run with `cargo bench --bench postgres` to measure");
         return;
     }
-    let server = server::Postgres::start(&["fsync=on", "synchronous_commit=on"]);
+    // `PHASEGATE_PG_FSYNC=off`: a server that does not wait for the disk, to see the CPU-bound
+    // ratio (what each side costs besides the WAL flush).
+    let fsync = std::env::var("PHASEGATE_PG_FSYNC").unwrap_or_else(|_| "on".into());
+    let fsync = if fsync == "off" {
+        "fsync=off"
+    } else {
+        "fsync=on"
+    };
+    let server = server::Postgres::start(&[fsync, "synchronous_commit=on"]);
     let url = server.database();
     let store = Store::open(url.as_ref(), DEFAULT_LOCK_WAIT).unwrap();
     let mut transitions = Transitions::start(&store);
@@ -67,7 +80,26 @@ fn main() {
     }
     let (transitions, inserts) = (median(transitions), median(inserts));
     assert_eq!(store.verify(ROLLOUT).unwrap().map(|n| n > 1), Ok(true));
-    println!("phasegate PostgreSQL benchmark (median of {ROUNDS} rounds of {PER_ROUND})");
+    // Where a transition's time goes besides the statement: the same read of the rollout's row
+    // through the store (its worker thread, the JSON decode) and on a bare client.
+    let mut store_read = || {
+        std::hint::black_box(store.rollout(ROLLOUT).unwrap());
+    };
+    let select = bare
+        .prepare("SELECT value FROM phasegate.entries WHERE tree = 'rollouts' AND key = $1")
+        .unwrap();
+    let key = ROLLOUT.as_bytes().to_vec();
+    let mut bare_read = || {
+        let row = bare.query_one(&select, &[&key]).unwrap();
+        std::hint::black_box(row.get::<_, Vec<u8>>(0));
+    };
+    let (mut through_store, mut through_bare) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        through_store.push(per_second(PER_ROUND, &mut store_read));
+        through_bare.push(per_second(PER_ROUND, &mut bare_read));
+    }
+    let (through_store, through_bare) = (median(through_store), median(through_bare));
+    println!("phasegate PostgreSQL benchmark (median of {ROUNDS} rounds of {PER_ROUND}, {fsync})");
     println!(
         "{:<52} {:>9.0}/s   {:<34} {:>9.0}/s   ratio {:.2}x (target >= 0.8x)",
         "durable transitions (record + event, conditional)",
@@ -75,6 +107,14 @@ fn main() {
         format!("bare INSERT of {size} bytes + COMMIT"),
         inserts,
         transitions / inserts
+    );
+    println!(
+        "{:<52} {:>9.0}/s   {:<34} {:>9.0}/s   ratio {:.2}x",
+        "the rollout's row read through the store",
+        through_store,
+        "the same SELECT on a bare client",
+        through_bare,
+        through_store / through_bare
     );
     drop(store);
     renewal_reads();
