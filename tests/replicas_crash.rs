@@ -375,12 +375,7 @@ fn wanted_of(events: &[EventRecord]) -> Vec<Config> {
                 let assignments = desired
                     .assignments
                     .iter()
-                    .map(|a| SimAssignment {
-                        include: a.include.clone(),
-                        exclude: a.exclude.clone(),
-                        mode: a.mode,
-                        grace_secs: a.grace_secs,
-                    })
+                    .map(SimAssignment::from)
                     .collect();
                 let entry = (
                     assignments,

@@ -146,6 +146,18 @@ pub struct SimAssignment {
     pub grace_secs: Option<u64>,
 }
 
+impl From<&crate::domain::desired::DesiredAssignment> for SimAssignment {
+    /// The assignment as the simulated tenant keeps it.
+    fn from(a: &crate::domain::desired::DesiredAssignment) -> SimAssignment {
+        SimAssignment {
+            include: a.include.clone(),
+            exclude: a.exclude.clone(),
+            mode: a.mode,
+            grace_secs: a.grace_secs,
+        }
+    }
+}
+
 /// The policy's assignments from `at` until the next entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigEntry {

@@ -420,12 +420,7 @@ impl Provider for SimProvider {
         let wanted: Vec<SimAssignment> = desired
             .assignments
             .iter()
-            .map(|a| SimAssignment {
-                include: a.include.clone(),
-                exclude: a.exclude.clone(),
-                mode: a.mode,
-                grace_secs: a.grace_secs,
-            })
+            .map(SimAssignment::from)
             .collect();
         let exempt = SimExempt {
             users: desired.exempt.users.clone(),
