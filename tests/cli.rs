@@ -274,49 +274,50 @@ on_both_stores! {
     }
 }
 
-#[test]
-fn abort_restores_the_configuration_from_before_the_rollout() {
-    let pg = Phasegate::offline();
-    let id = stdout(&pg.run(&["start", "plans/ios-parallel-pilots.toml", "--by", "alice"]))
-        .trim()
-        .to_string();
-    assert_eq!(code(&pg.run(&["run"])), 3);
-    let out = pg.run(&["abort", &id, "--by", "alice", "--reason", "wrong policy"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert_eq!(pg.json(&["status", &id])["status"], "aborting");
-    let out = pg.run(&["run", &id]);
-    assert_eq!(code(&out), 3);
-    let status = pg.json(&["status", &id]);
-    assert_eq!(status["status"], "aborted");
-    let phases = status["phases"].as_array().unwrap();
-    assert!(
-        phases
-            .iter()
-            .all(|p| p["state"] == "rolled_back" || p["state"] == "pending")
-    );
-    assert!(
-        phases
-            .iter()
-            .filter(|p| p["state"] == "rolled_back")
-            .count()
-            >= 3
-    );
+on_both_stores! {
+    fn abort_restores_the_configuration_from_before_the_rollout() {
+        let pg = Phasegate::offline();
+        let id = stdout(&pg.run(&["start", "plans/ios-parallel-pilots.toml", "--by", "alice"]))
+            .trim()
+            .to_string();
+        assert_eq!(code(&pg.run(&["run"])), 3);
+        let out = pg.run(&["abort", &id, "--by", "alice", "--reason", "wrong policy"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert_eq!(pg.json(&["status", &id])["status"], "aborting");
+        let out = pg.run(&["run", &id]);
+        assert_eq!(code(&out), 3);
+        let status = pg.json(&["status", &id]);
+        assert_eq!(status["status"], "aborted");
+        let phases = status["phases"].as_array().unwrap();
+        assert!(
+            phases
+                .iter()
+                .all(|p| p["state"] == "rolled_back" || p["state"] == "pending")
+        );
+        assert!(
+            phases
+                .iter()
+                .filter(|p| p["state"] == "rolled_back")
+                .count()
+                >= 3
+        );
 
-    // The simulated tenant's policy is back to what it was before the rollout: unassigned.
-    let store = Store::open(&pg.store_dir(), DEFAULT_LOCK_WAIT).unwrap();
-    let plan = parse_plan(
-        "p",
-        &std::fs::read_to_string("plans/ios-parallel-pilots.toml").unwrap(),
-    )
-    .unwrap();
-    let settings = settings::of(&plan.provider).unwrap();
-    let tenant = SimProvider::open(&settings, &store).unwrap();
-    let history = tenant.history(&plan.policy.compliance[0]);
-    assert!(
-        history.len() >= 3,
-        "phases were applied, then restored: {history:?}"
-    );
-    assert!(history.last().unwrap().assignments.is_empty());
+        // The simulated tenant's policy is back to what it was before the rollout: unassigned.
+        let store = Store::open(Path::new(pg.store()), DEFAULT_LOCK_WAIT).unwrap();
+        let plan = parse_plan(
+            "p",
+            &std::fs::read_to_string("plans/ios-parallel-pilots.toml").unwrap(),
+        )
+        .unwrap();
+        let settings = settings::of(&plan.provider).unwrap();
+        let tenant = SimProvider::open(&settings, &store).unwrap();
+        let history = tenant.history(&plan.policy.compliance[0]);
+        assert!(
+            history.len() >= 3,
+            "phases were applied, then restored: {history:?}"
+        );
+        assert!(history.last().unwrap().assignments.is_empty());
+    }
 }
 
 #[test]
@@ -445,50 +446,51 @@ fn drive_to_completion(pg: &Phasegate, id: &str) -> usize {
     panic!("the rollout did not complete");
 }
 
-#[test]
-fn a_run_killed_at_any_moment_resumes_without_repeating_or_skipping_a_change() {
-    let plan_text = std::fs::read_to_string("plans/windows-baseline.toml")
-        .unwrap()
-        .replace("devices = 10000", "devices = 200000");
+on_both_stores! {
+    fn a_run_killed_at_any_moment_resumes_without_repeating_or_skipping_a_change() {
+        let plan_text = std::fs::read_to_string("plans/windows-baseline.toml")
+            .unwrap()
+            .replace("devices = 10000", "devices = 200000");
 
-    // The reference: the same rollout, never interrupted.
-    let calm = Phasegate::offline();
-    let calm_plan = calm.dir.path().join("plan.toml");
-    std::fs::write(&calm_plan, &plan_text).unwrap();
-    let id = stdout(&calm.run(&["start", calm_plan.to_str().unwrap(), "--by", "alice"]))
-        .trim()
-        .to_string();
-    drive_to_completion(&calm, &id);
-    let reference = tenant_history(&calm.store_dir(), &calm_plan);
-    assert_eq!(reference.len(), 4, "one change per phase: {reference:?}");
+        // The reference: the same rollout, never interrupted.
+        let calm = Phasegate::offline();
+        let calm_plan = calm.dir.path().join("plan.toml");
+        std::fs::write(&calm_plan, &plan_text).unwrap();
+        let id = stdout(&calm.run(&["start", calm_plan.to_str().unwrap(), "--by", "alice"]))
+            .trim()
+            .to_string();
+        drive_to_completion(&calm, &id);
+        let reference = tenant_history(Path::new(calm.store()), &calm_plan);
+        assert_eq!(reference.len(), 4, "one change per phase: {reference:?}");
 
-    // The same rollout, with `run` killed (SIGKILL) at staggered moments.
-    let rough = Phasegate::offline();
-    let rough_plan = rough.dir.path().join("plan.toml");
-    std::fs::write(&rough_plan, &plan_text).unwrap();
-    let out = rough.run(&["start", rough_plan.to_str().unwrap(), "--by", "alice"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let mut killed = 0;
-    for delay_ms in [3u64, 15, 40, 80, 120, 160, 220, 300] {
-        let mut child = rough.spawn(&["run", &id]);
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            killed += 1;
+        // The same rollout, with `run` killed (SIGKILL) at staggered moments.
+        let rough = Phasegate::offline();
+        let rough_plan = rough.dir.path().join("plan.toml");
+        std::fs::write(&rough_plan, &plan_text).unwrap();
+        let out = rough.run(&["start", rough_plan.to_str().unwrap(), "--by", "alice"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let mut killed = 0;
+        for delay_ms in [3u64, 15, 40, 80, 120, 160, 220, 300] {
+            let mut child = rough.spawn(&["run", &id]);
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                killed += 1;
+            }
+            child.wait().unwrap();
         }
-        child.wait().unwrap();
-    }
-    assert!(
-        killed >= 4,
-        "only {killed} runs were still going when killed"
-    );
-    drive_to_completion(&rough, &id);
+        assert!(
+            killed >= 4,
+            "only {killed} runs were still going when killed"
+        );
+        drive_to_completion(&rough, &id);
 
-    let status = rough.json(&["status", &id]);
-    assert_eq!(status["status"], "completed");
-    assert_eq!(code(&rough.run(&["history", &id, "--verify"])), 0);
-    // Every change made exactly once, in plan order, at the same simulated moments.
-    assert_eq!(tenant_history(&rough.store_dir(), &rough_plan), reference);
+        let status = rough.json(&["status", &id]);
+        assert_eq!(status["status"], "completed");
+        assert_eq!(code(&rough.run(&["history", &id, "--verify"])), 0);
+        // Every change made exactly once, in plan order, at the same simulated moments.
+        assert_eq!(tenant_history(Path::new(rough.store()), &rough_plan), reference);
+    }
 }
 
 /// The example plan with these `[[webhook]]` tables, written into the test's store directory.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{Emulator, Phasegate, code, stderr, stdout};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -151,47 +151,43 @@ on_both_stores! {
     }
 }
 
-#[test]
-fn a_wrong_certificate_fails_with_the_services_error_and_no_key_material_anywhere() {
-    let emulator = emulator();
-    let pg = plan_with(
-        &emulator,
-        &format!("client_certificate = \"{}\"", fixture("other.pem")),
-    );
-    let start = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
-    let mut outputs = vec![stdout(&start), stderr(&start)];
-    let id = stdout(&start).trim().to_string();
-    let run = pg.run(&["run", &id]);
-    outputs.push(stdout(&run));
-    outputs.push(stderr(&run));
-    assert_ne!(
-        code(&run),
-        0,
-        "signing in with an unregistered certificate must fail"
-    );
-    let status = pg.run(&["status", &id, "--output", "json"]);
-    let history = pg.run(&["history", &id, "--output", "json"]);
-    outputs.extend([stdout(&status), stdout(&history), stderr(&status)]);
-    let said = outputs.join("\n");
-    assert!(
-        said.contains("AADSTS700027"),
-        "the service's error is shown: {said}"
-    );
-    assert!(said.contains("not registered"), "{said}");
-    // No line of the private key, in any output or any file of the store.
-    let key_lines = key_material(&fixture("other.pem"));
-    for line in &key_lines {
-        assert!(!said.contains(line.as_str()), "key material in the output");
-    }
-    for file in files(&pg.store_dir()) {
-        let bytes = std::fs::read(&file).unwrap();
-        let text = String::from_utf8_lossy(&bytes);
+on_both_stores! {
+    fn a_wrong_certificate_fails_with_the_services_error_and_no_key_material_anywhere() {
+        let emulator = emulator();
+        let pg = plan_with(
+            &emulator,
+            &format!("client_certificate = \"{}\"", fixture("other.pem")),
+        );
+        let start = pg.run(&["start", pg.plan.to_str().unwrap(), "--by", "alice"]);
+        let mut outputs = vec![stdout(&start), stderr(&start)];
+        let id = stdout(&start).trim().to_string();
+        let run = pg.run(&["run", &id]);
+        outputs.push(stdout(&run));
+        outputs.push(stderr(&run));
+        assert_ne!(
+            code(&run),
+            0,
+            "signing in with an unregistered certificate must fail"
+        );
+        let status = pg.run(&["status", &id, "--output", "json"]);
+        let history = pg.run(&["history", &id, "--output", "json"]);
+        outputs.extend([stdout(&status), stdout(&history), stderr(&status)]);
+        let said = outputs.join("\n");
+        assert!(
+            said.contains("AADSTS700027"),
+            "the service's error is shown: {said}"
+        );
+        assert!(said.contains("not registered"), "{said}");
+        // No line of the private key, in any output or any file of the store.
+        let key_lines = key_material(&fixture("other.pem"));
         for line in &key_lines {
-            assert!(
-                !text.contains(line.as_str()),
-                "key material in {}",
-                file.display()
-            );
+            assert!(!said.contains(line.as_str()), "key material in the output");
+        }
+        for (place, bytes) in pg.store().contents() {
+            let text = String::from_utf8_lossy(&bytes);
+            for line in &key_lines {
+                assert!(!text.contains(line.as_str()), "key material in {place}");
+            }
         }
     }
 }
@@ -204,17 +200,4 @@ fn key_material(pem_file: &str) -> Vec<String> {
         .filter(|l| !l.starts_with("-----") && l.len() > 40)
         .map(str::to_string)
         .collect()
-}
-
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            found.extend(files(&path));
-        } else {
-            found.push(path);
-        }
-    }
-    found
 }

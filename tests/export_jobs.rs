@@ -74,57 +74,58 @@ const COUNTS: [&str; 9] = [
     "userless",
 ];
 
-#[test]
-fn a_million_devices_are_observed_through_export_jobs_each_device_once() {
-    let emulator = Emulator::spawn(&[
-        "--client-secret",
-        SECRET,
-        "--devices",
-        "1000000",
-        "--ca-rate",
-        "1000",
-    ]);
-    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 1000.0, |_| {
-        plan(&emulator.url)
-    });
-    let id = pg.start();
-    let out = pg.run(&["run", &id]);
-    assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
-    let status = pg.status(&id);
-    assert_eq!(status["status"], "waiting_approval", "{status}");
-    for (phase, group) in [(0, "Pilot%20IT"), (1, "All%20Users")] {
-        let observed = &status["phases"][phase]["observation"];
-        // The plan's default `stale_after` is three days.
-        let truth: Value = emulator.get(&format!(
-            "/_emulator/exportJobs/latest/truth?include={group}&exclude=Break%20Glass&stale_after=259200"
-        ));
-        // The observation ends after the report it counts, by the `DeviceCompliance` job that
-        // dates the grace ends (queued, built over a million rows, polled) and no more.
-        let at = |v: &Value| {
-            phasegate::domain::time::Timestamp::parse_rfc3339(v["at"].as_str().unwrap()).unwrap()
-        };
-        let after = at(observed).since(at(&truth));
-        assert!(
-            at(observed) >= at(&truth) && after <= std::time::Duration::from_secs(5 * 60),
-            "{observed} {truth}"
-        );
-        assert!(observed["earliest_block"].as_str().is_some(), "{observed}");
-        for count in COUNTS {
-            assert_eq!(
-                observed[count], truth[count],
-                "phase {phase}, {count}: phasegate {observed}, the emulator {truth}"
+on_both_stores! {
+    fn a_million_devices_are_observed_through_export_jobs_each_device_once() {
+        let emulator = Emulator::spawn(&[
+            "--client-secret",
+            SECRET,
+            "--devices",
+            "1000000",
+            "--ca-rate",
+            "1000",
+        ]);
+        let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 1000.0, |_| {
+            plan(&emulator.url)
+        });
+        let id = pg.start();
+        let out = pg.run(&["run", &id]);
+        assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+        let status = pg.status(&id);
+        assert_eq!(status["status"], "waiting_approval", "{status}");
+        for (phase, group) in [(0, "Pilot%20IT"), (1, "All%20Users")] {
+            let observed = &status["phases"][phase]["observation"];
+            // The plan's default `stale_after` is three days.
+            let truth: Value = emulator.get(&format!(
+                "/_emulator/exportJobs/latest/truth?include={group}&exclude=Break%20Glass&stale_after=259200"
+            ));
+            // The observation ends after the report it counts, by the `DeviceCompliance` job that
+            // dates the grace ends (queued, built over a million rows, polled) and no more.
+            let at = |v: &Value| {
+                phasegate::domain::time::Timestamp::parse_rfc3339(v["at"].as_str().unwrap()).unwrap()
+            };
+            let after = at(observed).since(at(&truth));
+            assert!(
+                at(observed) >= at(&truth) && after <= std::time::Duration::from_secs(5 * 60),
+                "{observed} {truth}"
             );
+            assert!(observed["earliest_block"].as_str().is_some(), "{observed}");
+            for count in COUNTS {
+                assert_eq!(
+                    observed[count], truth[count],
+                    "phase {phase}, {count}: phasegate {observed}, the emulator {truth}"
+                );
+            }
+            // The phase has shared devices (counted once) and the policy userless devices.
+            assert!(truth["shared"].as_u64().unwrap() > 0, "{truth}");
+            assert!(truth["userless"].as_u64().unwrap() > 0, "{truth}");
         }
-        // The phase has shared devices (counted once) and the policy userless devices.
-        assert!(truth["shared"].as_u64().unwrap() > 0, "{truth}");
-        assert!(truth["userless"].as_u64().unwrap() > 0, "{truth}");
+        let everyone = &status["phases"][1]["observation"];
+        assert!(
+            everyone["targeted"].as_u64().unwrap() > 300_000,
+            "{everyone}"
+        );
+        assert!(everyone["userless"].as_u64().unwrap() > 5_000, "{everyone}");
     }
-    let everyone = &status["phases"][1]["observation"];
-    assert!(
-        everyone["targeted"].as_u64().unwrap() > 300_000,
-        "{everyone}"
-    );
-    assert!(everyone["userless"].as_u64().unwrap() > 5_000, "{everyone}");
 }
 
 /// A phase of the device group "Shared Devices" (the emulator's kiosks and shared devices) beside
@@ -188,59 +189,60 @@ on_both_stores! {
     }
 }
 
-/// The same device-group phase through the `deviceStatuses` fallback: its user–device pairs
-/// read each device once, the system account's devices placed by the device group (their
-/// Entra ids from the managed devices), so each phase holds the devices the export route and the
-/// emulator count.
-#[test]
-fn the_device_statuses_fallback_places_the_same_devices_through_the_device_group() {
-    let args = [
-        "--client-secret",
-        SECRET,
-        "--devices",
-        "20000",
-        "--ca-rate",
-        "1000",
-    ];
-    let observe = |through: &str| {
-        let emulator = Emulator::spawn(&args);
-        let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 1000.0, |_| {
-            device_group_plan(&emulator.url).replace(
-                "observe_through = \"export\"",
-                &format!("observe_through = \"{through}\""),
-            )
-        });
-        let id = pg.start();
-        let out = pg.run(&["run", &id]);
-        assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
-        (pg.status(&id), emulator)
-    };
-    let (statuses, _) = observe("device_statuses");
-    let (export, emulator) = observe("export");
-    for (phase, group) in [(0, "Pilot%20IT"), (1, "Shared%20Devices")] {
-        let fallback = &statuses["phases"][phase]["observation"];
-        let truth: Value = emulator.get(&format!(
-            "/_emulator/exportJobs/latest/truth?include={group}&exclude=Break%20Glass&stale_after=259200"
-        ));
-        // Who is in the phase does not depend on the moment; the states do.
-        for count in ["targeted", "userless"] {
-            assert_eq!(
-                fallback[count], truth[count],
-                "phase {phase}, {count}: through deviceStatuses {fallback}, the emulator {truth}"
-            );
-            assert_eq!(
-                fallback[count], export["phases"][phase]["observation"][count],
-                "phase {phase}, {count}"
-            );
+on_both_stores! {
+    /// The same device-group phase through the `deviceStatuses` fallback: its user–device
+    /// pairs read each device once, the system account's devices placed by the device group
+    /// (their Entra ids from the managed devices), so each phase holds the devices the export
+    /// route and the emulator count.
+    fn the_device_statuses_fallback_places_the_same_devices_through_the_device_group() {
+        let args = [
+            "--client-secret",
+            SECRET,
+            "--devices",
+            "20000",
+            "--ca-rate",
+            "1000",
+        ];
+        let observe = |through: &str| {
+            let emulator = Emulator::spawn(&args);
+            let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 1000.0, |_| {
+                device_group_plan(&emulator.url).replace(
+                    "observe_through = \"export\"",
+                    &format!("observe_through = \"{through}\""),
+                )
+            });
+            let id = pg.start();
+            let out = pg.run(&["run", &id]);
+            assert_eq!(code(&out), 3, "{}\n{}", stdout(&out), stderr(&out));
+            (pg.status(&id), emulator)
+        };
+        let (statuses, _) = observe("device_statuses");
+        let (export, emulator) = observe("export");
+        for (phase, group) in [(0, "Pilot%20IT"), (1, "Shared%20Devices")] {
+            let fallback = &statuses["phases"][phase]["observation"];
+            let truth: Value = emulator.get(&format!(
+                "/_emulator/exportJobs/latest/truth?include={group}&exclude=Break%20Glass&stale_after=259200"
+            ));
+            // Who is in the phase does not depend on the moment; the states do.
+            for count in ["targeted", "userless"] {
+                assert_eq!(
+                    fallback[count], truth[count],
+                    "phase {phase}, {count}: through deviceStatuses {fallback}, the emulator {truth}"
+                );
+                assert_eq!(
+                    fallback[count], export["phases"][phase]["observation"][count],
+                    "phase {phase}, {count}"
+                );
+            }
         }
+        let shared = &statuses["phases"][1]["observation"];
+        assert!(shared["targeted"].as_u64().unwrap() > 200, "{shared}");
+        assert_eq!(shared["userless"], 0, "{shared}");
+        assert!(
+            statuses["phases"][0]["observation"]["userless"]
+                .as_u64()
+                .unwrap()
+                > 0
+        );
     }
-    let shared = &statuses["phases"][1]["observation"];
-    assert!(shared["targeted"].as_u64().unwrap() > 200, "{shared}");
-    assert_eq!(shared["userless"], 0, "{shared}");
-    assert!(
-        statuses["phases"][0]["observation"]["userless"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
 }

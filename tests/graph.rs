@@ -149,114 +149,118 @@ on_both_stores! {
     }
 }
 
-#[test]
-fn a_token_that_stops_working_mid_rollout_is_renewed() {
-    let emulator = Emulator::start(&["--devices", "2000", "--ca-rate", "20", "--token-uses", "15"]);
-    let pg = Phasegate::new(&emulator, 20.0);
-    let id = pg.start();
-    pg.complete(&id);
-    assert_eq!(pg.status(&id)["status"], "completed");
-    assert_eq!(short(&emulator.writes()).len(), 11);
+on_both_stores! {
+    fn a_token_that_stops_working_mid_rollout_is_renewed() {
+        let emulator = Emulator::start(&["--devices", "2000", "--ca-rate", "20", "--token-uses", "15"]);
+        let pg = Phasegate::new(&emulator, 20.0);
+        let id = pg.start();
+        pg.complete(&id);
+        assert_eq!(pg.status(&id)["status"], "completed");
+        assert_eq!(short(&emulator.writes()).len(), 11);
+    }
 }
 
-#[test]
-fn twenty_five_thousand_devices_are_observed_through_paging() {
-    let emulator = Emulator::start(&["--devices", "25000", "--ca-rate", "20"]);
-    // Paging is `deviceStatuses`' way: this test observes through it, the fallback.
-    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 20.0, |t| {
-        t.replace(
-            "kind = \"graph\"",
-            "kind = \"graph\"\nobserve_through = \"device_statuses\"",
-        )
-    });
-    let id = pg.start();
-    assert_eq!(code(&pg.run(&["run", &id])), 3);
-    let status = pg.status(&id);
-    let observation = &status["phases"][2]["observation"];
-    let observed = observation["targeted"].as_u64().unwrap();
-    let userless = observation["userless"].as_u64().unwrap();
-    let assigned = emulator.get("/_emulator/state")["policies"][0]["assignedDevices"]
-        .as_u64()
-        .unwrap();
-    assert!(
-        assigned > 12_000,
-        "{assigned} devices span more than 12 pages of 1,000"
-    );
-    // The rows are user–device pairs: each shared device counts once, and the devices only the
-    // system account reports are userless, in no phase.
-    assert!(userless > 0, "{observation}");
-    assert_eq!(observed + userless, assigned, "{observation}");
+on_both_stores! {
+    fn twenty_five_thousand_devices_are_observed_through_paging() {
+        let emulator = Emulator::start(&["--devices", "25000", "--ca-rate", "20"]);
+        // Paging is `deviceStatuses`' way: this test observes through it, the fallback.
+        let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 20.0, |t| {
+            t.replace(
+                "kind = \"graph\"",
+                "kind = \"graph\"\nobserve_through = \"device_statuses\"",
+            )
+        });
+        let id = pg.start();
+        assert_eq!(code(&pg.run(&["run", &id])), 3);
+        let status = pg.status(&id);
+        let observation = &status["phases"][2]["observation"];
+        let observed = observation["targeted"].as_u64().unwrap();
+        let userless = observation["userless"].as_u64().unwrap();
+        let assigned = emulator.get("/_emulator/state")["policies"][0]["assignedDevices"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            assigned > 12_000,
+            "{assigned} devices span more than 12 pages of 1,000"
+        );
+        // The rows are user–device pairs: each shared device counts once, and the devices only the
+        // system account reports are userless, in no phase.
+        assert!(userless > 0, "{observation}");
+        assert_eq!(observed + userless, assigned, "{observation}");
+    }
 }
 
-#[test]
-fn a_wrong_secret_is_a_clear_error_with_exit_1_and_secrets_are_never_printed() {
-    let emulator = Emulator::start(&["--devices", "500", "--ca-rate", "20"]);
-    let pg = Phasegate::new(&emulator, 20.0);
-    let wrong = "not-the-secret-9Kd";
-    let out = pg
-        .command(&["start", pg.plan.to_str().unwrap()])
-        .env("PHASEGATE_GRAPH_SECRET", wrong)
-        .env("RUST_LOG", "trace")
-        .output()
-        .unwrap();
-    assert_eq!(code(&out), 1);
-    let message = stderr(&out);
-    assert!(
-        message.contains("invalid_client: AADSTS7000215"),
-        "{message}"
-    );
-    assert!(message.contains("contoso.onmicrosoft.com"), "{message}");
-    assert!(
-        !message.contains(wrong) && !stdout(&out).contains(wrong),
-        "the secret leaked"
-    );
+on_both_stores! {
+    fn a_wrong_secret_is_a_clear_error_with_exit_1_and_secrets_are_never_printed() {
+        let emulator = Emulator::start(&["--devices", "500", "--ca-rate", "20"]);
+        let pg = Phasegate::new(&emulator, 20.0);
+        let wrong = "not-the-secret-9Kd";
+        let out = pg
+            .command(&["start", pg.plan.to_str().unwrap()])
+            .env("PHASEGATE_GRAPH_SECRET", wrong)
+            .env("RUST_LOG", "trace")
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 1);
+        let message = stderr(&out);
+        assert!(
+            message.contains("invalid_client: AADSTS7000215"),
+            "{message}"
+        );
+        assert!(message.contains("contoso.onmicrosoft.com"), "{message}");
+        assert!(
+            !message.contains(wrong) && !stdout(&out).contains(wrong),
+            "the secret leaked"
+        );
 
-    let out = pg
-        .command(&["start", pg.plan.to_str().unwrap()])
-        .env("RUST_LOG", "trace")
-        .output()
-        .unwrap();
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let id = stdout(&out).trim().to_string();
-    let out = pg
-        .command(&["run", &id])
-        .env("RUST_LOG", "trace")
-        .output()
-        .unwrap();
-    assert!(!stderr(&out).is_empty(), "trace logging is on");
-    assert!(
-        !stderr(&out).contains(SECRET) && !stdout(&out).contains(SECRET),
-        "the secret leaked"
-    );
+        let out = pg
+            .command(&["start", pg.plan.to_str().unwrap()])
+            .env("RUST_LOG", "trace")
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let id = stdout(&out).trim().to_string();
+        let out = pg
+            .command(&["run", &id])
+            .env("RUST_LOG", "trace")
+            .output()
+            .unwrap();
+        assert!(!stderr(&out).is_empty(), "trace logging is on");
+        assert!(
+            !stderr(&out).contains(SECRET) && !stdout(&out).contains(SECRET),
+            "the secret leaked"
+        );
 
-    let out = pg
-        .command(&["start", pg.plan.to_str().unwrap()])
-        .env_remove("PHASEGATE_GRAPH_SECRET")
-        .output()
-        .unwrap();
-    assert_eq!(code(&out), 1);
-    assert!(
-        stderr(&out).contains("PHASEGATE_GRAPH_SECRET"),
-        "{}",
-        stderr(&out)
-    );
+        let out = pg
+            .command(&["start", pg.plan.to_str().unwrap()])
+            .env_remove("PHASEGATE_GRAPH_SECRET")
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), 1);
+        assert!(
+            stderr(&out).contains("PHASEGATE_GRAPH_SECRET"),
+            "{}",
+            stderr(&out)
+        );
+    }
 }
 
-#[test]
-fn a_group_the_tenant_does_not_have_is_invalid_input() {
-    let emulator = Emulator::start(&["--devices", "500", "--ca-rate", "20"]);
-    let pg = Phasegate::new(&emulator, 20.0);
-    let text = std::fs::read_to_string(&pg.plan)
-        .unwrap()
-        .replace("\"Pilot IT\"", "\"Pilot Sales\"");
-    std::fs::write(&pg.plan, text).unwrap();
-    let out = pg.run(&["start", pg.plan.to_str().unwrap()]);
-    assert_eq!(code(&out), 2);
-    assert!(
-        stderr(&out).contains("group `Pilot Sales` not found in tenant contoso.onmicrosoft.com"),
-        "{}",
-        stderr(&out)
-    );
+on_both_stores! {
+    fn a_group_the_tenant_does_not_have_is_invalid_input() {
+        let emulator = Emulator::start(&["--devices", "500", "--ca-rate", "20"]);
+        let pg = Phasegate::new(&emulator, 20.0);
+        let text = std::fs::read_to_string(&pg.plan)
+            .unwrap()
+            .replace("\"Pilot IT\"", "\"Pilot Sales\"");
+        std::fs::write(&pg.plan, text).unwrap();
+        let out = pg.run(&["start", pg.plan.to_str().unwrap()]);
+        assert_eq!(code(&out), 2);
+        assert!(
+            stderr(&out).contains("group `Pilot Sales` not found in tenant contoso.onmicrosoft.com"),
+            "{}",
+            stderr(&out)
+        );
+    }
 }
 
 on_both_stores! {
@@ -386,68 +390,69 @@ async fn a_write_whose_connection_drops_after_it_landed_is_never_repeated() {
     );
 }
 
-/// A directory approver group on Graph: the group is found by name and its users read through
-/// `transitiveMembers` (with their user principal names and mail addresses) when the phase
-/// waits for approval; the approval is judged against that reading.
-#[test]
-fn a_directory_approver_group_is_read_from_the_tenant_and_judges_approvals() {
-    let emulator = Emulator::start(&["--devices", "3000", "--ca-rate", "20"]);
-    let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 20.0, |t| {
-        t.replacen(
-            "[[phase]]",
-            "[directory_approvers]\nboard = \"IT\"\n\n[[phase]]",
-            1,
-        )
-        .replacen(
-            "approvals = 1",
-            "approvals = 1\napprover_groups = [\"board\"]",
-            1,
-        )
-    });
-    let id = pg.start();
-    for _ in 0..8 {
-        let out = pg.run(&["run", &id]);
-        if pg.status(&id)["status"] == "waiting_approval" {
-            break;
+on_both_stores! {
+    /// A directory approver group on Graph: the group is found by name and its users read
+    /// through `transitiveMembers` (with their user principal names and mail addresses) when the
+    /// phase waits for approval; the approval is judged against that reading.
+    fn a_directory_approver_group_is_read_from_the_tenant_and_judges_approvals() {
+        let emulator = Emulator::start(&["--devices", "3000", "--ca-rate", "20"]);
+        let pg = Phasegate::with_plan(&emulator, "windows-baseline-graph.toml", 20.0, |t| {
+            t.replacen(
+                "[[phase]]",
+                "[directory_approvers]\nboard = \"IT\"\n\n[[phase]]",
+                1,
+            )
+            .replacen(
+                "approvals = 1",
+                "approvals = 1\napprover_groups = [\"board\"]",
+                1,
+            )
+        });
+        let id = pg.start();
+        for _ in 0..8 {
+            let out = pg.run(&["run", &id]);
+            if pg.status(&id)["status"] == "waiting_approval" {
+                break;
+            }
+            assert_eq!(code(&out), 0, "{}", stderr(&out));
         }
-        assert_eq!(code(&out), 0, "{}", stderr(&out));
-    }
-    assert_eq!(pg.status(&id)["status"], "waiting_approval");
-    let history = pg.json(&["history", &id]);
-    let read = history
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|e| e["event"]["kind"]["type"] == "approvers_read")
-        .expect("the directory was read");
-    let board = &read["event"]["kind"]["groups"]["board"];
-    assert!(board["error"].is_null(), "{board}");
-    assert!(
-        board["source"].as_str().unwrap().starts_with("graph"),
-        "{board}"
-    );
-    let members: Vec<&str> = board["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m.as_str().unwrap())
-        .collect();
-    assert!(members.len() > 10, "{board}");
-    assert!(members.iter().all(|m| m.contains('@')), "{board}");
-    let member = members
-        .iter()
-        .find(|m| m.starts_with("user"))
-        .expect("a member who is not a break-glass account");
+        assert_eq!(pg.status(&id)["status"], "waiting_approval");
+        let history = pg.json(&["history", &id]);
+        let read = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|e| e["event"]["kind"]["type"] == "approvers_read")
+            .expect("the directory was read");
+        let board = &read["event"]["kind"]["groups"]["board"];
+        assert!(board["error"].is_null(), "{board}");
+        assert!(
+            board["source"].as_str().unwrap().starts_with("graph"),
+            "{board}"
+        );
+        let members: Vec<&str> = board["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        assert!(members.len() > 10, "{board}");
+        assert!(members.iter().all(|m| m.contains('@')), "{board}");
+        let member = members
+            .iter()
+            .find(|m| m.starts_with("user"))
+            .expect("a member who is not a break-glass account");
 
-    let out = pg.run(&["approve", &id, "--by", "mallory@contoso.com"]);
-    assert_eq!(code(&out), 2, "{}", stdout(&out));
-    assert!(
-        stderr(&out).contains("mallory@contoso.com is not among its members"),
-        "{}",
-        stderr(&out)
-    );
-    let out = pg.run(&["approve", &id, "--by", member]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert_ne!(pg.status(&id)["status"], "waiting_approval");
+        let out = pg.run(&["approve", &id, "--by", "mallory@contoso.com"]);
+        assert_eq!(code(&out), 2, "{}", stdout(&out));
+        assert!(
+            stderr(&out).contains("mallory@contoso.com is not among its members"),
+            "{}",
+            stderr(&out)
+        );
+        let out = pg.run(&["approve", &id, "--by", member]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert_ne!(pg.status(&id)["status"], "waiting_approval");
+    }
 }

@@ -518,51 +518,52 @@ on_both_stores! {
     }
 }
 
-#[test]
-fn while_run_waits_on_a_hanging_tenant_status_and_pause_get_in_at_once() {
-    let (emulator, pg) = stopped_emulator_plan();
-    let id = pg.start();
-    let port: u16 = emulator.url.rsplit(':').next().unwrap().parse().unwrap();
-    drop(emulator);
-    // A tenant that accepts connections and never answers.
-    let black_hole = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-    let held = std::thread::spawn(move || {
-        let mut open = Vec::new();
-        for stream in black_hole.incoming().take(64) {
-            open.push(stream);
+on_both_stores! {
+    fn while_run_waits_on_a_hanging_tenant_status_and_pause_get_in_at_once() {
+        let (emulator, pg) = stopped_emulator_plan();
+        let id = pg.start();
+        let port: u16 = emulator.url.rsplit(':').next().unwrap().parse().unwrap();
+        drop(emulator);
+        // A tenant that accepts connections and never answers.
+        let black_hole = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let held = std::thread::spawn(move || {
+            let mut open = Vec::new();
+            for stream in black_hole.incoming().take(64) {
+                open.push(stream);
+            }
+        });
+        let mut run = pg
+            .command(&["run", &id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(eventually(Duration::from_secs(10), || !pg
+            .store()
+            .daemon_files()
+            .is_empty()));
+        for args in [
+            vec!["status", &id],
+            vec!["pause", &id, "--by", "alice", "--reason", "hanging tenant"],
+        ] {
+            let started = Instant::now();
+            let out = pg.run(&args);
+            assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{args:?} took {:?}",
+                started.elapsed()
+            );
         }
-    });
-    let mut run = pg
-        .command(&["run", &id])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(eventually(Duration::from_secs(10), || pg
-        .store_dir()
-        .join("daemon.json")
-        .exists()));
-    for args in [
-        vec!["status", &id],
-        vec!["pause", &id, "--by", "alice", "--reason", "hanging tenant"],
-    ] {
-        let started = Instant::now();
-        let out = pg.run(&args);
-        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{args:?} took {:?}",
-            started.elapsed()
-        );
+        // SAFETY: signals the child this test spawned.
+        unsafe {
+            libc::kill(run.id() as i32, libc::SIGTERM);
+        }
+        let status = run.wait().unwrap();
+        assert!(status.code().is_some(), "run ended on SIGTERM");
+        drop(held);
+        assert_eq!(pg.status(&id)["status"], "paused");
     }
-    // SAFETY: signals the child this test spawned.
-    unsafe {
-        libc::kill(run.id() as i32, libc::SIGTERM);
-    }
-    let status = run.wait().unwrap();
-    assert!(status.code().is_some(), "run ended on SIGTERM");
-    drop(held);
-    assert_eq!(pg.status(&id)["status"], "paused");
 }
 
 on_both_stores! {

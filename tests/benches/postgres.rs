@@ -51,20 +51,23 @@ fn main() {
     let mut transitions = Transitions::start(&store);
     let mut transition_once = || transitions.once();
     transition_once();
-    // The same number of bytes per commit: the rollout's record and one event.
-    let size = serde_json::to_vec(&store.rollout(ROLLOUT).unwrap())
-        .unwrap()
-        .len()
-        + serde_json::to_vec(&store.events(ROLLOUT).unwrap()[1])
-            .unwrap()
-            .len();
     let mut bare = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    // The same bytes per commit: the rollout's record and its latest event as the store wrote
+    // them, so that the server compresses and logs the same amount on both sides.
+    let value: Vec<u8> = bare
+        .query_one(
+            "SELECT (SELECT value FROM phasegate.entries WHERE tree = 'rollouts') ||
+                 (SELECT value FROM phasegate.entries WHERE tree = 'events' ORDER BY key DESC LIMIT 1)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let size = value.len();
     bare.batch_execute("CREATE TABLE bare (k bigint PRIMARY KEY, v bytea NOT NULL)")
         .unwrap();
     let insert = bare
         .prepare("INSERT INTO bare (k, v) VALUES ($1, $2)")
         .unwrap();
-    let value = vec![7u8; size];
     let mut k = 0i64;
     let mut insert_once = || {
         k += 1;

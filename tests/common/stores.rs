@@ -93,6 +93,47 @@ impl Location {
     }
 }
 
+impl Location {
+    /// Everything the store holds, as bytes with where each came from: on sled every file of
+    /// its directory, on PostgreSQL every row of its schema; on both the store's local files.
+    /// For tests that check what must never be stored (a secret, a private key).
+    pub fn contents(&self) -> Vec<(String, Vec<u8>)> {
+        let mut found = files(&self.local_dir());
+        match self {
+            Location::Sled(dir) => found.extend(files(dir)),
+            Location::Postgres { url, .. } => {
+                let mut client = postgres::Client::connect(url, postgres::NoTls)
+                    .unwrap_or_else(|err| panic!("connecting to {url}: {err}"));
+                let rows = client
+                    .query(
+                        "SELECT 'entries ' || tree, key || '\\x00'::bytea || value
+                             FROM phasegate.entries
+                         UNION ALL SELECT 'leases', convert_to(l::text, 'UTF8')
+                             FROM phasegate.leases AS l",
+                        &[],
+                    )
+                    .unwrap();
+                found.extend(rows.iter().map(|row| (row.get(0), row.get(1))));
+            }
+        }
+        found
+    }
+}
+
+/// Every file under `dir` (none when it does not exist), with its path.
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            found.push((path.display().to_string(), bytes));
+        }
+    }
+    found
+}
+
 impl AsRef<OsStr> for Location {
     fn as_ref(&self) -> &OsStr {
         match self {
